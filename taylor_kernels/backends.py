@@ -1,0 +1,94 @@
+"""Which kernel backend runs each op, and a way to force one.
+
+Backends: ``reference`` (pure PyTorch, any device), ``cpp`` (C++/OpenMP, CPU tensors),
+``cuda`` (CUDA C++, CUDA tensors), ``triton`` (CUDA tensors; CPU tensors only under
+``TRITON_INTERPRET=1``). ``auto`` picks by device: CPU -> cpp, else reference; CUDA -> cuda,
+else triton, else reference. The environment variable ``TAYLOR_KERNELS_BACKEND`` sets the
+initial choice; :func:`use` changes it at run time.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from taylor_kernels import _native
+
+NAMES = ("reference", "cpp", "cuda", "triton")
+ENV_VAR = "TAYLOR_KERNELS_BACKEND"
+_choice = {"name": os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"}
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> dict[str, bool]:
+    """Which backends are built/installed here (no device is queried)."""
+    return {"reference": True, "cpp": _native.has_cpp(), "cuda": _native.has_cuda_kernels(),
+            "triton": _triton_installed()}
+
+
+def _check_name(name: str) -> str:
+    name = name.strip().lower()
+    if name not in NAMES + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; choose one of {NAMES + ('auto',)}")
+    return name
+
+
+def use(name: str) -> None:
+    """Force a backend for every op (``'auto'`` restores the per-device default)."""
+    name = _check_name(name)
+    if name != "auto" and not available()[name]:
+        reason = _native.LOAD_ERROR or "not built" if name in ("cpp", "cuda") else "not installed"
+        raise RuntimeError(f"backend {name!r} is not available here ({reason}); "
+                           f"available: {[k for k, v in available().items() if v]}")
+    _choice["name"] = name
+
+
+def current() -> str:
+    """The forced backend name, or ``'auto'``."""
+    return _check_name(_choice["name"])
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """Context manager form of :func:`use`."""
+    before = current()
+    use(name)
+    try:
+        yield
+    finally:
+        _choice["name"] = before
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device``."""
+    if not available()[name]:
+        return False
+    if name == "reference":
+        return True
+    if name == "cpp":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+def resolve(device: torch.device) -> str:
+    """The backend an op on ``device`` uses now; raises if a forced one cannot run there."""
+    name = current()
+    if name != "auto":
+        if not runs_on(name, device):
+            raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
+                               f"(available: {[k for k, v in available().items() if v]})")
+        return name
+    order = ("cpp", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
+    return next(n for n in order if runs_on(n, device))

@@ -1,0 +1,4 @@
+"""Registered primitives, dispatched to the backend chosen by :mod:`taylor_kernels.backends`."""
+from taylor_kernels.ops.path import path_accumulate, path_points
+
+__all__ = ["path_points", "path_accumulate"]

@@ -1,0 +1,76 @@
+"""Pure-PyTorch references of the path primitives: the truth every backend is tested against.
+
+Shapes: ``B`` inputs, ``K`` baselines per input, ``S`` quadrature nodes, ``D`` flattened
+features. A path point is addressed by the flattened index ``n = (b * K + k) * S + s``; a chunk
+is the index range ``[start, start + count)``. Baselines are ``[Bb, K, D]`` with ``Bb`` either
+``B`` (per-input baselines) or ``1`` (shared by every input).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (float32, bf16, fp16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def path_indices(start: int, count: int, K: int, S: int, device=None):
+    """Split flattened indices ``n in [start, start+count)`` into ``(b, k, s)`` index tensors."""
+    n = torch.arange(start, start + count, device=device)
+    return n // (K * S), (n // S) % K, n % S
+
+
+def check_path_args(x: torch.Tensor, baselines: torch.Tensor, nodes: torch.Tensor,
+                    start: int, count: int) -> None:
+    """Raise ``ValueError`` unless the arguments describe a valid chunk of path points."""
+    if x.dim() != 2 or baselines.dim() != 3 or nodes.dim() != 1:
+        raise ValueError(f"expected x [B, D], baselines [Bb, K, D], nodes [S]; got "
+                         f"{tuple(x.shape)}, {tuple(baselines.shape)}, {tuple(nodes.shape)}")
+    B, D = x.shape
+    Bb, K, Db = baselines.shape
+    if Db != D or Bb not in (1, B):
+        raise ValueError(f"baselines {tuple(baselines.shape)} do not match x {tuple(x.shape)}")
+    total = B * K * nodes.shape[0]
+    if start < 0 or count < 0 or start + count > total:
+        raise ValueError(f"chunk [{start}, {start + count}) outside [0, {total})")
+
+
+def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
+                start: int, count: int) -> torch.Tensor:
+    """Path points ``p[n] = b_k + alpha_s (x_b - b_k)`` for ``n in [start, start+count)``.
+
+    Args: x ``[B, D]``, baselines ``[Bb, K, D]`` (``Bb`` in {1, B}), alphas ``[S]``.
+    Returns: ``[count, D]`` in ``x.dtype``, computed in the accumulation dtype.
+    """
+    check_path_args(x, baselines, alphas, start, count)
+    K, S = baselines.shape[1], alphas.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    b, k, s = path_indices(start, count, K, S, x.device)
+    base = baselines.to(acc)[b if baselines.shape[0] > 1 else torch.zeros_like(b), k]
+    alpha = alphas.to(device=x.device, dtype=acc)[s].unsqueeze(1)
+    return (base + alpha * (x.to(acc)[b] - base)).to(x.dtype)
+
+
+def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
+                    weights: torch.Tensor, start: int) -> torch.Tensor:
+    """Fused IG reduction of one chunk of path gradients.
+
+    ``out[b] = sum_{n in chunk, b(n) = b} w_{s(n)} * grads[n - start] * (x_b - b_{k(n)}) / K``.
+
+    Args: grads ``[count, D]``, x ``[B, D]``, baselines ``[Bb, K, D]``, weights ``[S]``.
+    Returns: ``[B, D]`` in the accumulation dtype; rows the chunk does not touch are zero.
+    """
+    count = grads.shape[0]
+    check_path_args(x, baselines, weights, start, count)
+    if grads.dim() != 2 or grads.shape[1] != x.shape[1]:
+        raise ValueError(f"grads {tuple(grads.shape)} do not match x {tuple(x.shape)}")
+    B, D = x.shape
+    K, S = baselines.shape[1], weights.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    b, k, s = path_indices(start, count, K, S, x.device)
+    base = baselines.to(acc)[b if baselines.shape[0] > 1 else torch.zeros_like(b), k]
+    w = weights.to(device=x.device, dtype=acc)[s].unsqueeze(1)
+    terms = w * grads.to(acc) * (x.to(acc)[b] - base) / K
+    out = torch.zeros(B, D, dtype=acc, device=x.device)
+    return out.index_add(0, b, terms)

@@ -1,0 +1,104 @@
+"""Path ops: each backend against the reference; the reference against a naive loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taylor_kernels as tk
+from taylor_kernels.reference import path as ref
+from tests.conftest import assert_close_ratio
+
+# (B, K, S, D, shared_baseline): odd sizes on purpose, incl. size 1 and non powers of two.
+SHAPES = [(1, 1, 1, 1, True), (3, 2, 5, 7, False), (2, 3, 4, 129, True), (5, 1, 7, 33, False)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def make_inputs(B, K, S, D, shared, dtype, strided=False):
+    x = torch.randn(B, 2 * D if strided else D, dtype=dtype)
+    x = x[:, ::2] if strided else x
+    bl = torch.randn(1 if shared else B, K, D, dtype=dtype)
+    if strided:
+        bl = torch.randn(1 if shared else B, D, K, dtype=dtype).transpose(1, 2)
+    alphas = torch.rand(S, dtype=torch.float64)
+    weights = torch.rand(S, dtype=torch.float64) / S
+    return x, bl, alphas, weights
+
+
+def naive_path_points(x, bl, alphas):
+    B, K, S = x.shape[0], bl.shape[1], alphas.shape[0]
+    rows = []
+    for b in range(B):
+        for k in range(K):
+            base = bl[b if bl.shape[0] > 1 else 0, k].double()
+            for s in range(S):
+                rows.append(base + alphas[s].double() * (x[b].double() - base))
+    return torch.stack(rows)
+
+
+def test_reference_matches_naive_loop():
+    x, bl, alphas, weights = make_inputs(3, 2, 5, 7, False, torch.float64)
+    pts = naive_path_points(x, bl, alphas)
+    torch.testing.assert_close(ref.path_points(x, bl, alphas, 0, 30), pts)
+    grads = torch.randn(30, 7, dtype=torch.float64)
+    expect = torch.zeros(3, 7, dtype=torch.float64)
+    for n in range(30):
+        b, k, s = n // 10, (n // 5) % 2, n % 5
+        expect[b] += weights[s] * grads[n] * (x[b] - bl[b, k]) / 2
+    torch.testing.assert_close(ref.path_accumulate(grads, x, bl, weights, 0), expect)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}K{}S{}D{}{}".format(
+    *s[:4], "shared" if s[4] else "perinput"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+def test_backend_matches_reference(cpu_backend, shape, dtype, strided):
+    B, K, S, D, shared = shape
+    x, bl, alphas, weights = make_inputs(B, K, S, D, shared, dtype, strided)
+    total = B * K * S
+    for start, count in [(0, total), (total // 3, total - total // 3), (total - 1, 1)]:
+        got = tk.ops.path_points(x, bl, alphas, start, count)
+        assert got.dtype == dtype
+        assert_close_ratio(got, ref.path_points(x, bl, alphas, start, count), dtype)
+        grads = torch.randn(count, D, dtype=dtype)
+        got = tk.ops.path_accumulate(grads, x, bl, weights, start)
+        want = ref.path_accumulate(grads, x, bl, weights, start)
+        assert got.dtype == want.dtype
+        assert_close_ratio(got, want, dtype if dtype != torch.bfloat16 else torch.float32)
+
+
+def test_empty_chunk(cpu_backend):
+    x, bl, alphas, weights = make_inputs(2, 2, 3, 5, True, torch.float32)
+    assert tk.ops.path_points(x, bl, alphas, 4, 0).shape == (0, 5)
+    out = tk.ops.path_accumulate(torch.empty(0, 5), x, bl, weights, 4)
+    assert out.shape == (2, 5) and (out == 0).all()
+
+
+def test_chunking_is_exact_sum(cpu_backend):
+    x, bl, alphas, weights = make_inputs(3, 2, 5, 11, False, torch.float64)
+    grads = torch.randn(30, 11, dtype=torch.float64)
+    whole = tk.ops.path_accumulate(grads, x, bl, weights, 0)
+    parts = sum(tk.ops.path_accumulate(grads[a:a + 7], x, bl, weights, a) for a in range(0, 30, 7))
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["baseline_shape", "range", "grads_shape"])
+def test_bad_arguments_raise(cpu_backend, bad):
+    x, bl, alphas, weights = make_inputs(2, 2, 3, 5, False, torch.float32)
+    with pytest.raises(ValueError):
+        if bad == "baseline_shape":
+            tk.ops.path_points(x, torch.randn(3, 2, 5), alphas, 0, 1)
+        elif bad == "range":
+            tk.ops.path_points(x, bl, alphas, 10, 5)
+        else:
+            tk.ops.path_accumulate(torch.randn(3, 4), x, bl, weights, 0)
+
+
+def test_gradcheck(cpu_backend):
+    x, bl, alphas, weights = make_inputs(2, 2, 3, 4, False, torch.float64)
+    grads = torch.randn(9, 4, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (grads, x, bl, weights)]
+    assert torch.autograd.gradcheck(lambda g, a, b, w: tk.ops.path_accumulate(g, a, b, w, 3), args)
+    assert torch.autograd.gradgradcheck(
+        lambda g, a, b, w: tk.ops.path_accumulate(g, a, b, w, 3), args)
+    pargs = [t.clone().requires_grad_() for t in (x, bl, alphas)]
+    assert torch.autograd.gradcheck(lambda a, b, al: tk.ops.path_points(a, b, al, 2, 8), pargs)
