@@ -1,0 +1,80 @@
+"""Memory budgets: parse them, measure a path point's cost, size chunks, retry on OOM.
+
+The cost of one path point (one row of forward + backward) is measured on a probe chunk:
+on CUDA from the allocator's peak (``torch.cuda.max_memory_allocated``); on the CPU from the
+sizes of the tensors autograd saves for backward (``saved_tensors_hooks``) plus the point, its
+gradient and the output. Chunk size = budget // cost. An out-of-memory error during a chunk
+halves the chunk size and retries the same points, down to one point.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+DEFAULT_CPU_BUDGET = 512 * 2**20
+DEFAULT_GPU_FRACTION = 0.5
+_UNITS = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30,
+          "GIB": 2**30}
+
+
+def parse_budget(max_memory, device: torch.device) -> int:
+    """Bytes from an int or a string such as ``"512MB"``/``"2GiB"``; ``None`` gives the default
+    (512 MiB on the CPU; half the free memory on a GPU)."""
+    if max_memory is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * DEFAULT_GPU_FRACTION)
+        return DEFAULT_CPU_BUDGET
+    if isinstance(max_memory, str):
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", max_memory)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot read memory budget {max_memory!r} (use e.g. '512MB')")
+        max_memory = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not isinstance(max_memory, (int, float)) or max_memory <= 0:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    return int(max_memory)
+
+
+class SavedBytes:
+    """Context manager summing the bytes of distinct storages autograd saves for backward."""
+
+    def __init__(self):
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            key = t.untyped_storage().data_ptr()
+            if key not in self._seen:
+                self._seen.add(key)
+                self.total += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (fake, sparse)
+            self.total += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA/CPU out-of-memory errors."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg.lower()
+                                              or "can't allocate memory" in msg)
+
+
+def chunk_size_for(budget: int, per_point: float, total: int) -> int:
+    """Points per chunk that fit ``budget`` bytes at ``per_point`` bytes each, capped at
+    ``total``; raises ``MemoryError`` if not even one point fits."""
+    if per_point > budget:
+        raise MemoryError(f"memory budget of {budget} bytes is too small for one path point "
+                          f"(measured {int(per_point)} bytes per point); raise max_memory")
+    return max(1, min(total, int(budget // max(per_point, 1.0))))

@@ -1,0 +1,216 @@
+"""Normalises what a user passes (inputs, baselines, target, forward args) into flat tensors.
+
+A :class:`PathProblem` holds the inputs flattened and concatenated to ``x [B, D]`` and the
+baselines to ``[Bb, K, D]`` (``Bb`` in {1, B}), and knows how to run the model on rows of
+flattened points and pick the target output of each row. Every malformed argument raises a
+``ValueError`` that names the argument and the shapes involved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+def as_tuple(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """``(tuple_of_inputs, was_tuple)``; a lone tensor becomes a 1-tuple."""
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), False
+    if isinstance(inputs, (tuple, list)) and inputs and all(
+            isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(inputs), True
+    raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
+
+
+def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
+    B = inputs[0].shape[0] if inputs[0].dim() else 0
+    for i, t in enumerate(inputs):
+        if t.dim() < 1 or t.shape[0] != B or B == 0:
+            raise ValueError(f"input {i} has shape {tuple(t.shape)}; every input needs the same "
+                             f"non-empty batch dimension (expected {B})")
+        if not t.is_floating_point():
+            raise ValueError(f"input {i} has dtype {t.dtype}; attribution needs floating inputs "
+                             "(for token ids, attribute to the embedding layer)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"input {i} contains NaN or Inf values")
+    return B
+
+
+def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
+    """One input's baseline as ``[Bb, K, D_i]`` (scalar, like one input, like the batch, or
+    ``[B|1, K, ...]``)."""
+    B, feat = x.shape[0], tuple(x.shape[1:])
+    D = x[0].numel()
+    if bl is None:
+        return torch.zeros(1, 1, D, dtype=x.dtype, device=x.device)
+    if not isinstance(bl, torch.Tensor):
+        if isinstance(bl, (int, float)):
+            return torch.full((1, 1, D), float(bl), dtype=x.dtype, device=x.device)
+        raise ValueError(f"baseline {i} must be None, a number or a tensor, got {type(bl)}")
+    bl = bl.to(device=x.device, dtype=x.dtype)
+    shape = tuple(bl.shape)
+    if shape == () or bl.numel() == 1 and shape != feat:
+        return bl.reshape(1, 1, 1).expand(1, 1, D)
+    if shape == feat:
+        return bl.reshape(1, 1, D)
+    if len(shape) == len(feat) + 1 and shape[1:] == feat and shape[0] in (1, B):
+        return bl.reshape(shape[0], 1, D)
+    if len(shape) == len(feat) + 2 and shape[2:] == feat and shape[0] in (1, B):
+        return bl.reshape(shape[0], shape[1], D)
+    raise ValueError(f"baseline {i} of shape {shape} does not broadcast to input {i} of shape "
+                     f"{tuple(x.shape)}: use {feat}, ({B} or 1, *{feat}) or "
+                     f"({B} or 1, K, *{feat})")
+
+
+def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """All inputs' baselines, flattened and concatenated: ``[Bb, K, D]``."""
+    if isinstance(baselines, (tuple, list)):
+        if len(baselines) != len(inputs):
+            raise ValueError(f"{len(baselines)} baselines given for {len(inputs)} inputs")
+        parts = [_baseline_to_3d(b, x, i) for i, (b, x) in enumerate(zip(baselines, inputs))]
+    else:
+        parts = [_baseline_to_3d(baselines, x, i) for i, x in enumerate(inputs)]
+    Ks = {p.shape[1] for p in parts}
+    if len(Ks) > 1:
+        raise ValueError(f"inputs have different numbers of baselines per input: {sorted(Ks)}")
+    Bb = max(p.shape[0] for p in parts)
+    parts = [p.expand(Bb, -1, -1) for p in parts]
+    for i, p in enumerate(parts):
+        if not torch.isfinite(p).all():
+            raise ValueError(f"baseline {i} contains NaN or Inf values")
+    return torch.cat(parts, dim=2).contiguous()
+
+
+def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
+    """Per-input targets: None, a long tensor [B], or a list of index tuples."""
+    if target is None:
+        return None
+    if isinstance(target, int):
+        return torch.full((B,), target, dtype=torch.long, device=device)
+    if isinstance(target, torch.Tensor):
+        if target.numel() == 1:
+            return torch.full((B,), int(target.item()), dtype=torch.long, device=device)
+        if target.dim() == 1 and target.shape[0] == B:
+            return target.to(device=device, dtype=torch.long)
+        raise ValueError(f"target tensor of shape {tuple(target.shape)} must be a scalar or [{B}]")
+    if isinstance(target, tuple):
+        return [target] * B
+    if isinstance(target, list):
+        if len(target) != B:
+            raise ValueError(f"target list has {len(target)} entries for {B} inputs")
+        if all(isinstance(t, int) for t in target):
+            return torch.tensor(target, dtype=torch.long, device=device)
+        return [tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in target]
+    raise ValueError(f"target must be an int, tuple, tensor or list, got {type(target)}")
+
+
+@dataclass
+class PathProblem:
+    """A model with inputs and baselines flattened to ``x [B, D]`` and ``baselines [Bb, K, D]``."""
+
+    model: Callable
+    inputs: tuple[torch.Tensor, ...]
+    was_tuple: bool
+    x: torch.Tensor
+    baselines: torch.Tensor
+    target: Any
+    forward_args: tuple
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def K(self) -> int:
+        return self.baselines.shape[1]
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``[N, D]`` rows back to a tuple of ``[N, *feature_shape_i]`` tensors."""
+        sizes = [t[0].numel() for t in self.inputs]
+        parts = torch.split(flat, sizes, dim=1)
+        return tuple(p.reshape(flat.shape[0], *t.shape[1:]).to(t.dtype) if flat.dtype == self.x.dtype
+                     else p.reshape(flat.shape[0], *t.shape[1:])
+                     for p, t in zip(parts, self.inputs))
+
+    def unflatten(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """``[B, D]`` to the user's form: a tensor, or a tuple when inputs were a tuple."""
+        parts = self.split(flat)
+        return parts if self.was_tuple else parts[0]
+
+    def _rows_args(self, rows: torch.Tensor) -> tuple:
+        args = []
+        for a in self.forward_args:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                if a.shape[0] == self.B:
+                    a = a.index_select(0, rows.to(a.device))
+                elif a.shape[0] == 1:
+                    a = a.expand(rows.shape[0], *a.shape[1:])
+                else:
+                    raise ValueError(f"additional forward arg of shape {tuple(a.shape)}: its "
+                                     f"first dimension must be the batch ({self.B}) or 1")
+            args.append(a)
+        return tuple(args)
+
+    def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
+        ``rows`` ``[N]`` (which pick the target and the additional forward args)."""
+        out = self.model(*self.split(flat_points), *self._rows_args(rows))
+        return select_target(out, self.target, rows)
+
+
+def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor:
+    """Pick each row's target from model output ``[N, ...]``; returns ``[N]``."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the model must return a tensor, got {type(out)}")
+    N = rows.shape[0]
+    if out.dim() == 0 or out.shape[0] != N:
+        raise ValueError(f"model output of shape {tuple(out.shape)} has no batch dimension of "
+                         f"size {N}; it must return one output row per input row")
+    if target is None:
+        if out[0].numel() != 1:
+            raise ValueError(f"model output per row has shape {tuple(out.shape[1:])}: pass a "
+                             "target to select one scalar per input")
+        return out.reshape(N)
+    if isinstance(target, torch.Tensor):
+        if out.dim() != 2:
+            raise ValueError(f"an integer target needs a [N, C] model output, got "
+                             f"{tuple(out.shape)}")
+        idx = target.to(out.device)[rows]
+        return out.gather(1, idx.unsqueeze(1)).squeeze(1)
+    picked = [out[(n,) + tuple(target[int(r)])] for n, r in enumerate(rows.tolist())]
+    return torch.stack(picked)
+
+
+def check_target(target, out_shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` if a target indexes outside the model's per-row output shape."""
+    if target is None:
+        return
+    if isinstance(target, torch.Tensor):
+        C = out_shape[1] if len(out_shape) == 2 else None
+        if C is not None and ((target < -C) | (target >= C)).any():
+            raise ValueError(f"target {target.tolist()} out of range for {C} outputs")
+        return
+    for t in target:
+        if len(t) != len(out_shape) - 1 or any(
+                not -s <= i < s for i, s in zip(t, out_shape[1:])):
+            raise ValueError(f"target {t} out of range for per-row output shape "
+                             f"{tuple(out_shape[1:])}")
+
+
+def make_problem(model: Callable, inputs, baselines=None, target=None,
+                 additional_forward_args=None) -> PathProblem:
+    """Validate and flatten a call's arguments into a :class:`PathProblem`."""
+    if not callable(model):
+        raise ValueError("model must be callable")
+    tup, was_tuple = as_tuple(inputs)
+    B = _check_inputs(tup)
+    x = torch.cat([t.detach().reshape(B, -1) for t in tup], dim=1)
+    bl = flatten_baselines(baselines, tup)
+    if additional_forward_args is None:
+        fargs = ()
+    elif isinstance(additional_forward_args, tuple):
+        fargs = additional_forward_args
+    else:
+        fargs = (additional_forward_args,)
+    return PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
