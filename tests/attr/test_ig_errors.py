@@ -1,0 +1,91 @@
+"""Bad input gets a clear error, never silent garbage."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taylor_kernels as tk
+from tests import models
+
+
+@pytest.fixture
+def net():
+    return models.mlp()
+
+
+X = torch.randn(3, 10, dtype=torch.float64)
+
+
+def test_baseline_shape_mismatch(net):
+    with pytest.raises(ValueError, match="does not broadcast"):
+        tk.integrated_gradients(net, X, torch.zeros(2, 10, dtype=torch.float64), target=0)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        tk.integrated_gradients(net, X, torch.zeros(7, dtype=torch.float64), target=0)
+
+
+@pytest.mark.parametrize("target", [3, -4, [0, 1, 5], torch.tensor([0, 9, 1])])
+def test_target_out_of_range(net, target):
+    with pytest.raises(ValueError, match="out of range"):
+        tk.integrated_gradients(net, X, target=target)
+
+
+def test_missing_target_for_vector_output(net):
+    with pytest.raises(ValueError, match="pass a target"):
+        tk.integrated_gradients(net, X)
+
+
+def test_output_independent_of_input():
+    const = lambda z: torch.ones(z.shape[0], 2, dtype=z.dtype)  # noqa: E731
+    with pytest.raises(ValueError, match="does not depend on the inputs"):
+        tk.integrated_gradients(const, X, target=0)
+
+
+def test_output_under_no_grad(net):
+    def frozen(z):
+        with torch.no_grad():
+            return net(z)
+    with pytest.raises(ValueError, match="does not depend on the inputs"):
+        tk.integrated_gradients(frozen, X, target=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs(net, bad):
+    x = X.clone()
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tk.integrated_gradients(net, x, target=0)
+
+
+def test_non_finite_gradient_names_the_node():
+    f = lambda z: torch.sqrt(z.abs()).sum(1)  # noqa: E731  (infinite slope at 0)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"input 0, baseline 0, alpha=0"):
+        tk.integrated_gradients(f, x, rule="riemann_left", steps=4)
+
+
+@pytest.mark.parametrize("kw,match", [({"rule": "simpson"}, "unknown quadrature rule"),
+                                      ({"backend": "metal"}, "unknown backend"),
+                                      ({"steps": 0}, "steps"), ({"tol": -1.0}, "tol"),
+                                      ({"max_memory": "huge"}, "memory budget"),
+                                      ({"chunk_size": 0}, "chunk_size")])
+def test_bad_options(net, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tk.integrated_gradients(net, X, target=0, **kw)
+
+
+def test_unavailable_backend_is_explained(net, monkeypatch):
+    monkeypatch.setattr(tk.backends, "available", lambda: {"reference": True, "cpp": False,
+                                                           "cuda": False, "triton": False})
+    with pytest.raises(RuntimeError, match="not available"):
+        tk.backends.use("cpp")
+
+
+def test_integer_inputs_rejected(net):
+    with pytest.raises(ValueError, match="floating"):
+        tk.integrated_gradients(net, torch.ones(3, 10, dtype=torch.long), target=0)
+
+
+def test_mismatched_batch_in_tuple():
+    with pytest.raises(ValueError, match="batch dimension"):
+        tk.integrated_gradients(models.two_input_model(), (torch.randn(3, 5), torch.randn(2, 2, 3)),
+                                target=0)

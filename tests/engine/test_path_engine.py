@@ -1,0 +1,94 @@
+"""Path engine: chunking invariance, memory budgets, out-of-memory retry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taylor_kernels as tk
+from taylor_kernels.engine import memory
+from tests import models
+
+
+@pytest.mark.parametrize("rule", ["gausslegendre", "adaptive"])
+def test_results_independent_of_chunk_size(rule, cpu_backend):
+    model, x = models.mlp(act=torch.nn.GELU), torch.randn(6, 10, dtype=torch.float64)
+    bl = 0.3 * torch.randn(6, 3, 10, dtype=torch.float64)  # 3 baselines per input
+    runs = [tk.integrated_gradients(model, x, bl, target=2, steps=17, rule=rule, chunk_size=c)
+            for c in (1, 7, 64, 10_000)]
+    for r in runs[1:]:
+        torch.testing.assert_close(r.attributions, runs[0].attributions, rtol=1e-12, atol=1e-13)
+        assert r.evaluations == runs[0].evaluations
+
+
+def test_budget_sets_chunk_and_result_is_same():
+    model, x = models.cnn(), torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    whole = tk.integrated_gradients(model, x, target=0, steps=20, chunk_size=10_000)
+    small = tk.integrated_gradients(model, x, target=0, steps=20, max_memory="200KB")
+    torch.testing.assert_close(small.attributions, whole.attributions, rtol=1e-12, atol=1e-13)
+
+
+def test_chunk_size_follows_measured_cost():
+    from taylor_kernels.engine.path_engine import integrate
+    from taylor_kernels.engine.problem import make_problem
+    from taylor_kernels.engine.quadrature import nodes_and_weights
+    model, x = models.mlp(d_in=50, hidden=64), torch.randn(32, 50, dtype=torch.float64)
+    problem = make_problem(model, x, target=0)
+    t, w = nodes_and_weights("gausslegendre", 50)
+    big = integrate(problem, t, [w], max_memory="2MB").chunk_size
+    tiny = integrate(problem, t, [w], max_memory="128KB").chunk_size
+    assert 1 <= tiny < big < 1600
+    assert big / tiny == pytest.approx(16, rel=0.35)  # chunk scales with the budget
+
+
+def test_budget_too_small_for_one_point():
+    model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
+    with pytest.raises(MemoryError, match="too small for one path point"):
+        tk.integrated_gradients(model, x, target=0, steps=5, max_memory=16)
+
+
+class OOMAbove(torch.nn.Module):
+    """Raises torch.OutOfMemoryError when asked for more than ``limit`` rows at once."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.sizes = inner, limit, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return self.inner(x)
+
+
+def test_out_of_memory_halves_and_retries():
+    inner, x = models.mlp(), torch.randn(4, 10, dtype=torch.float64)
+    model = OOMAbove(inner, limit=13)
+    got = tk.integrated_gradients(model, x, target=1, steps=25, chunk_size=100)
+    want = tk.integrated_gradients(inner, x, target=1, steps=25, chunk_size=100)
+    torch.testing.assert_close(got.attributions, want.attributions, rtol=1e-12, atol=1e-13)
+    assert 100 in model.sizes and max(s for s in model.sizes if s <= 13) == 12
+
+
+def test_oom_on_single_point_is_raised():
+    model = OOMAbove(models.mlp(), limit=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        tk.integrated_gradients(model, torch.randn(4, 10, dtype=torch.float64), target=1,
+                                steps=5, chunk_size=8)
+
+
+@pytest.mark.parametrize("text,expected", [("512MB", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)),
+                                           (1000, 1000)])
+def test_parse_budget(text, expected):
+    assert memory.parse_budget(text, torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", -5, 0])
+def test_parse_budget_rejects(bad):
+    with pytest.raises(ValueError):
+        memory.parse_budget(bad, torch.device("cpu"))
+
+
+def test_progress_bar_runs(capsys):
+    model, x = models.mlp(), torch.randn(3, 10, dtype=torch.float64)
+    tk.integrated_gradients(model, x, target=0, steps=8, chunk_size=5, progress=True)
+    assert "path points" in capsys.readouterr().err
