@@ -70,7 +70,7 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
     ``rows`` ``[B']`` maps the local inputs of ``x [B', D]`` to the problem's inputs (target
     and additional forward args). Raises on a missing gradient path or non-finite gradients.
     """
-    K, S = bl.shape[1], alphas.shape[0]
+    K, S = bl.shape[1], alphas.shape[-1]
     pts = ops.path_points(x, bl, alphas, start, count).requires_grad_(True)
     local = torch.arange(start, start + count, device=x.device) // (K * S)
     with torch.enable_grad():
@@ -87,9 +87,10 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
     if bad.any():
         n = start + int(bad.nonzero()[0])
         b, k, s = n // (K * S), (n // S) % K, n % S
+        alpha = alphas[s] if alphas.dim() == 1 else alphas[b, k, s]
         raise FloatingPointError(
             f"non-finite gradient at path node: input {int(rows[b])}, baseline {k}, "
-            f"alpha={float(alphas[s]):.6g} (flattened point {n})")
+            f"alpha={float(alpha):.6g} (flattened point {n})")
     return grad
 
 
@@ -99,7 +100,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
               progress: bool = False, create_graph: bool = False) -> Integral:
     """Sum ``w_s * grad f(p) * (x - b_k) / K`` over all path points, for each weight vector.
 
-    Args: ``alphas [S]`` nodes; ``weight_sets`` list of ``[S]`` weights; optional subset
+    Args: ``alphas [S]`` or ``[B', K, S]`` nodes; ``weight_sets`` list of ``[S]`` or
+    ``[B', K, S]`` weights; optional subset
     ``x [B', D]``, ``baselines [Bb', K, D]`` with ``rows [B']`` (defaults: the whole problem);
     ``max_memory`` bytes or ``"512MB"``; ``chunk_size`` fixes the points per chunk.
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector.
@@ -109,7 +111,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     alphas = alphas.to(x.device)
     weight_sets = [w.to(x.device) for w in weight_sets]
-    total = x.shape[0] * bl.shape[1] * alphas.shape[0]
+    total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     budget = None if chunk_size else memory.parse_budget(max_memory, x.device)

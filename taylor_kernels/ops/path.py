@@ -10,11 +10,20 @@ import torch
 
 from taylor_kernels import _native, backends
 from taylor_kernels.reference import path as ref
-from taylor_kernels.reference.path import accumulation_dtype, path_indices
+from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
 
 
 def _batch_index(baselines: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b if baselines.shape[0] > 1 else torch.zeros_like(b)
+
+
+def _node_grad(nodes: torch.Tensor, start: int, s: torch.Tensor, terms: torch.Tensor):
+    """Scatter per-point ``terms [count]`` back to ``[S]`` or ``[B, K, S]`` nodes."""
+    if nodes.dim() == 1:
+        return torch.zeros_like(nodes).index_add(0, s, terms.to(nodes.dtype))
+    flat = torch.zeros(nodes.numel(), dtype=nodes.dtype, device=nodes.device)
+    idx = torch.arange(start, start + s.shape[0], device=nodes.device)
+    return flat.index_add(0, idx, terms.to(nodes.dtype)).view_as(nodes)
 
 
 def _fake_path_points(x, baselines, alphas, start, count):
@@ -34,9 +43,9 @@ def _setup_points(ctx, inputs, output):
 def _backward_points(ctx, grad_out):
     """p_n = bl + a_s (x_b - bl): dx_b = sum a_s G_n, dbl = sum (1 - a_s) G_n, da_s = sum D.G."""
     x, baselines, alphas = ctx.saved_tensors
-    K, S = baselines.shape[1], alphas.shape[0]
+    K, S = baselines.shape[1], alphas.shape[-1]
     b, k, s = path_indices(ctx.start, grad_out.shape[0], K, S, x.device)
-    a = alphas.to(grad_out.dtype)[s].unsqueeze(1)
+    a = node_values(alphas.to(grad_out.dtype), ctx.start, s).unsqueeze(1)
     gx = gb = ga = None
     if ctx.needs_input_grad[0]:
         gx = torch.zeros_like(x).index_add(0, b, (a * grad_out).to(x.dtype))
@@ -46,7 +55,7 @@ def _backward_points(ctx, grad_out):
             0, flat, ((1 - a) * grad_out).to(baselines.dtype)).view_as(baselines)
     if ctx.needs_input_grad[2]:
         delta = x[b] - baselines[_batch_index(baselines, b), k]
-        ga = torch.zeros_like(alphas).index_add(0, s, (delta * grad_out).sum(1).to(alphas.dtype))
+        ga = _node_grad(alphas, ctx.start, s, (delta * grad_out).sum(1))
     return gx, gb, ga, None, None
 
 
@@ -59,10 +68,10 @@ def _setup_accumulate(ctx, inputs, output):
 def _backward_accumulate(ctx, grad_out):
     """out_b = sum_n c_n g_n (x_b - bl_k), c_n = w_s / K; gradients of each argument."""
     grads, x, baselines, weights = ctx.saved_tensors
-    K, S = baselines.shape[1], weights.shape[0]
+    K, S = baselines.shape[1], weights.shape[-1]
     b, k, s = path_indices(ctx.start, grads.shape[0], K, S, x.device)
     bi = _batch_index(baselines, b)
-    c = (weights.to(grad_out.dtype)[s] / K).unsqueeze(1)
+    c = (node_values(weights.to(grad_out.dtype), ctx.start, s) / K).unsqueeze(1)
     delta = x.to(grad_out.dtype)[b] - baselines.to(grad_out.dtype)[bi, k]
     G = grad_out[b]
     out = [None] * 5
@@ -75,8 +84,7 @@ def _backward_accumulate(ctx, grad_out):
         out[2] = torch.zeros_like(baselines).view(-1, x.shape[1]).index_add(
             0, bi * K + k, (-cgG).to(baselines.dtype)).view_as(baselines)
     if ctx.needs_input_grad[3]:
-        terms = (grads.to(grad_out.dtype) * delta * G).sum(1) / K
-        out[3] = torch.zeros_like(weights).index_add(0, s, terms.to(weights.dtype))
+        out[3] = _node_grad(weights, ctx.start, s, (grads.to(grad_out.dtype) * delta * G).sum(1) / K)
     return tuple(out)
 
 
@@ -107,7 +115,8 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
                 start: int, count: int) -> torch.Tensor:
     """Path points ``p[n] = b_k + alpha_s (x_b - b_k)``, ``n = (b*K + k)*S + s``.
 
-    Args: x ``[B, D]``; baselines ``[Bb, K, D]`` with ``Bb`` in {1, B}; alphas ``[S]``;
+    Args: x ``[B, D]``; baselines ``[Bb, K, D]`` with ``Bb`` in {1, B}; alphas ``[S]``, or
+    ``[B, K, S]`` for one node per path point (read at ``n``);
     the chunk ``[start, start+count)`` of the ``B*K*S`` flattened points.
     Returns: ``[count, D]`` in ``x.dtype`` (computed in float32, float64 for float64).
     """
@@ -120,7 +129,7 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     """IG reduction of a chunk: ``out[b] = sum_n w_s g_n (x_b - b_k) / K`` over the chunk.
 
     Args: grads ``[count, D]`` (gradients at the chunk's path points), x ``[B, D]``,
-    baselines ``[Bb, K, D]``, weights ``[S]``, start (first flattened index of the chunk).
+    baselines ``[Bb, K, D]``, weights ``[S]`` or ``[B, K, S]``, start (first index of the chunk).
     Returns: ``[B, D]`` in float32 (float64 for float64 x); untouched rows are zero.
     Deterministic for a given chunking. Differentiable in grads, x, baselines and weights.
     """

@@ -3,7 +3,10 @@
 Shapes: ``B`` inputs, ``K`` baselines per input, ``S`` quadrature nodes, ``D`` flattened
 features. A path point is addressed by the flattened index ``n = (b * K + k) * S + s``; a chunk
 is the index range ``[start, start + count)``. Baselines are ``[Bb, K, D]`` with ``Bb`` either
-``B`` (per-input baselines) or ``1`` (shared by every input).
+``B`` (per-input baselines) or ``1`` (shared by every input). Nodes (alphas) and weights are
+``[S]`` (one quadrature rule shared by every path) or ``[B, K, S]`` (one value per path point,
+e.g. a uniform ``t`` per sample for expected gradients); a per-point value is read at the
+flattened index ``n`` itself.
 """
 from __future__ import annotations
 
@@ -21,17 +24,26 @@ def path_indices(start: int, count: int, K: int, S: int, device=None):
     return n // (K * S), (n // S) % K, n % S
 
 
+def node_values(nodes: torch.Tensor, start: int, s: torch.Tensor) -> torch.Tensor:
+    """Per-point values of ``[S]`` nodes (indexed by ``s``) or ``[B, K, S]`` (by ``n``)."""
+    if nodes.dim() == 1:
+        return nodes[s]
+    return nodes.reshape(-1)[start: start + s.shape[0]]
+
+
 def check_path_args(x: torch.Tensor, baselines: torch.Tensor, nodes: torch.Tensor,
                     start: int, count: int) -> None:
     """Raise ``ValueError`` unless the arguments describe a valid chunk of path points."""
-    if x.dim() != 2 or baselines.dim() != 3 or nodes.dim() != 1:
-        raise ValueError(f"expected x [B, D], baselines [Bb, K, D], nodes [S]; got "
-                         f"{tuple(x.shape)}, {tuple(baselines.shape)}, {tuple(nodes.shape)}")
+    if x.dim() != 2 or baselines.dim() != 3 or nodes.dim() not in (1, 3):
+        raise ValueError(f"expected x [B, D], baselines [Bb, K, D], nodes [S] or [B, K, S]; "
+                         f"got {tuple(x.shape)}, {tuple(baselines.shape)}, {tuple(nodes.shape)}")
     B, D = x.shape
     Bb, K, Db = baselines.shape
     if Db != D or Bb not in (1, B):
         raise ValueError(f"baselines {tuple(baselines.shape)} do not match x {tuple(x.shape)}")
-    total = B * K * nodes.shape[0]
+    if nodes.dim() == 3 and tuple(nodes.shape[:2]) != (B, K):
+        raise ValueError(f"per-path nodes/weights {tuple(nodes.shape)} must be [{B}, {K}, S]")
+    total = B * K * nodes.shape[-1]
     if start < 0 or count < 0 or start + count > total:
         raise ValueError(f"chunk [{start}, {start + count}) outside [0, {total})")
 
@@ -40,15 +52,16 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
                 start: int, count: int) -> torch.Tensor:
     """Path points ``p[n] = b_k + alpha_s (x_b - b_k)`` for ``n in [start, start+count)``.
 
-    Args: x ``[B, D]``, baselines ``[Bb, K, D]`` (``Bb`` in {1, B}), alphas ``[S]``.
+    Args: x ``[B, D]``, baselines ``[Bb, K, D]`` (``Bb`` in {1, B}), alphas ``[S]`` or
+    ``[B, K, S]``.
     Returns: ``[count, D]`` in ``x.dtype``, computed in the accumulation dtype.
     """
     check_path_args(x, baselines, alphas, start, count)
-    K, S = baselines.shape[1], alphas.shape[0]
+    K, S = baselines.shape[1], alphas.shape[-1]
     acc = accumulation_dtype(x.dtype)
     b, k, s = path_indices(start, count, K, S, x.device)
     base = baselines.to(acc)[b if baselines.shape[0] > 1 else torch.zeros_like(b), k]
-    alpha = alphas.to(device=x.device, dtype=acc)[s].unsqueeze(1)
+    alpha = node_values(alphas.to(device=x.device, dtype=acc), start, s).unsqueeze(1)
     return (base + alpha * (x.to(acc)[b] - base)).to(x.dtype)
 
 
@@ -58,7 +71,8 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
 
     ``out[b] = sum_{n in chunk, b(n) = b} w_{s(n)} * grads[n - start] * (x_b - b_{k(n)}) / K``.
 
-    Args: grads ``[count, D]``, x ``[B, D]``, baselines ``[Bb, K, D]``, weights ``[S]``.
+    Args: grads ``[count, D]``, x ``[B, D]``, baselines ``[Bb, K, D]``, weights ``[S]`` or
+    ``[B, K, S]``.
     Returns: ``[B, D]`` in the accumulation dtype; rows the chunk does not touch are zero.
     """
     count = grads.shape[0]
@@ -66,11 +80,11 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     if grads.dim() != 2 or grads.shape[1] != x.shape[1]:
         raise ValueError(f"grads {tuple(grads.shape)} do not match x {tuple(x.shape)}")
     B, D = x.shape
-    K, S = baselines.shape[1], weights.shape[0]
+    K, S = baselines.shape[1], weights.shape[-1]
     acc = accumulation_dtype(x.dtype)
     b, k, s = path_indices(start, count, K, S, x.device)
     base = baselines.to(acc)[b if baselines.shape[0] > 1 else torch.zeros_like(b), k]
-    w = weights.to(device=x.device, dtype=acc)[s].unsqueeze(1)
+    w = node_values(weights.to(device=x.device, dtype=acc), start, s).unsqueeze(1)
     terms = w * grads.to(acc) * (x.to(acc)[b] - base) / K
     out = torch.zeros(B, D, dtype=acc, device=x.device)
     return out.index_add(0, b, terms)

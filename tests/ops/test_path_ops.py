@@ -66,6 +66,25 @@ def test_backend_matches_reference(cpu_backend, shape, dtype, strided):
         assert_close_ratio(got, want, dtype if dtype != torch.bfloat16 else torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_per_path_nodes_and_weights(cpu_backend, dtype):
+    """alphas/weights [B, K, S]: one value per path point, read at the flattened index."""
+    B, K, S, D = 3, 2, 4, 19
+    x, bl, _, _ = make_inputs(B, K, S, D, False, dtype)
+    alphas = torch.rand(B, K, S, dtype=torch.float64)
+    weights = torch.rand(B, K, S, dtype=torch.float64)
+    for start, count in [(0, B * K * S), (5, 11)]:
+        got = tk.ops.path_points(x, bl, alphas, start, count)
+        assert_close_ratio(got, ref.path_points(x, bl, alphas, start, count), dtype)
+        grads = torch.randn(count, D, dtype=dtype)
+        assert_close_ratio(tk.ops.path_accumulate(grads, x, bl, weights, start),
+                           ref.path_accumulate(grads, x, bl, weights, start), dtype)
+    # a per-path tensor holding the same value everywhere equals the shared [S] rule
+    shared = torch.rand(S, dtype=torch.float64)
+    torch.testing.assert_close(tk.ops.path_points(x, bl, shared.expand(B, K, S), 0, B * K * S),
+                               tk.ops.path_points(x, bl, shared, 0, B * K * S))
+
+
 def test_empty_chunk(cpu_backend):
     x, bl, alphas, weights = make_inputs(2, 2, 3, 5, True, torch.float32)
     assert tk.ops.path_points(x, bl, alphas, 4, 0).shape == (0, 5)
@@ -101,4 +120,9 @@ def test_gradcheck(cpu_backend):
     assert torch.autograd.gradgradcheck(
         lambda g, a, b, w: tk.ops.path_accumulate(g, a, b, w, 3), args)
     pargs = [t.clone().requires_grad_() for t in (x, bl, alphas)]
+    assert torch.autograd.gradcheck(lambda a, b, al: tk.ops.path_points(a, b, al, 2, 8), pargs)
+    per_path = [t.clone().requires_grad_() for t in (grads, x, bl, torch.rand(2, 2, 3).double())]
+    assert torch.autograd.gradcheck(lambda g, a, b, w: tk.ops.path_accumulate(g, a, b, w, 3),
+                                    per_path)
+    pargs[2] = torch.rand(2, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, al: tk.ops.path_points(a, b, al, 2, 8), pargs)
