@@ -1,9 +1,13 @@
 """taylor-kernels: compiled kernels for Taylor-framework attribution (IG, Hessians, jets).
 
-Public API (see README): ``integrated_gradients``, ``backends``, ``ops``.
+Public API (see README): ``integrated_gradients``, ``expected_gradients``,
+``shapley_integrated_gradients``, ``backends``, ``ops``.
 """
 from taylor_kernels import backends, ops
-from taylor_kernels.attr import AttributionResult, integrated_gradients
+from taylor_kernels.attr import (AttributionResult, expected_gradients, integrated_gradients,
+                                 layer_integrated_gradients, noise_tunnel,
+                                 shapley_integrated_gradients)
 
 __version__ = "0.1.0"
-__all__ = ["AttributionResult", "backends", "integrated_gradients", "ops"]
+__all__ = ["AttributionResult", "backends", "expected_gradients", "integrated_gradients",
+           "layer_integrated_gradients", "noise_tunnel", "ops", "shapley_integrated_gradients"]

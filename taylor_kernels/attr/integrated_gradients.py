@@ -13,7 +13,7 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.engine import path_engine, quadrature
-from taylor_kernels.engine.problem import PathProblem, check_target, make_problem
+from taylor_kernels.engine.problem import PathProblem, make_problem
 
 DEFAULT_ADAPTIVE_TOL = 1e-4
 
@@ -111,10 +111,6 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
-        with torch.no_grad():
-            probe = model(*problem.split(problem.x[:1]), *problem._rows_args(
-                torch.zeros(1, dtype=torch.long, device=problem.x.device)))
-        check_target(problem.target, (problem.B,) + tuple(probe.shape[1:]))
         fx, fb = path_engine.endpoint_values(problem)
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph)

@@ -152,6 +152,15 @@ class PathProblem:
             args.append(a)
         return tuple(args)
 
+    def output_shape(self) -> tuple[int, ...]:
+        """The model's output shape for the whole batch, probed on one row without grad."""
+        with torch.no_grad():
+            out = self.model(*self.split(self.x[:1]), *self._rows_args(
+                torch.zeros(1, dtype=torch.long, device=self.x.device)))
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            raise ValueError("the model must return a tensor with a batch dimension")
+        return (self.B,) + tuple(out.shape[1:])
+
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
         ``rows`` ``[N]`` (which pick the target and the additional forward args)."""
@@ -213,4 +222,6 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
         fargs = additional_forward_args
     else:
         fargs = (additional_forward_args,)
-    return PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
+    problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
+    check_target(problem.target, problem.output_shape())
+    return problem
