@@ -9,6 +9,8 @@ still runs for every path point (as in Captum): its output is overwritten by the
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
@@ -55,6 +57,26 @@ def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
     return tuple(out)
 
 
+def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bool) -> Callable:
+    """``g(points, *inputs, *args) = model(*inputs, *args)`` with ``layer``'s output (or first
+    input, when ``of_input``) replaced by ``points``; inputs and args are passed through."""
+    def through_layer(points, *rest):
+        def replace_out(module, inp, out):
+            return points
+
+        def replace_in(module, inp):
+            return (points,) + tuple(inp[1:])
+
+        hook = (layer.register_forward_pre_hook(replace_in) if of_input
+                else layer.register_forward_hook(replace_out))
+        try:
+            return model(*rest)
+        finally:
+            hook.remove()
+
+    return through_layer
+
+
 def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=None,
                                target=None, *, attribute_to_layer_input: bool = False,
                                additional_forward_args=None, **ig_kwargs) -> AttributionResult:
@@ -79,22 +101,6 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
     act_x = _activation(model, layer, tup, fargs, attribute_to_layer_input)
     act_b = _activation(model, layer, _baseline_inputs(baselines, tup), fargs,
                         attribute_to_layer_input)
-    n_inputs = len(tup)
-
-    def through_layer(points, *rest):
-        """Model with the layer's activation replaced by ``points``."""
-        def replace_out(module, inp, out):
-            return points
-
-        def replace_in(module, inp):
-            return (points,) + tuple(inp[1:])
-
-        hook = (layer.register_forward_pre_hook(replace_in) if attribute_to_layer_input
-                else layer.register_forward_hook(replace_out))
-        try:
-            return model(*rest[:n_inputs], *rest[n_inputs:])
-        finally:
-            hook.remove()
-
+    through_layer = layer_replaced_forward(model, layer, attribute_to_layer_input)
     return integrated_gradients(through_layer, act_x, act_b, target,
                                 additional_forward_args=tup + tuple(fargs), **ig_kwargs)

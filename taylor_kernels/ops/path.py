@@ -133,5 +133,5 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     Returns: ``[B, D]`` in float32 (float64 for float64 x); untouched rows are zero.
     Deterministic for a given chunking. Differentiable in grads, x, baselines and weights.
     """
-    ref.check_path_args(x, baselines, weights, start, grads.shape[0])
+    ref.check_accumulate_args(grads, x, baselines, weights, start)
     return _backend_fns(x.device)[1](grads, x, baselines, weights, start)

@@ -48,6 +48,14 @@ def check_path_args(x: torch.Tensor, baselines: torch.Tensor, nodes: torch.Tenso
         raise ValueError(f"chunk [{start}, {start + count}) outside [0, {total})")
 
 
+def check_accumulate_args(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
+                          weights: torch.Tensor, start: int) -> None:
+    """:func:`check_path_args` for the chunk of ``grads`` ``[count, D]`` starting at ``start``."""
+    if grads.dim() != 2 or grads.shape[1] != x.shape[1]:
+        raise ValueError(f"grads {tuple(grads.shape)} do not match x {tuple(x.shape)}")
+    check_path_args(x, baselines, weights, start, grads.shape[0])
+
+
 def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
                 start: int, count: int) -> torch.Tensor:
     """Path points ``p[n] = b_k + alpha_s (x_b - b_k)`` for ``n in [start, start+count)``.
@@ -75,10 +83,8 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     ``[B, K, S]``.
     Returns: ``[B, D]`` in the accumulation dtype; rows the chunk does not touch are zero.
     """
+    check_accumulate_args(grads, x, baselines, weights, start)
     count = grads.shape[0]
-    check_path_args(x, baselines, weights, start, count)
-    if grads.dim() != 2 or grads.shape[1] != x.shape[1]:
-        raise ValueError(f"grads {tuple(grads.shape)} do not match x {tuple(x.shape)}")
     B, D = x.shape
     K, S = baselines.shape[1], weights.shape[-1]
     acc = accumulation_dtype(x.dtype)

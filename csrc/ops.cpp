@@ -1,0 +1,35 @@
+// The extension module taylor_kernels._C: the op schemas (defined once, here) and a small
+// pybind11 part. Kernels are registered per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// fake kernels and autograd formulas are registered from Python (taylor_kernels/ops/path.py).
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(taylor_kernels, m) {
+  // Fake kernels live in this Python module (imported on demand by fake-tensor tracing).
+  m.set_python_module("taylor_kernels.ops.path");
+  // x [B, D], baselines [Bb, K, D] (Bb in {1, B}), alphas [S] or [B, K, S] -> [count, D] x.dtype
+  m.def("path_points(Tensor x, Tensor baselines, Tensor alphas, int start, int count) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // grads [count, D], x, baselines, weights [S] or [B, K, S] -> [B, D] accumulation dtype
+  m.def("path_accumulate(Tensor grads, Tensor x, Tensor baselines, Tensor weights, int start) "
+        "-> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "taylor_kernels native kernels (registers torch.ops.taylor_kernels.*)";
+  m.def(
+      "built_with_cuda",
+      [] {
+#ifdef TK_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the CUDA kernels were compiled into this extension.");
+  m.def(
+      "cpu_threads", [] { return at::get_num_threads(); },
+      "Threads the CPU kernels use (torch's intra-op thread count).");
+}

@@ -1,0 +1,21 @@
+"""Captum drop-in front: switch one import line and keep the rest of your code.
+
+```python
+# from captum.attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel, GradientShap
+from taylor_kernels.captum import (IntegratedGradients, LayerIntegratedGradients, NoiseTunnel,
+                                   GradientShap)
+```
+
+Same constructors, ``attribute`` signatures, argument forms (tensor in -> tensor out, tuple in ->
+tuple out; baselines, targets, additional forward args) and results as ``captum.attr`` 0.9 (to
+rounding; NoiseTunnel and GradientShap draw the same random numbers under the same
+``torch.manual_seed`` / ``numpy.random.seed``). The work runs on the chunked, memory-budgeted
+path engine and the selected kernel backend. Extras on every ``attribute``: ``max_memory=``,
+``backend=``, ``progress=``; IG also ``method="adaptive"`` with ``tol=``. After a call,
+``instance.last_result`` holds the :class:`~taylor_kernels.AttributionResult` (evaluations).
+Captum itself is not needed at run time. Implementation: :mod:`taylor_kernels.captum_front`.
+"""
+from taylor_kernels.captum_front import (GradientShap, IntegratedGradients,
+                                         LayerIntegratedGradients, NoiseTunnel)
+
+__all__ = ["GradientShap", "IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel"]

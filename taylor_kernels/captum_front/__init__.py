@@ -1,0 +1,5 @@
+"""Implementation of :mod:`taylor_kernels.captum` (the Captum drop-in front); import from there."""
+from taylor_kernels.captum_front.ig import IntegratedGradients, LayerIntegratedGradients
+from taylor_kernels.captum_front.sampling import GradientShap, NoiseTunnel
+
+__all__ = ["GradientShap", "IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel"]

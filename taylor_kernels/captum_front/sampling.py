@@ -1,0 +1,246 @@
+"""Captum-compatible ``NoiseTunnel`` and ``GradientShap`` on the path engine.
+
+Both draw their random numbers exactly as Captum 0.9 does, from the same global generators in
+the same order: Gaussian input noise from torch's global RNG (``torch.normal``, default dtype),
+baselines from the distribution with ``numpy.random.choice`` and GradientShap's interpolation
+coefficients with ``numpy.random.uniform``. Under the same ``torch.manual_seed`` and
+``numpy.random.seed`` the results equal Captum's up to rounding.
+
+What differs is the batching: all noisy copies (``B * nt_samples`` rows) go through ONE call of
+the wrapped method and GradientShap's ``B * n_samples`` points through one engine pass, chunked
+to the memory budget (``max_memory=`` / ``internal_batch_size=``). ``nt_samples_batch_size``
+therefore only groups the random draws as Captum does (which matters for reproducing its
+numbers); memory is bounded by the engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable
+
+import numpy as np
+import torch
+
+from taylor_kernels import backends
+from taylor_kernels.attr.integrated_gradients import AttributionResult
+from taylor_kernels.captum_front._common import (Unscaled, captum_method, captum_noise,
+                                                 check_stdevs, dense_baselines, expand_blocks,
+                                                 format_args, format_inputs)
+from taylor_kernels.captum_front.ig import IntegratedGradients, LayerIntegratedGradients
+from taylor_kernels.engine import path_engine
+from taylor_kernels.engine.problem import make_problem
+
+NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+def _draw_baselines(baselines: tuple, B: int, n: int) -> tuple:
+    """Captum's ``draw_baseline_from_distrib``: ``n * B`` rows drawn uniformly (with
+    replacement) from each baseline tensor by ``numpy.random.choice``, one draw per tensor in
+    order; numbers are kept."""
+    return tuple(bl[np.random.choice(bl.shape[0], n * B).tolist()]
+                 if isinstance(bl, torch.Tensor) else bl for bl in baselines)
+
+
+class NoiseTunnel:
+    """Drop-in for ``captum.attr.NoiseTunnel`` over our ``IntegratedGradients`` or
+    ``LayerIntegratedGradients`` (SmoothGrad, SmoothGrad-squared, VarGrad)."""
+
+    def __init__(self, attribution_method) -> None:
+        if not isinstance(attribution_method, (IntegratedGradients, LayerIntegratedGradients)):
+            raise TypeError(
+                "taylor_kernels.captum.NoiseTunnel wraps taylor_kernels.captum."
+                "IntegratedGradients or LayerIntegratedGradients, got "
+                f"{type(attribution_method).__module__}.{type(attribution_method).__name__}; "
+                "switch that import to taylor_kernels.captum as well")
+        self.attribution_method = attribution_method
+        self.forward_func = attribution_method.forward_func
+        self.is_delta_supported = attribution_method.has_convergence_delta()
+        self._multiply_by_inputs = attribution_method.multiplies_by_inputs
+        self.is_gradient_method = True
+
+    @captum_method
+    def attribute(self, inputs, nt_type: str = "smoothgrad", nt_samples: int = 5,
+                  nt_samples_batch_size: int | None = None, stdevs=1.0,
+                  draw_baseline_from_distrib: bool = False, **kwargs):
+        """Aggregate the wrapped method over ``nt_samples`` noisy copies of each input.
+
+        ``smoothgrad``: mean; ``smoothgrad_sq``: mean of squares; ``vargrad``: mean of squares
+        minus squared mean. ``kwargs`` go to the wrapped ``attribute`` (per-example
+        baselines, targets and additional forward args are expanded like Captum's). With
+        ``return_convergence_delta=True`` the delta of every noisy copy is returned,
+        ``[B * nt_samples]`` in Captum's order.
+        """
+        if nt_type not in NT_TYPES:
+            raise ValueError(f"unknown nt_type {nt_type!r}; choose one of {NT_TYPES}")
+        if isinstance(nt_samples, bool) or int(nt_samples) != nt_samples or nt_samples < 1:
+            raise ValueError(f"nt_samples must be a positive integer, got {nt_samples}")
+        if nt_samples_batch_size is not None and nt_samples_batch_size < 1:
+            raise ValueError(f"nt_samples_batch_size must be positive, got "
+                             f"{nt_samples_batch_size}")
+        tup, was_tuple = format_inputs(inputs)
+        stds = check_stdevs(stdevs, len(tup))
+        B = tup[0].shape[0]
+        per_block = nt_samples if nt_samples_batch_size is None else min(nt_samples,
+                                                                         nt_samples_batch_size)
+        sizes = [per_block] * (nt_samples // per_block)
+        if nt_samples % per_block:
+            sizes.append(nt_samples % per_block)
+        has_bl = "baselines" in kwargs
+        bls = kwargs.get("baselines")
+        bl_tuple = (tuple(bls) if isinstance(bls, tuple) else (bls,) * len(tup)) if has_bl \
+            else None
+        with torch.no_grad():
+            # Same draws, same order as Captum: numpy baselines for a full block (shared by
+            # every full block), torch noise block by block, numpy baselines for the rest.
+            drawn = {}
+            if has_bl and draw_baseline_from_distrib:
+                drawn[per_block] = _draw_baselines(bl_tuple, B, per_block)
+            noisy = []
+            for n in sizes:
+                noisy.append(tuple(captum_noise(x, s, n) for x, s in zip(tup, stds)))
+                if has_bl and draw_baseline_from_distrib and n not in drawn:
+                    drawn[n] = _draw_baselines(bl_tuple, B, n)
+        call_kwargs = {k: v for k, v in kwargs.items() if k != "baselines"}
+        for key in ("target", "additional_forward_args"):
+            if key in call_kwargs:
+                call_kwargs[key] = expand_blocks(call_kwargs[key], B, sizes)
+        if has_bl:
+            call_kwargs["baselines"] = self._expand_baselines(bl_tuple, drawn, tup, sizes,
+                                                              isinstance(bls, tuple))
+        batch = tuple(torch.cat([blk[i] for blk in noisy]) for i in range(len(tup)))
+        out = self.attribution_method.attribute(batch if was_tuple else batch[0], **call_kwargs)
+        delta = None
+        if kwargs.get("return_convergence_delta", False):
+            out, delta = out
+        attrs_tuple = isinstance(out, tuple)
+        attrs = out if attrs_tuple else (out,)
+        result = tuple(self._smooth(a, B, sizes, nt_type, nt_samples) for a in attrs)
+        result = result if attrs_tuple else result[0]
+        if delta is not None:
+            return result, delta
+        return result
+
+    @staticmethod
+    def _expand_baselines(bl_tuple, drawn, inputs, sizes, was_tuple):
+        """Baselines for the concatenated blocks: drawn rows, or per-example ones repeated."""
+        if drawn:
+            out = tuple(torch.cat([drawn[n][i] for n in sizes]) if isinstance(bl, torch.Tensor)
+                        else bl for i, bl in enumerate(bl_tuple))
+        else:
+            out = tuple(expand_blocks(bl, x.shape[0], sizes)
+                        if isinstance(bl, torch.Tensor) and bl.shape[0] == x.shape[0] > 1
+                        else bl for bl, x in zip(bl_tuple, inputs))
+        return out if was_tuple else out[0]
+
+    @staticmethod
+    def _smooth(a: torch.Tensor, B: int, sizes: list[int], nt_type: str,
+                total: int) -> torch.Tensor:
+        """Sum (and sum of squares) over each example's copies, block by block, then average."""
+        s = sq = 0
+        start = 0
+        for n in sizes:
+            blk = a[start:start + B * n].reshape(B, n, *a.shape[1:])
+            s = s + blk.sum(dim=1)
+            sq = sq + blk.pow(2).sum(dim=1)
+            start += B * n
+        mean, mean_sq = s * (1 / total), sq * (1 / total)
+        if nt_type == "smoothgrad":
+            return mean
+        if nt_type == "smoothgrad_sq":
+            return mean_sq
+        return mean_sq - mean * mean
+
+    def has_convergence_delta(self) -> bool:
+        return self.is_delta_supported
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+
+class GradientShap:
+    """Drop-in for ``captum.attr.GradientShap`` on the path engine.
+
+    For each of ``n_samples`` draws per example: a baseline drawn uniformly from the
+    ``baselines`` distribution, Gaussian noise (``stdevs``) added to the input, ``alpha ~
+    U(0, 1)``; the attribution ``(x_noisy - b) * grad f(b + alpha (x_noisy - b))`` (without the
+    factor when ``multiply_by_inputs=False``) is averaged over the draws. All ``B * n_samples``
+    points are one engine pass (per-path nodes ``[B * n, 1, 1]``), chunked to the budget.
+    """
+
+    def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
+        self.forward_func = forward_func
+        self._multiply_by_inputs = multiply_by_inputs
+        self.last_result = None
+
+    @captum_method
+    def attribute(self, inputs, baselines, n_samples: int = 5, stdevs=0.0, target=None,
+                  additional_forward_args=None, return_convergence_delta: bool = False, *,
+                  internal_batch_size: int | None = None, max_memory=None,
+                  backend: str | None = None, progress: bool = False):
+        """GradientShap attributions (Captum's arguments); with
+        ``return_convergence_delta=True`` also ``delta [B * n_samples]``: per draw,
+        ``sum(attr) - (f(x_noisy) - f(b))``, in Captum's order."""
+        tup, was_tuple = format_inputs(inputs)
+        if callable(baselines) and not isinstance(baselines, torch.Tensor):
+            baselines = baselines() if not inspect.signature(baselines).parameters \
+                else baselines(inputs)
+        bls = baselines if isinstance(baselines, tuple) else (baselines,)
+        if len(bls) != len(tup) or not isinstance(bls[0], torch.Tensor):
+            raise ValueError("GradientShap needs a baseline distribution: a tensor [N, ...] "
+                             "(a tuple with one entry per input for tuple inputs)")
+        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+        stds = check_stdevs(stdevs, len(tup))
+        B, n = tup[0].shape[0], int(n_samples)
+        for i, (bl, x) in enumerate(zip(bls, tup)):
+            if isinstance(bl, torch.Tensor) and tuple(bl.shape[1:]) != tuple(x.shape[1:]):
+                raise ValueError(f"baseline distribution {i} of shape {tuple(bl.shape)} must "
+                                 f"be [N, *{tuple(x.shape[1:])}]")
+        with torch.no_grad():  # Captum's order: numpy baselines, torch noise, numpy alphas
+            drawn = _draw_baselines(bls, B, n)
+            noisy = tuple(captum_noise(x, s, n) for x, s in zip(tup, stds))
+            alphas = torch.tensor(np.random.uniform(0.0, 1.0, B * n), dtype=tup[0].dtype)
+        target = expand_blocks(target, B, [n])
+        fargs = expand_blocks(format_args(additional_forward_args), B, [n])
+        ctx = backends.using(backend) if backend else contextlib.nullcontext()
+        with ctx:
+            res = self._run(noisy, drawn, target, fargs, alphas, was_tuple,
+                            return_convergence_delta, dict(max_memory=max_memory,
+                                                           chunk_size=internal_batch_size,
+                                                           progress=progress))
+        self.last_result = res
+        attrs = tuple(a.reshape(B, n, *a.shape[1:]).sum(dim=1) * (1 / n)
+                      for a in (res.attributions if was_tuple else (res.attributions,)))
+        attrs = attrs if was_tuple else attrs[0]
+        if return_convergence_delta:
+            return attrs, res.gap
+        return attrs
+
+    def _run(self, noisy, drawn, target, fargs, alphas, was_tuple, with_gap, engine_kw):
+        """One engine pass over the ``B * n`` (noisy input, baseline, alpha) paths."""
+        model, x, bl = self.forward_func, noisy, drawn
+        if not self._multiply_by_inputs:
+            for i, t in enumerate(noisy):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"input {i} contains NaN or Inf values")
+            model = Unscaled(model, len(noisy))
+            x, fargs = Unscaled.arguments(noisy, dense_baselines(drawn, noisy), fargs)
+            bl = 0.0
+        problem = make_problem(model, x if was_tuple else x[0], bl, target, fargs)
+        nodes = alphas.to(torch.float64).reshape(-1, 1, 1)
+        res = path_engine.integrate(problem, nodes, [torch.ones(1, dtype=torch.float64)],
+                                    **engine_kw)
+        flat = res.sums[0]
+        gap = torch.full((problem.B,), float("nan"), dtype=flat.dtype, device=flat.device)
+        if with_gap:
+            fx, fb = path_engine.endpoint_values(problem)
+            gap = flat.sum(dim=1) - (fx - fb.mean(dim=1))
+        return AttributionResult(problem.unflatten(flat), gap, res.evaluations)
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs

@@ -1,0 +1,393 @@
+"""taylor_kernels.captum against captum.attr: the same calls, the same answers (float64 models).
+
+Every comparison runs one case through Captum and through our drop-in with identical
+arguments (and, for the sampled methods, identical torch / numpy seeds) and asserts a maximum
+relative difference below 1e-5 (``max|ours - captum| / max|captum|``).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from captum import attr as ca
+from torch import nn
+
+import taylor_kernels.captum as tc
+from tests import models
+
+RULES = ["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+         "gausslegendre"]
+F64 = torch.float64
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Captum's no-grad / batch-size notes
+        yield
+
+
+def rel(ours, ref) -> float:
+    """max |ours - ref| / max |ref| over a tensor or tuples of tensors (shapes must match)."""
+    ours = ours if isinstance(ours, (tuple, list)) else (ours,)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    assert len(ours) == len(ref)
+    for o, r in zip(ours, ref):
+        assert isinstance(o, torch.Tensor) and o.shape == r.shape and o.dtype == r.dtype, (
+            type(o), getattr(o, "shape", None), r.shape)
+    num = max((o - r).abs().max().item() for o, r in zip(ours, ref))
+    den = max(r.abs().max().item() for r in ref)
+    return num / den if den > 0 else num
+
+
+def assert_same(ours, ref, delta=False):
+    """Compare results, unpacking ``(attributions, delta)`` pairs when ``delta``."""
+    if delta:
+        (ours, od), (ref, rd) = ours, ref
+        assert od.shape == rd.shape
+        torch.testing.assert_close(od, rd, rtol=RTOL, atol=1e-7)
+    assert type(ours) is type(ref)
+    assert rel(ours, ref) < RTOL
+
+
+class ThreeDimOutput(nn.Module):
+    """Output ``[B, 2, 3]`` (targets are index tuples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = models.mlp(d_in=6, d_out=6)
+
+    def forward(self, x):
+        return self.net(x).reshape(-1, 2, 3)
+
+
+class TokenModel(nn.Module):
+    """Token ids ``[B, L]`` -> embedding -> tanh MLP -> ``[B, 3]``; a python ``scale`` arg."""
+
+    def __init__(self, vocab=12, dim=5, length=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lin = nn.Linear(dim * length, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids, scale=1.0):
+        return self.out(torch.tanh(self.lin(self.emb(ids).flatten(1))) * scale)
+
+
+def setup(kind: str):
+    """``(model, inputs, extra attribute kwargs)`` for a model kind (seeded)."""
+    torch.manual_seed(1)
+    if kind == "mlp":
+        return models.mlp(d_out=4), torch.randn(5, 10, dtype=F64), {"target": [0, 1, 2, 3, 1]}
+    if kind == "cnn":
+        return models.cnn(), torch.randn(3, 2, 8, 8, dtype=F64), {"target": torch.tensor(
+            [3, 0, 1])}
+    if kind == "scalar":
+        return models.mlp(d_out=1), torch.randn(4, 10, dtype=F64), {}
+    if kind == "two":
+        a, b = torch.randn(4, 5, dtype=F64), torch.randn(4, 2, 3, dtype=F64)
+        scale = torch.rand(4, 1, dtype=F64) + 0.5
+        return models.two_input_model(), (a, b), {"target": 2,
+                                                   "additional_forward_args": (scale, False)}
+    raise KeyError(kind)
+
+
+# ---------------------------------------------------------------- IntegratedGradients
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "scalar", "two"])
+def test_ig_models_and_rules(kind, rule):
+    model, x, kw = setup(kind)
+    bl = tuple(0.1 * torch.randn_like(t) for t in x) if isinstance(x, tuple) else \
+        0.1 * torch.randn_like(x)
+    args = dict(baselines=bl, n_steps=7, method=rule, return_convergence_delta=True, **kw)
+    ref = ca.IntegratedGradients(model).attribute(x, **args)
+    ours = tc.IntegratedGradients(model).attribute(x, **args)
+    assert_same(ours, ref, delta=True)
+
+
+BASELINES = {
+    "none": lambda x: None,
+    "scalar": lambda x: 0.25,
+    "batch": lambda x: torch.rand_like(x),
+    "one_row": lambda x: torch.rand_like(x[:1]),
+}
+
+
+@pytest.mark.parametrize("tuple_io", [False, True])
+@pytest.mark.parametrize("baseline", list(BASELINES))
+def test_ig_baseline_forms_single_input(baseline, tuple_io):
+    model, x, kw = setup("mlp")
+    bl = BASELINES[baseline](x)
+    inp, bl = ((x,), (bl,) if bl is not None else None) if tuple_io else (x, bl)
+    args = dict(baselines=bl, n_steps=6, **kw)
+    ref = ca.IntegratedGradients(model).attribute(inp, **args)
+    ours = tc.IntegratedGradients(model).attribute(inp, **args)
+    assert isinstance(ours, tuple) == tuple_io
+    assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("baselines", [None, (0.1, -0.2), "mixed", "tensors"])
+def test_ig_baseline_forms_tuple_input(baselines):
+    model, (a, b), kw = setup("two")
+    if baselines is None:  # beyond Captum: one number for every input of a tuple
+        ours = tc.IntegratedGradients(model).attribute((a, b), 0.3, n_steps=6, **kw)
+        assert_same(ours, tc.IntegratedGradients(model).attribute((a, b), (0.3, 0.3),
+                                                                   n_steps=6, **kw))
+    if baselines == "mixed":
+        baselines = (torch.randn(1, 5, dtype=F64), 0.5)
+    elif baselines == "tensors":
+        baselines = (torch.randn(4, 5, dtype=F64), torch.randn(4, 2, 3, dtype=F64))
+    args = dict(baselines=baselines, n_steps=6, return_convergence_delta=True, **kw)
+    ref = ca.IntegratedGradients(model).attribute((a, b), **args)
+    ours = tc.IntegratedGradients(model).attribute((a, b), **args)
+    assert_same(ours, ref, delta=True)
+
+
+@pytest.mark.parametrize("target", ["int", "scalar_tensor", "tensor", "list", "tuple",
+                                    "tuple_list", "none"])
+def test_ig_target_forms(target):
+    torch.manual_seed(2)
+    if target in ("tuple", "tuple_list"):
+        model, x = ThreeDimOutput(), torch.randn(3, 6, dtype=F64)
+        tgt = (1, 2) if target == "tuple" else [(0, 1), (1, 2), (1, 0)]
+    elif target == "none":
+        model, x, _ = setup("scalar")
+        tgt = None
+    else:
+        model, x, _ = setup("mlp")
+        tgt = {"int": 2, "scalar_tensor": torch.tensor(1), "tensor": torch.tensor([0, 1, 2, 3, 0]),
+               "list": [3, 2, 1, 0, 3]}[target]
+    args = dict(target=tgt, n_steps=5, return_convergence_delta=True)
+    ref = ca.IntegratedGradients(model).attribute(x, **args)
+    ours = tc.IntegratedGradients(model).attribute(x, **args)
+    assert_same(ours, ref, delta=True)
+
+
+class RowCounter(nn.Module):
+    """Records the largest batch the wrapped model sees while gradients are enabled."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.max_rows = model, 0
+
+    def forward(self, *args):
+        if torch.is_grad_enabled():
+            self.max_rows = max(self.max_rows, args[0].shape[0])
+        return self.model(*args)
+
+
+@pytest.mark.parametrize("ibs", [None, 1, 4, 7, 15, 1000])
+def test_ig_internal_batch_size(ibs):
+    """Same numbers as Captum; never more than ``internal_batch_size`` rows per pass (Captum
+    rounds to whole steps of all examples, at least B rows; we honour it exactly)."""
+    model, x, kw = setup("cnn")
+    args = dict(n_steps=5, internal_batch_size=ibs, return_convergence_delta=True, **kw)
+    ref = ca.IntegratedGradients(model).attribute(x, **args)
+    counter = RowCounter(model)
+    ours = tc.IntegratedGradients(counter).attribute(x, **args)
+    assert_same(ours, ref, delta=True)
+    if ibs is not None:
+        assert 1 <= counter.max_rows <= ibs
+
+
+@pytest.mark.parametrize("rule", ["riemann_trapezoid", "gausslegendre"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "two"])
+def test_ig_multiply_by_inputs_false(kind, rule):
+    """Integrated gradients without the (x - b) factor, also where x == b."""
+    model, x, kw = setup(kind)
+    tup = x if isinstance(x, tuple) else (x,)
+    bl = tuple(torch.randn_like(t) for t in tup)
+    for t, b in zip(tup, bl):
+        t.reshape(t.shape[0], -1)[:, ::3] = b.reshape(b.shape[0], -1)[:, ::3]  # x == b here
+    bl = bl if isinstance(x, tuple) else bl[0]
+    args = dict(baselines=bl, n_steps=6, method=rule, internal_batch_size=5,
+                return_convergence_delta=True, **kw)
+    ref = ca.IntegratedGradients(model, multiply_by_inputs=False).attribute(x, **args)
+    ig = tc.IntegratedGradients(model, multiply_by_inputs=False)
+    ours = ig.attribute(x, **args)
+    assert_same(ours, ref, delta=True)
+    assert not ig.multiplies_by_inputs and ig.has_convergence_delta()
+    attrs = ours[0] if isinstance(x, tuple) else (ours[0],)
+    assert all(a.reshape(a.shape[0], -1)[:, ::3].abs().max() > 0 for a in attrs)
+
+
+# ----------------------------------------------------------- LayerIntegratedGradients
+
+
+@pytest.mark.parametrize("multiply", [True, False])
+@pytest.mark.parametrize("where", ["embedding", "linear_input", "linear_output"])
+def test_layer_ig_token_ids(where, multiply):
+    torch.manual_seed(3)
+    model = TokenModel().double()
+    ids = torch.randint(1, 12, (4, 6))
+    ids[:, :2] = 0  # tokens equal to the baseline token
+    layer = model.emb if where == "embedding" else model.lin
+    args = dict(baselines=0, target=[0, 1, 2, 0], additional_forward_args=2.0, n_steps=6,
+                method="riemann_middle" if multiply else "gausslegendre",
+                internal_batch_size=7, return_convergence_delta=True,
+                attribute_to_layer_input=where == "linear_input")
+    ref = ca.LayerIntegratedGradients(model, layer, multiply_by_inputs=multiply).attribute(
+        ids, **args)
+    ours = tc.LayerIntegratedGradients(model, layer, multiply_by_inputs=multiply).attribute(
+        ids, **args)
+    assert_same(ours, ref, delta=True)
+
+
+def test_layer_ig_baseline_tensor_and_layer_list():
+    torch.manual_seed(4)
+    model = TokenModel().double()
+    ids, base = torch.randint(0, 12, (3, 6)), torch.randint(0, 12, (1, 6))
+    ref = ca.LayerIntegratedGradients(model, [model.emb]).attribute(ids, base, target=1,
+                                                                    n_steps=5)
+    ours = tc.LayerIntegratedGradients(model, [model.emb]).attribute(ids, base, target=1,
+                                                                    n_steps=5)
+    assert isinstance(ours, list) and isinstance(ref, list) and len(ours) == 1
+    assert rel(ours[0], ref[0]) < RTOL
+    with pytest.raises(NotImplementedError, match="one layer"):
+        tc.LayerIntegratedGradients(model, [model.emb, model.lin])
+
+
+# ---------------------------------------------------------------------- NoiseTunnel
+
+
+def run_both(make_ref, make_ours, call, seed=5):
+    """Run ``call(instance)`` on Captum's and our instance from the same torch/numpy seeds."""
+    out = []
+    for make in (make_ref, make_ours):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        out.append(call(make()))
+    return out
+
+
+@pytest.mark.parametrize("draw", [False, True])
+@pytest.mark.parametrize("batch", [None, 2])
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_noise_tunnel_matches_captum(nt_type, batch, draw):
+    model, x, kw = setup("mlp")
+    bl = torch.randn(3, 10, dtype=F64) if draw else 0.1 * torch.randn_like(x)
+
+    def call(nt):
+        return nt.attribute(x, nt_type=nt_type, nt_samples=5, nt_samples_batch_size=batch,
+                            stdevs=0.3, draw_baseline_from_distrib=draw, baselines=bl,
+                            n_steps=6, return_convergence_delta=True, **kw)
+
+    ref, ours = run_both(lambda: ca.NoiseTunnel(ca.IntegratedGradients(model)),
+                         lambda: tc.NoiseTunnel(tc.IntegratedGradients(model)), call)
+    assert ours[1].shape == (5 * 5,)
+    assert_same(ours, ref, delta=True)
+
+
+def test_noise_tunnel_tuple_inputs_args_and_unscaled():
+    model, x, kw = setup("two")
+    kw = dict(kw, target=[0, 1, 2, 3])
+
+    def call(nt):
+        return nt.attribute(x, nt_type="vargrad", nt_samples=3, stdevs=(0.2, 0.1),
+                            baselines=(0.1, torch.zeros(1, 2, 3, dtype=F64)), n_steps=5,
+                            method="riemann_left", internal_batch_size=9, **kw)
+
+    for multiply in (True, False):
+        ref, ours = run_both(
+            lambda: ca.NoiseTunnel(ca.IntegratedGradients(model, multiply)),
+            lambda: tc.NoiseTunnel(tc.IntegratedGradients(model, multiply)), call)
+        assert_same(ours, ref)
+
+
+def test_noise_tunnel_over_layer_ig_and_captum_over_ours():
+    model, x, kw = setup("mlp")
+    layer = model[2]
+
+    def call(nt):
+        return nt.attribute(x, nt_samples=4, nt_samples_batch_size=3, stdevs=0.2, n_steps=5,
+                            **kw)
+
+    ref, ours = run_both(lambda: ca.NoiseTunnel(ca.LayerIntegratedGradients(model, layer)),
+                         lambda: tc.NoiseTunnel(tc.LayerIntegratedGradients(model, layer)),
+                         call)
+    assert_same(ours, ref)
+    # Captum's own NoiseTunnel accepts our IntegratedGradients (it calls attribute.__wrapped__).
+    ref, ours = run_both(lambda: ca.NoiseTunnel(ca.IntegratedGradients(model)),
+                         lambda: ca.NoiseTunnel(tc.IntegratedGradients(model)), call)
+    assert_same(ours, ref)
+    with pytest.raises(TypeError, match="taylor_kernels.captum"):
+        tc.NoiseTunnel(ca.IntegratedGradients(model))
+
+
+# --------------------------------------------------------------------- GradientShap
+
+
+@pytest.mark.parametrize("multiply", [True, False])
+@pytest.mark.parametrize("stdevs", [0.0, 0.25])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_gradient_shap_matches_captum(kind, stdevs, multiply):
+    model, x, kw = setup(kind)
+    dist = torch.randn(6, *x.shape[1:], dtype=F64)
+
+    def call(gs):
+        return gs.attribute(x, dist, n_samples=7, stdevs=stdevs,
+                            return_convergence_delta=True, **kw)
+
+    ref, ours = run_both(lambda: ca.GradientShap(model, multiply),
+                         lambda: tc.GradientShap(model, multiply), call)
+    assert ours[1].shape == (x.shape[0] * 7,)
+    assert_same(ours, ref, delta=True)
+
+
+def test_gradient_shap_tuple_inputs_callable_baselines():
+    model, (a, b), kw = setup("two")
+    dist = (torch.randn(5, 5, dtype=F64), torch.randn(3, 2, 3, dtype=F64))
+
+    def call(gs):
+        return gs.attribute((a, b), lambda: dist, n_samples=4, stdevs=(0.1, 0.2), **kw)
+
+    ref, ours = run_both(lambda: ca.GradientShap(model), lambda: tc.GradientShap(model), call)
+    assert_same(ours, ref)
+
+
+def test_gradient_shap_expectation():
+    """Independently of the RNG: the average over many draws converges to Captum's."""
+    model, x, kw = setup("mlp")
+    dist = torch.randn(4, 10, dtype=F64)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    ref = ca.GradientShap(model).attribute(x, dist, n_samples=500, **kw)
+    np.random.seed(123)
+    ours = tc.GradientShap(model).attribute(x, dist, n_samples=500, internal_batch_size=512,
+                                            **kw)
+    assert rel(ours, ref) < 0.2
+
+
+# ---------------------------------------------------------- our extras via the drop-in
+
+
+def test_adaptive_and_budget_extras():
+    model, x, kw = setup("cnn")
+    ig = tc.IntegratedGradients(model)
+    ref = ca.IntegratedGradients(model).attribute(x, n_steps=64, **kw)
+    ours, delta = ig.attribute(x, method="adaptive", tol=1e-6, return_convergence_delta=True,
+                               **kw)
+    assert rel(ours, ref) < 1e-4
+    assert ig.last_result.nodes_per_input is not None
+    assert ig.last_result.evaluations < 3 * 64
+    fx = model(x).gather(1, kw["target"].unsqueeze(1)).squeeze(1)
+    assert (delta.abs() <= 1e-6 * (fx - model(torch.zeros_like(x))[range(3), kw["target"]])
+            .abs() + 1e-12).all()
+    counter = RowCounter(model)
+    small = tc.IntegratedGradients(counter).attribute(x, n_steps=9, max_memory=20_000,
+                                                      backend="reference", **kw)
+    assert counter.max_rows < 27  # the budget split the 27 path points into chunks
+    big = ig.attribute(x, n_steps=9, max_memory="1GB", **kw)
+    assert rel(small, big) < 1e-12
+    assert rel(small, ca.IntegratedGradients(model).attribute(x, n_steps=9, **kw)) < RTOL
+    with pytest.raises(ValueError, match="multiply_by_inputs=False"):
+        tc.IntegratedGradients(model, False).attribute(x, method="adaptive", **kw)
+    gs = tc.GradientShap(model)
+    out = gs.attribute(x, torch.zeros(2, 2, 8, 8, dtype=F64), n_samples=3, max_memory=50_000,
+                       **kw)
+    assert out.shape == x.shape and gs.last_result.evaluations == 9

@@ -1,0 +1,96 @@
+"""Smoke tests of ``taylor-kernels demo`` and ``taylor-kernels bench`` (tiny settings; no
+timing assertions: the benchmark numbers only have to exist and be positive)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from taylor_kernels import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _demo_argv(tmp_path, out):
+    return ["demo", "--out", str(out), "--examples", "2", "--epochs", "1", "--steps", "16",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+
+
+def test_demo_writes_figure_and_summary(tmp_path):
+    pytest.importorskip("sklearn")
+    image = pytest.importorskip("matplotlib.image")
+    out = tmp_path / "demo"
+    assert cli.main(_demo_argv(tmp_path, out)) == 0
+    png = out / "digits_ig.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    pixels = image.imread(png)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 200
+    assert pixels.std() > 0.01  # not a blank canvas
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["cached"] is False
+    assert len(summary["examples"]) == 2
+    for ex in summary["examples"]:
+        assert ex["gl_evals"] == 16 and ex["ad_evals"] >= 1
+        assert abs(ex["gl_gap"]) < 1e-2 * max(1.0, abs(ex["f_x_minus_f_0"]))
+    # second run: the weights come from the cache (same training config)
+    assert cli.main(_demo_argv(tmp_path, tmp_path / "demo2")) == 0
+    again = json.loads((tmp_path / "demo2" / "summary.json").read_text())
+    assert again["cached"] is True and again["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_demo_without_sklearn_names_the_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
+    assert cli.main(["demo", "--out", str(tmp_path / "d")]) != 0
+    assert "pip install scikit-learn" in capsys.readouterr().err
+
+
+def _positive_timing(row):
+    assert row["median_s"] > 0 and row["iqr_s"] >= 0
+    assert len(row["times_s"]) == row["repeats"] >= 1 and all(t > 0 for t in row["times_s"])
+
+
+def test_bench_path_ops_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--smoke", "--only", "path_ops", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["tier"] == "smoke" and list(data["families"]) == ["path_ops"]
+    machine = data["machine"]
+    for key in ("date", "python", "torch", "triton", "cpu_model", "torch_threads",
+                "device_label", "gpu", "backends_built"):
+        assert key in machine
+    fam = data["families"]["path_ops"]
+    case = fam["cases"][0]
+    assert case["case"]["B"] * case["case"]["K"] * case["case"]["S"] * case["case"]["D"] > 0
+    assert {r["op"] for r in case["copy"]} and all(r["gbps"] > 0 for r in case["copy"])
+    seen = {(r["op"], r["variant"]) for r in case["rows"]}
+    assert {("path_points", "eager"), ("path_accumulate", "eager"),
+            ("path_points", "reference"), ("path_accumulate", "reference")} <= seen
+    for row in case["rows"]:
+        assert "error" not in row, row
+        _positive_timing(row)
+        assert row["bytes"] > 0 and row["gbps"] > 0 and row["speedup_vs_eager"] > 0
+        assert row["max_rel_err_vs_eager"] < 1e-5
+    printed = capsys.readouterr().out
+    assert "path_ops" in printed and "vs eager" in printed
+
+
+def test_bench_ig_and_adaptive_smoke(tmp_path):
+    pytest.importorskip("captum")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--smoke", "--only", "ig_vs_captum,adaptive_evals",
+                     "--out", str(out)]) == 0
+    fams = json.loads(out.read_text())["families"]
+    rows = {r["method"]: r for r in fams["ig_vs_captum"]["rows"]}
+    assert {"captum", "ours"} <= set(rows)
+    for row in rows.values():
+        assert "error" not in row, row
+        _positive_timing(row)
+        assert row["peak_bytes"] > 0 and row["memory_method"]
+    assert rows["ours"]["max_rel_diff_vs_captum"] < 1e-4
+    assert rows["ours"]["time_ratio_vs_captum"] > 0
+    (ad,) = fams["adaptive_evals"]["rows"]
+    assert "error" not in ad, ad
+    assert ad["ours_evaluations"] > 0 and ad["ours_max_nodes"] >= 1
+    assert ad["captum_evals_per_input"] == 50 and 0 <= ad["captum_met_fraction"] <= 1
+    assert ad["ours_median_s"] > 0 and ad["captum_median_s"] > 0
