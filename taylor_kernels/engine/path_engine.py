@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from taylor_kernels import ops
-from taylor_kernels.engine import memory
+from taylor_kernels.engine import distributed, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.reference.path import accumulation_dtype
 
@@ -59,7 +59,7 @@ def _measure(run, count: int, device: torch.device) -> tuple[torch.Tensor, float
         return out, float(torch.cuda.max_memory_allocated(device) - before)
     with memory.SavedBytes() as saved:
         out = run()
-    return out, float(saved.total + 3 * out.numel() * out.element_size())
+    return out, memory.cpu_point_cost(saved.total, out.numel() * out.element_size())
 
 
 def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows: torch.Tensor,
@@ -94,16 +94,38 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
     return grad
 
 
+def _accumulate(sums: list[torch.Tensor], grads: torch.Tensor, x: torch.Tensor, bl: torch.Tensor,
+                weight_sets: list[torch.Tensor], S: int, start: int, create_graph: bool) -> None:
+    """Add one chunk into ``sums``, passing ``path_accumulate`` only the rows the chunk touches
+    (a chunk spans few inputs; the op's ``[B, D]`` output would otherwise make every chunk cost
+    ``O(B D)`` and the whole call ``O(B^2)``)."""
+    per_input = bl.shape[1] * S
+    r0, r1 = start // per_input, (start + grads.shape[0] - 1) // per_input + 1
+    xs = x[r0:r1]
+    bs = bl[r0:r1] if bl.shape[0] > 1 else bl
+    local = start - r0 * per_input
+    rows = torch.arange(r0, r1, device=x.device)
+    for i, w in enumerate(weight_sets):
+        part = ops.path_accumulate(grads, xs, bs, w[r0:r1] if w.dim() == 3 else w, local)
+        if create_graph:
+            sums[i] = sums[i].index_add(0, rows, part)
+        else:
+            sums[i][r0:r1].add_(part)
+
+
 def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torch.Tensor], *,
               x: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
-              progress: bool = False, create_graph: bool = False) -> Integral:
+              progress: bool = False, create_graph: bool = False, process_group=None,
+              reduce_to="all") -> Integral:
     """Sum ``w_s * grad f(p) * (x - b_k) / K`` over all path points, for each weight vector.
 
     Args: ``alphas [S]`` or ``[B', K, S]`` nodes; ``weight_sets`` list of ``[S]`` or
     ``[B', K, S]`` weights; optional subset
     ``x [B', D]``, ``baselines [Bb', K, D]`` with ``rows [B']`` (defaults: the whole problem);
     ``max_memory`` bytes or ``"512MB"``; ``chunk_size`` fixes the points per chunk.
+    ``process_group``: shard the points over its ranks and sum there (``reduce_to`` ``"all"``
+    or ``0``; see :mod:`taylor_kernels.engine.distributed`).
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector.
     """
     x = problem.x if x is None else x
@@ -118,9 +140,10 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     chunks = _Chunks(total, chunk_size, budget)
     sums = [torch.zeros(x.shape, dtype=accumulation_dtype(x.dtype), device=x.device)
             for _ in weight_sets]
-    start = 0
-    with tqdm(total=total, disable=not progress, desc="path points", unit="pt") as bar:
-        while start < total:
+    start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
+    chunks.total = stop
+    with tqdm(total=stop - start, disable=not progress, desc="path points", unit="pt") as bar:
+        while start < stop:
             count = chunks.next_count(start)
             try:
                 grads, used = _measure(lambda: path_gradients(
@@ -132,11 +155,11 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
                 continue
             if chunks.chunk is None:
                 chunks.probes.append((count, used))
-            for i, w in enumerate(weight_sets):
-                part = ops.path_accumulate(grads, x, bl, w, start)
-                sums[i] = sums[i] + part if create_graph else sums[i].add_(part)
+            _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], start, create_graph)
             start += count
             bar.update(count)
+    if process_group is not None:
+        distributed.reduce_sums(sums, process_group, reduce_to)
     return Integral(sums, total, chunks.chunk or total)
 
 

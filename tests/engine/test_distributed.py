@@ -1,0 +1,108 @@
+"""Distributed IG: 2 CPU ranks (gloo, spawned) give the single-process result to rounding."""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import taylor_kernels as tk
+from taylor_kernels.engine import distributed
+from tests.conftest import assert_close_ratio
+from tests.models import mlp
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem():
+    """Odd sizes: 5 inputs x 3 baselines x 7 nodes = 105 points (not divisible by 2)."""
+    model = mlp(d_in=6, hidden=8, d_out=3, seed=1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    bl = torch.randn(5, 3, 6, generator=gen, dtype=torch.float64)
+    return model, x, bl, torch.tensor([0, 2, 1, 1, 0])
+
+
+CALLS = {
+    "gl": dict(steps=7, chunk_size=4),
+    "budget": dict(steps=7, max_memory="64KB"),
+    "adaptive": dict(rule="adaptive", tol=1e-8, chunk_size=5),
+}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.set_num_threads(1)
+        model, x, bl, t = _problem()
+        res = {}
+        for name, kw in CALLS.items():
+            r = tk.integrated_gradients(model, x, bl, t, distributed=True, **kw)
+            res[name] = (r.attributions, r.gap, r.evaluations)
+        r0 = tk.integrated_gradients(model, x, bl, t, steps=7, distributed=True, reduce_to=0)
+        res["to0"] = (r0.attributions, r0.gap, r0.evaluations)
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist") / "res")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return [torch.load(f"{out}.{r}") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_ranks_match_single_process(ranks, name):
+    model, x, bl, t = _problem()
+    single = tk.integrated_gradients(model, x, bl, t, **CALLS[name])
+    for rank in ranks:
+        attr, gap, evaluations = rank[name]
+        assert_close_ratio(attr, single.attributions, torch.float64)
+        # the gap is a difference of O(1) numbers: compare it on their scale
+        scale = single.attributions.abs().sum(1)
+        assert ((gap - single.gap).abs() <= 1e-12 * scale).all()
+        assert evaluations == single.evaluations
+
+
+def test_reduce_to_rank0(ranks):
+    model, x, bl, t = _problem()
+    single = tk.integrated_gradients(model, x, bl, t, steps=7)
+    assert_close_ratio(ranks[0]["to0"][0], single.attributions, torch.float64)
+    # rank 1 keeps only its own shard's partial sum: not the answer
+    partial = ranks[1]["to0"][0]
+    assert (partial - single.attributions).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("total", [0, 1, 5, 105])
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_shards_cover_range(monkeypatch, total, world):
+    """Blocks are contiguous, cover [0, total) and differ in size by at most one."""
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group: world)
+    blocks = []
+    for r in range(world):
+        monkeypatch.setattr(distributed.dist, "get_rank", lambda group, r=r: r)
+        blocks.append(distributed.shard(total, None))
+    assert blocks[0][0] == 0 and blocks[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    sizes = [hi - lo for lo, hi in blocks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_errors():
+    model, x, bl, t = _problem()
+    with pytest.raises(ValueError, match="init_process_group"):
+        tk.integrated_gradients(model, x, bl, t, steps=3, distributed=True)
+    with pytest.raises(ValueError, match="reduce_to"):
+        tk.integrated_gradients(model, x, bl, t, steps=3, reduce_to=1)
