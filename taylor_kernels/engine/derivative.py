@@ -1,0 +1,299 @@
+"""The derivative engine: batched Hessian-vector products, Hessian rows, diagonals, D^3 f.
+
+``f`` maps a batch ``x [B, ...]`` to one scalar per row ``[B]`` and rows must not interact
+(eval-mode models), so ``grad_x sum_b f(x)_b`` is the per-row gradient. With ``D`` the number
+of features per row (``prod(x.shape[1:])``):
+
+- ``hvp(f, x, v)``: ``H(x_b) v_bm`` for ``M`` directions per row, ``v [B, M, ...] -> [B, M, ...]``,
+  by forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) vmapped over directions;
+- ``hessian(f, x, index)``: rows ``H_{i, :}`` for ``i`` in ``index`` (all ``D`` by default):
+  the HVPs with unit vectors ``e_i`` (``H`` is symmetric, so ``H e_i`` is row ``i``);
+- ``hessian_diagonal``: exact (``e_i^T H e_i`` from chunks of unit directions) or Hutchinson
+  (``E[v * H v]`` over Rademacher ``v``);
+- ``third_order(f, x, u, v) = D^3 f(x)[u, v, .] = grad_x (v^T H(x) u)``.
+
+Work is split into chunks of (row, direction) pairs sized to a memory budget from a measured
+cost per pair (:func:`pair_cost`). Models that ``torch.func`` cannot transform (data-dependent
+control flow, ``.item()``, in-place ops on captured tensors) fall back, with a one-time warning,
+to autograd double backward on rows replicated once per direction (same numbers, more memory
+traffic). Scaled dot-product attention runs with the math backend, the only one with forward
+AD and double backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from taylor_kernels.engine import memory
+
+PROBE_ROWS = 4
+_warned: set[str] = set()
+
+
+def math_attention():
+    """Context selecting the math backend of scaled dot-product attention (no-op if absent)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    out = f(x)
+    if not isinstance(out, torch.Tensor) or out.numel() != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
+        raise ValueError(f"f must return one scalar per row: [{x.shape[0]}], got {shape}")
+    return out.reshape(x.shape[0])
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be a tensor [B, ...] with B >= 1 and feature dims, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+
+
+def _functorch_unsupported(exc: BaseException) -> bool:
+    """Errors meaning torch.func cannot transform the model (not bugs in the user's model)."""
+    msg = str(exc).lower()
+    keys = ("vmap", "functorch", "torch.func", "batching rule", "data-dependent",
+            "data dependent", ".item()", "inplace", "in-place", "saved tensor hooks")
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and any(k in msg for k in keys)
+
+
+def _vmapped(f: Callable, x: torch.Tensor, V: torch.Tensor):
+    """Gradient ``[B, ...]`` and ``H V`` ``[B, M, ...]`` by jvp-of-grad vmapped over ``M``."""
+    g_fn = grad(lambda z: _row_scalars(f, z).sum())
+    if V.shape[1] == 1:  # no vmap needed for one direction
+        g, hv = jvp(g_fn, (x,), (V[:, 0],))
+        return g, hv.unsqueeze(1)
+    return vmap(lambda v: jvp(g_fn, (x,), (v,)), in_dims=1, out_dims=(None, 1))(V)
+
+
+def _double_backward(f: Callable, x: torch.Tensor, V: torch.Tensor):
+    """Same as :func:`_vmapped` by autograd: rows repeated ``M`` times, one double backward."""
+    B, M = V.shape[:2]
+    with torch.enable_grad():
+        xr = x.detach().repeat_interleave(M, dim=0).requires_grad_(True)
+        (g,) = torch.autograd.grad(_row_scalars(f, xr).sum(), xr, create_graph=True)
+        (hv,) = torch.autograd.grad(g, xr, grad_outputs=V.reshape(B * M, *x.shape[1:]),
+                                    allow_unused=True)
+    hv = torch.zeros_like(xr) if hv is None else hv
+    return g.detach().reshape(B, M, *x.shape[1:])[:, 0], hv.reshape(V.shape)
+
+
+def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
+    """Unchunked core: ``(grad f(x) [B, ...], H(x) V [B, M, ...])``.
+
+    Forward-over-reverse with ``torch.func``; falls back to double backward (warning once)
+    when ``torch.func`` cannot transform ``f``.
+    """
+    x = x.detach()
+    V = V.to(dtype=x.dtype, device=x.device)
+    with math_attention():
+        try:
+            g, hv = _vmapped(f, x, V)
+        except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
+            if not _functorch_unsupported(exc):
+                raise
+            _warn_once(f"torch.func cannot transform this model ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160]}); using autograd double backward")
+            g, hv = _double_backward(f, x, V)
+    return g.detach(), hv.detach()
+
+
+def pair_cost(f: Callable, x: torch.Tensor) -> float:
+    """Measured bytes of one (row, direction) pair of an HVP: the slope between 1 and up to
+    ``PROBE_ROWS`` rows of a double backward (CUDA: allocator peak; CPU: bytes autograd saves
+    plus the point, gradient and product)."""
+    costs = []
+    sizes = sorted({1, min(PROBE_ROWS, x.shape[0])})
+    for n in sizes:
+        xs = x[:n].detach()
+        v = torch.ones_like(xs)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+            before = torch.cuda.memory_allocated(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            with math_attention():
+                _double_backward(f, xs, v.unsqueeze(1))
+            costs.append(float(torch.cuda.max_memory_allocated(x.device) - before))
+        else:
+            with memory.SavedBytes() as saved, math_attention():
+                _double_backward(f, xs, v.unsqueeze(1))
+            costs.append(float(saved.total + 4 * xs.numel() * xs.element_size()))
+    if len(costs) == 2 and costs[1] > costs[0]:
+        return (costs[1] - costs[0]) / (sizes[1] - sizes[0])
+    return costs[-1] / sizes[-1]
+
+
+def plan(B: int, M: int, per_pair: float, budget: int) -> tuple[int, int]:
+    """``(rows, directions)`` per chunk with ``rows * directions * per_pair <= budget``:
+    all directions of as many rows as fit, else one row and as many directions as fit."""
+    if per_pair * M <= budget:
+        return max(1, min(B, int(budget // (per_pair * M)))), M
+    return 1, memory.chunk_size_for(budget, per_pair, M)
+
+
+def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a tensor, got {type(v)}")
+    feat = tuple(x.shape[1:])
+    if tuple(v.shape) == tuple(x.shape):
+        return v.unsqueeze(1), True
+    if v.dim() == x.dim() + 1 and v.shape[0] == x.shape[0] and tuple(v.shape[2:]) == feat:
+        return v, False
+    raise ValueError(f"v of shape {tuple(v.shape)} must be shaped like x {tuple(x.shape)} or "
+                     f"[{x.shape[0]}, M, *{feat}]")
+
+
+def _chunked(f, x, V, max_memory, chunk_size, reduce=None):
+    """Stream ``(rows, directions)`` chunks through :func:`grad_and_hvp`; ``reduce(hv, r0, m0)``
+    maps each chunk's products before they are stored (default: keep them)."""
+    B, M = V.shape[:2]
+    if chunk_size is not None:
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        rows, dirs = (max(1, chunk_size // M), M) if chunk_size >= M else (1, int(chunk_size))
+    else:
+        budget = memory.parse_budget(max_memory, x.device)
+        rows, dirs = plan(B, M, pair_cost(f, x), budget)
+    parts = []
+    for r0 in range(0, B, rows):
+        row_parts = []
+        for m0 in range(0, M, dirs):
+            _, hv = grad_and_hvp(f, x[r0:r0 + rows], V[r0:r0 + rows, m0:m0 + dirs])
+            row_parts.append(hv if reduce is None else reduce(hv, r0, m0))
+        parts.append(torch.cat(row_parts, dim=1))
+    return torch.cat(parts, dim=0)
+
+
+def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
+        chunk_size: int | None = None) -> torch.Tensor:
+    """Hessian-vector products ``out[b, m] = H(x_b) v[b, m]`` with ``H = d^2 f_b / dx_b^2``.
+
+    Args:
+        f: callable ``[B, ...] -> [B]`` (one scalar per row; rows independent).
+        x: ``[B, ...]`` floating inputs.
+        v: ``[B, M, ...]`` directions (``M`` per row), or shaped like ``x`` for one each.
+        max_memory: bytes or e.g. ``"256MB"`` per chunk (default as the path engine);
+        chunk_size: fixed (row, direction) pairs per chunk instead.
+    Returns:
+        ``[B, M, ...]`` (or shaped like ``x`` when ``v`` was), dtype of ``x``.
+    """
+    _check_x(x)
+    V, single = _as_directions(x, v)
+    out = _chunked(f, x, V, max_memory, chunk_size)
+    return out[:, 0] if single else out
+
+
+def _index_rows(index, D: int, device) -> torch.Tensor:
+    if index is None:
+        return torch.arange(D, device=device)
+    idx = torch.as_tensor(index, device=device).reshape(-1)
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"index must hold integers, got {idx.dtype}")
+    if idx.numel() == 0 or (idx < 0).any() or (idx >= D).any():
+        raise ValueError(f"index must be non-empty feature numbers in [0, {D}), got "
+                         f"{idx.tolist()[:8]}")
+    return idx.long()
+
+
+def unit_directions(index: torch.Tensor, B: int, D: int, dtype, device) -> torch.Tensor:
+    """One-hot directions ``[B, R, D]`` with ``e_{index[r]}`` in row ``r`` (expanded view)."""
+    eye = torch.zeros(index.shape[0], D, dtype=dtype, device=device)
+    eye[torch.arange(index.shape[0], device=device), index] = 1
+    return eye.unsqueeze(0).expand(B, -1, -1)
+
+
+def _flat_f(f: Callable, x: torch.Tensor) -> Callable:
+    feat = tuple(x.shape[1:])
+    return lambda z: f(z.reshape(z.shape[0], *feat))
+
+
+def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
+            chunk_size: int | None = None) -> torch.Tensor:
+    """Hessian rows ``H[b, r, :] = d^2 f_b / dx_{index[r]} dx`` over flattened features.
+
+    Args: f ``[B, ...] -> [B]``; x ``[B, ...]`` with ``D = prod(x.shape[1:])``; index: feature
+    numbers (flattened, ``R`` of them; a block ``H[I, J]`` is ``out[:, :, J]``), None for all.
+    Returns: ``[B, D, D]`` or ``[B, R, D]`` in ``x.dtype``.
+    """
+    _check_x(x)
+    B, D = x.shape[0], x[0].numel()
+    idx = _index_rows(index, D, x.device)
+    V = unit_directions(idx, B, D, x.dtype, x.device)
+    return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size)
+
+
+def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
+                     samples: int = 64, seed: int | None = None, max_memory=None,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Diagonal ``d^2 f_b / dx_i^2`` over flattened features: ``[B, D]``.
+
+    ``method="exact"``: ``e_i^T H e_i`` from ``D`` unit-direction HVPs (only the diagonal of
+    each chunk is kept). ``method="hutchinson"``: ``mean_m v_m * (H v_m)`` over ``samples``
+    Rademacher vectors ``v_m`` (unbiased; variance ``sum_{j != i} H_ij^2 / samples``), drawn
+    from a private generator seeded with ``seed``.
+    """
+    _check_x(x)
+    B, D = x.shape[0], x[0].numel()
+    ff, xf = _flat_f(f, x), x.reshape(B, D)
+    if method == "exact":
+        V = unit_directions(torch.arange(D, device=x.device), B, D, x.dtype, x.device)
+        take = lambda hv, r0, m0: torch.diagonal(  # noqa: E731
+            hv[:, :, m0:m0 + hv.shape[1]], dim1=1, dim2=2).unsqueeze(-1)
+        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take).squeeze(-1)
+    if method != "hutchinson":
+        raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+    if int(samples) != samples or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    V = (torch.randint(0, 2, (B, int(samples), D), generator=gen) * 2 - 1).to(xf)
+    HV = _chunked(ff, xf, V, max_memory, chunk_size)
+    return (V * HV).mean(dim=1)
+
+
+def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Third-order contraction ``D^3 f(x_b)[u_b, v_b, .] = grad_x (v_b^T H(x_b) u_b)``: ``[B, D]``.
+
+    Args: f ``[B, ...] -> [B]``; x, u, v ``[B, ...]`` (one pair of directions per row).
+    """
+    _check_x(x)
+    for name, t in (("u", u), ("v", v)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape):
+            raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}")
+    x, u, v = x.detach(), u.to(x).detach(), v.to(x).detach()
+    g_fn = grad(lambda z: _row_scalars(f, z).sum())
+    vhu = lambda z: (jvp(g_fn, (z,), (u,))[1] * v).sum()  # noqa: E731
+    with math_attention():
+        try:
+            out = grad(vhu)(x)
+        except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
+            if not _functorch_unsupported(exc):
+                raise
+            _warn_once(f"torch.func cannot transform this model ({type(exc).__name__}); "
+                       "using autograd triple backward")
+            with torch.enable_grad():
+                z = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(_row_scalars(f, z).sum(), z, create_graph=True)
+                (hu,) = torch.autograd.grad(g, z, grad_outputs=u, create_graph=True)
+                (out,) = torch.autograd.grad((hu * v).sum(), z)
+    return out.detach().reshape(x.shape[0], -1)
+
+
+__all__ = ["grad_and_hvp", "hessian", "hessian_diagonal", "hvp", "math_attention", "pair_cost",
+           "plan", "third_order", "unit_directions"]

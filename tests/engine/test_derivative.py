@@ -1,0 +1,149 @@
+"""Derivative engine: HVPs, Hessian rows, diagonals and D^3 f against torch.func in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian as func_hessian
+from torch.func import jacfwd, vmap
+
+from taylor_kernels.engine import derivative as d
+
+TOL = 1e-10
+
+
+def _mlp(D=5, H=7):
+    return torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, H),
+                               torch.nn.Softplus(), torch.nn.Linear(H, 1)).double()
+
+
+def _f(net):
+    return lambda z: net(z.reshape(z.shape[0], -1)).squeeze(-1)
+
+
+def _true_hessian(net, x):
+    one = lambda z: net(z.reshape(1, -1)).squeeze()  # noqa: E731
+    return vmap(func_hessian(one))(x.reshape(x.shape[0], -1)).detach()
+
+
+def test_hvp_matches_torch_func():
+    net = _mlp()
+    x, V = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    H = _true_hessian(net, x)
+    out = d.hvp(_f(net), x, V)
+    assert out.shape == (3, 4, 5)
+    assert (out - torch.einsum("bij,bmj->bmi", H, V)).abs().max() < TOL
+    one = d.hvp(_f(net), x, V[:, 0])  # a direction shaped like x
+    assert (one - out[:, 0]).abs().max() < TOL
+
+
+def test_hessian_full_rows_and_multidim_features():
+    net = _mlp(D=6)
+    x = torch.randn(2, 2, 3, dtype=torch.float64)  # features [2, 3] flatten to D = 6
+    H = _true_hessian(net, x)
+    assert (d.hessian(_f(net), x) - H).abs().max() < TOL
+    rows = d.hessian(_f(net), x, index=[4, 1])
+    assert rows.shape == (2, 2, 6) and (rows - H[:, [4, 1]]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 100])
+def test_chunking_does_not_change_results(chunk):
+    net = _mlp()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    H = _true_hessian(net, x)
+    assert (d.hessian(_f(net), x, chunk_size=chunk) - H).abs().max() < TOL
+
+
+def test_small_memory_budget_splits_but_agrees():
+    net = _mlp()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    per_pair = d.pair_cost(_f(net), x)
+    assert per_pair > 0
+    assert d.plan(4, 5, per_pair, int(per_pair * 2.5)) == (1, 2)
+    assert d.plan(4, 5, per_pair, int(per_pair * 10)) == (2, 5)
+    out = d.hessian(_f(net), x, max_memory=int(per_pair * 2.5))
+    assert (out - _true_hessian(net, x)).abs().max() < TOL
+    with pytest.raises(MemoryError, match="max_memory"):
+        d.hessian(_f(net), x, max_memory=int(per_pair / 2))
+
+
+def test_hessian_diagonal_exact_and_hutchinson():
+    net = _mlp()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    diag = torch.diagonal(_true_hessian(net, x), dim1=1, dim2=2)
+    assert (d.hessian_diagonal(_f(net), x, chunk_size=3) - diag).abs().max() < TOL
+    a = d.hessian_diagonal(_f(net), x, "hutchinson", samples=4000, seed=1)
+    b = d.hessian_diagonal(_f(net), x, "hutchinson", samples=4000, seed=1)
+    assert torch.equal(a, b)  # seeded
+    H = _true_hessian(net, x)
+    off = (H.pow(2).sum(2) - diag.pow(2)).sqrt()  # per-feature std of one sample
+    assert ((a - diag).abs() <= 5 * off / 4000 ** 0.5 + 1e-12).all()
+
+
+def test_third_order_matches_jacfwd_of_hessian():
+    net = _mlp()
+    x, u, v = torch.randn(3, 3, 5, dtype=torch.float64)
+    one = lambda z: net(z.reshape(1, -1)).squeeze()  # noqa: E731
+    T = vmap(jacfwd(func_hessian(one)))(x).detach()
+    out = d.third_order(_f(net), x, u, v)
+    assert (out - torch.einsum("bijk,bi,bj->bk", T, u, v)).abs().max() < TOL
+
+
+class _LegacySquare(torch.autograd.Function):
+    """An autograd.Function without setup_context: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return 2 * a * g
+
+
+def test_fallback_to_double_backward_warns_once_and_is_correct():
+    net = _mlp()
+    x, V = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    d._warned.clear()
+    legacy = lambda z: _LegacySquare.apply(net(z).squeeze(-1))  # noqa: E731
+    H = vmap(func_hessian(lambda z: net(z.reshape(1, -1)).squeeze() ** 2))(x).detach()
+    with pytest.warns(RuntimeWarning, match="double backward"):
+        out = d.hvp(legacy, x, V, chunk_size=3)
+    assert (out - torch.einsum("bij,bmj->bmi", H, V)).abs().max() < TOL
+    T = vmap(jacfwd(func_hessian(lambda z: net(z.reshape(1, -1)).squeeze() ** 2)))(x).detach()
+    u, v = torch.randn(2, 2, 5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="triple backward"):
+        out3 = d.third_order(legacy, x, u, v)
+    assert (out3 - torch.einsum("bijk,bi,bj->bk", T, u, v)).abs().max() < TOL
+
+
+def test_attention_model_uses_math_backend():
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(4, 12).double()
+
+    def f(z):  # z [B, 3 tokens, 4]
+        q, k, v = proj(z).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).sum((1, 2))
+
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    one = lambda z: f(z.reshape(1, 3, 4)).squeeze()  # noqa: E731
+    H = vmap(func_hessian(one))(x.reshape(2, 12)).detach()
+    assert (d.hessian(f, x) - H).abs().max() < TOL
+
+
+def test_errors_are_actionable():
+    net = _mlp()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one scalar per row"):
+        d.hvp(lambda z: z, x, x)
+    with pytest.raises(ValueError, match="shaped like x"):
+        d.hvp(_f(net), x, torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="index"):
+        d.hessian(_f(net), x, index=[5])
+    with pytest.raises(ValueError, match="method"):
+        d.hessian_diagonal(_f(net), x, method="bogus")
+    with pytest.raises(TypeError, match="floating"):
+        d.hessian(_f(net), torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size"):
+        d.hvp(_f(net), x, x, chunk_size=0)
