@@ -1,0 +1,390 @@
+"""Propagation rules of the jet engine: how one op maps truncated Taylor series.
+
+A :class:`Jet` wraps ``c [J+1, *shape]``: the normalized coefficients of an activation of shape
+``shape`` along a curve ``t -> x + t v``. Rules (``RULES`` by function / method name /
+module type) receive the op's arguments with :class:`Jet` values where the activation depends
+on ``t`` and plain tensors elsewhere, and return the output jet:
+
+- linear maps (linear, conv, pooling, reshapes, sums, cat, ...) act per coefficient, their
+  bias only on order 0; a max pool keeps the argmax of the order-0 term;
+- products use the Cauchy product (``jet_mul``; matmul/bmm by the same sum over orders);
+- elementwise functions use ``jet_unary`` (all orders in one pass);
+- softmax = ``exp(x - max x_0) * reciprocal(sum exp)``; layer norm through ``rsqrt`` of the
+  variance jet; batch norm (eval) is affine; scaled dot-product attention is composed from the
+  matmul and softmax rules.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taylor_kernels import ops
+
+
+class Jet:
+    """Truncated Taylor series of one activation: ``c [J+1, *shape]``, normalized coefficients."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, c: torch.Tensor):
+        self.c = c
+
+    @property
+    def order(self) -> int:
+        return self.c.shape[0] - 1
+
+    def __repr__(self) -> str:
+        return f"Jet(order={self.order}, shape={tuple(self.c.shape[1:])})"
+
+
+def as_jet(x, order: int, like: torch.Tensor | None = None) -> Jet:
+    """A constant (tensor or number) as a jet with zero coefficients of order >= 1."""
+    if isinstance(x, Jet):
+        return x
+    x = torch.as_tensor(x, dtype=like.dtype if like is not None else None,
+                        device=like.device if like is not None else None)
+    c = torch.zeros((order + 1,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    c[0] = x
+    return Jet(c)
+
+
+def _order_of(args) -> int:
+    return next(a.order for a in args if isinstance(a, Jet))
+
+
+def _broadcast(a: Jet, b: Jet) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = torch.broadcast_shapes(a.c.shape[1:], b.c.shape[1:])
+    J = a.c.shape[0]
+    return (a.c.reshape((J,) + (1,) * (len(shape) + 1 - a.c.dim()) + a.c.shape[1:]).expand(
+                (J,) + shape),
+            b.c.reshape((J,) + (1,) * (len(shape) + 1 - b.c.dim()) + b.c.shape[1:]).expand(
+                (J,) + shape))
+
+
+def unary(fn: str, x: Jet) -> Jet:
+    """``fn`` elementwise on a jet, every order in one ``jet_unary`` call."""
+    J = x.c.shape[0]
+    return Jet(ops.jet_unary(fn, x.c.reshape(J, -1)).view(x.c.shape))
+
+
+def mul(a, b) -> Jet:
+    """Elementwise product; Cauchy product when both are jets, else per coefficient."""
+    if not isinstance(a, Jet) or not isinstance(b, Jet):
+        jet, const = (a, b) if isinstance(a, Jet) else (b, a)
+        return Jet(jet.c * const)
+    ca, cb = _broadcast(a, b)
+    J = ca.shape[0]
+    return Jet(ops.jet_mul(ca.reshape(J, -1), cb.reshape(J, -1)).view(ca.shape))
+
+
+def add(a, b, alpha=1) -> Jet:
+    """``a + alpha b``; a constant only shifts order 0."""
+    if not isinstance(a, Jet):
+        return add(Jet(alpha * b.c), a)
+    if isinstance(b, Jet):
+        ca, cb = _broadcast(a, b)
+        return Jet(ca + alpha * cb)
+    shape = torch.broadcast_shapes(a.c.shape[1:], torch.as_tensor(b).shape)
+    c = a.c.expand((a.c.shape[0],) + shape).clone()
+    c[0] = c[0] + alpha * b
+    return Jet(c)
+
+
+def sub(a, b) -> Jet:
+    return add(a, b, alpha=-1)
+
+
+def rsub(a, b) -> Jet:
+    return add(neg(b) if isinstance(b, Jet) else -b, a)
+
+
+def neg(a: Jet) -> Jet:
+    return Jet(-a.c)
+
+
+def div(a, b) -> Jet:
+    """``a / b``: per coefficient for a constant divisor, else ``a * reciprocal(b)``."""
+    if not isinstance(b, Jet):
+        return Jet(a.c / b)
+    return mul(a, unary("reciprocal", b))
+
+
+def power(a: Jet, p) -> Jet:
+    """``a ** p`` for p in {0, 1, 2, 3, ..., -1, 1/2, -1/2} (other exponents: exp(p log a))."""
+    named = {2: "square", -1: "reciprocal", 0.5: "sqrt", -0.5: "rsqrt"}
+    if isinstance(p, Jet) or torch.is_tensor(p):
+        raise NotImplementedError("jet of a tensor exponent")
+    if p in named:
+        return unary(named[p], a)
+    if p == 1:
+        return a
+    if p == 0:
+        return as_jet(torch.ones_like(a.c[0]), a.order)
+    if float(p).is_integer() and p > 2:
+        out = a
+        for _ in range(int(p) - 1):
+            out = mul(out, a)
+        return out
+    return unary("exp", Jet(p * unary("log", a).c))
+
+
+def matmul(a, b) -> Jet:
+    """``a @ b``: ``c_k = sum_j a_j @ b_{k-j}`` for two jets, per coefficient otherwise."""
+    if not isinstance(a, Jet):
+        return Jet(torch.matmul(a, b.c))
+    if not isinstance(b, Jet):
+        return Jet(torch.matmul(a.c, b))
+    J = a.order
+    out = [sum(torch.matmul(a.c[j], b.c[k - j]) for j in range(k + 1)) for k in range(J + 1)]
+    return Jet(torch.stack(out))
+
+
+def per_coefficient(fn, args, kwargs):
+    """Apply an op that is linear in its jet arguments to each coefficient separately.
+
+    Constant tensors inside list arguments (``torch.cat([jet, const])``) become zero-order jets.
+    Tuple outputs (``chunk``, ``split``) come back as tuples of jets.
+    """
+    J = _order_of([a for a in args if isinstance(a, Jet)] +
+                  [a for arg in args if isinstance(arg, (list, tuple)) for a in arg
+                   if isinstance(a, Jet)])
+    like = next(a.c for a in _iter_jets(args))
+
+    def pick(v, k):
+        if isinstance(v, Jet):
+            return v.c[k]
+        if isinstance(v, (list, tuple)) and any(isinstance(e, Jet) for e in v):
+            return type(v)(pick(as_jet(e, J, like) if torch.is_tensor(e) else e, k) for e in v)
+        return v
+
+    outs = [fn(*[pick(a, k) for a in args], **{n: pick(v, k) for n, v in kwargs.items()})
+            for k in range(J + 1)]
+    if isinstance(outs[0], (tuple, list)):
+        return tuple(Jet(torch.stack(parts)) for parts in zip(*outs))
+    return Jet(torch.stack(outs))
+
+
+def _iter_jets(args):
+    for a in args:
+        if isinstance(a, Jet):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _iter_jets(a)
+
+
+def batched(fn, x: Jet) -> Jet:
+    """A batch-first linear op (conv, pooling, linear without bias) on all orders at once."""
+    J1, B = x.c.shape[0], x.c.shape[1]
+    y = fn(x.c.reshape((J1 * B,) + x.c.shape[2:]))
+    return Jet(y.reshape((J1, B) + y.shape[1:]))
+
+
+def _add_bias(y: Jet, bias: torch.Tensor | None, view=None) -> Jet:
+    if bias is None:
+        return y
+    c = y.c.clone()
+    c[0] = c[0] + (bias if view is None else bias.view(view))
+    return Jet(c)
+
+
+def linear(x: Jet, weight, bias=None) -> Jet:
+    return _add_bias(Jet(F.linear(x.c, weight)), bias)
+
+
+def _conv(fn, x: Jet, weight, bias=None, *args, **kwargs) -> Jet:
+    y = batched(lambda z: fn(z, weight, None, *args, **kwargs), x)
+    return _add_bias(y, bias, (-1,) + (1,) * (y.c.dim() - 3))
+
+
+def conv1d(x, weight, bias=None, *args, **kwargs):
+    return _conv(F.conv1d, x, weight, bias, *args, **kwargs)
+
+
+def conv2d(x, weight, bias=None, *args, **kwargs):
+    return _conv(F.conv2d, x, weight, bias, *args, **kwargs)
+
+
+def _max_pool(fn, x: Jet, *args, **kwargs) -> Jet:
+    """Max pooling: every order is read at the argmax of the order-0 term."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+    _, idx = fn(x.c[0], *args, return_indices=True, **kwargs)
+    J1, B, C = x.c.shape[:3]
+    flat = x.c.reshape(J1, B, C, -1)
+    gathered = flat.gather(3, idx.reshape(1, B, C, -1).expand(J1, -1, -1, -1))
+    return Jet(gathered.reshape((J1,) + idx.shape))
+
+
+def max_pool1d(x, *args, **kwargs):
+    return _max_pool(F.max_pool1d, x, *args, **kwargs)
+
+
+def max_pool2d(x, *args, **kwargs):
+    return _max_pool(F.max_pool2d, x, *args, **kwargs)
+
+
+def _dims(x: Jet, dim) -> tuple[int, ...]:
+    """Per-coefficient dims (as given to the op) as dims of the ``[J+1, ...]`` tensor."""
+    nd = x.c.dim() - 1
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return tuple((d % nd) + 1 for d in dims)
+
+
+def _jsum(x: Jet, dims) -> Jet:
+    return Jet(x.c.sum(dim=dims, keepdim=True))
+
+
+def softmax(x: Jet, dim=None, _stacklevel=3, dtype=None, log=False) -> Jet:
+    """``softmax(x)_i = e_i / sum e``, ``e = exp(x - max x_0)``; ``log``: ``x - m - log sum e``."""
+    if dim is None:
+        raise ValueError("jet softmax needs an explicit dim")
+    d = _dims(x, dim)
+    m = x.c[0].amax(dim=d[0] - 1, keepdim=True)
+    shifted = add(x, -m)
+    e = unary("exp", shifted)
+    s = _jsum(e, d)
+    if log:
+        return sub(shifted, unary("log", s))
+    return mul(e, unary("reciprocal", s))
+
+
+def log_softmax(x, dim=None, _stacklevel=3, dtype=None):
+    return softmax(x, dim, log=True)
+
+
+def layer_norm(x: Jet, normalized_shape, weight=None, bias=None, eps=1e-5) -> Jet:
+    """``(x - mean) * rsqrt(var + eps) * w + b`` over the last ``len(normalized_shape)`` dims."""
+    n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
+    d = tuple(range(x.c.dim() - n, x.c.dim()))
+    centered = Jet(x.c - x.c.mean(dim=d, keepdim=True))
+    var = Jet(mul(centered, centered).c.mean(dim=d, keepdim=True))
+    y = mul(centered, unary("rsqrt", add(var, eps)))
+    if weight is not None:
+        y = Jet(y.c * weight)
+    return _add_bias(y, bias)
+
+
+def batch_norm_eval(x: Jet, mean, var, weight, bias, eps) -> Jet:
+    """Batch norm with running statistics: affine per channel (dim 1 of the activation)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale + (bias if bias is not None else 0)
+    view = (-1,) + (1,) * (x.c.dim() - 3)
+    return _add_bias(Jet(x.c * scale.view(view)), shift, view)
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False) -> Jet:
+    """``softmax(q k^T * scale + mask) v`` from the matmul and softmax jet rules."""
+    if dropout_p != 0.0 or enable_gqa:
+        raise NotImplementedError("jet attention with dropout or grouped-query attention")
+    q0 = q.c[0] if isinstance(q, Jet) else q
+    kt = Jet(k.c.transpose(-1, -2)) if isinstance(k, Jet) else k.transpose(-1, -2)
+    s = matmul(q, kt)
+    s = s if isinstance(s, Jet) else as_jet(s, _order_of([q, k, v]))
+    s = Jet(s.c * (scale if scale is not None else 1.0 / math.sqrt(q0.shape[-1])))
+    L, S = s.c.shape[-2], s.c.shape[-1]
+    if is_causal:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=s.c.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            c = s.c.masked_fill(~attn_mask, 0.0)  # masked scores: constant -inf
+            c[0] = c[0].masked_fill(~attn_mask, float("-inf"))
+            s = Jet(c)
+        else:
+            s = add(s, attn_mask)
+    return matmul(softmax(s, -1), v)
+
+
+def _activation_fn(name):
+    return lambda x, *a, **kw: unary(name, x)
+
+
+def _gelu(x, approximate="none"):
+    return unary("gelu_tanh" if approximate == "tanh" else "gelu", x)
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+    """``softplus(beta x) / beta`` (the linear branch above ``threshold`` is not modelled)."""
+    if beta == 1:
+        return unary("softplus", x)
+    return Jet(unary("softplus", Jet(beta * x.c)).c / beta)
+
+
+def _dropout(x, *args, **kwargs):
+    return x  # the engine runs models in eval mode: dropout is the identity
+
+
+UNARY_FUNCTIONS = {
+    torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.exp: "exp", torch.log: "log",
+    torch.sin: "sin", torch.cos: "cos", torch.relu: "relu", torch.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt", torch.reciprocal: "reciprocal", torch.square: "square",
+    F.tanh: "tanh", F.sigmoid: "sigmoid", F.relu: "relu", F.silu: "silu",
+}
+UNARY_METHODS = ("tanh", "sigmoid", "exp", "log", "sin", "cos", "relu", "sqrt", "rsqrt",
+                 "reciprocal", "square")
+LINEAR_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
+                    torch.squeeze, torch.cat, torch.stack, torch.sum, torch.mean, operator.getitem,
+                    torch.chunk, torch.split, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+                    F.adaptive_avg_pool2d, F.pad, torch.movedim, torch.narrow)
+LINEAR_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "unsqueeze",
+                  "squeeze", "expand", "repeat", "sum", "mean", "chunk", "split", "narrow",
+                  "movedim", "to", "float", "double", "type_as", "view_as", "reshape_as",
+                  "expand_as", "t", "unflatten")
+
+FUNCTION_RULES = {
+    **{fn: _activation_fn(name) for fn, name in UNARY_FUNCTIONS.items()},
+    F.gelu: _gelu, F.softplus: _softplus, F.dropout: _dropout,
+    operator.add: add, torch.add: add, operator.sub: sub, torch.sub: sub, operator.mul: mul,
+    torch.mul: mul, operator.truediv: div, torch.div: div, operator.neg: neg, torch.neg: neg,
+    operator.pow: power, torch.pow: power, operator.matmul: matmul, torch.matmul: matmul,
+    torch.bmm: matmul, F.linear: linear, F.conv1d: conv1d, F.conv2d: conv2d,
+    F.max_pool1d: max_pool1d, F.max_pool2d: max_pool2d, F.softmax: softmax,
+    torch.softmax: softmax, F.log_softmax: log_softmax, torch.log_softmax: log_softmax,
+    F.layer_norm: layer_norm, F.scaled_dot_product_attention: scaled_dot_product_attention,
+}
+METHOD_RULES = {
+    **{name: _activation_fn(name) for name in UNARY_METHODS},
+    "add": add, "sub": sub, "mul": mul, "div": div, "neg": neg, "pow": power,
+    "matmul": matmul, "bmm": matmul, "softmax": softmax, "log_softmax": log_softmax,
+    "__radd__": add, "__rsub__": rsub,
+}
+
+
+def _module_rule(m: nn.Module):
+    """The rule for a leaf module, or None when it has none (the engine then falls back)."""
+    acts = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.SiLU: "silu"}
+    for cls, name in acts.items():
+        if type(m) is cls:
+            return lambda x: unary(name, x)
+    if type(m) is nn.GELU:
+        return lambda x: _gelu(x, m.approximate)
+    if type(m) is nn.Softplus:
+        return lambda x: _softplus(x, m.beta, m.threshold)
+    if type(m) is nn.Linear:
+        return lambda x: linear(x, m.weight, m.bias)
+    if type(m) in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros":
+        return lambda x: _add_bias(batched(lambda z: m._conv_forward(z, m.weight, None), x),
+                                   m.bias, (-1,) + (1,) * (x.c.dim() - 3))
+    if type(m) in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                   nn.Flatten, nn.Unflatten, nn.Identity):
+        return lambda x: batched(m, x) if type(m) is not nn.Identity else x
+    if type(m) in (nn.MaxPool1d, nn.MaxPool2d):
+        fn = F.max_pool1d if type(m) is nn.MaxPool1d else F.max_pool2d
+        return lambda x: _max_pool(fn, x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                   ceil_mode=m.ceil_mode)
+    if type(m) is nn.Dropout:
+        return _dropout
+    if type(m) is nn.Softmax:
+        return lambda x: softmax(x, m.dim)
+    if type(m) is nn.LayerNorm:
+        return lambda x: layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and not m.training and \
+            m.running_mean is not None:
+        return lambda x: batch_norm_eval(x, m.running_mean, m.running_var, m.weight, m.bias,
+                                         m.eps)
+    return None

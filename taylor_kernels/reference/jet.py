@@ -1,0 +1,328 @@
+"""Pure-PyTorch references of the jet (Taylor-mode) primitives: the truth the kernels match.
+
+A jet ``u[J+1, N]`` holds normalized Taylor coefficients ``u_k = u^(k)(0) / k!`` of ``N``
+scalar curves ``u(t)``. Every elementwise ``y = fn(u)`` is propagated by a recurrence derived
+from ``y' = fn'(u) u'``; with ``D(u, z)_k = (1/k) sum_{j=1..k} j u_j z_{k-j}`` (the coefficient
+of ``t^k`` in ``int z du``) and the Cauchy product ``(a*b)_k = sum_{j=0..k} a_j b_{k-j}``:
+
+============  ===================================  =========================================
+fn            series it carries                    recurrence (k >= 1)
+============  ===================================  =========================================
+exp           y                                    y_k = D(u, y)_k
+tanh          y, z = 1 - y*y                       y_k = D(u, z)_k;  z_k = -(y*y)_k
+sigmoid       y, z = y - y*y                       y_k = D(u, z)_k;  z_k = y_k - (y*y)_k
+softplus      s = sigmoid(u)                       y_k = D(u, s)_k
+silu          s = sigmoid(u)                       y = u*s
+gelu (erf)    p = phi(u), P = Phi(u)               p_k = -D(u, u*p)_k; P_k = D(u, p)_k; y = u*P
+gelu_tanh     a = c (u + 0.044715 u*u*u), T = tanh a   y = (u + u*T) / 2,  c = sqrt(2/pi)
+sin, cos      s, c                                 s_k = D(u, c)_k;  c_k = -D(u, s)_k
+log           y                                    y_k = (u_k - (1/k) sum_{j=1..k-1} j y_j u_{k-j}) / u_0
+square        -                                    y = u*u
+reciprocal,   y = u^p, p = -1, 1/2, -1/2           y_k = sum_{j=1..k} ((p+1) j - k) u_j y_{k-j} / (k u_0)
+sqrt, rsqrt                                        (from u y' = p y u')
+relu          -                                    y_k = u_k [u_0 > 0]  (kink ignored: relu'(0) = 0)
+============  ===================================  =========================================
+
+All orders come out of one pass, ``O(J^2)`` multiply-adds per element (nested forward-mode AD
+costs ``O(2^J)``). Arithmetic is in float32 (float64 for float64 inputs); the result has the
+input's dtype.
+"""
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import torch
+
+FNS = ("tanh", "sigmoid", "exp", "log", "softplus", "gelu", "gelu_tanh", "silu", "sin", "cos",
+       "relu", "square", "reciprocal", "sqrt", "rsqrt")
+FN_CODES = {name: code for code, name in enumerate(FNS)}
+MAX_ORDER = 15  # J; the native kernels keep the J+1 coefficients of a few series in registers
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
+_POWERS = {"reciprocal": -1.0, "sqrt": 0.5, "rsqrt": -0.5}
+
+
+def fn_code(fn: str | int) -> int:
+    """The integer code of an elementwise function given by name (``FNS``) or code."""
+    if isinstance(fn, bool) or not isinstance(fn, (str, int)):
+        raise TypeError(f"fn must be a name in {FNS} or its integer code, got {fn!r}")
+    if isinstance(fn, int):
+        if not 0 <= fn < len(FNS):
+            raise ValueError(f"fn code {fn} out of range [0, {len(FNS)}); names: {FNS}")
+        return fn
+    if fn not in FN_CODES:
+        raise ValueError(f"unknown jet function {fn!r}; choose one of {FNS}")
+    return FN_CODES[fn]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 jets, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_jet(u: torch.Tensor, name: str = "u") -> None:
+    """Raise unless ``u`` is a floating ``[J+1, N]`` jet with ``0 <= J <= MAX_ORDER``."""
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor [J+1, N], got {type(u).__name__}")
+    if not u.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {u.dtype}")
+    if u.dim() != 2 or not 1 <= u.shape[0] <= MAX_ORDER + 1:
+        raise ValueError(f"{name} must be [J+1, N] with 1 <= J+1 <= {MAX_ORDER + 1}; "
+                         f"got shape {tuple(u.shape)} (flatten other dims into N)")
+
+
+def check_jet_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise unless ``a`` and ``b`` are jets of the same shape, dtype and device."""
+    check_jet(a, "a")
+    check_jet(b, "b")
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"jet_mul needs a and b of one shape/dtype/device; got "
+                         f"{tuple(a.shape)} {a.dtype} {a.device} and "
+                         f"{tuple(b.shape)} {b.dtype} {b.device}")
+
+
+def _cauchy(a: list, b: list, k: int) -> torch.Tensor:
+    """Coefficient ``k`` of the product of two series: ``sum_{j=0..k} a_j b_{k-j}``."""
+    out = a[0] * b[k]
+    for j in range(1, k + 1):
+        out = out + a[j] * b[k - j]
+    return out
+
+
+def _integral(u: list, z: list, k: int) -> torch.Tensor:
+    """``D(u, z)_k = (1/k) sum_{j=1..k} j u_j z_{k-j}``: coefficient k of y with y' = z u'."""
+    out = u[1] * z[k - 1]
+    for j in range(2, k + 1):
+        out = out + j * u[j] * z[k - j]
+    return out / k
+
+
+def _tanh_series(u: list, J: int) -> list:
+    y, z = [torch.tanh(u[0])], [1 - torch.tanh(u[0]) ** 2]
+    for k in range(1, J + 1):
+        y.append(_integral(u, z, k))
+        z.append(-_cauchy(y, y, k))
+    return y
+
+
+def _sigmoid_series(u: list, J: int) -> list:
+    y = [torch.sigmoid(u[0])]
+    z = [y[0] - y[0] * y[0]]
+    for k in range(1, J + 1):
+        y.append(_integral(u, z, k))
+        z.append(y[k] - _cauchy(y, y, k))
+    return y
+
+
+def _product(a: list, b: list, J: int) -> list:
+    return [_cauchy(a, b, k) for k in range(J + 1)]
+
+
+def _exp(u, J):
+    y = [torch.exp(u[0])]
+    for k in range(1, J + 1):
+        y.append(_integral(u, y, k))
+    return y
+
+
+def _softplus(u, J):
+    s = _sigmoid_series(u, J - 1) if J > 0 else []
+    return [torch.nn.functional.softplus(u[0])] + [_integral(u, s, k) for k in range(1, J + 1)]
+
+
+def _gelu(u, J):
+    p = [torch.exp(-0.5 * u[0] * u[0]) / math.sqrt(2 * math.pi)]
+    P = [0.5 * (1 + torch.erf(u[0] / math.sqrt(2.0)))]
+    up = [u[0] * p[0]]
+    for k in range(1, J + 1):
+        P.append(_integral(u, p, k))
+        p.append(-_integral(u, up, k))
+        up.append(_cauchy(u, p, k))
+    return _product(u, P, J)
+
+
+def _gelu_tanh(u, J):
+    sq = _product(u, u, J)
+    cube = _product(sq, u, J)
+    T = _tanh_series([_GELU_TANH_C * (u[k] + 0.044715 * cube[k]) for k in range(J + 1)], J)
+    uT = _product(u, T, J)
+    return [0.5 * (u[k] + uT[k]) for k in range(J + 1)]
+
+
+def _sincos(u, J):
+    s, c = [torch.sin(u[0])], [torch.cos(u[0])]
+    for k in range(1, J + 1):
+        s.append(_integral(u, c, k))
+        c.append(-_integral(u, s, k))
+    return s, c
+
+
+def _log(u, J):
+    y = [torch.log(u[0])]
+    for k in range(1, J + 1):
+        acc = u[k]
+        for j in range(1, k):
+            acc = acc - (j / k) * y[j] * u[k - j]
+        y.append(acc / u[0])
+    return y
+
+
+def _power(u, J, p):
+    y = [torch.pow(u[0], p)]
+    for k in range(1, J + 1):
+        acc = ((p + 1) - k) * u[1] * y[k - 1]
+        for j in range(2, k + 1):
+            acc = acc + ((p + 1) * j - k) * u[j] * y[k - j]
+        y.append(acc / (k * u[0]))
+    return y
+
+
+def _series(name: str, u: list, J: int) -> list:
+    if name in _POWERS:
+        return _power(u, J, _POWERS[name])
+    if name == "tanh":
+        return _tanh_series(u, J)
+    if name == "sigmoid":
+        return _sigmoid_series(u, J)
+    if name == "silu":
+        return _product(u, _sigmoid_series(u, J), J)
+    if name == "square":
+        return _product(u, u, J)
+    if name == "relu":
+        on = (u[0] > 0).to(u[0].dtype)
+        return [uk * on for uk in u]
+    if name in ("sin", "cos"):
+        return _sincos(u, J)[name == "cos"]
+    return {"exp": _exp, "log": _log, "softplus": _softplus, "gelu": _gelu,
+            "gelu_tanh": _gelu_tanh}[name](u, J)
+
+
+def jet_unary(fn: str | int, u: torch.Tensor) -> torch.Tensor:
+    """Taylor coefficients of ``fn(u(t))``: ``[J+1, N] -> [J+1, N]`` (recurrences: module doc).
+
+    ``fn`` is a name in ``FNS`` or its code; ``u`` holds normalized coefficients
+    ``u_k = u^(k)(0)/k!`` of ``N`` curves. Differentiable (plain autograd through the loops).
+    """
+    name = FNS[fn_code(fn)]
+    check_jet(u)
+    acc = accumulation_dtype(u.dtype)
+    J = u.shape[0] - 1
+    coeffs = list(u.to(acc).unbind(0))
+    return torch.stack(_series(name, coeffs, J)).to(u.dtype)
+
+
+def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Truncated Cauchy product ``c_k = sum_{j=0..k} a_j b_{k-j}``: ``[J+1, N] x2 -> [J+1, N]``."""
+    check_jet_pair(a, b)
+    acc = accumulation_dtype(a.dtype)
+    A, Bc = list(a.to(acc).unbind(0)), list(b.to(acc).unbind(0))
+    return torch.stack(_product(A, Bc, a.shape[0] - 1)).to(a.dtype)
+
+
+# ---- polarization: mixed partials from univariate jets -----------------------------------
+
+def _gen_binom(r: float, j: int) -> float:
+    """Generalized binomial coefficient ``r (r-1) ... (r-j+1) / j!``."""
+    out = 1.0
+    for m in range(j):
+        out *= (r - m) / (m + 1)
+    return out
+
+
+def check_pattern(pattern) -> tuple[int, ...]:
+    """A multi-index ``(i_1, ..., i_p)`` of positive ints as a tuple; raises otherwise."""
+    pattern = tuple(pattern) if isinstance(pattern, (tuple, list)) else (pattern,)
+    if not pattern or any(isinstance(i, bool) or not isinstance(i, int) or i < 1
+                          for i in pattern):
+        raise ValueError(f"pattern must be a non-empty multi-index of positive ints "
+                         f"(how often each direction is differentiated), got {pattern!r}")
+    return pattern
+
+
+def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directions and weights of the Griewank-Utke-Walther interpolation for ``pattern``.
+
+    For a multi-index ``i = (i_1..i_p)``, ``d = |i|``, the mixed partial
+    ``D^d f(x)[v_1^{i_1}, ..., v_p^{i_p}] = sum_j gamma_ij c_d(sum_l j_l v_l)`` over the integer
+    multi-indices ``j`` with ``|j| = d``, where ``c_d(w)`` is the order-``d`` normalized Taylor
+    coefficient of ``t -> f(x + t w)`` and
+    ``gamma_ij = sum_{0 < k <= i} (-1)^{|i - k|} binom(i, k) binom(d k / |k|, j) (|k| / d)^d``
+    (multi-index binomials are products; ``binom(r, j)`` is generalized for real ``r``).
+    Only the ``j`` with ``gamma_ij != 0`` are returned.
+
+    Returns: ``weights`` (int64 ``[M, p]``: direction m is ``sum_l weights[m, l] v_l``) and
+    ``gamma`` (float64 ``[M]``).
+    """
+    i = check_pattern(pattern)
+    d = sum(i)
+    ks = [k for k in product(*(range(n + 1) for n in i)) if sum(k) > 0]
+    dirs, gammas = [], []
+    for j in product(*(range(d + 1) for _ in i)):
+        if sum(j) != d:
+            continue
+        g = 0.0
+        for k in ks:
+            sign = (-1) ** (d - sum(k))
+            c_ik = math.prod(math.comb(n, m) for n, m in zip(i, k))
+            c_j = math.prod(_gen_binom(d * m / sum(k), jl) for m, jl in zip(k, j))
+            g += sign * c_ik * c_j * (sum(k) / d) ** d
+        if abs(g) > 1e-12:
+            dirs.append(j)
+            gammas.append(g)
+    return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
+
+
+def polarize(c: torch.Tensor, pattern) -> torch.Tensor:
+    """Mixed partial ``D^d f[v_1^{i_1}, ..., v_p^{i_p}]`` from univariate jets.
+
+    Args: ``c [J+1, M, ...]`` normalized coefficients along the ``M`` directions of
+    :func:`polarization_rule` (``pattern``), in that order, ``J >= d = sum(pattern)``.
+    Returns: ``[...]`` = ``sum_m gamma_m c[d, m, ...]`` (the unnormalized derivative).
+    """
+    i = check_pattern(pattern)
+    d = sum(i)
+    weights, gamma = polarization_rule(i)
+    if not isinstance(c, torch.Tensor) or c.dim() < 2:
+        raise ValueError("c must be a tensor [J+1, M, ...] of directional jets")
+    if c.shape[0] <= d or c.shape[1] != weights.shape[0]:
+        raise ValueError(f"pattern {i} needs jets of order >= {d} along the "
+                         f"{weights.shape[0]} directions of polarization_rule; got c of "
+                         f"shape {tuple(c.shape)}")
+    g = gamma.to(device=c.device, dtype=accumulation_dtype(c.dtype))
+    return torch.tensordot(g, c[d].to(g.dtype), dims=([0], [0])).to(c.dtype)
+
+
+def nested_jvp_coefficients(fn, coeffs, order: int):
+    """Normalized Taylor coefficients of ``t -> fn(*[sum_k c_k t^k for c in coeffs])`` at 0.
+
+    Nested ``torch.func.jvp`` (``order`` levels, ``O(2^order)`` cost): the independent check of
+    the jet recurrences, and the engine's fallback for ops it has no rule for. ``coeffs`` is a
+    list of ``[J+1, ...]`` tensors (``J <= order`` is padded with zeros); ``fn`` returns a tensor
+    or a tuple of tensors. Returns ``[order+1, ...]`` (a tuple of them for tuple outputs).
+    """
+    def curve(t):
+        args = []
+        for c in coeffs:
+            acc = c[-1]
+            for k in range(c.shape[0] - 2, -1, -1):  # Horner in t
+                acc = c[k] + t * acc
+            args.append(acc)
+        return fn(*args)
+
+    def derivs(n):
+        if n == 0:
+            return lambda t: (curve(t),)
+        inner = derivs(n - 1)
+
+        def g(t):
+            outs, tangents = torch.func.jvp(inner, (t,), (torch.ones_like(t),))
+            return (outs[0],) + tuple(tangents)
+        return g
+
+    t0 = torch.zeros((), dtype=coeffs[0].dtype, device=coeffs[0].device)
+    ds = derivs(order)(t0)
+    fact = [math.factorial(k) for k in range(order + 1)]
+    if isinstance(ds[0], tuple):
+        return tuple(torch.stack([ds[k][m] / fact[k] for k in range(order + 1)])
+                     for m in range(len(ds[0])))
+    return torch.stack([ds[k] / fact[k] for k in range(order + 1)])
