@@ -15,6 +15,11 @@ TORCH_LIBRARY(taylor_kernels, m) {
   m.def("path_accumulate(Tensor grads, Tensor x, Tensor baselines, Tensor weights, int start) "
         "-> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // hrows [count, R, D], x, baselines, weights, index [R] int64 -> [B, R, D] accumulation dtype
+  // (Integrated Hessians; fake kernel and autograd in taylor_kernels/ops/hessian.py)
+  m.def("ih_accumulate(Tensor hrows, Tensor x, Tensor baselines, Tensor weights, Tensor index, "
+        "int start) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -15,8 +15,7 @@ of features per row (``prod(x.shape[1:])``):
 Work is split into chunks of (row, direction) pairs sized to a memory budget from a measured
 cost per pair (:func:`pair_cost`). Models that ``torch.func`` cannot transform (data-dependent
 control flow, ``.item()``, in-place ops on captured tensors) fall back, with a one-time warning,
-to autograd double backward on rows replicated once per direction (same numbers, more memory
-traffic). Scaled dot-product attention runs with the math backend, the only one with forward
+to autograd double backward, one backward pass per direction (same numbers, slower). Scaled dot-product attention runs with the math backend, the only one with forward
 AD and double backward.
 """
 from __future__ import annotations
@@ -83,15 +82,17 @@ def _vmapped(f: Callable, x: torch.Tensor, V: torch.Tensor):
 
 
 def _double_backward(f: Callable, x: torch.Tensor, V: torch.Tensor):
-    """Same as :func:`_vmapped` by autograd: rows repeated ``M`` times, one double backward."""
-    B, M = V.shape[:2]
+    """Same as :func:`_vmapped` by autograd: one forward and backward with ``create_graph``,
+    then one more backward per direction (rows keep their positions: per-row targets hold)."""
     with torch.enable_grad():
-        xr = x.detach().repeat_interleave(M, dim=0).requires_grad_(True)
-        (g,) = torch.autograd.grad(_row_scalars(f, xr).sum(), xr, create_graph=True)
-        (hv,) = torch.autograd.grad(g, xr, grad_outputs=V.reshape(B * M, *x.shape[1:]),
-                                    allow_unused=True)
-    hv = torch.zeros_like(xr) if hv is None else hv
-    return g.detach().reshape(B, M, *x.shape[1:])[:, 0], hv.reshape(V.shape)
+        xg = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(_row_scalars(f, xg).sum(), xg, create_graph=True)
+        hv = []
+        for m in range(V.shape[1]):
+            (h,) = torch.autograd.grad(g, xg, grad_outputs=V[:, m], allow_unused=True,
+                                       retain_graph=m + 1 < V.shape[1])
+            hv.append(torch.zeros_like(xg) if h is None else h)
+    return g.detach(), torch.stack(hv, dim=1)
 
 
 def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):

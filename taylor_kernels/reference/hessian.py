@@ -1,0 +1,57 @@
+"""Pure-PyTorch reference of the Integrated Hessians accumulation (the truth for every backend).
+
+A chunk of the HVP stream holds, for path points ``n in [start, start+count)`` (flattened
+``n = (b*K + k)*S + s`` as in :mod:`taylor_kernels.reference.path`), the Hessian rows
+``hrows[n - start, r, :] = H(p_n)[index[r], :]`` for ``R`` chosen features. The op adds
+
+``out[b, r, j] = sum_{n in chunk, b(n) = b} w_n * hrows[n - start, r, j]
+                 * Delta_{b,k(n)}[index[r]] * Delta_{b,k(n)}[j] / K``,   ``Delta = x_b - bl_k``,
+
+i.e. ``w_s H_s (.) (Delta outer Delta)`` restricted to rows ``index``, averaged over baselines.
+Weights are ``[S]`` (read at ``s``) or ``[B, K, S]`` (read at ``n``).
+"""
+from __future__ import annotations
+
+import torch
+
+from taylor_kernels.reference.path import (accumulation_dtype, check_path_args, node_values,
+                                           path_indices)
+
+
+def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
+                  weights: torch.Tensor, index: torch.Tensor, start: int) -> None:
+    """Raise ``ValueError``/``TypeError`` unless the arguments describe a valid chunk."""
+    if hrows.dim() != 3 or x.dim() != 2 or hrows.shape[2] != x.shape[1]:
+        raise ValueError(f"hrows must be [count, R, D] matching x [B, D]; got "
+                         f"{tuple(hrows.shape)} and {tuple(x.shape)}")
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64:
+        raise TypeError("index must be a 1-d int64 tensor of feature numbers")
+    if index.shape[0] != hrows.shape[1]:
+        raise ValueError(f"index has {index.shape[0]} entries for {hrows.shape[1]} Hessian rows")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
+        raise ValueError(f"index entries must lie in [0, {x.shape[1]})")
+    if not hrows.is_floating_point():
+        raise TypeError(f"hrows must be floating point, got {hrows.dtype}")
+    check_path_args(x, baselines, weights, start, hrows.shape[0])
+
+
+def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
+                  weights: torch.Tensor, index: torch.Tensor, start: int) -> torch.Tensor:
+    """Integrated Hessians reduction of one chunk (see the module docstring).
+
+    Args: hrows ``[count, R, D]``, x ``[B, D]``, baselines ``[Bb, K, D]`` (``Bb`` in {1, B}),
+    weights ``[S]`` or ``[B, K, S]``, index ``[R]`` int64, start (first point of the chunk).
+    Returns: ``[B, R, D]`` in the accumulation dtype (float64 for float64 x, else float32);
+    rows of inputs the chunk does not touch are zero.
+    """
+    check_ih_args(hrows, x, baselines, weights, index, start)
+    count, R, D = hrows.shape
+    B, K, S = x.shape[0], baselines.shape[1], weights.shape[-1]
+    acc = accumulation_dtype(x.dtype)
+    b, k, s = path_indices(start, count, K, S, x.device)
+    bi = b if baselines.shape[0] > 1 else torch.zeros_like(b)
+    delta = x.to(acc)[b] - baselines.to(acc)[bi, k]                       # [count, D]
+    c = node_values(weights.to(device=x.device, dtype=acc), start, s) / K  # [count]
+    left = c.unsqueeze(1) * delta[:, index.to(x.device)]                  # [count, R]
+    terms = left.unsqueeze(2) * hrows.to(acc) * delta.unsqueeze(1)
+    return torch.zeros(B, R, D, dtype=acc, device=x.device).index_add(0, b, terms)
