@@ -7,9 +7,13 @@ from taylor_kernels import backends, ops
 from taylor_kernels.attr import (AttributionResult, expected_gradients, integrated_gradients,
                                  layer_integrated_gradients, noise_tunnel,
                                  shapley_integrated_gradients)
+from taylor_kernels.attr.interactions import (global_interactions, greedy_interaction_sets,
+                                              interactions)
+from taylor_kernels.attr.taylor_cam import taylor_cam
 from taylor_kernels.engine.jet import jet, mixed_partials
 
 __version__ = "0.1.0"
 __all__ = ["AttributionResult", "backends", "expected_gradients", "integrated_gradients",
            "layer_integrated_gradients", "noise_tunnel", "ops", "shapley_integrated_gradients"]
+__all__ += ["global_interactions", "greedy_interaction_sets", "interactions", "taylor_cam"]
 __all__ += ["jet", "mixed_partials"]

@@ -1,0 +1,320 @@
+"""Cross-derivative feature interactions (Lerman et al., ICCV 2021): local, greedy, global.
+
+Local strength of a set ``I = (i_1, ..., i_k)`` at ``x``: ``|d^k f(x) / dx_i1 ... dx_ik|``.
+All pairs (``k = 2``) come from the Hessian ``[B, D, D]`` of the derivative engine; chosen sets
+of any order come from ``k`` nested forward-mode directional derivatives along unit vectors
+``D^k f(x)[e_i1, ..., e_ik]``, vmapped over the sets (cost ``2^k`` forwards per set).
+
+Groups: with a ``feature_mask`` of group ids ``0..m-1`` the directions are group indicators
+``u_g = sum_{i in G_g} e_i`` and the group interaction is the derivative of
+``t -> f(x + sum_g t_g u_g)``: ``d^k f / dt_g1 ... dt_gk = sum_{i1 in G_g1} ... sum_{ik in G_gk}
+d^k f / dx_i1 ... dx_ik`` (the whole block of mixed partials summed, signs kept before the
+absolute value). For pairs this is ``U^T H U`` with ``U [D, m]`` the indicator matrix.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from taylor_kernels.engine import memory
+from taylor_kernels.engine.derivative import hessian, hvp, math_attention
+from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
+
+MAX_SETS = 200_000
+AGGREGATES = ("mean", "median", "max")
+
+
+@dataclass
+class InteractionResult:
+    """Signed mixed partials and the feature (or group) sets they belong to.
+
+    ``derivatives``: ``[B, D, D]`` (all pairs; ``D`` = groups when a mask is given) or
+    ``[B, n_sets]`` for ``sets`` (a list of index tuples, in the order of the last dimension).
+    ``strengths`` is ``|derivatives|``, the local interaction strength.
+    """
+
+    derivatives: torch.Tensor
+    sets: list[tuple[int, ...]] | None
+
+    @property
+    def strengths(self) -> torch.Tensor:
+        return self.derivatives.abs()
+
+
+def _group_directions(feature_mask, problem: PathProblem) -> torch.Tensor:
+    """Group indicator directions ``[B|1, m, D]`` from integer masks shaped like the inputs'
+    features ``[...]`` or ``[B|1, ...]`` (a tuple of masks for tuple inputs; ids shared)."""
+    masks, _ = as_tuple(feature_mask) if not isinstance(feature_mask, torch.Tensor) else (
+        (feature_mask,), False)
+    if len(masks) != len(problem.inputs):
+        raise ValueError(f"{len(masks)} feature masks for {len(problem.inputs)} inputs")
+    flat = []
+    for i, (m, x) in enumerate(zip(masks, problem.inputs)):
+        if m.is_floating_point() or m.is_complex():
+            raise ValueError(f"feature_mask {i} must hold integer group ids, got {m.dtype}")
+        feat = tuple(x.shape[1:])
+        if tuple(m.shape) == feat:
+            m = m.unsqueeze(0)
+        if tuple(m.shape[1:]) != feat or m.shape[0] not in (1, problem.B):
+            raise ValueError(f"feature_mask {i} of shape {tuple(m.shape)} must be {feat} or "
+                             f"({problem.B} or 1, *{feat}) to match input {i}")
+        flat.append(m.reshape(m.shape[0], -1).to(problem.x.device))
+    rows = max(m.shape[0] for m in flat)
+    ids = torch.cat([m.expand(rows, -1) for m in flat], dim=1)
+    if ids.min() < 0:
+        raise ValueError("feature_mask group ids must be >= 0")
+    m = int(ids.max()) + 1
+    return torch.nn.functional.one_hot(ids, m).transpose(1, 2).to(problem.x.dtype)
+
+
+def _normalise_sets(sets, order: int, n: int) -> list[tuple[int, ...]]:
+    """Validated index tuples; ``None`` gives every ``order``-subset of ``range(n)``."""
+    if sets is None:
+        count = math.comb(n, order)
+        if count > MAX_SETS:
+            raise ValueError(f"{count} sets of order {order} over {n} features: pass sets= or "
+                             "use greedy_interaction_sets, or a feature_mask to group features")
+        return list(itertools.combinations(range(n), order))
+    out = [tuple(int(i) for i in s) for s in sets]
+    if not out:
+        raise ValueError("sets is empty")
+    for s in out:
+        if len(s) != order:
+            raise ValueError(f"set {s} has {len(s)} indices but order={order}; pass "
+                             f"order={len(s)} (one call per order)")
+        if any(not 0 <= i < n for i in s):
+            raise ValueError(f"set {s} has an index outside 0..{n - 1}")
+    return out
+
+
+def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
+    """``D^k f(x)[v_1, ..., v_k]`` ``[B]`` for row-wise ``f: [B, D] -> [B]`` and ``v_j [B, D]``,
+    by ``k`` nested forward-mode derivatives."""
+    g = f
+    for v in directions:
+        g = (lambda h, v: lambda y: torch.func.jvp(h, (y,), (v,))[1])(g, v)
+    return g(x)
+
+
+def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
+    """Sets per vmapped chunk so that ``2^order`` tangent copies of the forward's activations
+    (measured on one forward through the batch) times the chunk fit the budget."""
+    acts = memory.SavedBytes()
+    with acts, torch.enable_grad():
+        out = f(x.detach().clone().requires_grad_(True))
+    per_set = (2 ** order) * (acts.total + x.numel() * x.element_size()
+                              + out.numel() * out.element_size())
+    return memory.chunk_size_for(memory.parse_budget(max_memory, x.device), per_set,
+                                 n_sets)
+
+
+def mixed_partials(f, x: torch.Tensor, directions: torch.Tensor, sets: list[tuple[int, ...]],
+                   chunk: int | None = None) -> torch.Tensor:
+    """``D^k f(x)[d_{s_1}, ..., d_{s_k}]`` for every set ``s``: ``[B, n_sets]``.
+
+    ``f: [B, D] -> [B]`` (rows independent), ``x [B, D]``, ``directions [B|1, n_dir, D]``
+    (unit vectors or group indicators), ``sets`` tuples of ``k`` direction indices. The sets
+    are vmapped in chunks of ``chunk`` (all at once when None).
+    """
+    idx = torch.tensor(sets, dtype=torch.long, device=x.device)  # [n, k]
+    dirs = directions.expand(x.shape[0], -1, -1)[:, idx]  # [B, n, k, D]
+    per_dir = dirs.permute(2, 1, 0, 3).unbind(0)  # k tensors [n, B, D]
+    with math_attention():  # fused attention kernels have no forward-mode AD
+        out = torch.func.vmap(lambda *vs: _nested_jvp(f, x, *vs), chunk_size=chunk)(*per_dir)
+    return out.transpose(0, 1).detach()
+
+
+def _target_groups(problem: PathProblem):
+    """``(rows, f)`` per distinct target: ``f: [n, D] -> [n]`` evaluates the model at any
+    number of flattened points with that group's target, so the derivative engine may chunk
+    the rows freely."""
+    t = problem.target
+    if t is None:
+        keys = [0] * problem.B
+    elif isinstance(t, torch.Tensor):
+        keys = t.tolist()
+    else:
+        keys = [tuple(k) for k in t]
+    groups: dict = {}
+    for b, k in enumerate(keys):
+        groups.setdefault(k, []).append(b)
+    for members in groups.values():
+        rows = torch.tensor(members, dtype=torch.long, device=problem.x.device)
+        yield rows, (lambda first: lambda flat: problem.forward(
+            flat, first.expand(flat.shape[0])))(rows[:1])
+
+
+def _local(f, x: torch.Tensor, directions, order: int, set_list, max_memory) -> torch.Tensor:
+    """Derivatives of one target group: ``[n, D, D]`` / ``[n, m, m]`` or ``[n, n_sets]``."""
+    if set_list is None:
+        if directions is None:
+            return hessian(f, x, max_memory=max_memory)
+        U = directions.expand(x.shape[0], -1, -1)
+        return torch.einsum("bmd,bnd->bmn", hvp(f, x, U, max_memory=max_memory), U)
+    if directions is None:
+        directions = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).unsqueeze(0)
+    chunk = _set_chunk(f, x, order, len(set_list), max_memory)
+    return mixed_partials(f, x, directions, set_list, chunk)
+
+
+def interactions(model, inputs, target=None, *, order: int = 2, sets=None, feature_mask=None,
+                 max_memory=None) -> InteractionResult:
+    """Local cross-derivative interactions ``d^k f(x) / dx_i1 ... dx_ik`` (signed; take
+    ``.strengths`` for ``|.|``).
+
+    Args:
+        model: callable ``model(*inputs) -> [B, ...]``; rows must be independent (no
+            batch-norm in training mode).
+        inputs: tensor ``[B, ...]`` or tuple of tensors; features are indexed in the flattened,
+            concatenated order ``0..D-1``.
+        target: output index per input (int, tuple, tensor ``[B]``, list); None for scalar
+            outputs.
+        order: ``k >= 2``. With ``sets=None`` and ``order=2`` the result is the Hessian
+            ``[B, D, D]``; with ``sets=None`` and ``order > 2``, every ``k``-subset.
+        sets: index tuples of length ``order`` (repeats allowed: ``(i, i, j)`` is
+            ``d_i^2 d_j f``); result ``[B, n_sets]``.
+        feature_mask: integer group ids (shaped like one input's features or ``[B|1, ...]``;
+            a tuple for tuple inputs): indices in ``sets`` and the result then refer to groups,
+            with the group-indicator definition of the module docstring.
+        max_memory: bytes (or ``"512MB"``) for one chunk of HVPs or of vmapped sets.
+    Returns:
+        :class:`InteractionResult` (``derivatives``, ``sets``, ``strengths``).
+    """
+    if not isinstance(order, int) or order < 2:
+        raise ValueError(f"order must be an integer >= 2, got {order!r}")
+    problem = make_problem(model, inputs, None, target)
+    directions = None if feature_mask is None else _group_directions(feature_mask, problem)
+    n = problem.x.shape[1] if directions is None else directions.shape[1]
+    set_list = None if sets is None and order == 2 else _normalise_sets(sets, order, n)
+    out = None
+    for rows, f in _target_groups(problem):
+        dirs = directions if directions is None or directions.shape[0] == 1 else directions[rows]
+        part = _local(f, problem.x[rows], dirs, order, set_list, max_memory)
+        if out is None:
+            out = part.new_zeros((problem.B,) + tuple(part.shape[1:]))
+        out[rows] = part
+    return InteractionResult(out, set_list)
+
+
+def _aggregate(strengths: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce ``|d|`` over the rows (dim 0) by ``mean``, ``median`` or ``max``."""
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
+    if how == "mean":
+        return strengths.mean(dim=0)
+    if how == "median":
+        return strengths.median(dim=0).values
+    return strengths.amax(dim=0)
+
+
+def _ranking(values: torch.Tensor, sets) -> list[tuple[tuple[int, ...], float]]:
+    """``(set, strength)`` pairs, strongest first; a ``[n, n]`` matrix ranks its pairs i < j."""
+    if sets is None:
+        i, j = torch.triu_indices(values.shape[0], values.shape[1], offset=1)
+        sets, values = list(zip(i.tolist(), j.tolist())), values[i, j]
+    order = torch.argsort(values, descending=True, stable=True).tolist()
+    return [(tuple(sets[k]), float(values[k])) for k in order]
+
+
+def greedy_interaction_sets(model, inputs, target=None, *, max_order: int = 3, beam: int = 5,
+                            aggregate: str = "mean", feature_mask=None, max_memory=None
+                            ) -> dict[int, list[tuple[tuple[int, ...], float]]]:
+    """Greedy search for strong higher-order interactions (Lerman et al.): rank all pairs by
+    ``aggregate_b |d^2 f(x_b) / dx_i dx_j|``, then for ``k = 3..max_order`` extend each of the
+    ``beam`` strongest ``(k-1)``-sets by one more feature (group) and rank the new sets by
+    ``aggregate_b |d^k f(x_b) / dx_S|``.
+
+    Args: as :func:`interactions`; ``inputs`` ``[B, ...]`` are the points aggregated over.
+    Returns: ``{k: [(set, strength), ...]}`` for ``k = 2..max_order``, strongest first (order 2
+    lists every pair; higher orders only the candidates the beam generated).
+    """
+    if not isinstance(max_order, int) or max_order < 2:
+        raise ValueError(f"max_order must be an integer >= 2, got {max_order!r}")
+    if not isinstance(beam, int) or beam < 1:
+        raise ValueError(f"beam must be a positive integer, got {beam!r}")
+    kw = dict(feature_mask=feature_mask, max_memory=max_memory)
+    pairs = interactions(model, inputs, target, **kw).strengths
+    found = {2: _ranking(_aggregate(pairs, aggregate), None)}
+    n = pairs.shape[1]
+    for k in range(3, max_order + 1):
+        grown = {tuple(sorted(s + (j,))) for s, _ in found[k - 1][:beam]
+                 for j in range(n) if j not in s}
+        if not grown:
+            break
+        cand = sorted(grown)
+        res = interactions(model, inputs, target, order=k, sets=cand, **kw)
+        found[k] = _ranking(_aggregate(res.strengths, aggregate), cand)
+    return found
+
+
+@dataclass
+class GlobalInteractions:
+    """Interaction strengths aggregated over a data set: ``strengths`` ``[D, D]`` (pairs) or
+    ``[n_sets]``, the ``sets`` (None for the pair matrix), the ``ranking`` (strongest first)
+    and the data ``rows`` used."""
+
+    strengths: torch.Tensor
+    sets: list[tuple[int, ...]] | None
+    ranking: list[tuple[tuple[int, ...], float]]
+    rows: torch.Tensor
+
+
+def representative_rows(data: torch.Tensor, n_random: int = 0, seed: int | None = None
+                        ) -> torch.Tensor:
+    """Indices of the rows of ``data [N, ...]`` nearest (Euclidean) to the feature-wise mean,
+    median, minimum and maximum (Lerman et al.'s representative points; the mode is left out
+    for continuous data), then ``n_random`` distinct random rows; duplicates dropped."""
+    flat = data.reshape(data.shape[0], -1).double()
+    targets = torch.stack([flat.mean(0), flat.median(0).values, flat.amin(0), flat.amax(0)])
+    near = torch.cdist(targets, flat).argmin(dim=1).tolist()
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    extra = torch.randperm(data.shape[0], generator=gen)[:n_random].tolist()
+    return torch.tensor(list(dict.fromkeys(near + extra)), dtype=torch.long)
+
+
+def _slice_target(target, rows: torch.Tensor):
+    if isinstance(target, torch.Tensor) and target.numel() > 1:
+        return target[rows.to(target.device)]
+    if isinstance(target, list):
+        return [target[i] for i in rows.tolist()]
+    return target
+
+
+def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
+                        feature_mask=None, aggregate: str = "mean", points: str = "all",
+                        n_random: int = 0, seed: int | None = None, batch_size: int = 256,
+                        max_memory=None) -> GlobalInteractions:
+    """Global ranking: ``aggregate_n |d^k f(x_n) / dx_S|`` over data rows ``x_n``.
+
+    Args:
+        data: tensor ``[N, ...]`` or tuple of tensors (the points); target as in
+            :func:`interactions` (a ``[N]`` tensor or list is sliced with the rows).
+        order, sets, feature_mask, max_memory: as :func:`interactions`.
+        aggregate: ``mean``, ``median`` or ``max`` over the points.
+        points: ``"all"`` rows of ``data``, or ``"representative"`` (:func:`representative_rows`
+            of the first input, plus ``n_random`` random rows drawn with ``seed``).
+        batch_size: rows per :func:`interactions` call.
+    Returns: :class:`GlobalInteractions`.
+    """
+    tup, was_tuple = as_tuple(data)
+    if points == "all":
+        rows = torch.arange(tup[0].shape[0])
+    elif points == "representative":
+        rows = representative_rows(tup[0], n_random, seed)
+    else:
+        raise ValueError(f"points must be 'all' or 'representative', got {points!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    parts, found_sets = [], None
+    for chunk in rows.split(batch_size):
+        xs = tuple(t[chunk.to(t.device)] for t in tup)
+        res = interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
+                           order=order, sets=sets, feature_mask=feature_mask,
+                           max_memory=max_memory)
+        parts.append(res.strengths)
+        found_sets = res.sets
+    agg = _aggregate(torch.cat(parts), aggregate)
+    return GlobalInteractions(agg, found_sets, _ranking(agg, found_sets), rows)

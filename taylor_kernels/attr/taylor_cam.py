@@ -1,0 +1,108 @@
+"""Taylor-CAM (Lerman et al., ICCV 2021): second-order interactions of conv feature-map cells.
+
+With the layer activation ``A [C, *spatial]`` (cell ``i``, channel ``l``) and the Hessian of the
+target output with respect to it, ``H = d^2 y / dA dA``,
+
+    ``M_ij = sum_l A_il sum_k H_(i,l),(j,k)``,
+    ``TaylorCAM_ij = M_ij^2 + M_ji^2``.
+
+``M_ij = (A * u_i) . (H u_j)`` with ``u_j`` the indicator of cell ``j`` over all channels, so the
+whole ``[S, S]`` matrix (``S`` cells) costs ``S`` Hessian-vector products per input (the
+derivative engine's batched HVPs), never the ``(C S)^2`` Hessian. Regions generalise cells:
+with region indicators ``u_r`` (all channels of every cell in region ``r``),
+``M_rs = (A * u_r) . (H u_s)`` = the formula summed over the cells of ``r`` and ``s``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from taylor_kernels.attr.layer import _activation, layer_replaced_forward
+from taylor_kernels.engine.derivative import hvp
+from taylor_kernels.engine.problem import as_tuple, make_problem
+
+
+@dataclass
+class TaylorCAMResult:
+    """``scores [B, R, R]`` = ``TaylorCAM_rs`` (symmetric, >= 0), ``cross [B, R, R]`` = ``M_rs``,
+    ``regions [B|1, *spatial]`` the region (cell) id of every spatial position."""
+
+    scores: torch.Tensor
+    cross: torch.Tensor
+    regions: torch.Tensor
+
+    def cell_map(self, region: int | None = None) -> torch.Tensor:
+        """A ``[B, *spatial]`` map for display: each position gets its region's total
+        interaction ``sum_{s != r} TaylorCAM_rs`` (``region=None``), or its region's
+        interaction with ``region``."""
+        if region is None:
+            per = self.scores.sum(dim=2) - torch.diagonal(self.scores, dim1=1, dim2=2)
+        else:
+            if not 0 <= region < self.scores.shape[1]:
+                raise ValueError(f"region {region} outside 0..{self.scores.shape[1] - 1}")
+            per = self.scores[:, region]
+        ids = self.regions.expand(per.shape[0], *self.regions.shape[1:])
+        return torch.gather(per, 1, ids.reshape(ids.shape[0], -1)).reshape(ids.shape)
+
+
+def _region_ids(regions, spatial: tuple[int, ...], B: int, device) -> torch.Tensor:
+    """Region ids ``[B|1, *spatial]``: every cell its own region when ``regions`` is None."""
+    S = 1
+    for s in spatial:
+        S *= s
+    if regions is None:
+        return torch.arange(S, device=device).reshape(1, *spatial)
+    if not isinstance(regions, torch.Tensor) or regions.is_floating_point():
+        raise ValueError("regions must be an integer tensor of region ids")
+    r = regions.to(device)
+    if tuple(r.shape) == spatial:
+        r = r.unsqueeze(0)
+    if tuple(r.shape[1:]) != spatial or r.shape[0] not in (1, B):
+        raise ValueError(f"regions of shape {tuple(regions.shape)} must be {spatial} or "
+                         f"({B} or 1, *{spatial}), the layer's spatial shape")
+    if r.min() < 0:
+        raise ValueError("region ids must be >= 0")
+    return r.long()
+
+
+def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=None,
+               order: int = 2, max_memory=None) -> TaylorCAMResult:
+    """Second-order Taylor-CAM of ``layer``'s output (a conv feature map ``[B, C, *spatial]``).
+
+    Args:
+        model: callable ``model(*inputs) -> [B, ...]``; ``layer`` a module it calls once.
+        inputs: tensor ``[B, ...]`` or tuple of tensors; target: output index per input (int,
+            tuple, tensor ``[B]``, list), None for scalar outputs.
+        regions: None (pairs of spatial cells: ``R = prod(spatial)``, cell ids in row-major
+            order) or integer region ids shaped ``spatial`` or ``[B|1, *spatial]`` (pairs of
+            regions, ``R = max id + 1``; an id with no cell gives zeros).
+        order: 2 (the only order the paper defines).
+        max_memory: bytes (or ``"512MB"``) per chunk of Hessian-vector products.
+    Returns:
+        :class:`TaylorCAMResult` with ``scores``/``cross`` ``[B, R, R]``.
+    """
+    if order != 2:
+        raise ValueError(f"taylor_cam is defined for order=2 only, got order={order!r}")
+    tup, _ = as_tuple(inputs)
+    act = _activation(model, layer, tup, (), of_input=False)
+    if act.dim() < 3:
+        raise ValueError(f"layer output has shape {tuple(act.shape)}; Taylor-CAM needs a "
+                         "feature map [B, C, *spatial]")
+    B, C, spatial = act.shape[0], act.shape[1], tuple(act.shape[2:])
+    problem = make_problem(layer_replaced_forward(model, layer, of_input=False), act, None,
+                           target, additional_forward_args=tup)
+    ids = _region_ids(regions, spatial, B, act.device)
+    R = int(ids.max()) + 1
+    # U [B|1, R, C*S]: indicator of region r on every channel of its cells
+    U = torch.nn.functional.one_hot(ids.reshape(ids.shape[0], -1), R).transpose(1, 2)
+    U = U.unsqueeze(2).expand(-1, -1, C, -1).reshape(ids.shape[0], R, -1).to(problem.x.dtype)
+    cross = problem.x.new_zeros(B, R, R)
+    for b in range(B):  # one input at a time: its own pre-layer inputs and target
+        rows = torch.tensor([b], device=act.device)
+        f = lambda flat, rows=rows: problem.forward(flat, rows.expand(flat.shape[0]))  # noqa: E731
+        Ub = U[b if U.shape[0] > 1 else 0]
+        HU = hvp(f, problem.x[b:b + 1], Ub.unsqueeze(0), max_memory=max_memory)[0]  # [R, D]
+        cross[b] = torch.einsum("id,d,jd->ij", Ub, problem.x[b], HU)
+    scores = cross.pow(2) + cross.transpose(1, 2).pow(2)
+    return TaylorCAMResult(scores, cross, ids)

@@ -1,0 +1,203 @@
+"""Cross-derivative interactions: mixed partials against torch.func, symmetry, separability,
+group masks, greedy search, global aggregation, errors."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.func import hessian as func_hessian
+from torch.func import jacfwd, jacrev
+
+import taylor_kernels as tk
+from taylor_kernels.attr.interactions import (global_interactions, greedy_interaction_sets,
+                                              representative_rows)
+from tests.models import mlp
+
+TOL = 1e-10
+
+
+def _row_fn(model, target):
+    return lambda z: model(z.unsqueeze(0))[0, target]
+
+
+def _derivative_tensor(model, x, target, order):
+    """Full ``order``-th derivative tensor of one row by nested jacfwd over jacrev."""
+    g = jacrev(_row_fn(model, target))
+    for _ in range(order - 1):
+        g = jacfwd(g)
+    return g(x)
+
+
+def test_pairs_match_func_hessian_with_per_row_targets():
+    model = mlp(d_in=6, hidden=9, d_out=3)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1, 2, 0])
+    res = tk.interactions(model, x, target)
+    assert res.derivatives.shape == (5, 6, 6) and res.sets is None
+    for b in range(5):
+        ref = func_hessian(_row_fn(model, int(target[b])))(x[b])
+        torch.testing.assert_close(res.derivatives[b], ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(res.derivatives, res.derivatives.transpose(1, 2), atol=TOL, rtol=0)
+    assert torch.equal(res.strengths, res.derivatives.abs())
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_k_way_sets_match_nested_jacfwd(order):
+    model = mlp(d_in=5, hidden=7, d_out=2, seed=order)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    sets = [(0, 1, 2, 3)[:order], (4, 2, 0, 1)[:order], (1,) * (order - 1) + (3,),
+            (2, 4, 4, 0)[:order]]
+    res = tk.interactions(model, x, target=1, order=order, sets=sets)
+    assert res.derivatives.shape == (3, len(sets)) and res.sets == sets
+    for b in range(3):
+        full = _derivative_tensor(model, x[b], 1, order)
+        ref = torch.stack([full[s] for s in sets])
+        torch.testing.assert_close(res.derivatives[b], ref, atol=TOL, rtol=0)
+
+
+def test_mixed_partials_are_symmetric_in_the_set_order():
+    model = mlp(d_in=5, hidden=8, d_out=1)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    perms = list(itertools.permutations((0, 2, 3)))
+    res = tk.interactions(model, x, order=3, sets=perms)
+    torch.testing.assert_close(res.derivatives, res.derivatives[:, :1].expand(-1, len(perms)),
+                               atol=TOL, rtol=0)
+
+
+def test_all_subsets_when_sets_is_none():
+    model = mlp(d_in=5, hidden=6, d_out=1)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    res = tk.interactions(model, x, order=3)
+    assert res.sets == list(itertools.combinations(range(5), 3))
+    full = _derivative_tensor(model, x[1], 0, 3)
+    torch.testing.assert_close(res.derivatives[1], torch.stack([full[s] for s in res.sets]),
+                               atol=TOL, rtol=0)
+
+
+def test_additively_separable_function_has_no_interactions():
+    w = torch.randn(6, dtype=torch.float64)
+
+    def separable(x):  # sum_i g_i(x_i)
+        return (torch.tanh(w * x) + x.pow(3) * w + torch.sin(3 * x)).sum(dim=1)
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    H = tk.interactions(separable, x).derivatives
+    off = H - torch.diag_embed(torch.diagonal(H, dim1=1, dim2=2))
+    assert off.abs().max() < 1e-12
+    assert torch.diagonal(H, dim1=1, dim2=2).abs().min() > 0  # the diagonal is not zero
+    for k in (3, 4):
+        assert tk.interactions(separable, x, order=k).strengths.max() < 1e-12
+
+
+def test_group_mask_reduces_blocks_of_mixed_partials():
+    model = mlp(d_in=7, hidden=8, d_out=2)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    mask = torch.tensor([2, 0, 0, 1, 2, 1, 0])
+    U = torch.nn.functional.one_hot(mask, 3).double()  # [D, m]
+    G = tk.interactions(model, x, target=0, feature_mask=mask).derivatives
+    H = tk.interactions(model, x, target=0).derivatives
+    torch.testing.assert_close(G, U.T @ H @ U, atol=TOL, rtol=0)
+    sets = [(0, 1, 2), (1, 1, 2)]
+    res = tk.interactions(model, x, target=0, order=3, sets=sets, feature_mask=mask)
+    for b in range(3):
+        T = _derivative_tensor(model, x[b], 0, 3)
+        block = torch.einsum("ijk,ia,jb,kc->abc", T, U, U, U)
+        torch.testing.assert_close(res.derivatives[b], torch.stack([block[s] for s in sets]),
+                                   atol=TOL, rtol=0)
+
+
+def test_per_row_mask_and_tuple_inputs():
+    lin = torch.nn.Linear(5, 1).double()
+
+    def model(a, b):
+        return torch.tanh(lin(torch.cat([a, b.flatten(1)], dim=1))) ** 2
+
+    a, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1, 2, dtype=torch.float64)
+    H = tk.interactions(model, (a, b)).derivatives
+    assert H.shape == (2, 5, 5)
+    masks = (torch.tensor([[0, 1, 1], [1, 0, 0]]), torch.tensor([[[1, 0]], [[0, 0]]]))
+    G = tk.interactions(model, (a, b), feature_mask=masks).derivatives
+    for r in range(2):
+        U = torch.nn.functional.one_hot(torch.cat([masks[0][r], masks[1][r].flatten()]),
+                                        2).double()
+        torch.testing.assert_close(G[r], U.T @ H[r] @ U, atol=TOL, rtol=0)
+
+
+def test_small_memory_budget_gives_same_numbers():
+    model = mlp(d_in=6, hidden=8, d_out=1)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    big = tk.interactions(model, x, order=3)
+    small = tk.interactions(model, x, order=3, max_memory=20_000)
+    torch.testing.assert_close(small.derivatives, big.derivatives, atol=1e-13, rtol=0)
+
+
+def _planted(x):
+    """A 3-way interaction of features (1, 3, 4) beside strong pairwise and main effects."""
+    return (3 * x[:, 1] * x[:, 3] * x[:, 4] + x[:, 0] * x[:, 2] + 2 * x[:, 5] * x[:, 0]
+            + torch.sin(x[:, 2]) + x[:, 6] ** 3)
+
+
+def test_greedy_search_recovers_planted_three_way_interaction():
+    x = torch.rand(16, 7, dtype=torch.float64) * 2 - 1
+    found = greedy_interaction_sets(_planted, x, max_order=4, beam=3)
+    assert set(found) == {2, 3, 4}
+    assert found[3][0][0] == (1, 3, 4)
+    assert found[3][0][1] == pytest.approx(3.0, abs=1e-10)
+    assert all(v < 1e-10 for _, v in found[3][1:])
+    assert all(v < 1e-10 for _, v in found[4])  # no 4-way term planted
+    assert len(found[2]) == 21 and found[2][0][0] == (0, 5)
+
+
+def test_global_interactions_aggregates_and_ranks():
+    model = mlp(d_in=4, hidden=6, d_out=2)
+    data = torch.randn(11, 4, dtype=torch.float64)
+    H = tk.interactions(model, data, target=1).strengths
+    for how, ref in (("mean", H.mean(0)), ("median", H.median(0).values), ("max", H.amax(0))):
+        g = global_interactions(model, data, 1, aggregate=how, batch_size=4)
+        torch.testing.assert_close(g.strengths, ref, atol=TOL, rtol=0)
+    vals = [v for _, v in g.ranking]
+    assert len(g.ranking) == 6 and vals == sorted(vals, reverse=True)
+    i, j = g.ranking[0][0]
+    assert g.strengths[i, j] == pytest.approx(vals[0])
+    g3 = global_interactions(model, data, 1, order=3, sets=[(0, 1, 2), (1, 2, 3)])
+    assert g3.strengths.shape == (2,) and g3.sets == [(0, 1, 2), (1, 2, 3)]
+
+
+def test_representative_rows():
+    data = torch.tensor([[0.0, 0.0], [10.0, 10.0], [3.0, 3.0], [1.0, 2.0], [-1.0, 0.0],
+                         [1.5, 1.0]])
+    rows = representative_rows(data)  # mean (2.42, 2.67) -> row 2; median (1, 1) -> row 5
+    assert rows.tolist() == [2, 5, 4, 1]  # min (-1, 0) -> row 4; max (10, 10) -> row 1
+    assert len(representative_rows(data, n_random=6, seed=1)) == 6
+    g = global_interactions(lambda x: (x[:, 0] * x[:, 1]).unsqueeze(1), data,
+                            points="representative")
+    torch.testing.assert_close(g.strengths, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(order=1), "order must be an integer >= 2"),
+    (dict(order=3, sets=[(0, 1)]), "pass order=2"),
+    (dict(sets=[(0, 9)]), "outside 0..3"),
+    (dict(sets=[]), "sets is empty"),
+    (dict(feature_mask=torch.zeros(4)), "integer group ids"),
+    (dict(feature_mask=torch.zeros(3, dtype=torch.long)), "must be"),
+    (dict(feature_mask=torch.tensor([0, -1, 0, 1])), ">= 0"),
+])
+def test_errors(kwargs, match):
+    model = mlp(d_in=4, hidden=5, d_out=1)
+    with pytest.raises(ValueError, match=match):
+        tk.interactions(model, torch.randn(2, 4, dtype=torch.float64), **kwargs)
+
+
+def test_global_and_greedy_errors():
+    model = mlp(d_in=4, hidden=5, d_out=1)
+    data = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="aggregate"):
+        global_interactions(model, data, aggregate="sum")
+    with pytest.raises(ValueError, match="points"):
+        global_interactions(model, data, points="some")
+    with pytest.raises(ValueError, match="max_order"):
+        greedy_interaction_sets(model, data, max_order=1)
+    with pytest.raises(ValueError, match="beam"):
+        greedy_interaction_sets(model, data, beam=0)
