@@ -20,6 +20,11 @@ TORCH_LIBRARY(taylor_kernels, m) {
   m.def("ih_accumulate(Tensor hrows, Tensor x, Tensor baselines, Tensor weights, Tensor index, "
         "int start) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // u [J+1, N] normalized Taylor coefficients, fn a code of reference/jet.py FNS -> [J+1, N]
+  // (fake kernels and autograd of the jet ops in taylor_kernels/ops/jet.py)
+  m.def("jet_unary(Tensor u, int fn) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // a, b [J+1, N] -> truncated Cauchy product [J+1, N]
+  m.def("jet_mul(Tensor a, Tensor b) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(_C, m) {
