@@ -28,7 +28,7 @@ AGGREGATES = ("mean", "median", "max")
 
 
 @dataclass
-class InteractionResult:
+class LocalInteractions:
     """Signed mixed partials and the feature (or group) sets they belong to.
 
     ``derivatives``: ``[B, D, D]`` (all pairs; ``D`` = groups when a mask is given) or
@@ -111,7 +111,7 @@ def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
                                  n_sets)
 
 
-def mixed_partials(f, x: torch.Tensor, directions: torch.Tensor, sets: list[tuple[int, ...]],
+def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor, sets: list[tuple[int, ...]],
                    chunk: int | None = None) -> torch.Tensor:
     """``D^k f(x)[d_{s_1}, ..., d_{s_k}]`` for every set ``s``: ``[B, n_sets]``.
 
@@ -157,11 +157,11 @@ def _local(f, x: torch.Tensor, directions, order: int, set_list, max_memory) -> 
     if directions is None:
         directions = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).unsqueeze(0)
     chunk = _set_chunk(f, x, order, len(set_list), max_memory)
-    return mixed_partials(f, x, directions, set_list, chunk)
+    return _mixed_partials(f, x, directions, set_list, chunk)
 
 
 def interactions(model, inputs, target=None, *, order: int = 2, sets=None, feature_mask=None,
-                 max_memory=None) -> InteractionResult:
+                 max_memory=None) -> LocalInteractions:
     """Local cross-derivative interactions ``d^k f(x) / dx_i1 ... dx_ik`` (signed; take
     ``.strengths`` for ``|.|``).
 
@@ -181,7 +181,7 @@ def interactions(model, inputs, target=None, *, order: int = 2, sets=None, featu
             with the group-indicator definition of the module docstring.
         max_memory: bytes (or ``"512MB"``) for one chunk of HVPs or of vmapped sets.
     Returns:
-        :class:`InteractionResult` (``derivatives``, ``sets``, ``strengths``).
+        :class:`LocalInteractions` (``derivatives``, ``sets``, ``strengths``).
     """
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
@@ -196,7 +196,7 @@ def interactions(model, inputs, target=None, *, order: int = 2, sets=None, featu
         if out is None:
             out = part.new_zeros((problem.B,) + tuple(part.shape[1:]))
         out[rows] = part
-    return InteractionResult(out, set_list)
+    return LocalInteractions(out, set_list)
 
 
 def _aggregate(strengths: torch.Tensor, how: str) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""Plots: each writes a PNG and has the expected axes; bad inputs raise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taylor_kernels import plots
+
+
+def test_interaction_heatmap_writes_png(tmp_path):
+    H = torch.tensor([[0.0, 1.0, 0.2, 0.0], [1.0, 3.0, 0.0, 0.5], [0.2, 0.0, 0.0, 0.1],
+                      [0.0, 0.5, 0.1, 0.0]])
+    out = tmp_path / "sub" / "heat.png"
+    fig = plots.interaction_heatmap(H, labels=list("abcd"), title="pairs", path=out)
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 2
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list("abcd")
+    shown = fig.axes[0].images[0].get_array()
+    assert shown[0, 1] == pytest.approx(1.0) and shown.mask[2, 2]  # diagonal blanked
+
+
+
+def test_taylor_cam_overlay_writes_png(tmp_path):
+    out = tmp_path / "cam.png"
+    fig = plots.taylor_cam_overlay(torch.rand(3, 16, 16), torch.rand(4, 4), path=out)
+    assert out.exists() and out.stat().st_size > 1000
+    assert len(fig.axes) == 3
+    assert fig.axes[1].images[1].get_array().shape == (16, 16)  # upsampled to the image
+    fig2 = plots.taylor_cam_overlay(torch.rand(8, 8), torch.rand(2, 2))
+    assert len(fig2.axes) == 3
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: plots.interaction_heatmap(torch.rand(3, 4)), "square"),
+    (lambda: plots.interaction_heatmap(torch.rand(3)), "dimensions"),
+    (lambda: plots.interaction_heatmap(torch.rand(3, 3), labels=["a"]), "labels"),
+    (lambda: plots.taylor_cam_overlay(torch.rand(2, 8, 8), torch.rand(2, 2)), "C = 1 or 3"),
+    (lambda: plots.taylor_cam_overlay(torch.rand(8, 8), torch.rand(2, 2), alpha=2), "alpha"),
+])
+def test_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
