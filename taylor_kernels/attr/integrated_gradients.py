@@ -98,7 +98,7 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
             as in Captum; ``trapezoid``; ``adaptive`` refines nested Patterson rules of 1, 3, 7,
             15, 31, 63 nodes per input until ``|gap| <= tol * |f(x) - f(b)|``, ``tol``
             default 1e-4; ``steps`` is then unused).
-        max_memory: bytes or e.g. ``"1GB"`` for one chunk of path points (default 32 MiB on
+        max_memory: bytes or e.g. ``"1GB"`` for one chunk of path points (default 16 MiB on
             CPU, half the free memory on GPU); ``chunk_size`` fixes points per chunk instead.
         backend: force a kernel backend for this call; progress: tqdm bar over path points;
         create_graph: keep the graph so attributions can be differentiated (training).

@@ -46,6 +46,20 @@ def test_budget_too_small_for_one_point():
         tk.integrated_gradients(model, x, target=0, steps=5, max_memory=16)
 
 
+def test_default_budget_is_a_target_not_a_limit(monkeypatch):
+    """A model whose one point exceeds the *default* budget still runs, one point per chunk."""
+    from taylor_kernels.engine.path_engine import integrate
+    from taylor_kernels.engine.problem import make_problem
+    from taylor_kernels.engine.quadrature import nodes_and_weights
+    monkeypatch.setattr(memory, "DEFAULT_CPU_BUDGET", 16)
+    model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
+    t, w = nodes_and_weights("gausslegendre", 5)
+    res = integrate(make_problem(model, x, target=0), t, [w])
+    assert res.chunk_size == 1
+    whole = tk.integrated_gradients(model, x, target=0, steps=5, chunk_size=100)
+    torch.testing.assert_close(res.sums[0], whole.attributions, rtol=1e-12, atol=1e-14)
+
+
 class OOMAbove(torch.nn.Module):
     """Raises torch.OutOfMemoryError when asked for more than ``limit`` rows at once."""
 
