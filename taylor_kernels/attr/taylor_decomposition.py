@@ -1,0 +1,154 @@
+"""Taylor decomposition of ``f(x) - f(b)`` into first-order, independent and interaction terms.
+
+Around the baseline ``b`` with ``Delta = x - b`` (Deng et al., PAPERS.md section 1)::
+
+    f(x) - f(b) = sum_{|kappa| >= 1} (1/kappa!) d^kappa f(b) Delta^kappa
+
+Terms are grouped by order ``k = |kappa|`` through the directional coefficients
+``c_k(v) = D^k f(b)[v^k] / k!`` of ``t -> f(b + t v)``:
+
+* first order of feature i: ``c_1(Delta_i e_i) = d_i f(b) Delta_i``;
+* independent term of i at order k >= 2: ``c_k(Delta_i e_i) = d_i^k f(b) Delta_i^k / k!``;
+* interactions at order 2, per pair i < j: ``H_ij(b) Delta_i Delta_j`` (from Hessian-vector
+  products), and aggregated per order k >= 2: ``c_k(Delta) - sum_i c_k(Delta_i e_i)``;
+* residual ``f(x) - f(b) - sum_{k<=J} c_k(Delta)`` (zero for polynomials of degree <= J).
+
+The per-order split of IG: ``c_k`` is a homogeneous polynomial of degree k in ``Delta``, so by
+Euler's theorem ``sum_i Delta_i d c_k / d Delta_i = k c_k``. Feature i's IG share of the order-k
+terms is ``Delta_i (d c_k / d Delta_i) / k``: on a monomial term ``a Delta^kappa`` it is
+``kappa_i / |kappa|`` of the term, IG's allocation, and summed over all orders it is IG
+(``d_i f(b + t Delta) = sum_m t^m / m! d_i D^m f(b)[Delta^m]`` integrated over t). The
+gradient is reverse mode through the jet with the expansion point held fixed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from taylor_kernels.engine.jet import jet, mixed_partials
+from taylor_kernels.engine.problem import PathProblem, make_problem
+
+
+def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target) -> torch.Tensor:
+    """``[order, B, ...]``: ``Delta_i (d c_k / d Delta_i) / k`` for k = 1..order (reverse mode
+    through the jet along ``Delta``, expansion point ``b`` held fixed)."""
+    direction = delta.detach().clone().requires_grad_(True)
+    coeffs = jet(model, b, direction.unsqueeze(1), order, target=target)[1:, :, 0]   # [J, B]
+    shares = []
+    for k in range(1, order + 1):
+        (g,) = torch.autograd.grad(coeffs[k - 1].sum(), direction, retain_graph=k < order)
+        shares.append(delta * g / k)
+    return torch.stack(shares)
+
+
+def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target) -> torch.Tensor:
+    """``[B, D, D]`` symmetric, zero diagonal: ``H_ij(b) Delta_i Delta_j`` from mixed partials
+    (Griewank-Utke-Walther order-2 jets) for every pair i < j."""
+    B, D = delta.shape[0], delta[0].numel()
+    pairs = torch.zeros(B, D, D, dtype=delta.dtype, device=delta.device)
+    if D < 2:
+        return pairs
+    iu = torch.triu_indices(D, D, offset=1, device=delta.device)
+    sets = list(zip(iu[0].tolist(), iu[1].tolist()))
+    flat = delta.reshape(B, D)
+    hij = mixed_partials(model, b, sets, target=target)                            # [B, P]
+    pairs[:, iu[0], iu[1]] = hij * flat[:, iu[0]] * flat[:, iu[1]]
+    return pairs + pairs.transpose(1, 2)
+
+
+@dataclass
+class TaylorDecomposition:
+    """Terms of the expansion of ``f(x) - f(b)`` to order ``J`` around ``b`` (``B`` inputs,
+    ``D`` flattened features; per-feature fields are shaped like the inputs).
+
+    first_order ``[B, ...]``; independent ``[J-1, B, ...]`` (orders 2..J); pairwise ``[B, D, D]``
+    symmetric, zero diagonal, entry (i, j) the order-2 interaction ``H_ij Delta_i Delta_j`` of
+    the pair {i, j} (count each pair once); interactions ``[J-1, B]`` aggregated per order
+    2..J; order_totals ``[J, B]`` = ``c_k(Delta)``; residual ``[B]``; fx, fb ``[B]``;
+    ig_by_order ``[J, B, ...]`` feature i's IG share of each order's terms.
+    """
+
+    order: int
+    first_order: torch.Tensor
+    independent: torch.Tensor
+    pairwise: torch.Tensor
+    interactions: torch.Tensor
+    order_totals: torch.Tensor
+    residual: torch.Tensor
+    fx: torch.Tensor
+    fb: torch.Tensor
+    ig_by_order: torch.Tensor
+
+    def summary(self) -> str:
+        """One block per input: ``f(x) - f(b)``, first-order sum, independent and interaction
+        sums per order, the residual and its size relative to ``|f(x) - f(b)|``."""
+        lines = []
+        B = self.fx.shape[0]
+        first = self.first_order.reshape(B, -1).sum(1)
+        indep = self.independent.reshape(self.order - 1, B, -1).sum(2)
+        for n in range(self.fx.shape[0]):
+            delta = float(self.fx[n] - self.fb[n])
+            lines.append(f"input {n}: f(x) - f(b) = {delta:.6g}")
+            lines.append(f"  order 1: first-order {float(first[n]):.6g}")
+            for k in range(2, self.order + 1):
+                lines.append(f"  order {k}: independent {float(indep[k - 2, n]):.6g}, "
+                             f"interaction {float(self.interactions[k - 2, n]):.6g}")
+            rel = abs(float(self.residual[n])) / max(abs(delta), 1e-300)
+            lines.append(f"  residual {float(self.residual[n]):.3g} "
+                         f"({rel:.3g} of |f(x) - f(b)|)")
+        return "\n".join(lines)
+
+
+def _jet_target(problem: PathProblem):
+    """The problem's per-input target in the form :func:`jet` takes (None or a ``[B]`` tensor)."""
+    if problem.target is None or isinstance(problem.target, torch.Tensor):
+        return problem.target
+    raise ValueError("taylor_decomposition takes an int or [B] tensor target (one class index "
+                     "per input of a [B, C] output); tuple targets are not supported")
+
+
+def taylor_decomposition(model, inputs, baselines=None, target=None, *,
+                         order: int = 3) -> TaylorDecomposition:
+    """Expand ``f(x) - f(b)`` around the baseline into Taylor terms up to ``order``.
+
+    Args:
+        model: callable ``[B, ...] -> [B]`` or ``[B, C]``; rows must be independent (eval
+            mode) and the model differentiable ``order + 1`` times (ReLU kinks count as zero
+            second derivative). Coefficients come from the jet engine (:func:`tk.jet`).
+        inputs: tensor ``[B, ...]``; baselines: None (zeros), a number, or a tensor shaped
+            like one input or the batch (one baseline per input).
+        target: class index (int or ``[B]`` tensor) when the model returns ``[B, C]``.
+        order: highest order ``J`` expanded, ``1 <= J <= 15``; cost: jets of order ``J``
+            along ``B * (D + 1)`` directions, order-2 jets for the ``D (D - 1) / 2`` pairs.
+    Returns:
+        :class:`TaylorDecomposition` (see its fields); ``summary()`` prints it.
+    """
+    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 15:
+        raise ValueError(f"order must be an integer in [1, 15], got {order!r}")
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError("taylor_decomposition takes one input tensor [B, ...]")
+    problem = make_problem(model, inputs, baselines, target)
+    if problem.K != 1:
+        raise ValueError(f"taylor_decomposition expands around one baseline per input; got "
+                         f"{problem.K} baselines per input")
+    tgt = _jet_target(problem)
+    B, D = problem.x.shape
+    feat = tuple(inputs.shape[1:])
+    b = problem.baselines[:, 0].expand(B, D).reshape(B, *feat).contiguous()
+    delta = problem.x.reshape(B, *feat) - b
+    with torch.enable_grad():
+        along = jet(model, b, delta.unsqueeze(1), order, target=tgt)[:, :, 0].detach()  # [J+1, B]
+        V = torch.diag_embed(delta.reshape(B, D)).reshape(B, D, *feat)             # Delta_i e_i
+        indep = jet(model, b, V, order, target=tgt).detach()                       # [J+1, B, D]
+        ig_split = _ig_by_order(model, b, delta, order, tgt).detach()              # [J, B, ...]
+        fx = jet(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0,
+                 target=tgt)[0, :, 0].detach()
+        pairs = (_pair_terms(model, b, delta, tgt).detach() if order >= 2 else
+                 delta.new_zeros(B, D, D))
+    fb = along[0]
+    return TaylorDecomposition(
+        order=order, first_order=indep[1].reshape(B, *feat),
+        independent=indep[2:].reshape(order - 1, B, *feat), pairwise=pairs,
+        interactions=along[2:] - indep[2:].sum(-1), order_totals=along[1:],
+        residual=fx - fb - along[1:].sum(0), fx=fx, fb=fb, ig_by_order=ig_split)
