@@ -13,7 +13,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _demo_argv(tmp_path, out):
-    return ["demo", "--out", str(out), "--examples", "2", "--epochs", "1", "--steps", "16",
+    return ["demo", "--out", str(out), "--examples", "2", "--epochs", "1", "--steps", "16", "--eg-samples", "8", "--coalitions", "4",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
 
 
@@ -22,17 +22,23 @@ def test_demo_writes_figure_and_summary(tmp_path):
     image = pytest.importorskip("matplotlib.image")
     out = tmp_path / "demo"
     assert cli.main(_demo_argv(tmp_path, out)) == 0
-    png = out / "digits_ig.png"
+    png = out / "digits_attributions.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     pixels = image.imread(png)
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 200
     assert pixels.std() > 0.01  # not a blank canvas
+    page = (out / "report.html").read_text()
+    assert 'src="digits_attributions.png"' in page and page.count("<tr>") == 1 + 2 * 4
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["cached"] is False
-    assert len(summary["examples"]) == 2
-    for ex in summary["examples"]:
-        assert ex["gl_evals"] == 16 and ex["ad_evals"] >= 1
-        assert abs(ex["gl_gap"]) < 1e-2 * max(1.0, abs(ex["f_x_minus_f_0"]))
+    rows = {(r["index"], r["method"]): r for r in summary["rows"]}
+    assert {m for _, m in rows} == {"IG", "IG adaptive", "EG", "SIG"} and len(rows) == 8
+    for (_, method), r in rows.items():
+        if method in ("IG", "SIG"):  # deterministic quadrature: completeness to rounding
+            assert r["rel_gap_vs_zero_baseline"] < 1e-3
+        expect = {"IG": 16, "EG": 8, "SIG": 4 * 16}.get(method)
+        assert r["evaluations_per_input"] == expect or (expect is None
+                                                       and r["evaluations_per_input"] >= 1)
     # second run: the weights come from the cache (same training config)
     assert cli.main(_demo_argv(tmp_path, tmp_path / "demo2")) == 0
     again = json.loads((tmp_path / "demo2" / "summary.json").read_text())

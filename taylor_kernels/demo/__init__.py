@@ -1,10 +1,12 @@
 """``taylor-kernels demo --out DIR``: train a small CNN on scikit-learn's digits and explain it.
 
 Trains (or loads from the weight cache) a smooth CNN on the 8x8 digits (a few seconds on a
-CPU), reports its test accuracy, explains a handful of test images with
-``tk.integrated_gradients`` (Gauss-Legendre with ``--steps`` nodes and the adaptive rule,
-zero baseline, target = predicted class), and writes ``DIR/digits_ig.png`` (image | heatmap
-per example) and ``DIR/summary.json``. Needs scikit-learn and matplotlib.
+CPU), reports its test accuracy, and explains a handful of test images (target = predicted
+class) with integrated gradients (zero baseline; Gauss-Legendre with ``--steps`` nodes, and
+the adaptive rule), expected gradients (background = 256 training images) and Shapley IG
+(coalitions of 2x2 patches, zero reference). Writes ``DIR/report.html`` (the page),
+``DIR/digits_attributions.png`` (image | IG | EG | SIG per example) and ``DIR/summary.json``.
+Needs scikit-learn and matplotlib.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def parse_args(argv):
     p.add_argument("--examples", type=int, default=8, help="test images to explain (8)")
     p.add_argument("--steps", type=int, default=50, help="Gauss-Legendre nodes (50)")
     p.add_argument("--tol", type=float, default=1e-4, help="adaptive rule tolerance (1e-4)")
+    p.add_argument("--eg-samples", type=int, default=64, help="EG samples per image (64)")
+    p.add_argument("--coalitions", type=int, default=32, help="SIG coalitions per image (32)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (20)")
     p.add_argument("--seed", type=int, default=0, help="training seed (0)")
     p.add_argument("--cache-dir", default=None, help="weight cache folder (default "
@@ -48,32 +52,60 @@ def _pick_examples(y_test, n: int) -> list[int]:
     return chosen + rest[:max(0, n - len(chosen))]
 
 
-def explain(model, x, steps: int, tol: float, indices: list[int], progress: bool = True):
-    """Per image: IG with Gauss-Legendre ``steps`` nodes and with the adaptive rule."""
+def patch_mask(size: int = 8, patch: int = 2) -> "torch.Tensor":
+    """Feature mask ``[1, 1, size, size]`` of ``patch x patch`` groups (SIG's players)."""
+    import torch
+    idx = torch.arange(size) // patch
+    return (idx[:, None] * (size // patch) + idx[None, :]).view(1, 1, size, size)
+
+
+def explain(model, x, background, args, progress: bool = True) -> dict:
+    """IG (Gauss-Legendre and adaptive), EG and SIG of the predicted class for images ``x``.
+
+    Returns ``{"pred", "prob", "delta", "methods": {name: AttributionResult}, "seconds"}``;
+    ``delta = f(x) - f(0)`` for the predicted class.
+    """
     import torch
     from tqdm.auto import tqdm
 
     import taylor_kernels as tk
 
-    results = []
-    for i in tqdm(indices, desc="explaining", unit="img", disable=not progress):
-        xi = x[i:i + 1]
-        with torch.no_grad():
-            logits = model(xi)
-            pred = int(logits.argmax(1))
-            prob = float(torch.softmax(logits, 1)[0, pred])
-            delta = float(logits[0, pred] - model(torch.zeros_like(xi))[0, pred])
-        gl = tk.integrated_gradients(model, xi, target=pred, steps=steps, rule="gausslegendre")
-        ad = tk.integrated_gradients(model, xi, target=pred, rule="adaptive", tol=tol)
-        results.append({
-            "index": i, "pred": pred, "prob": prob, "f_x_minus_f_0": delta, "steps": steps,
-            "gl_gap": float(gl.gap[0]), "gl_rel_gap": abs(float(gl.gap[0])) / abs(delta),
-            "gl_evals": gl.evaluations,
-            "ad_gap": float(ad.gap[0]), "ad_rel_gap": abs(float(ad.gap[0])) / abs(delta),
-            "ad_evals": ad.evaluations,
-            "gl_vs_adaptive_max_abs_diff": float((gl.attributions - ad.attributions).abs().max()),
-            "attr": gl.attributions[0, 0].detach(), "image": xi[0, 0]})
-    return results
+    with torch.no_grad():
+        logits = model(x)
+        pred = logits.argmax(1)
+        prob = torch.softmax(logits, 1).gather(1, pred[:, None])[:, 0]
+        delta = logits.gather(1, pred[:, None])[:, 0] - model(torch.zeros_like(x)).gather(
+            1, pred[:, None])[:, 0]
+    runs = {
+        "IG": lambda: tk.integrated_gradients(model, x, target=pred, steps=args.steps),
+        "IG adaptive": lambda: tk.integrated_gradients(model, x, target=pred, rule="adaptive",
+                                                       tol=args.tol),
+        "EG": lambda: tk.expected_gradients(model, x, background, target=pred,
+                                            samples=args.eg_samples, seed=args.seed),
+        "SIG": lambda: tk.shapley_integrated_gradients(
+            model, x, torch.zeros_like(x[:1]), target=pred, coalitions=args.coalitions,
+            feature_mask=patch_mask(x.shape[-1]), seed=args.seed, steps=16),
+    }
+    methods, seconds = {}, {}
+    for name in tqdm(runs, desc="explaining", unit="method", disable=not progress):
+        t0 = time.perf_counter()
+        methods[name] = runs[name]()
+        seconds[name] = time.perf_counter() - t0
+    return {"pred": pred, "prob": prob, "delta": delta, "methods": methods, "seconds": seconds}
+
+
+def _method_rows(out: dict, indices: list[int], labels) -> list[dict]:
+    """One JSON-able row per (example, method): gap, relative gap, evaluations per input."""
+    rows = []
+    for j, i in enumerate(indices):
+        for name, res in out["methods"].items():
+            gap, delta = float(res.gap[j]), float(out["delta"][j])
+            rows.append({"index": i, "label": int(labels[i]), "pred": int(out["pred"][j]),
+                         "method": name, "gap": gap, "rel_gap_vs_zero_baseline":
+                         abs(gap) / max(abs(delta), 1e-12),
+                         "evaluations_per_input": res.evaluations // len(indices)
+                         if res.nodes_per_input is None else int(res.nodes_per_input[j])})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"taylor-kernels demo: {MISSING_MPL}", file=sys.stderr)
         return 1
-    from taylor_kernels.demo import digits, plots
+    import torch
+
+    from taylor_kernels.demo import digits, plots, report
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -106,30 +140,54 @@ def main(argv: list[str] | None = None) -> int:
           f"test accuracy {acc:.1%}")
     n = max(1, min(args.examples, len(y_te)))
     indices = _pick_examples(y_te, n)
-    t0 = time.perf_counter()
-    results = explain(model, x_te, args.steps, args.tol, indices, not args.no_progress)
-    explain_s = time.perf_counter() - t0
-    for r in results:
-        r["label"] = int(y_te[r["index"]])
-    print(f"{'test#':>5} {'label':>5} {'pred':>4} {'p':>5}  {'GL' + str(args.steps) + ' gap':>11}"
-          f" {'rel':>8}  {'adaptive evals':>14} {'gap':>10} {'rel':>8}")
-    for r in results:
-        print(f"{r['index']:5d} {r['label']:5d} {r['pred']:4d} {r['prob']:5.2f}  "
-              f"{r['gl_gap']:+11.2e} {r['gl_rel_gap']:8.1e}  {r['ad_evals']:14d} "
-              f"{r['ad_gap']:+10.2e} {r['ad_rel_gap']:8.1e}")
-    png = plots.heatmap_figure(
-        results, out / "digits_ig.png",
-        f"Integrated Gradients, digits CNN (test accuracy {acc:.1%}); zero baseline, "
-        f"target = predicted class")
+    background = x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[:256]]
+    out_ex = explain(model, x_te[indices], background, args, not args.no_progress)
+    rows = _method_rows(out_ex, indices, y_te)
+    _print_rows(rows)
+    figure_methods = ["IG", "EG", "SIG"]
+    examples = [{"index": i, "label": int(y_te[i]), "pred": int(out_ex["pred"][j]),
+                 "prob": float(out_ex["prob"][j]), "image": x_te[i, 0],
+                 "attr": {m: out_ex["methods"][m].attributions[j, 0].detach()
+                          for m in figure_methods},
+                 "caption": {m: f"gap {float(out_ex['methods'][m].gap[j]):+.1e}"
+                             for m in figure_methods}} for j, i in enumerate(indices)]
+    png = plots.method_grid_figure(
+        examples, figure_methods, out / "digits_attributions.png",
+        f"digits CNN (test accuracy {acc:.1%}), predicted class: IG (zero baseline, "
+        f"GL{args.steps}), EG ({args.eg_samples} samples), SIG ({args.coalitions} coalitions "
+        "of 2x2 patches)")
     summary = {
         "model": digits.ARCH, "train_config": asdict(cfg), "config_key": cfg.key(),
         "train_images": len(y_tr), "test_images": len(y_te), "test_accuracy": acc, **info,
-        "steps": args.steps, "tol": args.tol, "explain_s": explain_s,
-        "examples": [{k: v for k, v in r.items() if k not in ("attr", "image")}
-                     for r in results],
-        "mean_adaptive_evals": sum(r["ad_evals"] for r in results) / len(results),
-        "figure": str(png), "wall_s": time.perf_counter() - t_start,
+        "steps": args.steps, "tol": args.tol, "eg_samples": args.eg_samples,
+        "coalitions": args.coalitions, "method_seconds": out_ex["seconds"], "rows": rows,
+        "figure": str(png),
     }
+    page = report.write_html(out / "report.html", "taylor-kernels demo: digits CNN", [
+        f"{digits.ARCH}: {len(y_tr)} training / {len(y_te)} test images of scikit-learn's "
+        f"digits, {how}, test accuracy {acc:.1%}.",
+        "Each method explains the predicted class. gap = sum(attributions) - (f(x) - mean "
+        "f(baseline)): completeness holds when it is near zero (EG's gap is its Monte Carlo "
+        "error: one random baseline and t per sample). Seconds per method: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in out_ex["seconds"].items()) + "."],
+        [{"heading": "Attributions", "figures": [png]},
+         {"heading": "Completeness and cost", "table": {
+             "headers": ["test #", "label", "pred", "method", "gap", "|gap| / |f(x)-f(0)|",
+                         "evaluations per input"],
+             "rows": [[r["index"], r["label"], r["pred"], r["method"], f"{r['gap']:+.2e}",
+                       f"{r['rel_gap_vs_zero_baseline']:.1e}", r["evaluations_per_input"]]
+                      for r in rows]}}])
+    summary["report"] = str(page)
+    summary["wall_s"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {png} and {out / 'summary.json'} ({summary['wall_s']:.1f} s)")
+    print(f"wrote {page}, {png} and {out / 'summary.json'} ({summary['wall_s']:.1f} s)")
     return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'test#':>5} {'label':>5} {'pred':>4}  {'method':<12} {'gap':>10} {'rel':>8} "
+          f"{'evals/input':>11}")
+    for r in rows:
+        print(f"{r['index']:5d} {r['label']:5d} {r['pred']:4d}  {r['method']:<12} "
+              f"{r['gap']:+10.2e} {r['rel_gap_vs_zero_baseline']:8.1e} "
+              f"{r['evaluations_per_input']:11d}")
