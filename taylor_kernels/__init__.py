@@ -10,6 +10,9 @@ from taylor_kernels.attr import (AttributionResult, expected_gradients, integrat
 from taylor_kernels.attr.interactions import (global_interactions, greedy_interaction_sets,
                                               interactions)
 from taylor_kernels.attr.taylor_cam import taylor_cam
+from taylor_kernels.attr.taylor_decomposition import TaylorDecomposition, taylor_decomposition
+from taylor_kernels.attr.unification import MethodSettings, fourteen_methods
+from taylor_kernels.attr.unification_table import unification_table
 from taylor_kernels.engine.jet import jet, mixed_partials
 
 __version__ = "0.1.0"
@@ -17,3 +20,5 @@ __all__ = ["AttributionResult", "backends", "expected_gradients", "integrated_gr
            "layer_integrated_gradients", "noise_tunnel", "ops", "shapley_integrated_gradients"]
 __all__ += ["global_interactions", "greedy_interaction_sets", "interactions", "taylor_cam"]
 __all__ += ["jet", "mixed_partials"]
+__all__ += ["MethodSettings", "TaylorDecomposition", "fourteen_methods", "taylor_decomposition",
+            "unification_table"]

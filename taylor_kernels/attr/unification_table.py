@@ -1,0 +1,155 @@
+"""The unification table: the fourteen methods x the three principles on one model and input.
+
+For each method: P1 measured on the model itself; P2, P3 and the allocation summaries from the
+shares it gives the model's largest Taylor terms (probe networks, see
+:mod:`taylor_kernels.attr.unification`), weighted by the terms' magnitudes. Summaries:
+``indep_self`` = mean share of a single-feature term given to its owner (1 is fair),
+``inter_members`` = mean total share of an interaction term given to its members (1 is fair),
+``inter_outside`` = mean ``sum |share|`` given to non-members (0 is fair).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from taylor_kernels.attr.taylor_decomposition import taylor_decomposition
+from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term, allocation,
+                                             itemized_terms, not_applicable,
+                                             principle_departures, run_method, select_terms)
+
+
+@dataclass
+class MethodRow:
+    """One method's line of the table (None where a quantity does not apply)."""
+
+    method: str
+    p1: float | None
+    p2: float | None
+    p3: float | None
+    indep_self: float | None
+    inter_members: float | None
+    inter_outside: float | None
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class UnificationTable:
+    """Rows per method plus the Taylor bookkeeping of the input: ``delta = f(x) - f(b)``, the
+    decomposition residual at ``order``, the highest itemized order, and ``coverage`` = share of
+    the itemized terms' total ``|T|`` that the probed terms carry."""
+
+    rows: list[MethodRow]
+    delta: float
+    residual: float
+    order: int
+    itemized_order: int
+    terms_probed: int
+    coverage: float
+
+    def markdown(self) -> str:
+        """The table in markdown (departures: 0 = principle satisfied)."""
+        def fmt(v):
+            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+        head = ("| method | P1 completeness | P2 independent | P3 interaction | indep self | "
+                "inter members | inter outside | s |\n|---|---|---|---|---|---|---|---|")
+        lines = [head] + [
+            f"| {r.method} | {fmt(r.p1)} | {fmt(r.p2)} | {fmt(r.p3)} | {fmt(r.indep_self)} | "
+            f"{fmt(r.inter_members)} | {fmt(r.inter_outside)} | {r.seconds:.2f} |"
+            for r in self.rows]
+        lines.append(f"\nf(x) - f(b) = {self.delta:.4g}; Taylor residual at order {self.order}: "
+                     f"{self.residual:.3g}; terms itemized to order {self.itemized_order}, "
+                     f"{self.terms_probed} probed carrying {self.coverage:.1%} of their mass.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def plot(self, path=None):
+        """Heatmap of the departures and summaries (methods x columns); saved when ``path``."""
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+        cols = ["p1", "p2", "p3", "indep_self", "inter_members", "inter_outside"]
+        data = [[float("nan") if getattr(r, c) is None else getattr(r, c) for c in cols]
+                for r in self.rows]
+        fig = Figure(figsize=(8, 0.4 * len(self.rows) + 1.5))
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(torch.tensor(data).clamp(-2, 3).numpy(), cmap="coolwarm", aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=30)
+        ax.set_yticks(range(len(self.rows)), [r.method for r in self.rows])
+        for i, row in enumerate(data):
+            for j, v in enumerate(row):
+                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center",
+                        va="center", fontsize=7)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
+
+def _summaries(terms: list[Term], W: torch.Tensor) -> tuple[float, float, float]:
+    """Magnitude-weighted mean owner share, member total and outside ``sum |w|``."""
+    acc = {"self": [0.0, 0.0], "members": [0.0, 0.0], "outside": [0.0, 0.0]}
+    for t, w in zip(terms, W):
+        idx = list(t.support)
+        mag = abs(t.value)
+        if len(idx) == 1:
+            acc["self"][0] += mag * float(w[idx[0]])
+            acc["self"][1] += mag
+        else:
+            outside = float(w.abs().sum() - w[idx].abs().sum())
+            acc["members"][0] += mag * float(w[idx].sum())
+            acc["outside"][0] += mag * outside
+            acc["members"][1] += mag
+            acc["outside"][1] += mag
+    return tuple(n / d if d > 0 else float("nan") for n, d in acc.values())
+
+
+def unification_table(model, inputs, baselines=None, target=None, *, order: int = 3,
+                      max_terms: int = 24, max_sets: int = 20000,
+                      settings: MethodSettings | None = None,
+                      methods=METHOD_NAMES) -> UnificationTable:
+    """Score ``methods`` on one input ``[1, ...]`` of ``model`` (see module docstring).
+
+    Args:
+        model, inputs, baselines, target: as :func:`taylor_decomposition` (``B = 1``).
+        order: Taylor order of the decomposition (residual) and of the itemized terms;
+        max_terms: terms probed (half single-feature, half interactions, largest ``|T|``);
+        max_sets: itemize an order only if it has at most this many multisets;
+        settings: :class:`MethodSettings` (background, sample counts, seed).
+    """
+    if inputs.shape[0] != 1:
+        raise ValueError("unification_table scores one input: inputs must be [1, ...]")
+    settings = settings or MethodSettings()
+    dec = taylor_decomposition(model, inputs, baselines, target, order=order)
+    terms, top = itemized_terms(model, inputs, baselines, target, order=order,
+                                max_sets=max_sets)
+    probed = select_terms(terms, max_terms)
+    total = sum(abs(t.value) for t in terms)
+    rows = []
+    for name in methods:
+        t0 = time.perf_counter()
+        why = not_applicable(name, model, inputs)
+        if why:
+            rows.append(MethodRow(name, None, None, None, None, None, None, 0.0, why))
+            continue
+        res = run_method(name, model, inputs, baselines, target, settings)
+        delta = float(dec.fx[0] - dec.fb[0])
+        p1 = abs(float(res.gap[0])) / max(abs(delta), 1e-300)
+        if name == "grad_cam":
+            rows.append(MethodRow(name, p1, None, None, None, None, None,
+                                  time.perf_counter() - t0, "no probe: needs a convolution"))
+            continue
+        W = torch.stack([allocation(name, t.kappa, inputs, baselines, settings)
+                         for t in probed])
+        p2, p3 = principle_departures(probed, W)
+        rows.append(MethodRow(name, p1, p2, p3, *_summaries(probed, W),
+                              seconds=time.perf_counter() - t0))
+    return UnificationTable(rows, float(dec.fx[0] - dec.fb[0]), float(dec.residual[0]), order,
+                            top, len(probed),
+                            sum(abs(t.value) for t in probed) / max(total, 1e-300))
