@@ -15,16 +15,26 @@ TORCH_LIBRARY(taylor_kernels, m) {
   m.def("path_accumulate(Tensor grads, Tensor x, Tensor baselines, Tensor weights, int start) "
         "-> Tensor",
         {at::Tag::pt2_compliant_tag});
+}
+
+// Jet ops: fake kernels and autograd in taylor_kernels/ops/jet.py.
+TORCH_LIBRARY_FRAGMENT(taylor_kernels, m) {
+  m.set_python_module("taylor_kernels.ops.jet");
+  // u [J+1, N] normalized Taylor coefficients, fn a code of reference/jet.py FNS -> [J+1, N]
+  m.def("jet_unary(Tensor u, int fn) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // a, b [J+1, N] -> truncated Cauchy product [J+1, N]
+  m.def("jet_mul(Tensor a, Tensor b) -> Tensor", {at::Tag::pt2_compliant_tag});
+}
+
+// A fragment per op family whose fake kernels live in another Python module: torch requires
+// register_fake to be called from the module the schema's set_python_module names.
+TORCH_LIBRARY_FRAGMENT(taylor_kernels, m) {
+  m.set_python_module("taylor_kernels.ops.hessian");
   // hrows [count, R, D], x, baselines, weights, index [R] int64 -> [B, R, D] accumulation dtype
   // (Integrated Hessians; fake kernel and autograd in taylor_kernels/ops/hessian.py)
   m.def("ih_accumulate(Tensor hrows, Tensor x, Tensor baselines, Tensor weights, Tensor index, "
         "int start) -> Tensor",
         {at::Tag::pt2_compliant_tag});
-  // u [J+1, N] normalized Taylor coefficients, fn a code of reference/jet.py FNS -> [J+1, N]
-  // (fake kernels and autograd of the jet ops in taylor_kernels/ops/jet.py)
-  m.def("jet_unary(Tensor u, int fn) -> Tensor", {at::Tag::pt2_compliant_tag});
-  // a, b [J+1, N] -> truncated Cauchy product [J+1, N]
-  m.def("jet_mul(Tensor a, Tensor b) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(_C, m) {
