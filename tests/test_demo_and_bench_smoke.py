@@ -100,3 +100,19 @@ def test_bench_ig_and_adaptive_smoke(tmp_path):
     assert ad["ours_evaluations"] > 0 and ad["ours_max_nodes"] >= 1
     assert ad["captum_evals_per_input"] == 50 and 0 <= ad["captum_met_fraction"] <= 1
     assert ad["ours_median_s"] > 0 and ad["captum_median_s"] > 0
+
+
+def test_bench_ig_family_smoke(tmp_path):
+    pytest.importorskip("captum")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--smoke", "--only", "ig_family", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["families"]["ig_family"]["rows"]
+    got = {(r["family"], r["who"]): r for r in rows}
+    assert set(got) == {(m, w) for m in ("eg", "sig", "layer_ig") for w in ("captum", "ours")}
+    for row in rows:
+        assert "error" not in row, row
+        _positive_timing(row)
+    # same coalition baselines / same algorithm: agreement to float32 rounding
+    assert got["sig", "ours"]["max_rel_diff_vs_captum"] < 1e-4
+    assert got["layer_ig", "ours"]["max_rel_diff_vs_captum"] < 1e-4
+    assert got["eg", "ours"]["max_rel_diff_vs_captum"] < 10  # other draws: same scale only

@@ -6,6 +6,7 @@ Families (run side by side in one process, one table each, one JSON file for all
                      with GB/s against the bytes each op must move and the copy bandwidth;
 * ``ig_vs_captum``   ``tk.integrated_gradients`` vs Captum's ``IntegratedGradients``: time,
                      peak memory (fresh subprocess per measurement), attribution difference;
+* ``ig_family``      EG, SIG and layer IG vs the equivalent Captum computation (time, memory);
 * ``adaptive_evals`` evaluations our adaptive rule needs for a 1e-4 relative completeness gap
                      vs Captum's 50-step default and the smallest sufficient step count.
 
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from taylor_kernels.benchmarks import cases_adaptive, cases_ig, cases_path_ops
+from taylor_kernels.benchmarks import cases_adaptive, cases_ig, cases_ig_family, cases_path_ops
 from taylor_kernels.benchmarks.machine import bench_device, device_label, machine_info
 from taylor_kernels.benchmarks.report import write_json
 
-FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig,
+FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": cases_ig_family,
             "adaptive_evals": cases_adaptive}
 SCHEMA = 1
 

@@ -1,4 +1,5 @@
-"""Subprocess worker of ``ig_vs_captum``: one method on one case in a fresh interpreter.
+"""Subprocess worker of the Captum comparisons: one call (:mod:`calls`) on one case in a fresh
+interpreter.
 
 ``python -m taylor_kernels.benchmarks.memprobe '<json spec>'`` builds the model and the batch,
 runs ``warmup`` untimed calls, then measures the PEAK MEMORY of one call and the times of
@@ -57,26 +58,13 @@ def make_call(spec: dict):
     """``(call, device)``: a no-argument function returning the attributions tensor."""
     import torch
 
-    from taylor_kernels.benchmarks import models
+    from taylor_kernels.benchmarks import calls, models
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model = models.build(spec["model_spec"], device, dtype)
     x, target = models.batch(spec["model_spec"], spec["batch"], device, dtype)
-    steps, method = spec["steps"], spec["method"]
-    if method == "captum":
-        from captum.attr import IntegratedGradients
-        ig = IntegratedGradients(model)
-
-        def call():
-            return ig.attribute(x, target=target, n_steps=steps, method="gausslegendre")
-    else:
-        import taylor_kernels as tk
-        kw = dict(spec.get("ours_kwargs") or {})
-
-        def call():
-            return tk.integrated_gradients(model, x, target=target, steps=steps,
-                                           rule="gausslegendre", **kw).attributions
+    call = calls.build(spec, model, x, target)
     return call, device
 
 
