@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, devices and backends")
     p_info.add_argument("--json", action="store_true", help="print JSON")
-    p_demo = sub.add_parser("demo", help="train a small model and explain it (writes a report)")
-    p_demo.add_argument("--out", default="out/demo", help="output folder")
-    p_bench = sub.add_parser("bench", help="run the benchmark suite and print tables")
-    p_bench.add_argument("--quick", action="store_true", help="small sizes (CPU machines)")
-    p_bench.add_argument("--out", default=None, help="JSON results path")
+    # demo and bench take their own flags (``taylor-kernels demo --help``): passed through.
+    sub.add_parser("demo", add_help=False,
+                   help="train a small CNN, explain it with IG/EG/SIG, write an HTML report")
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmarks, print one table per family (--quick on CPUs)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         data = info()
@@ -59,11 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         from taylor_kernels.demo import main as demo_main
-        return demo_main(["--out", args.out] + rest)
+        return demo_main(rest)
     from taylor_kernels.benchmarks import main as bench_main
-    return bench_main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out
-                                                             else []) + rest)
-
+    return bench_main(rest)
 
 if __name__ == "__main__":
     sys.exit(main())

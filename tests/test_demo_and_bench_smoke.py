@@ -13,7 +13,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _demo_argv(tmp_path, out):
-    return ["demo", "--out", str(out), "--examples", "2", "--epochs", "1", "--steps", "16", "--eg-samples", "8", "--coalitions", "4",
+    return ["demo", "--out", str(out), "--examples", "2", "--epochs", "1", "--steps", "16",
+            "--eg-samples", "8", "--coalitions", "4",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
 
 
