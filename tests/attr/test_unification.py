@@ -1,0 +1,165 @@
+"""The fourteen methods, their Taylor-term allocations (closed forms on monomials) and the
+principle scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import taylor_kernels as tk
+from taylor_kernels.attr import methods_gradient as G
+from taylor_kernels.attr import methods_perturbation as P
+from taylor_kernels.attr import methods_rules as R
+from taylor_kernels.attr.methods_common import prepare
+from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term, allocation,
+                                             itemized_terms, monomial_network,
+                                             principle_departures)
+
+D = 4
+kappas = st.lists(st.integers(0, D - 1), min_size=1, max_size=3).map(lambda k: tuple(sorted(k)))
+
+
+def smooth_mlp(bias=True, act=nn.Tanh):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 7, bias=bias), act(), nn.Linear(7, 6, bias=bias),
+                         nn.Softplus() if act is nn.Tanh else act(),
+                         nn.Linear(6, 3, bias=bias)).double()
+
+
+def small_cnn():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
+                         nn.Conv2d(3, 3, 3, padding=1), nn.Softplus(), nn.Flatten(),
+                         nn.Linear(3 * 2 * 2, 3)).double()
+
+
+def point(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = 0.5 + torch.rand(1, D, generator=g, dtype=torch.float64)
+    b = torch.rand(1, D, generator=g, dtype=torch.float64) - 0.5
+    return x, b
+
+
+@settings(max_examples=15, deadline=None)
+@given(kappa=kappas, seed=st.integers(0, 100))
+def test_allocation_closed_forms(kappa, seed):
+    x, b = point(seed)
+    counts = torch.tensor([kappa.count(i) for i in range(D)], dtype=torch.float64)
+    members = (counts > 0).double()
+    s = MethodSettings(ig_steps=8)
+    closed = {"integrated_gradients": counts / len(kappa),
+              "shapley_value": members / members.sum(),
+              "occlusion_1": members,
+              "gradient_x_input": counts}
+    for name, expect in closed.items():
+        w = allocation(name, kappa, x, b, s)
+        assert torch.allclose(w, expect, atol=1e-10), (name, kappa, w, expect)
+
+
+def test_monomial_network_is_the_term():
+    x, b = point(3)
+    net = monomial_network((0, 0, 2), b)
+    delta = (x - b)[0]
+    assert torch.allclose(net(x)[0, 0], delta[0] ** 2 * delta[2])
+
+
+def test_completeness_of_deeplift_shapley_ig():
+    model = smooth_mlp()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    b = 0.1 * torch.randn(5, dtype=torch.float64)
+    for fn in (R.deeplift_rescale, P.shapley_value):
+        assert fn(model, x, b, target=1).gap.abs().max() < 1e-12
+    bg = b.unsqueeze(0)
+    assert torch.allclose(R.deepshap(model, x, bg, b, 1).attributions,
+                          R.deeplift_rescale(model, x, b, 1).attributions, atol=1e-14)
+    assert torch.allclose(P.prediction_difference(model, x, bg, b, 1).attributions,
+                          P.occlusion(model, x, b, 1).attributions, atol=1e-14)
+
+
+def test_lrp_epsilon_is_gradient_x_input_on_bias_free_relu():
+    model = smooth_mlp(bias=False, act=nn.ReLU)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    lrp = R.lrp_epsilon(model, x, None, 2, epsilon=0.0).attributions
+    assert torch.allclose(lrp, G.gradient_x_input(model, x, None, 2).attributions, atol=1e-12)
+    # z+ and alpha-beta conserve relevance on a bias-free ReLU net with positive inputs
+    xp = x.abs()
+    f = model(xp)[:, 2]
+    for fn in (R.deep_taylor, R.lrp_alpha_beta):
+        rel = fn(model, xp, None, 2).attributions.sum(1)
+        assert torch.allclose(rel[f > 0], f[f > 0], atol=1e-10)
+
+
+def test_sampled_shapley_approaches_exact():
+    model = smooth_mlp()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    problem, b = prepare(model, x, None, 0)
+    exact, _ = P._exact_shapley(problem, problem.x, b)
+    sampled, _ = P._sampled_shapley(problem, problem.x, b, 400, 0)
+    assert (sampled - exact).abs().max() < 0.1 * exact.abs().max()
+    assert torch.allclose(sampled.sum(1), exact.sum(1), atol=1e-12)
+
+
+def test_occlusion_patch_windows():
+    model = small_cnn()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    one = P.occlusion_patch(model, x, None, 1, window=1).attributions
+    # a 1x1 window over both channels: the drop of removing a whole pixel, on each channel
+    pts = x.unsqueeze(1).repeat(1, 16, 1, 1, 1).reshape(32, 2, 16)
+    pts[torch.arange(32), :, torch.arange(16).repeat(2)] = 0
+    with torch.no_grad():
+        drop = model(x)[:, 1:2] - model(pts.reshape(32, 2, 4, 4))[:, 1].reshape(2, 16)
+    assert torch.allclose(one, drop.reshape(2, 1, 4, 4).expand(2, 2, 4, 4), atol=1e-12)
+    flat = P.occlusion_patch(smooth_mlp(), torch.randn(2, 5, dtype=torch.float64), None, 0,
+                             window=1).attributions
+    assert flat.shape == (2, 5)
+
+
+def test_grad_cam_and_errors():
+    cam = G.grad_cam(small_cnn(), torch.randn(2, 2, 4, 4, dtype=torch.float64), None, 0)
+    assert cam.attributions.shape == (2, 2, 4, 4) and (cam.attributions >= 0).all()
+    with pytest.raises(ValueError, match="Conv2d"):
+        G.grad_cam(smooth_mlp(), torch.randn(1, 2, 2, 2, dtype=torch.float64), None, 0)
+    with pytest.raises(TypeError, match="LayerNorm"):
+        R.deeplift_rescale(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)).double(),
+                           torch.randn(2, 3, dtype=torch.float64), None, 0)
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        R.lrp_epsilon(lambda z: z.sum(1), torch.randn(2, 3), None, None)
+    with pytest.raises(ValueError, match="alpha - beta = 1"):
+        R.lrp_alpha_beta(smooth_mlp(), torch.randn(1, 5, dtype=torch.float64), alpha=1, beta=1)
+
+
+def test_principle_departures_and_terms():
+    terms = [Term((0, 1), 2.0), Term((2, 2), -1.0)]
+    fair = torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 1, 0]], dtype=torch.float64)
+    assert principle_departures(terms, fair) == (0.0, 0.0)
+    occ = torch.tensor([[1.0, 1.0, 0, 0], [0, 0, 1, 0]], dtype=torch.float64)
+    assert principle_departures(terms, occ) == (0.0, 1.0)
+    gxi = torch.tensor([[1.0, 1.0, 0, 0], [0, 0, 2, 0]], dtype=torch.float64)
+    assert principle_departures(terms, gxi) == (1.0, 1.0)
+    # itemized terms of a polynomial network add up to f(x) - f(b)
+    x, b = point(5)
+    poly = nn.Sequential(nn.Linear(D, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    items, top = itemized_terms(monomial_network((0, 1, 1), b), x, b, 0, order=3)
+    assert top == 3
+    assert abs(sum(t.value for t in items) - float(((x - b)[0, 0] * (x - b)[0, 1] ** 2))) < 1e-12
+    assert len(itemized_terms(poly, x, b, 0, order=3, max_sets=9)[0]) == D
+
+
+def test_fourteen_methods_and_table():
+    model = smooth_mlp()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    out = tk.fourteen_methods(model, x, None, 1, settings=MethodSettings(permutations=4))
+    assert list(out) == list(METHOD_NAMES) and len(out) == 14
+    assert isinstance(out["grad_cam"], str)
+    assert out["shapley_value"].gap.abs().max() < 1e-12
+    table = tk.unification_table(model, x, None, 1, order=2, max_terms=4,
+                                 settings=MethodSettings(ig_steps=8, eg_samples=8,
+                                                         smoothgrad_samples=2))
+    rows = {r.method: r for r in table.rows}
+    assert rows["integrated_gradients"].p1 < 1e-4
+    assert rows["shapley_value"].p2 < 1e-12 and rows["shapley_value"].p3 < 1e-12
+    assert rows["occlusion_1"].p3 > 0.5 and rows["grad_cam"].p2 is None
+    assert table.markdown().count("\n|") == 15
+    assert table.plot() is not None
