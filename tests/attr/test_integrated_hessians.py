@@ -1,0 +1,124 @@
+"""Integrated / Expected Hessians: against a brute-force double integral, completeness
+(sum_j Gamma_ij = IG_i), the quadrature rule, rows by index, chunking, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.func import grad, hessian, vmap
+
+import taylor_kernels as tk
+from taylor_kernels.attr import integrated_hessians as ihm
+
+
+def _net(D=4):
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(D, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3),
+                               torch.nn.Softplus(), torch.nn.Linear(3, 1)).double()
+
+
+def brute_force(net, x, b, nodes=40):
+    """Gamma from the definition: tensor-product Gauss-Legendre over (a, c) in [0, 1]^2 of
+    Delta_i Delta_j a c H_ij(b + a c Delta) + [i = j] Delta_i d_i f(b + a c Delta)."""
+    g, v = np.polynomial.legendre.leggauss(nodes)
+    a, va = torch.tensor((g + 1) / 2), torch.tensor(v / 2)
+    t, w = (a[:, None] * a[None, :]).reshape(-1), (va[:, None] * va[None, :]).reshape(-1)
+    one = lambda z: net(z.reshape(1, -1)).squeeze()  # noqa: E731
+    out = []
+    for xb, bb in zip(x, b):
+        dl = xb - bb
+        p = bb + t[:, None] * dl
+        H, G = vmap(hessian(one))(p).detach(), vmap(grad(one))(p).detach()
+        hess = dl[:, None] * dl[None, :] * (w * t)[:, None, None].mul(H).sum(0)
+        out.append(hess + torch.diag(dl * (w[:, None] * G).sum(0)))
+    return torch.stack(out)
+
+
+def test_log_rule_integrates_moments_exactly():
+    for n in (1, 5, 24):
+        t, wg, wh = ihm.ih_rule("gausslog", n)
+        assert ((t > 0) & (t < 1)).all()
+        for k in range(2 * n):
+            assert abs(float((wg * t**k).sum()) - 1 / (k + 1) ** 2) < 1e-13, (n, k)
+        torch.testing.assert_close(wh, wg * t)
+
+
+def test_matches_brute_force_double_integral_and_is_complete():
+    net = _net()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = 0.3 * torch.randn(3, 4, dtype=torch.float64)
+    res = tk.integrated_hessians(net, x, b, steps=12, backend="reference")
+    expect = brute_force(net, x, b)
+    assert res.interactions.shape == (3, 4, 4)
+    assert (res.interactions - expect).abs().max() < 1e-10
+    assert res.completeness_gap.shape == (3,) and (res.completeness_gap < 1e-10).all()
+    ig = tk.integrated_gradients(net, x, b, steps=64).attributions
+    assert (res.ig - ig).abs().max() < 1e-12
+    assert (res.interactions.sum(2) - ig).abs().max() < 1e-10
+    assert res.evaluations == 3 * 12 * 4 + 3 * 64
+    assert torch.allclose(res.interactions, res.interactions.transpose(1, 2), atol=1e-10)
+
+
+def test_gausslegendre_rule_is_worse_but_converges():
+    net = _net()
+    x, b = torch.randn(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    expect = brute_force(net, x, b)
+    err = [(tk.integrated_hessians(net, x, b, steps=n, rule="gausslegendre").interactions
+            - expect).abs().max() for n in (8, 32)]
+    err_log = (tk.integrated_hessians(net, x, b, steps=8).interactions - expect).abs().max()
+    assert err[1] < err[0] and err_log < err[1] / 10
+
+
+def test_index_rows_chunking_backends_and_multi_baselines(cpu_backend):
+    net = _net()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    bls = 0.2 * torch.randn(2, 3, 4, dtype=torch.float64)  # K = 3 baselines per input
+    full = tk.integrated_hessians(net, x, bls, steps=12, backend="reference")
+    part = tk.integrated_hessians(net, x, bls, steps=12, index=[3, 1], chunk_size=5)
+    assert part.interactions.shape == (2, 2, 4)
+    assert (part.interactions - full.interactions[:, [3, 1]]).abs().max() < 1e-12
+    mean_bf = torch.stack([brute_force(net, x, bls[:, k]) for k in range(3)]).mean(0)
+    assert (full.interactions - mean_bf).abs().max() < 1e-9
+    assert (full.completeness_gap < 1e-9).all()
+
+
+def test_memory_budget_and_target_and_image_shaped_inputs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.GELU(),
+                                torch.nn.Linear(5, 3))
+    x = torch.randn(2, 2, 3)
+    res = tk.integrated_hessians(model, x, target=torch.tensor([2, 0]), steps=8,
+                                 max_memory=20_000)
+    ref = tk.integrated_hessians(model, x, target=torch.tensor([2, 0]), steps=8,
+                                 chunk_size=10_000, backend="reference")
+    assert res.interactions.dtype == torch.float32
+    torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-5, atol=1e-6)
+    assert (res.completeness_gap < 1e-4 * res.ig.abs().max()).all()
+
+
+def test_expected_hessians_converges_to_ih_over_background():
+    net = _net()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    bg = torch.randn(3, 4, dtype=torch.float64)
+    a = tk.expected_hessians(net, x, bg, samples=400, seed=0)
+    assert torch.equal(a.interactions, tk.expected_hessians(net, x, bg, samples=400,
+                                                            seed=0).interactions)
+    exact = torch.stack([brute_force(net, x, bg[j].expand(2, 4)) for j in range(3)]).mean(0)
+    scale = exact.abs().max()
+    assert (a.interactions - exact).abs().max() < 0.15 * scale
+    assert (a.completeness_gap < 0.1 * a.ig.abs().max()).all()
+
+
+def test_errors():
+    net = _net()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rule"):
+        tk.integrated_hessians(net, x, rule="riemann_left")
+    with pytest.raises(ValueError, match="steps"):
+        tk.integrated_hessians(net, x, steps=0)
+    with pytest.raises(ValueError, match="index"):
+        tk.integrated_hessians(net, x, index=[4])
+    with pytest.raises(TypeError, match="index"):
+        tk.integrated_hessians(net, x, index=[0.5])
+    with pytest.raises(ValueError, match="samples"):
+        tk.expected_hessians(net, x, x, samples=0)
