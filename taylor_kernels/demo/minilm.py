@@ -14,6 +14,7 @@ completeness: ``sum(scores) + gap = s(a, b) - s(baseline, b)``. Symmetrically fo
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -170,8 +171,10 @@ class MiniLM(nn.Module):
         return self
 
 
+@functools.lru_cache(maxsize=2)
 def load(device="cpu", dtype=torch.float32) -> tuple[MiniLM, WordPiece]:
-    """The MiniLM encoder (eval mode) and its tokenizer from the offline package."""
+    """The MiniLM encoder (eval mode) and its tokenizer from the offline package (cached: the
+    same objects on every call with the same arguments)."""
     root = model_dir()
     model = MiniLM().load_bert(read_safetensors(root / "model.safetensors"))
     return model.eval().to(device=device, dtype=dtype), WordPiece(root / "vocab.txt")
