@@ -47,8 +47,14 @@ class LocalInteractions:
 def _group_directions(feature_mask, problem: PathProblem) -> torch.Tensor:
     """Group indicator directions ``[B|1, m, D]`` from integer masks shaped like the inputs'
     features ``[...]`` or ``[B|1, ...]`` (a tuple of masks for tuple inputs; ids shared)."""
-    masks, _ = as_tuple(feature_mask) if not isinstance(feature_mask, torch.Tensor) else (
-        (feature_mask,), False)
+    if isinstance(feature_mask, torch.Tensor):
+        masks = (feature_mask,)
+    elif isinstance(feature_mask, (tuple, list)) and all(
+            isinstance(m, torch.Tensor) for m in feature_mask):
+        masks = tuple(feature_mask)
+    else:
+        raise ValueError("feature_mask must be an integer tensor or a tuple of them (one per "
+                         "input)")
     if len(masks) != len(problem.inputs):
         raise ValueError(f"{len(masks)} feature masks for {len(problem.inputs)} inputs")
     flat = []
@@ -100,31 +106,34 @@ def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
 
 
 def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
-    """Sets per vmapped chunk so that ``2^order`` tangent copies of the forward's activations
-    (measured on one forward through the batch) times the chunk fit the budget."""
+    """Sets per chunk so that ``2^order`` tangent copies of the forward's activations (measured
+    on one forward through the rows) and the chunk's ``order`` directions fit the budget."""
     acts = memory.SavedBytes()
     with acts, torch.enable_grad():
         out = f(x.detach().clone().requires_grad_(True))
-    per_set = (2 ** order) * (acts.total + x.numel() * x.element_size()
-                              + out.numel() * out.element_size())
-    return memory.chunk_size_for(memory.parse_budget(max_memory, x.device), per_set,
-                                 n_sets)
+    item = x.element_size()
+    per_set = ((2 ** order) * (acts.total + x.numel() * item + out.numel() * out.element_size())
+               + order * x.numel() * item)
+    return memory.chunk_size_for(memory.parse_budget(max_memory, x.device), per_set, n_sets)
 
 
 def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor, sets: list[tuple[int, ...]],
-                   chunk: int | None = None) -> torch.Tensor:
+                    chunk: int) -> torch.Tensor:
     """``D^k f(x)[d_{s_1}, ..., d_{s_k}]`` for every set ``s``: ``[B, n_sets]``.
 
     ``f: [B, D] -> [B]`` (rows independent), ``x [B, D]``, ``directions [B|1, n_dir, D]``
-    (unit vectors or group indicators), ``sets`` tuples of ``k`` direction indices. The sets
-    are vmapped in chunks of ``chunk`` (all at once when None).
+    (unit vectors or group indicators), ``sets`` tuples of ``k`` direction indices, vmapped
+    ``chunk`` sets at a time (their directions are built per chunk).
     """
     idx = torch.tensor(sets, dtype=torch.long, device=x.device)  # [n, k]
-    dirs = directions.expand(x.shape[0], -1, -1)[:, idx]  # [B, n, k, D]
-    per_dir = dirs.permute(2, 1, 0, 3).unbind(0)  # k tensors [n, B, D]
+    dirs_all = directions.expand(x.shape[0], -1, -1)
+    nested = torch.func.vmap(lambda *vs: _nested_jvp(f, x, *vs))
+    parts = []
     with math_attention():  # fused attention kernels have no forward-mode AD
-        out = torch.func.vmap(lambda *vs: _nested_jvp(f, x, *vs), chunk_size=chunk)(*per_dir)
-    return out.transpose(0, 1).detach()
+        for part in idx.split(chunk):
+            dirs = dirs_all[:, part].permute(2, 1, 0, 3)  # [k, n, B, D]
+            parts.append(nested(*dirs.unbind(0)).detach())
+    return torch.cat(parts).transpose(0, 1)
 
 
 def _target_groups(problem: PathProblem):

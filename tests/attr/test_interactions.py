@@ -128,7 +128,7 @@ def test_small_memory_budget_gives_same_numbers():
     model = mlp(d_in=6, hidden=8, d_out=1)
     x = torch.randn(3, 6, dtype=torch.float64)
     big = tk.interactions(model, x, order=3)
-    small = tk.interactions(model, x, order=3, max_memory=20_000)
+    small = tk.interactions(model, x, order=3, max_memory=50_000)  # a few sets per chunk
     torch.testing.assert_close(small.derivatives, big.derivatives, atol=1e-13, rtol=0)
 
 
