@@ -59,7 +59,9 @@ def grad_cam(model: nn.Module, inputs, baselines=None, target=None, *,
     handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
     try:
         with torch.enable_grad():
-            out = problem.forward(problem.x, torch.arange(problem.B, device=problem.x.device))
+            # the input needs grad so that the activation has one even when the model is frozen
+            out = problem.forward(problem.x.clone().requires_grad_(True),
+                                  torch.arange(problem.B, device=problem.x.device))
             act = store["a"]
             (g,) = torch.autograd.grad(out.sum(), act)
     finally:

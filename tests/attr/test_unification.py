@@ -117,7 +117,7 @@ def test_occlusion_patch_windows():
 
 
 def test_grad_cam_and_errors():
-    cam = G.grad_cam(small_cnn(), torch.randn(2, 2, 4, 4, dtype=torch.float64), None, 0)
+    cam = G.grad_cam(small_cnn().requires_grad_(False), torch.randn(2, 2, 4, 4, dtype=torch.float64), None, 0)
     assert cam.attributions.shape == (2, 2, 4, 4) and (cam.attributions >= 0).all()
     with pytest.raises(ValueError, match="Conv2d"):
         G.grad_cam(smooth_mlp(), torch.randn(1, 2, 2, 2, dtype=torch.float64), None, 0)
