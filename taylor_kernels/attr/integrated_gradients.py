@@ -56,14 +56,15 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, **engine_kw):
     done = torch.zeros(B, dtype=torch.bool, device=problem.x.device)
     final = torch.zeros_like(acc[0])
     used = torch.zeros(B, dtype=torch.long)
-    evaluations, lo = 0, 0
+    evaluations, lo, cost = 0, 0, None
     for level, hi in enumerate(sizes):
         rows = (~done).nonzero().squeeze(1)
         x = problem.x[rows]
         bl = problem.baselines[rows] if problem.baselines.shape[0] > 1 else problem.baselines
         res = path_engine.integrate(problem, nodes[lo:hi], [w[lo:hi] for w in
                                     level_weights[level:]], x=x, baselines=bl, rows=rows,
-                                    **engine_kw)
+                                    point_cost=cost, **engine_kw)
+        cost = res.point_cost  # later levels chunk from it without probing again
         evaluations += res.evaluations
         for j, part in enumerate(res.sums):
             acc[level + j][rows] += part

@@ -24,28 +24,40 @@ PROBE_POINTS = 8
 
 @dataclass
 class Integral:
-    """Result of :func:`integrate`: one ``[B', D]`` sum per weight vector, and the cost."""
+    """Result of :func:`integrate`: one ``[B', D]`` sum per weight vector, and the cost
+    (``point_cost``: measured bytes per path point, reusable by a later call on the model)."""
 
     sums: list[torch.Tensor]
     evaluations: int
     chunk_size: int
+    point_cost: float | None = None
 
 
 class _Chunks:
-    """Iterates the chunk loop: a first probe of 1 point, then ``PROBE_POINTS``, then budget."""
+    """Iterates the chunk loop: a first probe of 1 point, then ``PROBE_POINTS``, then budget
+    (no probes when the per-point cost is already known)."""
 
-    def __init__(self, total: int, chunk_size: int | None, budget: int | None):
+    def __init__(self, total: int, chunk_size: int | None, budget: int | None,
+                 point_cost: float | None = None):
         self.total, self.chunk, self.budget = total, chunk_size, budget
         self.probes: list[tuple[int, float]] = []
+        self.cost = point_cost
+        if self.chunk is None and point_cost is not None:
+            self.chunk = memory.chunk_size_for(budget, point_cost, total)
+
+    def point_cost(self) -> float | None:
+        """Bytes per point: given, or from the probes (slope of two, else the mean of one)."""
+        if self.cost is None and self.probes:
+            (n1, m1), (n2, m2) = self.probes[0], self.probes[-1]
+            self.cost = (m2 - m1) / (n2 - n1) if n2 > n1 and m2 > m1 else m2 / max(n2, 1)
+        return self.cost
 
     def next_count(self, start: int) -> int:
         left = self.total - start
         if self.chunk is None and len(self.probes) < 2:
             return min(left, 1 if not self.probes else PROBE_POINTS)
         if self.chunk is None:
-            (n1, m1), (n2, m2) = self.probes
-            per_point = (m2 - m1) / (n2 - n1) if n2 > n1 and m2 > m1 else m2 / max(n2, 1)
-            self.chunk = memory.chunk_size_for(self.budget, per_point, self.total)
+            self.chunk = memory.chunk_size_for(self.budget, self.point_cost(), self.total)
         return min(left, self.chunk)
 
 
@@ -117,13 +129,14 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
               x: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
               progress: bool = False, create_graph: bool = False, process_group=None,
-              reduce_to="all") -> Integral:
+              reduce_to="all", point_cost: float | None = None) -> Integral:
     """Sum ``w_s * grad f(p) * (x - b_k) / K`` over all path points, for each weight vector.
 
     Args: ``alphas [S]`` or ``[B', K, S]`` nodes; ``weight_sets`` list of ``[S]`` or
     ``[B', K, S]`` weights; optional subset
     ``x [B', D]``, ``baselines [Bb', K, D]`` with ``rows [B']`` (defaults: the whole problem);
-    ``max_memory`` bytes or ``"512MB"``; ``chunk_size`` fixes the points per chunk.
+    ``max_memory`` bytes or ``"512MB"``; ``chunk_size`` fixes the points per chunk;
+    ``point_cost`` (bytes per point, from an earlier :class:`Integral`) skips the probes.
     ``process_group``: shard the points over its ranks and sum there (``reduce_to`` ``"all"``
     or ``0``; see :mod:`taylor_kernels.engine.distributed`).
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector.
@@ -137,7 +150,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     budget = None if chunk_size else memory.parse_budget(max_memory, x.device)
-    chunks = _Chunks(total, chunk_size, budget)
+    chunks = _Chunks(total, chunk_size, budget, point_cost if not chunk_size else None)
     sums = [torch.zeros(x.shape, dtype=accumulation_dtype(x.dtype), device=x.device)
             for _ in weight_sets]
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
@@ -160,7 +173,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
             bar.update(count)
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, reduce_to)
-    return Integral(sums, total, chunks.chunk or total)
+    return Integral(sums, total, chunks.chunk or total, chunks.point_cost())
 
 
 @torch.no_grad()

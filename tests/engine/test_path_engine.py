@@ -40,6 +40,20 @@ def test_chunk_size_follows_measured_cost():
     assert big / tiny == pytest.approx(16, rel=0.35)  # chunk scales with the budget
 
 
+def test_measured_point_cost_is_reusable():
+    """A second call given the first call's point cost skips the probes, same chunks/result."""
+    from taylor_kernels.engine.path_engine import integrate
+    from taylor_kernels.engine.problem import make_problem
+    from taylor_kernels.engine.quadrature import nodes_and_weights
+    model, x = models.mlp(d_in=50, hidden=64), torch.randn(32, 50, dtype=torch.float64)
+    problem = make_problem(model, x, target=0)
+    t, w = nodes_and_weights("gausslegendre", 50)
+    first = integrate(problem, t, [w], max_memory="1MB")
+    again = integrate(problem, t, [w], max_memory="1MB", point_cost=first.point_cost)
+    assert first.point_cost > 0 and again.chunk_size == first.chunk_size < 1600
+    torch.testing.assert_close(again.sums[0], first.sums[0], rtol=1e-12, atol=1e-13)
+
+
 def test_budget_too_small_for_one_point():
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
     with pytest.raises(MemoryError, match="too small for one path point"):
