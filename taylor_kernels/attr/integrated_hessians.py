@@ -174,7 +174,7 @@ def _integrate(problem: PathProblem, alphas, w_grad, w_hess, index, ig_steps, ma
 
 
 def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: int = 16,
-                        rule: str = "gausslog", index=None, ig_steps: int = 64,
+                        rule: str = "gausslog", index=None, ig_steps: int = 32,
                         additional_forward_args=None, max_memory=None,
                         chunk_size: int | None = None, backend: str | None = None,
                         progress: bool = False) -> InteractionResult:
@@ -206,7 +206,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
 
 
 def expected_hessians(model, inputs, background, target=None, *, samples: int = 100,
-                      seed: int | None = None, index=None, ig_steps: int = 64,
+                      seed: int | None = None, index=None, ig_steps: int = 32,
                       additional_forward_args=None, max_memory=None,
                       chunk_size: int | None = None, backend: str | None = None,
                       progress: bool = False) -> InteractionResult:

@@ -55,7 +55,7 @@ def test_matches_brute_force_double_integral_and_is_complete():
     ig = tk.integrated_gradients(net, x, b, steps=64).attributions
     assert (res.ig - ig).abs().max() < 1e-12
     assert (res.interactions.sum(2) - ig).abs().max() < 1e-10
-    assert res.evaluations == 3 * 12 * 4 + 3 * 64
+    assert res.evaluations == 3 * 12 * 4 + 3 * 32
     assert torch.allclose(res.interactions, res.interactions.transpose(1, 2), atol=1e-10)
 
 
@@ -122,3 +122,21 @@ def test_errors():
         tk.integrated_hessians(net, x, index=[0.5])
     with pytest.raises(ValueError, match="samples"):
         tk.expected_hessians(net, x, x, samples=0)
+
+
+def test_hessian_benchmark_family_smoke():
+    """The ``hessian`` benchmark family runs at the smoke tier; its layer-by-layer Hessian is
+    exact (float64, against torch.func)."""
+    from taylor_kernels.benchmarks import FAMILIES, cases_hessian
+
+    model = cases_hessian.build_mlp(5, "cpu", torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    ref = vmap(hessian(lambda z: model(z.unsqueeze(0)).squeeze()))(x).detach()
+    assert (cases_hessian.sequential_hessian(model, x) - ref).abs().max() < 1e-12
+    result = FAMILIES["hessian"].run("smoke", torch.device("cpu"), log=lambda m: None)
+    assert {r["method"] for r in result["hessian_rows"]} >= {"tk.hessian", "torch.func "
+                                                             "vmap(hessian)"}
+    assert all(r["rel_err"] < 1e-5 for r in result["hessian_rows"])
+    ours = [r for r in result["ih_rows"] if r["method"] == "tk.integrated_hessians"]
+    assert ours and all(r["completeness_gap"] < 1e-2 and r["rel_err"] < 1e-2 for r in ours)
+    assert "Integrated Hessians" in "\n".join(cases_hessian.tables(result))
