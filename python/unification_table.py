@@ -54,7 +54,7 @@ def make_cnn(size: int) -> nn.Sequential:
                          nn.Linear(4 * (size // 2) ** 2, 3)).double()
 
 
-def train(model: nn.Module, X, y, steps: int, lr: float = 0.5) -> float:
+def train(model: nn.Module, X, y, steps: int, lr: float) -> float:
     """Full-batch gradient descent with momentum 0.9 (torch.optim's first use imports
     torch._dynamo, seconds on a busy CPU); returns training accuracy."""
     params = list(model.parameters())
@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=64, help="EG samples (SmoothGrad: 1/4)")
     p.add_argument("--permutations", type=int, default=32, help="Shapley orders when D > 12")
     p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="step size; larger trains sharper models whose Taylor series at the "
+                        "baseline no longer converges at the input (large residual)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (tiny models run fastest on one)")
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     results = {}
     for name, (X, y), model in (("mlp", mlp_task(n, d, gen), make_mlp(d)),
                                 ("cnn", cnn_task(n, size, gen), make_cnn(size))):
-        acc = train(model, X, y, a.train_steps)
+        acc = train(model, X, y, a.train_steps, a.lr)
         print(f"{name}: training accuracy {acc:.3f} ({a.train_steps} momentum GD steps, n={n})")
         results[name] = {"train_accuracy": acc, **score(name, model, X, y, a, gen)}
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}

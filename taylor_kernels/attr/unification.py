@@ -23,6 +23,11 @@ partials at ``b``); the share of term mass they cover is reported with the resid
 Background methods (expected gradients, DeepSHAP, Prediction Difference) draw references from
 ``background``; by default that is the baseline alone, and they then coincide with IG (sampled
 t), DeepLIFT and Occlusion-1.
+
+The method list follows PAPERS.md; the paper itself (arXiv 2303.01506) could not be read here,
+so the rule variants are our readings, documented in each method's module: LRP-alpha-beta with
+alpha 2, beta 1; Deep Taylor with the w^2 rule at the first layer; SmoothGrad as averaged
+Gradient x Input; Prediction Difference as univariate marginalisation over the background.
 """
 from __future__ import annotations
 
@@ -83,8 +88,8 @@ def run_method(name: str, model, inputs, baselines, target,
     s = settings
     bg = s.background
     if bg is None and name in ("expected_gradients", "prediction_difference", "deepshap"):
-        b = torch.zeros_like(inputs[:1]) if baselines is None else torch.as_tensor(baselines)
-        bg = b.to(inputs).reshape(-1, *inputs.shape[1:])[:1]
+        _, b = prepare(model, inputs, baselines, target)
+        bg = b[:1].reshape(1, *inputs.shape[1:])
     calls = {
         "gradient_x_input": lambda: gradient_x_input(model, inputs, baselines, target),
         "integrated_gradients": lambda: integrated_gradients(

@@ -69,23 +69,35 @@ class UnificationTable:
         return asdict(self)
 
     def plot(self, path=None):
-        """Heatmap of the departures and summaries (methods x columns); saved when ``path``."""
+        """Grouped bars of the three departures (symlog scale) beside a heatmap of departures
+        and allocation summaries (methods x columns); saved to ``path`` when given."""
         import matplotlib
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
         cols = ["p1", "p2", "p3", "indep_self", "inter_members", "inter_outside"]
-        data = [[float("nan") if getattr(r, c) is None else getattr(r, c) for c in cols]
-                for r in self.rows]
-        fig = Figure(figsize=(8, 0.4 * len(self.rows) + 1.5))
-        ax = fig.add_subplot(1, 1, 1)
-        im = ax.imshow(torch.tensor(data).clamp(-2, 3).numpy(), cmap="coolwarm", aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=30)
-        ax.set_yticks(range(len(self.rows)), [r.method for r in self.rows])
-        for i, row in enumerate(data):
-            for j, v in enumerate(row):
-                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center",
-                        va="center", fontsize=7)
-        fig.colorbar(im, ax=ax)
+        data = torch.tensor([[float("nan") if getattr(r, c) is None else getattr(r, c)
+                              for c in cols] for r in self.rows], dtype=torch.float64)
+        names = [r.method for r in self.rows]
+        fig = Figure(figsize=(14, 0.4 * len(names) + 2))
+        bars, heat = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        pos = torch.arange(len(names), dtype=torch.float64)
+        for j, label in enumerate(("P1 completeness", "P2 independent", "P3 interaction")):
+            bars.barh((pos + (j - 1) * 0.27).numpy(), data[:, j].nan_to_num(0).numpy(),
+                      height=0.27, label=label)
+        bars.set_xscale("symlog", linthresh=1e-3)
+        bars.set_yticks(range(len(names)), names)
+        bars.invert_yaxis()
+        bars.set_xlabel("departure from the principle (0 = satisfied)")
+        bars.legend(fontsize=7)
+        im = heat.imshow(data.clamp(-2, 3).numpy(), cmap="coolwarm", aspect="auto")
+        heat.set_xticks(range(len(cols)), cols, rotation=30)
+        heat.set_yticks(range(len(names)), names)
+        for i in range(len(names)):
+            for j in range(len(cols)):
+                v = float(data[i, j])
+                heat.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center",
+                          va="center", fontsize=7)
+        fig.colorbar(im, ax=heat)
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=110)

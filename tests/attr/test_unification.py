@@ -15,7 +15,7 @@ from taylor_kernels.attr import methods_rules as R
 from taylor_kernels.attr.methods_common import prepare
 from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term, allocation,
                                              itemized_terms, monomial_network,
-                                             principle_departures)
+                                             principle_departures, run_method)
 
 D = 4
 kappas = st.lists(st.integers(0, D - 1), min_size=1, max_size=3).map(lambda k: tuple(sorted(k)))
@@ -154,6 +154,9 @@ def test_fourteen_methods_and_table():
     assert list(out) == list(METHOD_NAMES) and len(out) == 14
     assert isinstance(out["grad_cam"], str)
     assert out["shapley_value"].gap.abs().max() < 1e-12
+    # without a background, background methods use the baseline (here a number) as reference
+    shap = run_method("deepshap", model, x, 0.1, 1, MethodSettings()).attributions
+    assert torch.allclose(shap, R.deeplift_rescale(model, x, 0.1, 1).attributions, atol=1e-14)
     table = tk.unification_table(model, x, None, 1, order=2, max_terms=4,
                                  settings=MethodSettings(ig_steps=8, eg_samples=8,
                                                          smoothgrad_samples=2))
