@@ -101,6 +101,19 @@ def test_residual_shrinks_with_order_on_mlp():
     assert "residual" in text and "input 1" in text
 
 
+def test_pairs_match_the_hessian_on_mlp():
+    model = mlp(d_in=5, d_out=3).eval()
+    x, b = draw(7, (2, 5), (2, 5))
+    r = tk.taylor_decomposition(model, x, b, target=2, order=2)
+    H = tk.hessian(lambda z: model(z)[:, 2], b)                           # [B, D, D]
+    delta = x - b
+    expect = H * delta[:, :, None] * delta[:, None, :]
+    expect = expect - torch.diag_embed(torch.diagonal(expect, dim1=1, dim2=2))
+    assert torch.allclose(r.pairwise, expect, atol=1e-12)
+    assert torch.allclose(r.independent[0], 0.5 * torch.diagonal(H, dim1=1, dim2=2) * delta ** 2,
+                          atol=1e-12)
+
+
 def test_image_input_shapes():
     from tests.models import cnn
     model = cnn(size=4).eval()

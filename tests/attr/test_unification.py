@@ -58,6 +58,17 @@ def test_allocation_closed_forms(kappa, seed):
         assert torch.allclose(w, expect, atol=1e-10), (name, kappa, w, expect)
 
 
+@settings(max_examples=8, deadline=None)
+@given(kappa=kappas, seed=st.integers(0, 100))
+def test_deeplift_on_a_probe_realization_shares_like_ig(kappa, seed):
+    # one power unit per polarization sign pattern, reference activations 0: the Rescale
+    # multiplier is z^(k-1), which gives feature i the share kappa_i / |kappa|
+    x, b = point(seed)
+    counts = torch.tensor([kappa.count(i) for i in range(D)], dtype=torch.float64)
+    w = allocation("deeplift_rescale", kappa, x, b)
+    assert torch.allclose(w, counts / len(kappa), atol=1e-10)
+
+
 def test_monomial_network_is_the_term():
     x, b = point(3)
     net = monomial_network((0, 0, 2), b)
