@@ -17,6 +17,7 @@ from taylor_kernels.engine.jet import jet, mixed_partials
 from taylor_kernels.attr.integrated_hessians import (InteractionResult, expected_hessians,
                                                      integrated_hessians)
 from taylor_kernels.engine.derivative import hessian, hessian_diagonal, hvp, third_order
+from taylor_kernels import priors  # noqa: E402  (DAPr; needs attr imported first)
 
 __version__ = "0.1.0"
 __all__ = ["AttributionResult", "backends", "expected_gradients", "integrated_gradients",
@@ -27,3 +28,4 @@ __all__ += ["MethodSettings", "TaylorDecomposition", "fourteen_methods", "taylor
             "unification_table"]
 __all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_diagonal", "hvp",
             "integrated_hessians", "third_order"]
+__all__ += ["priors"]

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from taylor_kernels.benchmarks import cases_adaptive, cases_ig, cases_ig_family, cases_path_ops
+from taylor_kernels.benchmarks import cases_scale
 from taylor_kernels.benchmarks import cases_hessian
 from taylor_kernels.benchmarks.machine import bench_device, device_label, machine_info
 from taylor_kernels.benchmarks.report import write_json
 
 FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": cases_ig_family,
-            "adaptive_evals": cases_adaptive}
+            "adaptive_evals": cases_adaptive, "scale": cases_scale}
 FAMILIES["hessian"] = cases_hessian
 SCHEMA = 1
 

@@ -33,8 +33,8 @@ SENTENCES = ["A man is playing a guitar.", "Someone plays music on an instrument
              "Heavy rain caused flooding in the city.", "The chef prepares a delicious meal."]
 TIERS = {
     "smoke": {"minilm": (2, 4, 1), "dapr": (22, 8, 40, 2), "dist": (4, 8, 8, 1)},
-    "quick": {"minilm": (8, 20, 3), "dapr": (1002, 32, 200, 10), "dist": (32, 128, 50, 3)},
-    "full": {"minilm": (8, 50, 5), "dapr": (1002, 32, 200, 30), "dist": (64, 256, 100, 5)},
+    "quick": {"minilm": (8, 20, 3), "dapr": (1002, 32, 200, 10), "dist": (64, 256, 100, 3)},
+    "full": {"minilm": (8, 50, 5), "dapr": (1002, 32, 200, 30), "dist": (128, 512, 200, 5)},
 }  # minilm: (sentences, steps, repeats); dapr: (features, batch, background, repeats);
 #    dist: (batch, dim, steps, repeats)
 
@@ -84,8 +84,7 @@ def _dapr_rows(features, batch, n_bg, repeats, log) -> list[dict]:
                model, prior, meta, x, y, bg, 1.0, seed=3),
            "plain autograd (per-sample loop)": lambda: plain_dapr_loss(
                model, prior, meta, x, y, bg, 1.0, seed=3, loop=True)}
-    with torch.no_grad():
-        check = [float(f()) for f in fns.values()]
+    check = [float(f().detach()) for f in fns.values()]  # same draws: the same loss
     rows = []
     for (name, fn), value in zip(fns.items(), check):
         t = measure(step(name, fn), warmup=1, repeats=repeats)
@@ -109,15 +108,17 @@ def _minilm_rows(n, steps, repeats, log) -> list[dict]:
     with torch.no_grad():
         other = model(*minilm.encode_batch(tok, ["A person performs a song."])[1:3])[0]
     score = minilm.similarity_to(model, other)
-    ours = lambda: tk.layer_integrated_gradients(  # noqa: E731
-        score, model.word_embeddings, ids, base, steps=steps,
-        additional_forward_args=(mask,)).attributions
+    def ours(max_memory=None):
+        return tk.layer_integrated_gradients(score, model.word_embeddings, ids, base,
+                                             steps=steps, additional_forward_args=(mask,),
+                                             max_memory=max_memory).attributions
     lig = LayerIntegratedGradients(score, model.word_embeddings)
     theirs = lambda: lig.attribute(ids, base, additional_forward_args=(mask,),  # noqa: E731
                                    n_steps=steps, method="gausslegendre")
     diff = ((ours() - theirs()).norm() / theirs().norm()).item()
     rows = []
     for name, fn in (("tk.layer_integrated_gradients", ours),
+                     ("tk ... max_memory='4GB' (one chunk)", lambda: ours("4GB")),
                      ("captum LayerIntegratedGradients", theirs)):
         t = measure(fn, warmup=0, repeats=repeats)
         rows.append({"case": "minilm", "method": name, "sentences": n, "tokens": ids.shape[1],
@@ -128,6 +129,7 @@ def _minilm_rows(n, steps, repeats, log) -> list[dict]:
 
 
 def _dist_worker(rank, world, port, spec, out):
+    """One rank (``world = 0``: no process group) timing IG on a seeded MLP; writes JSON."""
     torch.set_num_threads(1)
     if world:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -147,15 +149,18 @@ def _dist_worker(rank, world, port, spec, out):
         dist.destroy_process_group()
 
 
-def _dist_rows(spec, log) -> list[dict]:
+def _dist_rows(spec, worlds, log) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world in (0, 1, 2):
+        for world in worlds:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             out = f"{tmp}/w{world}"
-            mp.spawn(_dist_worker, args=(world, port, spec, out), nprocs=max(world, 1))
+            if world:
+                mp.spawn(_dist_worker, args=(world, port, spec, out), nprocs=world)
+            else:  # in this process (one thread, set by run)
+                _dist_worker(0, 0, 0, spec, out)
             times = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(max(world, 1))]
             median = max(t["median_s"] for t in times)  # the slowest rank ends the call
             rows.append({"case": "distributed", "method": f"{world} process(es)" if world
@@ -171,10 +176,16 @@ def _dist_rows(spec, log) -> list[dict]:
 
 def run(tier: str, device: torch.device, log=print) -> dict:
     cfg = TIERS[tier]
-    rows = _minilm_rows(*cfg["minilm"], log) + _dapr_rows(*cfg["dapr"], log) + \
-        _dist_rows(cfg["dist"], log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each distributed rank; shared CPUs make 2 threads spin
+    try:
+        rows = _minilm_rows(*cfg["minilm"], log) + _dapr_rows(*cfg["dapr"], log) + \
+            _dist_rows(cfg["dist"], (0, 2) if tier == "smoke" else (0, 1, 2), log)
+    finally:
+        torch.set_num_threads(threads)
     notes = ["minilm: sentences/s of token attributions (similarity to a fixed sentence), "
-             "one padded batch, CPU float32; rel diff = |ours - captum| / |captum|",
+             "one padded batch, CPU float32, 1 thread (whole family); rel diff = "
+             "|ours - captum| / |captum|",
              "dapr_step: loss + backward + Adam step, 1 EG sample per input, MLP 64-64",
              "distributed: gloo on one machine, 1 thread per process; the slowest rank's "
              "median; speedup vs one process without a process group"]

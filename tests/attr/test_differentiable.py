@@ -8,6 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import taylor_kernels as tk
 from taylor_kernels import priors
+from tests.attr.test_low_precision import one_thread  # noqa: F401  (autouse: 1 thread)
 
 
 def _params(seed=0):
@@ -109,16 +110,7 @@ def test_priors_api_and_errors():
         priors.fit(model, (x, torch.tensor([0, 1, 0])), (x, torch.tensor([0, 1, 0])), lam=1.0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a busy 2-core machine: two intra-op threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_fit_learns_and_restores_best_state(one_thread):
+def test_fit_learns_and_restores_best_state():
     """Joint training on a separable task reaches high validation accuracy; the returned model
     is the best epoch's."""
     gen = torch.Generator().manual_seed(0)

