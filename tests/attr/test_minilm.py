@@ -133,3 +133,26 @@ def test_explain_similarity_writes_png(tmp_path):
     assert out["tokens_a"] == ["[CLS]", "a", "dog", "runs", "[SEP]"]
     assert len(out["scores_a"]) == 5 and len(out["scores_b"]) == len(out["tokens_b"])
     assert 0.3 < out["similarity"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_minilm_gap_bound(loaded, dtype):
+    """MiniLM in bf16/fp16: float32 token attributions whose completeness gap meets the bound
+    of tests/attr/test_low_precision.py against the float32 model's gap."""
+    import copy
+
+    model, tok = loaded
+    low = copy.deepcopy(model).to(dtype)
+    other = _embed(model, tok, "music")
+    sent = "a man plays guitar"
+    _, s_low, r_low = minilm.attribute_tokens(low, tok, sent, other, steps=8)
+    _, s32, r32 = minilm.attribute_tokens(model, tok, sent, other, steps=8)
+    assert r_low.attributions.dtype == torch.float32
+    (_, ids, mask, base) = minilm.encode_batch(tok, [sent])
+    score = minilm.similarity_to(low, other)
+    with torch.no_grad():
+        fx, fb = score(ids, mask).float().abs(), score(base, mask).float().abs()
+    eps = torch.finfo(dtype).eps
+    bound = r32.gap.abs() + 2 * eps * (fx + fb + r_low.attributions.abs().sum())
+    assert (r_low.gap.abs() <= bound).all(), (r_low.gap, bound)
+    assert (s_low - s32).norm() / s32.norm() < 4 * eps

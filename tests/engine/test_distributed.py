@@ -51,6 +51,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             res[name] = (r.attributions, r.gap, r.evaluations)
         r0 = tk.integrated_gradients(model, x, bl, t, steps=7, distributed=True, reduce_to=0)
         res["to0"] = (r0.attributions, r0.gap, r0.evaluations)
+        rl = tk.layer_integrated_gradients(model, model[2], x, None, t, steps=5,
+                                           distributed=True)
+        res["layer"] = (rl.attributions, rl.gap, rl.evaluations)
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -74,6 +77,14 @@ def test_ranks_match_single_process(ranks, name):
         scale = single.attributions.abs().sum(1)
         assert ((gap - single.gap).abs() <= 1e-12 * scale).all()
         assert evaluations == single.evaluations
+
+
+def test_layer_ig_distributed(ranks):
+    model, x, _, t = _problem()
+    single = tk.layer_integrated_gradients(model, model[2], x, None, t, steps=5)
+    for rank in ranks:
+        assert_close_ratio(rank["layer"][0], single.attributions, torch.float64)
+        assert rank["layer"][2] == single.evaluations
 
 
 def test_reduce_to_rank0(ranks):
