@@ -1,7 +1,8 @@
 """The fourteen attribution methods as allocations of Taylor terms, scored on three principles.
 
-Trains a small smooth MLP (tanh/softplus) and a small CNN briefly on synthetic tasks with
-interactions, then, for one test input of each (baseline 0, target = predicted class), runs
+Builds a sparse random cubic polynomial (as a power network: all Taylor terms exact), trains a
+small smooth MLP (tanh/softplus) and a small CNN briefly on synthetic tasks with interactions,
+then, for one input of each (baseline 0, target = predicted class), runs
 :func:`taylor_kernels.unification_table`: P1 = completeness error of the method on the model;
 P2 / P3 = magnitude-weighted departure of the shares it gives the model's largest Taylor terms
 (independent / interaction) from the fair allocation, measured by applying it to each term
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 import taylor_kernels as tk
+from taylor_kernels.attr.unification import polynomial_network
 
 
 def mlp_task(n: int, d: int, gen: torch.Generator):
@@ -41,6 +43,18 @@ def cnn_task(n: int, size: int, gen: torch.Generator):
     scores = torch.stack([top[:, 0] * top[:, 1] * 4, left[:, 0] ** 2 * 4 - 0.5,
                           X[:, 1, h:, h:].mean((1, 2)) * 2], dim=1)
     return X, scores.argmax(1)
+
+
+def polynomial_task(n: int, d: int, gen: torch.Generator):
+    """A sparse random cubic polynomial as a power network (every Taylor term exact, residual
+    0 at order 3), inputs ``U(0.5, 1.5)^d``; returns ``(X, model)``."""
+    terms = []
+    for _ in range(2 * d):
+        k = int(torch.randint(1, 4, (1,), generator=gen))
+        kappa = tuple(sorted(torch.randint(0, d, (k,), generator=gen).tolist()))
+        terms.append((float(torch.randn(1, generator=gen)), kappa))
+    X = 0.5 + torch.rand(n, d, generator=gen, dtype=torch.float64)
+    return X, polynomial_network(terms, torch.zeros(d, dtype=torch.float64))
 
 
 def make_mlp(d: int) -> nn.Sequential:
@@ -70,7 +84,7 @@ def train(model: nn.Module, X, y, steps: int, lr: float) -> float:
         return float((model(X).argmax(1) == y).double().mean())
 
 
-def score(name, model, X, y, args, gen) -> dict:
+def score(name, model, X, args) -> dict:
     x = X[-1:]
     target = int(model(x).argmax(1))
     settings = tk.MethodSettings(background=X[:8], ig_steps=args.steps,
@@ -78,7 +92,8 @@ def score(name, model, X, y, args, gen) -> dict:
                                  permutations=args.permutations, seed=args.seed)
     t0 = time.perf_counter()
     table = tk.unification_table(model, x, None, target, order=args.order,
-                                 max_terms=args.terms, settings=settings)
+                                 max_terms=args.terms, max_sets=args.max_sets,
+                                 settings=settings)
     seconds = time.perf_counter() - t0
     md = f"## {name} (target class {target})\n\n{table.markdown()}\n"
     print(md)
@@ -93,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("unification_out"))
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--terms", type=int, default=24, help="Taylor terms probed per model")
+    p.add_argument("--max-sets", type=int, default=20000,
+                   help="itemize an order only if it has at most this many index multisets")
     p.add_argument("--steps", type=int, default=32, help="IG quadrature nodes")
     p.add_argument("--samples", type=int, default=64, help="EG samples (SmoothGrad: 1/4)")
     p.add_argument("--permutations", type=int, default=32, help="Shapley orders when D > 12")
@@ -108,18 +125,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     d, size, n = 10, 6, 512
     if a.small:
-        d, size, n, a.terms, a.steps, a.samples, a.permutations, a.train_steps, a.order = \
-            6, 4, 64, 6, 8, 8, 4, 20, 2
+        d, size, n, a.terms, a.steps, a.samples, a.permutations, a.train_steps, a.max_sets = \
+            6, 4, 64, 6, 8, 8, 4, 20, 600
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(a.seed)
     torch.manual_seed(a.seed)
     results = {}
+    X, poly = polynomial_task(n, d, gen)
+    results["polynomial"] = score("polynomial", poly, X, a)
     for name, (X, y), model in (("mlp", mlp_task(n, d, gen), make_mlp(d)),
                                 ("cnn", cnn_task(n, size, gen), make_cnn(size))):
         acc = train(model, X, y, a.train_steps, a.lr)
         print(f"{name}: training accuracy {acc:.3f} ({a.train_steps} momentum GD steps, n={n})")
-        results[name] = {"train_accuracy": acc, **score(name, model, X, y, a, gen)}
+        results[name] = {"train_accuracy": acc, **score(name, model, X, a)}
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
     (a.out / "unification.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {a.out}/unification.json, unification_<model>.md and .png")

@@ -10,7 +10,8 @@ def test_unification_table_small(tmp_path):
     text = run_script("unification_table.py", "--small", "--out", str(tmp_path))
     assert "| integrated_gradients |" in text and "## cnn" in text
     res = json.loads((tmp_path / "unification.json").read_text())
-    for model in ("mlp", "cnn"):
+    assert abs(res["polynomial"]["residual"]) < 1e-10      # every Taylor term exact
+    for model in ("polynomial", "mlp", "cnn"):
         rows = {r["method"]: r for r in res[model]["rows"]}
         assert len(rows) == 14
         assert rows["shapley_value"]["p1"] < 1e-9          # exact or permutation: complete

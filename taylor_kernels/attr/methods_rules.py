@@ -21,6 +21,8 @@ Nested ``nn.Sequential`` blocks are flattened. Each affine layer is ``z = W a + 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,14 +33,29 @@ from taylor_kernels.engine.problem import select_target
 
 
 class Power(nn.Module):
-    """Elementwise ``z -> z ** k`` (the activation of the monomial probe networks)."""
+    """Elementwise ``z -> z ** k`` over the last dim, ``k`` one int or one int per unit (the
+    activation of the monomial / polynomial probe networks)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k):
         super().__init__()
-        self.k = int(k)
+        ks = [int(k)] if isinstance(k, int) else [int(v) for v in k]
+        # runs of equal exponents: (start, stop, exponent)
+        self.blocks = [(s, s + len(list(g)), e) for s, e, g in _runs(ks)]
+        self.per_unit = not isinstance(k, int)
 
     def forward(self, z):
-        return z ** self.k
+        if not self.per_unit:
+            return z ** self.blocks[0][2]
+        return torch.cat([z[..., s:t] ** e for s, t, e in self.blocks], dim=-1)
+
+
+def _runs(values: list[int]):
+    """``(start, value, items)`` for each run of equal consecutive values."""
+    start = 0
+    for v, group in itertools.groupby(values):
+        items = list(group)
+        yield start, v, items
+        start += len(items)
 
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus,

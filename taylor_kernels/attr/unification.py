@@ -139,23 +139,36 @@ def fourteen_methods(model, inputs, baselines=None, target=None, *,
 
 
 # --------------------------------------------------------------------------- term probes
-def monomial_network(kappa: tuple[int, ...], baseline: torch.Tensor) -> nn.Sequential:
-    """``x -> prod_j (x - b)_{kappa_j}`` (flattened features, repeats allowed) as
-    ``Flatten -> Linear(D, 2^(k-1)) -> Power(k) -> Linear(., 1)``; output ``[N, 1]``."""
-    k, b = len(kappa), baseline.reshape(-1)
-    D = b.numel()
-    signs = torch.tensor([(1,) + e for e in itertools.product((1, -1), repeat=k - 1)],
-                         dtype=b.dtype)                                     # [R, k]
-    W = torch.zeros(signs.shape[0], D, dtype=b.dtype)
-    for j, i in enumerate(kappa):
-        W[:, i] += signs[:, j]
-    first = nn.Linear(D, W.shape[0]).to(b.dtype)
+def polynomial_network(terms, baseline: torch.Tensor) -> nn.Sequential:
+    """``x -> sum_m c_m prod_j (x - b)_{kappa_mj}`` for ``terms = [(c_m, kappa_m), ...]``
+    (flattened feature indices with repeats) as ``Flatten -> Linear(D, R) -> Power(k per
+    unit) -> Linear(R, 1)``, each term by the polarization identity with ``2^(k-1)`` units;
+    output ``[N, 1]``."""
+    b = baseline.reshape(-1)
+    rows, coefs, powers = [], [], []
+    for c, kappa in terms:
+        k = len(kappa)
+        signs = torch.tensor([(1,) + e for e in itertools.product((1, -1), repeat=k - 1)],
+                             dtype=b.dtype)                                 # [2^(k-1), k]
+        W = torch.zeros(signs.shape[0], b.numel(), dtype=b.dtype)
+        for j, i in enumerate(kappa):
+            W[:, i] += signs[:, j]
+        rows.append(W)
+        coefs.append(c * signs.prod(1) / (2 ** (k - 1) * math.factorial(k)))
+        powers += [k] * signs.shape[0]
+    W = torch.cat(rows)
+    first = nn.Linear(b.numel(), W.shape[0]).to(b.dtype)
     last = nn.Linear(W.shape[0], 1, bias=False).to(b.dtype)
     with torch.no_grad():
         first.weight.copy_(W)
         first.bias.copy_(-(W @ b))
-        last.weight.copy_((signs.prod(1) / (2 ** (k - 1) * math.factorial(k))).unsqueeze(0))
-    return nn.Sequential(nn.Flatten(), first, Power(k), last).requires_grad_(False)
+        last.weight.copy_(torch.cat(coefs).unsqueeze(0))
+    return nn.Sequential(nn.Flatten(), first, Power(powers), last).requires_grad_(False)
+
+
+def monomial_network(kappa: tuple[int, ...], baseline: torch.Tensor) -> nn.Sequential:
+    """The single term ``x -> prod_j (x - b)_{kappa_j}`` as a :func:`polynomial_network`."""
+    return polynomial_network([(1.0, tuple(kappa))], baseline)
 
 
 def allocation(name: str, kappa: tuple[int, ...], inputs: torch.Tensor, baselines,

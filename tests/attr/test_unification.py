@@ -14,7 +14,7 @@ from taylor_kernels.attr import methods_perturbation as P
 from taylor_kernels.attr import methods_rules as R
 from taylor_kernels.attr.methods_common import prepare
 from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term, allocation,
-                                             itemized_terms, monomial_network,
+                                             itemized_terms, monomial_network, polynomial_network,
                                              principle_departures, run_method)
 
 D = 4
@@ -69,11 +69,19 @@ def test_deeplift_on_a_probe_realization_shares_like_ig(kappa, seed):
     assert torch.allclose(w, counts / len(kappa), atol=1e-10)
 
 
-def test_monomial_network_is_the_term():
+def test_probe_networks_are_the_polynomials():
     x, b = point(3)
-    net = monomial_network((0, 0, 2), b)
     delta = (x - b)[0]
-    assert torch.allclose(net(x)[0, 0], delta[0] ** 2 * delta[2])
+    assert torch.allclose(monomial_network((0, 0, 2), b)(x)[0, 0], delta[0] ** 2 * delta[2])
+    net = polynomial_network([(1.5, (0, 0, 1)), (-2.0, (2,)), (0.7, (1, 3))], b)
+    expect = 1.5 * delta[0] ** 2 * delta[1] - 2 * delta[2] + 0.7 * delta[1] * delta[3]
+    assert torch.allclose(net(x)[0, 0], expect)
+    r = tk.taylor_decomposition(net, x, b, 0, order=3)
+    assert abs(float(r.residual[0])) < 1e-12
+    terms, top = itemized_terms(net, x, b, 0, order=3)
+    values = {t.kappa: t.value for t in terms if abs(t.value) > 1e-12}
+    assert set(values) == {(0, 0, 1), (2,), (1, 3)}
+    assert abs(values[(1, 3)] - 0.7 * float(delta[1] * delta[3])) < 1e-12
 
 
 def test_completeness_of_deeplift_shapley_ig():
