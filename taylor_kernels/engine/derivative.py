@@ -13,10 +13,12 @@ of features per row (``prod(x.shape[1:])``):
 - ``third_order(f, x, u, v) = D^3 f(x)[u, v, .] = grad_x (v^T H(x) u)``.
 
 Work is split into chunks of (row, direction) pairs sized to a memory budget from a measured
-cost per pair (:func:`pair_cost`). Models that ``torch.func`` cannot transform (data-dependent
-control flow, ``.item()``, in-place ops on captured tensors) fall back, with a one-time warning,
-to autograd double backward, one backward pass per direction (same numbers, slower). Scaled dot-product attention runs with the math backend, the only one with forward
-AD and double backward.
+cost per pair (:func:`pair_cost`). Only the tangents are batched (``x`` is not), so Python
+control flow and ``.item()`` on activations work; models ``torch.func`` still cannot transform
+(``autograd.Function`` without ``setup_context``, ops without forward-AD or batching rules) fall
+back, with a one-time warning, to autograd double backward, one backward pass per direction
+(same numbers, slower). Scaled dot-product attention runs with the math backend, the only one
+with forward AD and double backward.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch.func import grad, jvp, vmap
 
 from taylor_kernels.engine import memory
 
-PROBE_ROWS = 4
+PROBE_ROWS = 8
 _warned: set[str] = set()
 
 
@@ -117,25 +119,33 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
     return g.detach(), hv.detach()
 
 
-def pair_cost(f: Callable, x: torch.Tensor) -> float:
-    """Measured bytes of one (row, direction) pair of an HVP: a double backward on up to
-    ``PROBE_ROWS`` rows, divided by the rows (CUDA: allocator peak; CPU: bytes autograd saves
-    plus the point, gradient and product). Fixed costs (saved weights) make it an
-    over-estimate, never an under-estimate."""
-    xs = x[:PROBE_ROWS].detach()
+def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
+    """Bytes one double backward on rows ``xs`` needs (CUDA: allocator peak; CPU: bytes
+    autograd saves plus the point, gradient and product)."""
     v = torch.ones_like(xs).unsqueeze(1)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        before = torch.cuda.memory_allocated(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
+    if xs.device.type == "cuda":
+        torch.cuda.synchronize(xs.device)
+        before = torch.cuda.memory_allocated(xs.device)
+        torch.cuda.reset_peak_memory_stats(xs.device)
         with math_attention():
             _double_backward(f, xs, v)
-        used = float(torch.cuda.max_memory_allocated(x.device) - before)
-    else:
-        with memory.SavedBytes() as saved, math_attention():
-            _double_backward(f, xs, v)
-        used = float(saved.total + 4 * xs.numel() * xs.element_size())
-    return used / xs.shape[0]
+        return float(torch.cuda.max_memory_allocated(xs.device) - before)
+    with memory.SavedBytes() as saved, math_attention():
+        _double_backward(f, xs, v)
+    return float(saved.total + 4 * xs.numel() * xs.element_size())
+
+
+def pair_cost(f: Callable, x: torch.Tensor) -> float:
+    """Measured bytes of one (row, direction) pair of an HVP: the slope of
+    :func:`_probe_bytes` between 1 and ``PROBE_ROWS`` rows (fixed costs such as saved weights
+    cancel), or the per-row average when the batch is a single row."""
+    x = x.detach()
+    n = min(PROBE_ROWS, x.shape[0])
+    one = _probe_bytes(f, x[:1])
+    if n == 1:
+        return one
+    many = _probe_bytes(f, x[:n])
+    return (many - one) / (n - 1) if many > one else many / n
 
 
 def plan(B: int, M: int, per_pair: float, budget: int) -> tuple[int, int]:
