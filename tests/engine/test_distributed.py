@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import taylor_kernels as tk
 from taylor_kernels.engine import distributed
-from tests.conftest import assert_close_ratio
+from tests.conftest import assert_close_ratio, requires_cuda
 from tests.models import mlp
 
 WORLD = 2
@@ -109,6 +109,24 @@ def test_shards_cover_range(monkeypatch, total, world):
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
     sizes = [hi - lo for lo, hi in blocks]
     assert max(sizes) - min(sizes) <= 1
+
+
+@requires_cuda
+def test_nccl_one_rank_on_gpu():
+    """The NCCL path on CUDA tensors (one rank: the collective runs, the result is the
+    single-process one)."""
+    if not dist.is_nccl_available():
+        pytest.skip("torch built without NCCL")
+    model, x, bl, t = _problem()
+    model, x, bl = model.cuda(), x.cuda(), bl.cuda()
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        res = tk.integrated_gradients(model, x, bl, t, steps=7, distributed=True)
+    finally:
+        dist.destroy_process_group()
+    single = tk.integrated_gradients(model, x, bl, t, steps=7)
+    assert_close_ratio(res.attributions, single.attributions, torch.float64)
 
 
 def test_errors():
