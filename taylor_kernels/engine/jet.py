@@ -76,7 +76,7 @@ def _trace(f) -> fx.GraphModule | None:
 
 
 def _op_name(kind: str, target) -> str:
-    if kind == "call_module":
+    if isinstance(target, nn.Module):
         return type(target).__name__
     return getattr(target, "__name__", str(target)) if kind == "call_function" else f".{target}"
 

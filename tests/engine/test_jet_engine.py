@@ -1,0 +1,282 @@
+"""Jet engine: coefficients against nested torch.func.jvp (float64, 1e-10) for every rule, mixed
+partials against autograd Hessians / third derivatives, the fallback, gradients, errors."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import taylor_kernels as tk
+from taylor_kernels.engine import jet as jet_engine
+from taylor_kernels.reference.jet import nested_jvp_coefficients
+
+DT = torch.float64
+ORDER = 6
+
+
+def reference_jet(f, x, V, order):
+    """[order+1, B, M, ...] coefficients of t -> f(x + t v) by nested forward-mode AD."""
+    B, M = V.shape[:2]
+    x0 = x.unsqueeze(1).expand(V.shape).reshape((B * M,) + x.shape[1:])
+    with sdpa_kernel(SDPBackend.MATH):
+        c = nested_jvp_coefficients(f, [torch.stack([x0, V.reshape(x0.shape)])], order)
+    return c.reshape((order + 1, B, M) + c.shape[2:])
+
+
+def manual_layer_norm(z, eps=1e-5):
+    # torch's nested forward-mode AD through F.layer_norm is wrong beyond first order (its jvp
+    # formula reuses the saved mean / rstd), so references use the composite formula
+    c = z - z.mean(-1, keepdim=True)
+    return c * torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)
+
+
+def check(f, x, M=2, order=ORDER, ref_f=None, target=None):
+    V = torch.randn((x.shape[0], M) + x.shape[1:], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a supported op must not fall back
+        got = tk.jet(f, x, V, order, target=target)
+    want = reference_jet(ref_f or f, x, V, order)
+    assert got.shape == (order + 1, x.shape[0], M)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def mlp(act):
+    return nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 1), nn.Flatten(0)).double()
+
+
+ACTIVATIONS = {"tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(), "gelu": nn.GELU(),
+               "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(), "relu": nn.ReLU(),
+               "softplus": nn.Softplus(), "softplus_beta": nn.Softplus(beta=2.0)}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_mlp_activation_modules(name):
+    check(mlp(ACTIVATIONS[name]), torch.randn(3, 5, dtype=DT))
+
+
+def test_orders_one_to_six_agree():
+    m, x = mlp(nn.Tanh()), torch.randn(2, 5, dtype=DT)
+    V = torch.randn(2, 3, 5, dtype=DT)
+    full = tk.jet(m, x, V, 6)
+    for order in range(0, 6):
+        torch.testing.assert_close(tk.jet(m, x, V, order), full[:order + 1])
+
+
+ELEMENTWISE = {
+    "exp": lambda h: torch.exp(h), "log": lambda h: torch.log(h * h + 1), "sin": torch.sin,
+    "cos": lambda h: h.cos(), "square": torch.square, "sqrt": lambda h: torch.sqrt(h * h + 1),
+    "rsqrt": lambda h: (h * h + 1).rsqrt(), "reciprocal": lambda h: torch.reciprocal(h * h + 2),
+    "pow3": lambda h: h ** 3, "powhalf": lambda h: (h * h + 1) ** 0.5, "div": lambda h: h / (h * h + 1),
+    "rdiv": lambda h: 2.0 / (h * h + 1), "sub_neg": lambda h: -(1 - h) - h.exp(),
+    "silu_fn": F.silu, "gelu_fn": lambda h: F.gelu(h, approximate="tanh"),
+    "softplus_fn": F.softplus, "tanh_method": lambda h: h.tanh() * h.sigmoid(),
+}
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_elementwise_functions(name):
+    lin = nn.Linear(4, 3).double()
+    fn = ELEMENTWISE[name]
+    check(lambda x: fn(lin(x)).sum(-1), torch.randn(3, 4, dtype=DT))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, dims=2):
+        super().__init__()
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        pool, avg = (nn.MaxPool2d, nn.AvgPool2d) if dims == 2 else (nn.MaxPool1d, nn.AvgPool1d)
+        self.conv, self.bn, self.pool, self.avg = conv(2, 3, 3, padding=1), bn(3), pool(2), avg(2)
+        self.head = nn.Linear(3, 1)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = self.avg(self.pool(torch.tanh(self.bn(self.conv(x)))))
+        return self.head(torch.flatten(y, 1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_batchnorm_pooling(dims):
+    shape = (2, 2, 4, 4) if dims == 2 else (2, 2, 4)
+    check(ConvNet(dims).double().eval(), torch.randn(shape, dtype=DT), order=4)
+
+
+def test_functional_conv_pool_and_adaptive():
+    w, b = torch.randn(3, 2, 3, dtype=DT), torch.randn(3, dtype=DT)
+
+    def f(x):
+        y = F.conv1d(x, w, b, padding=1).sin()
+        y = F.max_pool1d(y, 2) + F.avg_pool1d(y, 2)
+        return F.adaptive_avg_pool1d(y, 1).sum((1, 2))
+    check(f, torch.randn(2, 2, 6, dtype=DT), order=4)
+
+
+def test_matmul_bmm_reshapes():
+    def f(x):
+        h = x.view(x.shape[0], 3, 4)
+        s = torch.bmm(h, h.transpose(1, 2)) + h @ h.permute(0, 2, 1)
+        z = torch.cat([s.reshape(x.shape[0], -1), x.unsqueeze(1).flatten(1)], dim=1)
+        return torch.tanh(z).mean(-1)
+    check(f, torch.randn(2, 12, dtype=DT))
+
+
+def test_softmax_and_log_softmax():
+    lin = nn.Linear(4, 5).double()
+    check(lambda x: F.softmax(lin(x), dim=-1)[:, 0] + torch.log_softmax(lin(x), -1).sum(-1),
+          torch.randn(3, 4, dtype=DT))
+
+
+def test_layer_norm():
+    ln = nn.LayerNorm(6).double()
+    nn.init.normal_(ln.weight)
+    nn.init.normal_(ln.bias)
+    f = lambda x: ln(x).pow(3).sum(-1)  # noqa: E731
+    ref = lambda x: (manual_layer_norm(x) * ln.weight + ln.bias).pow(3).sum(-1)  # noqa: E731
+    check(f, torch.randn(3, 6, dtype=DT), ref_f=ref)
+
+
+def test_embedding_is_constant():
+    emb, lin = nn.Embedding(10, 4).double(), nn.Linear(4, 1).double()
+    positions = torch.tensor([1, 7, 3])  # [T]: broadcasts over the batch
+    check(lambda x: lin(torch.tanh(x + emb(positions))).sum((1, 2)), torch.randn(2, 3, 4, dtype=DT))
+    ids = torch.tensor([1, 7])
+    # integer inputs carry no direction: every order above 0 vanishes
+    f = lambda t: lin(emb(t)).squeeze(-1)  # noqa: E731
+    c = tk.jet(f, ids, torch.zeros(2, 3, dtype=torch.int64), 3)
+    assert torch.equal(c[1:], torch.zeros_like(c[1:]))
+    torch.testing.assert_close(c[0], f(ids).unsqueeze(1).expand(2, 3))
+
+
+@pytest.mark.parametrize("mode", ["plain", "causal", "bool_mask", "float_mask"])
+def test_scaled_dot_product_attention(mode):
+    lin = nn.Linear(4, 12).double()
+    mask = torch.rand(5, 5) > 0.3
+    mask.fill_diagonal_(True)
+    kwargs = {"plain": {}, "causal": {"is_causal": True}, "bool_mask": {"attn_mask": mask},
+              "float_mask": {"attn_mask": torch.randn(5, 5, dtype=DT)}}[mode]
+
+    def f(x):
+        q, k, v = lin(x).view(x.shape[0], 5, 2, 6).transpose(1, 2).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs).sum((1, 2, 3))
+    check(f, torch.randn(2, 5, 4, dtype=DT), order=4)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (attention + GELU MLP) and a classification head."""
+
+    def __init__(self, d=8, heads=2, classes=3):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(B, T, 3 * self.heads, -1).transpose(1, 2).chunk(
+            3, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+class ManualLayerNorm(nn.Module):
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        self.ln = ln
+
+    def forward(self, x):
+        return manual_layer_norm(x, self.ln.eps) * self.ln.weight + self.ln.bias
+
+
+def test_transformer_block_with_target():
+    blk = Block().double().eval()
+    ref = copy.deepcopy(blk)
+    ref.ln1, ref.ln2 = ManualLayerNorm(blk.ln1), ManualLayerNorm(blk.ln2)
+    target = torch.tensor([0, 2])
+    check(blk, torch.randn(2, 5, 8, dtype=DT), order=3, target=target,
+          ref_f=lambda z: ref(z).gather(1, target.repeat_interleave(2)[:, None]).squeeze(1))
+
+
+def test_lambda_wrapping_a_model_and_custom_module():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, dtype=DT))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w)
+
+    inner = Inner()
+    model = nn.Sequential(inner, nn.Linear(4, 2).double())
+    check(lambda x: model(x)[:, 1], torch.randn(3, 4, dtype=DT))
+
+
+def test_fallback_warns_once_and_is_exact():
+    lin = nn.Linear(3, 3).double()
+    f = lambda x: torch.atan(lin(x)).sum(-1)  # noqa: E731  (no jet rule for atan)
+    jet_engine._WARNED_OPS.discard("atan")
+    x, V = torch.randn(2, 3, dtype=DT), torch.randn(2, 2, 3, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="atan"):
+        got = tk.jet(f, x, V, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = tk.jet(f, x, V, 4)
+    want = reference_jet(f, x, V, 4)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(again, want, rtol=1e-10, atol=1e-10)
+
+
+def test_untraceable_function_falls_back_whole():
+    def f(x):  # data-dependent control flow: torch.fx cannot trace it
+        return torch.tanh(x).sum(-1) if float(x.sum()) > -1e9 else x.sum(-1)
+    jet_engine._WARNED_OPS.discard("f")
+    x, V = torch.randn(2, 3, dtype=DT), torch.randn(2, 2, 3, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        got = tk.jet(f, x, V, 3)
+    torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
+def test_reverse_mode_through_the_jet():
+    m, x = mlp(nn.GELU()), torch.randn(2, 5, dtype=DT, requires_grad=True)
+    V = torch.randn(2, 2, 5, dtype=DT)
+    (g,) = torch.autograd.grad(tk.jet(m, x, V, 3)[2].sum(), x)
+    xr = x.detach().requires_grad_(True)
+    (want,) = torch.autograd.grad(reference_jet(m, xr, V, 3)[2].sum(), xr)
+    torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-10)
+
+
+def test_mixed_partials_match_hessian_and_third_derivatives():
+    m, x = mlp(nn.Tanh()), torch.randn(2, 5, dtype=DT)
+    sets = [(0, 1), (2, 2), (4,), (0, 1, 2), (3, 3, 1), (0, 1, 2, 3)]
+    got = tk.mixed_partials(m, x, sets)
+    g = lambda z: m(z.unsqueeze(0)).squeeze(0)  # noqa: E731
+    for b in range(2):
+        H = torch.func.hessian(g)(x[b])
+        T3 = torch.func.jacfwd(torch.func.hessian(g))(x[b])
+        T4 = torch.func.jacfwd(torch.func.jacfwd(torch.func.hessian(g)))(x[b])
+        want = [H[0, 1], H[2, 2], torch.func.grad(g)(x[b])[4], T3[0, 1, 2], T3[3, 3, 1],
+                T4[0, 1, 2, 3]]
+        torch.testing.assert_close(got[b], torch.stack(want), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("call, err", [
+    (lambda m, x: tk.jet(m, x, torch.randn(2, 2, 4, dtype=DT), 2), ValueError),
+    (lambda m, x: tk.jet(m, x, torch.randn(2, 2, 5, dtype=DT), 16), ValueError),
+    (lambda m, x: tk.jet(m, x, torch.randn(2, 2, 5, dtype=DT), 1.5), ValueError),
+    (lambda m, x: tk.jet(lambda z: torch.stack([m(z), m(z)], 1), x,
+                         torch.randn(2, 1, 5, dtype=DT), 2), ValueError),
+    (lambda m, x: tk.mixed_partials(m, x, [(0, 1, 2, 3, 4)]), ValueError),
+    (lambda m, x: tk.mixed_partials(m, x, [(0, 9)]), ValueError),
+    (lambda m, x: tk.mixed_partials(m, x, []), ValueError),
+])
+def test_errors(call, err):
+    with pytest.raises(err):
+        call(mlp(nn.Tanh()), torch.randn(2, 5, dtype=DT))
