@@ -129,8 +129,12 @@ def test_nccl_one_rank_on_gpu():
     assert_close_ratio(res.attributions, single.attributions, torch.float64)
 
 
-def test_errors():
+def test_errors(monkeypatch):
     model, x, bl, t = _problem()
+    monkeypatch.setattr(distributed, "resolve_group", lambda d: object())
+    with pytest.raises(ValueError, match="create_graph"):
+        tk.integrated_gradients(model, x, bl, t, steps=3, distributed=True, create_graph=True)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="init_process_group"):
         tk.integrated_gradients(model, x, bl, t, steps=3, distributed=True)
     with pytest.raises(ValueError, match="reduce_to"):
