@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -33,6 +34,7 @@ from taylor_kernels.engine import memory
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {shape key: bytes}
 
 
 def math_attention():
@@ -138,14 +140,20 @@ def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
 def pair_cost(f: Callable, x: torch.Tensor) -> float:
     """Measured bytes of one (row, direction) pair of an HVP: the slope of
     :func:`_probe_bytes` between 1 and ``PROBE_ROWS`` rows (fixed costs such as saved weights
-    cancel), or the per-row average when the batch is a single row."""
+    cancel), or the per-row average when the batch is a single row. Measured once per
+    function and feature shape/dtype/device (cached while ``f`` lives)."""
     x = x.detach()
     n = min(PROBE_ROWS, x.shape[0])
-    one = _probe_bytes(f, x[:1])
-    if n == 1:
-        return one
-    many = _probe_bytes(f, x[:n])
-    return (many - one) / (n - 1) if many > one else many / n
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n)
+    try:
+        cached = _COSTS.setdefault(f, {})
+    except TypeError:  # not weak-referenceable: measure every time
+        cached = {}
+    if key not in cached:
+        one = _probe_bytes(f, x[:1])
+        many = _probe_bytes(f, x[:n]) if n > 1 else one
+        cached[key] = (many - one) / (n - 1) if many > one else many / n
+    return cached[key]
 
 
 def plan(B: int, M: int, per_pair: float, budget: int) -> tuple[int, int]:
@@ -168,9 +176,10 @@ def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool
                      f"[{x.shape[0]}, M, *{feat}]")
 
 
-def _chunked(f, x, V, max_memory, chunk_size, reduce=None):
+def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
     """Stream ``(rows, directions)`` chunks through :func:`grad_and_hvp`; ``reduce(hv, r0, m0)``
-    maps each chunk's products before they are stored (default: keep them)."""
+    maps each chunk's products before they are stored (default: keep them); ``cost_of``
+    ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits)."""
     B, M = V.shape[:2]
     if chunk_size is not None:
         if int(chunk_size) != chunk_size or chunk_size < 1:
@@ -178,7 +187,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None):
         rows, dirs = (max(1, chunk_size // M), M) if chunk_size >= M else (1, int(chunk_size))
     else:
         budget = memory.parse_budget(max_memory, x.device)
-        rows, dirs = plan(B, M, pair_cost(f, x), budget)
+        rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x))), budget)
     parts = []
     for r0 in range(0, B, rows):
         row_parts = []
@@ -244,7 +253,7 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     B, D = x.shape[0], x[0].numel()
     idx = _index_rows(index, D, x.device)
     V = unit_directions(idx, B, D, x.dtype, x.device)
-    return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size)
+    return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size, cost_of=(f, x))
 
 
 def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
@@ -264,7 +273,8 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
         V = unit_directions(torch.arange(D, device=x.device), B, D, x.dtype, x.device)
         take = lambda hv, r0, m0: torch.diagonal(  # noqa: E731
             hv[:, :, m0:m0 + hv.shape[1]], dim1=1, dim2=2).unsqueeze(-1)
-        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take).squeeze(-1)
+        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take,
+                        cost_of=(f, x)).squeeze(-1)
     if method != "hutchinson":
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     if int(samples) != samples or samples < 1:
@@ -272,7 +282,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
     V = (torch.randint(0, 2, (B, int(samples), D), generator=gen) * 2 - 1).to(xf)
-    HV = _chunked(ff, xf, V, max_memory, chunk_size)
+    HV = _chunked(ff, xf, V, max_memory, chunk_size, cost_of=(f, x))
     return (V * HV).mean(dim=1)
 
 
