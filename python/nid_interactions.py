@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 import taylor_kernels as tk
-from taylor_kernels.attr.integrated_hessians import integrated_hessians
 
 
 def _f1(x):
@@ -204,7 +203,7 @@ def run_function(name: str, cfg: argparse.Namespace, seed: int) -> dict:
     cross = tk.global_interactions(model, pts, aggregate="mean").strengths
     cross_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ih = integrated_hessians(model, pts, baselines=xtr.mean(0), steps=cfg.ih_steps)
+    ih = tk.integrated_hessians(model, pts, baselines=xtr.mean(0), steps=cfg.ih_steps)
     ih_strength = ih.interactions.abs().mean(0)
     ih_s = time.perf_counter() - t0
     y_pairs = labels(truth)
