@@ -15,6 +15,7 @@ import datetime
 import json
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -143,8 +144,11 @@ def _dist_worker(rank, world, port, spec, out):
                                          distributed=bool(world))
     if world:
         dist.barrier()
-    t = measure(fn, warmup=1, repeats=repeats)
-    Path(f"{out}.{rank}").write_text(json.dumps(t.as_dict()))
+    fn()  # warmup
+    cpu0 = time.process_time()
+    t = measure(fn, warmup=0, repeats=repeats)
+    cpu = (time.process_time() - cpu0) / repeats  # this rank's CPU seconds per call
+    Path(f"{out}.{rank}").write_text(json.dumps({**t.as_dict(), "cpu_s": cpu}))
     if world:
         dist.destroy_process_group()
 
@@ -163,10 +167,12 @@ def _dist_rows(spec, worlds, log) -> list[dict]:
                 _dist_worker(0, 0, 0, spec, out)
             times = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(max(world, 1))]
             median = max(t["median_s"] for t in times)  # the slowest rank ends the call
+            cpu = max(t["cpu_s"] for t in times)
             rows.append({"case": "distributed", "method": f"{world} process(es)" if world
                          else "1 process, no process group", "processes": max(world, 1),
                          "batch": spec[0], "dim": spec[1], "steps": spec[2],
-                         "median_s": median, "points_per_s": spec[0] * spec[2] / median})
+                         "median_s": median, "points_per_s": spec[0] * spec[2] / median,
+                         "rank_cpu_s": cpu})
             log(f"[scale] distributed world={world}: {fmt_time(median)}")
     base = rows[0]["median_s"]
     for r in rows:
@@ -188,7 +194,8 @@ def run(tier: str, device: torch.device, log=print) -> dict:
              "|ours - captum| / |captum|",
              "dapr_step: loss + backward + Adam step, 1 EG sample per input, MLP 64-64",
              "distributed: gloo on one machine, 1 thread per process; the slowest rank's "
-             "median; speedup vs one process without a process group"]
+             "median; speedup vs one process without a process group; CPU/rank = the busiest "
+             "rank's CPU time per call (the work each rank does, whatever the machine's load)"]
     return {"rows": rows, "notes": notes, "device": str(device)}
 
 
@@ -206,7 +213,7 @@ def tables(result: dict) -> list[str]:
             ("loss_diff_vs_ours", "|loss - ours|", ".1e")]
     dist_cols = [("method", "method", ""), ("batch", "B", "d"), ("steps", "steps", "d"),
                  ("median_s", "time", fmt_time), ("points_per_s", "points/s", ".0f"),
-                 ("speedup", "speedup", ".2f")]
+                 ("speedup", "speedup", ".2f"), ("rank_cpu_s", "CPU/rank", fmt_time)]
     notes = result["notes"]
     return [format_table("scale: MiniLM token attribution", by["minilm"], mini, notes[:1]),
             format_table("scale: one DAPr training step", by["dapr_step"], dapr, notes[1:2]),
