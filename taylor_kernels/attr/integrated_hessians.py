@@ -118,6 +118,14 @@ def _point_fn(problem: PathProblem, rows: torch.Tensor):
     return lambda z: problem.forward(z, rows[:z.shape[0]])
 
 
+def _points_first(P: int, R: int, per_pair: float, budget: int) -> tuple[int, int]:
+    """``(points, rows)`` per chunk: all ``R`` Hessian rows of as many points as fit (each
+    chunk then touches few inputs), else one point and as many rows as fit."""
+    if per_pair * R <= budget:
+        return max(1, min(P, int(budget // (per_pair * R)))), R
+    return 1, memory.chunk_size_for(budget, per_pair, R)
+
+
 def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, max_memory, chunk_size,
             progress) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sum the Hessian part ``[B, R, D]`` and the diagonal gradient part ``[B, D]`` over all
@@ -134,7 +142,7 @@ def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, max_memory, chunk
         probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
         rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
         cost = derivative.pair_cost(_point_fn(problem, rows0), probe)
-        pts_per, dirs = derivative.plan(total, R, cost, memory.parse_budget(max_memory, x.device))
+        pts_per, dirs = _points_first(total, R, cost, memory.parse_budget(max_memory, x.device))
     acc = accumulation_dtype(x.dtype)
     hess = torch.zeros(B, R, D, dtype=acc, device=x.device)
     grad_part = torch.zeros(B, D, dtype=acc, device=x.device)

@@ -157,11 +157,12 @@ def pair_cost(f: Callable, x: torch.Tensor) -> float:
 
 
 def plan(B: int, M: int, per_pair: float, budget: int) -> tuple[int, int]:
-    """``(rows, directions)`` per chunk with ``rows * directions * per_pair <= budget``:
-    all directions of as many rows as fit, else one row and as many directions as fit."""
-    if per_pair * M <= budget:
-        return max(1, min(B, int(budget // (per_pair * M)))), M
-    return 1, memory.chunk_size_for(budget, per_pair, M)
+    """``(rows, directions)`` per chunk with ``rows * directions * per_pair <= budget``: every
+    row and as many directions as fit; rows are split only when one direction over all rows
+    does not fit (so a function with per-row state is rarely called on a subset of rows)."""
+    if per_pair * B <= budget:
+        return B, max(1, min(M, int(budget // (per_pair * B))))
+    return memory.chunk_size_for(budget, per_pair, B), 1
 
 
 def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -184,7 +185,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
     if chunk_size is not None:
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        rows, dirs = (max(1, chunk_size // M), M) if chunk_size >= M else (1, int(chunk_size))
+        rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (int(chunk_size), 1)
     else:
         budget = memory.parse_budget(max_memory, x.device)
         rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x))), budget)
@@ -203,7 +204,9 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
     """Hessian-vector products ``out[b, m] = H(x_b) v[b, m]`` with ``H = d^2 f_b / dx_b^2``.
 
     Args:
-        f: callable ``[B, ...] -> [B]`` (one scalar per row; rows independent).
+        f: callable ``[N, ...] -> [N]`` (one scalar per row; rows independent). It is called
+            on all rows, or on row subsets ``x[r0:r1]`` when one direction over the whole
+            batch exceeds the budget (see :func:`plan`).
         x: ``[B, ...]`` floating inputs.
         v: ``[B, M, ...]`` directions (``M`` per row), or shaped like ``x`` for one each.
         max_memory: bytes or e.g. ``"256MB"`` per chunk (default as the path engine);
