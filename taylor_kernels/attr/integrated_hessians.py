@@ -126,23 +126,34 @@ def _points_first(P: int, R: int, per_pair: float, budget: int) -> tuple[int, in
     return 1, memory.chunk_size_for(budget, per_pair, R)
 
 
-def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, max_memory, chunk_size,
-            progress) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum the Hessian part ``[B, R, D]`` and the diagonal gradient part ``[B, D]`` over all
-    (path point, Hessian row) pairs, in chunks sized to the memory budget."""
+def _chunking(problem: PathProblem, alphas, R: int, ig_points: int, max_memory,
+              chunk_size) -> tuple[int, int, int]:
+    """``(points, rows)`` per HVP chunk and points per chunk of the separate IG: from a fixed
+    ``chunk_size`` of (point, row) pairs, or from the measured cost of one pair (a gradient
+    point costs less than an HVP pair, so the IG reuses that bound instead of probing)."""
     x, bl = problem.x, problem.baselines
-    B, D = x.shape
-    K, S, R = bl.shape[1], alphas.shape[-1], idx.shape[0]
-    total, per_input = B * K * S, K * S
     if chunk_size is not None:
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         pts_per, dirs = (max(1, chunk_size // R), R) if chunk_size >= R else (1, int(chunk_size))
-    else:
-        probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
-        rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
-        cost = derivative.pair_cost(_point_fn(problem, rows0), probe)
-        pts_per, dirs = _points_first(total, R, cost, memory.parse_budget(max_memory, x.device))
+        return pts_per, dirs, int(chunk_size)
+    total, per_input = x.shape[0] * bl.shape[1] * alphas.shape[-1], bl.shape[1] * alphas.shape[-1]
+    probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
+    rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
+    cost = derivative.pair_cost(_point_fn(problem, rows0), probe)
+    budget = memory.parse_budget(max_memory, x.device)
+    pts_per, dirs = _points_first(total, R, cost, budget)
+    return pts_per, dirs, memory.chunk_size_for(budget, cost, ig_points)
+
+
+def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, pts_per: int, dirs: int,
+            progress) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sum the Hessian part ``[B, R, D]`` and the diagonal gradient part ``[B, D]`` over all
+    (path point, Hessian row) pairs, ``pts_per`` points and ``dirs`` rows per chunk."""
+    x, bl = problem.x, problem.baselines
+    B, D = x.shape
+    K, S, R = bl.shape[1], alphas.shape[-1], idx.shape[0]
+    total, per_input = B * K * S, K * S
     acc = accumulation_dtype(x.dtype)
     hess = torch.zeros(B, R, D, dtype=acc, device=x.device)
     grad_part = torch.zeros(B, D, dtype=acc, device=x.device)
@@ -169,13 +180,14 @@ def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, max_memory, chunk
 def _integrate(problem: PathProblem, alphas, w_grad, w_hess, index, ig_steps, max_memory,
                chunk_size, progress) -> InteractionResult:
     idx = _index(index, problem.x.shape[1], problem.x.device)
-    hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, max_memory,
-                                     chunk_size, progress)
+    gl_t, gl_w = quadrature.nodes_and_weights("gausslegendre", ig_steps)
+    pts_per, dirs, ig_chunk = _chunking(problem, alphas, idx.shape[0],
+                                        problem.B * problem.K * ig_steps, max_memory, chunk_size)
+    hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, pts_per, dirs,
+                                     progress)
     r = torch.arange(idx.shape[0], device=idx.device)
     hess[:, r, idx] += grad_part[:, idx]
-    gl_t, gl_w = quadrature.nodes_and_weights("gausslegendre", ig_steps)
-    ig = path_engine.integrate(problem, gl_t, [gl_w], max_memory=max_memory,
-                               progress=progress)
+    ig = path_engine.integrate(problem, gl_t, [gl_w], chunk_size=ig_chunk, progress=progress)
     ig_flat = ig.sums[0]
     gap = (hess.sum(2) - ig_flat[:, idx]).abs().amax(dim=1)
     return InteractionResult(hess, ig_flat, gap, idx, n_hvp + ig.evaluations)
