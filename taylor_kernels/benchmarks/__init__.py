@@ -7,6 +7,8 @@ Families (run side by side in one process, one table each, one JSON file for all
 * ``ig_vs_captum``   ``tk.integrated_gradients`` vs Captum's ``IntegratedGradients``: time,
                      peak memory (fresh subprocess per measurement), attribution difference;
 * ``ig_family``      EG, SIG and layer IG vs the equivalent Captum computation (time, memory);
+* ``jet``            ``tk.jet`` vs nested ``torch.func.jvp`` (order-K directional derivatives of
+                     MLPs and a transformer block), fused ``jet_unary`` vs the eager recurrence;
 * ``adaptive_evals`` evaluations our adaptive rule needs for a 1e-4 relative completeness gap
                      vs Captum's 50-step default and the smallest sufficient step count.
 
@@ -26,12 +28,14 @@ import torch
 from taylor_kernels.benchmarks import cases_adaptive, cases_ig, cases_ig_family, cases_path_ops
 from taylor_kernels.benchmarks import cases_scale
 from taylor_kernels.benchmarks import cases_hessian
+from taylor_kernels.benchmarks import cases_jet
 from taylor_kernels.benchmarks.machine import bench_device, device_label, machine_info
 from taylor_kernels.benchmarks.report import write_json
 
 FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": cases_ig_family,
             "adaptive_evals": cases_adaptive, "scale": cases_scale}
 FAMILIES["hessian"] = cases_hessian
+FAMILIES["jet"] = cases_jet
 SCHEMA = 1
 
 

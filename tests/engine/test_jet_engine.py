@@ -280,3 +280,13 @@ def test_mixed_partials_match_hessian_and_third_derivatives():
 def test_errors(call, err):
     with pytest.raises(err):
         call(mlp(nn.Tanh()), torch.randn(2, 5, dtype=DT))
+
+
+def test_bench_family_smoke():
+    from taylor_kernels.benchmarks import cases_jet
+    result = cases_jet.run("smoke", torch.device("cpu"), log=lambda msg: None)
+    rows = result["directional"] + result["unary"]
+    assert rows and all("error" not in r for r in rows)
+    assert all(r["rel_diff"] < 1e-4 for r in result["directional"])
+    assert all(r["rel_err"] < 1e-5 for r in result["unary"])
+    assert len(cases_jet.tables(result)) == (2 if result["unary"] else 1)

@@ -1,0 +1,195 @@
+"""Family ``jet``: Taylor mode against nested forward-mode AD, and the fused jet kernel.
+
+* ``directional``: the order-K coefficients of ``t -> f(x + t v)`` for ``M`` directions per
+  input of a tanh MLP, a GELU MLP and a small pre-norm transformer block (attention + GELU MLP,
+  layer norms), by ``tk.jet`` (traced Taylor mode) and by ``torch.func.jvp`` nested K times on
+  the same batched function (``reference.jet.nested_jvp_coefficients``), K = 2, 4, 6; with
+  the largest difference relative to the largest coefficient of each order.
+* ``jet_unary``: the fused C++ kernel (all orders, one pass over memory) against the eager
+  PyTorch recurrence (``reference.jet.jet_unary``: one ATen call per term) on ``N`` elements,
+  K = 2, 4, 6. ``bytes`` = the ``(K+1) N`` coefficients read plus written once; ``flops`` =
+  the recurrence's multiply/add/divide count (:func:`unary_flops`); GB/s = bytes / time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import taylor_kernels as tk
+from taylor_kernels.benchmarks.report import fmt_time, format_table
+from taylor_kernels.benchmarks.timing import measure
+from taylor_kernels.reference import jet as ref
+
+ORDERS = {"smoke": (2,), "quick": (2, 4, 6), "full": (2, 4, 6)}
+REPEATS = {"smoke": 1, "quick": 5, "full": 7}
+# directional cases: (name, model spec, batch B, directions M)
+MODELS = {
+    "smoke": [("mlp_tanh", {"kind": "mlp", "d": 8, "hidden": 16, "act": "tanh"}, 2, 2)],
+    "quick": [("mlp_tanh", {"kind": "mlp", "d": 64, "hidden": 128, "act": "tanh"}, 16, 4),
+              ("mlp_gelu", {"kind": "mlp", "d": 64, "hidden": 128, "act": "gelu"}, 16, 4),
+              ("block", {"kind": "block", "d": 32, "tokens": 8, "heads": 4}, 8, 4)],
+    "full": [("mlp_tanh", {"kind": "mlp", "d": 256, "hidden": 512, "act": "tanh"}, 64, 8),
+             ("mlp_gelu", {"kind": "mlp", "d": 256, "hidden": 512, "act": "gelu"}, 64, 8),
+             ("block", {"kind": "block", "d": 64, "tokens": 16, "heads": 4}, 32, 8)],
+}
+UNARY_N = {"smoke": 4096, "quick": 1 << 20, "full": 1 << 23}
+UNARY_FNS = ("tanh", "gelu", "exp", "silu")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (causal SDPA attention, GELU MLP) with a 10-class head."""
+
+    def __init__(self, d: int, heads: int, classes: int = 10):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(B, T, 3 * self.heads, -1).transpose(1, 2).chunk(
+            3, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+def build(spec: dict, device) -> tuple[nn.Module, tuple[int, ...]]:
+    """Seeded model and its per-input shape."""
+    torch.manual_seed(0)
+    if spec["kind"] == "mlp":
+        act = nn.Tanh if spec["act"] == "tanh" else nn.GELU
+        d, h = spec["d"], spec["hidden"]
+        model = nn.Sequential(nn.Linear(d, h), act(), nn.Linear(h, h), act(), nn.Linear(h, 10))
+        shape = (d,)
+    else:
+        model = Block(spec["d"], spec["heads"])
+        shape = (spec["tokens"], spec["d"])
+    return model.to(device).eval(), shape
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max over orders k of max|a_k - b_k| / max|b_k|."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return ((a - b).abs().amax(1) / b.abs().amax(1).clamp_min(1e-300)).max().item()
+
+
+def directional_row(name, spec, B, M, K, device, repeats) -> dict:
+    model, shape = build(spec, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((B,) + shape, generator=g).to(device)
+    V = torch.randn((B, M) + shape, generator=g).to(device)
+    target = 0
+    x0 = x.unsqueeze(1).expand(V.shape).reshape((B * M,) + shape)
+    curve = torch.stack([x0, V.reshape(x0.shape)])
+
+    def ours():
+        with torch.no_grad():
+            return tk.jet(model, x, V, K, target=target)
+
+    def nested():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            return ref.nested_jvp_coefficients(lambda z: model(z)[:, target], [curve], K)
+
+    t_ours = measure(ours, warmup=1, repeats=repeats, device=device)
+    t_nested = measure(nested, warmup=1, repeats=max(1, repeats // 2), device=device)
+    diff = _rel_diff(ours().reshape(K + 1, -1), nested())
+    return {"case": name, "K": K, "B": B, "M": M, "ours_s": t_ours.median,
+            "nested_s": t_nested.median, "speedup": t_nested.median / t_ours.median,
+            "rel_diff": diff, "ours_time": t_ours.as_dict(), "nested_time": t_nested.as_dict()}
+
+
+def _sum_k(J: int, f) -> int:
+    return sum(f(k) for k in range(1, J + 1))
+
+
+def unary_flops(fn: str, J: int) -> int:
+    """Arithmetic operations per element of the recurrence (order-0 functions count 1 each).
+
+    ``D(u, z)_k`` costs ``3k`` (``j * u_j * z_{k-j}`` summed, one divide), a Cauchy term
+    ``(a*b)_k`` costs ``2k + 1``.
+    """
+    integral = lambda k: 3 * k  # noqa: E731
+    cauchy = lambda k: 2 * k + 1  # noqa: E731
+    sig = lambda J_: 3 + _sum_k(J_, lambda k: integral(k) + cauchy(k) + 1)  # noqa: E731
+    if fn == "exp":
+        return 1 + _sum_k(J, integral)
+    if fn == "tanh":
+        return sig(J)
+    if fn == "silu":
+        return sig(J) + sum(cauchy(k) for k in range(J + 1))
+    if fn == "gelu":
+        return 8 + _sum_k(J, lambda k: 2 * integral(k) + cauchy(k)) + \
+            sum(cauchy(k) for k in range(J + 1))
+    raise ValueError(f"no flop count for {fn!r}")
+
+
+def unary_row(fn: str, K: int, N: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(K + 1, N, generator=g) * 0.5
+    fused = lambda: torch.ops.taylor_kernels.jet_unary(u, ref.fn_code(fn))  # noqa: E731
+    eager = lambda: ref.jet_unary(fn, u)  # noqa: E731
+    t_fused = measure(fused, warmup=1, repeats=repeats)
+    t_eager = measure(eager, warmup=1, repeats=repeats)
+    nbytes = 2 * (K + 1) * N * u.element_size()
+    flops = unary_flops(fn, K) * N
+    return {"fn": fn, "K": K, "N": N, "dtype": "float32", "bytes": nbytes, "flops": flops,
+            "fused_s": t_fused.median, "eager_s": t_eager.median,
+            "speedup": t_eager.median / t_fused.median, "fused_gbps": nbytes / t_fused.median / 1e9,
+            "fused_gflops": flops / t_fused.median / 1e9,
+            "eager_gbps": nbytes / t_eager.median / 1e9,
+            "rel_err": _rel_diff(fused(), ref.jet_unary(fn, u.double())),
+            "fused_time": t_fused.as_dict(), "eager_time": t_eager.as_dict()}
+
+
+def run(tier: str, device: torch.device, log=print) -> dict:
+    repeats = REPEATS[tier]
+    directional, unary = [], []
+    for name, spec, B, M in MODELS[tier]:
+        for K in ORDERS[tier]:
+            try:
+                row = directional_row(name, spec, B, M, K, device, repeats)
+            except Exception as exc:  # noqa: BLE001
+                row = {"case": name, "K": K, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            directional.append(row)
+            log(f"[jet] {name} K={K}: " + (f"ours {fmt_time(row['ours_s'])}, nested "
+                f"{fmt_time(row['nested_s'])}, x{row['speedup']:.1f}" if "error" not in row
+                else f"FAILED {row['error']}"))
+    if tk.backends.available()["cpp"]:
+        for fn in UNARY_FNS:
+            for K in ORDERS[tier]:
+                row = unary_row(fn, K, UNARY_N[tier], repeats)
+                unary.append(row)
+                log(f"[jet] jet_unary {fn} K={K}: fused {fmt_time(row['fused_s'])}, eager "
+                    f"{fmt_time(row['eager_s'])}, x{row['speedup']:.1f}")
+    notes = ["directional: tk.jet vs torch.func.jvp nested K times on the same batched "
+             "function (B*M rows, target logit 0, float32, no_grad); rel diff = max over "
+             "orders of max|ours - nested| / max|nested|",
+             "jet_unary: C++ kernel vs eager PyTorch recurrence (reference.jet), float32; "
+             "GB/s = 2 (K+1) N * 4 bytes / median time"]
+    return {"directional": directional, "unary": unary, "notes": notes,
+            "threads": torch.get_num_threads()}
+
+
+def tables(result: dict) -> list[str]:
+    cols = [("case", "case", ""), ("K", "K", "d"), ("B", "B", "d"), ("M", "M", "d"),
+            ("ours_s", "tk.jet", fmt_time), ("nested_s", "nested jvp", fmt_time),
+            ("speedup", "speedup", ".1f"), ("rel_diff", "rel diff", ".1e")]
+    if any("error" in r for r in result["directional"]):
+        cols.append(("error", "error", ""))
+    out = [format_table("jet: order-K directional coefficients, tk.jet vs nested jvp",
+                        result["directional"], cols, result["notes"][:1])]
+    if result["unary"]:
+        ucols = [("fn", "fn", ""), ("K", "K", "d"), ("N", "N", "d"),
+                 ("fused_s", "fused (cpp)", fmt_time), ("eager_s", "eager", fmt_time),
+                 ("speedup", "speedup", ".1f"), ("fused_gbps", "fused GB/s", ".2f"),
+                 ("fused_gflops", "fused GFLOP/s", ".2f"), ("eager_gbps", "eager GB/s", ".2f"),
+                 ("rel_err", "rel err", ".1e")]
+        out.append(format_table("jet: fused jet_unary vs eager recurrence", result["unary"],
+                                ucols, result["notes"][1:]))
+    return out
