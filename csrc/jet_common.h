@@ -10,7 +10,9 @@
 //   u^p (reciprocal, sqrt, rsqrt): y_k = sum_{j=1..k} ((p+1) j - k) u_j y_{k-j} / (k u_0)
 //   square: u*u      relu: y_k = u_k [u_0 > 0]
 // The code is generic in the value type V: a scalar (CUDA: one element per thread) or a SIMD
-// vector of elements (CPU). M supplies the order-0 elementary functions on V and S is the scalar.
+// vector of elements (CPU); S is the scalar type. The order-0 values of the elementary functions
+// ("seeds", see order0_seeds) come from the caller: the CPU kernel computes them with ATen's
+// vectorized math, the CUDA kernel with the device's.
 #pragma once
 
 #ifdef __CUDACC__
@@ -31,6 +33,10 @@ enum Fn : int {
   kSin, kCos, kRelu, kSquare, kReciprocal, kSqrt, kRsqrt, kNumFns
 };
 
+constexpr double kGeluTanhC = 0.7978845608028654;  // sqrt(2/pi)
+constexpr double kInvSqrt2Pi = 0.3989422804014327;
+constexpr double kInvSqrt2 = 0.7071067811865476;
+
 template <class V>
 TK_HD V cauchy(const V* a, const V* b, int k) {
   V acc = a[0] * b[k];
@@ -46,9 +52,9 @@ TK_HD V integral(const V* u, const V* z, int k) {
   return acc / S(k);
 }
 
-template <class S, class M, class V>
-TK_HD void tanh_series(const V* u, int J, V* y, V* z) {
-  y[0] = M::tanh(u[0]);
+template <class S, class V>
+TK_HD void tanh_series(const V* u, int J, V t0, V* y, V* z) {  // t0 = tanh(u_0)
+  y[0] = t0;
   z[0] = S(1) - y[0] * y[0];
   for (int k = 1; k <= J; ++k) {
     y[k] = integral<S>(u, z, k);
@@ -56,9 +62,9 @@ TK_HD void tanh_series(const V* u, int J, V* y, V* z) {
   }
 }
 
-template <class S, class M, class V>
-TK_HD void sigmoid_series(const V* u, int J, V* y, V* z) {
-  y[0] = M::sigmoid(u[0]);
+template <class S, class V>
+TK_HD void sigmoid_series(const V* u, int J, V s0, V* y, V* z) {  // s0 = sigmoid(u_0)
+  y[0] = s0;
   z[0] = y[0] - y[0] * y[0];
   for (int k = 1; k <= J; ++k) {
     y[k] = integral<S>(u, z, k);
@@ -66,10 +72,10 @@ TK_HD void sigmoid_series(const V* u, int J, V* y, V* z) {
   }
 }
 
-template <class S, class M, class V>
-TK_HD void gelu_series(const V* u, int J, V* y, V* p, V* P, V* up) {
-  p[0] = M::exp(S(-0.5) * u[0] * u[0]) * S(0.3989422804014327);  // 1/sqrt(2 pi)
-  P[0] = S(0.5) * (S(1) + M::erf(u[0] * S(0.7071067811865476)));
+template <class S, class V>
+TK_HD void gelu_series(const V* u, int J, V p0, V P0, V* y, V* p, V* P, V* up) {
+  p[0] = p0;  // phi(u_0)
+  P[0] = P0;  // Phi(u_0)
   up[0] = u[0] * p[0];
   for (int k = 1; k <= J; ++k) {
     P[k] = integral<S>(u, p, k);
@@ -79,27 +85,27 @@ TK_HD void gelu_series(const V* u, int J, V* y, V* p, V* P, V* up) {
   for (int k = 0; k <= J; ++k) y[k] = cauchy(u, P, k);
 }
 
-template <class S, class M, class V>
-TK_HD void gelu_tanh_series(const V* u, int J, V* y, V* a, V* T, V* z) {
+template <class S, class V>
+TK_HD void gelu_tanh_series(const V* u, int J, V t0, V* y, V* a, V* T, V* z) {  // t0 = tanh(a_0)
   for (int k = 0; k <= J; ++k) z[k] = cauchy(u, u, k);  // u^2
-  for (int k = 0; k <= J; ++k) a[k] = S(0.7978845608028654) * (u[k] + S(0.044715) * cauchy(z, u, k));
-  tanh_series<S, M>(a, J, T, z);
+  for (int k = 0; k <= J; ++k) a[k] = S(kGeluTanhC) * (u[k] + S(0.044715) * cauchy(z, u, k));
+  tanh_series<S>(a, J, t0, T, z);
   for (int k = 0; k <= J; ++k) y[k] = S(0.5) * (u[k] + cauchy(u, T, k));
 }
 
-template <class S, class M, class V>
-TK_HD void sincos_series(const V* u, int J, V* s, V* c) {
-  s[0] = M::sin(u[0]);
-  c[0] = M::cos(u[0]);
+template <class S, class V>
+TK_HD void sincos_series(const V* u, int J, V s0, V c0, V* s, V* c) {
+  s[0] = s0;
+  c[0] = c0;
   for (int k = 1; k <= J; ++k) {
     s[k] = integral<S>(u, c, k);
     c[k] = -integral<S>(u, s, k);
   }
 }
 
-template <class S, class M, class V>
-TK_HD void log_series(const V* u, int J, V* y) {
-  y[0] = M::log(u[0]);
+template <class S, class V>
+TK_HD void log_series(const V* u, int J, V l0, V* y) {  // l0 = log(u_0)
+  y[0] = l0;
   for (int k = 1; k <= J; ++k) {
     V acc = u[k];
     for (int j = 1; j < k; ++j) acc -= (S(j) / S(k)) * y[j] * u[k - j];
@@ -116,48 +122,53 @@ TK_HD void power_series(const V* u, int J, S p, V* y) {  // y[0] set by the call
   }
 }
 
-// y[0..J] = coefficients of fn(u); w1..w3 are scratch series of kMaxCoeffs values.
-template <class S, class M, class V>
-TK_HD void unary_series(int fn, int J, const V* u, V* y, V* w1, V* w2, V* w3) {
+// Order-0 values the recurrences start from, as a function of the scalar u_0 (2 at most):
+//   tanh: tanh u0 | sigmoid, silu: sigmoid u0 | exp: exp u0 | log: log u0
+//   softplus: softplus u0, sigmoid u0 | gelu: phi(u0), Phi(u0)
+//   gelu_tanh: tanh(c (u0 + 0.044715 u0^3)) | sin, cos: sin u0, cos u0 | relu: [u0 > 0]
+//   square: - | reciprocal: 1/u0 | sqrt: sqrt u0 | rsqrt: 1/sqrt u0
+
+// y[0..J] = coefficients of fn(u) given the seeds s0, s1 of fn at u_0; w1..w3 are scratch
+// series of kMaxCoeffs values.
+template <class S, class V>
+TK_HD void unary_series(int fn, int J, const V* u, V s0, V s1, V* y, V* w1, V* w2, V* w3) {
   switch (fn) {
-    case kTanh: tanh_series<S, M>(u, J, y, w1); break;
-    case kSigmoid: sigmoid_series<S, M>(u, J, y, w1); break;
+    case kTanh: tanh_series<S>(u, J, s0, y, w1); break;
+    case kSigmoid: sigmoid_series<S>(u, J, s0, y, w1); break;
     case kExp:
-      y[0] = M::exp(u[0]);
+      y[0] = s0;
       for (int k = 1; k <= J; ++k) y[k] = integral<S>(u, y, k);
       break;
-    case kLog: log_series<S, M>(u, J, y); break;
+    case kLog: log_series<S>(u, J, s0, y); break;
     case kSoftplus:
-      sigmoid_series<S, M>(u, J, w1, w2);
-      y[0] = M::softplus(u[0]);
+      sigmoid_series<S>(u, J, s1, w1, w2);
+      y[0] = s0;
       for (int k = 1; k <= J; ++k) y[k] = integral<S>(u, w1, k);
       break;
-    case kGelu: gelu_series<S, M>(u, J, y, w1, w2, w3); break;
-    case kGeluTanh: gelu_tanh_series<S, M>(u, J, y, w1, w2, w3); break;
+    case kGelu: gelu_series<S>(u, J, s0, s1, y, w1, w2, w3); break;
+    case kGeluTanh: gelu_tanh_series<S>(u, J, s0, y, w1, w2, w3); break;
     case kSilu:
-      sigmoid_series<S, M>(u, J, w1, w2);
+      sigmoid_series<S>(u, J, s0, w1, w2);
       for (int k = 0; k <= J; ++k) y[k] = cauchy(u, w1, k);
       break;
-    case kSin: sincos_series<S, M>(u, J, y, w1); break;
-    case kCos: sincos_series<S, M>(u, J, w1, y); break;
-    case kRelu: {
-      const V on = M::positive(u[0]);
-      for (int k = 0; k <= J; ++k) y[k] = u[k] * on;
+    case kSin: sincos_series<S>(u, J, s0, s1, y, w1); break;
+    case kCos: sincos_series<S>(u, J, s0, s1, w1, y); break;
+    case kRelu:
+      for (int k = 0; k <= J; ++k) y[k] = u[k] * s0;
       break;
-    }
     case kSquare:
       for (int k = 0; k <= J; ++k) y[k] = cauchy(u, u, k);
       break;
     case kReciprocal:
-      y[0] = S(1) / u[0];
+      y[0] = s0;
       power_series<S>(u, J, S(-1), y);
       break;
     case kSqrt:
-      y[0] = M::sqrt(u[0]);
+      y[0] = s0;
       power_series<S>(u, J, S(0.5), y);
       break;
     default:  // kRsqrt
-      y[0] = S(1) / M::sqrt(u[0]);
+      y[0] = s0;
       power_series<S>(u, J, S(-0.5), y);
       break;
   }

@@ -3,19 +3,23 @@
 // jet_unary(u [J+1, N], fn) -> [J+1, N]: coefficients of fn(u(t)), all orders in one pass per
 //   element (recurrences in ../jet_common.h).
 // jet_mul(a [J+1, N], b [J+1, N]) -> [J+1, N]: c_k = sum_{j<=k} a_j b_{k-j}.
-// Elements are processed kLanes at a time as GCC vectors (SIMD over N, the recurrences' loops
-// over orders run on whole vectors); OpenMP threads split N. Inputs are read through their
+// Elements are processed W at a time as GCC vectors (SIMD over N, the recurrences' loops over
+// orders run on whole vectors); OpenMP threads split N. The order-0 function values (seeds)
+// come first from ATen's vectorized math (one extra pass over u_0). Inputs are read through their
 // strides; outputs are contiguous. Arithmetic in float (double for double inputs).
 #include "../jet_common.h"
 #include "../path_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ATen.h>  // the seeds use ATen's vectorized math (tanh, erf, ...)
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -24,7 +28,7 @@
 namespace taylor_kernels {
 namespace {
 
-constexpr int64_t kVectorBytes = 64;
+constexpr int64_t kVectorBytes = 16;  // SSE2 registers: baseline x86-64, one instruction per op
 constexpr int64_t kMinParallelElems = 4096;
 
 template <typename A>
@@ -33,58 +37,61 @@ struct Lanes {
   typedef A V __attribute__((vector_size(kVectorBytes)));
 };
 
-// Order-0 elementary functions, lane by lane (only order 0 needs them).
-template <typename A>
-struct VecMath {
-  using V = typename Lanes<A>::V;
-  static constexpr int W = Lanes<A>::W;
-  template <typename F>
-  static V map(V x, F f) {
-    V r;
-    for (int l = 0; l < W; ++l) r[l] = f(x[l]);
-    return r;
-  }
-  static V exp(V x) { return map(x, [](A v) { return std::exp(v); }); }
-  static V tanh(V x) { return map(x, [](A v) { return std::tanh(v); }); }
-  static V log(V x) { return map(x, [](A v) { return std::log(v); }); }
-  static V sin(V x) { return map(x, [](A v) { return std::sin(v); }); }
-  static V cos(V x) { return map(x, [](A v) { return std::cos(v); }); }
-  static V erf(V x) { return map(x, [](A v) { return std::erf(v); }); }
-  static V sqrt(V x) { return map(x, [](A v) { return std::sqrt(v); }); }
-  static V sigmoid(V x) { return map(x, [](A v) { return A(1) / (A(1) + std::exp(-v)); }); }
-  static V softplus(V x) {
-    return map(x, [](A v) { return std::max(v, A(0)) + std::log1p(std::exp(-std::abs(v))); });
-  }
-  static V positive(V x) { return map(x, [](A v) { return v > A(0) ? A(1) : A(0); }); }
-};
-
 template <typename T>
 inline acc_t<T> load(T v) {
   return static_cast<acc_t<T>>(v);
 }
 
-// Elements [n0, n1) of one jet op: gathers kLanes elements' coefficients into vectors, runs
-// op(in0, in1, out) on them and scatters the valid lanes.
+// Elements [n0, n1) of one jet op: gathers W elements' coefficients into vectors (one vector
+// load per coefficient when the elements are contiguous) and their order-0 seeds (contiguous,
+// may be null), runs op(in0, in1, seed0, seed1, out) on them and stores the valid lanes.
 template <typename scalar_t, typename Op>
-void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b, int64_t sb0,
-               int64_t sb1, scalar_t* out, int64_t N, int J, int64_t n0, int64_t n1,
-               const Op& op) {
+void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b,
+                             int64_t sb0, int64_t sb1, const acc_t<scalar_t>* seed0,
+                             const acc_t<scalar_t>* seed1, scalar_t* out, int64_t N, int J,
+                             int64_t n0, int64_t n1, const Op& op) {
   using A = acc_t<scalar_t>;
   using V = typename Lanes<A>::V;
   constexpr int W = Lanes<A>::W;
+  constexpr bool kPlain = std::is_same_v<scalar_t, A>;
   V x[jet::kMaxCoeffs], y[jet::kMaxCoeffs], r[jet::kMaxCoeffs];
+  auto gather = [&](V* dst, const scalar_t* src, int64_t s0, int64_t s1, int64_t base,
+                    int valid) {
+    for (int k = 0; k <= J; ++k) {
+      if constexpr (kPlain) {
+        if (s1 == 1 && valid == W) {
+          std::memcpy(&dst[k], src + k * s0 + base, sizeof(V));
+          continue;
+        }
+      }
+      for (int l = 0; l < W; ++l)  // padded lanes repeat the last element (finite inputs)
+        dst[k][l] = load(src[k * s0 + (base + std::min(l, valid - 1)) * s1]);
+    }
+  };
+  auto seed = [&](const A* src, int64_t base, int valid) {
+    V v = {};
+    if (src == nullptr) return v;
+    if (valid == W) {
+      std::memcpy(&v, src + base, sizeof(V));
+    } else {
+      for (int l = 0; l < W; ++l) v[l] = src[base + std::min(l, valid - 1)];
+    }
+    return v;
+  };
   for (int64_t base = n0; base < n1; base += W) {
     const int valid = static_cast<int>(std::min<int64_t>(W, n1 - base));
+    gather(x, a, sa0, sa1, base, valid);
+    if (b != nullptr) gather(y, b, sb0, sb1, base, valid);
+    op(x, y, seed(seed0, base, valid), seed(seed1, base, valid), r);
     for (int k = 0; k <= J; ++k) {
-      for (int l = 0; l < W; ++l) {  // padded lanes repeat the last element (finite inputs)
-        const int64_t n = base + std::min(l, valid - 1);
-        x[k][l] = load(a[k * sa0 + n * sa1]);
-        if (b != nullptr) y[k][l] = load(b[k * sb0 + n * sb1]);
+      if constexpr (kPlain) {
+        if (valid == W) {
+          std::memcpy(out + k * N + base, &r[k], sizeof(V));
+          continue;
+        }
       }
-    }
-    op(x, y, r);
-    for (int k = 0; k <= J; ++k)
       for (int l = 0; l < valid; ++l) out[k * N + base + l] = static_cast<scalar_t>(r[k][l]);
+    }
   }
 }
 
@@ -115,6 +122,29 @@ void check_jet_tensor(const at::Tensor& u, const char* op, const char* name) {
                     u.sizes());
 }
 
+// The order-0 seeds of fn (table in ../jet_common.h) with ATen's vectorized math, in the
+// accumulation dtype; undefined tensors where fn needs fewer than two.
+std::array<at::Tensor, 2> order0_seeds(const at::Tensor& u0, int fn) {
+  switch (fn) {
+    case jet::kTanh: return {at::tanh(u0), {}};
+    case jet::kSigmoid:
+    case jet::kSilu: return {at::sigmoid(u0), {}};
+    case jet::kExp: return {at::exp(u0), {}};
+    case jet::kLog: return {at::log(u0), {}};
+    case jet::kSoftplus: return {at::softplus(u0, 1, 20), at::sigmoid(u0)};
+    case jet::kGelu:
+      return {at::exp(u0 * u0 * -0.5) * jet::kInvSqrt2Pi, (at::erf(u0 * jet::kInvSqrt2) + 1) * 0.5};
+    case jet::kGeluTanh: return {at::tanh((u0 + u0 * u0 * u0 * 0.044715) * jet::kGeluTanhC), {}};
+    case jet::kSin:
+    case jet::kCos: return {at::sin(u0), at::cos(u0)};
+    case jet::kRelu: return {(u0 > 0).to(u0.scalar_type()), {}};
+    case jet::kSquare: return {};
+    case jet::kReciprocal: return {at::reciprocal(u0), {}};
+    case jet::kSqrt: return {at::sqrt(u0), {}};
+    default: return {at::rsqrt(u0), {}};
+  }
+}
+
 at::Tensor jet_unary_cpu(const at::Tensor& u, int64_t fn) {
   check_jet_tensor(u, "jet_unary", "u");
   TORCH_CHECK_VALUE(fn >= 0 && fn < jet::kNumFns, "jet_unary: fn code ", fn, " out of range [0, ",
@@ -124,17 +154,21 @@ at::Tensor jet_unary_cpu(const at::Tensor& u, int64_t fn) {
   const int J = static_cast<int>(u.size(0) - 1);
   at::Tensor out = at::empty({J + 1, N}, u.options());
   if (N == 0) return out;
+  const auto seeds = order0_seeds(
+      u.select(0, 0).to(accumulation_dtype(u.scalar_type())).contiguous(), static_cast<int>(fn));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "jet_unary", [&] {
     using A = acc_t<scalar_t>;
     using V = typename Lanes<A>::V;
     const auto f = static_cast<int>(fn);
-    auto op = [f, J](const V* x, const V*, V* r) {
+    auto op = [f, J](const V* x, const V*, V s0, V s1, V* r) {
       V w1[jet::kMaxCoeffs], w2[jet::kMaxCoeffs], w3[jet::kMaxCoeffs];
-      jet::unary_series<A, VecMath<A>>(f, J, x, r, w1, w2, w3);
+      jet::unary_series<A>(f, J, x, s0, s1, r, w1, w2, w3);
     };
+    const A* s0 = seeds[0].defined() ? seeds[0].const_data_ptr<A>() : nullptr;
+    const A* s1 = seeds[1].defined() ? seeds[1].const_data_ptr<A>() : nullptr;
     parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
       run_lanes<scalar_t>(u.const_data_ptr<scalar_t>(), u.stride(0), u.stride(1), nullptr, 0, 0,
-                          out.mutable_data_ptr<scalar_t>(), N, J, n0, n1, op);
+                          s0, s1, out.mutable_data_ptr<scalar_t>(), N, J, n0, n1, op);
     });
   });
   return out;
@@ -153,13 +187,13 @@ at::Tensor jet_mul_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "jet_mul", [&] {
     using V = typename Lanes<acc_t<scalar_t>>::V;
-    auto op = [J](const V* x, const V* y, V* r) {
+    auto op = [J](const V* x, const V* y, V, V, V* r) {
       for (int k = 0; k <= J; ++k) r[k] = jet::cauchy(x, y, k);
     };
     parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
       run_lanes<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
-                          b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1),
-                          out.mutable_data_ptr<scalar_t>(), N, J, n0, n1, op);
+                          b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1), nullptr,
+                          nullptr, out.mutable_data_ptr<scalar_t>(), N, J, n0, n1, op);
     });
   });
   return out;

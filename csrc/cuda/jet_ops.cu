@@ -24,30 +24,55 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-struct DevMath {
-  static __device__ __forceinline__ float exp(float x) { return ::expf(x); }
-  static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
-  static __device__ __forceinline__ float tanh(float x) { return ::tanhf(x); }
-  static __device__ __forceinline__ double tanh(double x) { return ::tanh(x); }
-  static __device__ __forceinline__ float log(float x) { return ::logf(x); }
-  static __device__ __forceinline__ double log(double x) { return ::log(x); }
-  static __device__ __forceinline__ float sin(float x) { return ::sinf(x); }
-  static __device__ __forceinline__ double sin(double x) { return ::sin(x); }
-  static __device__ __forceinline__ float cos(float x) { return ::cosf(x); }
-  static __device__ __forceinline__ double cos(double x) { return ::cos(x); }
-  static __device__ __forceinline__ float erf(float x) { return ::erff(x); }
-  static __device__ __forceinline__ double erf(double x) { return ::erf(x); }
-  static __device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
-  static __device__ __forceinline__ double sqrt(double x) { return ::sqrt(x); }
-  template <typename A>
-  static __device__ __forceinline__ A sigmoid(A x) { return A(1) / (A(1) + exp(-x)); }
-  template <typename A>
-  static __device__ __forceinline__ A softplus(A x) {
-    return (x > A(0) ? x : A(0)) + log(A(1) + exp(x > A(0) ? -x : x));
+__device__ __forceinline__ float dexp(float x) { return ::expf(x); }
+__device__ __forceinline__ double dexp(double x) { return ::exp(x); }
+__device__ __forceinline__ float dtanh(float x) { return ::tanhf(x); }
+__device__ __forceinline__ double dtanh(double x) { return ::tanh(x); }
+__device__ __forceinline__ float dlog(float x) { return ::logf(x); }
+__device__ __forceinline__ double dlog(double x) { return ::log(x); }
+__device__ __forceinline__ float dlog1p(float x) { return ::log1pf(x); }
+__device__ __forceinline__ double dlog1p(double x) { return ::log1p(x); }
+__device__ __forceinline__ float dsin(float x) { return ::sinf(x); }
+__device__ __forceinline__ double dsin(double x) { return ::sin(x); }
+__device__ __forceinline__ float dcos(float x) { return ::cosf(x); }
+__device__ __forceinline__ double dcos(double x) { return ::cos(x); }
+__device__ __forceinline__ float derf(float x) { return ::erff(x); }
+__device__ __forceinline__ double derf(double x) { return ::erf(x); }
+__device__ __forceinline__ float dsqrt(float x) { return ::sqrtf(x); }
+__device__ __forceinline__ double dsqrt(double x) { return ::sqrt(x); }
+
+// The order-0 seeds of fn at u0 (table in ../jet_common.h).
+template <typename A>
+__device__ __forceinline__ void order0_seeds(int fn, A u0, A& s0, A& s1) {
+  const A sig = A(1) / (A(1) + dexp(-u0));
+  s1 = A(0);
+  switch (fn) {
+    case jet::kTanh: s0 = dtanh(u0); break;
+    case jet::kSigmoid:
+    case jet::kSilu: s0 = sig; break;
+    case jet::kExp: s0 = dexp(u0); break;
+    case jet::kLog: s0 = dlog(u0); break;
+    case jet::kSoftplus:  // torch's threshold: softplus(x) = x above 20
+      s0 = u0 > A(20) ? u0 : dlog1p(dexp(u0));
+      s1 = sig;
+      break;
+    case jet::kGelu:
+      s0 = dexp(A(-0.5) * u0 * u0) * A(jet::kInvSqrt2Pi);
+      s1 = A(0.5) * (A(1) + derf(u0 * A(jet::kInvSqrt2)));
+      break;
+    case jet::kGeluTanh: s0 = dtanh(A(jet::kGeluTanhC) * (u0 + A(0.044715) * u0 * u0 * u0)); break;
+    case jet::kSin:
+    case jet::kCos:
+      s0 = dsin(u0);
+      s1 = dcos(u0);
+      break;
+    case jet::kRelu: s0 = u0 > A(0) ? A(1) : A(0); break;
+    case jet::kSquare: s0 = A(0); break;
+    case jet::kReciprocal: s0 = A(1) / u0; break;
+    case jet::kSqrt: s0 = dsqrt(u0); break;
+    default: s0 = A(1) / dsqrt(u0); break;
   }
-  template <typename A>
-  static __device__ __forceinline__ A positive(A x) { return x > A(0) ? A(1) : A(0); }
-};
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -64,8 +89,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k <= J; ++k) y[k] = static_cast<A>(b[k * sb0 + n * sb1]);
       for (int k = 0; k <= J; ++k) r[k] = jet::cauchy(x, y, k);
     } else {
-      A w2[jet::kMaxCoeffs], w3[jet::kMaxCoeffs];
-      jet::unary_series<A, DevMath>(fn, J, x, r, y, w2, w3);  // y is free: scratch
+      A w2[jet::kMaxCoeffs], w3[jet::kMaxCoeffs], s0, s1;
+      order0_seeds(fn, x[0], s0, s1);
+      jet::unary_series<A>(fn, J, x, s0, s1, r, y, w2, w3);  // y is free: scratch
     }
     for (int k = 0; k <= J; ++k) out[k * N + n] = static_cast<scalar_t>(r[k]);
   }
