@@ -112,7 +112,8 @@ def run_hessian(D, B, repeats, device, log) -> list[dict]:
     with torch.no_grad():
         for name, fn in _hessian_methods(model, x).items():
             with torch.enable_grad():
-                t = measure(fn, warmup=1, repeats=repeats, device=device)
+                # twice the repeats: these calls take milliseconds, medians need more samples
+                t = measure(fn, warmup=1, repeats=2 * repeats, device=device)
                 err = _rel_err(fn().detach(), ref)
             rows.append({"D": D, "B": B, "method": name, "median_s": t.median,
                          "time": t.as_dict(), "rel_err": err})
