@@ -234,6 +234,24 @@ def test_untraceable_function_falls_back_whole():
     torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)
 
 
+class Untraceable(nn.Module):
+    def forward(self, x):  # data-dependent control flow: this module cannot be traced
+        return torch.atan(x) if float(x.sum()) > -1e9 else x
+
+
+def test_untraceable_child_module_falls_back_alone():
+    model = nn.Sequential(nn.Linear(3, 3), Untraceable(), nn.Tanh(), nn.Linear(3, 1),
+                          nn.Flatten(0)).double()
+    jet_engine._WARNED_OPS.discard("Untraceable")
+    x, V = torch.randn(2, 3, dtype=DT), torch.randn(2, 2, 3, dtype=DT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = tk.jet(model, x, V, 3)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "Untraceable" in messages[0], messages
+    torch.testing.assert_close(got, reference_jet(model, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
 def test_reverse_mode_through_the_jet():
     m, x = mlp(nn.GELU()), torch.randn(2, 5, dtype=DT, requires_grad=True)
     V = torch.randn(2, 2, 5, dtype=DT)
