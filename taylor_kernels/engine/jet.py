@@ -14,9 +14,9 @@ treat rows independently (eval mode; batch norm with running statistics).
 """
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
+from collections import OrderedDict
 
 import torch
 import torch.fx as fx
@@ -28,11 +28,14 @@ from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.reference.jet import MAX_ORDER, nested_jvp_coefficients, polarization_rule
 
 _WARNED_OPS: set[str] = set()
-_TRACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TRACES: "OrderedDict[int, tuple[weakref.ref, fx.GraphModule | None]]" = OrderedDict()
+_TRACE_CACHE_SIZE = 16  # traced functions kept (a small LRU: entries hold the model alive)
 
 
 class _Tracer(fx.Tracer):
-    """Traces plain functions too: modules they call are attached to the root on the fly."""
+    """Traces ``x -> f(x)`` for a function or module ``f``: the root is a fresh module and the
+    modules ``f`` calls are attached to it on the fly (the user's model is never modified).
+    ``leaf_children``: the children of those modules are leaves (a coarser trace)."""
 
     def __init__(self, leaf_children: bool = False):
         super().__init__()
@@ -50,28 +53,35 @@ class _Tracer(fx.Tracer):
             return self._extra[id(mod)]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname) or (self.leaf_children and "." not in qualname)
+        return super().is_leaf_module(m, qualname) or (
+            self.leaf_children and qualname.count(".") == 1)
 
 
 def _trace(f) -> fx.GraphModule | None:
-    """``f`` as a GraphModule (cached), tracing with child modules as leaves if need be."""
-    try:
-        return _TRACES[f]
-    except (KeyError, TypeError):
-        pass
+    """``x -> f(x)`` as a GraphModule (cached), else with child modules as leaves, else None."""
+    hit = _TRACES.get(id(f))
+    if hit is not None and hit[0]() is f:
+        _TRACES.move_to_end(id(f))
+        return hit[1]
+
+    def call(x):
+        return f(x)
+
     gm = None
     for leaf_children in (False, True):
         tracer = _Tracer(leaf_children)
         try:
-            graph = tracer.trace(f)
+            graph = tracer.trace(call)
         except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
             continue
         gm = fx.GraphModule(tracer.root, graph)
         break
     try:
-        _TRACES[f] = gm
+        _TRACES[id(f)] = (weakref.ref(f), gm)
     except TypeError:  # not weak-referenceable: trace again next time
-        pass
+        return gm
+    while len(_TRACES) > _TRACE_CACHE_SIZE:
+        _TRACES.popitem(last=False)
     return gm
 
 
