@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lams", type=float, nargs="+", default=[0.1, 1.0])
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--patience", type=int, default=40)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
