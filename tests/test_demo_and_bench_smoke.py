@@ -30,6 +30,8 @@ def test_demo_writes_figure_and_summary(tmp_path):
     assert pixels.std() > 0.01  # not a blank canvas
     page = (out / "report.html").read_text()
     assert 'src="digits_attributions.png"' in page and page.count("<tr>") == 1 + 2 * 4
+    for name in ("digits_integrated_hessians.png", "digits_taylor_cam.png"):
+        assert f'src="{name}"' in page and (out / name).read_bytes()[:8] == PNG_MAGIC
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["cached"] is False
     rows = {(r["index"], r["method"]): r for r in summary["rows"]}

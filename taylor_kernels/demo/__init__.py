@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    from taylor_kernels.demo import digits, plots, report
+    from taylor_kernels.demo import digits, plots, report, second_order
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         "coalitions": args.coalitions, "method_seconds": out_ex["seconds"], "rows": rows,
         "figure": str(png),
     }
+    second = second_order.second_order_section(model, x_te[indices[:1]],
+                                               int(out_ex["pred"][0]), out)
+    summary["ih_completeness_gap"] = second.pop("ih_completeness_gap")
     page = report.write_html(out / "report.html", "taylor-kernels demo: digits CNN", [
         f"{digits.ARCH}: {len(y_tr)} training / {len(y_te)} test images of scikit-learn's "
         f"digits, {how}, test accuracy {acc:.1%}.",
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                          "evaluations per input"],
              "rows": [[r["index"], r["label"], r["pred"], r["method"], f"{r['gap']:+.2e}",
                        f"{r['rel_gap_vs_zero_baseline']:.1e}", r["evaluations_per_input"]]
-                      for r in rows]}}])
+                      for r in rows]}}, second])
     summary["report"] = str(page)
     summary["wall_s"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
