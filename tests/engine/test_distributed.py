@@ -158,3 +158,18 @@ def test_bench_scale_smoke(tmp_path):
     assert all(r["loss_diff_vs_ours"] < 1e-5 for r in rows if r["case"] == "dapr_step")
     assert all(r["rel_diff"] < 1e-4 for r in rows if r["case"] == "minilm" and "error" not in r)
     assert [r["processes"] for r in rows if r["case"] == "distributed"] == [1, 2]
+
+
+def test_example_script_two_ranks():
+    """python/distributed_ig.py --spawn 2: both ranks print the same checksum and rank 0 the
+    distance to the single-process result."""
+    import re
+
+    from tests.test_python_scripts import run_script
+
+    text = run_script("distributed_ig.py", "--spawn", "2", "--batch", "3", "--dim", "8",
+                      "--steps", "5")
+    sums = set(re.findall(r"checksum (\S+),", text))
+    assert len(re.findall(r"rank \d/2:", text)) == 2 and len(sums) == 1, text
+    diff = float(re.search(r"single process\| = (\S+)", text).group(1))
+    assert diff < 1e-5
