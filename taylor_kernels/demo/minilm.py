@@ -258,9 +258,9 @@ def draw_heatmap(result: dict, path: Path) -> Path:
     for r, (tokens, scores) in enumerate(rows):
         x = 0.0
         for t, s in zip(tokens, scores):
-            ax.text(x, 1 - r, t, fontsize=11, family="monospace", va="center",
-                    color="white" if abs(s) > 0.6 * vmax else "black", bbox={"facecolor": cmap(0.5 + 0.5 * s / vmax), "edgecolor": "none",
-                          "pad": 2})
+            box = {"facecolor": cmap(0.5 + 0.5 * s / vmax), "edgecolor": "none", "pad": 2}
+            ax.text(x, 1 - r, t, fontsize=11, family="monospace", va="center", bbox=box,
+                    color="white" if abs(s) > 0.6 * vmax else "black")
             x += 0.13 * (len(t) + 1)
     ax.set_xlim(0, width)
     ax.set_ylim(-0.6, 1.6)
