@@ -24,6 +24,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace taylor_kernels {
 namespace {
@@ -115,6 +118,21 @@ void parallel_elems(int64_t N, int64_t J1, const F& f) {
   f(0, N);
 }
 
+// A fresh [J+1, N] output: large ones get transparent huge pages on their 2 MiB-aligned
+// interior before the first touch (the page faults of a fresh buffer otherwise cost more than
+// the kernel on small machines; a no-op where THP is off).
+at::Tensor new_output(int64_t J1, int64_t N, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({J1, N}, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(kHuge - 1);
+  if (last > first + kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
 void check_jet_tensor(const at::Tensor& u, const char* op, const char* name) {
   check_floating(u, op, name);
   TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) >= 1 && u.size(0) <= jet::kMaxCoeffs, op, ": ",
@@ -152,7 +170,7 @@ at::Tensor jet_unary_cpu(const at::Tensor& u, int64_t fn) {
   TORCH_CHECK(u.device().is_cpu(), "jet_unary (cpu kernel): u must be a CPU tensor");
   const int64_t N = u.size(1);
   const int J = static_cast<int>(u.size(0) - 1);
-  at::Tensor out = at::empty({J + 1, N}, u.options());
+  at::Tensor out = new_output(J + 1, N, u.options());
   if (N == 0) return out;
   const auto seeds = order0_seeds(
       u.select(0, 0).to(accumulation_dtype(u.scalar_type())).contiguous(), static_cast<int>(fn));
@@ -183,7 +201,7 @@ at::Tensor jet_mul_cpu(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "jet_mul (cpu kernel): CPU tensors");
   const int64_t N = a.size(1);
   const int J = static_cast<int>(a.size(0) - 1);
-  at::Tensor out = at::empty({J + 1, N}, a.options());
+  at::Tensor out = new_output(J + 1, N, a.options());
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "jet_mul", [&] {
     using V = typename Lanes<acc_t<scalar_t>>::V;
