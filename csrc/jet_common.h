@@ -6,7 +6,8 @@
 //   exp: y_k = D(u, y)_k            tanh: y_k = D(u, 1 - y*y)_k      sigmoid: y_k = D(u, y - y*y)_k
 //   softplus: D(u, sigmoid(u))      silu: u * sigmoid(u)             gelu: u * Phi(u), with
 //   phi_k = -D(u, u*phi)_k, Phi_k = D(u, phi)_k;  gelu_tanh: (u + u * tanh(c (u + 0.044715 u^3)))/2
-//   sin/cos: s_k = D(u, c)_k, c_k = -D(u, s)_k   log: y_k = (u_k - (1/k) sum_{j<k} j y_j u_{k-j}) / u_0
+//   sin/cos: s_k = D(u, c)_k, c_k = -D(u, s)_k
+//   log: y_k = (u_k - (1/k) sum_{j<k} j y_j u_{k-j}) / u_0
 //   u^p (reciprocal, sqrt, rsqrt): y_k = sum_{j=1..k} ((p+1) j - k) u_j y_{k-j} / (k u_0)
 //   square: u*u      relu: y_k = u_k [u_0 > 0]
 // The code is generic in the value type V: a scalar (CUDA: one element per thread) or a SIMD

@@ -5,23 +5,21 @@ scalar curves ``u(t)``. Every elementwise ``y = fn(u)`` is propagated by a recur
 from ``y' = fn'(u) u'``; with ``D(u, z)_k = (1/k) sum_{j=1..k} j u_j z_{k-j}`` (the coefficient
 of ``t^k`` in ``int z du``) and the Cauchy product ``(a*b)_k = sum_{j=0..k} a_j b_{k-j}``:
 
-============  ===================================  =========================================
-fn            series it carries                    recurrence (k >= 1)
-============  ===================================  =========================================
-exp           y                                    y_k = D(u, y)_k
-tanh          y, z = 1 - y*y                       y_k = D(u, z)_k;  z_k = -(y*y)_k
-sigmoid       y, z = y - y*y                       y_k = D(u, z)_k;  z_k = y_k - (y*y)_k
-softplus      s = sigmoid(u)                       y_k = D(u, s)_k
-silu          s = sigmoid(u)                       y = u*s
-gelu (erf)    p = phi(u), P = Phi(u)               p_k = -D(u, u*p)_k; P_k = D(u, p)_k; y = u*P
-gelu_tanh     a = c (u + 0.044715 u*u*u), T = tanh a   y = (u + u*T) / 2,  c = sqrt(2/pi)
-sin, cos      s, c                                 s_k = D(u, c)_k;  c_k = -D(u, s)_k
-log           y                                    y_k = (u_k - (1/k) sum_{j=1..k-1} j y_j u_{k-j}) / u_0
-square        -                                    y = u*u
-reciprocal,   y = u^p, p = -1, 1/2, -1/2           y_k = sum_{j=1..k} ((p+1) j - k) u_j y_{k-j} / (k u_0)
-sqrt, rsqrt                                        (from u y' = p y u')
-relu          -                                    y_k = u_k [u_0 > 0]  (kink ignored: relu'(0) = 0)
-============  ===================================  =========================================
+- exp:           ``y_k = D(u, y)_k``
+- tanh:          ``y_k = D(u, z)_k`` with ``z = 1 - y*y``: ``z_k = -(y*y)_k``
+- sigmoid:       ``y_k = D(u, z)_k`` with ``z = y - y*y``: ``z_k = y_k - (y*y)_k``
+- softplus:      ``y_k = D(u, s)_k``, ``s = sigmoid(u)`` (its series as above)
+- silu:          ``y = u*s``, ``s = sigmoid(u)``
+- gelu (erf):    ``p = phi(u)``, ``P = Phi(u)``: ``p_k = -D(u, u*p)_k``, ``P_k = D(u, p)_k``;
+  ``y = u*P``
+- gelu_tanh:     ``a = c (u + 0.044715 u*u*u)``, ``c = sqrt(2/pi)``, ``T = tanh(a)`` (series as
+  tanh); ``y = (u + u*T) / 2``
+- sin, cos:      ``s_k = D(u, c)_k``, ``c_k = -D(u, s)_k``
+- log:           ``y_k = (u_k - (1/k) sum_{j=1..k-1} j y_j u_{k-j}) / u_0``
+- square:        ``y = u*u``
+- reciprocal, sqrt, rsqrt: ``y = u^p`` (p = -1, 1/2, -1/2), from ``u y' = p y u'``:
+  ``y_k = sum_{j=1..k} ((p+1) j - k) u_j y_{k-j} / (k u_0)``
+- relu:          ``y_k = u_k [u_0 > 0]`` (the kink is ignored: ``relu'(0)`` is taken as 0)
 
 All orders come out of one pass, ``O(J^2)`` multiply-adds per element (nested forward-mode AD
 costs ``O(2^J)``). Arithmetic is in float32 (float64 for float64 inputs); the result has the
