@@ -31,6 +31,7 @@ def parse_args(argv):
     p.add_argument("--tol", type=float, default=1e-4, help="adaptive rule tolerance (1e-4)")
     p.add_argument("--eg-samples", type=int, default=64, help="EG samples per image (64)")
     p.add_argument("--coalitions", type=int, default=32, help="SIG coalitions per image (32)")
+    p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM section")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (20)")
     p.add_argument("--seed", type=int, default=0, help="training seed (0)")
     p.add_argument("--cache-dir", default=None, help="weight cache folder (default "
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     second = second_order.second_order_section(model, x_te[indices[:1]],
                                                int(out_ex["pred"][0]), out)
     summary["ih_completeness_gap"] = second.pop("ih_completeness_gap")
+    sections = [second] + ([] if args.no_minilm else [_minilm_section(out, summary)])
     page = report.write_html(out / "report.html", "taylor-kernels demo: digits CNN", [
         f"{digits.ARCH}: {len(y_tr)} training / {len(y_te)} test images of scikit-learn's "
         f"digits, {how}, test accuracy {acc:.1%}.",
@@ -179,12 +181,31 @@ def main(argv: list[str] | None = None) -> int:
                          "evaluations per input"],
              "rows": [[r["index"], r["label"], r["pred"], r["method"], f"{r['gap']:+.2e}",
                        f"{r['rel_gap_vs_zero_baseline']:.1e}", r["evaluations_per_input"]]
-                      for r in rows]}}, second])
+                      for r in rows]}}] + sections)
     summary["report"] = str(page)
     summary["wall_s"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {page}, {png} and {out / 'summary.json'} ({summary['wall_s']:.1f} s)")
     return 0
+
+
+def _minilm_section(out: Path, summary: dict) -> dict:
+    """Token attributions of a MiniLM sentence similarity (layer IG on the token embeddings),
+    or a note saying how to install the offline weights package."""
+    from taylor_kernels.demo import minilm
+    heading = "Transformer: MiniLM sentence similarity, layer IG on token embeddings"
+    try:
+        res = minilm.explain_similarity("A man is playing a guitar on stage.",
+                                        "Someone performs music for a crowd.", out)
+    except ImportError:
+        print(f"demo: MiniLM section skipped: {minilm.MISSING}")
+        return {"heading": heading, "text": f"Skipped: {minilm.MISSING}."}
+    summary["minilm"] = {k: v for k, v in res.items() if k != "png"}
+    print(f"MiniLM similarity {res['similarity']:.3f}: token attributions in {res['png']}")
+    return {"heading": heading, "figures": [Path(res["png"])],
+            "text": f"Cosine similarity {res['similarity']:.3f}; each token's attribution to "
+                    f"it ({res['steps']} Gauss-Legendre steps; baseline: [CLS] [PAD].. [SEP]; "
+                    f"completeness gaps {res['gap_a']:+.1e}, {res['gap_b']:+.1e})."}
 
 
 def _print_rows(rows: list[dict]) -> None:
