@@ -15,14 +15,16 @@ import torch
 
 # 16 MiB keeps chunks cache-friendly; on the CPU, larger chunks measured no faster (bench/README).
 DEFAULT_CPU_BUDGET = 16 * 2**20
+DEFAULT_MIN_POINTS = 32
 DEFAULT_GPU_FRACTION = 0.5
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30,
           "GIB": 2**30}
 
 
 class DefaultBudget(int):
-    """The budget used when the caller gave none: a target, not a limit. A model whose single
-    point costs more still runs, one point per chunk, instead of raising ``MemoryError``."""
+    """The budget used when the caller gave none: a target, not a limit. Chunks hold at least
+    ``DEFAULT_MIN_POINTS`` points (fewer would leave a large model's matmuls inefficient), and
+    a model whose single point costs more than the budget still runs."""
 
 
 def parse_budget(max_memory, device: torch.device) -> int:
@@ -44,13 +46,17 @@ def parse_budget(max_memory, device: torch.device) -> int:
 
 
 class SavedBytes:
-    """Context manager summing the bytes of distinct storages autograd saves for backward."""
+    """Context manager summing the bytes of distinct storages autograd saves for backward that
+    the forward allocated (leaf tensors such as weights, and views of them, are not counted)."""
 
     def __init__(self):
         self.total = 0
         self._seen: set[int] = set()
 
     def _pack(self, t: torch.Tensor):
+        root = t._base if t._base is not None else t
+        if root.is_leaf:  # parameters, inputs, constants (or views of them): not allocated here
+            return t
         try:
             key = t.untyped_storage().data_ptr()
             if key not in self._seen:
@@ -90,4 +96,7 @@ def chunk_size_for(budget: int, per_point: float, total: int) -> int:
     if per_point > budget and not isinstance(budget, DefaultBudget):
         raise MemoryError(f"memory budget of {budget} bytes is too small for one path point "
                           f"(measured {int(per_point)} bytes per point); raise max_memory")
-    return max(1, min(total, int(budget // max(per_point, 1.0))))
+    fit = int(budget // max(per_point, 1.0))
+    if isinstance(budget, DefaultBudget):  # small batches waste the matmuls of big models
+        fit = max(fit, DEFAULT_MIN_POINTS)
+    return max(1, min(total, fit))

@@ -54,8 +54,16 @@ class _Chunks:
 
     def next_count(self, start: int) -> int:
         left = self.total - start
-        if self.chunk is None and len(self.probes) < 2:
-            return min(left, 1 if not self.probes else PROBE_POINTS)
+        if self.chunk is None and not self.probes:
+            return min(left, 1)
+        if self.chunk is None and len(self.probes) == 1:
+            # the one-point cost over-estimates (fixed costs such as saved weights count fully),
+            # so the second probe stays within the budget at up to that many points
+            fits = memory.chunk_size_for(self.budget, self.probes[0][1], self.total)
+            if fits < 2:
+                self.chunk = 1
+            else:
+                return min(left, PROBE_POINTS, fits)
         if self.chunk is None:
             self.chunk = memory.chunk_size_for(self.budget, self.point_cost(), self.total)
         return min(left, self.chunk)

@@ -66,10 +66,13 @@ def test_default_budget_is_a_target_not_a_limit(monkeypatch):
     from taylor_kernels.engine.problem import make_problem
     from taylor_kernels.engine.quadrature import nodes_and_weights
     monkeypatch.setattr(memory, "DEFAULT_CPU_BUDGET", 16)
+    monkeypatch.setattr(memory, "DEFAULT_MIN_POINTS", 1)
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
     t, w = nodes_and_weights("gausslegendre", 5)
     res = integrate(make_problem(model, x, target=0), t, [w])
     assert res.chunk_size == 1
+    monkeypatch.setattr(memory, "DEFAULT_MIN_POINTS", 4)  # the floor of a default budget
+    assert integrate(make_problem(model, x, target=0), t, [w]).chunk_size == 4
     whole = tk.integrated_gradients(model, x, target=0, steps=5, chunk_size=100)
     torch.testing.assert_close(res.sums[0], whole.attributions, rtol=1e-12, atol=1e-14)
 
