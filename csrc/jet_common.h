@@ -18,6 +18,9 @@
 
 #ifdef __CUDACC__
 #define TK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// forced inlining lets the CPU kernel's compile-time orders unroll every recurrence loop
+#define TK_HD inline __attribute__((always_inline))
 #else
 #define TK_HD inline
 #endif

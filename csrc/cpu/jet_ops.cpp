@@ -48,11 +48,12 @@ inline acc_t<T> load(T v) {
 // Elements [n0, n1) of one jet op: gathers W elements' coefficients into vectors (one vector
 // load per coefficient when the elements are contiguous) and their order-0 seeds (contiguous,
 // may be null), runs op(in0, in1, seed0, seed1, out) on them and stores the valid lanes.
-template <typename scalar_t, typename Op>
-void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b,
-                             int64_t sb0, int64_t sb1, const acc_t<scalar_t>* seed0,
-                             const acc_t<scalar_t>* seed1, scalar_t* out, int64_t N, int J,
-                             int64_t n0, int64_t n1, const Op& op) {
+// JT is int (any order) or std::integral_constant<int, J> (loops unrolled at compile time).
+template <typename scalar_t, typename JT, typename Op>
+void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b, int64_t sb0,
+               int64_t sb1, const acc_t<scalar_t>* seed0, const acc_t<scalar_t>* seed1,
+               scalar_t* out, int64_t N, JT Jt, int64_t n0, int64_t n1, const Op& op) {
+  const int J = Jt;
   using A = acc_t<scalar_t>;
   using V = typename Lanes<A>::V;
   constexpr int W = Lanes<A>::W;
@@ -85,7 +86,7 @@ void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b,
     const int valid = static_cast<int>(std::min<int64_t>(W, n1 - base));
     gather(x, a, sa0, sa1, base, valid);
     if (b != nullptr) gather(y, b, sb0, sb1, base, valid);
-    op(x, y, seed(seed0, base, valid), seed(seed1, base, valid), r);
+    op(Jt, x, y, seed(seed0, base, valid), seed(seed1, base, valid), r);
     for (int k = 0; k <= J; ++k) {
       if constexpr (kPlain) {
         if (valid == W) {
@@ -95,6 +96,20 @@ void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b,
       }
       for (int l = 0; l < valid; ++l) out[k * N + base + l] = static_cast<scalar_t>(r[k][l]);
     }
+  }
+}
+
+// f(order) with the order as a compile-time constant for the common small orders.
+template <typename F>
+void with_order(int J, const F& f) {
+  switch (J) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: f(J); break;
   }
 }
 
@@ -178,15 +193,17 @@ at::Tensor jet_unary_cpu(const at::Tensor& u, int64_t fn) {
     using A = acc_t<scalar_t>;
     using V = typename Lanes<A>::V;
     const auto f = static_cast<int>(fn);
-    auto op = [f, J](const V* x, const V*, V s0, V s1, V* r) {
+    auto op = [f](auto Jt, const V* x, const V*, V s0, V s1, V* r) {
       V w1[jet::kMaxCoeffs], w2[jet::kMaxCoeffs], w3[jet::kMaxCoeffs];
-      jet::unary_series<A>(f, J, x, s0, s1, r, w1, w2, w3);
+      jet::unary_series<A>(f, static_cast<int>(Jt), x, s0, s1, r, w1, w2, w3);
     };
     const A* s0 = seeds[0].defined() ? seeds[0].const_data_ptr<A>() : nullptr;
     const A* s1 = seeds[1].defined() ? seeds[1].const_data_ptr<A>() : nullptr;
-    parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
-      run_lanes<scalar_t>(u.const_data_ptr<scalar_t>(), u.stride(0), u.stride(1), nullptr, 0, 0,
-                          s0, s1, out.mutable_data_ptr<scalar_t>(), N, J, n0, n1, op);
+    with_order(J, [&](auto Jt) {
+      parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
+        run_lanes<scalar_t>(u.const_data_ptr<scalar_t>(), u.stride(0), u.stride(1), nullptr, 0,
+                            0, s0, s1, out.mutable_data_ptr<scalar_t>(), N, Jt, n0, n1, op);
+      });
     });
   });
   return out;
@@ -205,13 +222,15 @@ at::Tensor jet_mul_cpu(const at::Tensor& a, const at::Tensor& b) {
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "jet_mul", [&] {
     using V = typename Lanes<acc_t<scalar_t>>::V;
-    auto op = [J](const V* x, const V* y, V, V, V* r) {
-      for (int k = 0; k <= J; ++k) r[k] = jet::cauchy(x, y, k);
+    auto op = [](auto Jt, const V* x, const V* y, V, V, V* r) {
+      for (int k = 0; k <= static_cast<int>(Jt); ++k) r[k] = jet::cauchy(x, y, k);
     };
-    parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
-      run_lanes<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
-                          b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1), nullptr,
-                          nullptr, out.mutable_data_ptr<scalar_t>(), N, J, n0, n1, op);
+    with_order(J, [&](auto Jt) {
+      parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
+        run_lanes<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+                            b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1), nullptr,
+                            nullptr, out.mutable_data_ptr<scalar_t>(), N, Jt, n0, n1, op);
+      });
     });
   });
   return out;
