@@ -157,14 +157,15 @@ class _JetInterpreter(fx.Interpreter):
         mod = self.fetch_attr(target)
         if not self._has_jet(args, kwargs):
             return mod(*args, **kwargs)
-        rule = rules._module_rule(mod) if len(args) == 1 and not kwargs else None
+        rule = rules.module_rule(mod) if len(args) == 1 and not kwargs else None
         if rule is not None:
             return rule(args[0])
         if type(mod).__module__.startswith("torch.nn"):
             return self._apply(None, "call_module", mod, args, kwargs)
-        sub = _trace(mod)  # a custom module that is a leaf here: propagate through its own graph
+        # a custom module that is a leaf here: propagate through its own graph
+        sub = _trace(mod) if len(args) == 1 and not kwargs else None
         if sub is not None:
-            return _JetInterpreter(sub, self.order).run(*args, **kwargs)
+            return _JetInterpreter(sub, self.order).run(args[0])
         return self._apply(None, "call_module", mod, args, kwargs)
 
     def _apply(self, rule, kind, target, args, kwargs):

@@ -355,7 +355,7 @@ METHOD_RULES = {
 }
 
 
-def _module_rule(m: nn.Module):
+def module_rule(m: nn.Module):
     """The rule for a leaf module, or None when it has none (the engine then falls back)."""
     acts = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.SiLU: "silu"}
     for cls, name in acts.items():
