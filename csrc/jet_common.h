@@ -16,6 +16,8 @@
 // vectorized math, the CUDA kernel with the device's.
 #pragma once
 
+#include <type_traits>
+
 #ifdef __CUDACC__
 #define TK_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
@@ -175,6 +177,21 @@ TK_HD void unary_series(int fn, int J, const V* u, V s0, V s1, V* y, V* w1, V* w
       y[0] = s0;
       power_series<S>(u, J, S(-0.5), y);
       break;
+  }
+}
+
+// Host side: f(order) with the order as a compile-time constant (std::integral_constant) for
+// the common orders 1..6, so that the kernels' recurrence loops unroll; f(int) otherwise.
+template <typename F>
+inline void with_order(int J, const F& f) {
+  switch (J) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: f(J); break;
   }
 }
 

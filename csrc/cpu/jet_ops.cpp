@@ -99,20 +99,6 @@ void run_lanes(const scalar_t* a, int64_t sa0, int64_t sa1, const scalar_t* b, i
   }
 }
 
-// f(order) with the order as a compile-time constant for the common small orders.
-template <typename F>
-void with_order(int J, const F& f) {
-  switch (J) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    default: f(J); break;
-  }
-}
-
 template <typename F>
 void parallel_elems(int64_t N, int64_t J1, const F& f) {
 #ifdef _OPENMP
@@ -199,7 +185,7 @@ at::Tensor jet_unary_cpu(const at::Tensor& u, int64_t fn) {
     };
     const A* s0 = seeds[0].defined() ? seeds[0].const_data_ptr<A>() : nullptr;
     const A* s1 = seeds[1].defined() ? seeds[1].const_data_ptr<A>() : nullptr;
-    with_order(J, [&](auto Jt) {
+    jet::with_order(J, [&](auto Jt) {
       parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
         run_lanes<scalar_t>(u.const_data_ptr<scalar_t>(), u.stride(0), u.stride(1), nullptr, 0,
                             0, s0, s1, out.mutable_data_ptr<scalar_t>(), N, Jt, n0, n1, op);
@@ -225,7 +211,7 @@ at::Tensor jet_mul_cpu(const at::Tensor& a, const at::Tensor& b) {
     auto op = [](auto Jt, const V* x, const V* y, V, V, V* r) {
       for (int k = 0; k <= static_cast<int>(Jt); ++k) r[k] = jet::cauchy(x, y, k);
     };
-    with_order(J, [&](auto Jt) {
+    jet::with_order(J, [&](auto Jt) {
       parallel_elems(N, J + 1, [&](int64_t n0, int64_t n1) {
         run_lanes<scalar_t>(a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
                             b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1), nullptr,

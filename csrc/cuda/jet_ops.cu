@@ -74,12 +74,14 @@ __device__ __forceinline__ void order0_seeds(int fn, A u0, A& s0, A& s1) {
   }
 }
 
-template <typename scalar_t>
+// JT: int, or std::integral_constant<int, J> (the per-thread series then live in registers).
+template <typename scalar_t, typename JT>
 __global__ void __launch_bounds__(kThreads)
     jet_kernel(const scalar_t* __restrict__ a, int64_t sa0, int64_t sa1,
                const scalar_t* __restrict__ b, int64_t sb0, int64_t sb1,
-               scalar_t* __restrict__ out, int64_t N, int J, int fn) {
+               scalar_t* __restrict__ out, int64_t N, JT Jt, int fn) {
   using A = acc_t<scalar_t>;
+  const int J = Jt;
   A x[jet::kMaxCoeffs], y[jet::kMaxCoeffs], r[jet::kMaxCoeffs];
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
@@ -114,11 +116,13 @@ at::Tensor launch(const at::Tensor& a, const at::Tensor* b, int fn, const char* 
   const int64_t blocks = std::min<int64_t>((N + kThreads - 1) / kThreads, kMaxBlocks);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "jet_op", [&] {
-    jet_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
-        b ? b->const_data_ptr<scalar_t>() : nullptr, b ? b->stride(0) : 0, b ? b->stride(1) : 0,
-        out.mutable_data_ptr<scalar_t>(), N, J, fn);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    jet::with_order(J, [&](auto Jt) {
+      jet_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+          b ? b->const_data_ptr<scalar_t>() : nullptr, b ? b->stride(0) : 0,
+          b ? b->stride(1) : 0, out.mutable_data_ptr<scalar_t>(), N, Jt, fn);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
