@@ -173,22 +173,38 @@ def unary_flops(fn: str, J: int) -> int:
     raise ValueError(f"no flop count for {fn!r}")
 
 
-def unary_row(fn: str, K: int, N: int, repeats: int) -> dict:
-    g = torch.Generator().manual_seed(2)
-    u = torch.randn(K + 1, N, generator=g) * 0.5
-    fused = lambda: torch.ops.taylor_kernels.jet_unary(u, ref.fn_code(fn))  # noqa: E731
-    eager = lambda: ref.jet_unary(fn, u)  # noqa: E731
+def _fused_row(fn: str, K: int, N: int, fused, eager, exact, nbytes: int, flops: int,
+               repeats: int) -> dict:
+    """Time ``fused`` (C++ op) against ``eager`` (the reference) in alternation; the error is
+    against ``exact`` (the reference in float64)."""
     timed = paired(fused, eager, repeats)
     t_fused, t_eager = timed["fast"], timed["slow"]
-    nbytes = 2 * (K + 1) * N * u.element_size()
-    flops = unary_flops(fn, K) * N
     return {"fn": fn, "K": K, "N": N, "dtype": "float32", "bytes": nbytes, "flops": flops,
             "fused_s": t_fused.median, "eager_s": t_eager.median,
             "speedup": timed["speedup"], "fused_gbps": nbytes / t_fused.median / 1e9,
             "fused_gflops": flops / t_fused.median / 1e9,
             "eager_gbps": nbytes / t_eager.median / 1e9,
-            "rel_err": _rel_diff(fused(), ref.jet_unary(fn, u.double())),
+            "rel_err": _rel_diff(fused(), exact()),
             "fused_time": t_fused.as_dict(), "eager_time": t_eager.as_dict()}
+
+
+def unary_row(fn: str, K: int, N: int, repeats: int) -> dict:
+    """``jet_unary(fn)``: reads and writes ``(K+1) N`` coefficients."""
+    u = torch.randn(K + 1, N, generator=torch.Generator().manual_seed(2)) * 0.5
+    return _fused_row(fn, K, N, lambda: torch.ops.taylor_kernels.jet_unary(u, ref.fn_code(fn)),
+                      lambda: ref.jet_unary(fn, u), lambda: ref.jet_unary(fn, u.double()),
+                      2 * (K + 1) * N * u.element_size(), unary_flops(fn, K) * N, repeats)
+
+
+def mul_row(K: int, N: int, repeats: int) -> dict:
+    """``jet_mul`` (truncated Cauchy product): reads two, writes one ``(K+1) N`` jet;
+    ``sum_k (2k + 1)`` operations per element."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(K + 1, N, generator=g), torch.randn(K + 1, N, generator=g)
+    return _fused_row("mul", K, N, lambda: torch.ops.taylor_kernels.jet_mul(a, b),
+                      lambda: ref.jet_mul(a, b), lambda: ref.jet_mul(a.double(), b.double()),
+                      3 * (K + 1) * N * a.element_size(),
+                      sum(2 * k + 1 for k in range(K + 1)) * N, repeats)
 
 
 def run(tier: str, device: torch.device, log=print) -> dict:
@@ -205,19 +221,21 @@ def run(tier: str, device: torch.device, log=print) -> dict:
                 f"{fmt_time(row['nested_s'])}, x{row['speedup']:.1f}" if "error" not in row
                 else f"FAILED {row['error']}"))
     if tk.backends.available()["cpp"]:
-        for fn in UNARY_FNS:
+        for fn in UNARY_FNS + ("mul",):
             for K in ORDERS[tier]:
-                row = unary_row(fn, K, UNARY_N[tier], repeats)
+                row = (mul_row(K, UNARY_N[tier], repeats) if fn == "mul"
+                       else unary_row(fn, K, UNARY_N[tier], repeats))
                 unary.append(row)
-                log(f"[jet] jet_unary {fn} K={K}: fused {fmt_time(row['fused_s'])}, eager "
+                log(f"[jet] {'jet_mul' if fn == 'mul' else 'jet_unary ' + fn} K={K}: fused {fmt_time(row['fused_s'])}, eager "
                     f"{fmt_time(row['eager_s'])}, x{row['speedup']:.1f}")
     notes = ["times: medians of alternating runs; speedup: median of the per-pair ratios",
              "directional: tk.jet vs torch.func.jvp nested K times on the same batched "
              "function (B*M rows, target logit 0, float32, no_grad; layer norms spelled out "
              "for nested jvp, whose fused layer-norm rule is wrong beyond order 1); rel diff "
              "= max over orders of max|ours - nested| / max|nested|",
-             "jet_unary: C++ kernel vs eager PyTorch recurrence (reference.jet), float32; "
-             "GB/s = 2 (K+1) N * 4 bytes / median time"]
+             "jet_unary / jet_mul (fn = mul): C++ kernel vs eager PyTorch recurrence "
+             "(reference.jet), float32; GB/s = 2 (K+1) N * 4 bytes (jet_mul: 3 (K+1) N * 4) / "
+             "median time"]
     return {"directional": directional, "unary": unary, "notes": notes,
             "threads": torch.get_num_threads()}
 
@@ -236,6 +254,6 @@ def tables(result: dict) -> list[str]:
                  ("speedup", "speedup", ".1f"), ("fused_gbps", "fused GB/s", ".2f"),
                  ("fused_gflops", "fused GFLOP/s", ".2f"), ("eager_gbps", "eager GB/s", ".2f"),
                  ("rel_err", "rel err", ".1e")]
-        out.append(format_table("jet: fused jet_unary vs eager recurrence", result["unary"],
+        out.append(format_table("jet: fused jet_unary / jet_mul vs eager recurrence", result["unary"],
                                 ucols, result["notes"][:1] + result["notes"][2:]))
     return out
