@@ -9,6 +9,7 @@ initial choice; :func:`use` changes it at run time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -21,7 +22,8 @@ ENV_VAR = "TAYLOR_KERNELS_BACKEND"
 _choice = {"name": os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"}
 
 
-def _triton_installed() -> bool:
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:  # cached: find_spec stats the file system on every call
     return importlib.util.find_spec("triton") is not None
 
 

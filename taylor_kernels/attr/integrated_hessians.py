@@ -140,7 +140,7 @@ def _chunking(problem: PathProblem, alphas, R: int, ig_points: int, max_memory,
     total, per_input = x.shape[0] * bl.shape[1] * alphas.shape[-1], bl.shape[1] * alphas.shape[-1]
     probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
     rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
-    cost = derivative.pair_cost(_point_fn(problem, rows0), probe)
+    cost = derivative.pair_cost(_point_fn(problem, rows0), probe, owner=problem.model)
     budget = memory.parse_budget(max_memory, x.device)
     pts_per, dirs = _points_first(total, R, cost, budget)
     return pts_per, dirs, memory.chunk_size_for(budget, cost, ig_points)

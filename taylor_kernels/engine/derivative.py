@@ -5,7 +5,8 @@
 of features per row (``prod(x.shape[1:])``):
 
 - ``hvp(f, x, v)``: ``H(x_b) v_bm`` for ``M`` directions per row, ``v [B, M, ...] -> [B, M, ...]``,
-  by forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) vmapped over directions;
+  by reverse-over-reverse: a backward with ``create_graph`` and one backward of it batched over
+  the directions (``is_grads_batched``: faster on the CPU than torch.func's jvp-of-grad);
 - ``hessian(f, x, index)``: rows ``H_{i, :}`` for ``i`` in ``index`` (all ``D`` by default):
   the HVPs with unit vectors ``e_i`` (``H`` is symmetric, so ``H e_i`` is row ``i``);
 - ``hessian_diagonal``: exact (``e_i^T H e_i`` from chunks of unit directions) or Hutchinson
@@ -13,10 +14,9 @@ of features per row (``prod(x.shape[1:])``):
 - ``third_order(f, x, u, v) = D^3 f(x)[u, v, .] = grad_x (v^T H(x) u)``.
 
 Work is split into chunks of (row, direction) pairs sized to a memory budget from a measured
-cost per pair (:func:`pair_cost`). Only the tangents are batched (``x`` is not), so Python
-control flow and ``.item()`` on activations work; models ``torch.func`` still cannot transform
-(``autograd.Function`` without ``setup_context``, ops without forward-AD or batching rules) fall
-back, with a one-time warning, to autograd double backward, one backward pass per direction
+cost per pair (:func:`pair_cost`). Only the cotangents are batched (``x`` is not), so Python
+control flow and ``.item()`` on activations work; backward graphs that cannot be vmapped (ops
+without batching rules) fall back, with a one-time warning, to one backward pass per direction
 (same numbers, slower). Scaled dot-product attention runs with the math backend, the only one
 with forward AD and double backward.
 """
@@ -28,7 +28,7 @@ import weakref
 from typing import Callable
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp
 
 from taylor_kernels.engine import memory
 
@@ -76,19 +76,27 @@ def _functorch_unsupported(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, NotImplementedError)) and any(k in msg for k in keys)
 
 
-def _vmapped(f: Callable, x: torch.Tensor, V: torch.Tensor):
-    """Gradient ``[B, ...]`` and ``H V`` ``[B, M, ...]`` by jvp-of-grad vmapped over ``M``."""
-    g_fn = grad(lambda z: _row_scalars(f, z).sum())
-    if V.shape[1] == 1:  # no vmap needed for one direction
-        g, hv = jvp(g_fn, (x,), (V[:, 0],))
-        return g, hv.unsqueeze(1)
-    # directions leading and contiguous: the batched tangents are dense (faster than dim 1)
-    Vt = V.transpose(0, 1).contiguous()
-    return vmap(lambda v: jvp(g_fn, (x,), (v,)), in_dims=0, out_dims=(None, 1))(Vt)
+def _batched(f: Callable, x: torch.Tensor, V: torch.Tensor):
+    """Gradient ``[B, ...]`` and ``H V`` ``[B, M, ...]`` by reverse-over-reverse: one backward
+    with ``create_graph``, then one backward of it batched over the ``M`` directions
+    (``is_grads_batched``, vmapped inside autograd). Measured 2.3-3.3x faster on the CPU than
+    ``torch.func`` jvp-of-grad vmapped over directions for tanh MLPs (D = 16, 64)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(_row_scalars(f, xg).sum(), xg, create_graph=True)
+        if not g.requires_grad:  # f is linear in x: zero Hessian
+            return g.detach(), torch.zeros_like(V)
+        if V.shape[1] == 1:
+            (h,) = torch.autograd.grad(g, xg, grad_outputs=V[:, 0], allow_unused=True)
+            return g.detach(), (torch.zeros_like(xg) if h is None else h).unsqueeze(1)
+        # directions leading and contiguous: the batched cotangents are dense
+        (h,) = torch.autograd.grad(g, xg, grad_outputs=V.transpose(0, 1).contiguous(),
+                                   is_grads_batched=True, allow_unused=True)
+    return g.detach(), (torch.zeros_like(V) if h is None else h.transpose(0, 1))
 
 
 def _double_backward(f: Callable, x: torch.Tensor, V: torch.Tensor):
-    """Same as :func:`_vmapped` by autograd: one forward and backward with ``create_graph``,
+    """Same as :func:`_batched` without vmap: one forward and backward with ``create_graph``,
     then one more backward per direction (rows keep their positions: per-row targets hold)."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
@@ -104,19 +112,20 @@ def _double_backward(f: Callable, x: torch.Tensor, V: torch.Tensor):
 def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
     """Unchunked core: ``(grad f(x) [B, ...], H(x) V [B, M, ...])``.
 
-    Forward-over-reverse with ``torch.func``; falls back to double backward (warning once)
-    when ``torch.func`` cannot transform ``f``.
+    Reverse-over-reverse batched over directions; falls back to one backward per direction
+    (warning once) when the batched backward cannot be vmapped.
     """
     x = x.detach()
     V = V.to(dtype=x.dtype, device=x.device)
     with math_attention():
         try:
-            g, hv = _vmapped(f, x, V)
+            g, hv = _batched(f, x, V)
         except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
             if not _functorch_unsupported(exc):
                 raise
-            _warn_once(f"torch.func cannot transform this model ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:160]}); using autograd double backward")
+            _warn_once(f"the batched backward cannot be vmapped for this model "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
+                       "autograd double backward, one pass per direction")
             g, hv = _double_backward(f, x, V)
     return g.detach(), hv.detach()
 
@@ -137,16 +146,17 @@ def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
     return float(saved.total + 4 * xs.numel() * xs.element_size())
 
 
-def pair_cost(f: Callable, x: torch.Tensor) -> float:
+def pair_cost(f: Callable, x: torch.Tensor, owner=None) -> float:
     """Measured bytes of one (row, direction) pair of an HVP: the slope of
     :func:`_probe_bytes` between 1 and ``PROBE_ROWS`` rows (fixed costs such as saved weights
     cancel), or the per-row average when the batch is a single row. Measured once per
-    function and feature shape/dtype/device (cached while ``f`` lives)."""
+    ``owner`` (default ``f``; e.g. the model when ``f`` is a fresh closure around it) and
+    feature shape/dtype/device, cached while the owner lives."""
     x = x.detach()
     n = min(PROBE_ROWS, x.shape[0])
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), n)
     try:
-        cached = _COSTS.setdefault(f, {})
+        cached = _COSTS.setdefault(f if owner is None else owner, {})
     except TypeError:  # not weak-referenceable: measure every time
         cached = {}
     if key not in cached:

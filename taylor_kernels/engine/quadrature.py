@@ -32,6 +32,13 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+@functools.lru_cache(maxsize=64)
+def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Gauss-Legendre nodes and weights on [0, 1] (cached: numpy solves an eigenproblem)."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return tuple((0.5 * (1 + x)).tolist()), tuple((0.5 * w).tolist())
+
+
 def nodes_and_weights(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes ``t_s`` in [0, 1] and weights ``w_s`` (float64 tensors ``[steps]``) of a fixed rule."""
     check_rule(rule)
@@ -42,8 +49,8 @@ def nodes_and_weights(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"rule {rule!r} needs an integer steps >= {minimum}, got {steps}")
     n = int(steps)
     if rule == "gausslegendre":
-        x, w = np.polynomial.legendre.leggauss(n)
-        return torch.from_numpy(0.5 * (1 + x)), torch.from_numpy(0.5 * w)
+        t, w = _gauss_legendre(n)
+        return torch.tensor(t, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
     if rule == "trapezoid":
         w = torch.full((n,), 1.0 / (n - 1), dtype=torch.float64)
         w[0] = w[-1] = 0.5 / (n - 1)

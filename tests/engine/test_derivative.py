@@ -102,15 +102,24 @@ class _LegacySquare(torch.autograd.Function):
         return 2 * a * g
 
 
-def test_fallback_to_double_backward_warns_once_and_is_correct():
+def test_fallback_to_double_backward_warns_once_and_is_correct(monkeypatch):
     net = _mlp()
     x, V = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
     d._warned.clear()
     legacy = lambda z: _LegacySquare.apply(net(z).squeeze(-1))  # noqa: E731
     H = vmap(func_hessian(lambda z: net(z.reshape(1, -1)).squeeze() ** 2))(x).detach()
-    with pytest.warns(RuntimeWarning, match="double backward"):
-        out = d.hvp(legacy, x, V, chunk_size=3)
+    out = d.hvp(legacy, x, V, chunk_size=3)  # reverse-over-reverse handles it, no fallback
     assert (out - torch.einsum("bij,bmj->bmi", H, V)).abs().max() < TOL
+
+
+    def unbatchable(*args):  # what autograd raises when a backward op has no batching rule
+        raise RuntimeError("vmap: batching rule not implemented for aten::some_op")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(d, "_batched", unbatchable)
+        with pytest.warns(RuntimeWarning, match="double backward"):
+            out = d.hvp(legacy, x, V, chunk_size=3)
+        assert (out - torch.einsum("bij,bmj->bmi", H, V)).abs().max() < TOL
     T = vmap(jacfwd(func_hessian(lambda z: net(z.reshape(1, -1)).squeeze() ** 2)))(x).detach()
     u, v = torch.randn(2, 2, 5, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="triple backward"):
