@@ -24,6 +24,9 @@ TORCH_LIBRARY_FRAGMENT(taylor_kernels, m) {
   m.def("jet_unary(Tensor u, int fn) -> Tensor", {at::Tag::pt2_compliant_tag});
   // a, b [J+1, N] -> truncated Cauchy product [J+1, N]
   m.def("jet_mul(Tensor a, Tensor b) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // c [J+1, M, N] directional jets, gamma [M] -> [N] = sum_m gamma[m] c[order, m, :]
+  m.def("polarize_contract(Tensor c, Tensor gamma, int order) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // A fragment per op family whose fake kernels live in another Python module: torch requires

@@ -184,7 +184,7 @@ def _fused_row(fn: str, K: int, N: int, fused, eager, exact, nbytes: int, flops:
             "speedup": timed["speedup"], "fused_gbps": nbytes / t_fused.median / 1e9,
             "fused_gflops": flops / t_fused.median / 1e9,
             "eager_gbps": nbytes / t_eager.median / 1e9,
-            "rel_err": _rel_diff(fused(), exact()),
+            "rel_err": _rel_diff(fused().reshape(-1, N), exact().reshape(-1, N)),
             "fused_time": t_fused.as_dict(), "eager_time": t_eager.as_dict()}
 
 
@@ -207,6 +207,18 @@ def mul_row(K: int, N: int, repeats: int) -> dict:
                       sum(2 * k + 1 for k in range(K + 1)) * N, repeats)
 
 
+def polarize_row(K: int, N: int, repeats: int, M: int = 16) -> dict:
+    """``polarize_contract`` over ``M`` directional jets of order ``K``: reads ``M N``, writes
+    ``N`` elements; ``2 M`` operations per element."""
+    g = torch.Generator().manual_seed(4)
+    c, gamma = torch.randn(K + 1, M, N, generator=g), torch.randn(M, dtype=torch.float64)
+    op = torch.ops.taylor_kernels.polarize_contract
+    return _fused_row(f"polarize (M={M})", K, N, lambda: op(c, gamma, K),
+                      lambda: ref.polarize_contract(c, gamma, K),
+                      lambda: ref.polarize_contract(c.double(), gamma, K),
+                      (M + 1) * N * c.element_size(), 2 * M * N, repeats)
+
+
 def run(tier: str, device: torch.device, log=print) -> dict:
     repeats = REPEATS[tier]
     directional, unary = [], []
@@ -221,21 +233,22 @@ def run(tier: str, device: torch.device, log=print) -> dict:
                 f"{fmt_time(row['nested_s'])}, x{row['speedup']:.1f}" if "error" not in row
                 else f"FAILED {row['error']}"))
     if tk.backends.available()["cpp"]:
-        for fn in UNARY_FNS + ("mul",):
+        for fn in UNARY_FNS + ("mul", "polarize"):
             for K in ORDERS[tier]:
                 row = (mul_row(K, UNARY_N[tier], repeats) if fn == "mul"
+                       else polarize_row(K, UNARY_N[tier] // 16, repeats) if fn == "polarize"
                        else unary_row(fn, K, UNARY_N[tier], repeats))
                 unary.append(row)
-                log(f"[jet] {'jet_mul' if fn == 'mul' else 'jet_unary ' + fn} K={K}: fused {fmt_time(row['fused_s'])}, eager "
+                log(f"[jet] {row['fn']} K={K}: fused {fmt_time(row['fused_s'])}, eager "
                     f"{fmt_time(row['eager_s'])}, x{row['speedup']:.1f}")
     notes = ["times: medians of alternating runs; speedup: median of the per-pair ratios",
              "directional: tk.jet vs torch.func.jvp nested K times on the same batched "
              "function (B*M rows, target logit 0, float32, no_grad; layer norms spelled out "
              "for nested jvp, whose fused layer-norm rule is wrong beyond order 1); rel diff "
              "= max over orders of max|ours - nested| / max|nested|",
-             "jet_unary / jet_mul (fn = mul): C++ kernel vs eager PyTorch recurrence "
-             "(reference.jet), float32; GB/s = 2 (K+1) N * 4 bytes (jet_mul: 3 (K+1) N * 4) / "
-             "median time"]
+             "jet_unary / jet_mul (fn = mul) / polarize_contract: C++ kernel vs the eager "
+             "reference (reference.jet), float32; GB/s = 2 (K+1) N * 4 bytes (jet_mul: "
+             "3 (K+1) N * 4; polarize: (M+1) N * 4) / median time"]
     return {"directional": directional, "unary": unary, "notes": notes,
             "threads": torch.get_num_threads()}
 
@@ -254,6 +267,6 @@ def tables(result: dict) -> list[str]:
                  ("speedup", "speedup", ".1f"), ("fused_gbps", "fused GB/s", ".2f"),
                  ("fused_gflops", "fused GFLOP/s", ".2f"), ("eager_gbps", "eager GB/s", ".2f"),
                  ("rel_err", "rel err", ".1e")]
-        out.append(format_table("jet: fused jet_unary / jet_mul vs eager recurrence", result["unary"],
+        out.append(format_table("jet: fused jet_unary / jet_mul / polarize_contract vs eager reference", result["unary"],
                                 ucols, result["notes"][:1] + result["notes"][2:]))
     return out

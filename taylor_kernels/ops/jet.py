@@ -17,8 +17,8 @@ import torch
 
 from taylor_kernels import _native, backends
 from taylor_kernels.reference import jet as ref
-from taylor_kernels.reference.jet import (FNS, check_jet, check_jet_pair, fn_code,
-                                          polarization_rule, polarize)
+from taylor_kernels.reference.jet import (FNS, check_jet, check_jet_pair, check_polarize_args,
+                                          fn_code, polarization_rule)
 
 
 def _fake_jet_unary(u, fn):
@@ -57,20 +57,47 @@ def _backward_mul(ctx, grad_out):
     return ga, gb
 
 
-def register_jet_meta(unary_op: str, mul_op: str) -> None:
-    """Register fake kernels and autograd formulas for a backend's pair of jet ops."""
+def _fake_polarize(c, gamma, order):
+    return c.new_empty(c.shape[2])
+
+
+def _setup_polarize(ctx, inputs, output):
+    c, gamma, order = inputs
+    ctx.save_for_backward(c, gamma)
+    ctx.order = order
+
+
+def _backward_polarize(ctx, grad_out):
+    """``out_n = sum_m g_m c[d, m, n]``: ``dc[d] = g (x) grad``, ``dg_m = sum_n c[d, m, n] grad_n``
+    (both linear in the saved tensors, so the backward is differentiable again)."""
+    c, gamma = ctx.saved_tensors
+    gc = gg = None
+    if ctx.needs_input_grad[0]:
+        gc = torch.zeros_like(c)
+        gc[ctx.order] = (gamma.to(grad_out.dtype)[:, None] * grad_out[None, :]).to(c.dtype)
+    if ctx.needs_input_grad[1]:
+        gg = (c[ctx.order].to(grad_out.dtype) * grad_out).sum(-1).to(gamma.dtype)
+    return gc, gg, None
+
+
+def register_jet_meta(unary_op: str, mul_op: str, polarize_op: str) -> None:
+    """Register fake kernels and autograd formulas for a backend's jet ops."""
     torch.library.register_fake(unary_op)(_fake_jet_unary)
     torch.library.register_fake(mul_op)(_fake_jet_mul)
+    torch.library.register_fake(polarize_op)(_fake_polarize)
     torch.library.register_autograd(unary_op, _backward_unary, setup_context=_setup_unary)
     torch.library.register_autograd(mul_op, _backward_mul, setup_context=_setup_mul)
+    torch.library.register_autograd(polarize_op, _backward_polarize,
+                                    setup_context=_setup_polarize)
 
 
 def _native_has_jet() -> bool:
-    return _native.has_cpp() and hasattr(torch.ops.taylor_kernels, "jet_unary")
+    return _native.has_cpp() and hasattr(torch.ops.taylor_kernels, "polarize_contract")
 
 
 if _native_has_jet():
-    register_jet_meta("taylor_kernels::jet_unary", "taylor_kernels::jet_mul")
+    register_jet_meta("taylor_kernels::jet_unary", "taylor_kernels::jet_mul",
+                      "taylor_kernels::polarize_contract")
 
 
 def _reference_unary(u, code):
@@ -80,11 +107,12 @@ def _reference_unary(u, code):
 def _backend_fns(device: torch.device):
     name = backends.resolve(device)
     if name == "reference" or (name in ("cpp", "cuda") and not _native_has_jet()):
-        return _reference_unary, ref.jet_mul
+        return _reference_unary, ref.jet_mul, ref.polarize_contract
     if name == "triton":
         from taylor_kernels.triton import jet as triton_jet
-        return triton_jet.jet_unary, triton_jet.jet_mul
-    return torch.ops.taylor_kernels.jet_unary, torch.ops.taylor_kernels.jet_mul
+        return triton_jet.jet_unary, triton_jet.jet_mul, triton_jet.polarize_contract
+    ops = torch.ops.taylor_kernels
+    return ops.jet_unary, ops.jet_mul, ops.polarize_contract
 
 
 def jet_unary(fn: str | int, u: torch.Tensor) -> torch.Tensor:
@@ -111,4 +139,20 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _backend_fns(a.device)[1](a, b)
 
 
-__all__ = ["FNS", "jet_mul", "jet_unary", "polarization_rule", "polarize", "register_jet_meta"]
+def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch.Tensor:
+    """``out [N] = sum_m gamma_m c[order, m, :]`` for directional jets ``c [J+1, M, N]`` and
+    polarization weights ``gamma [M]`` (float32 arithmetic, float64 for float64 ``c``).
+    Differentiable in ``c`` and ``gamma``."""
+    check_polarize_args(c, gamma, order)
+    return _backend_fns(c.device)[2](c, gamma.to(c.device), int(order))
+
+
+def polarize(c: torch.Tensor, pattern) -> torch.Tensor:
+    """Mixed partial ``D^d f[v_1^{i_1}, ..., v_p^{i_p}]`` from jets ``c [J+1, M, ...]`` along
+    the ``M`` directions of :func:`polarization_rule` (``pattern``): the Griewank-Utke-Walther
+    contraction ``sum_m gamma_m c[d, m, ...]`` on the selected backend. Returns ``[...]``."""
+    return ref.polarize(c, pattern, contract=polarize_contract)
+
+
+__all__ = ["FNS", "jet_mul", "jet_unary", "polarization_rule", "polarize", "polarize_contract",
+           "register_jet_meta"]

@@ -270,12 +270,34 @@ def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
 
 
-def polarize(c: torch.Tensor, pattern) -> torch.Tensor:
+def check_polarize_args(c: torch.Tensor, gamma: torch.Tensor, order: int) -> None:
+    """Raise unless ``c [J+1, M, N]``, ``gamma [M]`` and ``0 <= order <= J``."""
+    if not (isinstance(c, torch.Tensor) and c.dim() == 3 and c.is_floating_point()):
+        raise ValueError(f"c must be a floating tensor [J+1, M, N], got "
+                         f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c)}")
+    if gamma.dim() != 1 or gamma.shape[0] != c.shape[1] or not gamma.is_floating_point():
+        raise ValueError(f"gamma must be a floating tensor [M] = [{c.shape[1]}], got "
+                         f"{tuple(gamma.shape)} {gamma.dtype}")
+    if isinstance(order, bool) or not 0 <= int(order) < c.shape[0]:
+        raise ValueError(f"order {order} outside the jets' orders [0, {c.shape[0] - 1}]")
+
+
+def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch.Tensor:
+    """``out [N] = sum_m gamma_m c[order, m, :]`` for ``c [J+1, M, N]``, ``gamma [M]``: the
+    contraction of directional jets behind :func:`polarize` (accumulation dtype, ``c.dtype``
+    out)."""
+    check_polarize_args(c, gamma, order)
+    acc = accumulation_dtype(c.dtype)
+    return (gamma.to(acc) @ c[int(order)].to(acc)).to(c.dtype)
+
+
+def polarize(c: torch.Tensor, pattern, contract=None) -> torch.Tensor:
     """Mixed partial ``D^d f[v_1^{i_1}, ..., v_p^{i_p}]`` from univariate jets.
 
     Args: ``c [J+1, M, ...]`` normalized coefficients along the ``M`` directions of
     :func:`polarization_rule` (``pattern``), in that order, ``J >= d = sum(pattern)``.
     Returns: ``[...]`` = ``sum_m gamma_m c[d, m, ...]`` (the unnormalized derivative).
+    ``contract``: the ``polarize_contract`` implementation (default: this reference).
     """
     i = check_pattern(pattern)
     d = sum(i)
@@ -286,8 +308,9 @@ def polarize(c: torch.Tensor, pattern) -> torch.Tensor:
         raise ValueError(f"pattern {i} needs jets of order >= {d} along the "
                          f"{weights.shape[0]} directions of polarization_rule; got c of "
                          f"shape {tuple(c.shape)}")
-    g = gamma.to(device=c.device, dtype=accumulation_dtype(c.dtype))
-    return torch.tensordot(g, c[d].to(g.dtype), dims=([0], [0])).to(c.dtype)
+    flat = c.reshape(c.shape[0], c.shape[1], -1)
+    out = (contract or polarize_contract)(flat, gamma.to(c.device), d)
+    return out.reshape(c.shape[2:])
 
 
 def nested_jvp_coefficients(fn, coeffs, order: int):

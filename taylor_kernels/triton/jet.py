@@ -8,6 +8,8 @@ Same contract as :mod:`taylor_kernels.reference.jet` (recurrence table there):
   workspace ``[3, J+1, N]``; coefficient ``k`` of each is written once and re-read by the
   later orders of the same program (same offsets, same threads).
 - ``jet_mul(a, b)``: ``c_k = sum_j a_j b_{k-j}`` straight from the inputs.
+- ``polarize_contract(c [J+1, M, N], gamma [M], order)``: ``sum_m gamma_m c[order, m, :]``, one
+  program per block of ``N``, ``m`` ascending.
 
 ``u``, ``a``, ``b`` are read through their strides; outputs are contiguous. The order-0 tanh
 uses Lambert's continued fraction below |x| = 1 (no ``expm1`` in Triton's portable math), so
@@ -285,4 +287,31 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-register_jet_meta("taylor_kernels::jet_unary_triton", "taylor_kernels::jet_mul_triton")
+@triton.jit
+def _polarize_kernel(c_ptr, sm, sn, w_ptr, out_ptr, M, N, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for m in range(0, M):  # ascending m: deterministic
+        acc += tl.load(w_ptr + m).to(ACC) * _get(c_ptr, sm, offs * sn, m, mask, ACC)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("taylor_kernels::polarize_contract_triton", mutates_args=())
+def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch.Tensor:
+    """Triton ``polarize_contract``: ``[N] = sum_m gamma_m c[order, m, :]``."""
+    M, N = c.shape[1], c.shape[2]
+    out = torch.empty(N, dtype=c.dtype, device=c.device)
+    if N == 0:
+        return out
+    w = gamma.to(device=c.device, dtype=accumulation_dtype(c.dtype)).contiguous()
+    slice_ = c[order]
+    block = _block(N)
+    wrap_triton(_polarize_kernel)[(triton.cdiv(N, block),)](
+        slice_, slice_.stride(0), slice_.stride(1), w, out, M, N, ACC=_acc(c.dtype), BLOCK=block)
+    return out
+
+
+register_jet_meta("taylor_kernels::jet_unary_triton", "taylor_kernels::jet_mul_triton",
+                  "taylor_kernels::polarize_contract_triton")
