@@ -14,6 +14,7 @@ from taylor_kernels.attr.taylor_decomposition import TaylorDecomposition, taylor
 from taylor_kernels.attr.unification import MethodSettings, fourteen_methods
 from taylor_kernels.attr.unification_table import unification_table
 from taylor_kernels.engine.jet import jet, mixed_partials
+from taylor_kernels.attr.group_hessians import GroupInteractions, group_integrated_hessians
 from taylor_kernels.attr.integrated_hessians import (InteractionResult, expected_hessians,
                                                      integrated_hessians)
 from taylor_kernels.engine.derivative import hessian, hessian_diagonal, hvp, third_order
@@ -27,5 +28,6 @@ __all__ += ["jet", "mixed_partials"]
 __all__ += ["MethodSettings", "TaylorDecomposition", "fourteen_methods", "taylor_decomposition",
             "unification_table"]
 __all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_diagonal", "hvp",
-            "integrated_hessians", "third_order"]
+            "integrated_hessians", "third_order", "group_integrated_hessians",
+            "GroupInteractions"]
 __all__ += ["priors"]

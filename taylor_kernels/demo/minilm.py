@@ -219,6 +219,31 @@ def attribute_tokens(model: MiniLM, tok: WordPiece, sentence: str, other: torch.
     return tokens, res.attributions[0].sum(-1), res
 
 
+def token_interactions(model: MiniLM, tok: WordPiece, sentence: str, other_sentence: str, *,
+                       steps: int = 8, max_memory=None) -> dict:
+    """Token-pair Integrated Hessians of ``<e(sentence), e(other_sentence)>`` over the word
+    embeddings (baseline ``[CLS] [PAD].. [SEP]``), one HVP per token and quadrature node.
+
+    Returns ``{"tokens", "interactions" [L, L], "ig" [L], "completeness_gap"}``.
+    """
+    from taylor_kernels.attr.group_hessians import group_integrated_hessians
+    from taylor_kernels.attr.layer import layer_replaced_forward
+
+    with torch.no_grad():
+        other_ids = tok.ids(tok.tokenize(other_sentence))[None]
+        other = model(other_ids, torch.ones_like(other_ids))[0]
+    (tokens,), ids, mask, base = encode_batch(tok, [sentence])
+    layer = model.word_embeddings
+    with torch.no_grad():
+        emb, emb_base = layer(ids), layer(base)
+    through = layer_replaced_forward(similarity_to(model, other), layer, of_input=False)
+    token_of = torch.arange(ids.shape[1])[:, None].expand(ids.shape[1], emb.shape[-1])
+    res = group_integrated_hessians(through, emb, token_of, emb_base, steps=steps,
+                                    additional_forward_args=(ids, mask), max_memory=max_memory)
+    return {"tokens": tokens, "interactions": res.interactions[0], "ig": res.ig[0],
+            "completeness_gap": float(res.completeness_gap[0])}
+
+
 def explain_similarity(sent_a: str, sent_b: str, out_dir, *, steps: int = 32,
                        max_memory=None) -> dict:
     """Token heatmap of the MiniLM similarity of two sentences.
