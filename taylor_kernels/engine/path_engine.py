@@ -166,9 +166,11 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     with tqdm(total=stop - start, disable=not progress, desc="path points", unit="pt") as bar:
         while start < stop:
             count = chunks.next_count(start)
-            try:
-                grads, used = _measure(lambda: path_gradients(
-                    problem, x, bl, rows, alphas, start, count, create_graph), count, x.device)
+            def run():
+                return path_gradients(problem, x, bl, rows, alphas, start, count, create_graph)
+            try:  # measure only while probing (saved-tensor hooks slow autograd down)
+                grads, used = _measure(run, count, x.device) if chunks.chunk is None \
+                    else (run(), 0.0)
             except Exception as exc:  # halve on OOM, re-raise anything else
                 if not memory.is_oom(exc) or count == 1:
                     raise
