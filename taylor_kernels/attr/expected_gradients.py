@@ -34,6 +34,20 @@ def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     return torch.cat(parts, dim=1)
 
 
+def draw_references(problem, background, samples: int, seed: int | None) -> torch.Generator:
+    """Set ``problem.baselines [B, M, D]`` to ``M = samples`` references per input drawn
+    uniformly with replacement from ``background``; returns the private generator (seeded with
+    ``seed``, else randomly) for the draws that follow (the ``t`` of each sample)."""
+    if int(samples) != samples or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples}")
+    bg = _background_flat(background, problem.inputs)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    idx = torch.randint(0, bg.shape[0], (problem.B, int(samples)), generator=gen)
+    problem.baselines = bg[idx.to(bg.device)]
+    return gen
+
+
 def expected_gradients(model, inputs, background, target=None, *, samples: int = 100,
                        seed: int | None = None, additional_forward_args=None, max_memory=None,
                        backend: str | None = None, progress: bool = False,
@@ -51,17 +65,11 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
         :class:`AttributionResult`; ``gap [B] = sum(attr) - mean_m (f(x) - f(r_m))`` is the
         Monte-Carlo error of this estimate; ``evaluations = B * M``.
     """
-    if int(samples) != samples or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples}")
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, None, target, additional_forward_args)
-        bg = _background_flat(background, problem.inputs)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-        idx = torch.randint(0, bg.shape[0], (problem.B, samples), generator=gen)
+        gen = draw_references(problem, background, samples, seed)
         alphas = torch.rand(problem.B, samples, 1, generator=gen, dtype=torch.float64)
-        problem.baselines = bg[idx.to(bg.device)]  # [B, M, D]
         fx, fb = path_engine.endpoint_values(problem)
         res = path_engine.integrate(problem, alphas.to(problem.x.device),
                                     [torch.ones(1, dtype=torch.float64)],

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from taylor_kernels import backends, ops
-from taylor_kernels.attr.expected_gradients import _background_flat
+from taylor_kernels.attr.expected_gradients import draw_references
 from taylor_kernels.engine import derivative, memory, path_engine, quadrature
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.ops.hessian import ih_accumulate
@@ -238,18 +238,12 @@ def expected_hessians(model, inputs, background, target=None, *, samples: int = 
     ``completeness_gap`` measures the Monte-Carlo error in ``t`` alone. Other arguments as
     :func:`integrated_hessians`.
     """
-    if int(samples) != samples or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples}")
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, None, target, additional_forward_args)
-        bg = _background_flat(background, problem.inputs)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-        ref_idx = torch.randint(0, bg.shape[0], (problem.B, int(samples)), generator=gen)
+        gen = draw_references(problem, background, samples, seed)
         t = (torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)
              * torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64))
-        problem.baselines = bg[ref_idx.to(bg.device)]
         dev = problem.x.device
         return _integrate(problem, t.to(dev), torch.ones(1, dtype=torch.float64, device=dev),
                           t.to(dev), index, ig_steps, max_memory, chunk_size, progress)

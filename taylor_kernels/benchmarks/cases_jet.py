@@ -41,14 +41,16 @@ UNARY_FNS = ("tanh", "gelu", "exp", "silu")
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (causal SDPA attention, GELU MLP) with a 10-class head."""
+    """Pre-norm transformer block (causal SDPA attention, GELU MLP of width ``mlp_ratio * d``)
+    with a classification head (also the test suite's transformer block)."""
 
-    def __init__(self, d: int, heads: int, classes: int = 10):
+    def __init__(self, d: int, heads: int, classes: int = 10, mlp_ratio: int = 4):
         super().__init__()
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(),
+                                 nn.Linear(mlp_ratio * d, d))
         self.head = nn.Linear(d, classes)
 
     def forward(self, x):

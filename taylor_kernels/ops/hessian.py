@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels import _native, backends
+from taylor_kernels.ops.path import baseline_grad
 from taylor_kernels.reference import hessian as ref
 from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
 
@@ -45,8 +46,7 @@ def _backward(ctx, grad_out):
         if ctx.needs_input_grad[1]:
             out[1] = torch.zeros_like(x).index_add(0, b, dd.to(x.dtype))
         if ctx.needs_input_grad[2]:
-            out[2] = torch.zeros_like(baselines).view(-1, x.shape[1]).index_add(
-                0, bi * K + k, (-dd).to(baselines.dtype)).view_as(baselines)
+            out[2] = baseline_grad(baselines, bi, k, -dd)
     if ctx.needs_input_grad[3]:
         terms = (h * G * di.unsqueeze(2) * delta.unsqueeze(1)).sum((1, 2)) / K
         if weights.dim() == 1:

@@ -17,6 +17,15 @@ def _batch_index(baselines: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b if baselines.shape[0] > 1 else torch.zeros_like(b)
 
 
+def baseline_grad(baselines: torch.Tensor, bi: torch.Tensor, k: torch.Tensor,
+                  rows: torch.Tensor) -> torch.Tensor:
+    """Gradient ``[Bb, K, D]`` of the baselines: per-point rows ``[count, D]`` summed into
+    baseline ``(bi, k)`` of each point."""
+    flat = torch.zeros_like(baselines).view(-1, baselines.shape[2])
+    return flat.index_add(0, bi * baselines.shape[1] + k,
+                          rows.to(baselines.dtype)).view_as(baselines)
+
+
 def _node_grad(nodes: torch.Tensor, start: int, s: torch.Tensor, terms: torch.Tensor):
     """Scatter per-point ``terms [count]`` back to ``[S]`` or ``[B, K, S]`` nodes."""
     if nodes.dim() == 1:
@@ -50,9 +59,7 @@ def _backward_points(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         gx = torch.zeros_like(x).index_add(0, b, (a * grad_out).to(x.dtype))
     if ctx.needs_input_grad[1]:
-        flat = (_batch_index(baselines, b) * K + k)
-        gb = torch.zeros_like(baselines).view(-1, x.shape[1]).index_add(
-            0, flat, ((1 - a) * grad_out).to(baselines.dtype)).view_as(baselines)
+        gb = baseline_grad(baselines, _batch_index(baselines, b), k, (1 - a) * grad_out)
     if ctx.needs_input_grad[2]:
         delta = x[b] - baselines[_batch_index(baselines, b), k]
         ga = _node_grad(alphas, ctx.start, s, (delta * grad_out).sum(1))
@@ -81,8 +88,7 @@ def _backward_accumulate(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         out[1] = torch.zeros_like(x).index_add(0, b, cgG.to(x.dtype))
     if ctx.needs_input_grad[2]:
-        out[2] = torch.zeros_like(baselines).view(-1, x.shape[1]).index_add(
-            0, bi * K + k, (-cgG).to(baselines.dtype)).view_as(baselines)
+        out[2] = baseline_grad(baselines, bi, k, -cgG)
     if ctx.needs_input_grad[3]:
         out[3] = _node_grad(weights, ctx.start, s, (grads.to(grad_out.dtype) * delta * G).sum(1) / K)
     return tuple(out)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import taylor_kernels as tk
-from taylor_kernels.benchmarks.cases_jet import for_nested_jvp
+from taylor_kernels.benchmarks.cases_jet import Block, for_nested_jvp
 from taylor_kernels.engine import jet as jet_engine
 from taylor_kernels.reference.jet import nested_jvp_coefficients
 
@@ -167,29 +167,8 @@ def test_scaled_dot_product_attention(mode):
     check(f, torch.randn(2, 5, 4, dtype=DT), order=6)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (attention + GELU MLP) and a classification head."""
-
-    def __init__(self, d=8, heads=2, classes=3):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).reshape(B, T, 3 * self.heads, -1).transpose(1, 2).chunk(
-            3, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
-        x = x + self.mlp(self.ln2(x))
-        return self.head(x.mean(1))
-
-
 def test_transformer_block_with_target():
-    blk = Block().double().eval()
+    blk = Block(8, 2, classes=3, mlp_ratio=2).double().eval()
     ref = for_nested_jvp(blk)
     target = torch.tensor([0, 2])
     check(blk, torch.randn(2, 5, 8, dtype=DT), order=6, target=target,
