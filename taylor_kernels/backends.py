@@ -4,11 +4,18 @@ Backends: ``reference`` (pure PyTorch, any device), ``cpp`` (C++/OpenMP, CPU ten
 ``cuda`` (CUDA C++, CUDA tensors), ``triton`` (CUDA tensors; CPU tensors only under
 ``TRITON_INTERPRET=1``). ``auto`` picks by device: CPU -> cpp, else reference; CUDA -> cuda,
 else triton, else reference. The environment variable ``TAYLOR_KERNELS_BACKEND`` sets the
-initial choice; :func:`use` changes it at run time.
+initial process default; :func:`use` changes the process default at run time.
+
+:func:`using` (and every ``backend=`` argument) forces a backend through a
+:class:`contextvars.ContextVar`: the choice is seen only by the thread or asyncio task that made
+it (a task inherits its creator's choice at creation), never by other threads or tasks, and is
+undone when the block exits. Threads start without an override, so they see the process default.
+Autograd's own device threads (the backward of CUDA tensors) also see the process default.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -19,7 +26,9 @@ from taylor_kernels import _native
 
 NAMES = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "TAYLOR_KERNELS_BACKEND"
-_choice = {"name": os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"}
+_default = {"name": os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"}
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "taylor_kernels_backend", default=None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,30 +54,37 @@ def _check_name(name: str) -> str:
     return name
 
 
-def use(name: str) -> None:
-    """Force a backend for every op (``'auto'`` restores the per-device default)."""
+def _checked_available(name: str) -> str:
     name = _check_name(name)
     if name != "auto" and not available()[name]:
         reason = _native.LOAD_ERROR or "not built" if name in ("cpp", "cuda") else "not installed"
         raise RuntimeError(f"backend {name!r} is not available here ({reason}); "
                            f"available: {[k for k, v in available().items() if v]}")
-    _choice["name"] = name
+    return name
+
+
+def use(name: str) -> None:
+    """Set the process default backend for every op (``'auto'`` restores the per-device
+    choice). Threads and tasks inside a :func:`using` block keep the block's backend."""
+    _default["name"] = _checked_available(name)
 
 
 def current() -> str:
-    """The forced backend name, or ``'auto'``."""
-    return _check_name(_choice["name"])
+    """The backend forced in this thread/task by :func:`using`, else the process default
+    (a name, or ``'auto'``)."""
+    forced = _override.get()
+    return _check_name(_default["name"] if forced is None else forced)
 
 
 @contextlib.contextmanager
 def using(name: str):
-    """Context manager form of :func:`use`."""
-    before = current()
-    use(name)
+    """Force backend ``name`` in the current thread or asyncio task (a ContextVar) for the
+    block; other threads and tasks, and the process default, are unaffected."""
+    token = _override.set(_checked_available(name))
     try:
         yield
     finally:
-        _choice["name"] = before
+        _override.reset(token)
 
 
 def runs_on(name: str, device: torch.device) -> bool:
