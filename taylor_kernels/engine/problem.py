@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from taylor_kernels.models.outputs import model_output
+
 
 def as_tuple(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
     """``(tuple_of_inputs, was_tuple)``; a lone tensor becomes a 1-tuple."""
@@ -157,7 +159,8 @@ class PathProblem:
         with torch.no_grad():
             out = self.model(*self.split(self.x[:1]), *self._rows_args(
                 torch.zeros(1, dtype=torch.long, device=self.x.device)))
-        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        out = model_output(out)
+        if out.dim() == 0:
             raise ValueError("the model must return a tensor with a batch dimension")
         return (self.B,) + tuple(out.shape[1:])
 
@@ -169,9 +172,9 @@ class PathProblem:
 
 
 def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor:
-    """Pick each row's target from model output ``[N, ...]``; returns ``[N]``."""
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"the model must return a tensor, got {type(out)}")
+    """Pick each row's target from model output ``[N, ...]`` (a tensor, or what
+    :func:`~taylor_kernels.models.outputs.model_output` reads: ``.logits``...); returns ``[N]``."""
+    out = model_output(out)
     N = rows.shape[0]
     if out.dim() == 0 or out.shape[0] != N:
         raise ValueError(f"model output of shape {tuple(out.shape)} has no batch dimension of "

@@ -1,0 +1,78 @@
+"""Which tensor of a model's output is attributed (neutral: imports only torch).
+
+Rule for ``output=None`` (what :func:`model_output` picks):
+
+1. a tensor is used as it is;
+2. a mapping (a Hugging Face ``ModelOutput`` is one, so is a ``dict``) gives its ``"logits"``
+   entry, else its first tensor value (``last_hidden_state`` for encoders);
+3. an object with a tensor attribute ``.logits`` gives it;
+4. a tuple or list gives its first tensor element.
+
+Anything else is an error that says how to name the output. ``output=`` names another one: a
+key or attribute name (``"pooler_output"``), an index into a tuple, or a callable
+``out -> tensor`` (e.g. mean pooling).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+
+HINT = ("select the tensor to attribute: by default a tensor, a mapping's or ModelOutput's "
+        "'logits' entry (.logits), else its first tensor, or a tuple's first tensor are used; "
+        "name another with output='key' / an index, or pass output=callable(out) -> tensor")
+
+
+def _first_tensor(values, what: str) -> torch.Tensor:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise ValueError(f"the model returned a {what} with no tensor in it; {HINT}")
+
+
+def model_output(out: Any, output: str | int | Callable | None = None) -> torch.Tensor:
+    """The tensor of ``out`` to attribute, by the module's rule or as ``output`` names it.
+
+    ``out``: a tensor, a mapping/``ModelOutput``, an object with ``.logits``, or a tuple.
+    Returns a tensor ``[N, ...]`` (the engine then selects one scalar per row).
+    """
+    if output is None:
+        if isinstance(out, torch.Tensor):
+            return out
+        if isinstance(out, Mapping):
+            logits = out.get("logits")
+            return logits if isinstance(logits, torch.Tensor) else _first_tensor(
+                out.values(), type(out).__name__)
+        if isinstance(getattr(out, "logits", None), torch.Tensor):
+            return out.logits
+        if isinstance(out, (tuple, list)):
+            return _first_tensor(out, type(out).__name__)
+        raise ValueError(f"the model returned a {type(out).__name__}, which has no .logits "
+                         f"tensor; {HINT}")
+    if callable(output):
+        picked = output(out)
+    elif isinstance(output, int) and isinstance(out, (tuple, list)):
+        picked = out[output] if -len(out) <= output < len(out) else None
+    elif isinstance(output, str) and isinstance(out, Mapping):
+        picked = out.get(output)
+    elif isinstance(output, str):
+        picked = getattr(out, output, None)
+    else:
+        raise ValueError(f"output={output!r} cannot select from a {type(out).__name__}; {HINT}")
+    if not isinstance(picked, torch.Tensor):
+        raise ValueError(f"output={output!r} selected a {type(picked).__name__} from the "
+                         f"model's {type(out).__name__}, not a tensor; {HINT}")
+    return picked
+
+
+class SelectOutput:
+    """``model`` wrapped to return ``model_output(model(*args, **kwargs), output)``: hand it
+    to any attribution function to attribute a named output (``"pooler_output"``, an index, or
+    a callable)."""
+
+    def __init__(self, model: Callable, output: str | int | Callable):
+        self.model, self.output = model, output
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return model_output(self.model(*args, **kwargs), self.output)
