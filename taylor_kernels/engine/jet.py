@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
 from taylor_kernels.engine.jet_rules import Jet
+from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.reference.jet import MAX_ORDER, nested_jvp_coefficients, polarization_rule
 
 _WARNED_OPS: set[str] = set()
@@ -204,10 +205,7 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
         if target is None:
             raise ValueError(f"f returns [B, C] with C = {out.shape[2]}: pass target= (an int "
                              f"or a [B] tensor of class indices)")
-        t = torch.as_tensor(target, device=out.device).reshape(-1)
-        if t.numel() == B:
-            t = t.repeat_interleave(M)
-        idx = t.expand(B * M) if t.numel() == 1 else t
+        idx = class_indices(target, B, out.shape[2], out.device).repeat_interleave(M)
         out = out.gather(2, idx.view(1, -1, 1).expand(J1, -1, 1)).squeeze(2)
     elif out.dim() != 2:
         raise ValueError(f"f must return [B] or [B, C]; got {tuple(out.shape[1:])} per order")

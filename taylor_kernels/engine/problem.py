@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from taylor_kernels.engine import guards
 from taylor_kernels.models.outputs import model_output
 
 
@@ -84,10 +85,23 @@ def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     return torch.cat(parts, dim=2).contiguous()
 
 
+def _no_float_target(target) -> None:
+    """Targets are indices: refuse floats instead of truncating them."""
+    bad = (isinstance(target, float) or isinstance(target, torch.Tensor) and (
+        target.is_floating_point() or target.is_complex()) or isinstance(target, (tuple, list))
+        and any(isinstance(t, float) or isinstance(t, (tuple, list)) and any(
+            isinstance(u, float) for u in t) for t in target))
+    if bad:
+        raise TypeError(f"target must hold integer indices, got floats: {target!r}; pass an "
+                        "int, a tuple of ints, an integer tensor or a list of these")
+
+
 def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
-    """Per-input targets: None, a long tensor [B], or a list of index tuples."""
+    """Per-input targets: None, a long tensor [B], or a list of index tuples. Negative
+    indices count from the end (as in Python and Captum); floats raise ``TypeError``."""
     if target is None:
         return None
+    _no_float_target(target)
     if isinstance(target, int):
         return torch.full((B,), target, dtype=torch.long, device=device)
     if isinstance(target, torch.Tensor):
@@ -105,6 +119,18 @@ def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
             return torch.tensor(target, dtype=torch.long, device=device)
         return [tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in target]
     raise ValueError(f"target must be an int, tuple, tensor or list, got {type(target)}")
+
+
+def class_indices(target, B: int, C: int, device) -> torch.Tensor:
+    """An int-like target (int, scalar or ``[B]`` integer tensor, list of ``B`` ints) as class
+    indices ``[B]`` in ``[0, C)``: negatives count from the end, floats raise ``TypeError``,
+    anything outside ``[-C, C)`` raises ``ValueError``."""
+    rows = _target_rows(target, B, device)
+    if not isinstance(rows, torch.Tensor):
+        raise ValueError(f"target must be an int or a [{B}] integer tensor/list for a [B, {C}] "
+                         f"output, got {target!r}")
+    check_target(rows, (B, C))
+    return torch.where(rows < 0, rows + C, rows)
 
 
 @dataclass
@@ -189,6 +215,7 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor
             raise ValueError(f"an integer target needs a [N, C] model output, got "
                              f"{tuple(out.shape)}")
         idx = target.to(out.device)[rows]
+        idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)
     picked = [out[(n,) + tuple(target[int(r)])] for n, r in enumerate(rows.tolist())]
     return torch.stack(picked)
@@ -226,5 +253,9 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     else:
         fargs = (additional_forward_args,)
     problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
-    check_target(problem.target, problem.output_shape())
+    guards.check_model(model, tup)
+    with guards.preserved_buffers(model):  # the probes leave running statistics as they were
+        check_target(problem.target, problem.output_shape())
+        other, j = (x[1], 1) if B > 1 else (bl[0, 0], 0)
+        guards.check_rows_independent(problem.forward, x[0], other, j)
     return problem

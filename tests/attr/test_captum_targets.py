@@ -1,0 +1,76 @@
+"""Targets as Captum reads them: negative indices count from the end, floats raise.
+
+Covers ``engine/problem.py`` (every method built on it: IG, the Captum front) and ``tk.jet``,
+which validates class targets with the same rule.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from captum import attr as ca
+
+import taylor_kernels as tk
+import taylor_kernels.captum as tc
+
+F64 = torch.float64
+
+
+def _setup():
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 4).double(), torch.randn(2, 3, dtype=F64)
+
+
+@pytest.mark.parametrize("neg, pos", [(-1, 3), (torch.tensor(-2), 2),
+                                      (torch.tensor([-1, -4]), torch.tensor([3, 0])),
+                                      ([-3, -1], [1, 3])])
+def test_negative_targets_index_from_the_end(neg, pos):
+    model, x = _setup()
+    ours = tc.IntegratedGradients(model).attribute(x, target=neg, n_steps=4)
+    torch.testing.assert_close(ours, tc.IntegratedGradients(model).attribute(x, target=pos,
+                                                                            n_steps=4))
+    if isinstance(neg, int) or isinstance(neg, torch.Tensor) and neg.numel() == 1:  # as Captum
+        torch.testing.assert_close(ours, ca.IntegratedGradients(model).attribute(
+            x, target=neg, n_steps=4))
+
+
+def test_negative_tuple_targets():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 6).double()
+
+    def model(x):
+        return lin(x).reshape(-1, 2, 3)
+
+    x = torch.randn(2, 3, dtype=F64)
+    ours = tc.IntegratedGradients(model).attribute(x, target=(-1, -2), n_steps=4)
+    torch.testing.assert_close(ours, ca.IntegratedGradients(model).attribute(
+        x, target=(-1, -2), n_steps=4))
+
+
+@pytest.mark.parametrize("target", [1.0, torch.tensor(1.0), torch.tensor([0.0, 1.0]),
+                                    [1.0, 2.0], (1.0,), [(0, 1.0), (1, 0)]])
+def test_float_targets_raise(target):
+    model, x = _setup()
+    with pytest.raises(TypeError, match="integer indices"):
+        tc.IntegratedGradients(model).attribute(x, target=target, n_steps=4)
+    with pytest.raises(TypeError, match="integer indices"):
+        tk.integrated_gradients(model, x, target=target, steps=4)
+
+
+@pytest.mark.parametrize("target", [4, -5, [0, 4]])
+def test_out_of_range_targets_raise(target):
+    model, x = _setup()
+    with pytest.raises(ValueError, match="out of range"):
+        tc.IntegratedGradients(model).attribute(x, target=target, n_steps=4)
+
+
+def test_jet_validates_targets_like_ig():
+    model, x = _setup()
+    v = torch.randn_like(x)
+    torch.testing.assert_close(tk.jet(model, x, v, 2, target=-1),
+                               tk.jet(model, x, v, 2, target=3))
+    torch.testing.assert_close(tk.jet(model, x, v, 2, target=[-1, -4]),
+                               tk.jet(model, x, v, 2, target=torch.tensor([3, 0])))
+    with pytest.raises(TypeError, match="integer indices"):
+        tk.jet(model, x, v, 2, target=1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        tk.jet(model, x, v, 2, target=4)
