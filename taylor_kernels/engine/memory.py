@@ -75,10 +75,12 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def cpu_point_cost(saved_bytes: int, point_bytes: int) -> float:
-    """Estimated peak bytes of a probe chunk on the CPU: ``2 * saved + 3 * points`` (saved
-    activations and their gradients; the points, their gradient and one temporary)."""
-    return float(2 * saved_bytes + 3 * point_bytes)
+def cpu_point_cost(saved_bytes: int, point_bytes: int, outputs: int = 1) -> float:
+    """Estimated peak bytes of a probe chunk on the CPU: ``(1 + T) * saved + (2 + T) * points``
+    for ``T = outputs`` gradients per point (saved activations and ``T`` batched gradients
+    flowing through them; the points, one temporary and ``T`` point gradients). ``T = 1`` gives
+    ``2 * saved + 3 * points``."""
+    return float((1 + outputs) * saved_bytes + (2 + outputs) * point_bytes)
 
 
 def is_oom(exc: BaseException) -> bool:

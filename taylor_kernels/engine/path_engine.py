@@ -6,9 +6,21 @@ reduces them with ``ops.path_accumulate`` into one ``[B, D]`` sum per weight vec
 weight vectors share one set of gradients: nested rules, or the ``(1 - t)`` / ``-t ln t``
 integrals). Chunks are sized to a memory budget from a measured per-point cost and halved on
 out-of-memory. The engine never knows which attribution method is running.
+
+Multi-target contract: ``problem.forward(points [N, D], rows [N])`` returns either ``[N]`` (one
+scalar output per point) or ``[N, T]`` (``T`` scalar outputs per point, e.g. the log-probs of
+``T`` target tokens of a causal LM). For ``[N, T]``, one forward per chunk serves all ``T``
+outputs: one batched backward (``torch.autograd.grad(..., is_grads_batched=True)`` with one-hot
+``grad_outputs [T, N, T]``) gives gradients ``[T, N, D]``; if vmap cannot run the model's
+backward, the engine says so once (``RuntimeWarning``), remembers it on the problem
+(``problem.serial_backward = True``) and runs ``T`` backward passes over the retained graph.
+:func:`integrate` then returns ``Integral.sums[i]`` of shape ``[T, B', D]`` (one IG sum per
+output) and :func:`endpoint_values` ``f(x) [B, T]``, ``f(b) [B, K, T]``. The memory probes
+count the ``T``-fold gradient memory (see :func:`memory.cpu_point_cost`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +36,8 @@ PROBE_POINTS = 8
 
 @dataclass
 class Integral:
-    """Result of :func:`integrate`: one ``[B', D]`` sum per weight vector, and the cost
+    """Result of :func:`integrate`: one ``[B', D]`` sum per weight vector (``[T, B', D]`` for a
+    problem with ``T`` outputs per point), and the cost
     (``point_cost``: measured bytes per path point, reusable by a later call on the model)."""
 
     sums: list[torch.Tensor]
@@ -69,8 +82,9 @@ class _Chunks:
         return min(left, self.chunk)
 
 
-def _measure(run, count: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Run ``run()`` and return its result with the bytes it needed beyond what was live."""
+def _measure(run, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Run ``run()`` (path gradients ``[count, D]`` or ``[T, count, D]``) and return its result
+    with the bytes it needed beyond what was live."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -79,13 +93,43 @@ def _measure(run, count: int, device: torch.device) -> tuple[torch.Tensor, float
         return out, float(torch.cuda.max_memory_allocated(device) - before)
     with memory.SavedBytes() as saved:
         out = run()
-    return out, memory.cpu_point_cost(saved.total, out.numel() * out.element_size())
+    outputs = out.shape[0] if out.dim() == 3 else 1
+    point_bytes = out.shape[-2] * out.shape[-1] * out.element_size()
+    return out, memory.cpu_point_cost(saved.total, point_bytes, outputs)
+
+
+def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool):
+    """Gradient of ``out [N]`` (summed) or of each column of ``out [N, T]`` w.r.t. ``pts``:
+    ``[N, D]`` or ``[T, N, D]`` (``None`` when ``out`` does not reach ``pts``). Batched over
+    ``T`` by vmap unless that failed before on this problem."""
+    if out.dim() == 1:
+        return torch.autograd.grad(out.sum(), pts, create_graph=create_graph,
+                                   allow_unused=True)[0]
+    T = out.shape[1]
+    if T > 1 and not getattr(problem, "serial_backward", False):
+        onehot = torch.eye(T, dtype=out.dtype, device=out.device).unsqueeze(1)
+        try:
+            return torch.autograd.grad(out, pts, onehot.expand(T, *out.shape),
+                                       retain_graph=True, create_graph=create_graph,
+                                       allow_unused=True, is_grads_batched=True)[0]
+        except (RuntimeError, NotImplementedError) as exc:
+            if memory.is_oom(exc):
+                raise
+            problem.serial_backward = True
+            warnings.warn(f"the model's backward cannot run under vmap ({str(exc)[:120]}); "
+                          f"computing its {T} output gradients with {T} backward passes",
+                          RuntimeWarning, stacklevel=4)
+    grads = [torch.autograd.grad(out[:, t].sum(), pts, retain_graph=t < T - 1,
+                                 create_graph=create_graph, allow_unused=True)[0]
+             for t in range(T)]
+    return None if grads[0] is None else torch.stack(grads)
 
 
 def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows: torch.Tensor,
                    alphas: torch.Tensor, start: int, count: int,
                    create_graph: bool = False) -> torch.Tensor:
-    """Gradients ``[count, D]`` of the selected output at path points ``[start, start+count)``.
+    """Gradients ``[count, D]`` of the selected output at path points ``[start, start+count)``
+    (``[T, count, D]`` when ``problem.forward`` returns ``T`` outputs per point).
 
     ``rows`` ``[B']`` maps the local inputs of ``x [B', D]`` to the problem's inputs (target
     and additional forward args). Raises on a missing gradient path or non-finite gradients.
@@ -99,11 +143,15 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
             raise ValueError("the model output does not depend on the inputs (no gradient "
                              "path); check that the model uses its inputs and is not under "
                              "torch.no_grad")
-        (grad,) = torch.autograd.grad(out.sum(), pts, create_graph=create_graph,
-                                      allow_unused=True)
+        if out.dim() not in (1, 2) or out.shape[0] != count:
+            raise ValueError(f"problem.forward returned shape {tuple(out.shape)} for {count} "
+                             f"points; expected [{count}] or [{count}, T]")
+        grad = _backward(problem, out, pts, create_graph)
     if grad is None:
         raise ValueError("the model output does not depend on the inputs (no gradient path)")
-    bad = ~torch.isfinite(grad).all(dim=1)
+    bad = ~torch.isfinite(grad).all(dim=-1)
+    if grad.dim() == 3:
+        bad = bad.any(dim=0)
     if bad.any():
         n = start + int(bad.nonzero()[0])
         b, k, s = n // (K * S), (n // S) % K, n % S
@@ -120,17 +168,21 @@ def _accumulate(sums: list[torch.Tensor], grads: torch.Tensor, x: torch.Tensor, 
     (a chunk spans few inputs; the op's ``[B, D]`` output would otherwise make every chunk cost
     ``O(B D)`` and the whole call ``O(B^2)``)."""
     per_input = bl.shape[1] * S
-    r0, r1 = start // per_input, (start + grads.shape[0] - 1) // per_input + 1
+    r0, r1 = start // per_input, (start + grads.shape[-2] - 1) // per_input + 1
     xs = x[r0:r1]
     bs = bl[r0:r1] if bl.shape[0] > 1 else bl
     local = start - r0 * per_input
     rows = torch.arange(r0, r1, device=x.device)
+    per_output = grads if grads.dim() == 3 else grads.unsqueeze(0)
     for i, w in enumerate(weight_sets):
-        part = ops.path_accumulate(grads, xs, bs, w[r0:r1] if w.dim() == 3 else w, local)
+        ws = w[r0:r1] if w.dim() == 3 else w
+        part = torch.stack([ops.path_accumulate(g, xs, bs, ws, local) for g in per_output])
+        if grads.dim() == 2:
+            part = part[0]
         if create_graph:
-            sums[i] = sums[i].index_add(0, rows, part)
+            sums[i] = sums[i].index_add(-2, rows, part)
         else:
-            sums[i][r0:r1].add_(part)
+            sums[i][..., r0:r1, :].add_(part)
 
 
 def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torch.Tensor], *,
@@ -147,7 +199,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     ``point_cost`` (bytes per point, from an earlier :class:`Integral`) skips the probes.
     ``process_group``: shard the points over its ranks and sum there (``reduce_to`` ``"all"``
     or ``0``; see :mod:`taylor_kernels.engine.distributed`).
-    Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector.
+    Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector (``[T, B', D]`` when
+    ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """
     x = problem.x if x is None else x
     bl = problem.baselines if baselines is None else baselines
@@ -159,8 +212,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     budget = None if chunk_size else memory.parse_budget(max_memory, x.device)
     chunks = _Chunks(total, chunk_size, budget, point_cost if not chunk_size else None)
-    sums = [torch.zeros(x.shape, dtype=accumulation_dtype(x.dtype), device=x.device)
-            for _ in weight_sets]
+    sums: list[torch.Tensor] | None = None  # allocated once the first chunk shows T
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     chunks.total = stop
     with tqdm(total=stop - start, disable=not progress, desc="path points", unit="pt") as bar:
@@ -169,7 +221,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
             def run():
                 return path_gradients(problem, x, bl, rows, alphas, start, count, create_graph)
             try:  # measure only while probing (saved-tensor hooks slow autograd down)
-                grads, used = _measure(run, count, x.device) if chunks.chunk is None \
+                grads, used = _measure(run, x.device) if chunks.chunk is None \
                     else (run(), 0.0)
             except Exception as exc:  # halve on OOM, re-raise anything else
                 if not memory.is_oom(exc) or count == 1:
@@ -178,17 +230,34 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
                 continue
             if chunks.chunk is None:
                 chunks.probes.append((count, used))
+            if sums is None:
+                shape = grads.shape[:1] + x.shape if grads.dim() == 3 else x.shape
+                sums = [torch.zeros(shape, dtype=accumulation_dtype(x.dtype), device=x.device)
+                        for _ in weight_sets]
             _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], start, create_graph)
             start += count
             bar.update(count)
+    if sums is None:  # this rank's shard is empty: learn T from one forward
+        sums = _empty_sums(problem, x, rows, len(weight_sets))
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, reduce_to)
     return Integral(sums, total, chunks.chunk or total, chunks.point_cost())
 
 
 @torch.no_grad()
+def _empty_sums(problem: PathProblem, x: torch.Tensor, rows: torch.Tensor,
+                n: int) -> list[torch.Tensor]:
+    """Zero sums ``[B', D]`` or ``[T, B', D]`` for a call that computes no path point."""
+    out = problem.forward(x[:1], rows[:1])
+    shape = out.shape[1:] + x.shape
+    return [torch.zeros(shape, dtype=accumulation_dtype(x.dtype), device=x.device)
+            for _ in range(n)]
+
+
+@torch.no_grad()
 def endpoint_values(problem: PathProblem, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model outputs at the inputs ``f(x) [B]`` and at every baseline ``f(b) [B, K]``."""
+    """Model outputs at the inputs ``f(x) [B]`` and at every baseline ``f(b) [B, K]``
+    (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point)."""
     B, K, D = problem.B, problem.K, problem.x.shape[1]
     rows = torch.arange(B, device=problem.x.device)
     fx = torch.cat([problem.forward(problem.x[i:i + chunk], rows[i:i + chunk])
@@ -198,4 +267,4 @@ def endpoint_values(problem: PathProblem, chunk: int = 256) -> tuple[torch.Tenso
     fb = torch.cat([problem.forward(bl[i:i + chunk], brows[i:i + chunk])
                     for i in range(0, B * K, chunk)])
     acc = accumulation_dtype(problem.x.dtype)
-    return fx.to(acc), fb.to(acc).reshape(B, K)
+    return fx.to(acc), fb.to(acc).reshape(B, K, *fb.shape[1:])

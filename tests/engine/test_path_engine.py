@@ -123,3 +123,81 @@ def test_progress_bar_runs(capsys):
     model, x = models.mlp(), torch.randn(3, 10, dtype=torch.float64)
     tk.integrated_gradients(model, x, target=0, steps=8, chunk_size=5, progress=True)
     assert "path points" in capsys.readouterr().err
+
+
+class _MultiTarget:
+    """A problem whose forward returns ``T`` outputs per point (columns ``cols`` of the model)."""
+
+    def __init__(self, model, x, cols, baselines=None):
+        from taylor_kernels.engine.problem import make_problem
+        self.inner = make_problem(model, x, baselines, target=0)
+        self.x, self.baselines, self.cols = self.inner.x, self.inner.baselines, list(cols)
+        self.B, self.K, self.model = self.inner.B, self.inner.K, model
+
+    def forward(self, pts, rows):
+        return self.model(pts)[:, self.cols]
+
+
+class _DataDependentBackward(torch.autograd.Function):
+    """Identity whose backward branches on a value: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g if float(g.abs().sum()) >= 0 else -g
+
+
+def _multi_vs_single(model, x, dtype_tol, chunk_sizes, baselines=None, cols=(0, 2, 1)):
+    from taylor_kernels.engine.path_engine import integrate
+    from taylor_kernels.engine.quadrature import nodes_and_weights
+    t, w = nodes_and_weights("gausslegendre", 11)
+    multi = _MultiTarget(model, x, cols, baselines)
+    singles = [integrate(_MultiTarget(model, x, [c], baselines), t, [w, w * t], chunk_size=5)
+               for c in cols]
+    for chunk in chunk_sizes:
+        res = integrate(multi, t, [w, w * t], chunk_size=chunk)
+        for i in range(2):
+            assert res.sums[i].shape == (len(cols),) + tuple(multi.x.shape)
+            for j, single in enumerate(singles):
+                torch.testing.assert_close(res.sums[i][j], single.sums[i][0], rtol=dtype_tol,
+                                           atol=dtype_tol)
+    return multi
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_multi_target_equals_single_targets_and_is_chunk_invariant(dtype, tol):
+    model, x = models.mlp(d_out=4, dtype=dtype), torch.randn(3, 10, dtype=dtype)
+    bl = 0.2 * torch.randn(3, 2, 10, dtype=dtype)
+    multi = _multi_vs_single(model, x, tol, (1, 4, 13, 10_000, None), baselines=bl)
+    assert not getattr(multi, "serial_backward", False)  # the batched backward ran
+
+
+def test_multi_target_falls_back_to_serial_backward_once():
+    inner = models.mlp(d_out=4)
+    model = lambda z: inner(_DataDependentBackward.apply(z))  # noqa: E731
+    x = torch.randn(2, 10, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="cannot run under vmap") as caught:
+        multi = _multi_vs_single(model, x, 1e-12, (3, 7))
+    assert multi.serial_backward is True
+    assert sum("cannot run under vmap" in str(w.message) for w in caught) == 1
+
+
+def test_multi_target_endpoint_values_and_probe_cost():
+    from taylor_kernels.engine.path_engine import endpoint_values, integrate
+    from taylor_kernels.engine.quadrature import nodes_and_weights
+    model, x = models.mlp(d_in=30, hidden=64, d_out=8), torch.randn(4, 30, dtype=torch.float64)
+    bl = torch.randn(4, 3, 30, dtype=torch.float64)
+    multi = _MultiTarget(model, x, range(8), bl)
+    fx, fb = endpoint_values(multi)
+    assert fx.shape == (4, 8) and fb.shape == (4, 3, 8)
+    torch.testing.assert_close(fx, model(x))
+    torch.testing.assert_close(fb[:, 1], model(bl[:, 1]))
+    t, w = nodes_and_weights("gausslegendre", 20)
+    one = integrate(_MultiTarget(model, x, [0], bl), t, [w], max_memory="1MB")
+    eight = integrate(multi, t, [w], max_memory="1MB")
+    # T = 8 batched gradients: (1 + 8) saved + (2 + 8) points vs 2 saved + 3 points
+    assert eight.point_cost > 3 * one.point_cost
+    assert eight.chunk_size < one.chunk_size
