@@ -6,6 +6,13 @@ are built in activation space by the path ops and fed to the model through a for
 that replaces the layer's output (or input), so chunking, memory budget and every quadrature
 rule (adaptive included) come from :func:`integrated_gradients`. The network before the layer
 still runs for every path point (as in Captum): its output is overwritten by the hook.
+
+A layer called ``n > 1`` times in one forward (shared weights, ``layer(layer(x))``) has one
+activation per call, ``a = (a^1, ..., a^n)``: call ``k``'s output is replaced by its own path
+``a^k(b) + t (a^k(x) - a^k(b))``, so the replaced forward equals ``f`` at both ends and
+``sum_k sum_j LIG^k_j = f(x) - f(b)`` (up to quadrature); the attributions are then a tuple
+with one tensor per call, in call order (their sum is Captum's attribution when every call
+sees the same activation, or when the last call's output is the only one that reaches ``f``).
 """
 from __future__ import annotations
 
@@ -14,29 +21,43 @@ from typing import Callable
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
-from taylor_kernels.engine.problem import as_tuple
+from taylor_kernels.engine import guards
+from taylor_kernels.engine.problem import as_tuple, target_values
 
 
-def _activation(model, layer, inputs: tuple, args: tuple, of_input: bool) -> torch.Tensor:
-    """Run the model once (no grad) and return the layer's output (or first input)."""
+def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
+    """Run the model once (no grad, buffers kept) and return ``(activations, output)``: the
+    layer's output (or first input) at each of its calls, in call order, and the model's
+    output."""
     seen: list = []
 
     def grab(module, inp, out=None):
         seen.append(inp[0] if of_input else out)
 
+    guards.check_model(model, inputs)
     hook = (layer.register_forward_pre_hook(grab) if of_input
             else layer.register_forward_hook(grab))
     try:
-        with torch.no_grad():
-            model(*inputs, *args)
+        with torch.no_grad(), guards.preserved_buffers(model):
+            out = model(*inputs, *args)
     finally:
         hook.remove()
     if not seen:
         raise ValueError(f"layer {type(layer).__name__} was not called by the model's forward")
-    if not isinstance(seen[0], torch.Tensor):
-        raise ValueError(f"layer {type(layer).__name__} {'input' if of_input else 'output'} is a "
-                         f"{type(seen[0]).__name__}; layer attribution needs a single tensor")
-    return seen[0].detach()
+    for a in seen:
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(f"layer {type(layer).__name__} {'input' if of_input else 'output'} "
+                             f"is a {type(a).__name__}; layer attribution needs a single tensor")
+    return [a.detach() for a in seen], out
+
+
+def _activation(model, layer, inputs: tuple, args: tuple, of_input: bool) -> torch.Tensor:
+    """The layer's output (or first input) for a layer called exactly once."""
+    acts, _ = layer_activations(model, layer, inputs, args, of_input)
+    if len(acts) > 1:
+        raise ValueError(f"layer {type(layer).__name__} is called {len(acts)} times in one "
+                         "forward; this method needs a layer called once")
+    return acts[0]
 
 
 def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -57,15 +78,28 @@ def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
     return tuple(out)
 
 
-def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bool) -> Callable:
-    """``g(points, *inputs, *args) = model(*inputs, *args)`` with ``layer``'s output (or first
-    input, when ``of_input``) replaced by ``points``; inputs and args are passed through."""
-    def through_layer(points, *rest):
+def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bool,
+                           calls: int = 1) -> Callable:
+    """``g(p_1, ..., p_calls, *inputs, *args) = model(*inputs, *args)`` with the output (or
+    first input, when ``of_input``) of ``layer``'s ``k``-th call replaced by ``p_k``; inputs
+    and args are passed through."""
+    def through_layer(*points_and_rest):
+        points, rest = points_and_rest[:calls], points_and_rest[calls:]
+        count = [0]
+
+        def next_points():
+            k = count[0]
+            count[0] += 1
+            if k >= calls:
+                raise RuntimeError(f"layer {type(layer).__name__} was called more than the "
+                                   f"{calls} time(s) it was called at the inputs")
+            return points[k]
+
         def replace_out(module, inp, out):
-            return points
+            return next_points()
 
         def replace_in(module, inp):
-            return (points,) + tuple(inp[1:])
+            return (next_points(),) + tuple(inp[1:])
 
         hook = (layer.register_forward_pre_hook(replace_in) if of_input
                 else layer.register_forward_hook(replace_out))
@@ -85,22 +119,35 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
     Args:
         model: callable ``model(*inputs, *additional_forward_args)``; inputs may be any dtype
             (e.g. token ids: attribute to the embedding layer).
-        layer: a module called once in the forward; its output (input) must be one tensor.
+        layer: a module the forward calls (once, or ``n`` times: see the module docstring);
+            its output (input) must be one tensor.
         baselines: input-space baselines (None = zeros, a number, or a tensor broadcastable to
             the inputs; a tuple for tuple inputs), mapped through the network to the layer.
         ig_kwargs: ``steps``, ``rule``, ``tol``, ``max_memory``, ``chunk_size``, ``backend``,
             ``progress``: as :func:`integrated_gradients`.
     Returns:
         :class:`AttributionResult` with attributions shaped like the layer activation
-        ``[B, ...]``; ``gap = sum(attr) - (f(x) - f(b))``.
+        ``[B, ...]`` (a tuple of one per call for a layer called ``n > 1`` times);
+        ``gap = sum(attr) - (f(x) - f(b))`` with ``f`` the model's own outputs.
     """
     tup, _ = as_tuple(inputs) if not isinstance(inputs, torch.Tensor) or inputs.is_floating_point() \
         else ((inputs,), False)
     fargs = (() if additional_forward_args is None else additional_forward_args
              if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
-    act_x = _activation(model, layer, tup, fargs, attribute_to_layer_input)
-    act_b = _activation(model, layer, _baseline_inputs(baselines, tup), fargs,
-                        attribute_to_layer_input)
-    through_layer = layer_replaced_forward(model, layer, attribute_to_layer_input)
-    return integrated_gradients(through_layer, act_x, act_b, target,
-                                additional_forward_args=tup + tuple(fargs), **ig_kwargs)
+    acts_x, out_x = layer_activations(model, layer, tup, fargs, attribute_to_layer_input)
+    acts_b, out_b = layer_activations(model, layer, _baseline_inputs(baselines, tup), fargs,
+                                      attribute_to_layer_input)
+    if len(acts_b) != len(acts_x):
+        raise ValueError(f"layer {type(layer).__name__} is called {len(acts_x)} times at the "
+                         f"inputs but {len(acts_b)} times at the baselines; layer IG needs the "
+                         "same calls at both")
+    n = len(acts_x)
+    through_layer = layer_replaced_forward(model, layer, attribute_to_layer_input, calls=n)
+    res = integrated_gradients(through_layer, acts_x[0] if n == 1 else tuple(acts_x),
+                               acts_b[0] if n == 1 else tuple(acts_b), target,
+                               additional_forward_args=tup + tuple(fargs), **ig_kwargs)
+    attrs = (res.attributions,) if n == 1 else res.attributions
+    total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attrs)
+    delta = target_values(out_x, target) - target_values(out_b, target)
+    res.gap = total - delta.to(total.dtype)
+    return res

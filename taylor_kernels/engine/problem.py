@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from taylor_kernels.engine import guards
 from taylor_kernels.models.outputs import model_output
 
 
@@ -220,6 +221,14 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor
     return torch.stack(picked)
 
 
+def target_values(out, target) -> torch.Tensor:
+    """Each input's target output ``[B]`` from a whole-batch model output ``out [B, ...]``
+    (``target`` as :func:`make_problem` takes it)."""
+    B = model_output(out).shape[0]
+    rows = torch.arange(B, device=model_output(out).device)
+    return select_target(out, _target_rows(target, B, rows.device), rows)
+
+
 def check_target(target, out_shape: Sequence[int]) -> None:
     """Raise ``ValueError`` if a target indexes outside the model's per-row output shape."""
     if target is None:
@@ -252,5 +261,9 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     else:
         fargs = (additional_forward_args,)
     problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
-    check_target(problem.target, problem.output_shape())
+    guards.check_model(model, tup)
+    with guards.preserved_buffers(model):  # the probes leave running statistics as they were
+        check_target(problem.target, problem.output_shape())
+        other, j = (x[1], 1) if B > 1 else (bl[0, 0], 0)
+        guards.check_rows_independent(problem.forward, x[0], other, j)
     return problem
