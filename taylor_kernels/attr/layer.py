@@ -67,6 +67,10 @@ def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
         raise ValueError(f"{len(bls)} baselines for {len(inputs)} inputs")
     out = []
     for i, (b, x) in enumerate(zip(bls, inputs)):
+        if not x.is_floating_point() and (isinstance(b, float) or isinstance(
+                b, torch.Tensor) and b.is_floating_point()):
+            raise TypeError(f"input {i} holds integer ids ({x.dtype}) but its baseline is "
+                            "floating: give baseline ids (an int or an integer tensor)")
         if b is None or isinstance(b, (int, float)):
             out.append(torch.full_like(x, 0 if b is None else b))
             continue

@@ -1,0 +1,374 @@
+"""Hugging Face-style models: token ids attributed through the input-embedding layer.
+
+Handled by duck typing, so ``transformers`` is never imported: the embedding layer comes from
+``model.get_input_embeddings()`` (or is named), special token ids from ``model.config``
+(``pad_token_id``...), the attention implementation from ``model.config._attn_implementation``.
+
+* **Inputs.** ``input_ids [B, L]`` (integers) are looked up as usual; the embedding layer's
+  output ``E [B, L, E]`` is replaced on every path point by ``b + t (E - b)`` (a forward hook),
+  so attributions are per embedding coordinate and per token (summed over ``E``).
+  ``attention_mask`` and every other keyword argument whose first dimension is the batch are
+  carried per row (the engine picks each path point's row); others are passed as they are.
+* **Padding and kept tokens.** Positions with ``attention_mask == 0`` and those in ``keep``
+  (or whose id is in ``skip_tokens``) keep their input embedding as baseline: their
+  attribution is exactly zero.
+* **Baselines.** ``"zero"`` (the zero embedding, default), ``"pad"``/``"unk"``/``"bos"``/
+  ``"eos"`` (the config's token id, or the tokenizer's), a token id, or integer ids
+  ``[B|1, L]``. A floating baseline with integer ids is a ``TypeError``.
+* **Scores.** The output tensor follows :func:`~taylor_kernels.models.outputs.model_output`
+  (``.logits``...). A ``[N, L, V]`` output is read at one position per row (default: the last
+  attended one) and, for models that accept ``logits_to_keep``, the head runs only there;
+  ``score="log_prob"`` applies ``log_softmax`` in float32. Low-precision (bf16/fp16) models
+  run in their dtype; scores and attributions are float32.
+* **Attention.** First-order attribution keeps the model's attention (fused SDPA kernels).
+  Second-order methods (:func:`token_interactions`) run inside :func:`second_order_attention`,
+  which switches to the math path once per call and says so with one warning per model class.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from taylor_kernels.attr.group_hessians import group_integrated_hessians
+from taylor_kernels.attr.integrated_gradients import integrated_gradients
+from taylor_kernels.attr.layer import layer_replaced_forward
+from taylor_kernels.models.outputs import model_output
+
+SPECIAL_BASELINES = ("pad", "unk", "bos", "eos")
+_warned_attention: set[str] = set()
+
+
+def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
+    """The layer whose output is attributed: ``layer`` (a module or a dotted submodule name),
+    else ``model.get_input_embeddings()``."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if isinstance(layer, str):
+        try:
+            return model.get_submodule(layer)
+        except AttributeError as exc:
+            raise ValueError(f"model has no submodule {layer!r}") from exc
+    if layer is not None:
+        raise TypeError(f"layer must be a module, a submodule name or None, got {type(layer)}")
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): name the "
+                         "embedding layer with layer=<module or 'submodule.name'>")
+    return emb
+
+
+def check_ids(input_ids, name: str = "input_ids") -> torch.Tensor:
+    """``input_ids`` must be an integer tensor ``[B, L]``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{name} must be a tensor [B, L] of token ids, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {input_ids.dtype}; for "
+                        "float inputs use tk.integrated_gradients")
+    return input_ids
+
+
+def special_token_id(model, name: str, tokenizer=None) -> int:
+    """``model.config.<name>_token_id`` (else the tokenizer's); ``ValueError`` if neither."""
+    for src in (getattr(model, "config", None), tokenizer):
+        tid = getattr(src, f"{name}_token_id", None)
+        if isinstance(tid, (list, tuple)):
+            tid = tid[0] if tid else None
+        if isinstance(tid, int):
+            return tid
+    raise ValueError(f"baselines={name!r}: the model config (and tokenizer) define no "
+                     f"{name}_token_id; pass a token id, integer ids, or baselines='zero'")
+
+
+def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
+                 tokenizer=None) -> torch.Tensor | None:
+    """Baseline token ids ``[B, L]`` for ``baselines`` (``None`` for ``"zero"``: the zero
+    embedding). Raises ``TypeError`` for floating baselines (ids and floats do not mix)."""
+    if baselines is None or isinstance(baselines, str) and baselines == "zero":
+        return None
+    if isinstance(baselines, str):
+        if baselines not in SPECIAL_BASELINES:
+            raise ValueError(f"baselines={baselines!r}: use 'zero', one of "
+                             f"{SPECIAL_BASELINES}, a token id or integer ids")
+        baselines = special_token_id(model, baselines, tokenizer)
+    if isinstance(baselines, bool) or isinstance(baselines, float):
+        raise TypeError(f"baselines={baselines!r} with integer input_ids: baselines are token "
+                        "ids (an int or an integer tensor) or 'zero'/'pad'/'unk'")
+    if isinstance(baselines, int):
+        return torch.full_like(input_ids, baselines)
+    if not isinstance(baselines, torch.Tensor):
+        raise TypeError(f"baselines must be a string, a token id or an id tensor, got "
+                        f"{type(baselines).__name__}")
+    if baselines.is_floating_point():
+        raise TypeError(f"floating baselines ({baselines.dtype}) with integer input_ids: "
+                        "interpolation runs between embeddings, so baselines must be token ids "
+                        "(int, integer tensor [B|1, L], 'pad', 'unk') or 'zero' for the zero "
+                        "embedding")
+    try:
+        return baselines.to(input_ids.device).expand_as(input_ids)
+    except RuntimeError as exc:
+        raise ValueError(f"baseline ids of shape {tuple(baselines.shape)} do not broadcast to "
+                         f"input_ids {tuple(input_ids.shape)}") from exc
+
+
+def kept_positions(input_ids: torch.Tensor, attention_mask=None, keep=None,
+                   skip_tokens: Sequence[int] = ()) -> torch.Tensor:
+    """Bool ``[B, L]``: padding (``attention_mask == 0``), ``keep`` and ``skip_tokens`` ids."""
+    kept = torch.zeros_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        kept |= attention_mask.to(input_ids.device) == 0
+    if keep is not None:
+        kept |= keep.to(device=input_ids.device, dtype=torch.bool).expand_as(input_ids)
+    if skip_tokens:
+        kept |= torch.isin(input_ids, torch.tensor(list(skip_tokens), device=input_ids.device))
+    return kept
+
+
+class _Captured(Exception):
+    """Raised by :func:`layer_output`'s hook to stop the forward once the layer has run."""
+
+
+def layer_output(call: Callable, layer: nn.Module, *args) -> torch.Tensor:
+    """``layer``'s output (detached) when ``call(*args)`` runs; the rest of the forward is
+    skipped (the hook stops it)."""
+    seen: list = []
+
+    def grab(module, inp, out):
+        seen.append(out)
+        raise _Captured
+
+    hook = layer.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            call(*args)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    if not seen or not isinstance(seen[0], torch.Tensor):
+        raise ValueError(f"layer {type(layer).__name__} was not called with one tensor output "
+                         "by the model's forward; name the embedding layer with layer=")
+    return seen[0].detach()
+
+
+class KeywordModel:
+    """``model(input_ids=ids, **kwargs)`` called positionally as ``(ids, *row_values)``.
+
+    Keyword tensors whose first dimension is the batch ``B`` travel as engine row arguments
+    (``row_values``, in ``names`` order); the rest are ``static``. ``extra(ids, *row_values)``
+    may add keyword arguments per call (e.g. ``logits_to_keep``).
+    """
+
+    def __init__(self, model, kwargs: dict, B: int):
+        self.model = model
+        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)
+                      and v.dim() > 0 and v.shape[0] == B]
+        self.static = {k: v for k, v in kwargs.items() if k not in self.names}
+        self.row_values = tuple(kwargs[k] for k in self.names)
+
+    def __call__(self, ids, *row_values, **extra):
+        return self.model(input_ids=ids, **dict(zip(self.names, row_values)), **self.static,
+                          **extra)
+
+
+def accepts(model, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name``."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+class PositionScore:
+    """Engine model ``(ids, *row_values, positions) -> [N, ...]`` float32 scores.
+
+    The output tensor (``output=`` rule) ``[N, L, V]`` is read at ``positions [N]``; with
+    ``logits_to_keep`` (the model accepts it and ``output`` is the default) the head runs only
+    at the distinct positions of the batch. ``score="log_prob"`` applies ``log_softmax``.
+    """
+
+    def __init__(self, call: KeywordModel, output, positions: torch.Tensor | None,
+                 score: str):
+        if score not in ("logit", "log_prob"):
+            raise ValueError(f"score must be 'logit' or 'log_prob', got {score!r}")
+        self.call, self.output, self.score = call, output, score
+        self.keep = None
+        if positions is not None and output is None and accepts(call.model, "logits_to_keep"):
+            self.keep = torch.unique(positions)
+
+    def __call__(self, ids, *rest):
+        *row_values, positions = rest
+        extra = {} if self.keep is None else {"logits_to_keep": self.keep.to(ids.device)}
+        out = model_output(self.call(ids, *row_values, **extra), self.output)
+        if positions is not None and out.dim() == 3:
+            at = positions if self.keep is None else torch.searchsorted(
+                self.keep.to(positions.device), positions)
+            out = out[torch.arange(out.shape[0], device=out.device), at.to(out.device)]
+        out = out.float()
+        return torch.log_softmax(out, dim=-1) if self.score == "log_prob" else out
+
+
+def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.Tensor | None:
+    """Per-row read position ``[B]``: ``"last"`` = last attended token (``L-1`` without a
+    mask), an int (negative counts from the end), or ``None`` (no position: 2-D outputs)."""
+    B, L = input_ids.shape
+    if position is None:
+        return None
+    if position == "last":
+        if attention_mask is None:
+            return torch.full((B,), L - 1, dtype=torch.long, device=input_ids.device)
+        idx = torch.arange(L, device=input_ids.device).expand(B, L)
+        return torch.where(attention_mask.to(input_ids.device) != 0, idx, -1).amax(dim=1)
+    if isinstance(position, int) and -L <= position < L:
+        return torch.full((B,), position % L, dtype=torch.long, device=input_ids.device)
+    raise ValueError(f"position must be 'last', None or an int in [-{L}, {L}), got {position!r}")
+
+
+@dataclass
+class TokenProblem:
+    """A token-id call prepared for the path engine: the engine model ``forward(points, ids,
+    *row_values, positions)``, the embedding activations at the input and baseline
+    ``[B, L, E]``, and the extra arguments ``args = (ids, *row_values, positions)``."""
+
+    forward: Callable
+    act_x: torch.Tensor
+    act_b: torch.Tensor
+    args: tuple
+    layer: nn.Module
+
+
+def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, keep=None,
+                  skip_tokens: Sequence[int] = (), layer=None, output=None,
+                  position="last", score: str = "logit", model_kwargs: dict | None = None,
+                  tokenizer=None) -> TokenProblem:
+    """Prepare token-id attribution through the embedding layer (see the module docstring)."""
+    ids = check_ids(input_ids)
+    emb = input_embeddings(model, layer)
+    kwargs = dict(model_kwargs or {})
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match "
+                             f"input_ids {tuple(ids.shape)}")
+        kwargs["attention_mask"] = attention_mask.to(ids.device)
+    call = KeywordModel(model, kwargs, ids.shape[0])
+    act_x = layer_output(call, emb, ids, *call.row_values)
+    base = baseline_ids(baselines, ids, model, tokenizer)
+    act_b = torch.zeros_like(act_x) if base is None else layer_output(
+        call, emb, base, *call.row_values)
+    if act_b.shape != act_x.shape:
+        raise ValueError(f"baseline activations {tuple(act_b.shape)} differ from the input's "
+                         f"{tuple(act_x.shape)}")
+    kept = kept_positions(ids, attention_mask, keep, skip_tokens)
+    if act_x.dim() == 3 and kept.any():
+        act_b = torch.where(kept[..., None], act_x, act_b)
+    positions = read_positions(position, ids, attention_mask)
+    forward = layer_replaced_forward(PositionScore(call, output, positions, score), emb, False)
+    return TokenProblem(forward, act_x, act_b, (ids, *call.row_values, positions), emb)
+
+
+@dataclass
+class TokenAttributionResult:
+    """``attributions [B, L, E]`` (float32, per embedding coordinate), ``token_scores [B, L]``
+    (summed over ``E``), ``gap [B]`` = ``sum(attributions) - (f(x) - f(b))``, and
+    ``evaluations`` (path points)."""
+
+    attributions: torch.Tensor
+    token_scores: torch.Tensor
+    gap: torch.Tensor
+    evaluations: int
+
+
+def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero",
+                               attention_mask=None, keep=None, skip_tokens=(), layer=None,
+                               output=None, position="last", score: str = "logit",
+                               model_kwargs: dict | None = None, tokenizer=None,
+                               **ig_kwargs) -> TokenAttributionResult:
+    """Integrated gradients of a model on token ids, in the input-embedding space.
+
+    ``IG_{l,e} = (E_{l,e} - b_{l,e}) int_0^1 d f / d E_{l,e} (b + t (E - b)) dt`` with ``E``
+    the embedding layer's output ``[B, L, E]`` and ``f`` the selected score (``target``: a
+    class / token id per row, as in :func:`taylor_kernels.integrated_gradients`).
+
+    Args: see the module docstring (``baselines``, ``attention_mask``, ``keep``,
+    ``skip_tokens``, ``layer``, ``output``, ``position``, ``score``); ``model_kwargs``: other
+    keyword arguments of ``model`` (per row when their first dimension is ``B``);
+    ``ig_kwargs``: ``steps``, ``rule``, ``tol``, ``max_memory``, ``chunk_size``...
+    Returns: :class:`TokenAttributionResult`.
+    """
+    tp = token_problem(model, input_ids, baselines=baselines, attention_mask=attention_mask,
+                       keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
+                       position=position, score=score, model_kwargs=model_kwargs,
+                       tokenizer=tokenizer)
+    res = integrated_gradients(tp.forward, tp.act_x, tp.act_b, target,
+                               additional_forward_args=tp.args, **ig_kwargs)
+    attrs = res.attributions
+    scores = attrs.sum(-1) if attrs.dim() == 3 else attrs.reshape(attrs.shape[0], -1).sum(-1)
+    return TokenAttributionResult(attrs, scores, res.gap, res.evaluations)
+
+
+def attention_implementation(model) -> str | None:
+    """``model.config._attn_implementation`` (``"sdpa"``, ``"eager"``...) or None."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def second_order_attention(model):
+    """Run second derivatives through attention: SDPA's fused kernels have no double
+    backward, so ``"sdpa"`` runs on the math backend (``sdpa_kernel(SDPBackend.MATH)``) and
+    other fused implementations (flash, flex) on ``"eager"`` (restored on exit). Warns once
+    per model class."""
+    impl = attention_implementation(model)
+    if impl in (None, "eager"):
+        yield
+        return
+    key = f"{type(model).__name__}:{impl}"
+    if key not in _warned_attention:
+        _warned_attention.add(key)
+        how = "the math SDPA backend" if impl == "sdpa" else "eager attention"
+        warnings.warn(f"second-order attribution: {type(model).__name__} attention "
+                      f"{impl!r} runs on {how} (fused kernels have no second derivative); "
+                      "first-order methods keep the fused kernels", RuntimeWarning,
+                      stacklevel=3)
+    if impl == "sdpa":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def token_interactions(model, input_ids, target=None, *, baselines="zero",
+                       attention_mask=None, keep=None, skip_tokens=(), layer=None,
+                       output=None, position="last", score: str = "logit",
+                       model_kwargs: dict | None = None, tokenizer=None, steps: int = 16,
+                       **gih_kwargs) -> dict:
+    """Token-pair Integrated Hessians over the embedding layer (one group per token).
+
+    ``Gamma_{pq}`` sums the Integrated Hessians of the embedding coordinates of tokens ``p``
+    and ``q`` (:func:`~taylor_kernels.group_integrated_hessians`), run inside
+    :func:`second_order_attention`. Arguments as :func:`token_integrated_gradients`.
+    Returns ``{"interactions" [B, L, L], "ig" [B, L], "completeness_gap" [B]}``.
+    """
+    tp = token_problem(model, input_ids, baselines=baselines, attention_mask=attention_mask,
+                       keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
+                       position=position, score=score, model_kwargs=model_kwargs,
+                       tokenizer=tokenizer)
+    L = tp.act_x.shape[1]
+    token_of = torch.arange(L, device=tp.act_x.device)[:, None].expand(L, tp.act_x.shape[-1])
+    with second_order_attention(model):
+        res = group_integrated_hessians(tp.forward, tp.act_x, token_of, tp.act_b, target,
+                                        steps=steps, additional_forward_args=tp.args,
+                                        **gih_kwargs)
+    return {"interactions": res.interactions, "ig": res.ig,
+            "completeness_gap": res.completeness_gap}

@@ -1,0 +1,208 @@
+"""Hugging Face model adapters: outputs (ModelOutput/dict/tuple), token ids through the input
+embeddings, per-row keyword arguments and padding, bf16, attention backends, mixed-type errors.
+GPT-2, Llama and BERT (MiniLM-like) models are built from configs with random weights."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+import taylor_kernels as tk  # noqa: E402
+from taylor_kernels.models import SelectOutput, hf, model_output, tiny  # noqa: E402
+from tests.attr.test_low_precision import one_thread  # noqa: E402,F401  (autouse: 1 thread)
+
+IDS = torch.tensor([[2, 17, 33, 8, 91, 40, 5]])
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny.gpt2(layers=2, d=64)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny.llama(layers=2, d=64)
+
+
+def _captum_lig(model, ids, base_ids, target, steps, mask=None, delta=False):
+    from captum.attr import LayerIntegratedGradients
+
+    def f(i, m=None):
+        logits = model(input_ids=i, attention_mask=m).logits[:, -1].float()
+        return torch.log_softmax(logits, -1)
+
+    lig = LayerIntegratedGradients(f, model.get_input_embeddings())
+    return lig.attribute(ids, base_ids, target=target, n_steps=steps,
+                         additional_forward_args=None if mask is None else (mask,),
+                         return_convergence_delta=delta)
+
+
+# ---- outputs -------------------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind = torch.nn.Linear(4, 3), kind
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.kind == "dict":
+            return {"hidden": y * 2, "logits": y}
+        if self.kind == "tuple":
+            return ("no tensor", y, y * 2)
+        if self.kind == "modeloutput":
+            from transformers.modeling_outputs import SequenceClassifierOutput
+            return SequenceClassifierOutput(logits=y, hidden_states=(y * 2,))
+        return object()
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "modeloutput"])
+def test_outputs_select_logits_by_rule(kind):
+    torch.manual_seed(0)
+    net = _Net(kind)
+    x = torch.randn(3, 4)
+    res = tk.integrated_gradients(net, x, target=1, steps=8)
+    ref = tk.integrated_gradients(lambda v: net.lin(v), x, target=1, steps=8)
+    torch.testing.assert_close(res.attributions, ref.attributions)
+
+
+def test_outputs_named_and_errors():
+    net = _Net("dict")
+    x = torch.randn(2, 4)
+    named = tk.integrated_gradients(SelectOutput(net, "hidden"), x, target=0, steps=4)
+    ref = tk.integrated_gradients(lambda v: 2 * net.lin(v), x, target=0, steps=4)
+    torch.testing.assert_close(named.attributions, ref.attributions)
+    assert model_output((1, net.lin(x)), lambda o: o[1]).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"\.logits"):
+        tk.integrated_gradients(_Net("object"), x, target=0)
+    with pytest.raises(ValueError, match=r"\.logits"):
+        model_output({"a": 1})
+    with pytest.raises(ValueError, match="output='missing'"):
+        model_output({"logits": x}, "missing")
+
+
+# ---- token ids through the embedding layer -------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_token_ig_equals_captum_layer_ig(arch, request):
+    model = request.getfixturevalue(arch)
+    mask = torch.ones_like(IDS)
+    res = hf.token_integrated_gradients(model, IDS, target=9, baselines="pad",
+                                        attention_mask=mask, score="log_prob", steps=12)
+    ref, delta = _captum_lig(model, IDS, torch.zeros_like(IDS), 9, 12, mask, delta=True)
+    torch.testing.assert_close(res.attributions, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.token_scores, ref.sum(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.gap, delta, rtol=0, atol=1e-5)
+
+
+def test_logits_computed_only_at_read_positions(gpt2):
+    rows = []
+    hook = gpt2.lm_head.register_forward_hook(lambda m, i, o: rows.append(tuple(o.shape)))
+    try:
+        hf.token_integrated_gradients(gpt2, IDS, target=3, steps=4)
+    finally:
+        hook.remove()
+    assert rows and all(s[1] == 1 for s in rows), rows
+
+
+def test_padding_and_mask_carried_per_row(llama):
+    """Right-padded batch rows (attention_mask as keyword, carried per row) give each
+    sentence's unpadded attributions; padding and kept tokens get exactly zero."""
+    short = IDS[:, :4]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], ids[1, :4] = IDS[0], short[0]
+    mask = (torch.arange(7) < torch.tensor([[7], [4]])).long()
+    res = hf.token_integrated_gradients(llama, ids, target=torch.tensor([9, 11]),
+                                        attention_mask=mask, skip_tokens=[2], steps=8,
+                                        chunk_size=5)
+    one = hf.token_integrated_gradients(llama, short, target=11, skip_tokens=[2], steps=8)
+    torch.testing.assert_close(res.attributions[1, :4], one.attributions[0], rtol=0, atol=2e-6)
+    assert (res.attributions[1, 4:] == 0).all() and (res.attributions[:, 0] == 0).all()
+    full = hf.token_integrated_gradients(llama, IDS, target=9, skip_tokens=[2], steps=8)
+    torch.testing.assert_close(res.attributions[0], full.attributions[0], rtol=0, atol=2e-6)
+
+
+def test_gpt2_positional_mask_would_crash_but_keyword_works(gpt2):
+    """GPT-2's second positional argument is the cache: the mask must go by keyword."""
+    mask = torch.ones_like(IDS)
+    with pytest.raises(Exception):
+        gpt2(IDS, mask)
+    res = hf.token_integrated_gradients(gpt2, IDS, target=1, attention_mask=mask, steps=4)
+    assert torch.isfinite(res.attributions).all()
+
+
+def test_bert_encoder_pooled_output_vs_captum():
+    """A MiniLM-like BERT encoder with a mean-pooled score (output= callable)."""
+    from captum.attr import LayerIntegratedGradients
+
+    model = tiny.bert()
+    mask = torch.ones_like(IDS)
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(1))
+
+    def pooled(out):
+        return (out.last_hidden_state.mean(1) @ direction)[:, None]
+
+    res = hf.token_integrated_gradients(model, IDS, target=0, attention_mask=mask,
+                                        output=pooled, position=None, keep=IDS == 2, steps=8)
+    base = torch.where(IDS == 2, IDS, 0)
+    lig = LayerIntegratedGradients(lambda i, m: pooled(model(input_ids=i, attention_mask=m)),
+                                   model.get_input_embeddings())
+    ref = lig.attribute(IDS, base, target=0, additional_forward_args=(mask,), n_steps=8)
+    torch.testing.assert_close(res.attributions, ref, rtol=0, atol=1e-6)
+
+
+def test_bf16_float32_accumulation(llama):
+    import copy
+
+    low = copy.deepcopy(llama).to(torch.bfloat16)
+    kw = dict(target=9, score="log_prob", baselines="pad", steps=8)
+    r16 = hf.token_integrated_gradients(low, IDS, **kw)
+    r32 = hf.token_integrated_gradients(llama, IDS, **kw)
+    assert r16.attributions.dtype == torch.float32 and r16.gap.dtype == torch.float32
+    rel = (r16.token_scores - r32.token_scores).norm() / r32.token_scores.norm()
+    assert rel < 0.1, rel
+    assert (r16.gap - r32.gap).abs().max() < 0.05 * r32.token_scores.abs().sum()
+
+
+def test_named_layer_and_errors(gpt2):
+    by_name = hf.token_integrated_gradients(gpt2, IDS, target=1, layer="transformer.wte",
+                                            steps=4)
+    default = hf.token_integrated_gradients(gpt2, IDS, target=1, steps=4)
+    torch.testing.assert_close(by_name.attributions, default.attributions)
+    with pytest.raises(TypeError, match="token ids"):
+        hf.token_integrated_gradients(gpt2, IDS, target=1, baselines=torch.zeros(1, 7))
+    with pytest.raises(TypeError, match="token ids"):
+        hf.token_integrated_gradients(gpt2, IDS, target=1, baselines=0.5)
+    with pytest.raises(TypeError, match="integer token ids"):
+        hf.token_integrated_gradients(gpt2, IDS.float(), target=1)
+    with pytest.raises(ValueError, match="unk_token_id"):
+        hf.token_integrated_gradients(gpt2, IDS, target=1, baselines="unk")
+    with pytest.raises(ValueError, match="get_input_embeddings"):
+        hf.input_embeddings(torch.nn.Linear(2, 2))
+
+
+def test_second_order_switches_to_math_attention_once(gpt2):
+    """Token-pair Integrated Hessians through SDPA attention: one warning, and the same values
+    as the eager-attention model."""
+    eager = tiny.gpt2(layers=2, d=64, attn="eager")
+    ids = IDS[:, :4]
+    hf._warned_attention.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        a = hf.token_interactions(gpt2, ids, target=9, steps=4, ig_steps=8)
+        hf.token_interactions(gpt2, ids, target=9, steps=4, ig_steps=8)
+    msgs = [str(w.message) for w in seen if "second-order" in str(w.message)]
+    assert len(msgs) == 1 and "math SDPA backend" in msgs[0], msgs
+    b = hf.token_interactions(eager, ids, target=9, steps=4, ig_steps=8)
+    torch.testing.assert_close(a["interactions"], b["interactions"], rtol=1e-4, atol=1e-6)
+    assert a["interactions"].shape == (1, 4, 4)
+
+
+def test_layer_ig_rejects_float_baselines_for_ids(gpt2):
+    emb = gpt2.get_input_embeddings()
+    with pytest.raises(TypeError, match="integer ids"):
+        tk.layer_integrated_gradients(lambda i: gpt2(i).logits[:, -1], emb, IDS,
+                                      torch.zeros(1, 7), target=1)
