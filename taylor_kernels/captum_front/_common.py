@@ -6,8 +6,6 @@
   as first dimension, list of length ``B``) is repeated ``n`` times per example
   (``repeat_interleave``), block by block.
 * Captum's noise draw (``torch.normal`` on the global RNG, noise in the default dtype).
-* :class:`Unscaled`: the reparametrisation that makes the path engine return integrated
-  *gradients* (Captum's ``multiply_by_inputs=False``) without dividing by ``x - b``.
 """
 from __future__ import annotations
 
@@ -15,6 +13,8 @@ import functools
 from typing import Any, Callable
 
 import torch
+
+from taylor_kernels.attr.completeness import completeness_gap
 
 
 def captum_method(fn: Callable) -> Callable:
@@ -111,38 +111,32 @@ def check_stdevs(stdevs, n_inputs: int) -> tuple[float, ...]:
     return tuple(float(s) for s in stds)
 
 
-class Unscaled:
-    """Model in path-fraction coordinates: integrated gradients without the ``(x - b)`` factor.
+class CaptumAttribution:
+    """What every Captum path-integral class offers besides ``attribute``: Captum's
+    ``has_convergence_delta``, ``multiplies_by_inputs``, ``compute_convergence_delta`` and
+    ``attribute_future`` (which Captum does not implement for these methods either)."""
 
-    The path engine returns ``(x - b) * int_0^1 grad f(b + t (x - b)) dt`` (it multiplies by
-    ``x - b`` in the fused accumulation). Captum's ``multiply_by_inputs=False`` wants the
-    integral alone. Dividing by ``x - b`` is wrong where ``x == b``; instead we integrate in
-    coordinates ``e`` running from ``0`` to ``1`` (so the engine's factor ``1 - 0`` is exactly
-    one) and evaluate the model at ``p = b + stop(e) * (x - b) + (e - stop(e))``: its value is
-    ``f(b + e (x - b))`` and its gradient with respect to ``e`` is ``grad f(p)`` itself
-    (``e - stop(e)`` is zero with unit derivative). The engine then computes exactly
-    ``sum_s w_s grad f(b + t_s (x - b))`` with every rule, chunking and budget it has.
+    HAS_DELTA = True
+    forward_func: Callable
+    _multiply_by_inputs = True
 
-    Call signature (as the engine calls models): ``(*e, *b, *d, *rest)`` with ``n`` tensors
-    each of ``e`` (path coordinates), ``b`` (baselines) and ``d = x - b`` (rows of the batch,
-    passed as additional forward args so the engine selects each point's rows), then the
-    model's own additional arguments.
-    """
+    def has_convergence_delta(self) -> bool:
+        return self.HAS_DELTA
 
-    def __init__(self, model: Callable, n: int):
-        self.model, self.n = model, n
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
 
-    def __call__(self, *args):
-        n = self.n
-        es, bs, ds, rest = args[:n], args[n:2 * n], args[2 * n:3 * n], args[3 * n:]
-        points = tuple(b + e.detach() * d + (e - e.detach()) for e, b, d in zip(es, bs, ds))
-        return self.model(*points, *rest)
+    def attribute_future(self, *args, **kwargs):
+        """Not implemented, as in Captum for the path methods: call ``attribute``."""
+        raise NotImplementedError(f"attribute_future is not implemented for "
+                                  f"{type(self).__name__} (nor by Captum for this method); "
+                                  "call attribute(), which returns the result directly")
 
-    @staticmethod
-    def arguments(inputs: tuple[torch.Tensor, ...], baselines: tuple[torch.Tensor, ...],
-                  rest: tuple) -> tuple[tuple[torch.Tensor, ...], tuple]:
-        """``(e_inputs, additional_forward_args)`` for the engine: ``e = 1`` per input (the
-        engine's baseline is 0), and ``(*b, *(x - b), *rest)``; baselines dense ``[B, ...]``."""
-        ones = tuple(torch.ones_like(x) for x in inputs)
-        diffs = tuple((x.detach() - b).contiguous() for x, b in zip(inputs, baselines))
-        return ones, tuple(b.contiguous() for b in baselines) + diffs + tuple(rest)
+    def compute_convergence_delta(self, attributions, start_point, end_point, target=None,
+                                  additional_forward_args=None) -> torch.Tensor:
+        """``delta [B] = sum(attributions) - (F(end_point) - F(start_point))`` per example
+        (Captum's definition; attributions of any shape with the batch first)."""
+        return completeness_gap(self.forward_func, attributions, start_point, end_point, target,
+                                additional_forward_args)
+

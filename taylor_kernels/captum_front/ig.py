@@ -1,8 +1,9 @@
 """Captum-compatible ``IntegratedGradients`` and ``LayerIntegratedGradients`` on the path engine.
 
 Same constructors, ``attribute`` signatures, argument forms and outputs as Captum 0.9; the work
-runs through :func:`taylor_kernels.integrated_gradients` / :func:`layer_integrated_gradients`
-(chunked, memory-budgeted, every backend). Differences a user may notice:
+runs through :func:`taylor_kernels.integrated_gradients` /
+:func:`~taylor_kernels.attr.layer_paths.multi_layer_integrated_gradients` (chunked,
+memory-budgeted, every backend). Differences a user may notice:
 
 * ``internal_batch_size`` is the number of path points (expanded rows) per forward+backward
   pass, as in Captum; Captum rounds it to whole steps of all examples (at least one step, so at
@@ -15,36 +16,17 @@ runs through :func:`taylor_kernels.integrated_gradients` / :func:`layer_integrat
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
-import torch
-
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
-from taylor_kernels.attr.layer import (_activation, _baseline_inputs, layer_integrated_gradients,
-                                      layer_replaced_forward)
-from taylor_kernels.captum_front._common import (Unscaled, captum_method, dense_baselines,
-                                                 format_args, format_inputs)
+from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
+from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
+from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
+                                                 dense_baselines, format_args, format_inputs)
 
 
-def _check_unscaled_options(method: str, tol) -> None:
-    if method == "adaptive" or tol is not None:
-        raise ValueError("method='adaptive' and tol= stop on the completeness gap "
-                         "sum(attr) - (f(x) - f(b)), which does not apply when "
-                         "multiply_by_inputs=False; use a fixed rule")
-
-
-def _unscaled_ig(model: Callable, inputs: tuple, baselines: tuple, target, rest: tuple,
-                 was_tuple: bool, **ig_kwargs):
-    """Integrated gradients without the ``(x - b)`` factor (see :class:`Unscaled`)."""
-    for i, x in enumerate(inputs):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"input {i} contains NaN or Inf values")
-    ones, args = Unscaled.arguments(inputs, baselines, rest)
-    return integrated_gradients(Unscaled(model, len(inputs)), ones if was_tuple else ones[0],
-                                0.0, target, additional_forward_args=args, **ig_kwargs)
-
-
-class IntegratedGradients:
+class IntegratedGradients(CaptumAttribution):
     """Drop-in for ``captum.attr.IntegratedGradients`` running on the taylor-kernels engine."""
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
@@ -71,40 +53,31 @@ class IntegratedGradients:
             res = integrated_gradients(self.forward_func, inputs, baselines, target,
                                        additional_forward_args=additional_forward_args, **kw)
         else:
-            _check_unscaled_options(method, tol)
-            res = _unscaled_ig(self.forward_func, tup, dense_baselines(baselines, tup), target,
-                               format_args(additional_forward_args), was_tuple, **kw)
+            res = unscaled_integrated_gradients(
+                self.forward_func, tup, dense_baselines(baselines, tup), target,
+                format_args(additional_forward_args), was_tuple, **kw)
         self.last_result = res
         if return_convergence_delta:
             return res.attributions, res.gap
         return res.attributions
 
-    def has_convergence_delta(self) -> bool:
-        return True
 
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
-
-
-class LayerIntegratedGradients:
-    """Drop-in for ``captum.attr.LayerIntegratedGradients`` (one layer) on our engine.
-
-    Attributions are to the layer's output (or, with ``attribute_to_layer_input=True``, its
-    first input), which must be a single tensor; ``delta`` is
-    ``sum(attributions) - (f(inputs) - f(baselines))``.
+class LayerIntegratedGradients(CaptumAttribution):
+    """Drop-in for ``captum.attr.LayerIntegratedGradients`` on our engine: one layer or a list
+    (attributed jointly, every layer's activation replaced in the same forward), each layer's
+    output (or inputs, ``attribute_to_layer_input=True``) a tensor or a tuple of tensors.
+    Returns per layer a tensor, or a tuple for tuple activations; a list for a list of layers.
+    ``delta`` is ``sum(all attributions) - (f(inputs) - f(baselines))``.
     """
 
     def __init__(self, forward_func: Callable, layer, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:
-        if isinstance(layer, (list, tuple)) and len(layer) != 1:
-            raise NotImplementedError(
-                f"taylor_kernels.captum.LayerIntegratedGradients attributes to one layer; got "
-                f"a list of {len(layer)} layers. Use one instance per layer (or "
-                "captum.attr.LayerIntegratedGradients for joint multi-layer attribution)")
+        if isinstance(layer, list) and len(layer) > 1:
+            warnings.warn("Multiple layers are attributed jointly: make sure that no layer's "
+                          "output depends only on another listed layer's output (its "
+                          "replacement would hide the other's)", stacklevel=2)
         self.forward_func = forward_func
         self.layer = layer
-        self._module = layer[0] if isinstance(layer, (list, tuple)) else layer
         self.device_ids = device_ids
         self._multiply_by_inputs = multiply_by_inputs
         self.last_result = None
@@ -120,37 +93,16 @@ class LayerIntegratedGradients:
         """Layer integrated gradients (Captum's arguments); inputs may be token ids."""
         if grad_kwargs:
             raise NotImplementedError("grad_kwargs is not supported by the taylor-kernels "
-                                      "engine")
-        kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
-                  progress=progress, chunk_size=internal_batch_size)
-        if self._multiply_by_inputs:
-            res = layer_integrated_gradients(
-                self.forward_func, self._module, inputs, baselines, target,
-                attribute_to_layer_input=attribute_to_layer_input,
-                additional_forward_args=additional_forward_args, **kw)
-        else:
-            _check_unscaled_options(method, tol)
-            res = self._unscaled(inputs, baselines, target, additional_forward_args,
-                                 attribute_to_layer_input, kw)
+                                      "engine (it takes one gradient per path point itself)")
+        res = multi_layer_integrated_gradients(
+            self.forward_func, self.layer, inputs, baselines, target,
+            attribute_to_layer_input=attribute_to_layer_input,
+            additional_forward_args=additional_forward_args,
+            multiply_by_inputs=self._multiply_by_inputs, steps=n_steps, rule=method, tol=tol,
+            max_memory=max_memory, backend=backend, progress=progress,
+            chunk_size=internal_batch_size)
         self.last_result = res
-        attrs = [res.attributions] if isinstance(self.layer, (list, tuple)) else res.attributions
+        attrs = res.attributions if isinstance(self.layer, list) else res.attributions[0]
         if return_convergence_delta:
             return attrs, res.gap
         return attrs
-
-    def _unscaled(self, inputs, baselines, target, additional_forward_args, of_input, kw):
-        """Layer IG without the ``(a(x) - a(b))`` factor, through :class:`Unscaled`."""
-        tup = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        fargs = format_args(additional_forward_args)
-        layer, model = self._module, self.forward_func
-        act_x = _activation(model, layer, tup, fargs, of_input)
-        act_b = _activation(model, layer, _baseline_inputs(baselines, tup), fargs, of_input)
-        through_layer = layer_replaced_forward(model, layer, of_input)
-        return _unscaled_ig(through_layer, (act_x,), (act_b,), target, tup + fargs, False, **kw)
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs

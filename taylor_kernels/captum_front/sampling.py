@@ -22,13 +22,11 @@ import numpy as np
 import torch
 
 from taylor_kernels import backends
-from taylor_kernels.attr.integrated_gradients import AttributionResult
-from taylor_kernels.captum_front._common import (Unscaled, captum_method, captum_noise,
+from taylor_kernels.attr.gradient_shap import gradient_shap_rows
+from taylor_kernels.captum_front._common import (captum_method, captum_noise,
                                                  check_stdevs, dense_baselines, expand_blocks,
                                                  format_args, format_inputs)
 from taylor_kernels.captum_front.ig import IntegratedGradients, LayerIntegratedGradients
-from taylor_kernels.engine import path_engine
-from taylor_kernels.engine.problem import make_problem
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -205,10 +203,11 @@ class GradientShap:
         fargs = expand_blocks(format_args(additional_forward_args), B, [n])
         ctx = backends.using(backend) if backend else contextlib.nullcontext()
         with ctx:
-            res = self._run(noisy, drawn, target, fargs, alphas, was_tuple,
-                            return_convergence_delta, dict(max_memory=max_memory,
-                                                           chunk_size=internal_batch_size,
-                                                           progress=progress))
+            res = gradient_shap_rows(
+                self.forward_func, noisy, dense_baselines(drawn, noisy), alphas, target, fargs,
+                multiply_by_inputs=self._multiply_by_inputs, was_tuple=was_tuple,
+                with_gap=return_convergence_delta, max_memory=max_memory,
+                chunk_size=internal_batch_size, progress=progress)
         self.last_result = res
         attrs = tuple(a.reshape(B, n, *a.shape[1:]).sum(dim=1) * (1 / n)
                       for a in (res.attributions if was_tuple else (res.attributions,)))
@@ -216,27 +215,6 @@ class GradientShap:
         if return_convergence_delta:
             return attrs, res.gap
         return attrs
-
-    def _run(self, noisy, drawn, target, fargs, alphas, was_tuple, with_gap, engine_kw):
-        """One engine pass over the ``B * n`` (noisy input, baseline, alpha) paths."""
-        model, x, bl = self.forward_func, noisy, drawn
-        if not self._multiply_by_inputs:
-            for i, t in enumerate(noisy):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"input {i} contains NaN or Inf values")
-            model = Unscaled(model, len(noisy))
-            x, fargs = Unscaled.arguments(noisy, dense_baselines(drawn, noisy), fargs)
-            bl = 0.0
-        problem = make_problem(model, x if was_tuple else x[0], bl, target, fargs)
-        nodes = alphas.to(torch.float64).reshape(-1, 1, 1)
-        res = path_engine.integrate(problem, nodes, [torch.ones(1, dtype=torch.float64)],
-                                    **engine_kw)
-        flat = res.sums[0]
-        gap = torch.full((problem.B,), float("nan"), dtype=flat.dtype, device=flat.device)
-        if with_gap:
-            fx, fb = path_engine.endpoint_values(problem)
-            gap = flat.sum(dim=1) - (fx - fb.mean(dim=1))
-        return AttributionResult(problem.unflatten(flat), gap, res.evaluations)
 
     def has_convergence_delta(self) -> bool:
         return True

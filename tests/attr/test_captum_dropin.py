@@ -248,8 +248,6 @@ def test_layer_ig_baseline_tensor_and_layer_list():
                                                                     n_steps=5)
     assert isinstance(ours, list) and isinstance(ref, list) and len(ours) == 1
     assert rel(ours[0], ref[0]) < RTOL
-    with pytest.raises(NotImplementedError, match="one layer"):
-        tc.LayerIntegratedGradients(model, [model.emb, model.lin])
 
 
 # ---------------------------------------------------------------------- NoiseTunnel

@@ -1,0 +1,156 @@
+"""Reading and replacing layer activations, for one layer or a list, tensors or tuples.
+
+A layer's *activation* is its output (or, with ``of_input``, its positional inputs) as a tuple
+of tensors: a tensor output is a 1-tuple, a tuple output keeps its length. For a list of
+layers the activations are concatenated into one flat tuple; :class:`Layers` remembers how
+many tensors each layer contributes, so attributions can be regrouped per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the activations are captured."""
+
+
+class Layers:
+    """One module or a list of modules whose activations are read or replaced together."""
+
+    def __init__(self, layers, of_input: bool = False):
+        self.modules = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if not self.modules or not all(isinstance(m, torch.nn.Module) for m in self.modules):
+            raise TypeError(f"layer must be a torch.nn.Module or a list of them, got "
+                            f"{layers!r}")
+        self.of_input = of_input
+        self.counts: list[int] = []
+
+    def _register(self, hook_for: Callable[[int], Callable]) -> list:
+        if self.of_input:
+            return [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(self.modules)]
+        return [m.register_forward_hook(hook_for(i)) for i, m in enumerate(self.modules)]
+
+    @contextlib.contextmanager
+    def hooked(self, hook_for: Callable[[int], Callable]):
+        """Hooks ``hook_for(i)`` on layer ``i`` (pre-hooks for inputs) for the block."""
+        handles = self._register(hook_for)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _as_tuple(self, i: int, value) -> tuple[torch.Tensor, ...]:
+        vals = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
+            what = "inputs" if self.of_input else "output"
+            raise ValueError(f"layer {type(self.modules[i]).__name__} {what} must be a tensor "
+                             f"or a tuple of tensors, got {type(value).__name__}")
+        return vals
+
+    def capture(self, model: Callable, args: tuple, *, grad: bool = False,
+                stop: bool = True) -> tuple[torch.Tensor, ...]:
+        """Run ``model(*args)`` and return every layer's activation, flattened into one tuple
+        (detached unless ``grad``). With ``stop`` the pass ends after the last layer ran."""
+        seen: dict[int, tuple] = {}
+
+        def hook_for(i):
+            def grab(module, inp, out=None):
+                if i not in seen:
+                    seen[i] = self._as_tuple(i, inp if self.of_input else out)
+                if stop and len(seen) == len(self.modules):
+                    raise _Stop
+            return grab
+
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx, self.hooked(hook_for):
+            try:
+                model(*args)
+            except _Stop:
+                pass
+        missing = [type(self.modules[i]).__name__ for i in range(len(self.modules))
+                   if i not in seen]
+        if missing:
+            raise ValueError(f"layer(s) {missing} were not called by the model's forward")
+        self.counts = [len(seen[i]) for i in range(len(self.modules))]
+        flat = tuple(t for i in range(len(self.modules)) for t in seen[i])
+        return flat if grad else tuple(t.detach() for t in flat)
+
+    def _slices(self) -> list[slice]:
+        starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        return [slice(s, s + c) for s, c in zip(starts, self.counts)]
+
+    def group(self, flat: Sequence[torch.Tensor]) -> list:
+        """A flat tuple (one entry per activation tensor) regrouped per layer, Captum's way:
+        a tensor for a layer with one activation tensor, else a tuple."""
+        return [flat[s][0] if s.stop - s.start == 1 else tuple(flat[s]) for s in self._slices()]
+
+    @contextlib.contextmanager
+    def edited(self, edit: Callable[[int, torch.Tensor], torch.Tensor]):
+        """Within the block, activation tensor ``k`` (flat numbering) is replaced by
+        ``edit(k, activation)`` at every call of its layer; yields the set of layers called."""
+        done: set[int] = set()
+        slices = self._slices()
+
+        def hook_for(i):
+            def replace(module, inp, out=None):
+                done.add(i)
+                vals = self._as_tuple(i, inp if self.of_input else out)
+                new = tuple(edit(k, v) for k, v in zip(range(slices[i].start, slices[i].stop),
+                                                       vals))
+                if self.of_input:
+                    return new
+                return new if isinstance(out, tuple) else new[0]
+            return replace
+
+        with self.hooked(hook_for):
+            try:
+                yield done
+            finally:
+                done.clear()
+
+    def replaced_forward(self, model: Callable) -> Callable:
+        """``g(*acts, *inputs, *args) = model(*inputs, *args)`` with the layers' activations
+        (flat numbering, ``len(acts) == sum(counts)``) replaced by ``acts``."""
+        n = sum(self.counts)
+
+        def through_layers(*all_args):
+            acts, rest = all_args[:n], all_args[n:]
+            with self.edited(lambda k, v: acts[k]) as done:
+                out = model(*rest)
+                if len(done) != len(self.modules):
+                    raise ValueError("not every layer was called by the model's forward")
+            return out
+
+        return through_layers
+
+
+def select_neuron(acts: tuple[torch.Tensor, ...], selector) -> torch.Tensor:
+    """One value per row ``[N]`` from a layer's activations: ``selector`` an int or a tuple
+    of ints and slices indexing the activation past the batch dimension (slices are summed
+    over), or a callable ``selector(activation) -> [N]`` (``activation`` a tuple when the
+    layer has several tensors)."""
+    if callable(selector):
+        out = selector(acts if len(acts) > 1 else acts[0])
+    else:
+        if len(acts) > 1:
+            raise ValueError(f"the layer has {len(acts)} activation tensors; pass a callable "
+                             "neuron_selector to choose a neuron among them")
+        index = (selector,) if isinstance(selector, (int, slice)) else tuple(selector)
+        if any(isinstance(i, float) for i in index):
+            raise TypeError(f"neuron_selector holds indices, got {selector!r}")
+        if len(index) > acts[0].dim() - 1:
+            raise ValueError(f"neuron_selector {selector!r} has more indices than the layer "
+                             f"activation of shape {tuple(acts[0].shape)} past the batch")
+        out = acts[0][(slice(None),) + index]
+        if any(isinstance(i, slice) for i in index):
+            out = out.reshape(out.shape[0], -1).sum(1)
+    if not isinstance(out, torch.Tensor) or out.dim() != 1 or \
+            out.shape[0] != acts[0].shape[0]:
+        raise ValueError(f"neuron_selector must pick one value per example ([N]), got shape "
+                         f"{tuple(getattr(out, 'shape', ()))}; index every activation "
+                         "dimension or use slices")
+    return out

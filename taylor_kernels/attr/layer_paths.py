@@ -1,0 +1,237 @@
+"""Layer attributions as path integrals on the path engine.
+
+* :func:`multi_layer_integrated_gradients`: IG in the space of one or several layers'
+  activations (tensors or tuples), the path running in activation space.
+* :func:`internal_influence`, :func:`layer_conductance`, :func:`layer_gradient_shap`: the
+  path runs in *input* space, ``p(t) = b + t (x - b)``, and the gradient is taken with
+  respect to the layer activation ``a``:
+
+  - internal influence ``II_j = sum_s w_s  dF/da_j (p(t_s))``;
+  - conductance ``C_j = sum_s dF/da_j (p(t_s)) (a_j(p(t_{s+1})) - a_j(p(t_s)))`` over the
+    ``S + 1`` nodes of the rule (Captum's Riemann-Stieltjes sum of ``int dF/da da``);
+  - layer GradientSHAP ``(a_j(x~) - a_j(b~)) dF/da_j (p(t~))`` at sampled
+    ``(x~, b~, t~)`` (or without the factor).
+
+How the engine computes sums of *layer* gradients along *input-space* paths
+(:class:`LayerSpace`): the engine integrates over coordinates ``e`` shaped like the activation,
+from ``0`` to ``1``, with the node *indices* ``s = 0, 1, ...`` as its nodes (so ``e = s``
+exactly, in float64). The model maps a point ``e`` to the input point ``p(t_s)`` of each row
+(``t`` from a per-row node table passed as a forward argument), runs the network there, and
+adds ``(e - stop(e)) * D`` to the layer's activation: zero in value, and the engine's gradient
+with respect to ``e`` is ``dF/da * D``. With the engine's factor ``1 - 0 = 1`` and weights
+``w_s`` its sum is exactly the sums above, chunked to the memory budget like every path.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from taylor_kernels import backends
+from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.attr.layer import _baseline_inputs
+from taylor_kernels.attr.layer_capture import Layers
+from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
+from taylor_kernels.engine import path_engine, quadrature
+from taylor_kernels.engine.problem import make_problem
+
+DIRECTIONS = ("ones", "given", "next")
+
+
+def _format_args(additional_forward_args) -> tuple:
+    if additional_forward_args is None:
+        return ()
+    return additional_forward_args if isinstance(additional_forward_args, tuple) else (
+        additional_forward_args,)
+
+
+def _inputs_tuple(inputs) -> tuple[torch.Tensor, ...]:
+    tup = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not tup or not all(isinstance(t, torch.Tensor) for t in tup):
+        raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
+    return tup
+
+
+def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, target=None, *,
+                                     attribute_to_layer_input: bool = False,
+                                     additional_forward_args=None,
+                                     multiply_by_inputs: bool = True,
+                                     **ig_kwargs) -> AttributionResult:
+    """Layer IG for one layer or a list, each activation a tensor or a tuple of tensors.
+
+    ``LIG_j = (a_j(x) - a_j(b)) int_0^1 dF/da_j (a(b) + t (a(x) - a(b))) dt`` where ``a`` is
+    all the layers' activations (outputs, or positional inputs with
+    ``attribute_to_layer_input``) replaced together in one forward. Inputs may be token ids.
+
+    Args:
+        layers: a module or a list of modules; baselines: input-space (None = zeros, numbers,
+            tensors broadcastable to the inputs; a tuple for tuple inputs).
+        multiply_by_inputs: False drops the ``a_j(x) - a_j(b)`` factor.
+        ig_kwargs: as :func:`integrated_gradients` (``steps``, ``rule``, ``max_memory``, ...).
+    Returns:
+        :class:`AttributionResult` whose ``attributions`` is a list with one entry per layer:
+        a tensor shaped like its activation, or a tuple for a layer with several tensors;
+        ``gap [B] = sum(attr) - (F(x) - F(b))``.
+    """
+    tup, fargs = _inputs_tuple(inputs), _format_args(additional_forward_args)
+    spec = Layers(layers, attribute_to_layer_input)
+    acts_b = spec.capture(model, _baseline_inputs(baselines, tup) + fargs)
+    acts_x = spec.capture(model, tup + fargs)
+    through = spec.replaced_forward(model)
+    if multiply_by_inputs:
+        res = integrated_gradients(through, acts_x, acts_b, target,
+                                   additional_forward_args=tup + fargs, **ig_kwargs)
+    else:
+        res = unscaled_integrated_gradients(through, acts_x, acts_b, target, tup + fargs,
+                                            **ig_kwargs)
+    res.attributions = spec.group(res.attributions)
+    return res
+
+
+class LayerSpace:
+    """A model in path-index coordinates ``e`` shaped like a layer's activations (see the
+    module docstring). Call signature, as the engine calls models::
+
+        (*e, table, *x, *b, *d, *rest)
+
+    ``e`` one tensor per activation tensor; ``table [R|1, S+1]`` float64 nodes ``t`` per row;
+    ``x``, ``b`` the input-space ends of each row's path; ``d`` the directions ``D`` (only for
+    ``direction="given"``); ``rest`` the model's own additional forward args. ``direction``:
+    ``"ones"`` (``D = 1``), ``"given"`` or ``"next"`` (``D = a(p(t_{s+1})) - a(p(t_s))``).
+    """
+
+    def __init__(self, model, spec: Layers, n_inputs: int, direction: str):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.model, self.spec, self.n_in, self.direction = model, spec, n_inputs, direction
+
+    def __call__(self, *args):
+        n_act, n_in = sum(self.spec.counts), self.n_in
+        es, table = args[:n_act], args[n_act]
+        xs = args[n_act + 1:n_act + 1 + n_in]
+        bs = args[n_act + 1 + n_in:n_act + 1 + 2 * n_in]
+        rest = args[n_act + 1 + 2 * n_in:]
+        ds = None
+        if self.direction == "given":
+            ds, rest = rest[:n_act], rest[n_act:]
+        idx = es[0].detach().reshape(es[0].shape[0], -1)[:, 0].round().long()
+        idx = idx.clamp(0, table.shape[1] - 2)  # the engine's endpoint probes sit at e = 0, 1
+
+        def point(j):
+            t = table.gather(1, j.unsqueeze(1).to(table.device)).squeeze(1)
+            return tuple(b + t.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1)) * (x - b)
+                         for x, b in zip(xs, bs))
+
+        nxt = None
+        if self.direction == "next":
+            nxt = self.spec.capture(self.model, point(idx + 1) + rest)
+
+        def edit(k, v):
+            delta = (es[k] - es[k].detach()).to(v.dtype)
+            if self.direction == "ones":
+                return v + delta
+            d = ds[k] if ds is not None else nxt[k] - v.detach()
+            return v + delta * d
+
+        with self.spec.edited(edit):
+            return self.model(*point(idx), *rest)
+
+
+def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Tensor,
+                        weights: torch.Tensor, *, direction: str = "ones",
+                        directions: tuple | None = None,
+                        attribute_to_layer_input: bool = False, additional_forward_args=None,
+                        max_memory=None, chunk_size: int | None = None,
+                        backend: str | None = None, progress: bool = False
+                        ) -> AttributionResult:
+    """``sum_s w_s dF/da (p(t_s)) * D_s`` per row, ``p(t) = b + t (x - b)`` in input space.
+
+    Args:
+        inputs, baselines: the rows' path ends, float tensors ``[R, ...]`` (tuples for several
+            inputs; baselines dense, or None / numbers / broadcastable tensors).
+        table: nodes ``t`` as float64 ``[R|1, S+1]`` (column ``S`` is only read by
+            ``direction="next"``); weights: ``[S]`` (``w_s``).
+        direction: ``"ones"``, ``"given"`` (``directions``, one ``[R, ...]`` tensor per
+            activation tensor) or ``"next"`` (see :class:`LayerSpace`).
+    Returns:
+        :class:`AttributionResult`: ``attributions`` a tensor shaped like the activation (a
+        tuple when the layer has several tensors); ``gap`` is NaN (not a completeness sum).
+    """
+    tup, fargs = _inputs_tuple(inputs), _format_args(additional_forward_args)
+    bls = tuple(b.to(x.dtype) for b, x in zip(_baseline_inputs(baselines, tup), tup))
+    spec = Layers(layer, attribute_to_layer_input)
+    acts = spec.capture(model, tup + fargs)
+    S = weights.shape[0]
+    if table.dim() != 2 or table.shape[1] != S + 1 or table.shape[0] not in (1, tup[0].shape[0]):
+        raise ValueError(f"table must be [R|1, {S + 1}], got {tuple(table.shape)}")
+    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    coords = tuple(torch.ones(a.shape, dtype=torch.float64, device=a.device) for a in acts)
+    extra = (table.to(tup[0].device),) + tup + bls + tuple(directions or ()) + fargs
+    with ctx:
+        problem = make_problem(LayerSpace(model, spec, len(tup), direction), coords, 0.0,
+                               target, extra)
+        nodes = torch.arange(S, dtype=torch.float64)
+        res = path_engine.integrate(problem, nodes, [weights.to(torch.float64)],
+                                    max_memory=max_memory, chunk_size=chunk_size,
+                                    progress=progress)
+    parts = tuple(p.to(a.dtype) for p, a in zip(problem.split(res.sums[0]), acts))
+    gap = torch.full((tup[0].shape[0],), float("nan"), dtype=torch.float64)
+    return AttributionResult(parts if len(parts) > 1 else parts[0], gap, res.evaluations)
+
+
+def _rule_table(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if rule == "adaptive" or quadrature.check_rule(rule) != rule:
+        raise ValueError(f"rule {rule!r} is not a fixed rule; use one of "
+                         f"{quadrature.CAPTUM_RULES}")
+    return quadrature.nodes_and_weights(rule, steps)
+
+
+def internal_influence(model, layer, inputs, baselines=None, target=None, *, steps: int = 50,
+                       rule: str = "gausslegendre", **kwargs) -> AttributionResult:
+    """Internal influence ``II_j = int_0^1 dF/da_j (b + t (x - b)) dt`` (by the rule's
+    ``steps`` nodes): the layer gradient integrated along the input-space path. ``kwargs``:
+    ``attribute_to_layer_input``, ``additional_forward_args``, ``max_memory``,
+    ``chunk_size``, ``backend``, ``progress`` as :func:`layer_gradient_sums`."""
+    alphas, weights = _rule_table(rule, steps)
+    table = torch.cat([alphas, alphas[-1:]]).to(torch.float64).unsqueeze(0)
+    return layer_gradient_sums(model, layer, inputs, baselines, target, table, weights,
+                               direction="ones", **kwargs)
+
+
+def layer_conductance(model, layer, inputs, baselines=None, target=None, *, steps: int = 50,
+                      rule: str = "gausslegendre", **kwargs) -> AttributionResult:
+    """Conductance ``C_j = sum_{s<S} dF/da_j (p_s) (a_j(p_{s+1}) - a_j(p_s))`` over the
+    ``S + 1 = steps + 1`` nodes of the rule, ``p_s = b + t_s (x - b)`` (Captum's
+    discretisation of ``int dF/da_j da_j`` along the path). ``kwargs`` as
+    :func:`internal_influence`."""
+    alphas, _ = _rule_table(rule, steps + 1)
+    table = alphas.to(torch.float64).unsqueeze(0)
+    return layer_gradient_sums(model, layer, inputs, baselines, target, table,
+                               torch.ones(steps, dtype=torch.float64), direction="next",
+                               **kwargs)
+
+
+def layer_gradient_shap(model, layer, inputs, baselines, alphas: torch.Tensor, target=None, *,
+                        multiply_by_inputs: bool = True, attribute_to_layer_input: bool = False,
+                        additional_forward_args=None, **kwargs) -> AttributionResult:
+    """Per sampled row ``r``: ``(a(x_r) - a(b_r)) dF/da (b_r + t_r (x_r - b_r))`` (without
+    the factor when ``multiply_by_inputs=False``): the one-node path of layer GradientSHAP.
+
+    Args: ``inputs``/``baselines`` ``[R, ...]`` (already noised and drawn), ``alphas [R]``;
+    the rest as :func:`layer_gradient_sums`. Returns per-row attributions ``[R, ...act]``.
+    """
+    tup, fargs = _inputs_tuple(inputs), _format_args(additional_forward_args)
+    a = alphas.to(torch.float64).reshape(-1, 1)
+    table = torch.cat([a, a], dim=1)
+    directions = None
+    if multiply_by_inputs:
+        spec = Layers(layer, attribute_to_layer_input)
+        bls = _baseline_inputs(baselines, tup)
+        directions = tuple(ax - ab for ax, ab in zip(spec.capture(model, tup + fargs),
+                                                     spec.capture(model, bls + fargs)))
+    return layer_gradient_sums(model, layer, tup, baselines, target, table,
+                               torch.ones(1, dtype=torch.float64),
+                               direction="given" if multiply_by_inputs else "ones",
+                               directions=directions,
+                               attribute_to_layer_input=attribute_to_layer_input,
+                               additional_forward_args=fargs or None, **kwargs)

@@ -1,0 +1,90 @@
+"""Neuron attributions as path integrals on the path engine.
+
+For a neuron ``n(x) = sel(a(x))`` of a layer activation ``a`` (``sel`` an index, slices summed
+over, or a function giving one value per example):
+
+* neuron integrated gradients: IG of ``n`` itself,
+  ``NIG_i = (x_i - b_i) int_0^1 d_i n(b + t (x - b)) dt``;
+* neuron conductance: the part of the output's IG that flows through ``n``,
+  ``NC_i = (x_i - b_i) int_0^1 sel(dF/da)(p(t)) d_i n(p(t)) dt``. It is IG of
+  ``g(p) = stop(sel(dF/da)(p)) * n(p)``, whose gradient is exactly the integrand, so both run
+  through :func:`~taylor_kernels.attr.integrated_gradients.integrated_gradients` (every rule,
+  chunking and budget); ``multiply_by_inputs=False`` drops the ``x - b`` factor.
+"""
+from __future__ import annotations
+
+import torch
+
+from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.attr.layer import _baseline_inputs
+from taylor_kernels.attr.layer_capture import Layers, select_neuron
+from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
+from taylor_kernels.engine.problem import _target_rows, as_tuple, select_target
+
+
+def _run(fn, inputs, baselines, rest: tuple, multiply_by_inputs: bool,
+         ig_kwargs: dict) -> AttributionResult:
+    if multiply_by_inputs:
+        return integrated_gradients(fn, inputs, baselines, None,
+                                    additional_forward_args=rest, **ig_kwargs)
+    tup, was_tuple = as_tuple(inputs)
+    return unscaled_integrated_gradients(fn, tup, _baseline_inputs(baselines, tup), None,
+                                         rest, was_tuple, **ig_kwargs)
+
+
+def _args(additional_forward_args) -> tuple:
+    if additional_forward_args is None:
+        return ()
+    return additional_forward_args if isinstance(additional_forward_args, tuple) else (
+        additional_forward_args,)
+
+
+def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines=None, *,
+                                attribute_to_neuron_input: bool = False,
+                                additional_forward_args=None, multiply_by_inputs: bool = True,
+                                **ig_kwargs) -> AttributionResult:
+    """IG of one neuron's value (see the module docstring); ``ig_kwargs`` as
+    :func:`integrated_gradients`. Returns attributions shaped like ``inputs``."""
+    spec = Layers(layer, attribute_to_neuron_input)
+
+    def neuron(*args):
+        return select_neuron(spec.capture(model, args, grad=True), neuron_selector)
+
+    return _run(neuron, inputs, baselines, _args(additional_forward_args), multiply_by_inputs,
+                ig_kwargs)
+
+
+def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, target=None, *,
+                       attribute_to_neuron_input: bool = False, additional_forward_args=None,
+                       multiply_by_inputs: bool = True, rule: str = "riemann_trapezoid",
+                       **ig_kwargs) -> AttributionResult:
+    """Neuron conductance (see the module docstring); ``target`` picks ``F`` from the model
+    output as in :func:`integrated_gradients`. Returns attributions shaped like ``inputs``."""
+    tup, _ = as_tuple(inputs)
+    B, n_in = tup[0].shape[0], len(tup)
+    targets = _target_rows(target, B, tup[0].device)
+    spec = Layers(layer, attribute_to_neuron_input)
+
+    def conductance(*args):
+        points, rows, rest = args[:n_in], args[n_in], args[n_in + 1:]
+        found: dict = {}
+
+        def keep(k, v):  # endpoint probes run without grad: give F something to differentiate
+            v = v if v.requires_grad else v.detach().requires_grad_(True)
+            found[k] = v
+            return v
+
+        with torch.enable_grad(), spec.edited(keep):
+            out = model(*points, *rest)
+        with torch.enable_grad():
+            f = select_target(out, targets, rows) if targets is not None else out.reshape(-1)
+            acts = [found[k] for k in sorted(found)]
+            grads = torch.autograd.grad(f.sum(), acts, retain_graph=True)
+            weight = select_neuron(tuple(grads), neuron_selector).detach()
+            value = weight * select_neuron(tuple(acts), neuron_selector)
+        return value if torch.is_grad_enabled() else value.detach()
+
+    spec.capture(model, tup + _args(additional_forward_args))  # counts the activation tensors
+    rows = torch.arange(B, device=tup[0].device)
+    return _run(conductance, inputs, baselines, (rows,) + _args(additional_forward_args),
+                multiply_by_inputs, dict(ig_kwargs, rule=rule))
