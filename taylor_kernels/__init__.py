@@ -18,6 +18,7 @@ from taylor_kernels.attr.group_hessians import GroupInteractions, group_integrat
 from taylor_kernels.attr.integrated_hessians import (InteractionResult, expected_hessians,
                                                      integrated_hessians)
 from taylor_kernels.engine.derivative import hessian, hessian_diagonal, hvp, third_order
+from taylor_kernels.engine.guards import allow_row_coupling
 from taylor_kernels import priors  # noqa: E402  (DAPr; needs attr imported first)
 
 __version__ = "0.1.0"
@@ -31,3 +32,4 @@ __all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_diagon
             "integrated_hessians", "third_order", "group_integrated_hessians",
             "GroupInteractions"]
 __all__ += ["priors"]
+__all__ += ["allow_row_coupling"]

@@ -22,6 +22,7 @@ gradient is reverse mode through the jet with the expansion point held fixed.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,13 @@ from taylor_kernels.engine.jet import jet, mixed_partials
 from taylor_kernels.engine.problem import PathProblem, make_problem
 
 
-def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target) -> torch.Tensor:
+def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target,
+                 cache: bool = True) -> torch.Tensor:
     """``[order, B, ...]``: ``Delta_i (d c_k / d Delta_i) / k`` for k = 1..order (reverse mode
     through the jet along ``Delta``, expansion point ``b`` held fixed)."""
     direction = delta.detach().clone().requires_grad_(True)
-    coeffs = jet(model, b, direction.unsqueeze(1), order, target=target)[1:, :, 0]   # [J, B]
+    coeffs = jet(model, b, direction.unsqueeze(1), order, target=target,
+                 cache=cache)[1:, :, 0]                                              # [J, B]
     shares = []
     for k in range(1, order + 1):
         (g,) = torch.autograd.grad(coeffs[k - 1].sum(), direction, retain_graph=k < order)
@@ -42,7 +45,8 @@ def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target
     return torch.stack(shares)
 
 
-def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target) -> torch.Tensor:
+def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target,
+                cache: bool = True) -> torch.Tensor:
     """``[B, D, D]`` symmetric, zero diagonal: ``H_ij(b) Delta_i Delta_j`` from mixed partials
     (Griewank-Utke-Walther order-2 jets) for every pair i < j."""
     B, D = delta.shape[0], delta[0].numel()
@@ -52,7 +56,7 @@ def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target) -> torch.Te
     iu = torch.triu_indices(D, D, offset=1, device=delta.device)
     sets = list(zip(iu[0].tolist(), iu[1].tolist()))
     flat = delta.reshape(B, D)
-    hij = mixed_partials(model, b, sets, target=target)                            # [B, P]
+    hij = mixed_partials(model, b, sets, target=target, cache=cache)               # [B, P]
     pairs[:, iu[0], iu[1]] = hij * flat[:, iu[0]] * flat[:, iu[1]]
     return pairs + pairs.transpose(1, 2)
 
@@ -109,7 +113,7 @@ def _jet_target(problem: PathProblem):
 
 
 def taylor_decomposition(model, inputs, baselines=None, target=None, *,
-                         order: int = 3) -> TaylorDecomposition:
+                         order: int = 3, cache: bool = True) -> TaylorDecomposition:
     """Expand ``f(x) - f(b)`` around the baseline into Taylor terms up to ``order``.
 
     Args:
@@ -121,6 +125,7 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
         target: class index (int or ``[B]`` tensor) when the model returns ``[B, C]``.
         order: highest order ``J`` expanded, ``1 <= J <= 15``; cost: jets of order ``J``
             along ``B * (D + 1)`` directions, order-2 jets for the ``D (D - 1) / 2`` pairs.
+        cache: reuse the jet engine's traced graph (``False``: trace anew; see :func:`tk.jet`).
     Returns:
         :class:`TaylorDecomposition` (see its fields); ``summary()`` prints it.
     """
@@ -138,13 +143,13 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
     b = problem.baselines[:, 0].expand(B, D).reshape(B, *feat).contiguous()
     delta = problem.x.reshape(B, *feat) - b
     with torch.enable_grad():
-        along = jet(model, b, delta.unsqueeze(1), order, target=tgt)[:, :, 0].detach()  # [J+1, B]
+        jet_ = functools.partial(jet, target=tgt, cache=cache)
+        along = jet_(model, b, delta.unsqueeze(1), order)[:, :, 0].detach()          # [J+1, B]
         V = torch.diag_embed(delta.reshape(B, D)).reshape(B, D, *feat)             # Delta_i e_i
-        indep = jet(model, b, V, order, target=tgt).detach()                       # [J+1, B, D]
-        ig_split = _ig_by_order(model, b, delta, order, tgt).detach()              # [J, B, ...]
-        fx = jet(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0,
-                 target=tgt)[0, :, 0].detach()
-        pairs = (_pair_terms(model, b, delta, tgt).detach() if order >= 2 else
+        indep = jet_(model, b, V, order).detach()                                  # [J+1, B, D]
+        ig_split = _ig_by_order(model, b, delta, order, tgt, cache).detach()       # [J, B, ...]
+        fx = jet_(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0)[0, :, 0].detach()
+        pairs = (_pair_terms(model, b, delta, tgt, cache).detach() if order >= 2 else
                  delta.new_zeros(B, D, D))
     fb = along[0]
     return TaylorDecomposition(

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch.func import grad, jvp
 
-from taylor_kernels.engine import memory
+from taylor_kernels.engine import guards, memory
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
@@ -60,12 +60,19 @@ def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[0])
 
 
-def _check_x(x) -> None:
+def _check_x(f, x, *directions) -> None:
+    """Refuse before any forward: inference mode, a model that couples rows
+    (:func:`guards.check_model`), ``x`` that is not a finite floating ``[B, ...]`` batch, and
+    non-finite directions."""
+    guards.check_model(f, (x,) + directions)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"x must be a tensor [B, ...] with B >= 1 and feature dims, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
+    for name, t in zip(("x", "v", "u"), (x,) + directions):
+        if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def _functorch_unsupported(exc: BaseException) -> bool:
@@ -135,12 +142,13 @@ def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
     autograd saves plus the point, gradient and product)."""
     v = torch.ones_like(xs).unsqueeze(1)
     if xs.device.type == "cuda":
-        torch.cuda.synchronize(xs.device)
-        before = torch.cuda.memory_allocated(xs.device)
-        torch.cuda.reset_peak_memory_stats(xs.device)
-        with math_attention():
-            _double_backward(f, xs, v)
-        return float(torch.cuda.max_memory_allocated(xs.device) - before)
+        with guards.cuda_peak_kept(xs.device):
+            torch.cuda.synchronize(xs.device)
+            before = torch.cuda.memory_allocated(xs.device)
+            torch.cuda.reset_peak_memory_stats(xs.device)
+            with math_attention():
+                _double_backward(f, xs, v)
+            return float(torch.cuda.max_memory_allocated(xs.device) - before)
     with memory.SavedBytes() as saved, math_attention():
         _double_backward(f, xs, v)
     return float(saved.total + 4 * xs.numel() * xs.element_size())
@@ -182,6 +190,9 @@ def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool
     if tuple(v.shape) == tuple(x.shape):
         return v.unsqueeze(1), True
     if v.dim() == x.dim() + 1 and v.shape[0] == x.shape[0] and tuple(v.shape[2:]) == feat:
+        if v.shape[1] == 0:
+            raise ValueError(f"v of shape {tuple(v.shape)} holds zero directions per row; pass "
+                             f"at least one: [{x.shape[0]}, M >= 1, *{feat}]")
         return v, False
     raise ValueError(f"v of shape {tuple(v.shape)} must be shaped like x {tuple(x.shape)} or "
                      f"[{x.shape[0]}, M, *{feat}]")
@@ -217,14 +228,15 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
         f: callable ``[N, ...] -> [N]`` (one scalar per row; rows independent). It is called
             on all rows, or on row subsets ``x[r0:r1]`` when one direction over the whole
             batch exceeds the budget (see :func:`plan`).
-        x: ``[B, ...]`` floating inputs.
-        v: ``[B, M, ...]`` directions (``M`` per row), or shaped like ``x`` for one each.
+        x: ``[B, ...]`` finite floating inputs (NaN/Inf raise ``ValueError``).
+        v: ``[B, M, ...]`` finite directions (``M >= 1`` per row), or shaped like ``x`` for
+            one each.
         max_memory: bytes or e.g. ``"256MB"`` per chunk (default as the path engine);
         chunk_size: fixed (row, direction) pairs per chunk instead.
     Returns:
         ``[B, M, ...]`` (or shaped like ``x`` when ``v`` was), dtype of ``x``.
     """
-    _check_x(x)
+    _check_x(f, x, v)
     V, single = _as_directions(x, v)
     out = _chunked(f, x, V, max_memory, chunk_size)
     return out[:, 0] if single else out
@@ -262,7 +274,7 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     numbers (flattened, ``R`` of them; a block ``H[I, J]`` is ``out[:, :, J]``), None for all.
     Returns: ``[B, D, D]`` or ``[B, R, D]`` in ``x.dtype``.
     """
-    _check_x(x)
+    _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
     idx = _index_rows(index, D, x.device)
     V = unit_directions(idx, B, D, x.dtype, x.device)
@@ -279,7 +291,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     Rademacher vectors ``v_m`` (unbiased; variance ``sum_{j != i} H_ij^2 / samples``), drawn
     from a private generator seeded with ``seed``.
     """
-    _check_x(x)
+    _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
     ff, xf = _flat_f(f, x), x.reshape(B, D)
     if method == "exact":
@@ -304,7 +316,7 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) 
 
     Args: f ``[B, ...] -> [B]``; x, u, v ``[B, ...]`` (one pair of directions per row).
     """
-    _check_x(x)
+    _check_x(f, x, v, u)
     for name, t in (("u", u), ("v", v)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape):
             raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}")

@@ -40,6 +40,17 @@ _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_
                                                                   default=False)
 
 
+def cell_values(f) -> list:
+    """The values in the closure cells of function ``f`` (empty cells skipped)."""
+    values = []
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return values
+
+
 def modules_of(f) -> list[nn.Module]:
     """The modules ``f`` is or closes over: ``f`` itself, the module of a bound method, and
     modules held in the closure cells of a function (one level)."""
@@ -48,16 +59,7 @@ def modules_of(f) -> list[nn.Module]:
     owner = getattr(f, "__self__", None)
     if isinstance(owner, nn.Module):
         return [owner]
-    cells = getattr(f, "__closure__", None) or ()
-    found = []
-    for cell in cells:
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, nn.Module):
-            found.append(value)
-    return found
+    return [v for v in cell_values(f) if isinstance(v, nn.Module)]
 
 
 def _check_autograd_available(inputs) -> None:
@@ -193,5 +195,5 @@ def cuda_peak_kept(device: torch.device):
                 del del_me
 
 
-__all__ = ["allow_row_coupling", "check_model", "check_rows_independent", "coupling_submodules",
+__all__ = ["allow_row_coupling", "cell_values", "check_model", "check_rows_independent", "coupling_submodules",
            "cuda_peak_kept", "modules_of", "preserved_buffers"]

@@ -11,9 +11,21 @@ own first. Cost: ``O(order^2)`` per elementwise op instead of ``O(2^order)`` for
 
 The ``M`` directions of each input are folded into the batch (``B*M`` rows): the model must
 treat rows independently (eval mode; batch norm with running statistics).
+
+Trace cache: the traced graph of ``f`` is reused while nothing it was traced from changed. The
+key holds, for every module ``f`` is, is bound to or closes over and all their submodules: the
+module objects and their names (``model.head = nn.Linear(...)`` retraces), the identity of
+every parameter and buffer, the hooks, and the plain attributes ``forward`` may read (numbers,
+strings, flags, the ``training`` mode, one level into config objects); for a plain function
+also its closure cells and the globals its code names. Python branches on the *values* of
+tensors cannot be traced: ``torch.fx`` refuses them (``if x.sum() > 0``, ``.item()``), and such
+a model (or custom submodule) runs by nested forward-mode AD, which executes the real Python
+every call. A branch that reads state the key does not hold (a mutable object deeper than one
+level, a file, a random draw) needs ``cache=False``.
 """
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -24,12 +36,17 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
+from taylor_kernels.engine.guards import cell_values, check_model, modules_of
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.reference.jet import MAX_ORDER, nested_jvp_coefficients, polarization_rule
 
 _WARNED_OPS: set[str] = set()
-_TRACES: "OrderedDict[int, tuple[weakref.ref, fx.GraphModule | None]]" = OrderedDict()
+_TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, fx.GraphModule | None]]" = OrderedDict()
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, torch.Tensor, nn.Module)
+_SKIP = frozenset(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
 _TRACE_CACHE_SIZE = 16  # traced functions kept (a small LRU: entries hold the model alive)
 
 
@@ -54,16 +71,62 @@ class _Tracer(fx.Tracer):
             return self._extra[id(mod)]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname) or (
+        return super().is_leaf_module(m, qualname) or _has_hooks(m) or (
             self.leaf_children and qualname.count(".") == 1)
 
 
-def _trace(f) -> fx.GraphModule | None:
-    """``x -> f(x)`` as a GraphModule (cached), else with child modules as leaves, else None."""
-    hit = _TRACES.get(id(f))
-    if hit is not None and hit[0]() is f:
+def _has_hooks(m: nn.Module) -> bool:
+    """Forward (pre-)hooks change what calling ``m`` computes; tracing would skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _value_key(v, deep: bool = True):
+    """Plain values by value, containers of them elementwise, other objects by identity (and,
+    when ``deep``, their plain attributes one level down: config objects)."""
+    if isinstance(v, _SIMPLE):
+        return v
+    if isinstance(v, (tuple, list, frozenset)) and len(v) <= 64:
+        return (type(v).__name__,) + tuple(_value_key(u, False) for u in v)
+    if deep and not isinstance(v, _OPAQUE) and hasattr(v, "__dict__"):
+        attrs = tuple((k, _value_key(u, False)) for k, u in sorted(vars(v).items())
+                      if isinstance(u, _SIMPLE + (tuple, list)))
+        return (id(v),) + attrs
+    return id(v)
+
+
+def _module_key(root: nn.Module) -> tuple:
+    """Everything of ``root``'s module tree a trace can depend on (see the module docstring)."""
+    key = []
+    for name, m in root.named_modules(remove_duplicate=False):
+        own = tuple((k, _value_key(v)) for k, v in m.__dict__.items() if k not in _SKIP
+                    and not (k.endswith("hooks") and isinstance(v, dict)))
+        hooks = tuple((k, tuple(v)) for k, v in m.__dict__.items()
+                      if k.endswith("hooks") and isinstance(v, dict))
+        tensors = tuple((k, id(v)) for k, v in (*m._parameters.items(), *m._buffers.items()))
+        key.append((name, id(m), type(m), own, hooks, tensors))
+    return tuple(key)
+
+
+def _trace_key(f) -> tuple:
+    """Invalidation key of ``f``'s trace: its modules' trees, and for a function its closure
+    cells and the globals its code names."""
+    key = [_module_key(m) for m in modules_of(f)]
+    code = getattr(f, "__code__", None)
+    if code is not None:
+        key.append(tuple(_value_key(v) for v in cell_values(f) if not isinstance(v, nn.Module)))
+        glb = getattr(f, "__globals__", {})
+        key.append(tuple((n, _value_key(glb[n])) for n in code.co_names if n in glb))
+    return tuple(key)
+
+
+def _trace(f, cache: bool = True) -> fx.GraphModule | None:
+    """``x -> f(x)`` as a GraphModule, else with child modules as leaves, else None; cached
+    (``cache=True``) until :func:`_trace_key` of ``f`` changes."""
+    key = _trace_key(f) if cache else None
+    hit = _TRACES.get(id(f)) if cache else None
+    if hit is not None and hit[0]() is f and hit[1] == key:
         _TRACES.move_to_end(id(f))
-        return hit[1]
+        return hit[2]
 
     def call(x):
         return f(x)
@@ -77,10 +140,13 @@ def _trace(f) -> fx.GraphModule | None:
             continue
         gm = fx.GraphModule(tracer.root, graph)
         break
+    if not cache:
+        return gm
     try:
-        _TRACES[id(f)] = (weakref.ref(f), gm)
+        _TRACES[id(f)] = (weakref.ref(f), key, gm)
     except TypeError:  # not weak-referenceable: trace again next time
         return gm
+    _TRACES.move_to_end(id(f))
     while len(_TRACES) > _TRACE_CACHE_SIZE:
         _TRACES.popitem(last=False)
     return gm
@@ -99,9 +165,9 @@ def _warn_once(name: str, why: str) -> None:
                       f"O(2^order) cost)", RuntimeWarning, stacklevel=5)
 
 
-def _fallback(kind: str, target, args, kwargs, order: int):
+def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet rule for"):
     """Nested forward-mode AD through one node (warns once per op)."""
-    _warn_once(_op_name(kind, target), "no jet rule for")
+    _warn_once(_op_name(kind, target), why)
     flat, spec = pytree.tree_flatten((args, kwargs))
     slots = [i for i, v in enumerate(flat) if isinstance(v, Jet)]
 
@@ -126,9 +192,9 @@ def _math_attention():
 
 
 class _JetInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, order: int):
+    def __init__(self, gm: fx.GraphModule, order: int, cache: bool = True):
         super().__init__(gm)
-        self.order = order
+        self.order, self.cache = order, cache
 
     def _has_jet(self, args, kwargs) -> bool:
         return any(isinstance(v, Jet) for v in pytree.tree_leaves((args, kwargs)))
@@ -158,15 +224,17 @@ class _JetInterpreter(fx.Interpreter):
         mod = self.fetch_attr(target)
         if not self._has_jet(args, kwargs):
             return mod(*args, **kwargs)
+        if _has_hooks(mod):  # run it as called, hooks included
+            return _fallback("call_module", mod, args, kwargs, self.order, "forward hooks on")
         rule = rules.module_rule(mod) if len(args) == 1 and not kwargs else None
         if rule is not None:
             return rule(args[0])
         if type(mod).__module__.startswith("torch.nn"):
             return self._apply(None, "call_module", mod, args, kwargs)
         # a custom module that is a leaf here: propagate through its own graph
-        sub = _trace(mod) if len(args) == 1 and not kwargs else None
+        sub = _trace(mod, self.cache) if len(args) == 1 and not kwargs else None
         if sub is not None:
-            return _JetInterpreter(sub, self.order).run(args[0])
+            return _JetInterpreter(sub, self.order, self.cache).run(args[0])
         return self._apply(None, "call_module", mod, args, kwargs)
 
     def _apply(self, rule, kind, target, args, kwargs):
@@ -213,7 +281,7 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
 
 
 def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None,
-        fallback: bool = False) -> torch.Tensor:
+        fallback: bool = False, cache: bool = True) -> torch.Tensor:
     """Normalized Taylor coefficients of ``t -> f(x + t v)`` for ``M`` directions per input.
 
     Args:
@@ -223,11 +291,14 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         order: ``J`` in ``[0, 15]``.
         target: class index (int or ``[B]`` tensor) when ``f`` returns ``[B, C]``.
         fallback: skip tracing and use nested forward-mode AD for the whole of ``f``.
+        cache: reuse the traced graph while ``f``'s modules, parameters and attributes are
+            unchanged (module docstring); ``False`` traces anew (state the key cannot see).
     Returns:
         ``[J+1, B, M]`` with ``c_k = D^k f(x)[v^k] / k!``, differentiable in ``x`` and
         ``directions`` (reverse mode through the jet gives ``D^{k+1} f[v^k, .]``).
     """
     directions = _check_jet_args(x, directions, order)
+    check_model(f, (x, directions))
     B, M = directions.shape[:2]
     x0 = x.unsqueeze(1).expand(directions.shape).reshape((B * M,) + x.shape[1:])
     if x.is_floating_point():
@@ -236,9 +307,9 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         arg = Jet(torch.cat(parts[:order + 1] if order < 2 else parts))
     else:
         arg = x0
-    gm = None if fallback else _trace(f)
+    gm = None if fallback else _trace(f, cache)
     if gm is not None:
-        res = _JetInterpreter(gm, order).run(arg)
+        res = _JetInterpreter(gm, order, cache).run(arg)
         out = res.c if isinstance(res, Jet) else rules.as_jet(res, order).c
     elif isinstance(arg, Jet):
         if not fallback:
@@ -261,14 +332,14 @@ def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:
     return feats, tuple(list(index_set).count(i) for i in feats)
 
 
-def mixed_partials(f, x: torch.Tensor, sets, *, target=None) -> torch.Tensor:
+def mixed_partials(f, x: torch.Tensor, sets, *, target=None, cache: bool = True) -> torch.Tensor:
     """Mixed partial derivatives ``d^|S| f / d x_{i_1} ... d x_{i_k}`` for index tuples S.
 
     Args: ``x [B, ...]``; ``sets`` a list of tuples of 1 to 4 flat feature indices (repeats
     allowed: ``(3, 3)`` is ``d^2 f / d x_3^2``); ``target`` as in :func:`jet`.
     Returns: ``[B, len(sets)]``. Each set costs one jet of order ``|S|`` along the
     Griewank-Utke-Walther directions ``sum_l j_l e_{i_l}`` (:func:`polarization_rule`), all
-    sets batched into one :func:`jet` call per order.
+    sets batched into one :func:`jet` call per order (``cache`` as in :func:`jet`).
     """
     if not sets:
         raise ValueError("sets must hold at least one tuple of feature indices")
@@ -290,7 +361,7 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None) -> torch.Tensor:
         members = [m for m, p in enumerate(plans) if p[0] == d]
         dirs = torch.cat([plans[m][1] for m in members])
         V = dirs.reshape((1, -1) + x.shape[1:]).expand((x.shape[0], -1) + x.shape[1:])
-        c = jet(f, x, V, d, target=target)[d]  # [B, sum of M]
+        c = jet(f, x, V, d, target=target, cache=cache)[d]  # [B, sum of M]
         start = 0
         for m in members:
             gamma = plans[m][2].to(device=x.device, dtype=x.dtype)

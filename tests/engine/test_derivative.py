@@ -156,3 +156,46 @@ def test_errors_are_actionable():
         d.hessian(_f(net), torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         d.hvp(_f(net), x, x, chunk_size=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_and_directions_raise(bad):
+    net = _mlp()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    y = x.clone()
+    y[1, 2] = bad
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        d.hvp(_f(net), y, x)
+    with pytest.raises(ValueError, match="v contains NaN or Inf"):
+        d.hvp(_f(net), x, y)
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        d.hessian(_f(net), y)
+    with pytest.raises(ValueError, match="u contains NaN or Inf"):
+        d.third_order(_f(net), x, y, x)
+
+
+def test_zero_directions_raise_and_zero_vectors_give_zero():
+    net = _mlp()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="zero directions"):
+        d.hvp(_f(net), x, torch.empty(2, 0, 5, dtype=torch.float64))
+    assert d.hvp(_f(net), x, torch.zeros_like(x)).abs().max() == 0  # H 0 = 0: not an error
+
+
+def test_inference_mode_and_train_mode_batch_norm_are_refused():
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4),
+                              torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    f = _f(net)
+    stats = net[1].num_batches_tracked.clone()
+    with pytest.raises(ValueError, match="BatchNorm1d.*model.eval"):
+        d.hvp(f, x, x)
+    assert net[1].num_batches_tracked == stats
+    net.eval()
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            d.hvp(f, x, x)
+        xi = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        d.hessian(f, xi)
+    assert d.hvp(f, x, x).shape == x.shape

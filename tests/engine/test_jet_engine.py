@@ -280,3 +280,104 @@ def test_bench_family_smoke():
     assert all(r["rel_diff"] < 1e-4 for r in result["directional"])
     assert all(r["rel_err"] < 1e-5 for r in result["unary"])
     assert len(cases_jet.tables(result)) == (2 if result["unary"] else 1)
+
+
+class Switchable(nn.Module):
+    """tanh MLP whose forward branches on a Python flag and reads a scale from a config."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.flag = True
+        self.config = type("Config", (), {})()
+        self.config.scale = 1.0
+
+    def forward(self, x):
+        h = torch.tanh(self.l(x)) * self.config.scale * (1.5 if self.training else 1.0)
+        return self.head(h if self.flag else torch.sin(h))
+
+
+def _fresh_jet(model, x, V):
+    """The jet of a model traced anew (no cache), to compare a cached call with."""
+    return tk.jet(model, x, V, 3, target=1, cache=False)
+
+
+@pytest.mark.parametrize("change", ["head", "flag", "parameter", "config", "mode", "hook"])
+def test_trace_cache_sees_model_changes(change):
+    torch.manual_seed(0)
+    model = Switchable().double()
+    x, V = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    before = tk.jet(model, x, V, 3, target=1)
+    if change == "head":
+        model.head = nn.Linear(4, 2).double()
+    elif change == "flag":
+        model.flag = False
+    elif change == "parameter":
+        model.l.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    elif change == "config":
+        model.config.scale = 2.0
+    elif change == "mode":  # forward reads self.training
+        model.eval()
+    else:
+        model.head.register_forward_hook(lambda m, a, out: out * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # hooked modules: nested jvp
+        after = tk.jet(model, x, V, 3, target=1)
+    torch.testing.assert_close(after, _fresh_jet(model, x, V))
+    with torch.no_grad():
+        torch.testing.assert_close(after[0, :, 0], model(x)[:, 1])
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_trace_cache_sees_function_globals_and_taylor_decomposition():
+    torch.manual_seed(0)
+    model = Switchable().double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    td1 = tk.taylor_decomposition(model, x, target=1, order=3)
+    model.head = nn.Linear(4, 2).double()
+    td2 = tk.taylor_decomposition(model, x, target=1, order=3)
+    with torch.no_grad():
+        torch.testing.assert_close(td2.fx, model(x)[:, 1])
+        torch.testing.assert_close(td2.fb, model(torch.zeros_like(x))[:, 1])
+    assert (td1.order_totals - td2.order_totals).abs().max() > 1e-3
+    f = _global_switch
+    V = torch.randn(2, 1, 3, dtype=torch.float64)
+    a = tk.jet(f, x, V, 2)
+    globals()["SWITCH"] = False
+    try:
+        b = tk.jet(f, x, V, 2)
+    finally:
+        globals()["SWITCH"] = True
+    torch.testing.assert_close(b[0, :, 0], _global_switch(x, False))
+    assert (a - b).abs().max() > 1e-3
+
+
+SWITCH = True
+
+
+def _global_switch(x, switch=None):
+    on = SWITCH if switch is None else switch
+    return torch.tanh(x).sum(1) if on else torch.sin(x).sum(1)
+
+
+def test_data_dependent_branch_is_not_traced():
+    def branchy(x):
+        return torch.tanh(x).sum(1) if bool(x.sum() > 0) else torch.sin(x).sum(1)
+
+    V = torch.ones(1, 1, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for sign in (1.0, -1.0):
+            x = sign * torch.ones(1, 3, dtype=torch.float64)
+            torch.testing.assert_close(tk.jet(branchy, x, V, 2)[0, :, 0], branchy(x))
+
+
+def test_jet_refuses_inference_mode_and_train_mode_dropout():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 1))
+    x, V = torch.randn(2, 3), torch.randn(2, 1, 3)
+    with pytest.raises(ValueError, match="model.eval"):
+        tk.jet(model, x, V, 2)
+    model.eval()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        tk.jet(model, x, V, 2)
