@@ -33,3 +33,7 @@ __all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_diagon
             "GroupInteractions"]
 __all__ += ["priors"]
 __all__ += ["allow_row_coupling"]
+from taylor_kernels.attr.generation import GenerationAttribution, generation_attribution  # noqa: E402
+from taylor_kernels.models.hf import token_integrated_gradients, token_interactions  # noqa: E402
+__all__ += ["GenerationAttribution", "generation_attribution", "token_integrated_gradients",
+            "token_interactions"]

@@ -1,0 +1,185 @@
+"""A whole generation attributed in one pass: every target token of a causal LM to the prompt.
+
+For a prompt ``p`` (``P`` tokens) and a continuation ``y`` (``T`` tokens) the scores are the
+target log-probs ``f_t = log p(y_t | p, y_<t)``. The prompt's embeddings ``E [P, H]`` (the
+input-embedding layer's output) move along ``b + a (E - b)``; the continuation's embeddings
+stay at their values (as in Captum's ``LLMGradientAttribution``, whose baseline keeps them).
+Causal masking makes one forward of ``p + y_<T`` give all ``T`` log-probs at a path point
+(the LM head runs only at those ``T`` positions), and the path engine's multi-target mode
+takes all ``T`` gradients from one batched backward. Then
+
+``A[t, l, h] = (E - b)_{l,h} int_0^1 d f_t / d E_{l,h} (b + a (E - b)) da``,
+
+token scores ``A[t, l] = sum_h A[t, l, h]`` ``[T, P]``, and the sequence log-prob
+``log p(y | p) = sum_t f_t`` has attribution ``sum_t A[t]`` ``[P]``. Completeness per target:
+``gap_t = sum_l A[t, l] - (f_t(E) - f_t(b))``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from taylor_kernels import backends
+from taylor_kernels.attr.integrated_gradients import DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance
+from taylor_kernels.engine import path_engine, quadrature
+from taylor_kernels.models import hf
+from taylor_kernels.models.outputs import model_output
+
+
+@dataclass
+class GenerationAttribution:
+    """``token_attr [T, P]`` (target token x prompt token), ``seq_attr [P]`` (attribution of
+    the sequence log-prob, ``token_attr.sum(0)``), ``embedding_attr [T, P, H]`` (on request),
+    ``log_probs [T]`` (target log-probs given the prompt), ``gap [T]`` (completeness),
+    ``prompt_ids [P]``, ``target_ids [T]``, ``evaluations`` (path points) and, for the
+    adaptive rule, ``nodes`` (quadrature nodes used)."""
+
+    token_attr: torch.Tensor
+    seq_attr: torch.Tensor
+    log_probs: torch.Tensor
+    gap: torch.Tensor
+    prompt_ids: torch.Tensor
+    target_ids: torch.Tensor
+    evaluations: int
+    embedding_attr: torch.Tensor | None = None
+    nodes: int | None = None
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
+                        eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding ``[T]`` (argmax of the last position's logits), stopping after
+    ``eos_token_id`` (kept) or ``max_new_tokens``."""
+    seq, out = prompt_ids[None], []
+    for _ in range(max_new_tokens):
+        logits = model_output(model(input_ids=seq))[:, -1]
+        nxt = logits.argmax(-1)
+        out.append(int(nxt))
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if eos_token_id is not None and out[-1] == eos_token_id:
+            break
+    return torch.tensor(out, dtype=torch.long, device=prompt_ids.device)
+
+
+class GenerationProblem:
+    """Engine problem: ``x [1, P*H]`` prompt embeddings, ``baselines [1, 1, P*H]``,
+    ``forward(points [N, P*H], rows) -> [N, T]`` target log-probs (float32)."""
+
+    B, K = 1, 1
+
+    def __init__(self, model, layer, sequence: torch.Tensor, act: torch.Tensor,
+                 base: torch.Tensor, P: int, T: int):
+        self.model, self.layer, self.P, self.T = model, layer, P, T
+        self.sequence = sequence                       # [P + T - 1] ids fed to the model
+        self.targets = None
+        self.fixed = act[:, P:]                        # [1, T - 1, H] continuation embeddings
+        self.x = act[:, :P].reshape(1, -1)
+        self.baselines = base.reshape(1, 1, -1)
+        self.keep_logits = hf.accepts(model, "logits_to_keep")
+
+    def forward(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``[N, T]`` of the target tokens with the prompt embeddings ``points``."""
+        N = points.shape[0]
+        emb = torch.cat([points.reshape(N, self.P, -1).to(self.fixed.dtype),
+                         self.fixed.expand(N, -1, -1)], dim=1)
+        hook = self.layer.register_forward_hook(lambda m, i, o: emb)
+        try:
+            extra = {"logits_to_keep": self.T} if self.keep_logits else {}
+            out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
+        finally:
+            hook.remove()
+        logp = torch.log_softmax(out[:, -self.T:].float(), dim=-1)
+        return logp.gather(2, self.targets.expand(N, -1)[..., None]).squeeze(2)
+
+
+def _integrate(problem, rule, steps, tol, fx, fb, **kw):
+    """``([T, 1, D] sums, evaluations, nodes)`` by a fixed rule or the adaptive one."""
+    if rule != "adaptive":
+        alphas, weights = quadrature.nodes_and_weights(rule, steps)
+        res = path_engine.integrate(problem, alphas, [weights], **kw)
+        return res.sums[0], res.evaluations, None
+    nodes, level_weights = quadrature.patterson_levels()
+    sizes = [int((w != 0).sum()) for w in level_weights]
+    delta = (fx - fb[:, 0])[0]                                        # [T]
+    acc = [torch.zeros(problem.T, *problem.x.shape, dtype=fx.dtype, device=fx.device)
+           for _ in sizes]
+    evaluations, lo, cost = 0, 0, None
+    for level, hi in enumerate(sizes):
+        res = path_engine.integrate(problem, nodes[lo:hi],
+                                    [w[lo:hi] for w in level_weights[level:]],
+                                    point_cost=cost, **kw)
+        cost, evaluations = res.point_cost, evaluations + res.evaluations
+        for j, part in enumerate(res.sums):
+            acc[level + j] += part
+        gap = acc[level].sum(dim=(1, 2)) - delta
+        if _check_gap_tolerance(gap, delta, tol).all() or level == len(sizes) - 1:
+            return acc[level], evaluations, hi
+        lo = hi
+
+
+def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens: int = 25,
+                           baselines="zero", skip_tokens: Sequence[int] = (), keep=None,
+                           layer=None, steps: int = 50, rule: str = "gausslegendre",
+                           tol: float | None = None, return_embedding_attr: bool = False,
+                           max_memory=None, chunk_size: int | None = None,
+                           backend: str | None = None, progress: bool = False,
+                           tokenizer=None) -> GenerationAttribution:
+    """Attribute every token of a causal LM's continuation to the prompt tokens in one pass.
+
+    Args:
+        model: a causal LM called as ``model(input_ids=ids [N, L])`` returning logits
+            ``[N, L, V]`` (or a ``ModelOutput`` with ``.logits``); ``logits_to_keep`` is used
+            when its forward takes it.
+        prompt_ids: ``[P]`` or ``[1, P]`` token ids.
+        target_ids: the continuation ``[T]`` (or ``[1, T]``); None generates it greedily
+            (``max_new_tokens``, stopping after ``model.config.eos_token_id``).
+        baselines: ``"zero"`` (zero embedding), ``"pad"``, ``"unk"``, a token id, or ids
+            ``[P]``; ``skip_tokens`` (ids) and ``keep`` (bool ``[P]``) hold prompt tokens at
+            their embedding (zero attribution).
+        layer: the embedding layer (default ``model.get_input_embeddings()``, or a name).
+        steps, rule, tol: quadrature as :func:`taylor_kernels.integrated_gradients`
+            (``rule="adaptive"`` refines until every target's gap is within ``tol``).
+        return_embedding_attr: also return ``[T, P, H]`` per-embedding attributions.
+        max_memory, chunk_size, backend, progress: as ``integrated_gradients``.
+    Returns: :class:`GenerationAttribution`.
+    """
+    quadrature.check_rule(rule)
+    prompt = hf.check_ids(prompt_ids.reshape(1, -1) if isinstance(prompt_ids, torch.Tensor)
+                          and prompt_ids.dim() == 1 else prompt_ids, "prompt_ids")
+    if prompt.shape[0] != 1:
+        raise ValueError(f"prompt_ids must hold one prompt ([P] or [1, P]), got "
+                         f"{tuple(prompt.shape)}; attribute several prompts one by one")
+    emb = hf.input_embeddings(model, layer)
+    if target_ids is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+        target = greedy_continuation(model, prompt[0], max_new_tokens,
+                                     eos if isinstance(eos, int) else None)
+    else:
+        target = hf.check_ids(target_ids.reshape(1, -1), "target_ids")[0].to(prompt.device)
+    P, T = prompt.shape[1], target.shape[0]
+    if T == 0:
+        raise ValueError("the target continuation is empty")
+    sequence = torch.cat([prompt[0], target[:-1]])
+    act = hf.layer_output(lambda i: model(input_ids=i), emb, sequence[None])
+    base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
+    base = torch.zeros_like(act[:, :P]) if base_ids is None else hf.layer_output(
+        lambda i: model(input_ids=i), emb, base_ids)
+    kept = hf.kept_positions(prompt, None, None if keep is None else keep.reshape(1, -1),
+                             skip_tokens)
+    base = torch.where(kept[..., None], act[:, :P], base)
+    problem = GenerationProblem(model, emb, sequence, act, base, P, T)
+    problem.targets = target[None]
+    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    with ctx:
+        fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]
+        sums, evaluations, nodes = _integrate(
+            problem, rule, steps, tol or DEFAULT_ADAPTIVE_TOL, fx, fb, max_memory=max_memory,
+            chunk_size=chunk_size, progress=progress)
+    full = sums.reshape(T, P, -1)                                       # [T, P, H]
+    token_attr = full.sum(-1)
+    gap = token_attr.sum(1) - (fx[0] - fb[0, 0])
+    return GenerationAttribution(token_attr, token_attr.sum(0), fx[0], gap, prompt[0], target,
+                                 evaluations, full if return_embedding_attr else None, nodes)
