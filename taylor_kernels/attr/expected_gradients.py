@@ -51,8 +51,9 @@ def draw_references(problem, background, samples: int, seed: int | None) -> torc
 def expected_gradients(model, inputs, background, target=None, *, samples: int = 100,
                        seed: int | None = None, additional_forward_args=None, max_memory=None,
                        backend: str | None = None, progress: bool = False,
-                       chunk_size: int | None = None,
-                       create_graph: bool = False) -> AttributionResult:
+                       chunk_size: int | None = None, create_graph: bool = False,
+                       rule: str | None = None,
+                       max_regions: int | None = None) -> AttributionResult:
     """Expected gradients with ``samples`` (reference, t) draws per input.
 
     Args:
@@ -61,6 +62,9 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
             uniformly with replacement.
         samples: draws per input (``M``); seed: seeds a private generator (reproducible).
         create_graph: keep the graph so the attributions can be trained through (DAPr).
+        rule: None (one uniform ``t`` per sample) or ``"exact"``: each sampled reference's
+            path integrated exactly (piecewise-linear models; see
+            :mod:`taylor_kernels.attr.exact_ig`, ``max_regions`` its cap).
     Returns:
         :class:`AttributionResult`; ``gap [B] = sum(attr) - mean_m (f(x) - f(r_m))`` is the
         Monte-Carlo error of this estimate; ``evaluations = B * M``.
@@ -69,6 +73,9 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
     with ctx:
         problem = make_problem(model, inputs, None, target, additional_forward_args)
         gen = draw_references(problem, background, samples, seed)
+        if rule is not None:
+            return _exact_eg(problem, rule, max_regions, max_memory=max_memory,
+                             chunk_size=chunk_size, progress=progress, create_graph=create_graph)
         alphas = torch.rand(problem.B, samples, 1, generator=gen, dtype=torch.float64)
         fx, fb = path_engine.endpoint_values(problem)
         res = path_engine.integrate(problem, alphas.to(problem.x.device),
@@ -79,3 +86,14 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
     gap = flat.detach().sum(1) - (fx - fb.mean(1))
     return AttributionResult(problem.unflatten(flat), gap, res.evaluations)
 
+
+def _exact_eg(problem, rule: str, max_regions, **engine_kw) -> AttributionResult:
+    """EG with each sampled reference's path integrated by the exact rule."""
+    from taylor_kernels.attr.exact_ig import exact_integral
+    if rule != "exact":
+        raise ValueError(f"expected_gradients rule must be None or 'exact', got {rule!r}")
+    fx, fb = path_engine.endpoint_values(problem)
+    flat, evaluations, used, regions = exact_integral(problem, fx, fb, max_regions=max_regions,
+                                                      **engine_kw)
+    gap = flat.sum(1) - (fx - fb.mean(1))
+    return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)

@@ -27,6 +27,7 @@ class AttributionResult:
     gap: torch.Tensor
     evaluations: int
     nodes_per_input: torch.Tensor | None = None
+    regions: torch.Tensor | None = None  # rule="exact": regions crossed per path [B, K]
 
 
 def _gap(problem: PathProblem, attr_flat: torch.Tensor, fx: torch.Tensor,
@@ -46,14 +47,17 @@ def _fixed_rule(problem, rule, steps, **engine_kw):
     return res.sums[0], res.evaluations, None
 
 
-def _adaptive(problem: PathProblem, tol: float, fx, fb, **engine_kw):
-    """Refine each input through nested Patterson levels until its gap is within ``tol``."""
+def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
+    """Refine each input through nested Patterson levels until its gap is within ``tol``
+    (only the inputs where the mask ``only [B]`` is true, when given; the others get zeros)."""
     nodes, level_weights = quadrature.patterson_levels()
     sizes = [int((w != 0).sum()) for w in level_weights]
     B, K = problem.B, problem.K
     delta = fx - fb.mean(dim=1)
     acc = [torch.zeros_like(problem.x, dtype=fx.dtype) for _ in sizes]
     done = torch.zeros(B, dtype=torch.bool, device=problem.x.device)
+    if only is not None:
+        done |= ~only.to(done.device)
     final = torch.zeros_like(acc[0])
     used = torch.zeros(B, dtype=torch.long)
     evaluations, lo, cost = 0, 0, None
@@ -84,7 +88,7 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
                          additional_forward_args=None, max_memory=None, backend: str | None = None,
                          progress: bool = False, chunk_size: int | None = None,
                          create_graph: bool = False, distributed=False,
-                         reduce_to="all") -> AttributionResult:
+                         reduce_to="all", max_regions: int | None = None) -> AttributionResult:
     """Integrated Gradients ``IG_i = (x_i - b_i) int_0^1 d_i f(b + t (x - b)) dt``.
 
     Args:
@@ -98,7 +102,10 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         steps, rule: quadrature (``riemann_left|right|middle|trapezoid``, ``gausslegendre``
             as in Captum; ``trapezoid``; ``adaptive`` refines nested Patterson rules of 1, 3, 7,
             15, 31, 63 nodes per input until ``|gap| <= tol * |f(x) - f(b)|``, ``tol``
-            default 1e-4; ``steps`` is then unused).
+            default 1e-4; ``steps`` is then unused; ``exact`` sums the linear regions of a
+            piecewise-linear model exactly, :mod:`taylor_kernels.attr.exact_ig`, falling back
+            to ``adaptive`` with a warning for other models or paths crossing more than
+            ``max_regions`` regions, default 10000).
         max_memory: bytes or e.g. ``"1GB"`` for one chunk of path points (default 16 MiB on
             CPU, half the free memory on GPU); ``chunk_size`` fixes points per chunk instead.
         backend: force a kernel backend for this call; progress: tqdm bar over path points;
@@ -109,7 +116,8 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
             rank 0 (the others get their own shard's partial sums).
     Returns:
         :class:`AttributionResult` with ``attributions`` (shaped like ``inputs``), ``gap [B]``,
-        ``evaluations`` and, for ``adaptive``, ``nodes_per_input [B]``.
+        ``evaluations`` and, for ``adaptive`` and ``exact``, ``nodes_per_input [B]``; for
+        ``exact`` also ``regions [B, K]`` (linear regions crossed per path, -1: fell back).
     """
     quadrature.check_rule(rule)
     if tol is not None and not tol > 0:
@@ -121,14 +129,20 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph, **_distributed_kw(distributed, reduce_to, rule,
                                                                create_graph))
+        regions = None
         if rule == "adaptive":
             flat, evaluations, used = _adaptive(problem, tol or DEFAULT_ADAPTIVE_TOL, fx, fb, **kw)
+        elif rule == "exact":
+            from taylor_kernels.attr.exact_ig import exact_integral
+            flat, evaluations, used, regions = exact_integral(problem, fx, fb, tol=tol,
+                                                              max_regions=max_regions, **kw)
         else:
             flat, evaluations, used = _fixed_rule(problem, rule, steps, **kw)
         gap = _gap(problem, flat.detach(), fx, fb)
     _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol)
     attrs = problem.split(flat)  # float32 for float32/bf16/fp16 inputs, float64 for float64
-    return AttributionResult(attrs if problem.was_tuple else attrs[0], gap, evaluations, used)
+    return AttributionResult(attrs if problem.was_tuple else attrs[0], gap, evaluations, used,
+                             regions)
 
 
 def _distributed_kw(distributed, reduce_to, rule: str, create_graph: bool) -> dict:
@@ -143,7 +157,8 @@ def _distributed_kw(distributed, reduce_to, rule: str, create_graph: bool) -> di
                          "all-reduce of partial sums is not differentiable; shard the batch "
                          "across ranks with DistributedDataParallel instead")
     # the adaptive rule decides refinement from the sums: every rank needs them
-    return {"process_group": group, "reduce_to": "all" if rule == "adaptive" else reduce_to}
+    return {"process_group": group,
+            "reduce_to": "all" if rule in ("adaptive", "exact") else reduce_to}
 
 
 def _warn_if_gap_large(gap, delta, tol, rule, user_tol) -> None:

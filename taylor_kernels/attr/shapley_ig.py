@@ -68,7 +68,8 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
                                  rule: str = "gausslegendre", additional_forward_args=None,
                                  max_memory=None, backend: str | None = None,
                                  progress: bool = False,
-                                 chunk_size: int | None = None) -> AttributionResult:
+                                 chunk_size: int | None = None,
+                                 max_regions: int | None = None) -> AttributionResult:
     """SIG: mean IG from ``coalitions`` coalition baselines ``b_S = x on S, reference off S``.
 
     Args:
@@ -76,7 +77,9 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         reference: the "absent" value (None = zeros, a number, or a tensor shaped like one
             input or like the batch); one reference per input.
         coalitions: ``M``, baselines per input; feature_mask: feature groups (players);
-        seed: seeds the coalition draws; steps, rule: the quadrature of each IG.
+        seed: seeds the coalition draws; steps, rule: the quadrature of each IG (or
+            ``"exact"`` for piecewise-linear models, capped at ``max_regions`` regions per
+            path; :mod:`taylor_kernels.attr.exact_ig`).
     Returns:
         :class:`AttributionResult` (``evaluations = B * M * steps``; ``gap`` is each IG's
         quadrature gap averaged over the coalition baselines).
@@ -98,10 +101,15 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         keep = present[:, :, groups]                                   # [B, M, D]
         ref = problem.baselines.expand(problem.B, 1, -1)
         problem.baselines = torch.where(keep, problem.x.unsqueeze(1), ref).contiguous()
-        alphas, weights = quadrature.nodes_and_weights(rule, steps)
         fx, fb = path_engine.endpoint_values(problem)
-        res = path_engine.integrate(problem, alphas, [weights], max_memory=max_memory,
-                                    chunk_size=chunk_size, progress=progress)
-    flat = res.sums[0]
+        kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress)
+        if rule == "exact":
+            from taylor_kernels.attr.exact_ig import exact_integral
+            flat, evaluations, used, regions = exact_integral(problem, fx, fb,
+                                                              max_regions=max_regions, **kw)
+        else:
+            alphas, weights = quadrature.nodes_and_weights(rule, steps)
+            res = path_engine.integrate(problem, alphas, [weights], **kw)
+            flat, evaluations, used, regions = res.sums[0], res.evaluations, None, None
     gap = flat.sum(1) - (fx - fb.mean(1))
-    return AttributionResult(problem.unflatten(flat), gap, res.evaluations)
+    return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)

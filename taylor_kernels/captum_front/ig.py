@@ -9,7 +9,8 @@ memory-budgeted, every backend). Differences a user may notice:
   pass, as in Captum; Captum rounds it to whole steps of all examples (at least one step, so at
   least ``B`` rows), we honour it exactly. Without it Captum runs all ``B * n_steps`` rows in
   one pass, we chunk to a memory budget (``max_memory=``).
-* Extras: ``method="adaptive"`` (with ``tol=``) and ``"trapezoid"``, ``max_memory=``,
+* Extras: ``method="adaptive"`` (with ``tol=``), ``"trapezoid"`` and ``"exact"`` (exact sum
+  over the linear regions of a piecewise-linear model), ``max_memory=``,
   ``backend=``, ``progress=``; ``self.last_result`` holds the last
   :class:`~taylor_kernels.AttributionResult` (evaluations spent, nodes per input).
 * Riemann nodes are exact float64 (Captum rounds them through float32): differences ~1e-7.

@@ -21,7 +21,7 @@ import torch
 
 CAPTUM_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
                 "gausslegendre")
-RULES = CAPTUM_RULES + ("trapezoid", "adaptive")
+RULES = CAPTUM_RULES + ("trapezoid", "adaptive", "exact")
 PATTERSON_SIZES = (1, 3, 7, 15, 31, 63)
 
 
@@ -42,8 +42,9 @@ def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def nodes_and_weights(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes ``t_s`` in [0, 1] and weights ``w_s`` (float64 tensors ``[steps]``) of a fixed rule."""
     check_rule(rule)
-    if rule == "adaptive":
-        raise ValueError("'adaptive' has no fixed nodes; use patterson_levels()")
+    if rule in ("adaptive", "exact"):
+        raise ValueError(f"{rule!r} has no fixed nodes (adaptive: patterson_levels(); exact: "
+                         "engine.exact_path.plan())")
     minimum = 1 if rule == "gausslegendre" else 2
     if int(steps) != steps or steps < minimum:
         raise ValueError(f"rule {rule!r} needs an integer steps >= {minimum}, got {steps}")

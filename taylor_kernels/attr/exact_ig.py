@@ -1,0 +1,93 @@
+"""The ``exact`` rule: path integrals of piecewise-linear networks as finite sums over regions.
+
+``int_0^1 grad f(b + t (x - b)) dt = sum_r (t_{r+1} - t_r) grad f(midpoint_r)`` when ``f`` is
+piecewise-linear (:mod:`taylor_kernels.engine.exact_path` finds the ``t_r``). The midpoints of
+all paths go through the path engine as per-path nodes with region-length weights (inputs
+grouped by region count so that zero-weight padding stays small), so the memory budget,
+chunking, progress bar and distribution apply. A model the exact engine cannot handle, and
+inputs whose paths cross more than ``max_regions`` regions, fall back to the adaptive rule
+with a ``RuntimeWarning``. Used by IG, expected gradients and Shapley IG (straight paths all).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from taylor_kernels.attr.integrated_gradients import DEFAULT_ADAPTIVE_TOL, _adaptive
+from taylor_kernels.engine import exact_path, path_engine
+from taylor_kernels.engine.exact_rules import NotPiecewiseLinear
+from taylor_kernels.engine.problem import PathProblem
+
+PADDING_RATIO = 1.25  # inputs integrated together need at most this many times the fewest nodes
+PADDING_SLACK = 8     # ... or at most this many more (small plans: fewer engine calls)
+
+
+def groups_by_size(sizes: torch.Tensor, ratio: float = PADDING_RATIO,
+                   slack: int = PADDING_SLACK) -> list[torch.Tensor]:
+    """Indices of ``sizes [B]`` in groups whose largest size is at most
+    ``max(ratio * smallest, smallest + slack)`` (sorted ascending; each group pads to its
+    largest)."""
+    order = torch.argsort(sizes.cpu(), stable=True)
+    groups, start = [], 0
+    for i in range(1, order.numel() + 1):
+        low = int(sizes[order[start]]) if i < order.numel() else 0
+        if i == order.numel() or sizes[order[i]] > max(ratio * low, low + slack):
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"rule='exact': {message}", RuntimeWarning, stacklevel=4)
+
+
+def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
+                   max_regions: int | None = None, tol: float | None = None, **engine_kw):
+    """Exact ``sum_k (x - b_k) / K * int grad f`` per input, with the adaptive fallback.
+
+    Args: ``problem``; ``fx [B]``, ``fb [B, K]`` endpoint outputs; ``max_regions`` cap per path
+    (default :data:`~taylor_kernels.engine.exact_path.DEFAULT_MAX_REGIONS`); ``tol`` the
+    fallback's tolerance; ``engine_kw`` for :func:`path_engine.integrate`.
+    Returns: ``(sums [B, D], evaluations, nodes_per_input [B], regions [B, K] or None)``;
+    ``regions`` is ``-1`` for paths over the cap, None when the whole call fell back.
+    """
+    if engine_kw.get("create_graph"):
+        raise ValueError("rule='exact' does not support create_graph=True: its breakpoints "
+                         "move with the weights; use a fixed rule to train through attributions")
+    cap = exact_path.DEFAULT_MAX_REGIONS if max_regions is None else max_regions
+    tol = tol or DEFAULT_ADAPTIVE_TOL
+    try:
+        with torch.no_grad():
+            plan = exact_path.plan(problem, fx, fb, max_regions=cap,
+                                   max_memory=engine_kw.get("max_memory"))
+    except NotPiecewiseLinear as exc:
+        _warn(f"{exc.reason}; falling back to rule='adaptive' (tol={tol:g})")
+        flat, evaluations, used = _adaptive(problem, tol, fx, fb, **engine_kw)
+        return flat, evaluations, used, None
+    ok = (plan.regions >= 0).all(dim=1)
+    flat, evaluations, cost = None, 0, None
+    used = torch.zeros(problem.B, dtype=torch.long)
+    sizes = plan.regions.clamp_min(1).max(dim=1).values
+    bl = problem.baselines
+    for rows in groups_by_size(sizes[ok]):
+        rows = ok.nonzero().squeeze(1)[rows.to(ok.device)]
+        S = int(sizes[rows].max())
+        res = path_engine.integrate(problem, plan.alphas[rows, :, :S],
+                                    [plan.weights[rows, :, :S]], x=problem.x[rows],
+                                    baselines=bl[rows] if bl.shape[0] > 1 else bl, rows=rows,
+                                    point_cost=cost, **engine_kw)
+        cost = res.point_cost
+        if flat is None:
+            flat = res.sums[0].new_zeros(res.sums[0].shape[:-2] + problem.x.shape)
+        flat[..., rows, :] = res.sums[0]
+        evaluations += res.evaluations
+        used[rows.cpu()] = S * problem.K
+    if not ok.all():
+        _warn(f"{int((~ok).sum())} input(s) cross more than max_regions={cap} linear regions; "
+              f"using rule='adaptive' (tol={tol:g}) for them")
+        part, n, nodes = _adaptive(problem, tol, fx, fb, only=~ok, **engine_kw)
+        flat = part if flat is None else flat + part
+        evaluations += n
+        used[~ok.cpu()] = nodes[~ok.cpu()]
+    return flat, evaluations, used, plan.regions

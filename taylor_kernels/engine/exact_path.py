@@ -1,0 +1,335 @@
+"""Exact path engine: the linear regions a straight path crosses in a piecewise-linear network.
+
+For ``p(t) = b + t (x - b)`` the gradient of a network built from affine maps, ReLU-like units
+and max pooling is constant between breakpoints, so
+``IG = (x - b) * sum_r (t_{r+1} - t_r) grad f((t_r + t_{r+1}) / 2)`` exactly. :func:`plan`
+finds the breakpoints and returns that sum as a path plan (per-path nodes = region midpoints,
+weights = region lengths, ``[B, K, S]`` padded with zero weights) for the path engine.
+
+Breakpoint search (float64, whatever the model's dtype): the model is traced with ``torch.fx``
+and a (value, slope) :class:`~.exact_rules.Pair` is pushed through the graph by the rules of
+:mod:`.exact_rules`; one forward gives each row's next breakpoint. Tensors that are affine on
+the whole path (the input and the affine layers before the first kink) are computed once per
+path and then read as ``v(0) + t s``; their kinks (first-layer ReLUs) are all known after that
+first pass and split every path into segments that are searched side by side, so the number
+of sequential forwards is the largest number of deeper kinks inside one segment, not the
+number of regions. A first pass at ``t = 0`` and ``t = 1`` checks that the traced graph
+reproduces the model's outputs (a model with hooks or value-dependent Python is refused).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx._symbolic_trace import PH
+from torch.utils import _pytree as pytree
+
+from taylor_kernels.engine import exact_rules as rules
+from taylor_kernels.engine import memory
+from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
+from taylor_kernels.engine.jet import _Tracer
+from taylor_kernels.engine.problem import PathProblem, select_target
+
+DEFAULT_MAX_REGIONS = 10_000
+
+
+class _Root(nn.Module):
+    """``forward(*args) -> f(*args)``: a root to trace any callable with a fixed arity."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, *args):
+        return self.f(*args)
+
+
+def trace(model, n_args: int) -> fx.GraphModule:
+    """``model`` traced by ``torch.fx`` with ``n_args`` positional inputs (the model itself is
+    not modified); raises :class:`NotPiecewiseLinear` when it cannot be traced."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: no exact rule
+        raise NotPiecewiseLinear(f"torch.fx cannot trace the model ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]})") from exc
+    return fx.GraphModule(tracer.root, graph)
+
+
+def _name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+class _PairInterpreter(fx.Interpreter):
+    """Runs the graph on pairs. ``cache``: globally affine nodes read as ``v0[path] + t s``
+    (rows given by ``rows = (path, t0)``); ``skip``: affine nodes only those need."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._f64: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kinks: Kinks | None = None
+        self.cache: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.skip: set[fx.Node] = set()
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.record: dict[fx.Node, list[Pair]] | None = None
+        self.pair_bytes = 0
+
+    def const(self, t):
+        """Float tensors as float64 (cached per tensor for the call)."""
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        hit = self._f64.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = (t, t.detach().to(torch.float64))
+            self._f64[id(t)] = hit
+        return hit[1]
+
+    def run_node(self, n):
+        if n in self.skip:
+            return None
+        if n in self.cache:
+            v0, s = self.cache[n]
+            path, t0 = self.rows
+            s = s[path]
+            return Pair(v0[path] + t0.view((-1,) + (1,) * (s.dim() - 1)) * s, s, True)
+        out = super().run_node(n)
+        if isinstance(out, Pair):
+            self.pair_bytes += 2 * out.v.numel() * out.v.element_size()
+            if self.record is not None and out.affine:
+                self.record.setdefault(n, []).append(out)
+        return out
+
+    def get_attr(self, target, args, kwargs):
+        return self.const(super().get_attr(target, args, kwargs))
+
+    def call_function(self, target, args, kwargs):
+        if not rules.has_pair((args, kwargs)):
+            return super().call_function(target, args, kwargs)
+        if target is getattr:
+            return getattr(args[0].v, args[1])
+        rule = rules.FUNCTIONS.get(target)
+        if rule is None:
+            raise NotPiecewiseLinear(f"function {_name(target)!r} is not piecewise-linear "
+                                     "(or has no exact rule)")
+        return rule(self, *args, **kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if not rules.has_pair((args, kwargs)):
+            return super().call_method(target, args, kwargs)
+        rule = rules.METHODS.get(target) if isinstance(args[0], Pair) else None
+        if target in rules.SHAPE_METHODS and isinstance(args[0], Pair):
+            return getattr(args[0].v, target)(*args[1:], **kwargs)
+        if rule is None:
+            raise NotPiecewiseLinear(f"method .{target}() is not piecewise-linear (or has no "
+                                     "exact rule)")
+        return rule(self, *args, **kwargs)
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if not rules.has_pair((args, kwargs)):
+            return mod(*args, **kwargs)
+        rule = (rules.module_rule(mod, self.const)
+                if len(args) == 1 and not kwargs and isinstance(args[0], Pair) else None)
+        if rule is None:
+            raise NotPiecewiseLinear(f"module {type(mod).__name__} is not piecewise-linear "
+                                     "(or has no exact rule)")
+        return rule(self, args[0])
+
+
+@dataclass
+class ExactPlan:
+    """Region midpoints ``alphas [B, K, S]`` and lengths ``weights [B, K, S]`` (zero-padded),
+    ``regions [B, K]`` crossed per path (``-1`` where more than ``max_regions``), and the
+    search cost: ``search_rows`` (value-slope rows pushed through the model), ``passes``
+    (sequential forwards)."""
+
+    alphas: torch.Tensor
+    weights: torch.Tensor
+    regions: torch.Tensor
+    search_rows: int
+    passes: int
+
+
+class _Search:
+    """The (value, slope) forward of rows ``(path, t0)``, chunked to a memory budget."""
+
+    def __init__(self, problem: PathProblem, gm: fx.GraphModule, budget: int):
+        self.problem, self.budget = problem, budget
+        self.interp = _PairInterpreter(gm)
+        self.x = problem.x.double()
+        self.bl = problem.baselines.double()
+        self.chunk: int | None = None
+        self.rows_run = 0
+        self.passes = 0
+
+    def _inputs(self, path: torch.Tensor, t0: torch.Tensor) -> list:
+        K = self.problem.K
+        inp = path // K
+        b = self.bl[inp if self.bl.shape[0] > 1 else torch.zeros_like(inp), path % K]
+        d = self.x[inp] - b
+        vs = self.problem.split(b + t0[:, None] * d)
+        ss = self.problem.split(d)
+        args = [self.interp.const(a) for a in self.problem._rows_args(inp)]
+        return [Pair(v, s, True) for v, s in zip(vs, ss)] + args
+
+    def _one(self, path, t0, splits: bool, outputs: bool):
+        self.interp.kinks = Kinks(path.shape[0], path.device, splits)
+        self.interp.rows = (path, t0)
+        out = self.interp.run(*self._inputs(path, t0))
+        if outputs:
+            v = pytree.tree_map(lambda a: a.v if isinstance(a, Pair) else a, out)
+            out = select_target(v, self.problem.target, path // self.problem.K)
+        return self.interp.kinks, out
+
+    def run(self, path: torch.Tensor, t0: torch.Tensor, splits: bool = False,
+            outputs: bool = False):
+        """Next-breakpoint distances ``dt [N]`` of the rows, with the global kinks
+        ``[(rows, t)]`` when ``splits`` and the selected outputs when ``outputs``."""
+        dts, found, outs = [], [], []
+        for i in range(0, path.shape[0], self.chunk):
+            kinks, out = self._one(path[i:i + self.chunk], t0[i:i + self.chunk], splits,
+                                   outputs)
+            dts.append(kinks.dt)
+            outs.append(out)
+            if splits:
+                found += [(r + i, t) for r, t in kinks.splits]
+        self.rows_run += path.shape[0]
+        self.passes += 1
+        dt = torch.cat(dts) if dts else t0.new_zeros(0)
+        return dt, found, (torch.cat(outs) if outputs and outs else None)
+
+    def build_cache(self, P: int, device) -> list:
+        """Pass 0: every path at ``t = 0``. Sizes the chunks from one row's pair bytes, finds
+        the global kinks (returned as ``[(paths, t)]``) and keeps, as ``(v0, s) [P, ...]``, the
+        globally affine nodes that some other node reads; the rest of the affine prefix is
+        skipped from then on."""
+        path = torch.arange(P, device=device)
+        t0 = torch.zeros(P, dtype=torch.float64, device=device)
+        self.interp.pair_bytes = 0
+        self._one(path[:1], t0[:1], False, False)
+        self.chunk = memory.chunk_size_for(self.budget, 2.0 * self.interp.pair_bytes, P)
+        rec = self.interp.record = {}
+        _, found, _ = self.run(path, t0, splits=True)
+        self.interp.record = None
+        affine = set(rec)
+        keep = {n for n in affine if n.op != "placeholder" and any(
+            u not in affine for u in n.users)}
+        self.interp.skip = {n for n in affine if n.op != "placeholder" and n not in keep}
+        self.interp.cache = {n: (torch.cat([p.v for p in rec[n]]),
+                                 torch.cat([p.s for p in rec[n]])) for n in keep}
+        return found
+
+
+def _sorted(path: torch.Tensor, t: torch.Tensor):
+    """Sort ``(path, t)`` pairs by path, then t."""
+    order = torch.sort(t, stable=True).indices
+    path, t = path[order], t[order]
+    order = torch.sort(path, stable=True).indices
+    return path[order], t[order]
+
+
+def _segments(P: int, split_path, split_t, device):
+    """Segments ``(path, start, end)`` between consecutive split points (0 and 1 added)."""
+    ar = torch.arange(P, device=device)
+    path = torch.cat([ar, split_path, ar])
+    t = torch.cat([torch.zeros(P, dtype=torch.float64, device=device), split_t,
+                   torch.ones(P, dtype=torch.float64, device=device)])
+    path, t = _sorted(path, t)
+    same = (path[:-1] == path[1:]) & (t[1:] - t[:-1] > ETA)
+    return path[:-1][same], t[:-1][same], t[1:][same]
+
+
+def _check_trace(search: _Search, P: int, fx_, fb, device) -> None:
+    """The traced graph must give the model's outputs at both ends of every path."""
+    K = search.problem.K
+    path = torch.arange(P, device=device)
+    ends = []
+    for t in (0.0, 1.0):
+        _, _, out = search.run(path, torch.full((P,), t, dtype=torch.float64, device=device),
+                               outputs=True)
+        ends.append(out)
+    want = [fb.reshape(P, *fb.shape[2:]), fx_.repeat_interleave(K, dim=0)]
+    dtypes = [search.problem.x.dtype] + [p.dtype for p in search.interp.module.parameters()
+                                         if p.is_floating_point()]
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    for got, ref in zip(ends, want):
+        ref = ref.to(got.dtype).reshape(got.shape)
+        scale = ref.abs().max().clamp_min(1e-30)
+        if ((got - ref).abs() > eps ** 0.5 * scale).any():
+            raise NotPiecewiseLinear("the traced graph does not reproduce the model's outputs "
+                                     "(forward hooks, or Python that depends on values?)")
+
+
+def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
+         max_regions: int = DEFAULT_MAX_REGIONS, max_memory=None) -> ExactPlan:
+    """Breakpoints of every path ``b_k -> x_b`` and its exact path plan.
+
+    Args: ``problem`` (model, ``x [B, D]``, baselines ``[Bb, K, D]``); ``fx_ [B]`` and
+    ``fb [B, K]`` the model's outputs at the inputs and baselines (checked against the traced
+    graph); ``max_regions``: paths crossing more regions are marked ``-1`` and get no nodes;
+    ``max_memory``: budget for one chunk of search rows (as the path engine's).
+    Returns: :class:`ExactPlan`. Raises :class:`NotPiecewiseLinear` for unsupported models.
+    """
+    if int(max_regions) != max_regions or max_regions < 1:
+        raise ValueError(f"max_regions must be a positive integer, got {max_regions}")
+    device = problem.x.device
+    gm = trace(problem.model, len(problem.inputs) + len(problem.forward_args))
+    B, K = problem.B, problem.K
+    P = B * K
+    search = _Search(problem, gm, memory.parse_budget(max_memory, device))
+    found = search.build_cache(P, device)
+    _check_trace(search, P, fx_, fb, device)
+    sp = torch.cat([r for r, _ in found]) if found else torch.zeros(0, dtype=torch.long,
+                                                                    device=device)
+    st = torch.cat([t for _, t in found]) if found else torch.zeros(0, dtype=torch.float64,
+                                                                    device=device)
+    counts = torch.bincount(sp, minlength=P)
+    over = counts + 1 > max_regions
+    path, t0, end = _segments(P, sp, st, device)
+    keep = ~over[path]
+    path, t0, end = path[keep], t0[keep], end[keep]
+    new_p, new_t = [sp], [st]
+    while path.numel():
+        dt, _, _ = search.run(path, t0)
+        tn = t0 + dt
+        more = tn < end - ETA
+        new_p.append(path[more])
+        new_t.append(tn[more])
+        counts += torch.bincount(path[more], minlength=P)
+        over |= counts + 1 > max_regions
+        more &= ~over[path]
+        path, t0, end = path[more], tn[more], end[more]
+    bp_p, bp_t = torch.cat(new_p), torch.cat(new_t)
+    inside = ~over[bp_p]
+    return _region_plan(P, bp_p[inside], bp_t[inside], over, (B, K),
+                        search.rows_run, search.passes)
+
+
+def _region_plan(P, bp_path, bp_t, over, shape, rows_run, passes) -> ExactPlan:
+    """Breakpoints -> midpoints and lengths per path, padded to the longest path."""
+    device = bp_t.device
+    ar = torch.arange(P, device=device)
+    path = torch.cat([ar, bp_path, ar])
+    t = torch.cat([torch.zeros(P, dtype=torch.float64, device=device), bp_t.clamp(0, 1),
+                   torch.ones(P, dtype=torch.float64, device=device)])
+    path, t = _sorted(path, t)
+    new = path[1:] != path[:-1]
+    true = torch.ones(1, dtype=torch.bool, device=device)
+    gap = torch.cat([torch.full((1,), torch.inf, dtype=t.dtype, device=device), t[1:] - t[:-1]])
+    keep = torch.cat([true, new]) | torch.cat([new, true]) | (gap > ETA)  # first, last, apart
+    path, t = path[keep], t[keep]
+    n = torch.bincount(path, minlength=P)
+    starts = torch.cumsum(n, 0) - n
+    pos = torch.arange(path.numel(), device=device) - starts[path]
+    S = int(n.max()) - 1
+    grid = torch.ones(P, S + 1, dtype=torch.float64, device=device)
+    grid[path, pos] = t
+    regions = torch.where(over, -1, n - 1)
+    grid[over] = 1.0  # no nodes for paths that went over the cap
+    alphas = 0.5 * (grid[:, 1:] + grid[:, :-1])
+    weights = grid[:, 1:] - grid[:, :-1]
+    B, K = shape
+    return ExactPlan(alphas.reshape(B, K, S), weights.reshape(B, K, S), regions.reshape(B, K),
+                     rows_run, passes)

@@ -1,0 +1,265 @@
+"""rule="exact": IG of piecewise-linear networks as a finite sum over the regions a path
+crosses. Checked against fine float64 Riemann sums, completeness, hand-built breakpoints,
+random networks (hypothesis), the fallbacks, and the EG / SIG / Captum entry points."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import taylor_kernels as tk
+from taylor_kernels.attr.exact_ig import groups_by_size
+from taylor_kernels.engine import exact_path
+from taylor_kernels.engine.exact_rules import windows
+
+
+def relu_mlp(d_in=6, hidden=12, d_out=3, act=nn.ReLU, depth=2, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    mods, w = [], d_in
+    for _ in range(depth):
+        mods += [nn.Linear(w, hidden), act()]
+        w = hidden
+    return nn.Sequential(*mods, nn.Linear(w, d_out)).to(dtype).eval()
+
+
+class PoolCNN(nn.Module):
+    """conv -> BN(eval) -> PReLU -> maxpool(3, s2, p1) -> conv -> ReLU + residual
+    hardtanh(channel mean) -> leaky ReLU -> avgpool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.act = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.PReLU(3)
+        self.c2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(self.act(self.bn(self.c1(x))), 3, stride=2, padding=1)
+        h = torch.relu(self.c2(h)) + nn.functional.hardtanh(h.mean(1, keepdim=True))
+        h = nn.functional.avg_pool2d(nn.functional.leaky_relu(h), 2)
+        return self.fc(torch.flatten(h, 1))
+
+
+def pool_cnn(dtype=torch.float64):
+    torch.manual_seed(1)
+    m = PoolCNN()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.to(dtype).eval()
+
+
+def riemann_ig(model, x, baseline, target, n=100_000, chunk=25_000):
+    """Midpoint Riemann IG with ``n`` steps in float64 (error O(regions / n))."""
+    ts = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    out = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        d = x[i] - baseline[i]
+        for j in range(0, n, chunk):
+            t = ts[j:j + chunk].view((-1,) + (1,) * d.dim())
+            p = (baseline[i] + t * d).requires_grad_(True)
+            (g,) = torch.autograd.grad(model(p)[:, target].sum(), p)
+            out[i] += d * g.sum(0) / n
+    return out
+
+
+def rel_gap(res, model, x, baseline, target):
+    with torch.no_grad():
+        delta = model(x)[:, target] - model(baseline)[:, target]
+    return (res.gap.abs() / delta.abs()).max().item()
+
+
+def test_mlp_matches_riemann_and_is_complete():
+    model, x = relu_mlp(), torch.randn(3, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tk.integrated_gradients(model, x, target=1, rule="exact")
+    ref = riemann_ig(model, x, torch.zeros_like(x), 1)
+    assert (res.attributions - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert rel_gap(res, model, x, torch.zeros_like(x), 1) <= 1e-10
+    assert res.regions.shape == (3, 1) and (res.regions > 1).all()
+    assert res.evaluations >= int(res.regions.sum())
+
+
+def test_cnn_with_pooling_matches_riemann():
+    model, x = pool_cnn(), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    b = 0.3 * torch.randn_like(x)
+    res = tk.integrated_gradients(model, x, b, target=2, rule="exact")
+    ref = riemann_ig(model, x, b, 2)
+    assert (res.attributions - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert rel_gap(res, model, x, b, 2) <= 1e-10
+
+
+def test_float32_completeness():
+    model, x = pool_cnn(torch.float32), torch.randn(4, 1, 4, 4)
+    res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    assert res.attributions.dtype == torch.float32
+    assert rel_gap(res, model, x, torch.zeros_like(x), 0) <= 1e-5
+
+
+class Kinked(nn.Module):
+    """f(x) = relu(x0 - 0.3) + relu(0.7 - x0) + max(2 x1 - 0.5, x2) + hardtanh(4 x3 - 1)."""
+
+    def forward(self, x):
+        a = torch.relu(x[:, :1] - 0.3) + torch.relu(0.7 - x[:, :1])
+        m = nn.functional.max_pool1d(torch.stack([2 * x[:, 1] - 0.5, x[:, 2]], 1)[:, None], 2)
+        return a[:, 0] + m[:, 0, 0] + nn.functional.hardtanh(4 * x[:, 3] - 1)
+
+
+def test_hand_built_breakpoints():
+    """Kinks at t = 0.3, 0.7 (relus), 0.5 (max switches; hardtanh leaves [-1, 1]; it sits on
+    its lower kink at t = 0, which is no breakpoint): 4 regions; IG by hand below."""
+    x = torch.ones(1, 4, dtype=torch.float64)
+    plan_res = tk.integrated_gradients(Kinked(), x, rule="exact")
+    assert plan_res.regions.item() == 4
+    # x0: slope -1 on [0, .3], 0 on [.3, .7], +1 on [.7, 1] -> -0.3 + 0.3 = 0
+    # x1, x2: max is x2 (slope 1) on [0, .5], 2 x1 - .5 (slope 2) after -> 1.0 and 0.5
+    # x3: hardtanh(4t - 1) has slope 4 on [0, .5] -> 2.0
+    want = torch.tensor([[0.0, 1.0, 0.5, 2.0]], dtype=torch.float64)
+    assert torch.allclose(plan_res.attributions, want, atol=1e-14)
+
+
+def test_kink_on_the_baseline_and_ties():
+    """Duplicated units cross together; a unit sitting on its kink at t = 0 takes the piece it
+    enters (decided by the slope)."""
+    lin = nn.Linear(2, 3).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        lin.bias.copy_(torch.tensor([-0.5, -0.5, 0.0]))
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(3, 1).double())
+    x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    res = tk.integrated_gradients(model, x, rule="exact")
+    assert res.regions.item() == 2
+    w = model[2].weight[0].detach()
+    want = torch.stack([0.5 * (w[0] + w[1]), w[2]]).view(1, 2)
+    assert torch.allclose(res.attributions, want, atol=1e-14)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), width=st.integers(3, 16), depth=st.integers(1, 3),
+       act=st.sampled_from([nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6]))
+def test_random_networks_property(seed, width, depth, act):
+    model = relu_mlp(d_in=5, hidden=width, depth=depth, act=act, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(2, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    res = tk.integrated_gradients(model, x, b, target=0, rule="exact")
+    with torch.no_grad():
+        delta = model(x)[:, 0] - model(b)[:, 0]
+    assert (res.gap.abs() <= 1e-10 * delta.abs().clamp_min(1e-3)).all()
+    ref = riemann_ig(model, x, b, 0, n=20_000)
+    assert (res.attributions - ref).abs().max() <= 2e-3 * ref.abs().max().clamp_min(1e-6)
+
+
+def test_tuple_inputs_forward_args_and_several_baselines():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(4, 8)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, u, v, scale):
+            h = torch.cat([torch.relu(self.a(u)), nn.functional.relu(self.b(v)) * scale], 1)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Two().double()
+    u, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    bu, bv = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    scale = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    res = tk.integrated_gradients(model, (u, v), (bu, bv), target=1,
+                                  additional_forward_args=(scale,), rule="exact")
+    assert res.regions.shape == (2, 3)
+    gl = tk.integrated_gradients(model, (u, v), (bu, bv), target=1,
+                                 additional_forward_args=(scale,), steps=20_000,
+                                 rule="riemann_middle")
+    for a, r in zip(res.attributions, gl.attributions):
+        assert (a - r).abs().max() <= 1e-4 * r.abs().max()
+    assert res.gap.abs().max() <= 1e-12
+
+
+def test_unsupported_model_falls_back_with_warning():
+    model, x = relu_mlp(act=nn.Tanh), torch.randn(2, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="Tanh.*falling back to rule='adaptive'"):
+        res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    ada = tk.integrated_gradients(model, x, target=0, rule="adaptive")
+    assert res.regions is None
+    assert torch.equal(res.attributions, ada.attributions)
+
+
+def test_hooked_model_is_refused():
+    """A forward hook is invisible to torch.fx: the end-point check catches it."""
+    model, x = relu_mlp(), torch.randn(2, 6, dtype=torch.float64)
+    handle = model[0].register_forward_hook(lambda m, i, o: 2 * o)
+    try:
+        with pytest.warns(RuntimeWarning, match="does not reproduce"):
+            res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    finally:
+        handle.remove()
+    assert res.regions is None
+
+
+def test_max_regions_fallback_per_input():
+    model = relu_mlp(hidden=16)
+    x = torch.cat([1e-3 * torch.ones(1, 6), 3 * torch.randn(2, 6)]).double()
+    full = tk.integrated_gradients(model, x, target=0, rule="exact")
+    cap = int(full.regions[0, 0])
+    assert cap < int(full.regions.max())
+    with pytest.warns(RuntimeWarning, match="more than max_regions"):
+        res = tk.integrated_gradients(model, x, target=0, rule="exact", max_regions=cap)
+    over = full.regions[:, 0] > cap
+    assert (res.regions[over] == -1).all() and (res.regions[~over] == full.regions[~over]).all()
+    assert torch.allclose(res.attributions[~over], full.attributions[~over], atol=1e-14)
+    with warnings.catch_warnings():  # adaptive misses its tolerance on ReLU kinks
+        warnings.simplefilter("ignore")
+        ada = tk.integrated_gradients(model, x[over], target=0, rule="adaptive")
+    assert torch.allclose(res.attributions[over], ada.attributions, atol=1e-12)
+
+
+def test_padding_groups_and_windows():
+    groups = groups_by_size(torch.tensor([10, 3, 13, 100, 4, 11, 40]), slack=8)
+    assert [sorted(g.tolist()) for g in groups] == [[0, 1, 4, 5], [2], [6], [3]]
+    t = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for kw in (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+               dict(kernel_size=2, stride=3, dilation=2, ceil_mode=False)):
+        k = (kw["kernel_size"],) * 2
+        w = windows(t, k, (kw["stride"],) * 2, (kw.get("padding", 0),) * 2,
+                    (kw.get("dilation", 1),) * 2, kw["ceil_mode"], -torch.inf)
+        assert torch.equal(w.max(-1).values, nn.functional.max_pool2d(t, **kw))
+
+
+def test_eg_sig_and_captum_front():
+    model, x = relu_mlp(), torch.randn(2, 6, dtype=torch.float64)
+    bg = torch.randn(5, 6, dtype=torch.float64)
+    eg = tk.expected_gradients(model, x, bg, target=0, samples=4, seed=0, rule="exact")
+    assert eg.regions.shape == (2, 4) and eg.gap.abs().max() <= 1e-12
+    sig = tk.shapley_integrated_gradients(model, x, target=0, coalitions=4, seed=0,
+                                          rule="exact")
+    assert sig.regions.shape == (2, 4) and sig.gap.abs().max() <= 1e-12
+    from taylor_kernels.captum import IntegratedGradients
+    attr, delta = IntegratedGradients(model).attribute(x, target=0, method="exact",
+                                                       return_convergence_delta=True)
+    ours = tk.integrated_gradients(model, x, target=0, rule="exact")
+    assert torch.equal(attr, ours.attributions) and delta.abs().max() <= 1e-12
+    unscaled = IntegratedGradients(model, multiply_by_inputs=False).attribute(
+        x, target=0, method="exact")
+    assert torch.allclose(unscaled * x, attr, atol=1e-12)
+
+
+def test_create_graph_is_refused():
+    with pytest.raises(ValueError, match="create_graph"):
+        tk.integrated_gradients(relu_mlp(), torch.randn(1, 6, dtype=torch.float64), target=0,
+                                rule="exact", create_graph=True)
+
+
+def test_search_is_batched_over_segments():
+    """First-layer kinks split the paths: far fewer sequential passes than regions."""
+    from taylor_kernels.engine.path_engine import endpoint_values
+    from taylor_kernels.engine.problem import make_problem
+    model, x = relu_mlp(hidden=32), 3 * torch.randn(2, 6, dtype=torch.float64)
+    problem = make_problem(model, x, None, 0)
+    plan = exact_path.plan(problem, *endpoint_values(problem))
+    assert plan.passes < int(plan.regions.max()) / 2
+    assert torch.allclose(plan.weights.sum(-1), torch.ones(2, 1, dtype=torch.float64))
