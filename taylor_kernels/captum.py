@@ -19,3 +19,5 @@ from taylor_kernels.captum_front import (GradientShap, IntegratedGradients,
                                          LayerIntegratedGradients, NoiseTunnel)
 
 __all__ = ["GradientShap", "IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel"]
+from taylor_kernels.captum_front.llm import (LLMAttributionResult,  # noqa: E402,F401
+                                             LLMGradientAttribution, TextTokenInput)

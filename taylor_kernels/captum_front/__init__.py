@@ -3,3 +3,5 @@ from taylor_kernels.captum_front.ig import IntegratedGradients, LayerIntegratedG
 from taylor_kernels.captum_front.sampling import GradientShap, NoiseTunnel
 
 __all__ = ["GradientShap", "IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel"]
+from taylor_kernels.captum_front.llm import (LLMAttributionResult,  # noqa: E402,F401
+                                             LLMGradientAttribution, TextTokenInput)

@@ -98,3 +98,43 @@ def test_errors(models, tok):
         generation_attribution(model, prompt, target, baselines=torch.zeros(prompt.shape[1]))
     with pytest.raises(ValueError, match="empty"):
         generation_attribution(model, prompt, target[:0])
+
+
+@pytest.mark.parametrize("ours_input", [True, False], ids=["tk_input", "captum_input"])
+def test_captum_front_switches_by_one_import(models, tok, ours_input):
+    import captum.attr as ca
+
+    import taylor_kernels.captum as tkc
+
+    model = models["gpt2"]
+    results = []
+    for mod in (ca, tkc):
+        make_input = (tkc if ours_input and mod is tkc else ca).TextTokenInput
+        inp = make_input(PROMPT, tok, baselines="<unk>", skip_tokens=[2])
+        llm = mod.LLMGradientAttribution(
+            mod.LayerIntegratedGradients(model, model.get_input_embeddings()), tok)
+        results.append(llm.attribute(inp, target=TARGET, n_steps=8))
+    ref, res = results
+    assert res.input_tokens == ref.input_tokens and res.output_tokens == ref.output_tokens
+    torch.testing.assert_close(res.token_attr, ref.token_attr, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res.seq_attr, ref.seq_attr, rtol=0, atol=1e-5)
+    assert res.seq_attr_dict.keys() == ref.seq_attr_dict.keys()
+    fig, _ = res.plot_token_attr()
+    assert fig is not None
+
+
+def test_captum_front_generates_and_checks_arguments(models, tok):
+    from captum.attr import LayerIntegratedGradients as CaptumLIG
+
+    import taylor_kernels.captum as tkc
+
+    model = models["gpt2"]
+    inp = tkc.TextTokenInput(PROMPT, tok)
+    llm = tkc.LLMGradientAttribution(CaptumLIG(model, model.get_input_embeddings()), tok)
+    res = llm.attribute(inp, gen_args={"max_new_tokens": 2, "do_sample": False},
+                        n_steps=4, internal_batch_size=2)
+    assert res.token_attr.shape == (2, inp.n_itp_features) and len(res.output_tokens) == 2
+    with pytest.raises(TypeError, match="unsupported"):
+        llm.attribute(inp, target=TARGET, baselines=0)
+    with pytest.raises(NotImplementedError, match="LayerIntegratedGradients"):
+        tkc.LLMGradientAttribution(tkc.IntegratedGradients(model), tok)

@@ -1,0 +1,221 @@
+"""Captum-compatible ``LLMGradientAttribution``, ``TextTokenInput`` and ``LLMAttributionResult``.
+
+```python
+# from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+from taylor_kernels.captum import (LayerIntegratedGradients, LLMGradientAttribution,
+                                   TextTokenInput)
+lig = LayerIntegratedGradients(model, model.get_input_embeddings())
+llm = LLMGradientAttribution(lig, tokenizer)
+res = llm.attribute(TextTokenInput(prompt, tokenizer, skip_tokens=[1]), target="...")
+res.token_attr   # [T, n_prompt_features]; res.seq_attr [n_prompt_features]
+```
+
+Captum runs one layer-IG call per target token. Here the whole continuation is attributed in
+one pass (:func:`taylor_kernels.generation_attribution`: one forward of prompt + target per
+path point, all ``T`` gradients from one batched backward); the numbers are Captum's (the
+prompt embeddings interpolate from the baseline token's embedding, the continuation's stay
+fixed, attributions summed over the embedding). ``attribute`` takes Captum's ``n_steps``,
+``method`` and ``internal_batch_size`` (path points per chunk) and ours: ``max_memory``,
+``tol`` (with ``method="adaptive"``), ``backend``, ``progress``. ``attr_method`` may be our
+``LayerIntegratedGradients`` or Captum's (its ``forward_func`` must be the model and its layer
+the input embeddings, as Captum requires). Output tokens are each id's ``tokenizer.decode``.
+Captum itself is not needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from taylor_kernels.attr.generation import generation_attribution
+
+DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
+                    "top_p": None}
+_OPTIONS = ("n_steps", "method", "internal_batch_size", "max_memory", "tol", "backend",
+            "progress")
+
+
+class TextTokenInput:
+    """A prompt whose interpretable features are its tokens (Captum's ``TextTokenInput``).
+
+    ``baselines``: the baseline token (an id, or a token string); ``skip_tokens``: ids or token
+    strings left out of the features (they keep their embedding). ``to_tensor()`` is ones
+    ``[1, n_itp_features]``; ``to_model_input(t)`` puts the baseline id where ``t != 1``.
+    """
+
+    def __init__(self, text: str, tokenizer, baselines: int | str = 0, skip_tokens=None):
+        self.inp_tensor = tokenizer.encode(text, return_tensors="pt")
+        self.itp_tensor, self.itp_mask = self.inp_tensor, None
+        if skip_tokens:
+            if isinstance(skip_tokens[0], str):
+                skip_tokens = tokenizer.convert_tokens_to_ids(list(skip_tokens))
+            self.itp_mask = ~torch.isin(self.inp_tensor, torch.tensor(list(skip_tokens)))
+            self.itp_tensor = self.inp_tensor[self.itp_mask][None]
+        self.skip_tokens = skip_tokens
+        self.tokenizer = tokenizer
+        self.values = tokenizer.convert_ids_to_tokens(self.itp_tensor[0].tolist())
+        self.n_itp_features = len(self.values)
+        self.baselines = baselines if isinstance(baselines, int) else \
+            tokenizer.convert_tokens_to_ids([baselines])[0]
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.ones_like(self.itp_tensor)
+
+    def to_model_input(self, perturbed_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``[N, L]``: the prompt, with the baseline id where ``perturbed != 1``."""
+        if perturbed_tensor is None:
+            return self.inp_tensor
+        n = perturbed_tensor.shape[0]
+        itp = self.itp_tensor.to(perturbed_tensor.device).expand(n, -1).clone()
+        itp[perturbed_tensor != 1] = self.baselines
+        if self.itp_mask is None:
+            return itp
+        ids = self.inp_tensor.to(itp.device).expand(n, -1).clone()
+        ids[self.itp_mask.to(itp.device).expand(n, -1)] = itp.reshape(-1)
+        return ids
+
+    def format_attr(self, itp_attr: torch.Tensor) -> torch.Tensor:
+        return itp_attr
+
+
+@dataclass
+class LLMAttributionResult:
+    """Captum's result fields: ``seq_attr [n_features]``, ``token_attr [T, n_features]``,
+    ``input_tokens``, ``output_tokens``, ``output_probs`` (None here, as in Captum's gradient
+    class), ``inp``; plus ``output_log_probs [T]`` and ``gap [T]`` (completeness per target)."""
+
+    input_tokens: list[str]
+    output_tokens: list[str]
+    seq_attr: torch.Tensor
+    token_attr: torch.Tensor | None = None
+    output_probs: torch.Tensor | None = None
+    inp: Any = None
+    output_log_probs: torch.Tensor | None = field(default=None, repr=False)
+    gap: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def seq_attr_dict(self) -> dict[str, float]:
+        return {k: v for v, k in zip(self.seq_attr.cpu().tolist(), self.input_tokens)}
+
+    def plot_token_attr(self, show: bool = False):
+        """Heatmap of ``token_attr`` (output tokens x input tokens, red positive, blue
+        negative, one symmetric scale); returns ``(fig, ax)`` unless ``show``."""
+        if self.token_attr is None:
+            raise ValueError("token_attr is None: use plot_seq_attr")
+        import matplotlib.pyplot as plt
+
+        data = self.token_attr.detach().cpu().float().numpy()
+        vmax = float(abs(data).max()) or 1.0
+        fig, ax = plt.subplots(figsize=(max(data.shape[1] * 0.7, 4), max(data.shape[0] * 0.4,
+                                                                           2.5)))
+        im = ax.imshow(data, vmin=-vmax, vmax=vmax, cmap="RdBu_r", aspect="auto")
+        fig.colorbar(im, ax=ax).ax.set_ylabel("token attribution", rotation=-90, va="bottom")
+        ax.set_xticks(range(data.shape[1]), labels=[repr(t)[1:-1] for t in self.input_tokens])
+        ax.set_yticks(range(data.shape[0]), labels=[repr(t)[1:-1] for t in self.output_tokens])
+        ax.tick_params(top=True, bottom=False, labeltop=True, labelbottom=False)
+        plt.setp(ax.get_xticklabels(), rotation=-30, ha="right", rotation_mode="anchor")
+        if show:
+            plt.show()
+            return None
+        return fig, ax
+
+    def plot_seq_attr(self, show: bool = False):
+        """Bar chart of ``seq_attr`` per input token; returns ``(fig, ax)`` unless ``show``."""
+        import matplotlib.pyplot as plt
+
+        data = self.seq_attr.detach().cpu().float().numpy()
+        fig, ax = plt.subplots(figsize=(max(len(data) * 0.5, 4), 3))
+        ax.bar(range(len(data)), data, color=["#4772b3" if v >= 0 else "#d0365b"
+                                              for v in data])
+        ax.set_xticks(range(len(data)), labels=[repr(t)[1:-1] for t in self.input_tokens])
+        plt.setp(ax.get_xticklabels(), rotation=-30, ha="right", rotation_mode="anchor")
+        ax.set_ylabel("sequence attribution")
+        if show:
+            plt.show()
+            return None
+        return fig, ax
+
+
+def _layer_of(attr_method):
+    """``(model, embedding layer)`` of a layer-IG instance (ours or Captum's)."""
+    name = type(attr_method).__name__
+    layer = getattr(attr_method, "layer", None)
+    if name != "LayerIntegratedGradients" or layer is None:
+        raise NotImplementedError(
+            f"taylor_kernels.captum.LLMGradientAttribution runs LayerIntegratedGradients; got "
+            f"{name} (use captum.attr.LLMGradientAttribution for LayerGradientShap or "
+            "LayerGradientXActivation)")
+    if isinstance(layer, (list, tuple)):
+        if len(layer) != 1:
+            raise NotImplementedError("LLMGradientAttribution attributes to one layer")
+        layer = layer[0]
+    if not getattr(attr_method, "multiplies_by_inputs", True):
+        raise NotImplementedError("multiply_by_inputs=False is not supported by "
+                                  "LLMGradientAttribution here")
+    return attr_method.forward_func, layer
+
+
+class LLMGradientAttribution:
+    """Drop-in for ``captum.attr.LLMGradientAttribution`` with layer IG on the input
+    embeddings; the whole target sequence is attributed in one pass."""
+
+    def __init__(self, attr_method, tokenizer) -> None:
+        self.attr_method = attr_method
+        self.model, self.layer = _layer_of(attr_method)
+        self.tokenizer = tokenizer
+        self.device = getattr(self.model, "device", None) or next(
+            self.model.parameters()).device
+        self.last_result = None
+
+    def _target_ids(self, inp, target, gen_args) -> torch.Tensor:
+        if target is None:
+            ids = inp.to_model_input().to(self.device)
+            out = self.model.generate(input_ids=ids, **(gen_args or DEFAULT_GEN_ARGS))
+            return out[0, ids.shape[1]:]
+        if gen_args is not None:
+            raise ValueError("gen_args must be None when target is given")
+        if isinstance(target, str):
+            return torch.tensor(self.tokenizer.encode(target, add_special_tokens=False))
+        if isinstance(target, torch.Tensor):
+            return target
+        raise TypeError(f"target must be a str or a Tensor of token ids, got {type(target)}")
+
+    def attribute(self, inp, target: str | torch.Tensor | None = None,
+                  gen_args: dict | None = None, **kwargs) -> LLMAttributionResult:
+        """Token attributions of every target token's log-prob to the prompt's tokens.
+
+        ``inp``: :class:`TextTokenInput` (ours or Captum's); ``target``: the continuation
+        (text, or ids ``[T]``), or None to generate it with ``model.generate(**gen_args)``.
+        ``kwargs``: ``n_steps`` (50), ``method`` ("gausslegendre"), ``internal_batch_size``,
+        ``max_memory``, ``tol``, ``backend``, ``progress``.
+        Returns: :class:`LLMAttributionResult` (``token_attr [T, n_features]``).
+        """
+        unknown = sorted(set(kwargs) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"unsupported attribute() arguments {unknown}; supported: "
+                            f"{list(_OPTIONS)}")
+        if not hasattr(inp, "itp_tensor") or not hasattr(inp, "inp_tensor"):
+            raise TypeError(f"LLMGradientAttribution supports TextTokenInput, got "
+                            f"{type(inp).__name__}")
+        target_ids = self._target_ids(inp, target, gen_args).to(self.device)
+        prompt = inp.inp_tensor.to(self.device)
+        itp = torch.ones_like(prompt, dtype=torch.bool) if inp.itp_mask is None \
+            else inp.itp_mask.to(self.device)
+        res = generation_attribution(
+            self.model, prompt, target_ids, baselines=int(inp.baselines), keep=~itp[0],
+            layer=self.layer, steps=kwargs.get("n_steps", 50),
+            rule=kwargs.get("method", "gausslegendre"), tol=kwargs.get("tol"),
+            chunk_size=kwargs.get("internal_batch_size"), max_memory=kwargs.get("max_memory"),
+            backend=kwargs.get("backend"), progress=kwargs.get("progress", False))
+        self.last_result = res
+        token_attr = res.token_attr[:, itp[0]]
+        return LLMAttributionResult(
+            input_tokens=list(inp.values),
+            output_tokens=[self.tokenizer.decode([int(t)]) for t in target_ids],
+            seq_attr=token_attr.sum(0), token_attr=token_attr, inp=inp,
+            output_log_probs=res.log_probs, gap=res.gap)
+
+    def attribute_future(self):
+        raise NotImplementedError("attribute_future is not implemented for "
+                                  "LLMGradientAttribution")
