@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from taylor_kernels.engine import guards
+
 
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the activations are captured."""
@@ -65,8 +67,9 @@ class Layers:
                     raise _Stop
             return grab
 
+        guards.check_model(model, args)  # refuse before a forward can touch buffers
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        with ctx, self.hooked(hook_for):
+        with ctx, self.hooked(hook_for), guards.preserved_buffers(model):
             try:
                 model(*args)
             except _Stop:

@@ -117,10 +117,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor,
                            other_index: int) -> None:
-    """Raise ``ValueError`` if ``run(points [N, D], rows [N])`` (the attributed outputs) gives
-    row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two, or
-    differs between two calls on it alone (three forwards of at most two rows; run it under
-    :func:`preserved_buffers`)."""
+    """Raise ``ValueError`` if ``run(points [N, D], rows [N])`` (the model's output ``[N, ...]``)
+    gives row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two,
+    or differs between two calls on it alone (three forwards of at most two rows, a fourth
+    to tell the two apart; run it under :func:`preserved_buffers`)."""
     if _ALLOWED.get():
         return
     first = torch.zeros(1, dtype=torch.long, device=row.device)
@@ -129,15 +129,14 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
         alone = run(row.unsqueeze(0), first)
         pair = run(torch.stack([row, other]), pair_rows)
         again = run(row.unsqueeze(0), first)
-    if not all(isinstance(t, torch.Tensor) for t in (alone, pair, again)):
-        return  # not a tensor model output: the callers' own checks report it
-    why = None
-    if not _close(alone, again):
-        why = "gives different outputs for the same input in two calls (random, e.g. dropout)"
-    elif not _close(alone[0], pair[0]):
-        why = ("gives an input a different output when another input shares its batch (it "
-               "mixes rows, e.g. batch statistics)")
-    if why:
+        random = not _close(alone, again)
+        coupled = not random and not _close(alone[0], pair[0])
+        if coupled:  # a random model may have drawn the same twice: one more draw decides
+            random = not _close(alone, run(row.unsqueeze(0), first))
+    if random or coupled:
+        why = ("gives different outputs for the same input in two calls (random, e.g. "
+               "dropout in train mode)" if random else "gives an input a different output "
+               "when another input shares its batch (it mixes rows, e.g. batch statistics)")
         raise ValueError(f"the model {why}; attribution batches rows of different inputs and "
                          "path points together, so its results would be wrong. Make the model "
                          "treat rows independently (model.eval()), or opt in with "

@@ -265,5 +265,6 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     with guards.preserved_buffers(model):  # the probes leave running statistics as they were
         check_target(problem.target, problem.output_shape())
         other, j = (x[1], 1) if B > 1 else (bl[0, 0], 0)
-        guards.check_rows_independent(problem.forward, x[0], other, j)
+        guards.check_rows_independent(lambda p, r: model_output(problem.model(
+            *problem.split(p), *problem._rows_args(r))), x[0], other, j)
     return problem

@@ -1,0 +1,305 @@
+"""State hygiene as a contract: after every public call, success or exception, the caller's
+model (modes, hooks, buffers, parameters' .grad/requires_grad/values) and the global settings
+(backend, grad mode, SDPA backends, global hooks, CUDA peak statistics) are as they were.
+
+Every public method runs through :func:`checked` on a small CNN with batch norm and dropout
+(eval mode), a frozen bias, a pre-existing ``.grad``, a user hook and one train-mode leaf:
+  ok          the call succeeds;
+  fail_first  the model raises on its first forward (the probes);
+  fail_later  the model raises on its third forward (inside the computation);
+  train_bn    batch norm is in train mode: the call must refuse before any forward;
+  inference   the call runs inside ``torch.inference_mode()``: a clear error naming it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import taylor_kernels as tk
+import taylor_kernels.captum as tkc
+from taylor_kernels.attr.unification import MethodSettings
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+class Net(nn.Module):
+    """conv 3x3 -> batch norm -> tanh -> dropout -> linear, input [B, 1, 3, 3], 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.act = nn.Tanh()
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(18, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.act(self.bn(self.conv(x))).flatten(1)))
+
+
+class Countdown:
+    """A forward pre-hook that raises on the ``k``-th forward of the module once armed."""
+
+    def __init__(self):
+        self.left = None
+
+    def __call__(self, module, args):
+        if self.left is not None:
+            self.left -= 1
+            if self.left == 0:
+                raise RuntimeError("planned failure inside the model")
+
+
+def _model():
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+        model.bn.num_batches_tracked.fill_(5)
+    model.act.train()  # a train-mode leaf that does not couple rows
+    model.conv.bias.requires_grad_(False)
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 0.5)
+    model.fc.register_forward_hook(lambda m, a, out: None)
+    model.countdown = Countdown()
+    model.conv.register_forward_pre_hook(model.countdown)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything the contract promises to keep, as comparable values."""
+    state = {
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "hooks": {(n, k): tuple(getattr(m, k).items()) for n, m in model.named_modules()
+                  for k in _HOOK_DICTS if hasattr(m, k)},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "params": {n: (p.detach().clone(), p.requires_grad,
+                       None if p.grad is None else p.grad.clone())
+                   for n, p in model.named_parameters()},
+        "backend": tk.backends.current(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "sdpa": (torch.backends.cuda.flash_sdp_enabled(),
+                 torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 torch.backends.cuda.math_sdp_enabled()),
+        "global_hooks": tuple(len(getattr(nn.modules.module, k)) for k in _GLOBAL_HOOKS),
+    }
+    if torch.cuda.is_available():
+        state["cuda_peak"] = torch.cuda.max_memory_allocated()
+    return state
+
+
+def assert_same(before: dict, after: dict) -> None:
+    for key in before:
+        a, b = before[key], after[key]
+        if key == "buffers":
+            assert a.keys() == b.keys()
+            for n in a:
+                assert torch.equal(a[n], b[n]), f"buffer {n} changed: {a[n]} -> {b[n]}"
+        elif key == "params":
+            for n in a:
+                (va, ra, ga), (vb, rb, gb) = a[n], b[n]
+                assert torch.equal(va, vb), f"parameter {n} changed"
+                assert ra == rb, f"requires_grad of {n} changed"
+                assert (ga is None) == (gb is None) and (ga is None or torch.equal(ga, gb)), \
+                    f".grad of {n} changed"
+        else:
+            assert a == b, f"{key} changed: {a} -> {b}"
+
+
+def _x():
+    return torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _bg():
+    return torch.randn(3, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def _row_fn(model):
+    return lambda z: model(z)[:, 1]
+
+
+_MASK = torch.tensor([[[0, 0, 1], [0, 2, 1], [2, 2, 1]]])
+_SMALL = MethodSettings(ig_steps=4, eg_samples=4, smoothgrad_samples=2, permutations=2)
+
+METHODS = {
+    "integrated_gradients": lambda m, x: tk.integrated_gradients(m, x, target=1, steps=4),
+    "expected_gradients": lambda m, x: tk.expected_gradients(m, x, _bg(), target=1, samples=4,
+                                                             seed=0),
+    "shapley_integrated_gradients": lambda m, x: tk.shapley_integrated_gradients(
+        m, x, target=1, coalitions=2, steps=4, seed=0),
+    "noise_tunnel": lambda m, x: tk.noise_tunnel(tk.integrated_gradients, m, x, target=1,
+                                                 nt_samples=2, stdevs=0.1, seed=0, steps=4),
+    "layer_integrated_gradients": lambda m, x: tk.layer_integrated_gradients(
+        m, m.conv, x, target=1, steps=4),
+    "integrated_hessians": lambda m, x: tk.integrated_hessians(m, x, target=1, steps=2,
+                                                               ig_steps=4),
+    "expected_hessians": lambda m, x: tk.expected_hessians(m, x, _bg(), target=1, samples=2,
+                                                           seed=0, ig_steps=4),
+    "group_integrated_hessians": lambda m, x: tk.group_integrated_hessians(
+        m, x, _MASK, target=1, steps=2, ig_steps=4),
+    "interactions": lambda m, x: tk.interactions(m, x, target=1, order=2, sets=[(0, 1)]),
+    "taylor_cam": lambda m, x: tk.taylor_cam(m, m.conv, x, target=1),
+    "jet": lambda m, x: tk.jet(m, x, torch.ones_like(x), 2, target=1),
+    "mixed_partials": lambda m, x: tk.mixed_partials(m, x, [(0, 1)], target=1),
+    "taylor_decomposition": lambda m, x: tk.taylor_decomposition(m, x, target=1, order=2),
+    "hvp": lambda m, x: tk.hvp(_row_fn(m), x, torch.ones_like(x)),
+    "hessian": lambda m, x: tk.hessian(_row_fn(m), x, index=[0, 4]),
+    "fourteen_methods": lambda m, x: tk.fourteen_methods(m, x, target=1, settings=_SMALL),
+    "captum.IntegratedGradients": lambda m, x: tkc.IntegratedGradients(m).attribute(
+        x, target=1, n_steps=4),
+    "captum.LayerIntegratedGradients": lambda m, x: tkc.LayerIntegratedGradients(
+        m, m.conv).attribute(x, target=1, n_steps=4),
+    "captum.GradientShap": lambda m, x: tkc.GradientShap(m).attribute(x, _bg(), n_samples=2,
+                                                                      target=1),
+    "captum.NoiseTunnel": lambda m, x: tkc.NoiseTunnel(tkc.IntegratedGradients(m)).attribute(
+        x, nt_samples=2, stdevs=0.1, target=1, n_steps=4),
+    "captum.InternalInfluence": lambda m, x: tkc.InternalInfluence(m, m.conv).attribute(
+        x, target=1, n_steps=4),
+    "captum.LayerConductance": lambda m, x: tkc.LayerConductance(m, m.conv).attribute(
+        x, target=1, n_steps=4),
+    "captum.LayerGradientShap": lambda m, x: tkc.LayerGradientShap(m, m.conv).attribute(
+        x, _bg(), n_samples=2, target=1),
+    "captum.NeuronIntegratedGradients": lambda m, x: tkc.NeuronIntegratedGradients(
+        m, m.conv).attribute(x, (0, 1, 1), n_steps=4),
+    "captum.NeuronConductance": lambda m, x: tkc.NeuronConductance(m, m.conv).attribute(
+        x, (0, 1, 1), target=1, n_steps=4),
+}
+
+MODES = ["ok", "fail_first", "fail_later", "train_bn", "inference"]
+
+
+def checked(call, model, x, mode: str):
+    """Run ``call(model, x)`` in ``mode``; return the exception (or None) after checking that
+    the state is as it was."""
+    if mode == "train_bn":
+        model.bn.train()
+    before = snapshot(model)
+    model.countdown.left = {"fail_first": 1, "fail_later": 3}.get(mode)
+    error = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if mode == "inference":
+                with torch.inference_mode():
+                    call(model, x)
+            else:
+                call(model, x)
+    except Exception as exc:  # noqa: BLE001 - the contract holds for every exception
+        error = exc
+    finally:
+        model.countdown.left = None
+    assert_same(before, snapshot(model))
+    return error
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_state_is_kept(name, mode):
+    model, x = _model(), _x()
+    error = checked(METHODS[name], model, x, mode)
+    if mode == "ok":
+        assert error is None, f"{name} failed: {error!r}"
+    elif mode == "fail_first":
+        assert isinstance(error, RuntimeError) and "planned failure" in str(error), repr(error)
+    elif mode == "train_bn":
+        assert isinstance(error, ValueError) and "bn (BatchNorm2d" in str(error) and \
+            "model.eval()" in str(error), repr(error)
+    elif mode == "inference":
+        assert isinstance(error, RuntimeError) and "inference_mode" in str(error), repr(error)
+
+
+def test_harness_detects_changes():
+    """The harness itself fails on each kind of change it promises to catch."""
+    changes = [
+        lambda m: m.bn.train(),
+        lambda m: m.fc.register_forward_hook(lambda *a: None),
+        lambda m: m.bn.num_batches_tracked.add_(1),
+        lambda m: setattr(m.fc.weight, "grad", None),
+        lambda m: m.conv.weight.requires_grad_(False),
+        lambda m: tk.backends.use("reference"),
+        lambda m: torch.set_grad_enabled(False),
+    ]
+    for change in changes:
+        model = _model()
+        before = snapshot(model)
+        backend, grad = tk.backends.current(), torch.is_grad_enabled()
+        change(model)
+        try:
+            with pytest.raises(AssertionError):
+                assert_same(before, snapshot(model))
+        finally:
+            tk.backends.use(backend)
+            torch.set_grad_enabled(grad)
+
+
+class CountsCalls(nn.Module):
+    """Dropout in train mode and a buffer that counts forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 8)
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.drop(torch.tanh(self.l(x)))
+
+
+def test_allow_row_coupling_opts_in_and_restores_buffers():
+    torch.manual_seed(0)
+    model = CountsCalls().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    f = lambda z: model(z)[:, 0]  # noqa: E731
+    with pytest.raises(ValueError, match="drop \\(Dropout, train mode\\)"):
+        tk.hvp(f, x, x)
+    with pytest.raises(ValueError, match="drop \\(Dropout"):
+        tk.integrated_gradients(model, x, target=0, steps=4)
+    assert model.calls == 0
+    with tk.allow_row_coupling(model):
+        assert torch.isfinite(tk.hvp(f, x, x)).all()  # random results: the user's choice
+        tk.integrated_gradients(model, x, target=0, steps=4)
+        assert model.calls > 0
+    assert model.calls == 0
+    tk.integrated_gradients(model.eval(), x, target=0, steps=4)  # eval: no opt-in needed
+
+
+class MixesRows(nn.Module):
+    """Subtracts a fraction of the batch mean: rows couple without batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.l(x)
+        return torch.tanh(h - 0.5 * h.mean(0, keepdim=True))
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return nn.functional.dropout(torch.tanh(self.l(x)), 0.5, training=True)
+
+
+@pytest.mark.parametrize("cls, why", [(MixesRows, "mixes rows"), (Noisy, "random")])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batch_mixing_and_random_models_are_detected(cls, why, batch):
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(batch, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=why):
+        tk.integrated_gradients(model, x, target=0, steps=4)
+    with pytest.raises(ValueError, match=why):
+        tk.layer_integrated_gradients(model, model.l, x, target=0, steps=4)
+    with tk.allow_row_coupling(model):
+        tk.integrated_gradients(model, x, target=0, steps=4)
