@@ -15,9 +15,13 @@ path engine and the selected kernel backend. Extras on every ``attribute``: ``ma
 ``instance.last_result`` holds the :class:`~taylor_kernels.AttributionResult` (evaluations).
 Captum itself is not needed at run time. Implementation: :mod:`taylor_kernels.captum_front`.
 """
-from taylor_kernels.captum_front import (GradientShap, IntegratedGradients,
-                                         LayerIntegratedGradients, NoiseTunnel)
+from taylor_kernels.captum_front import (GradientShap, IntegratedGradients, InternalInfluence,
+                                         LayerConductance, LayerGradientShap,
+                                         LayerIntegratedGradients, NeuronConductance,
+                                         NeuronIntegratedGradients, NoiseTunnel)
 
-__all__ = ["GradientShap", "IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel"]
+__all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",
+           "LayerGradientShap", "LayerIntegratedGradients", "NeuronConductance",
+           "NeuronIntegratedGradients", "NoiseTunnel"]
 from taylor_kernels.captum_front.llm import (LLMAttributionResult,  # noqa: E402,F401
                                              LLMGradientAttribution, TextTokenInput)

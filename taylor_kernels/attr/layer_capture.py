@@ -142,9 +142,10 @@ def select_neuron(acts: tuple[torch.Tensor, ...], selector) -> torch.Tensor:
         if len(acts) > 1:
             raise ValueError(f"the layer has {len(acts)} activation tensors; pass a callable "
                              "neuron_selector to choose a neuron among them")
-        index = (selector,) if isinstance(selector, (int, slice)) else tuple(selector)
-        if any(isinstance(i, float) for i in index):
-            raise TypeError(f"neuron_selector holds indices, got {selector!r}")
+        index = selector if isinstance(selector, tuple) else (selector,)
+        if not all(isinstance(i, (int, slice)) for i in index):
+            raise TypeError(f"neuron_selector holds indices (an int, or a tuple of ints and "
+                            f"slices) or is a callable, got {selector!r}")
         if len(index) > acts[0].dim() - 1:
             raise ValueError(f"neuron_selector {selector!r} has more indices than the layer "
                              f"activation of shape {tuple(acts[0].shape)} past the batch")

@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import functools
+import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from taylor_kernels.attr.completeness import completeness_gap
@@ -109,6 +112,80 @@ def check_stdevs(stdevs, n_inputs: int) -> tuple[float, ...]:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
             raise ValueError(f"stdevs must be non-negative numbers, got {stdevs!r}")
     return tuple(float(s) for s in stds)
+
+
+def resolve_baselines(baselines, inputs, n_inputs: int) -> tuple:
+    """A GradientSHAP baseline distribution as a tuple of ``[N, ...]`` tensors: a tensor, a
+    tuple, or a callable (called with no argument, or with ``inputs`` if it takes one)."""
+    if callable(baselines) and not isinstance(baselines, torch.Tensor):
+        baselines = baselines() if not inspect.signature(baselines).parameters \
+            else baselines(inputs)
+    bls = baselines if isinstance(baselines, tuple) else (baselines,)
+    if len(bls) != n_inputs or not isinstance(bls[0], torch.Tensor):
+        raise ValueError("GradientShap needs a baseline distribution: a tensor [N, ...] (a tuple "
+                         "with one entry per input for tuple inputs), or a callable returning "
+                         f"one; got {type(baselines).__name__}")
+    xs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+    for i, (bl, x) in enumerate(zip(bls, xs)):
+        if isinstance(bl, torch.Tensor) and tuple(bl.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(f"baseline distribution {i} of shape {tuple(bl.shape)} must be "
+                             f"[N, *{tuple(x.shape[1:])}]")
+    return bls
+
+
+def draw_baselines(baselines: tuple, B: int, n: int) -> tuple:
+    """Captum's ``draw_baseline_from_distrib``: ``n * B`` rows drawn uniformly (with
+    replacement) from each baseline tensor by ``numpy.random.choice``, one draw per tensor in
+    order; numbers are kept."""
+    return tuple(bl[np.random.choice(bl.shape[0], n * B).tolist()]
+                 if isinstance(bl, torch.Tensor) else bl for bl in baselines)
+
+
+@dataclass
+class ShapDraws:
+    """GradientSHAP's samples: ``B * n`` rows of noisy inputs, drawn (dense) baselines and
+    nodes ``alphas``, with the target and forward args expanded to those rows."""
+
+    inputs: tuple
+    was_tuple: bool
+    noisy: tuple
+    drawn: tuple
+    alphas: torch.Tensor
+    target: Any
+    forward_args: tuple
+    B: int
+    n: int
+
+    def mean(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B * n, ...]`` per-draw rows averaged to ``[B, ...]``."""
+        return rows.reshape(self.B, self.n, *rows.shape[1:]).sum(dim=1) * (1 / self.n)
+
+
+def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
+                       additional_forward_args) -> ShapDraws:
+    """Captum's GradientSHAP draws, same generators in the same order: baselines by
+    ``numpy.random.choice``, input noise by ``torch.normal``, nodes by
+    ``numpy.random.uniform`` (in the inputs' dtype, as Captum)."""
+    tup, was_tuple = format_inputs(inputs)
+    bls = resolve_baselines(baselines, inputs, len(tup))
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+    stds = check_stdevs(stdevs, len(tup))
+    B, n = tup[0].shape[0], int(n_samples)
+    with torch.no_grad():
+        drawn = draw_baselines(bls, B, n)
+        noisy = tuple(captum_noise(x, s, n) for x, s in zip(tup, stds))
+        alphas = torch.tensor(np.random.uniform(0.0, 1.0, B * n), dtype=tup[0].dtype)
+    return ShapDraws(tup, was_tuple, noisy, dense_baselines(drawn, noisy), alphas,
+                     expand_blocks(target, B, [n]),
+                     expand_blocks(format_args(additional_forward_args), B, [n]), B, n)
+
+
+def check_no_grad_kwargs(grad_kwargs) -> None:
+    """Captum's ``grad_kwargs`` (options of ``torch.autograd.grad``) have no equivalent."""
+    if grad_kwargs:
+        raise NotImplementedError("grad_kwargs is not supported by the taylor-kernels engine "
+                                  "(it takes one gradient per path point itself)")
 
 
 class CaptumAttribution:

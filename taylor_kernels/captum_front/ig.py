@@ -24,7 +24,8 @@ from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 dense_baselines, format_args, format_inputs)
+                                                 check_no_grad_kwargs, dense_baselines,
+                                                 format_args, format_inputs)
 
 
 class IntegratedGradients(CaptumAttribution):
@@ -68,7 +69,8 @@ class LayerIntegratedGradients(CaptumAttribution):
     (attributed jointly, every layer's activation replaced in the same forward), each layer's
     output (or inputs, ``attribute_to_layer_input=True``) a tensor or a tuple of tensors.
     Returns per layer a tensor, or a tuple for tuple activations; a list for a list of layers.
-    ``delta`` is ``sum(all attributions) - (f(inputs) - f(baselines))``.
+    ``delta`` is ``sum(all attributions) - (f(inputs) - f(baselines))`` (as in Captum, with the
+    real inputs: where the network bypasses the layers, delta shows the bypassed part).
     """
 
     def __init__(self, forward_func: Callable, layer, device_ids=None,
@@ -92,9 +94,7 @@ class LayerIntegratedGradients(CaptumAttribution):
                   tol: float | None = None, max_memory=None, backend: str | None = None,
                   progress: bool = False):
         """Layer integrated gradients (Captum's arguments); inputs may be token ids."""
-        if grad_kwargs:
-            raise NotImplementedError("grad_kwargs is not supported by the taylor-kernels "
-                                      "engine (it takes one gradient per path point itself)")
+        check_no_grad_kwargs(grad_kwargs)
         res = multi_layer_integrated_gradients(
             self.forward_func, self.layer, inputs, baselines, target,
             attribute_to_layer_input=attribute_to_layer_input,
@@ -104,6 +104,9 @@ class LayerIntegratedGradients(CaptumAttribution):
             chunk_size=internal_batch_size)
         self.last_result = res
         attrs = res.attributions if isinstance(self.layer, list) else res.attributions[0]
-        if return_convergence_delta:
-            return attrs, res.gap
+        if return_convergence_delta:  # Captum's F(inputs) - F(baselines): paths that bypass
+            flat = tuple(t for a in res.attributions  # the layers count too
+                         for t in (a if isinstance(a, tuple) else (a,)))
+            return attrs, self.compute_convergence_delta(flat, baselines, inputs, target,
+                                                         additional_forward_args)
         return attrs

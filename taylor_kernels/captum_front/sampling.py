@@ -15,7 +15,6 @@ numbers); memory is bounded by the engine.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Callable
 
 import numpy as np
@@ -23,20 +22,13 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.gradient_shap import gradient_shap_rows
-from taylor_kernels.captum_front._common import (captum_method, captum_noise,
-                                                 check_stdevs, dense_baselines, expand_blocks,
-                                                 format_args, format_inputs)
+from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method, captum_noise,
+                                                 check_stdevs, draw_baselines,
+                                                 draw_gradient_shap, expand_blocks,
+                                                 format_inputs)
 from taylor_kernels.captum_front.ig import IntegratedGradients, LayerIntegratedGradients
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
-
-
-def _draw_baselines(baselines: tuple, B: int, n: int) -> tuple:
-    """Captum's ``draw_baseline_from_distrib``: ``n * B`` rows drawn uniformly (with
-    replacement) from each baseline tensor by ``numpy.random.choice``, one draw per tensor in
-    order; numbers are kept."""
-    return tuple(bl[np.random.choice(bl.shape[0], n * B).tolist()]
-                 if isinstance(bl, torch.Tensor) else bl for bl in baselines)
 
 
 class NoiseTunnel:
@@ -92,12 +84,12 @@ class NoiseTunnel:
             # every full block), torch noise block by block, numpy baselines for the rest.
             drawn = {}
             if has_bl and draw_baseline_from_distrib:
-                drawn[per_block] = _draw_baselines(bl_tuple, B, per_block)
+                drawn[per_block] = draw_baselines(bl_tuple, B, per_block)
             noisy = []
             for n in sizes:
                 noisy.append(tuple(captum_noise(x, s, n) for x, s in zip(tup, stds)))
                 if has_bl and draw_baseline_from_distrib and n not in drawn:
-                    drawn[n] = _draw_baselines(bl_tuple, B, n)
+                    drawn[n] = draw_baselines(bl_tuple, B, n)
         call_kwargs = {k: v for k, v in kwargs.items() if k != "baselines"}
         for key in ("target", "additional_forward_args"):
             if key in call_kwargs:
@@ -151,12 +143,17 @@ class NoiseTunnel:
     def has_convergence_delta(self) -> bool:
         return self.is_delta_supported
 
+    def attribute_future(self, *args, **kwargs):
+        """Not implemented, as in Captum: call ``attribute``."""
+        raise NotImplementedError("attribute_future is not implemented for NoiseTunnel (nor "
+                                  "by Captum); call attribute()")
+
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
 
 
-class GradientShap:
+class GradientShap(CaptumAttribution):
     """Drop-in for ``captum.attr.GradientShap`` on the path engine.
 
     For each of ``n_samples`` draws per example: a baseline drawn uniformly from the
@@ -179,46 +176,19 @@ class GradientShap:
         """GradientShap attributions (Captum's arguments); with
         ``return_convergence_delta=True`` also ``delta [B * n_samples]``: per draw,
         ``sum(attr) - (f(x_noisy) - f(b))``, in Captum's order."""
-        tup, was_tuple = format_inputs(inputs)
-        if callable(baselines) and not isinstance(baselines, torch.Tensor):
-            baselines = baselines() if not inspect.signature(baselines).parameters \
-                else baselines(inputs)
-        bls = baselines if isinstance(baselines, tuple) else (baselines,)
-        if len(bls) != len(tup) or not isinstance(bls[0], torch.Tensor):
-            raise ValueError("GradientShap needs a baseline distribution: a tensor [N, ...] "
-                             "(a tuple with one entry per input for tuple inputs)")
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-        stds = check_stdevs(stdevs, len(tup))
-        B, n = tup[0].shape[0], int(n_samples)
-        for i, (bl, x) in enumerate(zip(bls, tup)):
-            if isinstance(bl, torch.Tensor) and tuple(bl.shape[1:]) != tuple(x.shape[1:]):
-                raise ValueError(f"baseline distribution {i} of shape {tuple(bl.shape)} must "
-                                 f"be [N, *{tuple(x.shape[1:])}]")
-        with torch.no_grad():  # Captum's order: numpy baselines, torch noise, numpy alphas
-            drawn = _draw_baselines(bls, B, n)
-            noisy = tuple(captum_noise(x, s, n) for x, s in zip(tup, stds))
-            alphas = torch.tensor(np.random.uniform(0.0, 1.0, B * n), dtype=tup[0].dtype)
-        target = expand_blocks(target, B, [n])
-        fargs = expand_blocks(format_args(additional_forward_args), B, [n])
+        d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
+                               additional_forward_args)
         ctx = backends.using(backend) if backend else contextlib.nullcontext()
         with ctx:
             res = gradient_shap_rows(
-                self.forward_func, noisy, dense_baselines(drawn, noisy), alphas, target, fargs,
-                multiply_by_inputs=self._multiply_by_inputs, was_tuple=was_tuple,
+                self.forward_func, d.noisy, d.drawn, d.alphas, d.target, d.forward_args,
+                multiply_by_inputs=self._multiply_by_inputs, was_tuple=d.was_tuple,
                 with_gap=return_convergence_delta, max_memory=max_memory,
                 chunk_size=internal_batch_size, progress=progress)
         self.last_result = res
-        attrs = tuple(a.reshape(B, n, *a.shape[1:]).sum(dim=1) * (1 / n)
-                      for a in (res.attributions if was_tuple else (res.attributions,)))
-        attrs = attrs if was_tuple else attrs[0]
+        attrs = tuple(d.mean(a) for a in (res.attributions if d.was_tuple
+                                          else (res.attributions,)))
+        attrs = attrs if d.was_tuple else attrs[0]
         if return_convergence_delta:
             return attrs, res.gap
         return attrs
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs

@@ -30,10 +30,21 @@ def _quiet():
         yield
 
 
+def _leaves(value) -> list:
+    """The tensors of a tensor / tuple / list, nested containers checked for equal types."""
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return [value]
+
+
 def rel(ours, ref) -> float:
-    """max |ours - ref| / max |ref| over a tensor or tuples of tensors (shapes must match)."""
-    ours = ours if isinstance(ours, (tuple, list)) else (ours,)
-    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    """max |ours - ref| / max |ref| over a tensor or (nested) tuples/lists of tensors (the
+    same structure and shapes)."""
+    if isinstance(ref, (tuple, list)):
+        assert type(ours) is type(ref) and len(ours) == len(ref)
+        for o, r in zip(ours, ref):
+            assert type(o) is type(r)
+    ours, ref = _leaves(ours), _leaves(ref)
     assert len(ours) == len(ref)
     for o, r in zip(ours, ref):
         assert isinstance(o, torch.Tensor) and o.shape == r.shape and o.dtype == r.dtype, (

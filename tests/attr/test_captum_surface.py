@@ -1,0 +1,293 @@
+"""Captum's path-integral surface on taylor_kernels.captum, against Captum itself (float64).
+
+The documented examples of each class (Captum's docstrings: an ``ImageClassifier`` taking
+``Nx3x32x32`` images with layers ``conv1`` (output ``Nx12x32x32``) and ``linear1``) run through
+both libraries with the same arguments (and, for sampled methods, the same seeds); results
+agree to 1e-5 relative (``max|ours - captum| / max|captum|``). Then the methods every class
+has (``compute_convergence_delta``, ``has_convergence_delta``, ``multiplies_by_inputs``,
+``attribute_future``), layer lists and tuple activations, the options, and the errors.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from captum import attr as ca
+from torch import nn
+
+import taylor_kernels.captum as tc
+from tests.attr.test_captum_dropin import F64, assert_same
+
+CLASSES = ["IntegratedGradients", "LayerIntegratedGradients", "NeuronIntegratedGradients",
+           "LayerGradientShap", "LayerConductance", "NeuronConductance", "InternalInfluence",
+           "GradientShap"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+class ImageClassifier(nn.Module):
+    """Captum's docstring model: ``Nx3x32x32 -> Nx10`` class probabilities; ``conv1`` gives
+    ``Nx12x32x32``, ``linear1`` a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.pool = nn.AvgPool2d(4)
+        self.linear1 = nn.Linear(12 * 8 * 8, 16)
+        self.linear2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.pool(torch.tanh(self.conv1(x))).flatten(1)
+        return torch.softmax(self.linear2(torch.tanh(self.linear1(h))), dim=1)
+
+
+class TwoBranch(nn.Module):
+    """Independent branches (``left``, ``right``, ``skip``: for joint multi-layer attribution),
+    a layer with a tuple output (``split``) and one with two inputs (``mix``)."""
+
+    class Split(nn.Module):
+        def forward(self, h):
+            return h[:, :3], h[:, 3:]
+
+    class Mix(nn.Module):
+        def forward(self, a, b):
+            return torch.tanh(a) * b.sum(1, keepdim=True)
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Linear(5, 6), nn.Linear(5, 6)
+        self.split, self.mix = self.Split(), self.Mix()
+        self.out, self.skip = nn.Linear(3, 4), nn.Linear(5, 4)
+
+    def forward(self, x, scale=1.0):
+        a, b = self.split(torch.tanh(self.left(x)) + torch.sin(self.right(x)))
+        return (self.out(self.mix(a, b)) + torch.tanh(self.skip(x))) * scale
+
+
+@pytest.fixture(scope="module")
+def image():
+    torch.manual_seed(0)
+    return ImageClassifier().double(), torch.randn(2, 3, 32, 32, dtype=F64)
+
+
+def both(call, seed=None):
+    """``call(lib)`` for Captum and for us (from the same torch/numpy seeds if given)."""
+    out = []
+    for lib in (ca, tc):
+        if seed is not None:
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+        out.append(call(lib))
+    return out
+
+
+# ----------------------------------------------------- Captum's documented examples
+
+
+def test_doc_integrated_gradients(image):
+    net, x = image
+    ref, ours = both(lambda L: L.IntegratedGradients(net).attribute(x, target=3))
+    assert_same(ours, ref)
+
+
+def test_doc_layer_integrated_gradients(image):
+    net, x = image
+    ref, ours = both(lambda L: L.LayerIntegratedGradients(net, net.conv1).attribute(
+        x, target=3, return_convergence_delta=True))
+    assert ours[0].shape == (2, 12, 32, 32)
+    assert_same(ours, ref, delta=True)
+
+
+def test_doc_layer_conductance(image):
+    net, x = image
+    ref, ours = both(lambda L: L.LayerConductance(net, net.conv1).attribute(
+        x, target=3, return_convergence_delta=True))
+    assert ours[0].shape == (2, 12, 32, 32)
+    assert_same(ours, ref, delta=True)
+
+
+def test_doc_internal_influence(image):
+    net, x = image
+    ref, ours = both(lambda L: L.InternalInfluence(net, net.conv1).attribute(x, target=3))
+    assert_same(ours, ref)
+
+
+def test_doc_neuron_integrated_gradients(image):
+    net, x = image
+    ref, ours = both(lambda L: L.NeuronIntegratedGradients(net, net.conv1).attribute(
+        x, (4, 1, 2)))
+    assert ours.shape == x.shape
+    assert_same(ours, ref)
+
+
+def test_doc_neuron_conductance(image):
+    net, x = image
+    ref, ours = both(lambda L: L.NeuronConductance(net, net.conv1).attribute(
+        x, (4, 1, 2), target=3))
+    assert_same(ours, ref)
+
+
+def test_doc_layer_gradient_shap(image):
+    net, x = image
+    x3 = torch.cat([x, x[:1].flip(2)])
+    ref, ours = both(lambda L: L.LayerGradientShap(net, net.linear1).attribute(
+        x3, torch.randn(20, 3, 32, 32, dtype=F64), target=5, return_convergence_delta=True),
+        seed=7)
+    assert ours[0].shape == (3, 16) and ours[1].shape == (3 * 5,)
+    assert_same(ours, ref, delta=True)
+
+
+def test_doc_gradient_shap(image):
+    net, x = image
+    x3 = torch.cat([x, x[:1].flip(2)])
+    ref, ours = both(lambda L: L.GradientShap(net).attribute(
+        x3, torch.randn(20, 3, 32, 32, dtype=F64), target=0), seed=8)
+    assert_same(ours, ref)
+
+
+# ------------------------------------------------------- methods on every class
+
+
+def make(lib, name, net):
+    if name in ("IntegratedGradients", "GradientShap"):
+        return getattr(lib, name)(net)
+    return getattr(lib, name)(net, net.linear1)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_class_methods_match_captum(name, image):
+    net, x = image
+    ref, ours = make(ca, name, net), make(tc, name, net)
+    assert ours.has_convergence_delta() == ref.has_convergence_delta()
+    assert ours.multiplies_by_inputs == ref.multiplies_by_inputs
+    with pytest.raises(NotImplementedError, match="attribute_future"):
+        ours.attribute_future(x)
+    attrs = torch.randn_like(x)  # compute_convergence_delta on given attributions
+    args = (attrs, 0.1 * torch.ones_like(x[:1]), x)
+    torch.testing.assert_close(ours.compute_convergence_delta(*args, target=[1, 2]),
+                               ref.compute_convergence_delta(*args, target=[1, 2]))
+
+
+def test_multiply_by_inputs_false(branches):
+    net, x = branches
+    for name, args in [("NeuronIntegratedGradients", (2,)), ("NeuronConductance", (1,)),
+                       ("LayerIntegratedGradients", ())]:
+        extra = {} if name == "NeuronIntegratedGradients" else {"target": 1}
+        ref, ours = both(lambda L: getattr(L, name)(net, net.left, multiply_by_inputs=False)
+                         .attribute(x, *args, n_steps=8, **extra))
+        assert_same(ours, ref)
+    ref, ours = both(lambda L: L.LayerGradientShap(net, net.left, multiply_by_inputs=False)
+                     .attribute(x, torch.randn(4, 5, dtype=F64), n_samples=3, stdevs=0.1,
+                                target=2), seed=3)
+    assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("method", ["riemann_left", "riemann_middle", "riemann_trapezoid",
+                                    "gausslegendre"])
+def test_rules_batches_and_baselines(method, branches):
+    net, x = branches
+    bl = 0.2 * torch.randn_like(x)
+    kw = dict(baselines=bl, n_steps=6, method=method, internal_batch_size=5, target=[1, 3, 0])
+    for name in ("LayerConductance", "InternalInfluence"):
+        ref, ours = both(lambda L: getattr(L, name)(net, net.left).attribute(x, **kw))
+        assert_same(ours, ref)
+    kw.pop("target")
+    ref, ours = both(lambda L: L.NeuronConductance(net, net.left).attribute(
+        x, 3, target=1, additional_forward_args=2.0, **kw))
+    assert_same(ours, ref)
+    ref, ours = both(lambda L: L.NeuronIntegratedGradients(net, net.left).attribute(
+        x, (slice(2, 6),), **kw))
+    assert_same(ours, ref)
+
+
+def test_neuron_selector_callable_and_layer_input(image):
+    net, x = image
+    sel = lambda a: a[:, 2:5].sum(1)  # noqa: E731
+    ref, ours = both(lambda L: L.NeuronIntegratedGradients(net, net.linear1).attribute(
+        x, sel, n_steps=4, attribute_to_neuron_input=True))
+    assert_same(ours, ref)
+    ref, ours = both(lambda L: L.NeuronConductance(net, net.linear2).attribute(
+        x, (1,), target=2, n_steps=4, attribute_to_neuron_input=True))
+    assert_same(ours, ref)
+
+
+# --------------------------------------------------- layer lists, tuple activations
+
+
+@pytest.fixture(scope="module")
+def branches():
+    torch.manual_seed(1)
+    return TwoBranch().double(), torch.randn(3, 5, dtype=F64)
+
+
+@pytest.mark.parametrize("multiply", [True, False])
+def test_layer_ig_list_of_layers(branches, multiply):
+    net, x = branches
+    kw = dict(target=2, n_steps=7, additional_forward_args=0.5, return_convergence_delta=True)
+    ref, ours = both(lambda L: L.LayerIntegratedGradients(
+        net, [net.left, net.right], multiply_by_inputs=multiply).attribute(x, **kw))
+    assert isinstance(ours[0], list) and len(ours[0]) == 2
+    assert_same(ours, ref, delta=True)
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_tuple_activations(branches, to_input):
+    """``split`` returns a tuple; ``mix`` takes two inputs: tuples of attributions."""
+    net, x = branches
+    layer = net.mix if to_input else net.split
+    kw = dict(target=[0, 1, 3], n_steps=6, attribute_to_layer_input=to_input)
+    ref, ours = both(lambda L: L.LayerIntegratedGradients(net, layer).attribute(
+        x, return_convergence_delta=True, **kw))
+    assert isinstance(ours[0], tuple) and len(ours[0]) == 2
+    assert_same(ours, ref, delta=True)
+    ref, ours = both(lambda L: L.LayerIntegratedGradients(net, [layer, net.skip]).attribute(
+        x, **kw))
+    assert isinstance(ours, list) and isinstance(ours[0], tuple)
+    for name in ("LayerConductance", "InternalInfluence"):
+        ref, ours = both(lambda L: getattr(L, name)(net, layer).attribute(x, **kw))
+        assert isinstance(ours, tuple)
+        assert_same(ours, ref)
+
+
+def test_gradient_shap_callable_baselines(branches):
+    net, x = branches
+    dist = torch.randn(6, 5, dtype=F64)
+    for baselines in (lambda: dist, lambda inputs: dist + 0 * inputs[:1]):
+        ref, ours = both(lambda L: L.GradientShap(net).attribute(
+            x, baselines, n_samples=4, stdevs=0.1, target=1), seed=2)
+        assert_same(ours, ref)
+        ref, ours = both(lambda L: L.LayerGradientShap(net, net.left).attribute(
+            x, baselines, n_samples=4, target=1), seed=2)
+        assert_same(ours, ref)
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def test_errors(image, branches):
+    net, x = image
+    with pytest.raises(ValueError, match="neuron_selector"):
+        tc.NeuronIntegratedGradients(net, net.conv1).attribute(x, (1,), n_steps=3)
+    with pytest.raises(TypeError, match="neuron_selector holds indices"):
+        tc.NeuronIntegratedGradients(net, net.linear1).attribute(x, 1.0, n_steps=3)
+    with pytest.raises(ValueError, match="not a fixed rule"):
+        tc.InternalInfluence(net, net.conv1).attribute(x, target=1, method="adaptive")
+    with pytest.raises(ValueError, match="baseline distribution"):
+        tc.LayerGradientShap(net, net.linear1).attribute(x, None, target=1)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        tc.LayerConductance(net, "conv1")
+    with pytest.raises(NotImplementedError, match="grad_kwargs"):
+        tc.LayerConductance(net, net.conv1).attribute(x, target=1, grad_kwargs={"a": 1})
+    bnet, bx = branches
+    with pytest.raises(ValueError, match="callable neuron_selector"):
+        tc.NeuronIntegratedGradients(bnet, bnet.split).attribute(bx, (1,), n_steps=3)
+    unused = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not called"):
+        tc.LayerConductance(bnet, unused).attribute(bx, target=1, n_steps=3)
