@@ -63,10 +63,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
-    """Adam on cross-entropy, shuffled mini-batches, deterministic for a given config."""
+def train(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, arch=None) -> nn.Module:
+    """Adam on cross-entropy, shuffled mini-batches, deterministic for a given config
+    (``arch``: the model class, default :class:`DigitsCNN`)."""
     torch.manual_seed(cfg.seed)
-    model = DigitsCNN()
+    model = (arch or DigitsCNN)()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     model.train()

@@ -75,6 +75,7 @@ class _PairInterpreter(fx.Interpreter):
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.record: dict[fx.Node, list[Pair]] | None = None
         self.pair_bytes = 0
+        self.node: fx.Node | None = None  # the node being run (rules name their kinks by it)
 
     def const(self, t):
         """Float tensors as float64 (cached per tensor for the call)."""
@@ -87,6 +88,7 @@ class _PairInterpreter(fx.Interpreter):
         return hit[1]
 
     def run_node(self, n):
+        self.node = n
         if n in self.skip:
             return None
         if n in self.cache:
@@ -105,7 +107,7 @@ class _PairInterpreter(fx.Interpreter):
         return self.const(super().get_attr(target, args, kwargs))
 
     def call_function(self, target, args, kwargs):
-        if not rules.has_pair((args, kwargs)):
+        if not rules.has_pair(args, kwargs):
             return super().call_function(target, args, kwargs)
         if target is getattr:
             return getattr(args[0].v, args[1])
@@ -116,7 +118,7 @@ class _PairInterpreter(fx.Interpreter):
         return rule(self, *args, **kwargs)
 
     def call_method(self, target, args, kwargs):
-        if not rules.has_pair((args, kwargs)):
+        if not rules.has_pair(args, kwargs):
             return super().call_method(target, args, kwargs)
         rule = rules.METHODS.get(target) if isinstance(args[0], Pair) else None
         if target in rules.SHAPE_METHODS and isinstance(args[0], Pair):
@@ -128,7 +130,7 @@ class _PairInterpreter(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
-        if not rules.has_pair((args, kwargs)):
+        if not rules.has_pair(args, kwargs):
             return mod(*args, **kwargs)
         rule = (rules.module_rule(mod, self.const)
                 if len(args) == 1 and not kwargs and isinstance(args[0], Pair) else None)
@@ -163,6 +165,8 @@ class _Search:
         self.chunk: int | None = None
         self.rows_run = 0
         self.passes = 0
+        self.terminal: frozenset = frozenset()
+        self.kink_nodes: dict[fx.Node, bool] = {}
 
     def _inputs(self, path: torch.Tensor, t0: torch.Tensor) -> list:
         K = self.problem.K
@@ -175,7 +179,7 @@ class _Search:
         return [Pair(v, s, True) for v, s in zip(vs, ss)] + args
 
     def _one(self, path, t0, splits: bool, outputs: bool):
-        self.interp.kinks = Kinks(path.shape[0], path.device, splits)
+        self.interp.kinks = Kinks(path.shape[0], path.device, splits, self.terminal)
         self.interp.rows = (path, t0)
         out = self.interp.run(*self._inputs(path, t0))
         if outputs:
@@ -185,16 +189,17 @@ class _Search:
 
     def run(self, path: torch.Tensor, t0: torch.Tensor, splits: bool = False,
             outputs: bool = False):
-        """Next-breakpoint distances ``dt [N]`` of the rows, with the global kinks
-        ``[(rows, t)]`` when ``splits`` and the selected outputs when ``outputs``."""
+        """Distances ``dt [N]`` to each row's next non-terminal kink; the kinks found as
+        ``[(rows, dt)]`` (with ``splits``: the global kinks, else the terminal ones); the
+        selected outputs when ``outputs``."""
         dts, found, outs = [], [], []
         for i in range(0, path.shape[0], self.chunk):
             kinks, out = self._one(path[i:i + self.chunk], t0[i:i + self.chunk], splits,
                                    outputs)
             dts.append(kinks.dt)
             outs.append(out)
-            if splits:
-                found += [(r + i, t) for r, t in kinks.splits]
+            found += [(r + i, t) for r, t in (kinks.splits if splits else kinks.multi)]
+            self.kink_nodes.update(kinks.nodes)
         self.rows_run += path.shape[0]
         self.passes += 1
         dt = torch.cat(dts) if dts else t0.new_zeros(0)
@@ -209,7 +214,7 @@ class _Search:
         t0 = torch.zeros(P, dtype=torch.float64, device=device)
         self.interp.pair_bytes = 0
         self._one(path[:1], t0[:1], False, False)
-        self.chunk = memory.chunk_size_for(self.budget, 2.0 * self.interp.pair_bytes, P)
+        self.chunk = memory.chunk_size_for(self.budget, 2.0 * self.interp.pair_bytes, 2**31)
         rec = self.interp.record = {}
         _, found, _ = self.run(path, t0, splits=True)
         self.interp.record = None
@@ -219,7 +224,26 @@ class _Search:
         self.interp.skip = {n for n in affine if n.op != "placeholder" and n not in keep}
         self.interp.cache = {n: (torch.cat([p.v for p in rec[n]]),
                                  torch.cat([p.s for p in rec[n]])) for n in keep}
+        self.terminal = _terminal(self.kink_nodes)
         return found
+
+
+def _terminal(kink_nodes: dict) -> frozenset:
+    """Elementwise kink nodes with no kink node downstream: a switch there changes no other
+    unit's piece, so all of their crossings inside a region are breakpoints at once."""
+    def reaches_kink(node) -> bool:
+        seen, todo = set(), list(node.users)
+        while todo:
+            n = todo.pop()
+            if n in kink_nodes:
+                return True
+            if n not in seen:
+                seen.add(n)
+                todo.extend(n.users)
+        return False
+
+    return frozenset(n for n, elementwise in kink_nodes.items()
+                     if elementwise and not reaches_kink(n))
 
 
 def _sorted(path: torch.Tensor, t: torch.Tensor):
@@ -292,15 +316,19 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
     path, t0, end = path[keep], t0[keep], end[keep]
     new_p, new_t = [sp], [st]
     while path.numel():
-        dt, _, _ = search.run(path, t0)
-        tn = t0 + dt
-        more = tn < end - ETA
+        dt, multi, _ = search.run(path, t0)
+        stop = torch.minimum(t0 + dt, end)
+        for r, d in multi:  # terminal kinks before the row's next other kink are breakpoints
+            inside = t0[r] + d < stop[r] - ETA
+            new_p.append(path[r[inside]])
+            new_t.append(t0[r[inside]] + d[inside])
+        more = t0 + dt < end - ETA
         new_p.append(path[more])
-        new_t.append(tn[more])
-        counts += torch.bincount(path[more], minlength=P)
+        new_t.append(t0[more] + dt[more])
+        counts += torch.bincount(torch.cat(new_p[-len(multi) - 1:]), minlength=P)
         over |= counts + 1 > max_regions
         more &= ~over[path]
-        path, t0, end = path[more], tn[more], end[more]
+        path, t0, end = path[more], t0[more] + dt[more], end[more]
     bp_p, bp_t = torch.cat(new_p), torch.cat(new_t)
     inside = ~over[bp_p]
     return _region_plan(P, bp_p[inside], bp_t[inside], over, (B, K),

@@ -45,29 +45,53 @@ class Pair:
 
 
 class Kinks:
-    """Per-row minimum ``dt [N]`` to the next kink; with ``splits=True`` also every kink of
-    globally affine tensors in ``(ETA, 1 - ETA)`` (rows start at ``t0 = 0``)."""
+    """Kinks met by ``N`` rows in one forward.
 
-    def __init__(self, n: int, device, splits: bool = False):
+    Pass 0 (``splits=True``, rows at ``t0 = 0``): records every kink of globally affine tensors
+    in ``(ETA, 1 - ETA)`` as ``splits`` ``[(rows, t)]`` and which graph nodes have kinks
+    (``nodes``: node -> elementwise). Later passes ignore globally affine kinks (the splits are
+    segment boundaries) and collect, for the ``terminal`` nodes (elementwise, with no kink
+    downstream: their switches change no other unit), every crossing as ``multi``
+    ``[(rows, dt)]``; all other kinks give the per-row minimum ``dt [N]``.
+    """
+
+    def __init__(self, n: int, device, splits: bool = False, terminal=frozenset()):
         self.dt = torch.full((n,), float("inf"), dtype=torch.float64, device=device)
         self.splits: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if splits else None
+        self.terminal = terminal
+        self.multi: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.nodes: dict = {}
 
-    def add(self, dt: torch.Tensor, affine: bool) -> None:
-        """``dt [N, ...]`` candidate distances (``inf`` or ``<= ETA``: no kink)."""
-        n = self.dt.shape[0]
+    def add(self, node, affine: bool, distances, elementwise: bool = True) -> None:
+        """Kinks of ``node``: ``distances()`` gives the candidate ``dt [N, ...]`` (``inf`` or
+        ``<= ETA``: no kink); it is not called when the kinks are already known."""
+        self.nodes[node] = elementwise and self.nodes.get(node, True)
+        if affine and self.splits is None:
+            return
+        dt, n = distances(), self.dt.shape[0]
         if dt.dim() == 0 or dt.shape[0] != n:
             raise NotPiecewiseLinear(f"a tensor of shape {tuple(dt.shape)} lost the batch "
                                      f"dimension ({n} rows)")
         dt = torch.where(dt > ETA, dt, torch.inf).reshape(n, -1)
+        if self.splits is not None:
+            if affine:
+                row, col = ((dt < 1 - ETA) & torch.isfinite(dt)).nonzero(as_tuple=True)
+                self.splits.append((row, dt[row, col]))
+        elif node in self.terminal:
+            row, col = torch.isfinite(dt).nonzero(as_tuple=True)
+            self.multi.append((row, dt[row, col]))
+            return
         if dt.shape[1]:
             self.dt = torch.minimum(self.dt, dt.min(dim=1).values)
-        if affine and self.splits is not None:
-            row, col = ((dt < 1 - ETA) & torch.isfinite(dt)).nonzero(as_tuple=True)
-            self.splits.append((row, dt[row, col]))
 
 
-def has_pair(tree) -> bool:
-    return any(isinstance(a, Pair) for a in pytree.tree_leaves(tree))
+def has_pair(args, kwargs) -> bool:
+    """Whether a pair is among the arguments (or inside a list/tuple argument)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Pair) or isinstance(a, (list, tuple)) and any(
+                isinstance(b, Pair) for b in a):
+            return True
+    return False
 
 
 def _pairs(tree) -> list[Pair]:
@@ -187,8 +211,8 @@ def dropout(ctx, x, p=0.5, training=False, inplace=False):
 
 def _kink(ctx, x: Pair, threshold) -> None:
     """Record where ``v + dt s`` reaches ``threshold`` (a number or a broadcastable tensor)."""
-    dt = torch.where(x.s != 0, (threshold - x.v) / x.s, torch.inf)
-    ctx.kinks.add(dt, x.affine)
+    ctx.kinks.add(ctx.node, x.affine,
+                  lambda: torch.where(x.s != 0, (threshold - x.v) / x.s, torch.inf))
 
 
 def _ahead(x: Pair) -> torch.Tensor:
@@ -302,8 +326,8 @@ def max_pool(n: int):
         idx = (vw + ETA * sw).argmax(dim=-1, keepdim=True)
         vi, si = vw.gather(-1, idx), sw.gather(-1, idx)
         gain = sw - si
-        dt = torch.where(gain > 0, (vi - vw) / gain, torch.inf)
-        ctx.kinks.add(dt, False)
+        ctx.kinks.add(ctx.node, False, lambda: torch.where(gain > 0, (vi - vw) / gain,
+                                                             torch.inf), elementwise=False)
         return Pair(vi.squeeze(-1), si.squeeze(-1), False)
 
     return rule

@@ -242,7 +242,8 @@ def test_eg_sig_and_captum_front():
     attr, delta = IntegratedGradients(model).attribute(x, target=0, method="exact",
                                                        return_convergence_delta=True)
     ours = tk.integrated_gradients(model, x, target=0, rule="exact")
-    assert torch.equal(attr, ours.attributions) and delta.abs().max() <= 1e-12
+    assert torch.allclose(attr, ours.attributions, rtol=0, atol=1e-14)
+    assert delta.abs().max() <= 1e-12
     unscaled = IntegratedGradients(model, multiply_by_inputs=False).attribute(
         x, target=0, method="exact")
     assert torch.allclose(unscaled * x, attr, atol=1e-12)
