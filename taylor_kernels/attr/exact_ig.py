@@ -20,7 +20,7 @@ from taylor_kernels.engine.exact_rules import NotPiecewiseLinear
 from taylor_kernels.engine.problem import PathProblem
 
 PADDING_RATIO = 1.25  # inputs integrated together need at most this many times the fewest nodes
-PADDING_SLACK = 8     # ... or at most this many more (small plans: fewer engine calls)
+PADDING_SLACK = 16    # ... or at most this many more (small plans: fewer engine calls)
 
 
 def groups_by_size(sizes: torch.Tensor, ratio: float = PADDING_RATIO,
@@ -29,10 +29,11 @@ def groups_by_size(sizes: torch.Tensor, ratio: float = PADDING_RATIO,
     ``max(ratio * smallest, smallest + slack)`` (sorted ascending; each group pads to its
     largest)."""
     order = torch.argsort(sizes.cpu(), stable=True)
+    ordered = sizes.cpu()[order].tolist()
     groups, start = [], 0
-    for i in range(1, order.numel() + 1):
-        low = int(sizes[order[start]]) if i < order.numel() else 0
-        if i == order.numel() or sizes[order[i]] > max(ratio * low, low + slack):
+    for i in range(1, len(ordered) + 1):
+        low = ordered[start]
+        if i == len(ordered) or ordered[i] > max(ratio * low, low + slack):
             groups.append(order[start:i])
             start = i
     return groups

@@ -29,6 +29,7 @@ from taylor_kernels.benchmarks import cases_adaptive, cases_ig, cases_ig_family,
 from taylor_kernels.benchmarks import cases_scale
 from taylor_kernels.benchmarks import cases_hessian
 from taylor_kernels.benchmarks import cases_jet
+from taylor_kernels.benchmarks import cases_exact
 from taylor_kernels.benchmarks.machine import bench_device, device_label, machine_info
 from taylor_kernels.benchmarks.report import write_json
 
@@ -36,6 +37,7 @@ FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": c
             "adaptive_evals": cases_adaptive, "scale": cases_scale}
 FAMILIES["hessian"] = cases_hessian
 FAMILIES["jet"] = cases_jet
+FAMILIES["exact"] = cases_exact
 SCHEMA = 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def mlp(d_in: int, hidden: int, classes: int, act: str = "tanh", layers: int = 2) -> nn.Module:

@@ -18,6 +18,8 @@ reproduces the model's outputs (a model with hooks or value-dependent Python is 
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +48,32 @@ class _Root(nn.Module):
         return self.f(*args)
 
 
-def trace(model, n_args: int) -> fx.GraphModule:
-    """``model`` traced by ``torch.fx`` with ``n_args`` positional inputs (the model itself is
-    not modified); raises :class:`NotPiecewiseLinear` when it cannot be traced."""
+_TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, nn.Module, fx.Graph]]" = OrderedDict()
+_TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; entries hold the model alive)
+
+
+def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
+    """``model`` traced by ``torch.fx`` with ``n_args`` positional inputs: ``(root, graph)``
+    (cached per model; the model itself is not modified, weights are read at run time).
+    Raises :class:`NotPiecewiseLinear` when it cannot be traced."""
+    key = (id(model), n_args)
+    hit = _TRACES.get(key)
+    if hit is not None and hit[0]() is model:
+        _TRACES.move_to_end(key)
+        return hit[1], hit[2]
     tracer = _Tracer()
     try:
         graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: no exact rule
         raise NotPiecewiseLinear(f"torch.fx cannot trace the model ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from exc
-    return fx.GraphModule(tracer.root, graph)
+    try:
+        _TRACES[key] = (weakref.ref(model), tracer.root, graph)
+    except TypeError:  # not weak-referenceable: trace again next time
+        return tracer.root, graph
+    while len(_TRACES) > _TRACE_CACHE_SIZE:
+        _TRACES.popitem(last=False)
+    return tracer.root, graph
 
 
 def _name(target) -> str:
@@ -66,8 +84,8 @@ class _PairInterpreter(fx.Interpreter):
     """Runs the graph on pairs. ``cache``: globally affine nodes read as ``v0[path] + t s``
     (rows given by ``rows = (path, t0)``); ``skip``: affine nodes only those need."""
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
         self._f64: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kinks: Kinks | None = None
         self.cache: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -157,9 +175,9 @@ class ExactPlan:
 class _Search:
     """The (value, slope) forward of rows ``(path, t0)``, chunked to a memory budget."""
 
-    def __init__(self, problem: PathProblem, gm: fx.GraphModule, budget: int):
+    def __init__(self, problem: PathProblem, traced: tuple[nn.Module, fx.Graph], budget: int):
         self.problem, self.budget = problem, budget
-        self.interp = _PairInterpreter(gm)
+        self.interp = _PairInterpreter(*traced)
         self.x = problem.x.double()
         self.bl = problem.baselines.double()
         self.chunk: int | None = None
@@ -207,7 +225,7 @@ class _Search:
 
     def build_cache(self, P: int, device) -> list:
         """Pass 0: every path at ``t = 0``. Sizes the chunks from one row's pair bytes, finds
-        the global kinks (returned as ``[(paths, t)]``) and keeps, as ``(v0, s) [P, ...]``, the
+        the global kinks (returned as ``[(paths, t)]``, with the outputs ``[P]``) and keeps, as ``(v0, s) [P, ...]``, the
         globally affine nodes that some other node reads; the rest of the affine prefix is
         skipped from then on."""
         path = torch.arange(P, device=device)
@@ -216,7 +234,7 @@ class _Search:
         self._one(path[:1], t0[:1], False, False)
         self.chunk = memory.chunk_size_for(self.budget, 2.0 * self.interp.pair_bytes, 2**31)
         rec = self.interp.record = {}
-        _, found, _ = self.run(path, t0, splits=True)
+        _, found, out = self.run(path, t0, splits=True, outputs=True)
         self.interp.record = None
         affine = set(rec)
         keep = {n for n in affine if n.op != "placeholder" and any(
@@ -225,7 +243,7 @@ class _Search:
         self.interp.cache = {n: (torch.cat([p.v for p in rec[n]]),
                                  torch.cat([p.s for p in rec[n]])) for n in keep}
         self.terminal = _terminal(self.kink_nodes)
-        return found
+        return found, out
 
 
 def _terminal(kink_nodes: dict) -> frozenset:
@@ -265,20 +283,18 @@ def _segments(P: int, split_path, split_t, device):
     return path[:-1][same], t[:-1][same], t[1:][same]
 
 
-def _check_trace(search: _Search, P: int, fx_, fb, device) -> None:
-    """The traced graph must give the model's outputs at both ends of every path."""
+def _check_trace(search: _Search, start_out: torch.Tensor, fx_, fb, device) -> None:
+    """The traced graph must give the model's outputs at both ends of every path
+    (``start_out``: its outputs at the baselines, from pass 0)."""
     K = search.problem.K
-    path = torch.arange(P, device=device)
-    ends = []
-    for t in (0.0, 1.0):
-        _, _, out = search.run(path, torch.full((P,), t, dtype=torch.float64, device=device),
-                               outputs=True)
-        ends.append(out)
+    P = start_out.shape[0]
+    _, _, end_out = search.run(torch.arange(P, device=device),
+                               torch.ones(P, dtype=torch.float64, device=device), outputs=True)
     want = [fb.reshape(P, *fb.shape[2:]), fx_.repeat_interleave(K, dim=0)]
     dtypes = [search.problem.x.dtype] + [p.dtype for p in search.interp.module.parameters()
                                          if p.is_floating_point()]
     eps = max(torch.finfo(d).eps for d in dtypes)
-    for got, ref in zip(ends, want):
+    for got, ref in zip((start_out, end_out), want):
         ref = ref.to(got.dtype).reshape(got.shape)
         scale = ref.abs().max().clamp_min(1e-30)
         if ((got - ref).abs() > eps ** 0.5 * scale).any():
@@ -299,12 +315,12 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
     if int(max_regions) != max_regions or max_regions < 1:
         raise ValueError(f"max_regions must be a positive integer, got {max_regions}")
     device = problem.x.device
-    gm = trace(problem.model, len(problem.inputs) + len(problem.forward_args))
+    traced = trace(problem.model, len(problem.inputs) + len(problem.forward_args))
     B, K = problem.B, problem.K
     P = B * K
-    search = _Search(problem, gm, memory.parse_budget(max_memory, device))
-    found = search.build_cache(P, device)
-    _check_trace(search, P, fx_, fb, device)
+    search = _Search(problem, traced, memory.parse_budget(max_memory, device))
+    found, start_out = search.build_cache(P, device)
+    _check_trace(search, start_out, fx_, fb, device)
     sp = torch.cat([r for r, _ in found]) if found else torch.zeros(0, dtype=torch.long,
                                                                     device=device)
     st = torch.cat([t for _, t in found]) if found else torch.zeros(0, dtype=torch.float64,
