@@ -2,7 +2,8 @@
 // CUDA dispatch key. One thread per (touched input b, Hessian row r, feature j): it walks the
 // chunk's points of b in ascending n and accumulates (w_n / K) Delta_n[index[r]] h[n, r, j]
 // Delta_n[j] in a register (deterministic, no atomics). Consecutive threads read consecutive j
-// of the same Hessian row: coalesced loads of the [count, R, D] stream, read once.
+// of the same Hessian row: coalesced loads of the [count, R, D] stream, read once. index entries
+// are range-checked in the kernel: an entry outside [0, D) gives a NaN output row.
 #include "../hessian_common.h"
 
 #include <ATen/Dispatch.h>
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace taylor_kernels {
@@ -32,7 +34,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = item % D, q = item / D, r = q % R, b = b_first + q / R;
-    const int64_t i = idx[r];
+    // An index outside [0, D) is checked here, not on the host (no sync per chunk): feature 0
+    // is read instead (never out of bounds) and the output element becomes NaN.
+    const int64_t i_r = idx[r];
+    const bool valid = i_r >= 0 && i_r < D;
+    const int64_t i = valid ? i_r : 0;
     const acc xj = x[b * D + j], xi = x[b * D + i];
     const int64_t n_end = end < (b + 1) * KS ? end : (b + 1) * KS;
     acc sum = acc(0);
@@ -42,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
       const acc c = w[per_point ? n - start : n % S] / static_cast<acc>(K);
       sum += c * (xi - br[i]) * h[((n - start) * R + r) * D + j] * (xj - br[j]);
     }
-    out[(b * R + r) * D + j] = sum;
+    out[(b * R + r) * D + j] = valid ? sum : static_cast<acc>(NAN);
   }
 }
 

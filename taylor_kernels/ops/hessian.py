@@ -90,6 +90,14 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     int64 feature numbers, start (first point of the chunk).
     Returns: ``[B, R, D]`` in float32 (float64 for float64 x); untouched rows are zero.
     Differentiable in hrows, x, baselines and weights.
+
+    ``index`` entries outside ``[0, D)`` raise ``ValueError`` for CPU tensors. On a GPU they
+    are checked inside the kernel instead (a host-side check would synchronize on every chunk):
+    nothing is read out of bounds and output row ``out[:, r]`` of a bad entry is NaN. A
+    device-side assert was not chosen because it leaves the CUDA context unusable for the rest
+    of the process (and Triton compiles ``tl.device_assert`` only in debug mode); an error-flag
+    tensor would still need a synchronizing read, which is what the check removes.
     """
-    ref.check_ih_args(hrows, x, baselines, weights, index, start)
+    ref.check_ih_args(hrows, x, baselines, weights, index, start,
+                      index_values=x.device.type == "cpu")
     return _backend_fn(x.device)(hrows, x, baselines, weights, index, start)

@@ -19,8 +19,10 @@ from taylor_kernels.reference.path import (accumulation_dtype, check_path_args, 
 
 
 def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
-                  weights: torch.Tensor, index: torch.Tensor, start: int) -> None:
-    """Raise ``ValueError``/``TypeError`` unless the arguments describe a valid chunk."""
+                  weights: torch.Tensor, index: torch.Tensor, start: int,
+                  index_values: bool = True) -> None:
+    """Raise ``ValueError``/``TypeError`` unless the arguments describe a valid chunk
+    (``index_values=False`` skips the range check of ``index``, a host sync on a GPU)."""
     if hrows.dim() != 3 or x.dim() != 2 or hrows.shape[2] != x.shape[1]:
         raise ValueError(f"hrows must be [count, R, D] matching x [B, D]; got "
                          f"{tuple(hrows.shape)} and {tuple(x.shape)}")
@@ -28,7 +30,7 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
         raise TypeError("index must be a 1-d int64 tensor of feature numbers")
     if index.shape[0] != hrows.shape[1]:
         raise ValueError(f"index has {index.shape[0]} entries for {hrows.shape[1]} Hessian rows")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
+    if index_values and index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
         raise ValueError(f"index entries must lie in [0, {x.shape[1]})")
     if not hrows.is_floating_point():
         raise TypeError(f"hrows must be floating point, got {hrows.dtype}")

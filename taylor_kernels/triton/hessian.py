@@ -6,7 +6,10 @@ Delta_n[j] / K``. One program per (touched input ``b``, Hessian row ``r``, D-blo
 the chunk's points of ``b`` in ascending ``n`` (deterministic, no atomics); ``Delta`` is
 recomputed from ``x`` and the baselines (cached) per point. Memory bound: reads ``count*R*D``
 Hessian entries once. Arithmetic in float32 (float64 for float64 x); strided inputs are read
-through their strides. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+through their strides; offsets are int64. An ``index`` entry outside ``[0, D)`` is checked in
+the kernel (no host sync): nothing is read out of bounds and its output row ``out[:, r]`` is
+NaN for every touched input (see :func:`taylor_kernels.ops.hessian.ih_accumulate`). Runs on
+CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 
 from taylor_kernels.ops.hessian import register_ih_meta
 from taylor_kernels.reference.path import accumulation_dtype
+from taylor_kernels.triton.index import off, row_block
 from taylor_kernels.triton.path import _acc_tl, _block, _flat_nodes
 
 
@@ -27,26 +31,30 @@ def _ih_accumulate_kernel(h_ptr, x_ptr, bl_ptr, w_ptr, idx_ptr, out_ptr, start, 
                           ACC: tl.constexpr, BLOCK: tl.constexpr):
     b = first_row + tl.program_id(0).to(tl.int64)
     r = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    d = row_block(tl.program_id(2), BLOCK)
     mask = d < D
     i = tl.load(idx_ptr + r)
-    lo = tl.maximum(start, b * K * S)
-    hi = tl.minimum(start + count, (b + 1) * K * S)
+    valid = (i >= 0) & (i < D)  # out-of-range index: read feature 0, write NaN
+    i = tl.where(valid, i, 0)
+    lo = tl.maximum(start, b * off(K, S))
+    hi = tl.minimum(start + count, (b + 1) * off(K, S))
     bb = 0 if shared_baseline else b
-    xv = tl.load(x_ptr + b * sx_b + d * sx_d, mask=mask).to(ACC)
-    xi = tl.load(x_ptr + b * sx_b + i * sx_d).to(ACC)
+    xv = tl.load(x_ptr + off(b, sx_b) + off(d, sx_d), mask=mask).to(ACC)
+    xi = tl.load(x_ptr + off(b, sx_b) + off(i, sx_d)).to(ACC)
     acc = tl.zeros([BLOCK], dtype=ACC)
     for n in range(lo, hi):
         k = (n // S) % K
         if per_point_weights:
-            w = tl.load(w_ptr + n * s_w).to(ACC)
+            w = tl.load(w_ptr + off(n, s_w)).to(ACC)
         else:
-            w = tl.load(w_ptr + (n % S) * s_w).to(ACC)
-        base = tl.load(bl_ptr + bb * sbl_b + k * sbl_k + d * sbl_d, mask=mask).to(ACC)
-        di = xi - tl.load(bl_ptr + bb * sbl_b + k * sbl_k + i * sbl_d).to(ACC)
-        h = tl.load(h_ptr + (n - start) * sh_n + r * sh_r + d * sh_d, mask=mask).to(ACC)
+            w = tl.load(w_ptr + off(n % S, s_w)).to(ACC)
+        bl_row = bl_ptr + off(bb, sbl_b) + off(k, sbl_k)
+        base = tl.load(bl_row + off(d, sbl_d), mask=mask).to(ACC)
+        di = xi - tl.load(bl_row + off(i, sbl_d)).to(ACC)
+        h = tl.load(h_ptr + off(n - start, sh_n) + off(r, sh_r) + off(d, sh_d), mask=mask).to(ACC)
         acc += (w / K * di) * h * (xv - base)
-    tl.store(out_ptr + (b * R + r) * D + d, acc, mask=mask)
+    acc = tl.where(valid, acc, float("nan"))
+    tl.store(out_ptr + off(b * R + r, D) + d, acc, mask=mask)
 
 
 @triton_op("taylor_kernels::ih_accumulate_triton", mutates_args=())

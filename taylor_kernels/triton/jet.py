@@ -25,6 +25,7 @@ from torch.library import triton_op, wrap_triton
 
 from taylor_kernels.ops.jet import register_jet_meta
 from taylor_kernels.reference.jet import FN_CODES, accumulation_dtype
+from taylor_kernels.triton.index import off, row_block
 
 _BLOCK = 256
 _F = {name.upper(): tl.constexpr(code) for name, code in FN_CODES.items()}
@@ -36,7 +37,12 @@ RELU, SQUARE, RECIPROCAL, SQRT = _F["RELU"], _F["SQUARE"], _F["RECIPROCAL"], _F[
 
 @triton.jit
 def _get(p, s, o, k, mask, ACC: tl.constexpr):
-    return tl.load(p + k * s + o, mask=mask, other=0.0).to(ACC)
+    return tl.load(p + off(k, s) + o, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _put(p, s, o, k, val, mask):
+    tl.store(p + off(k, s) + o, val, mask=mask)
 
 
 @triton.jit
@@ -77,9 +83,9 @@ def _tanh_series(up, us, uo, yp, zp, wo, N, J, u0, mask, ACC: tl.constexpr,
     tl.store(zp + wo, 1 - y0 * y0, mask=mask)
     for k in range(1, J + 1):
         tl.debug_barrier()
-        tl.store(yp + k * N + wo, _integral(up, us, uo, zp, N, wo, k, mask, ACC, BLOCK), mask=mask)
+        _put(yp, N, wo, k, _integral(up, us, uo, zp, N, wo, k, mask, ACC, BLOCK), mask)
         tl.debug_barrier()
-        tl.store(zp + k * N + wo, -_cauchy(yp, N, wo, yp, N, wo, k, mask, ACC, BLOCK), mask=mask)
+        _put(zp, N, wo, k, -_cauchy(yp, N, wo, yp, N, wo, k, mask, ACC, BLOCK), mask)
 
 
 @triton.jit
@@ -91,10 +97,9 @@ def _sigmoid_series(up, us, uo, yp, zp, wo, N, J, u0, mask, ACC: tl.constexpr,
     for k in range(1, J + 1):
         tl.debug_barrier()
         yk = _integral(up, us, uo, zp, N, wo, k, mask, ACC, BLOCK)
-        tl.store(yp + k * N + wo, yk, mask=mask)
+        _put(yp, N, wo, k, yk, mask)
         tl.debug_barrier()
-        tl.store(zp + k * N + wo, yk - _cauchy(yp, N, wo, yp, N, wo, k, mask, ACC, BLOCK),
-                 mask=mask)
+        _put(zp, N, wo, k, yk - _cauchy(yp, N, wo, yp, N, wo, k, mask, ACC, BLOCK), mask)
 
 
 @triton.jit
@@ -107,15 +112,13 @@ def _gelu_series(up, us, uo, yp, pp, Pp, qp, wo, N, J, u0, mask, ACC: tl.constex
     tl.store(qp + wo, u0 * p0, mask=mask)
     for k in range(1, J + 1):
         tl.debug_barrier()
-        tl.store(Pp + k * N + wo, _integral(up, us, uo, pp, N, wo, k, mask, ACC, BLOCK),
-                 mask=mask)
-        tl.store(pp + k * N + wo, -_integral(up, us, uo, qp, N, wo, k, mask, ACC, BLOCK),
-                 mask=mask)
+        _put(Pp, N, wo, k, _integral(up, us, uo, pp, N, wo, k, mask, ACC, BLOCK), mask)
+        _put(pp, N, wo, k, -_integral(up, us, uo, qp, N, wo, k, mask, ACC, BLOCK), mask)
         tl.debug_barrier()
-        tl.store(qp + k * N + wo, _cauchy(up, us, uo, pp, N, wo, k, mask, ACC, BLOCK), mask=mask)
+        _put(qp, N, wo, k, _cauchy(up, us, uo, pp, N, wo, k, mask, ACC, BLOCK), mask)
     tl.debug_barrier()
     for k in range(0, J + 1):
-        tl.store(yp + k * N + wo, _cauchy(up, us, uo, Pp, N, wo, k, mask, ACC, BLOCK), mask=mask)
+        _put(yp, N, wo, k, _cauchy(up, us, uo, Pp, N, wo, k, mask, ACC, BLOCK), mask)
 
 
 @triton.jit
@@ -123,19 +126,19 @@ def _gelu_tanh_series(up, us, uo, yp, ap, Tp, zp, wo, N, J, mask, ACC: tl.conste
                       BLOCK: tl.constexpr):
     """a = c (u + 0.044715 u^3), T = tanh(a), y = (u + u T) / 2."""
     for k in range(0, J + 1):
-        tl.store(zp + k * N + wo, _cauchy(up, us, uo, up, us, uo, k, mask, ACC, BLOCK), mask=mask)
+        _put(zp, N, wo, k, _cauchy(up, us, uo, up, us, uo, k, mask, ACC, BLOCK), mask)
     tl.debug_barrier()
     for k in range(0, J + 1):
         cube = _cauchy(zp, N, wo, up, us, uo, k, mask, ACC, BLOCK)
         ak = 0.7978845608028654 * (_get(up, us, uo, k, mask, ACC) + 0.044715 * cube)
-        tl.store(ap + k * N + wo, ak, mask=mask)
+        _put(ap, N, wo, k, ak, mask)
     tl.debug_barrier()
     a0 = _get(ap, N, wo, 0, mask, ACC)
     _tanh_series(ap, N, wo, Tp, zp, wo, N, J, a0, mask, ACC, BLOCK)
     tl.debug_barrier()
     for k in range(0, J + 1):
         uT = _cauchy(up, us, uo, Tp, N, wo, k, mask, ACC, BLOCK)
-        tl.store(yp + k * N + wo, 0.5 * (_get(up, us, uo, k, mask, ACC) + uT), mask=mask)
+        _put(yp, N, wo, k, 0.5 * (_get(up, us, uo, k, mask, ACC) + uT), mask)
 
 
 @triton.jit
@@ -147,8 +150,8 @@ def _sincos_series(up, us, uo, sp, cp, wo, N, J, u0, mask, ACC: tl.constexpr,
         tl.debug_barrier()
         sk = _integral(up, us, uo, cp, N, wo, k, mask, ACC, BLOCK)
         ck = -_integral(up, us, uo, sp, N, wo, k, mask, ACC, BLOCK)
-        tl.store(sp + k * N + wo, sk, mask=mask)
-        tl.store(cp + k * N + wo, ck, mask=mask)
+        _put(sp, N, wo, k, sk, mask)
+        _put(cp, N, wo, k, ck, mask)
 
 
 @triton.jit
@@ -159,7 +162,7 @@ def _log_series(up, us, uo, yp, wo, N, J, u0, mask, ACC: tl.constexpr, BLOCK: tl
         acc = tl.zeros([BLOCK], dtype=ACC)
         for j in range(1, k):
             acc += j * _get(yp, N, wo, j, mask, ACC) * _get(up, us, uo, k - j, mask, ACC)
-        tl.store(yp + k * N + wo, (_get(up, us, uo, k, mask, ACC) - acc / k) / u0, mask=mask)
+        _put(yp, N, wo, k, (_get(up, us, uo, k, mask, ACC) - acc / k) / u0, mask)
 
 
 @triton.jit
@@ -172,16 +175,16 @@ def _power_series(up, us, uo, yp, wo, N, J, u0, p, mask, ACC: tl.constexpr,
         for j in range(1, k + 1):
             acc += ((p + 1) * j - k) * _get(up, us, uo, j, mask, ACC) * \
                 _get(yp, N, wo, k - j, mask, ACC)
-        tl.store(yp + k * N + wo, acc / (k * u0), mask=mask)
+        _put(yp, N, wo, k, acc / (k * u0), mask)
 
 
 @triton.jit
 def _jet_unary_kernel(u_ptr, su0, su1, y_ptr, w_ptr, N, J, FN: tl.constexpr,
                       ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = row_block(tl.program_id(0), BLOCK)
     mask = offs < N
-    uo = offs * su1
-    SL = (J + 1) * N  # one workspace series
+    uo = off(offs, su1)
+    SL = off(J + 1, N)  # one workspace series
     w1 = w_ptr
     w2 = w_ptr + SL
     w3 = w_ptr + 2 * SL
@@ -194,8 +197,8 @@ def _jet_unary_kernel(u_ptr, su0, su1, y_ptr, w_ptr, N, J, FN: tl.constexpr,
         tl.store(y_ptr + offs, tl.exp(u0), mask=mask)
         for k in range(1, J + 1):
             tl.debug_barrier()
-            tl.store(y_ptr + k * N + offs,
-                     _integral(u_ptr, su0, uo, y_ptr, N, offs, k, mask, ACC, BLOCK), mask=mask)
+            _put(y_ptr, N, offs, k,
+                 _integral(u_ptr, su0, uo, y_ptr, N, offs, k, mask, ACC, BLOCK), mask)
     elif FN == LOG:
         _log_series(u_ptr, su0, uo, y_ptr, offs, N, J, u0, mask, ACC, BLOCK)
     elif FN == SOFTPLUS or FN == SILU:
@@ -205,12 +208,12 @@ def _jet_unary_kernel(u_ptr, su0, su1, y_ptr, w_ptr, N, J, FN: tl.constexpr,
             tl.store(y_ptr + offs, tl.maximum(u0, 0.0) + tl.log(1 + tl.exp(-tl.abs(u0))),
                      mask=mask)
             for k in range(1, J + 1):
-                tl.store(y_ptr + k * N + offs,
-                         _integral(u_ptr, su0, uo, w1, N, offs, k, mask, ACC, BLOCK), mask=mask)
+                _put(y_ptr, N, offs, k,
+                     _integral(u_ptr, su0, uo, w1, N, offs, k, mask, ACC, BLOCK), mask)
         else:
             for k in range(0, J + 1):
-                tl.store(y_ptr + k * N + offs,
-                         _cauchy(u_ptr, su0, uo, w1, N, offs, k, mask, ACC, BLOCK), mask=mask)
+                _put(y_ptr, N, offs, k,
+                     _cauchy(u_ptr, su0, uo, w1, N, offs, k, mask, ACC, BLOCK), mask)
     elif FN == GELU:
         _gelu_series(u_ptr, su0, uo, y_ptr, w1, w2, w3, offs, N, J, u0, mask, ACC, BLOCK)
     elif FN == GELU_TANH:
@@ -222,11 +225,11 @@ def _jet_unary_kernel(u_ptr, su0, su1, y_ptr, w_ptr, N, J, FN: tl.constexpr,
     elif FN == RELU:
         on = tl.where(u0 > 0, 1.0, 0.0).to(ACC)
         for k in range(0, J + 1):
-            tl.store(y_ptr + k * N + offs, _get(u_ptr, su0, uo, k, mask, ACC) * on, mask=mask)
+            _put(y_ptr, N, offs, k, _get(u_ptr, su0, uo, k, mask, ACC) * on, mask)
     elif FN == SQUARE:
         for k in range(0, J + 1):
-            tl.store(y_ptr + k * N + offs,
-                     _cauchy(u_ptr, su0, uo, u_ptr, su0, uo, k, mask, ACC, BLOCK), mask=mask)
+            _put(y_ptr, N, offs, k,
+                 _cauchy(u_ptr, su0, uo, u_ptr, su0, uo, k, mask, ACC, BLOCK), mask)
     else:  # reciprocal, sqrt, rsqrt: powers -1, 1/2, -1/2
         if FN == RECIPROCAL:
             tl.store(y_ptr + offs, 1 / u0, mask=mask)
@@ -243,11 +246,11 @@ def _jet_unary_kernel(u_ptr, su0, su1, y_ptr, w_ptr, N, J, FN: tl.constexpr,
 @triton.jit
 def _jet_mul_kernel(a_ptr, sa0, sa1, b_ptr, sb0, sb1, out_ptr, N, J, ACC: tl.constexpr,
                     BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = row_block(tl.program_id(0), BLOCK)
     mask = offs < N
     for k in range(0, J + 1):
-        acc = _cauchy(a_ptr, sa0, offs * sa1, b_ptr, sb0, offs * sb1, k, mask, ACC, BLOCK)
-        tl.store(out_ptr + k * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc = _cauchy(a_ptr, sa0, off(offs, sa1), b_ptr, sb0, off(offs, sb1), k, mask, ACC, BLOCK)
+        _put(out_ptr, N, offs, k, acc.to(out_ptr.dtype.element_ty), mask)
 
 
 def _acc(dtype: torch.dtype):
@@ -290,11 +293,11 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _polarize_kernel(c_ptr, sm, sn, w_ptr, out_ptr, M, N, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = row_block(tl.program_id(0), BLOCK)
     mask = offs < N
     acc = tl.zeros([BLOCK], dtype=ACC)
     for m in range(0, M):  # ascending m: deterministic
-        acc += tl.load(w_ptr + m).to(ACC) * _get(c_ptr, sm, offs * sn, m, mask, ACC)
+        acc += tl.load(w_ptr + m).to(ACC) * _get(c_ptr, sm, off(offs, sn), m, mask, ACC)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

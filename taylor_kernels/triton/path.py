@@ -4,13 +4,15 @@ Same contract as :mod:`taylor_kernels.reference.path` (``n = (b*K + k)*S + s``):
 
 - ``path_points``: ``out[n - start] = bl[b|0, k] + alpha_n (x[b] - bl[b|0, k])``, one program
   per (point, D-block); alpha is read at ``s`` (``[S]`` nodes) or at ``n`` (``[B, K, S]``).
-- ``path_accumulate``: ``out[b] = sum_n w_n g[n - start] (x[b] - bl[b|0, k]) / K``, one program
-  per (touched row, D-block). It walks the chunk's points of its row in ascending ``n``, path
-  by path, so that ``x[b] - bl[k]`` is loaded once per path: deterministic, no atomics.
+- ``path_accumulate``: ``out[b] = sum_n w_n g[n - start] (x[b] - bl[b|0, k]) / K``. Each
+  touched row's points are cut into ``splits`` runs (:func:`accumulate_plan`, from the shapes
+  alone), one program per (run, touched row, D-block); a program walks its run path by path
+  (``x[b] - bl[k]`` loaded once per path), 16 points per step. With several runs a second
+  kernel adds the partial sums in run order: no atomics, bitwise equal run to run.
 
 Both are memory bound: ``path_points`` reads ``x`` and the baselines (cached across the ``S``
 points of a path) and writes ``count*D`` elements; ``path_accumulate`` reads ``count*D``
-gradients and writes ``B*D``. Arithmetic is in float32 (float64 for float64 inputs).
+gradients and writes ``B*D``. Arithmetic is in float32 (float64 for float64 inputs); offsets are int64 (:mod:`.index`).
 Strided inputs are read through their strides; outputs are contiguous.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -23,12 +25,18 @@ from torch.library import triton_op, wrap_triton
 
 from taylor_kernels.ops.path import register_path_meta
 from taylor_kernels.reference.path import accumulation_dtype
+from taylor_kernels.triton.index import off, row_block, split_bounds
 
-_BLOCK_D = 1024
+_BLOCK_D = 1024          # path_points / reduction: features per program
+_BLOCK_ACC = 256         # path_accumulate: features per program ...
+_BLOCK_N = 16            # ... times points per step (a [16, 256] tile in registers)
+_TARGET_PROGRAMS = 1024  # path_accumulate: split rows until this many programs (132 SMs x ~8)
+_MIN_POINTS_PER_SPLIT = 16
+_MAX_SPLITS = 256
 
 
-def _block(D: int) -> int:
-    return min(_BLOCK_D, triton.next_power_of_2(max(D, 16)))
+def _block(D: int, cap: int = _BLOCK_D) -> int:
+    return min(cap, triton.next_power_of_2(max(D, 16)))
 
 
 @triton.jit
@@ -36,49 +44,75 @@ def _path_points_kernel(x_ptr, bl_ptr, nodes_ptr, out_ptr, start, D, K, S,
                         sx_b, sx_d, sbl_b, sbl_k, sbl_d, s_nodes, per_point_nodes: tl.constexpr,
                         shared_baseline: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    d = row_block(tl.program_id(1), BLOCK)
     mask = d < D
     n = start + row
-    b = n // (K * S)
+    b = n // off(K, S)
     k = (n // S) % K
     if per_point_nodes:
-        alpha = tl.load(nodes_ptr + n * s_nodes).to(ACC)
+        alpha = tl.load(nodes_ptr + off(n, s_nodes)).to(ACC)
     else:
-        alpha = tl.load(nodes_ptr + (n % S) * s_nodes).to(ACC)
+        alpha = tl.load(nodes_ptr + off(n % S, s_nodes)).to(ACC)
     bb = 0 if shared_baseline else b
-    base = tl.load(bl_ptr + bb * sbl_b + k * sbl_k + d * sbl_d, mask=mask).to(ACC)
-    xv = tl.load(x_ptr + b * sx_b + d * sx_d, mask=mask).to(ACC)
+    base = tl.load(bl_ptr + off(bb, sbl_b) + off(k, sbl_k) + off(d, sbl_d), mask=mask).to(ACC)
+    xv = tl.load(x_ptr + off(b, sx_b) + off(d, sx_d), mask=mask).to(ACC)
     val = base + alpha * (xv - base)
-    tl.store(out_ptr + row * D + d, val.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + off(row, D) + d, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _path_accumulate_kernel(g_ptr, x_ptr, bl_ptr, w_ptr, out_ptr, start, count, first_row,
-                            D, K, S, sg_n, sg_d, sx_b, sx_d, sbl_b, sbl_k, sbl_d, s_w,
-                            per_point_weights: tl.constexpr, shared_baseline: tl.constexpr,
-                            ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b = first_row + tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _path_partial_kernel(g_ptr, x_ptr, bl_ptr, w_ptr, dst_ptr, start, count, first_row, nb,
+                         splits, D, K, S, sg_n, sg_d, sx_b, sx_d, sbl_b, sbl_k, sbl_d, s_w,
+                         per_point_weights: tl.constexpr, shared_baseline: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``(j*nb + bi, d-block)``: split ``j`` of touched row ``b = first_row + bi``.
+    Sums its points path by path (``x[b] - bl[k]`` loaded once per path), ``BLOCK_N`` points
+    per step in a fixed tree; writes ``sum / K`` into ``out[b]`` (``splits == 1``) or the raw
+    sum into ``partial[j*nb + bi]``."""
+    pid = tl.program_id(0).to(tl.int64)
+    bi = pid % nb
+    b = first_row + bi
+    d = row_block(tl.program_id(1), BLOCK)
     mask = d < D
-    lo = tl.maximum(start, b * K * S)
-    hi = tl.minimum(start + count, (b + 1) * K * S)
-    xv = tl.load(x_ptr + b * sx_b + d * sx_d, mask=mask).to(ACC)
+    KS = off(K, S)
+    lo, hi = split_bounds(tl.maximum(start, b * KS), tl.minimum(start + count, (b + 1) * KS),
+                          pid // nb, splits)
+    xv = tl.load(x_ptr + off(b, sx_b) + off(d, sx_d), mask=mask).to(ACC)
     bb = 0 if shared_baseline else b
     acc = tl.zeros([BLOCK], dtype=ACC)
     for p in range(lo // S, (hi + S - 1) // S):
         k = p % K
-        base = tl.load(bl_ptr + bb * sbl_b + k * sbl_k + d * sbl_d, mask=mask).to(ACC)
+        base = tl.load(bl_ptr + off(bb, sbl_b) + off(k, sbl_k) + off(d, sbl_d),
+                       mask=mask).to(ACC)
+        p_hi = tl.minimum(hi, (p + 1) * S)
         gsum = tl.zeros([BLOCK], dtype=ACC)
-        for n in range(tl.maximum(lo, p * S), tl.minimum(hi, (p + 1) * S)):
+        for n0 in range(tl.maximum(lo, p * S), p_hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < p_hi
             if per_point_weights:
-                w = tl.load(w_ptr + n * s_w).to(ACC)
+                w = tl.load(w_ptr + off(n, s_w), mask=n_mask, other=0.0).to(ACC)
             else:
-                w = tl.load(w_ptr + (n % S) * s_w).to(ACC)
-            g = tl.load(g_ptr + (n - start) * sg_n + d * sg_d, mask=mask).to(ACC)
-            gsum += w * g
+                w = tl.load(w_ptr + off(n % S, s_w), mask=n_mask, other=0.0).to(ACC)
+            g = tl.load(g_ptr + off(n - start, sg_n)[:, None] + off(d, sg_d)[None, :],
+                        mask=n_mask[:, None] & mask[None, :], other=0.0).to(ACC)
+            gsum += tl.sum(w[:, None] * g, axis=0)
         acc += gsum * (xv - base)
-    acc = acc / K
-    tl.store(out_ptr + b * D + d, acc, mask=mask)
+    if splits == 1:
+        tl.store(dst_ptr + off(b, D) + d, acc / K, mask=mask)
+    else:
+        tl.store(dst_ptr + off(pid, D) + d, acc, mask=mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(part_ptr, out_ptr, size, splits, K, ACC: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """``out[i] = (sum_j partial[j, i]) / K`` over ``size`` elements, ``j`` ascending."""
+    i = row_block(tl.program_id(0), BLOCK)
+    mask = i < size
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for j in range(0, splits):
+        total += tl.load(part_ptr + off(j, size) + i, mask=mask, other=0.0)
+    tl.store(out_ptr + i, total / K, mask=mask)
 
 
 def _acc_tl(dtype: torch.dtype):
@@ -112,6 +146,21 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
     return out
 
 
+def accumulate_plan(nb: int, D: int, count: int, K: int, S: int) -> tuple[int, int, int]:
+    """``(splits, BLOCK_D, programs)`` of ``path_accumulate`` for ``nb`` touched rows: each row's
+    points are cut into ``splits`` equal runs (one program each per ``BLOCK_D`` features) until
+    ``_TARGET_PROGRAMS`` programs run, keeping ``>= _MIN_POINTS_PER_SPLIT`` points per run.
+    Depends on the shapes only (not on the GPU), so equal inputs give bitwise equal sums."""
+    block = _block(D, _BLOCK_ACC)
+    units = nb * triton.cdiv(D, block)
+    splits = 1
+    if units < _TARGET_PROGRAMS:
+        rows = min(count, K * S)  # most points one row has in the chunk
+        splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, units), rows // _MIN_POINTS_PER_SPLIT,
+                            _MAX_SPLITS))
+    return splits, block, splits * units
+
+
 @triton_op("taylor_kernels::path_accumulate_triton", mutates_args=())
 def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
                     weights: torch.Tensor, start: int) -> torch.Tensor:
@@ -119,19 +168,26 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     B, D = x.shape
     K, S = baselines.shape[1], weights.shape[-1]
     count = grads.shape[0]
-    out = torch.zeros(B, D, dtype=accumulation_dtype(x.dtype), device=x.device)
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros(B, D, dtype=acc, device=x.device)
     if count == 0 or D == 0:
         return out
-    first_row, last_row = start // (K * S), (start + count - 1) // (K * S)
+    first_row = start // (K * S)
+    nb = (start + count - 1) // (K * S) - first_row + 1
     w, s_w = _flat_nodes(weights.to(device=x.device))
-    block = _block(D)
-    grid = (last_row - first_row + 1, triton.cdiv(D, block))
-    wrap_triton(_path_accumulate_kernel)[grid](
-        grads, x, baselines, w, out, start, count, first_row, D, K, S,
+    splits, block, _ = accumulate_plan(nb, D, count, K, S)
+    dst = out if splits == 1 else torch.empty(splits * nb, D, dtype=acc, device=x.device)
+    wrap_triton(_path_partial_kernel)[(splits * nb, triton.cdiv(D, block))](
+        grads, x, baselines, w, dst, start, count, first_row, nb, splits, D, K, S,
         grads.stride(0), grads.stride(1), x.stride(0), x.stride(1),
         baselines.stride(0), baselines.stride(1), baselines.stride(2), s_w,
         per_point_weights=weights.dim() == 3, shared_baseline=baselines.shape[0] == 1,
-        ACC=_acc_tl(x.dtype), BLOCK=block)
+        ACC=_acc_tl(x.dtype), BLOCK_N=_BLOCK_N, BLOCK=block)
+    if splits > 1:
+        rows = out[first_row:first_row + nb]  # contiguous [nb, D] view
+        size = nb * D
+        wrap_triton(_reduce_splits_kernel)[(triton.cdiv(size, _BLOCK_D),)](
+            dst, rows, size, splits, K, ACC=_acc_tl(x.dtype), BLOCK=_BLOCK_D)
     return out
 
 

@@ -93,3 +93,93 @@ def test_cuda_strided_and_deterministic():
     assert_close_ratio(first, ref.path_accumulate(grads, x, bl, alphas, 0), torch.float32)
     assert_close_ratio(tri().path_points_triton(x, bl, alphas, 3, 200),
                        ref.path_points(x, bl, alphas, 3, 200), torch.float32)
+
+
+def plan(*args):
+    from taylor_kernels.triton.path import accumulate_plan
+    return accumulate_plan(*args)
+
+
+def test_accumulate_plan_fills_the_gpu():
+    """A chunk with work for every SM launches >= 132 programs however few rows it touches;
+    the plan depends on the shapes alone."""
+    for nb, D, count, K, S in [(1, 1000, 4096, 1, 4096), (2, 3072, 1024, 4, 128),
+                               (1, 150528, 64, 1, 64), (1, 768, 2048, 2, 1024)]:
+        splits, block, programs = plan(nb, D, count, K, S)
+        assert programs >= 132 and programs == splits * nb * -(-D // block)
+        assert plan(nb, D, count, K, S) == (splits, block, programs)
+        assert count // splits >= 16 or splits == 1
+    assert plan(64, 4096, 64 * 32, 1, 32)[0] == 1  # enough rows: no second pass
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(2, 2, 37, 5, False, False, 0, 148),
+                                  (3, 3, 23, 19, True, True, 11, 170)], ids=str)
+def test_split_accumulate_matches_reference(dtype, case):
+    """Odd shapes with several splits per row (and chunks starting mid-path)."""
+    B, K, S, D, shared, per_point, start, count = case
+    x, bl, _, w = make(B, K, S, D, shared, dtype, per_point)
+    assert plan(B, D, count, K, S)[0] > 1
+    grads = torch.randn(count, D, dtype=dtype)
+    got = tri().path_accumulate_triton(grads, x, bl, w, start)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_ratio(got, ref.path_accumulate(grads, x, bl, w, start), got.dtype)
+
+
+@interpreted
+def test_split_accumulate_bitwise_stable():
+    x, bl, _, w = make(2, 2, 41, 7, False, torch.float32, False)
+    grads = torch.randn(164, 7)
+    first = tri().path_accumulate_triton(grads, x, bl, w, 0)
+    for _ in range(2):
+        assert torch.equal(first, tri().path_accumulate_triton(grads, x, bl, w, 0))
+
+
+@interpreted
+def test_ih_bad_index_is_checked_in_the_kernel():
+    """Triton ih_accumulate: an index outside [0, D) reads nothing out of bounds and gives NaN
+    rows; the other rows are exact. The public op raises for CPU tensors."""
+    from taylor_kernels.ops.hessian import ih_accumulate
+    from taylor_kernels.reference.hessian import ih_accumulate as ref_ih
+    from taylor_kernels.triton import hessian  # noqa: F401  (registers the op)
+    x, bl, _, w = make(2, 1, 3, 5, False, torch.float32, False)
+    h = torch.randn(6, 3, 5)
+    idx = torch.tensor([1, 5, -1])
+    out = tri().ih_accumulate_triton(h, x, bl, w, idx, 0)
+    assert out[:, 1:].isnan().all() and not out[:, 0].isnan().any()
+    good = ref_ih(h[:, :1], x, bl, w, idx[:1], 0)
+    assert_close_ratio(out[:, :1], good, torch.float32)
+    with pytest.raises(ValueError, match="index"):
+        ih_accumulate(h, x, bl, w, idx, 0)
+
+
+@requires_cuda
+def test_ih_bad_index_on_gpu_does_not_sync():
+    """On a GPU neither backend synchronizes for the index check; bad rows come back NaN."""
+    from taylor_kernels.ops.hessian import ih_accumulate
+    x, bl, _, w = make(2, 1, 3, 5, False, torch.float32, False, device="cuda")
+    h = torch.randn(6, 2, 5, device="cuda")
+    idx = torch.tensor([1, 7], device="cuda")
+    for name in [n for n in ("cuda", "triton") if backends.runs_on(n, x.device)]:
+        with backends.using(name):
+            ih_accumulate(h, x, bl, w, idx, 0)  # compile / load outside the sync check
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = ih_accumulate(h, x, bl, w, idx, 0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert out[:, 1].isnan().all() and not out[:, 0].isnan().any()
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(1, 1, 4096, 1000), (2, 4, 128, 3072), (3, 2, 333, 517)],
+                         ids=str)
+def test_cuda_split_accumulate_bitwise_stable(shape):
+    B, K, S, D = shape
+    x, bl, _, w = make(B, K, S, D, False, torch.float32, False, device="cuda")
+    grads = torch.randn(B * K * S, D, device="cuda")
+    first = tri().path_accumulate_triton(grads, x, bl, w, 0)
+    assert_close_ratio(first, ref.path_accumulate(grads, x, bl, w, 0), torch.float32)
+    for _ in range(3):
+        assert torch.equal(first, tri().path_accumulate_triton(grads, x, bl, w, 0))
