@@ -303,3 +303,61 @@ def test_batch_mixing_and_random_models_are_detected(cls, why, batch):
         tk.layer_integrated_gradients(model, model.l, x, target=0, steps=4)
     with tk.allow_row_coupling(model):
         tk.integrated_gradients(model, x, target=0, steps=4)
+
+
+class FakeAllocator:
+    """Stands in for the CUDA caching allocator's statistics (no GPU needed)."""
+
+    def __init__(self, allocated: int, peak: int):
+        self.allocated, self.peak = allocated, peak
+
+    def alloc(self, n: int):
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def install(self, monkeypatch):
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(cuda, "reset_peak_memory_stats",
+                            lambda device=None: setattr(self, "peak", self.allocated))
+        real_empty = torch.empty
+
+        def empty(n, dtype=None, device=None):  # a uint8 block of n bytes, freed at once
+            self.alloc(n)
+            self.allocated -= n
+            return real_empty(0)
+
+        monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises):
+    from taylor_kernels.engine import guards
+    fake = FakeAllocator(allocated=100, peak=1000)
+    fake.install(monkeypatch)
+
+    def run():
+        fake.alloc(50)   # the probe's transient memory
+        fake.allocated -= 50
+        if raises:
+            raise RuntimeError("probe failed")
+        return "out"
+
+    if raises:
+        with pytest.raises(RuntimeError, match="probe failed"):
+            guards.cuda_peak_bytes(run, torch.device("cuda"))
+    else:
+        assert guards.cuda_peak_bytes(run, torch.device("cuda")) == ("out", 50.0)
+    assert fake.peak == 1000 and fake.allocated == 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["integrated_gradients", "integrated_hessians", "hvp",
+                                  "captum.LayerIntegratedGradients"])
+def test_state_is_kept_on_cuda(name):
+    model, x = _model().cuda(), _x().cuda()
+    big = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    del big  # the caller's peak is now far above what the call needs
+    assert checked(METHODS[name], model, x, "ok") is None

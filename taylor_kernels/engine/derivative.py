@@ -142,13 +142,8 @@ def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
     autograd saves plus the point, gradient and product)."""
     v = torch.ones_like(xs).unsqueeze(1)
     if xs.device.type == "cuda":
-        with guards.cuda_peak_kept(xs.device):
-            torch.cuda.synchronize(xs.device)
-            before = torch.cuda.memory_allocated(xs.device)
-            torch.cuda.reset_peak_memory_stats(xs.device)
-            with math_attention():
-                _double_backward(f, xs, v)
-            return float(torch.cuda.max_memory_allocated(xs.device) - before)
+        with math_attention():
+            return guards.cuda_peak_bytes(lambda: _double_backward(f, xs, v), xs.device)[1]
     with memory.SavedBytes() as saved, math_attention():
         _double_backward(f, xs, v)
     return float(saved.total + 4 * xs.numel() * xs.element_size())

@@ -174,25 +174,25 @@ def allow_row_coupling(model: nn.Module):
         _ALLOWED.reset(token)
 
 
-@contextlib.contextmanager
-def cuda_peak_kept(device: torch.device):
-    """Measure inside with ``torch.cuda.reset_peak_memory_stats``; on exit the peak statistic
-    is raised back to its value before (by one allocation up to the old peak), so the
-    caller's ``torch.cuda.max_memory_allocated`` is unchanged. No-op for other devices."""
-    if device.type != "cuda":
-        yield
-        return
+def cuda_peak_bytes(run: Callable, device: torch.device):
+    """``(run(), bytes)``: the CUDA allocator's peak during ``run()`` above what was live
+    before it, measured with ``torch.cuda.reset_peak_memory_stats``. The caller's peak
+    statistic is then raised back to its old value (one allocation up to it, skipped if that
+    memory is not free), so ``torch.cuda.max_memory_allocated`` reads as it did."""
+    torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     try:
-        yield
+        out = run()
+        return out, float(torch.cuda.max_memory_allocated(device) - before)
     finally:
-        missing = peak - torch.cuda.max_memory_allocated(device)
-        if missing > 0:
-            need = peak - torch.cuda.memory_allocated(device)
+        if torch.cuda.max_memory_allocated(device) < peak:
             with contextlib.suppress(torch.cuda.OutOfMemoryError):
-                del_me = torch.empty(need, dtype=torch.uint8, device=device)
+                del_me = torch.empty(peak - torch.cuda.memory_allocated(device),
+                                     dtype=torch.uint8, device=device)
                 del del_me
 
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_rows_independent", "coupling_submodules",
-           "cuda_peak_kept", "modules_of", "preserved_buffers"]
+           "cuda_peak_bytes", "modules_of", "preserved_buffers"]

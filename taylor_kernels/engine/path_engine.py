@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from taylor_kernels import ops
-from taylor_kernels.engine import distributed, memory
+from taylor_kernels.engine import distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.reference.path import accumulation_dtype
 
@@ -85,12 +85,8 @@ class _Chunks:
 def _measure(run, device: torch.device) -> tuple[torch.Tensor, float]:
     """Run ``run()`` (path gradients ``[count, D]`` or ``[T, count, D]``) and return its result
     with the bytes it needed beyond what was live."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = run()
-        return out, float(torch.cuda.max_memory_allocated(device) - before)
+    if device.type == "cuda":  # the caller's peak statistic is kept
+        return guards.cuda_peak_bytes(run, device)
     with memory.SavedBytes() as saved:
         out = run()
     outputs = out.shape[0] if out.dim() == 3 else 1
