@@ -2,8 +2,9 @@
 
 Backends: ``reference`` (pure PyTorch, any device), ``cpp`` (C++/OpenMP, CPU tensors),
 ``cuda`` (CUDA C++, CUDA tensors), ``triton`` (CUDA tensors; CPU tensors only under
-``TRITON_INTERPRET=1``). ``auto`` picks by device: CPU -> cpp, else reference; CUDA -> cuda,
-else triton, else reference. The environment variable ``TAYLOR_KERNELS_BACKEND`` sets the
+``TRITON_INTERPRET=1``). ``auto`` picks by device: CPU -> cpp, else reference; CUDA -> the
+op's measured choice in :mod:`taylor_kernels.backend_table` if any, else cuda, else triton,
+else reference. The environment variable ``TAYLOR_KERNELS_BACKEND`` sets the
 initial process default; :func:`use` changes the process default at run time.
 
 :func:`using` (and every ``backend=`` argument) forces a backend through a
@@ -22,7 +23,7 @@ import os
 
 import torch
 
-from taylor_kernels import _native
+from taylor_kernels import _native, backend_table
 
 NAMES = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "TAYLOR_KERNELS_BACKEND"
@@ -100,13 +101,18 @@ def runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
-def resolve(device: torch.device) -> str:
-    """The backend an op on ``device`` uses now; raises if a forced one cannot run there."""
+def resolve(device: torch.device, op: str | None = None) -> str:
+    """The backend an op on ``device`` uses now; raises if a forced one cannot run there.
+    Under ``auto`` on CUDA, op ``op`` takes the measured choice of :mod:`.backend_table`."""
     name = current()
     if name != "auto":
         if not runs_on(name, device):
             raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
                                f"(available: {[k for k, v in available().items() if v]})")
         return name
+    if op is not None and device.type == "cuda":
+        measured = backend_table.choice(op, device)
+        if measured is not None and runs_on(measured, device):
+            return measured
     order = ("cpp", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
     return next(n for n in order if runs_on(n, device))

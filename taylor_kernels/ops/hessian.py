@@ -69,7 +69,7 @@ if _native.has_cpp() and hasattr(torch.ops.taylor_kernels, "ih_accumulate"):
 
 
 def _backend_fn(device: torch.device):
-    name = backends.resolve(device)
+    name = backends.resolve(device, "ih_accumulate")
     if name == "reference":
         return ref.ih_accumulate
     if name == "triton":

@@ -107,8 +107,8 @@ if _native.has_cpp():
     register_path_meta("taylor_kernels::path_points", "taylor_kernels::path_accumulate")
 
 
-def _backend_fns(device: torch.device):
-    name = backends.resolve(device)
+def _backend_fns(device: torch.device, op: str):
+    name = backends.resolve(device, op)
     if name == "reference":
         return ref.path_points, ref.path_accumulate
     if name == "triton":
@@ -127,7 +127,7 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
     Returns: ``[count, D]`` in ``x.dtype`` (computed in float32, float64 for float64).
     """
     ref.check_path_args(x, baselines, alphas, start, count)
-    return _backend_fns(x.device)[0](x, baselines, alphas, start, count)
+    return _backend_fns(x.device, "path_points")[0](x, baselines, alphas, start, count)
 
 
 def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
@@ -140,4 +140,4 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     Deterministic for a given chunking. Differentiable in grads, x, baselines and weights.
     """
     ref.check_accumulate_args(grads, x, baselines, weights, start)
-    return _backend_fns(x.device)[1](grads, x, baselines, weights, start)
+    return _backend_fns(x.device, "path_accumulate")[1](grads, x, baselines, weights, start)
