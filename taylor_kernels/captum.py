@@ -14,14 +14,25 @@ path engine and the selected kernel backend. Extras on every ``attribute``: ``ma
 ``backend=``, ``progress=``; IG also ``method="adaptive"`` with ``tol=``. After a call,
 ``instance.last_result`` holds the :class:`~taylor_kernels.AttributionResult` (evaluations).
 Captum itself is not needed at run time. Implementation: :mod:`taylor_kernels.captum_front`.
+
+For libraries built on Captum (Inseq, ...) that create Captum's classes themselves::
+
+    import taylor_kernels.captum as tkc
+    tkc.patch()          # Captum's IG-family classes now run on taylor-kernels, in place
+    ...                  # unchanged library code
+    tkc.unpatch()        # every patched attribute restored exactly
+    with tkc.patched():  # the same, for one block
+        ...
 """
 from taylor_kernels.captum_front import (GradientShap, IntegratedGradients, InternalInfluence,
                                          LayerConductance, LayerGradientShap,
                                          LayerIntegratedGradients, NeuronConductance,
                                          NeuronIntegratedGradients, NoiseTunnel)
+from taylor_kernels.captum_front.patch import is_patched, patch, patched, unpatch
 
 __all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",
            "LayerGradientShap", "LayerIntegratedGradients", "NeuronConductance",
-           "NeuronIntegratedGradients", "NoiseTunnel"]
+           "NeuronIntegratedGradients", "NoiseTunnel", "is_patched", "patch", "patched",
+           "unpatch"]
 from taylor_kernels.captum_front.llm import (LLMAttributionResult,  # noqa: E402,F401
                                              LLMGradientAttribution, TextTokenInput)

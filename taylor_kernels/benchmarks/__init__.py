@@ -30,6 +30,7 @@ from taylor_kernels.benchmarks import cases_scale
 from taylor_kernels.benchmarks import cases_hessian
 from taylor_kernels.benchmarks import cases_jet
 from taylor_kernels.benchmarks import cases_exact
+from taylor_kernels.benchmarks import cases_inseq
 from taylor_kernels.benchmarks.machine import bench_device, device_label, machine_info
 from taylor_kernels.benchmarks.report import write_json
 
@@ -38,6 +39,7 @@ FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": c
 FAMILIES["hessian"] = cases_hessian
 FAMILIES["jet"] = cases_jet
 FAMILIES["exact"] = cases_exact
+FAMILIES["inseq"] = cases_inseq
 SCHEMA = 1
 
 

@@ -1,0 +1,107 @@
+"""``patch()``: Captum's own path-integral classes run on taylor-kernels, in this process.
+
+Libraries built on Captum (Inseq, ...) import Captum's classes by name when they load
+(``from captum.attr import IntegratedGradients``) and create instances of them, so rebinding
+names in ``captum.attr`` would never reach them. :func:`patch` therefore edits the classes
+themselves: ``attribute`` and ``compute_convergence_delta`` of each class in
+:data:`PATCHED_CLASSES` are replaced, in place, by functions that build the matching
+:mod:`taylor_kernels.captum` object from the Captum instance (its ``forward_func``,
+``layer``, ``device_ids``, ``multiplies_by_inputs``) and call it. Every existing and future
+instance, and every reference to the class, then runs on the path engine. The replacements
+keep Captum's ``attribute.__wrapped__`` protocol (Captum's own ``NoiseTunnel`` over a patched
+class works, batch by batch) and report our signature to ``inspect.signature``.
+
+:func:`unpatch` puts back exactly the objects that were in each class ``__dict__`` (or removes
+what was not there); :func:`patched` is the context-manager form.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import threading
+import warnings
+
+from taylor_kernels import captum_front
+
+PATCHED_CLASSES = ("IntegratedGradients", "LayerIntegratedGradients",
+                   "NeuronIntegratedGradients", "GradientShap", "LayerGradientShap",
+                   "LayerConductance", "NeuronConductance", "InternalInfluence")
+METHODS = ("attribute", "compute_convergence_delta")
+_MISSING = object()
+_LOCK = threading.Lock()
+_saved: dict[tuple[type, str], object] = {}
+
+
+def _ours(inst, ours_cls):
+    """Our object equivalent to Captum instance ``inst`` (built per call: cheap)."""
+    kwargs = {}
+    for name in list(inspect.signature(ours_cls.__init__).parameters)[1:]:
+        if name == "multiply_by_inputs":
+            kwargs[name] = inst.multiplies_by_inputs
+        else:
+            kwargs[name] = getattr(inst, name)
+    with warnings.catch_warnings():  # Captum's constructor already warned about what it got
+        warnings.simplefilter("ignore")
+        return ours_cls(**kwargs)
+
+
+def _replacement(ours_cls, name: str):
+    """A function for ``CaptumClass.<name>`` that runs ``ours_cls.<name>``."""
+    impl = getattr(ours_cls, name)
+
+    def run(self, *args, **kwargs):
+        return impl(_ours(self, ours_cls), *args, **kwargs)
+
+    def method(self, *args, **kwargs):
+        return run(self, *args, **kwargs)
+
+    functools.update_wrapper(method, impl)
+    method.__wrapped__ = run  # Captum's NoiseTunnel calls attribute.__wrapped__(instance, ...)
+    method.__signature__ = inspect.signature(impl)
+    method.__taylor_kernels__ = True
+    return method
+
+
+def is_patched() -> bool:
+    """Whether :func:`patch` is in effect."""
+    return bool(_saved)
+
+
+def patch() -> None:
+    """Make Captum's path-integral classes (:data:`PATCHED_CLASSES`) run on taylor-kernels,
+    in place, for every instance and every reference; idempotent."""
+    captum_attr = importlib.import_module("captum.attr")
+    with _LOCK:
+        if _saved:
+            return
+        for cls_name in PATCHED_CLASSES:
+            cls, ours_cls = getattr(captum_attr, cls_name), getattr(captum_front, cls_name)
+            for name in METHODS:
+                _saved[(cls, name)] = cls.__dict__.get(name, _MISSING)
+                setattr(cls, name, _replacement(ours_cls, name))
+
+
+def unpatch() -> None:
+    """Restore every patched class attribute to the exact object it was (idempotent)."""
+    with _LOCK:
+        for (cls, name), original in _saved.items():
+            if original is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)
+        _saved.clear()
+
+
+@contextlib.contextmanager
+def patched():
+    """``with patched(): ...`` runs the block with Captum patched, then restores the state
+    from before (still patched if it was)."""
+    was = is_patched()
+    patch()
+    try:
+        yield
+    finally:
+        if not was:
+            unpatch()

@@ -1,0 +1,133 @@
+"""``taylor_kernels.captum.patch()`` with Inseq as the real client, and exact restoration.
+
+Inseq imports Captum's classes by name when it loads and creates their instances itself; under
+``patch()`` those instances run on our path engine (checked by counting engine passes) and give
+the same attributions and deltas as Inseq on Captum. ``unpatch()`` puts back the very objects
+that were in each class ``__dict__``.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from captum import attr as ca
+
+import taylor_kernels.captum as tkc
+from taylor_kernels.captum_front import patch as patch_mod
+from taylor_kernels.engine import path_engine
+
+F64 = torch.float64
+
+
+def _class_state():
+    return {(name, m): getattr(ca, name).__dict__.get(m, patch_mod._MISSING)
+            for name in patch_mod.PATCHED_CLASSES for m in patch_mod.METHODS}
+
+
+def test_patch_replaces_and_unpatch_restores_identity():
+    before = _class_state()
+    assert not tkc.is_patched()
+    tkc.patch()
+    tkc.patch()  # idempotent
+    try:
+        for (name, m), orig in before.items():
+            now = getattr(ca, name).__dict__[m]
+            assert now is not orig and now.__taylor_kernels__
+        sig = inspect.signature(ca.IntegratedGradients(torch.nn.Linear(2, 1)).attribute)
+        assert "max_memory" in sig.parameters and "self" not in sig.parameters
+    finally:
+        tkc.unpatch()
+    after = _class_state()
+    assert all(after[k] is v for k, v in before.items())
+    tkc.unpatch()  # idempotent
+    with tkc.patched():
+        assert tkc.is_patched()
+        with tkc.patched():  # nested: the inner block leaves the outer patch in place
+            pass
+        assert tkc.is_patched()
+    assert not tkc.is_patched()
+    assert all(_class_state()[k] is v for k, v in before.items())
+
+
+def test_patched_captum_classes_equal_captum(monkeypatch):
+    """Instances created before patching, Captum's NoiseTunnel over them, every class."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    net = net.double()
+    x = torch.randn(3, 4, dtype=F64)
+    calls = []
+    integrate = path_engine.integrate
+    monkeypatch.setattr(path_engine, "integrate", lambda *a, **k: calls.append(1) or
+                        integrate(*a, **k))
+    layer_calls = {"IntegratedGradients": (), "GradientShap": ()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in patch_mod.PATCHED_CLASSES:
+            args = layer_calls.get(name, (net[0],))
+            inst = getattr(ca, name)(net, *args)
+            kw = {"target": 1}
+            extra = ()
+            if "Neuron" in name:
+                extra, kw = (2,), ({} if name == "NeuronIntegratedGradients" else kw)
+            if "Shap" in name:
+                extra = (torch.randn(5, 4, dtype=F64),)
+
+            def call():
+                torch.manual_seed(1)
+                np.random.seed(1)
+                return inst.attribute(x, *extra, **kw)
+
+            ref = call()
+            n = len(calls)
+            with tkc.patched():
+                ours = call()
+            assert len(calls) > n, name  # our engine ran
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-8)
+        ig = ca.IntegratedGradients(net)
+        nt = ca.NoiseTunnel(ig)
+        torch.manual_seed(2)
+        ref = nt.attribute(x, nt_samples=3, stdevs=0.1, target=0, n_steps=5)
+        with tkc.patched():
+            torch.manual_seed(2)
+            ours = nt.attribute(x, nt_samples=3, stdevs=0.1, target=0, n_steps=5)
+            delta = ig.compute_convergence_delta(ours, 0.0, x, target=0)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(delta, ca.IntegratedGradients(net).compute_convergence_delta(
+            ours, 0.0, x, target=0))
+
+
+# ------------------------------------------------------------------------ Inseq
+
+
+@pytest.fixture(scope="module")
+def inseq_case():
+    pytest.importorskip("inseq")
+    from taylor_kernels.benchmarks import cases_inseq
+    model, tok = cases_inseq.tiny_gpt2(n_embd=16, n_layer=2)
+    return cases_inseq, model, tok
+
+
+@pytest.mark.parametrize("method, options", [
+    ("integrated_gradients", {}),
+    ("layer_integrated_gradients", {"multiply_by_inputs": False}),
+    ("layer_integrated_gradients", {})])
+def test_inseq_under_patch_equals_inseq_on_captum(inseq_case, method, options, monkeypatch):
+    ci, model, tok = inseq_case
+    am = ci.load(model, tok, method, **options)
+    prompts = ["the cat sat on", "a dog"]
+    ref = ci.attribute(am, prompts, new_tokens=2, n_steps=8, patch=False)
+    calls = []
+    integrate = path_engine.integrate
+    monkeypatch.setattr(path_engine, "integrate", lambda *a, **k: calls.append(1) or
+                        integrate(*a, **k))
+    ours = ci.attribute(am, prompts, new_tokens=2, n_steps=8, patch=True)
+    assert len(calls) >= 2  # one engine pass per generated token
+    assert not tkc.is_patched()
+    diff, scale = ci.max_difference(ours, ref)
+    if options or method == "integrated_gradients":
+        assert scale > 0  # a comparison that can fail
+    assert diff <= 1e-5 * max(scale, 1e-6)
+
