@@ -150,7 +150,16 @@ METHODS = {
     "taylor_decomposition": lambda m, x: tk.taylor_decomposition(m, x, target=1, order=2),
     "hvp": lambda m, x: tk.hvp(_row_fn(m), x, torch.ones_like(x)),
     "hessian": lambda m, x: tk.hessian(_row_fn(m), x, index=[0, 4]),
+    "hessian_diagonal": lambda m, x: tk.hessian_diagonal(_row_fn(m), x, "hutchinson",
+                                                         samples=2, seed=0),
+    "third_order": lambda m, x: tk.third_order(_row_fn(m), x, torch.ones_like(x), x),
+    "greedy_interaction_sets": lambda m, x: tk.greedy_interaction_sets(
+        m, x, target=1, max_order=3, beam=1, feature_mask=_MASK),
+    "global_interactions": lambda m, x: tk.global_interactions(m, x, target=1, sets=[(0, 1)]),
     "fourteen_methods": lambda m, x: tk.fourteen_methods(m, x, target=1, settings=_SMALL),
+    "unification_table": lambda m, x: tk.unification_table(
+        m, x[:1], target=1, order=2, max_terms=4, settings=_SMALL,
+        methods=("integrated_gradients", "occlusion_1")),
     "captum.IntegratedGradients": lambda m, x: tkc.IntegratedGradients(m).attribute(
         x, target=1, n_steps=4),
     "captum.LayerIntegratedGradients": lambda m, x: tkc.LayerIntegratedGradients(

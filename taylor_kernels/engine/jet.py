@@ -25,6 +25,7 @@ level, a file, a random draw) needs ``cache=False``.
 """
 from __future__ import annotations
 
+import threading
 import types
 import warnings
 import weakref
@@ -47,6 +48,7 @@ _SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
            types.MethodType, torch.Tensor, nn.Module)
 _SKIP = frozenset(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
+_TRACES_LOCK = threading.Lock()  # the LRU is shared by threads
 _TRACE_CACHE_SIZE = 16  # traced functions kept (a small LRU: entries hold the model alive)
 
 
@@ -123,10 +125,11 @@ def _trace(f, cache: bool = True) -> fx.GraphModule | None:
     """``x -> f(x)`` as a GraphModule, else with child modules as leaves, else None; cached
     (``cache=True``) until :func:`_trace_key` of ``f`` changes."""
     key = _trace_key(f) if cache else None
-    hit = _TRACES.get(id(f)) if cache else None
-    if hit is not None and hit[0]() is f and hit[1] == key:
-        _TRACES.move_to_end(id(f))
-        return hit[2]
+    with _TRACES_LOCK:
+        hit = _TRACES.get(id(f)) if cache else None
+        if hit is not None and hit[0]() is f and hit[1] == key:
+            _TRACES.move_to_end(id(f))
+            return hit[2]
 
     def call(x):
         return f(x)
@@ -143,12 +146,14 @@ def _trace(f, cache: bool = True) -> fx.GraphModule | None:
     if not cache:
         return gm
     try:
-        _TRACES[id(f)] = (weakref.ref(f), key, gm)
+        ref = weakref.ref(f)
     except TypeError:  # not weak-referenceable: trace again next time
         return gm
-    _TRACES.move_to_end(id(f))
-    while len(_TRACES) > _TRACE_CACHE_SIZE:
-        _TRACES.popitem(last=False)
+    with _TRACES_LOCK:
+        _TRACES[id(f)] = (ref, key, gm)
+        _TRACES.move_to_end(id(f))
+        while len(_TRACES) > _TRACE_CACHE_SIZE:
+            _TRACES.popitem(last=False)
     return gm
 
 
