@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""The prepared GPU check (driver of ``bench/gpu_check.sh``; bench/README.md, section GPU).
+
+``python bench/gpu_check.py [--dry-run] [--out DIR] [--budget SECONDS]``
+
+Steps, each a subprocess with its own timeout inside one overall budget (default 470 s, under
+the 8 minutes a device call is sized for); a failing or timed-out step is recorded, never fatal,
+and a step that no longer fits is recorded as skipped:
+
+1. ``wheels``    install offline (``pip --no-index``) the wheels of bench/wheels whose module is
+                 missing (Captum, path_explain, transformers and its dependencies);
+2. ``build``     build the extension with CUDA kernels for the local architecture;
+3. ``gpu_tests`` every GPU-marked test (bench/gpu_marked.py selects them);
+4. ``ops``       every op on cuda / triton / eager vs the copy bandwidth (bench/gpu_ops.py);
+                 its checks and timings give the per-op backend table;
+5. ``memcheck``  ``compute-sanitizer --tool memcheck`` over the ops' short check run;
+6. ``ig_cnn``    IG vs Captum at equal steps (family ``ig_vs_captum``: MLP and CNN);
+7. ``ig_gpt2``   IG vs Captum at equal steps on a GPT-2 ``transformers`` config (LayerIG on the
+                 embeddings, time, peak memory, agreement; from ``cases_llm``);
+8. ``jet``       jets vs nested jvp, fused jet_unary vs the eager recurrence (family ``jet``);
+9. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``).
+
+Writes ``DIR/gpu-<device>-<date>.txt`` (tables) and ``.json`` (everything), and
+``DIR/backend_table.json`` (this device merged into the packaged table; copy it to
+``taylor_kernels/backend_table.json`` to make ``auto`` use it). ``--dry-run`` runs the same steps
+on the CPU at tiny sizes, skipping (and saying so) what needs a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEELS = ROOT / "bench" / "wheels"
+# wheel distribution name -> module it provides (installed only when that module is missing)
+WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transformers": "transformers",
+                 "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
+                 "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml"}
+REQUIRED_MODULES = ("captum", "transformers", "path_explain")
+RESERVE_S = 8  # kept back from the budget for writing the results
+
+
+class Check:
+    """Runs the steps against one deadline and collects their records."""
+
+    def __init__(self, dry: bool, out: Path, budget: float, parts: Path):
+        self.dry, self.out, self.parts = dry, out, parts
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + budget
+        self.steps: list[dict] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.env.pop("TRITON_INTERPRET", None) if not dry else None
+        self.py = sys.executable
+
+    def record(self, name: str, status: str, note: str = "", **extra) -> dict:
+        rec = {"step": name, "status": status, "note": note, "wall_s": 0.0, **extra}
+        self.steps.append(rec)
+        print(f"[gpu_check] {name}: {status}{' - ' + note if note else ''}", flush=True)
+        return rec
+
+    def run(self, name: str, cmd: list[str], timeout: float, note: str = "",
+            env: dict | None = None) -> dict:
+        """Run ``cmd`` (cwd = repository root) within ``timeout`` and the overall budget."""
+        left = self.deadline - time.monotonic() - RESERVE_S
+        if left < 10:
+            return self.record(name, "skipped", f"out of time ({left:.0f} s left of the budget)")
+        limit = min(timeout, left)
+        print(f"[gpu_check] {name}: running (limit {limit:.0f} s): {' '.join(cmd)}", flush=True)
+        t = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env or self.env, timeout=limit, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            status = "passed" if proc.returncode == 0 else f"failed (rc {proc.returncode})"
+            output = proc.stdout
+        except subprocess.TimeoutExpired as exc:
+            status = f"timeout ({limit:.0f} s)"
+            output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rec = self.record(name, status, note, cmd=cmd, output_tail=output[-6000:])
+        rec["wall_s"] = time.monotonic() - t
+        print(output[-1500:], flush=True)
+        return rec
+
+
+def install_wheels(c: Check) -> None:
+    """Step ``wheels``: offline install of the carried wheels whose module is missing."""
+    site = c.parts / "site"
+    wanted = []
+    for whl in sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []:
+        dist = whl.name.split("-")[0].lower()
+        module = WHEEL_MODULES.get(dist)
+        if module and importlib.util.find_spec(module) is None:
+            wanted.append(str(whl))
+    if wanted:
+        c.run("wheels", [c.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                         "--no-compile", "--target", str(site), *wanted], 120,
+              note=f"installing {[Path(w).name.split('-')[0] for w in wanted]}")
+        c.env["PYTHONPATH"] = os.pathsep.join(
+            [str(site)] + ([c.env["PYTHONPATH"]] if c.env.get("PYTHONPATH") else []))
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if not wanted:
+        c.record("wheels", "failed" if missing else "passed",
+                 (f"missing {missing}; no wheel for them in bench/wheels (run "
+                  "bench/fetch_gpu_wheels.sh where pip can reach PyPI)") if missing
+                 else "every needed module is importable; nothing installed")
+    elif missing:
+        c.steps[-1]["note"] += f"; still missing {missing}"
+
+
+def cuda_arch() -> str:
+    """The local GPU's compute capability as CMake wants it (``"90"`` on an H100/H200)."""
+    import torch
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}"
+
+
+def build(c: Check) -> None:
+    """Step ``build``: the extension with CUDA kernels for this GPU (editable install)."""
+    if c.dry:
+        c.record("build", "skipped", "dry run: uses the extension already built here (no nvcc "
+                 "build on the CPU; CI compile-checks the .cu files in .ci/compile_cuda.sh)")
+        return
+    env = dict(c.env, TAYLOR_KERNELS_CUDA="ON", TAYLOR_KERNELS_CUDA_ARCHS=cuda_arch(),
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 8))
+    probe = ("from taylor_kernels import _native; import sys; ok = _native.has_cuda_kernels(); "
+             "print('CUDA kernels loaded:', ok, _native.LOAD_ERROR or ''); sys.exit(0 if ok else 1)")
+    c.run("build", ["bash", "-c", f"{c.py} -m pip install --no-build-isolation --no-deps "
+                    f"--no-index -e . && {c.py} -c \"{probe}\""], 240,
+          note=f"sm_{env['TAYLOR_KERNELS_CUDA_ARCHS']}", env=env)
+
+
+def gpu_test_files() -> list[str]:
+    """Test files that can hold GPU-marked tests (they mention CUDA at all)."""
+    files = sorted(ROOT.glob("tests/**/test_*.py"))
+    return [str(f.relative_to(ROOT)) for f in files if "cuda" in f.read_text().lower()]
+
+
+def gpu_tests(c: Check) -> dict:
+    """Step ``gpu_tests``: the GPU-marked tests (dry run: collected and counted only)."""
+    report = c.parts / "gpu_tests.json"
+    env = dict(c.env, TK_GPU_TESTS_JSON=str(report), PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "bench")] + ([c.env["PYTHONPATH"]] if c.env.get("PYTHONPATH") else [])))
+    extra = ["--collect-only"] if c.dry else []
+    rec = c.run("gpu_tests", [c.py, "-m", "pytest", "-p", "gpu_marked", "-q", "-p",
+                              "no:cacheprovider", *extra, *gpu_test_files()], 150, env=env,
+                note="dry run: collected and counted, not run (they need a GPU)" if c.dry else "")
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    outcomes = data.get("outcomes", {})
+    rec["selected"] = data.get("selected")
+    rec["failed"] = sorted(k for k, v in outcomes.items() if v == "failed")
+    rec["counts"] = {s: sum(v == s for v in outcomes.values()) for s in
+                     ("passed", "failed", "skipped")}
+    return rec
+
+
+def ops_step(c: Check) -> dict | None:
+    """Step ``ops``: the op benchmark and checks (bench/gpu_ops.py)."""
+    path = c.parts / "ops.json"
+    cmd = [c.py, "bench/gpu_ops.py", "--out", str(path)]
+    c.run("ops", cmd + (["--tiny", "--device", "cpu"] if c.dry else []), 120,
+          note="dry run: tiny shapes, cpp vs eager on the CPU" if c.dry else "")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def memcheck(c: Check) -> None:
+    """Step ``memcheck``: compute-sanitizer over the ops' short check run."""
+    tool = shutil.which("compute-sanitizer") or next(
+        (str(p) for p in Path("/usr/local/cuda/bin").glob("compute-sanitizer")), None)
+    if c.dry or tool is None:
+        c.record("memcheck", "skipped", "needs a GPU and compute-sanitizer" if c.dry
+                 else "compute-sanitizer not found")
+        return
+    env = dict(c.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # out-of-bounds hits fresh allocations
+    c.run("memcheck", [tool, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit",
+                       "20", c.py, "bench/gpu_ops.py", "--tiny", "--check-only", "--out",
+                       str(c.parts / "memcheck_ops.json")], 120, env=env)
+
+
+def family(c: Check, step: str, name: str, timeout: float) -> dict | None:
+    """A registered benchmark family through bench/run.py (``--quick`` on the GPU, ``--smoke``
+    on a dry run)."""
+    path = c.parts / f"family-{name}.json"
+    tier = ["--smoke", "--device", "cpu"] if c.dry else ["--quick", "--device", "cuda"]
+    c.run(step, [c.py, "bench/run.py", "--only", name, *tier, "--out", str(path)], timeout)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def gpt2_probe(dry: bool, out: str) -> int:
+    """``--step gpt2``: Captum ``LayerIntegratedGradients`` vs ours at equal steps on a GPT-2
+    config (case ``gpt2 next`` of ``cases_llm``), one fresh process per method."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from taylor_kernels.benchmarks import cases_llm
+    spec = cases_llm.TINY if dry else cases_llm.GPT2
+    steps = 8 if dry else cases_llm.STEPS
+    cases_llm.CASES["gpu_check"] = [("gpt2 next", spec, "next", 8 if dry else 22, 0, steps,
+                                     ["captum_lig", "tk_lig"])]
+    cases_llm.REPEATS["gpu_check"] = 1 if dry else 3
+    result = cases_llm.run("gpu_check", torch.device("cpu" if dry else "cuda"))
+    Path(out).write_text(json.dumps(result, indent=1, default=str))
+    for table in cases_llm.tables(result):
+        print(table)
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+def device_label(dry: bool) -> tuple[str, dict]:
+    import torch
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": _version("triton"), "python": sys.version.split()[0],
+            "nvcc": _nvcc_version()}
+    if dry or not torch.cuda.is_available():
+        return "cpu-dryrun", info
+    name = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    info.update(device=name, capability=f"{props.major}.{props.minor}",
+                sms=props.multi_processor_count, memory_bytes=props.total_memory)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-"), info
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001  (absent or broken: recorded as None)
+        return None
+
+
+def _nvcc_version() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    out = subprocess.run([nvcc, "--version"], text=True, capture_output=True).stdout
+    return out.strip().splitlines()[-1] if out.strip() else None
+
+
+def backend_table(ops: dict | None, info: dict, dry: bool) -> dict:
+    """This device's entry merged into the packaged table (the file ``auto`` reads)."""
+    sys.path.insert(0, str(ROOT))
+    from taylor_kernels import backend_table as bt
+    table = json.loads(bt.DEFAULT_PATH.read_text()) if bt.DEFAULT_PATH.is_file() else \
+        {"schema": bt.SCHEMA, "devices": {}}
+    if not ops or dry:
+        return table
+    table["devices"][info["device"]] = {
+        "capability": info.get("capability"), "torch": info["torch"], "triton": info["triton"],
+        "date": datetime.date.today().isoformat(),
+        "ops": {op: {"choice": e["choice"], "ms": e["ms"], "tests": e["tests"]}
+                for op, e in ops["ops"].items()}}
+    return bt.validate(table)
+
+
+def ops_table(ops: dict) -> str:
+    lines = [f"copy (dst.copy_(src), float32): {ops['copy']['GBps']:.0f} GB/s" if "copy" in ops
+             else "copy: not measured",
+             f"{'op':18s} {'backend':8s} {'check':7s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} "
+             f"{'x eager':>8s}"]
+    for op, e in ops["ops"].items():
+        for r in e["rows"] or [{"backend": n} for n in e["tests"]]:
+            b = r["backend"]
+            check = e["tests"].get(b, "-")
+            if "median_s" in r:
+                lines.append(f"{op:18s} {b:8s} {check:7s} {r['median_s'] * 1e3:9.3f} "
+                             f"{r['GBps']:7.0f} {r['frac_copy']:6.0%} {r['speedup_vs_eager']:8.2f}")
+            else:
+                lines.append(f"{op:18s} {b:8s} {check:7s}")
+        lines.append(f"{op:18s} -> auto uses {e['choice']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, GPU steps skipped")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
+    p.add_argument("--budget", type=float, default=None,
+                   help="overall seconds (default 470 on a GPU, 55 for a dry run)")
+    p.add_argument("--step", choices=["gpt2"], help=argparse.SUPPRESS)  # internal subprocess
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.step == "gpt2":
+        return gpt2_probe(a.dry_run, a.part)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = a.budget if a.budget is not None else (55.0 if a.dry_run else 470.0)
+    with tempfile.TemporaryDirectory(prefix="tk-gpu-check-") as tmp:
+        c = Check(a.dry_run, out, budget, Path(tmp))
+        if not a.dry_run:
+            import torch
+            if not torch.cuda.is_available():
+                print("gpu_check: no CUDA device; use --dry-run on a CPU machine", file=sys.stderr)
+                return 2
+        install_wheels(c)
+        build(c)
+        tests = gpu_tests(c)
+        ops = ops_step(c)
+        memcheck(c)
+        families = {"ig_cnn": family(c, "ig_cnn", "ig_vs_captum", 100)}
+        gpt2 = c.parts / "gpt2.json"
+        c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part", str(gpt2)]
+              + (["--dry-run"] if c.dry else []), 100)
+        families["ig_gpt2"] = json.loads(gpt2.read_text()) if gpt2.is_file() else None
+        families["jet"] = family(c, "jet", "jet", 60)
+        families["hessian"] = family(c, "hessian", "hessian", 60)
+        label, info = device_label(a.dry_run)
+        table = backend_table(ops, info, a.dry_run)
+        stem = f"gpu-{label}-{datetime.date.today().isoformat()}"
+        data = {"schema": 1, "dry_run": a.dry_run, "machine": info,
+                "wall_s": time.monotonic() - c.t0, "budget_s": budget, "steps": c.steps,
+                "gpu_tests": {k: tests.get(k) for k in ("selected", "counts", "failed")},
+                "ops": ops, "families": families, "backend_table": table}
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+        (out / "backend_table.json").write_text(json.dumps(table, indent=1))
+        text = [f"gpu_check {'(dry run, CPU) ' if a.dry_run else ''}{stem}: "
+                f"{json.dumps(info)}", f"wall {data['wall_s']:.0f} s of {budget:.0f} s", "",
+                f"{'step':10s} {'status':22s} {'s':>6s}  note"]
+        text += [f"{s['step']:10s} {s['status']:22s} {s['wall_s']:6.1f}  {s['note']}"
+                 for s in c.steps]
+        text += ["", f"GPU-marked tests: {data['gpu_tests']}", ""]
+        text += [ops_table(ops) if ops else "ops: no results", ""]
+        for s in c.steps:
+            if s["step"] in ("ig_cnn", "ig_gpt2", "jet", "hessian") and s.get("output_tail"):
+                text += [f"---- {s['step']} (output tail) ----", s["output_tail"][-3000:], ""]
+        (out / f"{stem}.txt").write_text("\n".join(text))
+        print("\n".join(text[:len(c.steps) + 8]))
+        print(f"[gpu_check] wrote {out / stem}.txt/.json and {out / 'backend_table.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

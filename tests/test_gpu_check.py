@@ -1,0 +1,37 @@
+"""``bench/gpu_check.sh --dry-run``: the prepared GPU check runs end to end on the CPU (tiny
+sizes; GPU-only steps skipped and saying so), so the script cannot rot between GPU runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["wheels", "build", "gpu_tests", "ops", "memcheck", "ig_cnn", "ig_gpt2", "jet", "hessian"]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out",
+                           str(tmp_path), "--budget", "45"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [json_path] = tmp_path.glob("gpu-cpu-dryrun-*.json")
+    assert json_path.with_suffix(".txt").is_file()
+    data = json.loads(json_path.read_text())
+    assert data["dry_run"] and [s["step"] for s in data["steps"]] == STEPS
+    by_step = {s["step"]: s for s in data["steps"]}
+    for name in ("build", "memcheck"):  # need a GPU: skipped, with the reason
+        assert by_step[name]["status"] == "skipped" and by_step[name]["note"]
+    for s in data["steps"]:  # a step either ran cleanly or was skipped with a reason
+        assert s["status"] == "passed" or (s["status"] == "skipped" and s["note"]), s
+    if by_step["gpu_tests"]["status"] == "passed":
+        assert data["gpu_tests"]["selected"] > 0
+    if by_step["ops"]["status"] == "passed":
+        assert set(data["ops"]["ops"]) == {"path_points", "path_accumulate", "ih_accumulate",
+                                          "jet_unary", "jet_mul", "polarize_contract"}
+        assert all(e["tests"] and all(v == "passed" for v in e["tests"].values())
+                   for e in data["ops"]["ops"].values())
+    table = json.loads((tmp_path / "backend_table.json").read_text())
+    assert table["schema"] == 1  # a dry run adds no device to the table
