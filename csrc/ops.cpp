@@ -1,9 +1,14 @@
-// The extension module taylor_kernels._C: the op schemas (defined once, here) and a small
-// pybind11 part. Kernels are registered per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// The extension module taylor_kernels._C: the op schemas (defined once, here) and the module
+// object. Kernels are registered per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu;
 // fake kernels and autograd formulas are registered from Python (taylor_kernels/ops/path.py).
+// The module object uses only Python's stable ABI (Py_LIMITED_API, set in CMakeLists.txt), so
+// no pybind11 and no libtorch_python: one _C.abi3.so serves every CPython >= 3.10.
+#include <Python.h>
+
 #include <ATen/Parallel.h>
-#include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+#include "cpu/kernels.h"
 
 TORCH_LIBRARY(taylor_kernels, m) {
   // Fake kernels live in this Python module (imported on demand by fake-tensor tracing).
@@ -40,19 +45,36 @@ TORCH_LIBRARY_FRAGMENT(taylor_kernels, m) {
         {at::Tag::pt2_compliant_tag});
 }
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "taylor_kernels native kernels (registers torch.ops.taylor_kernels.*)";
-  m.def(
-      "built_with_cuda",
-      [] {
+namespace {
+
+PyObject* built_with_cuda(PyObject*, PyObject*) {
 #ifdef TK_WITH_CUDA
-        return true;
+  Py_RETURN_TRUE;
 #else
-        return false;
+  Py_RETURN_FALSE;
 #endif
-      },
-      "True when the CUDA kernels were compiled into this extension.");
-  m.def(
-      "cpu_threads", [] { return at::get_num_threads(); },
-      "Threads the CPU kernels use (torch's intra-op thread count).");
 }
+
+PyObject* cpu_threads(PyObject*, PyObject*) { return PyLong_FromLong(at::get_num_threads()); }
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(taylor_kernels::cpu::capability_name());
+}
+
+PyMethodDef tk_methods[] = {
+    {"built_with_cuda", built_with_cuda, METH_NOARGS,
+     "True when the CUDA kernels were compiled into this extension."},
+    {"cpu_threads", cpu_threads, METH_NOARGS,
+     "Threads the CPU kernels use (torch's intra-op thread count)."},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "ISA the CPU kernels run with: DEFAULT, AVX2 or AVX512 (ATen's, csrc/cpu/kernels.h)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef tk_module = {PyModuleDef_HEAD_INIT, "_C",
+                         "taylor_kernels native kernels (registers torch.ops.taylor_kernels.*)",
+                         -1, tk_methods};
+
+}  // namespace
+
+// Importing the module runs the TORCH_LIBRARY registrations above (static initialisers).
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&tk_module); }

@@ -33,6 +33,7 @@ from taylor_kernels.benchmarks import cases_exact
 from taylor_kernels.benchmarks import cases_inseq
 from taylor_kernels.benchmarks.machine import bench_device, device_label, machine_info
 from taylor_kernels.benchmarks.report import write_json
+from taylor_kernels.cli import Parser, device_arg, require_writable
 
 FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": cases_ig_family,
             "adaptive_evals": cases_adaptive, "scale": cases_scale}
@@ -61,15 +62,16 @@ def _families(only: list[str] | None) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="taylor-kernels bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="taylor-kernels bench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes for CPU machines")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny, for tests
     p.add_argument("--out", default=None, help="JSON results path (default "
                    "bench/results/<device>-<date>.json)")
     p.add_argument("--only", action="append", metavar="FAMILY",
                    help=f"run only these families (repeat or comma-separate): {list(FAMILIES)}")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu or cuda[:i] (default: cuda if present)")
     return p.parse_args(argv)
 
 
@@ -77,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     tier = "smoke" if args.smoke else "quick" if args.quick else "full"
-    device = torch.device(args.device) if args.device else bench_device()
+    device = args.device if args.device is not None else bench_device()
     names = _families(args.only)
     out = Path(args.out) if args.out else default_out(device)
+    require_writable(out, "taylor-kernels bench")  # before hours of benchmarks, not after
     info = machine_info(device)
     print(f"taylor-kernels bench: tier {tier}, device {info['device_label']} "
           f"({info['cpu_model']}, {info['torch_threads']} threads), families {names}",

@@ -17,14 +17,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from taylor_kernels.cli import Parser
+
 MISSING_SKLEARN = ("the demo needs scikit-learn (for its bundled digits data set): "
                    "pip install scikit-learn")
 MISSING_MPL = "the demo needs matplotlib to draw its figure: pip install matplotlib"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="taylor-kernels demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="taylor-kernels demo", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--examples", type=int, default=8, help="test images to explain (8)")
     p.add_argument("--steps", type=int, default=50, help="Gauss-Legendre nodes (50)")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    from taylor_kernels.demo import digits, plots, report, second_order
+    from taylor_kernels.demo import digits, exact, plots, report, second_order
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -167,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     second = second_order.second_order_section(model, x_te[indices[:1]],
                                                int(out_ex["pred"][0]), out)
     summary["ih_completeness_gap"] = second.pop("ih_completeness_gap")
-    sections = [second] + ([] if args.no_minilm else [_minilm_section(out, summary)])
+    sections = [second, exact.exact_section(x_tr, y_tr, x_te, y_te, indices[:4], out, summary,
+                                            args.epochs)]
+    sections += [] if args.no_minilm else [_minilm_section(out, summary)]
     page = report.write_html(out / "report.html", "taylor-kernels demo: digits CNN", [
         f"{digits.ARCH}: {len(y_tr)} training / {len(y_te)} test images of scikit-learn's "
         f"digits, {how}, test accuracy {acc:.1%}.",
