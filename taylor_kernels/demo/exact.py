@@ -45,14 +45,18 @@ def compare(model: nn.Module, x: torch.Tensor) -> dict:
             "exact_s": t1 - t0, "gl50_s": t2 - t1}
 
 
+MAX_EPOCHS = 10  # the ReLU CNN is not cached: 10 epochs (seconds) give ~96% test accuracy
+
+
 def exact_section(x_tr, y_tr, x_te, y_te, indices: list[int], out: Path, summary: dict,
-                  epochs: int = 10) -> dict:
-    """Train the ReLU CNN (``epochs``; a few seconds), compare exact IG with GL-50 on the test
-    images ``indices``, write ``out/digits_exact_ig.png``; returns the report section and
-    stores the figures in ``summary["exact"]``."""
+                  epochs: int = MAX_EPOCHS) -> dict:
+    """Train the ReLU CNN (``min(epochs, MAX_EPOCHS)`` epochs), compare exact IG with GL-50
+    on the test images ``indices``, write ``out/digits_exact_ig.png``; returns the report
+    section and stores the figures in ``summary["exact"]``."""
     from taylor_kernels.demo import plots
     t0 = time.perf_counter()
-    model = digits.train(digits.TrainConfig(epochs=epochs), x_tr, y_tr, arch=DigitsReluCNN)
+    model = digits.train(digits.TrainConfig(epochs=min(epochs, MAX_EPOCHS)), x_tr, y_tr,
+                         arch=DigitsReluCNN)
     acc = digits.accuracy(model, x_te, y_te)
     train_s = time.perf_counter() - t0
     x = x_te[indices].double()
@@ -69,9 +73,6 @@ def exact_section(x_tr, y_tr, x_te, y_te, indices: list[int], out: Path, summary
                                    out / "digits_exact_ig.png",
                                    f"ReLU digits CNN (test accuracy {acc:.1%}): exact IG and the "
                                    "error of 50-node Gauss-Legendre")
-    rows = [[i, int(res["pred"][j]), int(res["regions"][j]), f"{res['exact_rel_gap'][j]:.1e}",
-             f"{res['gl50_rel_gap'][j]:.1e}", f"{res['gl50_error'][j]:.1e}"]
-            for j, i in enumerate(indices)]
     summary["exact"] = {
         "test_accuracy": acc, "train_s": train_s, "exact_s": res["exact_s"],
         "gl50_s": res["gl50_s"], "regions": res["regions"].tolist(),
@@ -85,11 +86,12 @@ def exact_section(x_tr, y_tr, x_te, y_te, indices: list[int], out: Path, summary
             "text": f"The digits CNN with ReLU activations (test accuracy {acc:.1%}, trained in "
                     f"{train_s:.1f} s) is piecewise-linear: along each path from the zero "
                     "baseline its gradient changes only where a unit switches, so IG is a "
-                    "finite sum over the regions crossed, exact to float64 rounding. Columns: "
-                    "regions crossed, relative completeness gap of the exact rule and of "
-                    "Gauss-Legendre with 50 nodes, and GL-50's largest attribution error "
-                    "relative to the largest exact attribution. Seconds (float64): exact "
+                    "finite sum over the regions crossed, exact to float64 rounding. Regions "
+                    f"crossed per image: {res['regions'].tolist()}. Relative completeness gap "
+                    f"|sum(IG) - (f(x) - f(0))| / |f(x) - f(0)|: exact rule at most "
+                    f"{res['exact_rel_gap'].max():.1e}, Gauss-Legendre with 50 nodes (Captum's "
+                    f"default) up to {res['gl50_rel_gap'].max():.1e}; GL-50's largest "
+                    "attribution error relative to the largest exact attribution: up to "
+                    f"{res['gl50_error'].max():.1e}. Seconds (float64): exact "
                     f"{res['exact_s']:.2f}, GL-50 {res['gl50_s']:.2f}.",
-            "figures": [png],
-            "table": {"headers": ["test #", "pred", "regions", "exact |gap|/|delta|",
-                                  "GL-50 |gap|/|delta|", "GL-50 max error"], "rows": rows}}
+            "figures": [png]}

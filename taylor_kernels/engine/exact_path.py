@@ -193,7 +193,8 @@ class _Search:
         d = self.x[inp] - b
         vs = self.problem.split(b + t0[:, None] * d)
         ss = self.problem.split(d)
-        args = [self.interp.const(a) for a in self.problem._rows_args(inp)]
+        args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in self.problem._rows_args(inp)]
         return [Pair(v, s, True) for v, s in zip(vs, ss)] + args
 
     def _one(self, path, t0, splits: bool, outputs: bool):
@@ -223,11 +224,11 @@ class _Search:
         dt = torch.cat(dts) if dts else t0.new_zeros(0)
         return dt, found, (torch.cat(outs) if outputs and outs else None)
 
-    def build_cache(self, P: int, device) -> list:
+    def build_cache(self, P: int, device) -> tuple[list, torch.Tensor]:
         """Pass 0: every path at ``t = 0``. Sizes the chunks from one row's pair bytes, finds
-        the global kinks (returned as ``[(paths, t)]``, with the outputs ``[P]``) and keeps, as ``(v0, s) [P, ...]``, the
-        globally affine nodes that some other node reads; the rest of the affine prefix is
-        skipped from then on."""
+        the global kinks (returned as ``[(paths, t)]``, with the outputs ``[P]``) and keeps,
+        as ``(v0, s) [P, ...]``, the globally affine nodes that some other node reads; the
+        rest of the affine prefix is skipped from then on."""
         path = torch.arange(P, device=device)
         t0 = torch.zeros(P, dtype=torch.float64, device=device)
         self.interp.pair_bytes = 0

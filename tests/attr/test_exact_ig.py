@@ -264,3 +264,12 @@ def test_search_is_batched_over_segments():
     plan = exact_path.plan(problem, *endpoint_values(problem))
     assert plan.passes < int(plan.regions.max()) / 2
     assert torch.allclose(plan.weights.sum(-1), torch.ones(2, 1, dtype=torch.float64))
+
+
+def test_demo_relu_cnn_comparison():
+    from taylor_kernels.demo.exact import DigitsReluCNN, compare
+    torch.manual_seed(0)
+    model = DigitsReluCNN().double().eval()
+    res = compare(model, torch.rand(2, 1, 8, 8, dtype=torch.float64))
+    assert (res["regions"] > 1).all() and (res["exact_rel_gap"] <= 1e-10).all()
+    assert (res["gl50_error"] > 0).all()
