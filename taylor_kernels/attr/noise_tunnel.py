@@ -4,12 +4,18 @@
 ``VG(x) = mean_j A(x + e_j)^2 - SG(x)^2``, ``e_j ~ N(0, stdev^2)``. All ``B * nt_samples``
 noisy inputs go through ONE call of the method, so the path engine's chunking and memory
 budget bound the whole computation (Captum's NoiseTunnel over IG batches them all at once).
+
+Integer inputs (token ids) cannot take Gaussian noise. Over
+:func:`~taylor_kernels.attr.layer.layer_integrated_gradients` the noise then goes on the
+layer's activation (the embeddings): ``A_j = LIG`` from ``a(b)`` to ``a(x) + e_j``,
+``e_j ~ N(0, stdev^2)`` of the activation's shape; any other method raises ``TypeError``.
 """
 from __future__ import annotations
 
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
+from taylor_kernels.attr.layer import layer_integrated_gradients
 from taylor_kernels.engine.problem import as_tuple
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -36,7 +42,9 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
         nt_type: ``smoothgrad`` | ``smoothgrad_sq`` | ``vargrad``; nt_samples: noisy copies
             per input; stdevs: noise std (one per input tensor, or one for all); seed: seeds
             the noise. Per-input arguments (baselines/reference ``[B, ...]``, target lists and
-            tensors, ``additional_forward_args``) are repeated for each copy.
+            tensors, ``additional_forward_args``) are repeated for each copy. Integer inputs
+            (token ids) need ``method=layer_integrated_gradients`` and one stdev: the noise
+            then goes on the layer's activation (module docstring).
     Returns:
         :class:`AttributionResult` aggregated over copies (``gap`` averaged over copies).
     """
@@ -51,23 +59,89 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     B = tup[0].shape[0]
     gen = torch.Generator(device="cpu").manual_seed(
         seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-    noisy = tuple(t.detach().repeat_interleave(nt_samples, 0) + float(s) * torch.randn(
-        (B * nt_samples,) + tuple(t.shape[1:]), generator=gen, dtype=t.dtype).to(t.device)
-        for t, s in zip(tup, stds))
     args = tuple(_repeat_rows(a, B, nt_samples) for a in args)
     kwargs = {k: _repeat_rows(v, B, nt_samples) if k in (
         "baselines", "reference", "target", "additional_forward_args") else v
         for k, v in kwargs.items()}
+    ids = [i for i, t in enumerate(tup) if not t.is_floating_point()]
+    if ids:
+        if method is not layer_integrated_gradients:
+            raise TypeError(
+                f"input {ids[0]} holds integer ids ({tup[ids[0]].dtype}); Gaussian noise cannot "
+                "be added to ids: use noise_tunnel(tk.layer_integrated_gradients, model, "
+                "embedding_layer, ids, ...) to put the noise on the embeddings")
+        if len(set(float(s) for s in stds)) != 1:
+            raise ValueError("with integer ids the noise goes on the layer's activation: give "
+                             f"one stdev, got {stdevs}")
+        repeated = tuple(t.repeat_interleave(nt_samples, 0) for t in tup)
+        res = _layer_ig_with_activation_noise(model, repeated, float(stds[0]), gen, args, kwargs)
+        was_tuple = isinstance(res.attributions, tuple)
+        return _aggregate(res, nt_type, B, nt_samples, was_tuple)
+    noisy = tuple(t.detach().repeat_interleave(nt_samples, 0) + float(s) * torch.randn(
+        (B * nt_samples,) + tuple(t.shape[1:]), generator=gen, dtype=t.dtype).to(t.device)
+        for t, s in zip(tup, stds))
     res = method(model, noisy if was_tuple else noisy[0], *args, **kwargs)
+    return _aggregate(res, nt_type, B, nt_samples, was_tuple)
+
+
+def _aggregate(res: AttributionResult, nt_type: str, B: int, n: int,
+               was_tuple: bool) -> AttributionResult:
+    """Per-input statistics over the ``n`` copies of each of the ``B`` rows."""
     attrs = as_tuple(res.attributions)[0]
     out = []
     for a in attrs:
-        a = a.reshape(B, nt_samples, *a.shape[1:])
+        a = a.reshape(B, n, *a.shape[1:])
         if nt_type == "smoothgrad":
             out.append(a.mean(1))
         elif nt_type == "smoothgrad_sq":
             out.append(a.pow(2).mean(1))
         else:
             out.append(a.pow(2).mean(1) - a.mean(1).pow(2))
-    gap = res.gap.reshape(B, nt_samples).mean(1)
+    gap = res.gap.reshape(B, n).mean(1)
     return AttributionResult(tuple(out) if was_tuple else out[0], gap, res.evaluations)
+
+
+def _layer_ig_with_activation_noise(model, ids: tuple, stdev: float, gen: torch.Generator,
+                                    args: tuple, kwargs: dict) -> AttributionResult:
+    """Layer IG of ``model`` at integer ``ids`` (copies already repeated) with ``e`` added to
+    the layer's activation at the inputs only: from ``a(b)`` to ``a(x) + e``.
+
+    The model gets one extra float input, ``scale`` (``stdev`` at the inputs, 0 at their
+    baseline), and a hook adds ``scale * e`` to the layer's activation, ``e`` drawn once from
+    ``gen`` in the activation's shape. Layer IG's own hook, registered after this one, replaces
+    the activation on the path, so the path runs from ``a(b)`` to ``a(x) + e``.
+    """
+    names = ("layer", "baselines", "target")
+    if len(args) > len(names):
+        raise TypeError(f"layer_integrated_gradients takes at most {len(names)} positional "
+                        f"arguments after the inputs, got {len(args)}")
+    kwargs = dict(kwargs, **dict(zip(names, args)))
+    layer, of_input = kwargs.pop("layer"), kwargs.get("attribute_to_layer_input", False)
+    bls = kwargs.pop("baselines", None)
+    bls = bls if isinstance(bls, tuple) else (bls,) * len(ids)
+    rows = ids[0].shape[0]
+    scale = torch.full((rows,), stdev, dtype=torch.float64, device=ids[0].device)
+    state: dict = {"scale": None, "noise": None}
+
+    def with_scale(*inputs_scale_rest):
+        state["scale"] = inputs_scale_rest[len(ids)]
+        try:
+            return model(*inputs_scale_rest[:len(ids)], *inputs_scale_rest[len(ids) + 1:])
+        finally:
+            state["scale"] = None
+
+    def noisy(a: torch.Tensor) -> torch.Tensor:
+        s = state["scale"]
+        if s is None or a.shape[0] != rows or s.shape[0] != rows:
+            return a  # a path point or probe: layer IG replaces path activations anyway
+        if state["noise"] is None:
+            state["noise"] = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
+        return a + s.to(a.dtype).view(-1, *[1] * (a.dim() - 1)) * state["noise"]
+
+    hook = (layer.register_forward_pre_hook(lambda m, inp: (noisy(inp[0]),) + tuple(inp[1:]))
+            if of_input else layer.register_forward_hook(lambda m, inp, out: noisy(out)))
+    try:
+        return layer_integrated_gradients(with_scale, layer, ids + (scale,),
+                                          baselines=bls + (0.0,), **kwargs)
+    finally:
+        hook.remove()
