@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "build", "gpu_tests", "ops", "memcheck", "ig_cnn", "ig_gpt2", "jet", "hessian"]
+STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "jet", "hessian", "memcheck"]
 
 
 def test_gpu_check_dry_run(tmp_path):

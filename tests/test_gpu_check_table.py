@@ -55,3 +55,32 @@ def test_auto_on_cuda_reads_the_table(tmp_path, monkeypatch):
             not backends.runs_on("cpp", torch.device("cpu"))  # CPU never reads the table
     with backends.using("reference"):
         assert backends.resolve(gpu, "path_points") == "reference"  # forcing wins
+
+
+def _gpu_check_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("_gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_failed_gpu_test_moves_the_op_off_its_backend():
+    """gpu_check: an op whose GPU test failed on a backend no longer picks that backend, and
+    falls back to reference when neither GPU backend is left."""
+    gc = _gpu_check_module()
+    ops = {"ops": {op: {"ms": {"cuda": 1.0, "triton": 2.0},
+                        "tests": {"cuda": "passed", "triton": "passed"}, "choice": "cuda"}
+                   for op in backend_table.OPS}}
+    gc.apply_test_failures(ops, [
+        "tests/ops/test_native_ops.py::test_cuda_matches_reference[jet_mul-float32]",
+        "tests/ops/test_triton_ops.py::test_cuda_split_accumulate_bitwise_stable[(1, 1, 4096)]",
+        "tests/ops/test_polarize_ops.py::test_gpu_backends[bf16]"])
+    choice = {op: e["choice"] for op, e in ops["ops"].items()}
+    assert choice["jet_mul"] == "triton"            # cuda failed there
+    assert choice["jet_unary"] == "cuda"            # untouched
+    assert choice["polarize_contract"] == "reference"  # both GPU backends failed
+    assert ops["ops"]["path_accumulate"]["tests"]["triton"].startswith("failed")
+    assert choice["path_accumulate"] == "cuda"
