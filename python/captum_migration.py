@@ -8,7 +8,11 @@ The switch::
                                        NoiseTunnel, GradientShap)
 
 Everything else stays: constructors, ``attribute`` arguments, tensor/tuple return forms,
-``return_convergence_delta``. NoiseTunnel and GradientShap draw the same random numbers as
+``return_convergence_delta``; the other path methods (``LayerConductance``,
+``InternalInfluence``, ``NeuronIntegratedGradients``, ``NeuronConductance``,
+``LayerGradientShap``) switch the same way. Code you cannot edit (a library that creates
+Captum's classes itself, such as Inseq) switches with ``taylor_kernels.captum.patch()``, or
+``with taylor_kernels.captum.patched(): ...``. NoiseTunnel and GradientShap draw the same random numbers as
 Captum under the same ``torch.manual_seed`` / ``numpy.random.seed``. This script runs the SAME
 function ``explain`` once with ``captum.attr`` and once with ``taylor_kernels.captum`` on a
 small CNN, and prints per method the time of each and the maximum absolute difference.
@@ -67,6 +71,13 @@ def explain(lib, model, x, target, steps: int) -> dict:
     out["NoiseTunnel(IG) smoothgrad"] = lambda: nt.attribute(
         x, nt_type="smoothgrad", nt_samples=4, stdevs=0.1, target=target,
         n_steps=max(2, steps // 5))
+    conv = model.features[0]
+    lc = lib.LayerConductance(model, conv)
+    out["LayerConductance"] = lambda: lc.attribute(x, target=target, n_steps=steps)
+    ii = lib.InternalInfluence(model, conv)
+    out["InternalInfluence"] = lambda: ii.attribute(x, target=target, n_steps=steps)
+    nig = lib.NeuronIntegratedGradients(model, conv)
+    out["NeuronIntegratedGradients"] = lambda: nig.attribute(x, (3, 1, 1), n_steps=steps)
     gs = lib.GradientShap(model)
     background = torch.zeros(8, *x.shape[1:], dtype=x.dtype, device=x.device)
     background[4:] = 0.5

@@ -18,6 +18,8 @@ def test_captum_migration_small(tmp_path):
     assert "IntegratedGradients" in proc.stdout and "max |diff|" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == {"IntegratedGradients", "LayerIntegratedGradients",
+                                           "LayerConductance", "InternalInfluence",
+                                           "NeuronIntegratedGradients",
                                            "NoiseTunnel(IG) smoothgrad", "GradientShap"}
     for r in rows:  # float32: same numbers up to rounding
         assert r["max_abs_diff"] <= 1e-5 * max(r["max_abs_captum"], 1e-12), r

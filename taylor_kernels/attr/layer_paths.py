@@ -204,6 +204,8 @@ def layer_conductance(model, layer, inputs, baselines=None, target=None, *, step
     ``S + 1 = steps + 1`` nodes of the rule, ``p_s = b + t_s (x - b)`` (Captum's
     discretisation of ``int dF/da_j da_j`` along the path). ``kwargs`` as
     :func:`internal_influence`."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"conductance needs an integer steps >= 1, got {steps!r}")
     alphas, _ = _rule_table(rule, steps + 1)
     table = alphas.to(torch.float64).unsqueeze(0)
     return layer_gradient_sums(model, layer, inputs, baselines, target, table,

@@ -20,13 +20,31 @@ import torch
 from taylor_kernels.attr.completeness import completeness_gap
 
 
+class CaptumValueError(ValueError, AssertionError):
+    """Bad input to a Captum front method: our ``ValueError`` with its message, and also the
+    ``AssertionError`` Captum raises for the same input (so either ``except`` catches it)."""
+
+
+class CaptumTypeError(TypeError, AssertionError):
+    """As :class:`CaptumValueError`, for inputs of the wrong type (e.g. float targets)."""
+
+
 def captum_method(fn: Callable) -> Callable:
     """Wrap ``attribute`` so that it carries ``__wrapped__`` like Captum's ``@log_usage``
-    methods: Captum's own ``NoiseTunnel`` calls ``attribute.__wrapped__`` on what it wraps."""
+    methods (Captum's own ``NoiseTunnel`` calls ``attribute.__wrapped__`` on what it wraps),
+    and so that our ``ValueError`` / ``TypeError`` for bad input are also the
+    ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`)."""
 
     @functools.wraps(fn)
     def attribute(*args, **kwargs):
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
+            raise
+        except ValueError as exc:
+            raise CaptumValueError(str(exc)) from exc
+        except TypeError as exc:
+            raise CaptumTypeError(str(exc)) from exc
 
     return attribute
 

@@ -229,20 +229,26 @@ def target_values(out, target) -> torch.Tensor:
     return select_target(out, _target_rows(target, B, rows.device), rows)
 
 
+class TargetIndexError(ValueError, IndexError):
+    """A target outside the model's output: a ``ValueError``, and the ``IndexError`` that
+    indexing (and Captum) raises for it."""
+
+
 def check_target(target, out_shape: Sequence[int]) -> None:
-    """Raise ``ValueError`` if a target indexes outside the model's per-row output shape."""
+    """Raise :class:`TargetIndexError` if a target indexes outside the model's per-row output
+    shape."""
     if target is None:
         return
     if isinstance(target, torch.Tensor):
         C = out_shape[1] if len(out_shape) == 2 else None
         if C is not None and ((target < -C) | (target >= C)).any():
-            raise ValueError(f"target {target.tolist()} out of range for {C} outputs")
+            raise TargetIndexError(f"target {target.tolist()} out of range for {C} outputs")
         return
     for t in target:
         if len(t) != len(out_shape) - 1 or any(
                 not -s <= i < s for i, s in zip(t, out_shape[1:])):
-            raise ValueError(f"target {t} out of range for per-row output shape "
-                             f"{tuple(out_shape[1:])}")
+            raise TargetIndexError(f"target {t} out of range for per-row output shape "
+                                   f"{tuple(out_shape[1:])}")
 
 
 def make_problem(model: Callable, inputs, baselines=None, target=None,

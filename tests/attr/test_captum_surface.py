@@ -291,3 +291,33 @@ def test_errors(image, branches):
     unused = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="not called"):
         tc.LayerConductance(bnet, unused).attribute(bx, target=1, n_steps=3)
+
+
+BAD_INPUTS = {  # Captum raises AssertionError for these; ours also are ValueError/TypeError
+    "n_steps": lambda L, net, x: L.IntegratedGradients(net).attribute(x, target=0, n_steps=0),
+    "method": lambda L, net, x: L.LayerConductance(net, net.left).attribute(
+        x, target=0, method="bad"),
+    "baseline shape": lambda L, net, x: L.IntegratedGradients(net).attribute(
+        x, torch.zeros(2, 5, dtype=F64), target=0),
+    "target list": lambda L, net, x: L.IntegratedGradients(net).attribute(x, target=[0, 1]),
+    "no target": lambda L, net, x: L.IntegratedGradients(net).attribute(x),
+    "float target": lambda L, net, x: L.InternalInfluence(net, net.left).attribute(
+        x, target=1.0),
+    "selector": lambda L, net, x: L.NeuronConductance(net, net.left).attribute(
+        x, (1, 2), target=0),
+    "distribution": lambda L, net, x: L.GradientShap(net).attribute(x, None, target=0),
+    "layer not called": lambda L, net, x: L.LayerIntegratedGradients(
+        net, nn.Linear(1, 1)).attribute(x, target=0),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_captums_type(case, branches):
+    net, x = branches
+    with pytest.raises(AssertionError):
+        BAD_INPUTS[case](ca, net, x)
+    with pytest.raises(AssertionError) as ours:
+        BAD_INPUTS[case](tc, net, x)
+    assert isinstance(ours.value, (ValueError, TypeError))
+    with pytest.raises(IndexError):  # out-of-range targets: IndexError in both
+        tc.IntegratedGradients(net).attribute(x, target=4)
