@@ -370,3 +370,29 @@ def test_state_is_kept_on_cuda(name):
     big = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
     del big  # the caller's peak is now far above what the call needs
     assert checked(METHODS[name], model, x, "ok") is None
+
+
+class MixesBatch(Net):
+    """Net minus half its batch-mean output: rows couple without any batch norm."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out - 0.5 * out.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if "Neuron" not in n))
+def test_every_method_refuses_a_batch_mixing_model(name):
+    """(The neuron methods attribute a conv neuron, which the output's mixing cannot reach.)"""
+    torch.manual_seed(0)
+    model = MixesBatch().double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="mixes rows"):
+            METHODS[name](model, _x())
+
+
+def test_non_finite_outputs_are_not_taken_for_coupling():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    f = lambda z: torch.log(model(z)[:, 0])  # noqa: E731 - NaN where the logit is negative
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert tk.hvp(f, x, x).shape == x.shape

@@ -73,6 +73,7 @@ def _check_x(f, x, *directions) -> None:
     for name, t in zip(("x", "v", "u"), (x,) + directions):
         if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or Inf values")
+    guards.check_function_rows(f, x, x[0] + 1)
 
 
 def _functorch_unsupported(exc: BaseException) -> bool:

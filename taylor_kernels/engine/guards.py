@@ -1,31 +1,47 @@
 """Checks run before any attribution touches the model, and probes that leave it as it was.
 
-Every method batches rows that belong to different inputs (and different path points of one
-input) into one forward: IG, EG, SIG, noise tunnel, layer IG, Taylor-CAM, IH, EH, group IH and
-the fourteen methods batch path points or perturbations of all inputs; ``interactions`` and
-``taylor_decomposition`` fold directions into the batch (as :func:`taylor_kernels.jet` does);
-``hvp``/``hessian`` treat ``grad sum_b f_b`` as the per-row gradient. A model whose output for
-one row depends on the other rows of its batch therefore gets wrong attributions by
-construction, and a random one (train-mode dropout) makes the path integral noise.
+Every method batches rows of different inputs, or of different points of one input, into one
+forward, so a model whose output for a row depends on the other rows of its batch (batch
+statistics, batch mixing) gets wrong results by construction, and a random model (train-mode
+dropout) makes them noise. Per method, what shares a batch and which checks run:
 
-Before the first forward, :func:`check_model` raises
+=======================================================  ==========================  ========
+method                                                    rows in one forward         checks
+=======================================================  ==========================  ========
+integrated_gradients, noise_tunnel, captum IG/NoiseTunnel path points of all inputs    M, R
+expected_gradients, shapley_integrated_gradients,         path points of all inputs    M, R
+captum GradientShap                                       and references
+layer_integrated_gradients, captum Layer*/Neuron*/        path points in the layer's   M, R
+InternalInfluence, taylor_cam                             space, all inputs
+integrated_hessians, expected_hessians,                   path points x HVP            M, R
+group_integrated_hessians                                 directions
+interactions, greedy_interaction_sets,                    inputs x jet/HVP directions  M, R
+global_interactions, taylor_decomposition
+fourteen_methods, unification_table                       perturbations, path points   M, R
+jet, mixed_partials                                       inputs x directions          M, R
+hvp, hessian, hessian_diagonal, third_order               inputs (grad of sum_b f_b)   M, R
+=======================================================  ==========================  ========
 
-- ``RuntimeError`` inside ``torch.inference_mode()`` (no autograd there) or for inference
-  tensors as inputs;
-- ``ValueError`` when a submodule couples rows or is random: batch norm or dropout in train
-  mode (call ``model.eval()``),
+M (:func:`check_model`, before the first forward) raises ``RuntimeError`` inside
+``torch.inference_mode()`` (no autograd there) or for inference tensors as inputs, and
+``ValueError`` when a module of the model (the model itself, the module of a bound method, or
+modules a function closes over) has batch norm using batch statistics or dropout ``p > 0`` in
+train mode: call ``model.eval()``. R (:func:`check_rows_independent`, in
+:func:`~taylor_kernels.engine.problem.make_problem` once the output shape is known, and
+:func:`check_function_rows` for ``jet`` and the derivative engine) runs the
+model on one row alone, on that row beside another in a batch of two, and on the row again, and
+raises ``ValueError`` when the row's output changes with its batch (batch mixing) or between the
+two single-row calls (randomness), beyond ``sqrt(eps)`` of the dtype times the output scale.
+For ``jet``/``hvp`` on a plain function, only modules it closes over are seen.
 
-and :func:`check_rows_independent` (attr entry points, after the model's output shape is known)
-runs the model on one row alone, on that row inside a batch of two, and on the row again, and
-raises ``ValueError`` when the row's output differs (a batch-mixing model) or the two single-row
-outputs differ (a random model), within ``sqrt(eps)`` of the dtype relative to the output scale.
+Opting in: inside ``with taylor_kernels.allow_row_coupling(model):`` (this thread/task) both
+checks pass and the model runs as it is, so results depend on how rows were batched (batch norm
+in train mode still cannot run the one-row probes); the model's buffers (running statistics,
+``num_batches_tracked``) are restored when the block exits.
 
-Opting in: inside ``with allow_row_coupling(model):`` both checks pass silently and the model
-runs as it is (the results then depend on how the rows were batched); the model's buffers
-(batch-norm running statistics, ``num_batches_tracked``) are restored when the block exits.
-
-Probes (the one-row shape probe, the check above, layer activations) run under
-:func:`preserved_buffers`, so a model that updates buffers in ``forward`` is left as it was.
+Probes (the one-row shape probe, check R, layer activations) run under
+:func:`preserved_buffers`, so they leave buffers as they were; :func:`cuda_peak_bytes` measures
+a probe's CUDA memory and leaves the caller's peak statistic as it was.
 """
 from __future__ import annotations
 
@@ -106,13 +122,18 @@ def check_model(f, inputs=()) -> None:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within ``sqrt(eps)`` of ``a``'s dtype times ``1 + max |finite value|`` (NaN and
+    infinities must sit at the same places: the model's own non-finite values are no sign of
+    coupling)."""
     if a.shape != b.shape:
         return False
     dtype = a.dtype if a.is_floating_point() else torch.float64
     a, b = a.detach().double(), b.detach().double()
-    scale = 1.0 + max(a.abs().max().item() if a.numel() else 0.0,
-                      b.abs().max().item() if b.numel() else 0.0)
-    return bool(((a - b).abs() <= torch.finfo(dtype).eps ** 0.5 * scale).all())
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    same = (a == b) | (a.isnan() & b.isnan())
+    vals = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)])
+    tol = torch.finfo(dtype).eps ** 0.5 * (1.0 + vals.max().item())
+    return bool((same | (finite & ((a - b).abs() <= tol))).all())
 
 
 def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor,
@@ -129,6 +150,8 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
         alone = run(row.unsqueeze(0), first)
         pair = run(torch.stack([row, other]), pair_rows)
         again = run(row.unsqueeze(0), first)
+        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (alone, pair, again)):
+            return  # not a batch of outputs: the caller's own checks say what is wrong
         random = not _close(alone, again)
         coupled = not random and not _close(alone[0], pair[0])
         if coupled:  # a random model may have drawn the same twice: one more draw decides
@@ -141,6 +164,30 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
                          "path points together, so its results would be wrong. Make the model "
                          "treat rows independently (model.eval()), or opt in with "
                          "`with taylor_kernels.allow_row_coupling(model):`")
+
+
+def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[torch.Tensor, int]:
+    """A partner for row 0 of ``x [B, ...]`` in check R, and its row index: the first row that
+    differs from row 0 in ``x`` or in any per-row tensor of ``row_data`` (``[B, ...]``, e.g.
+    forward args; identical rows cannot show batch mixing), else ``fallback [...]`` (e.g. a
+    baseline) with index 0, else row 0 plus one."""
+    differs = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for t in (x,) + tuple(row_data):
+        differs |= (t != t[:1]).reshape(t.shape[0], -1).any(1).to(x.device)
+    if differs.any():
+        i = int(differs.nonzero()[0, 0])
+        return x[i], i
+    if not torch.equal(fallback, x[0]):
+        return fallback, 0
+    return x[0] + 1, 0
+
+
+def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> None:
+    """Check R for ``f`` mapping a batch ``[N, ...] -> [N, ...]`` (``jet``, ``hvp``): row 0 of
+    ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept."""
+    with preserved_buffers(f):
+        check_rows_independent(lambda points, rows: f(points), x[0],
+                               distinct_row(x, other)[0], 0)
 
 
 @contextlib.contextmanager
@@ -194,5 +241,6 @@ def cuda_peak_bytes(run: Callable, device: torch.device):
                 del del_me
 
 
-__all__ = ["allow_row_coupling", "cell_values", "check_model", "check_rows_independent", "coupling_submodules",
+__all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows", "distinct_row",
+           "check_rows_independent", "coupling_submodules",
            "cuda_peak_bytes", "modules_of", "preserved_buffers"]

@@ -37,7 +37,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
-from taylor_kernels.engine.guards import cell_values, check_model, modules_of
+from taylor_kernels.engine.guards import (cell_values, check_function_rows, check_model,
+                                          modules_of)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.reference.jet import MAX_ORDER, nested_jvp_coefficients, polarization_rule
@@ -304,6 +305,8 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     """
     directions = _check_jet_args(x, directions, order)
     check_model(f, (x, directions))
+    if x.is_floating_point():
+        check_function_rows(f, x, x[0] + directions[0, 0].to(x.dtype))
     B, M = directions.shape[:2]
     x0 = x.unsqueeze(1).expand(directions.shape).reshape((B * M,) + x.shape[1:])
     if x.is_floating_point():

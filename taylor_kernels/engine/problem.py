@@ -270,7 +270,8 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     guards.check_model(model, tup)
     with guards.preserved_buffers(model):  # the probes leave running statistics as they were
         check_target(problem.target, problem.output_shape())
-        other, j = (x[1], 1) if B > 1 else (bl[0, 0], 0)
+        other, j = guards.distinct_row(x, bl[0, 0], *(a for a in fargs if isinstance(
+            a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B))
         guards.check_rows_independent(lambda p, r: model_output(problem.model(
             *problem.split(p), *problem._rows_args(r))), x[0], other, j)
     return problem
