@@ -396,3 +396,26 @@ def test_non_finite_outputs_are_not_taken_for_coupling():
     f = lambda z: torch.log(model(z)[:, 0])  # noqa: E731 - NaN where the logit is negative
     x = torch.randn(2, 3, dtype=torch.float64)
     assert tk.hvp(f, x, x).shape == x.shape
+
+
+def test_probes_restore_reassigned_and_updated_buffers():
+    from taylor_kernels.engine import guards
+
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 1)
+            self.register_buffer("calls", torch.zeros(()))
+            self.register_buffer("last", torch.zeros(3))
+
+        def forward(self, x):
+            self.calls += 1                   # in place
+            self.last = x[0].detach().clone()  # reassigned
+            return self.l(x)
+
+    model = Stateful().double()
+    calls, last = model.calls, model.last
+    with guards.preserved_buffers(model):
+        model(torch.ones(2, 3, dtype=torch.float64))
+    assert model.calls is calls and model.last is last
+    assert model.calls == 0 and torch.equal(model.last, torch.zeros(3))

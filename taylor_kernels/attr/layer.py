@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.problem import as_tuple, target_values
 
@@ -112,9 +113,11 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
         finally:
             hook.remove()
 
+    through_layer.cost_owner = layer  # the engine caches its chunk choice per layer, not per closure
     return through_layer
 
 
+@call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=None,
                                target=None, *, attribute_to_layer_input: bool = False,
                                additional_forward_args=None, **ig_kwargs) -> AttributionResult:
@@ -133,6 +136,10 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
         :class:`AttributionResult` with attributions shaped like the layer activation
         ``[B, ...]`` (a tuple of one per call for a layer called ``n > 1`` times);
         ``gap = sum(attr) - (f(x) - f(b))`` with ``f`` the model's own outputs.
+    Raises:
+        ``ValueError`` for a model that couples rows or is random (train-mode batch norm or
+        dropout, batch mixing; opt in with ``tk.allow_row_coupling(model)``), ``RuntimeError``
+        inside ``torch.inference_mode()`` (:mod:`taylor_kernels.engine.guards`).
     """
     tup, _ = as_tuple(inputs) if not isinstance(inputs, torch.Tensor) or inputs.is_floating_point() \
         else ((inputs,), False)

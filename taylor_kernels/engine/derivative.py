@@ -231,6 +231,9 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
         chunk_size: fixed (row, direction) pairs per chunk instead.
     Returns:
         ``[B, M, ...]`` (or shaped like ``x`` when ``v`` was), dtype of ``x``.
+    Raises ``ValueError`` for non-finite ``x``/``v``, zero directions, or a model that couples
+    rows or is random; ``RuntimeError`` inside ``torch.inference_mode()`` (also for
+    :func:`hessian`, :func:`hessian_diagonal`, :func:`third_order`).
     """
     _check_x(f, x, v)
     V, single = _as_directions(x, v)

@@ -192,16 +192,18 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> No
 
 @contextlib.contextmanager
 def preserved_buffers(f):
-    """Snapshot the buffers of the modules of ``f`` and write them back on exit (success or
-    exception): probes cannot change running statistics or counters."""
-    saved = [(b, b.detach().clone()) for m in modules_of(f) for b in m.buffers()]
+    """Snapshot the buffers of the modules of ``f`` and put them back on exit (success or
+    exception), values and tensor objects (a buffer reassigned in ``forward`` is reattached):
+    probes cannot change running statistics or counters."""
+    saved = [(m, name, b, b.detach().clone()) for root in modules_of(f)
+             for m in root.modules() for name, b in m._buffers.items() if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for b, v in saved:
-                if b.shape == v.shape:
-                    b.copy_(v)
+            for m, name, b, value in saved:
+                m._buffers[name] = b
+                b.copy_(value)
 
 
 @contextlib.contextmanager

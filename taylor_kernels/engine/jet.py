@@ -302,6 +302,8 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     Returns:
         ``[J+1, B, M]`` with ``c_k = D^k f(x)[v^k] / k!``, differentiable in ``x`` and
         ``directions`` (reverse mode through the jet gives ``D^{k+1} f[v^k, .]``).
+    Raises ``ValueError`` for a model that couples rows or is random, ``RuntimeError`` inside
+    ``torch.inference_mode()`` (checks of :mod:`taylor_kernels.engine.guards`).
     """
     directions = _check_jet_args(x, directions, order)
     check_model(f, (x, directions))
