@@ -13,28 +13,46 @@ import re
 
 import torch
 
-# 16 MiB keeps chunks cache-friendly; on the CPU, larger chunks measured no faster (bench/README).
-DEFAULT_CPU_BUDGET = 16 * 2**20
+# 16 MiB keeps chunks cache-friendly: the smallest candidate chunk the engine times
+# (engine/chunking.py); larger candidates must prove faster.
+DEFAULT_TARGET = 16 * 2**20
 DEFAULT_MIN_POINTS = 32
-DEFAULT_GPU_FRACTION = 0.5
+# Without max_memory, chunks stay under this fraction of the free memory (RAM or device).
+DEFAULT_FREE_FRACTION = 0.5
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30,
           "GIB": 2**30}
 
 
 class DefaultBudget(int):
-    """The budget used when the caller gave none: a target, not a limit. Chunks hold at least
-    ``DEFAULT_MIN_POINTS`` points (fewer would leave a large model's matmuls inefficient), and
-    a model whose single point costs more than the budget still runs."""
+    """The limit used when the caller gave none (a fraction of the free memory). Chunks hold
+    at least ``DEFAULT_MIN_POINTS`` points (fewer would leave a large model's matmuls
+    inefficient), and a model whose single point costs more than it still runs."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes: ``torch.cuda.mem_get_info`` on CUDA; on the CPU ``MemAvailable`` from
+    ``/proc/meminfo`` (psutil where that file is missing; 8 GiB when neither exists)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 8 * 2**30
 
 
 def parse_budget(max_memory, device: torch.device) -> int:
     """Bytes from an int or a string such as ``"512MB"``/``"2GiB"``; ``None`` gives the default
-    (16 MiB on the CPU; half the free memory on a GPU)."""
+    limit, ``DEFAULT_FREE_FRACTION`` of :func:`free_memory`."""
     if max_memory is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return DefaultBudget(free * DEFAULT_GPU_FRACTION)
-        return DefaultBudget(DEFAULT_CPU_BUDGET)
+        return DefaultBudget(free_memory(device) * DEFAULT_FREE_FRACTION)
     if isinstance(max_memory, str):
         m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", max_memory)
         if not m or m.group(2).upper() not in _UNITS:

@@ -20,19 +20,18 @@ count the ``T``-fold gradient memory (see :func:`memory.cpu_point_cost`).
 """
 from __future__ import annotations
 
+import time
 import warnings
+from typing import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from taylor_kernels import ops
-from taylor_kernels.engine import distributed, guards, memory
+from taylor_kernels.engine import chunking, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.reference.path import accumulation_dtype
-
-PROBE_POINTS = 8
-
 
 @dataclass
 class Integral:
@@ -44,42 +43,6 @@ class Integral:
     evaluations: int
     chunk_size: int
     point_cost: float | None = None
-
-
-class _Chunks:
-    """Iterates the chunk loop: a first probe of 1 point, then ``PROBE_POINTS``, then budget
-    (no probes when the per-point cost is already known)."""
-
-    def __init__(self, total: int, chunk_size: int | None, budget: int | None,
-                 point_cost: float | None = None):
-        self.total, self.chunk, self.budget = total, chunk_size, budget
-        self.probes: list[tuple[int, float]] = []
-        self.cost = point_cost
-        if self.chunk is None and point_cost is not None:
-            self.chunk = memory.chunk_size_for(budget, point_cost, total)
-
-    def point_cost(self) -> float | None:
-        """Bytes per point: given, or from the probes (slope of two, else the mean of one)."""
-        if self.cost is None and self.probes:
-            (n1, m1), (n2, m2) = self.probes[0], self.probes[-1]
-            self.cost = (m2 - m1) / (n2 - n1) if n2 > n1 and m2 > m1 else m2 / max(n2, 1)
-        return self.cost
-
-    def next_count(self, start: int) -> int:
-        left = self.total - start
-        if self.chunk is None and not self.probes:
-            return min(left, 1)
-        if self.chunk is None and len(self.probes) == 1:
-            # the one-point cost over-estimates (fixed costs such as saved weights count fully),
-            # so the second probe stays within the budget at up to that many points
-            fits = memory.chunk_size_for(self.budget, self.probes[0][1], self.total)
-            if fits < 2:
-                self.chunk = 1
-            else:
-                return min(left, PROBE_POINTS, fits)
-        if self.chunk is None:
-            self.chunk = memory.chunk_size_for(self.budget, self.point_cost(), self.total)
-        return min(left, self.chunk)
 
 
 def _measure(run, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -181,6 +144,43 @@ def _accumulate(sums: list[torch.Tensor], grads: torch.Tensor, x: torch.Tensor, 
             sums[i][..., r0:r1, :].add_(part)
 
 
+def run_chunks(plan: chunking.ChunkPlan, start: int, stop: int,
+               compute: Callable[[int, int, bool], tuple[object, float | None]],
+               consume: Callable[[int, object], None], *, align=None, progress: bool = False,
+               desc: str = "path points", unit: str = "pt") -> None:
+    """The engine's one chunk loop over work items ``[start, stop)`` (path points, or
+    (point, direction) pairs of an HVP method).
+
+    ``plan`` sizes each chunk (probes, timed candidates, thread count; see
+    :mod:`taylor_kernels.engine.chunking`); ``align(start, count)`` may shorten a chunk (e.g.
+    to whole points); ``compute(start, count, measure)`` returns the chunk's result and, when
+    ``measure``, its measured bytes; ``consume(start, result)`` folds the result into the
+    caller's sums (outside the retry, so a chunk is added once). An out-of-memory error halves
+    the chunk and retries the same items, down to one item; a tqdm bar counts the items.
+    """
+    with tqdm(total=stop - start, disable=not progress, desc=desc, unit=unit) as bar:
+        while start < stop:
+            count = plan.next_count(stop - start)
+            count = align(start, count) if align else count
+            measure, timing = plan.measuring, bool(plan.trials)
+            try:
+                with plan.running():
+                    began = time.perf_counter()
+                    result, used = compute(start, count, measure)
+                    if timing and plan.device.type == "cuda":
+                        torch.cuda.synchronize(plan.device)
+                    seconds = time.perf_counter() - began
+            except Exception as exc:  # halve on OOM, re-raise anything else
+                if not memory.is_oom(exc) or count == 1:
+                    raise
+                plan.halve(count)
+                continue
+            plan.record(count, seconds, used if measure else None)
+            consume(start, result)
+            start += count
+            bar.update(count)
+
+
 def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torch.Tensor], *,
               x: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
@@ -204,40 +204,31 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     alphas = alphas.to(x.device)
     weight_sets = [w.to(x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    budget = None if chunk_size else memory.parse_budget(max_memory, x.device)
-    chunks = _Chunks(total, chunk_size, budget, point_cost if not chunk_size else None)
-    sums: list[torch.Tensor] | None = None  # allocated once the first chunk shows T
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
-    chunks.total = stop
-    with tqdm(total=stop - start, disable=not progress, desc="path points", unit="pt") as bar:
-        while start < stop:
-            count = chunks.next_count(start)
-            def run():
-                return path_gradients(problem, x, bl, rows, alphas, start, count, create_graph)
-            try:  # measure only while probing (saved-tensor hooks slow autograd down)
-                grads, used = _measure(run, x.device) if chunks.chunk is None \
-                    else (run(), 0.0)
-            except Exception as exc:  # halve on OOM, re-raise anything else
-                if not memory.is_oom(exc) or count == 1:
-                    raise
-                chunks.chunk = max(1, count // 2)
-                continue
-            if chunks.chunk is None:
-                chunks.probes.append((count, used))
-            if sums is None:
-                shape = grads.shape[:1] + x.shape if grads.dim() == 3 else x.shape
-                sums = [torch.zeros(shape, dtype=accumulation_dtype(x.dtype), device=x.device)
-                        for _ in weight_sets]
-            _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], start, create_graph)
-            start += count
-            bar.update(count)
-    if sums is None:  # this rank's shard is empty: learn T from one forward
+    plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
+                              max_memory=max_memory, cost=point_cost,
+                              slot=chunking.cache_slot(problem, x, bl.shape[1]))
+    sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
+
+    def compute(first: int, count: int, measure: bool):
+        def run():
+            return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph)
+        # measure only while probing (saved-tensor hooks slow autograd down)
+        return _measure(run, x.device) if measure else (run(), None)
+
+    def consume(first: int, grads: torch.Tensor) -> None:
+        if not sums:
+            shape = grads.shape[:1] + x.shape if grads.dim() == 3 else x.shape
+            sums.extend(torch.zeros(shape, dtype=accumulation_dtype(x.dtype), device=x.device)
+                        for _ in weight_sets)
+        _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
+
+    run_chunks(plan, start, stop, compute, consume, progress=progress)
+    if not sums:  # this rank's shard is empty: learn T from one forward
         sums = _empty_sums(problem, x, rows, len(weight_sets))
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, reduce_to)
-    return Integral(sums, total, chunks.chunk or total, chunks.point_cost())
+    return Integral(sums, total, plan.chunk or total, plan.cost)
 
 
 @torch.no_grad()

@@ -60,19 +60,20 @@ def test_budget_too_small_for_one_point():
         tk.integrated_gradients(model, x, target=0, steps=5, max_memory=16)
 
 
-def test_default_budget_is_a_target_not_a_limit(monkeypatch):
-    """A model whose one point exceeds the *default* budget still runs, one point per chunk."""
+def test_default_limit_lets_a_costly_point_run(monkeypatch):
+    """A model whose one point exceeds the *default* limit still runs, one point per chunk;
+    chunks hold at least ``DEFAULT_MIN_POINTS`` points otherwise."""
     from taylor_kernels.engine.path_engine import integrate
     from taylor_kernels.engine.problem import make_problem
     from taylor_kernels.engine.quadrature import nodes_and_weights
-    monkeypatch.setattr(memory, "DEFAULT_CPU_BUDGET", 16)
+    monkeypatch.setattr(memory, "DEFAULT_FREE_FRACTION", 1e-12)
     monkeypatch.setattr(memory, "DEFAULT_MIN_POINTS", 1)
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
     t, w = nodes_and_weights("gausslegendre", 5)
     res = integrate(make_problem(model, x, target=0), t, [w])
     assert res.chunk_size == 1
-    monkeypatch.setattr(memory, "DEFAULT_MIN_POINTS", 4)  # the floor of a default budget
-    assert integrate(make_problem(model, x, target=0), t, [w]).chunk_size == 4
+    monkeypatch.setattr(memory, "DEFAULT_MIN_POINTS", 4)  # the floor of a default limit
+    assert integrate(make_problem(models.mlp(), x, target=0), t, [w]).chunk_size == 4
     whole = tk.integrated_gradients(model, x, target=0, steps=5, chunk_size=100)
     torch.testing.assert_close(res.sums[0], whole.attributions, rtol=1e-12, atol=1e-14)
 
@@ -133,6 +134,7 @@ class _MultiTarget:
         self.inner = make_problem(model, x, baselines, target=0)
         self.x, self.baselines, self.cols = self.inner.x, self.inner.baselines, list(cols)
         self.B, self.K, self.model = self.inner.B, self.inner.K, model
+        self.cache_key = (len(self.cols),)  # the cost per point depends on T
 
     def forward(self, pts, rows):
         return self.model(pts)[:, self.cols]

@@ -1,0 +1,242 @@
+"""How many work items (path points, or (point, direction) pairs) each chunk of the engine's
+loop holds, and with how many CPU threads it runs.
+
+Memory. The first chunks are probes: one item, then up to ``PROBE_POINTS`` when the limit
+could bind, each measured (:mod:`taylor_kernels.engine.memory`) to give the bytes per item.
+The limit is ``max_memory`` when given (a hard limit: chunks fill it), else a fraction of the
+machine's free memory (:func:`memory.parse_budget`).
+
+Throughput (default budget only). Candidate sizes are ``base * CANDIDATE_FACTORS`` with
+``base`` the cache-friendly size of ``memory.DEFAULT_TARGET`` bytes (at least
+``memory.DEFAULT_MIN_POINTS`` items), capped by the limit and by ``MAX_SHARE`` of the call's
+items (so a call holds at most about half the memory of a one-batch run). Each candidate runs one real
+chunk, timed; a larger one wins only when it is more than ``SPEED_MARGIN`` faster per item.
+On an oversubscribed CPU (1-minute load average above the core count) the smallest size runs
+first with all and with half the threads, and half are kept if faster by the same margin: every ATen/OpenMP parallel
+region ends in a barrier that waits for all its threads, so a thread descheduled by another
+process stalls every operator (2 threads measured 4-20x slower than 1 on a 2-core machine at
+load 9-14). That count is remembered for the machine and :func:`call_threads` applies it to a
+whole call while the machine stays busy.
+
+Cache. The measured cost and the choice are kept per owner (the model, or the
+``cost_owner`` attribute of a wrapper function) and key (feature shape, dtype, device,
+baselines per input, ``problem.cache_key``) while the owner lives; a later call skips the
+probes and the timing, and re-times when the machine's load state changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import weakref
+
+import torch
+
+from taylor_kernels.engine import memory
+
+PROBE_POINTS = 8
+CANDIDATE_FACTORS = (1, 4, 16)
+SPEED_MARGIN = 0.1
+# Measured: a CNN's peak per point in a chunk is up to 1.7x a one-batch run's (Captum), so a
+# quarter of the points keeps the peak under half of that run's (engine_results.md).
+MAX_SHARE = 0.25
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {key: dict}
+_BUSY_THREADS: dict[int, int] = {}  # threads asked for -> threads measured faster while busy
+
+
+def machine_busy() -> bool:
+    """True when the 1-minute load average exceeds the number of cores (other processes
+    compete for them); False where the load average is unavailable."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """Run the block with ``count`` torch CPU threads; the caller's count is restored."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def call_threads():
+    """Context manager (or decorator) running a whole attribution call (its extra forwards
+    too, not only the chunk loop) with the thread count a chunk loop measured faster while the
+    machine was busy, as long as it still is (checked at each entry). No-op on a quiet
+    machine."""
+    before = torch.get_num_threads()
+    with threads(_BUSY_THREADS.get(before, before) if machine_busy() else before):
+        yield
+
+
+def _base(cost: float) -> int:
+    """The smallest candidate: items in ``memory.DEFAULT_TARGET`` bytes, at least
+    ``memory.DEFAULT_MIN_POINTS``."""
+    return max(memory.DEFAULT_MIN_POINTS, int(memory.DEFAULT_TARGET // max(cost, 1.0)))
+
+
+def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | None:
+    """The cache dict of ``problem``'s owner and shape (``None`` when the owner cannot be
+    weakly referenced); ``kind`` separates gradient work from HVP work."""
+    model = getattr(problem, "model", None)
+    owner = getattr(model, "cost_owner", model)
+    key = (kind, tuple(x.shape[1:]), x.dtype, str(x.device), K, getattr(problem, "cache_key", ()))
+    try:
+        return _CHOICES.setdefault(owner, {}).setdefault(key, {})
+    except TypeError:
+        return None
+
+
+class ChunkPlan:
+    """Decides each chunk's item count and thread count for a loop over ``total`` items.
+
+    ``chunk_size`` fixes the count; ``max_memory`` (bytes or ``"512MB"``) is a hard limit;
+    ``cost`` (bytes per item) skips the probes; ``slot`` (from :func:`cache_slot`) shares the
+    measured cost and timed choice between calls.
+    """
+
+    def __init__(self, total: int, device: torch.device, *, chunk_size: int | None = None,
+                 max_memory=None, cost: float | None = None, slot: dict | None = None):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+                chunk_size, numbers.Integral) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.total, self.device, self.slot = total, device, {} if slot is None else slot
+        self.chunk = None if chunk_size is None else int(chunk_size)
+        self.budget = None if chunk_size else memory.parse_budget(max_memory, device)
+        self.probes: list[tuple[int, float]] = []
+        self.cost = cost if cost is not None else self.slot.get("cost")
+        self.threads = torch.get_num_threads()
+        self.timed: list[tuple[int, int, float]] = []  # (count, threads, seconds per item)
+        self.trials: list[tuple[int, int]] = []       # (count, threads) still to time
+        self.busy = machine_busy() if device.type == "cpu" else False
+        if self.chunk is None and self.cost is not None:
+            self._after_cost()
+
+    @property
+    def measuring(self) -> bool:
+        """True while the next chunk is a memory probe."""
+        return self.chunk is None and self.cost is None
+
+    def _fits(self, per_item: float) -> int:
+        return memory.chunk_size_for(self.budget, per_item, self.total)
+
+    def _cap(self, cost: float) -> int:
+        """The largest candidate: what the limit holds, at most ``MAX_SHARE`` of the items (but
+        not below ``memory.DEFAULT_MIN_POINTS``)."""
+        share = max(math.ceil(self.total * MAX_SHARE), memory.DEFAULT_MIN_POINTS)
+        return max(1, min(self._fits(cost), share))
+
+    def _after_cost(self) -> None:
+        """With the cost known: fill an explicit budget, reuse a cached choice, or queue the
+        candidates to time (on a busy CPU first the smallest size at full and half threads,
+        then the larger sizes at the thread count that won)."""
+        if not isinstance(self.budget, memory.DefaultBudget):
+            self.chunk = self._fits(self.cost)
+            return
+        cap = self._cap(self.cost)
+        cached = self.slot.get("choice")
+        if cached is not None and cached[2] == self.busy:
+            self.chunk, self.threads = min(cached[0], cap), cached[1]
+            return
+        sizes = sorted({min(cap, _base(self.cost) * f) for f in CANDIDATE_FACTORS})
+        self.trials = [(s, None) for s in sizes]
+        if self.busy and self.threads > 1:
+            self.trials[:1] = [(sizes[0], self.threads), (sizes[0], max(1, self.threads // 2))]
+        elif len(sizes) == 1:
+            self.chunk, self.trials = sizes[0], []
+
+    def next_count(self, left: int) -> int:
+        """Items in the next chunk, with ``left`` items still to do."""
+        if self.chunk is not None:
+            return min(left, self.chunk)
+        if self.trials:
+            return min(left, self.trials[0][0])
+        if not self.probes:
+            return min(left, 1)
+        fits = self._fits(self.probes[0][1])
+        largest = min(self._cap(self.probes[0][1]), _base(self.probes[0][1]) * CANDIDATE_FACTORS[-1])
+        if isinstance(self.budget, memory.DefaultBudget) and fits >= largest:
+            self._set_cost(self.probes[0][1])  # the limit is far: the one-item cost will do
+            return self.next_count(left)
+        if fits < 2:  # one item per chunk; the cost stays the one-item measurement
+            self._set_cost(self.probes[0][1])
+            self.chunk = 1
+            return 1
+        # the one-item cost over-estimates (fixed costs count fully): a second probe within
+        # the budget at up to that many items gives the slope
+        return min(left, PROBE_POINTS, fits)
+
+    def _set_cost(self, cost: float) -> None:
+        self.cost = self.slot["cost"] = cost
+        self._after_cost()
+
+    def thread_count(self) -> int:
+        """CPU threads for the next chunk (a trial's own count, else the chosen one)."""
+        return self.trials[0][1] or self.threads if self.trials else self.threads
+
+    def running(self):
+        """Context manager running one chunk with :meth:`thread_count` threads."""
+        return threads(self.thread_count())
+
+    def record(self, count: int, seconds: float, used: float | None) -> None:
+        """Note a finished chunk: its measured bytes (probes) or its time (trials)."""
+        if used is not None:
+            self.probes.append((count, used))
+            if len(self.probes) == 2:
+                (n1, m1), (n2, m2) = self.probes
+                self._set_cost((m2 - m1) / (n2 - n1) if n2 > n1 and m2 > m1 else m2 / n2)
+            return
+        if not self.trials:
+            return
+        threads = self.thread_count()
+        size = self.trials.pop(0)[0]
+        enough = 2 * count >= size  # the call's last chunk may be short: half a size still times
+        if enough:
+            self.timed.append((size, threads, seconds / count))
+        if enough and threads < self.threads:
+            self._choose_threads(size, threads)
+        if not enough or not self.trials:
+            self._decide(complete=enough)
+
+    def halve(self, count: int) -> None:
+        """After an out-of-memory error on a chunk of ``count`` items: half as many from now
+        on (and in the cached choice)."""
+        self.trials, self.chunk = [], max(1, count // 2)
+        choice = self.slot.get("choice")
+        if choice is not None and choice[0] > self.chunk:
+            self.slot["choice"] = (self.chunk,) + tuple(choice[1:])
+
+    def _choose_threads(self, size: int, fewer: int) -> None:
+        """Keep ``fewer`` threads if their trial at ``size`` was faster per item by
+        ``SPEED_MARGIN`` than all threads at the same size; remember it for the machine."""
+        per_item = {t: sec for c, t, sec in self.timed if c == size}
+        if per_item[fewer] < per_item[self.threads] * (1 - SPEED_MARGIN):
+            _BUSY_THREADS[self.threads] = fewer
+            self.threads = fewer
+        else:
+            _BUSY_THREADS[self.threads] = self.threads
+
+    def _decide(self, complete: bool) -> None:
+        """Keep the fastest timed size at the chosen thread count (a larger one must win by
+        ``SPEED_MARGIN``: it costs memory); cache the choice once every candidate ran."""
+        self.trials = []
+        full = [(c, sec) for c, t, sec in self.timed if t == self.threads]
+        if not full:  # the call ended before a candidate could be timed
+            self.chunk = self._cap(self.cost)
+            return
+        best, best_s = full[0]
+        for c, sec in full[1:]:
+            if sec < best_s * (1 - SPEED_MARGIN):
+                best, best_s = c, sec
+        self.chunk = best
+        if complete:
+            self.slot["choice"] = (best, self.threads, self.busy)

@@ -1,0 +1,117 @@
+"""Chunk choice: timed candidates, the thread trial on a busy CPU, the per-model cache.
+
+Timings are fed to :class:`ChunkPlan` by hand, so no assertion depends on the machine's speed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taylor_kernels as tk
+from taylor_kernels.engine import chunking, memory, path_engine
+from tests import models
+
+CPU = torch.device("cpu")
+
+
+def _plan(monkeypatch, busy: bool, threads: int = 2, total: int = 10**6, cost: float = 4096):
+    monkeypatch.setattr(chunking, "machine_busy", lambda: busy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(chunking, "_BUSY_THREADS", {})
+    return chunking.ChunkPlan(total, CPU, cost=cost, slot={})
+
+
+def _feed(plan, per_item: dict):
+    """Run the plan's trials with seconds per item from ``per_item[(size, threads)]``."""
+    while plan.trials:
+        count, threads = plan.next_count(10**9), plan.thread_count()
+        plan.record(count, per_item[(count, threads)] * count, None)
+
+
+def test_larger_candidate_must_be_clearly_faster(monkeypatch):
+    plan = _plan(monkeypatch, busy=False)
+    base = memory.DEFAULT_TARGET // 4096
+    assert [t[0] for t in plan.trials] == [base, 4 * base, 16 * base]
+    _feed(plan, {(base, 2): 1.0, (4 * base, 2): 0.95, (16 * base, 2): 0.5})
+    assert plan.chunk == 16 * base and plan.threads == 2
+    assert plan.slot["choice"] == (16 * base, 2, False)
+    plan = _plan(monkeypatch, busy=False)
+    _feed(plan, {(base, 2): 1.0, (4 * base, 2): 0.95, (16 * base, 2): 0.92})
+    assert plan.chunk == base  # within the margin: the smaller chunk keeps memory low
+
+
+def test_busy_cpu_tries_half_the_threads_first(monkeypatch):
+    plan = _plan(monkeypatch, busy=True)
+    base = memory.DEFAULT_TARGET // 4096
+    assert plan.trials[:2] == [(base, 2), (base, 1)]
+    _feed(plan, {(base, 2): 5.0, (base, 1): 1.0, (4 * base, 1): 1.0, (16 * base, 1): 1.0})
+    assert plan.threads == 1 and plan.chunk == base
+    assert chunking._BUSY_THREADS == {2: 1}
+    plan = _plan(monkeypatch, busy=True)
+    _feed(plan, {(base, 2): 1.0, (base, 1): 0.95, (4 * base, 2): 1.0, (16 * base, 2): 1.0})
+    assert plan.threads == 2 and chunking._BUSY_THREADS == {2: 2}
+
+
+def test_candidates_respect_limit_and_share(monkeypatch):
+    plan = _plan(monkeypatch, busy=False, total=1000)
+    assert plan.chunk == 250 and not plan.trials  # MAX_SHARE of the call's points
+    monkeypatch.setattr(chunking, "machine_busy", lambda: False)
+    fixed = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB")
+    assert fixed.chunk == 2**20 // 1000 and not fixed.trials  # an explicit budget is filled
+
+
+def test_call_threads_applies_busy_choice_and_restores(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(chunking, "_BUSY_THREADS", {before: 1})
+    monkeypatch.setattr(chunking, "machine_busy", lambda: True)
+    with chunking.call_threads():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(chunking, "machine_busy", lambda: False)
+    with chunking.call_threads():
+        assert torch.get_num_threads() == before
+
+    @chunking.call_threads()
+    def threads_inside():
+        return torch.get_num_threads()
+
+    assert threads_inside() == before  # decided at each call, not at decoration
+    monkeypatch.setattr(chunking, "machine_busy", lambda: True)
+    assert threads_inside() == 1 and torch.get_num_threads() == before
+
+
+def test_cache_skips_probes_and_results_do_not_depend_on_choice(monkeypatch):
+    model, x = models.cnn(), torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    measured = []
+    real = path_engine._measure
+    monkeypatch.setattr(path_engine, "_measure", lambda *a: measured.append(1) or real(*a))
+    whole = tk.integrated_gradients(model, x, target=1, steps=40, chunk_size=10_000)
+    first = tk.integrated_gradients(model, x, target=1, steps=40)
+    probes = len(measured)
+    second = tk.integrated_gradients(model, x, target=1, steps=40)
+    assert probes >= 1 and len(measured) == probes  # the second call reused the cost
+    (slot,) = chunking._CHOICES[model].values()
+    assert slot["cost"] > 0
+    for res in (first, second):
+        torch.testing.assert_close(res.attributions, whole.attributions, rtol=1e-12, atol=1e-13)
+
+
+def test_out_of_memory_shrinks_the_cached_choice():
+    slot = {"cost": 100.0, "choice": (64, 1, chunking.machine_busy())}
+    plan = chunking.ChunkPlan(10_000, CPU, slot=slot)
+    assert plan.chunk == 64
+    plan.halve(64)
+    assert plan.chunk == 32 and slot["choice"][0] == 32
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_chunk_size_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunking.ChunkPlan(100, CPU, chunk_size=bad)
+
+
+def test_default_limit_is_a_fraction_of_free_memory():
+    free = memory.free_memory(CPU)
+    limit = memory.parse_budget(None, CPU)
+    assert free > 0 and isinstance(limit, memory.DefaultBudget)
+    assert limit == pytest.approx(free * memory.DEFAULT_FREE_FRACTION, rel=0.2)
