@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels import backends
+from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import path_engine, quadrature
 from taylor_kernels.engine.problem import PathProblem, make_problem
 
@@ -83,6 +84,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
     return final, evaluations, used
 
 
+@call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: int = 50,
                          rule: str = "gausslegendre", tol: float | None = None,
                          additional_forward_args=None, max_memory=None, backend: str | None = None,
