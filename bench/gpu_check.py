@@ -5,7 +5,7 @@
 
 Steps, each a subprocess with its own timeout inside one overall budget (default 470 s, under
 the 8 minutes a device call is sized for); a failing or timed-out step is recorded, never fatal,
-and a step that no longer fits is recorded as skipped:
+a step cut short by the budget is recorded as stopped, one that no longer fits as skipped:
 
 1. ``wheels``    install offline (``pip --no-index``) the wheels of bench/wheels whose module is
                  missing (Captum, path_explain, transformers and its dependencies);
@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,15 +78,19 @@ class Check:
         limit = min(timeout, left)
         print(f"[gpu_check] {name}: running (limit {limit:.0f} s): {' '.join(cmd)}", flush=True)
         t = time.monotonic()
+        # own process group: on timeout the step's children (pytest workers, probes) go too
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env or self.env, timeout=limit, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            output, _ = proc.communicate(timeout=limit)
             status = "passed" if proc.returncode == 0 else f"failed (rc {proc.returncode})"
-            output = proc.stdout
-        except subprocess.TimeoutExpired as exc:
-            status = f"timeout ({limit:.0f} s)"
-            output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        rec = self.record(name, status, note, cmd=cmd, output_tail=output[-6000:])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            status = (f"timeout ({limit:.0f} s)" if limit >= timeout
+                      else f"stopped (budget, {limit:.0f} s)")
+        rec = self.record(name, status, note, cmd=cmd, output_tail=(output or "")[-6000:])
         rec["wall_s"] = time.monotonic() - t
         print(output[-1500:], flush=True)
         return rec
