@@ -26,22 +26,22 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, captum_metho
                                                  check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_blocks,
                                                  format_inputs)
-from taylor_kernels.captum_front.ig import IntegratedGradients, LayerIntegratedGradients
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 class NoiseTunnel:
-    """Drop-in for ``captum.attr.NoiseTunnel`` over our ``IntegratedGradients`` or
-    ``LayerIntegratedGradients`` (SmoothGrad, SmoothGrad-squared, VarGrad)."""
+    """Drop-in for ``captum.attr.NoiseTunnel`` over any :mod:`taylor_kernels.captum` class
+    (SmoothGrad, SmoothGrad-squared, VarGrad)."""
 
     def __init__(self, attribution_method) -> None:
-        if not isinstance(attribution_method, (IntegratedGradients, LayerIntegratedGradients)):
+        if not isinstance(attribution_method, CaptumAttribution):
             raise TypeError(
-                "taylor_kernels.captum.NoiseTunnel wraps taylor_kernels.captum."
-                "IntegratedGradients or LayerIntegratedGradients, got "
+                "taylor_kernels.captum.NoiseTunnel wraps the taylor_kernels.captum classes "
+                "(IntegratedGradients, LayerIntegratedGradients, LayerConductance, ...), got "
                 f"{type(attribution_method).__module__}.{type(attribution_method).__name__}; "
-                "switch that import to taylor_kernels.captum as well")
+                "switch that import to taylor_kernels.captum as well (or use Captum's "
+                "NoiseTunnel, which accepts ours)")
         self.attribution_method = attribution_method
         self.forward_func = attribution_method.forward_func
         self.is_delta_supported = attribution_method.has_convergence_delta()

@@ -321,3 +321,15 @@ def test_bad_input_raises_captums_type(case, branches):
     assert isinstance(ours.value, (ValueError, TypeError))
     with pytest.raises(IndexError):  # out-of-range targets: IndexError in both
         tc.IntegratedGradients(net).attribute(x, target=4)
+
+
+@pytest.mark.parametrize("name, extra", [("LayerConductance", {"target": [0, 2, 1]}),
+                                         ("InternalInfluence", {"target": 1}),
+                                         ("NeuronIntegratedGradients", {"neuron_selector": 2}),
+                                         ("NeuronConductance", {"neuron_selector": 2,
+                                                                "target": [0, 2, 1]})])
+def test_noise_tunnel_over_the_new_classes(branches, name, extra):
+    net, x = branches
+    ref, ours = both(lambda L: L.NoiseTunnel(getattr(L, name)(net, net.left)).attribute(
+        x, nt_type="smoothgrad_sq", nt_samples=3, stdevs=0.2, n_steps=5, **extra), seed=4)
+    assert_same(ours, ref)
