@@ -273,3 +273,40 @@ def test_demo_relu_cnn_comparison():
     res = compare(model, torch.rand(2, 1, 8, 8, dtype=torch.float64))
     assert (res["regions"] > 1).all() and (res["exact_rel_gap"] <= 1e-10).all()
     assert (res["gl50_error"] > 0).all()
+
+
+class Seq1d(nn.Module):
+    """Conv1d, MaxPool1d(ceil_mode), a concatenated skip, Dropout/Identity (eval),
+    AdaptiveAvgPool1d, ReLU6, Flatten, a functional linear and abs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.pool = nn.MaxPool1d(2, ceil_mode=True)
+        self.body = nn.Sequential(nn.Dropout(0.3), nn.Identity(), nn.AdaptiveAvgPool1d(2),
+                                  nn.ReLU6(), nn.Flatten())
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        h = torch.cat([self.pool(torch.relu(self.conv(x))), x[:, :, ::2]], dim=1)
+        h = self.body(h)
+        return nn.functional.linear(torch.abs(h - 0.1), self.head.weight[:, :h.shape[1]])
+
+
+def test_1d_model_with_pools_skip_and_functional_ops():
+    torch.manual_seed(3)
+    model, x = Seq1d().double().eval(), torch.randn(2, 2, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tk.integrated_gradients(model, x, target=1, rule="exact")
+    ref = riemann_ig(model, x, torch.zeros_like(x), 1)
+    assert (res.attributions - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert res.gap.abs().max() <= 1e-12
+
+
+def test_bench_family_smoke():
+    from taylor_kernels.benchmarks import cases_exact
+    result = cases_exact.run("smoke", torch.device("cpu"), log=lambda msg: None)
+    (row,) = result["rows"]
+    assert "error" not in row and row["exact_rel_gap"] <= 1e-10 and row["regions_max"] >= 1
+    assert "exact" in cases_exact.tables(result)[0]
