@@ -172,3 +172,35 @@ def test_ih_accumulate_past_2_31(gpu_memory):
             full = ih_accumulate(h, x, bl, tail_w, idx, 0)  # offsets past 2**31 in the kernel
         assert_close_ratio(got, expect, torch.float32)
         assert_close_ratio(full, expect, torch.float32)
+
+
+def _pointer_products(path):
+    """``(function, line)`` of every ``*`` in the pointer argument of a ``tl.load`` /
+    ``tl.store`` of a ``@triton.jit`` function in ``path`` that is not inside ``off(...)``."""
+    import ast
+
+    def products(node, inside_off=False):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "off":
+            inside_off = True
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and not inside_off:
+            yield node.lineno
+        for child in ast.iter_child_nodes(node):
+            yield from products(child, inside_off)
+
+    tree = ast.parse(path.read_text())
+    for fn in [n for n in tree.body if isinstance(n, ast.FunctionDef)]:
+        if not any("jit" in ast.unparse(d) for d in fn.decorator_list):
+            continue
+        for call in ast.walk(fn):
+            if isinstance(call, ast.Call) and ast.unparse(call.func) in ("tl.load", "tl.store"):
+                for line in products(call.args[0]):
+                    yield fn.name, line
+
+
+def test_kernels_form_pointer_offsets_through_off():
+    """Complements the probes above: no Triton kernel multiplies inside a load/store pointer
+    except through ``off`` (an int32 product there would wrap past 2**31)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2] / "taylor_kernels" / "triton"
+    found = [(f.name, *hit) for f in sorted(root.glob("*.py")) for hit in _pointer_products(f)]
+    assert found == []
