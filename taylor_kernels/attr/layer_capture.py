@@ -28,7 +28,8 @@ class Layers:
             raise TypeError(f"layer must be a torch.nn.Module or a list of them, got "
                             f"{layers!r}")
         self.of_input = of_input
-        self.counts: list[int] = []
+        self.counts: list[int] = []  # activation tensors per layer
+        self.calls: list[int] | None = None  # calls per layer in one forward (first capture)
 
     def _register(self, hook_for: Callable[[int], Callable]) -> list:
         if self.of_input:
@@ -56,14 +57,18 @@ class Layers:
     def capture(self, model: Callable, args: tuple, *, grad: bool = False,
                 stop: bool = True) -> tuple[torch.Tensor, ...]:
         """Run ``model(*args)`` and return every layer's activation, flattened into one tuple
-        (detached unless ``grad``). With ``stop`` the pass ends after the last layer ran."""
+        (detached unless ``grad``). A layer called several times gives its last call's
+        activation (as Captum). The first capture runs the whole forward and counts the calls;
+        later ones, with ``stop``, end the pass once every layer had that many calls."""
         seen: dict[int, tuple] = {}
+        count = [0] * len(self.modules)
 
         def hook_for(i):
             def grab(module, inp, out=None):
-                if i not in seen:
-                    seen[i] = self._as_tuple(i, inp if self.of_input else out)
-                if stop and len(seen) == len(self.modules):
+                seen[i] = self._as_tuple(i, inp if self.of_input else out)
+                count[i] += 1
+                if stop and self.calls is not None and all(
+                        c >= n for c, n in zip(count, self.calls)):
                     raise _Stop
             return grab
 
@@ -79,6 +84,8 @@ class Layers:
         if missing:
             raise ValueError(f"layer(s) {missing} were not called by the model's forward")
         self.counts = [len(seen[i]) for i in range(len(self.modules))]
+        if self.calls is None:
+            self.calls = count
         flat = tuple(t for i in range(len(self.modules)) for t in seen[i])
         return flat if grad else tuple(t.detach() for t in flat)
 
@@ -92,15 +99,20 @@ class Layers:
         return [flat[s][0] if s.stop - s.start == 1 else tuple(flat[s]) for s in self._slices()]
 
     @contextlib.contextmanager
-    def edited(self, edit: Callable[[int, torch.Tensor], torch.Tensor]):
+    def edited(self, edit: Callable[[int, torch.Tensor], torch.Tensor], last_call: bool = False):
         """Within the block, activation tensor ``k`` (flat numbering) is replaced by
-        ``edit(k, activation)`` at every call of its layer; yields the set of layers called."""
+        ``edit(k, activation)`` at every call of its layer (only at its last call, as counted
+        by the first :meth:`capture`, with ``last_call``); yields the set of layers called."""
         done: set[int] = set()
         slices = self._slices()
+        count = [0] * len(self.modules)
 
         def hook_for(i):
             def replace(module, inp, out=None):
                 done.add(i)
+                count[i] += 1
+                if last_call and self.calls is not None and count[i] != self.calls[i]:
+                    return None
                 vals = self._as_tuple(i, inp if self.of_input else out)
                 new = tuple(edit(k, v) for k, v in zip(range(slices[i].start, slices[i].stop),
                                                        vals))

@@ -133,7 +133,7 @@ class LayerSpace:
             d = ds[k] if ds is not None else nxt[k] - v.detach()
             return v + delta * d
 
-        with self.spec.edited(edit):
+        with self.spec.edited(edit, last_call=True):  # Captum: the gradient at the last call
             return self.model(*point(idx), *rest)
 
 

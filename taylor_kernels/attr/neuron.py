@@ -74,7 +74,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             found[k] = v
             return v
 
-        with torch.enable_grad(), spec.edited(keep):
+        with torch.enable_grad(), spec.edited(keep, last_call=True):
             out = model(*points, *rest)
         with torch.enable_grad():
             f = select_target(out, targets, rows) if targets is not None else out.reshape(-1)

@@ -333,3 +333,31 @@ def test_noise_tunnel_over_the_new_classes(branches, name, extra):
     ref, ours = both(lambda L: L.NoiseTunnel(getattr(L, name)(net, net.left)).attribute(
         x, nt_type="smoothgrad_sq", nt_samples=3, stdevs=0.2, n_steps=5, **extra), seed=4)
     assert_same(ours, ref)
+
+
+class CalledTwice(nn.Module):
+    """``l`` runs twice per forward: on the same input (``shared``) or on its own output."""
+
+    def __init__(self, nested: bool):
+        super().__init__()
+        self.nested, self.l, self.h = nested, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.nested:
+            return self.h(torch.tanh(self.l(torch.tanh(self.l(x)))))
+        return self.h(torch.tanh(self.l(x)) * torch.sin(self.l(x)))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_layer_called_twice_as_captum(nested):
+    """Captum reads the last call's activation and gradient; so do we."""
+    torch.manual_seed(3)
+    net, x = CalledTwice(nested).double(), torch.randn(3, 4, dtype=F64)
+    for name, args, kw in [("LayerIntegratedGradients", (), {"target": 1}),
+                           ("LayerConductance", (), {"target": 1}),
+                           ("InternalInfluence", (), {"target": 1}),
+                           ("NeuronIntegratedGradients", (1,), {}),
+                           ("NeuronConductance", (1,), {"target": 1})]:
+        ref, ours = both(lambda L: getattr(L, name)(net, net.l).attribute(x, *args, n_steps=8,
+                                                                          **kw))
+        assert_same(ours, ref)
