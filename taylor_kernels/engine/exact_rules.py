@@ -123,6 +123,11 @@ def structural(fn):
     return rule
 
 
+def constant_like(fn):
+    """``zeros_like``/``new_zeros``...: a constant shaped like the pair (no slope)."""
+    return lambda ctx, x, *args, **kwargs: fn(x.v, *args, **kwargs)
+
+
 def identity(ctx, x, *args, **kwargs):
     """Dtype and device casts, eval-mode dropout, detach: the pair unchanged (float64)."""
     return x
@@ -356,6 +361,8 @@ FUNCTIONS.update({
     F.relu6: relu6, torch.clamp: clamp, torch.clip: clamp, torch.clamp_min: clamp_min,
     torch.clamp_max: clamp_max, torch.abs: abs_, F.max_pool1d: max_pool(1),
     F.max_pool2d: max_pool(2), F.max_pool3d: max_pool(3)})
+FUNCTIONS.update({f: constant_like(f) for f in (torch.zeros_like, torch.ones_like,
+                                                torch.full_like, torch.empty_like)})
 
 _STRUCTURAL_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "t", "contiguous",
                        "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "narrow",
@@ -369,6 +376,8 @@ METHODS.update({"add": add, "add_": add, "sub": sub, "sub_": sub, "neg": neg, "m
                 "mul_": mul, "div": div, "div_": div, "matmul": matmul, "relu": relu,
                 "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp,
                 "clamp_min": clamp_min, "clamp_max": clamp_max, "abs": abs_})
+METHODS.update({m: constant_like(lambda t, *a, _m=m, **k: getattr(t, _m)(*a, **k))
+                for m in ("new_zeros", "new_ones", "new_full", "new_empty")})
 SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement")
 
 

@@ -186,7 +186,7 @@ def test_unsupported_model_falls_back_with_warning():
         res = tk.integrated_gradients(model, x, target=0, rule="exact")
     ada = tk.integrated_gradients(model, x, target=0, rule="adaptive")
     assert res.regions is None
-    assert torch.equal(res.attributions, ada.attributions)
+    assert torch.allclose(res.attributions, ada.attributions, rtol=0, atol=1e-14)
 
 
 def test_hooked_model_is_refused():
@@ -310,3 +310,23 @@ def test_bench_family_smoke():
     (row,) = result["rows"]
     assert "error" not in row and row["exact_rel_gap"] <= 1e-10 and row["regions_max"] >= 1
     assert "exact" in cases_exact.tables(result)[0]
+
+
+def test_constants_built_from_the_input():
+    """zeros_like / new_ones of a path tensor are constants (no slope)."""
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, x):
+            shift = torch.zeros_like(x[:, :1]) + x.new_ones(x.shape[0], 6) * 0.1
+            return self.out(torch.relu(self.lin(x) + shift))
+
+    torch.manual_seed(0)
+    model, x = Shifted().double(), torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tk.integrated_gradients(model, x, rule="exact")
+    ref = riemann_ig(lambda p: model(p)[:, None], x, torch.zeros_like(x), 0)
+    assert (res.attributions.squeeze() - ref.squeeze()).abs().max() <= 1e-4 * ref.abs().max()
