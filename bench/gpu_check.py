@@ -138,6 +138,9 @@ def build(c: Check) -> None:
         return
     env = dict(c.env, TAYLOR_KERNELS_CUDA="ON", TAYLOR_KERNELS_CUDA_ARCHS=cuda_arch(),
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 8))
+    if shutil.which("nvcc") is None and Path("/usr/local/cuda/bin/nvcc").is_file():
+        env["PATH"] = f"/usr/local/cuda/bin{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("CUDACXX", "/usr/local/cuda/bin/nvcc")
     probe = ("from taylor_kernels import _native; import sys; ok = _native.has_cuda_kernels(); "
              "print('CUDA kernels loaded:', ok, _native.LOAD_ERROR or ''); sys.exit(0 if ok else 1)")
     c.run("build", ["bash", "-c", f"{c.py} -m pip install --no-build-isolation --no-deps "
