@@ -10,7 +10,9 @@ Families (run side by side in one process, one table each, one JSON file for all
 * ``jet``            ``tk.jet`` vs nested ``torch.func.jvp`` (order-K directional derivatives of
                      MLPs and a transformer block), fused ``jet_unary`` vs the eager recurrence;
 * ``adaptive_evals`` evaluations our adaptive rule needs for a 1e-4 relative completeness gap
-                     vs Captum's 50-step default and the smallest sufficient step count.
+                     vs Captum's 50-step default and the smallest sufficient step count;
+* ``exact``          ``rule="exact"`` on ReLU networks (regions crossed, time, completeness gap)
+                     vs Captum's GL-50 and riemann_trapezoid-50 and our adaptive rule.
 
 Sizes: full (default), ``--quick`` (CPU machines, a few minutes), ``--smoke`` (tests only).
 """
