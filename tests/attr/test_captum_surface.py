@@ -152,6 +152,13 @@ def test_doc_gradient_shap(image):
     assert_same(ours, ref)
 
 
+def test_doc_noise_tunnel(image):
+    net, x = image
+    ref, ours = both(lambda L: L.NoiseTunnel(L.IntegratedGradients(net)).attribute(
+        x, nt_type="smoothgrad", nt_samples=10, target=3, n_steps=10), seed=9)
+    assert_same(ours, ref)
+
+
 # ------------------------------------------------------- methods on every class
 
 
