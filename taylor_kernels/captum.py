@@ -6,10 +6,16 @@ from taylor_kernels.captum import (IntegratedGradients, LayerIntegratedGradients
                                    GradientShap)
 ```
 
-Same constructors, ``attribute`` signatures, argument forms (tensor in -> tensor out, tuple in ->
-tuple out; baselines, targets, additional forward args) and results as ``captum.attr`` 0.9 (to
-rounding; NoiseTunnel and GradientShap draw the same random numbers under the same
-``torch.manual_seed`` / ``numpy.random.seed``). The work runs on the chunked, memory-budgeted
+Captum's path-integral surface: also ``NeuronIntegratedGradients``, ``NeuronConductance``,
+``LayerConductance``, ``InternalInfluence``, ``LayerGradientShap`` (and
+``LLMGradientAttribution``). Same constructors, ``attribute`` signatures, defaults, argument
+forms (tensor in -> tensor out, tuple in -> tuple out; baselines, targets, additional forward
+args; layer lists and tuple activations), ``return_convergence_delta``,
+``compute_convergence_delta``, ``has_convergence_delta``, ``multiplies_by_inputs``,
+``attribute_future`` (not implemented, as in Captum) and results as ``captum.attr`` 0.9 (to
+rounding; the sampled methods draw the same random numbers under the same
+``torch.manual_seed`` / ``numpy.random.seed``). Bad input raises Captum's exception type
+(``AssertionError``, ``IndexError``) as a ``ValueError`` / ``TypeError`` subclass. The work runs on the chunked, memory-budgeted
 path engine and the selected kernel backend. Extras on every ``attribute``: ``max_memory=``,
 ``backend=``, ``progress=``; IG also ``method="adaptive"`` with ``tol=``. After a call,
 ``instance.last_result`` holds the :class:`~taylor_kernels.AttributionResult` (evaluations).
