@@ -31,3 +31,12 @@ def split_bounds(lo, hi, j, splits):
     ``L = hi - lo`` (int64: ``L * (j+1)`` passes 2**31 for long rows)."""
     length = tl.cast(hi - lo, tl.int64)
     return lo + length * j // splits, lo + length * (j + 1) // splits
+
+
+@triton.jit
+def grid_cell(D, BLOCK: tl.constexpr):
+    """``(row, d)`` of this program in a 1-d grid of ``rows * cdiv(D, BLOCK)`` programs (rows
+    major, so neighbouring programs share a row): a 1-d grid has no 65535 limit per axis."""
+    pid = tl.program_id(0).to(tl.int64)
+    nd = tl.cdiv(D, BLOCK)
+    return pid // nd, row_block(pid % nd, BLOCK)

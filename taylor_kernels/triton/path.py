@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.path import register_path_meta
-from taylor_kernels.reference.path import accumulation_dtype
-from taylor_kernels.triton.index import off, row_block, split_bounds
+from taylor_kernels.triton.index import grid_cell, off, row_block, split_bounds
 
 _BLOCK_D = 1024          # path_points / reduction: features per program
 _BLOCK_ACC = 256         # path_accumulate: features per program ...
@@ -43,8 +43,7 @@ def _block(D: int, cap: int = _BLOCK_D) -> int:
 def _path_points_kernel(x_ptr, bl_ptr, nodes_ptr, out_ptr, start, D, K, S,
                         sx_b, sx_d, sbl_b, sbl_k, sbl_d, s_nodes, per_point_nodes: tl.constexpr,
                         shared_baseline: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    d = row_block(tl.program_id(1), BLOCK)
+    row, d = grid_cell(D, BLOCK)
     mask = d < D
     n = start + row
     b = n // off(K, S)
@@ -65,14 +64,14 @@ def _path_partial_kernel(g_ptr, x_ptr, bl_ptr, w_ptr, dst_ptr, start, count, fir
                          splits, D, K, S, sg_n, sg_d, sx_b, sx_d, sbl_b, sbl_k, sbl_d, s_w,
                          per_point_weights: tl.constexpr, shared_baseline: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """Program ``(j*nb + bi, d-block)``: split ``j`` of touched row ``b = first_row + bi``.
+    """Program ``(j*nb + bi, d-block)`` (:func:`grid_cell`): split ``j`` of touched row
+    ``b = first_row + bi``.
     Sums its points path by path (``x[b] - bl[k]`` loaded once per path), ``BLOCK_N`` points
     per step in a fixed tree; writes ``sum / K`` into ``out[b]`` (``splits == 1``) or the raw
     sum into ``partial[j*nb + bi]``."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid, d = grid_cell(D, BLOCK)
     bi = pid % nb
     b = first_row + bi
-    d = row_block(tl.program_id(1), BLOCK)
     mask = d < D
     KS = off(K, S)
     lo, hi = split_bounds(tl.maximum(start, b * KS), tl.minimum(start + count, (b + 1) * KS),
@@ -137,7 +136,7 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
         return out
     nodes, s_nodes = _flat_nodes(alphas.to(device=x.device))
     block = _block(D)
-    grid = (count, triton.cdiv(D, block))
+    grid = (count * triton.cdiv(D, block),)
     wrap_triton(_path_points_kernel)[grid](
         x, baselines, nodes, out, start, D, K, S, x.stride(0), x.stride(1),
         baselines.stride(0), baselines.stride(1), baselines.stride(2), s_nodes,
@@ -177,7 +176,7 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     w, s_w = _flat_nodes(weights.to(device=x.device))
     splits, block, _ = accumulate_plan(nb, D, count, K, S)
     dst = out if splits == 1 else torch.empty(splits * nb, D, dtype=acc, device=x.device)
-    wrap_triton(_path_partial_kernel)[(splits * nb, triton.cdiv(D, block))](
+    wrap_triton(_path_partial_kernel)[(splits * nb * triton.cdiv(D, block),)](
         grads, x, baselines, w, dst, start, count, first_row, nb, splits, D, K, S,
         grads.stride(0), grads.stride(1), x.stride(0), x.stride(1),
         baselines.stride(0), baselines.stride(1), baselines.stride(2), s_w,

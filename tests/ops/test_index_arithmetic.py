@@ -20,7 +20,7 @@ BIG = 2**30 + 12345  # fits int32; 2*BIG and more do not
 
 triton = pytest.importorskip("triton")
 tl = triton.language
-from taylor_kernels.triton.index import off, row_block, split_bounds  # noqa: E402
+from taylor_kernels.triton.index import grid_cell, off, row_block, split_bounds  # noqa: E402
 
 
 @triton.jit
@@ -45,6 +45,14 @@ def _split(out_ptr, lo, hi, j, splits):
     tl.store(out_ptr + 1, b)
 
 
+@triton.jit
+def _cell(out_ptr, D, BLOCK: tl.constexpr):
+    row, d = grid_cell(D, BLOCK)
+    pid = tl.program_id(0)
+    tl.store(out_ptr + 2 * pid, row)
+    tl.store(out_ptr + 2 * pid + 1, tl.min(d, axis=0))
+
+
 def _run(kernel, n, *args, **kw):
     out = torch.zeros(n, dtype=torch.int64)
     kernel[(1,)](out, *args, **kw)
@@ -67,6 +75,14 @@ def test_offset_is_int64(i, s):
 def test_row_block_past_2_31():
     pid = 2**31 // 256 + 5  # program id fits int32, pid * BLOCK does not
     assert _run(_block, 256, pid, BLOCK=256) == list(range(pid * 256, pid * 256 + 256))
+
+
+@interpreted
+def test_grid_cell_rows_major():
+    """A 1-d grid of rows x D-blocks: program p works on row p // nd, block p % nd."""
+    out = torch.zeros(12, dtype=torch.int64)
+    _cell[(6,)](out, 600, BLOCK=256)  # nd = 3 blocks of 256 for D = 600
+    assert out.view(6, 2).tolist() == [[p // 3, (p % 3) * 256] for p in range(6)]
 
 
 @interpreted
