@@ -9,7 +9,9 @@ themselves: ``attribute`` and ``compute_convergence_delta`` of each class in
 ``layer``, ``device_ids``, ``multiplies_by_inputs``) and call it. Every existing and future
 instance, and every reference to the class, then runs on the path engine. The replacements
 keep Captum's ``attribute.__wrapped__`` protocol (Captum's own ``NoiseTunnel`` over a patched
-class works, batch by batch) and report our signature to ``inspect.signature``.
+class works, batch by batch) and report our signature to ``inspect.signature``. Subclasses
+that override one of the class's methods, and instances with their own ``gradient_func``,
+keep running Captum's code (we could not honour their change).
 
 :func:`unpatch` puts back exactly the objects that were in each class ``__dict__`` (or removes
 what was not there); :func:`patched` is the context-manager form.
@@ -47,11 +49,31 @@ def _ours(inst, ours_cls):
         return ours_cls(**kwargs)
 
 
-def _replacement(ours_cls, name: str):
-    """A function for ``CaptumClass.<name>`` that runs ``ours_cls.<name>``."""
+def _customised(inst, cls) -> bool:
+    """Whether ``inst`` changes how ``cls`` computes: a subclass overriding one of the class's
+    methods (other than ``__init__``) or an instance ``gradient_func`` of its own. Those run
+    Captum's original code: our replacement could not honour the change."""
+    from captum._utils.gradient import compute_gradients
+
+    if inst.__dict__.get("gradient_func", compute_gradients) is not compute_gradients:
+        return True
+    inherited = {n for c in cls.__mro__ for n, v in vars(c).items() if callable(v)}
+    for sub in type(inst).__mro__:
+        if sub is cls:
+            return False
+        if any(n in inherited and n != "__init__" for n in vars(sub)):
+            return True
+    return False
+
+
+def _replacement(cls, ours_cls, name: str, original):
+    """A function for ``cls.<name>`` that runs ``ours_cls.<name>`` (or ``original`` for
+    customised instances, see :func:`_customised`)."""
     impl = getattr(ours_cls, name)
 
     def run(self, *args, **kwargs):
+        if _customised(self, cls):
+            return original(self, *args, **kwargs)
         return impl(_ours(self, ours_cls), *args, **kwargs)
 
     def method(self, *args, **kwargs):
@@ -80,7 +102,7 @@ def patch() -> None:
             cls, ours_cls = getattr(captum_attr, cls_name), getattr(captum_front, cls_name)
             for name in METHODS:
                 _saved[(cls, name)] = cls.__dict__.get(name, _MISSING)
-                setattr(cls, name, _replacement(ours_cls, name))
+                setattr(cls, name, _replacement(cls, ours_cls, name, getattr(cls, name)))
 
 
 def unpatch() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from captum import attr as ca
+from captum._utils.gradient import compute_gradients
 
 import taylor_kernels.captum as tkc
 from taylor_kernels.captum_front import patch as patch_mod
@@ -97,6 +98,37 @@ def test_patched_captum_classes_equal_captum(monkeypatch):
         torch.testing.assert_close(ours, ref)
         torch.testing.assert_close(delta, ca.IntegratedGradients(net).compute_convergence_delta(
             ours, 0.0, x, target=0))
+
+
+def test_customised_instances_keep_captums_code(monkeypatch):
+    """A subclass overriding a Captum method, or an instance ``gradient_func``, runs Captum."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3).double()
+    x = torch.randn(2, 4, dtype=F64)
+    seen = []
+
+    class Custom(ca.IntegratedGradients):
+        def _attribute(self, *args, **kwargs):
+            seen.append("custom")
+            return super()._attribute(*args, **kwargs)
+
+    class Plain(ca.IntegratedGradients):
+        def describe(self):
+            return "no override"
+
+    calls = []
+    integrate = path_engine.integrate
+    monkeypatch.setattr(path_engine, "integrate", lambda *a, **k: calls.append(1) or
+                        integrate(*a, **k))
+    with tkc.patched():
+        Custom(net).attribute(x, target=0, n_steps=4)
+        assert seen == ["custom"] and not calls
+        ig = ca.IntegratedGradients(net)
+        ig.gradient_func = lambda *a, **k: seen.append("grad") or compute_gradients(*a, **k)
+        ig.attribute(x, target=0, n_steps=4)
+        assert "grad" in seen and not calls
+        Plain(net).attribute(x, target=0, n_steps=4)
+        assert calls
 
 
 # ------------------------------------------------------------------------ Inseq
