@@ -15,10 +15,11 @@ args; layer lists and tuple activations), ``return_convergence_delta``,
 ``attribute_future`` (not implemented, as in Captum) and results as ``captum.attr`` 0.9 (to
 rounding; the sampled methods draw the same random numbers under the same
 ``torch.manual_seed`` / ``numpy.random.seed``). Bad input raises Captum's exception type
-(``AssertionError``, ``IndexError``) as a ``ValueError`` / ``TypeError`` subclass. The work runs on the chunked, memory-budgeted
-path engine and the selected kernel backend. Extras on every ``attribute``: ``max_memory=``,
-``backend=``, ``progress=``; IG also ``method="adaptive"`` with ``tol=``. After a call,
-``instance.last_result`` holds the :class:`~taylor_kernels.AttributionResult` (evaluations).
+(``AssertionError``, ``IndexError``) as a ``ValueError`` / ``TypeError`` subclass. The work
+runs on the chunked, memory-budgeted path engine and the selected kernel backend. Extras on
+every ``attribute``: ``max_memory=``, ``backend=``, ``progress=``; IG also
+``method="adaptive"`` with ``tol=``. After a call, ``instance.last_result`` holds the
+:class:`~taylor_kernels.AttributionResult` (evaluations).
 Captum itself is not needed at run time. Implementation: :mod:`taylor_kernels.captum_front`.
 
 For libraries built on Captum (Inseq, ...) that create Captum's classes themselves::

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from taylor_kernels.attr.arguments import forward_args
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.engine.problem import _target_rows, check_target, select_target
 
@@ -37,8 +38,7 @@ def completeness_gap(model, attributions, start_point, end_point, target=None,
         if a.dim() == 0 or a.shape[0] != B:
             raise ValueError(f"attributions {i} of shape {tuple(a.shape)} and end_point must "
                              f"match on the first (batch) dimension ({B})")
-    args = () if additional_forward_args is None else additional_forward_args \
-        if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+    args = forward_args(additional_forward_args)
     starts = _baseline_inputs(start_point, ends)
     targets = _target_rows(target, B, ends[0].device)
     f_end = _selected(model, ends, args, targets)

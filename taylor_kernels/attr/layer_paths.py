@@ -28,6 +28,7 @@ import contextlib
 import torch
 
 from taylor_kernels import backends
+from taylor_kernels.attr.arguments import forward_args, inputs_tuple
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers
@@ -36,20 +37,6 @@ from taylor_kernels.engine import path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
 
 DIRECTIONS = ("ones", "given", "next")
-
-
-def _format_args(additional_forward_args) -> tuple:
-    if additional_forward_args is None:
-        return ()
-    return additional_forward_args if isinstance(additional_forward_args, tuple) else (
-        additional_forward_args,)
-
-
-def _inputs_tuple(inputs) -> tuple[torch.Tensor, ...]:
-    tup = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if not tup or not all(isinstance(t, torch.Tensor) for t in tup):
-        raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
-    return tup
 
 
 def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, target=None, *,
@@ -73,7 +60,7 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
         a tensor shaped like its activation, or a tuple for a layer with several tensors;
         ``gap [B] = sum(attr) - (F(x) - F(b))``.
     """
-    tup, fargs = _inputs_tuple(inputs), _format_args(additional_forward_args)
+    tup, fargs = inputs_tuple(inputs), forward_args(additional_forward_args)
     spec = Layers(layers, attribute_to_layer_input)
     acts_b = spec.capture(model, _baseline_inputs(baselines, tup) + fargs)
     acts_x = spec.capture(model, tup + fargs)
@@ -157,7 +144,7 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
         :class:`AttributionResult`: ``attributions`` a tensor shaped like the activation (a
         tuple when the layer has several tensors); ``gap`` is NaN (not a completeness sum).
     """
-    tup, fargs = _inputs_tuple(inputs), _format_args(additional_forward_args)
+    tup, fargs = inputs_tuple(inputs), forward_args(additional_forward_args)
     bls = tuple(b.to(x.dtype) for b, x in zip(_baseline_inputs(baselines, tup), tup))
     spec = Layers(layer, attribute_to_layer_input)
     acts = spec.capture(model, tup + fargs)
@@ -222,7 +209,7 @@ def layer_gradient_shap(model, layer, inputs, baselines, alphas: torch.Tensor, t
     Args: ``inputs``/``baselines`` ``[R, ...]`` (already noised and drawn), ``alphas [R]``;
     the rest as :func:`layer_gradient_sums`. Returns per-row attributions ``[R, ...act]``.
     """
-    tup, fargs = _inputs_tuple(inputs), _format_args(additional_forward_args)
+    tup, fargs = inputs_tuple(inputs), forward_args(additional_forward_args)
     a = alphas.to(torch.float64).reshape(-1, 1)
     table = torch.cat([a, a], dim=1)
     directions = None

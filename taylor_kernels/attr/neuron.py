@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from taylor_kernels.attr.arguments import forward_args
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers, select_neuron
@@ -32,13 +33,6 @@ def _run(fn, inputs, baselines, rest: tuple, multiply_by_inputs: bool,
                                          rest, was_tuple, **ig_kwargs)
 
 
-def _args(additional_forward_args) -> tuple:
-    if additional_forward_args is None:
-        return ()
-    return additional_forward_args if isinstance(additional_forward_args, tuple) else (
-        additional_forward_args,)
-
-
 def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines=None, *,
                                 attribute_to_neuron_input: bool = False,
                                 additional_forward_args=None, multiply_by_inputs: bool = True,
@@ -50,8 +44,8 @@ def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines
     def neuron(*args):
         return select_neuron(spec.capture(model, args, grad=True), neuron_selector)
 
-    return _run(neuron, inputs, baselines, _args(additional_forward_args), multiply_by_inputs,
-                ig_kwargs)
+    return _run(neuron, inputs, baselines, forward_args(additional_forward_args),
+                multiply_by_inputs, ig_kwargs)
 
 
 def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, target=None, *,
@@ -84,7 +78,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             value = weight * select_neuron(tuple(acts), neuron_selector)
         return value if torch.is_grad_enabled() else value.detach()
 
-    spec.capture(model, tup + _args(additional_forward_args))  # counts the activation tensors
+    spec.capture(model, tup + forward_args(additional_forward_args))  # counts activations
     rows = torch.arange(B, device=tup[0].device)
-    return _run(conductance, inputs, baselines, (rows,) + _args(additional_forward_args),
+    return _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),
                 multiply_by_inputs, dict(ig_kwargs, rule=rule))
