@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
 
 
@@ -57,15 +58,6 @@ def format_inputs(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
         return inputs, True
     raise ValueError("inputs must be a tensor or a non-empty tuple of tensors, got "
                      f"{type(inputs).__name__}")
-
-
-def format_args(additional_forward_args) -> tuple:
-    """Captum's convention: None -> (), a tuple as is, anything else -> a 1-tuple."""
-    if additional_forward_args is None:
-        return ()
-    if isinstance(additional_forward_args, tuple):
-        return additional_forward_args
-    return (additional_forward_args,)
 
 
 def per_input(value, n_inputs: int, name: str) -> tuple:
