@@ -163,3 +163,15 @@ def test_inseq_under_patch_equals_inseq_on_captum(inseq_case, method, options, m
         assert scale > 0  # a comparison that can fail
     assert diff <= 1e-5 * max(scale, 1e-6)
 
+
+
+def test_inseq_benchmark_family_smoke(inseq_case):
+    ci, _, _ = inseq_case
+    result = ci.run("smoke", torch.device("cpu"), log=lambda msg: None)
+    assert [r["method"] for r in result["rows"]] == [
+        "integrated_gradients", "layer_integrated_gradients",
+        "layer_integrated_gradients multiply_by_inputs=False"]
+    for r in result["rows"]:
+        assert r["captum_median_s"] > 0 and r["patched_median_s"] > 0
+        assert r["max_rel_diff"] < 1e-5
+    assert "captum/patched" in ci.tables(result)[0]
