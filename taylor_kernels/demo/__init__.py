@@ -34,6 +34,7 @@ def parse_args(argv):
     p.add_argument("--eg-samples", type=int, default=64, help="EG samples per image (64)")
     p.add_argument("--coalitions", type=int, default=32, help="SIG coalitions per image (32)")
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM section")
+    p.add_argument("--no-causal-lm", action="store_true", help="skip the causal-LM section")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (20)")
     p.add_argument("--seed", type=int, default=0, help="training seed (0)")
     p.add_argument("--cache-dir", default=None, help="weight cache folder (default "
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     sections = [second, exact.exact_section(x_tr, y_tr, x_te, y_te, indices[:4], out, summary,
                                             args.epochs)]
     sections += [] if args.no_minilm else [_minilm_section(out, summary)]
+    if not args.no_causal_lm:
+        from taylor_kernels.demo.causal_lm import causal_lm_section
+        sections.append(causal_lm_section(out, summary, args.epochs, cache))
     page = report.write_html(out / "report.html", "taylor-kernels demo: digits CNN", [
         f"{digits.ARCH}: {len(y_tr)} training / {len(y_te)} test images of scikit-learn's "
         f"digits, {how}, test accuracy {acc:.1%}.",
