@@ -17,14 +17,15 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from taylor_kernels import backends, ops
-from taylor_kernels.attr.integrated_hessians import _chunking, _point_fn, ih_rule
+from taylor_kernels import backends
+from taylor_kernels.attr.integrated_hessians import (engine_kw, ih_rule, path_slice, point_fn,
+                                                     separate_ig)
 from taylor_kernels.attr.shapley_ig import feature_groups
-from taylor_kernels.engine import derivative, path_engine, quadrature
+from taylor_kernels.engine import derivative, path_engine
+from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import make_problem
-from taylor_kernels.reference.path import accumulation_dtype
+from taylor_kernels.numerics import accumulation_dtype
 
 
 @dataclass
@@ -55,11 +56,12 @@ def _chunk_terms(problem, pts, start, onehot, w_grad, w_hess, group_block, f):
     return b, hess, grad
 
 
+@call_threads()
 def group_integrated_hessians(model, inputs, feature_mask, baselines=None, target=None, *,
                               steps: int = 16, rule: str = "gausslog", ig_steps: int = 32,
                               additional_forward_args=None, max_memory=None,
-                              backend: str | None = None,
-                              progress: bool = False) -> GroupInteractions:
+                              chunk_size: int | None = None, backend: str | None = None,
+                              progress: bool = False, distributed=False) -> GroupInteractions:
     """Integrated Hessians summed over feature groups, at ``G`` HVPs per path point.
 
     Args:
@@ -68,7 +70,8 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
         feature_mask: integer group ids ``0..G-1`` shaped like one input (or a tuple).
         steps, rule: the single-integral quadrature (``"gausslog"`` or ``"gausslegendre"``);
         ig_steps: Gauss-Legendre nodes of the IG used for ``completeness_gap``.
-        max_memory: budget for one chunk of (point, group) HVP pairs; progress: tqdm bar.
+        max_memory / chunk_size: budget or fixed (point, group) HVP pairs per chunk;
+        progress: tqdm bar; distributed: as :func:`taylor_kernels.integrated_hessians`.
     Returns: :class:`GroupInteractions`.
     """
     t, w_grad, w_hess = ih_rule(rule, steps)
@@ -80,29 +83,25 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
         G = int(groups.max()) + 1
         onehot = torch.nn.functional.one_hot(groups, G).T.to(x.dtype)      # [G, D]
         t, w_grad, w_hess = t.to(dev), w_grad.to(dev), w_hess.to(dev)
-        B, total = problem.B, problem.B * problem.K * t.shape[0]
-        pts_per, dirs, ig_chunk = _chunking(problem, t, G, B * problem.K * ig_steps,
-                                            max_memory, None)
+        kw = engine_kw(problem, t, max_memory, chunk_size, progress, distributed)
         acc = accumulation_dtype(x.dtype)
-        out = torch.zeros(B, G, G, dtype=acc, device=dev)
-        diag = torch.zeros(B, G, dtype=acc, device=dev)
-        with tqdm(total=total * G, disable=not progress, desc="group HVPs") as bar:
-            for start in range(0, total, pts_per):
-                count = min(pts_per, total - start)
-                pts = ops.path_points(x, problem.baselines, t, start, count)
-                rows = torch.arange(start, start + count, device=dev) // (total // B)
-                f = _point_fn(problem, rows)
-                for q0 in range(0, G, dirs):
-                    block = slice(q0, min(G, q0 + dirs))
-                    b, hess, grad = _chunk_terms(problem, pts, start, onehot, w_grad, w_hess,
-                                                 block, f)
-                    out[:, :, block].index_add_(0, b, hess)
-                    if q0 == 0:
-                        diag.index_add_(0, b, grad)
-                    bar.update(count * hess.shape[2])
+        out = torch.zeros(problem.B, G, G, dtype=acc, device=dev)
+        diag = torch.zeros(problem.B, G, dtype=acc, device=dev)
+
+        def compute(p0, p1, q0, q1):
+            pts, b_of, *_ = path_slice(problem, t, p0, p1)
+            return _chunk_terms(problem, pts, p0, onehot, w_grad, w_hess, slice(q0, q1),
+                                point_fn(problem, b_of))
+
+        def consume(p0, p1, q0, q1, result):
+            b, hess, grad = result
+            out[:, :, q0:q1].index_add_(0, b, hess)
+            if q0 == 0:
+                diag.index_add_(0, b, grad)
+
+        n_hvp = path_engine.stream_pairs(problem, t, G, compute, consume, [out, diag], **kw)
         out += torch.diag_embed(diag)
-        gl_t, gl_w = quadrature.nodes_and_weights("gausslegendre", ig_steps)
-        ig = path_engine.integrate(problem, gl_t, [gl_w], chunk_size=ig_chunk).sums[0]
+        ig, n_ig = separate_ig(problem, ig_steps, kw)
         ig_groups = ig @ onehot.T.to(ig.dtype)                                # [B, G]
     gap = (out.sum(2) - ig_groups).abs().amax(dim=1)
-    return GroupInteractions(out, ig_groups, gap, total * G + B * problem.K * ig_steps)
+    return GroupInteractions(out, ig_groups, gap, n_hvp + n_ig)

@@ -38,14 +38,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from taylor_kernels import backends, ops
 from taylor_kernels.attr.expected_gradients import draw_references
-from taylor_kernels.engine import derivative, memory, path_engine, quadrature
+from taylor_kernels.engine import derivative, path_engine, quadrature
+from taylor_kernels.engine.chunking import call_threads
+from taylor_kernels.engine.distributed import resolve_group
 from taylor_kernels.engine.problem import PathProblem, make_problem
+from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import ih_accumulate
-from taylor_kernels.reference.path import accumulation_dtype
 
 IH_RULES = ("gausslog", "gausslegendre")
 
@@ -113,91 +114,108 @@ def _index(index, D: int, device) -> torch.Tensor:
     return idx.long()
 
 
-def _point_fn(problem: PathProblem, rows: torch.Tensor):
-    """Selected outputs ``[N]`` at ``N`` points of inputs ``rows[:N]``."""
+def point_fn(problem: PathProblem, rows: torch.Tensor):
+    """``z [N, D] -> [N]``: the selected outputs at ``N`` points of inputs ``rows[:N]``."""
     return lambda z: problem.forward(z, rows[:z.shape[0]])
 
 
-def _points_first(P: int, R: int, per_pair: float, budget: int) -> tuple[int, int]:
-    """``(points, rows)`` per chunk: all ``R`` Hessian rows of as many points as fit (each
-    chunk then touches few inputs), else one point and as many rows as fit."""
-    if per_pair * R <= budget:
-        return max(1, min(P, int(budget // (per_pair * R)))), R
-    return 1, memory.chunk_size_for(budget, per_pair, R)
-
-
-def _chunking(problem: PathProblem, alphas, R: int, ig_points: int, max_memory,
-              chunk_size) -> tuple[int, int, int]:
-    """``(points, rows)`` per HVP chunk and points per chunk of the separate IG: from a fixed
-    ``chunk_size`` of (point, row) pairs, or from the measured cost of one pair (a gradient
-    point costs less than an HVP pair, so the IG reuses that bound instead of probing)."""
+def _pair_cost(problem: PathProblem, alphas: torch.Tensor) -> float:
+    """Measured bytes of one (path point, direction) HVP pair, cached per model and shape."""
     x, bl = problem.x, problem.baselines
-    if chunk_size is not None:
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        pts_per, dirs = (max(1, chunk_size // R), R) if chunk_size >= R else (1, int(chunk_size))
-        return pts_per, dirs, int(chunk_size)
     total, per_input = x.shape[0] * bl.shape[1] * alphas.shape[-1], bl.shape[1] * alphas.shape[-1]
     probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
     rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
-    cost = derivative.pair_cost(_point_fn(problem, rows0), probe, owner=problem.model)
-    budget = memory.parse_budget(max_memory, x.device)
-    pts_per, dirs = _points_first(total, R, cost, budget)
-    return pts_per, dirs, memory.chunk_size_for(budget, cost, ig_points)
+    return derivative.pair_cost(point_fn(problem, rows0), probe, owner=problem.model)
 
 
-def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, pts_per: int, dirs: int,
-            progress) -> tuple[torch.Tensor, torch.Tensor, int]:
+def path_slice(problem: PathProblem, alphas, p0: int, p1: int):
+    """Points ``[p0, p1)`` of the paths with the inputs they belong to:
+    ``(points [n, D], b_of [n], r0, r1, local)``; ``x[r0:r1]`` holds those inputs and ``local``
+    is ``p0`` counted from input ``r0``'s first point."""
+    x, bl = problem.x, problem.baselines
+    per_input = bl.shape[1] * alphas.shape[-1]
+    pts = ops.path_points(x, bl, alphas, p0, p1 - p0)
+    b_of = torch.arange(p0, p1, device=x.device) // per_input
+    r0, r1 = p0 // per_input, (p1 - 1) // per_input + 1
+    return pts, b_of, r0, r1, p0 - r0 * per_input
+
+
+def _per_path(w: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return w[r0:r1] if w.dim() == 3 else w
+
+
+def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, kw: dict) -> tuple:
     """Sum the Hessian part ``[B, R, D]`` and the diagonal gradient part ``[B, D]`` over all
-    (path point, Hessian row) pairs, ``pts_per`` points and ``dirs`` rows per chunk."""
+    (path point, Hessian row) pairs through the engine's chunk loop."""
     x, bl = problem.x, problem.baselines
     B, D = x.shape
-    K, S, R = bl.shape[1], alphas.shape[-1], idx.shape[0]
-    total, per_input = B * K * S, K * S
     acc = accumulation_dtype(x.dtype)
-    hess = torch.zeros(B, R, D, dtype=acc, device=x.device)
+    hess = torch.zeros(B, idx.shape[0], D, dtype=acc, device=x.device)
     grad_part = torch.zeros(B, D, dtype=acc, device=x.device)
-    with tqdm(total=total * R, disable=not progress, desc="Hessian-vector products") as bar:
-        for start in range(0, total, pts_per):
-            count = min(pts_per, total - start)
-            pts = ops.path_points(x, bl, alphas, start, count)
-            b_of = torch.arange(start, start + count, device=x.device) // per_input
-            r0, r1 = start // per_input, (start + count - 1) // per_input + 1
-            xs, bs, local = x[r0:r1], bl[r0:r1] if bl.shape[0] > 1 else bl, start - r0 * per_input
-            wh = w_hess[r0:r1] if w_hess.dim() == 3 else w_hess
-            wg = w_grad[r0:r1] if w_grad.dim() == 3 else w_grad
-            for d0 in range(0, R, dirs):
-                sel = idx[d0:d0 + dirs]
-                V = derivative.unit_directions(sel, count, D, x.dtype, x.device)
-                g, hv = derivative.grad_and_hvp(_point_fn(problem, b_of), pts, V)
-                hess[r0:r1, d0:d0 + dirs] += ih_accumulate(hv, xs, bs, wh, sel, local)
-                if d0 == 0:
-                    grad_part[r0:r1] += ops.path_accumulate(g, xs, bs, wg, local)
-                bar.update(count * sel.shape[0])
-    return hess, grad_part, total * R
+
+    def compute(p0, p1, d0, d1):
+        pts, b_of, r0, r1, local = path_slice(problem, alphas, p0, p1)
+        xs, bs = x[r0:r1], bl[r0:r1] if bl.shape[0] > 1 else bl
+        sel = idx[d0:d1]
+        V = derivative.unit_directions(sel, p1 - p0, D, x.dtype, x.device)
+        g, hv = derivative.grad_and_hvp(point_fn(problem, b_of), pts, V)
+        h = ih_accumulate(hv, xs, bs, _per_path(w_hess, r0, r1), sel, local)
+        gp = ops.path_accumulate(g, xs, bs, _per_path(w_grad, r0, r1), local) if d0 == 0 \
+            else None
+        return r0, r1, h, gp
+
+    def consume(p0, p1, d0, d1, result):
+        r0, r1, h, gp = result
+        hess[r0:r1, d0:d1] += h
+        if gp is not None:
+            grad_part[r0:r1] += gp
+
+    n_hvp = path_engine.stream_pairs(problem, alphas, idx.shape[0], compute, consume,
+                                     [hess, grad_part], **kw)
+    return hess, grad_part, n_hvp
+
+
+def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
+              distributed) -> dict:
+    """Arguments of :func:`path_engine.stream_pairs` shared by the IH methods (the measured
+    pair cost, the budget, the process group of ``distributed``)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    group = resolve_group(distributed)
+    return dict(cost=None if chunk_size is not None else _pair_cost(problem, alphas),
+                max_memory=max_memory, chunk_size=None if chunk_size is None else int(chunk_size),
+                progress=progress, process_group=group)
+
+
+def separate_ig(problem: PathProblem, ig_steps: int, kw: dict) -> tuple[torch.Tensor, int]:
+    """Gauss-Legendre IG ``[B, D]`` with ``ig_steps`` nodes (for the completeness gap) through
+    the path engine, with the budget, chunk size and process group of ``kw``."""
+    gl_t, gl_w = quadrature.nodes_and_weights("gausslegendre", ig_steps)
+    ig = path_engine.integrate(problem, gl_t, [gl_w], max_memory=kw["max_memory"],
+                               chunk_size=kw["chunk_size"], progress=kw["progress"],
+                               process_group=kw["process_group"])
+    return ig.sums[0], ig.evaluations
 
 
 def _integrate(problem: PathProblem, alphas, w_grad, w_hess, index, ig_steps, max_memory,
-               chunk_size, progress) -> InteractionResult:
+               chunk_size, progress, distributed) -> InteractionResult:
     idx = _index(index, problem.x.shape[1], problem.x.device)
-    gl_t, gl_w = quadrature.nodes_and_weights("gausslegendre", ig_steps)
-    pts_per, dirs, ig_chunk = _chunking(problem, alphas, idx.shape[0],
-                                        problem.B * problem.K * ig_steps, max_memory, chunk_size)
-    hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, pts_per, dirs,
-                                     progress)
+    kw = engine_kw(problem, alphas, max_memory, chunk_size, progress, distributed)
+    hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, kw)
     r = torch.arange(idx.shape[0], device=idx.device)
     hess[:, r, idx] += grad_part[:, idx]
-    ig = path_engine.integrate(problem, gl_t, [gl_w], chunk_size=ig_chunk, progress=progress)
-    ig_flat = ig.sums[0]
+    ig_flat, n_ig = separate_ig(problem, ig_steps, kw)
     gap = (hess.sum(2) - ig_flat[:, idx]).abs().amax(dim=1)
-    return InteractionResult(hess, ig_flat, gap, idx, n_hvp + ig.evaluations)
+    return InteractionResult(hess, ig_flat, gap, idx, n_hvp + n_ig)
 
 
+@call_threads()
 def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: int = 16,
                         rule: str = "gausslog", index=None, ig_steps: int = 32,
                         additional_forward_args=None, max_memory=None,
                         chunk_size: int | None = None, backend: str | None = None,
-                        progress: bool = False) -> InteractionResult:
+                        progress: bool = False, distributed=False) -> InteractionResult:
     """Integrated Hessians ``Gamma_ij`` (IG of IG) by the single-integral reduction.
 
     Args:
@@ -210,7 +228,11 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
             costs one HVP per path point); None for all ``D``.
         ig_steps: Gauss-Legendre nodes of the separate IG used for ``completeness_gap``.
         max_memory / chunk_size: budget (bytes or ``"512MB"``) or fixed (point, row) pairs per
-            chunk; backend: force a kernel backend; progress: tqdm bar over HVPs.
+            chunk (also the points per chunk of the separate IG); backend: force a kernel
+            backend; progress: tqdm bar over HVPs.
+        distributed: ``True`` (default process group) or a ``ProcessGroup``: shard the
+            (point, row) pairs and the IG points over its ranks; every rank passes the same
+            arguments and gets the whole result.
     Returns:
         :class:`InteractionResult`: ``interactions [B, R, D]``, ``ig [B, D]``,
         ``completeness_gap [B]`` (``max_i |sum_j Gamma_ij - IG_i|``), ``index``,
@@ -222,14 +244,15 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         dev = problem.x.device
         return _integrate(problem, t.to(dev), wg.to(dev), wh.to(dev), index, ig_steps,
-                          max_memory, chunk_size, progress)
+                          max_memory, chunk_size, progress, distributed)
 
 
+@call_threads()
 def expected_hessians(model, inputs, background, target=None, *, samples: int = 100,
                       seed: int | None = None, index=None, ig_steps: int = 32,
                       additional_forward_args=None, max_memory=None,
                       chunk_size: int | None = None, backend: str | None = None,
-                      progress: bool = False) -> InteractionResult:
+                      progress: bool = False, distributed=False) -> InteractionResult:
     """Expected Hessians: ``M = samples`` references ``r_m`` from ``background [N, ...]``
     (uniform, with replacement) and ``t_m = u1 u2`` per input (private generator seeded with
     ``seed``); ``Gamma_ij ~ mean_m [Delta_i Delta_j t_m H_ij(p_m) + [i = j] Delta_i d_i f(p_m)]``.
@@ -246,4 +269,5 @@ def expected_hessians(model, inputs, background, target=None, *, samples: int = 
              * torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64))
         dev = problem.x.device
         return _integrate(problem, t.to(dev), torch.ones(1, dtype=torch.float64, device=dev),
-                          t.to(dev), index, ig_steps, max_memory, chunk_size, progress)
+                          t.to(dev), index, ig_steps, max_memory, chunk_size, progress,
+                          distributed)

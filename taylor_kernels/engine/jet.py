@@ -41,7 +41,7 @@ from taylor_kernels.engine.guards import (cell_values, check_function_rows, chec
                                           modules_of)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
-from taylor_kernels.reference.jet import MAX_ORDER, nested_jvp_coefficients, polarization_rule
+from taylor_kernels.numerics import MAX_ORDER, nested_jvp_coefficients, polarization_rule
 
 _WARNED_OPS: set[str] = set()
 _TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, fx.GraphModule | None]]" = OrderedDict()

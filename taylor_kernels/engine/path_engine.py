@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from taylor_kernels import ops
 from taylor_kernels.engine import chunking, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
-from taylor_kernels.reference.path import accumulation_dtype
+from taylor_kernels.numerics import accumulation_dtype
 
 @dataclass
 class Integral:
@@ -229,6 +229,51 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, reduce_to)
     return Integral(sums, total, plan.chunk or total, plan.cost)
+
+
+def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
+                 consume: Callable, sums: list[torch.Tensor], *, cost: float | None,
+                 max_memory=None, chunk_size: int | None = None, progress: bool = False,
+                 process_group=None, desc: str = "Hessian-vector products") -> int:
+    """Stream the (path point ``p``, direction ``r``) pairs ``n = p R + r`` of an HVP method
+    (``P = B K S`` points of ``problem``'s paths at nodes ``alphas``) through :func:`run_chunks`.
+
+    A chunk is whole points ``[p0, p1)`` with all ``R`` directions, or one point with
+    directions ``[r0, r1)``: ``compute(p0, p1, r0, r1)`` returns its result and
+    ``consume(p0, p1, r0, r1, result)`` adds it to the caller's ``sums``, which are summed over
+    ``process_group``'s ranks at the end (each rank takes a block of pairs). ``cost`` is the
+    measured bytes of one pair (:func:`derivative.pair_cost`). Returns the number of pairs.
+    """
+    if cost is None and chunk_size is None:
+        raise ValueError("stream_pairs needs the measured cost of a pair or a chunk_size")
+    x, bl = problem.x, problem.baselines
+    total = x.shape[0] * bl.shape[1] * alphas.shape[-1] * R
+    start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
+    plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
+                              max_memory=max_memory, cost=cost,
+                              slot=chunking.cache_slot(problem, x, bl.shape[1], kind=f"hvp{R}"))
+
+    def align(first: int, count: int) -> int:  # whole points, or directions of one point
+        r = first % R
+        return count - count % R if r == 0 and count >= R else min(count, R - r)
+
+    def bounds(first: int, count: int) -> tuple[int, int, int, int]:
+        p0, r0 = divmod(first, R)
+        return (p0, p0 + count // R, 0, R) if r0 == 0 and count >= R else (p0, p0 + 1, r0,
+                                                                            r0 + count)
+
+    def chunk(first: int, count: int, measure: bool):  # the cost is given: never measured
+        return (compute(*bounds(first, count)), count), None
+
+    def fold(first: int, done) -> None:
+        result, count = done
+        consume(*bounds(first, count), result)
+
+    run_chunks(plan, start, stop, chunk, fold, align=align, progress=progress, desc=desc,
+               unit="HVP")
+    if process_group is not None:
+        distributed.reduce_sums(sums, process_group, "all")
+    return total
 
 
 @torch.no_grad()

@@ -28,14 +28,13 @@ input's dtype.
 from __future__ import annotations
 
 import math
-from itertools import product
 
 import torch
 
-FNS = ("tanh", "sigmoid", "exp", "log", "softplus", "gelu", "gelu_tanh", "silu", "sin", "cos",
-       "relu", "square", "reciprocal", "sqrt", "rsqrt")
-FN_CODES = {name: code for code, name in enumerate(FNS)}
-MAX_ORDER = 15  # J; the native kernels keep the J+1 coefficients of a few series in registers
+from taylor_kernels.numerics import (FN_CODES, FNS, MAX_ORDER,  # noqa: F401 (re-exported)
+                                     accumulation_dtype, check_pattern,
+                                     nested_jvp_coefficients, polarization_rule)
+
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 _POWERS = {"reciprocal": -1.0, "sqrt": 0.5, "rsqrt": -0.5}
 
@@ -51,11 +50,6 @@ def fn_code(fn: str | int) -> int:
     if fn not in FN_CODES:
         raise ValueError(f"unknown jet function {fn!r}; choose one of {FNS}")
     return FN_CODES[fn]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 jets, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_jet(u: torch.Tensor, name: str = "u") -> None:
@@ -219,55 +213,7 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---- polarization: mixed partials from univariate jets -----------------------------------
 
-def _gen_binom(r: float, j: int) -> float:
-    """Generalized binomial coefficient ``r (r-1) ... (r-j+1) / j!``."""
-    out = 1.0
-    for m in range(j):
-        out *= (r - m) / (m + 1)
-    return out
 
-
-def check_pattern(pattern) -> tuple[int, ...]:
-    """A multi-index ``(i_1, ..., i_p)`` of positive ints as a tuple; raises otherwise."""
-    pattern = tuple(pattern) if isinstance(pattern, (tuple, list)) else (pattern,)
-    if not pattern or any(isinstance(i, bool) or not isinstance(i, int) or i < 1
-                          for i in pattern):
-        raise ValueError(f"pattern must be a non-empty multi-index of positive ints "
-                         f"(how often each direction is differentiated), got {pattern!r}")
-    return pattern
-
-
-def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """Directions and weights of the Griewank-Utke-Walther interpolation for ``pattern``.
-
-    For a multi-index ``i = (i_1..i_p)``, ``d = |i|``, the mixed partial
-    ``D^d f(x)[v_1^{i_1}, ..., v_p^{i_p}] = sum_j gamma_ij c_d(sum_l j_l v_l)`` over the integer
-    multi-indices ``j`` with ``|j| = d``, where ``c_d(w)`` is the order-``d`` normalized Taylor
-    coefficient of ``t -> f(x + t w)`` and
-    ``gamma_ij = sum_{0 < k <= i} (-1)^{|i - k|} binom(i, k) binom(d k / |k|, j) (|k| / d)^d``
-    (multi-index binomials are products; ``binom(r, j)`` is generalized for real ``r``).
-    Only the ``j`` with ``gamma_ij != 0`` are returned.
-
-    Returns: ``weights`` (int64 ``[M, p]``: direction m is ``sum_l weights[m, l] v_l``) and
-    ``gamma`` (float64 ``[M]``).
-    """
-    i = check_pattern(pattern)
-    d = sum(i)
-    ks = [k for k in product(*(range(n + 1) for n in i)) if sum(k) > 0]
-    dirs, gammas = [], []
-    for j in product(*(range(d + 1) for _ in i)):
-        if sum(j) != d:
-            continue
-        g = 0.0
-        for k in ks:
-            sign = (-1) ** (d - sum(k))
-            c_ik = math.prod(math.comb(n, m) for n, m in zip(i, k))
-            c_j = math.prod(_gen_binom(d * m / sum(k), jl) for m, jl in zip(k, j))
-            g += sign * c_ik * c_j * (sum(k) / d) ** d
-        if abs(g) > 1e-12:
-            dirs.append(j)
-            gammas.append(g)
-    return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
 
 
 def check_polarize_args(c: torch.Tensor, gamma: torch.Tensor, order: int) -> None:
@@ -311,39 +257,3 @@ def polarize(c: torch.Tensor, pattern, contract=None) -> torch.Tensor:
     flat = c.reshape(c.shape[0], c.shape[1], -1)
     out = (contract or polarize_contract)(flat, gamma.to(c.device), d)
     return out.reshape(c.shape[2:])
-
-
-def nested_jvp_coefficients(fn, coeffs, order: int):
-    """Normalized Taylor coefficients of ``t -> fn(*[sum_k c_k t^k for c in coeffs])`` at 0.
-
-    Nested ``torch.func.jvp`` (``order`` levels, ``O(2^order)`` cost): the independent check of
-    the jet recurrences, and the engine's fallback for ops it has no rule for. ``coeffs`` is a
-    list of ``[J+1, ...]`` tensors (``J <= order`` is padded with zeros); ``fn`` returns a tensor
-    or a tuple of tensors. Returns ``[order+1, ...]`` (a tuple of them for tuple outputs).
-    """
-    def curve(t):
-        args = []
-        for c in coeffs:
-            acc = c[-1]
-            for k in range(c.shape[0] - 2, -1, -1):  # Horner in t
-                acc = c[k] + t * acc
-            args.append(acc)
-        return fn(*args)
-
-    def derivs(n):
-        if n == 0:
-            return lambda t: (curve(t),)
-        inner = derivs(n - 1)
-
-        def g(t):
-            outs, tangents = torch.func.jvp(inner, (t,), (torch.ones_like(t),))
-            return (outs[0],) + tuple(tangents)
-        return g
-
-    t0 = torch.zeros((), dtype=coeffs[0].dtype, device=coeffs[0].device)
-    ds = derivs(order)(t0)
-    fact = [math.factorial(k) for k in range(order + 1)]
-    if isinstance(ds[0], tuple):
-        return tuple(torch.stack([ds[k][m] / fact[k] for k in range(order + 1)])
-                     for m in range(len(ds[0])))
-    return torch.stack([ds[k] / fact[k] for k in range(order + 1)])

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import torch
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (float32, bf16, fp16)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from taylor_kernels.numerics import accumulation_dtype  # noqa: F401 (re-exported)
 
 
 def path_indices(start: int, count: int, K: int, S: int, device=None):

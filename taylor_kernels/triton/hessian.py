@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import register_ih_meta
-from taylor_kernels.reference.path import accumulation_dtype
 from taylor_kernels.triton.index import off, row_block
 from taylor_kernels.triton.path import _acc_tl, _block, _flat_nodes
 

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from taylor_kernels.numerics import FN_CODES, accumulation_dtype
 from taylor_kernels.ops.jet import register_jet_meta
-from taylor_kernels.reference.jet import FN_CODES, accumulation_dtype
 from taylor_kernels.triton.index import off, row_block
 
 _BLOCK = 256

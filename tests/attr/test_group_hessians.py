@@ -45,6 +45,16 @@ def test_small_budget_gives_the_same_result():
     torch.testing.assert_close(small.interactions, whole.interactions, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5, 9])
+def test_chunk_size_splits_points_or_groups_without_changing_the_result(chunk):
+    model, x = _mlp(), torch.randn(3, 6, dtype=torch.float64)
+    mask = torch.tensor([0, 0, 1, 2, 2, 2])
+    whole = group_integrated_hessians(model, x, mask, target=0, steps=4, chunk_size=10_000)
+    part = group_integrated_hessians(model, x, mask, target=0, steps=4, chunk_size=chunk)
+    torch.testing.assert_close(part.interactions, whole.interactions, rtol=1e-12, atol=1e-13)
+    assert part.evaluations == whole.evaluations
+
+
 def test_minilm_token_interactions():
     minilm = pytest.importorskip("taylor_kernels.demo.minilm")
     try:

@@ -82,6 +82,39 @@ def test_index_rows_chunking_backends_and_multi_baselines(cpu_backend):
     assert (full.completeness_gap < 1e-9).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 8, 13, None])
+def test_chunks_split_points_or_rows_without_changing_the_result(chunk):
+    """Chunks of (point, row) pairs: whole points, or rows of one point (R = 4 rows)."""
+    net, x = _net(), torch.randn(3, 4, dtype=torch.float64)
+    ref = tk.integrated_hessians(net, x, steps=5, ig_steps=6, chunk_size=10_000)
+    res = tk.integrated_hessians(net, x, steps=5, ig_steps=6, chunk_size=chunk)
+    torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(res.ig, ref.ig, rtol=1e-12, atol=1e-13)
+    assert res.evaluations == ref.evaluations == 3 * 5 * 4 + 3 * 6
+
+
+class _OOMAbove(torch.nn.Module):
+    """Raises torch.OutOfMemoryError on batches of more than ``limit`` rows."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit = inner, limit
+
+    def forward(self, z):
+        if z.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return self.inner(z)
+
+
+def test_out_of_memory_halves_the_chunk_and_progress_bar_runs(capsys):
+    net, x = _net(), torch.randn(3, 4, dtype=torch.float64)
+    ref = tk.integrated_hessians(net, x, steps=5, chunk_size=10_000)
+    res = tk.integrated_hessians(_OOMAbove(net, 6), x, steps=5, chunk_size=10_000,
+                                 progress=True)
+    torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-12, atol=1e-13)
+    assert "Hessian-vector products" in capsys.readouterr().err
+
+
 def test_memory_budget_and_target_and_image_shaped_inputs():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.GELU(),

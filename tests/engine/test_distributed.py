@@ -39,6 +39,13 @@ CALLS = {
 }
 
 
+# IH over (point, Hessian row) pairs: chunks of 5 pairs split points of 6 rows across chunks
+# and the 2 ranks' blocks; the default budget times candidate chunks.
+IH_CALLS = {"ih_pairs": dict(steps=3, ig_steps=5, chunk_size=5),
+            "ih_budget": dict(steps=3, ig_steps=5, index=[0, 3, 5])}
+GROUPS = torch.tensor([0, 0, 1, 2, 2, 1])
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=30))
@@ -54,6 +61,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         rl = tk.layer_integrated_gradients(model, model[2], x, None, t, steps=5,
                                            distributed=True)
         res["layer"] = (rl.attributions, rl.gap, rl.evaluations)
+        for name, kw in IH_CALLS.items():
+            ih = tk.integrated_hessians(model, x, bl, t, distributed=True, **kw)
+            res[name] = (ih.interactions, ih.ig, ih.evaluations)
+        g = tk.group_integrated_hessians(model, x, GROUPS, bl, t, steps=3, ig_steps=5,
+                                         chunk_size=4, distributed=True)
+        res["group_ih"] = (g.interactions, g.ig, g.evaluations)
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -76,6 +89,21 @@ def test_ranks_match_single_process(ranks, name):
         # the gap is a difference of O(1) numbers: compare it on their scale
         scale = single.attributions.abs().sum(1)
         assert ((gap - single.gap).abs() <= 1e-12 * scale).all()
+        assert evaluations == single.evaluations
+
+
+@pytest.mark.parametrize("name", [*IH_CALLS, "group_ih"])
+def test_integrated_hessians_ranks_match_single_process(ranks, name):
+    model, x, bl, t = _problem()
+    if name == "group_ih":
+        single = tk.group_integrated_hessians(model, x, GROUPS, bl, t, steps=3, ig_steps=5,
+                                              chunk_size=4)
+    else:
+        single = tk.integrated_hessians(model, x, bl, t, **IH_CALLS[name])
+    for rank in ranks:
+        inter, ig, evaluations = rank[name]
+        assert_close_ratio(inter, single.interactions, torch.float64)
+        assert_close_ratio(ig, single.ig, torch.float64)
         assert evaluations == single.evaluations
 
 

@@ -1,0 +1,111 @@
+"""Numeric conventions and small exact-math helpers shared by every layer (attr, engine, ops,
+backends, reference): a neutral module that imports nothing from the package, so any layer may
+use it (calls go attr -> engine -> ops -> backends; see tests/test_import_direction.py).
+
+Contents: the accumulation dtype; the elementwise jet functions' names and codes (shared with
+the native kernels) and the highest jet order; the polarization rule of mixed partials and the
+nested-jvp Taylor coefficients (the jet engine's fallback and the jet kernels' oracle).
+"""
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import torch
+
+FNS = ("tanh", "sigmoid", "exp", "log", "softplus", "gelu", "gelu_tanh", "silu", "sin", "cos",
+       "relu", "square", "reciprocal", "sqrt", "rsqrt")
+FN_CODES = {name: code for code, name in enumerate(FNS)}
+MAX_ORDER = 15  # J; the native kernels keep the J+1 coefficients of a few series in registers
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (float32, bf16, fp16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gen_binom(r: float, j: int) -> float:
+    """Generalized binomial coefficient ``r (r-1) ... (r-j+1) / j!``."""
+    out = 1.0
+    for m in range(j):
+        out *= (r - m) / (m + 1)
+    return out
+
+
+def check_pattern(pattern) -> tuple[int, ...]:
+    """A multi-index ``(i_1, ..., i_p)`` of positive ints as a tuple; raises otherwise."""
+    pattern = tuple(pattern) if isinstance(pattern, (tuple, list)) else (pattern,)
+    if not pattern or any(isinstance(i, bool) or not isinstance(i, int) or i < 1
+                          for i in pattern):
+        raise ValueError(f"pattern must be a non-empty multi-index of positive ints "
+                         f"(how often each direction is differentiated), got {pattern!r}")
+    return pattern
+
+
+def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directions and weights of the Griewank-Utke-Walther interpolation for ``pattern``.
+
+    For a multi-index ``i = (i_1..i_p)``, ``d = |i|``, the mixed partial
+    ``D^d f(x)[v_1^{i_1}, ..., v_p^{i_p}] = sum_j gamma_ij c_d(sum_l j_l v_l)`` over the integer
+    multi-indices ``j`` with ``|j| = d``, where ``c_d(w)`` is the order-``d`` normalized Taylor
+    coefficient of ``t -> f(x + t w)`` and
+    ``gamma_ij = sum_{0 < k <= i} (-1)^{|i - k|} binom(i, k) binom(d k / |k|, j) (|k| / d)^d``
+    (multi-index binomials are products; ``binom(r, j)`` is generalized for real ``r``).
+    Only the ``j`` with ``gamma_ij != 0`` are returned.
+
+    Returns: ``weights`` (int64 ``[M, p]``: direction m is ``sum_l weights[m, l] v_l``) and
+    ``gamma`` (float64 ``[M]``).
+    """
+    i = check_pattern(pattern)
+    d = sum(i)
+    ks = [k for k in product(*(range(n + 1) for n in i)) if sum(k) > 0]
+    dirs, gammas = [], []
+    for j in product(*(range(d + 1) for _ in i)):
+        if sum(j) != d:
+            continue
+        g = 0.0
+        for k in ks:
+            sign = (-1) ** (d - sum(k))
+            c_ik = math.prod(math.comb(n, m) for n, m in zip(i, k))
+            c_j = math.prod(gen_binom(d * m / sum(k), jl) for m, jl in zip(k, j))
+            g += sign * c_ik * c_j * (sum(k) / d) ** d
+        if abs(g) > 1e-12:
+            dirs.append(j)
+            gammas.append(g)
+    return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
+
+
+def nested_jvp_coefficients(fn, coeffs, order: int):
+    """Normalized Taylor coefficients of ``t -> fn(*[sum_k c_k t^k for c in coeffs])`` at 0.
+
+    Nested ``torch.func.jvp`` (``order`` levels, ``O(2^order)`` cost): the independent check of
+    the jet recurrences, and the engine's fallback for ops it has no rule for. ``coeffs`` is a
+    list of ``[J+1, ...]`` tensors (``J <= order`` is padded with zeros); ``fn`` returns a tensor
+    or a tuple of tensors. Returns ``[order+1, ...]`` (a tuple of them for tuple outputs).
+    """
+    def curve(t):
+        args = []
+        for c in coeffs:
+            acc = c[-1]
+            for k in range(c.shape[0] - 2, -1, -1):  # Horner in t
+                acc = c[k] + t * acc
+            args.append(acc)
+        return fn(*args)
+
+    def derivs(n):
+        if n == 0:
+            return lambda t: (curve(t),)
+        inner = derivs(n - 1)
+
+        def g(t):
+            outs, tangents = torch.func.jvp(inner, (t,), (torch.ones_like(t),))
+            return (outs[0],) + tuple(tangents)
+        return g
+
+    t0 = torch.zeros((), dtype=coeffs[0].dtype, device=coeffs[0].device)
+    ds = derivs(order)(t0)
+    fact = [math.factorial(k) for k in range(order + 1)]
+    if isinstance(ds[0], tuple):
+        return tuple(torch.stack([ds[k][m] / fact[k] for k in range(order + 1)])
+                     for m in range(len(ds[0])))
+    return torch.stack([ds[k] / fact[k] for k in range(order + 1)])
