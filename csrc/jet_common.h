@@ -10,8 +10,9 @@
 //   log: y_k = (u_k - (1/k) sum_{j<k} j y_j u_{k-j}) / u_0
 //   u^p (reciprocal, sqrt, rsqrt): y_k = sum_{j=1..k} ((p+1) j - k) u_j y_{k-j} / (k u_0)
 //   square: u*u      relu: y_k = u_k [u_0 > 0]
-// The code is generic in the value type V: a scalar (CUDA: one element per thread) or a SIMD
-// vector of elements (CPU); S is the scalar type. The order-0 values of the elementary functions
+// The code is generic in the value type V: a scalar (CUDA: one element per thread) or an
+// at::vec::Vectorized of elements (CPU); S is the scalar type, and scalars enter as V(S(...))
+// (Vectorized has no mixed scalar-vector operators). The order-0 values of the elementary functions
 // ("seeds", see order0_seeds) come from the caller: the CPU kernel computes them with ATen's
 // vectorized math, the CUDA kernel with the device's.
 #pragma once
@@ -54,14 +55,14 @@ TK_HD V cauchy(const V* a, const V* b, int k) {
 template <class S, class V>
 TK_HD V integral(const V* u, const V* z, int k) {
   V acc = u[1] * z[k - 1];
-  for (int j = 2; j <= k; ++j) acc += S(j) * u[j] * z[k - j];
-  return acc / S(k);
+  for (int j = 2; j <= k; ++j) acc += V(S(j)) * u[j] * z[k - j];
+  return acc / V(S(k));
 }
 
 template <class S, class V>
 TK_HD void tanh_series(const V* u, int J, V t0, V* y, V* z) {  // t0 = tanh(u_0)
   y[0] = t0;
-  z[0] = S(1) - y[0] * y[0];
+  z[0] = V(S(1)) - y[0] * y[0];
   for (int k = 1; k <= J; ++k) {
     y[k] = integral<S>(u, z, k);
     z[k] = -cauchy(y, y, k);
@@ -94,9 +95,10 @@ TK_HD void gelu_series(const V* u, int J, V p0, V P0, V* y, V* p, V* P, V* up) {
 template <class S, class V>
 TK_HD void gelu_tanh_series(const V* u, int J, V t0, V* y, V* a, V* T, V* z) {  // t0 = tanh(a_0)
   for (int k = 0; k <= J; ++k) z[k] = cauchy(u, u, k);  // u^2
-  for (int k = 0; k <= J; ++k) a[k] = S(kGeluTanhC) * (u[k] + S(0.044715) * cauchy(z, u, k));
+  for (int k = 0; k <= J; ++k)
+    a[k] = V(S(kGeluTanhC)) * (u[k] + V(S(0.044715)) * cauchy(z, u, k));
   tanh_series<S>(a, J, t0, T, z);
-  for (int k = 0; k <= J; ++k) y[k] = S(0.5) * (u[k] + cauchy(u, T, k));
+  for (int k = 0; k <= J; ++k) y[k] = V(S(0.5)) * (u[k] + cauchy(u, T, k));
 }
 
 template <class S, class V>
@@ -114,7 +116,7 @@ TK_HD void log_series(const V* u, int J, V l0, V* y) {  // l0 = log(u_0)
   y[0] = l0;
   for (int k = 1; k <= J; ++k) {
     V acc = u[k];
-    for (int j = 1; j < k; ++j) acc -= (S(j) / S(k)) * y[j] * u[k - j];
+    for (int j = 1; j < k; ++j) acc -= V(S(j) / S(k)) * y[j] * u[k - j];
     y[k] = acc / u[0];
   }
 }
@@ -122,9 +124,9 @@ TK_HD void log_series(const V* u, int J, V l0, V* y) {  // l0 = log(u_0)
 template <class S, class V>
 TK_HD void power_series(const V* u, int J, S p, V* y) {  // y[0] set by the caller
   for (int k = 1; k <= J; ++k) {
-    V acc = ((p + S(1)) - S(k)) * u[1] * y[k - 1];
-    for (int j = 2; j <= k; ++j) acc += ((p + S(1)) * S(j) - S(k)) * u[j] * y[k - j];
-    y[k] = acc / (S(k) * u[0]);
+    V acc = V((p + S(1)) - S(k)) * u[1] * y[k - 1];
+    for (int j = 2; j <= k; ++j) acc += V((p + S(1)) * S(j) - S(k)) * u[j] * y[k - j];
+    y[k] = acc / (V(S(k)) * u[0]);
   }
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,67 @@ def test_cpu_bad_arguments_raise_clearly(bad):
             ops().path_accumulate(torch.randn(3, 4), x, bl, w, 0)
         else:
             ops().path_points(x.long(), bl, alphas, 0, 1)
+
+
+# A child process: loads _C alone (no package import) under ATEN_CPU_CAPABILITY, runs every CPU
+# op on the parent's inputs (odd widths: vector tails; strided inputs; all dtypes; made in the
+# parent because torch.randn's own kernels differ between capabilities), saves the results.
+CAPABILITY_CHILD = r"""
+import importlib.util, sys
+import torch
+spec = importlib.util.spec_from_file_location("taylor_kernels._C", sys.argv[1])
+C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(C)
+ops = torch.ops.taylor_kernels
+inp = torch.load(sys.argv[2])
+out = {"capability": C.cpu_capability()}
+w, gamma = inp["w"], inp["gamma"]
+for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    x, bl, g, u, c = (inp[k].to(dt) for k in ("x", "bl", "g", "u", "c"))
+    u, c = u.t(), c.transpose(1, 2)
+    out[f"path_points {dt}"] = ops.path_points(x, bl, w, 1, 27)
+    out[f"path_accumulate {dt}"] = ops.path_accumulate(g, x, bl, w[0, 0], 1)
+    out[f"jet_unary {dt}"] = torch.stack([ops.jet_unary(u, fn) for fn in (0, 5, 7)])
+    out[f"jet_mul {dt}"] = ops.jet_mul(u, u.flip(1))
+    out[f"polarize {dt}"] = [ops.polarize_contract(t, gamma, 2) for t in (c, c.contiguous())]
+out["ih_accumulate"] = ops.ih_accumulate(inp["h"], inp["x"], inp["bl"][:1], w, inp["index"], 4)
+torch.save(out, sys.argv[3])
+"""
+
+
+@needs_ext
+def test_cpu_capabilities_agree(tmp_path):
+    """The kernels of every CPU capability this machine runs (DEFAULT, AVX2, AVX512: picked
+    like ATen's, so ATEN_CPU_CAPABILITY selects them) give bitwise the same results; jet_unary
+    only to rounding (its order-0 seeds come from ATen's own per-capability math)."""
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    best = torch.backends.cpu.get_cpu_capability()
+    caps = order[:order.index(best) + 1] if best in order else ["DEFAULT"]
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randn(2, 1037, generator=g), "bl": torch.randn(2, 3, 1037, generator=g),
+                "w": torch.rand(2, 3, 5, generator=g, dtype=torch.float64),
+                "g": torch.randn(29, 1037, generator=g), "u": torch.randn(1037, 5, generator=g) / 2,
+                "c": torch.randn(3, 1037, 7, generator=g),
+                "gamma": torch.rand(7, generator=g, dtype=torch.float64),
+                "h": torch.randn(23, 4, 1037, generator=g), "index": torch.tensor([0, 5, 1036, 5])},
+               tmp_path / "inputs")
+    procs = {cap: subprocess.Popen(
+        [sys.executable, "-c", CAPABILITY_CHILD, _native._C.__file__, str(tmp_path / "inputs"),
+         str(tmp_path / cap)], env={**os.environ, "ATEN_CPU_CAPABILITY": cap.lower()},
+        stderr=subprocess.PIPE, text=True) for cap in caps}
+    for cap, proc in procs.items():
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()[-4000:]
+    base = torch.load(tmp_path / "DEFAULT")
+    base.pop("capability")
+    for cap in caps:
+        got = torch.load(tmp_path / cap)
+        assert got.pop("capability") == cap
+        for key, want in base.items():
+            if key.startswith("jet_unary"):
+                torch.testing.assert_close(got[key], want)
+            else:
+                assert all(map(torch.equal, got[key], want)) if isinstance(want, list) \
+                    else torch.equal(got[key], want), (cap, key)
 
 
 # ---- CUDA kernels (GPU machines only) --------------------------------------------------------
