@@ -41,6 +41,8 @@ FAMILIES = {"path_ops": cases_path_ops, "ig_vs_captum": cases_ig, "ig_family": c
             "adaptive_evals": cases_adaptive, "scale": cases_scale}
 FAMILIES["hessian"] = cases_hessian
 FAMILIES["jet"] = cases_jet
+from taylor_kernels.benchmarks import cases_llm  # noqa: E402
+FAMILIES["llm"] = cases_llm
 FAMILIES["exact"] = cases_exact
 FAMILIES["inseq"] = cases_inseq
 SCHEMA = 1

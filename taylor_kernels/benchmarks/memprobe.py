@@ -55,8 +55,14 @@ def _trim() -> None:
 
 
 def make_call(spec: dict):
-    """``(call, device)``: a no-argument function returning the attributions tensor."""
+    """``(call, device)``: a no-argument function returning the attributions tensor
+    (``spec["factory"] = "module:function"`` builds it instead, from the spec)."""
     import torch
+
+    if spec.get("factory"):
+        import importlib
+        module, name = spec["factory"].split(":")
+        return getattr(importlib.import_module(module), name)(spec)
 
     from taylor_kernels.benchmarks import calls, models
 

@@ -5,9 +5,10 @@ Prompt ``<s> a1 a2 + b1 b2 =`` (one token per digit), answer ``c0 c1 c2``: the d
 ``a + b`` least-significant first, so that the first answer digit is ``(a2 + b2) mod 10``
 (it should draw on ``a2`` and ``b2``), the second ``(a1 + b1 + carry) mod 10`` (on ``a1``,
 ``b1``, and through the carry on ``a2``, ``b2``), the third the final carry. The model is a
-``transformers`` ``GPT2LMHeadModel`` (2 layers, width 64, random init) trained with Adam on
-90% of the 10^4 problems (loss on the answer tokens only), in well under a minute on 2 CPU
-cores; weights are cached like the digits CNN's. The report shows the
+``transformers`` ``GPT2LMHeadModel`` (2 layers, width 64, random init) trained with Adam
+(one-cycle learning rate) on 90% of the 10^4 problems, loss on the answer tokens only:
+1200 steps of 128 took 39 s of CPU time on one core (2-core machine, measured) and reached
+100% exact match on the 1000 held-out problems. Weights are cached like the digits CNN's. The report shows the
 ``[answer tokens x prompt tokens]`` heatmap of a held-out problem.
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ ARCH = "gpt2-2x64-addition"
 class LMConfig:
     """Training settings (the cache key hashes them)."""
 
-    steps: int = 1500
-    batch: int = 256
+    steps: int = 1200
+    batch: int = 128
     lr: float = 3e-3
     seed: int = 0
     test_fraction: float = 0.1
