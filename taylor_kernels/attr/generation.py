@@ -79,6 +79,9 @@ class GenerationProblem:
         self.x = act[:, :P].reshape(1, -1)
         self.baselines = base.reshape(1, 1, -1)
         self.keep_logits = hf.accepts(model, "logits_to_keep")
+        # T backward passes over the retained graph instead of one vmap-batched backward on
+        # CPU: 3.0 s vs 3.9 s for a 4x256 GPT-2, 32 + 16 tokens, 8 nodes, one thread (measured)
+        self.serial_backward = act.device.type == "cpu"
 
     def forward(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Log-probs ``[N, T]`` of the target tokens with the prompt embeddings ``points``."""
