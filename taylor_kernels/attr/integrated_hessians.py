@@ -93,12 +93,11 @@ def ih_rule(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     single-integral form (see the module docstring)."""
     if rule not in IH_RULES:
         raise ValueError(f"unknown Integrated Hessians rule {rule!r}; choose one of {IH_RULES}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+    steps = quadrature.check_steps(steps)
     if rule == "gausslog":
-        t, w = (torch.tensor(v, dtype=torch.float64) for v in _log_rule(int(steps)))
+        t, w = (torch.tensor(v, dtype=torch.float64) for v in _log_rule(steps))
         return t, w, w * t
-    t, v = quadrature.nodes_and_weights("gausslegendre", int(steps))
+    t, v = quadrature.nodes_and_weights("gausslegendre", steps)
     wg = v * -torch.log(t)
     return t, wg, wg * t
 

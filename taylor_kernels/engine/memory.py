@@ -1,7 +1,8 @@
 """Memory budgets: parse them, measure a path point's cost, size chunks, retry on OOM.
 
 The cost of one path point (one row of forward + backward) is measured on a probe chunk:
-on CUDA from the allocator's peak (``torch.cuda.max_memory_allocated``); on the CPU from the
+on CUDA from the allocator's peak (``guards.cuda_peak_bytes``, which keeps the caller's peak
+statistic); on the CPU from the
 sizes of the tensors autograd saves for backward (``saved_tensors_hooks``), counted twice
 (backward holds each saved activation beside the gradient flowing into it: measured peaks of
 MLPs and CNNs stay under this estimate plus allocator slack), plus the point and its gradient. Chunk size = budget // cost. An out-of-memory error during a chunk
@@ -9,6 +10,8 @@ halves the chunk size and retries the same points, down to one point.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 import torch
@@ -53,14 +56,18 @@ def parse_budget(max_memory, device: torch.device) -> int:
     limit, ``DEFAULT_FREE_FRACTION`` of :func:`free_memory`."""
     if max_memory is None:
         return DefaultBudget(free_memory(device) * DEFAULT_FREE_FRACTION)
+    value = max_memory
     if isinstance(max_memory, str):
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", max_memory)
-        if not m or m.group(2).upper() not in _UNITS:
-            raise ValueError(f"cannot read memory budget {max_memory!r} (use e.g. '512MB')")
-        max_memory = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if not isinstance(max_memory, (int, float)) or max_memory <= 0:
-        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
-    return int(max_memory)
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", max_memory)
+        value = (float(m.group(1)) * _UNITS[m.group(2).upper()]
+                 if m and m.group(2).upper() in _UNITS else None)
+    elif isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real):
+        value = None
+    if value is None or not math.isfinite(value) or value < 1:
+        raise ValueError(f"max_memory must be a finite positive number of bytes or a string "
+                         f"such as '512MB' or '2GiB' (units B, KB, MB, GB, KiB, MiB, GiB), "
+                         f"got {max_memory!r}")
+    return int(value)
 
 
 class SavedBytes:

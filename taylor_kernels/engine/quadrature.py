@@ -15,9 +15,13 @@ computed here in 50-digit arithmetic (mpmath) and cached, not read from a table.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import numpy as np
 import torch
+
+from taylor_kernels.engine import memory
 
 CAPTUM_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
                 "gausslegendre")
@@ -32,11 +36,60 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-@functools.lru_cache(maxsize=64)
-def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Gauss-Legendre nodes and weights on [0, 1] (cached: numpy solves an eigenproblem)."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    return tuple((0.5 * (1 + x)).tolist()), tuple((0.5 * w).tolist())
+def check_steps(steps, minimum: int = 1, name: str = "steps") -> int:
+    """``steps`` as an int; ``TypeError`` for a string or another non-number, ``ValueError``
+    below ``minimum`` or not a whole number."""
+    if isinstance(steps, str):
+        hint = f"; pass {name}={steps.strip()}" if steps.strip().isdigit() else ""
+        raise TypeError(f"{name} must be an integer, got the string {steps!r}{hint}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {type(steps).__name__} {steps!r}")
+    if not math.isfinite(steps) or int(steps) != steps or steps < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {steps!r}")
+    return int(steps)
+
+
+def _legendre_and_derivative(n: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``P_n(x)`` and ``P_n'(x)`` by the three-term recurrence: ``O(n len(x))`` time,
+    ``O(len(x))`` memory."""
+    prev, cur = np.ones_like(x), x.copy()
+    for k in range(1, n):
+        prev, cur = cur, ((2 * k + 1) * x * cur - k * prev) / (k + 1)
+    return cur, n * (x * cur - prev) / (x * x - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Legendre nodes and weights on [0, 1] (float64 ``[n]`` each) in ``O(n)`` memory:
+    Newton on the Legendre recurrence from Tricomi's asymptotic nodes
+    ``x_k ~ (1 - (n-1)/(8n^3)) cos(pi (4k-1)/(4n+2))`` for the ``ceil(n/2)`` nonnegative nodes
+    (the rule is symmetric); weights ``2 / ((1 - x^2) P_n'(x)^2)``. (numpy's ``leggauss``
+    builds an ``n x n`` companion matrix instead.) Time ``O(n^2)``."""
+    k = np.arange(1, (n + 1) // 2 + 1, dtype=np.float64)
+    x = (1 - (n - 1) / (8.0 * n**3)) * np.cos(np.pi * (4 * k - 1) / (4 * n + 2))
+    if n % 2:
+        x[-1] = 0.0
+    for _ in range(100):
+        p, dp = _legendre_and_derivative(n, x)
+        step = p / dp
+        x = x - step
+        if np.abs(step).max() <= 4 * np.finfo(np.float64).eps:
+            break
+    _, dp = _legendre_and_derivative(n, x)
+    w = 2 / ((1 - x * x) * dp * dp)
+    inner = slice(None, n // 2)  # mirrored; an odd rule's middle node 0 appears once
+    nodes = np.concatenate([-x, x[inner][::-1]])
+    weights = np.concatenate([w, w[inner][::-1]])
+    return torch.from_numpy(0.5 * (1 + nodes)), torch.from_numpy(0.5 * weights)
+
+
+def _check_node_memory(n: int) -> None:
+    """Raise ``MemoryError`` when ``n`` nodes (float64 nodes, weights and the recurrence's
+    work arrays, about 64 bytes a node) do not fit the free memory."""
+    need, free = 64 * n, memory.free_memory(torch.device("cpu"))
+    if need > free:
+        raise MemoryError(f"steps={n} needs about {need} bytes for the quadrature nodes but "
+                          f"only {free} bytes are free; use fewer steps or rule='adaptive'")
 
 
 def nodes_and_weights(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,13 +98,11 @@ def nodes_and_weights(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor
     if rule in ("adaptive", "exact"):
         raise ValueError(f"{rule!r} has no fixed nodes (adaptive: patterson_levels(); exact: "
                          "engine.exact_path.plan())")
-    minimum = 1 if rule == "gausslegendre" else 2
-    if int(steps) != steps or steps < minimum:
-        raise ValueError(f"rule {rule!r} needs an integer steps >= {minimum}, got {steps}")
-    n = int(steps)
+    n = check_steps(steps, 1 if rule == "gausslegendre" else 2)
+    _check_node_memory(n)
     if rule == "gausslegendre":
         t, w = _gauss_legendre(n)
-        return torch.tensor(t, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
+        return t.clone(), w.clone()
     if rule == "trapezoid":
         w = torch.full((n,), 1.0 / (n - 1), dtype=torch.float64)
         w[0] = w[-1] = 0.5 / (n - 1)
@@ -88,9 +139,8 @@ def _legendre_all(mp, n: int, x):
 
 def _gauss_rule(mp, n: int):
     """n-point Gauss-Legendre nodes and weights on [-1, 1], Newton-refined in mp precision."""
-    x0, _ = np.polynomial.legendre.leggauss(n)
     xs, ws = [], []
-    for guess in x0:
+    for guess in (2 * _gauss_legendre(n)[0] - 1).tolist():
         x = mp.mpf(float(guess))
         for _ in range(100):
             L = _legendre_all(mp, n, x)

@@ -66,7 +66,7 @@ def test_non_finite_gradient_names_the_node():
 @pytest.mark.parametrize("kw,match", [({"rule": "simpson"}, "unknown quadrature rule"),
                                       ({"backend": "metal"}, "unknown backend"),
                                       ({"steps": 0}, "steps"), ({"tol": -1.0}, "tol"),
-                                      ({"max_memory": "huge"}, "memory budget"),
+                                      ({"max_memory": "huge"}, "max_memory"),
                                       ({"chunk_size": 0}, "chunk_size")])
 def test_bad_options(net, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -114,10 +114,18 @@ def test_parse_budget(text, expected):
     assert memory.parse_budget(text, torch.device("cpu")) == expected
 
 
-@pytest.mark.parametrize("bad", ["lots", -5, 0])
+@pytest.mark.parametrize("bad", ["lots", -5, 0, "1.2.3GB", "nan", "inf", "5XB", "-1MB",
+                                 float("nan"), float("inf"), True, [1]])
 def test_parse_budget_rejects(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_memory must be a finite positive number"):
         memory.parse_budget(bad, torch.device("cpu"))
+
+
+def test_bad_max_memory_reaches_the_user_as_one_value_error():
+    model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
+    for bad in ("nan", float("inf"), "12 parsecs"):
+        with pytest.raises(ValueError, match="max_memory must be"):
+            tk.integrated_gradients(model, x, target=0, steps=5, max_memory=bad)
 
 
 def test_progress_bar_runs(capsys):

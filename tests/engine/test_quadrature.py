@@ -45,3 +45,51 @@ def test_patterson_nested_and_exact():
         assert (w[w != 0] > 0).all()
         assert max(error(w, k) for k in range(degree + 1)) < 1e-13
         assert error(w, degree + 1) > 1e-11  # and not one degree more
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 16, 17, 64, 301])
+def test_gauss_legendre_matches_numpy_and_integrates_exactly(steps):
+    t, w = quadrature.nodes_and_weights("gausslegendre", steps)
+    x, v = np.polynomial.legendre.leggauss(steps)
+    np.testing.assert_allclose(t.numpy(), 0.5 * (1 + x), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(w.numpy(), 0.5 * v, rtol=0, atol=1e-14)  # numpy's: ~1e-12 rel
+    for deg in (0, 1, 2 * steps - 1):  # exact up to degree 2n - 1
+        assert abs(float((w * t**deg).sum()) - 1 / (deg + 1)) < 1e-13
+
+
+def test_gauss_legendre_nodes_need_no_square_matrix(monkeypatch):
+    """Many nodes are built in O(steps) memory: numpy's companion-matrix route is not used."""
+    quadrature._gauss_legendre.cache_clear()
+
+    def forbidden(*a, **k):
+        raise AssertionError("leggauss builds an n x n matrix")
+
+    monkeypatch.setattr(np.polynomial.legendre, "leggauss", forbidden)
+    t, w = quadrature.nodes_and_weights("gausslegendre", 3001)
+    assert t.shape == (3001,) and bool((t.diff() > 0).all())
+    assert abs(float(w.sum()) - 1) < 1e-13 and abs(float((w * t).sum()) - 0.5) < 1e-13
+
+
+def test_steps_beyond_free_memory_are_refused(monkeypatch):
+    from taylor_kernels.engine import memory
+    monkeypatch.setattr(memory, "free_memory", lambda device: 10_000)
+    with pytest.raises(MemoryError, match="steps=1000 needs"):
+        quadrature.nodes_and_weights("gausslegendre", 1000)
+
+
+@pytest.mark.parametrize("bad", ["50", b"50", None, [50], True])
+def test_steps_of_the_wrong_type_name_it(bad):
+    with pytest.raises(TypeError, match="steps must be an integer") as err:
+        quadrature.nodes_and_weights("gausslegendre", bad)
+    if bad == "50":
+        assert "the string '50'" in str(err.value) and "steps=50" in str(err.value)
+
+
+def test_string_steps_reach_the_user_as_type_error():
+    import taylor_kernels as tk
+    model = torch.nn.Linear(3, 1).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="string '50'"):
+        tk.integrated_gradients(model, x, steps="50")
+    with pytest.raises(TypeError, match="string '8'"):
+        tk.integrated_hessians(model, x, steps="8")
