@@ -86,12 +86,13 @@ def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool)
 
 def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows: torch.Tensor,
                    alphas: torch.Tensor, start: int, count: int,
-                   create_graph: bool = False) -> torch.Tensor:
+                   create_graph: bool = False, check: bool = True) -> torch.Tensor:
     """Gradients ``[count, D]`` of the selected output at path points ``[start, start+count)``
     (``[T, count, D]`` when ``problem.forward`` returns ``T`` outputs per point).
 
     ``rows`` ``[B']`` maps the local inputs of ``x [B', D]`` to the problem's inputs (target
-    and additional forward args). Raises on a missing gradient path or non-finite gradients.
+    and additional forward args). Raises on a missing gradient path, and on non-finite
+    gradients when ``check`` (a host sync; see :func:`_defer_checks`).
     """
     K, S = bl.shape[1], alphas.shape[-1]
     pts = ops.path_points(x, bl, alphas, start, count).requires_grad_(True)
@@ -108,17 +109,36 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
         grad = _backward(problem, out, pts, create_graph)
     if grad is None:
         raise ValueError("the model output does not depend on the inputs (no gradient path)")
-    bad = ~torch.isfinite(grad).all(dim=-1)
-    if grad.dim() == 3:
-        bad = bad.any(dim=0)
-    if bad.any():
-        n = start + int(bad.nonzero()[0])
-        b, k, s = n // (K * S), (n // S) % K, n % S
-        alpha = alphas[s] if alphas.dim() == 1 else alphas[b, k, s]
-        raise FloatingPointError(
-            f"non-finite gradient at path node: input {int(rows[b])}, baseline {k}, "
-            f"alpha={float(alpha):.6g} (flattened point {n})")
+    if check:
+        bad = _non_finite_points(grad)
+        if bad.any():
+            n = start + int(bad.nonzero()[0])
+            b, k, s = n // (K * S), (n // S) % K, n % S
+            alpha = alphas[s] if alphas.dim() == 1 else alphas[b, k, s]
+            raise FloatingPointError(
+                f"non-finite gradient at path node: input {int(rows[b])}, baseline {k}, "
+                f"alpha={float(alpha):.6g} (flattened point {n})")
     return grad
+
+
+def _non_finite_points(grad: torch.Tensor) -> torch.Tensor:
+    """``[count]`` bool: points whose gradient (any of ``T`` outputs) has a NaN or Inf."""
+    bad = ~torch.isfinite(grad).all(dim=-1)
+    return bad.any(dim=0) if grad.dim() == 3 else bad
+
+
+def _defer_checks(device: torch.device) -> bool:
+    """On CUDA the non-finite check of each chunk would sync the host: it becomes a device
+    flag per chunk, read once after the loop (the first bad chunk is then recomputed to name
+    its node)."""
+    return device.type == "cuda"
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; host tensors go to CUDA through pinned memory, without blocking."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _accumulate(sums: list[torch.Tensor], grads: torch.Tensor, x: torch.Tensor, bl: torch.Tensor,
@@ -201,22 +221,27 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     x = problem.x if x is None else x
     bl = problem.baselines if baselines is None else baselines
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-    alphas = alphas.to(x.device)
-    weight_sets = [w.to(x.device) for w in weight_sets]
+    alphas = _to_device(alphas, x.device)
+    weight_sets = [_to_device(w, x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
                               slot=chunking.cache_slot(problem, x, bl.shape[1]))
     sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
+    defer = _defer_checks(x.device)
+    flags: list[tuple[int, int, torch.Tensor]] = []  # deferred: (start, count, any non-finite)
 
     def compute(first: int, count: int, measure: bool):
         def run():
-            return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph)
+            return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph,
+                                  check=not defer)
         # measure only while probing (saved-tensor hooks slow autograd down)
         return _measure(run, x.device) if measure else (run(), None)
 
     def consume(first: int, grads: torch.Tensor) -> None:
+        if defer:
+            flags.append((first, grads.shape[-2], _non_finite_points(grads).any()))
         if not sums:
             shape = grads.shape[:1] + x.shape if grads.dim() == 3 else x.shape
             sums.extend(torch.zeros(shape, dtype=accumulation_dtype(x.dtype), device=x.device)
@@ -224,6 +249,9 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
 
     run_chunks(plan, start, stop, compute, consume, progress=progress)
+    if flags and bool(torch.stack([f for _, _, f in flags]).any()):  # the one sync
+        first, count = next((a, c) for a, c, f in flags if bool(f))
+        path_gradients(problem, x, bl, rows, alphas, first, count, create_graph)  # raises
     if not sums:  # this rank's shard is empty: learn T from one forward
         sums = _empty_sums(problem, x, rows, len(weight_sets))
     if process_group is not None:

@@ -211,3 +211,19 @@ def test_multi_target_endpoint_values_and_probe_cost():
     # T = 8 batched gradients: (1 + 8) saved + (2 + 8) points vs 2 saved + 3 points
     assert eight.point_cost > 3 * one.point_cost
     assert eight.chunk_size < one.chunk_size
+
+
+def test_deferred_non_finite_check_names_the_node(monkeypatch):
+    """The CUDA route (one device flag per chunk, read after the loop) on the CPU: the same
+    error, the same node; finite results unchanged."""
+    from taylor_kernels.engine import path_engine
+    monkeypatch.setattr(path_engine, "_defer_checks", lambda device: True)
+    f = lambda z: torch.sqrt(z.abs()).sum(1)  # noqa: E731  (infinite slope at 0)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"input 0, baseline 0, alpha=0 "):
+        tk.integrated_gradients(f, x, rule="riemann_left", steps=4, chunk_size=3)
+    model, x = models.mlp(), torch.randn(3, 10, dtype=torch.float64)
+    got = tk.integrated_gradients(model, x, target=1, steps=9, chunk_size=4)
+    monkeypatch.setattr(path_engine, "_defer_checks", lambda device: False)
+    want = tk.integrated_gradients(model, x, target=1, steps=9, chunk_size=4)
+    torch.testing.assert_close(got.attributions, want.attributions, rtol=0, atol=0)
