@@ -12,6 +12,7 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.engine import path_engine
+from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
 
 
@@ -48,6 +49,7 @@ def draw_references(problem, background, samples: int, seed: int | None) -> torc
     return gen
 
 
+@call_threads()
 def expected_gradients(model, inputs, background, target=None, *, samples: int = 100,
                        seed: int | None = None, additional_forward_args=None, max_memory=None,
                        backend: str | None = None, progress: bool = False,

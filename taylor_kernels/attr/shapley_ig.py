@@ -19,6 +19,7 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.engine import path_engine, quadrature
+from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
 
 
@@ -62,6 +63,7 @@ def sample_coalitions(B: int, n: int, coalitions: int, gen: torch.Generator) -> 
     return order < sizes.view(1, -1, 1)  # the first ``size`` of a random permutation
 
 
+@call_threads()
 def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
                                  coalitions: int = 32, feature_mask=None,
                                  seed: int | None = None, steps: int = 32,
