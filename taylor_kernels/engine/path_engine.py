@@ -320,11 +320,10 @@ def endpoint_values(problem: PathProblem, chunk: int = 256) -> tuple[torch.Tenso
     (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point)."""
     B, K, D = problem.B, problem.K, problem.x.shape[1]
     rows = torch.arange(B, device=problem.x.device)
-    fx = torch.cat([problem.forward(problem.x[i:i + chunk], rows[i:i + chunk])
-                    for i in range(0, B, chunk)])
-    bl = problem.baselines.expand(B, K, D).reshape(B * K, D)
-    brows = rows.repeat_interleave(K)
-    fb = torch.cat([problem.forward(bl[i:i + chunk], brows[i:i + chunk])
-                    for i in range(0, B * K, chunk)])
+    # one forward for the inputs and the baselines together (fewer, larger model calls)
+    pts = torch.cat([problem.x, problem.baselines.expand(B, K, D).reshape(B * K, D)])
+    prow = torch.cat([rows, rows.repeat_interleave(K)])
+    out = torch.cat([problem.forward(pts[i:i + chunk], prow[i:i + chunk])
+                     for i in range(0, B * (K + 1), chunk)])
     acc = accumulation_dtype(problem.x.dtype)
-    return fx.to(acc), fb.to(acc).reshape(B, K, *fb.shape[1:])
+    return out[:B].to(acc), out[B:].to(acc).reshape(B, K, *out.shape[1:])
