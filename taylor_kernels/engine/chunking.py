@@ -6,17 +6,18 @@ could bind, each measured (:mod:`taylor_kernels.engine.memory`) to give the byte
 The limit is ``max_memory`` when given (a hard limit: chunks fill it), else a fraction of the
 machine's free memory (:func:`memory.parse_budget`).
 
-Throughput (default budget only). Candidate sizes are ``base * CANDIDATE_FACTORS`` with
-``base`` the cache-friendly size of ``memory.DEFAULT_TARGET`` bytes (at least
-``memory.DEFAULT_MIN_POINTS`` items), capped by the limit and by ``MAX_SHARE`` of the call's
-items (so a call holds at most about half the memory of a one-batch run). Each candidate runs one real
-chunk, timed; a larger one wins only when it is more than ``SPEED_MARGIN`` faster per item.
-On an oversubscribed CPU (1-minute load average above the core count) the smallest size runs
-first with all and with half the threads, and half are kept if faster by the same margin: every ATen/OpenMP parallel
-region ends in a barrier that waits for all its threads, so a thread descheduled by another
-process stalls every operator (2 threads measured 4-20x slower than 1 on a 2-core machine at
-load 9-14). That count is remembered for the machine and :func:`call_threads` applies it to a
-whole call while the machine stays busy.
+Throughput (default budget; an explicit one is filled and only the threads are timed).
+Candidate sizes are ``base * CANDIDATE_FACTORS`` with ``base`` the cache-friendly size of
+``memory.DEFAULT_TARGET`` bytes (at least ``memory.DEFAULT_MIN_POINTS`` items), capped by the
+limit and by ``MAX_SHARE`` of the call's items (so a call holds at most about half the memory
+of a one-batch run). Each candidate runs one real chunk, timed; a larger one wins only when it
+is more than ``SPEED_MARGIN`` faster per item. On an oversubscribed CPU (1-minute load average
+above the core count) the smallest size runs first with all and with half the threads, and
+half are kept if faster by the same margin: every ATen/OpenMP parallel region ends in a
+barrier that waits for all its threads, so a thread descheduled by another process stalls
+every operator (2 threads measured 4-20x slower than 1 on a 2-core machine at load 9-14).
+That count is remembered for the machine and :func:`call_threads` applies it to a whole call
+while the machine stays busy.
 
 Cache. The measured cost and the choice are kept per owner (the model, or the
 ``cost_owner`` attribute of a wrapper function) and key (feature shape, dtype, device,
@@ -139,8 +140,12 @@ class ChunkPlan:
         """With the cost known: fill an explicit budget, reuse a cached choice, or queue the
         candidates to time (on a busy CPU first the smallest size at full and half threads,
         then the larger sizes at the thread count that won)."""
-        if not isinstance(self.budget, memory.DefaultBudget):
-            self.chunk = self._fits(self.cost)
+        if not isinstance(self.budget, memory.DefaultBudget):  # fill it; threads still timed
+            size = self._fits(self.cost)
+            if self.busy and self.threads > 1:
+                self.trials = [(size, self.threads), (size, max(1, self.threads // 2))]
+            else:
+                self.chunk = size
             return
         cap = self._cap(self.cost)
         cached = self.slot.get("choice")
@@ -238,5 +243,5 @@ class ChunkPlan:
             if sec < best_s * (1 - SPEED_MARGIN):
                 best, best_s = c, sec
         self.chunk = best
-        if complete:
+        if complete and isinstance(self.budget, memory.DefaultBudget):
             self.slot["choice"] = (best, self.threads, self.busy)

@@ -115,3 +115,14 @@ def test_default_limit_is_a_fraction_of_free_memory():
     limit = memory.parse_budget(None, CPU)
     assert free > 0 and isinstance(limit, memory.DefaultBudget)
     assert limit == pytest.approx(free * memory.DEFAULT_FREE_FRACTION, rel=0.2)
+
+
+def test_explicit_budget_is_filled_and_only_threads_are_timed(monkeypatch):
+    monkeypatch.setattr(chunking, "machine_busy", lambda: True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(chunking, "_BUSY_THREADS", {})
+    plan = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB", slot={})
+    size = 2**20 // 1000
+    assert plan.trials == [(size, 2), (size, 1)]
+    _feed(plan, {(size, 2): 3.0, (size, 1): 1.0})
+    assert plan.chunk == size and plan.threads == 1 and "choice" not in plan.slot
