@@ -138,3 +138,24 @@ def test_captum_front_generates_and_checks_arguments(models, tok):
         llm.attribute(inp, target=TARGET, baselines=0)
     with pytest.raises(NotImplementedError, match="LayerIntegratedGradients"):
         tkc.LLMGradientAttribution(tkc.IntegratedGradients(model), tok)
+
+
+def test_head_at_read_positions_and_bf16(models, tok):
+    """The LM head runs at the T read positions only; a bf16 model gives float32 scores close
+    to the float32 model's (bf16 rounding)."""
+    import copy
+
+    model = models["llama"]
+    prompt, target = _ids(tok)
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(o.shape[1]))
+    try:
+        r32 = generation_attribution(model, prompt, target, baselines="pad", steps=8)
+    finally:
+        hook.remove()
+    assert shapes and set(shapes) == {5}, shapes
+    r16 = generation_attribution(copy.deepcopy(model).to(torch.bfloat16), prompt, target,
+                                 baselines="pad", steps=8)
+    assert r16.token_attr.dtype == torch.float32 and r16.log_probs.dtype == torch.float32
+    rel = (r16.token_attr - r32.token_attr).norm() / r32.token_attr.norm()
+    assert rel < 0.1, rel
