@@ -66,17 +66,21 @@ def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
 
 class GenerationProblem:
     """Engine problem: ``x [1, P*H]`` prompt embeddings, ``baselines [1, 1, P*H]``,
-    ``forward(points [N, P*H], rows) -> [N, T]`` target log-probs (float32)."""
+    ``forward(points [N, P*H], rows) -> [N, T]`` target log-probs (float32). ``sequence``
+    ``[P + T - 1]`` ids (prompt and all but the last target), ``targets [T]``, embedding-layer
+    outputs ``act [1, P + T - 1, H]`` and prompt baselines ``base [1, P, H]``."""
 
     B, K = 1, 1
 
-    def __init__(self, model, layer, sequence: torch.Tensor, act: torch.Tensor,
-                 base: torch.Tensor, P: int, T: int):
-        self.model, self.layer, self.P, self.T = model, layer, P, T
+    def __init__(self, model, layer, sequence: torch.Tensor, targets: torch.Tensor,
+                 act: torch.Tensor, base: torch.Tensor):
+        self.model, self.layer = model, layer
+        self.T = targets.shape[0]
+        self.P = sequence.shape[0] - self.T + 1
         self.sequence = sequence                       # [P + T - 1] ids fed to the model
-        self.targets = None
-        self.fixed = act[:, P:]                        # [1, T - 1, H] continuation embeddings
-        self.x = act[:, :P].reshape(1, -1)
+        self.targets = targets[None]                   # [1, T]
+        self.fixed = act[:, self.P:]                   # [1, T - 1, H] continuation embeddings
+        self.x = act[:, :self.P].reshape(1, -1)
         self.baselines = base.reshape(1, 1, -1)
         self.keep_logits = hf.accepts(model, "logits_to_keep")
         # T backward passes over the retained graph instead of one vmap-batched backward on
@@ -173,8 +177,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     kept = hf.kept_positions(prompt, None, None if keep is None else keep.reshape(1, -1),
                              skip_tokens)
     base = torch.where(kept[..., None], act[:, :P], base)
-    problem = GenerationProblem(model, emb, sequence, act, base, P, T)
-    problem.targets = target[None]
+    problem = GenerationProblem(model, emb, sequence, target, act, base)
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
         fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]

@@ -8,8 +8,8 @@ Prompt ``<s> a1 a2 + b1 b2 =`` (one token per digit), answer ``c0 c1 c2``: the d
 ``transformers`` ``GPT2LMHeadModel`` (2 layers, width 64, random init) trained with Adam
 (one-cycle learning rate) on 90% of the 10^4 problems, loss on the answer tokens only:
 1200 steps of 128 took 39 s of CPU time on one core (2-core machine, measured) and reached
-100% exact match on the 1000 held-out problems. Weights are cached like the digits CNN's. The report shows the
-``[answer tokens x prompt tokens]`` heatmap of a held-out problem.
+100% exact match on the 1000 held-out problems. Weights are cached like the digits CNN's.
+The report shows the ``[answer tokens x prompt tokens]`` heatmap of a held-out problem.
 """
 from __future__ import annotations
 

@@ -67,8 +67,8 @@ def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
 def check_ids(input_ids, name: str = "input_ids") -> torch.Tensor:
     """``input_ids`` must be an integer tensor ``[B, L]``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"{name} must be a tensor [B, L] of token ids, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"{name} must be a tensor [B, L] of token ids, got {got}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got {input_ids.dtype}; for "
                         "float inputs use tk.integrated_gradients")
