@@ -7,6 +7,7 @@ import torch
 import taylor_kernels as tk
 from taylor_kernels.engine import memory
 from tests import models
+from tests.conftest import requires_cuda
 
 
 @pytest.mark.parametrize("rule", ["gausslegendre", "adaptive"])
@@ -227,3 +228,22 @@ def test_deferred_non_finite_check_names_the_node(monkeypatch):
     monkeypatch.setattr(path_engine, "_defer_checks", lambda device: False)
     want = tk.integrated_gradients(model, x, target=1, steps=9, chunk_size=4)
     torch.testing.assert_close(got.attributions, want.attributions, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_run_keeps_peak_statistic_and_defers_checks():
+    """On CUDA: the probes leave the caller's peak statistic as it was, and a NaN gradient is
+    still reported with its node after the (sync-free) loop."""
+    dev = torch.device("cuda")
+    model, x = models.mlp().to(dev), torch.randn(4, 10, dtype=torch.float64, device=dev)
+    big = torch.empty(64 * 2**20, dtype=torch.uint8, device=dev)
+    del big
+    peak = torch.cuda.max_memory_allocated(dev)
+    res = tk.integrated_gradients(model, x, target=0, steps=16)
+    assert torch.cuda.max_memory_allocated(dev) == peak
+    want = tk.integrated_gradients(model.cpu(), x.cpu(), target=0, steps=16, chunk_size=1000)
+    torch.testing.assert_close(res.attributions.cpu(), want.attributions, rtol=1e-10, atol=1e-12)
+    f = lambda z: torch.sqrt(z.abs()).sum(1)  # noqa: E731
+    with pytest.raises(FloatingPointError, match="input 0, baseline 0, alpha=0 "):
+        tk.integrated_gradients(f, torch.ones(2, 4, device=dev, dtype=torch.float64),
+                                rule="riemann_left", steps=4, chunk_size=3)
