@@ -29,7 +29,8 @@ def device_arg(text: str):
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda[:i]")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; use cpu or cuda[:i]") from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
