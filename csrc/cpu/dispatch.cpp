@@ -13,25 +13,19 @@
 
 namespace taylor_kernels::cpu {
 
-Capability capability() {
-  static const Capability chosen = [] {
+int capability() {
+  static const int chosen = [] {
 #ifdef TK_CPU_X86
     const std::string name = at::get_cpu_capability();
-    if (name == "AVX512") return Capability::kAvx512;
-    if (name == "AVX2") return Capability::kAvx2;
+    if (name == "AVX512") return 2;
+    if (name == "AVX2") return 1;
 #endif
-    return Capability::kDefault;
+    return 0;
   }();
   return chosen;
 }
 
-const char* capability_name() {
-  switch (capability()) {
-    case Capability::kAvx512: return "AVX512";
-    case Capability::kAvx2: return "AVX2";
-    default: return "DEFAULT";
-  }
-}
+const char* capability_name() { return pick<const char>({"DEFAULT", "AVX2", "AVX512"}); }
 
 at::Tensor empty_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
