@@ -115,10 +115,14 @@ def trained(cfg: LMConfig, cache_dir: Path | None):
 
 
 def causal_lm_section(out: Path, summary: dict, epochs: int, cache_dir: Path | None,
-                      steps: int = 32) -> dict:
+                      steps: int = 256) -> dict:
     """Train (or load) the addition model, attribute a held-out answer, draw the heatmap.
 
     ``epochs`` scales training like the digits CNN's (``epochs / 20`` of ``LMConfig.steps``).
+    The path from the zero embedding has a sharp feature on the second answer token: its
+    completeness gap was 0.98 at 64 Gauss-Legendre nodes, 7e-3 at 256, 1e-6 at 1024 (of a
+    log-prob change of ~14; measured), hence ``steps=256`` (the adaptive rule's 63 nodes do
+    not suffice).
     Returns a report section; adds ``summary["causal_lm"]``.
     """
     import taylor_kernels as tk
