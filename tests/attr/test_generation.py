@@ -83,6 +83,9 @@ def test_completeness_adaptive_and_greedy(models, tok):
     delta = res.token_attr.sum(1) - res.gap
     assert (res.gap.abs() <= 1e-5 * delta.abs() + 1e-6).all(), (res.gap, delta)
     assert res.nodes in (3, 7, 15, 31) and res.evaluations == res.nodes
+    with pytest.warns(RuntimeWarning, match="miss the completeness tolerance"):
+        generation_attribution(model, prompt, greedy.target_ids, baselines="pad",
+                               rule="adaptive", tol=1e-6)
     one = generation_attribution(model, prompt, greedy.target_ids[:1], baselines="pad",
                                  steps=16)
     fixed = generation_attribution(model, prompt, greedy.target_ids, baselines="pad", steps=16)
