@@ -35,11 +35,11 @@ from taylor_kernels.captum_front import (GradientShap, IntegratedGradients, Inte
                                          LayerConductance, LayerGradientShap,
                                          LayerIntegratedGradients, NeuronConductance,
                                          NeuronIntegratedGradients, NoiseTunnel)
+from taylor_kernels.captum_front.llm import (LLMAttributionResult, LLMGradientAttribution,
+                                             TextTokenInput)
 from taylor_kernels.captum_front.patch import is_patched, patch, patched, unpatch
 
 __all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",
-           "LayerGradientShap", "LayerIntegratedGradients", "NeuronConductance",
-           "NeuronIntegratedGradients", "NoiseTunnel", "is_patched", "patch", "patched",
-           "unpatch"]
-from taylor_kernels.captum_front.llm import (LLMAttributionResult,  # noqa: E402,F401
-                                             LLMGradientAttribution, TextTokenInput)
+           "LayerGradientShap", "LayerIntegratedGradients", "LLMAttributionResult",
+           "LLMGradientAttribution", "NeuronConductance", "NeuronIntegratedGradients",
+           "NoiseTunnel", "TextTokenInput", "is_patched", "patch", "patched", "unpatch"]
