@@ -191,6 +191,33 @@ def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                      expand_blocks(format_args(additional_forward_args), B, [n]), B, n)
 
 
+def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
+                        batch: int) -> tuple[Callable, tuple]:
+    """``(forward, args)`` with the tensor arguments that have no batch dimension bound in.
+
+    Captum hands every additional forward argument to every expanded row as it is; the engine
+    selects each row of a tensor argument ``[B, ...]`` (or broadcasts ``[1, ...]``). A tensor
+    whose first dimension is neither ``batch`` nor 1 (e.g. the ``[T]`` target tokens that
+    Captum's ``LLMGradientAttribution`` passes with a batch of one) has no rows to select: it
+    is bound into the returned forward function, which calls
+    ``forward_func(*inputs, *args_with_the_bound_ones_back_in_place)``, and left out of the
+    returned ``args``. Without such arguments both come back unchanged.
+    """
+    bound = {i: a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() > 0
+             and a.shape[0] not in (batch, 1)}
+    if not bound:
+        return forward_func, args
+
+    def with_bound_args(*call_args):
+        rest = list(call_args[n_inputs:])
+        for i in sorted(bound):
+            rest.insert(i, bound[i])
+        return forward_func(*call_args[:n_inputs], *rest)
+
+    with_bound_args.cost_owner = getattr(forward_func, "cost_owner", forward_func)
+    return with_bound_args, tuple(a for i, a in enumerate(args) if i not in bound)
+
+
 def check_no_grad_kwargs(grad_kwargs) -> None:
     """Captum's ``grad_kwargs`` (options of ``torch.autograd.grad``) have no equivalent."""
     if grad_kwargs:

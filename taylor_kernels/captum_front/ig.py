@@ -23,9 +23,9 @@ from typing import Callable
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 check_no_grad_kwargs, dense_baselines,
-                                                 format_args, format_inputs)
+from taylor_kernels.captum_front._common import (CaptumAttribution, bind_unbatched_args,
+                                                 captum_method, check_no_grad_kwargs,
+                                                 dense_baselines, format_args, format_inputs)
 
 
 class IntegratedGradients(CaptumAttribution):
@@ -95,10 +95,14 @@ class LayerIntegratedGradients(CaptumAttribution):
                   progress: bool = False):
         """Layer integrated gradients (Captum's arguments); inputs may be token ids."""
         check_no_grad_kwargs(grad_kwargs)
+        tup, _ = format_inputs(inputs)
+        forward, fargs = bind_unbatched_args(self.forward_func, len(tup),
+                                             format_args(additional_forward_args),
+                                             tup[0].shape[0])
         res = multi_layer_integrated_gradients(
-            self.forward_func, self.layer, inputs, baselines, target,
+            forward, self.layer, inputs, baselines, target,
             attribute_to_layer_input=attribute_to_layer_input,
-            additional_forward_args=additional_forward_args,
+            additional_forward_args=fargs,
             multiply_by_inputs=self._multiply_by_inputs, steps=n_steps, rule=method, tol=tol,
             max_memory=max_memory, backend=backend, progress=progress,
             chunk_size=internal_batch_size)
