@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from taylor_kernels.attr.generation import generation_attribution
+from taylor_kernels.captum_front._common import CaptumAttribution
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
                     "top_p": None}
@@ -216,6 +217,4 @@ class LLMGradientAttribution:
             seq_attr=token_attr.sum(0), token_attr=token_attr, inp=inp,
             output_log_probs=res.log_probs, gap=res.gap)
 
-    def attribute_future(self):
-        raise NotImplementedError("attribute_future is not implemented for "
-                                  "LLMGradientAttribution")
+    attribute_future = CaptumAttribution.attribute_future

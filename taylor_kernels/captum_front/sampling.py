@@ -143,10 +143,7 @@ class NoiseTunnel:
     def has_convergence_delta(self) -> bool:
         return self.is_delta_supported
 
-    def attribute_future(self, *args, **kwargs):
-        """Not implemented, as in Captum: call ``attribute``."""
-        raise NotImplementedError("attribute_future is not implemented for NoiseTunnel (nor "
-                                  "by Captum); call attribute()")
+    attribute_future = CaptumAttribution.attribute_future
 
     @property
     def multiplies_by_inputs(self) -> bool:
