@@ -314,6 +314,36 @@ def test_batch_mixing_and_random_models_are_detected(cls, why, batch):
         tk.integrated_gradients(model, x, target=0, steps=4)
 
 
+def test_row_check_rides_on_the_endpoint_forward():
+    """IG's probes cost two forwards (row 0 alone, then the endpoint batch, which doubles as
+    check R's batch); the path then runs in the chunks asked for."""
+    model = CountingMLP()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    tk.integrated_gradients(model, x, target=0, steps=4, chunk_size=12)
+    assert model.calls == 3
+
+
+def test_row_check_without_a_distinct_endpoint_row_runs_the_pair():
+    """Baseline equal to the only input: no endpoint row differs from row 0, so the two-row
+    check runs on a perturbed partner and still sees the batch mixing."""
+    torch.manual_seed(0)
+    model = MixesRows().double()
+    x = torch.randn(1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mixes rows"):
+        tk.integrated_gradients(model, x, x, target=0, steps=4)
+
+
+class CountingMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 2).double()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.l(x))
+
+
 class FakeAllocator:
     """Stands in for the CUDA caching allocator's statistics (no GPU needed)."""
 

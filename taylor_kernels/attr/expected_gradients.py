@@ -73,7 +73,8 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
     """
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
-        problem = make_problem(model, inputs, None, target, additional_forward_args)
+        problem = make_problem(model, inputs, None, target, additional_forward_args,
+                               defer_row_check=True)
         gen = draw_references(problem, background, samples, seed)
         if rule is not None:
             return _exact_eg(problem, rule, max_regions, max_memory=max_memory,

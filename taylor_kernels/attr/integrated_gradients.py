@@ -126,7 +126,8 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         raise ValueError(f"tol must be positive, got {tol}")
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
-        problem = make_problem(model, inputs, baselines, target, additional_forward_args)
+        problem = make_problem(model, inputs, baselines, target, additional_forward_args,
+                               defer_row_check=True)  # endpoint_values completes it
         fx, fb = path_engine.endpoint_values(problem)
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph, **_distributed_kw(distributed, reduce_to, rule,

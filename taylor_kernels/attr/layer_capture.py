@@ -140,6 +140,7 @@ class Layers:
                     raise ValueError("not every layer was called by the model's forward")
             return out
 
+        through_layers.cost_owner = self.modules[0]  # chunk choice cached per layer, not closure
         return through_layers
 
 

@@ -92,7 +92,8 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         raise ValueError("SIG uses a fixed rule; 'adaptive' is available for IG")
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
-        problem = make_problem(model, inputs, reference, target, additional_forward_args)
+        problem = make_problem(model, inputs, reference, target, additional_forward_args,
+                               defer_row_check=True)
         if problem.K != 1:
             raise ValueError("SIG takes one reference per input, not several baselines")
         groups = feature_groups(feature_mask, problem.inputs)

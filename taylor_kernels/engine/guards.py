@@ -27,11 +27,12 @@ M (:func:`check_model`, before the first forward) raises ``RuntimeError`` inside
 ``ValueError`` when a module of the model (the model itself, the module of a bound method, or
 modules a function closes over) has batch norm using batch statistics or dropout ``p > 0`` in
 train mode: call ``model.eval()``. R (:func:`check_rows_independent`, in
-:func:`~taylor_kernels.engine.problem.make_problem` once the output shape is known, and
+:func:`~taylor_kernels.engine.problem.make_problem` on the output-shape probe, and
 :func:`check_function_rows` for ``jet`` and the derivative engine) runs the
-model on one row alone, on that row beside another in a batch of two, and on the row again, and
-raises ``ValueError`` when the row's output changes with its batch (batch mixing) or between the
-two single-row calls (randomness), beyond ``sqrt(eps)`` of the dtype times the output scale.
+model on one row alone and on that row beside another in a batch of two, and raises
+``ValueError`` when the two outputs of the row differ beyond ``sqrt(eps)`` of the dtype times
+the output scale; a third call on the row alone then says whether the model mixes rows (the
+same output again) or is random (yet another one).
 For ``jet``/``hvp`` on a plain function, only modules it closes over are seen.
 
 Opting in: inside ``with taylor_kernels.allow_row_coupling(model):`` (this thread/task) both
@@ -136,34 +137,38 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((same | (finite & ((a - b).abs() <= tol))).all())
 
 
-def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor,
-                           other_index: int) -> None:
+def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor | None,
+                           other_index: int, alone: torch.Tensor | None = None,
+                           beside: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` if ``run(points [N, D], rows [N])`` (the model's output ``[N, ...]``)
-    gives row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two,
-    or differs between two calls on it alone (three forwards of at most two rows, a fourth
-    to tell the two apart; run it under :func:`preserved_buffers`)."""
+    gives row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two
+    (run it under :func:`preserved_buffers`).
+
+    Two forwards: the row alone (or ``alone``, its output ``[1, ...]`` from an earlier call),
+    then beside ``other`` (or ``beside``, its output ``[1, ...]`` computed in a batch with
+    other rows). Equal outputs from two separate calls also rule out a random model; only when
+    they differ does a third call on the row alone tell randomness (it differs again) from
+    batch mixing."""
     if _ALLOWED.get():
         return
     first = torch.zeros(1, dtype=torch.long, device=row.device)
-    pair_rows = torch.tensor([0, other_index], dtype=torch.long, device=row.device)
     with torch.no_grad():
-        alone = run(row.unsqueeze(0), first)
-        pair = run(torch.stack([row, other]), pair_rows)
-        again = run(row.unsqueeze(0), first)
-        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (alone, pair, again)):
+        alone = run(row.unsqueeze(0), first) if alone is None else alone
+        if beside is None:
+            pair_rows = torch.tensor([0, other_index], dtype=torch.long, device=row.device)
+            beside = run(torch.stack([row, other]), pair_rows)
+        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (alone, beside)):
             return  # not a batch of outputs: the caller's own checks say what is wrong
-        random = not _close(alone, again)
-        coupled = not random and not _close(alone[0], pair[0])
-        if coupled:  # a random model may have drawn the same twice: one more draw decides
-            random = not _close(alone, run(row.unsqueeze(0), first))
-    if random or coupled:
-        why = ("gives different outputs for the same input in two calls (random, e.g. "
-               "dropout in train mode)" if random else "gives an input a different output "
-               "when another input shares its batch (it mixes rows, e.g. batch statistics)")
-        raise ValueError(f"the model {why}; attribution batches rows of different inputs and "
-                         "path points together, so its results would be wrong. Make the model "
-                         "treat rows independently (model.eval()), or opt in with "
-                         "`with taylor_kernels.allow_row_coupling(model):`")
+        if _close(alone[0], beside[0]):
+            return
+        random = not _close(alone, run(row.unsqueeze(0), first))
+    why = ("gives different outputs for the same input in two calls (random, e.g. "
+           "dropout in train mode)" if random else "gives an input a different output "
+           "when another input shares its batch (it mixes rows, e.g. batch statistics)")
+    raise ValueError(f"the model {why}; attribution batches rows of different inputs and "
+                     "path points together, so its results would be wrong. Make the model "
+                     "treat rows independently (model.eval()), or opt in with "
+                     "`with taylor_kernels.allow_row_coupling(model):`")
 
 
 def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[torch.Tensor, int]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from taylor_kernels import ops
 from taylor_kernels.engine import chunking, distributed, guards, memory
-from taylor_kernels.engine.problem import PathProblem
+from taylor_kernels.engine.problem import PathProblem, select_target
 from taylor_kernels.numerics import accumulation_dtype
 
 @dataclass
@@ -218,6 +218,9 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector (``[T, B', D]`` when
     ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """
+    if getattr(problem, "pending_row_check", None) is not None:  # no endpoint batch ran
+        with guards.preserved_buffers(problem.model):
+            problem.finish_row_check()
     x = problem.x if x is None else x
     bl = problem.baselines if baselines is None else baselines
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
@@ -317,13 +320,23 @@ def _empty_sums(problem: PathProblem, x: torch.Tensor, rows: torch.Tensor,
 @torch.no_grad()
 def endpoint_values(problem: PathProblem, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Model outputs at the inputs ``f(x) [B]`` and at every baseline ``f(b) [B, K]``
-    (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point)."""
+    (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point).
+    A check R deferred by ``make_problem(defer_row_check=True)`` compares row 0's output
+    alone with its output in the first batch here."""
     B, K, D = problem.B, problem.K, problem.x.shape[1]
     rows = torch.arange(B, device=problem.x.device)
     # one forward for the inputs and the baselines together (fewer, larger model calls)
     pts = torch.cat([problem.x, problem.baselines.expand(B, K, D).reshape(B * K, D)])
     prow = torch.cat([rows, rows.repeat_interleave(K)])
-    out = torch.cat([problem.forward(pts[i:i + chunk], prow[i:i + chunk])
-                     for i in range(0, B * (K + 1), chunk)])
+    outs = []
+    for i in range(0, B * (K + 1), chunk):
+        if i == 0 and getattr(problem, "pending_row_check", None) is not None:
+            whole = problem.outputs(pts[:chunk], prow[:chunk])  # row 0 beside the others
+            with guards.preserved_buffers(problem.model):
+                problem.finish_row_check(pts[:chunk], prow[:chunk], whole)
+            outs.append(select_target(whole, problem.target, prow[:chunk]))
+        else:
+            outs.append(problem.forward(pts[i:i + chunk], prow[i:i + chunk]))
+    out = torch.cat(outs)
     acc = accumulation_dtype(problem.x.dtype)
     return out[:B].to(acc), out[B:].to(acc).reshape(B, K, *out.shape[1:])

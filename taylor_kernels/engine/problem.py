@@ -144,6 +144,7 @@ class PathProblem:
     baselines: torch.Tensor
     target: Any
     forward_args: tuple
+    pending_row_check: torch.Tensor | None = None  # row 0's output alone, check R deferred
 
     @property
     def B(self) -> int:
@@ -180,21 +181,54 @@ class PathProblem:
             args.append(a)
         return tuple(args)
 
-    def output_shape(self) -> tuple[int, ...]:
-        """The model's output shape for the whole batch, probed on one row without grad."""
+    def row_output(self, row: int = 0) -> torch.Tensor:
+        """The model's output for input ``row`` alone ``[1, ...]`` (no grad)."""
+        rows = torch.full((1,), row, dtype=torch.long, device=self.x.device)
         with torch.no_grad():
-            out = self.model(*self.split(self.x[:1]), *self._rows_args(
-                torch.zeros(1, dtype=torch.long, device=self.x.device)))
-        out = model_output(out)
+            out = self.outputs(self.x[row:row + 1], rows)
         if out.dim() == 0:
             raise ValueError("the model must return a tensor with a batch dimension")
-        return (self.B,) + tuple(out.shape[1:])
+        return out
+
+    def outputs(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The model's whole outputs ``[N, ...]`` (what
+        :func:`~taylor_kernels.models.outputs.model_output` reads) at ``N`` flattened points
+        of inputs ``rows [N]`` (which pick the additional forward args)."""
+        return model_output(self.model(*self.split(flat_points), *self._rows_args(rows)))
 
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
         ``rows`` ``[N]`` (which pick the target and the additional forward args)."""
-        out = self.model(*self.split(flat_points), *self._rows_args(rows))
-        return select_target(out, self.target, rows)
+        return select_target(self.outputs(flat_points, rows), self.target, rows)
+
+    def finish_row_check(self, points: torch.Tensor | None = None,
+                         rows: torch.Tensor | None = None,
+                         outputs: torch.Tensor | None = None) -> None:
+        """Complete check R when :func:`make_problem` deferred it (no-op otherwise): row 0's
+        output alone against ``outputs[0]``, its whole output computed beside the other
+        points of ``points [N, D]`` (inputs ``rows [N]``, row 0 first), if one of them differs
+        from row 0 in value or forward args; else (or without points) the two-row check."""
+        alone, self.pending_row_check = self.pending_row_check, None
+        if alone is None:
+            return
+        if points is not None and self._differs_from_row0(points, rows):
+            guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
+                                          beside=outputs[:1])
+            return
+        other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
+        guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
+
+    def _row_tensors(self) -> list[torch.Tensor]:
+        return [a for a in self.forward_args if isinstance(a, torch.Tensor) and a.dim() > 0
+                and a.shape[0] == self.B]
+
+    def _differs_from_row0(self, points: torch.Tensor, rows: torch.Tensor) -> bool:
+        differs = (points[1:] != points[:1]).any(1)
+        for a in self._row_tensors():
+            a_rows = a.index_select(0, rows.to(a.device))
+            differs |= (a_rows[1:] != a_rows[:1]).reshape(len(a_rows) - 1, -1).any(1).to(
+                differs.device)
+        return bool(differs.any())
 
 
 def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor:
@@ -252,8 +286,14 @@ def check_target(target, out_shape: Sequence[int]) -> None:
 
 
 def make_problem(model: Callable, inputs, baselines=None, target=None,
-                 additional_forward_args=None) -> PathProblem:
-    """Validate and flatten a call's arguments into a :class:`PathProblem`."""
+                 additional_forward_args=None, *, defer_row_check: bool = False) -> PathProblem:
+    """Validate and flatten a call's arguments into a :class:`PathProblem`.
+
+    Probes the model on row 0 alone (output shape, target range) and runs check R
+    (:mod:`~taylor_kernels.engine.guards`) with a second forward; with ``defer_row_check``
+    that second forward is left to the caller's first batch of real points
+    (:func:`~taylor_kernels.engine.path_engine.endpoint_values`, else the engine's first
+    chunk runs it), saving one forward per call."""
     if not callable(model):
         raise ValueError("model must be callable")
     tup, was_tuple = as_tuple(inputs)
@@ -269,9 +309,9 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
     guards.check_model(model, tup)
     with guards.preserved_buffers(model):  # the probes leave running statistics as they were
-        check_target(problem.target, problem.output_shape())
-        other, j = guards.distinct_row(x, bl[0, 0], *(a for a in fargs if isinstance(
-            a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B))
-        guards.check_rows_independent(lambda p, r: model_output(problem.model(
-            *problem.split(p), *problem._rows_args(r))), x[0], other, j)
+        alone = problem.row_output(0)  # shape probe, and check R's first call
+        check_target(problem.target, (B,) + tuple(alone.shape[1:]))
+        problem.pending_row_check = alone
+        if not defer_row_check:
+            problem.finish_row_check()
     return problem
