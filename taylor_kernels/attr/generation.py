@@ -181,7 +181,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     base = torch.where(kept[..., None], act[:, :P], base)
     problem = GenerationProblem(model, emb, sequence, target, act, base)
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
-    with ctx:
+    with ctx, hf.first_order_attention(model, act):
         fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]
         sums, evaluations, nodes = _integrate(
             problem, rule, steps, tol or DEFAULT_ADAPTIVE_TOL, fx, fb, max_memory=max_memory,

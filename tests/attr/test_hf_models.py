@@ -206,3 +206,23 @@ def test_layer_ig_rejects_float_baselines_for_ids(gpt2):
     with pytest.raises(TypeError, match="integer ids"):
         tk.layer_integrated_gradients(lambda i: gpt2(i).logits[:, -1], emb, IDS,
                                       torch.zeros(1, 7), target=1)
+
+
+def test_first_order_attention_on_cpu_bf16_uses_the_math_backend(llama):
+    """Token IG of a bf16 SDPA model on the CPU runs the path points' attention on the math
+    backend (its backward is faster there); a float32 model keeps the fused kernels; the
+    flags come back."""
+    import copy
+
+    low = copy.deepcopy(llama).to(torch.bfloat16)
+    assert hf.attention_implementation(llama) == "sdpa"
+    before = torch.backends.cuda.flash_sdp_enabled()
+    for model, fused in ((low, False), (llama, before)):
+        seen = []  # the flash flag at every forward that builds a graph (path points)
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda *a: seen.append(torch.backends.cuda.flash_sdp_enabled())
+            if torch.is_grad_enabled() else None)
+        hf.token_integrated_gradients(model, IDS, target=9, steps=4)
+        hook.remove()
+        assert seen and set(seen) == {fused}, seen
+        assert torch.backends.cuda.flash_sdp_enabled() == before
