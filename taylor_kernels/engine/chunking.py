@@ -100,19 +100,27 @@ def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | N
 class ChunkPlan:
     """Decides each chunk's item count and thread count for a loop over ``total`` items.
 
-    ``chunk_size`` fixes the count; ``max_memory`` (bytes or ``"512MB"``) is a hard limit;
+    ``chunk_size`` fixes the count; ``max_memory`` (bytes or ``"512MB"``) is a hard limit, of
+    which ``reserved`` bytes are held by the call beside its chunks (inputs, sums; on the CPU
+    also ``memory.CPU_CALL_RESERVE``, at most an eighth of the budget);
     ``cost`` (bytes per item) skips the probes; ``slot`` (from :func:`cache_slot`) shares the
     measured cost and timed choice between calls.
     """
 
     def __init__(self, total: int, device: torch.device, *, chunk_size: int | None = None,
-                 max_memory=None, cost: float | None = None, slot: dict | None = None):
+                 max_memory=None, cost: float | None = None, slot: dict | None = None,
+                 reserved: int = 0):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
                 chunk_size, numbers.Integral) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.total, self.device, self.slot = total, device, {} if slot is None else slot
         self.chunk = None if chunk_size is None else int(chunk_size)
         self.budget = None if chunk_size else memory.parse_budget(max_memory, device)
+        self.reserved = 0
+        if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):
+            self.reserved = reserved + (min(memory.CPU_CALL_RESERVE, self.budget // 8)
+                                        if device.type == "cpu" else 0)
+            self.budget = max(1, self.budget - self.reserved)  # what chunks may use
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")
         self.threads = torch.get_num_threads()
@@ -128,7 +136,7 @@ class ChunkPlan:
         return self.chunk is None and self.cost is None
 
     def _fits(self, per_item: float) -> int:
-        return memory.chunk_size_for(self.budget, per_item, self.total)
+        return memory.chunk_size_for(self.budget, per_item, self.total, self.reserved)
 
     def _cap(self, cost: float) -> int:
         """The largest candidate: what the limit holds, at most ``MAX_SHARE`` of the items (but

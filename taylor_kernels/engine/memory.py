@@ -2,11 +2,13 @@
 
 The cost of one path point (one row of forward + backward) is measured on a probe chunk:
 on CUDA from the allocator's peak (``guards.cuda_peak_bytes``, which keeps the caller's peak
-statistic); on the CPU from the
-sizes of the tensors autograd saves for backward (``saved_tensors_hooks``), counted twice
-(backward holds each saved activation beside the gradient flowing into it: measured peaks of
-MLPs and CNNs stay under this estimate plus allocator slack), plus the point and its gradient. Chunk size = budget // cost. An out-of-memory error during a chunk
-halves the chunk size and retries the same points, down to one point.
+statistic); on the CPU from the sizes of the tensors autograd saves for backward
+(``saved_tensors_hooks``), counted twice (backward holds each saved activation beside the
+gradient flowing into it), plus the point, its gradient and point-sized temporaries, times
+``CPU_TRANSIENT_FACTOR`` for what autograd does not save (oneDNN reorder buffers, allocator
+slack). Chunk size = (budget - what the call holds beside its chunks) // cost. An
+out-of-memory error during a chunk halves the chunk size and retries the same points, down
+to one point.
 """
 from __future__ import annotations
 
@@ -22,6 +24,15 @@ DEFAULT_TARGET = 16 * 2**20
 DEFAULT_MIN_POINTS = 32
 # Without max_memory, chunks stay under this fraction of the free memory (RAM or device).
 DEFAULT_FREE_FRACTION = 0.5
+# Resident peak of a chunk over the estimate without this factor, measured (VmHWM, fresh
+# process, 2-core Xeon, 2026-11-30): a 2-conv tanh CNN 1.3x, a 784-256-256-10 MLP 1.2x, a
+# 4x256 GPT-2 (64 tokens) 0.6x at 2-512 MB budgets (oneDNN reorders and the chunk's
+# point-sized temporaries are not saved tensors).
+CPU_TRANSIENT_FACTOR = 1.6
+# Held by a CPU call beside its chunks and not counted elsewhere (allocator slack, the chunk
+# loop's small tensors): an MLP's resident peak stayed 0.4-0.8 MB above 2-16 MB budgets.
+# Reserved up to an eighth of an explicit budget (engine/chunking.py).
+CPU_CALL_RESERVE = 2**20
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30,
           "GIB": 2**30}
 
@@ -101,11 +112,12 @@ class SavedBytes:
 
 
 def cpu_point_cost(saved_bytes: int, point_bytes: int, outputs: int = 1) -> float:
-    """Estimated peak bytes of a probe chunk on the CPU: ``(1 + T) * saved + (2 + T) * points``
+    """Estimated peak bytes of a probe chunk on the CPU: ``c ((1 + T) saved + (4 + T) points)``
     for ``T = outputs`` gradients per point (saved activations and ``T`` batched gradients
-    flowing through them; the points, one temporary and ``T`` point gradients). ``T = 1`` gives
-    ``2 * saved + 3 * points``."""
-    return float((1 + outputs) * saved_bytes + (2 + outputs) * point_bytes)
+    flowing through them; the points, three point-sized temporaries of building, checking and
+    accumulating them, and ``T`` point gradients) and ``c = CPU_TRANSIENT_FACTOR``. ``T = 1``
+    gives ``c (2 saved + 5 points)``."""
+    return CPU_TRANSIENT_FACTOR * float((1 + outputs) * saved_bytes + (4 + outputs) * point_bytes)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -117,12 +129,15 @@ def is_oom(exc: BaseException) -> bool:
                                               or "can't allocate memory" in msg)
 
 
-def chunk_size_for(budget: int, per_point: float, total: int) -> int:
+def chunk_size_for(budget: int, per_point: float, total: int, reserved: int = 0) -> int:
     """Points per chunk that fit ``budget`` bytes at ``per_point`` bytes each, capped at
-    ``total``; raises ``MemoryError`` if not even one point fits an explicit budget."""
+    ``total``; raises ``MemoryError`` if not even one point fits an explicit budget (of which
+    the call itself holds ``reserved`` bytes beside its chunks)."""
     if per_point > budget and not isinstance(budget, DefaultBudget):
-        raise MemoryError(f"memory budget of {budget} bytes is too small for one path point "
-                          f"(measured {int(per_point)} bytes per point); raise max_memory")
+        held = f", {reserved} of them held by the call's inputs and sums" if reserved else ""
+        raise MemoryError(f"memory budget of {budget + reserved} bytes{held} is too small for "
+                          f"one path point (measured {int(per_point)} bytes per point); raise "
+                          "max_memory")
     fit = int(budget // max(per_point, 1.0))
     if isinstance(budget, DefaultBudget):  # small batches waste the matmuls of big models
         fit = max(fit, DEFAULT_MIN_POINTS)

@@ -228,9 +228,11 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     weight_sets = [_to_device(w, x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
+    held = x.nbytes + bl.nbytes + len(weight_sets) * x.numel() * torch.empty(
+        (), dtype=accumulation_dtype(x.dtype)).element_size()  # inputs and sums (T = 1)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
-                              slot=chunking.cache_slot(problem, x, bl.shape[1]))
+                              slot=chunking.cache_slot(problem, x, bl.shape[1]), reserved=held)
     sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
     defer = _defer_checks(x.device)
     flags: list[tuple[int, int, torch.Tensor]] = []  # deferred: (start, count, any non-finite)

@@ -388,7 +388,7 @@ def test_adaptive_and_budget_extras():
     assert (delta.abs() <= 1e-6 * (fx - model(torch.zeros_like(x))[range(3), kw["target"]])
             .abs() + 1e-12).all()
     counter = RowCounter(model)
-    small = tc.IntegratedGradients(counter).attribute(x, n_steps=9, max_memory=20_000,
+    small = tc.IntegratedGradients(counter).attribute(x, n_steps=9, max_memory=40_000,
                                                       backend="reference", **kw)
     assert counter.max_rows < 27  # the budget split the 27 path points into chunks
     big = ig.attribute(x, n_steps=9, max_memory="1GB", **kw)
@@ -397,6 +397,6 @@ def test_adaptive_and_budget_extras():
     with pytest.raises(ValueError, match="multiply_by_inputs=False"):
         tc.IntegratedGradients(model, False).attribute(x, method="adaptive", **kw)
     gs = tc.GradientShap(model)
-    out = gs.attribute(x, torch.zeros(2, 2, 8, 8, dtype=F64), n_samples=3, max_memory=50_000,
+    out = gs.attribute(x, torch.zeros(2, 2, 8, 8, dtype=F64), n_samples=3, max_memory=120_000,
                        **kw)
     assert out.shape == x.shape and gs.last_result.evaluations == 9

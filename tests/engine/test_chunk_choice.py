@@ -57,7 +57,12 @@ def test_candidates_respect_limit_and_share(monkeypatch):
     assert plan.chunk == 250 and not plan.trials  # MAX_SHARE of the call's points
     monkeypatch.setattr(chunking, "machine_busy", lambda: False)
     fixed = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB")
-    assert fixed.chunk == 2**20 // 1000 and not fixed.trials  # an explicit budget is filled
+    # an explicit budget is filled, less an eighth reserved for the call on the CPU
+    assert fixed.chunk == (2**20 - 2**20 // 8) // 1000 and not fixed.trials
+    held = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB", reserved=2**19)
+    assert held.chunk == (2**20 - 2**19 - 2**20 // 8) // 1000
+    with pytest.raises(MemoryError, match="655360 of them held by the call"):
+        chunking.ChunkPlan(10**6, CPU, cost=2**19, max_memory="1MB", reserved=2**19)
 
 
 def test_call_threads_applies_busy_choice_and_restores(monkeypatch):
@@ -122,7 +127,7 @@ def test_explicit_budget_is_filled_and_only_threads_are_timed(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(chunking, "_BUSY_THREADS", {})
     plan = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB", slot={})
-    size = 2**20 // 1000
+    size = (2**20 - 2**20 // 8) // 1000
     assert plan.trials == [(size, 2), (size, 1)]
     _feed(plan, {(size, 2): 3.0, (size, 1): 1.0})
     assert plan.chunk == size and plan.threads == 1 and "choice" not in plan.slot
