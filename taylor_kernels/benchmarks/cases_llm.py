@@ -15,8 +15,9 @@ timed repeats; attributions come back through a file):
   ``taylor_kernels.captum.LLMGradientAttribution`` (one pass).
 
 Models: MiniLM-L6 (real weights, offline package), GPT-2 and Llama configs with random
-weights (4 layers, d=256), and (full tier) a ~100M-parameter GPT-2 config at 128 + 32 tokens
-with ``max_memory="4GB"``. Sizes: ``--smoke`` (tests), ``--quick`` (CPU), full.
+weights (4 layers, d=256), and (full tier, or alone as tier ``large``: bench/llm_large.py) a
+~100M-parameter GPT-2 config at 128 + 32 tokens with ``max_memory="4GB"`` and 8 nodes.
+Sizes: ``--smoke`` (tests), ``--quick`` (CPU), full.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from taylor_kernels.benchmarks.cases_ig import run_probe
 from taylor_kernels.benchmarks.report import fmt_bytes, fmt_time, format_table
 
 STEPS = 64
+BIG_STEPS = 8  # the ~100M config: 32 targets x 8 nodes of ~160 tokens for Captum
 FACTORY = "taylor_kernels.benchmarks.cases_llm:make_call"
 GPT2 = {"arch": "gpt2", "layers": 4, "d": 256, "heads": 4, "vocab": 8192}
 LLAMA = {"arch": "llama", "layers": 4, "d": 256, "heads": 4, "vocab": 8192}
@@ -51,9 +53,11 @@ CASES["full"] = CASES["quick"][:3] + [
     ("llama next", LLAMA, "next", 22, 0, STEPS, NEXT),
     ("gpt2 gen", GPT2, "gen", 32, 16, STEPS, GEN),
     ("llama gen", LLAMA, "gen", 32, 16, STEPS, GEN),
-    ("gpt2_97M gen 4GB", {**BIG, "max_memory": "4GB"}, "gen", 128, 32, STEPS, GEN)]
-REPEATS = {"smoke": 1, "quick": 1, "full": 5}
-THREADS = {"smoke": None, "quick": 1, "full": None}  # quick: one thread (a shared, busy CPU)
+    ("gpt2_97M gen 4GB", {**BIG, "max_memory": "4GB"}, "gen", 128, 32, BIG_STEPS, GEN)]
+# the ~100M case alone (bench/llm_large.py): Captum's 32 layer-IG calls take minutes per node
+CASES["large"] = CASES["full"][-1:]
+REPEATS = {"smoke": 1, "quick": 1, "full": 5, "large": 1}
+THREADS = {"smoke": None, "quick": 1, "full": None, "large": None}  # quick: one thread
 SENTENCES = ("A man is playing a guitar on stage.", "Someone performs music for a crowd.")
 
 

@@ -247,6 +247,14 @@ class CaptumAttribution:
                                   f"{type(self).__name__} (nor by Captum for this method); "
                                   "call attribute(), which returns the result directly")
 
+    def engine_forward(self, inputs: tuple, additional_forward_args) -> tuple[Callable, tuple]:
+        """``(forward, args)`` to hand the engine for ``inputs`` (a tuple of ``[B, ...]``
+        tensors): Captum's ``additional_forward_args`` as a tuple, with the tensors that have
+        no batch dimension bound into ``self.forward_func`` (:func:`bind_unbatched_args`), as
+        Captum passes them unchanged to every row."""
+        return bind_unbatched_args(self.forward_func, len(inputs),
+                                   format_args(additional_forward_args), inputs[0].shape[0])
+
     def compute_convergence_delta(self, attributions, start_point, end_point, target=None,
                                   additional_forward_args=None) -> torch.Tensor:
         """``delta [B] = sum(attributions) - (F(end_point) - F(start_point))`` per example

@@ -23,9 +23,9 @@ from typing import Callable
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.captum_front._common import (CaptumAttribution, bind_unbatched_args,
-                                                 captum_method, check_no_grad_kwargs,
-                                                 dense_baselines, format_args, format_inputs)
+from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
+                                                 check_no_grad_kwargs, dense_baselines,
+                                                 format_inputs)
 
 
 class IntegratedGradients(CaptumAttribution):
@@ -51,13 +51,13 @@ class IntegratedGradients(CaptumAttribution):
         tup, was_tuple = format_inputs(inputs)
         kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
                   progress=progress, chunk_size=internal_batch_size)
+        forward, fargs = self.engine_forward(tup, additional_forward_args)
         if self._multiply_by_inputs:
-            res = integrated_gradients(self.forward_func, inputs, baselines, target,
-                                       additional_forward_args=additional_forward_args, **kw)
+            res = integrated_gradients(forward, inputs, baselines, target,
+                                       additional_forward_args=fargs, **kw)
         else:
-            res = unscaled_integrated_gradients(
-                self.forward_func, tup, dense_baselines(baselines, tup), target,
-                format_args(additional_forward_args), was_tuple, **kw)
+            res = unscaled_integrated_gradients(forward, tup, dense_baselines(baselines, tup),
+                                                target, fargs, was_tuple, **kw)
         self.last_result = res
         if return_convergence_delta:
             return res.attributions, res.gap
@@ -96,9 +96,7 @@ class LayerIntegratedGradients(CaptumAttribution):
         """Layer integrated gradients (Captum's arguments); inputs may be token ids."""
         check_no_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
-        forward, fargs = bind_unbatched_args(self.forward_func, len(tup),
-                                             format_args(additional_forward_args),
-                                             tup[0].shape[0])
+        forward, fargs = self.engine_forward(tup, additional_forward_args)
         res = multi_layer_integrated_gradients(
             forward, self.layer, inputs, baselines, target,
             attribute_to_layer_input=attribute_to_layer_input,

@@ -45,9 +45,10 @@ class LayerConductance(_LayerMethod):
         check_no_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
         bls = dense_baselines(baselines, tup)
-        res = layer_conductance(self.forward_func, self.layer, tup, bls, target, steps=n_steps,
+        forward, fargs = self.engine_forward(tup, additional_forward_args)
+        res = layer_conductance(forward, self.layer, tup, bls, target, steps=n_steps,
                                 rule=method, attribute_to_layer_input=attribute_to_layer_input,
-                                additional_forward_args=additional_forward_args,
+                                additional_forward_args=fargs,
                                 max_memory=max_memory, chunk_size=internal_batch_size,
                                 backend=backend, progress=progress)
         self.last_result = res
@@ -74,10 +75,11 @@ class InternalInfluence(_LayerMethod):
         """Internal influence of every unit of the layer, shaped like its activation."""
         check_no_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
-        res = internal_influence(self.forward_func, self.layer, tup,
+        forward, fargs = self.engine_forward(tup, additional_forward_args)
+        res = internal_influence(forward, self.layer, tup,
                                  dense_baselines(baselines, tup), target, steps=n_steps,
                                  rule=method, attribute_to_layer_input=attribute_to_layer_input,
-                                 additional_forward_args=additional_forward_args,
+                                 additional_forward_args=fargs,
                                  max_memory=max_memory, chunk_size=internal_batch_size,
                                  backend=backend, progress=progress)
         self.last_result = res

@@ -15,7 +15,7 @@ import torch
 
 from taylor_kernels.attr.neuron import neuron_conductance, neuron_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 check_no_grad_kwargs)
+                                                 check_no_grad_kwargs, format_inputs)
 
 
 class _NeuronMethod(CaptumAttribution):
@@ -31,9 +31,10 @@ class _NeuronMethod(CaptumAttribution):
 
     def _run(self, fn, inputs, neuron_selector, *args, n_steps, method, internal_batch_size,
              attribute_to_neuron_input, additional_forward_args, **extras):
-        res = fn(self.forward_func, self.layer, inputs, neuron_selector, *args,
+        forward, fargs = self.engine_forward(format_inputs(inputs)[0], additional_forward_args)
+        res = fn(forward, self.layer, inputs, neuron_selector, *args,
                  attribute_to_neuron_input=attribute_to_neuron_input,
-                 additional_forward_args=additional_forward_args,
+                 additional_forward_args=fargs,
                  multiply_by_inputs=self._multiply_by_inputs, steps=n_steps, rule=method,
                  chunk_size=internal_batch_size, **extras)
         self.last_result = res

@@ -368,3 +368,36 @@ def test_layer_called_twice_as_captum(nested):
         ref, ours = both(lambda L: getattr(L, name)(net, net.l).attribute(x, *args, n_steps=8,
                                                                           **kw))
         assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("name", ["IntegratedGradients", "LayerIntegratedGradients",
+                                  "LayerConductance", "InternalInfluence",
+                                  "NeuronIntegratedGradients"])
+def test_forward_args_without_a_batch_dimension_reach_every_row(name):
+    """An additional forward arg without a batch dimension (a [3] tensor with a batch of 2):
+    Captum concatenates it once per expanded row block, we bind it into the forward
+    unchanged; a forward that reads its first 3 entries (as Captum's LLM forward reads its
+    target tokens) gets the same values both ways, on every path-method front. (Captum's
+    sampling methods repeat such an arg entry by entry instead, so that its first entries
+    change: our GradientShap fronts refuse it, naming the batch dimension.)"""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    scale = torch.tensor([0.5, -1.0, 2.0])
+
+    def f(x, s):
+        return net(x * s[:3])
+
+    x = torch.randn(2, 3)
+    kw = {"additional_forward_args": (scale,)}
+    if name in ("LayerIntegratedGradients", "LayerConductance", "InternalInfluence"):
+        args, call = (f, net[0]), dict(target=1, n_steps=8, **kw)
+    elif name == "NeuronIntegratedGradients":
+        args, call = (f, net[0]), dict(neuron_selector=1, n_steps=8, **kw)
+    else:
+        args, call = (f,), dict(target=1, n_steps=8, **kw)
+    ref = getattr(ca, name)(*args).attribute(x, **call)
+    ours = getattr(tc, name)(*args).attribute(x, **call)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    if name == "IntegratedGradients":
+        with pytest.raises(ValueError, match="first dimension must be the batch"):
+            tc.GradientShap(f).attribute(x, torch.zeros(4, 3), target=1, **kw)

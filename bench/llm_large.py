@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""The ``llm`` family's ~100M-parameter case alone: a 12x768 GPT-2 config (random weights),
+a 32-token continuation of a 128-token prompt, 8 Gauss-Legendre nodes, ours with
+``max_memory="4GB"``, against Captum's ``LLMGradientAttribution(LayerIntegratedGradients)``.
+
+``python bench/llm_large.py [--out PATH.json] [--device cpu|cuda]``: each method in a fresh
+process (warmup, peak memory, one timed call); prints the table and writes the JSON (machine,
+load averages). Takes about half an hour on a 2-core CPU.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
+
+import torch  # noqa: E402
+
+from taylor_kernels.benchmarks import cases_llm  # noqa: E402
+from taylor_kernels.benchmarks.machine import machine_info  # noqa: E402
+from taylor_kernels.benchmarks.report import write_json  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    info = machine_info(device)
+    out = args.out or Path(__file__).parent / "results" / (
+        f"{info['device_label']}-{time.strftime('%Y-%m-%d')}-llm-large.json")
+    began = time.perf_counter()
+    result = cases_llm.run("large", device, log=lambda m: print(m, flush=True))
+    info["load_average_end"] = list(os.getloadavg())
+    table = "\n".join(cases_llm.tables(result))
+    print(table)
+    write_json(out, {"tier": "large", "machine": info, "families": {"llm": result},
+                     "wall_s": time.perf_counter() - began})
+    out.with_suffix(".txt").write_text(table + "\n")
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
