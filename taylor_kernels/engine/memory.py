@@ -111,13 +111,17 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def cpu_point_cost(saved_bytes: int, point_bytes: int, outputs: int = 1) -> float:
-    """Estimated peak bytes of a probe chunk on the CPU: ``c ((1 + T) saved + (4 + T) points)``
-    for ``T = outputs`` gradients per point (saved activations and ``T`` batched gradients
-    flowing through them; the points, three point-sized temporaries of building, checking and
-    accumulating them, and ``T`` point gradients) and ``c = CPU_TRANSIENT_FACTOR``. ``T = 1``
-    gives ``c (2 saved + 5 points)``."""
-    return CPU_TRANSIENT_FACTOR * float((1 + outputs) * saved_bytes + (4 + outputs) * point_bytes)
+def cpu_point_cost(saved_bytes: int, point_bytes: int, outputs: int = 1,
+                   batched: bool = True) -> float:
+    """Estimated peak bytes of a probe chunk on the CPU:
+    ``c ((1 + F) saved + (4 + T) points)`` for ``T = outputs`` gradients per point, of which
+    ``F`` flow through the graph at once (``T`` for one batched backward, 1 for ``T`` serial
+    passes): saved activations and the gradients flowing beside them; the points, three
+    point-sized temporaries of building, checking and accumulating them, and ``T`` point
+    gradients; ``c = CPU_TRANSIENT_FACTOR``. ``T = 1`` gives ``c (2 saved + 5 points)``."""
+    flowing = outputs if batched else 1
+    return CPU_TRANSIENT_FACTOR * float((1 + flowing) * saved_bytes
+                                        + (4 + outputs) * point_bytes)
 
 
 def is_oom(exc: BaseException) -> bool:

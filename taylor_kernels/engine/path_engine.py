@@ -16,7 +16,8 @@ backward, the engine says so once (``RuntimeWarning``), remembers it on the prob
 (``problem.serial_backward = True``) and runs ``T`` backward passes over the retained graph.
 :func:`integrate` then returns ``Integral.sums[i]`` of shape ``[T, B', D]`` (one IG sum per
 output) and :func:`endpoint_values` ``f(x) [B, T]``, ``f(b) [B, K, T]``. The memory probes
-count the ``T``-fold gradient memory (see :func:`memory.cpu_point_cost`).
+count ``T`` gradients flowing through the graph for the batched backward, one for serial
+passes (see :func:`memory.cpu_point_cost`).
 """
 from __future__ import annotations
 
@@ -45,16 +46,17 @@ class Integral:
     point_cost: float | None = None
 
 
-def _measure(run, device: torch.device) -> tuple[torch.Tensor, float]:
+def _measure(run, device: torch.device, batched: bool = True) -> tuple[torch.Tensor, float]:
     """Run ``run()`` (path gradients ``[count, D]`` or ``[T, count, D]``) and return its result
-    with the bytes it needed beyond what was live."""
+    with the bytes it needed beyond what was live (``batched``: the ``T`` gradients flowed
+    through the graph together, not in ``T`` serial passes)."""
     if device.type == "cuda":  # the caller's peak statistic is kept
         return guards.cuda_peak_bytes(run, device)
     with memory.SavedBytes() as saved:
         out = run()
     outputs = out.shape[0] if out.dim() == 3 else 1
     point_bytes = out.shape[-2] * out.shape[-1] * out.element_size()
-    return out, memory.cpu_point_cost(saved.total, point_bytes, outputs)
+    return out, memory.cpu_point_cost(saved.total, point_bytes, outputs, batched)
 
 
 def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool):
@@ -242,7 +244,9 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
             return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph,
                                   check=not defer)
         # measure only while probing (saved-tensor hooks slow autograd down)
-        return _measure(run, x.device) if measure else (run(), None)
+        if not measure:
+            return run(), None
+        return _measure(run, x.device, not getattr(problem, "serial_backward", False))
 
     def consume(first: int, grads: torch.Tensor) -> None:
         if defer:

@@ -209,9 +209,22 @@ def test_multi_target_endpoint_values_and_probe_cost():
     t, w = nodes_and_weights("gausslegendre", 20)
     one = integrate(_MultiTarget(model, x, [0], bl), t, [w], max_memory="1MB")
     eight = integrate(multi, t, [w], max_memory="1MB")
-    # T = 8 batched gradients: (1 + 8) saved + (2 + 8) points vs 2 saved + 3 points
+    # T = 8 batched gradients: (1 + 8) saved + (4 + 8) points vs 2 saved + 5 points
     assert eight.point_cost > 3 * one.point_cost
     assert eight.chunk_size < one.chunk_size
+    serial = _MultiTarget(model, x, range(8), bl)
+    serial.serial_backward = True  # 8 passes, one gradient through the graph at a time
+    serial.cache_key = (8, "serial")  # its own measured cost, not the batched one's
+    passes = integrate(serial, t, [w], max_memory="1MB")
+    assert one.point_cost < passes.point_cost < eight.point_cost
+    torch.testing.assert_close(passes.sums[0], eight.sums[0])
+
+
+def test_cpu_point_cost_formula():
+    c = memory.CPU_TRANSIENT_FACTOR
+    assert memory.cpu_point_cost(100, 10) == c * (2 * 100 + 5 * 10)
+    assert memory.cpu_point_cost(100, 10, 8) == c * (9 * 100 + 12 * 10)
+    assert memory.cpu_point_cost(100, 10, 8, batched=False) == c * (2 * 100 + 12 * 10)
 
 
 def test_deferred_non_finite_check_names_the_node(monkeypatch):
