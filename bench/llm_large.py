@@ -35,6 +35,12 @@ def main() -> int:
     result = cases_llm.run("large", device, log=lambda m: print(m, flush=True))
     info["load_average_end"] = list(os.getloadavg())
     table = "\n".join(cases_llm.tables(result))
+    header = (f"bench/llm_large.py, {info['date']}, commit {info['git_commit']}\n"
+              f"Machine: {info['cpu_count']}-core {info['cpu_model']}, torch "
+              f"{info['torch']} ({info['torch_threads']} threads), captum {info['captum']}; "
+              f"load average {info['load_average'][0]:.1f} at the start, "
+              f"{info['load_average_end'][0]:.1f} at the end\n\n")
+    table = header + table
     print(table)
     write_json(out, {"tier": "large", "machine": info, "families": {"llm": result},
                      "wall_s": time.perf_counter() - began})
