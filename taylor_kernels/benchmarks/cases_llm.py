@@ -56,7 +56,7 @@ CASES["full"] = CASES["quick"][:3] + [
     ("gpt2_97M gen 4GB", {**BIG, "max_memory": "4GB"}, "gen", 128, 32, BIG_STEPS, GEN)]
 # the ~100M case alone (bench/llm_large.py): Captum's 32 layer-IG calls take minutes per node
 CASES["large"] = CASES["full"][-1:]
-REPEATS = {"smoke": 1, "quick": 1, "full": 5, "large": 1}
+REPEATS = {"smoke": 1, "quick": 3, "full": 5, "large": 1}
 THREADS = {"smoke": None, "quick": 1, "full": None, "large": None}  # quick: one thread
 SENTENCES = ("A man is playing a guitar on stage.", "Someone performs music for a crowd.")
 

@@ -55,6 +55,8 @@ def test_busy_cpu_tries_half_the_threads_first(monkeypatch):
 def test_candidates_respect_limit_and_share(monkeypatch):
     plan = _plan(monkeypatch, busy=False, total=1000)
     assert plan.chunk == 250 and not plan.trials  # MAX_SHARE of the call's points
+    few = _plan(monkeypatch, busy=False, total=16)  # the floor of 32 would be one chunk
+    assert few.chunk == 8 and not few.trials
     monkeypatch.setattr(chunking, "machine_busy", lambda: False)
     fixed = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB")
     # an explicit budget is filled, less an eighth reserved for the call on the CPU
