@@ -38,19 +38,21 @@ METHODS = {
 }
 
 
-def run_probe(spec: dict, timeout: float = 900) -> dict:
-    """Run :mod:`memprobe` in a fresh interpreter and parse its result line."""
+def run_probe(spec: dict, timeout: float = 900, worker: str = "memprobe") -> dict:
+    """Run a worker (:mod:`memprobe`, or :mod:`interleaved`) in a fresh interpreter and parse
+    its result line."""
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     root = str(Path(__file__).resolve().parents[2])  # importable from a checkout, too
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "taylor_kernels.benchmarks.memprobe",
+    proc = subprocess.run([sys.executable, "-m", f"taylor_kernels.benchmarks.{worker}",
                            json.dumps(spec)], capture_output=True, text=True, timeout=timeout,
                           env=env)
+    tag = f"{worker.upper()}_RESULT "
     for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("MEMPROBE_RESULT "):
-            return json.loads(line[len("MEMPROBE_RESULT "):])
-    raise RuntimeError(f"memprobe failed (rc {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
+    raise RuntimeError(f"{worker} failed (rc {proc.returncode}): {proc.stderr.strip()[-800:]}")
 
 
 def run(tier: str, device: torch.device, log=print) -> dict:

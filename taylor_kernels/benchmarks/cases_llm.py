@@ -1,7 +1,8 @@
 """Family ``llm``: transformers side by side with Captum (time, peak memory, agreement).
 
-Two kinds of case, each method in a fresh subprocess (:mod:`memprobe`: warmup, peak memory,
-timed repeats; attributions come back through a file):
+Two kinds of case; each method's peak memory in a fresh subprocess (:mod:`memprobe`;
+attributions come back through a file), then the times of all of a case's methods in one
+subprocess, one call of each in turn (:mod:`interleaved`):
 
 * ``next``: one next-token log-prob (MiniLM: the cosine similarity to a second sentence)
   attributed to the input-embedding layer, Gauss-Legendre ``STEPS`` nodes, baseline ids
@@ -194,41 +195,71 @@ def run(tier: str, device: torch.device, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="tk-bench-llm-") as tmp:
         for name, model_spec, kind, P, T, steps, methods in CASES[tier]:
             log(f"[llm] {name}: P={P} T={T} {steps} steps gausslegendre")
-            ref = None
-            for method in methods:
+            base = {"factory": FACTORY, "steps": steps,
+                    "case": {"model": model_spec, "kind": kind, "P": P, "T": T},
+                    "device": str(device), "warmup": 1, "threads": THREADS[tier]}
+            case_rows, attrs = [], {}
+            for method in methods:  # memory and attributions: each in a fresh process
                 path = Path(tmp) / f"{name.replace(' ', '_')}-{method}.pt"
-                spec = {"factory": FACTORY, "method": method, "steps": steps,
-                        "case": {"model": model_spec, "kind": kind, "P": P, "T": T},
-                        "device": str(device), "warmup": 1, "repeats": repeats,
-                        "threads": THREADS[tier],
-                        "memory_repeats": 1, "attr_path": str(path)}
+                spec = {**base, "method": method, "repeats": 1, "memory_repeats": 1,
+                        "attr_path": str(path)}
                 row = {"case": name, "method": method, "P": P, "T": T, "steps": steps}
                 try:
-                    row.update(run_probe(spec, timeout=7200))
+                    probe = run_probe(spec, timeout=7200)
+                    row.update(peak_bytes=probe["peak_bytes"],
+                               isolated_time_s=probe["median_s"])
+                    attrs[method] = torch.load(path).double()
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                     log(f"[llm]   {method}: FAILED {row['error']}")
-                    rows.append(row)
-                    continue
-                attr = torch.load(path).double()
-                if ref is None:
-                    ref = (attr, row)
-                else:
-                    diff = (attr - ref[0]).abs().max().item()
-                    row["max_rel_diff_vs_captum"] = diff / max(ref[0].abs().max().item(), 1e-300)
-                    row["time_ratio_vs_captum"] = row["median_s"] / ref[1]["median_s"]
-                    row["mem_ratio_vs_captum"] = (row["peak_bytes"] / ref[1]["peak_bytes"]
-                                                  if ref[1]["peak_bytes"] > 0 else None)
-                rows.append(row)
-                log(f"[llm]   {method:12s} {row['median_s']:8.2f} s  peak "
-                    f"{fmt_bytes(row['peak_bytes'])}")
+                case_rows.append(row)
+            _interleaved_times(case_rows, base, repeats, log)
+            _ratios(case_rows, attrs)
+            rows += case_rows
     notes = ["ratios = ours / Captum (first row of each case); rel diff = max|ours - Captum| / "
              "max|Captum| over the returned attributions (tk_adaptive: its accuracy trade)",
              "targets (issue 9): Captum front <= 1.0x time and <= 0.7x memory; library-run "
              "forward <= 0.8x; adaptive <= 0.5x; generation <= 0.5x (aim 0.25x)",
-             "peak = resident memory added by one call after warmup, fresh process; quick "
-             "tier: one torch thread for both libraries, gen at 16 steps"]
+             f"times: {repeats} rounds of one call per method in turn, all methods of a case in "
+             "one process (interleaved.py: they share the machine's speed drift); peak = "
+             "resident memory added by one call after warmup, each method in a fresh process",
+             "quick tier: one torch thread for both libraries, gen at 16 steps"]
     return {"rows": rows, "notes": notes, "repeats": repeats}
+
+
+def _interleaved_times(rows: list[dict], base: dict, rounds: int, log) -> None:
+    """Median and IQR of each working method's times, measured in turns in one process."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    try:
+        times = run_probe({**base, "methods": [r["method"] for r in ok], "rounds": rounds},
+                          timeout=7200, worker="interleaved")
+    except Exception as exc:  # noqa: BLE001
+        for r in ok:
+            r["error"] = f"timing: {type(exc).__name__}: {exc}"[:500]
+        log(f"[llm]   timing FAILED {exc}")
+        return
+    for r in ok:
+        r.update(times[r["method"]])
+        log(f"[llm]   {r['method']:12s} {r['median_s']:8.2f} s  peak "
+            f"{fmt_bytes(r['peak_bytes'])}")
+
+
+def _ratios(rows: list[dict], attrs: dict) -> None:
+    """Time, memory and attribution difference of each row against the case's first (Captum)."""
+    ref = rows[0]
+    if "median_s" not in ref or ref["method"] not in attrs:
+        return
+    for r in rows[1:]:
+        if "median_s" not in r:
+            continue
+        a, b = attrs[r["method"]], attrs[ref["method"]]
+        r["max_rel_diff_vs_captum"] = (a - b).abs().max().item() / max(b.abs().max().item(),
+                                                                       1e-300)
+        r["time_ratio_vs_captum"] = r["median_s"] / ref["median_s"]
+        r["mem_ratio_vs_captum"] = (r["peak_bytes"] / ref["peak_bytes"]
+                                    if ref["peak_bytes"] > 0 else None)
 
 
 COLUMNS = [("case", "case", ""), ("method", "method", ""), ("median_s", "median", fmt_time),
