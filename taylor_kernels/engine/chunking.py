@@ -9,8 +9,8 @@ machine's free memory (:func:`memory.parse_budget`).
 Throughput (default budget; an explicit one is filled and only the threads are timed).
 Candidate sizes are ``base * CANDIDATE_FACTORS`` with ``base`` the cache-friendly size of
 ``memory.DEFAULT_TARGET`` bytes (at least ``memory.DEFAULT_MIN_POINTS`` items), capped by the
-limit and by ``MAX_SHARE`` of the call's items, never above half of them (so a call holds at
-most about half the memory of a one-batch run). Each candidate runs one real chunk, timed; a larger one wins only when it
+limit and by ``MAX_SHARE`` of the call's items (half of them for problems with several outputs
+per item), so a call holds at most about half the memory of a one-batch run. Each candidate runs one real chunk, timed; a larger one wins only when it
 is more than ``SPEED_MARGIN`` faster per item. On an oversubscribed CPU (1-minute load average
 above the core count) the smallest size runs first with all and with half the threads, and
 half are kept if faster by the same margin: every ATen/OpenMP parallel region ends in a
@@ -102,18 +102,20 @@ class ChunkPlan:
 
     ``chunk_size`` fixes the count; ``max_memory`` (bytes or ``"512MB"``) is a hard limit, of
     which ``reserved`` bytes are held by the call beside its chunks (inputs, sums; on the CPU
-    also ``memory.CPU_CALL_RESERVE``, at most an eighth of the budget);
+    also ``memory.CPU_CALL_RESERVE``, at most an eighth of the budget); ``multi_output``: each
+    item has several outputs (see :meth:`_cap`);
     ``cost`` (bytes per item) skips the probes; ``slot`` (from :func:`cache_slot`) shares the
     measured cost and timed choice between calls.
     """
 
     def __init__(self, total: int, device: torch.device, *, chunk_size: int | None = None,
                  max_memory=None, cost: float | None = None, slot: dict | None = None,
-                 reserved: int = 0):
+                 reserved: int = 0, multi_output: bool = False):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
                 chunk_size, numbers.Integral) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.total, self.device, self.slot = total, device, {} if slot is None else slot
+        self.multi_output = multi_output
         self.chunk = None if chunk_size is None else int(chunk_size)
         self.budget = None if chunk_size else memory.parse_budget(max_memory, device)
         self.reserved = 0
@@ -140,11 +142,15 @@ class ChunkPlan:
 
     def _cap(self, cost: float) -> int:
         """The largest candidate: what the limit holds, at most ``MAX_SHARE`` of the items (but
-        not below ``memory.DEFAULT_MIN_POINTS``, nor above half the items: one chunk for the
-        whole call would hold a one-batch run's memory, e.g. a generation's 16 points; halving
-        it was measured free, 1.37-1.45 s either way for a 4x256 GPT-2, 32 + 16 tokens)."""
-        share = max(math.ceil(self.total * MAX_SHARE),
-                    min(memory.DEFAULT_MIN_POINTS, math.ceil(self.total / 2)))
+        not below ``memory.DEFAULT_MIN_POINTS``; for a problem with several outputs per item
+        not above half the items either: each item then holds its graph for ``T`` gradients,
+        so one chunk for the call held more than a one-batch single-output run, e.g. a
+        generation's 16 points, 1.18x Captum's memory; halving was measured free, 1.37-1.45 s
+        either way for a 4x256 GPT-2, 32 + 16 tokens)."""
+        floor = memory.DEFAULT_MIN_POINTS
+        if self.multi_output:
+            floor = min(floor, math.ceil(self.total / 2))
+        share = max(math.ceil(self.total * MAX_SHARE), floor)
         return max(1, min(self._fits(cost), share))
 
     def _after_cost(self) -> None:

@@ -234,7 +234,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         (), dtype=accumulation_dtype(x.dtype)).element_size()  # inputs and sums (T = 1)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
-                              slot=chunking.cache_slot(problem, x, bl.shape[1]), reserved=held)
+                              slot=chunking.cache_slot(problem, x, bl.shape[1]), reserved=held,
+                              multi_output=getattr(problem, "T", 1) > 1)
     sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
     defer = _defer_checks(x.device)
     flags: list[tuple[int, int, torch.Tensor]] = []  # deferred: (start, count, any non-finite)

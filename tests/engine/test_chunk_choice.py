@@ -55,7 +55,9 @@ def test_busy_cpu_tries_half_the_threads_first(monkeypatch):
 def test_candidates_respect_limit_and_share(monkeypatch):
     plan = _plan(monkeypatch, busy=False, total=1000)
     assert plan.chunk == 250 and not plan.trials  # MAX_SHARE of the call's points
-    few = _plan(monkeypatch, busy=False, total=16)  # the floor of 32 would be one chunk
+    assert _plan(monkeypatch, busy=False, total=16).chunk == 16  # the floor: one chunk
+    # T outputs per item: at most half the items (the floor would make it one chunk)
+    few = chunking.ChunkPlan(16, CPU, cost=4096, slot={}, multi_output=True)
     assert few.chunk == 8 and not few.trials
     monkeypatch.setattr(chunking, "machine_busy", lambda: False)
     fixed = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB")
