@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""The ``llm`` family's ~100M-parameter case alone: a 12x768 GPT-2 config (random weights),
-a 32-token continuation of a 128-token prompt, 8 Gauss-Legendre nodes, ours with
-``max_memory="4GB"``, against Captum's ``LLMGradientAttribution(LayerIntegratedGradients)``.
+"""One case of the ``llm`` family's full tier alone; by default the ~100M-parameter one: a
+12x768 GPT-2 config (random weights), a 32-token continuation of a 128-token prompt, 8
+Gauss-Legendre nodes, ours with ``max_memory="4GB"``, against Captum's
+``LLMGradientAttribution(LayerIntegratedGradients)``.
 
-``python bench/llm_large.py [--out PATH.json] [--device cpu|cuda]``: each method in a fresh
-process (warmup, peak memory, one timed call); prints the table and writes the JSON (machine,
-load averages). Takes about half an hour on a 2-core CPU.
+``python bench/llm_large.py [--case NAME] [--rounds N] [--out PATH.json] [--device ...]``: peak memory
+per method in a fresh process, times interleaved in one process (as the family); prints the
+table and writes the JSON and a .txt (machine, load averages). The default case takes about
+10 minutes on a 2-core CPU.
 """
 import argparse
 import os
@@ -26,16 +28,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--case", default=cases_llm.CASES["large"][0][0],
+                   choices=[c[0] for c in cases_llm.CASES["full"]])
+    p.add_argument("--rounds", type=int, default=1, help="timed calls per method, in turns")
     args = p.parse_args()
+    cases_llm.REPEATS["large"] = args.rounds
+    cases_llm.CASES["large"] = [c for c in cases_llm.CASES["full"] if c[0] == args.case]
     device = torch.device(args.device)
     info = machine_info(device)
+    slug = args.case.replace(" ", "-")
     out = args.out or Path(__file__).parent / "results" / (
-        f"{info['device_label']}-{time.strftime('%Y-%m-%d')}-llm-large.json")
+        f"{info['device_label']}-{time.strftime('%Y-%m-%d')}-llm-{slug}.json")
     began = time.perf_counter()
     result = cases_llm.run("large", device, log=lambda m: print(m, flush=True))
     info["load_average_end"] = list(os.getloadavg())
     table = "\n".join(cases_llm.tables(result))
-    header = (f"bench/llm_large.py, {info['date']}, commit {info['git_commit']}\n"
+    header = (f"bench/llm_large.py --case '{args.case}', {info['date']}, commit "
+              f"{info['git_commit']}\n"
               f"Machine: {info['cpu_count']}-core {info['cpu_model']}, torch "
               f"{info['torch']} ({info['torch_threads']} threads), captum {info['captum']}; "
               f"load average {info['load_average'][0]:.1f} at the start, "

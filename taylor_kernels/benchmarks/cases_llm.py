@@ -223,7 +223,8 @@ def run(tier: str, device: torch.device, log=print) -> dict:
              f"times: {repeats} rounds of one call per method in turn, all methods of a case in "
              "one process (interleaved.py: they share the machine's speed drift); peak = "
              "resident memory added by one call after warmup, each method in a fresh process",
-             "quick tier: one torch thread for both libraries, gen at 16 steps"]
+             "quick tier: one torch thread for both libraries, gen at 16 steps"
+             if THREADS[tier] == 1 else "torch's default thread count for both libraries"]
     return {"rows": rows, "notes": notes, "repeats": repeats}
 
 
