@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels import backends
+from taylor_kernels.engine import chunking, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine import path_engine, quadrature
 from taylor_kernels.engine.problem import PathProblem, make_problem
 
 DEFAULT_ADAPTIVE_TOL = 1e-4
@@ -50,10 +50,15 @@ def _fixed_rule(problem, rule, steps, **engine_kw):
 
 def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
     """Refine each input through nested Patterson levels until its gap is within ``tol``
-    (only the inputs where the mask ``only [B]`` is true, when given; the others get zeros)."""
+    (only the inputs where the mask ``only [B]`` is true, when given; the others get zeros).
+
+    Each input takes the first level that meets ``tol``. The first pass evaluates every level
+    up to the one that the previous call on this model, shape and ``tol`` needed for all its
+    inputs (kept beside the chunk choice), so a model that needs the fine levels runs them in
+    one pass instead of one pass per level; the attributions are the same either way."""
     nodes, level_weights = quadrature.patterson_levels()
     sizes = [int((w != 0).sum()) for w in level_weights]
-    B, K = problem.B, problem.K
+    B, K, last = problem.B, problem.K, len(sizes) - 1
     delta = fx - fb.mean(dim=1)
     acc = [torch.zeros_like(problem.x, dtype=fx.dtype) for _ in sizes]
     done = torch.zeros(B, dtype=torch.bool, device=problem.x.device)
@@ -61,26 +66,31 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
         done |= ~only.to(done.device)
     final = torch.zeros_like(acc[0])
     used = torch.zeros(B, dtype=torch.long)
-    evaluations, lo, cost = 0, 0, None
-    for level, hi in enumerate(sizes):
+    slot = chunking.cache_slot(problem, problem.x, K, kind=f"adaptive{tol}")
+    slot = {} if slot is None else slot
+    evaluations, level, lo, cost, needed = 0, 0, 0, None, []
+    while not done.all():
+        top = min(slot.get("level", 0), last) if lo == 0 else level  # this pass: level..top
         rows = (~done).nonzero().squeeze(1)
-        x = problem.x[rows]
         bl = problem.baselines[rows] if problem.baselines.shape[0] > 1 else problem.baselines
-        res = path_engine.integrate(problem, nodes[lo:hi], [w[lo:hi] for w in
-                                    level_weights[level:]], x=x, baselines=bl, rows=rows,
+        res = path_engine.integrate(problem, nodes[lo:sizes[top]],
+                                    [w[lo:sizes[top]] for w in level_weights[level:]],
+                                    x=problem.x[rows], baselines=bl, rows=rows,
                                     point_cost=cost, **engine_kw)
         cost = res.point_cost  # later levels chunk from it without probing again
         evaluations += res.evaluations
         for j, part in enumerate(res.sums):
             acc[level + j][rows] += part
-        used[rows.cpu()] = hi * K
-        gap = acc[level][rows].sum(dim=1) - delta[rows]
-        ok = _check_gap_tolerance(gap, delta[rows], tol) | (level == len(sizes) - 1)
-        final[rows[ok]] = acc[level][rows[ok]]
-        done[rows[ok]] = True
-        lo = hi
-        if done.all():
-            break
+        for lev in range(level, top + 1):
+            rows = (~done).nonzero().squeeze(1)
+            gap = acc[lev][rows].sum(dim=1) - delta[rows]
+            ok = rows[_check_gap_tolerance(gap, delta[rows], tol) | (lev == last)]
+            final[ok], done[ok] = acc[lev][ok], True
+            used[ok.cpu()] = sizes[lev] * K
+            needed += [lev] * len(ok)
+        level, lo = top + 1, sizes[top]
+    if needed:
+        slot["level"] = min(needed)
     return final, evaluations, used
 
 

@@ -260,3 +260,32 @@ def test_cuda_run_keeps_peak_statistic_and_defers_checks():
     with pytest.raises(FloatingPointError, match="input 0, baseline 0, alpha=0 "):
         tk.integrated_gradients(f, torch.ones(2, 4, device=dev, dtype=torch.float64),
                                 rule="riemann_left", steps=4, chunk_size=3)
+
+
+class _GradCalls(torch.nn.Module):
+    """A tanh MLP counting its forwards that build a graph (the engine's path chunks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = models.mlp(act=torch.nn.Tanh)
+        self.passes = 0
+
+    def forward(self, x):
+        self.passes += torch.is_grad_enabled()
+        return self.net(x)
+
+
+def test_adaptive_first_pass_covers_the_levels_the_last_call_needed():
+    """A second adaptive call on the same model and shape evaluates, in its first pass, every
+    level the first call needed for all inputs: fewer passes, the same levels and results."""
+    torch.manual_seed(0)
+    model, x = _GradCalls(), torch.randn(3, 10, dtype=torch.float64)
+    first = tk.integrated_gradients(model, x, target=2, rule="adaptive", tol=1e-9)
+    passes, model.passes = model.passes, 0
+    again = tk.integrated_gradients(model, x, target=2, rule="adaptive", tol=1e-9)
+    assert int(first.nodes_per_input.min()) >= 7  # it needed levels beyond the first two
+    assert model.passes < passes
+    assert torch.equal(again.nodes_per_input, first.nodes_per_input)
+    torch.testing.assert_close(again.attributions, first.attributions, rtol=1e-12, atol=1e-14)
+    other_tol = tk.integrated_gradients(model, x, target=2, rule="adaptive", tol=1e-2)
+    assert int(other_tol.nodes_per_input.min()) <= int(first.nodes_per_input.min())
