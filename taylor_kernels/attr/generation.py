@@ -26,7 +26,7 @@ from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
                                                       _warn_if_gap_large)
 from taylor_kernels.engine import path_engine, quadrature
-from taylor_kernels.models import hf
+from taylor_kernels.models import hf, lm_head
 from taylor_kernels.models.outputs import model_output
 
 
@@ -87,19 +87,34 @@ class GenerationProblem:
         # T backward passes over the retained graph instead of one vmap-batched backward on
         # CPU: 3.0 s vs 3.9 s for a 4x256 GPT-2, 32 + 16 tokens, 8 nodes, one thread (measured)
         self.serial_backward = act.device.type == "cpu"
+        # serial passes: the log-probs from the head's input through lm_head.HeadLogProb, whose
+        # backward runs the head only at the pass's target position (when the model's logits
+        # are exactly its linear head's output, unhooked and unmodified: checked every forward)
+        self.head = lm_head.linear_head(model) if self.serial_backward else None
 
     def forward(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Log-probs ``[N, T]`` of the target tokens with the prompt embeddings ``points``."""
         N = points.shape[0]
         emb = torch.cat([points.reshape(N, self.P, -1).to(self.fixed.dtype),
                          self.fixed.expand(N, -1, -1)], dim=1)
-        hook = self.layer.register_forward_hook(lambda m, i, o: emb)
+        seen: list = []
+        hooks = [self.layer.register_forward_hook(lambda m, i, o: emb)]
+        if self.head is not None and not self.head._forward_hooks and \
+                not torch.nn.modules.module._global_forward_hooks:  # no hook rewrites logits
+            hooks.append(self.head.register_forward_hook(
+                lambda m, i, o: seen.append((i[0], o, o._version))))
         try:
             extra = {"logits_to_keep": self.T} if self.keep_logits else {}
             out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
         finally:
-            hook.remove()
-        logp = torch.log_softmax(out[:, -self.T:].float(), dim=-1)
+            for hook in hooks:
+                hook.remove()
+        logits = out[:, -self.T:]
+        if len(seen) == 1 and seen[0][1].shape == logits.shape and seen[0][1].data_ptr() == \
+                logits.data_ptr() and logits._version == seen[0][2]:  # the head's own output
+            return lm_head.HeadLogProb.apply(seen[0][0], logits, self.head.weight,
+                                             self.targets[0])
+        logp = torch.log_softmax(logits.float(), dim=-1)
         return logp.gather(2, self.targets.expand(N, -1)[..., None]).squeeze(2)
 
 

@@ -162,3 +162,36 @@ def test_head_at_read_positions_and_bf16(models, tok):
     assert r16.token_attr.dtype == torch.float32 and r16.log_probs.dtype == torch.float32
     rel = (r16.token_attr - r32.token_attr).norm() / r32.token_attr.norm()
     assert rel < 0.1, rel
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_head_log_prob_backward_equals_autograd(arch, models, tok, monkeypatch):
+    """On the CPU the target log-probs come from the LM head's input through HeadLogProb (its
+    backward runs the head only at each pass's target); with that path switched off (the
+    model's own autograd), the attributions are the same; a model whose logits are not the
+    head's own output (here scaled after it) takes the autograd path."""
+    from taylor_kernels.attr import generation
+    from taylor_kernels.models import lm_head
+
+    model = models[arch]
+    prompt, target = _ids(tok)
+    used = []
+    apply = lm_head.HeadLogProb.apply
+    monkeypatch.setattr(lm_head.HeadLogProb, "apply", lambda *a: used.append(1) or apply(*a))
+    fast = generation_attribution(model, prompt, target, steps=8, return_embedding_attr=True)
+    assert used
+    monkeypatch.setattr(lm_head, "linear_head", lambda m: None)
+    plain = generation_attribution(model, prompt, target, steps=8, return_embedding_attr=True)
+    torch.testing.assert_close(fast.embedding_attr, plain.embedding_attr, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast.log_probs, plain.log_probs, rtol=0, atol=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(lm_head.HeadLogProb, "apply", lambda *a: used.append(2) or apply(*a))
+    head = model.get_output_embeddings()
+    scaled = head.register_forward_hook(lambda m, i, o: o * 0.5)  # a new tensor after the head
+    try:
+        halved = generation_attribution(model, prompt, target, steps=8)
+    finally:
+        scaled.remove()
+    assert 2 not in used
+    assert not torch.allclose(halved.log_probs, plain.log_probs)
+    assert generation.GenerationProblem  # the class that holds the check

@@ -1,0 +1,48 @@
+"""Target log-probs from a linear LM head, with a backward that touches only the asked columns.
+
+``f[n, t] = log_softmax(h[n, t] W^T + c)[y_t]`` for hidden states ``h [N, T, d]`` (the head's
+input), logits ``L = h W^T + c [N, T, V]`` (already computed by the model: reused) and targets
+``y [T]``. Its gradient is ``d f[n, t] / d h[n, t] = (onehot(y_t) - softmax(L[n, t])) W``
+(zero at the other positions). Autograd through the model's own head would compute that for
+all ``T`` positions in each of the ``T`` backward passes of a generation (one pass per target,
+each a one-hot column of ``grad_out``): a full ``[N, T, V] x [V, d]`` product and a full
+log-softmax backward per pass. :class:`HeadLogProb`'s backward computes only the columns of
+``grad_out`` that are nonzero (one per pass): ``1/T`` of that work. It finds them on the host,
+so it is meant for the CPU's serial passes.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class HeadLogProb(torch.autograd.Function):
+    """``f = HeadLogProb.apply(h, logits, weight, targets)``: ``[N, T]`` float32 log-probs of
+    ``targets [T]`` from ``logits [N, T, V]`` (values only: no gradient flows through them),
+    differentiable in ``h [N, T, d]`` through the head ``weight [V, d]``."""
+
+    @staticmethod
+    def forward(ctx, h, logits, weight, targets):
+        logp = torch.log_softmax(logits.detach().float(), dim=-1)
+        ctx.save_for_backward(logp, weight, targets)
+        ctx.h_dtype = h.dtype
+        index = targets.expand(logp.shape[0], -1)[..., None]
+        return logp.gather(2, index).squeeze(2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logp, weight, targets = ctx.saved_tensors
+        N, T, V = logp.shape
+        grad_h = torch.zeros(N, T, weight.shape[1], dtype=ctx.h_dtype, device=logp.device)
+        for t in grad_out.abs().sum(0).nonzero().flatten().tolist():
+            g = -logp[:, t].exp() * grad_out[:, t, None]                  # [N, V]
+            g[:, targets[t]] += grad_out[:, t]
+            grad_h[:, t] = g.to(weight.dtype) @ weight
+        return grad_h, None, None, None
+
+
+def linear_head(model) -> torch.nn.Linear | None:
+    """The model's output embedding when it is an ``nn.Linear`` (``get_output_embeddings()``),
+    else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, torch.nn.Linear) else None
