@@ -10,8 +10,9 @@ Throughput (default budget; an explicit one is filled and only the threads are t
 Candidate sizes are ``base * CANDIDATE_FACTORS`` with ``base`` the cache-friendly size of
 ``memory.DEFAULT_TARGET`` bytes (at least ``memory.DEFAULT_MIN_POINTS`` items), capped by the
 limit and by ``MAX_SHARE`` of the call's items (half of them for problems with several outputs
-per item), so a call holds at most about half the memory of a one-batch run. Each candidate runs one real chunk, timed; a larger one wins only when it
-is more than ``SPEED_MARGIN`` faster per item. On an oversubscribed CPU (1-minute load average
+per item), so a call holds at most about half the memory of a one-batch run. Each candidate
+runs one real chunk, timed; a larger one wins only when it is more than ``SPEED_MARGIN``
+faster per item. On an oversubscribed CPU (1-minute load average
 above the core count) the smallest size runs first with all and with half the threads, and
 half are kept if faster by the same margin: every ATen/OpenMP parallel region ends in a
 barrier that waits for all its threads, so a thread descheduled by another process stalls

@@ -221,8 +221,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """
     if getattr(problem, "pending_row_check", None) is not None:  # no endpoint batch ran
-        with guards.preserved_buffers(problem.model):
-            problem.finish_row_check()
+        problem.finish_row_check()
     x = problem.x if x is None else x
     bl = problem.baselines if baselines is None else baselines
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
@@ -230,8 +229,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     weight_sets = [_to_device(w, x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
-    held = x.nbytes + bl.nbytes + len(weight_sets) * x.numel() * torch.empty(
-        (), dtype=accumulation_dtype(x.dtype)).element_size()  # inputs and sums (T = 1)
+    held = x.nbytes + bl.nbytes + len(weight_sets) * x.numel() * accumulation_dtype(
+        x.dtype).itemsize  # inputs and sums (T = 1)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
                               slot=chunking.cache_slot(problem, x, bl.shape[1]), reserved=held,
@@ -339,8 +338,7 @@ def endpoint_values(problem: PathProblem, chunk: int = 256) -> tuple[torch.Tenso
     for i in range(0, B * (K + 1), chunk):
         if i == 0 and getattr(problem, "pending_row_check", None) is not None:
             whole = problem.outputs(pts[:chunk], prow[:chunk])  # row 0 beside the others
-            with guards.preserved_buffers(problem.model):
-                problem.finish_row_check(pts[:chunk], prow[:chunk], whole)
+            problem.finish_row_check(pts[:chunk], prow[:chunk], whole)
             outs.append(select_target(whole, problem.target, prow[:chunk]))
         else:
             outs.append(problem.forward(pts[i:i + chunk], prow[i:i + chunk]))

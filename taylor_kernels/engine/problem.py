@@ -207,16 +207,18 @@ class PathProblem:
         """Complete check R when :func:`make_problem` deferred it (no-op otherwise): row 0's
         output alone against ``outputs[0]``, its whole output computed beside the other
         points of ``points [N, D]`` (inputs ``rows [N]``, row 0 first), if one of them differs
-        from row 0 in value or forward args; else (or without points) the two-row check."""
+        from row 0 in value or forward args; else (or without points) the two-row check. Its
+        forwards leave the model's buffers as they were."""
         alone, self.pending_row_check = self.pending_row_check, None
         if alone is None:
             return
-        if points is not None and self._differs_from_row0(points, rows):
-            guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
-                                          beside=outputs[:1])
-            return
-        other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
-        guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
+        with guards.preserved_buffers(self.model):
+            if points is not None and self._differs_from_row0(points, rows):
+                guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
+                                              beside=outputs[:1])
+                return
+            other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
+            guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
 
     def _row_tensors(self) -> list[torch.Tensor]:
         return [a for a in self.forward_args if isinstance(a, torch.Tensor) and a.dim() > 0

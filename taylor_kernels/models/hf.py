@@ -23,8 +23,9 @@ Handled by duck typing, so ``transformers`` is never imported: the embedding lay
 * **Attention.** First-order attribution keeps the model's attention (fused SDPA kernels),
   except where the library runs the forward of a bf16/fp16 model on the CPU
   (:func:`first_order_attention`): there PyTorch's fused CPU kernel's backward is about 4x
-  slower than the math path's. Second-order methods (:func:`token_interactions`) run inside :func:`second_order_attention`,
-  which switches to the math path once per call and says so with one warning per model class.
+  slower than the math path's. Second-order methods (:func:`token_interactions`) run inside
+  :func:`second_order_attention`, which switches to the math path once per call and says so
+  with one warning per model class.
 """
 from __future__ import annotations
 
