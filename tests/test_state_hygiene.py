@@ -333,6 +333,60 @@ def test_row_check_without_a_distinct_endpoint_row_runs_the_pair():
         tk.integrated_gradients(model, x, x, target=0, steps=4)
 
 
+class MixesBeforeLayer(nn.Module):
+    """Mixes rows before ``l`` only: the coupling shows in ``l``'s activations, not after."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return torch.tanh(self.l(x - 0.5 * x.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize("cls, why", [(MixesRows, "mixes rows"), (Noisy, "random"),
+                                      (MixesBeforeLayer, "mixes rows")])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_ig_front_checks_rows_on_its_two_forwards(cls, why, batch):
+    """The Captum front's layer IG gets activations, endpoint outputs and check R from row 0
+    alone plus one batch of inputs and baselines (attr/layer_ends.py): coupling before the
+    layer, after it, and randomness are all refused; the opt-in still runs."""
+    from taylor_kernels.captum import LayerIntegratedGradients
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(batch, 4, dtype=torch.float64)
+    lig = LayerIntegratedGradients(model, model.l)
+    with pytest.raises(ValueError, match=why):
+        lig.attribute(x, target=0, n_steps=4)
+    with tk.allow_row_coupling(model):
+        lig.attribute(x, target=0, n_steps=4)
+
+
+def test_layer_ig_front_costs_two_small_forwards():
+    """Two forwards before the path (row 0 alone; inputs and baselines in one batch), as
+    Captum's two; then the path chunks. Equal to the four-forward path it replaced."""
+    from taylor_kernels.captum import LayerIntegratedGradients
+    model = CountingMLP()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    lig = LayerIntegratedGradients(model, model.l)
+    attr, delta = lig.attribute(x, target=0, n_steps=4, internal_batch_size=12,
+                                return_convergence_delta=True)
+    assert model.calls == 2 + 1  # + one path chunk; the delta reuses the two
+    with tk.allow_row_coupling(model):  # the opt-in keeps the separate captures
+        again = lig.attribute(x, target=0, n_steps=4, internal_batch_size=12)
+    torch.testing.assert_close(attr, again, rtol=1e-12, atol=1e-12)
+    assert delta.abs().max() < 1e-2
+
+
+def test_layer_ig_front_with_baseline_equal_to_input_still_sees_mixing():
+    torch.manual_seed(0)
+    from taylor_kernels.captum import LayerIntegratedGradients
+    model = MixesRows().double()
+    x = torch.randn(1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mixes rows"):
+        LayerIntegratedGradients(model, model.l).attribute(x, x, target=0, n_steps=4)
+
+
 class CountingMLP(nn.Module):
     def __init__(self):
         super().__init__()

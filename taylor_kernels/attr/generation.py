@@ -97,25 +97,14 @@ class GenerationProblem:
         N = points.shape[0]
         emb = torch.cat([points.reshape(N, self.P, -1).to(self.fixed.dtype),
                          self.fixed.expand(N, -1, -1)], dim=1)
-        seen: list = []
-        hooks = [self.layer.register_forward_hook(lambda m, i, o: emb)]
-        if self.head is not None and not self.head._forward_hooks and \
-                not torch.nn.modules.module._global_forward_hooks:  # no hook rewrites logits
-            hooks.append(self.head.register_forward_hook(
-                lambda m, i, o: seen.append((i[0], o, o._version))))
+        hook = self.layer.register_forward_hook(lambda m, i, o: emb)
         try:
             extra = {"logits_to_keep": self.T} if self.keep_logits else {}
-            out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
+            with lm_head.tapped(self.head) as seen:
+                out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
         finally:
-            for hook in hooks:
-                hook.remove()
-        logits = out[:, -self.T:]
-        if len(seen) == 1 and seen[0][1].shape == logits.shape and seen[0][1].data_ptr() == \
-                logits.data_ptr() and logits._version == seen[0][2]:  # the head's own output
-            return lm_head.HeadLogProb.apply(seen[0][0], logits, self.head.weight,
-                                             self.targets[0])
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return logp.gather(2, self.targets.expand(N, -1)[..., None]).squeeze(2)
+            hook.remove()
+        return lm_head.target_log_probs(out[:, -self.T:], self.targets[0], self.head, seen)
 
 
 def _integrate(problem, rule, steps, tol, fx, fb, **kw):

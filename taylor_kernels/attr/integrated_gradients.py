@@ -131,14 +131,38 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         ``evaluations`` and, for ``adaptive`` and ``exact``, ``nodes_per_input [B]``; for
         ``exact`` also ``regions [B, K]`` (linear regions crossed per path, -1: fell back).
     """
-    quadrature.check_rule(rule)
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
-    with ctx:
+    check_rule_args(rule, tol)
+    with backends.using(backend) if backend else contextlib.nullcontext():  # checked first
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
                                defer_row_check=True)  # endpoint_values completes it
         fx, fb = path_engine.endpoint_values(problem)
+        return integrate_problem(problem, fx, fb, steps=steps, rule=rule, tol=tol,
+                                 max_memory=max_memory, progress=progress,
+                                 chunk_size=chunk_size, create_graph=create_graph,
+                                 distributed=distributed, reduce_to=reduce_to,
+                                 max_regions=max_regions)
+
+
+def check_rule_args(rule: str, tol: float | None) -> None:
+    """Refuse an unknown ``rule`` or a non-positive ``tol`` (before any forward)."""
+    quadrature.check_rule(rule)
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+
+
+def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
+                      steps: int = 50, rule: str = "gausslegendre", tol: float | None = None,
+                      max_memory=None, backend: str | None = None, progress: bool = False,
+                      chunk_size: int | None = None, create_graph: bool = False,
+                      distributed=False, reduce_to="all",
+                      max_regions: int | None = None) -> AttributionResult:
+    """The path integral of :func:`integrated_gradients` for a prepared problem whose
+    endpoint outputs ``fx [B]`` and ``fb [B, K]`` are known (in the accumulation dtype, as
+    :func:`~taylor_kernels.engine.path_engine.endpoint_values` gives them); arguments as
+    there."""
+    check_rule_args(rule, tol)
+    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    with ctx:
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph, **_distributed_kw(distributed, reduce_to, rule,
                                                                create_graph))
@@ -184,4 +208,4 @@ def _warn_if_gap_large(gap, delta, tol, rule, user_tol) -> None:
         hint = ("after the finest level (63 nodes)" if rule == "adaptive"
                 else f"with rule {rule!r}; use more steps or rule='adaptive'")
         warnings.warn(f"{int(bad.sum())} input(s) miss the completeness tolerance {tol:g} "
-                      f"{hint}: worst relative gap {worst:.3g}", RuntimeWarning, stacklevel=3)
+                      f"{hint}: worst relative gap {worst:.3g}", RuntimeWarning, stacklevel=4)

@@ -55,11 +55,15 @@ class Layers:
         return vals
 
     def capture(self, model: Callable, args: tuple, *, grad: bool = False,
-                stop: bool = True) -> tuple[torch.Tensor, ...]:
+                stop: bool = True, output: bool = False):
         """Run ``model(*args)`` and return every layer's activation, flattened into one tuple
-        (detached unless ``grad``). A layer called several times gives its last call's
-        activation (as Captum). The first capture runs the whole forward and counts the calls;
-        later ones, with ``stop``, end the pass once every layer had that many calls."""
+        (detached unless ``grad``); with ``output``, ``(activations, model output)`` from a
+        whole forward. A layer called several times gives its last call's activation (as
+        Captum). The first capture runs the whole forward and counts the calls; later ones,
+        with ``stop`` and without ``output``, end the pass once every layer had that many
+        calls."""
+        stop = stop and not output
+        out = None
         seen: dict[int, tuple] = {}
         count = [0] * len(self.modules)
 
@@ -76,7 +80,7 @@ class Layers:
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
         with ctx, self.hooked(hook_for), guards.preserved_buffers(model):
             try:
-                model(*args)
+                out = model(*args)
             except _Stop:
                 pass
         missing = [type(self.modules[i]).__name__ for i in range(len(self.modules))
@@ -87,7 +91,8 @@ class Layers:
         if self.calls is None:
             self.calls = count
         flat = tuple(t for i in range(len(self.modules)) for t in seen[i])
-        return flat if grad else tuple(t.detach() for t in flat)
+        flat = flat if grad else tuple(t.detach() for t in flat)
+        return (flat, out) if output else flat
 
     def _slices(self) -> list[slice]:
         starts = [sum(self.counts[:i]) for i in range(len(self.counts))]

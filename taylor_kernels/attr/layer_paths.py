@@ -29,12 +29,16 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.arguments import forward_args, inputs_tuple
-from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.attr.integrated_gradients import (AttributionResult, check_rule_args,
+                                                      integrate_problem)
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers
+from taylor_kernels.attr.layer_ends import layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import path_engine, quadrature
-from taylor_kernels.engine.problem import make_problem
+from taylor_kernels.engine.chunking import call_threads
+from taylor_kernels.engine.problem import make_problem, target_values
+from taylor_kernels.numerics import accumulation_dtype
 
 DIRECTIONS = ("ones", "given", "next")
 
@@ -58,19 +62,28 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     Returns:
         :class:`AttributionResult` whose ``attributions`` is a list with one entry per layer:
         a tensor shaped like its activation, or a tuple for a layer with several tensors;
-        ``gap [B] = sum(attr) - (F(x) - F(b))``.
+        ``gap [B] = sum(attr) - (F(x) - F(b))`` with ``F`` the model's own outputs at the
+        inputs and baselines (Captum's convergence delta, also where the network bypasses the
+        layers).
     """
     tup, fargs = inputs_tuple(inputs), forward_args(additional_forward_args)
     spec = Layers(layers, attribute_to_layer_input)
-    acts_b = spec.capture(model, _baseline_inputs(baselines, tup) + fargs)
-    acts_x = spec.capture(model, tup + fargs)
-    through = spec.replaced_forward(model)
+    bls = _baseline_inputs(baselines, tup)
+    check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
     if multiply_by_inputs:
-        res = integrated_gradients(through, acts_x, acts_b, target,
-                                   additional_forward_args=tup + fargs, **ig_kwargs)
+        ends = layer_ends(model, spec, tup, bls, fargs)  # two small forwards, as Captum's
+        problem = make_problem(spec.replaced_forward(model), ends.acts_x, ends.acts_b, target,
+                               tup + fargs, checked_output=ends.alone)
+        acc = accumulation_dtype(problem.x.dtype)
+        fx = target_values(ends.out_x, target).to(acc)
+        fb = target_values(ends.out_b, target).to(acc).unsqueeze(1)
+        with call_threads():
+            res = integrate_problem(problem, fx, fb, **ig_kwargs)
     else:
-        res = unscaled_integrated_gradients(through, acts_x, acts_b, target, tup + fargs,
-                                            **ig_kwargs)
+        acts_b = spec.capture(model, bls + fargs)
+        acts_x = spec.capture(model, tup + fargs)
+        res = unscaled_integrated_gradients(spec.replaced_forward(model), acts_x, acts_b,
+                                            target, tup + fargs, **ig_kwargs)
     res.attributions = spec.group(res.attributions)
     return res
 

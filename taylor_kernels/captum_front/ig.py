@@ -106,6 +106,8 @@ class LayerIntegratedGradients(CaptumAttribution):
             chunk_size=internal_batch_size)
         self.last_result = res
         attrs = res.attributions if isinstance(self.layer, list) else res.attributions[0]
+        if return_convergence_delta and self._multiply_by_inputs:
+            return attrs, res.gap  # Captum's delta: F(inputs), F(baselines) from the model
         if return_convergence_delta:  # Captum's F(inputs) - F(baselines): paths that bypass
             flat = tuple(t for a in res.attributions  # the layers count too
                          for t in (a if isinstance(a, tuple) else (a,)))

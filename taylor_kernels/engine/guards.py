@@ -57,6 +57,11 @@ _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_
                                                                   default=False)
 
 
+def row_coupling_allowed() -> bool:
+    """Whether this thread/task is inside :func:`allow_row_coupling`."""
+    return _ALLOWED.get()
+
+
 def cell_values(f) -> list:
     """The values in the closure cells of function ``f`` (empty cells skipped)."""
     values = []
@@ -157,11 +162,23 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
         if beside is None:
             pair_rows = torch.tensor([0, other_index], dtype=torch.long, device=row.device)
             beside = run(torch.stack([row, other]), pair_rows)
-        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (alone, beside)):
-            return  # not a batch of outputs: the caller's own checks say what is wrong
-        if _close(alone[0], beside[0]):
-            return
-        random = not _close(alone, run(row.unsqueeze(0), first))
+    check_alone_beside(alone, beside, lambda: run(row.unsqueeze(0), first))
+
+
+def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor]) -> None:
+    """Check R's verdict: raise ``ValueError`` unless a row's output ``alone [1, ...]`` (its
+    own batch) equals ``beside [1, ...]`` (computed in a batch with other rows); ``again()``
+    recomputes the row alone (no grad; called only when they differ) to tell a random model
+    from one that mixes rows. Tuples compare entry by entry."""
+    alone_t, beside_t = _tensors(alone), _tensors(beside)
+    if alone_t is None or beside_t is None:
+        return  # not a batch of outputs: the caller's own checks say what is wrong
+    if len(alone_t) == len(beside_t) and all(_close(a[0], b[0]) for a, b in zip(alone_t,
+                                                                                  beside_t)):
+        return
+    with torch.no_grad():
+        again_t = _tensors(again())
+    random = again_t is None or not all(_close(a, b) for a, b in zip(alone_t, again_t))
     why = ("gives different outputs for the same input in two calls (random, e.g. "
            "dropout in train mode)" if random else "gives an input a different output "
            "when another input shares its batch (it mixes rows, e.g. batch statistics)")
@@ -169,6 +186,15 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
                      "path points together, so its results would be wrong. Make the model "
                      "treat rows independently (model.eval()), or opt in with "
                      "`with taylor_kernels.allow_row_coupling(model):`")
+
+
+def _tensors(value) -> tuple[torch.Tensor, ...] | None:
+    """``value`` (a tensor or a tuple of tensors, each with a batch dimension) as a tuple;
+    ``None`` for anything else."""
+    vals = value if isinstance(value, tuple) else (value,)
+    if vals and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in vals):
+        return vals
+    return None
 
 
 def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[torch.Tensor, int]:
@@ -249,5 +275,5 @@ def cuda_peak_bytes(run: Callable, device: torch.device):
 
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows", "distinct_row",
-           "check_rows_independent", "coupling_submodules",
+           "check_alone_beside", "check_rows_independent", "coupling_submodules", "row_coupling_allowed",
            "cuda_peak_bytes", "modules_of", "preserved_buffers"]

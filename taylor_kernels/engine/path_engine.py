@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from taylor_kernels import ops
 from taylor_kernels.engine import chunking, distributed, guards, memory
-from taylor_kernels.engine.problem import PathProblem, select_target
+from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.numerics import accumulation_dtype
 
 @dataclass
@@ -328,20 +328,14 @@ def endpoint_values(problem: PathProblem, chunk: int = 256) -> tuple[torch.Tenso
     """Model outputs at the inputs ``f(x) [B]`` and at every baseline ``f(b) [B, K]``
     (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point).
     A check R deferred by ``make_problem(defer_row_check=True)`` compares row 0's output
-    alone with its output in the first batch here."""
+    alone with its output in the first batch here (inputs first, so row 0 leads it)."""
     B, K, D = problem.B, problem.K, problem.x.shape[1]
     rows = torch.arange(B, device=problem.x.device)
     # one forward for the inputs and the baselines together (fewer, larger model calls)
     pts = torch.cat([problem.x, problem.baselines.expand(B, K, D).reshape(B * K, D)])
     prow = torch.cat([rows, rows.repeat_interleave(K)])
-    outs = []
-    for i in range(0, B * (K + 1), chunk):
-        if i == 0 and getattr(problem, "pending_row_check", None) is not None:
-            whole = problem.outputs(pts[:chunk], prow[:chunk])  # row 0 beside the others
-            problem.finish_row_check(pts[:chunk], prow[:chunk], whole)
-            outs.append(select_target(whole, problem.target, prow[:chunk]))
-        else:
-            outs.append(problem.forward(pts[i:i + chunk], prow[i:i + chunk]))
+    outs = [problem.forward(pts[i:i + chunk], prow[i:i + chunk])
+            for i in range(0, B * (K + 1), chunk)]
     out = torch.cat(outs)
     acc = accumulation_dtype(problem.x.dtype)
     return out[:B].to(acc), out[B:].to(acc).reshape(B, K, *out.shape[1:])

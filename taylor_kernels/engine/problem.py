@@ -198,22 +198,27 @@ class PathProblem:
 
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
-        ``rows`` ``[N]`` (which pick the target and the additional forward args)."""
-        return select_target(self.outputs(flat_points, rows), self.target, rows)
+        ``rows`` ``[N]`` (which pick the target and the additional forward args). The first
+        batch after a deferred check R completes it (:meth:`finish_row_check`)."""
+        out = self.outputs(flat_points, rows)
+        if self.pending_row_check is not None:
+            self.finish_row_check(flat_points, rows, out)
+        return select_target(out, self.target, rows)
 
     def finish_row_check(self, points: torch.Tensor | None = None,
                          rows: torch.Tensor | None = None,
                          outputs: torch.Tensor | None = None) -> None:
         """Complete check R when :func:`make_problem` deferred it (no-op otherwise): row 0's
         output alone against ``outputs[0]``, its whole output computed beside the other
-        points of ``points [N, D]`` (inputs ``rows [N]``, row 0 first), if one of them differs
-        from row 0 in value or forward args; else (or without points) the two-row check. Its
-        forwards leave the model's buffers as they were."""
+        points of ``points [N, D]`` (inputs ``rows [N]``), when ``points[0]`` is row 0's input
+        and another point differs from it in value or forward args; else (or without points)
+        the two-row check. Its forwards leave the model's buffers as they were."""
         alone, self.pending_row_check = self.pending_row_check, None
         if alone is None:
             return
         with guards.preserved_buffers(self.model):
-            if points is not None and self._differs_from_row0(points, rows):
+            if points is not None and int(rows[0]) == 0 and torch.equal(
+                    points[0].detach(), self.x[0]) and self._differs_from_row0(points, rows):
                 guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
                                               beside=outputs[:1])
                 return
@@ -288,14 +293,17 @@ def check_target(target, out_shape: Sequence[int]) -> None:
 
 
 def make_problem(model: Callable, inputs, baselines=None, target=None,
-                 additional_forward_args=None, *, defer_row_check: bool = False) -> PathProblem:
+                 additional_forward_args=None, *, defer_row_check: bool = False,
+                 checked_output: torch.Tensor | None = None) -> PathProblem:
     """Validate and flatten a call's arguments into a :class:`PathProblem`.
 
     Probes the model on row 0 alone (output shape, target range) and runs check R
     (:mod:`~taylor_kernels.engine.guards`) with a second forward; with ``defer_row_check``
     that second forward is left to the caller's first batch of real points
     (:func:`~taylor_kernels.engine.path_engine.endpoint_values`, else the engine's first
-    chunk runs it), saving one forward per call."""
+    chunk runs it), saving one forward per call. ``checked_output``: row 0's whole output
+    alone ``[1, ...]`` from a forward the caller ran, check R done by the caller
+    (:func:`~taylor_kernels.attr.layer_ends.layer_ends`): no probe forward at all."""
     if not callable(model):
         raise ValueError("model must be callable")
     tup, was_tuple = as_tuple(inputs)
@@ -310,6 +318,9 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
         fargs = (additional_forward_args,)
     problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
     guards.check_model(model, tup)
+    if checked_output is not None:
+        check_target(problem.target, (B,) + tuple(model_output(checked_output).shape[1:]))
+        return problem
     with guards.preserved_buffers(model):  # the probes leave running statistics as they were
         alone = problem.row_output(0)  # shape probe, and check R's first call
         check_target(problem.target, (B,) + tuple(alone.shape[1:]))

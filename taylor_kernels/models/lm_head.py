@@ -12,6 +12,8 @@ so it is meant for the CPU's serial passes.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -46,3 +48,33 @@ def linear_head(model) -> torch.nn.Linear | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if isinstance(head, torch.nn.Linear) else None
+
+
+@contextlib.contextmanager
+def tapped(head: torch.nn.Linear | None):
+    """Within the block, each call of ``head`` appends ``(input, output, output._version)`` to
+    the yielded list; nothing is recorded when ``head`` is None or another forward hook (the
+    head's own or a global one) could rewrite its output."""
+    seen: list = []
+    if head is None or head._forward_hooks or torch.nn.modules.module._global_forward_hooks:
+        yield seen
+        return
+    hook = head.register_forward_hook(lambda m, i, o: seen.append((i[0], o, o._version)))
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor,
+                     head: torch.nn.Linear | None, seen: list) -> torch.Tensor:
+    """``log_softmax(logits)[..., y_t]`` ``[N, T]`` (float32) for ``logits [N, T, V]``,
+    ``targets [T]``: through :class:`HeadLogProb` when ``logits`` is exactly the one output
+    :func:`tapped` recorded for ``head`` (same storage, unmodified since), else by autograd."""
+    if len(seen) == 1:
+        h, out, version = seen[0]
+        if out.shape == logits.shape and out.data_ptr() == logits.data_ptr() and \
+                logits._version == version:
+            return HeadLogProb.apply(h, logits, head.weight, targets)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(2, targets.expand(logits.shape[0], -1)[..., None]).squeeze(2)

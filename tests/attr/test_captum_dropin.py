@@ -261,6 +261,39 @@ def test_layer_ig_baseline_tensor_and_layer_list():
     assert rel(ours[0], ref[0]) < RTOL
 
 
+class Bypass(nn.Module):
+    """``out(tanh(lin(e)) + skip(e)) * scale``: the path through ``skip`` bypasses ``lin``."""
+
+    def __init__(self, dim=5, length=6):
+        super().__init__()
+        self.emb = nn.Embedding(12, dim)
+        self.lin, self.skip = nn.Linear(dim * length, 8), nn.Linear(dim * length, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids, scale):
+        e = self.emb(ids).flatten(1)
+        return self.out(torch.tanh(self.lin(e)) + self.skip(e)) * scale
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("layers", ["lin", "lin+skip"])
+def test_layer_ig_delta_counts_bypassed_paths_like_captum(batch, layers):
+    """The delta (our gap: F(inputs) and F(baselines) from the same two forwards that give the
+    layer activations) equals Captum's also where the network bypasses the layer, with a
+    per-row forward argument; the layer IG's own gap is that delta."""
+    torch.manual_seed(5)
+    model = Bypass().double()
+    ids, scale = torch.randint(0, 12, (batch, 6)), torch.rand(batch, 1, dtype=F64) + 0.5
+    layer = model.lin if layers == "lin" else [model.lin, model.skip]
+    args = dict(baselines=3, target=1, additional_forward_args=(scale,), n_steps=9,
+                return_convergence_delta=True)
+    ref = ca.LayerIntegratedGradients(model, layer).attribute(ids, **args)
+    ours = tc.LayerIntegratedGradients(model, layer).attribute(ids, **args)
+    assert_same(ours, ref, delta=True)
+    if layers == "lin":
+        assert ref[1].abs().min() > 1e-3  # the bypass shows in the delta
+
+
 # ---------------------------------------------------------------------- NoiseTunnel
 
 
