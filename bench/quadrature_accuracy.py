@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""How accurate is 64-node Gauss-Legendre on the ``llm`` family's random Llama config?
+"""How accurate is 64-node Gauss-Legendre on the ``llm`` family's next-token cases?
 
-Token IG (``score="log_prob"``, pad baseline, the ``llm`` case's prompt and target) with GL at
-64, 128 and 512 nodes and the adaptive rule (``tol=1e-3``), in bf16 and float32: completeness
-gap ``sum(attr) - (f(x) - f(b))``, max relative difference to GL-512, evaluations, and the
-time of a second (warm) call. ``python bench/quadrature_accuracy.py``.
+Token IG on the random Llama config (``score="log_prob"``, pad baseline, the ``llm`` case's
+prompt and target; bf16 and float32) and on MiniLM (the ``llm`` case's sentence similarity,
+``[PAD]`` baseline): Gauss-Legendre at 16 to 512 nodes and the adaptive rule (``tol=1e-3``):
+completeness gap ``sum(attr) - (f(x) - f(b))``, max relative difference to GL-512,
+evaluations, and the time of a second (warm) call. ``python bench/quadrature_accuracy.py
+[--case llama|minilm]``.
 """
+import argparse
 import sys
 import time
 import warnings
@@ -18,35 +21,59 @@ import torch  # noqa: E402
 import taylor_kernels as tk  # noqa: E402
 from taylor_kernels.benchmarks import cases_llm  # noqa: E402
 
-RULES = {"gl64": dict(steps=64), "gl128": dict(steps=128), "gl512": dict(steps=512),
-         "adaptive": dict(rule="adaptive", tol=1e-3)}
+RULES = {f"gl{n}": dict(steps=n) for n in (16, 32, 48, 64, 128, 512)}
+RULES["adaptive"] = dict(rule="adaptive", tol=1e-3)
 
 
-def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+def llama_calls():
+    """``(label, call(**rule))`` for the random Llama config in bf16 and float32."""
     for dtype in ("bfloat16", "float32"):
-        spec = {**cases_llm.LLAMA, "dtype": dtype}
-        model, _ = cases_llm.build(tuple(sorted(spec.items())))
+        model, _ = cases_llm.build(tuple(sorted({**cases_llm.LLAMA, "dtype": dtype}.items())))
         g = torch.Generator().manual_seed(0)  # as cases_llm._next_call
         ids = torch.randint(4, model.config.vocab_size, (1, 22), generator=g)
         target = int(torch.randint(4, model.config.vocab_size, (1,), generator=g))
-        results = {}
-        for name, kw in RULES.items():
-            def call():
-                return tk.token_integrated_gradients(model, ids, target, baselines="pad",
-                                                     score="log_prob", **kw)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the adaptive rule says it missed tol
-                call()
-                began = time.perf_counter()
-                results[name] = (call(), time.perf_counter() - began)
-        ref = results["gl512"][0].attributions
-        for name, (res, seconds) in results.items():
-            diff = float((res.attributions - ref).abs().max() / ref.abs().max())
-            print(f"{dtype:9s} {name:9s} evaluations {res.evaluations:4d}  gap "
-                  f"{float(res.gap[0]):+.4f}  rel diff vs gl512 {diff:.3f}  "
-                  f"warm call {seconds * 1e3:.0f} ms")
+        yield f"llama {dtype}", lambda model=model, ids=ids, target=target, **kw: \
+            tk.token_integrated_gradients(model, ids, target, baselines="pad",
+                                          score="log_prob", **kw)
+
+
+def minilm_calls():
+    """``(label, call(**rule))`` for MiniLM's sentence similarity (as cases_llm)."""
+    model, tok = cases_llm.build(tuple(sorted(cases_llm.MINILM.items())))
+    enc = tok(cases_llm.SENTENCES[0], return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        other = cases_llm._pooled(model(**tok(cases_llm.SENTENCES[1], return_tensors="pt")),
+                                  None)[0]
+    keep = (ids == tok.cls_token_id) | (ids == tok.sep_token_id)
+    yield "minilm float32", lambda **kw: tk.token_integrated_gradients(
+        model, ids, attention_mask=mask, baselines="pad", keep=keep, position=None,
+        output=lambda out: cases_llm._pooled(out, mask) @ other, **kw)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=["llama", "minilm", "all"], default="all")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    cases = {"llama": [llama_calls], "minilm": [minilm_calls],
+             "all": [llama_calls, minilm_calls]}[args.case]
+    for calls in cases:
+        for label, call in calls():
+            results = {}
+            for name, kw in RULES.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the adaptive rule says it missed tol
+                    call(**kw)
+                    began = time.perf_counter()
+                    results[name] = (call(**kw), time.perf_counter() - began)
+            ref = results["gl512"][0].attributions
+            for name, (res, seconds) in results.items():
+                diff = float((res.attributions - ref).abs().max() / ref.abs().max())
+                print(f"{label:15s} {name:9s} evaluations {res.evaluations:4d}  gap "
+                      f"{float(res.gap[0]):+.2e}  rel diff vs gl512 {diff:.2e}  "
+                      f"warm call {seconds * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,16 @@ def test_bench_ig_family_smoke(tmp_path):
     assert got["sig", "ours"]["max_rel_diff_vs_captum"] < 1e-4
     assert got["layer_ig", "ours"]["max_rel_diff_vs_captum"] < 1e-4
     assert got["eg", "ours"]["max_rel_diff_vs_captum"] < 10  # other draws: same scale only
+
+
+@pytest.mark.parametrize("script", ["llm_large.py", "quadrature_accuracy.py", "run.py"])
+def test_bench_scripts_parse_their_arguments(script):
+    """The stand-alone bench scripts import and parse their arguments (``--help``; their runs
+    take minutes and are recorded under bench/results)."""
+    import subprocess
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / script
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout

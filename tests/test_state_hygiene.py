@@ -346,12 +346,16 @@ class MixesBeforeLayer(nn.Module):
 
 @pytest.mark.parametrize("cls, why", [(MixesRows, "mixes rows"), (Noisy, "random"),
                                       (MixesBeforeLayer, "mixes rows")])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_layer_ig_front_checks_rows_on_its_two_forwards(cls, why, batch):
+@pytest.mark.parametrize("batch, pair_rows", [(1, 256), (3, 256), (3, 4)])
+def test_layer_ig_front_checks_rows_on_its_two_forwards(cls, why, batch, pair_rows,
+                                                        monkeypatch):
     """The Captum front's layer IG gets activations, endpoint outputs and check R from row 0
-    alone plus one batch of inputs and baselines (attr/layer_ends.py): coupling before the
-    layer, after it, and randomness are all refused; the opt-in still runs."""
+    alone plus one batch of inputs and baselines (attr/layer_ends.py; two batches past
+    PAIR_ROWS rows): coupling before the layer, after it, and randomness are all refused; the
+    opt-in still runs."""
+    from taylor_kernels.attr import layer_ends
     from taylor_kernels.captum import LayerIntegratedGradients
+    monkeypatch.setattr(layer_ends, "PAIR_ROWS", pair_rows)
     torch.manual_seed(0)
     model = cls().double()
     x = torch.randn(batch, 4, dtype=torch.float64)
@@ -362,16 +366,20 @@ def test_layer_ig_front_checks_rows_on_its_two_forwards(cls, why, batch):
         lig.attribute(x, target=0, n_steps=4)
 
 
-def test_layer_ig_front_costs_two_small_forwards():
+@pytest.mark.parametrize("pair_rows, forwards", [(256, 2), (4, 3)])
+def test_layer_ig_front_costs_two_small_forwards(pair_rows, forwards, monkeypatch):
     """Two forwards before the path (row 0 alone; inputs and baselines in one batch), as
-    Captum's two; then the path chunks. Equal to the four-forward path it replaced."""
+    Captum's two (three past PAIR_ROWS rows: inputs and baselines apart); then the path
+    chunks. Equal to the separate captures the opt-in runs."""
+    from taylor_kernels.attr import layer_ends
     from taylor_kernels.captum import LayerIntegratedGradients
+    monkeypatch.setattr(layer_ends, "PAIR_ROWS", pair_rows)
     model = CountingMLP()
     x = torch.randn(3, 4, dtype=torch.float64)
     lig = LayerIntegratedGradients(model, model.l)
     attr, delta = lig.attribute(x, target=0, n_steps=4, internal_batch_size=12,
                                 return_convergence_delta=True)
-    assert model.calls == 2 + 1  # + one path chunk; the delta reuses the two
+    assert model.calls == forwards + 1  # + one path chunk; the delta reuses the ends
     with tk.allow_row_coupling(model):  # the opt-in keeps the separate captures
         again = lig.attribute(x, target=0, n_steps=4, internal_batch_size=12)
     torch.testing.assert_close(attr, again, rtol=1e-12, atol=1e-12)

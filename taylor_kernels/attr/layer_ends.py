@@ -9,7 +9,9 @@ shape and batch the endpoints costs four. :func:`layer_ends` gets everything fro
 1. row 0 of the inputs alone: ``a(x_0)`` and ``F(x_0)`` in a batch of one (check R's "alone",
    and the engine's shape probe);
 2. ``[x; b]`` in one batch of ``2B`` rows: ``a(x)``, ``a(b)``, ``F(x)``, ``F(b)``, with row 0
-   beside the others (check R's "beside").
+   beside the others (check R's "beside"); for ``2B > PAIR_ROWS`` the inputs and the baselines
+   run as two batches of ``B`` rows instead (no forward larger than Captum's), row 0 beside
+   the other inputs.
 
 Row 0's activations *and* output must agree between the two: coupling before the layer
 would change the captured activations, coupling after it the outputs. When they differ a third
@@ -18,6 +20,7 @@ forward of row 0 alone tells a random model from a row-mixing one
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,10 @@ class LayerEnds:
     alone: torch.Tensor | None
 
 
+PAIR_ROWS = 256  # up to this many rows, inputs and baselines share one forward (as the
+# endpoint batch of path_engine.endpoint_values); beyond it, one forward each, as Captum's
+
+
 def _row_arg(a, B: int) -> bool:
     return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B
 
@@ -50,11 +57,11 @@ def layer_ends(model, spec: Layers, inputs: tuple[torch.Tensor, ...],
 
     Two forwards with check R (see the module docstring; ``ValueError`` when it fails).
     Forward args whose first dimension is ``B`` are per row (as the engine treats them).
-    Where those two forwards could not show row mixing (every row of inputs, baselines and
-    per-row args equals row 0), inside :func:`~taylor_kernels.allow_row_coupling`, or when
-    the outputs or activations have no batch dimension of ``2B``, the inputs and the
-    baselines run as two batches instead (as Captum's) and ``alone`` is None: the caller's
-    probe then runs check R (and words any error)."""
+    Where those forwards could not show row mixing (every row beside row 0 equals it, in
+    value and per-row args), inside :func:`~taylor_kernels.allow_row_coupling`, or when the
+    outputs or activations have no batch dimension, the inputs and the baselines run as two
+    plain batches (as Captum's) and ``alone`` is None: the caller's probe then runs check R
+    (and words any error)."""
     paired = _paired_ends(model, spec, inputs, baselines, fargs)
     if paired is not None:
         return paired
@@ -65,31 +72,46 @@ def layer_ends(model, spec: Layers, inputs: tuple[torch.Tensor, ...],
 
 def _paired_ends(model, spec: Layers, inputs, baselines, fargs) -> LayerEnds | None:
     B = inputs[0].shape[0]
-    if guards.row_coupling_allowed() or not _rows_differ(inputs, baselines, fargs, B):
+    together = 2 * B <= PAIR_ROWS
+    if guards.row_coupling_allowed() or not _rows_differ(
+            inputs, baselines if together else (), fargs, B):
         return None
     first = tuple(t[:1] for t in inputs) + tuple(a[:1] if _row_arg(a, B) else a for a in fargs)
-    both = tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)) + tuple(
-        torch.cat([a, a]) if _row_arg(a, B) else a for a in fargs)
+    if together:
+        batches = [tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)) + tuple(
+            torch.cat([a, a]) if _row_arg(a, B) else a for a in fargs)]
+    else:
+        batches = [inputs + fargs, baselines + fargs]
 
     def alone_run():
         acts, out = spec.capture(model, first, output=True)
         return acts + (model_output(out),)
 
     alone = alone_run()
-    acts, out = spec.capture(model, both, output=True)
-    out = model_output(out)
-    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 2 * B
-               for t in acts + (out,)):
-        return None
-    guards.check_alone_beside(alone, tuple(t[:1] for t in acts + (out,)), alone_run)
-    return LayerEnds(tuple(a[:B] for a in acts), tuple(a[B:] for a in acts), out[:B], out[B:],
-                     alone[-1])
+    runs = []
+    for args in batches:
+        acts, out = spec.capture(model, args, output=True)
+        run = acts + (model_output(out),)
+        rows = args[0].shape[0]
+        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
+                   for t in run):
+            return None
+        runs.append(run)
+    guards.check_alone_beside(alone, tuple(t[:1] for t in runs[0]), alone_run)
+    x_run, b_run = (tuple(t[:B] for t in runs[0]), tuple(t[B:] for t in runs[0])) \
+        if together else runs
+    if len(x_run) != len(b_run):
+        raise ValueError("the layers return a different number of activation tensors at the "
+                         "inputs and at the baselines")
+    return LayerEnds(x_run[:-1], b_run[:-1], x_run[-1], b_run[-1], alone[-1])
 
 
 def _rows_differ(inputs, baselines, fargs, B: int) -> bool:
-    """Whether some row of ``[x; b]`` (or of its per-row forward args) differs from row 0."""
-    for x, b in zip(inputs, baselines):
-        flat = torch.cat([x, b]).reshape(2 * B, -1)
+    """Whether some row of the inputs or ``baselines`` (``()`` for none; stacked under the
+    inputs), or of the per-row forward args, differs from row 0."""
+    for x, b in itertools.zip_longest(inputs, baselines):
+        flat = x if b is None else torch.cat([x, b])
+        flat = flat.reshape(flat.shape[0], -1)
         if bool((flat[1:] != flat[:1]).any()):
             return True
     return any(bool((a[1:] != a[:1]).any()) for a in fargs if _row_arg(a, B))
