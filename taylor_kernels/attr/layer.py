@@ -1,11 +1,12 @@
 """Layer Integrated Gradients: IG in the space of a module's output (or input).
 
 ``LIG_j = (a_j(x) - a_j(b)) int_0^1 d f / d a_j (a(b) + t (a(x) - a(b))) dt`` where ``a`` is the
-layer's activation. Activations at the inputs and baselines are captured once; path points
+layer's activation. Activations and outputs at the inputs and baselines are captured by two
+small forwards that also run check R (:mod:`~taylor_kernels.attr.layer_ends`); path points
 are built in activation space by the path ops and fed to the model through a forward hook
 that replaces the layer's output (or input), so chunking, memory budget and every quadrature
-rule (adaptive included) come from :func:`integrated_gradients`. The network before the layer
-still runs for every path point (as in Captum): its output is overwritten by the hook.
+rule (adaptive included) come from the IG engine. The network before the layer still runs
+for every path point (as in Captum): its output is overwritten by the hook.
 
 A layer called ``n > 1`` times in one forward (shared weights, ``layer(layer(x))``) has one
 activation per call, ``a = (a^1, ..., a^n)``: call ``k``'s output is replaced by its own path
@@ -20,10 +21,11 @@ from typing import Callable
 
 import torch
 
-from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
+from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
-from taylor_kernels.engine.problem import as_tuple, target_values
+from taylor_kernels.engine.problem import as_tuple
 
 
 def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
@@ -145,20 +147,21 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
         else ((inputs,), False)
     fargs = (() if additional_forward_args is None else additional_forward_args
              if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
-    acts_x, out_x = layer_activations(model, layer, tup, fargs, attribute_to_layer_input)
-    acts_b, out_b = layer_activations(model, layer, _baseline_inputs(baselines, tup), fargs,
+    check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
+
+    def capture(args):
+        acts, out = layer_activations(model, layer, args[:len(tup)], args[len(tup):],
                                       attribute_to_layer_input)
+        return tuple(acts), out
+
+    ends = layer_ends(capture, tup, _baseline_inputs(baselines, tup), fargs)
+    acts_x, acts_b = ends.acts_x, ends.acts_b
     if len(acts_b) != len(acts_x):
         raise ValueError(f"layer {type(layer).__name__} is called {len(acts_x)} times at the "
                          f"inputs but {len(acts_b)} times at the baselines; layer IG needs the "
                          "same calls at both")
     n = len(acts_x)
     through_layer = layer_replaced_forward(model, layer, attribute_to_layer_input, calls=n)
-    res = integrated_gradients(through_layer, acts_x[0] if n == 1 else tuple(acts_x),
-                               acts_b[0] if n == 1 else tuple(acts_b), target,
-                               additional_forward_args=tup + tuple(fargs), **ig_kwargs)
-    attrs = (res.attributions,) if n == 1 else res.attributions
-    total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attrs)
-    delta = target_values(out_x, target) - target_values(out_b, target)
-    res.gap = total - delta.to(total.dtype)
-    return res
+    return integrate_from_ends(through_layer, acts_x[0] if n == 1 else acts_x,
+                               acts_b[0] if n == 1 else acts_b, ends, target, tup + fargs,
+                               **ig_kwargs)

@@ -29,16 +29,13 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.arguments import forward_args, inputs_tuple
-from taylor_kernels.attr.integrated_gradients import (AttributionResult, check_rule_args,
-                                                      integrate_problem)
+from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers
-from taylor_kernels.attr.layer_ends import layer_ends
+from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import path_engine, quadrature
-from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine.problem import make_problem, target_values
-from taylor_kernels.numerics import accumulation_dtype
+from taylor_kernels.engine.problem import make_problem
 
 DIRECTIONS = ("ones", "given", "next")
 
@@ -71,14 +68,10 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     bls = _baseline_inputs(baselines, tup)
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
     if multiply_by_inputs:
-        ends = layer_ends(model, spec, tup, bls, fargs)  # two small forwards, as Captum's
-        problem = make_problem(spec.replaced_forward(model), ends.acts_x, ends.acts_b, target,
-                               tup + fargs, checked_output=ends.alone)
-        acc = accumulation_dtype(problem.x.dtype)
-        fx = target_values(ends.out_x, target).to(acc)
-        fb = target_values(ends.out_b, target).to(acc).unsqueeze(1)
-        with call_threads():
-            res = integrate_problem(problem, fx, fb, **ig_kwargs)
+        ends = layer_ends(lambda args: spec.capture(model, args, output=True), tup, bls,
+                          fargs)  # two small forwards, as Captum's
+        res = integrate_from_ends(spec.replaced_forward(model), ends.acts_x, ends.acts_b, ends,
+                                  target, tup + fargs, **ig_kwargs)
     else:
         acts_b = spec.capture(model, bls + fargs)
         acts_x = spec.capture(model, tup + fargs)

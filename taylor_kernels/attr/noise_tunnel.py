@@ -106,10 +106,12 @@ def _layer_ig_with_activation_noise(model, ids: tuple, stdev: float, gen: torch.
     """Layer IG of ``model`` at integer ``ids`` (copies already repeated) with ``e`` added to
     the layer's activation at the inputs only: from ``a(b)`` to ``a(x) + e``.
 
-    The model gets one extra float input, ``scale`` (``stdev`` at the inputs, 0 at their
-    baseline), and a hook adds ``scale * e`` to the layer's activation, ``e`` drawn once from
-    ``gen`` in the activation's shape. Layer IG's own hook, registered after this one, replaces
-    the activation on the path, so the path runs from ``a(b)`` to ``a(x) + e``.
+    The model gets one extra float input, ``copy`` (``r + 1`` at input row ``r``, 0 at its
+    baseline), and a hook adds ``stdev * e[copy - 1]`` to the layer's activation of every row
+    with ``copy > 0``, ``e [R, ...]`` drawn once from ``gen`` in the activation's shape (so the
+    rows may come in any batch: alone, inputs beside baselines). Layer IG's own hook,
+    registered after this one, replaces the activation on the path, so the path runs from
+    ``a(b)`` to ``a(x) + e``.
     """
     names = ("layer", "baselines", "target")
     if len(args) > len(names):
@@ -120,28 +122,31 @@ def _layer_ig_with_activation_noise(model, ids: tuple, stdev: float, gen: torch.
     bls = kwargs.pop("baselines", None)
     bls = bls if isinstance(bls, tuple) else (bls,) * len(ids)
     rows = ids[0].shape[0]
-    scale = torch.full((rows,), stdev, dtype=torch.float64, device=ids[0].device)
-    state: dict = {"scale": None, "noise": None}
+    copy = torch.arange(1, rows + 1, dtype=torch.float64, device=ids[0].device)
+    state: dict = {"copy": None, "noise": None}
 
-    def with_scale(*inputs_scale_rest):
-        state["scale"] = inputs_scale_rest[len(ids)]
+    def with_copy(*inputs_copy_rest):
+        state["copy"] = inputs_copy_rest[len(ids)]
         try:
-            return model(*inputs_scale_rest[:len(ids)], *inputs_scale_rest[len(ids) + 1:])
+            return model(*inputs_copy_rest[:len(ids)], *inputs_copy_rest[len(ids) + 1:])
         finally:
-            state["scale"] = None
+            state["copy"] = None
 
     def noisy(a: torch.Tensor) -> torch.Tensor:
-        s = state["scale"]
-        if s is None or a.shape[0] != rows or s.shape[0] != rows:
-            return a  # a path point or probe: layer IG replaces path activations anyway
+        c = state["copy"]
+        if c is None or c.shape[0] != a.shape[0]:
+            return a  # not a forward of rows of this call
         if state["noise"] is None:
-            state["noise"] = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
-        return a + s.to(a.dtype).view(-1, *[1] * (a.dim() - 1)) * state["noise"]
+            state["noise"] = torch.randn((rows,) + tuple(a.shape[1:]), generator=gen,
+                                         dtype=a.dtype).to(a.device)
+        k = c.round().long().to(a.device)
+        e = torch.cat([torch.zeros_like(state["noise"][:1]), state["noise"]])[k]
+        return a + stdev * e
 
     hook = (layer.register_forward_pre_hook(lambda m, inp: (noisy(inp[0]),) + tuple(inp[1:]))
             if of_input else layer.register_forward_hook(lambda m, inp, out: noisy(out)))
     try:
-        return layer_integrated_gradients(with_scale, layer, ids + (scale,),
+        return layer_integrated_gradients(with_copy, layer, ids + (copy,),
                                           baselines=bls + (0.0,), **kwargs)
     finally:
         hook.remove()

@@ -301,9 +301,10 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     (:mod:`~taylor_kernels.engine.guards`) with a second forward; with ``defer_row_check``
     that second forward is left to the caller's first batch of real points
     (:func:`~taylor_kernels.engine.path_engine.endpoint_values`, else the engine's first
-    chunk runs it), saving one forward per call. ``checked_output``: row 0's whole output
-    alone ``[1, ...]`` from a forward the caller ran, check R done by the caller
-    (:func:`~taylor_kernels.attr.layer_ends.layer_ends`): no probe forward at all."""
+    chunk runs it), saving one forward per call. ``checked_output``: one row's whole output
+    alone ``[1, ...]`` from a forward the caller ran (it gives the output shape), check R
+    done by the caller (:func:`~taylor_kernels.attr.layer_ends.layer_ends`): no probe
+    forward at all."""
     if not callable(model):
         raise ValueError("model must be callable")
     tup, was_tuple = as_tuple(inputs)

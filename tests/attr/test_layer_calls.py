@@ -93,8 +93,12 @@ def test_call_count_differs_between_inputs_and_baselines():
             return (self.l(h) if bool(x.abs().sum() > 0) else h).sum(1)
 
     model = Branchy().double()
-    with pytest.raises(ValueError, match="2 times at the inputs but 1 times at the baselines"):
+    with pytest.raises(ValueError, match="mixes rows"):  # the baseline alone: one call
         tk.layer_integrated_gradients(model, model.l, torch.ones(1, 3, dtype=torch.float64))
+    with tk.allow_row_coupling(model):  # inputs and baselines apart, as Captum's
+        with pytest.raises(ValueError, match="2 times at the inputs but 1 times at the "
+                                             "baselines"):
+            tk.layer_integrated_gradients(model, model.l, torch.ones(1, 3, dtype=torch.float64))
 
 
 def test_methods_needing_one_call_say_so():
