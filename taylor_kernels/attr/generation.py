@@ -26,7 +26,7 @@ from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
                                                       _warn_if_gap_large)
 from taylor_kernels.engine import path_engine, quadrature
-from taylor_kernels.models import hf, lm_head
+from taylor_kernels.models import elementwise, hf, lm_head
 from taylor_kernels.models.outputs import model_output
 
 
@@ -89,7 +89,9 @@ class GenerationProblem:
         self.serial_backward = act.device.type == "cpu"
         # serial passes: the log-probs from the head's input through lm_head.HeadLogProb, whose
         # backward runs the head only at the pass's target position (when the model's logits
-        # are exactly its linear head's output, unhooked and unmodified: checked every forward)
+        # are exactly its linear head's output, unhooked and unmodified: checked every forward),
+        # and each elementwise activation's g'(x) computed once per forward, not once per pass
+        # (models/elementwise.py: ~97M GPT-2 generation 0.89x, small GPT-2 0.91x, Llama 1.00x)
         self.head = lm_head.linear_head(model) if self.serial_backward else None
 
     def forward(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,9 @@ class GenerationProblem:
         hook = self.layer.register_forward_hook(lambda m, i, o: emb)
         try:
             extra = {"logits_to_keep": self.T} if self.keep_logits else {}
-            with lm_head.tapped(self.head) as seen:
+            activations = elementwise.cached_derivatives(self.model) if self.serial_backward \
+                else contextlib.nullcontext()  # T backward passes reuse each g'(x)
+            with lm_head.tapped(self.head) as seen, activations:
                 out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
         finally:
             hook.remove()

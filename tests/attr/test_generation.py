@@ -164,6 +164,20 @@ def test_head_at_read_positions_and_bf16(models, tok):
     assert rel < 0.1, rel
 
 
+def _with_and_without(model, prompt, target, monkeypatch, function, module, switch, off):
+    """Generation with ``function`` (an autograd.Function) used, then with ``module.switch``
+    replaced by ``off``: equal embedding attributions; returns both results."""
+    used = []
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: used.append(1) or apply(*a))
+    on = generation_attribution(model, prompt, target, steps=8, return_embedding_attr=True)
+    assert used
+    monkeypatch.setattr(module, switch, off)
+    plain = generation_attribution(model, prompt, target, steps=8, return_embedding_attr=True)
+    torch.testing.assert_close(on.embedding_attr, plain.embedding_attr, rtol=1e-5, atol=1e-7)
+    return on, plain
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_head_log_prob_backward_equals_autograd(arch, models, tok, monkeypatch):
     """On the CPU the target log-probs come from the LM head's input through HeadLogProb (its
@@ -175,16 +189,11 @@ def test_head_log_prob_backward_equals_autograd(arch, models, tok, monkeypatch):
 
     model = models[arch]
     prompt, target = _ids(tok)
-    used = []
-    apply = lm_head.HeadLogProb.apply
-    monkeypatch.setattr(lm_head.HeadLogProb, "apply", lambda *a: used.append(1) or apply(*a))
-    fast = generation_attribution(model, prompt, target, steps=8, return_embedding_attr=True)
-    assert used
-    monkeypatch.setattr(lm_head, "linear_head", lambda m: None)
-    plain = generation_attribution(model, prompt, target, steps=8, return_embedding_attr=True)
-    torch.testing.assert_close(fast.embedding_attr, plain.embedding_attr, rtol=1e-5, atol=1e-7)
+    fast, plain = _with_and_without(model, prompt, target, monkeypatch, lm_head.HeadLogProb,
+                                    lm_head, "linear_head", lambda m: None)
     torch.testing.assert_close(fast.log_probs, plain.log_probs, rtol=0, atol=0)
     monkeypatch.undo()
+    used, apply = [], lm_head.HeadLogProb.apply
     monkeypatch.setattr(lm_head.HeadLogProb, "apply", lambda *a: used.append(2) or apply(*a))
     head = model.get_output_embeddings()
     scaled = head.register_forward_hook(lambda m, i, o: o * 0.5)  # a new tensor after the head
@@ -195,3 +204,33 @@ def test_head_log_prob_backward_equals_autograd(arch, models, tok, monkeypatch):
     assert 2 not in used
     assert not torch.allclose(halved.log_probs, plain.log_probs)
     assert generation.GenerationProblem  # the class that holds the check
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_activation_derivative_cache_is_used_and_leaves_no_hooks(arch, models, tok,
+                                                                 monkeypatch):
+    """On the CPU each elementwise activation's derivative is computed once per forward
+    (models/elementwise.py) for the T serial backward passes: the attributions equal those
+    of the model's own autograd, and no hook stays on the model, also after a failing call."""
+    from taylor_kernels.models import elementwise
+
+    model = models[arch]
+    prompt, target = _ids(tok)
+    _with_and_without(model, prompt, target, monkeypatch, elementwise.ScaledGrad, elementwise,
+                      "is_elementwise", lambda m: False)
+    monkeypatch.undo()
+
+    def hooks():
+        return [(n, len(m._forward_hooks), len(m._forward_pre_hooks))
+                for n, m in model.named_modules()]
+
+    before = hooks()
+    mlp = next(m for m in model.modules() if elementwise.is_elementwise(m))
+    boom = mlp.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("x")))
+    elementwise_hooked = hooks()
+    try:
+        with pytest.raises(RuntimeError, match="x"):
+            generation_attribution(model, prompt, target, steps=8)
+    finally:
+        boom.remove()
+    assert hooks() == before and elementwise_hooked != before
