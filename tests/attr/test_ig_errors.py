@@ -89,3 +89,16 @@ def test_mismatched_batch_in_tuple():
     with pytest.raises(ValueError, match="batch dimension"):
         tk.integrated_gradients(models.two_input_model(), (torch.randn(3, 5), torch.randn(2, 2, 3)),
                                 target=0)
+
+
+def test_non_finite_background_is_caught_also_after_an_in_place_change(net):
+    """EG remembers a background it checked (a training loop passes the same one every step),
+    per tensor and in-place version: a NaN written into it later is still refused."""
+    bg = torch.randn(6, X.shape[1], dtype=X.dtype)
+    tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
+    tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
+    bg[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="background 0 contains NaN or Inf"):
+        tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tk.expected_gradients(net, X, bg.clone(), target=0, samples=2, seed=0)
