@@ -56,10 +56,16 @@ def test_cached_derivative_equals_autograd_over_several_passes(act):
     assert not model.act._forward_hooks
 
 
-def test_the_cache_is_used_and_hooked_or_unknown_modules_are_left_alone(monkeypatch):
-    used = []
+@pytest.fixture
+def used(monkeypatch):
+    """A list that gets one entry per ScaledGrad.apply call."""
+    calls = []
     apply = elementwise.ScaledGrad.apply
-    monkeypatch.setattr(elementwise.ScaledGrad, "apply", lambda *a: used.append(1) or apply(*a))
+    monkeypatch.setattr(elementwise.ScaledGrad, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def test_the_cache_is_used_and_hooked_or_unknown_modules_are_left_alone(used):
     model = Block(nn.GELU()).to(F64)
     x = torch.randn(2, 5, dtype=F64, requires_grad=True)
     with elementwise.cached_derivatives(model):
@@ -75,3 +81,18 @@ def test_the_cache_is_used_and_hooked_or_unknown_modules_are_left_alone(monkeypa
     assert used == [1]
     assert not elementwise.is_elementwise(nn.Softmax(dim=-1))  # not elementwise
     assert not elementwise.is_elementwise(nn.ReLU())  # nothing to save: its backward is one op
+
+
+def test_nothing_is_routed_while_a_global_forward_hook_could_rewrite_outputs(used):
+    model = Block(nn.Tanh()).to(F64)
+    x = torch.randn(2, 5, dtype=F64, requires_grad=True)
+    doubled = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o * 2 if isinstance(m, nn.Tanh) else None)
+    try:
+        plain = torch.autograd.grad(model(x).sum(), x)[0]
+        with elementwise.cached_derivatives(model):
+            cached = torch.autograd.grad(model(x).sum(), x)[0]
+    finally:
+        doubled.remove()
+    assert not used
+    torch.testing.assert_close(cached, plain, rtol=0, atol=0)

@@ -136,12 +136,10 @@ def _layer_ig_with_activation_noise(model, ids: tuple, stdev: float, gen: torch.
         c = state["copy"]
         if c is None or c.shape[0] != a.shape[0]:
             return a  # not a forward of rows of this call
-        if state["noise"] is None:
-            state["noise"] = torch.randn((rows,) + tuple(a.shape[1:]), generator=gen,
-                                         dtype=a.dtype).to(a.device)
-        k = c.round().long().to(a.device)
-        e = torch.cat([torch.zeros_like(state["noise"][:1]), state["noise"]])[k]
-        return a + stdev * e
+        if state["noise"] is None:  # row 0 is the baselines' (copy 0): no noise
+            e = torch.randn((rows,) + tuple(a.shape[1:]), generator=gen, dtype=a.dtype)
+            state["noise"] = torch.cat([torch.zeros_like(e[:1]), e]).to(a.device)
+        return a + stdev * state["noise"][c.round().long().to(a.device)]
 
     hook = (layer.register_forward_pre_hook(lambda m, inp: (noisy(inp[0]),) + tuple(inp[1:]))
             if of_input else layer.register_forward_hook(lambda m, inp, out: noisy(out)))

@@ -58,9 +58,9 @@ def _through_scaled_grad(module: nn.Module, inputs: tuple, output):
             and torch.is_grad_enabled() and x.requires_grad and x.is_floating_point()
             and output.shape == x.shape):
         return None
-    with torch.no_grad(), forward_ad.dual_level():
+    with torch.no_grad(), forward_ad.dual_level():  # forward(): no hook sees this call
         dual = forward_ad.make_dual(x.detach(), torch.ones_like(x))
-        dydx = forward_ad.unpack_dual(module(dual)).tangent
+        dydx = forward_ad.unpack_dual(module.forward(dual)).tangent
     if dydx is None:
         return None
     return ScaledGrad.apply(x, output.detach(), dydx)
@@ -69,10 +69,13 @@ def _through_scaled_grad(module: nn.Module, inputs: tuple, output):
 @contextlib.contextmanager
 def cached_derivatives(model: nn.Module):
     """Within the block, forwards of ``model`` route each elementwise activation's gradient
-    through :class:`ScaledGrad` (derivative computed once per forward); hooks removed on
-    exit."""
+    through :class:`ScaledGrad` (derivative computed once per forward, by a second, dual
+    forward of the module; its own forward still runs and its graph is dropped); hooks removed
+    on exit. Nothing is routed while a global forward hook is registered (it could rewrite an
+    activation's output, which ``g'(x)`` would then not describe)."""
+    use = not nn.modules.module._global_forward_hooks
     handles = [m.register_forward_hook(_through_scaled_grad) for m in model.modules()
-               if is_elementwise(m)]
+               if use and is_elementwise(m)]
     try:
         yield
     finally:
