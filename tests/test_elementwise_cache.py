@@ -56,6 +56,23 @@ def test_cached_derivative_equals_autograd_over_several_passes(act):
     assert not model.act._forward_hooks
 
 
+class InPlaceAfter(Block):
+    def forward(self, x):
+        return self.down(self.act(self.up(x)).mul_(2))
+
+
+def test_the_model_may_change_an_activation_output_in_place(used):
+    """(Why ScaledGrad copies: a returned input would be a view autograd refuses to change.)"""
+    torch.manual_seed(0)
+    model = InPlaceAfter(nn.GELU()).to(F64)  # (tanh saves its output: no in-place)
+    x = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    plain = torch.autograd.grad(model(x).sum(), x)[0]
+    with elementwise.cached_derivatives(model):
+        cached = torch.autograd.grad(model(x).sum(), x)[0]
+    assert used
+    torch.testing.assert_close(cached, plain, rtol=1e-12, atol=1e-14)
+
+
 @pytest.fixture
 def used(monkeypatch):
     """A list that gets one entry per ScaledGrad.apply call."""

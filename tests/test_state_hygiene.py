@@ -333,6 +333,24 @@ def test_row_check_without_a_distinct_endpoint_row_runs_the_pair():
         tk.integrated_gradients(model, x, x, target=0, steps=4)
 
 
+def test_row_predicates_shared_by_the_row_checks():
+    """``is_row_tensor`` / ``rows_differing``: the per-row tests that check R (engine, layer
+    ends, the distinct partner row) all use."""
+    from taylor_kernels.engine import guards
+
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [1.0, 3.0]])
+    mask = torch.tensor([[1, 1], [0, 1], [1, 1]])
+    assert guards.is_row_tensor(x, 3) and not guards.is_row_tensor(x, 2)
+    assert not guards.is_row_tensor(torch.tensor(3.0), 3) and not guards.is_row_tensor([1] * 3, 3)
+    assert guards.rows_differing([x]).tolist() == [False, False, True]
+    assert guards.rows_differing([x, mask]).tolist() == [False, True, True]
+    assert guards.rows_differing([x, mask], ref=2).tolist() == [True, True, False]
+    assert guards.distinct_row(x, x[0])[1] == 2
+    assert guards.distinct_row(x[:2], x[0] * 2, mask[:2])[1] == 1
+    partner, index = guards.distinct_row(x[:2], x[0])
+    assert index == 0 and torch.equal(partner, x[0] + 1)
+
+
 class MixesBeforeLayer(nn.Module):
     """Mixes rows before ``l`` only: the coupling shows in ``l``'s activations, not after."""
 

@@ -159,8 +159,8 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, 
     """The path integral of :func:`integrated_gradients` for a prepared problem whose
     endpoint outputs ``fx [B]`` and ``fb [B, K]`` are known (in the accumulation dtype, as
     :func:`~taylor_kernels.engine.path_engine.endpoint_values` gives them); arguments as
-    there."""
-    check_rule_args(rule, tol)
+    there, ``rule`` and ``tol`` already checked by :func:`check_rule_args` (before any
+    forward)."""
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx:
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,

@@ -54,10 +54,6 @@ PAIR_ROWS = 256  # up to this many rows, inputs and baselines share one forward 
 # endpoint batch of path_engine.endpoint_values); beyond it, one forward each, as Captum's
 
 
-def _row_arg(a, B: int) -> bool:
-    return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B
-
-
 def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ...],
                baselines: tuple[torch.Tensor, ...], fargs: tuple) -> LayerEnds:
     """Activations and outputs at the inputs and baselines of ``model(*inputs, *fargs)``.
@@ -84,7 +80,7 @@ def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ..
 def _paired_ends(capture, inputs, baselines, fargs) -> LayerEnds | None:
     B = inputs[0].shape[0]
     n_in = len(inputs)
-    row_args = [i for i, a in enumerate(fargs) if _row_arg(a, B)]
+    row_args = [i for i, a in enumerate(fargs) if guards.is_row_tensor(a, B)]
     if 2 * B <= PAIR_ROWS:  # one batch [x; b]; the checked row is the first baseline's
         batches = [tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)) + tuple(
             torch.cat([a, a]) if i in row_args else a for i, a in enumerate(fargs))]
@@ -92,7 +88,7 @@ def _paired_ends(capture, inputs, baselines, fargs) -> LayerEnds | None:
     else:  # [x], [b]; the checked row is the first input's
         batches, check = [inputs + fargs, baselines + fargs], 0
     per_row = [batches[0][i] for i in range(n_in)] + [batches[0][n_in + i] for i in row_args]
-    if guards.row_coupling_allowed() or not _rows_differ(per_row, check):
+    if guards.row_coupling_allowed() or not guards.rows_differing(per_row, check).any():
         return None
     first = tuple(a[check:check + 1] if i < n_in or i - n_in in row_args else a
                   for i, a in enumerate(batches[0]))
@@ -107,8 +103,7 @@ def _paired_ends(capture, inputs, baselines, fargs) -> LayerEnds | None:
         acts, out = capture(args)
         run = tuple(acts) + (model_output(out),)
         rows = args[0].shape[0]
-        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
-                   for t in run):
+        if not all(guards.is_row_tensor(t, rows) for t in run):
             return None
         runs.append(run)
     guards.check_alone_beside(alone, tuple(t[check:check + 1] for t in runs[0]), alone_run)
@@ -120,22 +115,13 @@ def _paired_ends(capture, inputs, baselines, fargs) -> LayerEnds | None:
     return LayerEnds(x_run[:-1], b_run[:-1], x_run[-1], b_run[-1], alone[-1])
 
 
-def _rows_differ(tensors, check: int) -> bool:
-    """Whether some row of the per-row ``tensors`` (``[N, ...]`` each) differs from row
-    ``check``."""
-    for t in tensors:
-        flat = t.reshape(t.shape[0], -1)
-        if bool((flat != flat[check:check + 1]).any()):
-            return True
-    return False
-
-
 def integrate_from_ends(through: Callable, acts_x, acts_b, ends: LayerEnds, target, extra: tuple,
                         **ig_kwargs):
     """Layer IG on the path engine from :func:`layer_ends`: ``through(*acts, *extra)`` is the
     model with the layers' activations replaced, ``acts_x``/``acts_b`` its path ends (a tensor
     or a tuple); the endpoint outputs and, when done, check R come from ``ends`` (no probe
-    forward then). ``ig_kwargs`` as :func:`~taylor_kernels.integrated_gradients`. Returns its
+    forward then). ``ig_kwargs`` as :func:`~taylor_kernels.integrated_gradients` (``rule``
+    and ``tol`` checked by the caller with ``check_rule_args``). Returns its
     :class:`~taylor_kernels.attr.integrated_gradients.AttributionResult`, ``gap`` against the
     model's own ``F(x) - F(b)``."""
     problem = make_problem(through, acts_x, acts_b, target, extra, checked_output=ends.alone)

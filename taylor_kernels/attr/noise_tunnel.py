@@ -16,6 +16,7 @@ import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.layer import layer_integrated_gradients
+from taylor_kernels.engine.guards import is_row_tensor
 from taylor_kernels.engine.problem import as_tuple
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -23,7 +24,7 @@ NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 def _repeat_rows(value, B: int, n: int):
     """Repeat per-input values (tensors with batch dim B, lists of length B) n times each."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B and B > 1:
+    if is_row_tensor(value, B) and B > 1:
         return value.repeat_interleave(n, dim=0)
     if isinstance(value, list) and len(value) == B:
         return [v for v in value for _ in range(n)]

@@ -19,6 +19,7 @@ import torch
 
 from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
+from taylor_kernels.engine.guards import is_row_tensor
 
 
 class CaptumValueError(ValueError, AssertionError):
@@ -96,7 +97,7 @@ def expand_blocks(value: Any, B: int, sizes: list[int]) -> Any:
     the batch (and lists of length ``B``) are expanded; tuples element by element; anything
     else (numbers, index tuples, ``[1, ...]`` tensors, flags) is shared by every row.
     """
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B:
+    if is_row_tensor(value, B):
         return torch.cat([value.repeat_interleave(n, dim=0) for n in sizes], dim=0)
     if isinstance(value, list) and len(value) == B:
         return [v for n in sizes for v in value for _ in range(n)]

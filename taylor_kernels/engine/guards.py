@@ -198,14 +198,29 @@ def _tensors(value) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
+def is_row_tensor(value, B: int) -> bool:
+    """Whether ``value`` is a tensor whose first dimension is the batch ``B`` (a per-row
+    forward arg)."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B
+
+
+def rows_differing(tensors, ref: int = 0) -> torch.Tensor:
+    """Mask ``[N]`` (on the first tensor's device) of the rows that differ from row ``ref``
+    in any of ``tensors`` (``[N, ...]`` each, the same ``N``)."""
+    tensors = list(tensors)
+    device = tensors[0].device
+    differs = torch.zeros(tensors[0].shape[0], dtype=torch.bool, device=device)
+    for t in tensors:
+        differs |= (t != t[ref:ref + 1]).reshape(t.shape[0], -1).any(1).to(device)
+    return differs
+
+
 def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[torch.Tensor, int]:
     """A partner for row 0 of ``x [B, ...]`` in check R, and its row index: the first row that
     differs from row 0 in ``x`` or in any per-row tensor of ``row_data`` (``[B, ...]``, e.g.
     forward args; identical rows cannot show batch mixing), else ``fallback [...]`` (e.g. a
     baseline) with index 0, else row 0 plus one."""
-    differs = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for t in (x,) + tuple(row_data):
-        differs |= (t != t[:1]).reshape(t.shape[0], -1).any(1).to(x.device)
+    differs = rows_differing((x,) + tuple(row_data))
     if differs.any():
         i = int(differs.nonzero()[0, 0])
         return x[i], i
@@ -277,4 +292,4 @@ def cuda_peak_bytes(run: Callable, device: torch.device):
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows", "distinct_row",
            "check_alone_beside", "check_rows_independent", "coupling_submodules", "row_coupling_allowed",
-           "cuda_peak_bytes", "modules_of", "preserved_buffers"]
+           "cuda_peak_bytes", "is_row_tensor", "modules_of", "preserved_buffers", "rows_differing"]

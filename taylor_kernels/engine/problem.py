@@ -226,16 +226,11 @@ class PathProblem:
             guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
 
     def _row_tensors(self) -> list[torch.Tensor]:
-        return [a for a in self.forward_args if isinstance(a, torch.Tensor) and a.dim() > 0
-                and a.shape[0] == self.B]
+        return [a for a in self.forward_args if guards.is_row_tensor(a, self.B)]
 
     def _differs_from_row0(self, points: torch.Tensor, rows: torch.Tensor) -> bool:
-        differs = (points[1:] != points[:1]).any(1)
-        for a in self._row_tensors():
-            a_rows = a.index_select(0, rows.to(a.device))
-            differs |= (a_rows[1:] != a_rows[:1]).reshape(len(a_rows) - 1, -1).any(1).to(
-                differs.device)
-        return bool(differs.any())
+        per_row = [a.index_select(0, rows.to(a.device)) for a in self._row_tensors()]
+        return bool(guards.rows_differing([points] + per_row).any())
 
 
 def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ elementwise ops on ``[N, L, 4d]`` per layer per pass, 18% of a ~97M GPT-2's gene
 (measured with the profiler: ``mul``, ``pow``, ``tanh_backward``, ``add_``). Within
 :func:`cached_derivatives`, the output of every known elementwise activation module goes
 through :class:`ScaledGrad`, whose backward is the one product ``grad * g'(x)``; ``g'(x)``
-is computed in the forward by forward-mode AD of the module itself (tangent 1: exact for an
-elementwise function, no formula per activation). It also saves one tensor per activation
-where autograd saved several.
+is computed in the forward by one backward pass of the activation's own graph with a
+gradient of ones (exact for an elementwise function, autograd's own derivative, no formula
+per activation; the pass stops at the activation's input). It also saves one tensor per
+activation where autograd saved several.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 
 # elementwise by definition (transformers' classes matched by name: transformers is optional)
 TORCH_ELEMENTWISE = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ELU, nn.CELU,
@@ -37,8 +37,10 @@ def is_elementwise(module: nn.Module) -> bool:
 
 
 class ScaledGrad(torch.autograd.Function):
-    """``y = ScaledGrad.apply(x, y_value, dydx)``: ``y_value`` in the forward, ``grad * dydx``
-    to ``x`` in the backward (``dydx`` shaped like ``x``)."""
+    """``y = ScaledGrad.apply(x, y_value, dydx)``: a copy of ``y_value`` in the forward,
+    ``grad * dydx`` to ``x`` in the backward (``dydx`` shaped like ``x``). The copy is what
+    lets the model modify ``y`` in place afterwards: an input returned as-is would come back as
+    a view, and autograd forbids in-place changes to a custom Function's views."""
 
     @staticmethod
     def forward(ctx, x, y_value, dydx):
@@ -56,22 +58,18 @@ def _through_scaled_grad(module: nn.Module, inputs: tuple, output):
     x = inputs[0] if len(inputs) == 1 else None
     if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor)
             and torch.is_grad_enabled() and x.requires_grad and x.is_floating_point()
-            and output.shape == x.shape):
+            and output.grad_fn is not None and output.shape == x.shape):
         return None
-    with torch.no_grad(), forward_ad.dual_level():  # forward(): no hook sees this call
-        dual = forward_ad.make_dual(x.detach(), torch.ones_like(x))
-        dydx = forward_ad.unpack_dual(module.forward(dual)).tangent
-    if dydx is None:
-        return None
+    # g'(x) = d(sum y)/dx, elementwise: the activation's nodes once (no model hook runs)
+    (dydx,) = torch.autograd.grad(output, x, torch.ones_like(output))
     return ScaledGrad.apply(x, output.detach(), dydx)
 
 
 @contextlib.contextmanager
 def cached_derivatives(model: nn.Module):
     """Within the block, forwards of ``model`` route each elementwise activation's gradient
-    through :class:`ScaledGrad` (derivative computed once per forward, by a second, dual
-    forward of the module; its own forward still runs and its graph is dropped); hooks removed
-    on exit. Nothing is routed while a global forward hook is registered (it could rewrite an
+    through :class:`ScaledGrad` (derivative computed once per forward, by one backward of the
+    activation's own graph, which is then dropped); hooks removed on exit. Nothing is routed while a global forward hook is registered (it could rewrite an
     activation's output, which ``g'(x)`` would then not describe)."""
     use = not nn.modules.module._global_forward_hooks
     handles = [m.register_forward_hook(_through_scaled_grad) for m in model.modules()

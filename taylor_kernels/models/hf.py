@@ -41,6 +41,7 @@ from torch import nn
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer import layer_replaced_forward
+from taylor_kernels.engine.guards import is_row_tensor
 from taylor_kernels.models.outputs import model_output
 
 SPECIAL_BASELINES = ("pad", "unk", "bos", "eos")
@@ -171,8 +172,7 @@ class KeywordModel:
 
     def __init__(self, model, kwargs: dict, B: int):
         self.model = model
-        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)
-                      and v.dim() > 0 and v.shape[0] == B]
+        self.names = [k for k, v in kwargs.items() if is_row_tensor(v, B)]
         self.static = {k: v for k, v in kwargs.items() if k not in self.names}
         self.row_values = tuple(kwargs[k] for k in self.names)
 
