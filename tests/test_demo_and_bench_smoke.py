@@ -124,7 +124,8 @@ def test_bench_ig_family_smoke(tmp_path):
     assert got["eg", "ours"]["max_rel_diff_vs_captum"] < 10  # other draws: same scale only
 
 
-@pytest.mark.parametrize("script", ["llm_large.py", "quadrature_accuracy.py", "run.py"])
+@pytest.mark.parametrize("script", ["llm_large.py", "quadrature_accuracy.py", "run.py",
+                                    "sdpa_bf16.py"])
 def test_bench_scripts_parse_their_arguments(script):
     """The stand-alone bench scripts import and parse their arguments (``--help``; their runs
     take minutes and are recorded under bench/results)."""

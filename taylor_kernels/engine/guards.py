@@ -290,6 +290,7 @@ def cuda_peak_bytes(run: Callable, device: torch.device):
                 del del_me
 
 
-__all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows", "distinct_row",
-           "check_alone_beside", "check_rows_independent", "coupling_submodules", "row_coupling_allowed",
-           "cuda_peak_bytes", "is_row_tensor", "modules_of", "preserved_buffers", "rows_differing"]
+__all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
+           "distinct_row", "check_alone_beside", "check_rows_independent", "coupling_submodules",
+           "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
+           "preserved_buffers", "rows_differing"]
