@@ -25,7 +25,7 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
                                                       _warn_if_gap_large)
-from taylor_kernels.engine import path_engine, quadrature
+from taylor_kernels.engine import guards, path_engine, quadrature
 from taylor_kernels.models import elementwise, hf, lm_head
 from taylor_kernels.models.outputs import model_output
 
@@ -136,6 +136,29 @@ def _integrate(problem, rule, steps, tol, fx, fb, **kw):
         lo = hi
 
 
+def _check_continuation_fixed(model, layer, sequence, act, base_ids, kept, P: int) -> None:
+    """The one pass holds the continuation's activations at their values: exact (Captum's
+    numbers) when the baseline prompt leaves them unchanged, as for the input embeddings. For
+    another ``layer``, one forward at the baseline prompt checks it; ``ValueError`` if not."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get) and get() is layer or act.shape[1] == P:
+        return
+    name = type(layer).__name__
+    if base_ids is None:
+        raise ValueError(f"layer {name} is not the input embeddings: give baselines as token "
+                         "ids ('pad', 'unk' or an id), not 'zero'")
+    prompt_b = torch.where(kept, sequence[None, :P], base_ids.to(sequence.device))
+    at_b = hf.layer_output(lambda i: model(input_ids=i), layer,
+                           torch.cat([prompt_b, sequence[None, P:]], dim=1))
+    if not torch.equal(at_b[:, P:], act[:, P:]):
+        raise ValueError(
+            f"layer {name}: its activations at the continuation's positions change with the "
+            "prompt (the layer comes after tokens are mixed), and the one pass holds them "
+            "fixed; attribute to the input embeddings, or run layer integrated gradients once "
+            "per target token (captum.attr.LLMGradientAttribution over "
+            "taylor_kernels.captum.LayerIntegratedGradients does)")
+
+
 def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens: int = 25,
                            baselines="zero", skip_tokens: Sequence[int] = (), keep=None,
                            layer=None, steps: int = 50, rule: str = "gausslegendre",
@@ -155,7 +178,9 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
         baselines: ``"zero"`` (zero embedding), ``"pad"``, ``"unk"``, a token id, or ids
             ``[P]``; ``skip_tokens`` (ids) and ``keep`` (bool ``[P]``) hold prompt tokens at
             their embedding (zero attribution).
-        layer: the embedding layer (default ``model.get_input_embeddings()``, or a name).
+        layer: the embedding layer (default ``model.get_input_embeddings()``, or a name); a
+            later layer only while the continuation's activations there do not depend on
+            the prompt (checked: ``ValueError`` otherwise).
         steps, rule, tol: quadrature as :func:`taylor_kernels.integrated_gradients`
             (``rule="adaptive"`` refines until every target's gap is within ``tol``; a
             ``RuntimeWarning`` names the targets that miss it after 63 nodes).
@@ -164,6 +189,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     Returns: :class:`GenerationAttribution`.
     """
     quadrature.check_rule(rule)
+    guards.check_model(model)  # train-mode dropout would make every number random
     prompt = hf.check_ids(prompt_ids.reshape(1, -1) if isinstance(prompt_ids, torch.Tensor)
                           and prompt_ids.dim() == 1 else prompt_ids, "prompt_ids")
     if prompt.shape[0] != 1:
@@ -187,6 +213,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     kept = hf.kept_positions(prompt, None, None if keep is None else keep.reshape(1, -1),
                              skip_tokens)
     base = torch.where(kept[..., None], act[:, :P], base)
+    _check_continuation_fixed(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base)
     ctx = backends.using(backend) if backend else contextlib.nullcontext()
     with ctx, hf.first_order_attention(model, act):

@@ -151,6 +151,7 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
         tuple when the layer has several tensors); ``gap`` is NaN (not a completeness sum).
     """
     tup, fargs = inputs_tuple(inputs), forward_args(additional_forward_args)
+    check_float_inputs(tup)
     bls = tuple(b.to(x.dtype) for b, x in zip(_baseline_inputs(baselines, tup), tup))
     spec = Layers(layer, attribute_to_layer_input)
     acts = spec.capture(model, tup + fargs)
@@ -170,6 +171,17 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
     parts = tuple(p.to(a.dtype) for p, a in zip(problem.split(res.sums[0]), acts))
     gap = torch.full((tup[0].shape[0],), float("nan"), dtype=torch.float64)
     return AttributionResult(parts if len(parts) > 1 else parts[0], gap, res.evaluations)
+
+
+def check_float_inputs(tup: tuple[torch.Tensor, ...]) -> None:
+    """``TypeError`` for integer inputs: these methods interpolate the inputs themselves."""
+    for x in tup:
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"this method runs its path in input space (p = b + t (x - b)) and cannot "
+                f"interpolate {x.dtype} inputs such as token ids; attribute through the "
+                f"embedding layer with layer integrated gradients, or pass the embeddings "
+                f"(inputs_embeds) as the inputs")
 
 
 def _rule_table(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +228,7 @@ def layer_gradient_shap(model, layer, inputs, baselines, alphas: torch.Tensor, t
     the rest as :func:`layer_gradient_sums`. Returns per-row attributions ``[R, ...act]``.
     """
     tup, fargs = inputs_tuple(inputs), forward_args(additional_forward_args)
+    check_float_inputs(tup)
     a = alphas.to(torch.float64).reshape(-1, 1)
     table = torch.cat([a, a], dim=1)
     directions = None

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from taylor_kernels.attr.layer_paths import (internal_influence, layer_conductance,
-                                             layer_gradient_shap)
+from taylor_kernels.attr.layer_paths import (check_float_inputs, internal_influence,
+                                             layer_conductance, layer_gradient_shap)
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
                                                  check_no_grad_kwargs, dense_baselines,
                                                  draw_gradient_shap, format_inputs)
@@ -106,6 +106,7 @@ class LayerGradientShap(_LayerMethod):
         """Layer GradientSHAP (Captum's arguments); ``baselines`` a distribution ``[N, ...]``
         (or a callable returning it); with ``return_convergence_delta`` also the delta of
         every draw, ``[B * n_samples]``."""
+        check_float_inputs(format_inputs(inputs)[0])  # before noise makes ids floats
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
         res = layer_gradient_shap(self.forward_func, self.layer, d.noisy, d.drawn, d.alphas,

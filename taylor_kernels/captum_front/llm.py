@@ -18,8 +18,8 @@ fixed, attributions summed over the embedding). ``attribute`` takes Captum's ``n
 ``method`` and ``internal_batch_size`` (path points per chunk) and ours: ``max_memory``,
 ``tol`` (with ``method="adaptive"``), ``backend``, ``progress``. ``attr_method`` may be our
 ``LayerIntegratedGradients`` or Captum's (its ``forward_func`` must be the model and its layer
-the input embeddings, as Captum requires). Output tokens are each id's ``tokenizer.decode``.
-Captum itself is not needed.
+the input embeddings, as Captum requires). Output tokens are readable token strings as in
+Captum (:func:`pretty_tokens`). Captum itself is not needed.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from taylor_kernels.attr.generation import generation_attribution
-from taylor_kernels.captum_front._common import CaptumAttribution
+from taylor_kernels.captum_front._common import CaptumAttribution, captum_method
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
                     "top_p": None}
@@ -138,6 +138,38 @@ class LLMAttributionResult:
         return fig, ax
 
 
+def _readable(text: str) -> str:
+    return text.replace("\n", "\\n").strip()
+
+
+def pretty_tokens(ids: torch.Tensor, tokenizer) -> list[str]:
+    """One readable string per id of ``ids [T]`` (Captum's output tokens): the text decoded
+    from all of them, cut at the offsets of its re-encoding (no byte-level markers such as
+    ``Ġ``; newlines as ``\\n``, stripped; a token sharing characters with the previous one,
+    as one character split over several ids, gets `` [OVERLAP]``). Re-encoded tokens are
+    matched to ``ids`` in order, skipping ones that do not match; when that does not cover
+    every id (or the tokenizer gives no offsets), each id is decoded alone."""
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        spans = list(enc["offset_mapping"])
+        again = list(enc["input_ids"])
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        spans = again = []
+    out, last_end, k = [], -1, 0
+    for j, (tid, (start, end)) in enumerate(zip(again, spans)):
+        if k == len(ids) or tid != ids[k]:
+            continue
+        if start == end:  # an empty span: up to the next token's start
+            end = spans[j + 1][0] if j + 1 < len(spans) else len(text)
+        out.append(_readable(text[start:end]) + (" [OVERLAP]" if last_end > start else ""))
+        last_end, k = end, k + 1
+    if len(out) == len(ids):
+        return out
+    return [_readable(tokenizer.decode([i])) for i in ids]
+
+
 def _layer_of(attr_method):
     """``(model, embedding layer)`` of a layer-IG instance (ours or Captum's)."""
     name = type(attr_method).__name__
@@ -177,11 +209,20 @@ class LLMGradientAttribution:
         if gen_args is not None:
             raise ValueError("gen_args must be None when target is given")
         if isinstance(target, str):
-            return torch.tensor(self.tokenizer.encode(target, add_special_tokens=False))
+            ids = self.tokenizer.encode(target, add_special_tokens=False)
+            if not len(ids):
+                raise ValueError(f"target {target!r} encodes to no tokens")
+            return torch.tensor(ids, dtype=torch.long)
         if isinstance(target, torch.Tensor):
+            if target.dim() == 2 and target.shape[0] == 1:
+                target = target[0]
+            if target.dim() != 1:
+                raise ValueError(f"target ids must be a tensor [T] (or [1, T]), got "
+                                 f"{tuple(target.shape)}")
             return target
         raise TypeError(f"target must be a str or a Tensor of token ids, got {type(target)}")
 
+    @captum_method
     def attribute(self, inp, target: str | torch.Tensor | None = None,
                   gen_args: dict | None = None, **kwargs) -> LLMAttributionResult:
         """Token attributions of every target token's log-prob to the prompt's tokens.
@@ -213,7 +254,7 @@ class LLMGradientAttribution:
         token_attr = res.token_attr[:, itp[0]]
         return LLMAttributionResult(
             input_tokens=list(inp.values),
-            output_tokens=[self.tokenizer.decode([int(t)]) for t in target_ids],
+            output_tokens=pretty_tokens(target_ids, self.tokenizer),
             seq_attr=token_attr.sum(0), token_attr=token_attr, inp=inp,
             output_log_probs=res.log_probs, gap=res.gap)
 

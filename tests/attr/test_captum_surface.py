@@ -300,6 +300,19 @@ def test_errors(image, branches):
         tc.LayerConductance(bnet, unused).attribute(bx, target=1, n_steps=3)
 
 
+@pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
+def test_input_space_paths_refuse_token_ids(name):
+    """Their path runs in input space: integer ids cannot be interpolated (Captum fails in its
+    embedding; a path cast to the ids' dtype would sit at the baseline)."""
+    emb = nn.Embedding(11, 4)
+    net = nn.Sequential(emb, nn.Flatten(), nn.Linear(12, 2))
+    ids = torch.randint(1, 11, (2, 3))
+    kw = {"baselines": torch.zeros(1, 3, dtype=torch.long)} if name == "LayerGradientShap" \
+        else {}
+    with pytest.raises(TypeError, match="cannot interpolate torch.int64 inputs"):
+        getattr(tc, name)(net, net[2]).attribute(ids, target=1, **kw)
+
+
 BAD_INPUTS = {  # Captum raises AssertionError for these; ours also are ValueError/TypeError
     "n_steps": lambda L, net, x: L.IntegratedGradients(net).attribute(x, target=0, n_steps=0),
     "method": lambda L, net, x: L.LayerConductance(net, net.left).attribute(

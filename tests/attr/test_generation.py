@@ -103,6 +103,85 @@ def test_errors(models, tok):
         generation_attribution(model, prompt, target[:0])
 
 
+def test_a_layer_after_token_mixing_is_refused_and_one_before_it_equals_captum(models, tok):
+    """The one pass holds the continuation's activations fixed: right for layers before any
+    mixing of positions (the dropout after the embeddings: Captum's numbers), refused after."""
+    import captum.attr as ca
+
+    import taylor_kernels.captum as tkc
+
+    model = models["gpt2"]
+    prompt, target = _ids(tok)
+    with pytest.raises(ValueError, match="change with the prompt"):
+        generation_attribution(model, prompt, target, baselines=0,
+                               layer=model.transformer.h[0], steps=4)
+    with pytest.raises(ValueError, match="not the input embeddings"):
+        generation_attribution(model, prompt, target, layer=model.transformer.drop, steps=4)
+    results = []
+    for mod in (ca, tkc):
+        inp = mod.TextTokenInput(PROMPT, tok, baselines="<unk>")
+        llm = mod.LLMGradientAttribution(
+            mod.LayerIntegratedGradients(model, model.transformer.drop), tok)
+        results.append(llm.attribute(inp, target=TARGET, n_steps=8))
+    torch.testing.assert_close(results[1].token_attr, results[0].token_attr, rtol=0,
+                               atol=1e-5)
+    mid = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(model, model.transformer.ln_f),
+                                     tok)
+    with pytest.raises(AssertionError, match="change with the prompt"):
+        mid.attribute(tkc.TextTokenInput(PROMPT, tok, baselines="<unk>"), target=TARGET,
+                      n_steps=4)
+
+
+def test_captum_front_target_and_mode_errors(models, tok):
+    import taylor_kernels.captum as tkc
+
+    model = models["gpt2"]
+    llm = tkc.LLMGradientAttribution(
+        tkc.LayerIntegratedGradients(model, model.get_input_embeddings()), tok)
+    inp = tkc.TextTokenInput(PROMPT, tok)
+    with pytest.raises(AssertionError, match="encodes to no tokens"):
+        llm.attribute(inp, target="")
+    with pytest.raises(AssertionError, match=r"tensor \[T\]"):
+        llm.attribute(inp, target=torch.tensor([[3, 4], [5, 6]]))
+    with pytest.raises(AssertionError, match="gen_args must be None"):
+        llm.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 2})
+    one_row = llm.attribute(inp, target=torch.tensor([[5, 6]]), n_steps=4)
+    assert one_row.token_attr.shape[0] == 2
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="random"):
+            llm.attribute(inp, target=TARGET, n_steps=4)
+    finally:
+        model.eval()
+
+
+def test_output_tokens_are_captums_readable_tokens():
+    """Byte-level BPE: the continuation's tokens read as Captum's (no byte markers, spaces
+    stripped, a character split over several ids marked [OVERLAP])."""
+    pytest.importorskip("tokenizers")
+    import transformers
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from taylor_kernels.captum_front.llm import pretty_tokens
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["A dog ran far away, and then slept.", "Café naïve 東京 😀"] * 20,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<e>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel
+                                                .alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<e>")
+    for text in [" and then slept", " 東京 😀", "ran\nfar", "Café naïve"]:
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False))
+        ours = pretty_tokens(ids, tok)
+        assert ours == _convert_ids_to_pretty_tokens(ids, tok), text
+        assert len(ours) == len(ids)
+    emoji = pretty_tokens(torch.tensor(tok.encode(" 😀", add_special_tokens=False)), tok)
+    assert "😀" in emoji and emoji[-1] == "😀 [OVERLAP]"  # one character, several byte ids
+
+
 @pytest.mark.parametrize("ours_input", [True, False], ids=["tk_input", "captum_input"])
 def test_captum_front_switches_by_one_import(models, tok, ours_input):
     import captum.attr as ca
