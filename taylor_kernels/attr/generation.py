@@ -24,7 +24,7 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
-                                                      _warn_if_gap_large)
+                                                      _warn_if_gap_large, check_rule_args)
 from taylor_kernels.engine import guards, path_engine, quadrature
 from taylor_kernels.models import elementwise, hf, lm_head
 from taylor_kernels.models.outputs import model_output
@@ -51,16 +51,17 @@ class GenerationAttribution:
 
 @torch.no_grad()
 def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
-                        eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding ``[T]`` (argmax of the last position's logits), stopping after
-    ``eos_token_id`` (kept) or ``max_new_tokens``."""
+                        eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Greedy decoding ``[T]`` (argmax of the last position's logits), stopping after an
+    end-of-sequence id (``eos_token_id``: one id or several; kept) or ``max_new_tokens``."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     seq, out = prompt_ids[None], []
     for _ in range(max_new_tokens):
         logits = model_output(model(input_ids=seq))[:, -1]
         nxt = logits.argmax(-1)
         out.append(int(nxt))
         seq = torch.cat([seq, nxt[:, None]], dim=1)
-        if eos_token_id is not None and out[-1] == eos_token_id:
+        if out[-1] in eos:
             break
     return torch.tensor(out, dtype=torch.long, device=prompt_ids.device)
 
@@ -93,6 +94,7 @@ class GenerationProblem:
         # and each elementwise activation's g'(x) computed once per forward, not once per pass
         # (models/elementwise.py: ~97M GPT-2 generation 0.89x, small GPT-2 0.91x, Llama 1.00x)
         self.head = lm_head.linear_head(model) if self.serial_backward else None
+        self.cache_key = ("generation", self.T)  # the cost per point grows with T
 
     def forward(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Log-probs ``[N, T]`` of the target tokens with the prompt embeddings ``points``."""
@@ -108,6 +110,9 @@ class GenerationProblem:
                 out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
         finally:
             hook.remove()
+        if out.dim() != 3:
+            raise ValueError(f"generation attribution needs a causal LM whose logits are "
+                             f"[N, L, vocab]; the model returned {tuple(out.shape)}")
         return lm_head.target_log_probs(out[:, -self.T:], self.targets[0], self.head, seen)
 
 
@@ -134,6 +139,31 @@ def _integrate(problem, rule, steps, tol, fx, fb, **kw):
         if _check_gap_tolerance(gap, delta, tol).all() or level == len(sizes) - 1:
             return acc[level], evaluations, hi
         lo = hi
+
+
+def _one_row(ids, name: str) -> torch.Tensor:
+    """Token ids ``[P]`` or ``[1, P]`` (a tensor, list or array) as ``[1, P]``."""
+    ids = torch.as_tensor(ids) if isinstance(ids, (list, tuple)) else ids
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 1:
+        return ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"{name} must hold one sequence ([n] or [1, n]), got "
+                         f"{tuple(ids.shape)}; attribute several one by one")
+    return ids
+
+
+def _eos_ids(model) -> list[int]:
+    """End-of-sequence ids of ``model.generation_config``, else of ``model.config`` (an int
+    or a list, as Llama 3 configs give)."""
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if isinstance(eos, int):
+            return [eos]
+        if isinstance(eos, (list, tuple)) and eos:
+            return [int(e) for e in eos]
+    return []
 
 
 def _check_continuation_fixed(model, layer, sequence, act, base_ids, kept, P: int) -> None:
@@ -174,7 +204,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
             when its forward takes it.
         prompt_ids: ``[P]`` or ``[1, P]`` token ids.
         target_ids: the continuation ``[T]`` (or ``[1, T]``); None generates it greedily
-            (``max_new_tokens``, stopping after ``model.config.eos_token_id``).
+            (``max_new_tokens``, stopping after an end-of-sequence id of
+            ``model.generation_config`` or ``model.config``: one id or a list).
         baselines: ``"zero"`` (zero embedding), ``"pad"``, ``"unk"``, a token id, or ids
             ``[P]``; ``skip_tokens`` (ids) and ``keep`` (bool ``[P]``) hold prompt tokens at
             their embedding (zero attribution).
@@ -188,30 +219,29 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
         max_memory, chunk_size, backend, progress: as ``integrated_gradients``.
     Returns: :class:`GenerationAttribution`.
     """
-    quadrature.check_rule(rule)
+    check_rule_args(rule, tol)
     guards.check_model(model)  # train-mode dropout would make every number random
-    prompt = hf.check_ids(prompt_ids.reshape(1, -1) if isinstance(prompt_ids, torch.Tensor)
-                          and prompt_ids.dim() == 1 else prompt_ids, "prompt_ids")
-    if prompt.shape[0] != 1:
-        raise ValueError(f"prompt_ids must hold one prompt ([P] or [1, P]), got "
-                         f"{tuple(prompt.shape)}; attribute several prompts one by one")
     emb = hf.input_embeddings(model, layer)
+    vocab = hf.vocab_size(emb)
+    prompt = hf.check_ids(_one_row(prompt_ids, "prompt_ids"), "prompt_ids", vocab)
     if target_ids is None:
-        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-        target = greedy_continuation(model, prompt[0], max_new_tokens,
-                                     eos if isinstance(eos, int) else None)
+        target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model))
     else:
-        target = hf.check_ids(target_ids.reshape(1, -1), "target_ids")[0].to(prompt.device)
+        target = _one_row(target_ids, "target_ids")
+        if target.shape[1] == 0:
+            raise ValueError("the target continuation is empty")
+        target = hf.check_ids(target, "target_ids", vocab)[0].to(prompt.device)
     P, T = prompt.shape[1], target.shape[0]
     if T == 0:
         raise ValueError("the target continuation is empty")
     sequence = torch.cat([prompt[0], target[:-1]])
     act = hf.layer_output(lambda i: model(input_ids=i), emb, sequence[None])
     base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
+    if base_ids is not None:
+        hf.check_vocab(base_ids, vocab, "baselines")
     base = torch.zeros_like(act[:, :P]) if base_ids is None else hf.layer_output(
         lambda i: model(input_ids=i), emb, base_ids)
-    kept = hf.kept_positions(prompt, None, None if keep is None else keep.reshape(1, -1),
-                             skip_tokens)
+    kept = hf.kept_positions(prompt, None, keep, skip_tokens)
     base = torch.where(kept[..., None], act[:, :P], base)
     _check_continuation_fixed(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base)

@@ -86,10 +86,11 @@ def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
 
 
 def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bool,
-                           calls: int = 1) -> Callable:
+                           calls: int = 1, later_calls: bool = False) -> Callable:
     """``g(p_1, ..., p_calls, *inputs, *args) = model(*inputs, *args)`` with the output (or
     first input, when ``of_input``) of ``layer``'s ``k``-th call replaced by ``p_k``; inputs
-    and args are passed through."""
+    and args are passed through. More calls than ``calls`` raise ``RuntimeError`` unless
+    ``later_calls`` (they then run unchanged)."""
     def through_layer(*points_and_rest):
         points, rest = points_and_rest[:calls], points_and_rest[calls:]
         count = [0]
@@ -98,6 +99,8 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
             k = count[0]
             count[0] += 1
             if k >= calls:
+                if later_calls:
+                    return None
                 raise RuntimeError(f"layer {type(layer).__name__} was called more than the "
                                    f"{calls} time(s) it was called at the inputs")
             return points[k]
@@ -106,7 +109,8 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
             return next_points()
 
         def replace_in(module, inp):
-            return (next_points(),) + tuple(inp[1:])
+            p = next_points()
+            return None if p is None else (p,) + tuple(inp[1:])
 
         hook = (layer.register_forward_pre_hook(replace_in) if of_input
                 else layer.register_forward_hook(replace_out))

@@ -69,8 +69,8 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
         if method is not layer_integrated_gradients:
             raise TypeError(
                 f"input {ids[0]} holds integer ids ({tup[ids[0]].dtype}); Gaussian noise cannot "
-                "be added to ids: use noise_tunnel(tk.layer_integrated_gradients, model, "
-                "embedding_layer, ids, ...) to put the noise on the embeddings")
+                "be added to ids: use noise_tunnel(tk.layer_integrated_gradients, model, ids, "
+                "embedding_layer, ...) to put the noise on the embeddings")
         if len(set(float(s) for s in stds)) != 1:
             raise ValueError("with integer ids the noise goes on the layer's activation: give "
                              f"one stdev, got {stdevs}")

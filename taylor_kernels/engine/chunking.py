@@ -123,7 +123,11 @@ class ChunkPlan:
         if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):
             self.reserved = reserved + (min(memory.CPU_CALL_RESERVE, self.budget // 8)
                                         if device.type == "cpu" else 0)
-            self.budget = max(1, self.budget - self.reserved)  # what chunks may use
+            if self.reserved >= self.budget:
+                raise MemoryError(f"max_memory of {int(self.budget)} bytes leaves nothing for "
+                                  f"the path: the call's inputs and sums hold {self.reserved} "
+                                  "bytes beside its chunks; raise max_memory")
+            self.budget = self.budget - self.reserved  # what chunks may use
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")
         self.threads = torch.get_num_threads()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -68,15 +69,36 @@ def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
     return emb
 
 
-def check_ids(input_ids, name: str = "input_ids") -> torch.Tensor:
-    """``input_ids`` must be an integer tensor ``[B, L]``."""
+def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> torch.Tensor:
+    """``input_ids`` must be a non-empty integer tensor ``[B, L]``, its ids in
+    ``[0, vocab)`` when ``vocab`` is given."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"{name} must be a tensor [B, L] of token ids, got {got}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got {input_ids.dtype}; for "
                         "float inputs use tk.integrated_gradients")
+    if input_ids.numel() == 0:
+        raise ValueError(f"{name} is empty ({tuple(input_ids.shape)})")
+    check_vocab(input_ids, vocab, name)
     return input_ids
+
+
+def vocab_size(layer: nn.Module) -> int | None:
+    """Rows of an embedding layer (``num_embeddings``), None when it has none."""
+    n = getattr(layer, "num_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
+def check_vocab(ids: torch.Tensor, vocab: int | None, name: str) -> None:
+    """``ValueError`` naming ``name`` when an id lies outside ``[0, vocab)``."""
+    if vocab is None or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds the id {bad}, outside the embedding's vocabulary "
+                         f"[0, {vocab})")
 
 
 def special_token_id(model, name: str, tokenizer=None) -> int:
@@ -122,6 +144,17 @@ def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
                          f"input_ids {tuple(input_ids.shape)}") from exc
 
 
+def row_mask(value, input_ids: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` (a tensor, list or array ``[B, L]``, or ``[L]`` for every row) as a tensor
+    shaped like ``input_ids``; ``ValueError`` when it does not broadcast."""
+    mask = torch.as_tensor(value, device=input_ids.device)
+    try:
+        return mask.expand_as(input_ids)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not match input_ids "
+                         f"{tuple(input_ids.shape)}") from None
+
+
 def kept_positions(input_ids: torch.Tensor, attention_mask=None, keep=None,
                    skip_tokens: Sequence[int] = ()) -> torch.Tensor:
     """Bool ``[B, L]``: padding (``attention_mask == 0``), ``keep`` and ``skip_tokens`` ids."""
@@ -129,7 +162,7 @@ def kept_positions(input_ids: torch.Tensor, attention_mask=None, keep=None,
     if attention_mask is not None:
         kept |= attention_mask.to(input_ids.device) == 0
     if keep is not None:
-        kept |= keep.to(device=input_ids.device, dtype=torch.bool).expand_as(input_ids)
+        kept |= row_mask(keep, input_ids, "keep").to(torch.bool)
     if skip_tokens:
         kept |= torch.isin(input_ids, torch.tensor(list(skip_tokens), device=input_ids.device))
     return kept
@@ -229,8 +262,9 @@ def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.T
             return torch.full((B,), L - 1, dtype=torch.long, device=input_ids.device)
         idx = torch.arange(L, device=input_ids.device).expand(B, L)
         return torch.where(attention_mask.to(input_ids.device) != 0, idx, -1).amax(dim=1)
-    if isinstance(position, int) and -L <= position < L:
-        return torch.full((B,), position % L, dtype=torch.long, device=input_ids.device)
+    if isinstance(position, numbers.Integral) and not isinstance(position, bool) \
+            and -L <= position < L:
+        return torch.full((B,), int(position) % L, dtype=torch.long, device=input_ids.device)
     raise ValueError(f"position must be 'last', None or an int in [-{L}, {L}), got {position!r}")
 
 
@@ -252,17 +286,27 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
                   position="last", score: str = "logit", model_kwargs: dict | None = None,
                   tokenizer=None) -> TokenProblem:
     """Prepare token-id attribution through the embedding layer (see the module docstring)."""
-    ids = check_ids(input_ids)
     emb = input_embeddings(model, layer)
+    ids = check_ids(input_ids, vocab=vocab_size(emb))
     kwargs = dict(model_kwargs or {})
+    if "input_ids" in kwargs or "inputs_embeds" in kwargs:
+        raise ValueError("model_kwargs must not hold input_ids or inputs_embeds: the ids are "
+                         "the input_ids argument")
+    if "attention_mask" in kwargs:  # the same as attention_mask=: padding is held and skipped
+        if attention_mask is not None:
+            raise ValueError("attention_mask given twice (argument and model_kwargs)")
+        attention_mask = kwargs.pop("attention_mask")
     if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=ids.device)
         if tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match "
                              f"input_ids {tuple(ids.shape)}")
-        kwargs["attention_mask"] = attention_mask.to(ids.device)
+        kwargs["attention_mask"] = attention_mask
     call = KeywordModel(model, kwargs, ids.shape[0])
     act_x = layer_output(call, emb, ids, *call.row_values)
     base = baseline_ids(baselines, ids, model, tokenizer)
+    if base is not None:
+        check_vocab(base, vocab_size(emb), "baselines")
     act_b = torch.zeros_like(act_x) if base is None else layer_output(
         call, emb, base, *call.row_values)
     if act_b.shape != act_x.shape:
@@ -272,7 +316,10 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     if act_x.dim() == 3 and kept.any():
         act_b = torch.where(kept[..., None], act_x, act_b)
     positions = read_positions(position, ids, attention_mask)
-    forward = layer_replaced_forward(PositionScore(call, output, positions, score), emb, False)
+    # the ids' embedding is the layer's first call; later ones (GPT-2 embeds token_type_ids
+    # with the same table) run unchanged
+    forward = layer_replaced_forward(PositionScore(call, output, positions, score), emb, False,
+                                     later_calls=True)
     return TokenProblem(forward, act_x, act_b, (ids, *call.row_values, positions), emb)
 
 

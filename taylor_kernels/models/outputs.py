@@ -52,8 +52,10 @@ def model_output(out: Any, output: str | int | Callable | None = None) -> torch.
                          f"tensor; {HINT}")
     if callable(output):
         picked = output(out)
-    elif isinstance(output, int) and isinstance(out, (tuple, list)):
-        picked = out[output] if -len(out) <= output < len(out) else None
+    elif isinstance(output, int) and (isinstance(out, (tuple, list))
+                                      or callable(getattr(out, "to_tuple", None))):
+        items = out if isinstance(out, (tuple, list)) else out.to_tuple()  # HF: out[i]
+        picked = items[output] if -len(items) <= output < len(items) else None
     elif isinstance(output, str) and isinstance(out, Mapping):
         picked = out.get(output)
     elif isinstance(output, str):

@@ -93,14 +93,62 @@ def test_completeness_adaptive_and_greedy(models, tok):
 
 
 def test_errors(models, tok):
+    from transformers import BertConfig, BertForSequenceClassification
+
     model = models["gpt2"]
     prompt, target = _ids(tok)
-    with pytest.raises(ValueError, match="one prompt"):
-        generation_attribution(model, prompt.repeat(2, 1), target)
-    with pytest.raises(TypeError, match="token ids"):
-        generation_attribution(model, prompt, target, baselines=torch.zeros(prompt.shape[1]))
-    with pytest.raises(ValueError, match="empty"):
-        generation_attribution(model, prompt, target[:0])
+    V = model.get_input_embeddings().num_embeddings
+    for args, kw, error, match in [
+            ((prompt.repeat(2, 1), target), {}, ValueError, "one sequence"),
+            ((prompt, target.repeat(2, 1)), {}, ValueError, "one sequence"),
+            ((prompt, target), {"baselines": torch.zeros(prompt.shape[1])}, TypeError,
+             "token ids"),
+            ((prompt, target[:0]), {}, ValueError, "empty"),
+            ((prompt[:, :0], target), {}, ValueError, "prompt_ids is empty"),
+            ((prompt + V, target), {}, ValueError, "prompt_ids holds the id"),
+            ((prompt, torch.tensor([5, -1])), {}, ValueError, "target_ids holds the id -1"),
+            ((prompt, target), {"baselines": V}, ValueError, "baselines holds the id"),
+            ((prompt, target), {"keep": [True] * 3}, ValueError, "keep of shape"),
+            ((prompt, target), {"rule": "adaptive", "tol": 0}, ValueError, "tol must be")]:
+        with pytest.raises(error, match=match):
+            generation_attribution(model, *args, steps=2, **kw)
+    bert = BertForSequenceClassification(BertConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+        vocab_size=V)).eval()
+    with pytest.raises(ValueError, match="causal LM"):
+        generation_attribution(bert, prompt, target, steps=2)
+
+
+def test_lists_eos_lists_and_a_cost_per_target_length(models, tok):
+    """Ids as lists; greedy decoding stops at any of several end-of-sequence ids (Llama 3
+    configs list them); the chunk choice is kept per target length (a long continuation costs
+    more per path point than a short one on the same prompt)."""
+    from taylor_kernels.attr.generation import GenerationProblem, _eos_ids
+    from taylor_kernels.engine import chunking
+
+    model = models["gpt2"]
+    prompt, target = _ids(tok)
+    as_lists = generation_attribution(model, prompt[0].tolist(), target.tolist(), steps=4,
+                                      keep=[True] + [False] * (prompt.shape[1] - 1))
+    ref = generation_attribution(model, prompt, target, steps=4, skip_tokens=[int(prompt[0, 0])])
+    torch.testing.assert_close(as_lists.token_attr, ref.token_attr)
+    first = int(generation_attribution(model, prompt, max_new_tokens=1, steps=2).target_ids[0])
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first + 1, first]
+    try:
+        assert _eos_ids(model) == [first + 1, first]
+        stopped = generation_attribution(model, prompt, max_new_tokens=5, steps=2)
+        assert stopped.target_ids.tolist() == [first]
+    finally:
+        model.generation_config.eos_token_id = saved
+    act = torch.zeros(1, prompt.shape[1] + 4, 8)
+    slots = [chunking.cache_slot(GenerationProblem(model, None, torch.zeros(prompt.shape[1] + T
+                                                                           - 1, dtype=torch.long),
+                                                   torch.zeros(T, dtype=torch.long),
+                                                   act[:, :prompt.shape[1] + T - 1],
+                                                   act[:, :prompt.shape[1]]),
+                                 act[:, :prompt.shape[1]].reshape(1, -1), 1) for T in (1, 5)]
+    assert slots[0] is not slots[1]
 
 
 def test_a_layer_after_token_mixing_is_refused_and_one_before_it_equals_captum(models, tok):

@@ -184,6 +184,58 @@ def test_named_layer_and_errors(gpt2):
         hf.input_embeddings(torch.nn.Linear(2, 2))
 
 
+def test_input_checks_name_the_argument(gpt2):
+    """Ids outside the vocabulary, empty ids, badly shaped masks and a duplicated input_ids get
+    a ValueError naming the argument (not an IndexError deep in torch)."""
+    for kw, match in [({"input_ids": IDS + 500}, "input_ids holds the id 5"),
+                      ({"baselines": -1}, "baselines holds the id -1"),
+                      ({"input_ids": IDS[:, :0]}, "input_ids is empty"),
+                      ({"keep": torch.ones(3, 7, dtype=torch.bool)}, "keep of shape"),
+                      ({"model_kwargs": {"input_ids": IDS}}, "must not hold input_ids"),
+                      ({"attention_mask": torch.ones(1, 7), "model_kwargs": {
+                          "attention_mask": torch.ones(1, 7)}}, "attention_mask given twice")]:
+        kw = {"input_ids": IDS, **kw}
+        with pytest.raises(ValueError, match=match):
+            hf.token_integrated_gradients(gpt2, kw.pop("input_ids"), target=1, steps=2, **kw)
+
+
+def test_mask_in_model_kwargs_lists_and_numpy_positions_are_taken(gpt2):
+    import numpy as np
+
+    ids = torch.cat([IDS, IDS.flip(1)])
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    ref = hf.token_integrated_gradients(gpt2, ids, target=[1, 2], attention_mask=mask,
+                                        keep=ids == 2, steps=8)
+    got = hf.token_integrated_gradients(gpt2, ids, target=[1, 2], steps=8,
+                                        model_kwargs={"attention_mask": mask.tolist()},
+                                        keep=(ids == 2).tolist())
+    torch.testing.assert_close(got.attributions, ref.attributions)
+    assert float(got.token_scores[0, 5:].abs().max()) == 0.0  # padding held at its embedding
+    at = hf.token_integrated_gradients(gpt2, IDS, target=1, position=np.int64(-2), steps=4)
+    torch.testing.assert_close(at.attributions, hf.token_integrated_gradients(
+        gpt2, IDS, target=1, position=-2, steps=4).attributions)
+
+
+def test_gpt2_token_type_ids_embedded_by_the_same_layer(gpt2):
+    """GPT-2 embeds token_type_ids with its word embeddings: the ids' embedding (the layer's
+    first call) is attributed, the token types' runs unchanged (completeness holds)."""
+    tti = torch.randint(0, 3, IDS.shape, generator=torch.Generator().manual_seed(0))
+    res = hf.token_integrated_gradients(tiny.gpt2(layers=1, d=32, dtype=torch.float64), IDS,
+                                        target=1, steps=64, model_kwargs={"token_type_ids": tti})
+    assert float(res.gap.abs().max()) < 1e-6
+    plain = hf.token_integrated_gradients(gpt2, IDS, target=1, steps=8)
+    typed = hf.token_integrated_gradients(gpt2, IDS, target=1, steps=8,
+                                          model_kwargs={"token_type_ids": tti})
+    assert not torch.allclose(plain.attributions, typed.attributions)
+
+
+def test_output_index_on_a_model_output(gpt2):
+    torch.testing.assert_close(
+        hf.token_integrated_gradients(gpt2, IDS, target=1, output=0, steps=4).attributions,
+        hf.token_integrated_gradients(gpt2, IDS, target=1, steps=4).attributions)
+
+
 def test_second_order_switches_to_math_attention_once(gpt2):
     """Token-pair Integrated Hessians through SDPA attention: one warning, and the same values
     as the eager-attention model."""

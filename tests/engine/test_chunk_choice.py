@@ -67,6 +67,8 @@ def test_candidates_respect_limit_and_share(monkeypatch):
     assert held.chunk == (2**20 - 2**19 - 2**20 // 8) // 1000
     with pytest.raises(MemoryError, match="655360 of them held by the call"):
         chunking.ChunkPlan(10**6, CPU, cost=2**19, max_memory="1MB", reserved=2**19)
+    with pytest.raises(MemoryError, match="max_memory of 1000 bytes leaves nothing"):
+        chunking.ChunkPlan(10**6, CPU, cost=10.0, max_memory=1000, reserved=2000)
 
 
 def test_call_threads_applies_busy_choice_and_restores(monkeypatch):

@@ -57,7 +57,7 @@ def test_measured_point_cost_is_reusable():
 
 def test_budget_too_small_for_one_point():
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
-    with pytest.raises(MemoryError, match="too small for one path point"):
+    with pytest.raises(MemoryError, match="max_memory of 16 bytes leaves nothing"):
         tk.integrated_gradients(model, x, target=0, steps=5, max_memory=16)
 
 
