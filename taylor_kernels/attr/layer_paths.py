@@ -36,6 +36,7 @@ from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
+from taylor_kernels.models.outputs import model_output
 
 DIRECTIONS = ("ones", "given", "next")
 
@@ -119,15 +120,66 @@ class LayerSpace:
         if self.direction == "next":
             nxt = self.spec.capture(self.model, point(idx + 1) + rest)
 
+        def direction(k, v):
+            if self.direction == "ones":
+                return None
+            return ds[k] if ds is not None else nxt[k] - v.detach()
+
+        if self.spec.of_input:  # the total derivative in the layer's input tensors (below)
+            return self._through_inputs(es, point(idx) + rest, direction)
+
         def edit(k, v):
             delta = (es[k] - es[k].detach()).to(v.dtype)
-            if self.direction == "ones":
-                return v + delta
-            d = ds[k] if ds is not None else nxt[k] - v.detach()
-            return v + delta * d
+            d = direction(k, v)
+            return v + (delta if d is None else delta * d)
 
         with self.spec.edited(edit, last_call=True):  # Captum: the gradient at the last call
             return self.model(*point(idx), *rest)
+
+    def _through_inputs(self, es, args, direction):
+        """The model's output at ``args``, whose gradient in ``e_k`` is ``dF/dv_k * D_k`` with
+        ``v_k`` the layer's input tensors at its last call and ``dF/dv_k`` their *total*
+        derivative, every use of those tensors counted (before and after the layer, as
+        Captum's gradient in the saved inputs; an edit at the layer would see only the
+        layer's own use)."""
+        taken: dict[int, torch.Tensor] = {}
+
+        def take(k, v):
+            if not v.requires_grad and v.grad_fn is None and v.is_floating_point():
+                v.requires_grad_()  # a leaf: later uses enter the graph (as Captum's)
+            taken[k] = v
+            return v
+
+        with self.spec.edited(take, last_call=True):
+            out = model_output(self.model(*args))
+        vs = [taken[k] for k in range(len(es))]
+        dirs = [direction(k, v) for k, v in enumerate(vs)]
+        return _InputGradient.apply(out, vs, dirs, *es)
+
+
+class _InputGradient(torch.autograd.Function):
+    """``y = _InputGradient.apply(out, vs, dirs, *es)``: the value of ``out``; backward
+    ``grad_e_k = (d <grad, out> / d v_k) * dirs_k`` (``dirs_k`` None: ones), by an inner
+    backward through ``out``'s own graph."""
+
+    @staticmethod
+    def forward(ctx, out, vs, dirs, *es):
+        ctx.out, ctx.vs, ctx.dirs = out, vs, dirs
+        ctx.e_dtypes = [e.dtype for e in es]
+        return out.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        used = [i for i, v in enumerate(ctx.vs) if v.requires_grad]
+        got = torch.autograd.grad(ctx.out, [ctx.vs[i] for i in used], grad, retain_graph=True,
+                                  allow_unused=True) if used else ()
+        per_v = dict(zip(used, got))
+        grads = []
+        for i, (v, d, dtype) in enumerate(zip(ctx.vs, ctx.dirs, ctx.e_dtypes)):
+            g = per_v.get(i)
+            g = torch.zeros_like(v) if g is None else g
+            grads.append((g if d is None else g * d).to(dtype))
+        return (None, None, None, *grads)
 
 
 def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Tensor,

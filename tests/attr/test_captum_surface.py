@@ -300,6 +300,43 @@ def test_errors(image, branches):
         tc.LayerConductance(bnet, unused).attribute(bx, target=1, n_steps=3)
 
 
+class SharedInput(nn.Module):
+    """``a = l1(x)`` feeds ``l2`` and, as the second input, ``add`` (a residual): the layer
+    input ``a`` has uses outside ``add``."""
+
+    class Add(nn.Module):
+        def forward(self, h, r):
+            return h + r
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.add, self.out = (nn.Linear(4, 5), nn.Linear(5, 5), self.Add(),
+                                                nn.Linear(5, 3))
+
+    def forward(self, x):
+        a = self.l1(x)
+        return self.out(torch.tanh(self.add(torch.tanh(self.l2(a)), a)))
+
+
+@pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
+def test_layer_input_gradient_counts_every_use_of_the_input(name):
+    """Captum differentiates in the tensors the layer receives, so a residual input's other
+    uses count (it was 0.4 off when only the layer's own use counted)."""
+    torch.manual_seed(0)
+    net = SharedInput().to(F64)
+    x = torch.randn(3, 4, dtype=F64)
+    extra = (torch.randn(5, 4, dtype=F64),) if name == "LayerGradientShap" else ()
+    kw = {} if extra else {"n_steps": 8}
+    got = []
+    for mod in (ca, tc):
+        torch.manual_seed(1)
+        np.random.seed(1)
+        got.append(getattr(mod, name)(net, net.add).attribute(
+            x, *extra, target=1, attribute_to_layer_input=True, **kw))
+    for ours, ref in zip(got[1], got[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
 def test_input_space_paths_refuse_token_ids(name):
     """Their path runs in input space: integer ids cannot be interpolated (Captum fails in its
