@@ -20,6 +20,9 @@ exactly, in float64). The model maps a point ``e`` to the input point ``p(t_s)``
 adds ``(e - stop(e)) * D`` to the layer's activation: zero in value, and the engine's gradient
 with respect to ``e`` is ``dF/da * D``. With the engine's factor ``1 - 0 = 1`` and weights
 ``w_s`` its sum is exactly the sums above, chunked to the memory budget like every path.
+With ``attribute_to_layer_input`` the layer's input tensors are not edited: ``dF/da`` is
+their total derivative (every use of them counts, also outside the layer, as Captum's gradient
+in the tensors it saves), mapped to ``e`` by a custom backward (:class:`_InputGradient`).
 """
 from __future__ import annotations
 

@@ -105,6 +105,7 @@ class LLMAttributionResult:
         if self.token_attr is None:
             raise ValueError("token_attr is None: use plot_seq_attr")
         import matplotlib.pyplot as plt
+        import numpy as np
 
         data = self.token_attr.detach().cpu().float().numpy()
         vmax = float(abs(data).max()) or 1.0
@@ -114,6 +115,9 @@ class LLMAttributionResult:
         fig.colorbar(im, ax=ax).ax.set_ylabel("token attribution", rotation=-90, va="bottom")
         ax.set_xticks(range(data.shape[1]), labels=[repr(t)[1:-1] for t in self.input_tokens])
         ax.set_yticks(range(data.shape[0]), labels=[repr(t)[1:-1] for t in self.output_tokens])
+        for (i, j), v in np.ndenumerate(data):  # the value in each cell, as Captum's
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 0.6 * vmax else "black")
         ax.tick_params(top=True, bottom=False, labeltop=True, labelbottom=False)
         plt.setp(ax.get_xticklabels(), rotation=-30, ha="right", rotation_mode="anchor")
         if show:

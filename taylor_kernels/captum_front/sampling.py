@@ -102,10 +102,12 @@ class NoiseTunnel:
         delta = None
         if kwargs.get("return_convergence_delta", False):
             out, delta = out
-        attrs_tuple = isinstance(out, tuple)
-        attrs = out if attrs_tuple else (out,)
-        result = tuple(self._smooth(a, B, sizes, nt_type, nt_samples) for a in attrs)
-        result = result if attrs_tuple else result[0]
+        def smooth(value):  # a tensor, a tuple (per input) or a list (per layer) of those
+            if isinstance(value, (tuple, list)):
+                return type(value)(smooth(v) for v in value)
+            return self._smooth(value, B, sizes, nt_type, nt_samples)
+
+        result = smooth(out)
         if delta is not None:
             return result, delta
         return result

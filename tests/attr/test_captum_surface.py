@@ -300,6 +300,20 @@ def test_errors(image, branches):
         tc.LayerConductance(bnet, unused).attribute(bx, target=1, n_steps=3)
 
 
+def test_noise_tunnel_over_layer_ig_on_a_list_of_layers(branches):
+    """Per layer smoothing (a list in, a list out); with no noise it is layer IG itself."""
+    net, x = branches
+    lig = tc.LayerIntegratedGradients(net, [net.left, net.right])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers attributed jointly
+        plain = lig.attribute(x, target=1, n_steps=8)
+        smooth = tc.NoiseTunnel(lig).attribute(x, nt_samples=3, stdevs=0.0, target=1,
+                                               n_steps=8)
+    assert isinstance(smooth, list) and len(smooth) == 2
+    for a, b in zip(smooth, plain):
+        torch.testing.assert_close(a, b)
+
+
 class SharedInput(nn.Module):
     """``a = l1(x)`` feeds ``l2`` and, as the second input, ``add`` (a residual): the layer
     input ``a`` has uses outside ``add``."""

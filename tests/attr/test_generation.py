@@ -249,8 +249,8 @@ def test_captum_front_switches_by_one_import(models, tok, ours_input):
     torch.testing.assert_close(res.token_attr, ref.token_attr, rtol=0, atol=1e-5)
     torch.testing.assert_close(res.seq_attr, ref.seq_attr, rtol=0, atol=1e-5)
     assert res.seq_attr_dict.keys() == ref.seq_attr_dict.keys()
-    fig, _ = res.plot_token_attr()
-    assert fig is not None
+    fig, ax = res.plot_token_attr()
+    assert fig is not None and len(ax.texts) == res.token_attr.numel()  # values, as Captum's
 
 
 def test_captum_front_generates_and_checks_arguments(models, tok):
