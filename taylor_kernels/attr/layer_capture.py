@@ -69,7 +69,10 @@ class Layers:
 
         def hook_for(i):
             def grab(module, inp, out=None):
-                seen[i] = self._as_tuple(i, inp if self.of_input else out)
+                vals = self._as_tuple(i, inp if self.of_input else out)
+                # a copy: an in-place op later in the forward (ReLU(inplace=True)) would
+                # otherwise change what was read
+                seen[i] = tuple(v.clone() if grad else v.detach().clone() for v in vals)
                 count[i] += 1
                 if stop and self.calls is not None and all(
                         c >= n for c, n in zip(count, self.calls)):

@@ -151,7 +151,7 @@ class LayerSpace:
             if not v.requires_grad and v.grad_fn is None and v.is_floating_point():
                 v.requires_grad_()  # a leaf: later uses enter the graph (as Captum's)
             taken[k] = v
-            return v
+            return v.clone()  # the layer gets a copy (as Captum's): in place, it changes that
 
         with self.spec.edited(take, last_call=True):
             out = model_output(self.model(*args))

@@ -66,7 +66,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
         def keep(k, v):  # endpoint probes run without grad: give F something to differentiate
             v = v if v.requires_grad else v.detach().requires_grad_(True)
             found[k] = v
-            return v
+            return v.clone()  # the model goes on with a copy: in place, it changes that one
 
         with torch.enable_grad(), spec.edited(keep, last_call=True):
             out = model(*points, *rest)

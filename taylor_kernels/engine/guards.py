@@ -242,15 +242,17 @@ def preserved_buffers(f):
     """Snapshot the buffers of the modules of ``f`` and put them back on exit (success or
     exception), values and tensor objects (a buffer reassigned in ``forward`` is reattached):
     probes cannot change running statistics or counters."""
-    saved = [(m, name, b, b.detach().clone()) for root in modules_of(f)
+    saved = [(m, name, b, b.detach().clone(), b._version) for root in modules_of(f)
              for m in root.modules() for name, b in m._buffers.items() if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, name, b, value in saved:
+            for m, name, b, value, version in saved:
                 m._buffers[name] = b
-                b.copy_(value)
+                if b._version != version:  # only a buffer changed in place is written back:
+                    b.copy_(value)  # a copy bumps the version autograd checks (eval batch norm
+                    # saves its running stats for backward)
 
 
 @contextlib.contextmanager

@@ -314,6 +314,59 @@ def test_noise_tunnel_over_layer_ig_on_a_list_of_layers(branches):
         torch.testing.assert_close(a, b)
 
 
+class InPlaceStem(nn.Module):
+    """conv -> eval batch norm -> ReLU(inplace=True), the ReLU reused after a residual add
+    (torchvision's BasicBlock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu, self.conv2, self.fc = nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1), \
+            nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.conv(x)))
+        return self.fc(self.relu(self.conv2(h) + h).mean((2, 3)))
+
+
+INPLACE_CASES = [("InternalInfluence", "relu", {"attribute_to_layer_input": True}),
+                 ("InternalInfluence", "bn", {}),
+                 ("LayerConductance", "relu", {"attribute_to_layer_input": True}),
+                 ("LayerConductance", "conv", {}),
+                 ("LayerGradientShap", "bn", {}),
+                 ("LayerGradientShap", "relu", {"attribute_to_layer_input": True}),
+                 ("NeuronIntegratedGradients", "bn", {}),
+                 ("NeuronIntegratedGradients", "relu", {"attribute_to_neuron_input": True}),
+                 ("NeuronConductance", "bn", {})]
+
+
+@pytest.mark.parametrize("name, layer, kw", INPLACE_CASES,
+                         ids=[f"{n}-{m}-{bool(k)}" for n, m, k in INPLACE_CASES])
+def test_in_place_activations_as_captum(name, layer, kw):
+    """Captured activations are copies (a later in-place ReLU changed them), the layer's
+    inputs reach it as a copy, and restoring unchanged buffers writes nothing (eval batch
+    norm saves its running stats for backward)."""
+    torch.manual_seed(0)
+    net = InPlaceStem().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, 6)
+    if name == "LayerGradientShap":
+        args, kw = (torch.randn(4, 3, 6, 6),), {**kw, "target": 1}
+    elif name.startswith("Neuron"):
+        args, kw = ((1, 2, 2),), {**kw, "n_steps": 6, **({"target": 1} if "Cond" in name
+                                                         else {})}
+    else:
+        args, kw = (), {**kw, "target": 1, "n_steps": 6}
+    got = []
+    for mod in (ca, tc):
+        torch.manual_seed(1)
+        np.random.seed(1)
+        got.append(getattr(mod, name)(net, getattr(net, layer)).attribute(x, *args, **kw))
+    torch.testing.assert_close(got[1], got[0], rtol=1e-4, atol=1e-6)
+
+
 class SharedInput(nn.Module):
     """``a = l1(x)`` feeds ``l2`` and, as the second input, ``add`` (a residual): the layer
     input ``a`` has uses outside ``add``."""
