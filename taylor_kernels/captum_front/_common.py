@@ -232,6 +232,7 @@ class CaptumAttribution:
     ``attribute_future`` (which Captum does not implement for these methods either)."""
 
     HAS_DELTA = True
+    DRAWS_RANDOM = False  # draws random numbers itself (NoiseTunnel then runs it per block)
     forward_func: Callable
     _multiply_by_inputs = True
 

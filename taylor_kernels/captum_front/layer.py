@@ -92,6 +92,8 @@ class LayerGradientShap(_LayerMethod):
     ``torch.normal``, nodes by ``numpy.random.uniform``, in that order), so under the same
     seeds the results equal Captum's; all ``B * n_samples`` draws are one engine pass."""
 
+    DRAWS_RANDOM = True
+
     def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func, layer, device_ids)

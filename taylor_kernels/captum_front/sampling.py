@@ -30,6 +30,15 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, captum_metho
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
+def _concat_rows(parts: list):
+    """Per-block results (tensors, or tuples / lists of them) joined along the rows."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], (tuple, list)):
+        return type(parts[0])(_concat_rows([p[i] for p in parts]) for i in range(len(parts[0])))
+    return torch.cat(parts)
+
+
 class NoiseTunnel:
     """Drop-in for ``captum.attr.NoiseTunnel`` over any :mod:`taylor_kernels.captum` class
     (SmoothGrad, SmoothGrad-squared, VarGrad)."""
@@ -79,29 +88,37 @@ class NoiseTunnel:
         bls = kwargs.get("baselines")
         bl_tuple = (tuple(bls) if isinstance(bls, tuple) else (bls,) * len(tup)) if has_bl \
             else None
-        with torch.no_grad():
-            # Same draws, same order as Captum: numpy baselines for a full block (shared by
-            # every full block), torch noise block by block, numpy baselines for the rest.
-            drawn = {}
-            if has_bl and draw_baseline_from_distrib:
-                drawn[per_block] = draw_baselines(bl_tuple, B, per_block)
+        # A method that draws random numbers itself (GradientShap) runs block by block, as
+        # Captum's does, so its draws interleave with the noise in Captum's order; the others
+        # run all blocks in one call.
+        groups = [[n] for n in sizes] if self.attribution_method.DRAWS_RANDOM else [sizes]
+        drawn, outs, deltas = {}, [], []
+        with torch.no_grad():  # Captum: numpy baselines for a full block (shared by every
+            if has_bl and draw_baseline_from_distrib:  # full block), then per block the
+                drawn[per_block] = draw_baselines(bl_tuple, B, per_block)  # noise, and the
+        for group in groups:  # rest's baselines after its noise
             noisy = []
-            for n in sizes:
-                noisy.append(tuple(captum_noise(x, s, n) for x, s in zip(tup, stds)))
-                if has_bl and draw_baseline_from_distrib and n not in drawn:
-                    drawn[n] = draw_baselines(bl_tuple, B, n)
-        call_kwargs = {k: v for k, v in kwargs.items() if k != "baselines"}
-        for key in ("target", "additional_forward_args"):
-            if key in call_kwargs:
-                call_kwargs[key] = expand_blocks(call_kwargs[key], B, sizes)
-        if has_bl:
-            call_kwargs["baselines"] = self._expand_baselines(bl_tuple, drawn, tup, sizes,
-                                                              isinstance(bls, tuple))
-        batch = tuple(torch.cat([blk[i] for blk in noisy]) for i in range(len(tup)))
-        out = self.attribution_method.attribute(batch if was_tuple else batch[0], **call_kwargs)
-        delta = None
-        if kwargs.get("return_convergence_delta", False):
-            out, delta = out
+            with torch.no_grad():
+                for n in group:
+                    noisy.append(tuple(captum_noise(x, s, n) for x, s in zip(tup, stds)))
+                    if has_bl and draw_baseline_from_distrib and n not in drawn:
+                        drawn[n] = draw_baselines(bl_tuple, B, n)
+            call_kwargs = {k: v for k, v in kwargs.items() if k != "baselines"}
+            for key in ("target", "additional_forward_args"):
+                if key in call_kwargs:
+                    call_kwargs[key] = expand_blocks(call_kwargs[key], B, group)
+            if has_bl:
+                call_kwargs["baselines"] = self._expand_baselines(bl_tuple, drawn, tup, group,
+                                                                  isinstance(bls, tuple))
+            batch = tuple(torch.cat([blk[i] for blk in noisy]) for i in range(len(tup)))
+            out = self.attribution_method.attribute(batch if was_tuple else batch[0],
+                                                    **call_kwargs)
+            if kwargs.get("return_convergence_delta", False):
+                out, delta = out
+                deltas.append(delta)
+            outs.append(out)
+        out = _concat_rows(outs)
+        delta = torch.cat(deltas) if deltas else None
         def smooth(value):  # a tensor, a tuple (per input) or a list (per layer) of those
             if isinstance(value, (tuple, list)):
                 return type(value)(smooth(v) for v in value)
@@ -161,6 +178,8 @@ class GradientShap(CaptumAttribution):
     factor when ``multiply_by_inputs=False``) is averaged over the draws. All ``B * n_samples``
     points are one engine pass (per-path nodes ``[B * n, 1, 1]``), chunked to the budget.
     """
+
+    DRAWS_RANDOM = True
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         self.forward_func = forward_func

@@ -102,6 +102,10 @@ def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
     if target is None:
         return None
     _no_float_target(target)
+    if isinstance(target, bool) or isinstance(target, torch.Tensor) and \
+            target.dtype == torch.bool or isinstance(target, (tuple, list)) and any(
+                isinstance(t, bool) for t in target):
+        raise TypeError(f"target must hold integer indices, got booleans: {target!r}")
     if isinstance(target, int):
         return torch.full((B,), target, dtype=torch.long, device=device)
     if isinstance(target, torch.Tensor):
