@@ -10,7 +10,9 @@ What differs is the batching: all noisy copies (``B * nt_samples`` rows) go thro
 the wrapped method and GradientShap's ``B * n_samples`` points through one engine pass, chunked
 to the memory budget (``max_memory=`` / ``internal_batch_size=``). ``nt_samples_batch_size``
 therefore only groups the random draws as Captum does (which matters for reproducing its
-numbers); memory is bounded by the engine.
+numbers); memory is bounded by the engine. The exception: a wrapped method that draws its own
+random numbers (GradientShap, LayerGradientShap) runs once per block, as in Captum, since its
+draws come between the blocks' noise.
 """
 from __future__ import annotations
 
