@@ -14,11 +14,17 @@ memory-budgeted, every backend). Differences a user may notice:
   ``backend=``, ``progress=``; ``self.last_result`` holds the last
   :class:`~taylor_kernels.AttributionResult` (evaluations spent, nodes per input).
 * Riemann nodes are exact float64 (Captum rounds them through float32): differences ~1e-7.
+* Inputs that require grad (grad mode on, a fixed rule): the attributions carry Captum's
+  graph, ``integral.detach() * (inputs - baselines)``, so ``attr.sum().backward()`` runs as
+  with Captum (the gradient flows through the factor only; for the exact derivative of the
+  attributions use :func:`taylor_kernels.integrated_gradients` with ``create_graph=True``).
 """
 from __future__ import annotations
 
 import warnings
 from typing import Callable
+
+import torch
 
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
@@ -52,7 +58,10 @@ class IntegratedGradients(CaptumAttribution):
         kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
                   progress=progress, chunk_size=internal_batch_size)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
-        if self._multiply_by_inputs:
+        if self._multiply_by_inputs and _tracks_inputs(tup, method, tol):
+            res = _with_factor_graph(forward, tup, dense_baselines(baselines, tup), target,
+                                     fargs, was_tuple, kw)
+        elif self._multiply_by_inputs:
             res = integrated_gradients(forward, inputs, baselines, target,
                                        additional_forward_args=fargs, **kw)
         else:
@@ -62,6 +71,25 @@ class IntegratedGradients(CaptumAttribution):
         if return_convergence_delta:
             return res.attributions, res.gap
         return res.attributions
+
+
+def _tracks_inputs(tup, method: str, tol) -> bool:
+    """Whether Captum would return attributions with a graph: grad mode on and an input
+    requiring grad (fixed rules only: the adaptive and exact rules keep theirs detached)."""
+    return (torch.is_grad_enabled() and any(x.requires_grad for x in tup)
+            and method not in ("adaptive", "exact") and tol is None)
+
+
+def _with_factor_graph(forward, tup, bls, target, fargs, was_tuple, kw):
+    """IG as ``integral.detach() * (x - b)`` with autograd tracking the factor (Captum's
+    graph); ``gap`` from the integral's own (``sum(I) - gap_I = f(x) - f(b)``)."""
+    res = unscaled_integrated_gradients(forward, tup, bls, target, fargs, True, **kw)
+    attrs = tuple(i.to(x.dtype) * (x - b) for i, x, b in zip(res.attributions, tup, bls))
+    change = sum(i.reshape(i.shape[0], -1).sum(1) for i in res.attributions) - res.gap
+    res.gap = sum(a.detach().reshape(a.shape[0], -1).sum(1).to(change.dtype)
+                  for a in attrs) - change
+    res.attributions = attrs if was_tuple else attrs[0]
+    return res
 
 
 class LayerIntegratedGradients(CaptumAttribution):

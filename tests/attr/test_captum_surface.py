@@ -335,6 +335,23 @@ def test_noise_tunnel_in_batches_over_gradient_shap_draws_as_captum(name):
     torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-4, atol=1e-6)
 
 
+def test_inputs_requiring_grad_get_captums_graph():
+    """attr.sum().backward() runs as with Captum: the graph goes through (x - b) only."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    got = []
+    for mod in (ca, tc):
+        attr, delta = mod.IntegratedGradients(net).attribute(x, target=1, n_steps=16,
+                                                             return_convergence_delta=True)
+        got.append((attr.detach(), delta.detach(),
+                    torch.autograd.grad(attr.pow(2).sum(), x)[0]))
+    for ours, ref in zip(got[1], got[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-9)
+    assert x.grad is None
+    assert tc.IntegratedGradients(net).attribute(x.detach(), target=1).grad_fn is None
+
+
 def test_boolean_targets_are_refused_as_captum():
     net = nn.Linear(4, 3)
     x = torch.randn(2, 4)
