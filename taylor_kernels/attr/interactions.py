@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels.engine import memory
-from taylor_kernels.engine.derivative import hessian, hvp, math_attention
+from taylor_kernels.engine.derivative import hessian, higher_order_ops, hvp
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 
 MAX_SETS = 200_000
@@ -129,7 +129,7 @@ def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor, sets: list[tup
     dirs_all = directions.expand(x.shape[0], -1, -1)
     nested = torch.func.vmap(lambda *vs: _nested_jvp(f, x, *vs))
     parts = []
-    with math_attention():  # fused attention kernels have no forward-mode AD
+    with higher_order_ops():  # nested forward mode: math attention, composite norms
         for part in idx.split(chunk):
             dirs = dirs_all[:, part].permute(2, 1, 0, 3)  # [k, n, B, D]
             parts.append(nested(*dirs.unbind(0)).detach())

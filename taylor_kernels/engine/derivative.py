@@ -31,6 +31,7 @@ import torch
 from torch.func import grad, jvp
 
 from taylor_kernels.engine import guards, memory
+from taylor_kernels.engine.composite_norms import composite_norms
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
@@ -44,6 +45,15 @@ def math_attention():
     except ImportError:  # pragma: no cover - torch < 2.3
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+@contextlib.contextmanager
+def higher_order_ops():
+    """For derivatives above second order or by nested forward mode: the math attention
+    backend (the fused kernels have no forward-mode AD) and composite layer / instance norms
+    (PyTorch's own formulas are wrong there: :mod:`~taylor_kernels.engine.composite_norms`)."""
+    with math_attention(), composite_norms():
+        yield
 
 
 def _warn_once(msg: str) -> None:
@@ -322,7 +332,7 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) 
     x, u, v = x.detach(), u.to(x).detach(), v.to(x).detach()
     g_fn = grad(lambda z: _row_scalars(f, z).sum())
     vhu = lambda z: (jvp(g_fn, (z,), (u,))[1] * v).sum()  # noqa: E731
-    with math_attention():
+    with higher_order_ops():
         try:
             out = grad(vhu)(x)
         except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
@@ -338,5 +348,5 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) 
     return out.detach().reshape(x.shape[0], -1)
 
 
-__all__ = ["grad_and_hvp", "hessian", "hessian_diagonal", "hvp", "math_attention", "pair_cost",
-           "plan", "third_order", "unit_directions"]
+__all__ = ["grad_and_hvp", "hessian", "hessian_diagonal", "higher_order_ops", "hvp",
+           "math_attention", "pair_cost", "plan", "third_order", "unit_directions"]

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
+from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.guards import (cell_values, check_function_rows, check_model,
                                           modules_of)
 from taylor_kernels.engine.jet_rules import Jet
@@ -186,15 +187,9 @@ def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet ru
             return getattr(a[0], target)(*a[1:], **kw)
         return target(*a, **kw)
 
-    with _math_attention():
+    with higher_order_ops():
         out = nested_jvp_coefficients(fn, [flat[i].c for i in slots], order)
     return tuple(Jet(c) for c in out) if isinstance(out, tuple) else Jet(out)
-
-
-def _math_attention():
-    """Fused SDPA kernels support no forward-mode AD: select the math backend."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _JetInterpreter(fx.Interpreter):
@@ -324,7 +319,7 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     elif isinstance(arg, Jet):
         if not fallback:
             _warn_once(_op_name("call_function", f), "could not trace")
-        with _math_attention():
+        with higher_order_ops():
             out = nested_jvp_coefficients(f, [arg.c], order)
     else:
         out = rules.as_jet(f(arg), order).c
