@@ -309,10 +309,11 @@ def _gelu(x, approximate="none"):
 
 
 def _softplus(x, beta=1.0, threshold=20.0):
-    """``softplus(beta x) / beta`` (the linear branch above ``threshold`` is not modelled)."""
-    if beta == 1:
-        return unary("softplus", x)
-    return Jet(unary("softplus", Jet(beta * x.c)).c / beta)
+    """``softplus(beta x) / beta``, and ``x`` itself where ``beta x > threshold`` (torch's
+    linear branch: the jet of the identity there, as the model computes)."""
+    out = unary("softplus", x) if beta == 1 else \
+        Jet(unary("softplus", Jet(beta * x.c)).c / beta)
+    return Jet(torch.where(x.c[0] * beta > threshold, x.c, out.c))  # no host sync
 
 
 def _dropout(x, *args, **kwargs):

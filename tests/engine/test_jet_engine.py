@@ -51,7 +51,8 @@ def mlp(act):
 
 ACTIVATIONS = {"tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(), "gelu": nn.GELU(),
                "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(), "relu": nn.ReLU(),
-               "softplus": nn.Softplus(), "softplus_beta": nn.Softplus(beta=2.0)}
+               "softplus": nn.Softplus(), "softplus_beta": nn.Softplus(beta=2.0),
+               "softplus_threshold": nn.Softplus(beta=1.5, threshold=0.5)}  # linear branch
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
