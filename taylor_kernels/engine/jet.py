@@ -178,7 +178,7 @@ def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet ru
     flat, spec = pytree.tree_flatten((args, kwargs))
     slots = [i for i, v in enumerate(flat) if isinstance(v, Jet)]
 
-    def fn(*values):
+    def call(values):
         vals = list(flat)
         for i, v in zip(slots, values):
             vals[i] = v
@@ -187,9 +187,29 @@ def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet ru
             return getattr(a[0], target)(*a[1:], **kw)
         return target(*a, **kw)
 
+    # The output's floating tensors get jets; its structure (tuples, named tuples, dicts,
+    # ModelOutputs) and anything else in it (None, caches, indices) come from the primal call.
+    with torch.no_grad():  # structure and constants only
+        primal = call([flat[i].c[0].detach() for i in slots])
+    out_flat, out_spec = pytree.tree_flatten(primal)
+    moving = [j for j, v in enumerate(out_flat)
+              if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())]
+
+    def fn(*values):
+        leaves = pytree.tree_leaves(call(values))
+        return tuple(leaves[j] for j in moving)
+
     with higher_order_ops():
-        out = nested_jvp_coefficients(fn, [flat[i].c for i in slots], order)
-    return tuple(Jet(c) for c in out) if isinstance(out, tuple) else Jet(out)
+        coeffs = nested_jvp_coefficients(fn, [flat[i].c for i in slots], order) if moving \
+            else ()
+    for j, c in zip(moving, coeffs):
+        out_flat[j] = Jet(c)
+    return pytree.tree_unflatten(out_flat, out_spec)
+
+
+def _primal(tree):
+    """``tree`` with every jet replaced by its value (order-0 coefficient)."""
+    return pytree.tree_map(lambda v: v.c[0] if isinstance(v, Jet) else v, tree)
 
 
 class _JetInterpreter(fx.Interpreter):
@@ -203,8 +223,10 @@ class _JetInterpreter(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if not self._has_jet(args, kwargs):
             return super().call_function(target, args, kwargs)
-        if target is getattr and isinstance(args[0], Jet):
-            return getattr(args[0].c[0], args[1])  # .shape, .dtype, ... of one coefficient
+        if target is getattr:  # .shape of a jet's coefficient; .values of a named tuple
+            return getattr(args[0].c[0] if isinstance(args[0], Jet) else args[0], args[1])
+        if target in rules.CONSTANT_FUNCTIONS:  # comparisons, argmax...: the primal's
+            return target(*_primal(args), **_primal(kwargs))
         if target in rules.LINEAR_FUNCTIONS:
             return rules.per_coefficient(target, args, kwargs)
         rule = rules.FUNCTION_RULES.get(target)
@@ -215,6 +237,9 @@ class _JetInterpreter(fx.Interpreter):
             return super().call_method(target, args, kwargs)
         if target in ("size", "dim") and isinstance(args[0], Jet):
             return getattr(args[0].c[0], target)(*args[1:], **kwargs)
+        if target in rules.CONSTANT_METHODS:  # comparisons, argmax...: the primal's
+            a = _primal(args)
+            return getattr(a[0], target)(*a[1:], **_primal(kwargs))
         if target in rules.LINEAR_METHODS and isinstance(args[0], Jet):
             return rules.per_coefficient(lambda s, *a, **kw: getattr(s, target)(*a, **kw),
                                          args, kwargs)

@@ -328,6 +328,15 @@ UNARY_FUNCTIONS = {
 }
 UNARY_METHODS = ("tanh", "sigmoid", "exp", "log", "sin", "cos", "relu", "sqrt", "rsqrt",
                  "reciprocal", "square")
+# piecewise constant in their jet arguments (zero derivatives of every order): evaluated on
+# the values, their results are constants (masks, indices) for the ops that use them
+CONSTANT_FUNCTIONS = (operator.gt, operator.lt, operator.ge, operator.le, operator.eq,
+                      operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
+                      torch.isnan, torch.isinf, torch.isfinite, torch.argmax, torch.argmin,
+                      torch.sign, torch.signbit, torch.argsort)
+CONSTANT_METHODS = ("gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__",
+                    "__eq__", "__ne__", "isnan", "isinf", "isfinite", "argmax", "argmin",
+                    "sign", "signbit", "argsort")
 LINEAR_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
                     torch.squeeze, torch.cat, torch.stack, torch.sum, torch.mean, operator.getitem,
                     torch.chunk, torch.split, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,

@@ -374,6 +374,60 @@ def test_data_dependent_branch_is_not_traced():
             torch.testing.assert_close(tk.jet(branchy, x, V, 2)[0, :, 0], branchy(x))
 
 
+class _MHANoWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, z):
+        t = z.reshape(-1, 2, 2).repeat(1, 1, 2)
+        return self.att(t, t, t, need_weights=False)[0].sum((1, 2))
+
+
+STRUCTURED = {
+    "max_values": lambda z: z.max(1).values,
+    "sort_values": lambda z: torch.sort(z, 1).values[:, 0] * z[:, 1],
+    "where_mask": lambda z: torch.where(z > 0, z, 0.1 * z).pow(2).sum(1),
+    "times_mask": lambda z: (z * (z > 0)).pow(2).sum(1),
+    "argmax_gather": lambda z: z.gather(1, z.argmax(1, keepdim=True)).squeeze(1) * z.sum(1),
+    "mha_no_weights": "mha",
+}
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_named_tuples_masks_and_none_outputs(name):
+    """Ops returning named tuples (.values), comparisons used as masks (constants of the
+    values) and modules returning None beside tensors: traced jets equal nested forward AD."""
+    torch.manual_seed(0)
+    f = _MHANoWeights().double().eval() if STRUCTURED[name] == "mha" else STRUCTURED[name]
+    x, v = torch.randn(3, 4, dtype=DT), torch.randn(3, 2, 4, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-op fallbacks say so
+        got = tk.jet(f, x, v, 3)
+    torch.testing.assert_close(got, reference_jet(f, x, v, 3), rtol=1e-10, atol=1e-10)
+
+
+def test_hugging_face_model_through_a_jet():
+    """A GPT-2 from transformers (ModelOutput, cache objects) inside the jet's function."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=32)).eval().double()
+
+    def f(z):
+        return g(inputs_embeds=z.reshape(-1, 3, 16)).logits[:, -1, 0]
+
+    x, v = torch.randn(2, 48, dtype=DT), torch.randn(2, 1, 48, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = tk.jet(f, x, v, 2)
+        whole = tk.jet(f, x, v, 2, fallback=True)
+    torch.testing.assert_close(got, whole, rtol=1e-9, atol=1e-10)
+    h = 1e-4  # second coefficient = v^T H v / 2, by central differences of f
+    fd = (f(x + h * v[:, 0]) - 2 * f(x) + f(x - h * v[:, 0])) / (2 * h * h)
+    torch.testing.assert_close(got[2, :, 0], fd.detach(), rtol=1e-4, atol=1e-6)
+
+
 def test_jet_refuses_inference_mode_and_train_mode_dropout():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 1))
     x, V = torch.randn(2, 3), torch.randn(2, 1, 3)
