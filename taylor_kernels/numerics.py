@@ -109,3 +109,13 @@ def nested_jvp_coefficients(fn, coeffs, order: int):
         return tuple(torch.stack([ds[k][m] / fact[k] for k in range(order + 1)])
                      for m in range(len(ds[0])))
     return torch.stack([ds[k] / fact[k] for k in range(order + 1)])
+
+
+def seeded_generator(seed, default: int | None = None) -> torch.Generator:
+    """A private CPU generator seeded with ``seed`` (an int), else with ``default``, else with
+    a seed drawn from the global RNG; ``TypeError`` for a seed that is not an int."""
+    if seed is None:
+        seed = default if default is not None else int(torch.randint(0, 2**62, (1,)))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    return torch.Generator(device="cpu").manual_seed(seed)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from taylor_kernels.attr.expected_gradients import expected_gradients
+from taylor_kernels.numerics import seeded_generator
 
 
 def feature_metadata(x_train: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     xt, yt = train
     nets = [model] + ([prior_net] if lam > 0 else [])
     opt = torch.optim.Adam([p for n in nets for p in n.parameters()], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     best = (-1.0, 0, [copy.deepcopy(n.state_dict()) for n in nets])
     history = []
     for epoch in range(epochs):

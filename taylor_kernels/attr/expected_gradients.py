@@ -15,6 +15,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.engine import path_engine
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
+from taylor_kernels.numerics import seeded_generator
 
 
 def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -64,8 +65,7 @@ def draw_references(problem, background, samples: int, seed: int | None) -> torc
     if int(samples) != samples or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
     bg = _background_flat(background, problem.inputs)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    gen = seeded_generator(seed)
     idx = torch.randint(0, bg.shape[0], (problem.B, int(samples)), generator=gen)
     problem.baselines = bg[idx.to(bg.device)]
     return gen

@@ -102,17 +102,6 @@ def ih_rule(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return t, wg, wg * t
 
 
-def _index(index, D: int, device) -> torch.Tensor:
-    if index is None:
-        return torch.arange(D, device=device)
-    idx = torch.as_tensor(index, device=device).reshape(-1)
-    if idx.is_floating_point() or idx.dtype == torch.bool:
-        raise TypeError(f"index must hold integer feature numbers, got {idx.dtype}")
-    if idx.numel() == 0 or (idx < 0).any() or (idx >= D).any():
-        raise ValueError(f"index must be non-empty flattened feature numbers in [0, {D})")
-    return idx.long()
-
-
 def point_fn(problem: PathProblem, rows: torch.Tensor):
     """``z [N, D] -> [N]``: the selected outputs at ``N`` points of inputs ``rows[:N]``."""
     return lambda z: problem.forward(z, rows[:z.shape[0]])
@@ -199,7 +188,7 @@ def separate_ig(problem: PathProblem, ig_steps: int, kw: dict) -> tuple[torch.Te
 
 def _integrate(problem: PathProblem, alphas, w_grad, w_hess, index, ig_steps, max_memory,
                chunk_size, progress, distributed) -> InteractionResult:
-    idx = _index(index, problem.x.shape[1], problem.x.device)
+    idx = derivative.index_rows(index, problem.x.shape[1], problem.x.device)
     kw = engine_kw(problem, alphas, max_memory, chunk_size, progress, distributed)
     hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, kw)
     r = torch.arange(idx.shape[0], device=idx.device)

@@ -22,6 +22,7 @@ import torch
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian, higher_order_ops, hvp
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
+from taylor_kernels.numerics import seeded_generator
 
 MAX_SETS = 200_000
 AGGREGATES = ("mean", "median", "max")
@@ -279,7 +280,7 @@ def representative_rows(data: torch.Tensor, n_random: int = 0, seed: int | None 
     flat = data.reshape(data.shape[0], -1).double()
     targets = torch.stack([flat.mean(0), flat.median(0).values, flat.amin(0), flat.amax(0)])
     near = torch.cdist(targets, flat).argmin(dim=1).tolist()
-    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    gen = seeded_generator(seed, default=0)
     extra = torch.randperm(data.shape[0], generator=gen)[:n_random].tolist()
     return torch.tensor(list(dict.fromkeys(near + extra)), dtype=torch.long)
 
@@ -292,6 +293,17 @@ def _slice_target(target, rows: torch.Tensor):
     return target
 
 
+def _slice_mask(mask, rows: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
+    """A feature mask (or a tuple, one per input) with the batch's ``rows`` taken from its
+    per-row masks ``[N, ...]`` (shaped like their input); shared masks unchanged."""
+    if isinstance(mask, tuple):
+        return tuple(_slice_mask(m, rows, (t,)) for m, t in zip(mask, inputs))
+    t = inputs[0]
+    if isinstance(mask, torch.Tensor) and mask.dim() == t.dim() and mask.shape[0] == t.shape[0]:
+        return mask[rows.to(mask.device)]
+    return mask
+
+
 def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
                         feature_mask=None, aggregate: str = "mean", points: str = "all",
                         n_random: int = 0, seed: int | None = None, batch_size: int = 256,
@@ -301,7 +313,8 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
     Args:
         data: tensor ``[N, ...]`` or tuple of tensors (the points); target as in
             :func:`interactions` (a ``[N]`` tensor or list is sliced with the rows).
-        order, sets, feature_mask, max_memory: as :func:`interactions`.
+        order, sets, feature_mask, max_memory: as :func:`interactions` (a per-row mask
+            ``[N, ...]`` is sliced with the rows).
         aggregate: ``mean``, ``median`` or ``max`` over the points.
         points: ``"all"`` rows of ``data``, or ``"representative"`` (:func:`representative_rows`
             of the first input, plus ``n_random`` random rows drawn with ``seed``).
@@ -321,7 +334,8 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
     for chunk in rows.split(batch_size):
         xs = tuple(t[chunk.to(t.device)] for t in tup)
         res = interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
-                           order=order, sets=sets, feature_mask=feature_mask,
+                           order=order, sets=sets,
+                           feature_mask=_slice_mask(feature_mask, chunk, tup),
                            max_memory=max_memory)
         parts.append(res.strengths)
         found_sets = res.sets

@@ -21,6 +21,7 @@ import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.methods_common import prepare, result, values
+from taylor_kernels.numerics import seeded_generator
 
 EXACT_SHAPLEY_MAX_D = 12
 
@@ -112,7 +113,7 @@ def _sampled_shapley(problem, x, b, permutations: int, seed) -> tuple[torch.Tens
     """Mean marginal contributions ``[B, D]`` over random feature orders (one set of orders
     shared by all inputs)."""
     B, D = x.shape
-    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    gen = seeded_generator(seed, default=0)
     phi = torch.zeros(B, D, dtype=x.dtype, device=x.device)
     for _ in range(permutations):
         order = torch.randperm(D, generator=gen).to(x.device)

@@ -18,6 +18,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.layer import layer_integrated_gradients
 from taylor_kernels.engine.guards import is_row_tensor
 from taylor_kernels.engine.problem import as_tuple
+from taylor_kernels.numerics import seeded_generator
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -58,8 +59,7 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     if len(stds) != len(tup):
         raise ValueError(f"{len(stds)} stdevs for {len(tup)} inputs")
     B = tup[0].shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(
-        seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    gen = seeded_generator(seed)
     args = tuple(_repeat_rows(a, B, nt_samples) for a in args)
     kwargs = {k: _repeat_rows(v, B, nt_samples) if k in (
         "baselines", "reference", "target", "additional_forward_args") else v

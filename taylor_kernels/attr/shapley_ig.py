@@ -21,6 +21,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.engine import path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
+from taylor_kernels.numerics import seeded_generator
 
 
 def feature_groups(feature_mask, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -98,8 +99,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
             raise ValueError("SIG takes one reference per input, not several baselines")
         groups = feature_groups(feature_mask, problem.inputs)
         n = int(groups.max()) + 1
-        gen = torch.Generator().manual_seed(
-            seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        gen = seeded_generator(seed)
         present = sample_coalitions(problem.B, n, coalitions, gen).to(problem.x.device)
         keep = present[:, :, groups]                                   # [B, M, D]
         ref = problem.baselines.expand(problem.B, 1, -1)

@@ -157,8 +157,9 @@ def polynomial_network(terms, baseline: torch.Tensor) -> nn.Sequential:
         coefs.append(c * signs.prod(1) / (2 ** (k - 1) * math.factorial(k)))
         powers += [k] * signs.shape[0]
     W = torch.cat(rows)
-    first = nn.Linear(b.numel(), W.shape[0]).to(b.dtype)
-    last = nn.Linear(W.shape[0], 1, bias=False).to(b.dtype)
+    # skip_init: the weights are set below, and the global RNG must not move (seeded calls)
+    first = nn.utils.skip_init(nn.Linear, b.numel(), W.shape[0], dtype=b.dtype)
+    last = nn.utils.skip_init(nn.Linear, W.shape[0], 1, bias=False, dtype=b.dtype)
     with torch.no_grad():
         first.weight.copy_(W)
         first.bias.copy_(-(W @ b))

@@ -32,6 +32,7 @@ from torch.func import grad, jvp
 
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.composite_norms import composite_norms
+from taylor_kernels.numerics import seeded_generator
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
@@ -251,10 +252,14 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
     return out[:, 0] if single else out
 
 
-def _index_rows(index, D: int, device) -> torch.Tensor:
+def index_rows(index, D: int, device) -> torch.Tensor:
+    """Flattened feature numbers ``[R]`` (long) from ``index`` (None: all ``D``): integers in
+    ``[0, D)``, not empty (``TypeError`` / ``ValueError`` otherwise)."""
     if index is None:
         return torch.arange(D, device=device)
     idx = torch.as_tensor(index, device=device).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("index is empty: give at least one feature number")
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"index must hold integers, got {idx.dtype}")
     if idx.numel() == 0 or (idx < 0).any() or (idx >= D).any():
@@ -285,7 +290,7 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     """
     _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
-    idx = _index_rows(index, D, x.device)
+    idx = index_rows(index, D, x.device)
     V = unit_directions(idx, B, D, x.dtype, x.device)
     return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size, cost_of=(f, x))
 
@@ -313,8 +318,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     if int(samples) != samples or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    gen = seeded_generator(seed)
     V = (torch.randint(0, 2, (B, int(samples), D), generator=gen) * 2 - 1).to(xf)
     HV = _chunked(ff, xf, V, max_memory, chunk_size, cost_of=(f, x))
     return (V * HV).mean(dim=1)
@@ -349,4 +353,5 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) 
 
 
 __all__ = ["grad_and_hvp", "hessian", "hessian_diagonal", "higher_order_ops", "hvp",
-           "math_attention", "pair_cost", "plan", "third_order", "unit_directions"]
+           "index_rows", "math_attention", "pair_cost", "plan", "third_order",
+           "unit_directions"]

@@ -285,6 +285,12 @@ def _check_jet_args(x, directions, order):
             directions.shape[2:] != x.shape[1:]:
         raise ValueError(f"directions must be [B, M, ...] (or shaped like x) for x of shape "
                          f"{tuple(x.shape)}; got {tuple(directions.shape)}")
+    if directions.shape[0] == 0 or directions.shape[1] == 0:
+        raise ValueError(f"need at least one input and one direction, got directions of shape "
+                         f"{tuple(directions.shape)}")
+    for name, t in (("x", x), ("directions", directions)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
     return directions
 
 
@@ -371,7 +377,10 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, cache: bool = True)
     Griewank-Utke-Walther directions ``sum_l j_l e_{i_l}`` (:func:`polarization_rule`), all
     sets batched into one :func:`jet` call per order (``cache`` as in :func:`jet`).
     """
-    if not sets:
+    if isinstance(sets, torch.Tensor):  # [n_sets, k] integer rows
+        sets = [tuple(int(i) for i in row) for row in sets.reshape(sets.shape[0], -1)] \
+            if sets.dim() > 0 else sets
+    if not isinstance(sets, (list, tuple)) or not sets:
         raise ValueError("sets must hold at least one tuple of feature indices")
     D = x[0].numel()
     plans = []

@@ -102,3 +102,12 @@ def test_non_finite_background_is_caught_also_after_an_in_place_change(net):
         tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
     with pytest.raises(ValueError, match="NaN or Inf"):
         tk.expected_gradients(net, X, bg.clone(), target=0, samples=2, seed=0)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, True])
+def test_seeds_must_be_ints(net, seed):
+    bg = torch.randn(4, 10, dtype=torch.float64)
+    for call in (lambda: tk.expected_gradients(net, bg[:2], bg, target=0, seed=seed),
+                 lambda: tk.expected_hessians(net, bg[:2], bg, target=0, seed=seed)):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            call()

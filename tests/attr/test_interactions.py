@@ -162,6 +162,13 @@ def test_global_interactions_aggregates_and_ranks():
     assert g.strengths[i, j] == pytest.approx(vals[0])
     g3 = global_interactions(model, data, 1, order=3, sets=[(0, 1, 2), (1, 2, 3)])
     assert g3.strengths.shape == (2,) and g3.sets == [(0, 1, 2), (1, 2, 3)]
+    mask = torch.tensor([[0, 0, 1, 1]] * 11)  # per row, sliced with the batches
+    mask[5:] = torch.tensor([0, 1, 1, 0])
+    per_row = global_interactions(model, data, 1, feature_mask=mask, batch_size=4,
+                                  aggregate="max")
+    whole = global_interactions(model, data, 1, feature_mask=mask, batch_size=11,
+                                aggregate="max")
+    torch.testing.assert_close(per_row.strengths, whole.strengths)
 
 
 def test_representative_rows():

@@ -176,9 +176,11 @@ def test_fourteen_methods_and_table():
     # without a background, background methods use the baseline (here a number) as reference
     shap = run_method("deepshap", model, x, 0.1, 1, MethodSettings()).attributions
     assert torch.allclose(shap, R.deeplift_rescale(model, x, 0.1, 1).attributions, atol=1e-14)
+    rng = torch.get_rng_state()
     table = tk.unification_table(model, x, None, 1, order=2, max_terms=4,
                                  settings=MethodSettings(ig_steps=8, eg_samples=8,
                                                          smoothgrad_samples=2))
+    assert torch.equal(torch.get_rng_state(), rng)  # seeded: the global RNG does not move
     rows = {r.method: r for r in table.rows}
     assert rows["integrated_gradients"].p1 < 1e-4
     assert rows["shapley_value"].p2 < 1e-12 and rows["shapley_value"].p3 < 1e-12

@@ -267,6 +267,10 @@ def test_mixed_partials_match_hessian_and_third_derivatives():
     (lambda m, x: tk.mixed_partials(m, x, [(0, 1, 2, 3, 4)]), ValueError),
     (lambda m, x: tk.mixed_partials(m, x, [(0, 9)]), ValueError),
     (lambda m, x: tk.mixed_partials(m, x, []), ValueError),
+    (lambda m, x: tk.jet(m, x, torch.randn(2, 0, 5, dtype=DT), 2), ValueError),
+    (lambda m, x: tk.jet(m, x * float("nan"), torch.randn(2, 1, 5, dtype=DT), 2), ValueError),
+    (lambda m, x: tk.jet(m, x, torch.full((2, 1, 5), float("inf"), dtype=DT), 2), ValueError),
+    (lambda m, x: tk.hessian(lambda z: m(z), x, index=[]), ValueError),
 ])
 def test_errors(call, err):
     with pytest.raises(err):
