@@ -211,8 +211,8 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
     ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits)."""
     B, M = V.shape[:2]
     if chunk_size is not None:
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (int(chunk_size), 1)
     else:
         budget = memory.parse_budget(max_memory, x.device)
@@ -316,8 +316,8 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
                         cost_of=(f, x)).squeeze(-1)
     if method != "hutchinson":
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
-    if int(samples) != samples or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples}")
+    if isinstance(samples, bool) or int(samples) != samples or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
     gen = seeded_generator(seed)
     V = (torch.randint(0, 2, (B, int(samples), D), generator=gen) * 2 - 1).to(xf)
     HV = _chunked(ff, xf, V, max_memory, chunk_size, cost_of=(f, x))
