@@ -40,6 +40,29 @@ def eg_of_params(*params):
                                  create_graph=True).attributions
 
 
+def ig_of_inputs(x, rule="gausslegendre"):
+    """IG attributions [2, 3] as a function of the inputs (the path points and the x - b
+    factor both depend on them)."""
+    return tk.integrated_gradients(_net(*[p.detach() for p in _params()]), x, BASE, TARGET,
+                                   steps=4, rule=rule, chunk_size=3,
+                                   create_graph=True).attributions
+
+
+def eg_of_inputs(x):
+    return tk.expected_gradients(_net(*[p.detach() for p in _params()]), x,
+                                 BASE.expand(3, 3) + torch.arange(3.0)[:, None].double(), TARGET,
+                                 samples=3, seed=5, chunk_size=4, create_graph=True).attributions
+
+
+@pytest.mark.parametrize("fn", [ig_of_inputs, eg_of_inputs,
+                                lambda x: ig_of_inputs(x, "adaptive")],
+                         ids=["ig", "eg", "ig_adaptive"])
+def test_gradcheck_in_the_inputs(fn):
+    """create_graph attributions are differentiable in the inputs too (they were detached:
+    no gradient reached x)."""
+    assert gradcheck(fn, (X.clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("fn", [ig_of_params, eg_of_params], ids=["ig", "eg"])
 def test_gradcheck(cpu_backend, fn):
     """Per backend, w.r.t. the last two parameters (the interpreted Triton kernels are slow;
