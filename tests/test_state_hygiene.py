@@ -279,6 +279,26 @@ def test_allow_row_coupling_opts_in_and_restores_buffers():
     tk.integrated_gradients(model.eval(), x, target=0, steps=4)  # eval: no opt-in needed
 
 
+def test_allow_row_coupling_with_train_batch_norm_runs_one_batch_as_captum():
+    """Train-mode BatchNorm1d: the shape probe takes two rows (one row raised), the path runs
+    as one batch like Captum's (so the batch statistics, and the numbers, are Captum's), and
+    the running statistics the kernel updated (without a version bump) are restored."""
+    from captum.attr import IntegratedGradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                          nn.Linear(6, 3)).double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = IntegratedGradients(model).attribute(x, target=0, n_steps=8)
+    model.load_state_dict(state)
+    with tk.allow_row_coupling(model):
+        got = tk.integrated_gradients(model, x, target=0, steps=8).attributions
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 class MixesRows(nn.Module):
     """Subtracts a fraction of the batch mean: rows couple without batch norm."""
 

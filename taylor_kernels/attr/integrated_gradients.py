@@ -75,7 +75,8 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
         bl = problem.baselines[rows] if problem.baselines.shape[0] > 1 else problem.baselines
         res = path_engine.integrate(problem, nodes[lo:sizes[top]],
                                     [w[lo:sizes[top]] for w in level_weights[level:]],
-                                    x=problem.path_x(engine_kw.get("create_graph", False))[rows],
+                                    x=(problem.path_x(True) if engine_kw.get("create_graph")
+                                       else problem.x)[rows],
                                     baselines=bl, rows=rows,
                                     point_cost=cost, **engine_kw)
         cost = res.point_cost  # later levels chunk from it without probing again

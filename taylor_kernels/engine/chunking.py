@@ -35,7 +35,7 @@ import weakref
 
 import torch
 
-from taylor_kernels.engine import memory
+from taylor_kernels.engine import guards, memory
 
 PROBE_POINTS = 8
 CANDIDATE_FACTORS = (1, 4, 16)
@@ -118,6 +118,8 @@ class ChunkPlan:
         self.total, self.device, self.slot = total, device, {} if slot is None else slot
         self.multi_output = multi_output
         self.chunk = None if chunk_size is None else int(chunk_size)
+        if self.chunk is None and max_memory is None and guards.row_coupling_allowed():
+            self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
         self.budget = None if chunk_size else memory.parse_budget(max_memory, device)
         self.reserved = 0
         if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):

@@ -37,9 +37,10 @@ same output again) or is random (yet another one).
 For ``jet``/``hvp`` on a plain function, only modules it closes over are seen.
 
 Opting in: inside ``with taylor_kernels.allow_row_coupling(model):`` (this thread/task) both
-checks pass and the model runs as it is, so results depend on how rows were batched (batch norm
-in train mode still cannot run the one-row probes); the model's buffers (running statistics,
-``num_batches_tracked``) are restored when the block exits.
+checks pass and the model runs as it is, so results depend on how rows were batched: the shape
+probe takes two rows (batch norm in train mode needs more than one), and without
+``chunk_size`` / ``max_memory`` the path runs as one batch, as Captum's does; the model's
+buffers (running statistics, ``num_batches_tracked``) are restored when the block exits.
 
 Probes (the one-row shape probe, check R, layer activations) run under
 :func:`preserved_buffers`, so they leave buffers as they were; :func:`cuda_peak_bytes` measures
@@ -242,17 +243,19 @@ def preserved_buffers(f):
     """Snapshot the buffers of the modules of ``f`` and put them back on exit (success or
     exception), values and tensor objects (a buffer reassigned in ``forward`` is reattached):
     probes cannot change running statistics or counters."""
-    saved = [(m, name, b, b.detach().clone(), b._version) for root in modules_of(f)
+    saved = [(m, name, b, b.detach().clone()) for root in modules_of(f)
              for m in root.modules() for name, b in m._buffers.items() if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, name, b, value, version in saved:
+            for m, name, b, value in saved:
                 m._buffers[name] = b
-                if b._version != version:  # only a buffer changed in place is written back:
-                    b.copy_(value)  # a copy bumps the version autograd checks (eval batch norm
-                    # saves its running stats for backward)
+                # the values come back without a version bump: eval batch norm saved its
+                # running stats for a backward still to come, and they hold the same values
+                # (train batch norm updates them in its kernel without a bump either)
+                with torch.autograd._unsafe_preserve_version_counter(b):
+                    b.copy_(value)
 
 
 @contextlib.contextmanager

@@ -330,6 +330,14 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
         check_target(problem.target, (B,) + tuple(model_output(checked_output).shape[1:]))
         return problem
     with guards.preserved_buffers(model):  # the probes leave running statistics as they were
+        if guards.row_coupling_allowed():  # no check R; batch statistics need two rows
+            pair = torch.cat([problem.x[:2], problem.baselines[0, :1]])[:2]
+            rows = torch.zeros(2, dtype=torch.long, device=pair.device)
+            rows[:min(B, 2)] = torch.arange(min(B, 2), device=pair.device)
+            with torch.no_grad():
+                shape = model_output(problem.outputs(pair, rows)).shape[1:]
+            check_target(problem.target, (B,) + tuple(shape))
+            return problem
         alone = problem.row_output(0)  # shape probe, and check R's first call
         check_target(problem.target, (B,) + tuple(alone.shape[1:]))
         problem.pending_row_check = alone
