@@ -134,6 +134,9 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         ``exact`` also ``regions [B, K]`` (linear regions crossed per path, -1: fell back).
     """
     check_rule_args(rule, tol)
+    if create_graph and not torch.is_grad_enabled():
+        raise ValueError("create_graph=True inside torch.no_grad(): no graph can be kept; "
+                         "call it with grad enabled")
     with backends.using(backend) if backend else contextlib.nullcontext():  # checked first
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
                                defer_row_check=True)  # endpoint_values completes it

@@ -56,7 +56,11 @@ def grad_cam(model: nn.Module, inputs, baselines=None, target=None, *,
     layer = layer if layer is not None else _last_conv(model)
     problem, b = prepare(model, inputs, baselines, target)
     store = {}
-    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    def keep(module, inputs, output):  # the model goes on with a copy: an in-place ReLU
+        store["a"] = output  # after the layer would otherwise rewrite the stored activation
+        return output.clone()
+
+    handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             # the input needs grad so that the activation has one even when the model is frozen

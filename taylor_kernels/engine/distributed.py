@@ -34,6 +34,10 @@ def resolve_group(distributed):
     process), ``True`` -> the default (world) group, or a ``ProcessGroup`` as given."""
     if distributed is None or distributed is False:
         return None
+    if distributed is not True and not (dist.is_available()
+                                        and isinstance(distributed, dist.ProcessGroup)):
+        raise TypeError(f"distributed must be a bool or a torch.distributed.ProcessGroup, got "
+                        f"{type(distributed).__name__} {distributed!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("distributed attribution needs torch.distributed initialised: call "
                          "torch.distributed.init_process_group('gloo' or 'nccl') on every rank "

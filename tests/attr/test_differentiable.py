@@ -147,3 +147,14 @@ def test_fit_learns_and_restores_best_state():
     assert res.best_val_accuracy >= 0.9
     assert priors.accuracy(model, x[40:], y[40:]) == pytest.approx(res.best_val_accuracy)
     assert all(h["penalty"] > 0 for h in res.history)
+
+
+def test_accuracy_is_measured_in_eval_mode_and_modes_are_kept():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.9), nn.Linear(16, 2))
+    x, y = torch.randn(40, 6), torch.randint(0, 2, (40,))
+    first = priors.accuracy(model, x, y)
+    assert model.training and model[2].training  # restored
+    assert priors.accuracy(model, x, y) == first == priors.accuracy(model.eval(), x, y)

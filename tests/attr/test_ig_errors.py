@@ -91,17 +91,20 @@ def test_mismatched_batch_in_tuple():
                                 target=0)
 
 
-def test_non_finite_background_is_caught_also_after_an_in_place_change(net):
-    """EG remembers a background it checked (a training loop passes the same one every step),
-    per tensor and in-place version: a NaN written into it later is still refused."""
+def test_non_finite_background_rows_are_refused_when_drawn(net):
+    """EG checks the references it draws (a training loop passes a large background every
+    step): a NaN written later, in place or through numpy (no version bump), is refused."""
     bg = torch.randn(6, X.shape[1], dtype=X.dtype)
     tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
-    tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
-    bg[4, 1] = float("nan")
-    with pytest.raises(ValueError, match="background 0 contains NaN or Inf"):
+    bg[:, 1] = float("nan")
+    with pytest.raises(ValueError, match="background row [0-5] contains NaN or Inf"):
         tk.expected_gradients(net, X, bg, target=0, samples=2, seed=0)
+    arr = torch.randn(6, X.shape[1], dtype=X.dtype).numpy()
+    shared = torch.from_numpy(arr)
+    tk.expected_gradients(net, X, shared, target=0, samples=2, seed=0)
+    arr[:] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        tk.expected_gradients(net, X, bg.clone(), target=0, samples=2, seed=0)
+        tk.expected_gradients(net, X, shared, target=0, samples=2, seed=0)
 
 
 @pytest.mark.parametrize("seed", ["a", 1.5, True])
@@ -111,3 +114,26 @@ def test_seeds_must_be_ints(net, seed):
                  lambda: tk.expected_hessians(net, bg[:2], bg, target=0, seed=seed)):
         with pytest.raises(TypeError, match="seed must be an int"):
             call()
+
+
+def test_create_graph_under_no_grad_and_a_bad_distributed_value(net):
+    with torch.no_grad(), pytest.raises(ValueError, match="inside torch.no_grad"):
+        tk.integrated_gradients(net, X, target=0, steps=4, create_graph=True)
+    for bad in ("yes", 1):
+        with pytest.raises(TypeError, match="distributed must be a bool"):
+            tk.integrated_gradients(net, X, target=0, steps=4, distributed=bad)
+
+
+def test_grad_cam_reads_the_layer_output_before_an_in_place_relu():
+    from torch import nn
+
+    from taylor_kernels.attr.methods_gradient import grad_cam
+
+    def net(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=inplace), nn.Flatten(),
+                             nn.Linear(4 * 6 * 6, 3)).double().eval()
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(grad_cam(net(True), x, target=1).attributions,
+                               grad_cam(net(False), x, target=1).attributions)
