@@ -120,8 +120,9 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
             piecewise-linear model exactly, :mod:`taylor_kernels.attr.exact_ig`, falling back
             to ``adaptive`` with a warning for other models or paths crossing more than
             ``max_regions`` regions, default 10000).
-        max_memory: bytes or e.g. ``"1GB"`` for one chunk of path points (default 16 MiB on
-            CPU, half the free memory on GPU); ``chunk_size`` fixes points per chunk instead.
+        max_memory: bytes or e.g. ``"1GB"``, a hard limit for the path's chunks (default: a
+            fraction of the free memory, RAM or device, with chunk sizes chosen by timing:
+            :mod:`~taylor_kernels.engine.chunking`); ``chunk_size`` fixes points per chunk.
         backend: force a kernel backend for this call; progress: tqdm bar over path points;
         create_graph: keep the graph so attributions can be differentiated (training).
         distributed: ``True`` (default process group) or a ``ProcessGroup``: shard the path

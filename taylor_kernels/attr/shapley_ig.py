@@ -40,10 +40,11 @@ def feature_groups(feature_mask, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     parts = []
     for i, (m, x) in enumerate(zip(masks, inputs)):
         feat = tuple(x.shape[1:])
-        if m.is_floating_point() or m.numel() != x[0].numel() or (
-                tuple(m.shape) not in (feat, (1,) + feat)):
-            raise ValueError(f"feature mask {i} of shape {tuple(m.shape)} must be an integer "
-                             f"tensor shaped {feat} or (1, *{feat})")
+        if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
+            raise TypeError(f"feature mask {i} must hold integer group ids, got {m.dtype}")
+        if m.numel() != x[0].numel() or tuple(m.shape) not in (feat, (1,) + feat):
+            raise ValueError(f"feature mask {i} of shape {tuple(m.shape)} must be shaped "
+                             f"{feat} or (1, *{feat})")
         parts.append(m.reshape(-1).to(x.device, torch.long))
     groups = torch.cat(parts)
     ids = torch.unique(groups)

@@ -127,7 +127,7 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
             along ``B * (D + 1)`` directions, order-2 jets for the ``D (D - 1) / 2`` pairs.
         cache: reuse the jet engine's traced graph (``False``: trace anew; see :func:`tk.jet`).
     Returns:
-        :class:`TaylorDecomposition` (see its fields); ``summary()`` prints it.
+        :class:`TaylorDecomposition` (see its fields); ``summary()`` returns it as text.
     """
     if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 15:
         raise ValueError(f"order must be an integer in [1, 15], got {order!r}")

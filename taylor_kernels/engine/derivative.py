@@ -67,7 +67,9 @@ def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
     out = f(x)
     if not isinstance(out, torch.Tensor) or out.numel() != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
-        raise ValueError(f"f must return one scalar per row: [{x.shape[0]}], got {shape}")
+        raise ValueError(f"f must return one scalar per row ([N] for N rows); for "
+                         f"{x.shape[0]} row(s) it returned {shape}: select one output, e.g. "
+                         "lambda z: model(z)[:, k]")
     return out.reshape(x.shape[0])
 
 
