@@ -104,7 +104,8 @@ def composite_table() -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["llama", "minilm", "all"], default="all")
     p.add_argument("--composite", action="store_true",
                    help="only the composite rules on MiniLM's integrand")

@@ -73,22 +73,28 @@ def info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        forced = backends.current()
+    except ValueError as exc:  # e.g. TAYLOR_KERNELS_BACKEND names no backend: say so
+        forced = f"invalid: {exc}"
+    from taylor_kernels.backend_table import OPS
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    per_op = {}
-    for dev in devices:
+
+    def backend_of(op: str, dev: str) -> str:
         try:
-            per_op[dev] = backends.resolve(torch.device(dev))
-        except RuntimeError as exc:
-            per_op[dev] = f"unavailable: {exc}"
+            return backends.resolve(torch.device(dev), op)
+        except (RuntimeError, ValueError) as exc:
+            return f"unavailable: {exc}"
     return {
         "taylor_kernels": tk.__version__, "python": platform.python_version(),
         "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": triton_version,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
         "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-        "backends_built": backends.available(), "forced_backend": backends.current(),
+        "backends_built": backends.available(), "forced_backend": forced,
         "extension_error": _native.LOAD_ERROR,
-        "ops": {op: per_op for op in ("path_points", "path_accumulate")},
+        "ops": {op: {dev: backend_of(op, dev) for dev in devices} for op in OPS},
     }
 
 

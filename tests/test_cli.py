@@ -37,6 +37,34 @@ def test_bad_bench_device_exits_2_before_running(device, capsys, monkeypatch, tm
     assert "--device" in err and repr(device) in err, err
 
 
+@pytest.mark.parametrize("only", ["nosuchfamily", ","])
+def test_bad_bench_families_exit_2_with_one_line(only, capsys, tmp_path):
+    code, err = _exit_code_and_err(["bench", "--only", only, "--out",
+                                    str(tmp_path / "b.json")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "error:" in err, err
+
+
+def test_demo_out_that_is_a_file_exits_2_before_training(capsys, tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["demo", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err, err
+
+
+def test_info_reports_a_bad_backend_variable_and_every_op(monkeypatch):
+    from taylor_kernels import backends
+    from taylor_kernels.backend_table import OPS
+
+    data = cli.info()
+    assert set(data["ops"]) == set(OPS) and data["ops"]["jet_unary"]["cpu"] in ("cpp",
+                                                                               "reference")
+    monkeypatch.setitem(backends._default, "name", "bogus")
+    assert "invalid" in cli.info()["forced_backend"]
+
+
 def test_device_arg_accepts_cpu_and_visible_cuda():
     assert cli.device_arg("cpu") == torch.device("cpu")
     if torch.cuda.is_available():

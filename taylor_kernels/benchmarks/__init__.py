@@ -12,9 +12,17 @@ Families (run side by side in one process, one table each, one JSON file for all
 * ``adaptive_evals`` evaluations our adaptive rule needs for a 1e-4 relative completeness gap
                      vs Captum's 50-step default and the smallest sufficient step count;
 * ``exact``          ``rule="exact"`` on ReLU networks (regions crossed, time, completeness gap)
-                     vs Captum's GL-50 and riemann_trapezoid-50 and our adaptive rule.
+                     vs Captum's GL-50 and riemann_trapezoid-50 and our adaptive rule;
+* ``scale``          MiniLM token attribution vs Captum, a DAPr training step vs autograd,
+                     distributed IG over 1 and 2 gloo processes;
+* ``hessian``        ``tk.hessian`` vs ``torch.autograd.functional`` / ``torch.func``,
+                     Integrated Hessians vs path_explain, ``ih_accumulate`` per backend;
+* ``llm``            transformers (MiniLM, GPT-2, Llama configs) vs Captum's
+                     ``LayerIntegratedGradients`` and ``LLMGradientAttribution``;
+* ``inseq``          Inseq's integrated gradients on Captum vs on this engine (``patch()``).
 
-Sizes: full (default), ``--quick`` (CPU machines, a few minutes), ``--smoke`` (tests only).
+Sizes: full (default), ``--quick`` (CPU machines, a few minutes), ``--smoke`` (a tiny size
+for the tests; its numbers mean nothing).
 """
 from __future__ import annotations
 
@@ -60,13 +68,16 @@ def _families(only: list[str] | None) -> list[str]:
         return list(FAMILIES)
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in FAMILIES]
-    if unknown:
-        raise SystemExit(f"unknown benchmark family {unknown}; choose from {list(FAMILIES)}")
+    if unknown or not names:
+        what = f"unknown benchmark family {unknown}" if unknown else "--only names no family"
+        print(f"taylor-kernels bench: error: {what}; choose from {list(FAMILIES)}",
+              file=sys.stderr)
+        raise SystemExit(2)
     return names
 
 
-def parse_args(argv):
-    p = Parser(prog="taylor-kernels bench", description=__doc__,
+def parse_args(argv, prog: str = "taylor-kernels bench"):
+    p = Parser(prog=prog, description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes for CPU machines")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny, for tests
@@ -79,9 +90,9 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "taylor-kernels bench") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     tier = "smoke" if args.smoke else "quick" if args.quick else "full"
     device = args.device if args.device is not None else bench_device()
     names = _families(args.only)

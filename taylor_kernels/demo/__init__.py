@@ -131,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before training, not after: one line, exit 2 (as the other usage errors)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-check").touch()
+        (out / ".write-check").unlink()
+    except OSError as exc:
+        print(f"taylor-kernels demo: error: --out {str(out)!r} is not a writable folder "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return 2
     cfg = digits.TrainConfig(epochs=args.epochs, seed=args.seed)
     x_tr, y_tr, x_te, y_te = digits.load_data(cfg.test_fraction, seed=0)
     cache = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir
