@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from taylor_kernels.benchmarks import cases_llm  # noqa: E402
 from taylor_kernels.benchmarks.machine import machine_info  # noqa: E402
+from taylor_kernels.cli import device_arg  # noqa: E402
 from taylor_kernels.benchmarks.report import write_json  # noqa: E402
 
 
@@ -28,7 +29,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--case", default=cases_llm.CASES["large"][0][0],
                    choices=[c[0] for c in cases_llm.CASES["full"]])
     p.add_argument("--rounds", type=int, default=1, help="timed calls per method, in turns")

@@ -43,6 +43,7 @@ except ModuleNotFoundError:  # running from a source checkout without installing
 import captum.attr as captum_attr  # noqa: E402  (the library we migrate from)
 
 import taylor_kernels.captum as tk_captum  # noqa: E402  (the drop-in)
+from taylor_kernels.cli import device_arg, require_writable  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -128,16 +129,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     a = p.parse_args(argv)
+    if a.out:
+        require_writable(Path(a.out), p.prog)  # before the run, not after it
     if a.small:
         a.batch, a.size, a.steps, a.repeats = 3, 8, 8, 1
     if a.size % 4:
         p.error("--size must be a multiple of 4")
     warnings.filterwarnings("ignore", category=UserWarning, module="captum")
-    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    device, dtype = a.device, getattr(torch, a.dtype)
     rows = run(a.batch, a.size, a.steps, a.repeats, dtype, device)
     print(f"SmallCNN, batch {a.batch}, 3x{a.size}x{a.size}, n_steps {a.steps}, {a.dtype}, "
           f"{device}")

@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
+    if args.spawn < 0 or not args.spawn and "RANK" not in os.environ:
+        p.error("run it under torchrun, or pass --spawn N (N >= 1 local ranks)")
     if args.spawn:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

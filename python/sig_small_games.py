@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.small:
         a.games, a.n_min, a.n_max, a.coalitions, a.steps = 4, 3, 5, 16, 8
+    if not 2 <= a.n_min <= a.n_max:
+        p.error(f"need 2 <= --n-min <= --n-max, got {a.n_min} and {a.n_max}")
     res = run(a.games, (a.n_min, a.n_max), a.coalitions, a.steps, a.seed)
     print(f"{'game':>4} {'family':>10} {'n':>2} | {'SIG err':>8} {'IG err':>8} {'EG err':>8} |"
           f" {'SIG rho':>7} {'IG rho':>7} {'EG rho':>7}")
