@@ -152,8 +152,9 @@ def main(argv=None) -> int:
               f"{r['speedup']:7.2f}x {r['max_abs_diff']:11.3e} {r['max_abs_captum']:11.3e}")
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump({"settings": {k: v for k, v in vars(a).items() if k != "out"},
-                       "rows": rows}, fh, indent=1)
+            settings = {k: str(v) if k == "device" else v for k, v in vars(a).items()
+                        if k != "out"}
+            json.dump({"settings": settings, "rows": rows}, fh, indent=1)
     return 0
 
 
