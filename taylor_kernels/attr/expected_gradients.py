@@ -69,6 +69,7 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
             uniformly with replacement.
         samples: draws per input (``M``); seed: seeds a private generator (reproducible).
         create_graph: keep the graph so the attributions can be trained through (DAPr).
+        max_memory, chunk_size, backend, progress: as :func:`integrated_gradients`.
         rule: None (one uniform ``t`` per sample) or ``"exact"``: each sampled reference's
             path integrated exactly (piecewise-linear models; see
             :mod:`taylor_kernels.attr.exact_ig`, ``max_regions`` its cap).

@@ -71,7 +71,8 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
         steps, rule: the single-integral quadrature (``"gausslog"`` or ``"gausslegendre"``);
         ig_steps: Gauss-Legendre nodes of the IG used for ``completeness_gap``.
         max_memory / chunk_size: budget or fixed (point, group) HVP pairs per chunk;
-        progress: tqdm bar; distributed: as :func:`taylor_kernels.integrated_hessians`.
+        backend: force a kernel backend; progress: tqdm bar; distributed: as
+            :func:`taylor_kernels.integrated_hessians`.
     Returns: :class:`GroupInteractions`.
     """
     t, w_grad, w_hess = ih_rule(rule, steps)

@@ -136,6 +136,9 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
             its output (input) must be one tensor.
         baselines: input-space baselines (None = zeros, a number, or a tensor broadcastable to
             the inputs; a tuple for tuple inputs), mapped through the network to the layer.
+        target: the output per row, as in :func:`integrated_gradients`;
+        attribute_to_layer_input: attribute to the layer's (first) input instead of its
+            output; additional_forward_args: passed to ``model`` after the inputs.
         ig_kwargs: ``steps``, ``rule``, ``tol``, ``max_memory``, ``chunk_size``, ``backend``,
             ``progress``: as :func:`integrated_gradients`.
     Returns:

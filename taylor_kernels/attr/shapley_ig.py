@@ -84,6 +84,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         seed: seeds the coalition draws; steps, rule: the quadrature of each IG (or
             ``"exact"`` for piecewise-linear models, capped at ``max_regions`` regions per
             path; :mod:`taylor_kernels.attr.exact_ig`).
+        max_memory, chunk_size, backend, progress: as :func:`integrated_gradients`.
     Returns:
         :class:`AttributionResult` (``evaluations = B * M * steps``; ``gap`` is each IG's
         quadrature gap averaged over the coalition baselines).

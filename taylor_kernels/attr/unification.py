@@ -129,7 +129,15 @@ def _eg_with_gap(model, inputs, background, baselines, target, s) -> Attribution
 def fourteen_methods(model, inputs, baselines=None, target=None, *,
                      settings: MethodSettings | None = None) -> dict:
     """All fourteen methods on one model and input batch: ``{name: AttributionResult}``, or
-    ``{name: str}`` (the reason) where a method does not apply to the model."""
+    ``{name: str}`` (the reason) where a method does not apply to the model.
+
+    Args:
+        model: ``[B, ...] -> [B, C]`` (or ``[B]``); inputs: ``[B, ...]`` (a tensor);
+        baselines: None (zeros), a number or a tensor shaped like the batch or one input;
+        target: class per row as in :func:`~taylor_kernels.integrated_gradients`;
+        settings: :class:`MethodSettings` (background, sample counts, noise, window, seed).
+    Returns: ``{name: AttributionResult | str}`` in the order of ``METHOD_NAMES``, each
+    attribution shaped like ``inputs``."""
     settings = settings or MethodSettings()
     out = {}
     for name in METHOD_NAMES:

@@ -287,7 +287,9 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     """Hessian rows ``H[b, r, :] = d^2 f_b / dx_{index[r]} dx`` over flattened features.
 
     Args: f ``[B, ...] -> [B]``; x ``[B, ...]`` with ``D = prod(x.shape[1:])``; index: feature
-    numbers (flattened, ``R`` of them; a block ``H[I, J]`` is ``out[:, :, J]``), None for all.
+    numbers (flattened, ``R`` of them; a block ``H[I, J]`` is ``out[:, :, J]``), None for all;
+    max_memory: a hard limit for the HVP chunks (default: a fraction of the free memory);
+    chunk_size: fixed (row, direction) pairs per chunk instead.
     Returns: ``[B, D, D]`` or ``[B, R, D]`` in ``x.dtype``.
     """
     _check_x(f, x)
@@ -305,7 +307,8 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     ``method="exact"``: ``e_i^T H e_i`` from ``D`` unit-direction HVPs (only the diagonal of
     each chunk is kept). ``method="hutchinson"``: ``mean_m v_m * (H v_m)`` over ``samples``
     Rademacher vectors ``v_m`` (unbiased; variance ``sum_{j != i} H_ij^2 / samples``), drawn
-    from a private generator seeded with ``seed``.
+    from a private generator seeded with ``seed``. ``f [B, ...] -> [B]``, ``x [B, ...]``;
+    ``max_memory`` / ``chunk_size`` as :func:`hessian`.
     """
     _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
