@@ -83,8 +83,8 @@ class TextTokenInput:
 @dataclass
 class LLMAttributionResult:
     """Captum's result fields: ``seq_attr [n_features]``, ``token_attr [T, n_features]``,
-    ``input_tokens``, ``output_tokens``, ``output_probs`` (None here, as in Captum's gradient
-    class), ``inp``; plus ``output_log_probs [T]`` and ``gap [T]`` (completeness per target)."""
+    ``input_tokens``, ``output_tokens``, ``output_probs`` and ``inp`` (None here, as in
+    Captum's gradient class); plus ``output_log_probs [T]`` and ``gap [T]`` (completeness per target)."""
 
     input_tokens: list[str]
     output_tokens: list[str]
@@ -259,7 +259,7 @@ class LLMGradientAttribution:
         return LLMAttributionResult(
             input_tokens=list(inp.values),
             output_tokens=pretty_tokens(target_ids, self.tokenizer),
-            seq_attr=token_attr.sum(0), token_attr=token_attr, inp=inp,
+            seq_attr=token_attr.sum(0), token_attr=token_attr,
             output_log_probs=res.log_probs, gap=res.gap)
 
     attribute_future = CaptumAttribution.attribute_future
