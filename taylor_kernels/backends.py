@@ -49,6 +49,8 @@ def available() -> dict[str, bool]:
 
 
 def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a name (str), got {type(name).__name__} {name!r}")
     name = name.strip().lower()
     if name not in NAMES + ("auto",):
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES + ('auto',)}")

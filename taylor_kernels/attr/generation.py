@@ -245,7 +245,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     base = torch.where(kept[..., None], act[:, :P], base)
     _check_continuation_fixed(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base)
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     with ctx, hf.first_order_attention(model, act):
         fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]
         sums, evaluations, nodes = _integrate(

@@ -76,7 +76,7 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
     Returns: :class:`GroupInteractions`.
     """
     t, w_grad, w_hess = ih_rule(rule, steps)
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         x, dev = problem.x, problem.x.device

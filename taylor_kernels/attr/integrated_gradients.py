@@ -138,7 +138,8 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
     if create_graph and not torch.is_grad_enabled():
         raise ValueError("create_graph=True inside torch.no_grad(): no graph can be kept; "
                          "call it with grad enabled")
-    with backends.using(backend) if backend else contextlib.nullcontext():  # checked first
+    forced = backends.using(backend) if backend is not None else contextlib.nullcontext()
+    with forced:  # the backend is checked before any forward
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
                                defer_row_check=True)  # endpoint_values completes it
         fx, fb = path_engine.endpoint_values(problem)
@@ -167,7 +168,7 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, 
     :func:`~taylor_kernels.engine.path_engine.endpoint_values` gives them); arguments as
     there, ``rule`` and ``tol`` already checked by :func:`check_rule_args` (before any
     forward)."""
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     with ctx:
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph, **_distributed_kw(distributed, reduce_to, rule,

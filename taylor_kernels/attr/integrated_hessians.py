@@ -227,7 +227,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
         ``evaluations``.
     """
     t, wg, wh = ih_rule(rule, steps)
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         dev = problem.x.device
@@ -249,7 +249,7 @@ def expected_hessians(model, inputs, background, target=None, *, samples: int = 
     ``completeness_gap`` measures the Monte-Carlo error in ``t`` alone. Other arguments as
     :func:`integrated_hessians`.
     """
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, None, target, additional_forward_args)
         gen = draw_references(problem, background, samples, seed)

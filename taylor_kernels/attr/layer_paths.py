@@ -213,7 +213,7 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
     S = weights.shape[0]
     if table.dim() != 2 or table.shape[1] != S + 1 or table.shape[0] not in (1, tup[0].shape[0]):
         raise ValueError(f"table must be [R|1, {S + 1}], got {tuple(table.shape)}")
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     coords = tuple(torch.ones(a.shape, dtype=torch.float64, device=a.device) for a in acts)
     extra = (table.to(tup[0].device),) + tup + bls + tuple(directions or ()) + fargs
     with ctx:

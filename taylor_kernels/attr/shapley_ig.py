@@ -93,7 +93,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         raise ValueError(f"coalitions must be a positive integer, got {coalitions}")
     if rule == "adaptive":
         raise ValueError("SIG uses a fixed rule; 'adaptive' is available for IG")
-    ctx = backends.using(backend) if backend else contextlib.nullcontext()
+    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     with ctx:
         problem = make_problem(model, inputs, reference, target, additional_forward_args,
                                defer_row_check=True)

@@ -198,7 +198,7 @@ class GradientShap(CaptumAttribution):
         ``sum(attr) - (f(x_noisy) - f(b))``, in Captum's order."""
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
-        ctx = backends.using(backend) if backend else contextlib.nullcontext()
+        ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
         with ctx:
             res = gradient_shap_rows(
                 self.forward_func, d.noisy, d.drawn, d.alphas, d.target, d.forward_args,

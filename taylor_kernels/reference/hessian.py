@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from taylor_kernels.reference.path import (accumulation_dtype, check_path_args, node_values,
-                                           path_indices)
+from taylor_kernels.reference.path import (accumulation_dtype, check_operands,
+                                           check_path_args, node_values, path_indices)
 
 
 def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
@@ -32,8 +32,9 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
         raise ValueError(f"index has {index.shape[0]} entries for {hrows.shape[1]} Hessian rows")
     if index_values and index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
         raise ValueError(f"index entries must lie in [0, {x.shape[1]})")
-    if not hrows.is_floating_point():
-        raise TypeError(f"hrows must be floating point, got {hrows.dtype}")
+    check_operands(hrows=hrows, x=x)
+    if index.device != x.device:
+        raise ValueError(f"index on {index.device}, x on {x.device}")
     check_path_args(x, baselines, weights, start, hrows.shape[0])
 
 

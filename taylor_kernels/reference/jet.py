@@ -34,6 +34,7 @@ import torch
 from taylor_kernels.numerics import (FN_CODES, FNS, MAX_ORDER,  # noqa: F401 (re-exported)
                                      accumulation_dtype, check_pattern,
                                      nested_jvp_coefficients, polarization_rule)
+from taylor_kernels.reference.path import check_index_ints
 
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 _POWERS = {"reciprocal": -1.0, "sqrt": 0.5, "rsqrt": -0.5}
@@ -224,7 +225,8 @@ def check_polarize_args(c: torch.Tensor, gamma: torch.Tensor, order: int) -> Non
     if gamma.dim() != 1 or gamma.shape[0] != c.shape[1] or not gamma.is_floating_point():
         raise ValueError(f"gamma must be a floating tensor [M] = [{c.shape[1]}], got "
                          f"{tuple(gamma.shape)} {gamma.dtype}")
-    if isinstance(order, bool) or not 0 <= int(order) < c.shape[0]:
+    check_index_ints(order=order)
+    if not 0 <= order < c.shape[0]:
         raise ValueError(f"order {order} outside the jets' orders [0, {c.shape[0] - 1}]")
 
 

@@ -112,6 +112,31 @@ def test_bad_arguments_raise(cpu_backend, bad):
             tk.ops.path_accumulate(torch.randn(3, 4), x, bl, weights, 0)
 
 
+BAD_TYPES = {  # (call, error): wrong dtypes, devices and index types are refused up front
+    "int_x": (lambda x, bl, a, w: tk.ops.path_points(x.long(), bl, a, 0, 1), TypeError),
+    "int_alphas": (lambda x, bl, a, w: tk.ops.path_points(x, bl, (a * 4).long(), 0, 1),
+                   TypeError),
+    "int_grads": (lambda x, bl, a, w: tk.ops.path_accumulate(torch.ones(2, 5, dtype=torch.long),
+                                                           x, bl, w, 0), TypeError),
+    "meta_alphas": (lambda x, bl, a, w: tk.ops.path_points(x, bl, a.to("meta"), 0, 1),
+                    ValueError),
+    "meta_grads": (lambda x, bl, a, w: tk.ops.path_accumulate(torch.ones(2, 5, device="meta"),
+                                                            x, bl, w, 0), ValueError),
+    "bool_start": (lambda x, bl, a, w: tk.ops.path_points(x, bl, a, True, 1), TypeError),
+    "float_count": (lambda x, bl, a, w: tk.ops.path_points(x, bl, a, 0, 2.0), TypeError),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_TYPES)
+def test_bad_types_and_devices_raise_on_every_backend(cpu_backend, bad):
+    """The C++ kernel checked dtypes itself but the reference and Triton did not (an int x
+    was truncated); a meta operand beside CPU ones reached the kernels (garbage out)."""
+    x, bl, alphas, weights = make_inputs(2, 2, 3, 5, False, torch.float32)
+    call, error = BAD_TYPES[bad]
+    with pytest.raises(error):
+        call(x, bl, alphas, weights)
+
+
 def test_gradcheck(cpu_backend):
     x, bl, alphas, weights = make_inputs(2, 2, 3, 4, False, torch.float64)
     grads = torch.randn(9, 4, dtype=torch.float64)
