@@ -34,6 +34,9 @@ METHODS = ("attribute", "compute_convergence_delta")
 _MISSING = object()
 _LOCK = threading.Lock()
 _saved: dict[tuple[type, str], object] = {}
+# who wants the patch: an explicit patch() call, and the patched() blocks still open (any
+# thread); it is undone when neither does (blocks may end in any order)
+_wanted = {"explicit": False, "blocks": 0}
 
 
 def _ours(inst, ours_cls):
@@ -94,36 +97,58 @@ def is_patched() -> bool:
 def patch() -> None:
     """Make Captum's path-integral classes (:data:`PATCHED_CLASSES`) run on taylor-kernels,
     in place, for every instance and every reference; idempotent."""
-    captum_attr = importlib.import_module("captum.attr")
     with _LOCK:
-        if _saved:
-            return
-        for cls_name in PATCHED_CLASSES:
-            cls, ours_cls = getattr(captum_attr, cls_name), getattr(captum_front, cls_name)
-            for name in METHODS:
-                _saved[(cls, name)] = cls.__dict__.get(name, _MISSING)
-                setattr(cls, name, _replacement(cls, ours_cls, name, getattr(cls, name)))
+        _wanted["explicit"] = True
+        _apply()
+
+
+def _apply() -> None:
+    """Patch the classes unless they are (caller holds ``_LOCK``)."""
+    captum_attr = importlib.import_module("captum.attr")
+    if _saved:
+        return
+    for cls_name in PATCHED_CLASSES:
+        cls, ours_cls = getattr(captum_attr, cls_name), getattr(captum_front, cls_name)
+        for name in METHODS:
+            _saved[(cls, name)] = cls.__dict__.get(name, _MISSING)
+            setattr(cls, name, _replacement(cls, ours_cls, name, getattr(cls, name)))
 
 
 def unpatch() -> None:
-    """Restore every patched class attribute to the exact object it was (idempotent)."""
+    """Restore every patched class attribute to the exact object it was (idempotent); while
+    a :func:`patched` block is open somewhere, the classes stay patched until it ends."""
     with _LOCK:
-        for (cls, name), original in _saved.items():
-            if original is _MISSING:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, original)
-        _saved.clear()
+        _wanted["explicit"] = False
+        if not _wanted["blocks"]:
+            _restore()
+
+
+def _restore() -> None:
+    """Undo the patch (caller holds ``_LOCK``)."""
+    for (cls, name), original in _saved.items():
+        if original is _MISSING:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
+    _saved.clear()
 
 
 @contextlib.contextmanager
 def patched():
-    """``with patched(): ...`` runs the block with Captum patched, then restores the state
-    from before (still patched if it was)."""
-    was = is_patched()
-    patch()
+    """``with patched(): ...`` runs the block with Captum patched; the patch is undone when
+    the last open block (in any thread, in any order) ends, unless :func:`patch` asked for it
+    to stay."""
+    with _LOCK:
+        _wanted["blocks"] += 1
+        try:
+            _apply()
+        except BaseException:
+            _wanted["blocks"] -= 1
+            raise
     try:
         yield
     finally:
-        if not was:
-            unpatch()
+        with _LOCK:
+            _wanted["blocks"] -= 1
+            if not _wanted["blocks"] and not _wanted["explicit"]:
+                _restore()

@@ -53,6 +53,44 @@ def test_patch_replaces_and_unpatch_restores_identity():
     assert all(_class_state()[k] is v for k, v in before.items())
 
 
+def test_patched_blocks_that_overlap_in_threads_or_out_of_order_keep_the_patch():
+    """The patch stays while any patched() block is open (it was undone by whichever block
+    left first, so another thread's block ran Captum's own code); patch() makes it stay."""
+    import threading
+
+    before = _class_state()
+    entered, done, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with tkc.patched():
+            entered.set()
+            done.wait(5)
+
+    def second():
+        entered.wait(5)
+        with tkc.patched():
+            done.set()
+            t1.join(5)  # the first block has ended
+            seen.append(tkc.is_patched())
+
+    t1, t2 = threading.Thread(target=first), threading.Thread(target=second)
+    t1.start(), t2.start()
+    t2.join(10)
+    assert seen == [True] and not tkc.is_patched()
+    outer, inner = tkc.patched(), tkc.patched()
+    outer.__enter__(), inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert tkc.is_patched()
+    inner.__exit__(None, None, None)
+    assert not tkc.is_patched()
+    tkc.patch()
+    with tkc.patched():
+        pass
+    assert tkc.is_patched()
+    tkc.unpatch()
+    assert not tkc.is_patched() and all(_class_state()[k] is v for k, v in before.items())
+
+
 def test_patched_captum_classes_equal_captum(monkeypatch):
     """Instances created before patching, Captum's NoiseTunnel over them, every class."""
     torch.manual_seed(0)
