@@ -35,13 +35,20 @@ def parse_args(argv):
     p.add_argument("--coalitions", type=int, default=32, help="SIG coalitions per image (32)")
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM section")
     p.add_argument("--no-causal-lm", action="store_true", help="skip the causal-LM section")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (20)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (20); the "
+                   "causal LM trains epochs/20 of its steps")
     p.add_argument("--seed", type=int, default=0, help="training seed (0)")
     p.add_argument("--cache-dir", default=None, help="weight cache folder (default "
                    "$TAYLOR_KERNELS_CACHE or ~/.cache/taylor_kernels)")
     p.add_argument("--no-cache", action="store_true", help="always train, save nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("examples", "steps", "eg_samples", "coalitions", "epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.tol > 0:
+        p.error(f"--tol must be positive, got {args.tol}")
+    return args
 
 
 def _pick_examples(y_test, n: int) -> list[int]:

@@ -163,4 +163,7 @@ def causal_lm_section(out: Path, summary: dict, epochs: int, cache_dir: Path | N
             f"pass ({steps} Gauss-Legendre nodes, zero-embedding baseline, {seconds:.2f} s); "
             "row k should draw on the operand digits of column k and, through the carry, on "
             "the columns to its right. Completeness gaps per answer token: "
-            + ", ".join(f"{g:+.1e}" for g in res.gap.tolist()) + "."}
+            + ", ".join(f"{g:+.1e}" for g in res.gap.tolist()) + "."
+            + ("" if acc >= 0.9 else f" Caution: at {acc:.0%} exact match the model has not "
+               "learned addition (fewer --epochs than the default 20 also shorten this "
+               "training), so the heatmap shows an untrained model, not the pattern above.")}
