@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from taylor_kernels.engine.chunking import quiet_threads
+
 DIGITS = [str(i) for i in range(10)]
 WORDS = DIGITS + ["+", "="]
 ARCH = "gpt2-2x64-addition"
@@ -103,7 +105,8 @@ def trained(cfg: LMConfig, cache_dir: Path | None):
         model.load_state_dict(torch.load(path))
         return model.eval(), tok, test_data, {"cached": True, "train_s": 0.0}
     t0 = time.perf_counter()
-    train(model, train_data, cfg)
+    with quiet_threads():
+        train(model, train_data, cfg)
     info = {"cached": False, "train_s": time.perf_counter() - t0}
     if path is not None:
         try:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from taylor_kernels.engine.chunking import quiet_threads
+
 ARCH = "digits-cnn-v1"
 
 
@@ -105,7 +107,8 @@ def trained_model(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
         except Exception as exc:  # noqa: BLE001  (a corrupt or stale file: retrain)
             print(f"demo: ignoring unreadable cache {path} ({exc}); retraining")
     t0 = time.perf_counter()
-    model = train(cfg, x, y)
+    with quiet_threads():
+        model = train(cfg, x, y)
     info = {"cached": False, "cache_path": None, "train_s": time.perf_counter() - t0}
     if path is not None:
         try:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from taylor_kernels.demo import digits
+from taylor_kernels.engine.chunking import quiet_threads
 
 
 class DigitsReluCNN(digits.DigitsCNN):
@@ -55,8 +56,9 @@ def exact_section(x_tr, y_tr, x_te, y_te, indices: list[int], out: Path, summary
     section and stores the figures in ``summary["exact"]``."""
     from taylor_kernels.demo import plots
     t0 = time.perf_counter()
-    model = digits.train(digits.TrainConfig(epochs=min(epochs, MAX_EPOCHS)), x_tr, y_tr,
-                         arch=DigitsReluCNN)
+    with quiet_threads():
+        model = digits.train(digits.TrainConfig(epochs=min(epochs, MAX_EPOCHS)), x_tr, y_tr,
+                             arch=DigitsReluCNN)
     acc = digits.accuracy(model, x_te, y_te)
     train_s = time.perf_counter() - t0
     x = x_te[indices].double()

@@ -137,3 +137,14 @@ def test_explicit_budget_is_filled_and_only_threads_are_timed(monkeypatch):
     assert plan.trials == [(size, 2), (size, 1)]
     _feed(plan, {(size, 2): 3.0, (size, 1): 1.0})
     assert plan.chunk == size and plan.threads == 1 and "choice" not in plan.slot
+
+
+def test_quiet_threads_takes_one_thread_only_while_busy(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(chunking, "machine_busy", lambda: True)
+    with chunking.quiet_threads():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(chunking, "machine_busy", lambda: False)
+    with chunking.quiet_threads():
+        assert torch.get_num_threads() == before
