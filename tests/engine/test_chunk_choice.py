@@ -71,16 +71,25 @@ def test_candidates_respect_limit_and_share(monkeypatch):
         chunking.ChunkPlan(10**6, CPU, cost=10.0, max_memory=1000, reserved=2000)
 
 
-def test_call_threads_applies_busy_choice_and_restores(monkeypatch):
+@pytest.mark.parametrize("context", ["call_threads", "quiet_threads"])
+def test_busy_thread_contexts_apply_and_restore(context, monkeypatch):
+    """call_threads: the count measured while busy; quiet_threads (loops the engine does not
+    time, e.g. the demo's training): one thread while busy."""
     before = torch.get_num_threads()
     monkeypatch.setattr(chunking, "_BUSY_THREADS", {before: 1})
     monkeypatch.setattr(chunking, "machine_busy", lambda: True)
-    with chunking.call_threads():
+    with getattr(chunking, context)():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     monkeypatch.setattr(chunking, "machine_busy", lambda: False)
-    with chunking.call_threads():
+    with getattr(chunking, context)():
         assert torch.get_num_threads() == before
+
+
+def test_call_threads_decides_at_each_call(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(chunking, "_BUSY_THREADS", {before: 1})
+    monkeypatch.setattr(chunking, "machine_busy", lambda: False)
 
     @chunking.call_threads()
     def threads_inside():
@@ -137,14 +146,3 @@ def test_explicit_budget_is_filled_and_only_threads_are_timed(monkeypatch):
     assert plan.trials == [(size, 2), (size, 1)]
     _feed(plan, {(size, 2): 3.0, (size, 1): 1.0})
     assert plan.chunk == size and plan.threads == 1 and "choice" not in plan.slot
-
-
-def test_quiet_threads_takes_one_thread_only_while_busy(monkeypatch):
-    before = torch.get_num_threads()
-    monkeypatch.setattr(chunking, "machine_busy", lambda: True)
-    with chunking.quiet_threads():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    monkeypatch.setattr(chunking, "machine_busy", lambda: False)
-    with chunking.quiet_threads():
-        assert torch.get_num_threads() == before
