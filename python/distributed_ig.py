@@ -17,6 +17,7 @@ import argparse
 import datetime
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -46,13 +47,21 @@ def attribute(args) -> None:
     t0 = time.perf_counter()
     res = tk.integrated_gradients(model, x, target=target, steps=args.steps, distributed=True)
     elapsed = time.perf_counter() - t0
-    print(f"rank {rank}/{world}: {res.evaluations} evaluations in {elapsed:.2f} s, "
-          f"checksum {res.attributions.double().sum().item():.10e}, "
-          f"max |gap| {res.gap.abs().max().item():.2e}", flush=True)
+    # each line in one write, newline included: print() writes the newline separately, and
+    # the ranks share stdout, so another rank's line could land in between
+    say(f"rank {rank}/{world}: {res.evaluations} evaluations in {elapsed:.2f} s, "
+        f"checksum {res.attributions.double().sum().item():.10e}, "
+        f"max |gap| {res.gap.abs().max().item():.2e}")
     if rank == 0:
         single = tk.integrated_gradients(model, x, target=target, steps=args.steps)
         diff = (single.attributions - res.attributions).abs().max().item()
-        print(f"rank 0: max |distributed - single process| = {diff:.2e}", flush=True)
+        say(f"rank 0: max |distributed - single process| = {diff:.2e}")
+
+
+def say(line: str) -> None:
+    """``line`` and its newline to stdout in one write."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _spawned(rank: int, world: int, port: int, args) -> None:
