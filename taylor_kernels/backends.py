@@ -90,6 +90,12 @@ def using(name: str):
         _override.reset(token)
 
 
+def selected(name: str | None):
+    """:func:`using` ``name``, or no change for None (the ``backend=`` argument of every
+    attribution call)."""
+    return contextlib.nullcontext() if name is None else using(name)
+
+
 def runs_on(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` can run on tensors of ``device``."""
     if not available()[name]:

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -77,8 +76,7 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
         :class:`AttributionResult`; ``gap [B] = sum(attr) - mean_m (f(x) - f(r_m))`` is the
         Monte-Carlo error of this estimate; ``evaluations = B * M``.
     """
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    with backends.selected(backend):
         problem = make_problem(model, inputs, None, target, additional_forward_args,
                                defer_row_check=True)
         gen = draw_references(problem, background, samples, seed)

@@ -227,10 +227,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     if target_ids is None:
         target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model))
     else:
-        target = _one_row(target_ids, "target_ids")
-        if target.shape[1] == 0:
-            raise ValueError("the target continuation is empty")
-        target = hf.check_ids(target, "target_ids", vocab)[0].to(prompt.device)
+        target = hf.check_ids(_one_row(target_ids, "target_ids"), "target_ids",
+                              vocab)[0].to(prompt.device)
     P, T = prompt.shape[1], target.shape[0]
     if T == 0:
         raise ValueError("the target continuation is empty")
@@ -245,8 +243,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     base = torch.where(kept[..., None], act[:, :P], base)
     _check_continuation_fixed(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base)
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx, hf.first_order_attention(model, act):
+    with backends.selected(backend), hf.first_order_attention(model, act):
         fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]
         sums, evaluations, nodes = _integrate(
             problem, rule, steps, tol or DEFAULT_ADAPTIVE_TOL, fx, fb, max_memory=max_memory,

@@ -13,7 +13,6 @@ per group: ``sum_Q Gamma_PQ = IG_P = sum_{i in P} IG_i``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +75,7 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
     Returns: :class:`GroupInteractions`.
     """
     t, w_grad, w_hess = ih_rule(rule, steps)
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    with backends.selected(backend):
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         x, dev = problem.x, problem.x.device
         groups = feature_groups(feature_mask, problem.inputs)

@@ -5,7 +5,6 @@ each input. The completeness gap ``sum_i IG_i - mean_k (f(x) - f(b_k))`` is repo
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -75,7 +74,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
         bl = problem.baselines[rows] if problem.baselines.shape[0] > 1 else problem.baselines
         res = path_engine.integrate(problem, nodes[lo:sizes[top]],
                                     [w[lo:sizes[top]] for w in level_weights[level:]],
-                                    x=(problem.path_x(True) if engine_kw.get("create_graph")
+                                    x=(problem.attached_x() if engine_kw.get("create_graph")
                                        else problem.x)[rows],
                                     baselines=bl, rows=rows,
                                     point_cost=cost, **engine_kw)
@@ -138,8 +137,7 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
     if create_graph and not torch.is_grad_enabled():
         raise ValueError("create_graph=True inside torch.no_grad(): no graph can be kept; "
                          "call it with grad enabled")
-    forced = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with forced:  # the backend is checked before any forward
+    with backends.selected(backend):  # the backend is checked before any forward
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
                                defer_row_check=True)  # endpoint_values completes it
         fx, fb = path_engine.endpoint_values(problem)
@@ -168,8 +166,7 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, 
     :func:`~taylor_kernels.engine.path_engine.endpoint_values` gives them); arguments as
     there, ``rule`` and ``tol`` already checked by :func:`check_rule_args` (before any
     forward)."""
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    with backends.selected(backend):
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph, **_distributed_kw(distributed, reduce_to, rule,
                                                                create_graph))

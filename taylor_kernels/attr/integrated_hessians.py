@@ -32,7 +32,6 @@ two uniforms, i.e. density ``-ln t``) per sample: ``Gamma ~ mean_m [Delta_i Delt
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -227,8 +226,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
         ``evaluations``.
     """
     t, wg, wh = ih_rule(rule, steps)
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    with backends.selected(backend):
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         dev = problem.x.device
         return _integrate(problem, t.to(dev), wg.to(dev), wh.to(dev), index, ig_steps,
@@ -249,8 +247,7 @@ def expected_hessians(model, inputs, background, target=None, *, samples: int = 
     ``completeness_gap`` measures the Monte-Carlo error in ``t`` alone. Other arguments as
     :func:`integrated_hessians`.
     """
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    with backends.selected(backend):
         problem = make_problem(model, inputs, None, target, additional_forward_args)
         gen = draw_references(problem, background, samples, seed)
         t = (torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)

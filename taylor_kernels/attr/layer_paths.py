@@ -26,7 +26,6 @@ in the tensors it saves), mapped to ``e`` by a custom backward (:class:`_InputGr
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -148,7 +147,7 @@ class LayerSpace:
         taken: dict[int, torch.Tensor] = {}
 
         def take(k, v):
-            if not v.requires_grad and v.grad_fn is None and v.is_floating_point():
+            if not v.requires_grad and v.is_floating_point():
                 v.requires_grad_()  # a leaf: later uses enter the graph (as Captum's)
             taken[k] = v
             return v.clone()  # the layer gets a copy (as Captum's): in place, it changes that
@@ -213,10 +212,9 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
     S = weights.shape[0]
     if table.dim() != 2 or table.shape[1] != S + 1 or table.shape[0] not in (1, tup[0].shape[0]):
         raise ValueError(f"table must be [R|1, {S + 1}], got {tuple(table.shape)}")
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
     coords = tuple(torch.ones(a.shape, dtype=torch.float64, device=a.device) for a in acts)
     extra = (table.to(tup[0].device),) + tup + bls + tuple(directions or ()) + fargs
-    with ctx:
+    with backends.selected(backend):
         problem = make_problem(LayerSpace(model, spec, len(tup), direction), coords, 0.0,
                                target, extra)
         nodes = torch.arange(S, dtype=torch.float64)

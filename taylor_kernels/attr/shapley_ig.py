@@ -12,7 +12,6 @@ and sets the rest to the reference. Attributions are the mean of IG from each ``
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -93,8 +92,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         raise ValueError(f"coalitions must be a positive integer, got {coalitions}")
     if rule == "adaptive":
         raise ValueError("SIG uses a fixed rule; 'adaptive' is available for IG")
-    ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    with backends.selected(backend):
         problem = make_problem(model, inputs, reference, target, additional_forward_args,
                                defer_row_check=True)
         if problem.K != 1:

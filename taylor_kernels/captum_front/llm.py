@@ -84,7 +84,8 @@ class TextTokenInput:
 class LLMAttributionResult:
     """Captum's result fields: ``seq_attr [n_features]``, ``token_attr [T, n_features]``,
     ``input_tokens``, ``output_tokens``, ``output_probs`` and ``inp`` (None here, as in
-    Captum's gradient class); plus ``output_log_probs [T]`` and ``gap [T]`` (completeness per target)."""
+    Captum's gradient class); plus ``output_log_probs [T]`` and ``gap [T]`` (completeness
+    per target)."""
 
     input_tokens: list[str]
     output_tokens: list[str]

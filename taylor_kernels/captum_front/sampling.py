@@ -16,7 +16,6 @@ draws come between the blocks' noise.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import numpy as np
@@ -121,6 +120,7 @@ class NoiseTunnel:
             outs.append(out)
         out = _concat_rows(outs)
         delta = torch.cat(deltas) if deltas else None
+
         def smooth(value):  # a tensor, a tuple (per input) or a list (per layer) of those
             if isinstance(value, (tuple, list)):
                 return type(value)(smooth(v) for v in value)
@@ -198,8 +198,7 @@ class GradientShap(CaptumAttribution):
         ``sum(attr) - (f(x_noisy) - f(b))``, in Captum's order."""
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
-        ctx = backends.using(backend) if backend is not None else contextlib.nullcontext()
-        with ctx:
+        with backends.selected(backend):
             res = gradient_shap_rows(
                 self.forward_func, d.noisy, d.drawn, d.alphas, d.target, d.forward_args,
                 multiply_by_inputs=self._multiply_by_inputs, was_tuple=d.was_tuple,

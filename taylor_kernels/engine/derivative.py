@@ -264,7 +264,7 @@ def index_rows(index, D: int, device) -> torch.Tensor:
         raise ValueError("index is empty: give at least one feature number")
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"index must hold integers, got {idx.dtype}")
-    if idx.numel() == 0 or (idx < 0).any() or (idx >= D).any():
+    if (idx < 0).any() or (idx >= D).any():
         raise ValueError(f"index must be non-empty feature numbers in [0, {D}), got "
                          f"{idx.tolist()[:8]}")
     return idx.long()

@@ -223,7 +223,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     if getattr(problem, "pending_row_check", None) is not None:  # no endpoint batch ran
         problem.finish_row_check()
     if x is None:
-        x = problem.path_x(True) if create_graph else problem.x
+        x = problem.attached_x() if create_graph else problem.x
     bl = problem.baselines if baselines is None else baselines
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     alphas = _to_device(alphas, x.device)

@@ -185,11 +185,11 @@ class PathProblem:
             args.append(a)
         return tuple(args)
 
-    def path_x(self, keep_graph: bool) -> torch.Tensor:
-        """The flattened inputs ``[B, D]``: ``x`` (detached), or with ``keep_graph`` the same
-        values still attached to the caller's inputs, so ``create_graph`` attributions are
-        differentiable in them (through the path points and the ``x - b`` factor)."""
-        if not keep_graph or not any(t.requires_grad for t in self.inputs):
+    def attached_x(self) -> torch.Tensor:
+        """The flattened inputs ``[B, D]`` still attached to the caller's inputs (``x`` itself
+        when none requires grad): with them ``create_graph`` attributions are differentiable
+        in the inputs (through the path points and the ``x - b`` factor)."""
+        if not any(t.requires_grad for t in self.inputs):
             return self.x
         return torch.cat([t.reshape(self.B, -1) for t in self.inputs], dim=1).to(self.x.dtype)
 

@@ -69,8 +69,9 @@ def _through_scaled_grad(module: nn.Module, inputs: tuple, output):
 def cached_derivatives(model: nn.Module):
     """Within the block, forwards of ``model`` route each elementwise activation's gradient
     through :class:`ScaledGrad` (derivative computed once per forward, by one backward of the
-    activation's own graph, which is then dropped); hooks removed on exit. Nothing is routed while a global forward hook is registered (it could rewrite an
-    activation's output, which ``g'(x)`` would then not describe)."""
+    activation's own graph, which is then dropped); hooks removed on exit. Nothing is routed
+    while a global forward hook is registered (it could rewrite an activation's output, which
+    ``g'(x)`` would then not describe)."""
     use = not nn.modules.module._global_forward_hooks
     handles = [m.register_forward_hook(_through_scaled_grad) for m in model.modules()
                if use and is_elementwise(m)]

@@ -37,8 +37,7 @@ def check_operands(**tensors: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be a real floating-point tensor, got {got}")
-    devices = {str(t.device) for t in tensors.values()}
-    if len(devices) > 1:
+    if len({t.device for t in tensors.values()}) > 1:
         raise ValueError(f"operands on different devices: "
                          f"{ {n: str(t.device) for n, t in tensors.items()} }")
 
