@@ -109,9 +109,15 @@ def runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
+@torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str | None = None) -> str:
     """The backend an op on ``device`` uses now; raises if a forced one cannot run there.
-    Under ``auto`` on CUDA, op ``op`` takes the measured choice of :mod:`.backend_table`."""
+    Under ``auto`` on CUDA, op ``op`` takes the measured choice of :mod:`.backend_table`.
+
+    Under ``torch.compile`` the choice is made once, when the graph is traced, and kept in
+    it (the ``tk.ops.*`` wrappers then trace with ``fullgraph=True``): a later
+    :func:`using`/:func:`use` reaches a compiled function only after ``torch._dynamo.reset()``
+    (all backends compute the same values, to rounding)."""
     name = current()
     if name != "auto":
         if not runs_on(name, device):

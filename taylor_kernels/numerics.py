@@ -8,6 +8,7 @@ nested-jvp Taylor coefficients (the jet engine's fallback and the jet kernels' o
 """
 from __future__ import annotations
 
+import functools
 import math
 from itertools import product
 
@@ -56,7 +57,18 @@ def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
     Returns: ``weights`` (int64 ``[M, p]``: direction m is ``sum_l weights[m, l] v_l``) and
     ``gamma`` (float64 ``[M]``).
     """
-    i = check_pattern(pattern)
+    dirs, gammas = _polarization_table(tuple(check_pattern(pattern)))
+    return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
+
+
+@torch.compiler.assume_constant_result  # plain numbers of the pattern: constants when traced
+def _polarization_table(i: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """``(directions, gammas)`` of :func:`polarization_rule` as tuples, for a checked pattern."""
+    return _polarization_numbers(i)
+
+
+@functools.lru_cache(maxsize=64)
+def _polarization_numbers(i: tuple[int, ...]) -> tuple[tuple, tuple]:
     d = sum(i)
     ks = [k for k in product(*(range(n + 1) for n in i)) if sum(k) > 0]
     dirs, gammas = [], []
@@ -72,7 +84,7 @@ def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
         if abs(g) > 1e-12:
             dirs.append(j)
             gammas.append(g)
-    return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
+    return tuple(dirs), tuple(gammas)
 
 
 def nested_jvp_coefficients(fn, coeffs, order: int):

@@ -91,7 +91,9 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     Returns: ``[B, R, D]`` in float32 (float64 for float64 x); untouched rows are zero.
     Differentiable in hrows, x, baselines and weights.
 
-    ``index`` entries outside ``[0, D)`` raise ``ValueError`` for CPU tensors. On a GPU they
+    ``index`` entries outside ``[0, D)`` raise ``ValueError`` for CPU tensors (inside
+    ``torch.compile`` the C++ kernel's own check raises it, the value being unknown at trace
+    time). On a GPU they
     are checked inside the kernel instead (a host-side check would synchronize on every chunk):
     nothing is read out of bounds and output row ``out[:, r]`` of a bad entry is NaN. A
     device-side assert was not chosen because it leaves the CUDA context unusable for the rest
@@ -99,5 +101,5 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     tensor would still need a synchronizing read, which is what the check removes.
     """
     ref.check_ih_args(hrows, x, baselines, weights, index, start,
-                      index_values=x.device.type == "cpu")
+                      index_values=x.device.type == "cpu" and not torch.compiler.is_compiling())
     return _backend_fn(x.device)(hrows, x, baselines, weights, index, start)

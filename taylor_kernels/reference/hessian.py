@@ -47,7 +47,8 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     Returns: ``[B, R, D]`` in the accumulation dtype (float64 for float64 x, else float32);
     rows of inputs the chunk does not touch are zero.
     """
-    check_ih_args(hrows, x, baselines, weights, index, start)
+    check_ih_args(hrows, x, baselines, weights, index, start,
+                  index_values=not torch.compiler.is_compiling())  # traced: indexing checks
     count, R, D = hrows.shape
     B, K, S = x.shape[0], baselines.shape[1], weights.shape[-1]
     acc = accumulation_dtype(x.dtype)
