@@ -166,6 +166,10 @@ def _eos_ids(model) -> list[int]:
     return []
 
 
+class ContinuationMoves(ValueError):
+    """The layer's activations at the continuation's positions change with the prompt."""
+
+
 def _check_continuation_fixed(model, layer, sequence, act, base_ids, kept, P: int) -> None:
     """The one pass holds the continuation's activations at their values: exact (Captum's
     numbers) when the baseline prompt leaves them unchanged, as for the input embeddings. For
@@ -181,12 +185,12 @@ def _check_continuation_fixed(model, layer, sequence, act, base_ids, kept, P: in
     at_b = hf.layer_output(lambda i: model(input_ids=i), layer,
                            torch.cat([prompt_b, sequence[None, P:]], dim=1))
     if not torch.equal(at_b[:, P:], act[:, P:]):
-        raise ValueError(
+        raise ContinuationMoves(
             f"layer {name}: its activations at the continuation's positions change with the "
             "prompt (the layer comes after tokens are mixed), and the one pass holds them "
             "fixed; attribute to the input embeddings, or run layer integrated gradients once "
-            "per target token (captum.attr.LLMGradientAttribution over "
-            "taylor_kernels.captum.LayerIntegratedGradients does)")
+            "per target token (taylor_kernels.captum.LLMGradientAttribution does for such a "
+            "layer)")
 
 
 def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens: int = 25,

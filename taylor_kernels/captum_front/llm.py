@@ -17,9 +17,13 @@ prompt embeddings interpolate from the baseline token's embedding, the continuat
 fixed, attributions summed over the embedding). ``attribute`` takes Captum's ``n_steps``,
 ``method`` and ``internal_batch_size`` (path points per chunk) and ours: ``max_memory``,
 ``tol`` (with ``method="adaptive"``), ``backend``, ``progress``. ``attr_method`` may be our
-``LayerIntegratedGradients`` or Captum's (its ``forward_func`` must be the model and its layer
-the input embeddings, as Captum requires). Output tokens are readable token strings as in
-Captum (:func:`pretty_tokens`). Captum itself is not needed.
+``LayerIntegratedGradients`` or Captum's (its ``forward_func`` must be the model, as Captum
+requires). What the one pass does not cover runs Captum's loop, one ``attribute`` call per
+target token (:mod:`.llm_per_token`): ``LayerGradientShap`` / ``LayerGradientXActivation``,
+layer IG with ``multiply_by_inputs=False`` or other ``attribute`` arguments (``baselines``,
+...), and a layer whose activations at the continuation move with the prompt (after the
+positions mix). Output tokens are readable token strings as in Captum
+(:func:`pretty_tokens`). Captum itself is not needed.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ from typing import Any
 
 import torch
 
-from taylor_kernels.attr.generation import generation_attribution
-from taylor_kernels.captum_front._common import CaptumAttribution, captum_method
+from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
+from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumTypeError,
+                                                  captum_method)
+from taylor_kernels.captum_front.llm_per_token import per_token_attributions
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
                     "top_p": None}
@@ -175,32 +181,38 @@ def pretty_tokens(ids: torch.Tensor, tokenizer) -> list[str]:
     return [_readable(tokenizer.decode([i])) for i in ids]
 
 
-def _layer_of(attr_method):
-    """``(model, embedding layer)`` of a layer-IG instance (ours or Captum's)."""
+SUPPORTED_METHODS = ("LayerIntegratedGradients", "LayerGradientShap", "LayerGradientXActivation")
+
+
+def _one_pass_layer(attr_method):
+    """The layer of a layer-IG instance (ours or Captum's) that the one pass can run: one
+    layer, ``multiply_by_inputs=True``; None for the per-token loop. ``TypeError`` (also an
+    ``AssertionError``, as Captum raises) for a method Captum's class does not take either."""
     name = type(attr_method).__name__
+    if name not in SUPPORTED_METHODS or not hasattr(attr_method, "forward_func"):
+        raise CaptumTypeError(f"LLMGradientAttribution supports "
+                              f"{', '.join(SUPPORTED_METHODS)} (ours or Captum's), got {name}")
     layer = getattr(attr_method, "layer", None)
-    if name != "LayerIntegratedGradients" or layer is None:
-        raise NotImplementedError(
-            f"taylor_kernels.captum.LLMGradientAttribution runs LayerIntegratedGradients; got "
-            f"{name} (use captum.attr.LLMGradientAttribution for LayerGradientShap or "
-            "LayerGradientXActivation)")
     if isinstance(layer, (list, tuple)):
         if len(layer) != 1:
-            raise NotImplementedError("LLMGradientAttribution attributes to one layer")
+            raise CaptumTypeError(f"LLMGradientAttribution attributes to one layer, got "
+                                  f"{len(layer)}")
         layer = layer[0]
-    if not getattr(attr_method, "multiplies_by_inputs", True):
-        raise NotImplementedError("multiply_by_inputs=False is not supported by "
-                                  "LLMGradientAttribution here")
-    return attr_method.forward_func, layer
+    if name != "LayerIntegratedGradients" or not getattr(attr_method, "multiplies_by_inputs",
+                                                         True):
+        return None
+    return layer
 
 
 class LLMGradientAttribution:
-    """Drop-in for ``captum.attr.LLMGradientAttribution`` with layer IG on the input
-    embeddings; the whole target sequence is attributed in one pass."""
+    """Drop-in for ``captum.attr.LLMGradientAttribution``: layer IG is attributed for the
+    whole target sequence in one pass; other methods and arguments run Captum's per-token
+    loop (:mod:`.llm_per_token`)."""
 
     def __init__(self, attr_method, tokenizer) -> None:
         self.attr_method = attr_method
-        self.model, self.layer = _layer_of(attr_method)
+        self.layer = _one_pass_layer(attr_method)
+        self.model = attr_method.forward_func
         self.tokenizer = tokenizer
         self.device = getattr(self.model, "device", None) or next(
             self.model.parameters()).device
@@ -234,33 +246,52 @@ class LLMGradientAttribution:
 
         ``inp``: :class:`TextTokenInput` (ours or Captum's); ``target``: the continuation
         (text, or ids ``[T]``), or None to generate it with ``model.generate(**gen_args)``.
-        ``kwargs``: ``n_steps`` (50), ``method`` ("gausslegendre"), ``internal_batch_size``,
-        ``max_memory``, ``tol``, ``backend``, ``progress``.
+        ``kwargs``: with layer IG (``multiply_by_inputs=True``) ``n_steps`` (50), ``method``
+        ("gausslegendre"), ``internal_batch_size``, ``max_memory``, ``tol``, ``backend``,
+        ``progress`` run one pass; any other argument, another method, or a layer after the
+        positions mix runs one ``attr_method.attribute(..., **kwargs)`` per target token as
+        Captum does (``last_result`` is then None, as are ``output_log_probs`` and ``gap``).
         Returns: :class:`LLMAttributionResult` (``token_attr [T, n_features]``).
         """
-        unknown = sorted(set(kwargs) - set(_OPTIONS))
-        if unknown:
-            raise TypeError(f"unsupported attribute() arguments {unknown}; supported: "
-                            f"{list(_OPTIONS)}")
         if not hasattr(inp, "itp_tensor") or not hasattr(inp, "inp_tensor"):
             raise TypeError(f"LLMGradientAttribution supports TextTokenInput, got "
                             f"{type(inp).__name__}")
         target_ids = self._target_ids(inp, target, gen_args).to(self.device)
-        prompt = inp.inp_tensor.to(self.device)
-        itp = torch.ones_like(prompt, dtype=torch.bool) if inp.itp_mask is None \
-            else inp.itp_mask.to(self.device)
-        res = generation_attribution(
-            self.model, prompt, target_ids, baselines=int(inp.baselines), keep=~itp[0],
-            layer=self.layer, steps=kwargs.get("n_steps", 50),
-            rule=kwargs.get("method", "gausslegendre"), tol=kwargs.get("tol"),
-            chunk_size=kwargs.get("internal_batch_size"), max_memory=kwargs.get("max_memory"),
-            backend=kwargs.get("backend"), progress=kwargs.get("progress", False))
-        self.last_result = res
-        token_attr = res.token_attr[:, itp[0]]
+        self.last_result = None
+        res = None
+        if self.layer is not None and set(kwargs) <= set(_OPTIONS):
+            res = self._one_pass(inp, target_ids, kwargs)
+        if res is None:
+            token_attr = per_token_attributions(self.attr_method, self.model, self.device, inp,
+                                                target_ids, kwargs)
+            log_probs = gap = None
+        else:
+            self.last_result = res
+            itp = torch.ones_like(inp.inp_tensor, dtype=torch.bool) if inp.itp_mask is None \
+                else inp.itp_mask
+            token_attr = res.token_attr[:, itp[0].to(self.device)]
+            log_probs, gap = res.log_probs, res.gap
         return LLMAttributionResult(
             input_tokens=list(inp.values),
             output_tokens=pretty_tokens(target_ids, self.tokenizer),
             seq_attr=token_attr.sum(0), token_attr=token_attr,
-            output_log_probs=res.log_probs, gap=res.gap)
+            output_log_probs=log_probs, gap=gap)
+
+    def _one_pass(self, inp, target_ids: torch.Tensor, kwargs: dict):
+        """:func:`generation_attribution` for layer IG, or None when the layer comes after
+        the positions mix (the one pass would hold the continuation's activations fixed)."""
+        prompt = inp.inp_tensor.to(self.device)
+        itp = torch.ones_like(prompt, dtype=torch.bool) if inp.itp_mask is None \
+            else inp.itp_mask.to(self.device)
+        try:
+            return generation_attribution(
+                self.model, prompt, target_ids, baselines=int(inp.baselines), keep=~itp[0],
+                layer=self.layer, steps=kwargs.get("n_steps", 50),
+                rule=kwargs.get("method", "gausslegendre"), tol=kwargs.get("tol"),
+                chunk_size=kwargs.get("internal_batch_size"),
+                max_memory=kwargs.get("max_memory"), backend=kwargs.get("backend"),
+                progress=kwargs.get("progress", False))
+        except ContinuationMoves:
+            return None
 
     attribute_future = CaptumAttribution.attribute_future

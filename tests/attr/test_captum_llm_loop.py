@@ -1,0 +1,126 @@
+"""``taylor_kernels.captum.LLMGradientAttribution`` beyond the one pass: Captum's per-token loop
+for LayerGradientShap / LayerGradientXActivation, layer IG with ``multiply_by_inputs=False`` or
+its own ``attribute`` arguments, and a layer after the positions mix, equal to Captum's class
+token by token (float32; LayerGradientShap against Captum's method on the right targets:
+Captum 0.9's class repeats the target ids per sample and reads the wrong token for t >= 1)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+ca = pytest.importorskip("captum.attr")
+
+import taylor_kernels.captum as tkc  # noqa: E402
+from taylor_kernels.captum_front import llm_per_token  # noqa: E402
+from taylor_kernels.models import tiny  # noqa: E402
+from tests.attr.test_low_precision import one_thread  # noqa: E402,F401  (autouse: 1 thread)
+
+WORDS = "the cat sat on a mat dog ran far away and then slept quietly".split()
+PROMPT, TARGET = "the cat sat on a mat", "dog ran far"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.word_tokenizer(WORDS)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)  # RMSNorm: embedding gradients do not sum to ~0 as after LayerNorm
+    return tiny.llama(layers=2, d=32, vocab=len(tok))
+
+
+def _run(mod, tok, make, **kwargs):
+    inp = mod.TextTokenInput(PROMPT, tok, baselines="<unk>", skip_tokens=["<s>"])
+    torch.manual_seed(1)
+    np.random.seed(1)
+    llm = mod.LLMGradientAttribution(make(mod), tok)
+    return llm, llm.attribute(inp, target=TARGET, **kwargs)
+
+
+def _zeros(tok):
+    return torch.zeros(1, ca.TextTokenInput(PROMPT, tok, skip_tokens=["<s>"]).n_itp_features,
+                       dtype=torch.long)
+
+
+CASES = {
+    "lig_no_multiply": (lambda m, mod: mod.LayerIntegratedGradients(
+        m, m.get_input_embeddings(), multiply_by_inputs=False), {"n_steps": 8}),
+    "lig_baselines": (lambda m, mod: mod.LayerIntegratedGradients(
+        m, m.get_input_embeddings()), {"n_steps": 8, "baselines": "zeros"}),
+    "lig_first_block": (lambda m, mod: mod.LayerIntegratedGradients(
+        m, m.model.layers[0]), {"n_steps": 8}),
+    "lig_final_norm": (lambda m, mod: mod.LayerIntegratedGradients(
+        m, m.model.norm), {"n_steps": 8}),
+    "captum_gxa": (lambda m, mod: ca.LayerGradientXActivation(m, m.get_input_embeddings()), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_per_token_loop_equals_captum(case, model, tok, monkeypatch):
+    make, kwargs = CASES[case]
+    kwargs = {k: _zeros(tok) if v == "zeros" else v for k, v in kwargs.items()}
+    _, want = _run(ca, tok, lambda mod: make(model, mod), **kwargs)
+    loops = []
+    real = llm_per_token.per_token_attributions
+    monkeypatch.setattr("taylor_kernels.captum_front.llm.per_token_attributions",
+                        lambda *a, **k: loops.append(1) or real(*a, **k))
+    llm, got = _run(tkc, tok, lambda mod: make(model, mod), **kwargs)
+    assert loops and llm.last_result is None and got.output_log_probs is None
+    assert got.token_attr.shape == want.token_attr.shape == (3, 6)
+    scale = want.token_attr.abs().max()
+    assert scale > 1e-4
+    torch.testing.assert_close(got.token_attr, want.token_attr, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(got.seq_attr, want.seq_attr, rtol=0, atol=3e-5 * scale)
+    assert got.output_tokens == want.output_tokens
+
+
+def test_layer_gradient_shap_attributes_each_target_token(model, tok):
+    """Ours per token equals Captum's LayerGradientShap on the right target (same draws, same
+    order); Captum's class agrees at t = 0, where its repeated target ids still read right."""
+    z = _zeros(tok)
+    _, ours = _run(tkc, tok, lambda mod: mod.LayerGradientShap(model, model.get_input_embeddings()),
+                   baselines=z)
+    _, captums = _run(ca, tok, lambda mod: mod.LayerGradientShap(model,
+                                                                 model.get_input_embeddings()),
+                      baselines=z)
+    inp = ca.TextTokenInput(PROMPT, tok, baselines="<unk>", skip_tokens=["<s>"])
+    targets = torch.tensor(tok.encode(TARGET, add_special_tokens=False))
+    torch.manual_seed(1)
+    np.random.seed(1)
+    rows = []
+    for t in range(len(targets)):
+        forward = llm_per_token.TokenLogProb(model, torch.device("cpu"), inp, targets[:t + 1])
+        attr = ca.LayerGradientShap(forward, model.get_input_embeddings()).attribute(
+            inp.to_tensor().float(), baselines=z)
+        rows.append(attr[:, :inp.inp_tensor.shape[1]].sum(-1))
+    want = torch.cat(rows)[:, inp.itp_mask[0]]
+    torch.testing.assert_close(ours.token_attr, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.token_attr[0], captums.token_attr[0], rtol=0, atol=1e-6)
+
+
+def test_one_pass_stays_for_layer_ig_on_the_embeddings(model, tok, monkeypatch):
+    monkeypatch.setattr("taylor_kernels.captum_front.llm.per_token_attributions",
+                        lambda *a, **k: pytest.fail("the per-token loop ran"))
+    llm, got = _run(tkc, tok, lambda mod: mod.LayerIntegratedGradients(
+        model, model.get_input_embeddings()), n_steps=8)
+    assert llm.last_result is not None and got.output_log_probs.shape == (3,)
+
+
+@pytest.mark.filterwarnings("ignore:Multiple layers are attributed jointly")
+def test_unsupported_methods_and_outputs_are_clear_errors(model, tok):
+    with pytest.raises(AssertionError, match="supports LayerIntegratedGradients"):
+        tkc.LLMGradientAttribution(tkc.IntegratedGradients(model), tok)
+    with pytest.raises(TypeError, match="one layer"):
+        tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+            model, [model.model.layers[0], model.model.layers[1]]), tok)
+    llm = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+        model, model.get_input_embeddings(), multiply_by_inputs=False), tok)
+    inp = tkc.TextTokenInput(PROMPT, tok)
+    with pytest.raises(TypeError, match="needs one tensor"):
+        llm.attribute(inp, target=TARGET, n_steps=4, return_convergence_delta=True)
