@@ -16,9 +16,11 @@ a step cut short by the budget is recorded as stopped, one that no longer fits a
 5. ``ig_cnn``    IG vs Captum at equal steps (family ``ig_vs_captum``: MLP and CNN);
 6. ``ig_gpt2``   IG vs Captum at equal steps on a GPT-2 ``transformers`` config (LayerIG on the
                  embeddings, time, peak memory, agreement; from ``cases_llm``);
-7. ``jet``       jets vs nested jvp, fused jet_unary vs the eager recurrence (family ``jet``);
-8. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``);
-9. ``memcheck``  ``compute-sanitizer --tool memcheck`` over the ops' short check run.
+7. ``graphs``    the chunk loop with CUDA graphs (``tk.cuda_graphs``) vs eager, CNN and GPT-2
+                 (bench/gpu_graphs.py: times, ratio, agreement);
+8. ``jet``       jets vs nested jvp, fused jet_unary vs the eager recurrence (family ``jet``);
+9. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``);
+10. ``memcheck`` ``compute-sanitizer --tool memcheck`` over the ops' short check run.
 
 Writes ``DIR/gpu-<device>-<date>.txt`` (tables) and ``.json`` (everything), and
 ``DIR/backend_table.json`` (this device merged into the packaged table; copy it to
@@ -360,6 +362,10 @@ def main(argv=None) -> int:
         c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part", str(gpt2)]
               + (["--dry-run"] if c.dry else []), 100)
         families["ig_gpt2"] = json.loads(gpt2.read_text()) if gpt2.is_file() else None
+        graphs = c.parts / "graphs.json"
+        c.run("graphs", [c.py, "bench/gpu_graphs.py", "--out", str(graphs)]
+              + (["--dry-run", "--rounds", "1"] if c.dry else []), 45)
+        families["graphs"] = json.loads(graphs.read_text()) if graphs.is_file() else None
         families["jet"] = family(c, "jet", "jet", 60)
         families["hessian"] = family(c, "hessian", "hessian", 60)
         memcheck(c)  # last: the sanitizer is slow and takes what is left of the budget
@@ -380,7 +386,8 @@ def main(argv=None) -> int:
         text += ["", f"GPU-marked tests: {data['gpu_tests']}", ""]
         text += [ops_table(ops) if ops else "ops: no results", ""]
         for s in c.steps:
-            if s["step"] in ("ig_cnn", "ig_gpt2", "jet", "hessian") and s.get("output_tail"):
+            if s["step"] in ("ig_cnn", "ig_gpt2", "graphs", "jet", "hessian") and \
+                    s.get("output_tail"):
                 text += [f"---- {s['step']} (output tail) ----", s["output_tail"][-3000:], ""]
         (out / f"{stem}.txt").write_text("\n".join(text))
         print("\n".join(text[:len(c.steps) + 8]))

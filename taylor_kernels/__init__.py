@@ -18,6 +18,7 @@ from taylor_kernels.attr.group_hessians import GroupInteractions, group_integrat
 from taylor_kernels.attr.integrated_hessians import (InteractionResult, expected_hessians,
                                                      integrated_hessians)
 from taylor_kernels.engine.derivative import hessian, hessian_diagonal, hvp, third_order
+from taylor_kernels.engine.cuda_graphs import cuda_graphs
 from taylor_kernels.engine.guards import allow_row_coupling
 from taylor_kernels import priors  # noqa: E402  (DAPr; needs attr imported first)
 
@@ -32,7 +33,7 @@ __all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_diagon
             "integrated_hessians", "third_order", "group_integrated_hessians",
             "GroupInteractions"]
 __all__ += ["priors"]
-__all__ += ["allow_row_coupling"]
+__all__ += ["allow_row_coupling", "cuda_graphs"]
 from taylor_kernels.attr.generation import GenerationAttribution, generation_attribution  # noqa: E402
 from taylor_kernels.models.hf import token_integrated_gradients, token_interactions  # noqa: E402
 __all__ += ["GenerationAttribution", "generation_attribution", "token_integrated_gradients",

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "jet", "hessian", "memcheck"]
+STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian",
+         "memcheck"]
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -36,3 +37,15 @@ def test_gpu_check_dry_run(tmp_path):
                    for e in data["ops"]["ops"].values())
     table = json.loads((tmp_path / "backend_table.json").read_text())
     assert table["schema"] == 1  # a dry run adds no device to the table
+
+
+def test_gpu_graphs_dry_run(tmp_path):
+    """Step ``graphs`` alone (the dry run's budget may skip it on a slow machine)."""
+    out = tmp_path / "graphs.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_graphs.py"), "--dry-run",
+                           "--rounds", "1", "--out", str(out)], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["cnn ig", "gpt2 token"]
+    assert all(r["rel_diff"] == 0 and r["eager_s"] > 0 for r in rows)  # CPU: same loop twice

@@ -21,6 +21,7 @@ passes (see :func:`memory.cpu_point_cost`).
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Callable
@@ -30,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from taylor_kernels import ops
-from taylor_kernels.engine import chunking, distributed, guards, memory
+from taylor_kernels.engine import chunking, cuda_graphs, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.numerics import accumulation_dtype
 
@@ -86,21 +87,14 @@ def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool)
     return None if grads[0] is None else torch.stack(grads)
 
 
-def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows: torch.Tensor,
-                   alphas: torch.Tensor, start: int, count: int,
-                   create_graph: bool = False, check: bool = True) -> torch.Tensor:
-    """Gradients ``[count, D]`` of the selected output at path points ``[start, start+count)``
-    (``[T, count, D]`` when ``problem.forward`` returns ``T`` outputs per point).
-
-    ``rows`` ``[B']`` maps the local inputs of ``x [B', D]`` to the problem's inputs (target
-    and additional forward args). Raises on a missing gradient path, and on non-finite
-    gradients when ``check`` (a host sync; see :func:`_defer_checks`).
-    """
-    K, S = bl.shape[1], alphas.shape[-1]
-    pts = ops.path_points(x, bl, alphas, start, count).requires_grad_(True)
-    local = torch.arange(start, start + count, device=x.device) // (K * S)
+def point_gradients(problem: PathProblem, pts: torch.Tensor, point_rows: torch.Tensor,
+                    create_graph: bool = False) -> torch.Tensor:
+    """Gradients ``[N, D]`` (``[T, N, D]``) of the selected output at points ``pts [N, D]``
+    (requiring grad) of inputs ``point_rows [N]``: one forward, one (batched) backward.
+    Raises when the output does not reach the points."""
+    count = pts.shape[0]
     with torch.enable_grad():
-        out = problem.forward(pts, rows[local])
+        out = problem.forward(pts, point_rows)
         if not out.requires_grad:
             raise ValueError("the model output does not depend on the inputs (no gradient "
                              "path); check that the model uses its inputs and is not under "
@@ -111,6 +105,30 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
         grad = _backward(problem, out, pts, create_graph)
     if grad is None:
         raise ValueError("the model output does not depend on the inputs (no gradient path)")
+    return grad
+
+
+def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows: torch.Tensor,
+                   alphas: torch.Tensor, start: int, count: int,
+                   create_graph: bool = False, check: bool = True,
+                   graph: cuda_graphs.ChunkGraph | None = None) -> torch.Tensor:
+    """Gradients ``[count, D]`` of the selected output at path points ``[start, start+count)``
+    (``[T, count, D]`` when ``problem.forward`` returns ``T`` outputs per point).
+
+    ``rows`` ``[B']`` maps the local inputs of ``x [B', D]`` to the problem's inputs (target
+    and additional forward args). Raises on a missing gradient path, and on non-finite
+    gradients when ``check`` (a host sync; see :func:`_defer_checks`). ``graph``: run the
+    forward and backward by this :class:`~.cuda_graphs.ChunkGraph` (its static output is
+    returned unchecked; the engine's deferred check reads it) unless it cannot capture them.
+    """
+    K, S = bl.shape[1], alphas.shape[-1]
+    pts = ops.path_points(x, bl, alphas, start, count)
+    point_rows = rows[torch.arange(start, start + count, device=x.device) // (K * S)]
+    if graph is not None:
+        grad = graph(pts, point_rows)
+        if grad is not None:
+            return grad
+    grad = point_gradients(problem, pts.requires_grad_(True), point_rows, create_graph)
     if check:
         bad = _non_finite_points(grad)
         if bad.any():
@@ -240,10 +258,22 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     defer = _defer_checks(x.device)
     flags: list[tuple[int, int, torch.Tensor]] = []  # deferred: (start, count, any non-finite)
 
+    graph = cuda_graphs.ChunkGraph(functools.partial(point_gradients, problem)) \
+        if cuda_graphs.requested(x.device, create_graph) else None
+
+    def graph_for(first: int, count: int) -> cuda_graphs.ChunkGraph | None:
+        """The chunk graph for a full-size chunk once the size is settled (and, before the
+        capture, while enough full chunks are left to repay it)."""
+        if graph is None or graph.failed or plan.measuring or plan.trials or count != plan.chunk:
+            return None
+        if graph.graph is None and (stop - first) // count < cuda_graphs.MIN_CHUNKS:
+            return None
+        return graph
+
     def compute(first: int, count: int, measure: bool):
         def run():
             return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph,
-                                  check=not defer)
+                                  check=not defer, graph=graph_for(first, count))
         # measure only while probing (saved-tensor hooks slow autograd down)
         if not measure:
             return run(), None
