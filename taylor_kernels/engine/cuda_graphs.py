@@ -69,8 +69,9 @@ class ChunkGraph:
             return None
         if self.graph is None:
             return self._capture(points, rows)
-        self.points.copy_(points)
-        self.rows.copy_(rows)
+        with torch.no_grad():  # the static points are a leaf that requires grad
+            self.points.copy_(points)
+            self.rows.copy_(rows)
         self.graph.replay()
         self.replays += 1
         return self.out

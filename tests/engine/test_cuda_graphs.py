@@ -151,3 +151,79 @@ def test_uncapturable_forward_falls_back_with_a_warning():
     assert made[0].failed
     assert any("cannot be captured" in str(w.message) for w in caught)
     torch.testing.assert_close(got, want)
+
+
+class _FakeCuda:
+    """CPU stand-ins for the CUDA calls of :class:`ChunkGraph`: the capture block runs its body
+    eagerly (as a capture records it) and a replay recomputes the recorded step into the same
+    static output, which is what a CUDA replay produces."""
+
+    def __init__(self, monkeypatch):
+        self.graphs = []
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.owner = None
+                fake.graphs.append(self)
+
+            def replay(self):
+                if self.owner is not None:  # the first replay follows the capture's own run
+                    with torch.no_grad():
+                        g = self.owner
+                        self.owner.out.copy_(g.step(g.points, g.rows))
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: _null())
+        monkeypatch.setattr(torch.cuda, "graph", lambda g: _null())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _step(points, rows):
+    with torch.enable_grad():
+        out = (points.sin() * rows[:, None]).sum()
+        return torch.autograd.grad(out, points)[0]
+
+
+def test_chunk_graph_buffers_and_replays(monkeypatch):
+    fake = _FakeCuda(monkeypatch)
+    graph = cuda_graphs.ChunkGraph(_step)
+    outs = []
+    for i in range(3):
+        pts, rows = torch.randn(5, 4, dtype=torch.float64), torch.arange(5.0) + i
+        got = graph(pts, rows)
+        if i == 0:
+            fake.graphs[0].owner = graph  # replays from now on recompute the step
+        outs.append(got)
+        torch.testing.assert_close(got, rows[:, None] * pts.cos())
+    assert outs[0] is outs[1] is outs[2]  # one static output, overwritten by each replay
+    assert graph.replays == 2 and not graph.failed and len(fake.graphs) == 1
+
+
+def test_chunk_graph_capture_failure_warns_once_and_returns_none(monkeypatch):
+    _FakeCuda(monkeypatch)
+
+    def bad(points, rows):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graph = cuda_graphs.ChunkGraph(bad)
+    with pytest.warns(RuntimeWarning, match="cannot be captured"):
+        assert graph(torch.randn(2, 3), torch.arange(2)) is None
+    assert graph.failed and graph(torch.randn(2, 3), torch.arange(2)) is None
