@@ -227,3 +227,34 @@ def test_chunk_graph_capture_failure_warns_once_and_returns_none(monkeypatch):
     with pytest.warns(RuntimeWarning, match="cannot be captured"):
         assert graph(torch.randn(2, 3), torch.arange(2)) is None
     assert graph.failed and graph(torch.randn(2, 3), torch.arange(2)) is None
+
+
+@requires_cuda
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_chunk_loop_does_not_sync_the_host(graphs, monkeypatch):
+    """After its first two chunks (lazy initialisation; with graphs the warm-up and capture),
+    the chunk loop computes and folds every chunk without a host synchronisation."""
+    from taylor_kernels.engine import path_engine
+    real = path_engine.run_chunks
+
+    def strict(plan, start, stop, compute, consume, **kw):
+        seen = []
+
+        def checked(fn):
+            def run(*args):
+                if len(seen) < 4:  # compute and consume of the first two chunks
+                    seen.append(1)
+                    return fn(*args)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return fn(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            return run
+        return real(plan, start, stop, checked(compute), checked(consume), **kw)
+
+    monkeypatch.setattr(path_engine, "run_chunks", strict)
+    model = models.cnn().float().cuda()
+    x = torch.randn(4, 2, 8, 8, device="cuda")
+    with tk.cuda_graphs(graphs):
+        tk.integrated_gradients(model, x, target=1, steps=64, chunk_size=8)
