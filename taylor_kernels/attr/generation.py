@@ -170,27 +170,35 @@ class ContinuationMoves(ValueError):
     """The layer's activations at the continuation's positions change with the prompt."""
 
 
-def _check_continuation_fixed(model, layer, sequence, act, base_ids, kept, P: int) -> None:
-    """The one pass holds the continuation's activations at their values: exact (Captum's
+def _baseline_activation(model, layer, sequence, act, base_ids, kept, P: int) -> torch.Tensor:
+    """The layer's activation ``[1, P, H]`` at the baseline prompt (the baseline id at every
+    attributed position, kept tokens as they are; ``base_ids`` None: the zero embedding).
+
+    The one pass holds the continuation's activations at their values: exact (Captum's
     numbers) when the baseline prompt leaves them unchanged, as for the input embeddings. For
-    another ``layer``, one forward at the baseline prompt checks it; ``ValueError`` if not."""
+    another ``layer`` the same forward at the baseline prompt checks it
+    (:class:`ContinuationMoves` if not); there the kept positions' baseline activations move
+    with the prompt too, so all ``P`` come from that forward."""
     get = getattr(model, "get_input_embeddings", None)
-    if callable(get) and get() is layer or act.shape[1] == P:
-        return
-    name = type(layer).__name__
+    embeddings = callable(get) and get() is layer
     if base_ids is None:
-        raise ValueError(f"layer {name} is not the input embeddings: give baselines as token "
-                         "ids ('pad', 'unk' or an id), not 'zero'")
+        if not embeddings:
+            raise ValueError(f"layer {type(layer).__name__} is not the input embeddings: give "
+                             "baselines as token ids ('pad', 'unk' or an id), not 'zero'")
+        return torch.where(kept[..., None], act[:, :P], torch.zeros_like(act[:, :P]))
     prompt_b = torch.where(kept, sequence[None, :P], base_ids.to(sequence.device))
+    if embeddings:
+        return hf.layer_output(lambda i: model(input_ids=i), layer, prompt_b)
     at_b = hf.layer_output(lambda i: model(input_ids=i), layer,
                            torch.cat([prompt_b, sequence[None, P:]], dim=1))
     if not torch.equal(at_b[:, P:], act[:, P:]):
         raise ContinuationMoves(
-            f"layer {name}: its activations at the continuation's positions change with the "
-            "prompt (the layer comes after tokens are mixed), and the one pass holds them "
-            "fixed; attribute to the input embeddings, or run layer integrated gradients once "
-            "per target token (taylor_kernels.captum.LLMGradientAttribution does for such a "
-            "layer)")
+            f"layer {type(layer).__name__}: its activations at the continuation's positions "
+            "change with the prompt (the layer comes after tokens are mixed), and the one pass "
+            "holds them fixed; attribute to the input embeddings, or run layer integrated "
+            "gradients once per target token (taylor_kernels.captum.LLMGradientAttribution "
+            "does for such a layer)")
+    return at_b[:, :P]
 
 
 def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens: int = 25,
@@ -241,11 +249,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
     if base_ids is not None:
         hf.check_vocab(base_ids, vocab, "baselines")
-    base = torch.zeros_like(act[:, :P]) if base_ids is None else hf.layer_output(
-        lambda i: model(input_ids=i), emb, base_ids)
     kept = hf.kept_positions(prompt, None, keep, skip_tokens)
-    base = torch.where(kept[..., None], act[:, :P], base)
-    _check_continuation_fixed(model, emb, sequence, act, base_ids, kept, P)
+    base = _baseline_activation(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base)
     with backends.selected(backend), hf.first_order_attention(model, act):
         fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]

@@ -50,8 +50,10 @@ class Layers:
         vals = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
             what = "inputs" if self.of_input else "output"
+            got = type(value).__name__ if len(vals) == 1 else \
+                f"{type(value).__name__} of ({', '.join(type(v).__name__ for v in vals)})"
             raise ValueError(f"layer {type(self.modules[i]).__name__} {what} must be a tensor "
-                             f"or a tuple of tensors, got {type(value).__name__}")
+                             f"or a tuple of tensors, got {got}")
         return vals
 
     def capture(self, model: Callable, args: tuple, *, grad: bool = False,

@@ -92,8 +92,9 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     Differentiable in hrows, x, baselines and weights.
 
     ``index`` entries outside ``[0, D)`` raise ``ValueError`` for CPU tensors (inside
-    ``torch.compile`` the C++ kernel's own check raises it, the value being unknown at trace
-    time). On a GPU they
+    ``torch.compile``, where the values are unknown at trace time, the C++ kernel's own check
+    raises it, and the reference backend's compiled range check a ``RuntimeError`` with the
+    same message). On a GPU they
     are checked inside the kernel instead (a host-side check would synchronize on every chunk):
     nothing is read out of bounds and output row ``out[:, r]`` of a bad entry is NaN. A
     device-side assert was not chosen because it leaves the CUDA context unusable for the rest

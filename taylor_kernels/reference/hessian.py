@@ -47,8 +47,11 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     Returns: ``[B, R, D]`` in the accumulation dtype (float64 for float64 x, else float32);
     rows of inputs the chunk does not touch are zero.
     """
-    check_ih_args(hrows, x, baselines, weights, index, start,
-                  index_values=not torch.compiler.is_compiling())  # traced: indexing checks
+    traced = torch.compiler.is_compiling()
+    check_ih_args(hrows, x, baselines, weights, index, start, index_values=not traced)
+    if traced and x.device.type == "cpu":  # the range check as a graph op (values unknown)
+        torch._assert_async(((index >= 0) & (index < x.shape[1])).all(),
+                            f"ih_accumulate: index entries must lie in [0, {x.shape[1]})")
     count, R, D = hrows.shape
     B, K, S = x.shape[0], baselines.shape[1], weights.shape[-1]
     acc = accumulation_dtype(x.dtype)

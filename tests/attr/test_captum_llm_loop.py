@@ -124,3 +124,23 @@ def test_unsupported_methods_and_outputs_are_clear_errors(model, tok):
     inp = tkc.TextTokenInput(PROMPT, tok)
     with pytest.raises(TypeError, match="needs one tensor"):
         llm.attribute(inp, target=TARGET, n_steps=4, return_convergence_delta=True)
+
+
+@pytest.mark.parametrize("layer", ["block", "norm"])
+def test_one_target_token_after_mixing_with_skipped_tokens_equals_captum(layer, model, tok):
+    """One target token: no continuation positions, so the one pass runs on a later layer too;
+    its baseline activations (kept tokens included) come from the baseline prompt's forward."""
+    pick = (lambda m: m.model.layers[0]) if layer == "block" else (lambda m: m.model.norm)
+    results = []
+    for mod in (ca, tkc):
+        inp = mod.TextTokenInput(PROMPT, tok, skip_tokens=["<s>", "cat"])
+        llm = mod.LLMGradientAttribution(mod.LayerIntegratedGradients(model, pick(model)), tok)
+        results.append(llm.attribute(inp, target="dog", n_steps=8).token_attr)
+    want, got = results
+    scale = want.abs().max()
+    assert scale > 1e-4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale + 1e-8)  # + f32 rounding
+    from taylor_kernels.attr.generation import generation_attribution
+    with pytest.raises(ValueError, match="not the input embeddings"):
+        generation_attribution(model, torch.tensor([[1, 4, 5]]), torch.tensor([6]),
+                               layer=pick(model), steps=4)  # zero baseline: embeddings only

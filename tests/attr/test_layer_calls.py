@@ -105,3 +105,23 @@ def test_methods_needing_one_call_say_so():
     model = _model("shared")
     with pytest.raises(ValueError, match="called 2 times in one forward"):
         _activation(model, model.l, (torch.randn(2, 4, dtype=torch.float64),), (), False)
+
+
+class _TakesCache(torch.nn.Module):
+    """A layer called as ``layer(x, cache)``, as transformers blocks may be."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+
+    def forward(self, x, cache):
+        return self.lin(x)
+
+
+def test_non_tensor_layer_inputs_are_named_in_the_error():
+    import taylor_kernels.captum as tkc
+    layer = _TakesCache()
+    model = lambda x: layer(x, object()).sum(1)  # noqa: E731
+    lig = tkc.LayerIntegratedGradients(model, layer)
+    with pytest.raises(ValueError, match=r"got tuple of \(Tensor, object\)"):
+        lig.attribute(torch.ones(2, 3, dtype=torch.float64), attribute_to_layer_input=True)
