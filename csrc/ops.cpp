@@ -14,11 +14,14 @@ TORCH_LIBRARY(taylor_kernels, m) {
   // Fake kernels live in this Python module (imported on demand by fake-tensor tracing).
   m.set_python_module("taylor_kernels.ops.path");
   // x [B, D], baselines [Bb, K, D] (Bb in {1, B}), alphas [S] or [B, K, S] -> [count, D] x.dtype
-  m.def("path_points(Tensor x, Tensor baselines, Tensor alphas, int start, int count) -> Tensor",
+  // start/count are SymInts: torch.compile traces them symbolically (one graph for every
+  // chunk; an int is specialized per value); the kernels take them as int64_t.
+  m.def("path_points(Tensor x, Tensor baselines, Tensor alphas, SymInt start, SymInt count) "
+        "-> Tensor",
         {at::Tag::pt2_compliant_tag});
   // grads [count, D], x, baselines, weights [S] or [B, K, S] -> [B, D] accumulation dtype
-  m.def("path_accumulate(Tensor grads, Tensor x, Tensor baselines, Tensor weights, int start) "
-        "-> Tensor",
+  m.def("path_accumulate(Tensor grads, Tensor x, Tensor baselines, Tensor weights, "
+        "SymInt start) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }
 
@@ -41,7 +44,7 @@ TORCH_LIBRARY_FRAGMENT(taylor_kernels, m) {
   // hrows [count, R, D], x, baselines, weights, index [R] int64 -> [B, R, D] accumulation dtype
   // (Integrated Hessians; fake kernel and autograd in taylor_kernels/ops/hessian.py)
   m.def("ih_accumulate(Tensor hrows, Tensor x, Tensor baselines, Tensor weights, Tensor index, "
-        "int start) -> Tensor",
+        "SymInt start) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 }
 

@@ -120,3 +120,25 @@ def test_compiled_graph_holds_the_backend_traced_with():
     assert not any("taylor_kernels.path_points" in t for t in graphs[0])
     assert any("taylor_kernels.path_points" in t for t in graphs[1])
     assert len(graphs) == 2  # no retrace under the other backend
+
+
+@pytest.mark.parametrize("ints", ["start", "start_and_count"])
+def test_changing_chunk_bounds_compile_once(cpu_backend, ints):
+    """``start``/``count`` are SymInts in the ops' schemas: a compiled chunk step traces once
+    for all chunk bounds (an ``int`` schema specialized each value until the recompile limit)."""
+    if cpu_backend == "triton":
+        pytest.skip("compiled Triton ops are tested on a GPU")
+    graphs = []
+
+    def chunk(x, bl, w, start, count):
+        pts = tk.ops.path_points(x, bl, w, start, count)
+        return tk.ops.path_accumulate(pts.sin(), x, bl, w, start)
+
+    torch._dynamo.reset()
+    fn = torch.compile(chunk, backend=lambda gm, ex: graphs.append(1) or gm.forward,
+                       fullgraph=True, dynamic=True)
+    x, bl, w = torch.randn(4, 5), torch.randn(1, 2, 5), torch.rand(8)
+    for start in range(0, 60, 4):
+        count = 4 if ints == "start" else 2 + start % 5  # (0 and 1 specialize anyway)
+        torch.testing.assert_close(fn(x, bl, w, start, count), chunk(x, bl, w, start, count))
+    assert len(graphs) == 1
