@@ -14,8 +14,9 @@ a step cut short by the budget is recorded as stopped, one that no longer fits a
                  its checks and timings give the per-op backend table;
 4. ``gpu_tests`` every GPU-marked test (bench/gpu_marked.py selects them);
 5. ``ig_cnn``    IG vs Captum at equal steps (family ``ig_vs_captum``: MLP and CNN);
-6. ``ig_gpt2``   IG vs Captum at equal steps on a GPT-2 ``transformers`` config (LayerIG on the
-                 embeddings, time, peak memory, agreement; from ``cases_llm``);
+6. ``ig_gpt2``   IG vs Captum at equal steps on a GPT-2 ``transformers`` config and a bf16 Llama
+                 one (LayerIG on the embeddings, bf16 also token IG; time, peak memory,
+                 agreement; from ``cases_llm``);
 7. ``graphs``    the chunk loop with CUDA graphs (``tk.cuda_graphs``) vs eager, CNN and GPT-2
                  (bench/gpu_graphs.py: times, ratio, agreement);
 8. ``jet``       jets vs nested jvp, fused jet_unary vs the eager recurrence (family ``jet``);
@@ -215,16 +216,20 @@ def family(c: Check, step: str, name: str, timeout: float) -> dict | None:
 
 
 def gpt2_probe(dry: bool, out: str) -> int:
-    """``--step gpt2``: Captum ``LayerIntegratedGradients`` vs ours at equal steps on a GPT-2
-    config (case ``gpt2 next`` of ``cases_llm``), one fresh process per method."""
+    """``--step gpt2``: Captum ``LayerIntegratedGradients`` vs ours at equal steps on the GPT-2
+    config and the bf16 Llama config (cases ``gpt2 next`` and ``llama bf16 next`` of
+    ``cases_llm``; the bf16 one also with token IG), one fresh process per method."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from taylor_kernels.benchmarks import cases_llm
-    spec = cases_llm.TINY if dry else cases_llm.GPT2
-    steps = 8 if dry else cases_llm.STEPS
-    cases_llm.CASES["gpu_check"] = [("gpt2 next", spec, "next", 8 if dry else 22, 0, steps,
-                                     ["captum_lig", "tk_lig"])]
+    gpt2, llama = (cases_llm.TINY, {**cases_llm.TINY, "arch": "llama"}) if dry else \
+        (cases_llm.GPT2, cases_llm.LLAMA)
+    P, steps = (8, 8) if dry else (22, cases_llm.STEPS)
+    cases_llm.CASES["gpu_check"] = [
+        ("gpt2 next", gpt2, "next", P, 0, steps, ["captum_lig", "tk_lig"]),
+        ("llama bf16 next", {**llama, "dtype": "bfloat16"}, "next", P, 0, steps,
+         ["captum_lig", "tk_lig", "tk_token_ig"])]
     cases_llm.REPEATS["gpu_check"] = 1 if dry else 3
     cases_llm.THREADS["gpu_check"] = None  # torch's default thread count
     result = cases_llm.run("gpu_check", torch.device("cpu" if dry else "cuda"))
@@ -360,7 +365,7 @@ def main(argv=None) -> int:
         families = {"ig_cnn": family(c, "ig_cnn", "ig_vs_captum", 100)}
         gpt2 = c.parts / "gpt2.json"
         c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part", str(gpt2)]
-              + (["--dry-run"] if c.dry else []), 100)
+              + (["--dry-run"] if c.dry else []), 140)
         families["ig_gpt2"] = json.loads(gpt2.read_text()) if gpt2.is_file() else None
         graphs = c.parts / "graphs.json"
         c.run("graphs", [c.py, "bench/gpu_graphs.py", "--out", str(graphs)]
