@@ -4,12 +4,17 @@ On a GPU, one chunk of a transformer's forward and input-gradient backward is hu
 kernel launches; the CPU that issues them can be slower than the GPU that runs them. Inside a
 ``with tk.cuda_graphs():`` block, :func:`taylor_kernels.engine.path_engine.integrate` captures
 the forward and backward of a full-size chunk once (:class:`ChunkGraph`: static point and row
-buffers, one warm-up run on a side stream, then ``torch.cuda.graph``) and replays it for every
-later chunk of that size: the points are copied into the static buffer, the graph replays, the
-gradients are read from its static output before the next replay. Chunk sizing, probes and the
-last (shorter) chunk run as before; graphs are used only on CUDA tensors, without
-``create_graph``, once the chunk size is settled and at least :data:`MIN_CHUNKS` full chunks
-are left (the warm-up and capture cost about two chunks).
+buffers, one warm-up run on a side stream in which host synchronisations raise, then
+``torch.cuda.graph`` on that stream, on the points' device, with a private pool and
+``capture_error_mode="thread_local"``) and replays it for every later chunk of that size: the
+points are copied into the static buffer, the graph replays, the gradients are read from its
+static output before the next replay. Chunk sizing, probes and the last (shorter) chunk run as
+before; graphs are used only on CUDA tensors, without ``create_graph``, once the chunk size is
+settled and at least :data:`MIN_CHUNKS` chunks are left (the warm-up costs about one chunk);
+a chunk size changed after the capture (halved on out-of-memory) drops the graph. A capture
+that failed is remembered with the call's cached chunk choice, so later calls on the same
+model and shape do not try again. On a first call the probes and timed candidates take the
+first chunks, so graphs mostly serve later calls (or an explicit ``chunk_size``).
 
 What a replay does not do: run the model's Python. A forward whose Python does more than issue
 kernels (host syncs such as ``.item()``, data-dependent branches, state kept between calls)
@@ -27,7 +32,7 @@ from typing import Callable
 
 import torch
 
-MIN_CHUNKS = 4
+MIN_CHUNKS = 3  # chunks left, the last (shorter) one included
 _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_cuda_graphs",
                                                            default=False)
 
@@ -55,7 +60,8 @@ class ChunkGraph:
     """``step(points [count, D], rows [count]) -> gradients`` captured once for one chunk size
     and replayed. Calling it returns the gradients of the given points (the graph's static
     output: read it before the next call), or None when the step cannot be captured (then
-    every later call returns None too)."""
+    every later call returns None too) or the points have another shape than the captured
+    ones (:meth:`reset` drops the graph, e.g. after the chunk size changed)."""
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.step = step
@@ -64,11 +70,22 @@ class ChunkGraph:
         self.replays = 0
         self.points = self.rows = self.out = None
 
+    @property
+    def size(self) -> int | None:
+        """Points per chunk of the captured graph (None before a capture)."""
+        return None if self.graph is None else self.points.shape[0]
+
+    def reset(self) -> None:
+        """Drop the graph and its memory pool (a later call captures again)."""
+        self.graph = self.points = self.rows = self.out = None
+
     def __call__(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         if self.failed:
             return None
         if self.graph is None:
             return self._capture(points, rows)
+        if points.shape != self.points.shape or rows.shape != self.rows.shape:
+            return None
         with torch.no_grad():  # the static points are a leaf that requires grad
             self.points.copy_(points)
             self.rows.copy_(rows)
@@ -77,26 +94,62 @@ class ChunkGraph:
         return self.out
 
     def _capture(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Warm up on a side stream (host synchronisations raise there, before any capture),
+        then capture on that stream into a private pool (``thread_local`` error mode: other
+        threads' CUDA calls go on); on failure leave streams and the allocator as they were."""
         device = points.device
         self.points = points.detach().clone().requires_grad_(True)
         self.rows = rows.clone()
-        graph = torch.cuda.CUDAGraph()
+        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        capturing = False
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self.step(self.points, self.rows)  # warm-up: lazy inits outside the capture
-            torch.cuda.current_stream(device).wait_stream(side)
-            with torch.cuda.graph(graph):
-                out = self.step(self.points, self.rows)
+            # the outer stream block restores the caller's stream even if the capture's own
+            # exit raises (torch.cuda.graph ends the capture, then its stream, no try/finally)
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                with _host_syncs_raise():
+                    self.step(self.points, self.rows)  # lazy inits happen outside the capture
+                capturing = True
+                with torch.cuda.graph(graph, pool=pool, stream=side,
+                                      capture_error_mode="thread_local"):
+                    out = self.step(self.points, self.rows)
         except Exception as exc:  # noqa: BLE001  (any failure: the call goes on eagerly)
-            self.failed = True
-            self.points = self.rows = None
+            if capturing:
+                _end_pool(device, pool)
             torch.cuda.synchronize(device)
+            self.failed = True
+            self.reset()
             warnings.warn(f"the chunk's forward and backward cannot be captured in a CUDA "
                           f"graph ({type(exc).__name__}: {str(exc)[:160]}); this call runs "
                           "without graphs", RuntimeWarning, stacklevel=5)
             return None
+        current.wait_stream(side)
         self.graph, self.out = graph, out
         graph.replay()
         return out
+
+
+@contextlib.contextmanager
+def _host_syncs_raise():
+    """``torch.cuda.set_sync_debug_mode("error")`` for the block, then the caller's mode."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _end_pool(device: torch.device, pool) -> None:
+    """After a capture that failed to end: stop routing allocations to its pool (the graph's
+    own exit skips this when ``capture_end`` raises, and the allocator would keep the pool as
+    an open capture, which stops ``empty_cache`` and the out-of-memory retry from freeing
+    cached blocks). Private allocator API, as torch's own ``use_mem_pool`` uses it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(index, pool)
+    except RuntimeError:  # the capture did end (the error came from the step): nothing open
+        return
+    torch._C._cuda_releasePool(index, pool)  # no graph holds it: its blocks can be freed

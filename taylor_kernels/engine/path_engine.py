@@ -75,8 +75,8 @@ def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool)
                                        retain_graph=True, create_graph=create_graph,
                                        allow_unused=True, is_grads_batched=True)[0]
         except (RuntimeError, NotImplementedError) as exc:
-            if memory.is_oom(exc):
-                raise
+            if memory.is_oom(exc) or (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+                raise  # (a failed CUDA graph capture is not vmap's failure)
             problem.serial_backward = True
             warnings.warn(f"the model's backward cannot run under vmap ({str(exc)[:120]}); "
                           f"computing its {T} output gradients with {T} backward passes",
@@ -259,14 +259,17 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     flags: list[tuple[int, int, torch.Tensor]] = []  # deferred: (start, count, any non-finite)
 
     graph = cuda_graphs.ChunkGraph(functools.partial(point_gradients, problem)) \
-        if cuda_graphs.requested(x.device, create_graph) else None
+        if cuda_graphs.requested(x.device, create_graph) and \
+        not plan.slot.get("graph_failed") else None
 
     def graph_for(first: int, count: int) -> cuda_graphs.ChunkGraph | None:
-        """The chunk graph for a full-size chunk once the size is settled (and, before the
-        capture, while enough full chunks are left to repay it)."""
+        """The chunk graph for a full-size chunk once the size is settled (before the
+        capture: while enough chunks are left to repay it; a new size drops the old graph)."""
         if graph is None or graph.failed or plan.measuring or plan.trials or count != plan.chunk:
             return None
-        if graph.graph is None and (stop - first) // count < cuda_graphs.MIN_CHUNKS:
+        if graph.size not in (None, count):
+            graph.reset()  # the chunk size changed (halved after an out-of-memory error)
+        if graph.size is None and -(-(stop - first) // count) < cuda_graphs.MIN_CHUNKS:
             return None
         return graph
 
@@ -289,9 +292,16 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
 
     run_chunks(plan, start, stop, compute, consume, progress=progress)
+    if graph is not None and graph.failed:
+        plan.slot["graph_failed"] = True  # later calls on this model and shape stay eager
     if flags and bool(torch.stack([f for _, _, f in flags]).any()):  # the one sync
         first, count = next((a, c) for a, c, f in flags if bool(f))
         path_gradients(problem, x, bl, rows, alphas, first, count, create_graph)  # raises
+        raise FloatingPointError(
+            f"non-finite gradients in the chunk of path points [{first}, {first + count}), "
+            "which computed again without a CUDA graph are finite: "
+            + ("a graph replay gave them (run without tk.cuda_graphs())" if graph is not None
+               else "the model's gradients are not reproducible"))
     if not sums:  # this rank's shard is empty: learn T from one forward
         sums = _empty_sums(problem, x, rows, len(weight_sets))
     if process_group is not None:

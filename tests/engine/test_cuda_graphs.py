@@ -39,22 +39,35 @@ def test_option_scope():
 
 class StandIn:
     """What the engine sees of a ChunkGraph, on the CPU: returns the step's gradients at the
-    given points (as a replay of the captured step does) or None (capture failed)."""
+    given points (as a replay of the captured step does), None for another shape than the
+    captured one, or None for good (capture failed); ``nan`` makes its replays return NaN."""
 
     made: list = []
 
-    def __init__(self, step, fail=False):
-        self.step, self.fail, self.graph, self.counts = step, fail, None, []
-        self.failed = False
+    def __init__(self, step, fail=False, nan=False):
+        self.step, self.fail, self.nan, self.counts = step, fail, nan, []
+        self.failed, self.size = False, None
         StandIn.made.append(self)
+
+    def reset(self):
+        self.size = None
 
     def __call__(self, points, rows):
         self.counts.append(points.shape[0])
         if self.fail:
             self.failed = True
             return None
-        self.graph = "captured"
-        return self.step(points.detach().clone().requires_grad_(True), rows.clone())
+        if self.size not in (None, points.shape[0]):
+            return None
+        self.size = points.shape[0]
+        out = self.step(points.detach().clone().requires_grad_(True), rows.clone())
+        return torch.full_like(out, float("nan")) if self.nan else out
+
+
+def _stand_in(monkeypatch, **kw):
+    StandIn.made = []
+    monkeypatch.setattr(cuda_graphs, "requested", lambda device, create_graph: True)
+    monkeypatch.setattr(cuda_graphs, "ChunkGraph", lambda step: StandIn(step, **kw))
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["replayed", "capture_failed"])
@@ -62,28 +75,61 @@ def test_engine_uses_the_chunk_graph_for_full_chunks_only(monkeypatch, fail):
     model = models.mlp()
     x = torch.randn(3, 10, dtype=torch.float64)
     want = tk.integrated_gradients(model, x, target=1, steps=10, chunk_size=4).attributions
-    StandIn.made = []
-    monkeypatch.setattr(cuda_graphs, "requested", lambda device, create_graph: True)
-    monkeypatch.setattr(cuda_graphs, "ChunkGraph", lambda step: StandIn(step, fail))
+    _stand_in(monkeypatch, fail=fail)
     got = tk.integrated_gradients(model, x, target=1, steps=10, chunk_size=4).attributions
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     (graph,) = StandIn.made
-    # 30 points in chunks of 4: full chunks from 0 while >= MIN_CHUNKS are left at capture
-    # time (0: 7 left), all full ones after; the last 2 points run eagerly
+    # 30 points in chunks of 4: every full chunk (the last 2 points run eagerly); after a
+    # failed capture none
     assert graph.counts == ([4] if fail else [4] * 7)
+    tk.integrated_gradients(model, x, target=1, steps=10, chunk_size=4)
+    assert len(StandIn.made) == (1 if fail else 2)  # a failure is remembered for the model
 
 
 def test_few_chunks_skip_the_capture(monkeypatch):
-    StandIn.made = []
-    monkeypatch.setattr(cuda_graphs, "requested", lambda device, create_graph: True)
-    monkeypatch.setattr(cuda_graphs, "ChunkGraph", lambda step: StandIn(step))
+    _stand_in(monkeypatch)
     tk.integrated_gradients(models.mlp(), torch.randn(1, 10, dtype=torch.float64), target=0,
-                            steps=12, chunk_size=4)
-    assert StandIn.made[0].counts == []  # 3 chunks < MIN_CHUNKS: not worth a capture
+                            steps=8, chunk_size=4)
+    assert StandIn.made[0].counts == []  # 2 chunks < MIN_CHUNKS: not worth a capture
+
+
+class _OomOnce(torch.nn.Module):
+    """An MLP whose third graph-building forward raises an out-of-memory error."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = models.mlp(), 0
+
+    def forward(self, x):
+        self.calls += torch.is_grad_enabled()
+        if self.calls == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.net(x)
+
+
+def test_a_halved_chunk_size_drops_the_graph(monkeypatch):
+    model, x = _OomOnce(), torch.randn(2, 10, dtype=torch.float64)
+    want = tk.integrated_gradients(model.net, x, target=1, steps=32, chunk_size=8).attributions
+    _stand_in(monkeypatch)
+    got = tk.integrated_gradients(model, x, target=1, steps=32, chunk_size=8).attributions
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (graph,) = StandIn.made
+    assert graph.counts[:3] == [8, 8, 8] and set(graph.counts[3:]) == {4}
+    assert graph.size == 4  # captured again at the new size
+
+
+def test_non_finite_replay_not_reproduced_eagerly_raises(monkeypatch):
+    from taylor_kernels.engine import path_engine
+    monkeypatch.setattr(path_engine, "_defer_checks", lambda device: True)
+    _stand_in(monkeypatch, nan=True)
+    with pytest.raises(FloatingPointError, match="a graph replay gave them"):
+        tk.integrated_gradients(models.mlp(), torch.randn(2, 10, dtype=torch.float64),
+                                target=1, steps=16, chunk_size=4)
 
 
 def _gpu_pair(fn):
-    """``fn()`` eagerly and inside ``tk.cuda_graphs()``, with the graphs the call made."""
+    """``fn()`` eagerly and inside ``tk.cuda_graphs()`` (a graph's warning is an error), with
+    the graphs the graphed call made."""
     made = []
     real = cuda_graphs.ChunkGraph
 
@@ -94,11 +140,16 @@ def _gpu_pair(fn):
     want = fn()
     cuda_graphs.ChunkGraph = record
     try:
-        with tk.cuda_graphs():
+        with tk.cuda_graphs(), warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*cannot be captured")
             got = fn()
     finally:
         cuda_graphs.ChunkGraph = real
     return want, got, made
+
+
+def _replayed(made) -> bool:
+    return len(made) == 1 and made[0].graph is not None and made[0].replays >= 2
 
 
 @requires_cuda
@@ -106,25 +157,39 @@ def _gpu_pair(fn):
 def test_cuda_graph_equals_eager_ig(net):
     model = (models.mlp() if net == "mlp" else models.cnn()).float().cuda()
     x = torch.randn(4, *((10,) if net == "mlp" else (2, 8, 8)), device="cuda")
+    target = torch.tensor([0, 1, 2, 0], device="cuda")  # rows matter: per-row targets
     want, got, made = _gpu_pair(lambda: tk.integrated_gradients(
-        model, x, target=1, steps=32, chunk_size=16).attributions)
-    assert len(made) == 1 and made[0].graph is not None and made[0].replays >= 4
+        model, x, target=target, steps=32, chunk_size=16).attributions)
+    assert _replayed(made)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    layer = model[2] if net == "mlp" else model.c2
+    want, got, made = _gpu_pair(lambda: tk.layer_integrated_gradients(
+        model, layer, x, target=target, steps=32, chunk_size=16).attributions)
+    assert _replayed(made)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @requires_cuda
 def test_cuda_graph_equals_eager_on_a_transformer():
     pytest.importorskip("transformers")
+    import taylor_kernels.captum as tkc
     from taylor_kernels.models import tiny
     model = tiny.gpt2(layers=2, d=64, vocab=128).cuda()
     ids = torch.randint(4, 128, (2, 12), device="cuda")
     want, got, made = _gpu_pair(lambda: tk.token_integrated_gradients(
         model, ids, 7, baselines="zero", steps=32, chunk_size=8).attributions)
-    assert made and made[0].graph is not None
+    assert _replayed(made)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    lig = tkc.LayerIntegratedGradients(lambda i: model(i).logits[:, -1],
+                                       model.get_input_embeddings())
+    want, got, made = _gpu_pair(lambda: lig.attribute(
+        ids, torch.zeros_like(ids), target=5, n_steps=32, internal_batch_size=8))
+    assert _replayed(made)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     prompt, target = ids[0], torch.randint(4, 128, (5,), device="cuda")
     want, got, made = _gpu_pair(lambda: tk.generation_attribution(
         model, prompt, target, steps=32, chunk_size=4).token_attr)  # T = 5 outputs per point
+    assert _replayed(made)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -141,16 +206,31 @@ class HostSync(torch.nn.Module):
 
 
 @requires_cuda
-def test_uncapturable_forward_falls_back_with_a_warning():
+def test_uncapturable_forward_falls_back_and_leaves_cuda_as_it_was():
     model = HostSync().cuda()
     x = torch.randn(2, 6, device="cuda")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        want, got, made = _gpu_pair(lambda: tk.integrated_gradients(
-            model, x, target=0, steps=32, chunk_size=8).attributions)
-    assert made[0].failed
-    assert any("cannot be captured" in str(w.message) for w in caught)
+    stream, mode = torch.cuda.current_stream(), torch.cuda.get_sync_debug_mode()
+    call = lambda: tk.integrated_gradients(  # noqa: E731
+        model, x, target=0, steps=32, chunk_size=8).attributions
+    want = call()
+    made = []
+    real = cuda_graphs.ChunkGraph
+    cuda_graphs.ChunkGraph = lambda step: made.append(real(step)) or made[-1]
+    try:
+        with tk.cuda_graphs(), pytest.warns(RuntimeWarning, match="cannot be captured"):
+            got = call()
+        with tk.cuda_graphs():
+            again = call()  # remembered: no second try on this model and shape
+    finally:
+        cuda_graphs.ChunkGraph = real
+    assert len(made) == 1 and made[0].failed
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want)
+    assert torch.cuda.current_stream() == stream and torch.cuda.get_sync_debug_mode() == mode
+    ok = models.mlp().float().cuda()  # the allocator and streams still capture
+    _, _, made = _gpu_pair(lambda: tk.integrated_gradients(
+        ok, torch.randn(2, 10, device="cuda"), target=1, steps=32, chunk_size=8).attributions)
+    assert _replayed(made)
 
 
 class _FakeCuda:
@@ -180,12 +260,26 @@ class _FakeCuda:
             def wait_stream(self, other):
                 pass
 
+        self.calls = []
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: _null())
-        monkeypatch.setattr(torch.cuda, "graph", lambda g: _null())
+        monkeypatch.setattr(torch.cuda, "device", lambda d: _null())
+        monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: self.calls.append(kw) or _null())
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        modes = [0]
+        monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+        monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: modes.append(m))
+        self.modes = modes
+        self.pool_calls = []
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool",
+                            lambda i, p: self.pool_calls.append(("end", i, p)), raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_releasePool",
+                            lambda i, p: self.pool_calls.append(("release", i, p)),
+                            raising=False)
 
 
 class _null:
@@ -215,6 +309,10 @@ def test_chunk_graph_buffers_and_replays(monkeypatch):
         torch.testing.assert_close(got, rows[:, None] * pts.cos())
     assert outs[0] is outs[1] is outs[2]  # one static output, overwritten by each replay
     assert graph.replays == 2 and not graph.failed and len(fake.graphs) == 1
+    assert fake.calls[0]["capture_error_mode"] == "thread_local" and "stream" in fake.calls[0]
+    assert fake.modes == [0, "error", 0]  # syncs raised in the warm-up, then the caller's mode
+    assert graph(torch.randn(4, 4, dtype=torch.float64), torch.arange(4.0)) is None  # shape
+    assert graph.size == 5 and not fake.pool_calls
 
 
 def test_chunk_graph_capture_failure_warns_once_and_returns_none(monkeypatch):
@@ -227,6 +325,24 @@ def test_chunk_graph_capture_failure_warns_once_and_returns_none(monkeypatch):
     with pytest.warns(RuntimeWarning, match="cannot be captured"):
         assert graph(torch.randn(2, 3), torch.arange(2)) is None
     assert graph.failed and graph(torch.randn(2, 3), torch.arange(2)) is None
+
+
+def test_chunk_graph_failed_capture_closes_its_pool(monkeypatch):
+    """A step that fails inside the capture (not in the warm-up): the pool the allocator
+    still counts as an open capture is ended and released."""
+    fake = _FakeCuda(monkeypatch)
+    calls = []
+
+    def fails_second_time(points, rows):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return _step(points, rows)
+
+    with pytest.warns(RuntimeWarning, match="cannot be captured"):
+        assert cuda_graphs.ChunkGraph(fails_second_time)(torch.randn(2, 3, dtype=torch.float64),
+                                                         torch.arange(2.0)) is None
+    assert fake.pool_calls == [("end", 0, (0, 1)), ("release", 0, (0, 1))]
 
 
 @requires_cuda
@@ -256,5 +372,9 @@ def test_chunk_loop_does_not_sync_the_host(graphs, monkeypatch):
     monkeypatch.setattr(path_engine, "run_chunks", strict)
     model = models.cnn().float().cuda()
     x = torch.randn(4, 2, 8, 8, device="cuda")
-    with tk.cuda_graphs(graphs):
-        tk.integrated_gradients(model, x, target=1, steps=64, chunk_size=8)
+    call = lambda: tk.integrated_gradients(model, x, target=1, steps=64, chunk_size=8)  # noqa
+    if graphs:
+        _, _, made = _gpu_pair(call)
+        assert _replayed(made)
+    else:
+        call()
