@@ -25,7 +25,8 @@ Captum itself is not needed at run time. Implementation: :mod:`taylor_kernels.ca
 For libraries built on Captum (Inseq, ...) that create Captum's classes themselves::
 
     import taylor_kernels.captum as tkc
-    tkc.patch()          # Captum's IG-family classes now run on taylor-kernels, in place
+    tkc.patch()          # Captum's IG-family classes (and LLMGradientAttribution) now run
+                         # on taylor-kernels, in place
     ...                  # unchanged library code
     tkc.unpatch()        # every patched attribute restored exactly
     with tkc.patched():  # the same, for one block

@@ -6,7 +6,9 @@ names in ``captum.attr`` would never reach them. :func:`patch` therefore edits t
 themselves: ``attribute`` and ``compute_convergence_delta`` of each class in
 :data:`PATCHED_CLASSES` are replaced, in place, by functions that build the matching
 :mod:`taylor_kernels.captum` object from the Captum instance (its ``forward_func``,
-``layer``, ``device_ids``, ``multiplies_by_inputs``) and call it. Every existing and future
+``layer``, ``device_ids``, ``multiplies_by_inputs``) and call it; so is
+``LLMGradientAttribution.attribute`` (our one pass for layer IG, Captum's per-token loop on
+our engine otherwise; Captum's result type). Every existing and future
 instance, and every reference to the class, then runs on the path engine. The replacements
 keep Captum's ``attribute.__wrapped__`` protocol (Captum's own ``NoiseTunnel`` over a patched
 class works, batch by batch) and report our signature to ``inspect.signature``. Subclasses
@@ -19,6 +21,7 @@ what was not there); :func:`patched` is the context-manager form.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 import inspect
@@ -31,6 +34,7 @@ PATCHED_CLASSES = ("IntegratedGradients", "LayerIntegratedGradients",
                    "NeuronIntegratedGradients", "GradientShap", "LayerGradientShap",
                    "LayerConductance", "NeuronConductance", "InternalInfluence")
 METHODS = ("attribute", "compute_convergence_delta")
+LLM_CLASS = "LLMGradientAttribution"  # only its attribute: our one pass, Captum's result type
 _MISSING = object()
 _LOCK = threading.Lock()
 _saved: dict[tuple[type, str], object] = {}
@@ -89,6 +93,32 @@ def _replacement(cls, ours_cls, name: str, original):
     return method
 
 
+def _llm_replacement(cls, original):
+    """``attribute`` for Captum's ``LLMGradientAttribution``: our class over the instance's
+    method (with the model as its forward again: Captum's ``__init__`` swapped in a per-token
+    wrapper) and tokenizer; the result as Captum's ``LLMAttributionResult``."""
+    from taylor_kernels.captum_front.llm import LLMGradientAttribution
+
+    def run(self, *args, **kwargs):
+        if _customised(self, cls):
+            return original(self, *args, **kwargs)
+        method = copy.copy(self.attr_method)
+        method.forward_func = self.model
+        res = LLMGradientAttribution(method, self.tokenizer).attribute(*args, **kwargs)
+        result_cls = importlib.import_module("captum.attr").LLMAttributionResult
+        return result_cls(input_tokens=res.input_tokens, output_tokens=res.output_tokens,
+                          seq_attr=res.seq_attr, token_attr=res.token_attr,
+                          output_probs=res.output_probs, inp=res.inp)
+
+    def attribute(self, *args, **kwargs):
+        return run(self, *args, **kwargs)
+
+    functools.update_wrapper(attribute, original)
+    attribute.__wrapped__ = run
+    attribute.__taylor_kernels__ = True
+    return attribute
+
+
 def is_patched() -> bool:
     """Whether :func:`patch` is in effect."""
     return bool(_saved)
@@ -112,6 +142,10 @@ def _apply() -> None:
         for name in METHODS:
             _saved[(cls, name)] = cls.__dict__.get(name, _MISSING)
             setattr(cls, name, _replacement(cls, ours_cls, name, getattr(cls, name)))
+    llm = getattr(captum_attr, LLM_CLASS, None)  # Captum >= 0.7
+    if llm is not None:
+        _saved[(llm, "attribute")] = llm.__dict__.get("attribute", _MISSING)
+        setattr(llm, "attribute", _llm_replacement(llm, llm.attribute))
 
 
 def unpatch() -> None:

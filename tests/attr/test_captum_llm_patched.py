@@ -1,9 +1,12 @@
-"""Captum's own ``LLMGradientAttribution`` over Captum's ``LayerIntegratedGradients`` runs on our
-engine under ``patch()`` and gives Captum's numbers.
+"""Captum's own ``LLMGradientAttribution`` runs on our engine under ``patch()`` and gives
+Captum's numbers: over ``LayerIntegratedGradients`` as our one pass (one engine integral for
+the whole continuation), over ``LayerGradientShap`` as the per-token loop, with Captum's
+result type.
 
 Captum's per-token loop passes ``additional_forward_args=(inp, target_tokens, cur_idx)`` with a
 batch of one and ``target_tokens`` a ``[T]`` tensor: an argument with no batch dimension, which
-the front binds into the forward function instead of selecting rows of it.
+the front binds into the forward function instead of selecting rows of it (a patched layer IG
+called that way by other code: tested below through Captum's own loop).
 """
 from __future__ import annotations
 
@@ -42,9 +45,55 @@ def test_llm_gradient_attribution_under_patch_equals_captum(monkeypatch):
     assert not passes  # Captum's own code ran
     with tkc.patched():
         got = run()
-    assert len(passes) >= 3  # our engine ran (at least once per target token)
+    assert len(passes) == 1  # one engine integral for the three target tokens
+    assert type(got) is type(want) and got.output_tokens == want.output_tokens
     torch.testing.assert_close(got.seq_attr, want.seq_attr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.token_attr, want.token_attr, rtol=1e-5, atol=1e-6)
+    assert not getattr(captum_attr.LLMGradientAttribution.attribute, "__taylor_kernels__",
+                       False)  # unpatched after the block
+
+
+def test_captums_per_token_loop_over_a_patched_layer_ig(monkeypatch):
+    """Captum's LLM loop itself (its class's original attribute) over a patched layer IG:
+    the [T] target ids Captum passes as a forward argument are bound, not row-selected."""
+    tok = tiny.word_tokenizer(WORDS)
+    model = tiny.gpt2(layers=2, d=32, vocab=len(tok))
+    inp = captum_attr.TextTokenInput("the cat sat on a mat", tok, skip_tokens=["<s>"])
+    original = captum_attr.LLMGradientAttribution.attribute
+    want = captum_attr.LLMGradientAttribution(captum_attr.LayerIntegratedGradients(
+        model, model.get_input_embeddings()), tok).attribute(inp, target="dog ran far",
+                                                              n_steps=8)
+    passes = []
+    integrate = path_engine.integrate
+    monkeypatch.setattr(path_engine, "integrate",
+                        lambda *a, **k: passes.append(1) or integrate(*a, **k))
+    with tkc.patched():
+        llm = captum_attr.LLMGradientAttribution(captum_attr.LayerIntegratedGradients(
+            model, model.get_input_embeddings()), tok)
+        got = original(llm, inp, target="dog ran far", n_steps=8)
+    assert len(passes) >= 3  # our engine, once per target token
+    torch.testing.assert_close(got.token_attr, want.token_attr, rtol=1e-5, atol=1e-6)
+
+
+def test_patched_llm_class_runs_the_loop_for_layer_gradient_shap():
+    import numpy as np
+    tok = tiny.word_tokenizer(WORDS)
+    model = tiny.llama(layers=2, d=32, vocab=len(tok))
+    inp = captum_attr.TextTokenInput("the cat sat on a mat", tok, skip_tokens=["<s>"])
+    z = torch.zeros(1, inp.n_itp_features, dtype=torch.long)
+
+    def run():
+        torch.manual_seed(3)
+        np.random.seed(3)
+        llm = captum_attr.LLMGradientAttribution(captum_attr.LayerGradientShap(
+            model, model.get_input_embeddings()), tok)
+        return llm.attribute(inp, target="dog", baselines=z)  # one token: Captum reads it right
+
+    want = run()
+    with tkc.patched():
+        got = run()
+    assert type(got) is type(want)
+    torch.testing.assert_close(got.token_attr, want.token_attr, rtol=1e-5, atol=1e-7)
 
 
 def test_bind_unbatched_args_keeps_positions_and_batched_args():

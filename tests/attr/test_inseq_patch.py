@@ -24,8 +24,11 @@ F64 = torch.float64
 
 
 def _class_state():
-    return {(name, m): getattr(ca, name).__dict__.get(m, patch_mod._MISSING)
-            for name in patch_mod.PATCHED_CLASSES for m in patch_mod.METHODS}
+    state = {(name, m): getattr(ca, name).__dict__.get(m, patch_mod._MISSING)
+             for name in patch_mod.PATCHED_CLASSES for m in patch_mod.METHODS}
+    state[patch_mod.LLM_CLASS, "attribute"] = getattr(ca, patch_mod.LLM_CLASS).__dict__.get(
+        "attribute", patch_mod._MISSING)
+    return state
 
 
 def test_patch_replaces_and_unpatch_restores_identity():
