@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from tqdm.auto import tqdm
 
 from taylor_kernels.models.outputs import model_output
 
@@ -46,12 +47,15 @@ def per_token_attributions(attr_method, model: torch.nn.Module, device: torch.de
     call per target token ``t``, on a shallow copy of ``attr_method`` whose forward is a new
     :class:`TokenLogProb` for ``target_ids[:t + 1]`` (a new owner: costs cached for one
     sequence length are not reused for another). The features are float ones (methods that
-    interpolate their input need floats; the forward reads only which features are 1)."""
+    interpolate their input need floats; the forward reads only which features are 1).
+    ``progress`` in ``kwargs``: a bar over the target tokens (not passed on)."""
     method = copy.copy(attr_method)
     features = inp.to_tensor().to(device=device, dtype=torch.get_default_dtype())
     P = inp.inp_tensor.shape[1]
+    kwargs = dict(kwargs)
+    progress = kwargs.pop("progress", False)  # one bar over the target tokens
     rows = []
-    for t in range(target_ids.shape[0]):
+    for t in tqdm(range(target_ids.shape[0]), disable=not progress, desc="target tokens"):
         method.forward_func = TokenLogProb(model, device, inp, target_ids[:t + 1])
         attr = method.attribute(features, **kwargs)
         if not isinstance(attr, torch.Tensor):

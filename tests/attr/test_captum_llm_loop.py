@@ -144,3 +144,11 @@ def test_one_target_token_after_mixing_with_skipped_tokens_equals_captum(layer, 
     with pytest.raises(ValueError, match="not the input embeddings"):
         generation_attribution(model, torch.tensor([[1, 4, 5]]), torch.tensor([6]),
                                layer=pick(model), steps=4)  # zero baseline: embeddings only
+
+
+def test_per_token_loop_progress_bar_counts_target_tokens(model, tok, capsys):
+    llm = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+        model, model.get_input_embeddings(), multiply_by_inputs=False), tok)
+    llm.attribute(tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=4, progress=True)
+    err = capsys.readouterr().err
+    assert "target tokens" in err and "3/3" in err
