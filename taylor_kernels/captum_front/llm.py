@@ -233,6 +233,8 @@ class LLMGradientAttribution:
         if isinstance(target, torch.Tensor):
             if target.dim() == 2 and target.shape[0] == 1:
                 target = target[0]
+            if target.dim() == 0:  # Captum iterates over it: TypeError
+                raise TypeError("target ids must be a tensor [T] (or [1, T]), got a 0-d tensor")
             if target.dim() != 1:
                 raise ValueError(f"target ids must be a tensor [T] (or [1, T]), got "
                                  f"{tuple(target.shape)}")

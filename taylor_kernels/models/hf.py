@@ -90,15 +90,20 @@ def vocab_size(layer: nn.Module) -> int | None:
     return n if isinstance(n, int) else None
 
 
+class VocabIndexError(ValueError, IndexError):
+    """An id outside the embedding's vocabulary: a ``ValueError``, and the ``IndexError`` the
+    embedding lookup (and Captum, which runs it) raises for it."""
+
+
 def check_vocab(ids: torch.Tensor, vocab: int | None, name: str) -> None:
-    """``ValueError`` naming ``name`` when an id lies outside ``[0, vocab)``."""
+    """:class:`VocabIndexError` naming ``name`` when an id lies outside ``[0, vocab)``."""
     if vocab is None or ids.numel() == 0:
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds the id {bad}, outside the embedding's vocabulary "
-                         f"[0, {vocab})")
+        raise VocabIndexError(f"{name} holds the id {bad}, outside the embedding's "
+                              f"vocabulary [0, {vocab})")
 
 
 def special_token_id(model, name: str, tokenizer=None) -> int:

@@ -152,3 +152,20 @@ def test_per_token_loop_progress_bar_counts_target_tokens(model, tok, capsys):
     llm.attribute(tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=4, progress=True)
     err = capsys.readouterr().err
     assert "target tokens" in err and "3/3" in err
+
+
+def test_bad_targets_raise_captums_exception_types(model, tok):
+    """Out of the vocabulary: IndexError (Captum's embedding lookup); 0-d: TypeError (Captum
+    iterates over it); both also our ValueError / TypeError with a message."""
+    llm = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+        model, model.get_input_embeddings()), tok)
+    inp = tkc.TextTokenInput(PROMPT, tok)
+    with pytest.raises(IndexError, match="outside the embedding's vocabulary"):
+        llm.attribute(inp, target=torch.tensor([len(tok) + 5]), n_steps=4)
+    with pytest.raises(TypeError, match="0-d"):
+        llm.attribute(inp, target=torch.tensor(3), n_steps=4)
+    for bad, err in ((torch.tensor([len(tok) + 5]), IndexError), (torch.tensor(3), TypeError)):
+        with pytest.raises(err):
+            ca.LLMGradientAttribution(ca.LayerIntegratedGradients(
+                model, model.get_input_embeddings()), tok).attribute(
+                ca.TextTokenInput(PROMPT, tok), target=bad, n_steps=4)
