@@ -40,9 +40,10 @@ from taylor_kernels.engine import guards, memory
 PROBE_POINTS = 8
 CANDIDATE_FACTORS = (1, 4, 16)
 SPEED_MARGIN = 0.1
-# Measured: a CNN's peak per point in a chunk is up to 1.7x a one-batch run's (Captum), so a
-# quarter of the points keeps the peak under half of that run's (engine_results.md).
-MAX_SHARE = 0.25
+# Measured: a CNN's peak per point in a chunk is up to 1.7x a one-batch run's (Captum), plus
+# the call's fixed memory; at a quarter of the points the ig_vs_captum CNN peaked at 0.53x of
+# Captum's when the timing picked that largest size (2026-11-30), at a fifth 0.06-0.16x.
+MAX_SHARE = 0.2
 _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {key: dict}
 _BUSY_THREADS: dict[int, int] = {}  # threads asked for -> threads measured faster while busy
 

@@ -54,7 +54,7 @@ def test_busy_cpu_tries_half_the_threads_first(monkeypatch):
 
 def test_candidates_respect_limit_and_share(monkeypatch):
     plan = _plan(monkeypatch, busy=False, total=1000)
-    assert plan.chunk == 250 and not plan.trials  # MAX_SHARE of the call's points
+    assert plan.chunk == 200 and not plan.trials  # MAX_SHARE of the call's points
     assert _plan(monkeypatch, busy=False, total=16).chunk == 16  # the floor: one chunk
     # T outputs per item: at most half the items (the floor would make it one chunk)
     few = chunking.ChunkPlan(16, CPU, cost=4096, slot={}, multi_output=True)
