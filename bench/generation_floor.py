@@ -14,7 +14,6 @@ library could reach if both ran at the same rate. ``python bench/generation_floo
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from taylor_kernels.benchmarks import cases_llm  # noqa: E402
+from taylor_kernels.benchmarks.timing import measure  # noqa: E402
 
 
 def main() -> None:
@@ -38,11 +38,9 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             call()
         flops[method] = counter.get_total_flops()
-    for _ in range(a.rounds):
+    for _ in range(a.rounds):  # interleaved: one call of each per round
         for method, call in calls.items():
-            t = time.perf_counter()
-            call()
-            times[method].append(time.perf_counter() - t)
+            times[method] += measure(call, warmup=0, repeats=1).times
     print(f"GPT-2 4x256, 32 + 16 tokens, 16 nodes, 1 thread, torch {torch.__version__}")
     for method in calls:
         med = statistics.median(times[method])

@@ -12,7 +12,6 @@ model compiled by ``torch.compile`` (inductor), against eager, with its compile 
 ``python bench/minilm_floor.py [--compile] [--rounds N]``.
 """
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,19 +23,15 @@ from torch.profiler import profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from taylor_kernels.benchmarks import cases_llm  # noqa: E402
+from taylor_kernels.benchmarks.timing import measure  # noqa: E402
 
 POINTS = 64
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
 def median_time(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``rounds`` timed calls after one warm-up call."""
+    return measure(fn, warmup=1, repeats=rounds).median
 
 
 def main() -> None:

@@ -259,19 +259,19 @@ class LLMGradientAttribution:
             raise TypeError(f"LLMGradientAttribution supports TextTokenInput, got "
                             f"{type(inp).__name__}")
         target_ids = self._target_ids(inp, target, gen_args).to(self.device)
-        self.last_result = None
-        res = None
+        itp = torch.ones_like(inp.inp_tensor[0], dtype=torch.bool) if inp.itp_mask is None \
+            else inp.itp_mask[0]
+        itp = itp.to(self.device)  # [P]: the prompt positions that are features
+        self.last_result = res = None
         if self.layer is not None and set(kwargs) <= set(_OPTIONS):
-            res = self._one_pass(inp, target_ids, kwargs)
+            res = self._one_pass(inp, target_ids, itp, kwargs)
+        self.last_result = res
         if res is None:
             token_attr = per_token_attributions(self.attr_method, self.model, self.device, inp,
                                                 target_ids, kwargs)
             log_probs = gap = None
         else:
-            self.last_result = res
-            itp = torch.ones_like(inp.inp_tensor, dtype=torch.bool) if inp.itp_mask is None \
-                else inp.itp_mask
-            token_attr = res.token_attr[:, itp[0].to(self.device)]
+            token_attr = res.token_attr[:, itp]
             log_probs, gap = res.log_probs, res.gap
         return LLMAttributionResult(
             input_tokens=list(inp.values),
@@ -279,15 +279,14 @@ class LLMGradientAttribution:
             seq_attr=token_attr.sum(0), token_attr=token_attr,
             output_log_probs=log_probs, gap=gap)
 
-    def _one_pass(self, inp, target_ids: torch.Tensor, kwargs: dict):
-        """:func:`generation_attribution` for layer IG, or None when the layer comes after
-        the positions mix (the one pass would hold the continuation's activations fixed)."""
-        prompt = inp.inp_tensor.to(self.device)
-        itp = torch.ones_like(prompt, dtype=torch.bool) if inp.itp_mask is None \
-            else inp.itp_mask.to(self.device)
+    def _one_pass(self, inp, target_ids: torch.Tensor, itp: torch.Tensor, kwargs: dict):
+        """:func:`generation_attribution` for layer IG (``itp [P]``: the feature positions;
+        the others keep their embedding), or None when the layer comes after the positions
+        mix (the one pass would hold the continuation's activations fixed)."""
         try:
             return generation_attribution(
-                self.model, prompt, target_ids, baselines=int(inp.baselines), keep=~itp[0],
+                self.model, inp.inp_tensor.to(self.device), target_ids,
+                baselines=int(inp.baselines), keep=~itp,
                 layer=self.layer, steps=kwargs.get("n_steps", 50),
                 rule=kwargs.get("method", "gausslegendre"), tol=kwargs.get("tol"),
                 chunk_size=kwargs.get("internal_batch_size"),

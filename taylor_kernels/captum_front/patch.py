@@ -27,8 +27,10 @@ import importlib
 import inspect
 import threading
 import warnings
+from typing import Callable
 
 from taylor_kernels import captum_front
+from taylor_kernels.captum_front.llm import LLMGradientAttribution
 
 PATCHED_CLASSES = ("IntegratedGradients", "LayerIntegratedGradients",
                    "NeuronIntegratedGradients", "GradientShap", "LayerGradientShap",
@@ -73,50 +75,43 @@ def _customised(inst, cls) -> bool:
     return False
 
 
-def _replacement(cls, ours_cls, name: str, original):
-    """A function for ``cls.<name>`` that runs ``ours_cls.<name>`` (or ``original`` for
-    customised instances, see :func:`_customised`)."""
-    impl = getattr(ours_cls, name)
+def _replacement(cls, original, ours: Callable, like: Callable):
+    """A function for a method of ``cls`` that runs ``ours(self, *args, **kwargs)`` (or
+    ``original`` for customised instances, see :func:`_customised`), reporting ``like``'s
+    name, docstring and signature."""
 
     def run(self, *args, **kwargs):
         if _customised(self, cls):
             return original(self, *args, **kwargs)
-        return impl(_ours(self, ours_cls), *args, **kwargs)
+        return ours(self, *args, **kwargs)
 
     def method(self, *args, **kwargs):
         return run(self, *args, **kwargs)
 
-    functools.update_wrapper(method, impl)
+    functools.update_wrapper(method, like)
     method.__wrapped__ = run  # Captum's NoiseTunnel calls attribute.__wrapped__(instance, ...)
-    method.__signature__ = inspect.signature(impl)
+    method.__signature__ = inspect.signature(like)
     method.__taylor_kernels__ = True
     return method
 
 
-def _llm_replacement(cls, original):
-    """``attribute`` for Captum's ``LLMGradientAttribution``: our class over the instance's
+def _method_of(ours_cls, name: str) -> Callable:
+    """``(captum_instance, *args, **kwargs) -> ours_cls(...).<name>(*args, **kwargs)``."""
+    impl = getattr(ours_cls, name)
+    return lambda inst, *args, **kwargs: impl(_ours(inst, ours_cls), *args, **kwargs)
+
+
+def _llm_attribute(inst, *args, **kwargs):
+    """``attribute`` of a Captum ``LLMGradientAttribution``: our class over the instance's
     method (with the model as its forward again: Captum's ``__init__`` swapped in a per-token
     wrapper) and tokenizer; the result as Captum's ``LLMAttributionResult``."""
-    from taylor_kernels.captum_front.llm import LLMGradientAttribution
-
-    def run(self, *args, **kwargs):
-        if _customised(self, cls):
-            return original(self, *args, **kwargs)
-        method = copy.copy(self.attr_method)
-        method.forward_func = self.model
-        res = LLMGradientAttribution(method, self.tokenizer).attribute(*args, **kwargs)
-        result_cls = importlib.import_module("captum.attr").LLMAttributionResult
-        return result_cls(input_tokens=res.input_tokens, output_tokens=res.output_tokens,
-                          seq_attr=res.seq_attr, token_attr=res.token_attr,
-                          output_probs=res.output_probs, inp=res.inp)
-
-    def attribute(self, *args, **kwargs):
-        return run(self, *args, **kwargs)
-
-    functools.update_wrapper(attribute, original)
-    attribute.__wrapped__ = run
-    attribute.__taylor_kernels__ = True
-    return attribute
+    method = copy.copy(inst.attr_method)
+    method.forward_func = inst.model
+    res = LLMGradientAttribution(method, inst.tokenizer).attribute(*args, **kwargs)
+    result_cls = importlib.import_module("captum.attr").LLMAttributionResult
+    return result_cls(input_tokens=res.input_tokens, output_tokens=res.output_tokens,
+                      seq_attr=res.seq_attr, token_attr=res.token_attr,
+                      output_probs=res.output_probs, inp=res.inp)
 
 
 def is_patched() -> bool:
@@ -141,11 +136,13 @@ def _apply() -> None:
         cls, ours_cls = getattr(captum_attr, cls_name), getattr(captum_front, cls_name)
         for name in METHODS:
             _saved[(cls, name)] = cls.__dict__.get(name, _MISSING)
-            setattr(cls, name, _replacement(cls, ours_cls, name, getattr(cls, name)))
+            setattr(cls, name, _replacement(cls, getattr(cls, name), _method_of(ours_cls, name),
+                                            getattr(ours_cls, name)))
     llm = getattr(captum_attr, LLM_CLASS, None)  # Captum >= 0.7
     if llm is not None:
         _saved[(llm, "attribute")] = llm.__dict__.get("attribute", _MISSING)
-        setattr(llm, "attribute", _llm_replacement(llm, llm.attribute))
+        setattr(llm, "attribute", _replacement(llm, llm.attribute, _llm_attribute,
+                                               LLMGradientAttribution.attribute))
 
 
 def unpatch() -> None:
