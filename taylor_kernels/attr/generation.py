@@ -234,7 +234,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     check_rule_args(rule, tol)
     guards.check_model(model)  # train-mode dropout would make every number random
     emb = hf.input_embeddings(model, layer)
-    vocab = hf.vocab_size(emb)
+    vocab = hf.vocab_size(emb, model)
     prompt = hf.check_ids(_one_row(prompt_ids, "prompt_ids"), "prompt_ids", vocab)
     if target_ids is None:
         target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model))

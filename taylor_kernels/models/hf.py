@@ -84,9 +84,12 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
     return input_ids
 
 
-def vocab_size(layer: nn.Module) -> int | None:
-    """Rows of an embedding layer (``num_embeddings``), None when it has none."""
+def vocab_size(layer: nn.Module, model=None) -> int | None:
+    """Rows of an embedding layer (``num_embeddings``); for another (attributed) layer those
+    of ``model.get_input_embeddings()``, which the ids index; None when neither has them."""
     n = getattr(layer, "num_embeddings", None)
+    if not isinstance(n, int) and callable(getattr(model, "get_input_embeddings", None)):
+        n = getattr(model.get_input_embeddings(), "num_embeddings", None)
     return n if isinstance(n, int) else None
 
 
@@ -292,7 +295,7 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
                   tokenizer=None) -> TokenProblem:
     """Prepare token-id attribution through the embedding layer (see the module docstring)."""
     emb = input_embeddings(model, layer)
-    ids = check_ids(input_ids, vocab=vocab_size(emb))
+    ids = check_ids(input_ids, vocab=vocab_size(emb, model))
     kwargs = dict(model_kwargs or {})
     if "input_ids" in kwargs or "inputs_embeds" in kwargs:
         raise ValueError("model_kwargs must not hold input_ids or inputs_embeds: the ids are "
@@ -311,7 +314,7 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     act_x = layer_output(call, emb, ids, *call.row_values)
     base = baseline_ids(baselines, ids, model, tokenizer)
     if base is not None:
-        check_vocab(base, vocab_size(emb), "baselines")
+        check_vocab(base, vocab_size(emb, model), "baselines")
     act_b = torch.zeros_like(act_x) if base is None else layer_output(
         call, emb, base, *call.row_values)
     if act_b.shape != act_x.shape:

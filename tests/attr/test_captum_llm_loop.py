@@ -169,3 +169,21 @@ def test_bad_targets_raise_captums_exception_types(model, tok):
             ca.LLMGradientAttribution(ca.LayerIntegratedGradients(
                 model, model.get_input_embeddings()), tok).attribute(
                 ca.TextTokenInput(PROMPT, tok), target=bad, n_steps=4)
+
+
+def test_ids_outside_the_vocabulary_are_caught_for_a_later_layer(model, tok):
+    """The attributed layer has no vocabulary of its own: the ids are checked against the
+    model's input embeddings (before, a raw gather error from inside the LM head)."""
+    import taylor_kernels as tk
+    from taylor_kernels.attr.generation import generation_attribution
+    block = model.model.layers[0]
+    prompt = torch.tensor([[1, 4, 5]])
+    with pytest.raises(IndexError, match="target_ids holds the id"):
+        generation_attribution(model, prompt, torch.tensor([len(tok) + 3]), layer=block,
+                               baselines=0, steps=4)
+    with pytest.raises(IndexError, match="input_ids holds the id"):
+        tk.token_integrated_gradients(model, torch.tensor([[1, len(tok) + 3]]), 4, layer=block,
+                                      baselines=0, steps=4)
+    with pytest.raises(IndexError, match="outside the embedding's vocabulary"):
+        tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(model, block), tok).attribute(
+            tkc.TextTokenInput(PROMPT, tok), target=torch.tensor([len(tok) + 3]), n_steps=4)
