@@ -42,6 +42,24 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels here, or None.
+
+    Triton 3.6's interpreter turns a tensor loop bound into a Python int with ``int(array)``
+    on a 1-element array, which NumPy 2.4 refuses (Triton 3.7 squeezes first): every kernel
+    with a runtime loop bound fails there. Compiled (GPU) kernels are not affected."""
+    import numpy
+    import triton
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(triton.__version__) < "3.7" and TorchVersion(numpy.__version__) >= "2.4":
+        return (f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy "
+                f"{numpy.__version__} (it converts 1-element arrays to int, which NumPy 2.4 "
+                "refuses): install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def available() -> dict[str, bool]:
     """Which backends are built/installed here (no device is queried)."""
     return {"reference": True, "cpp": _native.has_cpp(), "cuda": _native.has_cuda_kernels(),
@@ -106,7 +124,17 @@ def runs_on(name: str, device: torch.device) -> bool:
         return device.type == "cpu"
     if name == "cuda":
         return device.type == "cuda"
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted()
+                                      and triton_interpreter_problem() is None)
+
+
+def unavailable_reason(name: str, device: torch.device) -> str:
+    """Why backend ``name`` cannot run on ``device`` tensors (for error messages)."""
+    if name == "triton" and device.type == "cpu" and available()["triton"]:
+        if not triton_interpreted():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return triton_interpreter_problem()
+    return f"available: {[k for k, v in available().items() if v]}"
 
 
 @torch.compiler.assume_constant_result
@@ -122,7 +150,7 @@ def resolve(device: torch.device, op: str | None = None) -> str:
     if name != "auto":
         if not runs_on(name, device):
             raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
-                               f"(available: {[k for k, v in available().items() if v]})")
+                               f"({unavailable_reason(name, device)})")
         return name
     if op is not None and device.type == "cuda":
         measured = backend_table.choice(op, device)

@@ -31,6 +31,9 @@ def runnable_cpu_backends() -> list[str]:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_interpreted_triton = pytest.mark.skipif(
+    not tk.backends.runs_on("triton", torch.device("cpu")),
+    reason=f"Triton on CPU tensors: {tk.backends.unavailable_reason('triton', torch.device('cpu'))}")
 
 
 @pytest.fixture(params=["reference", "cpp", "triton"])
@@ -38,7 +41,8 @@ def cpu_backend(request):
     """Each backend that can run on CPU tensors here, forced for the test's duration."""
     name = request.param
     if not tk.backends.runs_on(name, torch.device("cpu")):
-        reason = ("TRITON_INTERPRET=1 not set" if name == "triton" else "extension not built")
+        reason = ("extension not built" if name == "cpp" else
+                  tk.backends.unavailable_reason(name, torch.device("cpu")))
         pytest.skip(f"backend {name} unavailable: {reason}")
     with tk.backends.using(name):
         yield name

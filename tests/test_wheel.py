@@ -8,6 +8,7 @@ torch into the fresh venv dominates. Marked ``slow``; CI runs it.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -97,8 +98,10 @@ def test_wheel_installs_into_fresh_venv_with_only_torch(wheel, tmp_path):
     # this environment's pip installs into the new one; no byte-compiling (most of the time)
     pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
            "--no-compile", "--disable-pip-version-check"]
-    # exactly the running torch (a local +cpu build stays CPU: pip never picks a CUDA wheel)
-    _run(pip + [f"torch=={torch.__version__}"], timeout=1200)
+    # exactly the running torch distribution (a local +cpu build stays CPU: pip never picks a
+    # CUDA wheel); its distribution version, which pip resolves: a PyPI CUDA wheel is "2.11.0"
+    # while torch.__version__ reads "2.11.0+cu130"
+    _run(pip + [f"torch=={importlib.metadata.version('torch')}"], timeout=1200)
     _run(pip + [wheel], timeout=600)
     site = next((venv / "lib").glob("python3*/site-packages"))
     res = _probe(venv / "bin" / "python", tmp_path)  # cwd outside the checkout

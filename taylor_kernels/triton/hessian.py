@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import register_ih_meta
 from taylor_kernels.triton.index import off, row_block
+from taylor_kernels.triton.launch import launcher
 from taylor_kernels.triton.path import _acc_tl, _block, _flat_nodes
 
 
@@ -70,7 +71,7 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     w, s_w = _flat_nodes(weights.to(device=x.device))
     block = _block(D)
     grid = (last_row - first_row + 1, R, triton.cdiv(D, block))
-    wrap_triton(_ih_accumulate_kernel)[grid](
+    launcher(_ih_accumulate_kernel)[grid](
         hrows, x, baselines, w, index.contiguous(), out, start, count, first_row, R, D, K, S,
         hrows.stride(0), hrows.stride(1), hrows.stride(2), x.stride(0), x.stride(1),
         baselines.stride(0), baselines.stride(1), baselines.stride(2), s_w,

@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from taylor_kernels.numerics import FN_CODES, accumulation_dtype
 from taylor_kernels.ops.jet import register_jet_meta
 from taylor_kernels.triton.index import off, row_block
+from taylor_kernels.triton.launch import launcher
 
 _BLOCK = 256
 _F = {name.upper(): tl.constexpr(code) for name, code in FN_CODES.items()}
@@ -271,7 +272,7 @@ def jet_unary(u: torch.Tensor, fn: int) -> torch.Tensor:
         return y.to(u.dtype)
     work = torch.empty(3, J1, N, dtype=acc, device=u.device)
     block = _block(N)
-    wrap_triton(_jet_unary_kernel)[(triton.cdiv(N, block),)](
+    launcher(_jet_unary_kernel)[(triton.cdiv(N, block),)](
         u, u.stride(0), u.stride(1), y, work, N, J1 - 1, FN=fn, ACC=_acc(u.dtype), BLOCK=block)
     return y if y.dtype == u.dtype else y.to(u.dtype)
 
@@ -284,7 +285,7 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if N == 0:
         return out
     block = _block(N)
-    wrap_triton(_jet_mul_kernel)[(triton.cdiv(N, block),)](
+    launcher(_jet_mul_kernel)[(triton.cdiv(N, block),)](
         a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), out, N, J1 - 1,
         ACC=_acc(a.dtype), BLOCK=block)
     return out
@@ -311,7 +312,7 @@ def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch
     w = gamma.to(device=c.device, dtype=accumulation_dtype(c.dtype)).contiguous()
     slice_ = c[order]
     block = _block(N)
-    wrap_triton(_polarize_kernel)[(triton.cdiv(N, block),)](
+    launcher(_polarize_kernel)[(triton.cdiv(N, block),)](
         slice_, slice_.stride(0), slice_.stride(1), w, out, M, N, ACC=_acc(c.dtype), BLOCK=block)
     return out
 

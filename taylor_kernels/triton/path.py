@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.path import register_path_meta
 from taylor_kernels.triton.index import grid_cell, off, row_block, split_bounds
+from taylor_kernels.triton.launch import launcher
 
 _BLOCK_D = 1024          # path_points / reduction: features per program
 _BLOCK_ACC = 256         # path_accumulate: features per program ...
@@ -137,7 +138,7 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
     nodes, s_nodes = _flat_nodes(alphas.to(device=x.device))
     block = _block(D)
     grid = (count * triton.cdiv(D, block),)
-    wrap_triton(_path_points_kernel)[grid](
+    launcher(_path_points_kernel)[grid](
         x, baselines, nodes, out, start, D, K, S, x.stride(0), x.stride(1),
         baselines.stride(0), baselines.stride(1), baselines.stride(2), s_nodes,
         per_point_nodes=alphas.dim() == 3, shared_baseline=baselines.shape[0] == 1,
@@ -176,7 +177,7 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     w, s_w = _flat_nodes(weights.to(device=x.device))
     splits, block, _ = accumulate_plan(nb, D, count, K, S)
     dst = out if splits == 1 else torch.empty(splits * nb, D, dtype=acc, device=x.device)
-    wrap_triton(_path_partial_kernel)[(splits * nb * triton.cdiv(D, block),)](
+    launcher(_path_partial_kernel)[(splits * nb * triton.cdiv(D, block),)](
         grads, x, baselines, w, dst, start, count, first_row, nb, splits, D, K, S,
         grads.stride(0), grads.stride(1), x.stride(0), x.stride(1),
         baselines.stride(0), baselines.stride(1), baselines.stride(2), s_w,
@@ -185,7 +186,7 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     if splits > 1:
         rows = out[first_row:first_row + nb]  # contiguous [nb, D] view
         size = nb * D
-        wrap_triton(_reduce_splits_kernel)[(triton.cdiv(size, _BLOCK_D),)](
+        launcher(_reduce_splits_kernel)[(triton.cdiv(size, _BLOCK_D),)](
             dst, rows, size, splits, K, ACC=_acc_tl(x.dtype), BLOCK=_BLOCK_D)
     return out
 

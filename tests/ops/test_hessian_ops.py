@@ -9,7 +9,7 @@ import taylor_kernels as tk
 from taylor_kernels import backends
 from taylor_kernels.ops.hessian import ih_accumulate
 from taylor_kernels.reference import hessian as ref
-from tests.conftest import assert_close_ratio, requires_cuda
+from tests.conftest import assert_close_ratio, requires_cuda, requires_interpreted_triton
 
 # (B, K, S, D, R, shared_baseline): odd sizes, size 1, R < D and R = D
 SHAPES = [(1, 1, 1, 1, 1, True), (3, 2, 5, 7, 3, False), (2, 3, 2, 33, 5, True)]
@@ -100,8 +100,7 @@ def test_opcheck_native(case):
     torch.library.opcheck(torch.ops.taylor_kernels.ih_accumulate.default, args)
 
 
-@pytest.mark.skipif(not backends.runs_on("triton", torch.device("cpu")),
-                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@requires_interpreted_triton
 def test_opcheck_triton_interpreted():
     from taylor_kernels.triton import hessian  # noqa: F401  (registers the op)
     h, x, bl, w, idx = make(2, 3, 4, 5, 2, False, torch.float64)

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from taylor_kernels import backends
-from tests.conftest import assert_close_ratio, requires_cuda
+from tests.conftest import assert_close_ratio, requires_cuda, requires_interpreted_triton
 
-interpreted = pytest.mark.skipif(not backends.runs_on("triton", torch.device("cpu")),
-                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+interpreted = requires_interpreted_triton
 BIG = 2**30 + 12345  # fits int32; 2*BIG and more do not
 
 

@@ -8,10 +8,9 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.reference import path as ref
-from tests.conftest import assert_close_ratio, requires_cuda
+from tests.conftest import assert_close_ratio, requires_cuda, requires_interpreted_triton
 
-interpreted = pytest.mark.skipif(not backends.runs_on("triton", torch.device("cpu")),
-                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+interpreted = requires_interpreted_triton
 
 
 def tri():
