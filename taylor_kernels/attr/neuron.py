@@ -71,7 +71,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
         with torch.enable_grad(), spec.edited(keep, last_call=True):
             out = model(*points, *rest)
         with torch.enable_grad():
-            f = select_target(out, targets, rows) if targets is not None else out.reshape(-1)
+            f = select_target(out, targets, rows)  # one scalar per row (or a target) required
             acts = [found[k] for k in sorted(found)]
             grads = torch.autograd.grad(f.sum(), acts, retain_graph=True)
             weight = select_neuron(tuple(grads), neuron_selector).detach()

@@ -70,6 +70,27 @@ def per_input(value, n_inputs: int, name: str) -> tuple:
     return (value,) * n_inputs
 
 
+def tracks_inputs(tup: tuple[torch.Tensor, ...], method: str, tol=None) -> bool:
+    """Whether Captum would return attributions with a graph: grad mode on and an input
+    requiring grad (fixed rules only: the adaptive and exact rules keep theirs detached)."""
+    return (torch.is_grad_enabled() and any(x.requires_grad for x in tup)
+            and method not in ("adaptive", "exact") and tol is None)
+
+
+def with_factor_graph(res, tup: tuple[torch.Tensor, ...], bls: tuple[torch.Tensor, ...],
+                      was_tuple: bool):
+    """Captum's graph on path attributions: ``res`` holds the unscaled integrals ``I`` (a
+    tuple, ``multiply_by_inputs=False``); returns it with attributions
+    ``I.detach() * (x - b)``, autograd tracking the factor, and the gap of those
+    (``sum(I) - gap_I = f(x) - f(b)``)."""
+    attrs = tuple(i.to(x.dtype) * (x - b) for i, x, b in zip(res.attributions, tup, bls))
+    change = sum(i.reshape(i.shape[0], -1).sum(1) for i in res.attributions) - res.gap
+    res.gap = sum(a.detach().reshape(a.shape[0], -1).sum(1).to(change.dtype)
+                  for a in attrs) - change
+    res.attributions = attrs if was_tuple else attrs[0]
+    return res
+
+
 def dense_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Each input's baseline as a tensor of the input's shape (None = zeros, a number, or a
     tensor broadcastable to the input: ``[B|1, ...]`` or one example's shape)."""
@@ -226,10 +247,18 @@ def check_no_grad_kwargs(grad_kwargs) -> None:
                                   "(it takes one gradient per path point itself)")
 
 
+def attribute_future_unsupported(self, *args, **kwargs):
+    """``attribute_future`` of the classes whose Captum counterpart has one (IG,
+    GradientShap, NoiseTunnel, LLMGradientAttribution): not implemented there either; the
+    other classes have none, as in Captum (``hasattr`` answers the same)."""
+    raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__} "
+                              "(nor by Captum for this method); call attribute(), which "
+                              "returns the result directly")
+
+
 class CaptumAttribution:
     """What every Captum path-integral class offers besides ``attribute``: Captum's
-    ``has_convergence_delta``, ``multiplies_by_inputs``, ``compute_convergence_delta`` and
-    ``attribute_future`` (which Captum does not implement for these methods either)."""
+    ``has_convergence_delta``, ``multiplies_by_inputs`` and ``compute_convergence_delta``."""
 
     HAS_DELTA = True
     DRAWS_RANDOM = False  # draws random numbers itself (NoiseTunnel then runs it per block)
@@ -242,12 +271,6 @@ class CaptumAttribution:
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
-
-    def attribute_future(self, *args, **kwargs):
-        """Not implemented, as in Captum for the path methods: call ``attribute``."""
-        raise NotImplementedError(f"attribute_future is not implemented for "
-                                  f"{type(self).__name__} (nor by Captum for this method); "
-                                  "call attribute(), which returns the result directly")
 
     def engine_forward(self, inputs: tuple, additional_forward_args) -> tuple[Callable, tuple]:
         """``(forward, args)`` to hand the engine for ``inputs`` (a tuple of ``[B, ...]``

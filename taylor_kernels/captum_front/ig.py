@@ -29,13 +29,17 @@ import torch
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
+from taylor_kernels.captum_front._common import (CaptumAttribution,
+                                                 attribute_future_unsupported, captum_method,
                                                  check_no_grad_kwargs, dense_baselines,
-                                                 format_inputs)
+                                                 format_inputs, tracks_inputs,
+                                                 with_factor_graph)
 
 
 class IntegratedGradients(CaptumAttribution):
     """Drop-in for ``captum.attr.IntegratedGradients`` running on the taylor-kernels engine."""
+
+    attribute_future = attribute_future_unsupported
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         self.forward_func = forward_func
@@ -58,9 +62,10 @@ class IntegratedGradients(CaptumAttribution):
         kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
                   progress=progress, chunk_size=internal_batch_size)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
-        if self._multiply_by_inputs and _tracks_inputs(tup, method, tol):
-            res = _with_factor_graph(forward, tup, dense_baselines(baselines, tup), target,
-                                     fargs, was_tuple, kw)
+        if self._multiply_by_inputs and tracks_inputs(tup, method, tol):
+            bls = dense_baselines(baselines, tup)
+            res = with_factor_graph(unscaled_integrated_gradients(
+                forward, tup, bls, target, fargs, True, **kw), tup, bls, was_tuple)
         elif self._multiply_by_inputs:
             res = integrated_gradients(forward, inputs, baselines, target,
                                        additional_forward_args=fargs, **kw)
@@ -71,25 +76,6 @@ class IntegratedGradients(CaptumAttribution):
         if return_convergence_delta:
             return res.attributions, res.gap
         return res.attributions
-
-
-def _tracks_inputs(tup, method: str, tol) -> bool:
-    """Whether Captum would return attributions with a graph: grad mode on and an input
-    requiring grad (fixed rules only: the adaptive and exact rules keep theirs detached)."""
-    return (torch.is_grad_enabled() and any(x.requires_grad for x in tup)
-            and method not in ("adaptive", "exact") and tol is None)
-
-
-def _with_factor_graph(forward, tup, bls, target, fargs, was_tuple, kw):
-    """IG as ``integral.detach() * (x - b)`` with autograd tracking the factor (Captum's
-    graph); ``gap`` from the integral's own (``sum(I) - gap_I = f(x) - f(b)``)."""
-    res = unscaled_integrated_gradients(forward, tup, bls, target, fargs, True, **kw)
-    attrs = tuple(i.to(x.dtype) * (x - b) for i, x, b in zip(res.attributions, tup, bls))
-    change = sum(i.reshape(i.shape[0], -1).sum(1) for i in res.attributions) - res.gap
-    res.gap = sum(a.detach().reshape(a.shape[0], -1).sum(1).to(change.dtype)
-                  for a in attrs) - change
-    res.attributions = attrs if was_tuple else attrs[0]
-    return res
 
 
 class LayerIntegratedGradients(CaptumAttribution):

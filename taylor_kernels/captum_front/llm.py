@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
-from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumTypeError,
-                                                  captum_method)
+from taylor_kernels.captum_front._common import (CaptumTypeError,
+                                                  attribute_future_unsupported, captum_method)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
@@ -295,4 +295,4 @@ class LLMGradientAttribution:
         except ContinuationMoves:
             return None
 
-    attribute_future = CaptumAttribution.attribute_future
+    attribute_future = attribute_future_unsupported

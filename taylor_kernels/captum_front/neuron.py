@@ -15,7 +15,9 @@ import torch
 
 from taylor_kernels.attr.neuron import neuron_conductance, neuron_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 check_no_grad_kwargs, format_inputs)
+                                                 check_no_grad_kwargs, dense_baselines,
+                                                 format_inputs, tracks_inputs,
+                                                 with_factor_graph)
 
 
 class _NeuronMethod(CaptumAttribution):
@@ -29,14 +31,19 @@ class _NeuronMethod(CaptumAttribution):
         self._multiply_by_inputs = multiply_by_inputs
         self.last_result = None
 
-    def _run(self, fn, inputs, neuron_selector, *args, n_steps, method, internal_batch_size,
-             attribute_to_neuron_input, additional_forward_args, **extras):
-        forward, fargs = self.engine_forward(format_inputs(inputs)[0], additional_forward_args)
-        res = fn(forward, self.layer, inputs, neuron_selector, *args,
-                 attribute_to_neuron_input=attribute_to_neuron_input,
+    def _run(self, fn, inputs, neuron_selector, baselines, *args, n_steps, method,
+             internal_batch_size, attribute_to_neuron_input, additional_forward_args, **extras):
+        tup, was_tuple = format_inputs(inputs)
+        forward, fargs = self.engine_forward(tup, additional_forward_args)
+        # inputs requiring grad: Captum's graph through the (x - b) factor, as IG's front
+        graph = self._multiply_by_inputs and tracks_inputs(tup, method)
+        res = fn(forward, self.layer, tup if graph else inputs, neuron_selector, baselines,
+                 *args, attribute_to_neuron_input=attribute_to_neuron_input,
                  additional_forward_args=fargs,
-                 multiply_by_inputs=self._multiply_by_inputs, steps=n_steps, rule=method,
-                 chunk_size=internal_batch_size, **extras)
+                 multiply_by_inputs=self._multiply_by_inputs and not graph, steps=n_steps,
+                 rule=method, chunk_size=internal_batch_size, **extras)
+        if graph:
+            res = with_factor_graph(res, tup, dense_baselines(baselines, tup), was_tuple)
         self.last_result = res
         return res.attributions
 

@@ -23,8 +23,9 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.gradient_shap import gradient_shap_rows
-from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method, captum_noise,
-                                                 check_stdevs, draw_baselines,
+from taylor_kernels.captum_front._common import (CaptumAttribution,
+                                                 attribute_future_unsupported, captum_method,
+                                                 captum_noise, check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_blocks,
                                                  format_inputs)
 
@@ -164,7 +165,7 @@ class NoiseTunnel:
     def has_convergence_delta(self) -> bool:
         return self.is_delta_supported
 
-    attribute_future = CaptumAttribution.attribute_future
+    attribute_future = attribute_future_unsupported
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -182,6 +183,7 @@ class GradientShap(CaptumAttribution):
     """
 
     DRAWS_RANDOM = True
+    attribute_future = attribute_future_unsupported
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         self.forward_func = forward_func

@@ -197,9 +197,14 @@ def layer_output(call: Callable, layer: nn.Module, *args) -> torch.Tensor:
         pass
     finally:
         hook.remove()
-    if not seen or not isinstance(seen[0], torch.Tensor):
-        raise ValueError(f"layer {type(layer).__name__} was not called with one tensor output "
-                         "by the model's forward; name the embedding layer with layer=")
+    if not seen:
+        raise ValueError(f"layer {type(layer).__name__} was never called by the model's forward "
+                         "(an encoder-decoder's get_input_embeddings() can be a shared table "
+                         "its encoder does not call); name the embedding layer with layer=, "
+                         "e.g. layer='encoder.embed_tokens'")
+    if not isinstance(seen[0], torch.Tensor):
+        raise ValueError(f"layer {type(layer).__name__} returned {type(seen[0]).__name__}, not "
+                         "one tensor; name the embedding layer with layer=")
     return seen[0].detach()
 
 
@@ -276,6 +281,22 @@ def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.T
     raise ValueError(f"position must be 'last', None or an int in [-{L}, {L}), got {position!r}")
 
 
+def decoder_sequence(model, ids: torch.Tensor, attention_mask, kwargs: dict):
+    """``(ids, mask)`` of the sequence whose positions the output holds: the input's, or for an
+    encoder-decoder model (``config.is_encoder_decoder``: T5, BART) the decoder's
+    ``decoder_input_ids`` / ``decoder_attention_mask`` from ``model_kwargs``, as its logits
+    are the decoder's."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return ids, attention_mask
+    dec = kwargs.get("decoder_input_ids")
+    if not (isinstance(dec, torch.Tensor) and dec.dim() == 2 and dec.shape[0] == ids.shape[0]):
+        raise ValueError("encoder-decoder model: its outputs are the decoder's positions; pass "
+                         "the decoder's ids as model_kwargs={'decoder_input_ids': [B, L_dec] "
+                         "tensor} (and the encoder's embedding layer, e.g. "
+                         "layer='encoder.embed_tokens')")
+    return dec, kwargs.get("decoder_attention_mask")
+
+
 @dataclass
 class TokenProblem:
     """A token-id call prepared for the path engine: the engine model ``forward(points, ids,
@@ -323,7 +344,7 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     kept = kept_positions(ids, attention_mask, keep, skip_tokens)
     if act_x.dim() == 3 and kept.any():
         act_b = torch.where(kept[..., None], act_x, act_b)
-    positions = read_positions(position, ids, attention_mask)
+    positions = read_positions(position, *decoder_sequence(model, ids, attention_mask, kwargs))
     # the ids' embedding is the layer's first call; later ones (GPT-2 embeds token_type_ids
     # with the same table) run unchanged
     forward = layer_replaced_forward(PositionScore(call, output, positions, score), emb, False,

@@ -278,3 +278,34 @@ def test_first_order_attention_on_cpu_bf16_uses_the_math_backend(llama):
         hook.remove()
         assert seen and set(seen) == {fused}, seen
         assert torch.backends.cuda.flash_sdp_enabled() == before
+
+
+def test_encoder_decoder_reads_the_decoders_last_position():
+    """T5/BART: the logits are the decoder's, so ``position="last"`` is the decoder's last
+    position (an encoder-padded row was read at its encoder length before), equal to Captum."""
+    from captum.attr import LayerIntegratedGradients
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, pad_token_id=0, bos_token_id=2, eos_token_id=3, encoder_layers=1,
+        decoder_layers=1, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 41, 60, 7], [13, 21, 44, 8, 0, 0, 0]])
+    mask, dec = (ids != 0).long(), torch.arange(10, 18).expand(2, 8)
+    layer = model.model.encoder.embed_tokens
+    res = hf.token_integrated_gradients(model, ids, target=5, attention_mask=mask, layer=layer,
+                                        baselines=torch.zeros_like(ids), steps=16,
+                                        model_kwargs={"decoder_input_ids": dec})
+    lig = LayerIntegratedGradients(
+        lambda i, m, d: model(input_ids=i, attention_mask=m, decoder_input_ids=d).logits[:, -1],
+        layer)
+    ref = lig.attribute(ids, torch.zeros_like(ids), target=5, additional_forward_args=(mask, dec),
+                        n_steps=16)
+    torch.testing.assert_close(res.attributions, ref, rtol=0, atol=1e-5 * ref.abs().max())
+    with pytest.raises(ValueError, match="decoder_input_ids"):
+        hf.token_integrated_gradients(model, ids, target=5, attention_mask=mask, layer=layer,
+                                      steps=4)
+    with pytest.raises(ValueError, match="never called.*encoder.embed_tokens"):
+        hf.token_integrated_gradients(model, ids, target=5, attention_mask=mask, steps=4,
+                                      model_kwargs={"decoder_input_ids": dec})
