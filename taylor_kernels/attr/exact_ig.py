@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from taylor_kernels.attr.integrated_gradients import DEFAULT_ADAPTIVE_TOL, _adaptive
+from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _adaptive,
+                                                      _warn_if_gap_large)
 from taylor_kernels.engine import exact_path, path_engine
 from taylor_kernels.engine.exact_rules import NotPiecewiseLinear
 from taylor_kernels.engine.problem import PathProblem
@@ -43,6 +44,16 @@ def _warn(message: str) -> None:
     warnings.warn(f"rule='exact': {message}", RuntimeWarning, stacklevel=4)
 
 
+def _fallback(problem: PathProblem, tol: float, fx, fb, only, engine_kw: dict):
+    """The adaptive rule on rows ``only`` (None: all), warning for those of them that miss
+    ``tol`` after its finest level, as ``rule='adaptive'`` itself warns."""
+    flat, evaluations, used = _adaptive(problem, tol, fx, fb, only=only, **engine_kw)
+    rows = slice(None) if only is None else only.to(flat.device)
+    delta = (fx - fb.mean(dim=1))[rows]
+    _warn_if_gap_large(flat.detach()[rows].sum(dim=1) - delta, delta, tol, "adaptive", tol)
+    return flat, evaluations, used
+
+
 def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
                    max_regions: int | None = None, tol: float | None = None, **engine_kw):
     """Exact ``sum_k (x - b_k) / K * int grad f`` per input, with the adaptive fallback.
@@ -64,7 +75,7 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
                                    max_memory=engine_kw.get("max_memory"))
     except NotPiecewiseLinear as exc:
         _warn(f"{exc.reason}; falling back to rule='adaptive' (tol={tol:g})")
-        flat, evaluations, used = _adaptive(problem, tol, fx, fb, **engine_kw)
+        flat, evaluations, used = _fallback(problem, tol, fx, fb, None, engine_kw)
         return flat, evaluations, used, None
     ok = (plan.regions >= 0).all(dim=1)
     flat, evaluations, cost = None, 0, None
@@ -87,7 +98,7 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
     if not ok.all():
         _warn(f"{int((~ok).sum())} input(s) cross more than max_regions={cap} linear regions; "
               f"using rule='adaptive' (tol={tol:g}) for them")
-        part, n, nodes = _adaptive(problem, tol, fx, fb, only=~ok, **engine_kw)
+        part, n, nodes = _fallback(problem, tol, fx, fb, ~ok, engine_kw)
         flat = part if flat is None else flat + part
         evaluations += n
         used[~ok.cpu()] = nodes[~ok.cpu()]

@@ -83,7 +83,7 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
         if rule is not None:
             return _exact_eg(problem, rule, max_regions, max_memory=max_memory,
                              chunk_size=chunk_size, progress=progress, create_graph=create_graph)
-        alphas = torch.rand(problem.B, samples, 1, generator=gen, dtype=torch.float64)
+        alphas = torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)
         fx, fb = path_engine.endpoint_values(problem)
         res = path_engine.integrate(problem, alphas.to(problem.x.device),
                                     [torch.ones(1, dtype=torch.float64)],

@@ -189,6 +189,35 @@ def test_unsupported_model_falls_back_with_warning():
     assert torch.allclose(res.attributions, ada.attributions, rtol=0, atol=1e-14)
 
 
+class KinkedMaximum(nn.Module):
+    """Piecewise linear, but through ``torch.maximum``, which the exact rule does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, z):
+        h = self.a(z)
+        h = nn.functional.leaky_relu(h, 0.1) + 0.3 * h.abs() - torch.clamp(h, -0.2, 0.4)
+        return self.b(torch.maximum(h, -0.5 * h))
+
+
+def test_fallback_that_misses_its_tolerance_says_so():
+    """The adaptive fallback warns as rule='adaptive' does when its finest level misses tol
+    (it stayed silent with a 2% completeness gap)."""
+    torch.manual_seed(0)
+    model = KinkedMaximum().double()  # torch.maximum has no exact rule: kinks, adaptive rule
+    x = torch.randn(3, 5, dtype=torch.float64)
+    b = 0.3 * torch.randn(3, 5, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = tk.integrated_gradients(model, x, b, target=1, rule="exact")
+        ada = tk.integrated_gradients(model, x, b, target=1, rule="adaptive")
+    missed = [str(w.message) for w in seen if "miss the completeness tolerance" in str(w.message)]
+    assert len(missed) == 2 and missed[0] == missed[1]
+    torch.testing.assert_close(res.gap, ada.gap, rtol=1e-12, atol=1e-15)
+
+
 def test_hooked_model_is_refused():
     """A forward hook is invisible to torch.fx: the end-point check catches it."""
     model, x = relu_mlp(), torch.randn(2, 6, dtype=torch.float64)

@@ -107,6 +107,16 @@ def test_non_finite_background_rows_are_refused_when_drawn(net):
         tk.expected_gradients(net, X, shared, target=0, samples=2, seed=0)
 
 
+def test_expected_gradients_samples_as_integral_float(net):
+    """``samples=4.0`` passed the check and then failed inside torch.rand; it is 4 draws."""
+    bg = torch.randn(6, X.shape[1], dtype=X.dtype)
+    got = tk.expected_gradients(net, X, bg, target=0, samples=4.0, seed=3)
+    ref = tk.expected_gradients(net, X, bg, target=0, samples=4, seed=3)
+    torch.testing.assert_close(got.attributions, ref.attributions, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="positive integer"):
+        tk.expected_gradients(net, X, bg, target=0, samples=2.5, seed=3)
+
+
 @pytest.mark.parametrize("seed", ["a", 1.5, True])
 def test_seeds_must_be_ints(net, seed):
     bg = torch.randn(4, 10, dtype=torch.float64)
