@@ -40,7 +40,7 @@ import torch
 
 from taylor_kernels import backends, ops
 from taylor_kernels.attr.expected_gradients import draw_references
-from taylor_kernels.engine import derivative, path_engine, quadrature
+from taylor_kernels.engine import derivative, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.distributed import resolve_group
 from taylor_kernels.engine.problem import PathProblem, make_problem
@@ -106,13 +106,16 @@ def point_fn(problem: PathProblem, rows: torch.Tensor):
     return lambda z: problem.forward(z, rows[:z.shape[0]])
 
 
-def _pair_cost(problem: PathProblem, alphas: torch.Tensor) -> float:
-    """Measured bytes of one (path point, direction) HVP pair, cached per model and shape."""
+def _pair_cost(problem: PathProblem, alphas: torch.Tensor, budget) -> derivative.PairCost:
+    """Measured bytes of (path point, direction) HVP pairs, cached per model (its
+    ``cost_owner``, e.g. the layer of a closure made per call) and shape; the probe stays
+    within an explicit ``budget``."""
     x, bl = problem.x, problem.baselines
     total, per_input = x.shape[0] * bl.shape[1] * alphas.shape[-1], bl.shape[1] * alphas.shape[-1]
     probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
     rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
-    return derivative.pair_cost(point_fn(problem, rows0), probe, owner=problem.model)
+    owner = getattr(problem.model, "cost_owner", problem.model)
+    return derivative.pair_cost(point_fn(problem, rows0), probe, owner=owner, budget=budget)
 
 
 def path_slice(problem: PathProblem, alphas, p0: int, p1: int):
@@ -170,8 +173,10 @@ def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     group = resolve_group(distributed)
-    return dict(cost=None if chunk_size is not None else _pair_cost(problem, alphas),
-                max_memory=max_memory, chunk_size=None if chunk_size is None else int(chunk_size),
+    budget = memory.chunk_budget(chunk_size, max_memory, problem.x.device)
+    cost = None if budget is None else _pair_cost(problem, alphas, budget)
+    return dict(cost=cost, max_memory=max_memory,
+                chunk_size=None if chunk_size is None else int(chunk_size),
                 progress=progress, process_group=group)
 
 

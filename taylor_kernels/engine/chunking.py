@@ -128,7 +128,7 @@ class ChunkPlan:
         self.chunk = None if chunk_size is None else int(chunk_size)
         if self.chunk is None and max_memory is None and guards.row_coupling_allowed():
             self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
-        self.budget = None if chunk_size else memory.parse_budget(max_memory, device)
+        self.budget = memory.chunk_budget(chunk_size, max_memory, device)
         self.reserved = 0
         if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):
             self.reserved = reserved + (min(memory.CPU_CALL_RESERVE, self.budget // 8)

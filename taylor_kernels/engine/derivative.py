@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -152,23 +153,34 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
 
 
 def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
-    """Bytes one double backward on rows ``xs`` needs (CUDA: allocator peak; CPU: bytes
-    autograd saves plus the point, gradient and product)."""
+    """Bytes one double backward on rows ``xs`` needs (CUDA: allocator peak; CPU: the
+    first-order estimate :func:`memory.cpu_point_cost` of the bytes autograd saves, which
+    here include the first backward's graph)."""
     v = torch.ones_like(xs).unsqueeze(1)
     if xs.device.type == "cuda":
         with math_attention():
             return guards.cuda_peak_bytes(lambda: _double_backward(f, xs, v), xs.device)[1]
     with memory.SavedBytes() as saved, math_attention():
         _double_backward(f, xs, v)
-    return float(saved.total + 4 * xs.numel() * xs.element_size())
+    return memory.cpu_point_cost(saved.total, xs.numel() * xs.element_size())
 
 
-def pair_cost(f: Callable, x: torch.Tensor, owner=None) -> float:
-    """Measured bytes of one (row, direction) pair of an HVP: the slope of
-    :func:`_probe_bytes` between 1 and ``PROBE_ROWS`` rows (fixed costs such as saved weights
-    cancel), or the per-row average when the batch is a single row. Measured once per
-    ``owner`` (default ``f``; e.g. the model when ``f`` is a fresh closure around it) and
-    feature shape/dtype/device, cached while the owner lives."""
+@dataclass(frozen=True)
+class PairCost:
+    """Measured bytes of an HVP chunk: ``per_pair`` for each (row, direction) pair and
+    ``fixed`` whatever the chunk's size (saved weights and the like)."""
+
+    per_pair: float
+    fixed: float
+
+
+def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = None) -> PairCost:
+    """Measured cost of HVP pairs: :func:`_probe_bytes` on 1 row and on up to ``PROBE_ROWS``
+    rows gives the slope ``per_pair`` and the rest of the one-row cost, ``fixed`` (a single-row
+    batch: all of it per pair). An explicit ``budget`` bounds the probe: ``MemoryError`` if one
+    row does not fit, and no more rows than fit. Measured once per ``owner`` (default ``f``;
+    e.g. the model when ``f`` is a fresh closure around it) and feature shape/dtype/device,
+    cached while the owner lives."""
     x = x.detach()
     n = min(PROBE_ROWS, x.shape[0])
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), n)
@@ -176,17 +188,33 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None) -> float:
         cached = _COSTS.setdefault(f if owner is None else owner, {})
     except TypeError:  # not weak-referenceable: measure every time
         cached = {}
+    explicit = budget is not None and not isinstance(budget, memory.DefaultBudget)
     if key not in cached:
         one = _probe_bytes(f, x[:1])
-        many = _probe_bytes(f, x[:n]) if n > 1 else one
-        cached[key] = (many - one) / (n - 1) if many > one else many / n
-    return cached[key]
+        if explicit and one > budget:
+            raise MemoryError(f"memory budget of {budget} bytes is too small for one "
+                              f"Hessian-vector product (measured {int(one)} bytes); raise "
+                              "max_memory")
+        rows = max(2, min(n, int(budget // one))) if explicit and n > 1 else n
+        many = _probe_bytes(f, x[:rows]) if rows > 1 else one
+        per = (many - one) / (rows - 1) if many > one else many / rows
+        cached[key] = PairCost(per, max(0.0, one - per))
+    cost = cached[key]
+    if explicit and cost.per_pair + cost.fixed > budget:
+        raise MemoryError(f"memory budget of {budget} bytes is too small for one "
+                          f"Hessian-vector product (measured {int(cost.per_pair + cost.fixed)} "
+                          "bytes); raise max_memory")
+    return cost
 
 
-def plan(B: int, M: int, per_pair: float, budget: int) -> tuple[int, int]:
-    """``(rows, directions)`` per chunk with ``rows * directions * per_pair <= budget``: every
-    row and as many directions as fit; rows are split only when one direction over all rows
-    does not fit (so a function with per-row state is rarely called on a subset of rows)."""
+def plan(B: int, M: int, cost: PairCost, budget: int) -> tuple[int, int]:
+    """``(rows, directions)`` per chunk with ``fixed + rows * directions * per_pair <=
+    budget``: every row and as many directions as fit; rows are split only when one direction
+    over all rows does not fit (so a function with per-row state is rarely called on a subset
+    of rows)."""
+    if not isinstance(budget, memory.DefaultBudget):
+        budget = budget - int(cost.fixed)
+    per_pair = cost.per_pair
     if per_pair * B <= budget:
         return B, max(1, min(M, int(budget // (per_pair * B))))
     return memory.chunk_size_for(budget, per_pair, B), 1
@@ -215,10 +243,11 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    budget = memory.chunk_budget(chunk_size, max_memory, x.device)
+    if chunk_size is not None:
         rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (int(chunk_size), 1)
     else:
-        budget = memory.parse_budget(max_memory, x.device)
-        rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x))), budget)
+        rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x)), budget=budget), budget)
     parts = []
     for r0 in range(0, B, rows):
         row_parts = []

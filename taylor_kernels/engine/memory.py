@@ -62,6 +62,19 @@ def free_memory(device: torch.device) -> int:
         return 8 * 2**30
 
 
+def chunk_budget(chunk_size, max_memory, device: torch.device):
+    """The budget of a call given ``chunk_size`` and ``max_memory``: None when ``chunk_size``
+    fixes the chunks, else :func:`parse_budget`. Both given raise ``ValueError`` (a fixed
+    chunk would silently override the limit); a malformed ``max_memory`` raises either way."""
+    budget = parse_budget(max_memory, device)
+    if chunk_size is None:
+        return budget
+    if max_memory is not None:
+        raise ValueError(f"give chunk_size ({chunk_size!r}) or max_memory ({max_memory!r}), "
+                         "not both: chunk_size fixes the chunks and would override the limit")
+    return None
+
+
 def parse_budget(max_memory, device: torch.device) -> int:
     """Bytes from an int or a string such as ``"512MB"``/``"2GiB"``; ``None`` gives the default
     limit, ``DEFAULT_FREE_FRACTION`` of :func:`free_memory`."""

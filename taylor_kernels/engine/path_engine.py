@@ -310,7 +310,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
 
 
 def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
-                 consume: Callable, sums: list[torch.Tensor], *, cost: float | None,
+                 consume: Callable, sums: list[torch.Tensor], *, cost,
                  max_memory=None, chunk_size: int | None = None, progress: bool = False,
                  process_group=None, desc: str = "Hessian-vector products") -> int:
     """Stream the (path point ``p``, direction ``r``) pairs ``n = p R + r`` of an HVP method
@@ -320,7 +320,8 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
     directions ``[r0, r1)``: ``compute(p0, p1, r0, r1)`` returns its result and
     ``consume(p0, p1, r0, r1, result)`` adds it to the caller's ``sums``, which are summed over
     ``process_group``'s ranks at the end (each rank takes a block of pairs). ``cost`` is the
-    measured bytes of one pair (:func:`derivative.pair_cost`). Returns the number of pairs.
+    measured :class:`derivative.PairCost` (per pair, and fixed bytes held beside the pairs).
+    Returns the number of pairs.
     """
     if cost is None and chunk_size is None:
         raise ValueError("stream_pairs needs the measured cost of a pair or a chunk_size")
@@ -328,7 +329,9 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1] * R
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
-                              max_memory=max_memory, cost=cost,
+                              max_memory=max_memory,
+                              cost=None if cost is None else cost.per_pair,
+                              reserved=0 if cost is None else int(cost.fixed),
                               slot=chunking.cache_slot(problem, x, bl.shape[1], kind=f"hvp{R}"))
 
     def align(first: int, count: int) -> int:  # whole points, or directions of one point

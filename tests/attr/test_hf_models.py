@@ -253,6 +253,21 @@ def test_second_order_switches_to_math_attention_once(gpt2):
     assert a["interactions"].shape == (1, 4, 4)
 
 
+def test_token_interactions_measure_the_pair_cost_once(gpt2, monkeypatch):
+    """The HVP pair cost is cached per embedding layer (the closure is new every call): it was
+    probed on 8 rows again on every call, beyond the budget."""
+    from taylor_kernels.engine import derivative
+    probes = []
+    real = derivative._probe_bytes
+    monkeypatch.setattr(derivative, "_probe_bytes", lambda f, xs: probes.append(1) or real(f, xs))
+    ids = IDS[:, :5]
+    first = hf.token_interactions(gpt2, ids, target=9, steps=4, ig_steps=8, max_memory="256MB")
+    n = len(probes)
+    again = hf.token_interactions(gpt2, ids, target=9, steps=4, ig_steps=8, max_memory="256MB")
+    assert n > 0 and len(probes) == n
+    torch.testing.assert_close(again["interactions"], first["interactions"])
+
+
 def test_layer_ig_rejects_float_baselines_for_ids(gpt2):
     emb = gpt2.get_input_embeddings()
     with pytest.raises(TypeError, match="integer ids"):

@@ -129,6 +129,20 @@ def test_memory_budget_and_target_and_image_shaped_inputs():
     assert (res.completeness_gap < 1e-4 * res.ig.abs().max()).all()
 
 
+def test_budget_holds_the_fixed_part_and_refuses_what_cannot_fit():
+    """The pair cost has a fixed part (probe slope plus rest) that the budget holds beside the
+    chunks; a budget below one Hessian-vector product raises (it ran at 9x the budget)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(),
+                                torch.nn.Linear(256, 10)).double()
+    x = torch.randn(2, 64, dtype=torch.float64)
+    with pytest.raises(MemoryError, match="too small for one Hessian-vector product"):
+        tk.integrated_hessians(model, x, target=1, steps=4, max_memory=20_000)
+    res = tk.integrated_hessians(model, x, target=1, steps=4, max_memory="2MB", index=[0, 5])
+    ref = tk.integrated_hessians(model, x, target=1, steps=4, chunk_size=1, index=[0, 5])
+    torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-10, atol=1e-14)
+
+
 def test_expected_hessians_converges_to_ih_over_background():
     net = _net()
     x = torch.randn(2, 4, dtype=torch.float64)

@@ -7,6 +7,7 @@ from torch.func import hessian as func_hessian
 from torch.func import jacfwd, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import taylor_kernels as tk
 from taylor_kernels.engine import derivative as d
 
 TOL = 1e-10
@@ -57,14 +58,28 @@ def test_chunking_does_not_change_results(chunk):
 def test_small_memory_budget_splits_but_agrees():
     net = _mlp()
     x = torch.randn(4, 5, dtype=torch.float64)
-    per_pair = d.pair_cost(_f(net), x)
-    assert per_pair > 0
-    assert d.plan(4, 5, per_pair, int(per_pair * 2.5)) == (2, 1)
-    assert d.plan(4, 5, per_pair, int(per_pair * 10)) == (4, 2)
-    out = d.hessian(_f(net), x, max_memory=int(per_pair * 2.5))
+    cost = d.pair_cost(_f(net), x)
+    per_pair, fixed = cost.per_pair, int(cost.fixed)
+    assert per_pair > 0 and fixed >= 0
+    assert d.plan(4, 5, cost, fixed + int(per_pair * 2.5)) == (2, 1)
+    assert d.plan(4, 5, cost, fixed + int(per_pair * 10)) == (4, 2)
+    out = d.hessian(_f(net), x, max_memory=fixed + int(per_pair * 2.5))
     assert (out - _true_hessian(net, x)).abs().max() < TOL
-    with pytest.raises(MemoryError, match="max_memory"):
-        d.hessian(_f(net), x, max_memory=int(per_pair / 2))
+    with pytest.raises(MemoryError, match="max_memory"):  # one pair and the fixed part
+        d.hessian(_f(net), x, max_memory=int((fixed + per_pair) / 2))
+
+
+def test_chunk_size_and_max_memory_are_exclusive_and_both_checked():
+    """A fixed chunk_size silently dropped max_memory (even a malformed one)."""
+    net, x = _mlp(), torch.randn(2, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not both"):
+        d.hessian(_f(net), x, chunk_size=2, max_memory="1GB")
+    with pytest.raises(ValueError, match="max_memory must be"):
+        d.hessian(_f(net), x, chunk_size=2, max_memory="abc")
+    with pytest.raises(ValueError, match="not both"):
+        tk.integrated_gradients(net, x, chunk_size=4, max_memory="1GB")
+    with pytest.raises(ValueError, match="max_memory must be"):
+        tk.integrated_hessians(net, x, chunk_size=4, max_memory=-1)
 
 
 def test_hessian_diagonal_exact_and_hutchinson():
