@@ -80,7 +80,8 @@ def parse_args(argv, prog: str = "taylor-kernels bench"):
     p = Parser(prog=prog, description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes for CPU machines")
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny, for tests
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes: checks that every case runs (tests, CI), not timings")
     p.add_argument("--out", default=None, help="JSON results path (default "
                    "bench/results/<device>-<date>.json)")
     p.add_argument("--only", action="append", metavar="FAMILY",
