@@ -66,10 +66,10 @@ def chunk_budget(chunk_size, max_memory, device: torch.device):
     """The budget of a call given ``chunk_size`` and ``max_memory``: None when ``chunk_size``
     fixes the chunks, else :func:`parse_budget`. Both given raise ``ValueError`` (a fixed
     chunk would silently override the limit); a malformed ``max_memory`` raises either way."""
-    budget = parse_budget(max_memory, device)
     if chunk_size is None:
-        return budget
+        return parse_budget(max_memory, device)
     if max_memory is not None:
+        parse_budget(max_memory, device)  # a malformed value raises its own error first
         raise ValueError(f"give chunk_size ({chunk_size!r}) or max_memory ({max_memory!r}), "
                          "not both: chunk_size fixes the chunks and would override the limit")
     return None
