@@ -189,21 +189,22 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
     except TypeError:  # not weak-referenceable: measure every time
         cached = {}
     explicit = budget is not None and not isinstance(budget, memory.DefaultBudget)
-    if key not in cached:
-        one = _probe_bytes(f, x[:1])
+
+    def check_fits(one: float) -> None:
         if explicit and one > budget:
             raise MemoryError(f"memory budget of {budget} bytes is too small for one "
                               f"Hessian-vector product (measured {int(one)} bytes); raise "
                               "max_memory")
-        rows = max(2, min(n, int(budget // one))) if explicit and n > 1 else n
+
+    if key not in cached:
+        one = _probe_bytes(f, x[:1])
+        check_fits(one)  # before the larger probe
+        rows = max(2, min(n, int(budget // max(one, 1.0)))) if explicit and n > 1 else n
         many = _probe_bytes(f, x[:rows]) if rows > 1 else one
         per = (many - one) / (rows - 1) if many > one else many / rows
         cached[key] = PairCost(per, max(0.0, one - per))
     cost = cached[key]
-    if explicit and cost.per_pair + cost.fixed > budget:
-        raise MemoryError(f"memory budget of {budget} bytes is too small for one "
-                          f"Hessian-vector product (measured {int(cost.per_pair + cost.fixed)} "
-                          "bytes); raise max_memory")
+    check_fits(cost.per_pair + cost.fixed)  # a cached cost against this call's budget
     return cost
 
 
