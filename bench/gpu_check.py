@@ -51,14 +51,16 @@ WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transforme
                  "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
                  "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml"}
 REQUIRED_MODULES = ("captum", "transformers", "path_explain")
-RESERVE_S = 8  # kept back from the budget for writing the results
+RESERVE_S = 8
+STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian", "memcheck")  # kept back from the budget for writing the results
 
 
 class Check:
     """Runs the steps against one deadline and collects their records."""
 
-    def __init__(self, dry: bool, out: Path, budget: float, parts: Path):
-        self.dry, self.out, self.parts = dry, out, parts
+    def __init__(self, dry: bool, out: Path, budget: float, parts: Path,
+                 steps: set[str] | None = None):
+        self.dry, self.out, self.parts, self.selected = dry, out, parts, steps
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget
         self.steps: list[dict] = []
@@ -72,9 +74,18 @@ class Check:
         print(f"[gpu_check] {name}: {status}{' - ' + note if note else ''}", flush=True)
         return rec
 
+    def wanted(self, name: str) -> bool:
+        """False (and recorded as skipped) for a step that ``--steps`` left out."""
+        if self.selected is None or name in self.selected:
+            return True
+        self.record(name, "skipped", "not selected (--steps)")
+        return False
+
     def run(self, name: str, cmd: list[str], timeout: float, note: str = "",
             env: dict | None = None) -> dict:
         """Run ``cmd`` (cwd = repository root) within ``timeout`` and the overall budget."""
+        if not self.wanted(name):
+            return self.steps[-1]
         left = self.deadline - time.monotonic() - RESERVE_S
         if left < 10:
             return self.record(name, "skipped", f"out of time ({left:.0f} s left of the budget)")
@@ -138,6 +149,8 @@ def cuda_arch() -> str:
 
 def build(c: Check) -> None:
     """Step ``build``: the extension with CUDA kernels for this GPU (editable install)."""
+    if not c.wanted("build"):
+        return
     if c.dry:
         c.record("build", "skipped", "dry run: uses the extension already built here (no nvcc "
                  "build on the CPU; CI compile-checks the .cu files in .ci/compile_cuda.sh)")
@@ -160,7 +173,7 @@ def gpu_test_files() -> list[str]:
     return [str(f.relative_to(ROOT)) for f in files if "cuda" in f.read_text().lower()]
 
 
-def gpu_tests(c: Check) -> dict:
+def gpu_tests(c: Check, keyword: str | None = None) -> dict:
     """Step ``gpu_tests``: the GPU-marked tests (dry run: collected and counted only)."""
     report = c.parts / "gpu_tests.json"
     env = dict(c.env, TK_GPU_TESTS_JSON=str(report), PYTHONPATH=os.pathsep.join(
@@ -170,6 +183,8 @@ def gpu_tests(c: Check) -> dict:
         # Triton compiles dominate: 4 workers; one file per worker keeps the ~60 GB offset
         # tests (one file) from running side by side
         extra = ["-n", "4", "--dist", "loadfile"]
+    if keyword:
+        extra += ["-k", keyword]
     rec = c.run("gpu_tests", [c.py, "-m", "pytest", "-p", "gpu_marked", "-q", "-p",
                               "no:cacheprovider", *extra, *gpu_test_files()], env=env,
                 note="dry run: collected and counted, not run (they need a GPU)" if c.dry else "",
@@ -196,6 +211,8 @@ def memcheck(c: Check) -> None:
     """Step ``memcheck``: compute-sanitizer over the ops' short check run."""
     tool = shutil.which("compute-sanitizer") or next(
         (str(p) for p in Path("/usr/local/cuda/bin").glob("compute-sanitizer")), None)
+    if not c.wanted("memcheck"):
+        return
     if c.dry or tool is None:
         c.record("memcheck", "skipped", "needs a GPU and compute-sanitizer" if c.dry
                  else "compute-sanitizer not found")
@@ -341,6 +358,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     p.add_argument("--budget", type=float, default=None,
                    help="overall seconds (default 470 on a GPU, 55 for a dry run)")
+    p.add_argument("--steps", default=None,
+                   help=f"comma-separated steps to run (default all: {','.join(STEPS)}); "
+                        "'wheels' always runs. A rerun without 'build' imports the package "
+                        "from PYTHONPATH (e.g. a carried _C beside the sources)")
+    p.add_argument("--tests", default=None, metavar="EXPR",
+                   help="only the GPU-marked tests that pytest -k EXPR selects (a rerun)")
     p.add_argument("--step", choices=["gpt2"], help=argparse.SUPPRESS)  # internal subprocess
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -348,9 +371,12 @@ def main(argv=None) -> int:
         return gpt2_probe(a.dry_run, a.part)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    steps = None if a.steps is None else set(a.steps.split(","))
+    if steps is not None and not steps <= set(STEPS):
+        p.error(f"unknown steps {sorted(steps - set(STEPS))}; choose from {','.join(STEPS)}")
     budget = a.budget if a.budget is not None else (55.0 if a.dry_run else 470.0)
     with tempfile.TemporaryDirectory(prefix="tk-gpu-check-") as tmp:
-        c = Check(a.dry_run, out, budget, Path(tmp))
+        c = Check(a.dry_run, out, budget, Path(tmp), steps)
         if not a.dry_run:
             import torch
             if not torch.cuda.is_available():
@@ -359,7 +385,7 @@ def main(argv=None) -> int:
         install_wheels(c)
         build(c)
         ops = ops_step(c)  # first: the backend table, and Triton's cache warm for the tests
-        tests = gpu_tests(c)
+        tests = gpu_tests(c, a.tests)
         if ops and tests.get("failed"):
             apply_test_failures(ops, tests["failed"])
         families = {"ig_cnn": family(c, "ig_cnn", "ig_vs_captum", 100)}
