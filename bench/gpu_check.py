@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, also before (or without) its install
 WHEELS = ROOT / "bench" / "wheels"
 # wheel distribution name -> module it provides (installed only when that module is missing)
 WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transformers": "transformers",
@@ -105,6 +106,8 @@ class Check:
             status = (f"timeout ({limit:.0f} s)" if limit >= timeout
                       else f"stopped (budget, {limit:.0f} s)")
         rec = self.record(name, status, note, cmd=cmd, output_tail=(output or "")[-6000:])
+        with open(self.out / "steps.log", "a") as log:  # every step's whole output
+            log.write(f"==== {name}: {status} ====\n{output or ''}\n")
         rec["wall_s"] = time.monotonic() - t
         print(output[-1500:], flush=True)
         return rec

@@ -13,6 +13,7 @@ Every public method runs through :func:`checked` on a small CNN with batch norm 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -445,10 +446,12 @@ class CountingMLP(nn.Module):
 
 
 class FakeAllocator:
-    """Stands in for the CUDA caching allocator's statistics (no GPU needed)."""
+    """Stands in for the CUDA caching allocator's statistics (no GPU needed). Like the real one,
+    a request over 1 MiB may be served by a cached block up to 1 MiB larger (``slack``: the
+    remainder is not split off and counts as allocated); small requests round to 512 bytes."""
 
-    def __init__(self, allocated: int, peak: int):
-        self.allocated, self.peak = allocated, peak
+    def __init__(self, allocated: int, peak: int, slack: int = 0):
+        self.allocated, self.peak, self.slack = allocated, peak, slack
 
     def alloc(self, n: int):
         self.allocated += n
@@ -463,23 +466,27 @@ class FakeAllocator:
                             lambda device=None: setattr(self, "peak", self.allocated))
         real_empty = torch.empty
 
-        def empty(n, dtype=None, device=None):  # a uint8 block of n bytes, freed at once
-            self.alloc(n)
-            self.allocated -= n
-            return real_empty(0)
+        def empty(n, dtype=None, device=None):  # a uint8 block, freed with the tensor
+            size = n + self.slack if n > 2**20 else -(-n // 512) * 512
+            self.alloc(size)
+            block = real_empty(0)
+            weakref.finalize(block, lambda: setattr(self, "allocated", self.allocated - size))
+            return block
 
         monkeypatch.setattr(torch, "empty", empty)
 
 
+@pytest.mark.parametrize("slack", [0, 700 * 1024, 2**20])
 @pytest.mark.parametrize("raises", [False, True])
-def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises):
+def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises, slack):
+    """Exactly the old peak, also when the allocator hands out larger blocks than asked."""
     from taylor_kernels.engine import guards
-    fake = FakeAllocator(allocated=100, peak=1000)
+    fake = FakeAllocator(allocated=512 * 200, peak=64 * 2**20 + 512 * 7, slack=slack)
     fake.install(monkeypatch)
 
     def run():
-        fake.alloc(50)   # the probe's transient memory
-        fake.allocated -= 50
+        fake.alloc(51200)   # the probe's transient memory
+        fake.allocated -= 51200
         if raises:
             raise RuntimeError("probe failed")
         return "out"
@@ -488,8 +495,8 @@ def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises):
         with pytest.raises(RuntimeError, match="probe failed"):
             guards.cuda_peak_bytes(run, torch.device("cuda"))
     else:
-        assert guards.cuda_peak_bytes(run, torch.device("cuda")) == ("out", 50.0)
-    assert fake.peak == 1000 and fake.allocated == 100
+        assert guards.cuda_peak_bytes(run, torch.device("cuda")) == ("out", 51200.0)
+    assert fake.peak == 64 * 2**20 + 512 * 7 and fake.allocated == 512 * 200
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -278,8 +278,8 @@ def allow_row_coupling(model: nn.Module):
 def cuda_peak_bytes(run: Callable, device: torch.device):
     """``(run(), bytes)``: the CUDA allocator's peak during ``run()`` above what was live
     before it, measured with ``torch.cuda.reset_peak_memory_stats``. The caller's peak
-    statistic is then raised back to its old value (one allocation up to it, skipped if that
-    memory is not free), so ``torch.cuda.max_memory_allocated`` reads as it did."""
+    statistic is then raised back to exactly its old value (:func:`_raise_cuda_peak`), so
+    ``torch.cuda.max_memory_allocated`` reads as it did."""
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     before = torch.cuda.memory_allocated(device)
@@ -288,11 +288,29 @@ def cuda_peak_bytes(run: Callable, device: torch.device):
         out = run()
         return out, float(torch.cuda.max_memory_allocated(device) - before)
     finally:
-        if torch.cuda.max_memory_allocated(device) < peak:
-            with contextlib.suppress(torch.cuda.OutOfMemoryError):
-                del_me = torch.empty(peak - torch.cuda.memory_allocated(device),
-                                     dtype=torch.uint8, device=device)
-                del del_me
+        _raise_cuda_peak(peak, device)
+
+
+_SMALL_BLOCK = 2**20  # the caching allocator's small pool: requests up to 1 MiB, split exactly
+
+
+def _raise_cuda_peak(peak: int, device: torch.device) -> None:
+    """Allocate (then free) blocks until ``max_memory_allocated`` reaches ``peak`` exactly.
+
+    A large request can be served by a cached block up to 1 MiB bigger than asked (the
+    allocator does not split off a remainder that small), which would overshoot the old peak;
+    so each large request stops 1 MiB short and small-pool requests (split to 512 bytes, which
+    every size the allocator counts is a multiple of) fill the rest. Skipped when that memory
+    is not free."""
+    held = []
+    with contextlib.suppress(torch.cuda.OutOfMemoryError):
+        for _ in range(64):  # a few rounds in practice; bounded for unusual allocator configs
+            gap = peak - torch.cuda.max_memory_allocated(device)
+            if gap <= 0:
+                break
+            size = gap - _SMALL_BLOCK if gap > 2 * _SMALL_BLOCK else min(gap, _SMALL_BLOCK)
+            held.append(torch.empty(size, dtype=torch.uint8, device=device))
+    del held
 
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
