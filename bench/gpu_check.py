@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,6 +315,7 @@ def _version(module: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _nvcc_version() -> str | None:
     nvcc = shutil.which("nvcc")
     if not nvcc:
@@ -355,6 +358,36 @@ def ops_table(ops: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(c: Check, res: dict, dry: bool, budget: float, final: bool = False) -> None:
+    """Write ``gpu-<device>-<date>.{txt,json}`` and ``backend_table.json`` from what the steps
+    gave so far (called after every step; ``final`` also prints the summary)."""
+    label, info = device_label(dry)
+    ops, tests = res["ops"], res["tests"]
+    table = backend_table(ops, info, dry)
+    stem = f"gpu-{label}-{datetime.date.today().isoformat()}"
+    data = {"schema": 1, "dry_run": dry, "complete": final, "machine": info,
+            "wall_s": time.monotonic() - c.t0, "budget_s": budget, "steps": c.steps,
+            "gpu_tests": {k: tests.get(k) for k in ("selected", "counts", "failed")},
+            "ops": ops, "families": res["families"], "backend_table": table}
+    (c.out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+    (c.out / "backend_table.json").write_text(json.dumps(table, indent=1))
+    text = [f"gpu_check {'(dry run, CPU) ' if dry else ''}{stem}: {json.dumps(info)}",
+            f"wall {data['wall_s']:.0f} s of {budget:.0f} s{'' if final else ' (in progress)'}",
+            "", f"{'step':10s} {'status':22s} {'s':>6s}  note"]
+    text += [f"{s['step']:10s} {s['status']:22s} {s['wall_s']:6.1f}  {s['note']}"
+             for s in c.steps]
+    text += ["", f"GPU-marked tests: {data['gpu_tests']}", ""]
+    text += [ops_table(ops) if ops else "ops: no results", ""]
+    for s in c.steps:
+        if s["step"] in ("ig_cnn", "ig_gpt2", "graphs", "jet", "hessian") and \
+                s.get("output_tail"):
+            text += [f"---- {s['step']} (output tail) ----", s["output_tail"][-3000:], ""]
+    (c.out / f"{stem}.txt").write_text("\n".join(text))
+    if final:
+        print("\n".join(text[:len(c.steps) + 8]))
+        print(f"[gpu_check] wrote {c.out / stem}.txt/.json and {c.out / 'backend_table.json'}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, GPU steps skipped")
@@ -385,47 +418,48 @@ def main(argv=None) -> int:
             if not torch.cuda.is_available():
                 print("gpu_check: no CUDA device; use --dry-run on a CPU machine", file=sys.stderr)
                 return 2
-        install_wheels(c)
-        build(c)
-        ops = ops_step(c)  # first: the backend table, and Triton's cache warm for the tests
-        tests = gpu_tests(c, a.tests)
-        if ops and tests.get("failed"):
-            apply_test_failures(ops, tests["failed"])
-        families = {"ig_cnn": family(c, "ig_cnn", "ig_vs_captum", 100)}
-        gpt2 = c.parts / "gpt2.json"
-        c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part", str(gpt2)]
-              + (["--dry-run"] if c.dry else []), 140)
-        families["ig_gpt2"] = json.loads(gpt2.read_text()) if gpt2.is_file() else None
-        graphs = c.parts / "graphs.json"
-        c.run("graphs", [c.py, "bench/gpu_graphs.py", "--out", str(graphs)]
-              + (["--dry-run", "--rounds", "1"] if c.dry else []), 45)
-        families["graphs"] = json.loads(graphs.read_text()) if graphs.is_file() else None
-        families["jet"] = family(c, "jet", "jet", 60)
-        families["hessian"] = family(c, "hessian", "hessian", 60)
-        memcheck(c)  # last: the sanitizer is slow and takes what is left of the budget
-        label, info = device_label(a.dry_run)
-        table = backend_table(ops, info, a.dry_run)
-        stem = f"gpu-{label}-{datetime.date.today().isoformat()}"
-        data = {"schema": 1, "dry_run": a.dry_run, "machine": info,
-                "wall_s": time.monotonic() - c.t0, "budget_s": budget, "steps": c.steps,
-                "gpu_tests": {k: tests.get(k) for k in ("selected", "counts", "failed")},
-                "ops": ops, "families": families, "backend_table": table}
-        (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
-        (out / "backend_table.json").write_text(json.dumps(table, indent=1))
-        text = [f"gpu_check {'(dry run, CPU) ' if a.dry_run else ''}{stem}: "
-                f"{json.dumps(info)}", f"wall {data['wall_s']:.0f} s of {budget:.0f} s", "",
-                f"{'step':10s} {'status':22s} {'s':>6s}  note"]
-        text += [f"{s['step']:10s} {s['status']:22s} {s['wall_s']:6.1f}  {s['note']}"
-                 for s in c.steps]
-        text += ["", f"GPU-marked tests: {data['gpu_tests']}", ""]
-        text += [ops_table(ops) if ops else "ops: no results", ""]
-        for s in c.steps:
-            if s["step"] in ("ig_cnn", "ig_gpt2", "graphs", "jet", "hessian") and \
-                    s.get("output_tail"):
-                text += [f"---- {s['step']} (output tail) ----", s["output_tail"][-3000:], ""]
-        (out / f"{stem}.txt").write_text("\n".join(text))
-        print("\n".join(text[:len(c.steps) + 8]))
-        print(f"[gpu_check] wrote {out / stem}.txt/.json and {out / 'backend_table.json'}")
+        res: dict = {"ops": None, "tests": {}, "families": {}}
+
+        def json_part(name: str):
+            path = c.parts / name
+            return json.loads(path.read_text()) if path.is_file() else None
+
+        def tests_step():
+            res["tests"] = gpu_tests(c, a.tests)
+            if res["ops"] and res["tests"].get("failed"):
+                apply_test_failures(res["ops"], res["tests"]["failed"])
+
+        def gpt2_step():
+            c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part",
+                              str(c.parts / "gpt2.json")] + (["--dry-run"] if c.dry else []), 140)
+            res["families"]["ig_gpt2"] = json_part("gpt2.json")
+
+        def graphs_step():
+            c.run("graphs", [c.py, "bench/gpu_graphs.py", "--out", str(c.parts / "graphs.json")]
+                  + (["--dry-run", "--rounds", "1"] if c.dry else []), 45)
+            res["families"]["graphs"] = json_part("graphs.json")
+
+        plan = [("wheels", lambda: install_wheels(c)), ("build", lambda: build(c)),
+                # ops first: the backend table, and Triton's cache warm for the tests
+                ("ops", lambda: res.update(ops=ops_step(c))), ("gpu_tests", tests_step),
+                ("ig_cnn", lambda: res["families"].update(
+                    ig_cnn=family(c, "ig_cnn", "ig_vs_captum", 100))),
+                ("ig_gpt2", gpt2_step), ("graphs", graphs_step),
+                ("jet", lambda: res["families"].update(jet=family(c, "jet", "jet", 60))),
+                ("hessian", lambda: res["families"].update(
+                    hessian=family(c, "hessian", "hessian", 60))),
+                # last: the sanitizer is slow and takes what is left of the budget
+                ("memcheck", lambda: memcheck(c))]
+        for name, step in plan:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a driver bug costs one step, never the results
+                c.record(name, "failed (driver)", traceback.format_exc()[-2000:])
+            try:  # after every step, so that a kill or a crash loses nothing measured
+                write_results(c, res, a.dry_run, budget, final=name == plan[-1][0])
+            except Exception:  # noqa: BLE001
+                print(f"[gpu_check] writing the results failed:\n{traceback.format_exc()}",
+                      flush=True)
     return 0
 
 
