@@ -182,11 +182,12 @@ def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
 
 def separate_ig(problem: PathProblem, ig_steps: int, kw: dict) -> tuple[torch.Tensor, int]:
     """Gauss-Legendre IG ``[B, D]`` with ``ig_steps`` nodes (for the completeness gap) through
-    the path engine, with the budget, chunk size and process group of ``kw``."""
+    the path engine, with the budget, chunk size and process group of ``kw`` (no share cap on
+    the chunks, as for the HVP pairs: a small call in one chunk)."""
     gl_t, gl_w = quadrature.nodes_and_weights("gausslegendre", ig_steps)
     ig = path_engine.integrate(problem, gl_t, [gl_w], max_memory=kw["max_memory"],
                                chunk_size=kw["chunk_size"], progress=kw["progress"],
-                               process_group=kw["process_group"])
+                               process_group=kw["process_group"], max_share=None)
     return ig.sums[0], ig.evaluations
 
 

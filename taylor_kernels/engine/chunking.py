@@ -114,17 +114,19 @@ class ChunkPlan:
     also ``memory.CPU_CALL_RESERVE``, at most an eighth of the budget); ``multi_output``: each
     item has several outputs (see :meth:`_cap`);
     ``cost`` (bytes per item) skips the probes; ``slot`` (from :func:`cache_slot`) shares the
-    measured cost and timed choice between calls.
+    measured cost and timed choice between calls; ``max_share``: without ``max_memory`` no
+    chunk holds more than this share of the items (None: no such cap; see :meth:`_cap`).
     """
 
     def __init__(self, total: int, device: torch.device, *, chunk_size: int | None = None,
                  max_memory=None, cost: float | None = None, slot: dict | None = None,
-                 reserved: int = 0, multi_output: bool = False):
+                 reserved: int = 0, multi_output: bool = False,
+                 max_share: float | None = MAX_SHARE):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
                 chunk_size, numbers.Integral) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.total, self.device, self.slot = total, device, {} if slot is None else slot
-        self.multi_output = multi_output
+        self.multi_output, self.max_share = multi_output, max_share
         self.chunk = None if chunk_size is None else int(chunk_size)
         if self.chunk is None and max_memory is None and guards.row_coupling_allowed():
             self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
@@ -156,16 +158,18 @@ class ChunkPlan:
         return memory.chunk_size_for(self.budget, per_item, self.total, self.reserved)
 
     def _cap(self, cost: float) -> int:
-        """The largest candidate: what the limit holds, at most ``MAX_SHARE`` of the items (but
+        """The largest candidate: what the limit holds, at most ``max_share`` of the items (but
         not below ``memory.DEFAULT_MIN_POINTS``; for a problem with several outputs per item
         not above half the items either: each item then holds its graph for ``T`` gradients,
         so one chunk for the call held more than a one-batch single-output run, e.g. a
         generation's 16 points, 1.18x Captum's memory; halving was measured free, 1.37-1.45 s
         either way for a 4x256 GPT-2, 32 + 16 tokens)."""
+        if self.max_share is None:
+            return max(1, self._fits(cost))
         floor = memory.DEFAULT_MIN_POINTS
         if self.multi_output:
             floor = min(floor, math.ceil(self.total / 2))
-        share = max(math.ceil(self.total * MAX_SHARE), floor)
+        share = max(math.ceil(self.total * self.max_share), floor)
         return max(1, min(self._fits(cost), share))
 
     def _after_cost(self) -> None:

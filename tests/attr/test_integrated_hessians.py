@@ -187,3 +187,28 @@ def test_hessian_benchmark_family_smoke():
     ours = [r for r in result["ih_rows"] if r["method"] == "tk.integrated_hessians"]
     assert ours and all(r["completeness_gap"] < 1e-2 and r["rel_err"] < 1e-2 for r in ours)
     assert "Integrated Hessians" in "\n".join(cases_hessian.tables(result))
+
+
+def test_a_small_call_runs_in_one_chunk_per_pass(monkeypatch):
+    """Without max_memory a small call (its costs measured by a first one) is one chunk of HVP
+    pairs and one of IG points: the first-order share cap (a fifth of the points) split it into
+    5-6 chunks, 2.6-3.9x slower."""
+    from taylor_kernels.engine import derivative, path_engine
+    calls = {"hvp": 0, "ig": 0}
+    real_hvp, real_grads = derivative.grad_and_hvp, path_engine.path_gradients
+
+    def count(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(derivative, "grad_and_hvp", count("hvp", real_hvp))
+    monkeypatch.setattr(path_engine, "path_gradients", count("ig", real_grads))
+    x, net = torch.randn(8, 4, dtype=torch.float64), _net()
+    tk.integrated_hessians(net, x, steps=4)  # measures the IG points' cost (a probe chunk)
+    calls.update(hvp=0, ig=0)
+    res = tk.integrated_hessians(net, x, steps=4)  # 8 x 4 x 4 = 128 pairs, 8 x 64 IG points
+    assert calls == {"hvp": 1, "ig": 1}
+    ref = tk.integrated_hessians(net, x, steps=4, chunk_size=7)  # many chunks: same numbers
+    torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-12, atol=1e-14)
