@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -238,6 +239,22 @@ def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
 
     with_bound_args.cost_owner = getattr(forward_func, "cost_owner", forward_func)
     return with_bound_args, tuple(a for i, a in enumerate(args) if i not in bound)
+
+
+def points_per_chunk(internal_batch_size, inputs: tuple[torch.Tensor, ...]):
+    """Captum's ``internal_batch_size`` as the engine's ``chunk_size`` (path points per pass).
+
+    Honoured exactly from 1 up (Captum rounds to whole steps of all examples, at least ``B``
+    rows; the numbers are the same). Below 1 Captum warns and uses the number of examples
+    ``B = inputs[0].shape[0]``: so do we, with its message (the engine would refuse 0)."""
+    if isinstance(internal_batch_size, (int, float)) and not isinstance(internal_batch_size, bool) \
+            and internal_batch_size < 1:
+        num_examples = inputs[0].shape[0]
+        warnings.warn("Internal batch size cannot be less than the number of input examples. "
+                      f"Defaulting to internal batch size of {num_examples} equal to the number "
+                      "of examples.", stacklevel=3)
+        return num_examples
+    return internal_batch_size
 
 
 def check_no_grad_kwargs(grad_kwargs) -> None:

@@ -32,8 +32,8 @@ from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution,
                                                  attribute_future_unsupported, captum_method,
                                                  check_no_grad_kwargs, dense_baselines,
-                                                 format_inputs, tracks_inputs,
-                                                 with_factor_graph)
+                                                 format_inputs, points_per_chunk,
+                                                 tracks_inputs, with_factor_graph)
 
 
 class IntegratedGradients(CaptumAttribution):
@@ -60,7 +60,7 @@ class IntegratedGradients(CaptumAttribution):
         """
         tup, was_tuple = format_inputs(inputs)
         kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
-                  progress=progress, chunk_size=internal_batch_size)
+                  progress=progress, chunk_size=points_per_chunk(internal_batch_size, tup))
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         if self._multiply_by_inputs and tracks_inputs(tup, method, tol):
             bls = dense_baselines(baselines, tup)
@@ -117,7 +117,7 @@ class LayerIntegratedGradients(CaptumAttribution):
             additional_forward_args=fargs,
             multiply_by_inputs=self._multiply_by_inputs, steps=n_steps, rule=method, tol=tol,
             max_memory=max_memory, backend=backend, progress=progress,
-            chunk_size=internal_batch_size)
+            chunk_size=points_per_chunk(internal_batch_size, tup))
         self.last_result = res
         attrs = res.attributions if isinstance(self.layer, list) else res.attributions[0]
         if return_convergence_delta and self._multiply_by_inputs:

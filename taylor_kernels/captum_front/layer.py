@@ -16,7 +16,8 @@ from taylor_kernels.attr.layer_paths import (check_float_inputs, internal_influe
                                              layer_conductance, layer_gradient_shap)
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
                                                  check_no_grad_kwargs, dense_baselines,
-                                                 draw_gradient_shap, format_inputs)
+                                                 draw_gradient_shap, format_inputs,
+                                                 points_per_chunk)
 
 
 class _LayerMethod(CaptumAttribution):
@@ -49,7 +50,8 @@ class LayerConductance(_LayerMethod):
         res = layer_conductance(forward, self.layer, tup, bls, target, steps=n_steps,
                                 rule=method, attribute_to_layer_input=attribute_to_layer_input,
                                 additional_forward_args=fargs,
-                                max_memory=max_memory, chunk_size=internal_batch_size,
+                                max_memory=max_memory,
+                                chunk_size=points_per_chunk(internal_batch_size, tup),
                                 backend=backend, progress=progress)
         self.last_result = res
         if return_convergence_delta:
@@ -80,7 +82,8 @@ class InternalInfluence(_LayerMethod):
                                  dense_baselines(baselines, tup), target, steps=n_steps,
                                  rule=method, attribute_to_layer_input=attribute_to_layer_input,
                                  additional_forward_args=fargs,
-                                 max_memory=max_memory, chunk_size=internal_batch_size,
+                                 max_memory=max_memory,
+                                chunk_size=points_per_chunk(internal_batch_size, tup),
                                  backend=backend, progress=progress)
         self.last_result = res
         return res.attributions

@@ -34,7 +34,8 @@ import torch
 
 from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
 from taylor_kernels.captum_front._common import (CaptumTypeError,
-                                                  attribute_future_unsupported, captum_method)
+                                                  attribute_future_unsupported, captum_method,
+                                                  points_per_chunk)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
@@ -289,7 +290,8 @@ class LLMGradientAttribution:
                 baselines=int(inp.baselines), keep=~itp,
                 layer=self.layer, steps=kwargs.get("n_steps", 50),
                 rule=kwargs.get("method", "gausslegendre"), tol=kwargs.get("tol"),
-                chunk_size=kwargs.get("internal_batch_size"),
+                chunk_size=points_per_chunk(kwargs.get("internal_batch_size"),
+                                            (inp.inp_tensor,)),
                 max_memory=kwargs.get("max_memory"), backend=kwargs.get("backend"),
                 progress=kwargs.get("progress", False))
         except ContinuationMoves:

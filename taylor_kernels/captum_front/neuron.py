@@ -16,8 +16,8 @@ import torch
 from taylor_kernels.attr.neuron import neuron_conductance, neuron_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
                                                  check_no_grad_kwargs, dense_baselines,
-                                                 format_inputs, tracks_inputs,
-                                                 with_factor_graph)
+                                                 format_inputs, points_per_chunk,
+                                                 tracks_inputs, with_factor_graph)
 
 
 class _NeuronMethod(CaptumAttribution):
@@ -41,7 +41,7 @@ class _NeuronMethod(CaptumAttribution):
                  *args, attribute_to_neuron_input=attribute_to_neuron_input,
                  additional_forward_args=fargs,
                  multiply_by_inputs=self._multiply_by_inputs and not graph, steps=n_steps,
-                 rule=method, chunk_size=internal_batch_size, **extras)
+                 rule=method, chunk_size=points_per_chunk(internal_batch_size, tup), **extras)
         if graph:
             res = with_factor_graph(res, tup, dense_baselines(baselines, tup), was_tuple)
         self.last_result = res

@@ -206,6 +206,26 @@ def test_ig_internal_batch_size(ibs):
         assert 1 <= counter.max_rows <= ibs
 
 
+@pytest.mark.parametrize("ibs", [0, -3])
+@pytest.mark.parametrize("cls", ["IntegratedGradients", "LayerIntegratedGradients",
+                                 "LayerConductance", "InternalInfluence",
+                                 "NeuronIntegratedGradients"])
+def test_internal_batch_size_below_one_warns_and_uses_the_examples(cls, ibs):
+    """As Captum: a warning with its message, then batches of the B examples (same numbers)."""
+    model, x, kw = setup("cnn")
+    layer_args = () if cls == "IntegratedGradients" else (model.c1,)
+    call = dict(n_steps=5, internal_batch_size=ibs)
+    call.update({"neuron_selector": (1, 2, 3)} if cls.startswith("Neuron") else kw)
+    with pytest.warns(UserWarning, match="Defaulting to internal batch size of 3") as ours_w:
+        ours = getattr(tc, cls)(model, *layer_args).attribute(x, **call)
+    with warnings.catch_warnings(record=True) as ref_w:
+        warnings.simplefilter("always")
+        ref = getattr(ca, cls)(model, *layer_args).attribute(x, **call)
+    assert any("Defaulting to internal batch size of 3" in str(w.message) for w in ref_w)
+    assert len([w for w in ours_w if "internal batch size" in str(w.message)]) == 1
+    assert_same(ours, ref)
+
+
 @pytest.mark.parametrize("rule", ["riemann_trapezoid", "gausslegendre"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "two"])
 def test_ig_multiply_by_inputs_false(kind, rule):

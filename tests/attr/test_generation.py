@@ -260,6 +260,11 @@ def test_captum_front_generates_and_checks_arguments(models, tok):
     res = llm.attribute(inp, gen_args={"max_new_tokens": 2, "do_sample": False},
                         n_steps=4, internal_batch_size=2)
     assert res.token_attr.shape == (2, inp.n_itp_features) and len(res.output_tokens) == 2
+    # internal_batch_size below 1: Captum's warning, then batches of the one example
+    with pytest.warns(UserWarning, match="Defaulting to internal batch size of 1"):
+        zero = llm.attribute(inp, target=TARGET, n_steps=4, internal_batch_size=0)
+    torch.testing.assert_close(zero.token_attr, llm.attribute(inp, target=TARGET,
+                                                              n_steps=4).token_attr)
     with pytest.raises(AssertionError, match="LayerIntegratedGradients"):
         tkc.LLMGradientAttribution(tkc.IntegratedGradients(model), tok)
 
