@@ -185,9 +185,10 @@ def gpu_tests(c: Check, keyword: str | None = None) -> dict:
         [str(ROOT / "bench")] + ([c.env["PYTHONPATH"]] if c.env.get("PYTHONPATH") else [])))
     extra = ["--collect-only"] if c.dry else []
     if not c.dry and importlib.util.find_spec("xdist") is not None:
-        # Triton compiles dominate: 4 workers; one file per worker keeps the ~60 GB offset
-        # tests (one file) from running side by side
-        extra = ["-n", "4", "--dist", "loadfile"]
+        # Triton compiles (CPU) dominate: 8 workers of the 16 cores (4 took 132 s on the H200,
+        # 2026-11-30); one file per worker keeps the ~60 GB offset tests (one file) from
+        # running side by side
+        extra = ["-n", "8", "--dist", "loadfile"]
     if keyword:
         extra += ["-k", keyword]
     rec = c.run("gpu_tests", [c.py, "-m", "pytest", "-p", "gpu_marked", "-q", "-p",
