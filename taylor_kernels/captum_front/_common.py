@@ -257,11 +257,29 @@ def points_per_chunk(internal_batch_size, inputs: tuple[torch.Tensor, ...]):
     return internal_batch_size
 
 
-def check_no_grad_kwargs(grad_kwargs) -> None:
-    """Captum's ``grad_kwargs`` (options of ``torch.autograd.grad``) have no equivalent."""
-    if grad_kwargs:
-        raise NotImplementedError("grad_kwargs is not supported by the taylor-kernels engine "
-                                  "(it takes one gradient per path point itself)")
+# options of torch.autograd.grad that cannot change the attributions (value: the only one
+# accepted, None for any): the engine keeps its own graphs and gives unused tensors zeros
+_NEUTRAL_GRAD_KWARGS = {"retain_graph": None, "allow_unused": None, "materialize_grads": None,
+                        "create_graph": False, "is_grads_batched": False}
+
+
+def check_grad_kwargs(grad_kwargs) -> None:
+    """Captum's ``grad_kwargs`` (keyword arguments of ``torch.autograd.grad``): those that
+    cannot change the attributions pass (``retain_graph``, ``allow_unused``,
+    ``materialize_grads``, ``create_graph=False``, ``is_grads_batched=False``); any other
+    raises ``NotImplementedError`` naming it (e.g. ``create_graph=True``, ``grad_outputs``)."""
+    if not grad_kwargs:
+        return
+    if not isinstance(grad_kwargs, dict):
+        raise TypeError(f"grad_kwargs must be a dict, got {type(grad_kwargs).__name__}")
+    for key, value in grad_kwargs.items():
+        if key not in _NEUTRAL_GRAD_KWARGS or (
+                _NEUTRAL_GRAD_KWARGS[key] is not None and value != _NEUTRAL_GRAD_KWARGS[key]):
+            raise NotImplementedError(
+                f"grad_kwargs {key}={value!r} is not supported by the taylor-kernels engine (it "
+                "takes one gradient per path point itself); accepted, as having no effect on "
+                "the attributions: retain_graph, allow_unused, materialize_grads, "
+                "create_graph=False, is_grads_batched=False")
 
 
 def attribute_future_unsupported(self, *args, **kwargs):

@@ -31,7 +31,7 @@ from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution,
                                                  attribute_future_unsupported, captum_method,
-                                                 check_no_grad_kwargs, dense_baselines,
+                                                 check_grad_kwargs, dense_baselines,
                                                  format_inputs, points_per_chunk,
                                                  tracks_inputs, with_factor_graph)
 
@@ -108,7 +108,7 @@ class LayerIntegratedGradients(CaptumAttribution):
                   tol: float | None = None, max_memory=None, backend: str | None = None,
                   progress: bool = False):
         """Layer integrated gradients (Captum's arguments); inputs may be token ids."""
-        check_no_grad_kwargs(grad_kwargs)
+        check_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         res = multi_layer_integrated_gradients(

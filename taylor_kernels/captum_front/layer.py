@@ -15,7 +15,7 @@ import torch
 from taylor_kernels.attr.layer_paths import (check_float_inputs, internal_influence,
                                              layer_conductance, layer_gradient_shap)
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 check_no_grad_kwargs, dense_baselines,
+                                                 check_grad_kwargs, dense_baselines,
                                                  draw_gradient_shap, format_inputs,
                                                  points_per_chunk)
 
@@ -43,7 +43,7 @@ class LayerConductance(_LayerMethod):
         """Conductance of every unit of the layer, shaped like its activation (a tuple for
         tuple activations); with ``return_convergence_delta`` also ``delta [B] =
         sum(attributions) - (F(inputs) - F(baselines))``."""
-        check_no_grad_kwargs(grad_kwargs)
+        check_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
         bls = dense_baselines(baselines, tup)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
@@ -75,7 +75,7 @@ class InternalInfluence(_LayerMethod):
                   attribute_to_layer_input: bool = False, grad_kwargs=None, *,
                   max_memory=None, backend: str | None = None, progress: bool = False):
         """Internal influence of every unit of the layer, shaped like its activation."""
-        check_no_grad_kwargs(grad_kwargs)
+        check_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         res = internal_influence(forward, self.layer, tup,

@@ -15,7 +15,7 @@ import torch
 
 from taylor_kernels.attr.neuron import neuron_conductance, neuron_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 check_no_grad_kwargs, dense_baselines,
+                                                 check_grad_kwargs, dense_baselines,
                                                  format_inputs, points_per_chunk,
                                                  tracks_inputs, with_factor_graph)
 
@@ -83,7 +83,7 @@ class NeuronConductance(_NeuronMethod):
                   attribute_to_neuron_input: bool = False, grad_kwargs=None, *,
                   max_memory=None, backend: str | None = None, progress: bool = False):
         """Attributions shaped like ``inputs`` (a tuple for a tuple)."""
-        check_no_grad_kwargs(grad_kwargs)
+        check_grad_kwargs(grad_kwargs)
         _warn_callable(neuron_selector)
         return self._run(neuron_conductance, inputs, neuron_selector, baselines, target,
                          n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,

@@ -292,8 +292,17 @@ def test_errors(image, branches):
         tc.LayerGradientShap(net, net.linear1).attribute(x, None, target=1)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tc.LayerConductance(net, "conv1")
-    with pytest.raises(NotImplementedError, match="grad_kwargs"):
+    with pytest.raises(NotImplementedError, match="grad_kwargs a=1"):
         tc.LayerConductance(net, net.conv1).attribute(x, target=1, grad_kwargs={"a": 1})
+    with pytest.raises(NotImplementedError, match="create_graph=True"):
+        tc.LayerIntegratedGradients(net, net.conv1).attribute(
+            x, target=1, grad_kwargs={"create_graph": True})
+    neutral = {"retain_graph": True, "allow_unused": True, "materialize_grads": True,
+               "create_graph": False}  # cannot change the numbers: accepted
+    for cls in (tc.LayerConductance, tc.LayerIntegratedGradients, tc.InternalInfluence):
+        torch.testing.assert_close(
+            cls(net, net.conv1).attribute(x, target=1, n_steps=4, grad_kwargs=neutral),
+            cls(net, net.conv1).attribute(x, target=1, n_steps=4))
     bnet, bx = branches
     with pytest.raises(ValueError, match="callable neuron_selector"):
         tc.NeuronIntegratedGradients(bnet, bnet.split).attribute(bx, (1,), n_steps=3)
