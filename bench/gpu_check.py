@@ -74,7 +74,10 @@ class Check:
     def record(self, name: str, status: str, note: str = "", **extra) -> dict:
         rec = {"step": name, "status": status, "note": note, "wall_s": 0.0, **extra}
         self.steps.append(rec)
-        print(f"[gpu_check] {name}: {status}{' - ' + note if note else ''}", flush=True)
+        line = f"[gpu_check] {name}: {status}{' - ' + note if note else ''}"
+        print(line, flush=True)
+        with open(self.out / "steps.log", "a") as log:  # every step's record and whole output
+            log.write(f"==== {line}\n" + (f"{extra['output']}\n" if "output" in extra else ""))
         return rec
 
     def wanted(self, name: str) -> bool:
@@ -86,8 +89,9 @@ class Check:
 
     def run(self, name: str, cmd: list[str], timeout: float, note: str = "",
             env: dict | None = None) -> dict:
-        """Run ``cmd`` (cwd = repository root) within ``timeout`` and the overall budget."""
-        if not self.wanted(name):
+        """Run ``cmd`` (cwd = repository root) within ``timeout`` and the overall budget
+        (``wheels`` runs whatever ``--steps`` says: the other steps need its modules)."""
+        if name != "wheels" and not self.wanted(name):
             return self.steps[-1]
         left = self.deadline - time.monotonic() - RESERVE_S
         if left < 10:
@@ -107,9 +111,8 @@ class Check:
             output, _ = proc.communicate()
             status = (f"timeout ({limit:.0f} s)" if limit >= timeout
                       else f"stopped (budget, {limit:.0f} s)")
-        rec = self.record(name, status, note, cmd=cmd, output_tail=(output or "")[-6000:])
-        with open(self.out / "steps.log", "a") as log:  # every step's whole output
-            log.write(f"==== {name}: {status} ====\n{output or ''}\n")
+        rec = self.record(name, status, note, cmd=cmd, output=output or "")
+        rec["output_tail"] = rec.pop("output")[-6000:]
         rec["wall_s"] = time.monotonic() - t
         print(output[-1500:], flush=True)
         return rec
@@ -295,6 +298,21 @@ def apply_test_failures(ops: dict, failed: list[str]) -> None:
         entry["choice"] = decide(entry["ms"], entry["tests"])
 
 
+def ops_from_table(device: str | None) -> dict | None:
+    """The packaged table's entry for ``device`` in the ops step's form (no timing rows), for
+    a rerun without the ops step whose GPU tests failed: their failures then still reach the
+    table. None when the table has no entry for it."""
+    sys.path.insert(0, str(ROOT))
+    from taylor_kernels import backend_table as bt
+    table = json.loads(bt.DEFAULT_PATH.read_text()) if bt.DEFAULT_PATH.is_file() else {}
+    entry = table.get("devices", {}).get(device)
+    if not entry:
+        return None
+    return {"ops": {op: {"ms": dict(e["ms"]), "tests": dict(e["tests"]), "rows": [],
+                         "choice": e["choice"]} for op, e in entry["ops"].items()},
+            "from_table": True}
+
+
 def device_label(dry: bool) -> tuple[str, dict]:
     import torch
     info = {"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -365,8 +383,10 @@ def write_results(c: Check, res: dict, dry: bool, budget: float, final: bool = F
     label, info = device_label(dry)
     ops, tests = res["ops"], res["tests"]
     table = backend_table(ops, info, dry)
-    stem = f"gpu-{label}-{datetime.date.today().isoformat()}"
-    data = {"schema": 1, "dry_run": dry, "complete": final, "machine": info,
+    stem = f"gpu-{label}-{datetime.date.today().isoformat()}" + \
+        ("" if c.selected is None else "-rerun")  # a rerun never overwrites the full run's files
+    data = {"schema": 1, "dry_run": dry, "finished": final, "steps_selected":
+            None if c.selected is None else sorted(c.selected), "machine": info,
             "wall_s": time.monotonic() - c.t0, "budget_s": budget, "steps": c.steps,
             "gpu_tests": {k: tests.get(k) for k in ("selected", "counts", "failed")},
             "ops": ops, "families": res["families"], "backend_table": table}
@@ -427,6 +447,8 @@ def main(argv=None) -> int:
 
         def tests_step():
             res["tests"] = gpu_tests(c, a.tests)
+            if res["tests"].get("failed") and res["ops"] is None and not c.dry:
+                res["ops"] = ops_from_table(device_label(False)[1].get("device"))
             if res["ops"] and res["tests"].get("failed"):
                 apply_test_failures(res["ops"], res["tests"]["failed"])
 

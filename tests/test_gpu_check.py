@@ -51,13 +51,36 @@ def test_gpu_graphs_dry_run(tmp_path):
     assert all(r["rel_diff"] == 0 and r["eager_s"] > 0 for r in rows)  # CPU: same loop twice
 
 
+def _load_gpu_check():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rerun_without_the_ops_step_still_takes_failed_tests_off_the_table(tmp_path,
+                                                                             monkeypatch):
+    from taylor_kernels import backend_table as bt
+    gpu_check = _load_gpu_check()
+    table = {"schema": 1, "devices": {"NVIDIA H200": {"ops": {
+        "jet_unary": {"choice": "cuda", "ms": {"cuda": 0.2, "triton": 0.3},
+                      "tests": {"cuda": "passed", "triton": "passed"}}}}}}
+    monkeypatch.setattr(bt, "DEFAULT_PATH", tmp_path / "table.json")
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    assert gpu_check.ops_from_table("Other GPU") is None
+    ops = gpu_check.ops_from_table("NVIDIA H200")
+    gpu_check.apply_test_failures(ops, ["tests/ops/test_triton_ops.py::test_jet_unary_triton"])
+    assert ops["ops"]["jet_unary"]["choice"] == "cuda"
+    assert ops["ops"]["jet_unary"]["tests"]["triton"] == "failed (GPU test)"
+    gpu_check.apply_test_failures(ops, ["tests/ops/test_native_ops.py::test_cuda_jet_unary"])
+    assert ops["ops"]["jet_unary"]["choice"] == "reference"
+
+
 def test_a_driver_error_costs_one_step_not_the_results(tmp_path, monkeypatch):
     """A bug in the driver itself (the first device call lost every figure to one) is recorded
     as that step's failure; the later steps run and the result files are still written."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _load_gpu_check()
 
     def broken(c):
         raise ModuleNotFoundError("No module named 'taylor_kernels.backend_table'")
@@ -70,5 +93,9 @@ def test_a_driver_error_costs_one_step_not_the_results(tmp_path, monkeypatch):
     by_step = {s["step"]: s for s in data["steps"]}
     assert by_step["ops"]["status"] == "failed (driver)"
     assert "taylor_kernels.backend_table" in by_step["ops"]["note"]
-    assert by_step["memcheck"]["status"] == "skipped" and data["complete"]
+    assert by_step["memcheck"]["status"] == "skipped" and data["finished"]
+    assert by_step["wheels"]["status"] != "skipped" or "not selected" not in \
+        by_step["wheels"]["note"]  # --steps never leaves out the wheels the others need
+    assert json_path.name.endswith("-rerun.json")  # a rerun keeps the full run's files
+    assert "failed (driver)" in (tmp_path / "steps.log").read_text()
     assert "failed (driver)" in json_path.with_suffix(".txt").read_text()

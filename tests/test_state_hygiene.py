@@ -446,28 +446,37 @@ class CountingMLP(nn.Module):
 
 
 class FakeAllocator:
-    """Stands in for the CUDA caching allocator's statistics (no GPU needed). Like the real one,
-    a request over 1 MiB may be served by a cached block up to 1 MiB larger (``slack``: the
-    remainder is not split off and counts as allocated); small requests round to 512 bytes."""
+    """Stands in for the CUDA caching allocator's statistics (no GPU needed), with its size
+    rules: sizes round up to 512 bytes, or with ``divisions`` (``roundup_power2_divisions``) to
+    a division of their power-of-two interval; a request over 1 MiB may be served by a cached
+    block up to 1 MiB larger (``slack``: the remainder is not split off and counts)."""
 
-    def __init__(self, allocated: int, peak: int, slack: int = 0):
-        self.allocated, self.peak, self.slack = allocated, peak, slack
+    def __init__(self, allocated: int, peak: int, slack: int = 0, divisions: int = 0):
+        self.allocated, self.peak, self.slack, self.divisions = allocated, peak, slack, divisions
 
     def alloc(self, n: int):
         self.allocated += n
         self.peak = max(self.peak, self.allocated)
+
+    def size_of(self, n: int) -> int:
+        if self.divisions > 1 and n > 512 * self.divisions and n & (n - 1):
+            step = (1 << (n.bit_length() - 1)) // self.divisions
+            n = -(-n // step) * step
+        n = -(-n // 512) * 512
+        return n + self.slack if n > 2**20 else n
 
     def install(self, monkeypatch):
         cuda = torch.cuda
         monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: self.allocated)
         monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(cuda, "memory_stats", lambda device=None: {"max_split_size": -1})
         monkeypatch.setattr(cuda, "reset_peak_memory_stats",
                             lambda device=None: setattr(self, "peak", self.allocated))
         real_empty = torch.empty
 
         def empty(n, dtype=None, device=None):  # a uint8 block, freed with the tensor
-            size = n + self.slack if n > 2**20 else -(-n // 512) * 512
+            size = self.size_of(n)
             self.alloc(size)
             block = real_empty(0)
             weakref.finalize(block, lambda: setattr(self, "allocated", self.allocated - size))
@@ -476,17 +485,27 @@ class FakeAllocator:
         monkeypatch.setattr(torch, "empty", empty)
 
 
-@pytest.mark.parametrize("slack", [0, 700 * 1024, 2**20])
+MiB = 2**20
+
+
+@pytest.mark.parametrize("probe,above,slack,divisions", [
+    (51200, 64 * MiB, 0, 0), (51200, 64 * MiB, 700 * 1024, 0), (51200, 64 * MiB, MiB, 0),
+    (256 * MiB, 3 * MiB, 0, 0), (100 * MiB, MiB, MiB, 0), (64 * MiB, 512, 0, 0),
+    (10 * MiB, 59 * MiB + 512 * 9, 0, 4), (300 * MiB, 5 * MiB + 512, MiB, 8)])
 @pytest.mark.parametrize("raises", [False, True])
-def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises, slack):
-    """Exactly the old peak, also when the allocator hands out larger blocks than asked."""
+def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises, probe, above, slack,
+                                                divisions):
+    """Exactly the old peak: after small and large probes, with the allocator handing out
+    larger blocks than asked and rounding sizes (``roundup_power2_divisions``)."""
     from taylor_kernels.engine import guards
-    fake = FakeAllocator(allocated=512 * 200, peak=64 * 2**20 + 512 * 7, slack=slack)
+    live = 512 * 200
+    old_peak = live + probe + above
+    fake = FakeAllocator(allocated=live, peak=old_peak, slack=slack, divisions=divisions)
     fake.install(monkeypatch)
 
     def run():
-        fake.alloc(51200)   # the probe's transient memory
-        fake.allocated -= 51200
+        fake.alloc(probe)   # the probe's transient memory
+        fake.allocated -= probe
         if raises:
             raise RuntimeError("probe failed")
         return "out"
@@ -495,8 +514,8 @@ def test_cuda_peak_probe_keeps_the_callers_peak(monkeypatch, raises, slack):
         with pytest.raises(RuntimeError, match="probe failed"):
             guards.cuda_peak_bytes(run, torch.device("cuda"))
     else:
-        assert guards.cuda_peak_bytes(run, torch.device("cuda")) == ("out", 51200.0)
-    assert fake.peak == 64 * 2**20 + 512 * 7 and fake.allocated == 512 * 200
+        assert guards.cuda_peak_bytes(run, torch.device("cuda")) == ("out", float(probe))
+    assert fake.peak == old_peak and fake.allocated == live
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -244,17 +245,20 @@ def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
 def points_per_chunk(internal_batch_size, inputs: tuple[torch.Tensor, ...]):
     """Captum's ``internal_batch_size`` as the engine's ``chunk_size`` (path points per pass).
 
-    Honoured exactly from 1 up (Captum rounds to whole steps of all examples, at least ``B``
-    rows; the numbers are the same). Below 1 Captum warns and uses the number of examples
-    ``B = inputs[0].shape[0]``: so do we, with its message (the engine would refuse 0)."""
-    if isinstance(internal_batch_size, (int, float)) and not isinstance(internal_batch_size, bool) \
-            and internal_batch_size < 1:
+    Captum warns when it is below the number of examples ``B = inputs[0].shape[0]`` and then
+    runs batches of ``B`` rows (whole steps). From 1 up we honour it exactly instead (smaller
+    passes, the same numbers), a real number rounded down; below 1, where the engine has no
+    such chunk, we do as Captum: its warning, then ``B``."""
+    if internal_batch_size is None or isinstance(internal_batch_size, bool) or \
+            not isinstance(internal_batch_size, numbers.Real):
+        return internal_batch_size  # None, or what the engine's check refuses with a message
+    if internal_batch_size < 1:
         num_examples = inputs[0].shape[0]
         warnings.warn("Internal batch size cannot be less than the number of input examples. "
                       f"Defaulting to internal batch size of {num_examples} equal to the number "
                       "of examples.", stacklevel=3)
         return num_examples
-    return internal_batch_size
+    return int(internal_batch_size)
 
 
 # options of torch.autograd.grad that cannot change the attributions (value: the only one

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import warnings
 from typing import Callable
 
 import torch
+
+from taylor_kernels.engine import memory
 
 MIN_CHUNKS = 3  # chunks left, the last (shorter) one included
 _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_cuda_graphs",
@@ -109,7 +112,7 @@ class ChunkGraph:
             # the outer stream block restores the caller's stream even if the capture's own
             # exit raises (torch.cuda.graph ends the capture, then its stream, no try/finally)
             with torch.cuda.device(device), torch.cuda.stream(side):
-                with _host_syncs_raise():
+                with _host_syncs_raise(), _seen_as_capture():
                     self.step(self.points, self.rows)  # lazy inits happen outside the capture
                 capturing = True
                 with torch.cuda.graph(graph, pool=pool, stream=side,
@@ -119,8 +122,10 @@ class ChunkGraph:
             if capturing:
                 _end_pool(device, pool)
             torch.cuda.synchronize(device)
-            self.failed = True
             self.reset()
+            if memory.is_oom(exc):  # not the forward's fault: the chunk loop halves the chunk
+                raise                # and a later chunk size is captured afresh
+            self.failed = True
             warnings.warn(f"the chunk's forward and backward cannot be captured in a CUDA "
                           f"graph ({type(exc).__name__}: {str(exc)[:160]}); this call runs "
                           "without graphs", RuntimeWarning, stacklevel=5)
@@ -140,6 +145,39 @@ def _host_syncs_raise():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+_WARMING = threading.local()
+_REAL_IS_CAPTURING = torch.cuda.is_current_stream_capturing
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph capture is really underway on the current stream (never the
+    warm-up's stand-in of :func:`_seen_as_capture`)."""
+    return bool(torch._C._cuda_isCurrentStreamCapturing())
+
+
+def _is_capturing_or_warming() -> bool:
+    return getattr(_WARMING, "on", False) or _REAL_IS_CAPTURING()
+
+
+@contextlib.contextmanager
+def _seen_as_capture():
+    """For the warm-up (this thread only), ``torch.cuda.is_current_stream_capturing()`` reads
+    True, so the model's Python takes the branch the capture will take: libraries skip host
+    checks under capture (transformers' ``is_tracing``: the padding warning's ``.item()``, the
+    causal-mask skip test) and the warm-up, where syncs raise, must not run them either."""
+    patched = torch.cuda.is_current_stream_capturing is not _is_capturing_or_warming
+    previous = torch.cuda.is_current_stream_capturing
+    if patched:
+        torch.cuda.is_current_stream_capturing = _is_capturing_or_warming
+    _WARMING.on = True
+    try:
+        yield
+    finally:
+        _WARMING.on = False
+        if patched:
+            torch.cuda.is_current_stream_capturing = previous
 
 
 def _end_pool(device: torch.device, pool) -> None:

@@ -291,24 +291,32 @@ def cuda_peak_bytes(run: Callable, device: torch.device):
         _raise_cuda_peak(peak, device)
 
 
-_SMALL_BLOCK = 2**20  # the caching allocator's small pool: requests up to 1 MiB, split exactly
+_SMALL_BLOCK = 2**20  # the caching allocator's small pool: requests up to 1 MiB
 
 
 def _raise_cuda_peak(peak: int, device: torch.device) -> None:
     """Allocate (then free) blocks until ``max_memory_allocated`` reaches ``peak`` exactly.
 
-    A large request can be served by a cached block up to 1 MiB bigger than asked (the
-    allocator does not split off a remainder that small), which would overshoot the old peak;
-    so each large request stops 1 MiB short and small-pool requests (split to 512 bytes, which
-    every size the allocator counts is a multiple of) fill the rest. Skipped when that memory
-    is not free."""
+    Live bytes must grow by ``peak - memory_allocated()``. A large request can be served whole
+    by a cached block up to 1 MiB bigger (the allocator splits off no smaller remainder), so
+    while more than 2 MiB are missing each request stops 1 MiB short; requests are powers of
+    two (which ``roundup_power2_divisions`` never rounds up) below ``max_split_size`` (blocks
+    from there are never split), so every block counts as asked or less than 1 MiB more, and
+    the last requests, in the small pool, land exactly on 512-byte multiples (all that the
+    allocator counts). About log2 of the gap rounds. Skipped when that memory is not free."""
+    stats = torch.cuda.memory_stats(device)
+    max_split = stats.get("max_split_size", -1)
+    max_split = max_split if max_split and max_split > 0 else None
     held = []
     with contextlib.suppress(torch.cuda.OutOfMemoryError):
-        for _ in range(64):  # a few rounds in practice; bounded for unusual allocator configs
-            gap = peak - torch.cuda.max_memory_allocated(device)
-            if gap <= 0:
+        for _ in range(128):  # bounded: each round adds at least half of what the room allows
+            need = peak - torch.cuda.memory_allocated(device)
+            if torch.cuda.max_memory_allocated(device) >= peak or need <= 0:
                 break
-            size = gap - _SMALL_BLOCK if gap > 2 * _SMALL_BLOCK else min(gap, _SMALL_BLOCK)
+            room = need - _SMALL_BLOCK if need > 2 * _SMALL_BLOCK else min(need, _SMALL_BLOCK)
+            size = 1 << (int(room).bit_length() - 1)
+            while max_split is not None and size >= max_split and size > 512:
+                size //= 2
             held.append(torch.empty(size, dtype=torch.uint8, device=device))
     del held
 

@@ -75,7 +75,7 @@ def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool)
                                        retain_graph=True, create_graph=create_graph,
                                        allow_unused=True, is_grads_batched=True)[0]
         except (RuntimeError, NotImplementedError) as exc:
-            if memory.is_oom(exc) or (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if memory.is_oom(exc) or (out.is_cuda and cuda_graphs.capturing()):
                 raise  # (a failed CUDA graph capture is not vmap's failure)
             problem.serial_backward = True
             warnings.warn(f"the model's backward cannot run under vmap ({str(exc)[:120]}); "
@@ -254,7 +254,10 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         x.dtype).itemsize  # inputs and sums (T = 1)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
-                              slot=chunking.cache_slot(problem, x, bl.shape[1]), reserved=held,
+                              # a choice made under another share cap is not this call's
+                              slot=chunking.cache_slot(problem, x, bl.shape[1],
+                                                       kind=f"grad-share{max_share}"),
+                              reserved=held,
                               multi_output=getattr(problem, "T", 1) > 1, max_share=max_share)
     sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
     defer = _defer_checks(x.device)

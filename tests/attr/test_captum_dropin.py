@@ -192,7 +192,7 @@ class RowCounter(nn.Module):
         return self.model(*args)
 
 
-@pytest.mark.parametrize("ibs", [None, 1, 4, 7, 15, 1000])
+@pytest.mark.parametrize("ibs", [None, 1, 4, 7, 15, 1000, 4.5, np.int64(7)])
 def test_ig_internal_batch_size(ibs):
     """Same numbers as Captum; never more than ``internal_batch_size`` rows per pass (Captum
     rounds to whole steps of all examples, at least B rows; we honour it exactly)."""
@@ -206,7 +206,7 @@ def test_ig_internal_batch_size(ibs):
         assert 1 <= counter.max_rows <= ibs
 
 
-@pytest.mark.parametrize("ibs", [0, -3])
+@pytest.mark.parametrize("ibs", [0, -3, np.int64(0), 0.5])
 @pytest.mark.parametrize("cls", ["IntegratedGradients", "LayerIntegratedGradients",
                                  "LayerConductance", "InternalInfluence",
                                  "NeuronIntegratedGradients"])

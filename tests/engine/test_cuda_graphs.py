@@ -4,6 +4,7 @@ and (GPU) capture and replay equal to the eager loop, with a fallback for forwar
 be captured."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 
@@ -266,7 +267,22 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: _null())
         monkeypatch.setattr(torch.cuda, "device", lambda d: _null())
-        monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: self.calls.append(kw) or _null())
+        self.capturing = False
+
+        @contextlib.contextmanager
+        def graph(g, **kw):  # a capture: is_current_stream_capturing() reads True inside
+            self.calls.append(kw)
+            self.capturing = True
+            try:
+                yield
+            finally:
+                self.capturing = False
+
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda.graphs, "_cuda_isCurrentStreamCapturing",
+                            lambda: self.capturing)
+        monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: self.capturing,
+                            raising=False)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -378,3 +394,87 @@ def test_chunk_loop_does_not_sync_the_host(graphs, monkeypatch):
         assert _replayed(made)
     else:
         call()
+
+
+def test_the_warm_up_takes_the_path_the_capture_takes(monkeypatch):
+    """Libraries skip host checks while a capture runs (transformers' ``is_tracing``: GPT-2's
+    padding warning reads ``.item()`` otherwise). The warm-up, where syncs raise, must see the
+    same answer, or such a forward never gets captured; afterwards the function is torch's."""
+    fake = _FakeCuda(monkeypatch)
+    real = torch.cuda.is_current_stream_capturing
+    seen = []
+
+    def step(points, rows):
+        capturing = torch.cuda.is_current_stream_capturing()
+        seen.append(capturing)
+        if not capturing and fake.modes[-1] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")  # the host check
+        return _step(points, rows)
+
+    graph = cuda_graphs.ChunkGraph(step)
+    pts, rows = torch.randn(5, 4, dtype=torch.float64), torch.arange(5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(graph(pts, rows), rows[:, None] * pts.cos())
+    assert not graph.failed and seen == [True, True]  # the warm-up, then the capture
+    assert torch.cuda.is_current_stream_capturing is real and not cuda_graphs.capturing()
+
+
+def test_a_transformer_forward_is_captured_past_its_host_checks(monkeypatch):
+    """The tiny GPT-2 without an attention mask: its forward reads a token on the host unless a
+    capture runs; with syncs raising in the warm-up (as on a GPU) it is still captured."""
+    pytest.importorskip("transformers")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from taylor_kernels.models import tiny
+    fake = _FakeCuda(monkeypatch)
+
+    class SyncsRaise(TorchDispatchMode):  # what set_sync_debug_mode("error") does on a GPU
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if fake.modes[-1] == "error" and func.__name__.startswith("_local_scalar_dense"):
+                raise RuntimeError("called a synchronizing CUDA operation")
+            return func(*args, **(kwargs or {}))
+
+    model = tiny.gpt2(layers=2, d=32, vocab=64)
+    ids = torch.randint(4, 64, (2, 6))
+    want = tk.token_integrated_gradients(model, ids, 7, steps=16, chunk_size=4).attributions
+    made = []
+
+    class Replayed(cuda_graphs.ChunkGraph):  # the fake graph's replays recompute the step
+        def __call__(self, points, rows):
+            out = super().__call__(points, rows)
+            if fake.graphs and fake.graphs[-1].owner is None:
+                fake.graphs[-1].owner = self
+            return out
+
+    monkeypatch.setattr(cuda_graphs, "requested", lambda device, create_graph: True)
+    monkeypatch.setattr(cuda_graphs, "ChunkGraph", lambda step: made.append(Replayed(step))
+                        or made[-1])
+    with SyncsRaise(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be captured")
+        got = tk.token_integrated_gradients(model, ids, 7, steps=16, chunk_size=4).attributions
+    assert len(made) == 1 and not made[0].failed and made[0].replays >= 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_memory_in_the_capture_is_raised_not_remembered(monkeypatch):
+    """Out of memory while warming up or capturing is the chunk's size, not the forward: it
+    reaches the chunk loop (which halves the chunk) and a later call captures again."""
+    _FakeCuda(monkeypatch)
+    calls = []
+
+    def step(points, rows):
+        calls.append(points.shape[0])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _step(points, rows)
+
+    graph = cuda_graphs.ChunkGraph(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(torch.OutOfMemoryError):
+            graph(torch.randn(6, 4, dtype=torch.float64), torch.arange(6.0))
+        assert not graph.failed and graph.graph is None
+        pts, rows = torch.randn(3, 4, dtype=torch.float64), torch.arange(3.0)
+        torch.testing.assert_close(graph(pts, rows), rows[:, None] * pts.cos())
+    assert graph.size == 3 and calls == [6, 3, 3]  # failed warm-up; warm-up and capture
