@@ -44,10 +44,13 @@ class DefaultBudget(int):
 
 
 def free_memory(device: torch.device) -> int:
-    """Free bytes: ``torch.cuda.mem_get_info`` on CUDA; on the CPU ``MemAvailable`` from
-    ``/proc/meminfo`` (psutil where that file is missing; 8 GiB when neither exists)."""
+    """Free bytes: on CUDA the device's free memory (``torch.cuda.mem_get_info``) plus what
+    PyTorch's allocator holds cached but unused (``memory_reserved - memory_allocated``: an
+    earlier call's blocks, reusable without a new allocation); on the CPU ``MemAvailable``
+    from ``/proc/meminfo`` (psutil where that file is missing; 8 GiB when neither exists)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

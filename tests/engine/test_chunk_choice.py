@@ -146,3 +146,11 @@ def test_explicit_budget_is_filled_and_only_threads_are_timed(monkeypatch):
     assert plan.trials == [(size, 2), (size, 1)]
     _feed(plan, {(size, 2): 3.0, (size, 1): 1.0})
     assert plan.chunk == size and plan.threads == 1 and "choice" not in plan.slot
+
+
+def test_free_cuda_memory_counts_the_allocators_cached_blocks(monkeypatch):
+    """An earlier call's cached blocks are free for this one (mem_get_info counts them used)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**20, 2**34))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 30 * 2**20)
+    assert memory.free_memory(torch.device("cuda", 0)) == 140 * 2**20
