@@ -1,10 +1,12 @@
 // CUDA kernel of ih_accumulate (see csrc/hessian_common.h for the formula), registered for the
 // CUDA dispatch key. One thread per (touched input b, Hessian row r, feature j): it walks the
 // chunk's points of b in ascending n and accumulates (w_n / K) Delta_n[index[r]] h[n, r, j]
-// Delta_n[j] in a register (deterministic, no atomics). Consecutive threads read consecutive j
-// of the same Hessian row: coalesced loads of the [count, R, D] stream, read once. index entries
-// are range-checked in the kernel: an entry outside [0, D) gives a NaN output row.
+// Delta_n[j] in a register (ih_point_sum.h: deterministic, no atomics, no division per point).
+// Consecutive threads read consecutive j of the same Hessian row: coalesced loads of the
+// [count, R, D] stream, read once. index entries are range-checked in the kernel: an entry
+// outside [0, D) gives a NaN output row.
 #include "../hessian_common.h"
+#include "ih_point_sum.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/zeros.h>
@@ -30,7 +32,7 @@ __global__ void __launch_bounds__(kThreads)
                          const int64_t* __restrict__ idx, acc* __restrict__ out, int64_t start,
                          int64_t count, int64_t R, int64_t D, int64_t K, int64_t S,
                          bool shared_bl, bool per_point, int64_t b_first, int64_t nb) {
-  const int64_t items = nb * R * D, KS = K * S, end = start + count;
+  const int64_t items = nb * R * D;
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = item % D, q = item / D, r = q % R, b = b_first + q / R;
@@ -38,16 +40,8 @@ __global__ void __launch_bounds__(kThreads)
     // is read instead (never out of bounds) and the output element becomes NaN.
     const int64_t i_r = idx[r];
     const bool valid = i_r >= 0 && i_r < D;
-    const int64_t i = valid ? i_r : 0;
-    const acc xj = x[b * D + j], xi = x[b * D + i];
-    const int64_t n_end = end < (b + 1) * KS ? end : (b + 1) * KS;
-    acc sum = acc(0);
-    for (int64_t n = start > b * KS ? start : b * KS; n < n_end; ++n) {
-      const int64_t k = (n / S) % K;
-      const acc* br = bl + ((shared_bl ? 0 : b) * K + k) * D;
-      const acc c = w[per_point ? n - start : n % S] / static_cast<acc>(K);
-      sum += c * (xi - br[i]) * h[((n - start) * R + r) * D + j] * (xj - br[j]);
-    }
+    const acc sum = ih_point_sum(h, x, bl, w, start, count, R, D, K, S, shared_bl, per_point, b,
+                                 r, valid ? i_r : 0, j);
     out[(b * R + r) * D + j] = valid ? sum : static_cast<acc>(NAN);
   }
 }
