@@ -169,14 +169,12 @@ def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
               distributed) -> dict:
     """Arguments of :func:`path_engine.stream_pairs` shared by the IH methods (the measured
     pair cost, the budget, the process group of ``distributed``)."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = memory.check_chunk_size(chunk_size)
     group = resolve_group(distributed)
     budget = memory.chunk_budget(chunk_size, max_memory, problem.x.device)
     cost = None if budget is None else _pair_cost(problem, alphas, budget)
     return dict(cost=cost, max_memory=max_memory,
-                chunk_size=None if chunk_size is None else int(chunk_size),
+                chunk_size=chunk_size,
                 progress=progress, process_group=group)
 
 

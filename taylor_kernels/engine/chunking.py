@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
 import weakref
 
@@ -122,12 +121,10 @@ class ChunkPlan:
                  max_memory=None, cost: float | None = None, slot: dict | None = None,
                  reserved: int = 0, multi_output: bool = False,
                  max_share: float | None = MAX_SHARE):
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-                chunk_size, numbers.Integral) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        chunk_size = memory.check_chunk_size(chunk_size)
         self.total, self.device, self.slot = total, device, {} if slot is None else slot
         self.multi_output, self.max_share = multi_output, max_share
-        self.chunk = None if chunk_size is None else int(chunk_size)
+        self.chunk = chunk_size
         if self.chunk is None and max_memory is None and guards.row_coupling_allowed():
             self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
         self.budget = memory.chunk_budget(chunk_size, max_memory, device)

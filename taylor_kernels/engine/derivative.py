@@ -241,9 +241,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
     maps each chunk's products before they are stored (default: keep them); ``cost_of``
     ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits)."""
     B, M = V.shape[:2]
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = memory.check_chunk_size(chunk_size)
     budget = memory.chunk_budget(chunk_size, max_memory, x.device)
     if chunk_size is not None:
         rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (int(chunk_size), 1)

@@ -65,6 +65,17 @@ def free_memory(device: torch.device) -> int:
         return 8 * 2**30
 
 
+def check_chunk_size(chunk_size) -> int | None:
+    """``chunk_size`` as an int (None stays None): a positive integer, or a real number with
+    an integer value (``4.0``, NumPy scalars); anything else raises ``ValueError``."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Real) or \
+            not math.isfinite(chunk_size) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def chunk_budget(chunk_size, max_memory, device: torch.device):
     """The budget of a call given ``chunk_size`` and ``max_memory``: None when ``chunk_size``
     fixes the chunks, else :func:`parse_budget`. Both given raise ``ValueError`` (a fixed

@@ -4,6 +4,7 @@ Timings are fed to :class:`ChunkPlan` by hand, so no assertion depends on the ma
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,18 @@ def test_free_cuda_memory_counts_the_allocators_cached_blocks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70 * 2**20)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 30 * 2**20)
     assert memory.free_memory(torch.device("cuda", 0)) == 140 * 2**20
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, float("nan"), float("inf"), True, "4", [4]])
+def test_chunk_size_is_checked_the_same_everywhere(bad):
+    """One rule for every entry point: a positive integer, or an integer-valued real."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    calls = [lambda: tk.integrated_gradients(model, x, steps=4, chunk_size=bad),
+             lambda: tk.integrated_hessians(model, x, steps=2, chunk_size=bad),
+             lambda: tk.hvp(lambda z: model(z)[:, 0], x, x, chunk_size=bad)]
+    for call in calls:
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            call()
+    for good in (4, 4.0, np.int64(4)):
+        assert memory.check_chunk_size(good) == 4 and type(memory.check_chunk_size(good)) is int
