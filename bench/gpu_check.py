@@ -18,10 +18,10 @@ a step cut short by the budget is recorded as stopped, one that no longer fits a
                  one (LayerIG on the embeddings, bf16 also token IG; time, peak memory,
                  agreement; from ``cases_llm``);
 7. ``graphs``    the chunk loop with CUDA graphs (``tk.cuda_graphs``) vs eager, CNN and GPT-2
-                 (bench/gpu_graphs.py: times, ratio, agreement);
-8. ``jet``       jets vs nested jvp, fused jet_unary vs the eager recurrence (family ``jet``);
-9. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``);
-10. ``memcheck`` ``compute-sanitizer --tool memcheck`` over the ops' short check run.
+                 (bench/gpu_graphs.py: times, ratio, agreement, chunks served by a graph);
+8. ``memcheck``  ``compute-sanitizer --tool memcheck`` over the ops' short check run;
+9. ``jet``       jets vs nested jvp (family ``jet``; the fused ops are timed in ``ops``);
+10. ``hessian``  Integrated Hessians vs path_explain's torch port (family ``hessian``).
 
 Writes ``DIR/gpu-<device>-<date>.txt`` (tables) and ``.json`` (everything), and
 ``DIR/backend_table.json`` (this device merged into the packaged table; copy it to
@@ -55,7 +55,7 @@ WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transforme
                  "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml"}
 REQUIRED_MODULES = ("captum", "transformers", "path_explain")
 RESERVE_S = 8
-STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian", "memcheck")  # kept back from the budget for writing the results
+STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "memcheck", "jet", "hessian")  # kept back from the budget for writing the results
 
 
 class Check:
@@ -229,7 +229,7 @@ def memcheck(c: Check) -> None:
     env = dict(c.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # out-of-bounds hits fresh allocations
     c.run("memcheck", [tool, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit",
                        "20", c.py, "bench/gpu_ops.py", "--tiny", "--check-only", "--out",
-                       str(c.parts / "memcheck_ops.json")], 120, env=env)
+                       str(c.parts / "memcheck_ops.json")], 90, env=env)
 
 
 def family(c: Check, step: str, name: str, timeout: float) -> dict | None:
@@ -377,6 +377,31 @@ def ops_table(ops: dict) -> str:
     return "\n".join(lines)
 
 
+FAMILY_STEPS = {"ig_cnn": "ig_vs_captum", "ig_gpt2": "llm", "graphs": None, "jet": "jet",
+                "hessian": "hessian"}
+
+
+def family_tables(step: str, result: dict | None) -> str | None:
+    """The whole tables of a benchmark step's results (None when it wrote none: then the
+    report shows its output's tail)."""
+    if not result:
+        return None
+    try:
+        if step == "graphs":
+            return "\n".join(
+                f"{r['case']:12s} " + (f"FAILED {r['error']}" if "error" in r else
+                                       f"eager {r['eager_s'] * 1e3:.2f} ms, graphs "
+                                       f"{r['graphs_s'] * 1e3:.2f} ms, ratio {r['ratio']:.2f}, "
+                                       f"rel diff {r['rel_diff']:.1e}, chunks from a graph "
+                                       f"{r.get('graph_chunks')}") for r in result["rows"])
+        from taylor_kernels.benchmarks import FAMILIES
+        name = FAMILY_STEPS[step]
+        data = result if step == "ig_gpt2" else result["families"][name]
+        return "\n\n".join(FAMILIES[name].tables(data))
+    except Exception as exc:  # noqa: BLE001 - the report falls back to the output's tail
+        return f"(tables not rendered: {type(exc).__name__}: {exc})"
+
+
 def write_results(c: Check, res: dict, dry: bool, budget: float, final: bool = False) -> None:
     """Write ``gpu-<device>-<date>.{txt,json}`` and ``backend_table.json`` from what the steps
     gave so far (called after every step; ``final`` also prints the summary)."""
@@ -400,9 +425,10 @@ def write_results(c: Check, res: dict, dry: bool, budget: float, final: bool = F
     text += ["", f"GPU-marked tests: {data['gpu_tests']}", ""]
     text += [ops_table(ops) if ops else "ops: no results", ""]
     for s in c.steps:
-        if s["step"] in ("ig_cnn", "ig_gpt2", "graphs", "jet", "hessian") and \
-                s.get("output_tail"):
-            text += [f"---- {s['step']} (output tail) ----", s["output_tail"][-3000:], ""]
+        if s["step"] in FAMILY_STEPS:
+            tables = family_tables(s["step"], res["families"].get(s["step"]))
+            text += [f"---- {s['step']} ----", tables or (s.get("output_tail") or "")[-3000:],
+                     ""]
     (c.out / f"{stem}.txt").write_text("\n".join(text))
     if final:
         print("\n".join(text[:len(c.steps) + 8]))
@@ -454,7 +480,7 @@ def main(argv=None) -> int:
 
         def gpt2_step():
             c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part",
-                              str(c.parts / "gpt2.json")] + (["--dry-run"] if c.dry else []), 140)
+                              str(c.parts / "gpt2.json")] + (["--dry-run"] if c.dry else []), 100)
             res["families"]["ig_gpt2"] = json_part("gpt2.json")
 
         def graphs_step():
@@ -466,13 +492,12 @@ def main(argv=None) -> int:
                 # ops first: the backend table, and Triton's cache warm for the tests
                 ("ops", lambda: res.update(ops=ops_step(c))), ("gpu_tests", tests_step),
                 ("ig_cnn", lambda: res["families"].update(
-                    ig_cnn=family(c, "ig_cnn", "ig_vs_captum", 100))),
+                    ig_cnn=family(c, "ig_cnn", "ig_vs_captum", 90))),
                 ("ig_gpt2", gpt2_step), ("graphs", graphs_step),
+                ("memcheck", lambda: memcheck(c)),  # before the two families the issue ranks last
                 ("jet", lambda: res["families"].update(jet=family(c, "jet", "jet", 60))),
                 ("hessian", lambda: res["families"].update(
-                    hessian=family(c, "hessian", "hessian", 60))),
-                # last: the sanitizer is slow and takes what is left of the budget
-                ("memcheck", lambda: memcheck(c))]
+                    hessian=family(c, "hessian", "hessian", 75)))]
         for name, step in plan:
             try:
                 step()

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian",
-         "memcheck"]
+STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "memcheck", "jet",
+         "hessian"]
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -88,10 +88,11 @@ def _minilm_call(method: str, model, tok, steps: int, kw: dict):
     import taylor_kernels as tk
     import taylor_kernels.captum as tkc
 
-    enc = tok(SENTENCES[0], return_tensors="pt")
+    dev = next(model.parameters()).device
+    enc = tok(SENTENCES[0], return_tensors="pt").to(dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     with torch.no_grad():
-        other = _pooled(model(**tok(SENTENCES[1], return_tensors="pt")), None)[0]
+        other = _pooled(model(**tok(SENTENCES[1], return_tensors="pt").to(dev)), None)[0]
     base = torch.where((ids == tok.cls_token_id) | (ids == tok.sep_token_id), ids, 0)
 
     def score(i, m):
@@ -111,7 +112,8 @@ def _minilm_call(method: str, model, tok, steps: int, kw: dict):
 def _pooled(out, mask):
     """Mean-pooled, L2-normalised sentence embedding ``[N, H]`` (sentence-transformers)."""
     h = out.last_hidden_state
-    m = torch.ones(h.shape[:2], dtype=h.dtype) if mask is None else mask.to(h.dtype)
+    m = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if mask is None else \
+        mask.to(h.dtype)
     pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)
 
@@ -121,7 +123,7 @@ def _next_call(method: str, model, P: int, steps: int, kw: dict):
     import taylor_kernels.captum as tkc
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, model.config.vocab_size, (1, P), generator=g)
+    ids = torch.randint(4, model.config.vocab_size, (1, P), generator=g).to(model.device)
     target = int(torch.randint(4, model.config.vocab_size, (1,), generator=g))
 
     def log_prob(i):
@@ -180,6 +182,7 @@ def make_call(spec: dict):
     model_spec = dict(c["model"])
     kw = {"max_memory": model_spec.pop("max_memory")} if "max_memory" in model_spec else {}
     model, tok = build(tuple(sorted(model_spec.items())))
+    model = model.to(torch.device(spec["device"]))  # the measured device (built on the CPU)
     method, steps = spec["method"], spec["steps"]
     if c["kind"] == "gen":
         call = _gen_call(method, model, c["P"], c["T"], steps, kw)
