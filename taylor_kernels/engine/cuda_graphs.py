@@ -19,7 +19,12 @@ first chunks, so graphs mostly serve later calls (or an explicit ``chunk_size``)
 What a replay does not do: run the model's Python. A forward whose Python does more than issue
 kernels (host syncs such as ``.item()``, data-dependent branches, state kept between calls)
 cannot be captured; the capture then fails, says so once (``RuntimeWarning``) and the call goes
-on without graphs. Memory: the graph keeps one chunk's activations in its own pool while the
+on without graphs. In the warm-up ``torch.cuda.is_current_stream_capturing()`` reads True for
+the warming thread, so that a forward which skips host checks under capture (transformers'
+``is_tracing``) takes the capture's path there too; the sync check itself
+(``torch.cuda.set_sync_debug_mode``) is process-wide, so another thread's host sync during a
+warm-up raises as well. Out of memory in a warm-up or capture is not remembered as a failure:
+it reaches the chunk loop, which halves the chunk. Memory: the graph keeps one chunk's activations in its own pool while the
 call runs, beside the allocator's cached blocks, so the peak can reach about twice one chunk's
 working memory; ``max_memory`` is measured on eager chunks and does not count the pool.
 """
