@@ -54,8 +54,11 @@ WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transforme
                  "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
                  "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml"}
 REQUIRED_MODULES = ("captum", "transformers", "path_explain")
-RESERVE_S = 8
-STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "memcheck", "jet", "hessian")  # kept back from the budget for writing the results
+RESERVE_S = 8  # kept back from the budget for writing the results
+STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "memcheck", "jet", "hessian")
+# benchmark steps -> the bench family whose tables they report (graphs: bench/gpu_graphs.py)
+FAMILY_STEPS = {"ig_cnn": "ig_vs_captum", "ig_gpt2": "llm", "graphs": None, "jet": "jet",
+                "hessian": "hessian"}
 
 
 class Check:
@@ -79,6 +82,11 @@ class Check:
         with open(self.out / "steps.log", "a") as log:  # every step's record and whole output
             log.write(f"==== {line}\n" + (f"{extra['output']}\n" if "output" in extra else ""))
         return rec
+
+    def read_part(self, name: str):
+        """The JSON a step wrote to ``name`` in the scratch folder, or None if it wrote none."""
+        path = self.parts / name
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def wanted(self, name: str) -> bool:
         """False (and recorded as skipped) for a step that ``--steps`` left out."""
@@ -198,7 +206,7 @@ def gpu_tests(c: Check, keyword: str | None = None) -> dict:
                               "no:cacheprovider", *extra, *gpu_test_files()], env=env,
                 note="dry run: collected and counted, not run (they need a GPU)" if c.dry else "",
                 timeout=180)
-    data = json.loads(report.read_text()) if report.is_file() else {}
+    data = c.read_part(report.name) or {}
     outcomes = data.get("outcomes", {})
     rec["selected"] = data.get("selected")
     rec["failed"] = sorted(k for k, v in outcomes.items() if v == "failed")
@@ -213,7 +221,7 @@ def ops_step(c: Check) -> dict | None:
     cmd = [c.py, "bench/gpu_ops.py", "--out", str(path)]
     c.run("ops", cmd + (["--tiny", "--device", "cpu"] if c.dry else []), 120,
           note="dry run: tiny shapes, cpp vs eager on the CPU" if c.dry else "")
-    return json.loads(path.read_text()) if path.is_file() else None
+    return c.read_part(path.name)
 
 
 def memcheck(c: Check) -> None:
@@ -232,13 +240,14 @@ def memcheck(c: Check) -> None:
                        str(c.parts / "memcheck_ops.json")], 90, env=env)
 
 
-def family(c: Check, step: str, name: str, timeout: float) -> dict | None:
-    """A registered benchmark family through bench/run.py (``--quick`` on the GPU, ``--smoke``
-    on a dry run)."""
+def family(c: Check, step: str, timeout: float) -> dict | None:
+    """Step ``step``: its registered benchmark family (:data:`FAMILY_STEPS`) through
+    bench/run.py (``--quick`` on the GPU, ``--smoke`` on a dry run)."""
+    name = FAMILY_STEPS[step]
     path = c.parts / f"family-{name}.json"
     tier = ["--smoke", "--device", "cpu"] if c.dry else ["--quick", "--device", "cuda"]
     c.run(step, [c.py, "bench/run.py", "--only", name, *tier, "--out", str(path)], timeout)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return c.read_part(path.name)
 
 
 def gpt2_probe(dry: bool, out: str) -> int:
@@ -377,10 +386,6 @@ def ops_table(ops: dict) -> str:
     return "\n".join(lines)
 
 
-FAMILY_STEPS = {"ig_cnn": "ig_vs_captum", "ig_gpt2": "llm", "graphs": None, "jet": "jet",
-                "hessian": "hessian"}
-
-
 def family_tables(step: str, result: dict | None) -> str | None:
     """The whole tables of a benchmark step's results (None when it wrote none: then the
     report shows its output's tail)."""
@@ -467,10 +472,6 @@ def main(argv=None) -> int:
                 return 2
         res: dict = {"ops": None, "tests": {}, "families": {}}
 
-        def json_part(name: str):
-            path = c.parts / name
-            return json.loads(path.read_text()) if path.is_file() else None
-
         def tests_step():
             res["tests"] = gpu_tests(c, a.tests)
             if res["tests"].get("failed") and res["ops"] is None and not c.dry:
@@ -481,23 +482,23 @@ def main(argv=None) -> int:
         def gpt2_step():
             c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part",
                               str(c.parts / "gpt2.json")] + (["--dry-run"] if c.dry else []), 100)
-            res["families"]["ig_gpt2"] = json_part("gpt2.json")
+            res["families"]["ig_gpt2"] = c.read_part("gpt2.json")
 
         def graphs_step():
             c.run("graphs", [c.py, "bench/gpu_graphs.py", "--out", str(c.parts / "graphs.json")]
                   + (["--dry-run", "--rounds", "1"] if c.dry else []), 45)
-            res["families"]["graphs"] = json_part("graphs.json")
+            res["families"]["graphs"] = c.read_part("graphs.json")
 
         plan = [("wheels", lambda: install_wheels(c)), ("build", lambda: build(c)),
                 # ops first: the backend table, and Triton's cache warm for the tests
                 ("ops", lambda: res.update(ops=ops_step(c))), ("gpu_tests", tests_step),
                 ("ig_cnn", lambda: res["families"].update(
-                    ig_cnn=family(c, "ig_cnn", "ig_vs_captum", 90))),
+                    ig_cnn=family(c, "ig_cnn", 90))),
                 ("ig_gpt2", gpt2_step), ("graphs", graphs_step),
                 ("memcheck", lambda: memcheck(c)),  # before the two families the issue ranks last
-                ("jet", lambda: res["families"].update(jet=family(c, "jet", "jet", 60))),
+                ("jet", lambda: res["families"].update(jet=family(c, "jet", 60))),
                 ("hessian", lambda: res["families"].update(
-                    hessian=family(c, "hessian", "hessian", 75)))]
+                    hessian=family(c, "hessian", 75)))]
         for name, step in plan:
             try:
                 step()

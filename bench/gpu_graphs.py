@@ -9,8 +9,8 @@ rounds of one eager call and one graphed call in turn (CUDA synchronized around 
 times, their ratio, the largest relative difference of the attributions, and how many chunks
 the graphed calls ran from a graph (0: the capture failed or was skipped, so the "graphs" time
 is an eager one; the warnings say why). A case that fails is recorded with its error and the
-next one runs; the JSON in ``--out`` is written after every case. ``--dry-run``: tiny sizes on the CPU, where graphs do not apply (the script runs,
-the ratio means nothing).
+next one runs; the JSON in ``--out`` is written after every case. ``--dry-run``: tiny sizes
+on the CPU, where graphs do not apply (the script runs, the ratio means nothing).
 """
 import argparse
 import json

@@ -173,9 +173,8 @@ def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
     group = resolve_group(distributed)
     budget = memory.chunk_budget(chunk_size, max_memory, problem.x.device)
     cost = None if budget is None else _pair_cost(problem, alphas, budget)
-    return dict(cost=cost, max_memory=max_memory,
-                chunk_size=chunk_size,
-                progress=progress, process_group=group)
+    return dict(cost=cost, max_memory=max_memory, chunk_size=chunk_size, progress=progress,
+                process_group=group)
 
 
 def separate_ig(problem: PathProblem, ig_steps: int, kw: dict) -> tuple[torch.Tensor, int]:

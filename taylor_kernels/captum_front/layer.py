@@ -83,7 +83,7 @@ class InternalInfluence(_LayerMethod):
                                  rule=method, attribute_to_layer_input=attribute_to_layer_input,
                                  additional_forward_args=fargs,
                                  max_memory=max_memory,
-                                chunk_size=points_per_chunk(internal_batch_size, tup),
+                                 chunk_size=points_per_chunk(internal_batch_size, tup),
                                  backend=backend, progress=progress)
         self.last_result = res
         return res.attributions

@@ -24,9 +24,10 @@ the warming thread, so that a forward which skips host checks under capture (tra
 ``is_tracing``) takes the capture's path there too; the sync check itself
 (``torch.cuda.set_sync_debug_mode``) is process-wide, so another thread's host sync during a
 warm-up raises as well. Out of memory in a warm-up or capture is not remembered as a failure:
-it reaches the chunk loop, which halves the chunk. Memory: the graph keeps one chunk's activations in its own pool while the
-call runs, beside the allocator's cached blocks, so the peak can reach about twice one chunk's
-working memory; ``max_memory`` is measured on eager chunks and does not count the pool.
+it reaches the chunk loop, which halves the chunk. Memory: the graph keeps one chunk's
+activations in its own pool while the call runs, beside the allocator's cached blocks, so the
+peak can reach about twice one chunk's working memory; ``max_memory`` is measured on eager
+chunks and does not count the pool.
 """
 from __future__ import annotations
 
@@ -159,11 +160,11 @@ _REAL_IS_CAPTURING = torch.cuda.is_current_stream_capturing
 def capturing() -> bool:
     """Whether a CUDA graph capture is really underway on the current stream (never the
     warm-up's stand-in of :func:`_seen_as_capture`)."""
-    return bool(torch._C._cuda_isCurrentStreamCapturing())
+    return bool(_REAL_IS_CAPTURING())
 
 
 def _is_capturing_or_warming() -> bool:
-    return getattr(_WARMING, "on", False) or _REAL_IS_CAPTURING()
+    return getattr(_WARMING, "on", False) or capturing()
 
 
 @contextlib.contextmanager

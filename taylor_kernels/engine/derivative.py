@@ -244,7 +244,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
     chunk_size = memory.check_chunk_size(chunk_size)
     budget = memory.chunk_budget(chunk_size, max_memory, x.device)
     if chunk_size is not None:
-        rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (int(chunk_size), 1)
+        rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (chunk_size, 1)
     else:
         rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x)), budget=budget), budget)
     parts = []

@@ -235,8 +235,9 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     ``max_memory`` bytes or ``"512MB"``; ``chunk_size`` fixes the points per chunk;
     ``point_cost`` (bytes per point, from an earlier :class:`Integral`) skips the probes.
     ``max_share``: without ``max_memory``, no chunk holds more than this share of the points
-    (None: no cap; :class:`chunking.ChunkPlan`). ``process_group``: shard the points over its ranks and sum there (``reduce_to`` ``"all"``
-    or ``0``; see :mod:`taylor_kernels.engine.distributed`).
+    (None: no cap; :class:`chunking.ChunkPlan`). ``process_group``: shard the points over its
+    ranks and sum there (``reduce_to`` ``"all"`` or ``0``; see
+    :mod:`taylor_kernels.engine.distributed`).
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector (``[T, B', D]`` when
     ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """

@@ -281,8 +281,6 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "graph", graph)
         monkeypatch.setattr(torch.cuda.graphs, "_cuda_isCurrentStreamCapturing",
                             lambda: self.capturing)
-        monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: self.capturing,
-                            raising=False)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
