@@ -153,7 +153,10 @@ def _host_syncs_raise():
         torch.cuda.set_sync_debug_mode(previous)
 
 
-_WARMING = threading.local()
+_WARMING = threading.local()  # .depth: this thread's warm-ups underway
+_SWAP_LOCK = threading.Lock()
+_SWAP_USERS = 0               # warm-ups underway in the process (any thread)
+_SWAP_PREVIOUS = None         # the function the first of them replaced
 _REAL_IS_CAPTURING = torch.cuda.is_current_stream_capturing
 
 
@@ -164,7 +167,7 @@ def capturing() -> bool:
 
 
 def _is_capturing_or_warming() -> bool:
-    return getattr(_WARMING, "on", False) or capturing()
+    return getattr(_WARMING, "depth", 0) > 0 or capturing()
 
 
 @contextlib.contextmanager
@@ -172,18 +175,26 @@ def _seen_as_capture():
     """For the warm-up (this thread only), ``torch.cuda.is_current_stream_capturing()`` reads
     True, so the model's Python takes the branch the capture will take: libraries skip host
     checks under capture (transformers' ``is_tracing``: the padding warning's ``.item()``, the
-    causal-mask skip test) and the warm-up, where syncs raise, must not run them either."""
-    patched = torch.cuda.is_current_stream_capturing is not _is_capturing_or_warming
-    previous = torch.cuda.is_current_stream_capturing
-    if patched:
-        torch.cuda.is_current_stream_capturing = _is_capturing_or_warming
-    _WARMING.on = True
+    causal-mask skip test) and the warm-up, where syncs raise, must not run them either.
+    The stand-in is installed by the first warm-up in the process and the caller's function
+    put back by the last one to end (a count under a lock: threads warm up concurrently)."""
+    global _SWAP_USERS, _SWAP_PREVIOUS
+    with _SWAP_LOCK:
+        if _SWAP_USERS == 0:
+            _SWAP_PREVIOUS = torch.cuda.is_current_stream_capturing
+            torch.cuda.is_current_stream_capturing = _is_capturing_or_warming
+        _SWAP_USERS += 1
+    depth = getattr(_WARMING, "depth", 0)
+    _WARMING.depth = depth + 1
     try:
         yield
     finally:
-        _WARMING.on = False
-        if patched:
-            torch.cuda.is_current_stream_capturing = previous
+        _WARMING.depth = depth
+        with _SWAP_LOCK:
+            _SWAP_USERS -= 1
+            if _SWAP_USERS == 0:
+                torch.cuda.is_current_stream_capturing = _SWAP_PREVIOUS
+                _SWAP_PREVIOUS = None
 
 
 def _end_pool(device: torch.device, pool) -> None:

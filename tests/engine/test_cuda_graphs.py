@@ -418,6 +418,48 @@ def test_the_warm_up_takes_the_path_the_capture_takes(monkeypatch):
     assert torch.cuda.is_current_stream_capturing is real and not cuda_graphs.capturing()
 
 
+def test_concurrent_warm_ups_each_see_a_capture_until_their_own_end(monkeypatch):
+    """Two threads warm up at once and the first ends before the second: the second must still
+    read True (it ran its host checks with syncs raising before), a thread not warming reads
+    the real state, and the caller's function is back once both have ended."""
+    monkeypatch.setattr(torch.cuda.graphs, "_cuda_isCurrentStreamCapturing", lambda: False)
+    real = torch.cuda.is_current_stream_capturing
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with cuda_graphs._seen_as_capture():
+            a_in.set()
+            b_in.wait(5)
+            seen["a"] = torch.cuda.is_current_stream_capturing()
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with cuda_graphs._seen_as_capture():
+            b_in.set()
+            a_out.wait(5)
+            seen["b after a"] = torch.cuda.is_current_stream_capturing()
+            with cuda_graphs._seen_as_capture():  # nested in one thread
+                pass
+            seen["b after nested"] = torch.cuda.is_current_stream_capturing()
+            seen["other thread"] = []
+            other = threading.Thread(
+                target=lambda: seen["other thread"].append(
+                    torch.cuda.is_current_stream_capturing()))
+            other.start()
+            other.join(5)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"a": True, "b after a": True, "b after nested": True,
+                    "other thread": [False]}
+    assert torch.cuda.is_current_stream_capturing is real
+
+
 def test_a_transformer_forward_is_captured_past_its_host_checks(monkeypatch):
     """The tiny GPT-2 without an attention mask: its forward reads a token on the host unless a
     capture runs; with syncs raising in the warm-up (as on a GPU) it is still captured."""
