@@ -233,6 +233,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     """
     check_rule_args(rule, tol)
     guards.check_model(model)  # train-mode dropout would make every number random
+    hf.check_causal_lm(model)
     emb = hf.input_embeddings(model, layer)
     vocab = hf.vocab_size(emb, model)
     prompt = hf.check_ids(_one_row(prompt_ids, "prompt_ids"), "prompt_ids", vocab)

@@ -37,6 +37,7 @@ from taylor_kernels.captum_front._common import (CaptumTypeError,
                                                   attribute_future_unsupported, captum_method,
                                                   points_per_chunk)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
+from taylor_kernels.models import hf
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
                     "top_p": None}
@@ -214,6 +215,7 @@ class LLMGradientAttribution:
         self.attr_method = attr_method
         self.layer = _one_pass_layer(attr_method)
         self.model = attr_method.forward_func
+        hf.check_causal_lm(self.model, "LLMGradientAttribution")
         self.tokenizer = tokenizer
         self.device = getattr(self.model, "device", None) or next(
             self.model.parameters()).device

@@ -34,7 +34,8 @@ def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
                              f"non-empty batch dimension (expected {B})")
         if not t.is_floating_point():
             raise ValueError(f"input {i} has dtype {t.dtype}; attribution needs floating inputs "
-                             "(for token ids, attribute to the embedding layer)")
+                             "(for token ids: tk.token_integrated_gradients, or layer_integrated_gradients "
+                             "on the embedding layer)")
         if not torch.isfinite(t).all():
             raise ValueError(f"input {i} contains NaN or Inf values")
     return B

@@ -281,6 +281,23 @@ def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.T
     raise ValueError(f"position must be 'last', None or an int in [-{L}, {L}), got {position!r}")
 
 
+def check_causal_lm(model, what: str = "generation attribution") -> None:
+    """Raise ``ValueError`` for a ``transformers`` model that does not continue its input
+    causally: an encoder-decoder (``config.is_encoder_decoder``: T5, BART; a continuation
+    appended to the encoder's input means nothing) or one that cannot generate
+    (``can_generate()`` False: BERT's masked LM sees the continuation both ways). Other
+    callables are taken as causal LMs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{what} needs a causal (decoder-only) LM; {type(model).__name__} is "
+                         "an encoder-decoder model, whose continuation is the decoder's input, "
+                         "not the prompt's")
+    can_generate = getattr(model, "can_generate", None)
+    if config is not None and callable(can_generate) and not can_generate():
+        raise ValueError(f"{what} needs a causal LM; {type(model).__name__} cannot generate "
+                         "(its can_generate() is False: not a causal LM head)")
+
+
 def decoder_sequence(model, ids: torch.Tensor, attention_mask, kwargs: dict):
     """``(ids, mask)`` of the sequence whose positions the output holds: the input's, or for an
     encoder-decoder model (``config.is_encoder_decoder``: T5, BART) the decoder's

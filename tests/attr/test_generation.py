@@ -119,6 +119,36 @@ def test_errors(models, tok):
         generation_attribution(bert, prompt, target, steps=2)
 
 
+def test_models_that_do_not_continue_causally_are_refused(models, tok):
+    """An encoder-decoder (the continuation would be appended to the encoder's input and the
+    numbers mean nothing; BART ran silently before) and a masked LM are refused, by the
+    library and by the Captum front (whose class would run them)."""
+    import taylor_kernels.captum as tkc
+    from transformers import (BartConfig, BartForConditionalGeneration, BertConfig,
+                              BertForMaskedLM, T5Config, T5ForConditionalGeneration)
+
+    prompt, target = _ids(tok)
+    V = len(tok)
+    small = dict(d_model=16, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1)
+    cases = [
+        (BartForConditionalGeneration(BartConfig(vocab_size=V, **small)),
+         "model.encoder.embed_tokens", "encoder-decoder"),
+        (T5ForConditionalGeneration(T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32,
+                                             num_layers=1, num_heads=2)),
+         "encoder.embed_tokens", "encoder-decoder"),
+        (BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32)),
+         None, "cannot generate")]
+    for model, layer, match in cases:
+        model.eval()
+        with pytest.raises(ValueError, match=match):
+            generation_attribution(model, prompt, target, layer=layer, steps=2)
+        emb = model.get_submodule(layer) if layer else model.get_input_embeddings()
+        with pytest.raises(ValueError, match=match):
+            tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(model, emb), tok)
+
+
 def test_lists_eos_lists_and_a_cost_per_target_length(models, tok):
     """Ids as lists; greedy decoding stops at any of several end-of-sequence ids (Llama 3
     configs list them); the chunk choice is kept per target length (a long continuation costs
