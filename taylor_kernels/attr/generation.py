@@ -26,6 +26,7 @@ from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
                                                       _warn_if_gap_large, check_rule_args)
 from taylor_kernels.engine import guards, path_engine, quadrature
+from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models import elementwise, hf, lm_head
 from taylor_kernels.models.outputs import model_output
 
@@ -101,7 +102,7 @@ class GenerationProblem:
         N = points.shape[0]
         emb = torch.cat([points.reshape(N, self.P, -1).to(self.fixed.dtype),
                          self.fixed.expand(N, -1, -1)], dim=1)
-        hook = self.layer.register_forward_hook(lambda m, i, o: emb)
+        hook = self.layer.register_forward_hook(this_thread(lambda m, i, o: emb))
         try:
             extra = {"logits_to_keep": self.T} if self.keep_logits else {}
             activations = elementwise.cached_derivatives(self.model) if self.serial_backward \

@@ -26,6 +26,7 @@ from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.problem import as_tuple
+from taylor_kernels.engine.thread_hooks import this_thread
 
 
 def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
@@ -38,8 +39,8 @@ def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
         seen.append(inp[0] if of_input else out)
 
     guards.check_model(model, inputs)
-    hook = (layer.register_forward_pre_hook(grab) if of_input
-            else layer.register_forward_hook(grab))
+    hook = (layer.register_forward_pre_hook(this_thread(grab)) if of_input
+            else layer.register_forward_hook(this_thread(grab)))
     try:
         with torch.no_grad(), guards.preserved_buffers(model):
             out = model(*inputs, *args)
@@ -112,8 +113,8 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
             p = next_points()
             return None if p is None else (p,) + tuple(inp[1:])
 
-        hook = (layer.register_forward_pre_hook(replace_in) if of_input
-                else layer.register_forward_hook(replace_out))
+        hook = (layer.register_forward_pre_hook(this_thread(replace_in)) if of_input
+                else layer.register_forward_hook(this_thread(replace_out)))
         try:
             return model(*rest)
         finally:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from taylor_kernels.engine import guards
+from taylor_kernels.engine.thread_hooks import this_thread
 
 
 class _Stop(Exception):
@@ -33,8 +34,9 @@ class Layers:
 
     def _register(self, hook_for: Callable[[int], Callable]) -> list:
         if self.of_input:
-            return [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(self.modules)]
-        return [m.register_forward_hook(hook_for(i)) for i, m in enumerate(self.modules)]
+            return [m.register_forward_pre_hook(this_thread(hook_for(i)))
+                    for i, m in enumerate(self.modules)]
+        return [m.register_forward_hook(this_thread(hook_for(i))) for i, m in enumerate(self.modules)]
 
     @contextlib.contextmanager
     def hooked(self, hook_for: Callable[[int], Callable]):

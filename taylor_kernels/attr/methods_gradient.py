@@ -16,6 +16,7 @@ from torch import nn
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.methods_common import gradients, prepare, result
 from taylor_kernels.attr.noise_tunnel import noise_tunnel
+from taylor_kernels.engine.thread_hooks import this_thread
 
 
 def gradient_x_input(model, inputs, baselines=None, target=None) -> AttributionResult:
@@ -60,7 +61,7 @@ def grad_cam(model: nn.Module, inputs, baselines=None, target=None, *,
         store["a"] = output  # after the layer would otherwise rewrite the stored activation
         return output.clone()
 
-    handle = layer.register_forward_hook(keep)
+    handle = layer.register_forward_hook(this_thread(keep))
     try:
         with torch.enable_grad():
             # the input needs grad so that the activation has one even when the model is frozen

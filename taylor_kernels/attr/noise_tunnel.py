@@ -18,6 +18,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.layer import layer_integrated_gradients
 from taylor_kernels.engine.guards import is_row_tensor
 from taylor_kernels.engine.problem import as_tuple
+from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.numerics import seeded_generator
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -142,8 +143,9 @@ def _layer_ig_with_activation_noise(model, ids: tuple, stdev: float, gen: torch.
             state["noise"] = torch.cat([torch.zeros_like(e[:1]), e]).to(a.device)
         return a + stdev * state["noise"][c.round().long().to(a.device)]
 
-    hook = (layer.register_forward_pre_hook(lambda m, inp: (noisy(inp[0]),) + tuple(inp[1:]))
-            if of_input else layer.register_forward_hook(lambda m, inp, out: noisy(out)))
+    hook = (layer.register_forward_pre_hook(this_thread(
+                lambda m, inp: (noisy(inp[0]),) + tuple(inp[1:])))
+            if of_input else layer.register_forward_hook(this_thread(lambda m, inp, out: noisy(out))))
     try:
         return layer_integrated_gradients(with_copy, layer, ids + (copy,),
                                           baselines=bls + (0.0,), **kwargs)

@@ -19,6 +19,8 @@ import contextlib
 import torch
 from torch import nn
 
+from taylor_kernels.engine.thread_hooks import this_thread
+
 # elementwise by definition (transformers' classes matched by name: transformers is optional)
 TORCH_ELEMENTWISE = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ELU, nn.CELU,
                      nn.SELU, nn.Softplus, nn.Hardswish, nn.LogSigmoid)
@@ -73,7 +75,7 @@ def cached_derivatives(model: nn.Module):
     while a global forward hook is registered (it could rewrite an activation's output, which
     ``g'(x)`` would then not describe)."""
     use = not nn.modules.module._global_forward_hooks
-    handles = [m.register_forward_hook(_through_scaled_grad) for m in model.modules()
+    handles = [m.register_forward_hook(this_thread(_through_scaled_grad)) for m in model.modules()
                if use and is_elementwise(m)]
     try:
         yield

@@ -43,6 +43,7 @@ from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import is_row_tensor
+from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import model_output
 
 SPECIAL_BASELINES = ("pad", "unk", "bos", "eos")
@@ -189,7 +190,7 @@ def layer_output(call: Callable, layer: nn.Module, *args) -> torch.Tensor:
         seen.append(out)
         raise _Captured
 
-    hook = layer.register_forward_hook(grab)
+    hook = layer.register_forward_hook(this_thread(grab))
     try:
         with torch.no_grad():
             call(*args)

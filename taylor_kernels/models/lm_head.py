@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from taylor_kernels.engine.thread_hooks import this_thread
+
 
 class HeadLogProb(torch.autograd.Function):
     """``f = HeadLogProb.apply(h, logits, weight, targets)``: ``[N, T]`` float32 log-probs of
@@ -59,7 +61,8 @@ def tapped(head: torch.nn.Linear | None):
     if head is None or head._forward_hooks or torch.nn.modules.module._global_forward_hooks:
         yield seen
         return
-    hook = head.register_forward_hook(lambda m, i, o: seen.append((i[0], o, o._version)))
+    hook = head.register_forward_hook(this_thread(
+        lambda m, i, o: seen.append((i[0], o, o._version))))
     try:
         yield seen
     finally:

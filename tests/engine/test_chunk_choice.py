@@ -54,9 +54,13 @@ def test_busy_cpu_tries_half_the_threads_first(monkeypatch):
 
 
 def test_candidates_respect_limit_and_share(monkeypatch):
-    plan = _plan(monkeypatch, busy=False, total=1000)
-    assert plan.chunk == 200 and not plan.trials  # MAX_SHARE of the call's points
+    plan = _plan(monkeypatch, busy=False, total=1000, cost=2**16)
+    assert plan.chunk == 256 and not plan.trials  # the smallest candidate: DEFAULT_TARGET bytes
+    plan = _plan(monkeypatch, busy=False, total=10000, cost=2**16)
+    assert plan.trials == [(256, None), (1024, None), (2000, None)]  # MAX_SHARE of the points
     assert _plan(monkeypatch, busy=False, total=16).chunk == 16  # the floor: one chunk
+    # a call whose one batch fits in DEFAULT_TARGET bytes runs as one chunk, whatever its share
+    assert _plan(monkeypatch, busy=False, total=4000, cost=4096).chunk == 4000
     # T outputs per item: at most half the items (the floor would make it one chunk)
     few = chunking.ChunkPlan(16, CPU, cost=4096, slot={}, multi_output=True)
     assert few.chunk == 8 and not few.trials
