@@ -84,7 +84,7 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
             return _exact_eg(problem, rule, max_regions, max_memory=max_memory,
                              chunk_size=chunk_size, progress=progress, create_graph=create_graph)
         alphas = torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)
-        fx, fb = path_engine.endpoint_values(problem)
+        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
         res = path_engine.integrate(problem, alphas.to(problem.x.device),
                                     [torch.ones(1, dtype=torch.float64)],
                                     max_memory=max_memory, chunk_size=chunk_size,
@@ -99,7 +99,7 @@ def _exact_eg(problem, rule: str, max_regions, **engine_kw) -> AttributionResult
     from taylor_kernels.attr.exact_ig import exact_integral
     if rule != "exact":
         raise ValueError(f"expected_gradients rule must be None or 'exact', got {rule!r}")
-    fx, fb = path_engine.endpoint_values(problem)
+    fx, fb = path_engine.endpoint_values(problem, max_memory=engine_kw.get("max_memory"))
     flat, evaluations, used, regions = exact_integral(problem, fx, fb, max_regions=max_regions,
                                                       **engine_kw)
     gap = flat.sum(1) - (fx - fb.mean(1))

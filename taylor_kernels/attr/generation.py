@@ -255,7 +255,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     base = _baseline_activation(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base)
     with backends.selected(backend), hf.first_order_attention(model, act):
-        fx, fb = path_engine.endpoint_values(problem)                   # [1, T], [1, 1, T]
+        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)  # [1, T], [1, 1, T]
         sums, evaluations, nodes = _integrate(
             problem, rule, steps, tol or DEFAULT_ADAPTIVE_TOL, fx, fb, max_memory=max_memory,
             chunk_size=chunk_size, progress=progress)

@@ -42,6 +42,6 @@ def gradient_shap_rows(model, inputs: tuple[torch.Tensor, ...],
     flat = res.sums[0]
     gap = torch.full((problem.B,), float("nan"), dtype=flat.dtype, device=flat.device)
     if with_gap:
-        fx, fb = path_engine.endpoint_values(problem)
+        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
         gap = flat.sum(dim=1) - (fx - fb.mean(dim=1))
     return AttributionResult(problem.unflatten(flat), gap, res.evaluations)

@@ -140,7 +140,7 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
     with backends.selected(backend):  # the backend is checked before any forward
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
                                defer_row_check=True)  # endpoint_values completes it
-        fx, fb = path_engine.endpoint_values(problem)
+        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
         return integrate_problem(problem, fx, fb, steps=steps, rule=rule, tol=tol,
                                  max_memory=max_memory, progress=progress,
                                  chunk_size=chunk_size, create_graph=create_graph,

@@ -104,7 +104,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         keep = present[:, :, groups]                                   # [B, M, D]
         ref = problem.baselines.expand(problem.B, 1, -1)
         problem.baselines = torch.where(keep, problem.x.unsqueeze(1), ref).contiguous()
-        fx, fb = path_engine.endpoint_values(problem)
+        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress)
         if rule == "exact":
             from taylor_kernels.attr.exact_ig import exact_integral

@@ -236,25 +236,41 @@ def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool
                      f"[{x.shape[0]}, M, *{feat}]")
 
 
-def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None):
+def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: int = 0):
     """Stream ``(rows, directions)`` chunks through :func:`grad_and_hvp`; ``reduce(hv, r0, m0)``
-    maps each chunk's products before they are stored (default: keep them); ``cost_of``
-    ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits)."""
+    maps each chunk's products before they are stored (default: keep them, written into one
+    ``[B, M, ...]`` result whose bytes an explicit budget holds beside the chunks, with
+    ``held`` bytes more the caller allocated for the call, e.g. its directions);
+    ``cost_of`` ``(f, x)`` to measure the pair cost with (the caller's own function, so the
+    cache hits)."""
     B, M = V.shape[:2]
     chunk_size = memory.check_chunk_size(chunk_size)
     budget = memory.chunk_budget(chunk_size, max_memory, x.device)
+    if reduce is None:
+        held += B * M * x[0].numel() * x.element_size()
+    if budget is not None and not isinstance(budget, memory.DefaultBudget):
+        if held >= budget:
+            raise MemoryError(f"max_memory of {budget} bytes cannot hold the call's result and "
+                              f"directions ({held} bytes); raise max_memory")
+        budget -= held
     if chunk_size is not None:
         rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (chunk_size, 1)
     else:
         rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x)), budget=budget), budget)
+    out = torch.empty(V.shape[:2] + x.shape[1:], dtype=x.dtype, device=x.device) \
+        if reduce is None else None
     parts = []
     for r0 in range(0, B, rows):
         row_parts = []
         for m0 in range(0, M, dirs):
             _, hv = grad_and_hvp(f, x[r0:r0 + rows], V[r0:r0 + rows, m0:m0 + dirs])
-            row_parts.append(hv if reduce is None else reduce(hv, r0, m0))
-        parts.append(torch.cat(row_parts, dim=1))
-    return torch.cat(parts, dim=0)
+            if out is None:
+                row_parts.append(reduce(hv, r0, m0))
+            else:
+                out[r0:r0 + rows, m0:m0 + dirs] = hv
+        if out is None:
+            parts.append(torch.cat(row_parts, dim=1))
+    return out if out is not None else torch.cat(parts, dim=0)
 
 
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
@@ -324,7 +340,8 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     B, D = x.shape[0], x[0].numel()
     idx = index_rows(index, D, x.device)
     V = unit_directions(idx, B, D, x.dtype, x.device)
-    return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size, cost_of=(f, x))
+    return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size, cost_of=(f, x),
+                    held=idx.shape[0] * D * x.element_size())  # the one-hot directions
 
 
 def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,

@@ -69,6 +69,26 @@ def test_small_memory_budget_splits_but_agrees():
         d.hessian(_f(net), x, max_memory=int((fixed + per_pair) / 2))
 
 
+def test_the_result_and_directions_count_against_the_budget(monkeypatch):
+    """hessian's [B, R, D] result and its one-hot directions are held beside the chunks (a
+    784-wide MLP's 2.4 MB Hessian ran at 2.5x a 4 MB budget): what they leave is what the
+    chunk plan gets, and a budget they fill raises before any product."""
+    net = _mlp(D=6)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    held = 3 * 6 * 6 * 8 + 6 * 6 * 8  # result [3, 6, 6] and directions [6, 6], float64
+    seen = []
+    real_plan = d.plan
+    monkeypatch.setattr(d, "plan", lambda B, M, cost, budget: seen.append(budget)
+                        or real_plan(B, M, cost, budget))
+    cost = d.pair_cost(_f(net), x)
+    budget = held + int(cost.fixed + 4 * cost.per_pair)
+    out = d.hessian(_f(net), x, max_memory=budget)
+    assert seen == [budget - held]
+    assert (out - _true_hessian(net, x)).abs().max() < TOL
+    with pytest.raises(MemoryError, match="cannot hold the call's result and directions"):
+        d.hessian(_f(net), x, max_memory=held)
+
+
 def test_chunk_size_and_max_memory_are_exclusive_and_both_checked():
     """A fixed chunk_size silently dropped max_memory (even a malformed one)."""
     net, x = _mlp(), torch.randn(2, 5, dtype=torch.float64)

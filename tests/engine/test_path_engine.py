@@ -28,6 +28,34 @@ def test_budget_sets_chunk_and_result_is_same():
     torch.testing.assert_close(small.attributions, whole.attributions, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("method", ["eg", "sig", "ig_k"])
+def test_budget_bounds_the_endpoint_forwards(method):
+    """The no-grad forwards at the inputs and at every reference (expected gradients' samples,
+    SIG's coalitions, K baselines) come in rows the budget holds (they ran 256 rows at once,
+    up to 12x a small budget), and the result is the default budget's."""
+    model, x = models.cnn(), torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    background = torch.randn(16, 2, 8, 8, dtype=torch.float64)
+    calls = {
+        "eg": lambda **kw: tk.expected_gradients(model, x, background, target=0, samples=48,
+                                                  seed=0, **kw),
+        "sig": lambda **kw: tk.shapley_integrated_gradients(model, x, 0.0, target=0,
+                                                            coalitions=48, seed=0, steps=4, **kw),
+        "ig_k": lambda **kw: tk.integrated_gradients(
+            model, x, 0.1 * torch.randn(1, 48, 2, 8, 8, dtype=torch.float64, generator=
+                                        torch.Generator().manual_seed(2)), target=0, steps=4,
+            **kw)}
+    whole = calls[method]()
+    rows: list[int] = []
+    hook = model.register_forward_hook(
+        lambda m, i, o: rows.append(i[0].shape[0]) if not torch.is_grad_enabled() else None)
+    try:
+        small = calls[method](max_memory="400KB")
+    finally:
+        hook.remove()
+    torch.testing.assert_close(small.attributions, whole.attributions, rtol=1e-10, atol=1e-12)
+    assert rows and max(rows) < 4 * 49  # the 196 rows of the endpoints were one forward
+
+
 def test_chunk_size_follows_measured_cost():
     from taylor_kernels.engine.path_engine import integrate
     from taylor_kernels.engine.problem import make_problem
