@@ -247,6 +247,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     if T == 0:
         raise ValueError("the target continuation is empty")
     sequence = torch.cat([prompt[0], target[:-1]])
+    with guards.preserved_buffers(model):
+        hf.check_causal(model, sequence, vocab)
     act = hf.layer_output(lambda i: model(input_ids=i), emb, sequence[None])
     base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
     if base_ids is not None:

@@ -26,7 +26,7 @@ from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.problem import as_tuple
-from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.engine.thread_hooks import WORKER_THREADS, this_thread
 
 
 def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
@@ -47,7 +47,8 @@ def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
     finally:
         hook.remove()
     if not seen:
-        raise ValueError(f"layer {type(layer).__name__} was not called by the model's forward")
+        raise ValueError(f"layer {type(layer).__name__} was not called by the model's forward "
+                         + WORKER_THREADS)
     for a in seen:
         if not isinstance(a, torch.Tensor):
             raise ValueError(f"layer {type(layer).__name__} {'input' if of_input else 'output'} "

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from taylor_kernels.engine import guards
-from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.engine.thread_hooks import WORKER_THREADS, this_thread
 
 
 class _Stop(Exception):
@@ -93,7 +93,8 @@ class Layers:
         missing = [type(self.modules[i]).__name__ for i in range(len(self.modules))
                    if i not in seen]
         if missing:
-            raise ValueError(f"layer(s) {missing} were not called by the model's forward")
+            raise ValueError(f"layer(s) {missing} were not called by the model's forward "
+                             + WORKER_THREADS)
         self.counts = [len(seen[i]) for i in range(len(self.modules))]
         if self.calls is None:
             self.calls = count

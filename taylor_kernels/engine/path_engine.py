@@ -382,52 +382,66 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
                     max_memory=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Model outputs at the inputs ``f(x) [B]`` and at every baseline ``f(b) [B, K]``
     (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point),
-    in forwards of at most ``chunk`` rows (inputs and baselines together: fewer, larger model
-    calls). With ``max_memory``, the first forward (two rows) is measured and the rows per
-    forward fit the budget (at least one): expected gradients' or
-    Shapley IG's many references ran in forwards of 256 rows, up to 12x a small budget.
-    A check R deferred by ``make_problem(defer_row_check=True)`` compares row 0's output
-    alone with its output in the first batch here (inputs first, so row 0 leads it)."""
+    without grad, in forwards of at most ``chunk`` rows (inputs and baselines together: fewer,
+    larger model calls). With ``max_memory`` the rows per forward fit the budget (at least
+    one), from a measured forward of the first two rows (:func:`_endpoint_row_bytes`):
+    expected gradients' or Shapley IG's many references ran in forwards of 256 rows, up to
+    12x a small budget. A check R deferred by ``make_problem(defer_row_check=True)`` compares
+    row 0's output alone with its output in the first batch here (inputs first, so row 0
+    leads it)."""
     B, K = problem.B, problem.K
     total = B * (K + 1)
-    first = min(2, total) if max_memory is not None else min(chunk, total)
-    out0, per_row = _endpoint_forward(problem, 0, first, max_memory is not None)
     if max_memory is not None:
         budget = memory.parse_budget(max_memory, problem.x.device)
+        per_row = _endpoint_row_bytes(problem, min(2, total))
         chunk = max(1, min(chunk, int(budget // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)
-    outs = [out0] + [problem.forward(*_endpoint_rows(problem, i, min(i + chunk, total)))
-                     for i in range(first, total, chunk)]
-    out = torch.cat(outs)
+    out = torch.cat([problem.forward(*_endpoint_rows(problem, i, min(i + chunk, total)))
+                     for i in range(0, total, chunk)])
     acc = accumulation_dtype(problem.x.dtype)
     return out[:B].to(acc), out[B:].to(acc).reshape(B, K, *out.shape[1:])
 
 
 def _endpoint_rows(problem: PathProblem, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``i:j`` of ``[x; b_11 .. b_1K; ..; b_BK]`` (``[j - i, D]``) and their inputs' rows,
-    without building the whole ``[B (K + 1), D]`` stack."""
+    """Rows ``i:j`` of ``[x; b_11 .. b_1K; ..; b_BK]`` (a new ``[j - i, D]`` tensor) and their
+    inputs' rows, without building the whole ``[B (K + 1), D]`` stack (slices, not masks: a
+    small call runs this once)."""
     B, K, dev = problem.B, problem.K, problem.x.device
-    idx = torch.arange(i, j, device=dev)
-    ref = (idx[idx >= B] - B)
-    rows = torch.cat([idx[idx < B], ref // K])
-    bl = problem.baselines
-    refs = bl[ref // K, ref % K] if bl.shape[0] > 1 else bl[0, ref % K]
-    return torch.cat([problem.x[idx[idx < B]], refs.to(problem.x.dtype)]), rows
+    parts, rows = [], []
+    if i < B:
+        parts.append(problem.x[i:min(j, B)])
+        rows.append(torch.arange(i, min(j, B), device=dev))
+    a, b = max(i, B) - B, j - B                       # reference rows r = input * K + k
+    if b > a:
+        bl, r = problem.baselines, torch.arange(a, b, device=dev)
+        if bl.shape[0] > 1:
+            parts.append(bl.reshape(B * K, -1)[a:b])
+        elif K == 1:
+            parts.append(bl[0, 0].expand(b - a, -1))
+        else:
+            parts.append(bl[0].index_select(0, r % K))
+        rows.append(r // K)
+    return torch.cat([p.to(problem.x.dtype) for p in parts]), torch.cat(rows)
 
 
-def _endpoint_forward(problem: PathProblem, i: int, j: int,
-                      measure: bool) -> tuple[torch.Tensor, float | None]:
-    """``(problem.forward(rows i:j), bytes per row or None)``: measured, the CUDA allocator's
-    peak of the forward, or on the CPU the bytes a grad-enabled forward saves plus its
-    points and outputs, times ``memory.CPU_TRANSIENT_FACTOR`` (a no-grad forward frees what
-    a grad one keeps)."""
-    pts, rows = _endpoint_rows(problem, i, j)
-    if not measure:
-        return problem.forward(pts, rows), None
-    if pts.is_cuda:
-        out, used = guards.cuda_peak_bytes(lambda: problem.forward(pts, rows), pts.device)
-    else:
-        with torch.enable_grad(), memory.SavedBytes() as saved:
-            out = problem.forward(pts.requires_grad_(True), rows).detach()
-        used = memory.CPU_TRANSIENT_FACTOR * (saved.total + pts.nbytes + out.nbytes)
-    return out, used / max(j - i, 1)
+def _endpoint_row_bytes(problem: PathProblem, n: int) -> float:
+    """Bytes per row of a forward of the first ``n`` endpoint rows, its outputs dropped: on
+    CUDA the allocator's peak, on the CPU the bytes a grad-enabled forward saves plus its
+    points and outputs, times ``memory.CPU_TRANSIENT_FACTOR`` (a no-grad forward frees what a
+    grad one keeps). A deferred check R waits for the no-grad forwards (a model may take
+    another path with grad, e.g. ``nn.TransformerEncoder``'s fast path)."""
+    pts, rows = _endpoint_rows(problem, 0, n)
+    pending = getattr(problem, "pending_row_check", None)
+    if pending is not None:
+        problem.pending_row_check = None
+    try:
+        if pts.is_cuda:
+            _, used = guards.cuda_peak_bytes(lambda: problem.forward(pts, rows), pts.device)
+        else:
+            with torch.enable_grad(), memory.SavedBytes() as saved:
+                out = problem.forward(pts.requires_grad_(True), rows)
+            used = memory.CPU_TRANSIENT_FACTOR * (saved.total + pts.nbytes + out.nbytes)
+    finally:
+        if pending is not None:
+            problem.pending_row_check = pending
+    return used / n

@@ -283,20 +283,37 @@ def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.T
 
 
 def check_causal_lm(model, what: str = "generation attribution") -> None:
-    """Raise ``ValueError`` for a ``transformers`` model that does not continue its input
-    causally: an encoder-decoder (``config.is_encoder_decoder``: T5, BART; a continuation
-    appended to the encoder's input means nothing) or one that cannot generate
-    (``can_generate()`` False: BERT's masked LM sees the continuation both ways). Other
-    callables are taken as causal LMs."""
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
+    """Raise ``ValueError`` for an encoder-decoder ``transformers`` model
+    (``config.is_encoder_decoder``: T5, BART): a continuation appended to the encoder's input
+    means nothing there."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError(f"{what} needs a causal (decoder-only) LM; {type(model).__name__} is "
                          "an encoder-decoder model, whose continuation is the decoder's input, "
                          "not the prompt's")
-    can_generate = getattr(model, "can_generate", None)
-    if config is not None and callable(can_generate) and not can_generate():
-        raise ValueError(f"{what} needs a causal LM; {type(model).__name__} cannot generate "
-                         "(its can_generate() is False: not a causal LM head)")
+
+
+@torch.no_grad()
+def check_causal(model, sequence: torch.Tensor, vocab: int | None) -> None:
+    """Raise ``ValueError`` unless the logits at the position before the last stay as they
+    were when the last token of ``sequence [L]`` changes (one forward of two rows; the head at
+    two positions where the model takes ``logits_to_keep``): a masked LM (BERT) sees the
+    continuation both ways, and its numbers would mean nothing. Rows of one batch may round
+    apart: 16 units of the logits' precision of the largest one are allowed (a random tiny
+    BERT moved them by 1e-3 of it, a causal LM by 0)."""
+    if sequence.shape[0] < 2:
+        return
+    other = sequence.clone()
+    other[-1] = (other[-1] + 1) % (vocab or int(other[-1]) + 2)
+    extra = {"logits_to_keep": 2} if accepts(model, "logits_to_keep") else {}
+    out = model_output(model(input_ids=torch.stack([sequence, other]), **extra))
+    if out.dim() != 3:
+        return  # the generation problem's own check names the shape
+    before, after = out[0, -2], out[1, -2]
+    allowed = 16 * torch.finfo(out.dtype).eps * before.abs().max()
+    if (before - after).abs().max() > allowed:
+        raise ValueError(f"generation attribution needs a causal LM: {type(model).__name__}'s "
+                         "logits at earlier positions change with a later token (a masked or "
+                         "bidirectional model)")
 
 
 def decoder_sequence(model, ids: torch.Tensor, attention_mask, kwargs: dict):

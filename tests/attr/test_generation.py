@@ -121,8 +121,9 @@ def test_errors(models, tok):
 
 def test_models_that_do_not_continue_causally_are_refused(models, tok):
     """An encoder-decoder (the continuation would be appended to the encoder's input and the
-    numbers mean nothing; BART ran silently before) and a masked LM are refused, by the
-    library and by the Captum front (whose class would run them)."""
+    numbers mean nothing; BART ran silently before) and a masked LM (found by its logits, not
+    by its class: a causal LM of remote code may not say it can generate) are refused, by the
+    library and by the Captum front's one pass (Captum's class would run them)."""
     import taylor_kernels.captum as tkc
     from transformers import (BartConfig, BartForConditionalGeneration, BertConfig,
                               BertForMaskedLM, T5Config, T5ForConditionalGeneration)
@@ -139,14 +140,20 @@ def test_models_that_do_not_continue_causally_are_refused(models, tok):
          "encoder.embed_tokens", "encoder-decoder"),
         (BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=32)),
-         None, "cannot generate")]
+         None, "logits at earlier positions change")]
     for model, layer, match in cases:
         model.eval()
         with pytest.raises(ValueError, match=match):
             generation_attribution(model, prompt, target, layer=layer, steps=2)
         emb = model.get_submodule(layer) if layer else model.get_input_embeddings()
-        with pytest.raises(ValueError, match=match):
-            tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(model, emb), tok)
+        llm = None
+        try:  # an encoder-decoder is refused at once; a masked LM by the one pass's check
+            llm = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(model, emb), tok)
+        except ValueError as exc:
+            assert match == "encoder-decoder" and match in str(exc)
+        if llm is not None:
+            with pytest.raises(ValueError, match=match):
+                llm.attribute(tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=2)
 
 
 def test_lists_eos_lists_and_a_cost_per_target_length(models, tok):
@@ -300,8 +307,8 @@ def test_captum_front_generates_and_checks_arguments(models, tok):
 
 
 def test_head_at_read_positions_and_bf16(models, tok):
-    """The LM head runs at the T read positions only; a bf16 model gives float32 scores close
-    to the float32 model's (bf16 rounding)."""
+    """The LM head runs at the T read positions only (and at two for the causality check);
+    a bf16 model gives float32 scores close to the float32 model's (bf16 rounding)."""
     import copy
 
     model = models["llama"]
@@ -312,7 +319,7 @@ def test_head_at_read_positions_and_bf16(models, tok):
         r32 = generation_attribution(model, prompt, target, baselines="pad", steps=8)
     finally:
         hook.remove()
-    assert shapes and set(shapes) == {5}, shapes
+    assert shapes[0] == 2 and set(shapes[1:]) == {5}, shapes  # (the causality check: 2)
     r16 = generation_attribution(copy.deepcopy(model).to(torch.bfloat16), prompt, target,
                                  baselines="pad", steps=8)
     assert r16.token_attr.dtype == torch.float32 and r16.log_probs.dtype == torch.float32

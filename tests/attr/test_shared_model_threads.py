@@ -78,19 +78,17 @@ def test_a_thread_sharing_the_model_sees_no_hook_of_the_call(gpt2, call):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_a_hook_acts_in_backward_recomputation_on_another_thread():
-    """``this_thread`` keeps acting inside a backward pass (checkpointing recomputes the
-    forward there; on CUDA in the autograd engine's thread) and nowhere else."""
-    from taylor_kernels.engine.thread_hooks import this_thread
+def test_a_hook_acts_in_the_engine_threads_backward_only(monkeypatch):
+    """``this_thread`` acts in the caller, and during a backward pass in the autograd engine's
+    own threads (checkpointing recomputes the forward there; on CUDA the backward runs in a
+    device thread), but not in another user thread, not even in its backward (on the CPU a
+    backward runs in the thread that called it)."""
+    from taylor_kernels.engine import thread_hooks
 
     calls = []
-    hook = this_thread(lambda *a: calls.append(threading.get_ident()) or 7)
+    hook = thread_hooks.this_thread(lambda *a: calls.append(threading.get_ident()) or 7)
     assert hook() == 7
     box = []
-    t = threading.Thread(target=lambda: box.append(hook()))
-    t.start()
-    t.join(5)
-    assert box == [None] and len(calls) == 1
 
     class Recompute(torch.autograd.Function):
         @staticmethod
@@ -103,10 +101,25 @@ def test_a_hook_acts_in_backward_recomputation_on_another_thread():
             return grad * 2
 
     def other():
+        box.append(hook())  # a forward in another thread
         x = torch.ones(2, requires_grad=True)
         Recompute.apply(x).sum().backward()
 
-    t = threading.Thread(target=other)
-    t.start()
-    t.join(5)
-    assert box == [None, 7] and len(calls) == 2
+    for engine in (False, True):
+        monkeypatch.setattr(thread_hooks, "_engine_thread", lambda engine=engine: engine)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(5)
+    assert box == [None, None, None, 7] and len(calls) == 2
+
+
+def test_hooks_trace_under_torch_compile():
+    """The thread test is not traced: a fully compiled model runs layer IG as eager does."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(3, 4)
+    eager = tk.layer_integrated_gradients(net, net[0], x, target=0, steps=8).attributions
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    torch.testing.assert_close(
+        tk.layer_integrated_gradients(compiled, net[0], x, target=0, steps=8).attributions,
+        eager)

@@ -56,6 +56,31 @@ def test_budget_bounds_the_endpoint_forwards(method):
     assert rows and max(rows) < 4 * 49  # the 196 rows of the endpoints were one forward
 
 
+def test_measured_endpoint_forward_leaves_check_r_to_the_no_grad_forwards():
+    """The budget's measuring forward runs with grad on the CPU; check R must not compare it
+    with row 0's no-grad output: nn.TransformerEncoder takes its fast path (padded positions
+    output 0) only without grad, and a false "mixes rows" error came from it."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 1)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x, pad):
+            return self.head(self.enc(x, src_key_padding_mask=pad).mean(1))
+
+    net, x = Net().eval(), torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[:, -2:] = True
+    free = tk.integrated_gradients(net, x, target=0, additional_forward_args=(pad,), steps=8)
+    capped = tk.integrated_gradients(net, x, target=0, additional_forward_args=(pad,), steps=8,
+                                     max_memory="64MB")
+    torch.testing.assert_close(capped.attributions, free.attributions)
+
+
 def test_chunk_size_follows_measured_cost():
     from taylor_kernels.engine.path_engine import integrate
     from taylor_kernels.engine.problem import make_problem
