@@ -135,8 +135,8 @@ class ChunkPlan:
                                         if device.type == "cpu" else 0)
             if self.reserved >= self.budget:
                 raise MemoryError(f"max_memory of {int(self.budget)} bytes leaves nothing for "
-                                  f"the path: the call's inputs and sums hold {self.reserved} "
-                                  "bytes beside its chunks; raise max_memory")
+                                  f"the path: the call holds {self.reserved} bytes beside its "
+                                  f"chunks ({memory.HELD_BY_CALL}); raise max_memory")
             self.budget = self.budget - self.reserved  # what chunks may use
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")

@@ -34,6 +34,9 @@ CPU_TRANSIENT_FACTOR = 1.6
 # loop's small tensors): an MLP's resident peak stayed 0.4-0.8 MB above 2-16 MB budgets.
 # Reserved up to an eighth of an explicit budget (engine/chunking.py).
 CPU_CALL_RESERVE = 2**20
+# what a call holds beside its chunks, as its memory errors name it
+HELD_BY_CALL = ("its inputs and sums; for second order also the measured fixed cost of a "
+                "Hessian-vector product")
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30,
           "GIB": 2**30}
 
@@ -181,7 +184,7 @@ def chunk_size_for(budget: int, per_point: float, total: int, reserved: int = 0)
     ``total``; raises ``MemoryError`` if not even one point fits an explicit budget (of which
     the call itself holds ``reserved`` bytes beside its chunks)."""
     if per_point > budget and not isinstance(budget, DefaultBudget):
-        held = f", {reserved} of them held by the call's inputs and sums" if reserved else ""
+        held = f", {reserved} of them held by the call ({HELD_BY_CALL})" if reserved else ""
         raise MemoryError(f"memory budget of {budget + reserved} bytes{held} is too small for "
                           f"one path point (measured {int(per_point)} bytes per point); raise "
                           "max_memory")
