@@ -129,27 +129,41 @@ def check_model(f, inputs=()) -> None:
                          "`with taylor_kernels.allow_row_coupling(model):`")
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal within ``sqrt(eps)`` of ``a``'s dtype times ``1 + max |finite value|`` (NaN and
-    infinities must sit at the same places: the model's own non-finite values are no sign of
-    coupling)."""
+def coarsest_dtype(x: torch.Tensor, f) -> torch.dtype:
+    """The floating dtype of least precision among ``x`` and the parameters of ``f``'s
+    modules (what the model computes in, whatever dtype its output is cast to)."""
+    dtypes = {x.dtype} if x.is_floating_point() else set()
+    dtypes.update(p.dtype for m in modules_of(f) for p in m.parameters()
+                  if p.is_floating_point())
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype | None = None) -> bool:
+    """Equal within ``sqrt(eps)`` times ``1 + max |finite value|``, ``eps`` of ``a``'s dtype or
+    of ``precision`` (the dtype the values were computed in) if coarser: a float32 model's
+    output cast to float64 rounds like float32 (NaN and infinities must sit at the same
+    places: the model's own non-finite values are no sign of coupling)."""
     if a.shape != b.shape:
         return False
-    dtype = a.dtype if a.is_floating_point() else torch.float64
+    eps = torch.finfo(a.dtype if a.is_floating_point() else torch.float64).eps
+    if precision is not None:
+        eps = max(eps, torch.finfo(precision).eps)
     a, b = a.detach().double(), b.detach().double()
     finite = torch.isfinite(a) & torch.isfinite(b)
     same = (a == b) | (a.isnan() & b.isnan())
     vals = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)])
-    tol = torch.finfo(dtype).eps ** 0.5 * (1.0 + vals.max().item())
+    tol = eps ** 0.5 * (1.0 + vals.max().item())
     return bool((same | (finite & ((a - b).abs() <= tol))).all())
 
 
 def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor | None,
                            other_index: int, alone: torch.Tensor | None = None,
-                           beside: torch.Tensor | None = None) -> None:
+                           beside: torch.Tensor | None = None,
+                           precision: torch.dtype | None = None) -> None:
     """Raise ``ValueError`` if ``run(points [N, D], rows [N])`` (the model's output ``[N, ...]``)
     gives row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two
-    (run it under :func:`preserved_buffers`).
+    (run it under :func:`preserved_buffers`), compared at ``precision`` (default the row's
+    dtype; :func:`coarsest_dtype` gives the model's) where coarser than the output's.
 
     Two forwards: the row alone (or ``alone``, its output ``[1, ...]`` from an earlier call),
     then beside ``other`` (or ``beside``, its output ``[1, ...]`` computed in a batch with
@@ -164,23 +178,31 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
         if beside is None:
             pair_rows = torch.tensor([0, other_index], dtype=torch.long, device=row.device)
             beside = run(torch.stack([row, other]), pair_rows)
-    check_alone_beside(alone, beside, lambda: run(row.unsqueeze(0), first))
+    check_alone_beside(alone, beside, lambda: run(row.unsqueeze(0), first),
+                       precision or (row.dtype if row.is_floating_point() else None))
 
 
-def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor]) -> None:
+def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor],
+                       precision: torch.dtype | None = None) -> None:
     """Check R's verdict: raise ``ValueError`` unless a row's output ``alone [1, ...]`` (its
-    own batch) equals ``beside [1, ...]`` (computed in a batch with other rows); ``again()``
-    recomputes the row alone (no grad; called only when they differ) to tell a random model
-    from one that mixes rows. Tuples compare entry by entry."""
+    own batch) equals ``beside [1, ...]`` (computed in a batch with other rows; compared as
+    :func:`_close` does, at ``precision``, default the coarsest dtype among ``alone``'s
+    tensors); ``again()`` recomputes the row alone (no grad;
+    called only when they differ) to tell a random model from one that mixes rows. Tuples
+    compare entry by entry."""
     alone_t, beside_t = _tensors(alone), _tensors(beside)
     if alone_t is None or beside_t is None:
         return  # not a batch of outputs: the caller's own checks say what is wrong
-    if len(alone_t) == len(beside_t) and all(_close(a[0], b[0]) for a, b in zip(alone_t,
-                                                                                  beside_t)):
+    if precision is None:  # the coarsest of the values (a layer's activations beside an output)
+        floats = [t.dtype for t in alone_t if t.is_floating_point()]
+        precision = max(floats, key=lambda d: torch.finfo(d).eps) if floats else None
+    if len(alone_t) == len(beside_t) and all(_close(a[0], b[0], precision)
+                                             for a, b in zip(alone_t, beside_t)):
         return
     with torch.no_grad():
         again_t = _tensors(again())
-    random = again_t is None or not all(_close(a, b) for a, b in zip(alone_t, again_t))
+    random = again_t is None or not all(_close(a, b, precision)
+                                        for a, b in zip(alone_t, again_t))
     why = ("gives different outputs for the same input in two calls (random, e.g. "
            "dropout in train mode)" if random else "gives an input a different output "
            "when another input shares its batch (it mixes rows, e.g. batch statistics)")
@@ -235,7 +257,8 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> No
     ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept."""
     with preserved_buffers(f):
         check_rows_independent(lambda points, rows: f(points), x[0],
-                               distinct_row(x, other)[0], 0)
+                               distinct_row(x, other)[0], 0,
+                               precision=coarsest_dtype(x, f))
 
 
 @contextlib.contextmanager

@@ -197,8 +197,13 @@ class PathProblem:
     def row_output(self, row: int = 0) -> torch.Tensor:
         """The model's output for input ``row`` alone ``[1, ...]`` (no grad)."""
         rows = torch.full((1,), row, dtype=torch.long, device=self.x.device)
+        point = self.x[row:row + 1].clone()
         with torch.no_grad():
-            out = self.outputs(self.x[row:row + 1], rows)
+            out = self.outputs(point, rows)
+        if not torch.equal(point, self.x[row:row + 1]):
+            raise ValueError("the model changes its input in place (e.g. x.mul_(2) in forward); "
+                             "attribution evaluates it at many points built from one tensor: "
+                             "make forward compute on a copy (x = x * 2)")
         if out.dim() == 0:
             raise ValueError("the model must return a tensor with a batch dimension")
         return out
@@ -207,7 +212,10 @@ class PathProblem:
         """The model's whole outputs ``[N, ...]`` (what
         :func:`~taylor_kernels.models.outputs.model_output` reads) at ``N`` flattened points
         of inputs ``rows [N]`` (which pick the additional forward args)."""
-        return model_output(self.model(*self.split(flat_points), *self._rows_args(rows)))
+        out = model_output(self.model(*self.split(flat_points), *self._rows_args(rows)))
+        if flat_points.shape[0] == 1 and (out.dim() == 0 or out.shape[0] != 1):
+            out = out.unsqueeze(0)  # a forward ending in .squeeze() drops a one-row batch's
+        return out                  # dimension (Captum never runs one row; we probe with one)
 
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
@@ -229,14 +237,16 @@ class PathProblem:
         alone, self.pending_row_check = self.pending_row_check, None
         if alone is None:
             return
+        precision = guards.coarsest_dtype(self.x, self.model)
         with guards.preserved_buffers(self.model):
             if points is not None and int(rows[0]) == 0 and torch.equal(
                     points[0].detach(), self.x[0]) and self._differs_from_row0(points, rows):
                 guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
-                                              beside=outputs[:1])
+                                              beside=outputs[:1], precision=precision)
                 return
             other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
-            guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
+            guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone,
+                                          precision=precision)
 
     def _row_tensors(self) -> list[torch.Tensor]:
         return [a for a in self.forward_args if guards.is_row_tensor(a, self.B)]

@@ -147,3 +147,69 @@ def test_grad_cam_reads_the_layer_output_before_an_in_place_relu():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(grad_cam(net(True), x, target=1).attributions,
                                grad_cam(net(False), x, target=1).attributions)
+
+
+@pytest.mark.parametrize("classes", [4, 1])
+@pytest.mark.parametrize("B", [1, 3])
+def test_a_forward_ending_in_squeeze_is_attributed_as_by_captum(classes, B):
+    """``.squeeze()`` drops a one-row batch's dimension; Captum never runs one row, our probes
+    do: the row check said "mixes rows" (or "no batch dimension") where Captum works."""
+    captum = pytest.importorskip("captum.attr")
+    import taylor_kernels.captum as tkc
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, classes).double()
+
+    def f(x):
+        return torch.tanh(lin(x)).squeeze()
+
+    x = torch.randn(B, 5, dtype=torch.float64)
+    target = 2 if classes > 1 else None
+    if B == 1 and classes == 1:
+        target = None  # Captum's [N] output of one class
+    want = captum.IntegratedGradients(f).attribute(x, target=target, n_steps=16)
+    got = tkc.IntegratedGradients(f).attribute(x, target=target, n_steps=16)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    for chunk in (1, 3):
+        torch.testing.assert_close(tk.integrated_gradients(
+            f, x, target=target, steps=16, rule="riemann_trapezoid", chunk_size=chunk
+        ).attributions, captum.IntegratedGradients(f).attribute(
+            x, target=target, n_steps=16, method="riemann_trapezoid"), rtol=1e-8, atol=1e-10)
+
+
+def test_row_check_compares_at_the_precision_the_model_computes_in():
+    """A float32 model whose output is cast to float64 rounds like float32: rows computed
+    alone and in a batch may differ by float32 noise (refused for 6 of 10 seeds before), while
+    a real coupling is still caught."""
+    from taylor_kernels.engine import guards
+
+    net32 = torch.nn.Linear(3, 2)
+    assert guards.coarsest_dtype(torch.zeros(1, dtype=torch.float64), net32) == torch.float32
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    noisy = a * (1 + 1e-7)
+    assert not guards._close(a, noisy) and guards._close(a, noisy, torch.float32)
+    assert not guards._close(a, a * 1.01, torch.float32)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+
+    def f(x):
+        return torch.log_softmax(net(x).double(), -1)
+
+    for seed in range(6):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed))
+        tk.integrated_gradients(f, x, target=1, steps=8)  # no false "mixes rows"
+
+
+def test_a_model_changing_its_input_in_place_is_named():
+    """It was reported as random ("dropout in train mode"): the probe's point had changed."""
+    lin = torch.nn.Linear(4, 3)
+
+    def f(x):
+        x.mul_(2)
+        return lin(x)
+
+    x = torch.randn(2, 4)
+    keep = x.clone()
+    with pytest.raises(ValueError, match="changes its input in place"):
+        tk.integrated_gradients(f, x, target=0, steps=4)
+    assert torch.equal(x, keep)
