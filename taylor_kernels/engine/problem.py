@@ -68,7 +68,8 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
 
 
 def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """All inputs' baselines, flattened and concatenated: ``[Bb, K, D]``."""
+    """All inputs' baselines, flattened and concatenated: ``[Bb, K, D]`` (an input with one
+    baseline, e.g. a scalar, keeps it for each of another input's ``K``)."""
     if isinstance(baselines, (tuple, list)):
         if len(baselines) != len(inputs):
             raise ValueError(f"{len(baselines)} baselines given for {len(inputs)} inputs")
@@ -76,10 +77,10 @@ def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     else:
         parts = [_baseline_to_3d(baselines, x, i) for i, x in enumerate(inputs)]
     Ks = {p.shape[1] for p in parts}
-    if len(Ks) > 1:
+    if len(Ks - {1}) > 1:
         raise ValueError(f"inputs have different numbers of baselines per input: {sorted(Ks)}")
-    Bb = max(p.shape[0] for p in parts)
-    parts = [p.expand(Bb, -1, -1) for p in parts]
+    Bb, K = max(p.shape[0] for p in parts), max(Ks)
+    parts = [p.expand(Bb, K, -1) for p in parts]  # one baseline (a scalar) serves all K
     for i, p in enumerate(parts):
         if not torch.isfinite(p).all():
             raise ValueError(f"baseline {i} contains NaN or Inf values")

@@ -213,3 +213,27 @@ def test_a_model_changing_its_input_in_place_is_named():
     with pytest.raises(ValueError, match="changes its input in place"):
         tk.integrated_gradients(f, x, target=0, steps=4)
     assert torch.equal(x, keep)
+
+
+def test_one_baseline_serves_every_one_of_another_inputs_k():
+    """K baselines for one input and a scalar for the other: the scalar is that input's
+    baseline in each of the K (it raised "different numbers of baselines"); unequal K > 1
+    still raise."""
+    torch.manual_seed(0)
+    la, lb = torch.nn.Linear(3, 2).double(), torch.nn.Linear(2, 2).double()
+
+    def model(a, b):
+        return torch.tanh(la(a) * lb(b))
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, dtype=torch.float64, generator=g),
+         torch.randn(2, 2, dtype=torch.float64, generator=g))
+    b0 = torch.randn(2, 3, 3, dtype=torch.float64, generator=g)
+    mixed = tk.integrated_gradients(model, x, (b0, 0.0), target=0, steps=8)
+    explicit = tk.integrated_gradients(model, x, (b0, torch.zeros(2, 3, 2, dtype=torch.float64)),
+                                       target=0, steps=8)
+    for a, b in zip(mixed.attributions, explicit.attributions):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="different numbers of baselines per input: \\[2, 3\\]"):
+        tk.integrated_gradients(model, x, (b0, torch.zeros(2, 2, 2, dtype=torch.float64)),
+                                target=0, steps=8)
