@@ -41,9 +41,14 @@ def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
     return B
 
 
+def _broadcasts(shape: tuple, feat: tuple) -> bool:
+    return all(a in (1, b) for a, b in zip(shape, feat))
+
+
 def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
     """One input's baseline as ``[Bb, K, D_i]`` (scalar, like one input, like the batch, or
-    ``[B|1, K, ...]``)."""
+    ``[B|1, K, ...]``; size-1 feature dimensions broadcast, as in Captum: ``[C, 1, 1]``,
+    ``[1, C, 1, 1]``)."""
     B, feat = x.shape[0], tuple(x.shape[1:])
     D = x[0].numel()
     if bl is None:
@@ -62,6 +67,10 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
         return bl.reshape(shape[0], 1, D)
     if len(shape) == len(feat) + 2 and shape[2:] == feat and shape[0] in (1, B):
         return bl.reshape(shape[0], shape[1], D)
+    if len(shape) == len(feat) and _broadcasts(shape, feat):   # e.g. [C, 1, 1], as Captum
+        return bl.expand(feat).reshape(1, 1, D)
+    if len(shape) == len(feat) + 1 and shape[0] in (1, B) and _broadcasts(shape[1:], feat):
+        return bl.expand((shape[0],) + feat).reshape(shape[0], 1, D)   # e.g. [1, C, 1, 1]
     raise ValueError(f"baseline {i} of shape {shape} does not broadcast to input {i} of shape "
                      f"{tuple(x.shape)}: use {feat}, ({B} or 1, *{feat}) or "
                      f"({B} or 1, K, *{feat})")

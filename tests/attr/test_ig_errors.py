@@ -237,3 +237,19 @@ def test_one_baseline_serves_every_one_of_another_inputs_k():
     with pytest.raises(ValueError, match="different numbers of baselines per input: \\[2, 3\\]"):
         tk.integrated_gradients(model, x, (b0, torch.zeros(2, 2, 2, dtype=torch.float64)),
                                 target=0, steps=8)
+
+
+def test_baselines_broadcast_over_size_one_feature_dims_as_in_captum():
+    """[1, C, 1, 1] baselines (a per-channel mean) broadcast as in Captum, and [C, 1, 1] too
+    (they were refused); a size that is neither 1 nor the input's still raises."""
+    captum = pytest.importorskip("captum.attr")
+    model = models.cnn()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    mean = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    want = captum.IntegratedGradients(model).attribute(x, mean.reshape(1, 2, 1, 1), target=1,
+                                                       n_steps=16)  # (Captum refuses [C, 1, 1])
+    for bl in (mean.reshape(2, 1, 1), mean.reshape(1, 2, 1, 1)):
+        got = tk.integrated_gradients(model, x, bl, target=1, steps=16).attributions
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        tk.integrated_gradients(model, x, torch.zeros(1, 2, 4, 1, dtype=torch.float64), target=1)
