@@ -160,6 +160,7 @@ class PathProblem:
     target: Any
     forward_args: tuple
     pending_row_check: torch.Tensor | None = None  # row 0's output alone, check R deferred
+    output_kind: str | None = None  # the type the model returned, when not a tensor
 
     @property
     def B(self) -> int:
@@ -222,7 +223,9 @@ class PathProblem:
         """The model's whole outputs ``[N, ...]`` (what
         :func:`~taylor_kernels.models.outputs.model_output` reads) at ``N`` flattened points
         of inputs ``rows [N]`` (which pick the additional forward args)."""
-        out = model_output(self.model(*self.split(flat_points), *self._rows_args(rows)))
+        raw = self.model(*self.split(flat_points), *self._rows_args(rows))
+        self.output_kind = None if isinstance(raw, torch.Tensor) else type(raw).__name__
+        out = model_output(raw)
         if flat_points.shape[0] == 1 and (out.dim() == 0 or out.shape[0] != 1):
             out = out.unsqueeze(0)  # a forward ending in .squeeze() drops a one-row batch's
         return out                  # dimension (Captum never runs one row; we probe with one)
@@ -234,7 +237,7 @@ class PathProblem:
         out = self.outputs(flat_points, rows)
         if self.pending_row_check is not None:
             self.finish_row_check(flat_points, rows, out)
-        return select_target(out, self.target, rows)
+        return select_target(out, self.target, rows, self.output_kind)
 
     def finish_row_check(self, points: torch.Tensor | None = None,
                          rows: torch.Tensor | None = None,
@@ -266,9 +269,12 @@ class PathProblem:
         return bool(guards.rows_differing([points] + per_row).any())
 
 
-def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor:
+def select_target(out: torch.Tensor, target, rows: torch.Tensor,
+                  kind: str | None = None) -> torch.Tensor:
     """Pick each row's target from model output ``[N, ...]`` (a tensor, or what
-    :func:`~taylor_kernels.models.outputs.model_output` reads: ``.logits``...); returns ``[N]``."""
+    :func:`~taylor_kernels.models.outputs.model_output` reads: ``.logits``...); returns ``[N]``.
+    ``kind``: the type the model returned when ``out`` was read from it (errors name it)."""
+    kind = kind or (None if isinstance(out, torch.Tensor) else type(out).__name__)
     out = model_output(out)
     N = rows.shape[0]
     if out.dim() == 0 or out.shape[0] != N:
@@ -281,8 +287,11 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor) -> torch.Tensor
         return out.reshape(N)
     if isinstance(target, torch.Tensor):
         if out.dim() != 2:
+            read = (f" (read from the model's {kind}: a mapping's 'logits' or first tensor, a "
+                    "tuple's first tensor; to attribute another, wrap the model, e.g. "
+                    "lambda x: model(x)[1])") if kind else ""
             raise ValueError(f"an integer target needs a [N, C] model output, got "
-                             f"{tuple(out.shape)}")
+                             f"{tuple(out.shape)}{read}")
         idx = target.to(out.device)[rows]
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -253,3 +253,13 @@ def test_baselines_broadcast_over_size_one_feature_dims_as_in_captum():
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="does not broadcast"):
         tk.integrated_gradients(model, x, torch.zeros(1, 2, 4, 1, dtype=torch.float64), target=1)
+
+
+def test_a_target_error_on_a_tuple_output_says_what_was_read():
+    lin = torch.nn.Linear(4, 3)
+
+    def f(x):
+        return lin(x).sum(1), lin(x)  # (aux [N], logits [N, C])
+
+    with pytest.raises(ValueError, match=r"read from the model's tuple.*lambda x: model\(x\)\[1\]"):
+        tk.integrated_gradients(f, torch.randn(2, 4), target=1, steps=4)
