@@ -20,7 +20,10 @@ runs on the chunked, memory-budgeted path engine and the selected kernel backend
 every ``attribute``: ``max_memory=``, ``backend=``, ``progress=``; IG also
 ``method="adaptive"`` with ``tol=``. After a call, ``instance.last_result`` holds the
 :class:`~taylor_kernels.AttributionResult` (evaluations).
-Captum itself is not needed at run time. Implementation: :mod:`taylor_kernels.captum_front`.
+Captum itself is not needed at run time for these. Every other public name of
+``captum.attr`` (``Saliency``, ``FeatureAblation``, ...) imports from here as Captum's own
+class (Captum installed), so a whole import line switches. Implementation:
+:mod:`taylor_kernels.captum_front`.
 
 For libraries built on Captum (Inseq, ...) that create Captum's classes themselves::
 
@@ -44,3 +47,21 @@ __all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerCon
            "LayerGradientShap", "LayerIntegratedGradients", "LLMAttributionResult",
            "LLMGradientAttribution", "NeuronConductance", "NeuronIntegratedGradients",
            "NoiseTunnel", "TextTokenInput", "is_patched", "patch", "patched", "unpatch"]
+
+
+def __getattr__(name: str):
+    """Every other public name of ``captum.attr`` (``Saliency``, ``FeatureAblation``,
+    ``TextTemplateInput``, ``visualization``...) is Captum's own, so that switching a whole
+    ``from captum.attr import ...`` line keeps working; those run Captum's code."""
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        import captum.attr
+    except ImportError:
+        raise AttributeError(f"taylor_kernels.captum implements {', '.join(__all__[:12])}...; "
+                             f"{name!r} would be Captum's own class: install captum") from None
+    try:
+        return getattr(captum.attr, name)
+    except AttributeError:
+        raise AttributeError(f"neither taylor_kernels.captum nor captum.attr has {name!r}") \
+            from None

@@ -43,16 +43,23 @@ def _concat_rows(parts: list):
 
 class NoiseTunnel:
     """Drop-in for ``captum.attr.NoiseTunnel`` over any :mod:`taylor_kernels.captum` class
-    (SmoothGrad, SmoothGrad-squared, VarGrad)."""
+    (SmoothGrad, SmoothGrad-squared, VarGrad). Over any other method (Captum's ``Saliency``,
+    which ``from taylor_kernels.captum import Saliency`` gives) it is Captum's NoiseTunnel."""
 
-    def __init__(self, attribution_method) -> None:
-        if not isinstance(attribution_method, CaptumAttribution):
+    def __new__(cls, attribution_method=None, *args, **kwargs):
+        if attribution_method is None or isinstance(attribution_method, CaptumAttribution):
+            return super().__new__(cls)
+        try:
+            import captum.attr
+        except ImportError:
             raise TypeError(
                 "taylor_kernels.captum.NoiseTunnel wraps the taylor_kernels.captum classes "
                 "(IntegratedGradients, LayerIntegratedGradients, LayerConductance, ...), got "
-                f"{type(attribution_method).__module__}.{type(attribution_method).__name__}; "
-                "switch that import to taylor_kernels.captum as well (or use Captum's "
-                "NoiseTunnel, which accepts ours)")
+                f"{type(attribution_method).__module__}.{type(attribution_method).__name__}, "
+                "which needs Captum's NoiseTunnel: install captum") from None
+        return captum.attr.NoiseTunnel(attribution_method, *args, **kwargs)
+
+    def __init__(self, attribution_method) -> None:
         self.attribution_method = attribution_method
         self.forward_func = attribution_method.forward_func
         self.is_delta_supported = attribution_method.has_convergence_delta()

@@ -605,3 +605,24 @@ def test_forward_args_without_a_batch_dimension_reach_every_row(name):
     if name == "IntegratedGradients":
         with pytest.raises(ValueError, match="first dimension must be the batch"):
             tc.GradientShap(f).attribute(x, torch.zeros(4, 3), target=1, **kw)
+
+
+def test_every_captum_attr_name_imports_from_the_front():
+    """A whole ``from captum.attr import ...`` line switches: names we do not implement are
+    Captum's own (they run Captum's code), and our NoiseTunnel over one of them (Saliency) is
+    Captum's NoiseTunnel, with Captum's numbers."""
+    public = [n for n in dir(ca) if not n.startswith("_")]
+    for name in public:
+        assert hasattr(tc, name), name
+    assert tc.Saliency is ca.Saliency and tc.TextTemplateInput is ca.TextTemplateInput
+    assert tc.IntegratedGradients is not ca.IntegratedGradients
+    with pytest.raises(ImportError):
+        exec("from taylor_kernels.captum import NoSuchAttribution", {})
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    ours = tc.NoiseTunnel(tc.Saliency(net)).attribute(x, target=1, nt_samples=4, stdevs=0.1)
+    torch.manual_seed(1)
+    theirs = ca.NoiseTunnel(ca.Saliency(net)).attribute(x, target=1, nt_samples=4, stdevs=0.1)
+    torch.testing.assert_close(ours, theirs)
