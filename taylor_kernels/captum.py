@@ -65,3 +65,14 @@ def __getattr__(name: str):
     except AttributeError:
         raise AttributeError(f"neither taylor_kernels.captum nor captum.attr has {name!r}") \
             from None
+
+
+def __dir__() -> list[str]:
+    """Our names, and ``captum.attr``'s when Captum is installed (what ``__getattr__`` gives)."""
+    names = set(globals())
+    try:
+        import captum.attr
+        names.update(n for n in dir(captum.attr) if not n.startswith("_"))
+    except ImportError:
+        pass
+    return sorted(names)

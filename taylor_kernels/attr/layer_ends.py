@@ -32,7 +32,7 @@ import torch
 from taylor_kernels.attr.integrated_gradients import integrate_problem
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine.problem import make_problem, target_values
+from taylor_kernels.engine.problem import make_problem, one_row_batch, target_values
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import accumulation_dtype
 
@@ -95,7 +95,7 @@ def _paired_ends(capture, inputs, baselines, fargs) -> LayerEnds | None:
 
     def alone_run():
         acts, out = capture(first)
-        return tuple(acts) + (model_output(out),)
+        return tuple(acts) + (one_row_batch(model_output(out), 1),)
 
     alone = alone_run()
     runs = []

@@ -47,8 +47,12 @@ class NoiseTunnel:
     which ``from taylor_kernels.captum import Saliency`` gives) it is Captum's NoiseTunnel."""
 
     def __new__(cls, attribution_method=None, *args, **kwargs):
-        if attribution_method is None or isinstance(attribution_method, CaptumAttribution):
+        if isinstance(attribution_method, CaptumAttribution):
             return super().__new__(cls)
+        if cls is not NoiseTunnel or attribution_method is None:  # a subclass keeps its own
+            raise TypeError(f"{cls.__name__} wraps the taylor_kernels.captum classes "
+                            "(IntegratedGradients, LayerIntegratedGradients, ...), got "
+                            f"{type(attribution_method).__name__}")
         try:
             import captum.attr
         except ImportError:

@@ -129,20 +129,12 @@ def check_model(f, inputs=()) -> None:
                          "`with taylor_kernels.allow_row_coupling(model):`")
 
 
-def coarsest_dtype(x: torch.Tensor, f) -> torch.dtype:
-    """The floating dtype of least precision among ``x`` and the parameters of ``f``'s
-    modules (what the model computes in, whatever dtype its output is cast to)."""
-    dtypes = {x.dtype} if x.is_floating_point() else set()
-    dtypes.update(p.dtype for m in modules_of(f) for p in m.parameters()
-                  if p.is_floating_point())
-    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
-
-
 def _close(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype | None = None) -> bool:
     """Equal within ``sqrt(eps)`` times ``1 + max |finite value|``, ``eps`` of ``a``'s dtype or
-    of ``precision`` (the dtype the values were computed in) if coarser: a float32 model's
-    output cast to float64 rounds like float32 (NaN and infinities must sit at the same
-    places: the model's own non-finite values are no sign of coupling)."""
+    of ``precision`` (the inputs' dtype) if coarser: a float32 model's output cast to float64
+    rounds like float32 (not the parameters' dtype: one bf16 parameter, or a bf16 model's
+    upcast logits, would loosen the check past real coupling) (NaN and infinities must sit at
+    the same places: the model's own non-finite values are no sign of coupling)."""
     if a.shape != b.shape:
         return False
     eps = torch.finfo(a.dtype if a.is_floating_point() else torch.float64).eps
@@ -158,12 +150,11 @@ def _close(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype | None = Non
 
 def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor | None,
                            other_index: int, alone: torch.Tensor | None = None,
-                           beside: torch.Tensor | None = None,
-                           precision: torch.dtype | None = None) -> None:
+                           beside: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` if ``run(points [N, D], rows [N])`` (the model's output ``[N, ...]``)
     gives row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two
-    (run it under :func:`preserved_buffers`), compared at ``precision`` (default the row's
-    dtype; :func:`coarsest_dtype` gives the model's) where coarser than the output's.
+    (run it under :func:`preserved_buffers`), compared at the row's dtype where coarser
+    than the output's.
 
     Two forwards: the row alone (or ``alone``, its output ``[1, ...]`` from an earlier call),
     then beside ``other`` (or ``beside``, its output ``[1, ...]`` computed in a batch with
@@ -179,23 +170,20 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
             pair_rows = torch.tensor([0, other_index], dtype=torch.long, device=row.device)
             beside = run(torch.stack([row, other]), pair_rows)
     check_alone_beside(alone, beside, lambda: run(row.unsqueeze(0), first),
-                       precision or (row.dtype if row.is_floating_point() else None))
+                       row.dtype if row.is_floating_point() else None)
 
 
 def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor],
                        precision: torch.dtype | None = None) -> None:
     """Check R's verdict: raise ``ValueError`` unless a row's output ``alone [1, ...]`` (its
     own batch) equals ``beside [1, ...]`` (computed in a batch with other rows; compared as
-    :func:`_close` does, at ``precision``, default the coarsest dtype among ``alone``'s
-    tensors); ``again()`` recomputes the row alone (no grad;
+    :func:`_close` does, at ``precision`` where coarser than a tensor's own dtype);
+    ``again()`` recomputes the row alone (no grad;
     called only when they differ) to tell a random model from one that mixes rows. Tuples
     compare entry by entry."""
     alone_t, beside_t = _tensors(alone), _tensors(beside)
     if alone_t is None or beside_t is None:
         return  # not a batch of outputs: the caller's own checks say what is wrong
-    if precision is None:  # the coarsest of the values (a layer's activations beside an output)
-        floats = [t.dtype for t in alone_t if t.is_floating_point()]
-        precision = max(floats, key=lambda d: torch.finfo(d).eps) if floats else None
     if len(alone_t) == len(beside_t) and all(_close(a[0], b[0], precision)
                                              for a, b in zip(alone_t, beside_t)):
         return
@@ -257,8 +245,7 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> No
     ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept."""
     with preserved_buffers(f):
         check_rows_independent(lambda points, rows: f(points), x[0],
-                               distinct_row(x, other)[0], 0,
-                               precision=coarsest_dtype(x, f))
+                               distinct_row(x, other)[0], 0)
 
 
 @contextlib.contextmanager

@@ -47,8 +47,8 @@ def _broadcasts(shape: tuple, feat: tuple) -> bool:
 
 def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
     """One input's baseline as ``[Bb, K, D_i]`` (scalar, like one input, like the batch, or
-    ``[B|1, K, ...]``; size-1 feature dimensions broadcast, as in Captum: ``[C, 1, 1]``,
-    ``[1, C, 1, 1]``)."""
+    ``[B|1, K, ...]``; size-1 feature dimensions broadcast: ``[1, C, 1, 1]`` as in Captum,
+    and ``[C, 1, 1]``, which Captum refuses)."""
     B, feat = x.shape[0], tuple(x.shape[1:])
     D = x[0].numel()
     if bl is None:
@@ -67,7 +67,7 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
         return bl.reshape(shape[0], 1, D)
     if len(shape) == len(feat) + 2 and shape[2:] == feat and shape[0] in (1, B):
         return bl.reshape(shape[0], shape[1], D)
-    if len(shape) == len(feat) and _broadcasts(shape, feat):   # e.g. [C, 1, 1], as Captum
+    if len(shape) == len(feat) and _broadcasts(shape, feat):   # e.g. [C, 1, 1]
         return bl.expand(feat).reshape(1, 1, D)
     if len(shape) == len(feat) + 1 and shape[0] in (1, B) and _broadcasts(shape[1:], feat):
         return bl.expand((shape[0],) + feat).reshape(shape[0], 1, D)   # e.g. [1, C, 1, 1]
@@ -225,10 +225,7 @@ class PathProblem:
         of inputs ``rows [N]`` (which pick the additional forward args)."""
         raw = self.model(*self.split(flat_points), *self._rows_args(rows))
         self.output_kind = None if isinstance(raw, torch.Tensor) else type(raw).__name__
-        out = model_output(raw)
-        if flat_points.shape[0] == 1 and (out.dim() == 0 or out.shape[0] != 1):
-            out = out.unsqueeze(0)  # a forward ending in .squeeze() drops a one-row batch's
-        return out                  # dimension (Captum never runs one row; we probe with one)
+        return one_row_batch(model_output(raw), flat_points.shape[0])
 
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
@@ -250,16 +247,22 @@ class PathProblem:
         alone, self.pending_row_check = self.pending_row_check, None
         if alone is None:
             return
-        precision = guards.coarsest_dtype(self.x, self.model)
+        if outputs is not None and outputs.dim() == 0:
+            raise ValueError("the model must return a tensor with a batch dimension (one "
+                             "output row per input row), got a 0-d output")
+        if outputs is not None and tuple(alone.shape[1:]) != tuple(outputs.shape[1:]):
+            raise ValueError(f"the model's output shape depends on the batch size: one row "
+                             f"gives {tuple(alone.shape)}, {outputs.shape[0]} rows give "
+                             f"{tuple(outputs.shape)}; it must return one output row per "
+                             "input row")
         with guards.preserved_buffers(self.model):
             if points is not None and int(rows[0]) == 0 and torch.equal(
                     points[0].detach(), self.x[0]) and self._differs_from_row0(points, rows):
                 guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
-                                              beside=outputs[:1], precision=precision)
+                                              beside=outputs[:1])
                 return
             other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
-            guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone,
-                                          precision=precision)
+            guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
 
     def _row_tensors(self) -> list[torch.Tensor]:
         return [a for a in self.forward_args if guards.is_row_tensor(a, self.B)]
@@ -267,6 +270,14 @@ class PathProblem:
     def _differs_from_row0(self, points: torch.Tensor, rows: torch.Tensor) -> bool:
         per_row = [a.index_select(0, rows.to(a.device)) for a in self._row_tensors()]
         return bool(guards.rows_differing([points] + per_row).any())
+
+
+def one_row_batch(out: torch.Tensor, n: int) -> torch.Tensor:
+    """``out`` of a forward of ``n`` rows, with the batch dimension a forward ending in
+    ``.squeeze()`` drops when ``n == 1`` put back (Captum never runs one row; our probes do)."""
+    if n == 1 and (out.dim() == 0 or out.shape[0] != 1):
+        return out.unsqueeze(0)
+    return out
 
 
 def select_target(out: torch.Tensor, target, rows: torch.Tensor,

@@ -626,3 +626,14 @@ def test_every_captum_attr_name_imports_from_the_front():
     torch.manual_seed(1)
     theirs = ca.NoiseTunnel(ca.Saliency(net)).attribute(x, target=1, nt_samples=4, stdevs=0.1)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_noise_tunnel_subclasses_keep_their_class_and_dir_lists_captums_names():
+    class MyTunnel(tc.NoiseTunnel):
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    assert type(MyTunnel(tc.IntegratedGradients(net))) is MyTunnel
+    with pytest.raises(TypeError, match="MyTunnel wraps the taylor_kernels.captum classes"):
+        MyTunnel(ca.Saliency(net))
+    assert {"Saliency", "FeatureAblation", "IntegratedGradients", "patch"} <= set(dir(tc))

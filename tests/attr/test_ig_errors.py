@@ -178,13 +178,12 @@ def test_a_forward_ending_in_squeeze_is_attributed_as_by_captum(classes, B):
 
 
 def test_row_check_compares_at_the_precision_the_model_computes_in():
-    """A float32 model whose output is cast to float64 rounds like float32: rows computed
-    alone and in a batch may differ by float32 noise (refused for 6 of 10 seeds before), while
-    a real coupling is still caught."""
+    """A float32 model whose output is cast to float64 rounds like float32 (the inputs' dtype):
+    rows computed alone and in a batch may differ by float32 noise (refused for 6 of 10 seeds
+    before), while a real coupling is still caught, also in a model holding a bf16 parameter
+    (the parameters' dtype must not loosen the check: it let 1-20% coupling through)."""
     from taylor_kernels.engine import guards
 
-    net32 = torch.nn.Linear(3, 2)
-    assert guards.coarsest_dtype(torch.zeros(1, dtype=torch.float64), net32) == torch.float32
     a = torch.tensor([1.0, 2.0], dtype=torch.float64)
     noisy = a * (1 + 1e-7)
     assert not guards._close(a, noisy) and guards._close(a, noisy, torch.float32)
@@ -263,3 +262,45 @@ def test_a_target_error_on_a_tuple_output_says_what_was_read():
 
     with pytest.raises(ValueError, match=r"read from the model's tuple.*lambda x: model\(x\)\[1\]"):
         tk.integrated_gradients(f, torch.randn(2, 4), target=1, steps=4)
+
+
+def test_real_coupling_is_refused_whatever_the_parameters_dtype():
+    class Coupled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.unused = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h + 0.01 * h.mean(0)
+
+    with pytest.raises(ValueError, match="mixes rows"):
+        tk.integrated_gradients(Coupled(), torch.randn(3, 4), target=0, steps=4)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda lin: (lambda x: lin(x)[:, 1].sum()), "batch dimension"),
+    (lambda lin: (lambda x: lin(x).reshape(-1)), "output shape depends on the batch size")])
+def test_outputs_without_one_row_per_input_are_named(make, match):
+    lin = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=match):
+        tk.integrated_gradients(make(lin), torch.randn(2, 4), target=0, steps=4)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_layer_ig_on_a_forward_ending_in_squeeze_equals_captum(B):
+    captum = pytest.importorskip("captum.attr")
+    import taylor_kernels.captum as tkc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 4)).double()
+
+    def f(x):
+        return net(x).squeeze()
+
+    x = torch.randn(B, 5, dtype=torch.float64)
+    want = captum.LayerIntegratedGradients(f, net[0]).attribute(x, target=2, n_steps=16)
+    got = tkc.LayerIntegratedGradients(f, net[0]).attribute(x, target=2, n_steps=16)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
