@@ -178,9 +178,8 @@ def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor],
     """Check R's verdict: raise ``ValueError`` unless a row's output ``alone [1, ...]`` (its
     own batch) equals ``beside [1, ...]`` (computed in a batch with other rows; compared as
     :func:`_close` does, at ``precision`` where coarser than a tensor's own dtype);
-    ``again()`` recomputes the row alone (no grad;
-    called only when they differ) to tell a random model from one that mixes rows. Tuples
-    compare entry by entry."""
+    ``again()`` recomputes the row alone (no grad; called only when they differ) to tell a
+    random model from one that mixes rows. Tuples compare entry by entry."""
     alone_t, beside_t = _tensors(alone), _tensors(beside)
     if alone_t is None or beside_t is None:
         return  # not a batch of outputs: the caller's own checks say what is wrong

@@ -215,8 +215,6 @@ class PathProblem:
             raise ValueError("the model changes its input in place (e.g. x.mul_(2) in forward); "
                              "attribution evaluates it at many points built from one tensor: "
                              "make forward compute on a copy (x = x * 2)")
-        if out.dim() == 0:
-            raise ValueError("the model must return a tensor with a batch dimension")
         return out
 
     def outputs(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
