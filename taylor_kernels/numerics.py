@@ -20,6 +20,23 @@ FN_CODES = {name: code for code, name in enumerate(FNS)}
 MAX_ORDER = 15  # J; the native kernels keep the J+1 coefficients of a few series in registers
 
 
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[*t.shape[:-1]]`` bool: True where the last dimension holds no NaN or Inf. Through
+    ``aminmax`` (NaN propagates, an Inf is a minimum or maximum), so it allocates only the
+    ``[rows]`` outputs: ``isfinite(t).all(-1)`` held 1.75x ``t`` in temporaries (measured
+    10.5 MB for a 6 MB tensor, an expected-gradients call's references)."""
+    if t.shape[-1] == 0:
+        return torch.ones(t.shape[:-1], dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t, dim=-1)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when the floating tensor ``t`` holds no NaN or Inf (:func:`finite_rows`: no
+    tensor-sized temporaries, also for an expanded ``t``)."""
+    return t.numel() == 0 or bool(finite_rows(t.reshape(1) if t.dim() == 0 else t).all())
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for everything else (float32, bf16, fp16)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -126,7 +126,7 @@ def test_bench_ig_family_smoke(tmp_path):
 
 @pytest.mark.parametrize("script", ["llm_large.py", "quadrature_accuracy.py", "run.py",
                                     "sdpa_bf16.py", "minilm_floor.py",
-                                    "generation_floor.py"])
+                                    "generation_floor.py", "max_memory_check.py"])
 def test_bench_scripts_parse_their_arguments(script):
     """The stand-alone bench scripts import and parse their arguments (``--help``; their runs
     take minutes and are recorded under bench/results)."""
@@ -137,3 +137,24 @@ def test_bench_scripts_parse_their_arguments(script):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_max_memory_holds_on_the_cpu_for_a_cnn():
+    """One case of ``bench/max_memory_check.py`` in a fresh interpreter: IG with 4 baselines
+    on the CNN at 16 MB stays under its budget, probes included (measured 0.4-0.5x; it reached
+    1.1-1.6x before chunks took half the budget and the endpoint forwards counted the
+    references)."""
+    import json
+    import subprocess
+    from pathlib import Path
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the resident peak")
+    path = Path(__file__).resolve().parents[1] / "bench" / "max_memory_check.py"
+    case = {"entry": "ig", "model": "cnn", "budget": "16MB", "K": 4}
+    proc = subprocess.run([sys.executable, str(path), "--case", json.dumps(case)],
+                          capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, proc.stderr[-2000:]
+    got = json.loads(line[-1][7:])
+    assert "error" not in got, got
+    assert 0 < max(got["cold"], got["warm"]) <= 16 * 2**20

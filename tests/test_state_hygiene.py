@@ -217,6 +217,8 @@ def test_state_is_kept(name, mode):
         assert error is None, f"{name} failed: {error!r}"
     elif mode == "fail_first":
         assert isinstance(error, RuntimeError) and "planned failure" in str(error), repr(error)
+    elif mode == "train_bn" and name.startswith("captum."):  # runs as Captum's (warns)
+        assert error is None, f"{name} failed: {error!r}"
     elif mode == "train_bn":
         assert isinstance(error, ValueError) and "bn (BatchNorm2d" in str(error) and \
             "model.eval()" in str(error), repr(error)
@@ -278,6 +280,81 @@ def test_allow_row_coupling_opts_in_and_restores_buffers():
         assert model.calls > 0
     assert model.calls == 0
     tk.integrated_gradients(model.eval(), x, target=0, steps=4)  # eval: no opt-in needed
+
+
+def test_captum_front_runs_a_train_mode_model_as_captum_does():
+    """Captum attributes a model in train mode as it is (Inseq's MC-dropout step score leaves
+    its model so); the front does too, warning, instead of refusing: train-mode batch norm
+    gives Captum's numbers (one batch) and its running statistics stay as they were. The
+    library's own API still refuses, also through the wrapper of
+    ``multiply_by_inputs=False`` (it hid the model, and train-mode dropout then passed or
+    failed by chance)."""
+    from captum.attr import IntegratedGradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                          nn.Linear(6, 3)).double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for mbi in (True, False):
+        ref = IntegratedGradients(model, multiply_by_inputs=mbi).attribute(x, target=0,
+                                                                           n_steps=8)
+        model.load_state_dict(state)
+        with pytest.warns(RuntimeWarning, match="train mode .*1 \\(BatchNorm1d"):
+            got = tkc.IntegratedGradients(model, multiply_by_inputs=mbi).attribute(
+                x, target=0, n_steps=8)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    drop = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.01), nn.Linear(6, 3)).double().train()
+    with pytest.warns(RuntimeWarning, match="Dropout"):
+        assert torch.isfinite(tkc.IntegratedGradients(drop, multiply_by_inputs=False).attribute(
+            x.clone().requires_grad_(), target=0, n_steps=8)).all()
+    from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
+    for seed in range(5):  # refused before any forward, whatever dropout draws
+        torch.manual_seed(seed)
+        with pytest.raises(ValueError, match="1 \\(Dropout, train mode\\)"):
+            unscaled_integrated_gradients(drop, (x,), (torch.zeros_like(x),), 0, steps=8)
+
+
+_GLOBAL_NET = None
+
+
+def _through_global(z):
+    return _GLOBAL_NET(z)[:, 1]
+
+
+@pytest.mark.parametrize("net", ["bn2d", "bn1d"])
+def test_a_model_reached_through_a_global_is_refused_with_its_buffers_kept(net):
+    """A function reaching a train-mode batch-norm model through a global (which the static
+    check cannot see): the probe forwards moved its running statistics before the refusal,
+    and BatchNorm1d on the one-row probe raised torch's "Expected more than 1 value per
+    channel" instead of saying why."""
+    global _GLOBAL_NET
+    torch.manual_seed(0)
+    if net == "bn2d":
+        _GLOBAL_NET = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                    nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)).double().train()
+        x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    else:
+        _GLOBAL_NET = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                                    nn.Linear(6, 3)).double().train()
+        x = torch.randn(3, 4, dtype=torch.float64)
+    try:
+        state = {k: v.clone() for k, v in _GLOBAL_NET.state_dict().items()}
+        for call in (lambda: tk.hessian(_through_global, x, index=[0]),
+                     lambda: tk.hvp(_through_global, x, x),
+                     lambda: tk.jet(_through_global, x, x, 2),
+                     lambda: tk.third_order(_through_global, x, x, x)):
+            with pytest.raises(ValueError, match="a module it calls \\(BatchNorm"):
+                call()
+            for k, v in _GLOBAL_NET.state_dict().items():
+                assert torch.equal(v, state[k]), k
+        if net == "bn2d":  # the opt-in still runs it (BatchNorm1d cannot take one-row probes)
+            with tk.allow_row_coupling(_GLOBAL_NET):
+                assert torch.isfinite(tk.hvp(_through_global, x, x)).all()
+    finally:
+        _GLOBAL_NET = None
 
 
 def test_allow_row_coupling_with_train_batch_norm_runs_one_batch_as_captum():

@@ -13,7 +13,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.engine import path_engine
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
-from taylor_kernels.numerics import seeded_generator
+from taylor_kernels.numerics import finite_rows, seeded_generator
 
 
 def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -45,7 +45,7 @@ def draw_references(problem, background, samples: int, seed: int | None) -> torc
     problem.baselines = bg[idx.to(bg.device)]
     # the drawn rows are checked, not the whole background: a training loop passes a large
     # one every step (the full check was 30% of a small DAPr step), and only drawn rows count
-    bad = ~torch.isfinite(problem.baselines).all(dim=-1)                  # [B, M]
+    bad = ~finite_rows(problem.baselines)                  # [B, M]
     if bool(bad.any()):
         row = int(idx[bad.cpu()][0])
         raise ValueError(f"background row {row} contains NaN or Inf values (drawn as a "

@@ -13,6 +13,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.unscaled import Unscaled
 from taylor_kernels.engine import path_engine
 from taylor_kernels.engine.problem import make_problem
+from taylor_kernels.numerics import all_finite
 
 
 def gradient_shap_rows(model, inputs: tuple[torch.Tensor, ...],
@@ -30,7 +31,7 @@ def gradient_shap_rows(model, inputs: tuple[torch.Tensor, ...],
     x, bl, fargs = inputs, baselines, tuple(additional_forward_args)
     if not multiply_by_inputs:
         for i, t in enumerate(inputs):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise ValueError(f"input {i} contains NaN or Inf values")
         model = Unscaled(model, len(inputs))
         x, fargs = Unscaled.arguments(inputs, baselines, fargs)

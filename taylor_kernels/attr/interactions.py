@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels.engine import memory
-from taylor_kernels.engine.derivative import hessian, higher_order_ops, hvp
+from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 from taylor_kernels.numerics import seeded_generator
 
@@ -162,8 +162,8 @@ def _local(f, x: torch.Tensor, directions, order: int, set_list, max_memory) -> 
     if set_list is None:
         if directions is None:
             return hessian(f, x, max_memory=max_memory)
-        U = directions.expand(x.shape[0], -1, -1)
-        return torch.einsum("bmd,bnd->bmn", hvp(f, x, U, max_memory=max_memory), U)
+        return hessian_block(f, x, directions.expand(x.shape[0], -1, -1),
+                             max_memory=max_memory)
     if directions is None:
         directions = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).unsqueeze(0)
     chunk = _set_chunk(f, x, order, len(set_list), max_memory)
@@ -203,6 +203,9 @@ def interactions(model, inputs, target=None, *, order: int = 2, sets=None, featu
     for rows, f in _target_groups(problem):
         dirs = directions if directions is None or directions.shape[0] == 1 else directions[rows]
         part = _local(f, problem.x[rows], dirs, order, set_list, max_memory)
+        if rows.shape[0] == problem.B:  # one target for all rows (in order): no copy, which
+            out = part                  # doubled a Hessian's [B, D, D] beside the budget
+            break
         if out is None:
             out = part.new_zeros((problem.B,) + tuple(part.shape[1:]))
         out[rows] = part

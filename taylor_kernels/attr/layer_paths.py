@@ -27,6 +27,8 @@ in the tensors it saves), mapped to ``e`` by a custom backward (:class:`_InputGr
 from __future__ import annotations
 
 
+import warnings
+
 import torch
 
 from taylor_kernels import backends
@@ -80,8 +82,26 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
         acts_x = spec.capture(model, tup + fargs)
         res = unscaled_integrated_gradients(spec.replaced_forward(model), acts_x, acts_b,
                                             target, tup + fargs, **ig_kwargs)
+    _warn_unreached_layers(spec, res.attributions)
     res.attributions = spec.group(res.attributions)
     return res
+
+
+def _warn_unreached_layers(spec: Layers, flat: tuple[torch.Tensor, ...]) -> None:
+    """Warn for each of several layers whose attributions are all exactly zero: its
+    activations reach the output only through another listed layer, whose activations the
+    path replaces (Captum's ``LayerIntegratedGradients`` raises autograd's "appears to not
+    have been used in the graph" there; the zeros are the consistent answer, but seldom what
+    was meant)."""
+    if len(spec.modules) < 2:
+        return
+    for i, part in enumerate(spec._slices()):
+        if all(not bool(t.any()) for t in flat[part]):
+            warnings.warn(f"the attributions of layer {i} ({type(spec.modules[i]).__name__}) "
+                          "are all zero: its output reaches the model's output only through "
+                          "another of the listed layers, whose output the path replaces; "
+                          "attribute the layers in separate calls", RuntimeWarning,
+                          stacklevel=3)
 
 
 class LayerSpace:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels.attr.layer import _activation, layer_replaced_forward
-from taylor_kernels.engine.derivative import hvp
+from taylor_kernels.engine.derivative import hessian_block
 from taylor_kernels.engine.problem import as_tuple, make_problem
 
 
@@ -94,15 +94,15 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
                            target, additional_forward_args=tup)
     ids = _region_ids(regions, spatial, B, act.device)
     R = int(ids.max()) + 1
-    # U [B|1, R, C*S]: indicator of region r on every channel of its cells
-    U = torch.nn.functional.one_hot(ids.reshape(ids.shape[0], -1), R).transpose(1, 2)
-    U = U.unsqueeze(2).expand(-1, -1, C, -1).reshape(ids.shape[0], R, -1).to(problem.x.dtype)
     cross = problem.x.new_zeros(B, R, R)
     for b in range(B):  # one input at a time: its own pre-layer inputs and target
         rows = torch.tensor([b], device=act.device)
         f = lambda flat, rows=rows: problem.forward(flat, rows.expand(flat.shape[0]))  # noqa: E731
-        Ub = U[b if U.shape[0] > 1 else 0]
-        HU = hvp(f, problem.x[b:b + 1], Ub.unsqueeze(0), max_memory=max_memory)[0]  # [R, D]
-        cross[b] = torch.einsum("id,d,jd->ij", Ub, problem.x[b], HU)
+        # U [R, C*S]: indicator of region r on every channel of its cells
+        U = torch.nn.functional.one_hot(ids[b if ids.shape[0] > 1 else 0].reshape(-1), R).T
+        U = U.to(problem.x.dtype).unsqueeze(1).expand(-1, C, -1).reshape(R, -1)  # (int64 first
+        # took 3x U: its expanded copy and the cast)
+        xb = problem.x[b:b + 1]  # cross[i, j] = (a * U_i) . H U_j
+        cross[b] = hessian_block(f, xb, U.unsqueeze(0), scale=xb, max_memory=max_memory)[0].T
     scores = cross.pow(2) + cross.transpose(1, 2).pow(2)
     return TaylorCAMResult(scores, cross, ids)

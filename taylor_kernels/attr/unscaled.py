@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.numerics import all_finite
 
 
 class Unscaled:
@@ -67,7 +68,7 @@ def unscaled_integrated_gradients(model: Callable, inputs: tuple[torch.Tensor, .
                          "sum(attr) - (f(x) - f(b)), which does not apply when "
                          "multiply_by_inputs=False; use a fixed rule")
     for i, x in enumerate(inputs):
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError(f"input {i} contains NaN or Inf values")
     ones, args = Unscaled.arguments(inputs, baselines, rest)
     return integrated_gradients(Unscaled(model, len(inputs)), ones if was_tuple else ones[0],

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import numbers
@@ -21,6 +22,7 @@ import torch
 
 from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
+from taylor_kernels.engine import guards
 from taylor_kernels.engine.guards import is_row_tensor
 
 
@@ -36,13 +38,15 @@ class CaptumTypeError(TypeError, AssertionError):
 def captum_method(fn: Callable) -> Callable:
     """Wrap ``attribute`` so that it carries ``__wrapped__`` like Captum's ``@log_usage``
     methods (Captum's own ``NoiseTunnel`` calls ``attribute.__wrapped__`` on what it wraps),
-    and so that our ``ValueError`` / ``TypeError`` for bad input are also the
-    ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`)."""
+    so that our ``ValueError`` / ``TypeError`` for bad input are also the
+    ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`),
+    and so that a model in train mode runs as in Captum (:func:`train_mode_as_captum`)."""
 
     @functools.wraps(fn)
     def attribute(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with train_mode_as_captum(args[0] if args else None):
+                return fn(*args, **kwargs)
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
             raise
         except ValueError as exc:
@@ -51,6 +55,33 @@ def captum_method(fn: Callable) -> Callable:
             raise CaptumTypeError(str(exc)) from exc
 
     return attribute
+
+
+@contextlib.contextmanager
+def train_mode_as_captum(method):
+    """Run ``method``'s model as Captum does when it is in train mode (dropout active, batch
+    norm on batch statistics): the engine refuses such a model (its rows would not be
+    independent), so the block runs inside :func:`taylor_kernels.allow_row_coupling` for each
+    such model, one batch as Captum's unless ``internal_batch_size`` splits it, with a
+    warning. Inseq's ``mc_dropout_prob_avg`` step score leaves its model in train mode and
+    raised here. Unlike Captum, the model's buffers (batch norm's running statistics) are
+    left as they were."""
+    forward = getattr(method, "forward_func", None)
+    roots = [] if forward is None or guards.row_coupling_allowed() else [
+        m for m in guards.modules_of(forward) if guards.coupling_submodules(m)]
+    if not roots:
+        yield
+        return
+    names = [n for m in roots for n in guards.coupling_submodules(m)]
+    warnings.warn(f"the model has modules in train mode ({', '.join(names[:4])}"
+                  f"{' ...' if len(names) > 4 else ''}): attributed as Captum does, with "
+                  "dropout active and batch norm on the batch's statistics, so the result is "
+                  "random or depends on the batch; call model.eval() for the model's "
+                  "deterministic attributions", RuntimeWarning, stacklevel=4)
+    with contextlib.ExitStack() as stack:
+        for m in roots:
+            stack.enter_context(guards.allow_row_coupling(m))
+        yield
 
 
 def format_inputs(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:

@@ -130,14 +130,13 @@ class ChunkPlan:
             self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
         self.budget = memory.chunk_budget(chunk_size, max_memory, device)
         self.reserved = 0
+        self.cpu_limit = False  # an explicit budget on the CPU (chunks fit a share of it)
         if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):
-            self.reserved = reserved + (min(memory.CPU_CALL_RESERVE, self.budget // 8)
-                                        if device.type == "cpu" else 0)
-            if self.reserved >= self.budget:
-                raise MemoryError(f"max_memory of {int(self.budget)} bytes leaves nothing for "
-                                  f"the path: the call holds {self.reserved} bytes beside its "
-                                  f"chunks ({memory.HELD_BY_CALL}); raise max_memory")
-            self.budget = self.budget - self.reserved  # what chunks may use
+            left = memory.budget_beside(self.budget, reserved, device)  # what chunks may use
+            self.budget, self.reserved = left, self.budget - left
+            if device.type == "cpu":
+                memory.release_freed_cpu_memory(device)
+                self.cpu_limit = True
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")
         self.threads = torch.get_num_threads()
@@ -153,7 +152,13 @@ class ChunkPlan:
         return self.chunk is None and self.cost is None
 
     def _fits(self, per_item: float) -> int:
-        return memory.chunk_size_for(self.budget, per_item, self.total, self.reserved)
+        """Items per chunk within the budget; under an explicit CPU budget within
+        ``memory.CPU_CHUNK_SHARE`` of it (at least one item)."""
+        fit = memory.chunk_size_for(self.budget, per_item, self.total, self.reserved)
+        if self.cpu_limit:
+            room = self.budget * memory.CPU_CHUNK_SHARE
+            fit = max(1, min(fit, int(room // max(per_item, 1.0))))
+        return fit
 
     def _cap(self, cost: float) -> int:
         """The largest candidate: what the limit holds, at most ``max_share`` of the items (but

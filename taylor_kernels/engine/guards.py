@@ -50,10 +50,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import types
 from typing import Callable
 
 import torch
 from torch import nn
+
+from taylor_kernels.engine.thread_hooks import this_thread
 
 _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_row_coupling",
                                                                   default=False)
@@ -75,15 +79,43 @@ def cell_values(f) -> list:
     return values
 
 
-def modules_of(f) -> list[nn.Module]:
-    """The modules ``f`` is or closes over: ``f`` itself, the module of a bound method, and
-    modules held in the closure cells of a function (one level)."""
-    if isinstance(f, nn.Module):
-        return [f]
-    owner = getattr(f, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return [owner]
-    return [v for v in cell_values(f) if isinstance(v, nn.Module)]
+def modules_of(f, depth: int = 3) -> list[nn.Module]:
+    """The modules ``f`` is or reaches: ``f`` itself, the object of a bound method, what a
+    ``functools.partial`` binds, the values in a function's closure cells, and the ``model``
+    attribute of a wrapper object (the library's own, an Inseq attribution model), followed
+    ``depth`` levels deep. (One level missed a model behind the wrapper that Captum's
+    ``multiply_by_inputs=False`` runs through, so train-mode dropout there passed unseen.)"""
+    found: dict[int, nn.Module] = {}
+    seen: dict[int, object] = {}  # id -> object, kept alive so that no id is reused
+
+    def visit(v, left: int) -> None:
+        if id(v) in seen:
+            return
+        seen[id(v)] = v
+        if isinstance(v, nn.Module):
+            found.setdefault(id(v), v)
+            return
+        if left == 0 or isinstance(v, (torch.Tensor, str, bytes, int, float, type,
+                                       types.ModuleType)):
+            return
+        reached = [_attribute(v, "__self__"), _attribute(v, "model")]
+        if isinstance(v, functools.partial):
+            reached += [v.func, *v.args, *v.keywords.values()]
+        reached += cell_values(v)
+        for r in reached:
+            if r is not None:
+                visit(r, left - 1)
+
+    visit(f, depth)
+    return list(found.values())
+
+
+def _attribute(v, name: str):
+    """``getattr(v, name, None)``, also None when the attribute raises (a property)."""
+    try:
+        return getattr(v, name, None)
+    except Exception:  # noqa: BLE001 - any failing property means "no such attribute" here
+        return None
 
 
 def _check_autograd_available(inputs) -> None:
@@ -98,17 +130,18 @@ def _check_autograd_available(inputs) -> None:
                                "x.clone() made outside inference mode")
 
 
-def coupling_submodules(model: nn.Module) -> list[str]:
-    """Names of submodules that couple rows or are random in their current mode: batch norm
-    using batch statistics (train mode, or no running statistics), dropout with ``p > 0`` in
-    train mode."""
+def coupling_submodules(model: nn.Module, recurse: bool = True) -> list[str]:
+    """Names of submodules (``recurse=False``: of ``model`` alone) that couple rows or are
+    random in their current mode: batch norm using batch statistics (train mode, or no running
+    statistics), dropout with ``p > 0`` in train mode."""
     bad = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if recurse else [("", model)]:
         batch_stats = isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or m.running_mean is None)
         dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
         if batch_stats or dropout:
-            bad.append(f"{name or '<model>'} ({type(m).__name__}"
+            bad.append(f"{name or ('<model>' if recurse else 'a module it calls')} "
+                       f"({type(m).__name__}"
                        f"{', train mode' if m.training else ', batch statistics'})")
     return bad
 
@@ -122,11 +155,14 @@ def check_model(f, inputs=()) -> None:
         return
     bad = [n for m in modules_of(f) for n in coupling_submodules(m)]
     if bad:
-        raise ValueError(f"the model has modules that couple rows or are random: {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. "
-                         "Attribution batches rows of different inputs and path points "
-                         "together, so batch statistics or dropout make it wrong: call "
-                         "model.eval() first, or opt in with "
-                         "`with taylor_kernels.allow_row_coupling(model):`")
+        raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]) + (" ..." if len(bad) > 6
+                                                                       else "")))
+
+
+_COUPLING_ERROR = ("the model has modules that couple rows or are random: {}. Attribution "
+                   "batches rows of different inputs and path points together, so batch "
+                   "statistics or dropout make it wrong: call model.eval() first, or opt in "
+                   "with `with taylor_kernels.allow_row_coupling(model):`")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype | None = None) -> bool:
@@ -241,10 +277,45 @@ def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[to
 
 def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> None:
     """Check R for ``f`` mapping a batch ``[N, ...] -> [N, ...]`` (``jet``, ``hvp``): row 0 of
-    ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept."""
-    with preserved_buffers(f):
-        check_rows_independent(lambda points, rows: f(points), x[0],
-                               distinct_row(x, other)[0], 0)
+    ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept, also
+    those of modules ``f`` reaches where :func:`modules_of` cannot see them (a global), whose
+    train-mode batch norm or dropout is then refused by name (:func:`modules_run`)."""
+    ran: dict[int, nn.Module] = {}
+    failure = None
+    with preserved_buffers(f), modules_run(ran):
+        try:
+            check_rows_independent(lambda points, rows: f(points), x[0],
+                                   distinct_row(x, other)[0], 0)
+        except Exception as exc:  # noqa: BLE001 - re-raised below unless a module explains it
+            failure = exc
+    if not _ALLOWED.get():
+        bad = [n for m in ran.values() for n in coupling_submodules(m, recurse=False)]
+        if bad:
+            raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
+    if failure is not None:
+        raise failure
+
+
+@contextlib.contextmanager
+def modules_run(into: dict):
+    """Within the block, in this thread: every module called is recorded in ``into``
+    (id -> module) and its buffers are put back on exit (a function may reach a model through
+    a global, which :func:`modules_of` cannot see: a probe of train-mode batch norm there
+    moved its running statistics although the call was then refused)."""
+    saved: list = []
+
+    def record(module, args):
+        if id(module) not in into:
+            into[id(module)] = module
+            saved.extend((module, name, b, b.detach().clone())
+                         for name, b in module._buffers.items() if b is not None)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(this_thread(record))
+    try:
+        yield into
+    finally:
+        handle.remove()
+        _restore(saved)
 
 
 @contextlib.contextmanager
@@ -257,14 +328,19 @@ def preserved_buffers(f):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, name, b, value in saved:
-                m._buffers[name] = b
-                # the values come back without a version bump: eval batch norm saved its
-                # running stats for a backward still to come, and they hold the same values
-                # (train batch norm updates them in its kernel without a bump either)
-                with torch.autograd._unsafe_preserve_version_counter(b):
-                    b.copy_(value)
+        _restore(saved)
+
+
+def _restore(saved: list) -> None:
+    """Put ``(module, name, buffer, value)`` snapshots back: the buffer object, and its value."""
+    with torch.no_grad():
+        for m, name, b, value in saved:
+            m._buffers[name] = b
+            # the values come back without a version bump: eval batch norm saved its running
+            # stats for a backward still to come, and they hold the same values (train batch
+            # norm updates them in its kernel without a bump either)
+            with torch.autograd._unsafe_preserve_version_counter(b):
+                b.copy_(value)
 
 
 @contextlib.contextmanager

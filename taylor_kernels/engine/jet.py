@@ -38,11 +38,12 @@ from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
 from taylor_kernels.engine.derivative import higher_order_ops
-from taylor_kernels.engine.guards import (cell_values, check_function_rows, check_model,
-                                          modules_of)
+from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
+                                          check_model, modules_of)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
-from taylor_kernels.numerics import MAX_ORDER, nested_jvp_coefficients, polarization_rule
+from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
+                                     polarization_rule)
 
 _WARNED_OPS: set[str] = set()
 _TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, fx.GraphModule | None]]" = OrderedDict()
@@ -126,12 +127,17 @@ def _trace_key(f) -> tuple:
 def _trace(f, cache: bool = True) -> fx.GraphModule | None:
     """``x -> f(x)`` as a GraphModule, else with child modules as leaves, else None; cached
     (``cache=True``) until :func:`_trace_key` of ``f`` changes."""
+    return _trace_cached(f, cache)[0]
+
+
+def _trace_cached(f, cache: bool = True) -> tuple[fx.GraphModule | None, bool]:
+    """:func:`_trace` and whether the graph came from the cache."""
     key = _trace_key(f) if cache else None
     with _TRACES_LOCK:
         hit = _TRACES.get(id(f)) if cache else None
         if hit is not None and hit[0]() is f and hit[1] == key:
             _TRACES.move_to_end(id(f))
-            return hit[2]
+            return hit[2], True
 
     def call(x):
         return f(x)
@@ -146,17 +152,37 @@ def _trace(f, cache: bool = True) -> fx.GraphModule | None:
         gm = fx.GraphModule(tracer.root, graph)
         break
     if not cache:
-        return gm
+        return gm, False
     try:
         ref = weakref.ref(f)
     except TypeError:  # not weak-referenceable: trace again next time
-        return gm
+        return gm, False
     with _TRACES_LOCK:
         _TRACES[id(f)] = (ref, key, gm)
         _TRACES.move_to_end(id(f))
         while len(_TRACES) > _TRACE_CACHE_SIZE:
             _TRACES.popitem(last=False)
-    return gm
+    return gm, False
+
+
+def _primal_matches(f, x: torch.Tensor, out: torch.Tensor, target, B: int, M: int) -> bool:
+    """Whether the jet's value ``c_0`` of row 0 equals ``f(x[:1])`` from a real forward: a
+    cached trace can be stale through state its key cannot see (a module-level constant or
+    helper a ``forward`` reads, a dict attribute changed in place), and then returned the old
+    function's coefficients, ``c_0`` included."""
+    with torch.no_grad():
+        real = f(x[:1])
+    if not torch.is_tensor(real):
+        return True  # _select raises on the traced output's type just after
+    real = real.reshape(1) if real.dim() == 0 else real
+    row0 = target[:1] if torch.is_tensor(target) and target.dim() > 0 and \
+        target.shape[0] == B else target
+    try:
+        want = _select(real.unsqueeze(0), row0, 1, 1)
+    except (ValueError, TypeError, IndexError, RuntimeError):
+        return True  # the traced output's own selection words the error
+    got = _select(out[:1, :1], row0, 1, 1)
+    return _close(got, want.to(got.dtype))
 
 
 def _op_name(kind: str, target) -> str:
@@ -289,7 +315,7 @@ def _check_jet_args(x, directions, order):
         raise ValueError(f"need at least one input and one direction, got directions of shape "
                          f"{tuple(directions.shape)}")
     for name, t in (("x", x), ("directions", directions)):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf values")
     return directions
 
@@ -343,18 +369,27 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         arg = Jet(torch.cat(parts[:order + 1] if order < 2 else parts))
     else:
         arg = x0
-    gm = None if fallback else _trace(f, cache)
-    if gm is not None:
-        res = _JetInterpreter(gm, order, cache).run(arg)
-        out = res.c if isinstance(res, Jet) else rules.as_jet(res, order).c
-    elif isinstance(arg, Jet):
+    gm, cached = (None, False) if fallback else _trace_cached(f, cache)
+    out = None if gm is None else _run_traced(gm, arg, order, cache)
+    if out is not None and cached and not _primal_matches(f, x, out, target, B, M):
+        with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
+            _TRACES.clear()
+        gm = _trace(f, cache)
+        out = None if gm is None else _run_traced(gm, arg, order, cache)
+    if out is None and isinstance(arg, Jet):
         if not fallback:
             _warn_once(_op_name("call_function", f), "could not trace")
         with higher_order_ops():
             out = nested_jvp_coefficients(f, [arg.c], order)
-    else:
+    elif out is None:
         out = rules.as_jet(f(arg), order).c
     return _select(out, target, B, M)
+
+
+def _run_traced(gm: fx.GraphModule, arg, order: int, cache: bool) -> torch.Tensor:
+    """The jet coefficients ``[J+1, B*M, ...]`` of a traced model at ``arg``."""
+    res = _JetInterpreter(gm, order, cache).run(arg)
+    return res.c if isinstance(res, Jet) else rules.as_jet(res, order).c
 
 
 def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from taylor_kernels import ops
 from taylor_kernels.engine import chunking, cuda_graphs, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
-from taylor_kernels.numerics import accumulation_dtype
+from taylor_kernels.numerics import accumulation_dtype, finite_rows
 
 @dataclass
 class Integral:
@@ -143,7 +143,7 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
 
 def _non_finite_points(grad: torch.Tensor) -> torch.Tensor:
     """``[count]`` bool: points whose gradient (any of ``T`` outputs) has a NaN or Inf."""
-    bad = ~torch.isfinite(grad).all(dim=-1)
+    bad = ~finite_rows(grad)
     return bad.any(dim=0) if grad.dim() == 3 else bad
 
 
@@ -377,29 +377,45 @@ def _empty_sums(problem: PathProblem, x: torch.Tensor, rows: torch.Tensor,
             for _ in range(n)]
 
 
+# A no-grad forward's workspaces (a convolution's unfolded columns) are not saved tensors:
+# a CNN's endpoint forwards of 2-10 rows peaked at 1.3-1.6x the saved-tensor estimate of
+# :func:`_endpoint_row_bytes`, so their rows fit half of what the budget leaves. (They are a
+# path point's forward without its backward, and fewer rows than the path's points.)
+ENDPOINT_MARGIN = 2.0
+
+
 @torch.no_grad()
 def endpoint_values(problem: PathProblem, chunk: int = 256,
                     max_memory=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Model outputs at the inputs ``f(x) [B]`` and at every baseline ``f(b) [B, K]``
     (``[B, T]`` and ``[B, K, T]`` when ``problem.forward`` returns ``T`` outputs per point),
     without grad, in forwards of at most ``chunk`` rows (inputs and baselines together: fewer,
-    larger model calls). With ``max_memory`` the rows per forward fit the budget (at least
-    one), from a measured forward of the first two rows (:func:`_endpoint_row_bytes`):
-    expected gradients' or Shapley IG's many references ran in forwards of 256 rows, up to
-    12x a small budget. A check R deferred by ``make_problem(defer_row_check=True)`` compares
+    larger model calls). With ``max_memory`` the rows per forward fit what the budget leaves
+    beside the inputs and references (:func:`memory.budget_beside`; at least one row), from a
+    measured forward of the first two rows (:func:`_endpoint_row_bytes`): expected gradients'
+    or Shapley IG's many references ran in forwards of 256 rows, up to 12x a small budget. A check R deferred by ``make_problem(defer_row_check=True)`` compares
     row 0's output alone with its output in the first batch here (inputs first, so row 0
     leads it)."""
     B, K = problem.B, problem.K
     total = B * (K + 1)
     if max_memory is not None:
-        budget = memory.parse_budget(max_memory, problem.x.device)
-        per_row = _endpoint_row_bytes(problem, min(2, total))
-        chunk = max(1, min(chunk, int(budget // max(per_row, 1.0))))  # (a budget too small
+        x = problem.x
+        left = memory.budget_beside(memory.parse_budget(max_memory, x.device),
+                                    x.nbytes + problem.baselines.nbytes, x.device)
+        memory.release_freed_cpu_memory(x.device)
+        per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total))
+        chunk = max(1, min(chunk, int(left // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)
-    out = torch.cat([problem.forward(*_endpoint_rows(problem, i, min(i + chunk, total)))
-                     for i in range(0, total, chunk)])
-    acc = accumulation_dtype(problem.x.dtype)
-    return out[:B].to(acc), out[B:].to(acc).reshape(B, K, *out.shape[1:])
+    out = None  # written in place: a list of small outputs kept between forwards pinned the
+    # heap (136 one-row forwards of a CNN held 16 MB resident; 1.6 MB written in place)
+    for i in range(0, total, chunk):
+        part = problem.forward(*_endpoint_rows(problem, i, min(i + chunk, total)))
+        if out is None:
+            out = part.new_empty((total,) + part.shape[1:],
+                                 dtype=accumulation_dtype(problem.x.dtype))
+        out[i:i + part.shape[0]] = part
+        del part
+    return out[:B], out[B:].reshape(B, K, *out.shape[1:])
 
 
 def _endpoint_rows(problem: PathProblem, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:

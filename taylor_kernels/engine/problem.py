@@ -14,6 +14,7 @@ import torch
 
 from taylor_kernels.engine import guards
 from taylor_kernels.models.outputs import model_output
+from taylor_kernels.numerics import all_finite
 
 
 def as_tuple(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -36,7 +37,7 @@ def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
             raise ValueError(f"input {i} has dtype {t.dtype}; attribution needs floating inputs "
                              "(for token ids: tk.token_integrated_gradients, or layer_integrated_gradients "
                              "on the embedding layer)")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ValueError(f"input {i} contains NaN or Inf values")
     return B
 
@@ -91,7 +92,7 @@ def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     Bb, K = max(p.shape[0] for p in parts), max(Ks)
     parts = [p.expand(Bb, K, -1) for p in parts]  # one baseline (a scalar) serves all K
     for i, p in enumerate(parts):
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise ValueError(f"baseline {i} contains NaN or Inf values")
     return torch.cat(parts, dim=2).contiguous()
 

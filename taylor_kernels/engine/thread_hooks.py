@@ -22,10 +22,12 @@ from typing import Callable
 
 import torch
 
-# appended to "layer ... was not called" errors: the likely cause when a forward did call it
-WORKER_THREADS = ("in this thread (the library's hooks act only in the calling thread: models "
-                  "that run layers in worker threads, e.g. nn.DataParallel or a thread pool, "
-                  "are not supported)")
+# appended to "layer ... was not called" errors: the usual cause, and the one when the forward
+# did call it (in another thread)
+WORKER_THREADS = ("(is it part of what the forward runs? A forward given embeddings, e.g. "
+                  "inputs_embeds=, never calls the embedding layer. The library's hooks also "
+                  "act only in the calling thread: models that run layers in worker threads, "
+                  "e.g. nn.DataParallel or a thread pool, are not supported)")
 
 
 def this_thread(hook: Callable) -> Callable:

@@ -325,6 +325,27 @@ def test_noise_tunnel_over_layer_ig_on_a_list_of_layers(branches):
         torch.testing.assert_close(a, b)
 
 
+def test_a_listed_layer_reached_only_through_another_warns(branches):
+    """Layer IG over [l1, l3] where l1 feeds the output only through l3: Captum raises
+    autograd's "not used in the graph"; ours gives l1 zeros (the path replaces l3's output)
+    and says why, where it returned them silently."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not have been used"):
+        ca.LayerIntegratedGradients(net, [net[0], net[2]]).attribute(x, target=1, n_steps=8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        a = tc.LayerIntegratedGradients(net, [net[0], net[2]]).attribute(x, target=1,
+                                                                         n_steps=8)
+        bnet, bx = branches  # two parallel branches: both reach the output
+        side = tc.LayerIntegratedGradients(bnet, [bnet.left, bnet.right]).attribute(
+            bx, target=1, n_steps=8)
+    mine = [str(w.message) for w in seen if "are all zero" in str(w.message)]
+    assert len(mine) == 1 and "layer 0 (Linear)" in mine[0]
+    assert not a[0].any() and a[1].abs().max() > 0.01 and all(t.abs().max() > 0 for t in side)
+
+
 @pytest.mark.parametrize("name", ["GradientShap", "LayerGradientShap"])
 def test_noise_tunnel_in_batches_over_gradient_shap_draws_as_captum(name):
     """With nt_samples_batch_size < nt_samples Captum alternates the noise of a block with
@@ -361,6 +382,14 @@ def test_inputs_requiring_grad_get_captums_graph():
         torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-9)
     assert x.grad is None
     assert tc.IntegratedGradients(net).attribute(x.detach(), target=1).grad_fn is None
+
+    def scaled(z, scale):  # a per-row forward argument must reach this path too
+        return net(z * scale)
+
+    scale = torch.tensor([[2.0], [3.0], [0.5]], dtype=F64)
+    ours, ref = (mod.IntegratedGradients(scaled).attribute(
+        x, target=1, additional_forward_args=(scale,), n_steps=16) for mod in (tc, ca))
+    torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["NeuronIntegratedGradients", "NeuronConductance"])

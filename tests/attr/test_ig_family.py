@@ -53,6 +53,19 @@ def test_eg_chunking_and_seed():
     assert not torch.allclose(a.attributions, c.attributions)
 
 
+def test_eg_draws_every_background_row():
+    """Linear model: EG = w (x - mean of the drawn references); with two background rows and
+    many draws per input both rows are drawn (the last one was never drawn by an off-by-one
+    that only a one-row background showed, by crashing)."""
+    lin = linear_model(6)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    bg = torch.stack([torch.zeros(6), torch.ones(6)]).double()
+    res = tk.expected_gradients(lin, x, bg, samples=64, seed=0)
+    w = lin.weight[0].detach()
+    drawn = x - res.attributions / w  # the mean drawn reference, in [0, 1] per input
+    assert ((drawn > 0.2) & (drawn < 0.8)).all()
+
+
 def test_eg_converges_to_ig_with_single_reference():
     net, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
     ref = torch.zeros(1, 10, dtype=torch.float64)
@@ -149,7 +162,15 @@ def test_noise_tunnel_aggregates_per_input_copies():
     torch.testing.assert_close(vg.attributions, sq.attributions - sg.attributions ** 2)
     assert (vg.attributions >= -1e-12).all() and sg.evaluations == 2 * 4 * 8
     # copies of input b use input b's baseline and target: completeness holds per copy
-    assert sg.gap.abs().max() < 1e-6  # 8-node quadrature error; a wrong mapping gives O(1)
+    assert sg.gap.abs().max() < 1e-6  # 8-node quadrature error
+    # (completeness holds for any baseline a copy is given: without noise the copies must
+    # give each input's own IG, tensor targets and per-row baselines included)
+    x3, bl3, t3 = torch.randn(3, 10, dtype=torch.float64), 0.2 * torch.randn(
+        3, 10, dtype=torch.float64), torch.tensor([0, 1, 2])
+    plain = tk.integrated_gradients(net, x3, bl3, target=t3, steps=16).attributions
+    still = tk.noise_tunnel(tk.integrated_gradients, net, x3, baselines=bl3, target=t3,
+                            nt_samples=4, stdevs=0.0, seed=0, steps=16).attributions
+    torch.testing.assert_close(still, plain, rtol=1e-10, atol=1e-12)
 
 
 # ---- layer IG -------------------------------------------------------------------------------

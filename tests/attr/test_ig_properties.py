@@ -78,6 +78,39 @@ def test_adaptive_meets_tolerance_with_few_evaluations(act, tol):
     assert res.nodes_per_input.max() <= 63
     if tol == 1e-4:
         assert res.evaluations <= 50 * 8 / 3  # a third of Captum's default 50 steps
+    bl = 0.5 * torch.randn(8, 3, 12, dtype=torch.float64)  # K = 3: nodes count every path
+    res = tk.integrated_gradients(net, x, bl, target=0, rule="adaptive", tol=tol)
+    assert res.evaluations == int(res.nodes_per_input.sum())
+
+
+class _LinearAndCurved(torch.nn.Module):
+    """Output 0 linear in ``x`` (converges at the first level), output 1 curved; ``scale``
+    (per row) multiplies the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+    def forward(self, x, scale):
+        x = x * scale
+        return torch.stack([x @ self.w, torch.tanh(3 * x).pow(3).sum(1)], 1)
+
+
+def test_adaptive_refines_the_right_rows_with_per_row_targets_and_args():
+    """Rows stop refining at different levels; the later passes run only the rows still
+    open and must give each its own target and forward args (mapping them by position in
+    the pass gave row 1 row 0's target: off by 2.1)."""
+    torch.manual_seed(0)
+    m = _LinearAndCurved()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    target, scale = torch.tensor([0, 1, 1]), torch.tensor([[1.0], [1.5], [0.7]],
+                                                           dtype=torch.float64)
+    got = tk.integrated_gradients(m, x, target=target, rule="adaptive", tol=1e-9,
+                                  additional_forward_args=(scale,))
+    assert got.nodes_per_input[0] < got.nodes_per_input[1]
+    gold = tk.integrated_gradients(m, x, target=target, steps=400,
+                                   additional_forward_args=(scale,)).attributions
+    torch.testing.assert_close(got.attributions, gold, rtol=0, atol=1e-8)
 
 
 def test_adaptive_warns_when_levels_run_out():

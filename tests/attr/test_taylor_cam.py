@@ -71,6 +71,20 @@ def test_regions_sum_the_formula_over_their_cells():
     torch.testing.assert_close(res.cell_map(1)[0, 0, 0], res.scores[0, 1, 0])
 
 
+def test_per_input_regions_apply_to_their_own_row():
+    """Regions ``[B, H, W]``: row ``b`` is scored over its own regions, as when run alone."""
+    model = QuadraticHead().double()
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64)
+    regions = torch.stack([torch.arange(12).reshape(3, 4) % 2,
+                           torch.arange(12).reshape(3, 4) // 6])
+    res = tk.taylor_cam(model, model.conv, x, regions=regions)
+    for b in range(2):
+        alone = tk.taylor_cam(model, model.conv, x[b:b + 1], regions=regions[b:b + 1])
+        torch.testing.assert_close(res.cross[b], alone.cross[0], atol=TOL, rtol=0)
+    assert not torch.allclose(res.cross[1], tk.taylor_cam(
+        model, model.conv, x[1:], regions=regions[:1]).cross[0])  # the regions matter
+
+
 def test_matches_func_hessian_on_cnn_with_per_row_targets():
     model = cnn(size=4)  # Taylor-CAM of c1: tanh, pooling, conv, gelu, linear after it
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)

@@ -66,10 +66,14 @@ def test_candidates_respect_limit_and_share(monkeypatch):
     assert few.chunk == 8 and not few.trials
     monkeypatch.setattr(chunking, "machine_busy", lambda: False)
     fixed = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB")
-    # an explicit budget is filled, less an eighth reserved for the call on the CPU
-    assert fixed.chunk == (2**20 - 2**20 // 8) // 1000 and not fixed.trials
+    # an explicit budget is filled, less an eighth reserved for the call on the CPU, and
+    # there a chunk takes memory.CPU_CHUNK_SHARE of it (glibc keeps the last chunk's blocks)
+    share = memory.CPU_CHUNK_SHARE
+    assert fixed.chunk == int((2**20 - 2**20 // 8) * share // 1000) and not fixed.trials
     held = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB", reserved=2**19)
-    assert held.chunk == (2**20 - 2**19 - 2**20 // 8) // 1000
+    assert held.chunk == int((2**20 - 2**19 - 2**20 // 8) * share // 1000)
+    one = chunking.ChunkPlan(10**6, CPU, cost=2**19, max_memory="1MB")  # over the share,
+    assert one.chunk == 1  # within the budget: one item per chunk
     with pytest.raises(MemoryError, match="655360 of them held by the call"):
         chunking.ChunkPlan(10**6, CPU, cost=2**19, max_memory="1MB", reserved=2**19)
     with pytest.raises(MemoryError, match="max_memory of 1000 bytes leaves nothing"):
@@ -147,7 +151,7 @@ def test_explicit_budget_is_filled_and_only_threads_are_timed(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(chunking, "_BUSY_THREADS", {})
     plan = chunking.ChunkPlan(10**6, CPU, cost=1000.0, max_memory="1MB", slot={})
-    size = (2**20 - 2**20 // 8) // 1000
+    size = int((2**20 - 2**20 // 8) * memory.CPU_CHUNK_SHARE // 1000)
     assert plan.trials == [(size, 2), (size, 1)]
     _feed(plan, {(size, 2): 3.0, (size, 1): 1.0})
     assert plan.chunk == size and plan.threads == 1 and "choice" not in plan.slot

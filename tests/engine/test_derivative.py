@@ -156,6 +156,9 @@ def test_fallback_to_double_backward_warns_once_and_is_correct(monkeypatch):
         with pytest.warns(RuntimeWarning, match="double backward"):
             out = d.hvp(legacy, x, V, chunk_size=3)
         assert (out - torch.einsum("bij,bmj->bmi", H, V)).abs().max() < TOL
+        for size in (6, None):  # whole points: the fallback loops over the 3 directions
+            out = d.hvp(legacy, x, V, chunk_size=size)
+            assert (out - torch.einsum("bij,bmj->bmi", H, V)).abs().max() < TOL
     T = vmap(jacfwd(func_hessian(lambda z: net(z.reshape(1, -1)).squeeze() ** 2)))(x).detach()
     u, v = torch.randn(2, 2, 5, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="triple backward"):

@@ -358,6 +358,45 @@ def test_trace_cache_sees_function_globals_and_taylor_decomposition():
     assert (a - b).abs().max() > 1e-3
 
 
+SCALE = 1.0
+
+
+class ReadsState(nn.Module):
+    """A forward reading a module-level constant and a dict attribute: state the trace key
+    cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.cfg = {"shift": 0.0}
+
+    def forward(self, x):
+        return torch.tanh(SCALE * self.lin(x) + self.cfg["shift"])
+
+
+def test_a_stale_trace_is_caught_by_the_value_and_traced_again():
+    """A cached trace returned the old function's coefficients (c0 -0.29 where the model
+    gave -0.71) after such state changed; the cached graph's value at row 0 is now checked
+    against a real forward, and the call traces again."""
+    global SCALE
+    torch.manual_seed(0)
+    model = ReadsState().double().eval()
+    x, V = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    first = tk.jet(model, x, V, 3, target=1)
+    try:
+        for change in (lambda: globals().update(SCALE=3.0),
+                       lambda: model.cfg.update(shift=0.5)):
+            change()
+            got = tk.jet(model, x, V, 3, target=1)
+            torch.testing.assert_close(got, tk.jet(model, x, V, 3, target=1, cache=False),
+                                       rtol=1e-12, atol=1e-12)
+            with torch.no_grad():
+                torch.testing.assert_close(got[0, :, 0], model(x)[:, 1])
+            assert (got - first).abs().max() > 0.1
+    finally:
+        SCALE = 1.0
+
+
 SWITCH = True
 
 

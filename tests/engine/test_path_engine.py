@@ -56,6 +56,44 @@ def test_budget_bounds_the_endpoint_forwards(method):
     assert rows and max(rows) < 4 * 49  # the 196 rows of the endpoints were one forward
 
 
+def test_endpoint_rows_fit_what_the_budget_leaves_beside_the_references(monkeypatch):
+    """The endpoint forwards' rows fit the budget less what the call holds (inputs and
+    references; on the CPU also ``CPU_CALL_RESERVE``): expected gradients' 64 references of
+    a CNN input held 6.3 MB of an 8 MB budget, and the endpoint rows were sized for all 8 MB
+    (a resident peak of 2.2x the budget)."""
+    from taylor_kernels.engine import path_engine
+    model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
+    background = torch.randn(16, 10, dtype=torch.float64)
+    monkeypatch.setattr(path_engine, "_endpoint_row_bytes", lambda problem, n: 1000.0)
+    held = x.nbytes + 2 * 40 * x[0].nbytes  # inputs and the B x 40 drawn references
+    budget = held + 8000
+    rows: list[int] = []
+    hook = model.register_forward_hook(
+        lambda m, i, o: rows.append(i[0].shape[0]) if not torch.is_grad_enabled() else None)
+    try:
+        tk.expected_gradients(model, x, background, target=0, samples=40, seed=0,
+                              max_memory=budget)
+    finally:
+        hook.remove()
+    left = 8000 - min(memory.CPU_CALL_RESERVE, budget // 8)
+    per_row = 1000 * path_engine.ENDPOINT_MARGIN
+    assert max(rows) == left // per_row  # (the whole budget held 14 rows per forward)
+
+
+def test_a_budget_the_references_fill_raises_before_any_forward_of_them():
+    model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
+    background = torch.randn(16, 10, dtype=torch.float64)
+    rows: list[int] = []
+    hook = model.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        with pytest.raises(MemoryError, match="leaves nothing for the path"):
+            tk.expected_gradients(model, x, background, target=0, samples=400, seed=0,
+                                  max_memory=2 * 400 * x[0].nbytes)
+    finally:
+        hook.remove()
+    assert max(rows) <= 2  # the probes of row 0, not the 802 endpoint rows
+
+
 def test_measured_endpoint_forward_leaves_check_r_to_the_no_grad_forwards():
     """The budget's measuring forward runs with grad on the CPU; check R must not compare it
     with row 0's no-grad output: nn.TransformerEncoder takes its fast path (padded positions
@@ -88,8 +126,8 @@ def test_chunk_size_follows_measured_cost():
     model, x = models.mlp(d_in=50, hidden=64), torch.randn(32, 50, dtype=torch.float64)
     problem = make_problem(model, x, target=0)
     t, w = nodes_and_weights("gausslegendre", 50)
-    big = integrate(problem, t, [w], max_memory="2MB").chunk_size
-    tiny = integrate(problem, t, [w], max_memory="128KB").chunk_size
+    big = integrate(problem, t, [w], max_memory="4MB").chunk_size
+    tiny = integrate(problem, t, [w], max_memory="256KB").chunk_size
     assert 1 <= tiny < big < 1600
     assert big / tiny == pytest.approx(16, rel=0.35)  # chunk scales with the budget
 
