@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from taylor_kernels.attr.expected_gradients import expected_gradients
+from taylor_kernels.engine.guards import allow_row_coupling
 from taylor_kernels.numerics import seeded_generator
 
 
@@ -60,14 +61,18 @@ def dapr_loss(model: nn.Module, prior_net: nn.Module | None, meta: torch.Tensor 
     """``CE(f(x), y) + lam * penalty`` for one batch ``x [B, D]``, labels ``y [B]``.
 
     ``phi`` = expected gradients of the true class, one reference from ``background [N, D]``
-    and one ``t`` per input, differentiable (``create_graph``). ``lam = 0`` (or no prior net)
-    is plain cross-entropy. Returns ``(loss, {"ce", "penalty"} floats)``.
+    and one ``t`` per input, differentiable (``create_graph``), of the model as it trains:
+    in train mode its dropout is active and its batch norm uses the batch's statistics (the
+    attribution runs inside :func:`taylor_kernels.allow_row_coupling`, which keeps the
+    running statistics as they were; the cross-entropy forward updates them). ``lam = 0``
+    (or no prior net) is plain cross-entropy. Returns ``(loss, {"ce", "penalty"} floats)``.
     """
     ce = nn.functional.cross_entropy(model(x), y)
     if lam == 0 or prior_net is None:
         return ce, {"ce": ce.item(), "penalty": 0.0}
-    phi = expected_gradients(model, x, background, target=y, samples=1, seed=seed,
-                             chunk_size=x.shape[0], create_graph=True).attributions
+    with allow_row_coupling(model):  # a training model: refused there (dropout) before
+        phi = expected_gradients(model, x, background, target=y, samples=1, seed=seed,
+                                 chunk_size=x.shape[0], create_graph=True).attributions
     penalty = attribution_prior_penalty(phi, prior_net(meta))
     return ce + lam * penalty, {"ce": ce.item(), "penalty": penalty.item()}
 
@@ -106,6 +111,9 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if lam > 0 and (prior_net is None or meta is None):
         raise ValueError("lam > 0 needs a prior_net and the features' meta-data")
     xt, yt = train

@@ -35,6 +35,18 @@ def _repeat_rows(value, B: int, n: int):
     return value
 
 
+def _check_first_order(method) -> None:
+    """Refuse, before any forward, the second-order methods: they return interactions, not
+    attributions (the call ran all of its noisy copies, then failed on ``.attributions``)."""
+    from taylor_kernels.attr.group_hessians import group_integrated_hessians
+    from taylor_kernels.attr.integrated_hessians import expected_hessians, integrated_hessians
+    if method in (integrated_hessians, expected_hessians, group_integrated_hessians):
+        raise TypeError(f"noise_tunnel averages attributions; {method.__name__} returns "
+                        "interactions: smooth them by calling it on noisy inputs yourself, or "
+                        "use a first-order method (integrated_gradients, expected_gradients, "
+                        "layer_integrated_gradients, ...)")
+
+
 def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
                  nt_samples: int = 5, stdevs=1.0, seed: int | None = None,
                  **kwargs) -> AttributionResult:
@@ -53,6 +65,7 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     """
     if nt_type not in NT_TYPES:
         raise ValueError(f"unknown nt_type {nt_type!r}; choose one of {NT_TYPES}")
+    _check_first_order(method)
     if int(nt_samples) != nt_samples or nt_samples < 1:
         raise ValueError(f"nt_samples must be a positive integer, got {nt_samples}")
     tup, was_tuple = as_tuple(inputs)

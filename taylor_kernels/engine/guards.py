@@ -159,6 +159,9 @@ def check_model(f, inputs=()) -> None:
                                                                        else "")))
 
 
+IN_PLACE_ERROR = ("the model changes its input in place (e.g. x.mul_(2) in forward); "
+                  "attribution evaluates it at many points built from one tensor: make forward "
+                  "compute on a copy (x = x * 2)")
 _COUPLING_ERROR = ("the model has modules that couple rows or are random: {}. Attribution "
                    "batches rows of different inputs and path points together, so batch "
                    "statistics or dropout make it wrong: call model.eval() first, or opt in "
@@ -282,10 +285,17 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> No
     train-mode batch norm or dropout is then refused by name (:func:`modules_run`)."""
     ran: dict[int, nn.Module] = {}
     failure = None
+
+    def run(points, rows):  # on a copy: the caller's x must not change, and a forward that
+        given = points.clone()  # changes its input is named (it was called random)
+        out = f(points)
+        if not torch.equal(points, given):
+            raise ValueError(IN_PLACE_ERROR)
+        return out
+
     with preserved_buffers(f), modules_run(ran):
         try:
-            check_rows_independent(lambda points, rows: f(points), x[0],
-                                   distinct_row(x, other)[0], 0)
+            check_rows_independent(run, x[0].clone(), distinct_row(x, other)[0].clone(), 0)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless a module explains it
             failure = exc
     if not _ALLOWED.get():

@@ -20,8 +20,10 @@ strings, flags, the ``training`` mode, one level into config objects); for a pla
 also its closure cells and the globals its code names. Python branches on the *values* of
 tensors cannot be traced: ``torch.fx`` refuses them (``if x.sum() > 0``, ``.item()``), and such
 a model (or custom submodule) runs by nested forward-mode AD, which executes the real Python
-every call. A branch that reads state the key does not hold (a mutable object deeper than one
-level, a file, a random draw) needs ``cache=False``.
+every call. State the key does not hold (a module-level constant a ``forward`` reads, a dict
+attribute, a file, a random draw) is caught by value: a call on a cached trace compares its
+``c_0`` at row 0 with one real forward of that row and traces again when they differ; a
+change that keeps ``f(x_0)`` but not its derivatives needs ``cache=False``.
 """
 from __future__ import annotations
 

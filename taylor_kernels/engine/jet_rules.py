@@ -164,7 +164,10 @@ def per_coefficient(fn, args, kwargs):
     outs = [fn(*[pick(a, k) for a in args], **{n: pick(v, k) for n, v in kwargs.items()})
             for k in range(J + 1)]
     if isinstance(outs[0], (tuple, list)):
-        return tuple(Jet(torch.stack(parts)) for parts in zip(*outs))
+        return tuple(Jet(torch.stack(parts)) if torch.is_tensor(parts[0]) else parts[0]
+                     for parts in zip(*outs))
+    if not torch.is_tensor(outs[0]):  # e.g. the None of attention's (output, None) indexed
+        return outs[0]
     return Jet(torch.stack(outs))
 
 

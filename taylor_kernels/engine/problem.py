@@ -213,9 +213,7 @@ class PathProblem:
         with torch.no_grad():
             out = self.outputs(point, rows)
         if not torch.equal(point, self.x[row:row + 1]):
-            raise ValueError("the model changes its input in place (e.g. x.mul_(2) in forward); "
-                             "attribution evaluates it at many points built from one tensor: "
-                             "make forward compute on a copy (x = x * 2)")
+            raise ValueError(guards.IN_PLACE_ERROR)
         return out
 
     def outputs(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -158,3 +158,24 @@ def test_accuracy_is_measured_in_eval_mode_and_modes_are_kept():
     first = priors.accuracy(model, x, y)
     assert model.training and model[2].training  # restored
     assert priors.accuracy(model, x, y) == first == priors.accuracy(model.eval(), x, y)
+
+
+def test_fit_trains_a_model_with_dropout_and_batch_norm_and_checks_its_arguments():
+    """A model trains in train mode; with lam > 0 the attribution prior was refused at the
+    first step (dropout, batch norm); epochs=0 returned accuracy -1, batch_size=0 failed in
+    range()."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 5, dtype=torch.float64)
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    meta = priors.feature_metadata(X)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Dropout(0.2), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 2)).double()
+    before = model[1].num_batches_tracked.clone()
+    res = priors.fit(model, (X, y), (X, y), prior_net=priors.PriorNet(2).double(), meta=meta,
+                     lam=0.5, epochs=2, batch_size=20)
+    assert res.history and all(torch.isfinite(torch.tensor(h["penalty"])) for h in res.history)
+    assert model[1].num_batches_tracked > before  # the loss forwards trained batch norm
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"epochs": 2.5}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            priors.fit(model, (X, y), (X, y), **bad)

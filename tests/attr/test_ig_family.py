@@ -173,6 +173,20 @@ def test_noise_tunnel_aggregates_per_input_copies():
     torch.testing.assert_close(still, plain, rtol=1e-10, atol=1e-12)
 
 
+def test_noise_tunnel_refuses_second_order_methods_before_any_forward():
+    calls = []
+    net = models.mlp()
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 10, dtype=torch.float64)
+    try:
+        for method in (tk.integrated_hessians, tk.expected_hessians):
+            with pytest.raises(TypeError, match="returns interactions"):
+                tk.noise_tunnel(method, net, x, target=0, nt_samples=2)
+    finally:
+        hook.remove()
+    assert not calls
+
+
 # ---- layer IG -------------------------------------------------------------------------------
 def test_layer_ig_completeness_and_chunking():
     net, x = models.cnn(), torch.randn(3, 2, 8, 8, dtype=torch.float64)

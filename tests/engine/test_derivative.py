@@ -240,3 +240,29 @@ def test_inference_mode_and_train_mode_batch_norm_are_refused():
     with pytest.raises(RuntimeError, match="inference tensor"):
         d.hessian(f, xi)
     assert d.hvp(f, x, x).shape == x.shape
+
+
+class _DoublesItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return torch.tanh(self.lin(x))
+
+
+def test_a_model_changing_its_input_in_place_is_named_and_the_input_kept():
+    """The function-based APIs blamed randomness (dropout) and doubled the caller's x."""
+    import taylor_kernels as tk
+    torch.manual_seed(0)
+    m = _DoublesItsInput().double().eval()
+    x0 = torch.randn(2, 6, dtype=torch.float64)
+    f = lambda z: m(z)[:, 1]  # noqa: E731
+    for call in (lambda x: tk.hessian(f, x), lambda x: tk.hvp(f, x, torch.ones_like(x)),
+                 lambda x: tk.third_order(f, x, x, x),
+                 lambda x: tk.jet(m, x, torch.ones_like(x), 2, target=1)):
+        x = x0.clone()
+        with pytest.raises(ValueError, match="changes its input in place"):
+            call(x)
+        assert torch.equal(x, x0)

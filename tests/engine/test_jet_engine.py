@@ -479,3 +479,25 @@ def test_jet_refuses_inference_mode_and_train_mode_dropout():
     model.eval()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         tk.jet(model, x, V, 2)
+
+
+class _AttentionNoWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        a, _ = self.attn(x, x, x, need_weights=False)  # (output, None)
+        return self.head(a.mean(1))
+
+
+def test_attention_returning_none_weights():
+    """``a, _ = mha(..., need_weights=False)``: indexing the None raised in torch.stack."""
+    torch.manual_seed(0)
+    m = _AttentionNoWeights().double().eval()
+    x, V = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 2, 3, 8,
+                                                                  dtype=torch.float64)
+    torch.testing.assert_close(tk.jet(m, x, V, 3, target=1),
+                               tk.jet(m, x, V, 3, target=1, fallback=True),
+                               rtol=1e-10, atol=1e-12)
