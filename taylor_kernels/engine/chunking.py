@@ -134,9 +134,7 @@ class ChunkPlan:
         if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):
             left = memory.budget_beside(self.budget, reserved, device)  # what chunks may use
             self.budget, self.reserved = left, self.budget - left
-            if device.type == "cpu":
-                memory.release_freed_cpu_memory(device)
-                self.cpu_limit = True
+            self.cpu_limit = device.type == "cpu"
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")
         self.threads = torch.get_num_threads()

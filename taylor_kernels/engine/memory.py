@@ -12,7 +12,6 @@ to one point.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import numbers
 import re
@@ -40,7 +39,9 @@ CPU_CALL_RESERVE = 2**20
 # towards two chunks (a CNN's IG at 64 MB: chunks of 57 MB, peaks of 71-86 MB; IG, EG and
 # SIG at 8-16 MB: 1.15-1.4x; measured, 2-core Xeon, 2026-12-01). Returning the blocks before
 # each chunk (malloc_trim) held the peak but cost 17 ms per chunk in page faults (1.9x the
-# time at 16 MB); half-size chunks cost 1.06x the time at 16 MB and 1.5x at 4 MB.
+# time at 16 MB), and once per stage it cost 6-12 ms of a 40 ms MLP call for no measurable
+# gain once the stages below were fixed; half-size chunks cost 1.06x the time at 16 MB and
+# 1.5x at 4 MB.
 CPU_CHUNK_SHARE = 0.5
 # what a call holds beside its chunks, as its memory errors name it
 HELD_BY_CALL = ("its inputs and sums; for second order also the measured fixed cost of a "
@@ -163,33 +164,6 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = [None, False]  # [malloc_trim or None, looked up]
-
-
-def release_freed_cpu_memory(device: torch.device) -> None:
-    """Before a stage of a call with an explicit ``max_memory`` on the CPU: return the heap's
-    freed pages to the system (glibc ``malloc_trim(0)``; a no-op elsewhere). glibc keeps what
-    an earlier stage freed (the probes, the endpoint forwards, a coalition draw) and a later
-    stage's differently sized blocks may not reuse it, so the resident peak was the sum of
-    stages rather than their maximum: Shapley IG at 4 MB peaked at 1.8x (measured, 2-core
-    Xeon). Costs up to ~10 ms after a large stage (a 4x256 GPT-2's backward), so only calls
-    that asked for a limit pay it."""
-    if device.type != "cpu":
-        return
-    if not _TRIM[1]:
-        _TRIM[:] = [_malloc_trim(), True]
-    if _TRIM[0] is not None:
-        _TRIM[0](0)
 
 
 def budget_beside(budget: int, held: int, device: torch.device) -> int:

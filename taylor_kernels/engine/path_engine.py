@@ -402,7 +402,6 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
         x = problem.x
         left = memory.budget_beside(memory.parse_budget(max_memory, x.device),
                                     x.nbytes + problem.baselines.nbytes, x.device)
-        memory.release_freed_cpu_memory(x.device)
         per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total))
         chunk = max(1, min(chunk, int(left // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)
