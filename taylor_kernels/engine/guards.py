@@ -189,7 +189,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype | None = Non
 
 def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor | None,
                            other_index: int, alone: torch.Tensor | None = None,
-                           beside: torch.Tensor | None = None) -> None:
+                           beside: torch.Tensor | None = None) -> torch.Tensor | None:
     """Raise ``ValueError`` if ``run(points [N, D], rows [N])`` (the model's output ``[N, ...]``)
     gives row ``row [D]`` a different output alone than beside ``other [D]`` in a batch of two
     (run it under :func:`preserved_buffers`), compared at the row's dtype where coarser
@@ -199,9 +199,9 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
     then beside ``other`` (or ``beside``, its output ``[1, ...]`` computed in a batch with
     other rows). Equal outputs from two separate calls also rule out a random model; only when
     they differ does a third call on the row alone tell randomness (it differs again) from
-    batch mixing."""
+    batch mixing. Returns the row's output alone (None inside :func:`allow_row_coupling`)."""
     if _ALLOWED.get():
-        return
+        return None
     first = torch.zeros(1, dtype=torch.long, device=row.device)
     with torch.no_grad():
         alone = run(row.unsqueeze(0), first) if alone is None else alone
@@ -210,6 +210,7 @@ def check_rows_independent(run: Callable, row: torch.Tensor, other: torch.Tensor
             beside = run(torch.stack([row, other]), pair_rows)
     check_alone_beside(alone, beside, lambda: run(row.unsqueeze(0), first),
                        row.dtype if row.is_floating_point() else None)
+    return alone
 
 
 def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor],
@@ -278,13 +279,14 @@ def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[to
     return x[0] + 1, 0
 
 
-def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> None:
+def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
     """Check R for ``f`` mapping a batch ``[N, ...] -> [N, ...]`` (``jet``, ``hvp``): row 0 of
     ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept, also
     those of modules ``f`` reaches where :func:`modules_of` cannot see them (a global), whose
-    train-mode batch norm or dropout is then refused by name (:func:`modules_run`)."""
+    train-mode batch norm or dropout is then refused by name (:func:`modules_run`). Returns
+    ``f(x[:1])`` (None inside :func:`allow_row_coupling`)."""
     ran: dict[int, nn.Module] = {}
-    failure = None
+    failure = alone = None
 
     def run(points, rows):  # on a copy: the caller's x must not change, and a forward that
         given = points.clone()  # changes its input is named (it was called random)
@@ -295,7 +297,8 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> No
 
     with preserved_buffers(f), modules_run(ran):
         try:
-            check_rows_independent(run, x[0].clone(), distinct_row(x, other)[0].clone(), 0)
+            alone = check_rows_independent(run, x[0].clone(), distinct_row(x, other)[0].clone(),
+                                           0)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless a module explains it
             failure = exc
     if not _ALLOWED.get():
@@ -304,6 +307,7 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> No
             raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
     if failure is not None:
         raise failure
+    return alone
 
 
 @contextlib.contextmanager

@@ -167,13 +167,15 @@ def _trace_cached(f, cache: bool = True) -> tuple[fx.GraphModule | None, bool]:
     return gm, False
 
 
-def _primal_matches(f, x: torch.Tensor, out: torch.Tensor, target, B: int, M: int) -> bool:
-    """Whether the jet's value ``c_0`` of row 0 equals ``f(x[:1])`` from a real forward: a
-    cached trace can be stale through state its key cannot see (a module-level constant or
-    helper a ``forward`` reads, a dict attribute changed in place), and then returned the old
-    function's coefficients, ``c_0`` included."""
-    with torch.no_grad():
-        real = f(x[:1])
+def _primal_matches(f, x: torch.Tensor, row0, out: torch.Tensor, target, B: int) -> bool:
+    """Whether the jet's value ``c_0`` of row 0 equals ``f(x[:1])`` from a real forward
+    (``row0``, check R's, else run here): a cached trace can be stale through state its key
+    cannot see (a module-level constant or helper a ``forward`` reads, a dict attribute
+    changed in place), and then returned the old function's coefficients, ``c_0`` included."""
+    if row0 is None:
+        with torch.no_grad():
+            row0 = f(x[:1])
+    real = row0
     if not torch.is_tensor(real):
         return True  # _select raises on the traced output's type just after
     real = real.reshape(1) if real.dim() == 0 else real
@@ -361,8 +363,8 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     """
     directions = _check_jet_args(x, directions, order)
     check_model(f, (x, directions))
-    if x.is_floating_point():
-        check_function_rows(f, x, x[0] + directions[0, 0].to(x.dtype))
+    row0 = check_function_rows(f, x, x[0] + directions[0, 0].to(x.dtype)) \
+        if x.is_floating_point() else None
     B, M = directions.shape[:2]
     x0 = x.unsqueeze(1).expand(directions.shape).reshape((B * M,) + x.shape[1:])
     if x.is_floating_point():
@@ -373,7 +375,7 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         arg = x0
     gm, cached = (None, False) if fallback else _trace_cached(f, cache)
     out = None if gm is None else _run_traced(gm, arg, order, cache)
-    if out is not None and cached and not _primal_matches(f, x, out, target, B, M):
+    if out is not None and cached and not _primal_matches(f, x, row0, out, target, B):
         with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
             _TRACES.clear()
         gm = _trace(f, cache)
