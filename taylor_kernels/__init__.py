@@ -17,7 +17,8 @@ from taylor_kernels.engine.jet import jet, mixed_partials
 from taylor_kernels.attr.group_hessians import GroupInteractions, group_integrated_hessians
 from taylor_kernels.attr.integrated_hessians import (InteractionResult, expected_hessians,
                                                      integrated_hessians)
-from taylor_kernels.engine.derivative import hessian, hessian_diagonal, hvp, third_order
+from taylor_kernels.engine.derivative import (hessian, hessian_block, hessian_diagonal, hvp,
+                                              third_order)
 from taylor_kernels.engine.cuda_graphs import cuda_graphs
 from taylor_kernels.engine.guards import allow_row_coupling
 from taylor_kernels import priors  # noqa: E402  (DAPr; needs attr imported first)
@@ -29,7 +30,8 @@ __all__ += ["global_interactions", "greedy_interaction_sets", "interactions", "t
 __all__ += ["jet", "mixed_partials"]
 __all__ += ["MethodSettings", "TaylorDecomposition", "fourteen_methods", "taylor_decomposition",
             "unification_table"]
-__all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_diagonal", "hvp",
+__all__ += ["InteractionResult", "expected_hessians", "hessian", "hessian_block",
+            "hessian_diagonal", "hvp",
             "integrated_hessians", "third_order", "group_integrated_hessians",
             "GroupInteractions"]
 __all__ += ["priors"]

@@ -17,6 +17,7 @@ Public API: :func:`feature_metadata`, :class:`PriorNet`, :func:`attribution_prio
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -112,7 +113,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if lam > 0 and (prior_net is None or meta is None):
         raise ValueError("lam > 0 needs a prior_net and the features' meta-data")

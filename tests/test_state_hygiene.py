@@ -357,6 +357,73 @@ def test_a_model_reached_through_a_global_is_refused_with_its_buffers_kept(net):
         _GLOBAL_NET = None
 
 
+_COMPILED = None
+
+
+def test_a_compiled_model_behind_a_global_keeps_working():
+    """The probe's global pre-hook ran inside dynamo's trace of a compiled module and broke
+    it ("already tracked for mutation")."""
+    global _COMPILED
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    _COMPILED = torch.compile(net, backend="eager")
+    try:
+        x, v = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+        got = tk.hvp(lambda z: _COMPILED(z)[:, 0], x, v)
+        torch.testing.assert_close(got, tk.hvp(lambda z: net(z)[:, 0], x, v))
+        assert not torch.nn.modules.module._global_forward_pre_hooks
+    finally:
+        _COMPILED = None
+
+
+class _Trainer:
+    """A training model (dropout on) beside the eval copy a lambda attributes."""
+
+    def __init__(self):
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+        self.ema = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
+
+    def explain(self, x):
+        return tk.integrated_gradients(lambda z: self.ema(z), x, target=1, steps=8)
+
+    def curvature(self, x):
+        return tk.hvp(lambda z: self.ema(z)[:, 1], x, torch.ones_like(x))
+
+
+def test_an_unrelated_training_model_beside_the_called_one_is_not_refused():
+    torch.manual_seed(0)
+    trainer, x = _Trainer(), torch.randn(3, 4)
+    assert torch.isfinite(trainer.explain(x).attributions).all()
+    assert torch.isfinite(trainer.curvature(x)).all()
+
+
+def test_front_delta_and_buffers_as_captum_for_train_mode_batch_norm():
+    """The convergence delta came from one joint batch [x; b] (0.11 off Captum's separate
+    forwards), and inside another model's opt-in the front let the running stats move."""
+    from captum.attr import IntegratedGradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                          nn.Linear(6, 3)).double().train()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    bl = 0.3 * torch.randn(4, 4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = IntegratedGradients(model).attribute(x, bl, target=0, n_steps=8,
+                                               return_convergence_delta=True)
+    model.load_state_dict(state)
+    other = nn.Linear(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = tkc.IntegratedGradients(model).attribute(x, bl, target=0, n_steps=8,
+                                                       return_convergence_delta=True)
+        with tk.allow_row_coupling(other):
+            tkc.IntegratedGradients(model).attribute(x, bl, target=0, n_steps=8)
+    for ours, theirs in zip(got, ref):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_allow_row_coupling_with_train_batch_norm_runs_one_batch_as_captum():
     """Train-mode BatchNorm1d: the shape probe takes two rows (one row raised), the path runs
     as one batch like Captum's (so the batch statistics, and the numbers, are Captum's), and
@@ -652,3 +719,24 @@ def test_probes_restore_reassigned_and_updated_buffers():
         model(torch.ones(2, 3, dtype=torch.float64))
     assert model.calls is calls and model.last is last
     assert model.calls == 0 and torch.equal(model.last, torch.zeros(3))
+
+
+def test_front_llm_attribution_runs_a_train_mode_model_as_captum():
+    """LLMGradientAttribution has no forward_func: the train-mode path missed its model, and
+    the one pass raised (then its causality check blamed dropout's noise on the model)."""
+    from taylor_kernels.models import tiny
+    words = "the cat sat on a mat dog ran far away".split()
+    tok = tiny.word_tokenizer(words)
+    torch.manual_seed(0)
+    m = tiny.gpt2(layers=1, d=32, vocab=len(tok))
+    for mod in m.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.1
+    m.train()
+    inp = tkc.TextTokenInput("the cat sat on a mat", tok, baselines="<unk>",
+                             skip_tokens=["<s>"])
+    with pytest.warns(RuntimeWarning, match="train mode"):
+        res = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+            m, m.get_input_embeddings()), tok).attribute(inp, target="dog ran far", n_steps=4)
+    assert res.token_attr.shape[0] == 3 and torch.isfinite(res.token_attr).all()
+    assert m.training

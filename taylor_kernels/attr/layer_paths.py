@@ -75,28 +75,31 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     if multiply_by_inputs:
         ends = layer_ends(lambda args: spec.capture(model, args, output=True), tup, bls,
                           fargs)  # two small forwards, as Captum's
-        res = integrate_from_ends(spec.replaced_forward(model), ends.acts_x, ends.acts_b, ends,
+        acts_x, acts_b = ends.acts_x, ends.acts_b
+        res = integrate_from_ends(spec.replaced_forward(model), acts_x, acts_b, ends,
                                   target, tup + fargs, **ig_kwargs)
     else:
         acts_b = spec.capture(model, bls + fargs)
         acts_x = spec.capture(model, tup + fargs)
         res = unscaled_integrated_gradients(spec.replaced_forward(model), acts_x, acts_b,
                                             target, tup + fargs, **ig_kwargs)
-    _warn_unreached_layers(spec, res.attributions)
+    _warn_unreached_layers(spec, res.attributions, acts_x, acts_b)
     res.attributions = spec.group(res.attributions)
     return res
 
 
-def _warn_unreached_layers(spec: Layers, flat: tuple[torch.Tensor, ...]) -> None:
-    """Warn for each of several layers whose attributions are all exactly zero: its
-    activations reach the output only through another listed layer, whose activations the
-    path replaces (Captum's ``LayerIntegratedGradients`` raises autograd's "appears to not
-    have been used in the graph" there; the zeros are the consistent answer, but seldom what
-    was meant)."""
+def _warn_unreached_layers(spec: Layers, flat: tuple[torch.Tensor, ...], acts_x: tuple,
+                           acts_b: tuple) -> None:
+    """Warn for each of several layers whose attributions are all exactly zero although its
+    activations move along the path (``acts_x != acts_b``): they reach the output only
+    through another listed layer, whose activations the path replaces (Captum's
+    ``LayerIntegratedGradients`` raises autograd's "appears to not have been used in the
+    graph" there; the zeros are the consistent answer, but seldom what was meant)."""
     if len(spec.modules) < 2:
         return
     for i, part in enumerate(spec._slices()):
-        if all(not bool(t.any()) for t in flat[part]):
+        moves = any(not torch.equal(a, b) for a, b in zip(acts_x[part], acts_b[part]))
+        if moves and all(not bool(t.any()) for t in flat[part]):
             warnings.warn(f"the attributions of layer {i} ({type(spec.modules[i]).__name__}) "
                           "are all zero: its output reaches the model's output only through "
                           "another of the listed layers, whose output the path replaces; "

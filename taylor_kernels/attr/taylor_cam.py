@@ -85,6 +85,9 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
     if order != 2:
         raise ValueError(f"taylor_cam is defined for order=2 only, got order={order!r}")
     tup, _ = as_tuple(inputs)
+    if tup[0].dim() == 0 or tup[0].shape[0] == 0:
+        raise ValueError(f"input 0 has shape {tuple(tup[0].shape)}; Taylor-CAM needs a "
+                         "non-empty batch [B, ...]")
     act = _activation(model, layer, tup, (), of_input=False)
     if act.dim() < 3:
         raise ValueError(f"layer output has shape {tuple(act.shape)}; Taylor-CAM needs a "

@@ -66,19 +66,20 @@ def train_mode_as_captum(method):
     warning. Inseq's ``mc_dropout_prob_avg`` step score leaves its model in train mode and
     raised here. Unlike Captum, the model's buffers (batch norm's running statistics) are
     left as they were."""
-    forward = getattr(method, "forward_func", None)
-    roots = [] if forward is None or guards.row_coupling_allowed() else [
-        m for m in guards.modules_of(forward) if guards.coupling_submodules(m)]
+    forward = getattr(method, "forward_func", None) or getattr(method, "model", None)
+    roots = [] if forward is None else [m for m in guards.modules_of(forward)
+                                        if guards.coupling_submodules(m)]
     if not roots:
         yield
         return
-    names = [n for m in roots for n in guards.coupling_submodules(m)]
-    warnings.warn(f"the model has modules in train mode ({', '.join(names[:4])}"
-                  f"{' ...' if len(names) > 4 else ''}): attributed as Captum does, with "
-                  "dropout active and batch norm on the batch's statistics, so the result is "
-                  "random or depends on the batch; call model.eval() for the model's "
-                  "deterministic attributions", RuntimeWarning, stacklevel=4)
-    with contextlib.ExitStack() as stack:
+    if not guards.row_coupling_allowed():  # (an outer call, or the user's block, said so)
+        names = [n for m in roots for n in guards.coupling_submodules(m)]
+        warnings.warn(f"the model has modules in train mode ({', '.join(names[:4])}"
+                      f"{' ...' if len(names) > 4 else ''}): attributed as Captum does, with "
+                      "dropout active and batch norm on the batch's statistics, so the result "
+                      "is random or depends on the batch; call model.eval() for the model's "
+                      "deterministic attributions", RuntimeWarning, stacklevel=4)
+    with contextlib.ExitStack() as stack:  # its buffers kept, also inside another's opt-in
         for m in roots:
             stack.enter_context(guards.allow_row_coupling(m))
         yield

@@ -80,15 +80,18 @@ def cell_values(f) -> list:
 
 
 def modules_of(f, depth: int = 3) -> list[nn.Module]:
-    """The modules ``f`` is or reaches: ``f`` itself, the object of a bound method, what a
-    ``functools.partial`` binds, the values in a function's closure cells, and the ``model``
-    attribute of a wrapper object (the library's own, an Inseq attribution model), followed
-    ``depth`` levels deep. (One level missed a model behind the wrapper that Captum's
-    ``multiply_by_inputs=False`` runs through, so train-mode dropout there passed unseen.)"""
+    """The modules ``f`` is or reaches: ``f`` itself, the object of a bound method and its
+    ``model`` attribute (an Inseq attribution model's ``forward``), what a
+    ``functools.partial`` binds, the modules and functions in a function's closure cells, and
+    the ``model`` of the library's own wrappers, followed ``depth`` levels deep. (One level
+    missed a model behind the wrapper that Captum's ``multiply_by_inputs=False`` runs
+    through, so train-mode dropout there passed unseen; the ``model`` of any object in a
+    closure, e.g. a trainer's training model beside the EMA copy a lambda calls, is not
+    followed.)"""
     found: dict[int, nn.Module] = {}
     seen: dict[int, object] = {}  # id -> object, kept alive so that no id is reused
 
-    def visit(v, left: int) -> None:
+    def visit(v, left: int, owner: bool = False) -> None:
         if id(v) in seen:
             return
         seen[id(v)] = v
@@ -98,13 +101,19 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
         if left == 0 or isinstance(v, (torch.Tensor, str, bytes, int, float, type,
                                        types.ModuleType)):
             return
-        reached = [_attribute(v, "__self__"), _attribute(v, "model")]
+        reached: list = []
+        if owner or type(v).__module__.startswith("taylor_kernels."):
+            reached.append(_attribute(v, "model"))
         if isinstance(v, functools.partial):
             reached += [v.func, *v.args, *v.keywords.values()]
-        reached += cell_values(v)
+        reached += [c for c in cell_values(v)
+                    if isinstance(c, nn.Module) or callable(c) and not isinstance(c, type)]
         for r in reached:
             if r is not None:
                 visit(r, left - 1)
+        self_ = _attribute(v, "__self__")
+        if self_ is not None:
+            visit(self_, left - 1, owner=True)
 
     visit(f, depth)
     return list(found.values())
@@ -282,7 +291,7 @@ def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[to
 def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
     """Check R for ``f`` mapping a batch ``[N, ...] -> [N, ...]`` (``jet``, ``hvp``): row 0 of
     ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept, also
-    those of modules ``f`` reaches where :func:`modules_of` cannot see them (a global), whose
+    those of modules ``f`` reaches where :func:`modules_of` finds none (a global), whose
     train-mode batch norm or dropout is then refused by name (:func:`modules_run`). Returns
     ``f(x[:1])`` (None inside :func:`allow_row_coupling`)."""
     ran: dict[int, nn.Module] = {}
@@ -295,7 +304,9 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
             raise ValueError(IN_PLACE_ERROR)
         return out
 
-    with preserved_buffers(f), modules_run(ran):
+    hidden = modules_run(ran) if not modules_of(f) else contextlib.nullcontext()  # (only
+    # then: torch.compile warns about global hooks, and modules_of's models are kept anyway)
+    with preserved_buffers(f), hidden:
         try:
             alone = check_rows_independent(run, x[0].clone(), distinct_row(x, other)[0].clone(),
                                            0)
@@ -319,6 +330,8 @@ def modules_run(into: dict):
     saved: list = []
 
     def record(module, args):
+        if torch.compiler.is_compiling():  # dynamo traces the hook: it must not mutate here
+            return
         if id(module) not in into:
             into[id(module)] = module
             saved.extend((module, name, b, b.detach().clone())
@@ -423,4 +436,4 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
            "distinct_row", "check_alone_beside", "check_rows_independent", "coupling_submodules",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
-           "preserved_buffers", "rows_differing"]
+           "modules_run", "preserved_buffers", "rows_differing"]

@@ -41,7 +41,7 @@ from torch.utils import _pytree as pytree
 from taylor_kernels.engine import jet_rules as rules
 from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
-                                          check_model, modules_of)
+                                          check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
@@ -167,26 +167,18 @@ def _trace_cached(f, cache: bool = True) -> tuple[fx.GraphModule | None, bool]:
     return gm, False
 
 
-def _primal_matches(f, x: torch.Tensor, row0, out: torch.Tensor, target, B: int) -> bool:
-    """Whether the jet's value ``c_0`` of row 0 equals ``f(x[:1])`` from a real forward
-    (``row0``, check R's, else run here): a cached trace can be stale through state its key
-    cannot see (a module-level constant or helper a ``forward`` reads, a dict attribute
-    changed in place), and then returned the old function's coefficients, ``c_0`` included."""
+def _primal_matches(f, x: torch.Tensor, row0, out: torch.Tensor) -> bool:
+    """Whether the jet's value ``c_0`` at row 0 equals ``f(x[:1])`` from a real forward
+    (``row0``, check R's, else run here), compared over the whole output row (every target
+    form alike): a cached trace can be stale through state its key cannot see (a module-level
+    constant or helper a ``forward`` reads, a dict attribute changed in place), and then
+    returned the old function's coefficients, ``c_0`` included."""
     if row0 is None:
         with torch.no_grad():
             row0 = f(x[:1])
-    real = row0
-    if not torch.is_tensor(real):
-        return True  # _select raises on the traced output's type just after
-    real = real.reshape(1) if real.dim() == 0 else real
-    row0 = target[:1] if torch.is_tensor(target) and target.dim() > 0 and \
-        target.shape[0] == B else target
-    try:
-        want = _select(real.unsqueeze(0), row0, 1, 1)
-    except (ValueError, TypeError, IndexError, RuntimeError):
-        return True  # the traced output's own selection words the error
-    got = _select(out[:1, :1], row0, 1, 1)
-    return _close(got, want.to(got.dtype))
+    if not torch.is_tensor(row0) or row0.numel() != out[0, 0].numel():
+        return True  # not a [B] / [B, C] output: _select words the error just after
+    return _close(out[0, 0].reshape(-1), row0.reshape(-1).to(out.dtype))
 
 
 def _op_name(kind: str, target) -> str:
@@ -375,7 +367,8 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         arg = x0
     gm, cached = (None, False) if fallback else _trace_cached(f, cache)
     out = None if gm is None else _run_traced(gm, arg, order, cache)
-    if out is not None and cached and not _primal_matches(f, x, row0, out, target, B):
+    if out is not None and cached and not row_coupling_allowed() and \
+            not _primal_matches(f, x, row0, out):  # (a random model's c0 differs anyway)
         with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
             _TRACES.clear()
         gm = _trace(f, cache)

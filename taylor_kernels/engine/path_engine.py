@@ -405,10 +405,15 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
         per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total))
         chunk = max(1, min(chunk, int(left // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)
+    # rows that may couple (allow_row_coupling): the inputs and the references in separate
+    # batches, as Captum's convergence delta runs them (one joint batch moved a train-mode
+    # batch norm's delta by 0.11 from Captum's)
+    bounds = [(0, B), (B, total)] if guards.row_coupling_allowed() else [
+        (i, min(i + chunk, total)) for i in range(0, total, chunk)]
     out = None  # written in place: a list of small outputs kept between forwards pinned the
     # heap (136 one-row forwards of a CNN held 16 MB resident; 1.6 MB written in place)
-    for i in range(0, total, chunk):
-        part = problem.forward(*_endpoint_rows(problem, i, min(i + chunk, total)))
+    for i, j in bounds:
+        part = problem.forward(*_endpoint_rows(problem, i, j))
         if out is None:
             out = part.new_empty((total,) + part.shape[1:],
                                  dtype=accumulation_dtype(problem.x.dtype))

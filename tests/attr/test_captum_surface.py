@@ -343,6 +343,11 @@ def test_a_listed_layer_reached_only_through_another_warns(branches):
             bx, target=1, n_steps=8)
     mine = [str(w.message) for w in seen if "are all zero" in str(w.message)]
     assert len(mine) == 1 and "layer 0 (Linear)" in mine[0]
+    with warnings.catch_warnings(record=True) as seen:  # a layer whose activations do not
+        warnings.simplefilter("always")                 # move along the path: zeros, no cause
+        tc.LayerIntegratedGradients(bnet, [bnet.left, bnet.right]).attribute(
+            bx, bx.clone(), target=1, n_steps=4)
+    assert not [w for w in seen if "are all zero" in str(w.message)]
     assert not a[0].any() and a[1].abs().max() > 0.01 and all(t.abs().max() > 0 for t in side)
 
 

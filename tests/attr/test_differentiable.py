@@ -176,6 +176,8 @@ def test_fit_trains_a_model_with_dropout_and_batch_norm_and_checks_its_arguments
                      lam=0.5, epochs=2, batch_size=20)
     assert res.history and all(torch.isfinite(torch.tensor(h["penalty"])) for h in res.history)
     assert model[1].num_batches_tracked > before  # the loss forwards trained batch norm
+    import numpy as np
+    priors.fit(model, (X, y), (X, y), epochs=np.int64(1), batch_size=np.int64(20))
     for bad in ({"epochs": 0}, {"batch_size": 0}, {"epochs": 2.5}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             priors.fit(model, (X, y), (X, y), **bad)

@@ -387,9 +387,10 @@ def test_a_stale_trace_is_caught_by_the_value_and_traced_again():
         for change in (lambda: globals().update(SCALE=3.0),
                        lambda: model.cfg.update(shift=0.5)):
             change()
-            got = tk.jet(model, x, V, 3, target=1)
-            torch.testing.assert_close(got, tk.jet(model, x, V, 3, target=1, cache=False),
+            got = tk.jet(model, x, V, 3, target=[1, 0])  # every target form is checked
+            torch.testing.assert_close(got, tk.jet(model, x, V, 3, target=[1, 0], cache=False),
                                        rtol=1e-12, atol=1e-12)
+            got = tk.jet(model, x, V, 3, target=1)
             with torch.no_grad():
                 torch.testing.assert_close(got[0, :, 0], model(x)[:, 1])
             assert (got - first).abs().max() > 0.1
@@ -501,3 +502,18 @@ def test_attention_returning_none_weights():
     torch.testing.assert_close(tk.jet(m, x, V, 3, target=1),
                                tk.jet(m, x, V, 3, target=1, fallback=True),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_a_random_model_inside_the_opt_in_keeps_other_traces():
+    """Inside allow_row_coupling a train-mode dropout model's c0 differs from any forward:
+    the stale-trace check must not run there (it cleared every model's cached trace)."""
+    torch.manual_seed(0)
+    keep = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh(),
+                         nn.Linear(4, 2)).double().train()
+    x, V = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1, 3, dtype=torch.float64)
+    tk.jet(keep, x, V, 2, target=0)
+    with tk.allow_row_coupling(drop):
+        for _ in range(3):
+            tk.jet(drop, x, V, 2, target=0)
+    assert id(keep) in jet_engine._TRACES
