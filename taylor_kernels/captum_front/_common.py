@@ -66,7 +66,8 @@ def train_mode_as_captum(method):
     warning. Inseq's ``mc_dropout_prob_avg`` step score leaves its model in train mode and
     raised here. Unlike Captum, the model's buffers (batch norm's running statistics) are
     left as they were."""
-    forward = getattr(method, "forward_func", None) or getattr(method, "model", None)
+    forward = getattr(method, "forward_func", None)
+    forward = getattr(method, "model", None) if forward is None else forward
     roots = [] if forward is None else [m for m in guards.modules_of(forward)
                                         if guards.coupling_submodules(m)]
     if not roots:
