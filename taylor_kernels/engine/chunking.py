@@ -101,9 +101,39 @@ def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | N
     owner = getattr(model, "cost_owner", model)
     key = (kind, tuple(x.shape[1:]), x.dtype, str(x.device), K, getattr(problem, "cache_key", ()))
     try:
-        return _CHOICES.setdefault(owner, {}).setdefault(key, {})
+        slots = _CHOICES.setdefault(owner, {})
     except TypeError:
         return None
+    if key not in slots:
+        slots[key] = {}
+        guess = _nearby_cost(slots, key)
+        if guess is not None:
+            slots[key]["guess"] = guess
+    return slots[key]
+
+
+# A cost measured at another shape of the same owner stands in for this shape's (no probe
+# chunk, default budget only) when this one has at most this factor more elements per item.
+NEARBY_GROWTH = 1.25
+
+
+def _nearby_cost(slots: dict, key: tuple) -> float | None:
+    """A bytes-per-item guess for ``key`` from the nearest measured shape of the same kind,
+    dtype, device, K and problem key with at most ``NEARBY_GROWTH`` times fewer elements,
+    scaled by the square of the growth (attention grows with the square of a length).
+    Inseq attributes a generation step by step, one token longer each time: every step was a
+    new shape, probed with a one-point chunk (a 2x64 GPT-2's calls took 1.47x Captum's)."""
+    size = math.prod(key[1])
+    best = None
+    for other, slot in slots.items():
+        cost = slot.get("cost")
+        if cost is None or other[:1] + other[2:] != key[:1] + key[2:]:
+            continue
+        growth = max(size, 1) / max(math.prod(other[1]), 1)
+        distance = abs(math.log(growth))
+        if growth <= NEARBY_GROWTH and (best is None or distance < best[0]):
+            best = (distance, cost * max(growth, 1.0) ** 2)
+    return None if best is None else best[1]
 
 
 class ChunkPlan:
@@ -137,6 +167,9 @@ class ChunkPlan:
             self.cpu_limit = device.type == "cpu"
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")
+        if self.cost is None and self.chunk is None and isinstance(self.budget,
+                                                                   memory.DefaultBudget):
+            self.cost = self.slot.get("guess")  # a nearby shape's (see _nearby_cost)
         self.threads = torch.get_num_threads()
         self.timed: list[tuple[int, int, float]] = []  # (count, threads, seconds per item)
         self.trials: list[tuple[int, int]] = []       # (count, threads) still to time

@@ -178,3 +178,41 @@ def test_chunk_size_is_checked_the_same_everywhere(bad):
             call()
     for good in (4, 4.0, np.int64(4)):
         assert memory.check_chunk_size(good) == 4 and type(memory.check_chunk_size(good)) is int
+
+
+class _TokensToLogits(torch.nn.Module):
+    """[B, L, 4] -> [B, 3] for any length L."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)).mean(1))
+
+
+def test_a_nearby_shape_of_the_same_model_skips_the_probe_chunk():
+    """Inseq attributes a generation one token longer each step: each call was a new shape
+    and spent a one-point probe chunk. A cost measured at a shape with at most 1.25x fewer
+    elements stands in (scaled by the square of the growth); a larger jump still probes."""
+    import taylor_kernels as tk
+    torch.manual_seed(0)
+    net = _TokensToLogits().double()
+    sizes: list[int] = []
+    hook = net.register_forward_hook(
+        lambda m, i, o: sizes.append(i[0].shape[0]) if torch.is_grad_enabled() else None)
+
+    def call(tokens):
+        sizes.clear()
+        x = torch.randn(2, tokens, 4, dtype=torch.float64)
+        got = tk.integrated_gradients(net, x, target=1, steps=20).attributions
+        fixed = tk.integrated_gradients(net, x, target=1, steps=20, chunk_size=7).attributions
+        torch.testing.assert_close(got, fixed, rtol=1e-12, atol=1e-13)
+        return sizes[:2]  # (the fixed-chunk call's forwards come after)
+
+    try:
+        assert call(8)[0] == 1            # a new model: a one-point probe first
+        assert call(9)[0] == 40           # 9/8 more elements: no probe, one chunk
+        assert call(16)[0] == 1           # twice as many: probed again
+    finally:
+        hook.remove()
