@@ -296,20 +296,12 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
     ``f(x[:1])`` (None inside :func:`allow_row_coupling`)."""
     ran: dict[int, nn.Module] = {}
     failure = alone = None
-
-    def run(points, rows):  # on a copy: the caller's x must not change, and a forward that
-        given = points.clone()  # changes its input is named (it was called random)
-        out = f(points)
-        if not torch.equal(points, given):
-            raise ValueError(IN_PLACE_ERROR)
-        return out
-
     hidden = modules_run(ran) if not modules_of(f) else contextlib.nullcontext()  # (only
     # then: torch.compile warns about global hooks, and modules_of's models are kept anyway)
     with preserved_buffers(f), hidden:
-        try:
-            alone = check_rows_independent(run, x[0].clone(), distinct_row(x, other)[0].clone(),
-                                           0)
+        try:  # on copies: the caller's x must not change (a forward changing it was "random")
+            alone = check_rows_independent(lambda points, rows: on_a_copy(f, points), x[0],
+                                           distinct_row(x, other)[0], 0)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless a module explains it
             failure = exc
     if not _ALLOWED.get():
@@ -319,6 +311,16 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
     if failure is not None:
         raise failure
     return alone
+
+
+def on_a_copy(run: Callable, points: torch.Tensor):
+    """``run(copy of points)``, raising ``ValueError`` (:data:`IN_PLACE_ERROR`) when it changed
+    its input: the probes run a model on rows of the caller's own tensors."""
+    copy = points.clone()
+    out = run(copy)
+    if not torch.equal(copy, points):
+        raise ValueError(IN_PLACE_ERROR)
+    return out
 
 
 @contextlib.contextmanager
@@ -436,4 +438,4 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
            "distinct_row", "check_alone_beside", "check_rows_independent", "coupling_submodules",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
-           "modules_run", "preserved_buffers", "rows_differing"]
+           "modules_run", "on_a_copy", "preserved_buffers", "rows_differing"]

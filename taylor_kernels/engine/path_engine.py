@@ -393,9 +393,9 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
     larger model calls). With ``max_memory`` the rows per forward fit what the budget leaves
     beside the inputs and references (:func:`memory.budget_beside`; at least one row), from a
     measured forward of the first two rows (:func:`_endpoint_row_bytes`): expected gradients'
-    or Shapley IG's many references ran in forwards of 256 rows, up to 12x a small budget. A check R deferred by ``make_problem(defer_row_check=True)`` compares
-    row 0's output alone with its output in the first batch here (inputs first, so row 0
-    leads it)."""
+    or Shapley IG's many references ran in forwards of 256 rows, up to 12x a small budget.
+    A check R deferred by ``make_problem(defer_row_check=True)`` compares row 0's output
+    alone with its output in the first batch here (inputs first, so row 0 leads it)."""
     B, K = problem.B, problem.K
     total = B * (K + 1)
     if max_memory is not None:

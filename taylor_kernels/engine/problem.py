@@ -209,12 +209,9 @@ class PathProblem:
     def row_output(self, row: int = 0) -> torch.Tensor:
         """The model's output for input ``row`` alone ``[1, ...]`` (no grad)."""
         rows = torch.full((1,), row, dtype=torch.long, device=self.x.device)
-        point = self.x[row:row + 1].clone()
         with torch.no_grad():
-            out = self.outputs(point, rows)
-        if not torch.equal(point, self.x[row:row + 1]):
-            raise ValueError(guards.IN_PLACE_ERROR)
-        return out
+            return guards.on_a_copy(lambda point: self.outputs(point, rows),
+                                    self.x[row:row + 1])
 
     def outputs(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The model's whole outputs ``[N, ...]`` (what
