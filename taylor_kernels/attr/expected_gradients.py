@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 
+import functools
+
 import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import AttributionResult
-from taylor_kernels.engine import path_engine
+from taylor_kernels.engine import path_engine, reference_groups
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.numerics import finite_rows, seeded_generator
@@ -33,24 +35,31 @@ def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def draw_references(problem, background, samples: int, seed: int | None) -> torch.Generator:
-    """Set ``problem.baselines [B, M, D]`` to ``M = samples`` references per input drawn
-    uniformly with replacement from ``background``; returns the private generator (seeded with
-    ``seed``, else randomly) for the draws that follow (the ``t`` of each sample)."""
+def draw_references(problem, background, samples: int, seed: int | None):
+    """Draw ``M = samples`` references per input uniformly with replacement from
+    ``background``. Returns ``(build, gen)``: ``build(m0, m1)`` gives references ``m0..m1-1``
+    of every input, ``[B, m1 - m0, D]`` (gathered when asked: the references are built a group
+    at a time, :mod:`~taylor_kernels.engine.reference_groups`), and the private generator
+    (seeded with ``seed``, else randomly) for the draws that follow (the ``t`` of each
+    sample)."""
     if int(samples) != samples or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
     bg = _background_flat(background, problem.inputs)
     gen = seeded_generator(seed)
     idx = torch.randint(0, bg.shape[0], (problem.B, int(samples)), generator=gen)
-    problem.baselines = bg[idx.to(bg.device)]
-    # the drawn rows are checked, not the whole background: a training loop passes a large
-    # one every step (the full check was 30% of a small DAPr step), and only drawn rows count
-    bad = ~finite_rows(problem.baselines)                  # [B, M]
-    if bool(bad.any()):
-        row = int(idx[bad.cpu()][0])
-        raise ValueError(f"background row {row} contains NaN or Inf values (drawn as a "
-                         "reference)")
-    return gen
+
+    def build(m0: int, m1: int) -> torch.Tensor:
+        drawn = idx[:, m0:m1]
+        refs = bg[drawn.to(bg.device)]
+        # the drawn rows are checked, not the whole background: a training loop passes a
+        # large one every step (the full check was 30% of a small DAPr step)
+        bad = ~finite_rows(refs)                                  # [B, m]
+        if bool(bad.any()):
+            row = int(drawn[bad.cpu()][0])
+            raise ValueError(f"background row {row} contains NaN or Inf values (drawn as a "
+                             "reference)")
+        return refs
+    return build, gen
 
 
 @call_threads()
@@ -76,31 +85,37 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
         :class:`AttributionResult`; ``gap [B] = sum(attr) - mean_m (f(x) - f(r_m))`` is the
         Monte-Carlo error of this estimate; ``evaluations = B * M``.
     """
+    if rule is not None and rule != "exact":
+        raise ValueError(f"expected_gradients rule must be None or 'exact', got {rule!r}")
     with backends.selected(backend):
         problem = make_problem(model, inputs, None, target, additional_forward_args,
                                defer_row_check=True)
-        gen = draw_references(problem, background, samples, seed)
-        if rule is not None:
-            return _exact_eg(problem, rule, max_regions, max_memory=max_memory,
-                             chunk_size=chunk_size, progress=progress, create_graph=create_graph)
-        alphas = torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)
-        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
-        res = path_engine.integrate(problem, alphas.to(problem.x.device),
-                                    [torch.ones(1, dtype=torch.float64)],
-                                    max_memory=max_memory, chunk_size=chunk_size,
-                                    progress=progress, create_graph=create_graph)
-    flat = res.sums[0]
+        build, gen = draw_references(problem, background, samples, seed)
+        M = int(samples)
+        engine_kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
+                         create_graph=create_graph)
+        if rule == "exact":
+            run = functools.partial(_exact_group, problem, max_regions, engine_kw)
+        else:
+            alphas = torch.rand(problem.B, M, 1, generator=gen, dtype=torch.float64).to(
+                problem.x.device)
+            run = functools.partial(_uniform_group, problem, alphas, engine_kw)
+        flat, evaluations, used, regions, fx, fb = reference_groups.integrate_groups(
+            problem, M, build, run, max_memory)
     gap = flat.detach().sum(1) - (fx - fb.mean(1))
-    return AttributionResult(problem.unflatten(flat), gap, res.evaluations)
+    if rule == "exact":
+        return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)
+    return AttributionResult(problem.unflatten(flat), gap, evaluations)
 
 
-def _exact_eg(problem, rule: str, max_regions, **engine_kw) -> AttributionResult:
-    """EG with each sampled reference's path integrated by the exact rule."""
+def _uniform_group(problem, alphas: torch.Tensor, engine_kw: dict, fx, fb, m0: int, m1: int):
+    """One group of references, one uniform ``t`` per (input, reference): ``alphas [B, M, 1]``."""
+    res = path_engine.integrate(problem, alphas[:, m0:m1].contiguous(), [torch.ones(1, dtype=torch.float64)],
+                                **engine_kw)
+    return res.sums[0], res.evaluations, None, None
+
+
+def _exact_group(problem, max_regions, engine_kw: dict, fx, fb, m0: int, m1: int):
+    """One group of references, each path integrated by the exact rule."""
     from taylor_kernels.attr.exact_ig import exact_integral
-    if rule != "exact":
-        raise ValueError(f"expected_gradients rule must be None or 'exact', got {rule!r}")
-    fx, fb = path_engine.endpoint_values(problem, max_memory=engine_kw.get("max_memory"))
-    flat, evaluations, used, regions = exact_integral(problem, fx, fb, max_regions=max_regions,
-                                                      **engine_kw)
-    gap = flat.sum(1) - (fx - fb.mean(1))
-    return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)
+    return exact_integral(problem, fx, fb, max_regions=max_regions, **engine_kw)

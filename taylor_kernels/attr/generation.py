@@ -28,7 +28,7 @@ from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _che
 from taylor_kernels.engine import guards, path_engine, quadrature
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models import elementwise, hf, lm_head
-from taylor_kernels.models.outputs import model_output
+from taylor_kernels.models.outputs import lm_logits
 
 
 @dataclass
@@ -52,13 +52,15 @@ class GenerationAttribution:
 
 @torch.no_grad()
 def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
-                        eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
-    """Greedy decoding ``[T]`` (argmax of the last position's logits), stopping after an
+                        eos_token_id: int | Sequence[int] | None = None,
+                        vocab: int | None = None) -> torch.Tensor:
+    """Greedy decoding ``[T]`` (argmax of the last position's logits over ``vocab`` ids or
+    more: :func:`~taylor_kernels.models.outputs.lm_logits`), stopping after an
     end-of-sequence id (``eos_token_id``: one id or several; kept) or ``max_new_tokens``."""
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     seq, out = prompt_ids[None], []
     for _ in range(max_new_tokens):
-        logits = model_output(model(input_ids=seq))[:, -1]
+        logits = lm_logits(model(input_ids=seq), vocab)[:, -1]
         nxt = logits.argmax(-1)
         out.append(int(nxt))
         seq = torch.cat([seq, nxt[:, None]], dim=1)
@@ -76,8 +78,8 @@ class GenerationProblem:
     B, K = 1, 1
 
     def __init__(self, model, layer, sequence: torch.Tensor, targets: torch.Tensor,
-                 act: torch.Tensor, base: torch.Tensor):
-        self.model, self.layer = model, layer
+                 act: torch.Tensor, base: torch.Tensor, vocab: int | None = None):
+        self.model, self.layer, self.vocab = model, layer, vocab
         self.T = targets.shape[0]
         self.P = sequence.shape[0] - self.T + 1
         self.sequence = sequence                       # [P + T - 1] ids fed to the model
@@ -108,12 +110,10 @@ class GenerationProblem:
             activations = elementwise.cached_derivatives(self.model) if self.serial_backward \
                 else contextlib.nullcontext()  # T backward passes reuse each g'(x)
             with lm_head.tapped(self.head) as seen, activations:
-                out = model_output(self.model(input_ids=self.sequence.expand(N, -1), **extra))
+                out = lm_logits(self.model(input_ids=self.sequence.expand(N, -1), **extra),
+                                   self.vocab)
         finally:
             hook.remove()
-        if out.dim() != 3:
-            raise ValueError(f"generation attribution needs a causal LM whose logits are "
-                             f"[N, L, vocab]; the model returned {tuple(out.shape)}")
         return lm_head.target_log_probs(out[:, -self.T:], self.targets[0], self.head, seen)
 
 
@@ -239,7 +239,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     vocab = hf.vocab_size(emb, model)
     prompt = hf.check_ids(_one_row(prompt_ids, "prompt_ids"), "prompt_ids", vocab)
     if target_ids is None:
-        target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model))
+        target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model), vocab)
     else:
         target = hf.check_ids(_one_row(target_ids, "target_ids"), "target_ids",
                               vocab)[0].to(prompt.device)
@@ -255,7 +255,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
         hf.check_vocab(base_ids, vocab, "baselines")
     kept = hf.kept_positions(prompt, None, keep, skip_tokens)
     base = _baseline_activation(model, emb, sequence, act, base_ids, kept, P)
-    problem = GenerationProblem(model, emb, sequence, target, act, base)
+    problem = GenerationProblem(model, emb, sequence, target, act, base, vocab)
     with backends.selected(backend), hf.first_order_attention(model, act):
         fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)  # [1, T], [1, 1, T]
         sums, evaluations, nodes = _integrate(

@@ -252,7 +252,8 @@ def expected_hessians(model, inputs, background, target=None, *, samples: int = 
     """
     with backends.selected(backend):
         problem = make_problem(model, inputs, None, target, additional_forward_args)
-        gen = draw_references(problem, background, samples, seed)
+        build, gen = draw_references(problem, background, samples, seed)
+        problem.baselines = build(0, int(samples))
         t = (torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)
              * torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64))
         dev = problem.x.device

@@ -17,7 +17,7 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import AttributionResult
-from taylor_kernels.engine import path_engine, quadrature
+from taylor_kernels.engine import path_engine, quadrature, reference_groups
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.numerics import seeded_generator
@@ -115,18 +115,25 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         n = int(groups.max()) + 1
         gen = seeded_generator(seed)
         present = sample_coalitions(problem.B, n, coalitions, gen).to(problem.x.device)
-        keep = present[:, :, groups]                                   # [B, M, D]
         ref = problem.baselines.expand(problem.B, 1, -1)
-        problem.baselines = torch.where(keep, problem.x.unsqueeze(1), ref).contiguous()
-        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
+
+        def build(m0: int, m1: int) -> torch.Tensor:  # b_S: the input on S, the reference off S
+            keep = present[:, m0:m1, groups]                               # [B, m, D]
+            return torch.where(keep, problem.x.unsqueeze(1), ref).contiguous()
+
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress)
         if rule == "exact":
             from taylor_kernels.attr.exact_ig import exact_integral
-            flat, evaluations, used, regions = exact_integral(problem, fx, fb,
-                                                              max_regions=max_regions, **kw)
+
+            def run(fx, fb, m0, m1):
+                return exact_integral(problem, fx, fb, max_regions=max_regions, **kw)
         else:
             alphas, weights = quadrature.nodes_and_weights(rule, steps)
-            res = path_engine.integrate(problem, alphas, [weights], **kw)
-            flat, evaluations, used, regions = res.sums[0], res.evaluations, None, None
+
+            def run(fx, fb, m0, m1):
+                res = path_engine.integrate(problem, alphas, [weights], **kw)
+                return res.sums[0], res.evaluations, None, None
+        flat, evaluations, used, regions, fx, fb = reference_groups.integrate_groups(
+            problem, int(coalitions), build, run, max_memory)
     gap = flat.sum(1) - (fx - fb.mean(1))
     return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)

@@ -17,14 +17,14 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from taylor_kernels.models.outputs import model_output
+from taylor_kernels.models.outputs import lm_logits
 
 
 class TokenLogProb(torch.nn.Module):
     """``forward(features [N, F]) -> [N]``: the log-probability of the last of ``targets``
     after the prompt ``inp.to_model_input(features)`` and the targets before it (the logits
-    are the model output's by :func:`~taylor_kernels.models.outputs.model_output`'s rule:
-    ``.logits`` for Hugging Face models). Captum passes ``(inp, targets, t)`` as additional
+    are the model output's by :func:`~taylor_kernels.models.outputs.lm_logits`: ``.logits``
+    for Hugging Face models, a base model's hidden states refused). Captum passes ``(inp, targets, t)`` as additional
     forward arguments instead; bound here, no argument can be mistaken for a batch."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, inp,
@@ -32,12 +32,15 @@ class TokenLogProb(torch.nn.Module):
         super().__init__()
         self.model, self.device, self.inp = model, device, inp
         self.targets = targets.to(device)
+        emb = getattr(model, "get_input_embeddings", None)
+        rows = getattr(emb(), "num_embeddings", None) if callable(emb) else None
+        self.vocab = rows if isinstance(rows, int) else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         ids = self.inp.to_model_input(features).to(self.device)
         before = self.targets[:-1]
         ids = torch.cat([ids, before.expand(ids.shape[0], -1)], 1)
-        logits = model_output(self.model(ids))[:, -1]
+        logits = lm_logits(self.model(ids), self.vocab, "LLMGradientAttribution")[:, -1]
         return torch.log_softmax(logits, dim=1)[:, self.targets[-1]]
 
 

@@ -138,7 +138,13 @@ def parse_budget(max_memory, device: torch.device) -> int:
 
 class SavedBytes:
     """Context manager summing the bytes of distinct storages autograd saves for backward that
-    the forward allocated (leaf tensors such as weights, and views of them, are not counted)."""
+    the forward allocated (leaf tensors such as weights, and views of them, are not counted).
+
+    The pack hook keeps a detached alias, not the tensor itself: an op that saves its own
+    output (``tanh``, ``sigmoid``, ``exp``) would otherwise hold the output's Python object,
+    whose ``grad_fn`` holds the saved object back, a cycle through C++ that Python's collector
+    cannot see, so a graph never run backward leaked (the endpoint forwards' probe under
+    ``max_memory`` kept 3 tensors per call). Unpacking restores the autograd metadata."""
 
     def __init__(self):
         self.total = 0
@@ -155,7 +161,7 @@ class SavedBytes:
                 self.total += t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without storage (fake, sparse)
             self.total += t.numel() * t.element_size()
-        return t
+        return t.detach()
 
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -68,6 +68,24 @@ def model_output(out: Any, output: str | int | Callable | None = None) -> torch.
     return picked
 
 
+def lm_logits(out, vocab: int | None, what: str = "generation attribution") -> torch.Tensor:
+    """The next-token logits ``[N, L, V]`` of a causal LM's output ``out`` (a tensor, or a
+    mapping's / ``ModelOutput``'s ``"logits"``), or ``ValueError``: a ``ModelOutput`` without
+    logits is a base model's hidden states (``GPT2Model``: no LM head), and ``V`` below the
+    embedding's vocabulary (a head may pad past it) cannot score every token."""
+    if isinstance(out, Mapping) and not isinstance(out.get("logits"), torch.Tensor):
+        raise ValueError(f"{what} needs a causal LM's next-token logits; the model returned a "
+                         f"{type(out).__name__} without 'logits' (a model without its LM "
+                         "head? load it with AutoModelForCausalLM / a ...ForCausalLM class)")
+    logits = model_output(out)
+    if logits.dim() != 3 or vocab is not None and logits.shape[-1] < vocab:
+        over = "" if vocab is None else f" over the embedding's {vocab} ids"
+        raise ValueError(f"{what} needs a causal LM's next-token logits [N, L, vocab]{over}; "
+                         f"the model returned {tuple(logits.shape)} (a classifier, or the hidden "
+                         "states of a model without its LM head?)")
+    return logits
+
+
 class SelectOutput:
     """``model`` wrapped to return ``model_output(model(*args, **kwargs), output)``: hand it
     to any attribution function to attribute a named output (``"pooler_output"``, an index, or

@@ -156,6 +156,32 @@ def test_models_that_do_not_continue_causally_are_refused(models, tok):
                 llm.attribute(tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=2)
 
 
+def test_a_model_without_its_lm_head_is_refused(tok):
+    """``GPT2Model`` returns hidden states, not logits: read as logits they gave log-softmaxes
+    over the hidden units (and an index error for ids past the hidden size). Refused, with
+    the class to load, by the library, its greedy decoding and both Captum-front paths."""
+    import taylor_kernels.captum as tkc
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    bare = GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=len(tok),
+                                n_positions=32)).eval()
+    prompt, target = _ids(tok)
+    for kw in ({"target_ids": target}, {"target_ids": None, "max_new_tokens": 2}):
+        with pytest.raises(ValueError, match="without 'logits'.*ForCausalLM"):
+            generation_attribution(bare, prompt, steps=2, **kw)
+    emb = bare.get_input_embeddings()
+    for lig in (tkc.LayerIntegratedGradients(bare, emb),                        # one pass
+                tkc.LayerIntegratedGradients(bare, emb, multiply_by_inputs=False)):  # loop
+        llm = tkc.LLMGradientAttribution(lig, tok)
+        with pytest.raises(ValueError, match="without 'logits'"):
+            llm.attribute(tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=2)
+    # a plain tensor narrower than the vocabulary (hidden states of a custom model)
+    with pytest.raises(ValueError, match=r"logits \[N, L, vocab\] over the embedding's"):
+        generation_attribution(lambda input_ids: bare(input_ids=input_ids).last_hidden_state,
+                               prompt, target, layer=emb, steps=2)
+
+
 def test_lists_eos_lists_and_a_cost_per_target_length(models, tok):
     """Ids as lists; greedy decoding stops at any of several end-of-sequence ids (Llama 3
     configs list them); the chunk choice is kept per target length (a long continuation costs
@@ -397,3 +423,25 @@ def test_activation_derivative_cache_is_used_and_leaves_no_hooks(arch, models, t
     finally:
         boom.remove()
     assert hooks() == before and elementwise_hooked != before
+
+
+def test_activation_derivative_cache_keeps_autograd_in_low_precision(monkeypatch):
+    """bf16: ``grad * g'(x)`` rounds twice where autograd's GELU backward rounds once (the
+    cached path was 1.5e-2 off float32 where autograd is 7.8e-3): not routed."""
+    from taylor_kernels.models import elementwise
+
+    act = torch.nn.GELU()
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    go = torch.randn(4096, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    used = []
+    apply = elementwise.ScaledGrad.apply
+    monkeypatch.setattr(elementwise.ScaledGrad, "apply", lambda *a: used.append(1) or apply(*a))
+    grads = []
+    for dtype in (torch.bfloat16, torch.float32):
+        xi = x.to(dtype).requires_grad_(True)
+        with elementwise.cached_derivatives(torch.nn.Sequential(act)):
+            (g,) = torch.autograd.grad(act(xi), xi, go.to(dtype))
+        (plain,) = torch.autograd.grad(act(xi), xi, go.to(dtype))
+        grads.append((g, plain))
+    assert len(used) == 1                           # float32 only
+    assert torch.equal(grads[0][0], grads[0][1])    # bf16: autograd's own numbers

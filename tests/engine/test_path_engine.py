@@ -61,10 +61,11 @@ def test_endpoint_rows_fit_what_the_budget_leaves_beside_the_references(monkeypa
     references; on the CPU also ``CPU_CALL_RESERVE``): expected gradients' 64 references of
     a CNN input held 6.3 MB of an 8 MB budget, and the endpoint rows were sized for all 8 MB
     (a resident peak of 2.2x the budget)."""
-    from taylor_kernels.engine import path_engine
+    from taylor_kernels.engine import path_engine, reference_groups
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
     background = torch.randn(16, 10, dtype=torch.float64)
     monkeypatch.setattr(path_engine, "_endpoint_row_bytes", lambda problem, n: 1000.0)
+    monkeypatch.setattr(reference_groups, "REFERENCE_SHARE", 1.0)  # all 40 in one group
     held = x.nbytes + 2 * 40 * x[0].nbytes  # inputs and the B x 40 drawn references
     budget = held + 8000
     rows: list[int] = []
@@ -80,18 +81,31 @@ def test_endpoint_rows_fit_what_the_budget_leaves_beside_the_references(monkeypa
     assert max(rows) == left // per_row  # (the whole budget held 14 rows per forward)
 
 
-def test_a_budget_the_references_fill_raises_before_any_forward_of_them():
+def test_a_budget_the_baselines_fill_raises_before_any_forward_of_them():
+    """The caller's own ``K = 400`` baselines per input fill the budget (drawn references are
+    built in groups instead: tests/engine/test_reference_groups.py)."""
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
-    background = torch.randn(16, 10, dtype=torch.float64)
+    baselines = torch.randn(2, 400, 10, dtype=torch.float64)
     rows: list[int] = []
     hook = model.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
     try:
         with pytest.raises(MemoryError, match="leaves nothing for the path"):
-            tk.expected_gradients(model, x, background, target=0, samples=400, seed=0,
-                                  max_memory=2 * 400 * x[0].nbytes)
+            tk.integrated_gradients(model, x, baselines, target=0, steps=4,
+                                    max_memory=baselines.nbytes)
     finally:
         hook.remove()
     assert max(rows) <= 2  # the probes of row 0, not the 802 endpoint rows
+
+
+def test_drawn_references_that_would_fill_the_budget_run_in_groups():
+    """EG's 400 references per input held at once would fill the budget (it raised): in
+    groups the call runs and equals the unlimited one."""
+    model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
+    background = torch.randn(16, 10, dtype=torch.float64)
+    kw = dict(target=0, samples=400, seed=0)
+    small = tk.expected_gradients(model, x, background, max_memory=2 * 400 * x[0].nbytes, **kw)
+    whole = tk.expected_gradients(model, x, background, **kw)
+    torch.testing.assert_close(small.attributions, whole.attributions, rtol=1e-10, atol=1e-12)
 
 
 def test_measured_endpoint_forward_leaves_check_r_to_the_no_grad_forwards():
