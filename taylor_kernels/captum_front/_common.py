@@ -42,9 +42,13 @@ def captum_method(fn: Callable) -> Callable:
     ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`),
     and so that a model in train mode runs as in Captum (:func:`train_mode_as_captum`)."""
 
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def attribute(*args, **kwargs):
         try:
+            if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
+                args, kwargs = _interpolable(signature, args, kwargs)
             with train_mode_as_captum(args[0] if args else None):
                 return fn(*args, **kwargs)
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
@@ -55,6 +59,35 @@ def captum_method(fn: Callable) -> Callable:
             raise CaptumTypeError(str(exc)) from exc
 
     return attribute
+
+
+def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
+    """``(args, kwargs)`` with integer ``inputs`` and ``baselines`` tensors (uint8 images,
+    int64 counts) in the default float dtype, as Captum's interpolation ``b + t (x - b)``
+    makes them for the model (it raised here). Not for a model with an embedding: its
+    integer inputs are token ids, which the method's own check refuses by name (floats fail
+    inside the embedding)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs  # the method's own call raises its error
+    if any(isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+           for m in guards.modules_of(getattr(args[0], "forward_func", None))
+           for sub in m.modules()):
+        return args, kwargs
+
+    def to_float(value):
+        if isinstance(value, tuple):
+            return tuple(to_float(v) for v in value)
+        if isinstance(value, torch.Tensor) and not (value.is_floating_point()
+                                                    or value.is_complex()
+                                                    or value.dtype == torch.bool):
+            return value.to(torch.get_default_dtype())
+        return value
+    for name in ("inputs", "baselines"):
+        if name in bound.arguments:
+            bound.arguments[name] = to_float(bound.arguments[name])
+    return bound.args, bound.kwargs
 
 
 @contextlib.contextmanager
@@ -145,21 +178,30 @@ def dense_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.
     return tuple(out)
 
 
-def expand_blocks(value: Any, B: int, sizes: list[int]) -> Any:
-    """Captum's per-example expansion over blocks of ``sizes`` samples, concatenated.
+def expand_rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Captum's per-example expansion over blocks of ``sizes`` samples, concatenated: within
+    a block of ``n`` samples row ``b`` becomes rows ``b*n .. b*n + n-1``
+    (``repeat_interleave``); the blocks follow each other."""
+    return torch.cat([t.repeat_interleave(n, dim=0) for n in sizes], dim=0)
 
-    Within a block of ``n`` samples, row ``b`` becomes rows ``b*n .. b*n + n-1``
-    (``repeat_interleave``); the blocks follow each other. Tensors whose first dimension is
-    the batch (and lists of length ``B``) are expanded; tuples element by element; anything
-    else (numbers, index tuples, ``[1, ...]`` tensors, flags) is shared by every row.
-    """
-    if is_row_tensor(value, B):
-        return torch.cat([value.repeat_interleave(n, dim=0) for n in sizes], dim=0)
-    if isinstance(value, list) and len(value) == B:
-        return [v for n in sizes for v in value for _ in range(n)]
-    if isinstance(value, tuple):
-        return tuple(expand_blocks(v, B, sizes) for v in value)
-    return value
+
+def expand_target(target: Any, B: int, sizes: list[int]) -> Any:
+    """``target`` for the expanded rows, as Captum's ``_expand_target``: a list (one entry per
+    row) or a ``[B, ...]`` tensor by :func:`expand_rows`; an int or an index tuple shared."""
+    if is_row_tensor(target, B):
+        return expand_rows(target, sizes)
+    if isinstance(target, list) and len(target) == B:
+        return [v for n in sizes for v in target for _ in range(n)]
+    return target
+
+
+def expand_args(additional_forward_args: Any, B: int, sizes: list[int]) -> tuple:
+    """The forward args as a tuple for the expanded rows, as Captum's
+    ``_expand_additional_forward_args``: each top-level tensor with the batch first by
+    :func:`expand_rows`; lists, nested tuples, numbers and ``[1, ...]`` tensors passed as they
+    are (a list of ``B`` numbers was once repeated per sample: 50x off Captum)."""
+    return tuple(expand_rows(a, sizes) if is_row_tensor(a, B) else a
+                 for a in format_args(additional_forward_args))
 
 
 def captum_noise(x: torch.Tensor, stdev: float, n: int) -> torch.Tensor:
@@ -244,8 +286,8 @@ def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
         noisy = tuple(captum_noise(x, s, n) for x, s in zip(tup, stds))
         alphas = torch.tensor(np.random.uniform(0.0, 1.0, B * n), dtype=tup[0].dtype)
     return ShapDraws(tup, was_tuple, noisy, dense_baselines(drawn, noisy), alphas,
-                     expand_blocks(target, B, [n]),
-                     expand_blocks(format_args(additional_forward_args), B, [n]), B, n)
+                     expand_target(target, B, [n]), expand_args(additional_forward_args, B, [n]),
+                     B, n)
 
 
 def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
@@ -334,6 +376,7 @@ class CaptumAttribution:
 
     HAS_DELTA = True
     DRAWS_RANDOM = False  # draws random numbers itself (NoiseTunnel then runs it per block)
+    INTERPOLATES_INPUTS = False  # runs the model on b + t (x - b): integer inputs made floats
     forward_func: Callable
     _multiply_by_inputs = True
 
@@ -343,6 +386,27 @@ class CaptumAttribution:
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
+
+    @property
+    def gradient_func(self) -> Callable:
+        """Captum's default gradient function, which the engine's gradients equal (read for
+        Captum code that inspects it; AttributeError when Captum is not installed)."""
+        try:
+            from captum._utils.gradient import compute_gradients
+        except ImportError as exc:
+            raise AttributeError("gradient_func is Captum's compute_gradients, and Captum is "
+                                 "not installed") from exc
+        return compute_gradients
+
+    @gradient_func.setter
+    def gradient_func(self, fn: Callable) -> None:
+        """Only Captum's default is accepted: a custom one was silently ignored."""
+        if fn is not self.gradient_func:
+            raise TypeError(f"taylor_kernels.captum.{type(self).__name__} computes its "
+                            "gradients in the engine and cannot use a custom gradient_func; "
+                            f"use captum.attr.{type(self).__name__} for it (under "
+                            "taylor_kernels.captum.patch() an instance given its own "
+                            "gradient_func runs Captum's code)")
 
     def engine_forward(self, inputs: tuple, additional_forward_args) -> tuple[Callable, tuple]:
         """``(forward, args)`` to hand the engine for ``inputs`` (a tuple of ``[B, ...]``

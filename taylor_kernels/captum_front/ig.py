@@ -39,6 +39,8 @@ from taylor_kernels.captum_front._common import (CaptumAttribution,
 class IntegratedGradients(CaptumAttribution):
     """Drop-in for ``captum.attr.IntegratedGradients`` running on the taylor-kernels engine."""
 
+    INTERPOLATES_INPUTS = True
+
     attribute_future = attribute_future_unsupported
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:

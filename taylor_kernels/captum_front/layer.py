@@ -33,6 +33,8 @@ class LayerConductance(_LayerMethod):
     each unit of the layer, ``sum_s dF/da (p_s) (a(p_{s+1}) - a(p_s))`` over ``n_steps + 1``
     nodes of ``method`` on ``p = b + t (x - b)``."""
 
+    INTERPOLATES_INPUTS = True
+
     @captum_method
     def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None,
                   n_steps: int = 50, method: str = "gausslegendre",
@@ -66,6 +68,7 @@ class InternalInfluence(_LayerMethod):
     input-space path, ``int_0^1 dF/da (b + t (x - b)) dt`` by ``method``."""
 
     HAS_DELTA = False
+    INTERPOLATES_INPUTS = True
     _multiply_by_inputs = False
 
     @captum_method

@@ -22,6 +22,7 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, captum_metho
 
 class _NeuronMethod(CaptumAttribution):
     HAS_DELTA = False
+    INTERPOLATES_INPUTS = True
 
     def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:

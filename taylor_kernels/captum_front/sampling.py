@@ -26,8 +26,8 @@ from taylor_kernels.attr.gradient_shap import gradient_shap_rows
 from taylor_kernels.captum_front._common import (CaptumAttribution,
                                                  attribute_future_unsupported, captum_method,
                                                  captum_noise, check_stdevs, draw_baselines,
-                                                 draw_gradient_shap, expand_blocks,
-                                                 format_inputs)
+                                                 draw_gradient_shap, expand_args, expand_rows,
+                                                 expand_target, format_inputs)
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -117,9 +117,11 @@ class NoiseTunnel:
                     if has_bl and draw_baseline_from_distrib and n not in drawn:
                         drawn[n] = draw_baselines(bl_tuple, B, n)
             call_kwargs = {k: v for k, v in kwargs.items() if k != "baselines"}
-            for key in ("target", "additional_forward_args"):
-                if key in call_kwargs:
-                    call_kwargs[key] = expand_blocks(call_kwargs[key], B, group)
+            if "target" in call_kwargs:
+                call_kwargs["target"] = expand_target(call_kwargs["target"], B, group)
+            if "additional_forward_args" in call_kwargs:
+                call_kwargs["additional_forward_args"] = expand_args(
+                    call_kwargs["additional_forward_args"], B, group)
             if has_bl:
                 call_kwargs["baselines"] = self._expand_baselines(bl_tuple, drawn, tup, group,
                                                                   isinstance(bls, tuple))
@@ -150,7 +152,7 @@ class NoiseTunnel:
             out = tuple(torch.cat([drawn[n][i] for n in sizes]) if isinstance(bl, torch.Tensor)
                         else bl for i, bl in enumerate(bl_tuple))
         else:
-            out = tuple(expand_blocks(bl, x.shape[0], sizes)
+            out = tuple(expand_rows(bl, sizes)
                         if isinstance(bl, torch.Tensor) and bl.shape[0] == x.shape[0] > 1
                         else bl for bl, x in zip(bl_tuple, inputs))
         return out if was_tuple else out[0]

@@ -345,6 +345,76 @@ def test_noise_tunnel_matches_captum(nt_type, batch, draw):
     assert_same(ours, ref, delta=True)
 
 
+class ListArgModel(nn.Module):
+    """``forward(x, params, wb)``: ``params`` a list of two numbers (the batch is 2, so a
+    per-row list it is not), ``wb`` a nested tuple ``(W [2, 3], b)``: Captum expands only the
+    top-level tensors of ``additional_forward_args``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2).double()
+
+    def forward(self, x, params, wb):
+        W, b = wb
+        return torch.tanh(self.lin(x * params[0]) + params[1]) @ W + b
+
+
+INTEGER_INPUT_CALLS = {
+    "IntegratedGradients": lambda lib, m, x: lib.IntegratedGradients(m).attribute(
+        x, target=1, n_steps=8, return_convergence_delta=False),
+    "IntegratedGradients baselines": lambda lib, m, x: lib.IntegratedGradients(m).attribute(
+        x, torch.ones_like(x), target=1, n_steps=8),
+    "LayerConductance": lambda lib, m, x: lib.LayerConductance(m, m[0]).attribute(
+        x, target=1, n_steps=8),
+    "InternalInfluence": lambda lib, m, x: lib.InternalInfluence(m, m[0]).attribute(
+        x, target=1, n_steps=8),
+    "NeuronIntegratedGradients": lambda lib, m, x: lib.NeuronIntegratedGradients(
+        m, m[0]).attribute(x, 2, n_steps=8),
+    "NeuronConductance": lambda lib, m, x: lib.NeuronConductance(m, m[0]).attribute(
+        x, 2, target=1, n_steps=8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("name", list(INTEGER_INPUT_CALLS))
+def test_integer_inputs_are_interpolated_as_floats_like_captum(name, dtype):
+    """uint8 images and int64 counts: Captum's ``b + t (x - b)`` hands the model floats (it
+    raised here; NeuronConductance ran the model on the bytes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randint(0, 4, (2, 6), dtype=dtype)
+    ref = INTEGER_INPUT_CALLS[name](ca, model, x)
+    ours = INTEGER_INPUT_CALLS[name](tc, model, x)
+    assert ours.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradient_shap", "layer_gradient_shap", "noise_tunnel"])
+def test_sampling_methods_pass_lists_and_nested_tuples_as_captum(method):
+    """A list of ``B`` numbers was repeated per sample (50x off Captum) and a nested tuple's
+    ``[B, ...]`` tensor too (a shape error)."""
+    torch.manual_seed(0)
+    model = ListArgModel()
+    x = torch.randn(2, 4, dtype=F64)
+    args = ([0.5, 3.0], (torch.randn(2, 3, dtype=F64), torch.randn(3, dtype=F64)))
+    bl = torch.randn(5, 4, dtype=F64)
+    if method == "noise_tunnel":
+        make = [lambda lib=lib: lib.NoiseTunnel(lib.IntegratedGradients(model)) for lib in (ca, tc)]
+
+        def call(nt):
+            return nt.attribute(x, nt_samples=3, stdevs=0.1, target=1, n_steps=8,
+                                additional_forward_args=args)
+    else:
+        name = "GradientShap" if method == "gradient_shap" else "LayerGradientShap"
+        layer = () if method == "gradient_shap" else (model.lin,)
+        make = [lambda lib=lib: getattr(lib, name)(model, *layer) for lib in (ca, tc)]
+
+        def call(gs):
+            return gs.attribute(x, bl, n_samples=5, stdevs=0.1, target=1,
+                                additional_forward_args=args)
+    ref, ours = run_both(*make, call)
+    assert_same(ours, ref)
+
+
 def test_noise_tunnel_tuple_inputs_args_and_unscaled():
     model, x, kw = setup("two")
     kw = dict(kw, target=[0, 1, 2, 3])

@@ -671,3 +671,17 @@ def test_noise_tunnel_subclasses_keep_their_class_and_dir_lists_captums_names():
     with pytest.raises(TypeError, match="MyTunnel wraps the taylor_kernels.captum classes"):
         MyTunnel(ca.Saliency(net))
     assert {"Saliency", "FeatureAblation", "IntegratedGradients", "patch"} <= set(dir(tc))
+
+
+def test_a_custom_gradient_func_is_refused_not_ignored():
+    """Captum's instances carry ``gradient_func`` and use a custom one; ours compute gradients
+    in the engine: reading gives Captum's default, setting another raises (it was ignored)."""
+    from captum._utils.gradient import compute_gradients
+
+    net = nn.Sequential(nn.Linear(3, 2))
+    for method in (tc.IntegratedGradients(net), tc.LayerConductance(net, net[0]),
+                   tc.NeuronIntegratedGradients(net, net[0])):
+        assert method.gradient_func is compute_gradients
+        method.gradient_func = compute_gradients  # the default: accepted
+        with pytest.raises(TypeError, match="cannot use a custom gradient_func"):
+            method.gradient_func = lambda *a, **k: compute_gradients(*a, **k)
