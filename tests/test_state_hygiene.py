@@ -345,7 +345,11 @@ def test_a_model_reached_through_a_global_is_refused_with_its_buffers_kept(net):
         for call in (lambda: tk.hessian(_through_global, x, index=[0]),
                      lambda: tk.hvp(_through_global, x, x),
                      lambda: tk.jet(_through_global, x, x, 2),
-                     lambda: tk.third_order(_through_global, x, x, x)):
+                     lambda: tk.third_order(_through_global, x, x, x),
+                     # the path methods' one-row probe too (BatchNorm1d raised torch's error)
+                     lambda: tk.integrated_gradients(_through_global, x, steps=4),
+                     lambda: tk.expected_gradients(_through_global, x, x, samples=2),
+                     lambda: tkc.IntegratedGradients(_through_global).attribute(x, n_steps=4)):
             with pytest.raises(ValueError, match="a module it calls \\(BatchNorm"):
                 call()
             for k, v in _GLOBAL_NET.state_dict().items():

@@ -149,7 +149,13 @@ class _PairInterpreter(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
         if not rules.has_pair(args, kwargs):
-            return mod(*args, **kwargs)
+            try:  # constants along the path, in float64
+                return mod(*args, **kwargs)
+            except RuntimeError as exc:  # e.g. float32 weights (a float32 layer IG's model,
+                if memory.is_oom(exc):  # kept whole by the trace): float64 inputs fail
+                    raise
+                raise NotPiecewiseLinear(f"module {type(mod).__name__} of the trace does not "
+                                         f"run on float64 values ({str(exc)[:80]})") from exc
         rule = (rules.module_rule(mod, self.const)
                 if len(args) == 1 and not kwargs and isinstance(args[0], Pair) else None)
         if rule is None:

@@ -290,18 +290,28 @@ def distinct_row(x: torch.Tensor, fallback: torch.Tensor, *row_data) -> tuple[to
 
 def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
     """Check R for ``f`` mapping a batch ``[N, ...] -> [N, ...]`` (``jet``, ``hvp``): row 0 of
-    ``x`` beside another (:func:`distinct_row` with ``other [...]``); buffers are kept, also
-    those of modules ``f`` reaches where :func:`modules_of` finds none (a global), whose
-    train-mode batch norm or dropout is then refused by name (:func:`modules_run`). Returns
-    ``f(x[:1])`` (None inside :func:`allow_row_coupling`)."""
+    ``x`` beside another (:func:`distinct_row` with ``other [...]``), within :func:`probing`.
+    Returns ``f(x[:1])`` (None inside :func:`allow_row_coupling`)."""
+    with probing(f):  # on copies: the caller's x must not change (a forward changing it
+        # was blamed on randomness)
+        return check_rows_independent(lambda points, rows: on_a_copy(f, points), x[0],
+                                      distinct_row(x, other)[0], 0)
+
+
+@contextlib.contextmanager
+def probing(f: Callable):
+    """The block probes ``f``: the buffers of its modules are put back on exit, also those of
+    modules it reaches where :func:`modules_of` finds none (a model behind a global), whose
+    train-mode batch norm or dropout is then refused by name (:func:`modules_run`; outside
+    :func:`allow_row_coupling`), also when the block failed on them (a one-row probe of
+    BatchNorm1d raised torch's "Expected more than 1 value per channel")."""
     ran: dict[int, nn.Module] = {}
-    failure = alone = None
+    failure = None
     hidden = modules_run(ran) if not modules_of(f) else contextlib.nullcontext()  # (only
     # then: torch.compile warns about global hooks, and modules_of's models are kept anyway)
     with preserved_buffers(f), hidden:
-        try:  # on copies: the caller's x must not change (a forward changing it was "random")
-            alone = check_rows_independent(lambda points, rows: on_a_copy(f, points), x[0],
-                                           distinct_row(x, other)[0], 0)
+        try:
+            yield
         except Exception as exc:  # noqa: BLE001 - re-raised below unless a module explains it
             failure = exc
     if not _ALLOWED.get():
@@ -310,7 +320,6 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
             raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
     if failure is not None:
         raise failure
-    return alone
 
 
 def on_a_copy(run: Callable, points: torch.Tensor):
@@ -438,4 +447,4 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
            "distinct_row", "check_alone_beside", "check_rows_independent", "coupling_submodules",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
-           "modules_run", "on_a_copy", "preserved_buffers", "rows_differing"]
+           "modules_run", "on_a_copy", "preserved_buffers", "probing", "rows_differing"]

@@ -364,7 +364,7 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     if checked_output is not None:
         check_target(problem.target, (B,) + tuple(model_output(checked_output).shape[1:]))
         return problem
-    with guards.preserved_buffers(model):  # the probes leave running statistics as they were
+    with guards.probing(model):  # the probes leave running statistics as they were
         if guards.row_coupling_allowed():  # no check R; batch statistics need two rows
             pair = torch.cat([problem.x[:2], problem.baselines[0, :1]])[:2]
             rows = torch.zeros(2, dtype=torch.long, device=pair.device)

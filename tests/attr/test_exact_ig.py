@@ -189,6 +189,20 @@ def test_unsupported_model_falls_back_with_warning():
     assert torch.allclose(res.attributions, ada.attributions, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("to_input", [False, True])
+def test_layer_ig_of_a_float32_model_falls_back_with_warning(to_input):
+    """The trace keeps the layer-replaced model whole and ran it on float64 constants: a
+    float32 model raised a dtype error. It falls back to the adaptive rule, as documented."""
+    model, x = relu_mlp().float(), torch.randn(3, 6)
+    kw = dict(target=1, attribute_to_layer_input=to_input)
+    with pytest.warns(RuntimeWarning, match="falling back to rule='adaptive'"):
+        res = tk.layer_integrated_gradients(model, model[2], x, rule="exact", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the adaptive rule's own tolerance notes)
+        ada = tk.layer_integrated_gradients(model, model[2], x, rule="adaptive", **kw)
+    torch.testing.assert_close(res.attributions, ada.attributions, rtol=1e-5, atol=1e-7)
+
+
 class KinkedMaximum(nn.Module):
     """Piecewise linear, but through ``torch.maximum``, which the exact rule does not trace."""
 
