@@ -139,7 +139,7 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
     """
     x = x.detach()
     V = V.to(dtype=x.dtype, device=x.device)
-    with math_attention():
+    with math_attention(), _low_precision_norms(x.dtype):
         try:
             g, hv = _batched(f, x, V)
         except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
@@ -149,7 +149,21 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
                        "autograd double backward, one pass per direction")
             g, hv = _double_backward(f, x, V)
+    if not (all_finite(g) and all_finite(hv)):
+        raise FloatingPointError(
+            f"non-finite gradients or Hessian-vector products of the model at finite points "
+            f"({x.dtype}); the model's own second derivatives overflow there"
+            + (": run it in float32 or bfloat16" if x.dtype == torch.float16 else ""))
     return g.detach(), hv.detach()
+
+
+def _low_precision_norms(dtype: torch.dtype):
+    """Composite layer / instance norms for float16 and bfloat16 second derivatives: PyTorch's
+    fp16 ``layer_norm`` double backward overflows for inputs of small norm (a GPT-2's
+    embeddings near a zero baseline: every token interaction NaN); the composite normalises in
+    float32 as the fused forward does."""
+    return composite_norms() if dtype in (torch.float16, torch.bfloat16) else \
+        contextlib.nullcontext()
 
 
 def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ change that keeps ``f(x_0)`` but not its derivatives needs ``cache=False``.
 """
 from __future__ import annotations
 
+import operator
 import threading
 import types
 import warnings
@@ -247,6 +248,8 @@ class _JetInterpreter(fx.Interpreter):
             return super().call_function(target, args, kwargs)
         if target is getattr:  # .shape of a jet's coefficient; .values of a named tuple
             return getattr(args[0].c[0] if isinstance(args[0], Jet) else args[0], args[1])
+        if target is operator.getitem and not isinstance(args[0], Jet):  # an entry of a
+            return target(*args, **kwargs)  # container of jets (a ModelOutput's outputs[1])
         if target in rules.CONSTANT_FUNCTIONS:  # comparisons, argmax...: the primal's
             return target(*_primal(args), **_primal(kwargs))
         if target in rules.LINEAR_FUNCTIONS:

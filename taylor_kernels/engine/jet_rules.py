@@ -114,7 +114,9 @@ def div(a, b) -> Jet:
 
 
 def power(a: Jet, p) -> Jet:
-    """``a ** p`` for p in {0, 1, 2, 3, ..., -1, 1/2, -1/2} (other exponents: exp(p log a))."""
+    """``a ** p``: integer exponents by products (and a reciprocal when negative: any sign of
+    ``a``), 1/2 and -1/2 by their own rules, other exponents as ``exp(p log a)`` (``a > 0``, as
+    ``torch.pow`` is NaN below 0 there too)."""
     named = {2: "square", -1: "reciprocal", 0.5: "sqrt", -0.5: "rsqrt"}
     if isinstance(p, Jet) or torch.is_tensor(p):
         raise NotImplementedError("jet of a tensor exponent")
@@ -129,6 +131,8 @@ def power(a: Jet, p) -> Jet:
         for _ in range(int(p) - 1):
             out = mul(out, a)
         return out
+    if float(p).is_integer():  # p <= -2: exp(p log a) was NaN for a < 0
+        return unary("reciprocal", power(a, -int(p)))
     return unary("exp", Jet(p * unary("log", a).c))
 
 

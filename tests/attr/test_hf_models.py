@@ -167,6 +167,34 @@ def test_bf16_float32_accumulation(llama):
     assert (r16.gap - r32.gap).abs().max() < 0.05 * r32.token_scores.abs().sum()
 
 
+def test_fp16_second_order_through_layer_norm_is_finite(gpt2):
+    """PyTorch's fp16 layer_norm double backward overflows near a zero baseline: every token
+    interaction of a fp16 GPT-2 was NaN, silently. Second derivatives of low-precision points
+    run the composite norms (float32 statistics): finite and near float32's of the same
+    weights."""
+    import copy
+
+    low = copy.deepcopy(gpt2).to(torch.float16)
+    same = copy.deepcopy(low).float()
+    kw = dict(target=1, steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the math-attention notice)
+        r16 = tk.token_interactions(low, IDS[:, :5], **kw)
+        r32 = tk.token_interactions(same, IDS[:, :5], **kw)
+    g16, g32 = r16["interactions"].float(), r32["interactions"]
+    assert torch.isfinite(g16).all()
+    assert (g16 - g32).norm() / g32.norm() < 0.05
+
+
+def test_second_derivatives_that_overflow_raise():
+    """A model whose own gradients are non-finite at finite points (sqrt of a zero norm) is
+    refused with FloatingPointError, as first-order methods refuse NaN gradients."""
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    x[1] = 1.0
+    with pytest.raises(FloatingPointError, match="non-finite gradients or Hessian-vector"):
+        tk.hvp(lambda z: (z * z).sum(1).sqrt(), x, torch.ones_like(x))
+
+
 def test_named_layer_and_errors(gpt2):
     by_name = hf.token_integrated_gradients(gpt2, IDS, target=1, layer="transformer.wte",
                                             steps=4)

@@ -233,6 +233,47 @@ def test_untraceable_child_module_falls_back_alone():
     torch.testing.assert_close(got, reference_jet(model, x, V, 3), rtol=1e-10, atol=1e-10)
 
 
+class _DictOutput(nn.Module):
+    """An untraceable child returning a mapping (a ModelOutput), read as ``out[1]``-style
+    entries by the traced parent, as BERT's pooler output is (``outputs[1]``)."""
+
+    def forward(self, x):
+        h = torch.tanh(x) if float(x.sum()) > -1e9 else x
+        return {"hidden": h, "pooled": torch.sin(h)}
+
+
+class _ReadsEntries(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = _DictOutput(), nn.Linear(3, 1)
+
+    def forward(self, x):
+        out = self.inner(x)
+        return self.head(out["pooled"] * out["hidden"]).squeeze(-1)
+
+
+def test_entries_of_a_fallback_modules_mapping_output():
+    """Indexing a container of jets (an untraceable child's mapping output) went to the
+    per-coefficient rule, which found no jet at its top level: StopIteration (BERT's
+    ``outputs[1]``)."""
+    model = _ReadsEntries().double()
+    jet_engine._WARNED_OPS.discard("_DictOutput")
+    x, V = torch.randn(2, 3, dtype=DT), torch.randn(2, 2, 3, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the child's fallback notice
+        got = tk.jet(model, x, V, 3)
+    torch.testing.assert_close(got, reference_jet(model, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("p", [-2, -3, -2.0, 3, 1.5])
+def test_power_of_negative_values(p):
+    """Integer exponents below -1 went through exp(p log a): NaN for a < 0 at every order."""
+    lin = nn.Linear(4, 3).double()
+    shift = 3.0 if p == 1.5 else -3.0  # 1.5: positive bases only (torch is NaN below 0)
+    check(lambda x: (lin(x) + shift).pow(p).sum(-1), 0.3 * torch.randn(3, 4, dtype=DT),
+          order=4)
+
+
 def test_reverse_mode_through_the_jet():
     # d c_2 / dx = D^3 f[v, v, .] / 2 and d c_2 / dv = D^2 f[v, .]: HVPs and IG-by-order shares
     m = mlp(nn.GELU())
