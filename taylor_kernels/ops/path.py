@@ -21,9 +21,9 @@ def baseline_grad(baselines: torch.Tensor, bi: torch.Tensor, k: torch.Tensor,
                   rows: torch.Tensor) -> torch.Tensor:
     """Gradient ``[Bb, K, D]`` of the baselines: per-point rows ``[count, D]`` summed into
     baseline ``(bi, k)`` of each point."""
-    flat = torch.zeros_like(baselines).view(-1, baselines.shape[2])
-    return flat.index_add(0, bi * baselines.shape[1] + k,
-                          rows.to(baselines.dtype)).view_as(baselines)
+    flat = baselines.new_zeros(baselines.shape[0] * baselines.shape[1], baselines.shape[2])
+    return flat.index_add(0, bi * baselines.shape[1] + k,  # (contiguous: zeros_like kept a
+                          rows.to(baselines.dtype)).view(baselines.shape)  # transpose's strides)
 
 
 def _node_grad(nodes: torch.Tensor, start: int, s: torch.Tensor, terms: torch.Tensor):

@@ -14,28 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from taylor_kernels.reference.path import (accumulation_dtype, check_operands,
-                                           check_path_args, node_values, path_indices)
-
-
-def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
-                  weights: torch.Tensor, index: torch.Tensor, start: int,
-                  index_values: bool = True) -> None:
-    """Raise ``ValueError``/``TypeError`` unless the arguments describe a valid chunk
-    (``index_values=False`` skips the range check of ``index``, a host sync on a GPU)."""
-    if hrows.dim() != 3 or x.dim() != 2 or hrows.shape[2] != x.shape[1]:
-        raise ValueError(f"hrows must be [count, R, D] matching x [B, D]; got "
-                         f"{tuple(hrows.shape)} and {tuple(x.shape)}")
-    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64:
-        raise TypeError("index must be a 1-d int64 tensor of feature numbers")
-    if index.shape[0] != hrows.shape[1]:
-        raise ValueError(f"index has {index.shape[0]} entries for {hrows.shape[1]} Hessian rows")
-    if index_values and index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
-        raise ValueError(f"index entries must lie in [0, {x.shape[1]})")
-    check_operands(hrows=hrows, x=x)
-    if index.device != x.device:
-        raise ValueError(f"index on {index.device}, x on {x.device}")
-    check_path_args(x, baselines, weights, start, hrows.shape[0])
+from taylor_kernels.op_checks import check_ih_args  # noqa: F401 (re-exported)
+from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
 
 
 def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,

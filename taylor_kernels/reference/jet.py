@@ -34,44 +34,11 @@ import torch
 from taylor_kernels.numerics import (FN_CODES, FNS, MAX_ORDER,  # noqa: F401 (re-exported)
                                      accumulation_dtype, check_pattern,
                                      nested_jvp_coefficients, polarization_rule)
-from taylor_kernels.reference.path import check_index_ints
+from taylor_kernels.op_checks import (check_jet, check_jet_pair,  # noqa: F401 (re-exported)
+                                      check_polarize_args, fn_code)
 
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 _POWERS = {"reciprocal": -1.0, "sqrt": 0.5, "rsqrt": -0.5}
-
-
-def fn_code(fn: str | int) -> int:
-    """The integer code of an elementwise function given by name (``FNS``) or code."""
-    if isinstance(fn, bool) or not isinstance(fn, (str, int)):
-        raise TypeError(f"fn must be a name in {FNS} or its integer code, got {fn!r}")
-    if isinstance(fn, int):
-        if not 0 <= fn < len(FNS):
-            raise ValueError(f"fn code {fn} out of range [0, {len(FNS)}); names: {FNS}")
-        return fn
-    if fn not in FN_CODES:
-        raise ValueError(f"unknown jet function {fn!r}; choose one of {FNS}")
-    return FN_CODES[fn]
-
-
-def check_jet(u: torch.Tensor, name: str = "u") -> None:
-    """Raise unless ``u`` is a floating ``[J+1, N]`` jet with ``0 <= J <= MAX_ORDER``."""
-    if not isinstance(u, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor [J+1, N], got {type(u).__name__}")
-    if not u.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {u.dtype}")
-    if u.dim() != 2 or not 1 <= u.shape[0] <= MAX_ORDER + 1:
-        raise ValueError(f"{name} must be [J+1, N] with 1 <= J+1 <= {MAX_ORDER + 1}; "
-                         f"got shape {tuple(u.shape)} (flatten other dims into N)")
-
-
-def check_jet_pair(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Raise unless ``a`` and ``b`` are jets of the same shape, dtype and device."""
-    check_jet(a, "a")
-    check_jet(b, "b")
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        raise ValueError(f"jet_mul needs a and b of one shape/dtype/device; got "
-                         f"{tuple(a.shape)} {a.dtype} {a.device} and "
-                         f"{tuple(b.shape)} {b.dtype} {b.device}")
 
 
 def _cauchy(a: list, b: list, k: int) -> torch.Tensor:
@@ -215,19 +182,6 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---- polarization: mixed partials from univariate jets -----------------------------------
 
 
-
-
-def check_polarize_args(c: torch.Tensor, gamma: torch.Tensor, order: int) -> None:
-    """Raise unless ``c [J+1, M, N]``, ``gamma [M]`` and ``0 <= order <= J``."""
-    if not (isinstance(c, torch.Tensor) and c.dim() == 3 and c.is_floating_point()):
-        raise ValueError(f"c must be a floating tensor [J+1, M, N], got "
-                         f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c)}")
-    if gamma.dim() != 1 or gamma.shape[0] != c.shape[1] or not gamma.is_floating_point():
-        raise ValueError(f"gamma must be a floating tensor [M] = [{c.shape[1]}], got "
-                         f"{tuple(gamma.shape)} {gamma.dtype}")
-    check_index_ints(order=order)
-    if not 0 <= order < c.shape[0]:
-        raise ValueError(f"order {order} outside the jets' orders [0, {c.shape[0] - 1}]")
 
 
 def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch.Tensor:

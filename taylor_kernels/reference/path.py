@@ -10,11 +10,11 @@ flattened index ``n`` itself.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from taylor_kernels.numerics import accumulation_dtype  # noqa: F401 (re-exported)
+from taylor_kernels.op_checks import (check_accumulate_args, check_index_ints,  # noqa: F401
+                                      check_operands, check_path_args)  # (re-exported)
 
 
 def path_indices(start: int, count: int, K: int, S: int, device=None):
@@ -28,54 +28,6 @@ def node_values(nodes: torch.Tensor, start: int, s: torch.Tensor) -> torch.Tenso
     if nodes.dim() == 1:
         return nodes[s]
     return nodes.reshape(-1)[start: start + s.shape[0]]
-
-
-def check_operands(**tensors: torch.Tensor) -> None:
-    """``TypeError`` unless every operand is a real floating tensor, ``ValueError`` unless
-    they share one device (a kernel would read the wrong memory otherwise)."""
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a real floating-point tensor, got {got}")
-    if len({t.device for t in tensors.values()}) > 1:
-        raise ValueError(f"operands on different devices: "
-                         f"{ {n: str(t.device) for n, t in tensors.items()} }")
-
-
-def check_index_ints(**values) -> None:
-    """``TypeError`` unless each value is an int (not a bool, float or None)."""
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-
-
-def check_path_args(x: torch.Tensor, baselines: torch.Tensor, nodes: torch.Tensor,
-                    start: int, count: int) -> None:
-    """Raise ``TypeError`` / ``ValueError`` unless the arguments describe a valid chunk of path
-    points (floating operands on one device, int ``start`` and ``count``)."""
-    check_operands(x=x, baselines=baselines, nodes=nodes)
-    check_index_ints(start=start, count=count)
-    if x.dim() != 2 or baselines.dim() != 3 or nodes.dim() not in (1, 3):
-        raise ValueError(f"expected x [B, D], baselines [Bb, K, D], nodes [S] or [B, K, S]; "
-                         f"got {tuple(x.shape)}, {tuple(baselines.shape)}, {tuple(nodes.shape)}")
-    B, D = x.shape
-    Bb, K, Db = baselines.shape
-    if Db != D or Bb not in (1, B):
-        raise ValueError(f"baselines {tuple(baselines.shape)} do not match x {tuple(x.shape)}")
-    if nodes.dim() == 3 and tuple(nodes.shape[:2]) != (B, K):
-        raise ValueError(f"per-path nodes/weights {tuple(nodes.shape)} must be [{B}, {K}, S]")
-    total = B * K * nodes.shape[-1]
-    if start < 0 or count < 0 or start + count > total:
-        raise ValueError(f"chunk [{start}, {start + count}) outside [0, {total})")
-
-
-def check_accumulate_args(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
-                          weights: torch.Tensor, start: int) -> None:
-    """:func:`check_path_args` for the chunk of ``grads`` ``[count, D]`` starting at ``start``."""
-    check_operands(grads=grads, x=x)
-    if grads.dim() != 2 or grads.shape[1] != x.shape[1]:
-        raise ValueError(f"grads {tuple(grads.shape)} do not match x {tuple(x.shape)}")
-    check_path_args(x, baselines, weights, start, grads.shape[0])
 
 
 def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from taylor_kernels.numerics import accumulation_dtype
+from taylor_kernels.op_checks import check_ih_args
 from taylor_kernels.ops.hessian import register_ih_meta
 from taylor_kernels.triton.index import off, row_block
 from taylor_kernels.triton.launch import launcher
@@ -62,7 +63,8 @@ def _ih_accumulate_kernel(h_ptr, x_ptr, bl_ptr, w_ptr, idx_ptr, out_ptr, start, 
 def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
                   weights: torch.Tensor, index: torch.Tensor, start: int) -> torch.Tensor:
     """Triton ``ih_accumulate``: ``[B, R, D]`` chunk reduction (see the module docstring)."""
-    count, R, D = hrows.shape
+    check_ih_args(hrows, x, baselines, weights, index, start, index_values=False)  # (the
+    count, R, D = hrows.shape  # kernel checks index's values: no host sync)
     B, K, S = x.shape[0], baselines.shape[1], weights.shape[-1]
     out = torch.zeros(B, R, D, dtype=accumulation_dtype(x.dtype), device=x.device)
     if count == 0 or D == 0 or R == 0:

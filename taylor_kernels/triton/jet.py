@@ -24,6 +24,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from taylor_kernels.numerics import FN_CODES, accumulation_dtype
+from taylor_kernels.op_checks import check_jet, check_jet_pair, check_polarize_args, fn_code
 from taylor_kernels.ops.jet import register_jet_meta
 from taylor_kernels.triton.index import off, row_block
 from taylor_kernels.triton.launch import launcher
@@ -61,6 +62,15 @@ def _integral(up, us, uo, zp, zs, zo, k, mask, ACC: tl.constexpr, BLOCK: tl.cons
     for j in range(1, k + 1):
         acc += j * _get(up, us, uo, j, mask, ACC) * _get(zp, zs, zo, k - j, mask, ACC)
     return acc / k
+
+
+@triton.jit
+def _log1p(v):
+    """``log(1 + v)`` accurate for small ``v`` (Goldberg's correction: ``1 + v`` rounds, the
+    ratio ``v / (w - 1)`` restores what rounding lost; ``log(1 + v)`` lost softplus(-40))."""
+    w = 1.0 + v
+    exact = w == 1.0
+    return tl.where(exact, v, tl.log(w) * (v / tl.where(exact, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -206,7 +216,7 @@ def _jet_unary_kernel(u_ptr, su0, su1, y_ptr, w_ptr, N, J, FN: tl.constexpr,
         _sigmoid_series(u_ptr, su0, uo, w1, w2, offs, N, J, u0, mask, ACC, BLOCK)
         tl.debug_barrier()
         if FN == SOFTPLUS:
-            tl.store(y_ptr + offs, tl.maximum(u0, 0.0) + tl.log(1 + tl.exp(-tl.abs(u0))),
+            tl.store(y_ptr + offs, tl.maximum(u0, 0.0) + _log1p(tl.exp(-tl.abs(u0))),
                      mask=mask)
             for k in range(1, J + 1):
                 _put(y_ptr, N, offs, k,
@@ -265,6 +275,8 @@ def _block(N: int) -> int:
 @triton_op("taylor_kernels::jet_unary_triton", mutates_args=())
 def jet_unary(u: torch.Tensor, fn: int) -> torch.Tensor:
     """Triton ``jet_unary``: ``[J+1, N]`` coefficients of ``fn(u(t))`` (module docstring)."""
+    fn = fn_code(fn)
+    check_jet(u)
     J1, N = u.shape
     acc = accumulation_dtype(u.dtype)
     y = torch.empty(J1, N, dtype=acc, device=u.device)
@@ -280,6 +292,7 @@ def jet_unary(u: torch.Tensor, fn: int) -> torch.Tensor:
 @triton_op("taylor_kernels::jet_mul_triton", mutates_args=())
 def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Triton ``jet_mul``: truncated Cauchy product ``[J+1, N]``."""
+    check_jet_pair(a, b)
     J1, N = a.shape
     out = torch.empty(J1, N, dtype=a.dtype, device=a.device)
     if N == 0:
@@ -305,6 +318,7 @@ def _polarize_kernel(c_ptr, sm, sn, w_ptr, out_ptr, M, N, ACC: tl.constexpr,
 @triton_op("taylor_kernels::polarize_contract_triton", mutates_args=())
 def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch.Tensor:
     """Triton ``polarize_contract``: ``[N] = sum_m gamma_m c[order, m, :]``."""
+    check_polarize_args(c, gamma, order)
     M, N = c.shape[1], c.shape[2]
     out = torch.empty(N, dtype=c.dtype, device=c.device)
     if N == 0:

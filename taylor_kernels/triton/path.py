@@ -24,6 +24,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from taylor_kernels.numerics import accumulation_dtype
+from taylor_kernels.op_checks import check_accumulate_args, check_path_args
 from taylor_kernels.ops.path import register_path_meta
 from taylor_kernels.triton.index import grid_cell, off, row_block, split_bounds
 from taylor_kernels.triton.launch import launcher
@@ -130,6 +131,7 @@ def _flat_nodes(nodes: torch.Tensor) -> tuple[torch.Tensor, int]:
 def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
                 start: int, count: int) -> torch.Tensor:
     """Triton ``path_points``: ``[count, D]`` path points (see the module docstring)."""
+    check_path_args(x, baselines, alphas, start, count)
     D = x.shape[1]
     K, S = baselines.shape[1], alphas.shape[-1]
     out = torch.empty(count, D, dtype=x.dtype, device=x.device)
@@ -165,6 +167,7 @@ def accumulate_plan(nb: int, D: int, count: int, K: int, S: int) -> tuple[int, i
 def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
                     weights: torch.Tensor, start: int) -> torch.Tensor:
     """Triton ``path_accumulate``: ``[B, D]`` chunk reduction (see the module docstring)."""
+    check_accumulate_args(grads, x, baselines, weights, start)
     B, D = x.shape
     K, S = baselines.shape[1], weights.shape[-1]
     count = grads.shape[0]

@@ -137,6 +137,23 @@ def test_bad_types_and_devices_raise_on_every_backend(cpu_backend, bad):
         call(x, bl, alphas, weights)
 
 
+def test_backward_of_transposed_baselines(cpu_backend):
+    """Baselines as a transposed view: their gradient was built by ``zeros_like(...).view``,
+    which kept the transpose's strides and raised on the C++ and Triton backends."""
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    bl = torch.randn(2, 4, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    alphas = torch.rand(5, dtype=torch.float64)
+    grads = torch.randn(2 * 3 * 5, 4, dtype=torch.float64)
+    for out in (tk.ops.path_points(x, bl, alphas, 0, 30),
+                tk.ops.path_accumulate(grads, x, bl, alphas, 0)):
+        (got,) = torch.autograd.grad(out.sum(), bl)
+        with tk.backends.using("reference"):
+            again = tk.ops.path_points(x, bl, alphas, 0, 30) if out.shape[0] == 30 else \
+                tk.ops.path_accumulate(grads, x, bl, alphas, 0)
+            (want,) = torch.autograd.grad(again.sum(), bl)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_gradcheck(cpu_backend):
     x, bl, alphas, weights = make_inputs(2, 2, 3, 4, False, torch.float64)
     grads = torch.randn(9, 4, dtype=torch.float64)

@@ -43,6 +43,31 @@ def test_opcheck_interpreted(case):
                           test_utils=utils)
 
 
+@interpreted
+def test_registered_triton_ops_check_their_arguments():
+    """``torch.ops.taylor_kernels.*_triton`` are callable directly: they checked nothing, and a
+    chunk past the points wrote past the output (heap corruption), read past ``x``, or ran
+    another function for an unknown code. They now raise as the native ops do."""
+    from taylor_kernels.triton import hessian, jet  # noqa: F401  (registers the ops)
+    ops = tri()
+    x, bl, alphas, weights = make(2, 2, 3, 5, False, torch.float32, False)  # 12 points
+    idx = torch.tensor([0, 4])
+    c = torch.randn(3, 2, 6)
+    for call, match in [
+            (lambda: ops.path_points_triton(x, bl, alphas, 10, 6), "outside"),
+            (lambda: ops.path_accumulate_triton(torch.randn(6, 5), x, bl, weights, 10),
+             "outside"),
+            (lambda: ops.ih_accumulate_triton(torch.randn(6, 2, 5), x, bl, weights, idx, 10),
+             "outside"),
+            (lambda: ops.path_points_triton(x, bl[:, :, :4], alphas, 0, 1), "do not match"),
+            (lambda: ops.jet_unary_triton(torch.randn(3, 4), 99), "out of range"),
+            (lambda: ops.jet_unary_triton(torch.randn(17, 4), 0), "J\\+1"),
+            (lambda: ops.jet_mul_triton(torch.randn(3, 4), torch.randn(2, 4)), "one shape"),
+            (lambda: ops.polarize_contract_triton(c, torch.ones(2), -1), "outside")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 @requires_cuda
 def test_opcheck_cuda():
     x, bl, alphas, weights = make(2, 3, 4, 5, False, torch.float32, True, device="cuda")
