@@ -83,9 +83,9 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
 
 def fn_code(fn: str | int) -> int:
     """The integer code of an elementwise function given by name (``FNS``) or code."""
-    if isinstance(fn, bool) or not isinstance(fn, (str, int)):
+    if isinstance(fn, bool) or not isinstance(fn, (str, int, torch.SymInt)):
         raise TypeError(f"fn must be a name in {FNS} or its integer code, got {fn!r}")
-    if isinstance(fn, int):
+    if not isinstance(fn, str):  # (a SymInt while torch.compile traces a Triton op)
         if not 0 <= fn < len(FNS):
             raise ValueError(f"fn code {fn} out of range [0, {len(FNS)}); names: {FNS}")
         return fn
