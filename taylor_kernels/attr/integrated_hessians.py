@@ -106,16 +106,18 @@ def point_fn(problem: PathProblem, rows: torch.Tensor):
     return lambda z: problem.forward(z, rows[:z.shape[0]])
 
 
-def _pair_cost(problem: PathProblem, alphas: torch.Tensor, budget) -> derivative.PairCost:
+def _pair_cost(problem: PathProblem, alphas: torch.Tensor, budget,
+               held: int = 0) -> derivative.PairCost:
     """Measured bytes of (path point, direction) HVP pairs, cached per model (its
     ``cost_owner``, e.g. the layer of a closure made per call) and shape; the probe stays
-    within an explicit ``budget``."""
+    within an explicit ``budget`` (what is left beside the ``held`` bytes)."""
     x, bl = problem.x, problem.baselines
     total, per_input = x.shape[0] * bl.shape[1] * alphas.shape[-1], bl.shape[1] * alphas.shape[-1]
     probe = ops.path_points(x, bl, alphas, 0, min(total, derivative.PROBE_ROWS))
     rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
     owner = getattr(problem.model, "cost_owner", problem.model)
-    return derivative.pair_cost(point_fn(problem, rows0), probe, owner=owner, budget=budget)
+    return derivative.pair_cost(point_fn(problem, rows0), probe, owner=owner, budget=budget,
+                                held=held)
 
 
 def path_slice(problem: PathProblem, alphas, p0: int, p1: int):
@@ -166,13 +168,26 @@ def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, kw: dict) -> tupl
 
 
 def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
-              distributed) -> dict:
+              distributed, result_bytes: int = 0) -> dict:
     """Arguments of :func:`path_engine.stream_pairs` shared by the IH methods (the measured
-    pair cost, the budget, the process group of ``distributed``)."""
+    pair cost, the budget, the process group of ``distributed``). ``result_bytes`` (the
+    call's sums) are held beside the chunks: an explicit budget they fill raises
+    ``MemoryError`` before any HVP, and the rest is reserved in the cost's ``fixed`` part (a
+    ``[4, 784, 784]`` result ran at 2.7x of a 4 MB budget)."""
     chunk_size = memory.check_chunk_size(chunk_size)
     group = resolve_group(distributed)
     budget = memory.chunk_budget(chunk_size, max_memory, problem.x.device)
-    cost = None if budget is None else _pair_cost(problem, alphas, budget)
+    cost = None
+    if budget is not None:
+        explicit = not isinstance(budget, memory.DefaultBudget)
+        if explicit and result_bytes >= budget:
+            raise MemoryError(f"max_memory of {budget} bytes cannot hold the call's result "
+                              f"({result_bytes} bytes); raise max_memory or pass index= "
+                              "for fewer rows")
+        cost = _pair_cost(problem, alphas, budget - result_bytes if explicit else budget,
+                          held=result_bytes if explicit else 0)
+        if explicit:
+            cost = derivative.PairCost(cost.per_pair, cost.fixed + result_bytes)
     return dict(cost=cost, max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                 process_group=group)
 
@@ -191,11 +206,14 @@ def separate_ig(problem: PathProblem, ig_steps: int, kw: dict) -> tuple[torch.Te
 def _integrate(problem: PathProblem, alphas, w_grad, w_hess, index, ig_steps, max_memory,
                chunk_size, progress, distributed) -> InteractionResult:
     idx = derivative.index_rows(index, problem.x.shape[1], problem.x.device)
-    kw = engine_kw(problem, alphas, max_memory, chunk_size, progress, distributed)
-    hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, kw)
-    r = torch.arange(idx.shape[0], device=idx.device)
+    B, D = problem.x.shape
+    acc = accumulation_dtype(problem.x.dtype).itemsize  # hess [B, R, D] and grad_part [B, D]
+    kw = engine_kw(problem, alphas, max_memory, chunk_size, progress, distributed,
+                   result_bytes=B * (idx.shape[0] + 1) * D * acc)
+    ig_flat, n_ig = separate_ig(problem, ig_steps, kw)  # (first: its chunks fit the budget
+    hess, grad_part, n_hvp = _stream(problem, alphas, w_grad, w_hess, idx, kw)  # with no
+    r = torch.arange(idx.shape[0], device=idx.device)  # result beside them)
     hess[:, r, idx] += grad_part[:, idx]
-    ig_flat, n_ig = separate_ig(problem, ig_steps, kw)
     gap = (hess.sum(2) - ig_flat[:, idx]).abs().amax(dim=1)
     return InteractionResult(hess, ig_flat, gap, idx, n_hvp + n_ig)
 

@@ -189,7 +189,8 @@ class PairCost:
     fixed: float
 
 
-def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = None) -> PairCost:
+def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = None,
+              held: int = 0) -> PairCost:
     """Measured cost of HVP pairs: :func:`_probe_bytes` on 1 row and on up to ``PROBE_ROWS``
     rows gives the slope ``per_pair`` and the rest of the one-row cost, ``fixed`` (a single-row
     batch: all of it per pair). An explicit ``budget`` bounds the probe: ``MemoryError`` if one
@@ -207,9 +208,10 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
 
     def check_fits(one: float) -> None:
         if explicit and one > budget:
-            raise MemoryError(f"memory budget of {budget} bytes is too small for one "
-                              f"Hessian-vector product (measured {int(one)} bytes); raise "
-                              "max_memory")
+            beside = (f" of max_memory={budget + held}, beside the {held} bytes the call "
+                      "holds (its result and directions)") if held else ""
+            raise MemoryError(f"{budget} bytes{beside} are too small for one Hessian-vector "
+                              f"product (measured {int(one)} bytes); raise max_memory")
 
     if key not in cached:
         one = _probe_bytes(f, x[:1])
@@ -271,7 +273,9 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
     if chunk_size is not None:
         rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (chunk_size, 1)
     else:
-        rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x)), budget=budget), budget)
+        explicit = not isinstance(budget, memory.DefaultBudget)
+        rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x)), budget=budget,
+                                          held=held if explicit else 0), budget)
     out = torch.empty(V.shape[:2] + x.shape[1:], dtype=x.dtype, device=x.device) \
         if reduce is None else None
     parts = []

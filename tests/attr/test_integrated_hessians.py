@@ -139,7 +139,11 @@ def test_budget_holds_the_fixed_part_and_refuses_what_cannot_fit():
                                 torch.nn.Linear(256, 10)).double()
     x = torch.randn(2, 64, dtype=torch.float64)
     with pytest.raises(MemoryError, match="too small for one Hessian-vector product"):
-        tk.integrated_hessians(model, x, target=1, steps=4, max_memory=20_000)
+        tk.integrated_hessians(model, x, target=1, steps=4, max_memory=20_000, index=[0])
+    # the result [2, 64, 64] (and the diagonal part) alone: 66,560 bytes (it ran at 2.7x
+    # of a budget it filled)
+    with pytest.raises(MemoryError, match="cannot hold the call's result \\(66560 bytes\\)"):
+        tk.integrated_hessians(model, x, target=1, steps=4, max_memory=60_000)
     res = tk.integrated_hessians(model, x, target=1, steps=4, max_memory="2MB", index=[0, 5])
     ref = tk.integrated_hessians(model, x, target=1, steps=4, chunk_size=1, index=[0, 5])
     torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-10, atol=1e-14)
