@@ -23,6 +23,7 @@ with forward AD and double backward.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch.func import grad, jvp
 
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.composite_norms import composite_norms
-from taylor_kernels.numerics import all_finite, seeded_generator
+from taylor_kernels.numerics import accumulation_dtype, all_finite, seeded_generator
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
@@ -216,7 +217,10 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
     if key not in cached:
         one = _probe_bytes(f, x[:1])
         check_fits(one)  # before the larger probe
-        rows = max(2, min(n, int(budget // max(one, 1.0)))) if explicit and n > 1 else n
+        rows = n
+        if explicit and n > 1:  # chunks take a share of a CPU budget: so does the probe
+            room = budget * (memory.CPU_CHUNK_SHARE if x.device.type == "cpu" else 1.0)
+            rows = max(2, min(n, int(room // max(one, 1.0))))
         many = _probe_bytes(f, x[:rows]) if rows > 1 else one
         per = (many - one) / (rows - 1) if many > one else many / rows
         cached[key] = PairCost(per, max(0.0, one - per))
@@ -274,8 +278,13 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
         rows, dirs = (B, max(1, chunk_size // B)) if chunk_size >= B else (chunk_size, 1)
     else:
         explicit = not isinstance(budget, memory.DefaultBudget)
-        rows, dirs = plan(B, M, pair_cost(*(cost_of or (f, x)), budget=budget,
-                                          held=held if explicit else 0), budget)
+        cost = pair_cost(*(cost_of or (f, x)), budget=budget, held=held if explicit else 0)
+        if explicit and x.device.type == "cpu":  # freed chunks stay with glibc: chunks take
+            # a share of the budget, as the path engine's (at least one pair); a CNN's
+            # Hutchinson diagonal peaked at 2x of 8-16 MB
+            budget = max(int(budget * memory.CPU_CHUNK_SHARE),
+                         math.ceil(cost.per_pair) + math.ceil(cost.fixed))
+        rows, dirs = plan(B, M, cost, budget)
     out = torch.empty(V.shape[:2] + x.shape[1:], dtype=x.dtype, device=x.device) \
         if reduce is None else None
     parts = []
@@ -370,6 +379,51 @@ def unit_directions(index: torch.Tensor, B: int, D: int, dtype, device) -> torch
     return eye.unsqueeze(0).expand(B, -1, -1)
 
 
+class ChunkDirections:
+    """Directions ``[B, M, D]`` built a chunk at a time (``V[rows, dirs]`` with two slices), as
+    :func:`_chunked` reads them, so the call never holds all ``M``: ``build(rows, dirs)``
+    returns the chunk; the last chunk is kept for the reduction that reads it again."""
+
+    def __init__(self, shape: tuple[int, int, int], build: Callable):
+        self.shape, self._build, self._last = shape, build, (None, None)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, dirs = key
+        marker = (rows.start, rows.stop, dirs.start, dirs.stop)
+        if self._last[0] != marker:
+            self._last = (marker, self._build(rows, dirs))
+        return self._last[1]
+
+
+def _unit_chunks(B: int, D: int, dtype, device) -> ChunkDirections:
+    """``e_m`` for direction ``m`` of every row, per chunk (``D x D`` one-hot directions took
+    2.4 MB of a 4 MB budget for a 784-wide MLP's diagonal; 38 MB for a 3x32x32 input)."""
+    def build(rows: slice, dirs: slice) -> torch.Tensor:
+        n = len(range(B)[rows])
+        ms = torch.arange(D, device=device)[dirs]
+        eye = torch.zeros(ms.shape[0], D, dtype=dtype, device=device)
+        eye[torch.arange(ms.shape[0], device=device), ms] = 1
+        return eye.unsqueeze(0).expand(n, -1, -1)
+    return ChunkDirections((B, D, D), build)
+
+
+def _rademacher_chunks(B: int, M: int, D: int, dtype, device,
+                       gen: torch.Generator) -> ChunkDirections:
+    """``M`` Rademacher vectors ``[B, D]`` per chunk: sample ``m`` from its own generator,
+    seeded from one draw of ``gen`` (so a seed gives the same vectors however the call is
+    chunked; all ``[B, M, D]`` at once took 6.3 MB of an 8 MB budget)."""
+    base = int(torch.randint(0, 2**62, (1,), generator=gen))
+
+    def build(rows: slice, dirs: slice) -> torch.Tensor:
+        ms = range(M)[dirs]
+        out = torch.empty(len(range(B)[rows]), len(ms), D, dtype=dtype)
+        for j, m in enumerate(ms):
+            g = torch.Generator().manual_seed(base + m)
+            out[:, j] = torch.randint(0, 2, (B, D), generator=g, dtype=dtype)[rows]
+        return out.mul_(2).sub_(1).to(device)
+    return ChunkDirections((B, M, D), build)
+
+
 def _flat_f(f: Callable, x: torch.Tensor) -> Callable:
     feat = tuple(x.shape[1:])
     return lambda z: f(z.reshape(z.shape[0], *feat))
@@ -408,27 +462,29 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     B, D = x.shape[0], x[0].numel()
     ff, xf = _flat_f(f, x), x.reshape(B, D)
     if method == "exact":
-        V = unit_directions(torch.arange(D, device=x.device), B, D, x.dtype, x.device)
+        V = _unit_chunks(B, D, x.dtype, x.device)
         # a copy of each chunk's diagonal: a view kept the chunk's whole [rows, dirs, D]
         # products alive to the end (a 4 MB budget peaked at 13 MB)
         take = lambda hv, r0, m0: torch.diagonal(  # noqa: E731
             hv[:, :, m0:m0 + hv.shape[1]], dim1=1, dim2=2).unsqueeze(-1).clone()
-        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take, cost_of=(f, x),
-                        held=D * D * x.element_size()).squeeze(-1)  # the one-hot directions
+        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take,
+                        cost_of=(f, x)).squeeze(-1)
     if method != "hutchinson":
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     if isinstance(samples, bool) or int(samples) != samples or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    gen = seeded_generator(seed)
-    V = torch.randint(0, 2, (B, int(samples), D), generator=gen, dtype=xf.dtype).mul_(2).sub_(1)
-    V = V.to(xf.device)  # (drawn in x's dtype: int64 draws and their copies took 4x V)
-    # each chunk's sum of v * Hv, not all products (they and their product with V took 3x the
-    # directions beside the budget)
-    take = lambda hv, r0, m0: (  # noqa: E731
-        V[r0:r0 + hv.shape[0], m0:m0 + hv.shape[1]] * hv).sum(dim=1, keepdim=True)
-    sums = _chunked(ff, xf, V, max_memory, chunk_size, reduce=take, cost_of=(f, x),
-                    held=V.nbytes)
-    return sums.sum(dim=1) / int(samples)
+    V = _rademacher_chunks(B, int(samples), D, xf.dtype, xf.device, seeded_generator(seed))
+    total = torch.zeros(B, D, dtype=accumulation_dtype(xf.dtype), device=xf.device)
+
+    def fold(hv: torch.Tensor, r0: int, m0: int) -> torch.Tensor:
+        """Adds the chunk's sum of ``v * Hv`` into ``total`` (the chunks' sums kept to the end
+        were ``[B, chunks, D]``: 6.3 MB of an 8 MB budget for 64 samples of a CNN input)."""
+        total[r0:r0 + hv.shape[0]] += (V[r0:r0 + hv.shape[0], m0:m0 + hv.shape[1]]
+                                       * hv).sum(dim=1)
+        return hv.new_empty(hv.shape[0], 0, D)
+    _chunked(ff, xf, V, max_memory, chunk_size, reduce=fold, cost_of=(f, x),
+             held=total.nbytes)
+    return (total / int(samples)).to(xf.dtype)
 
 
 def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
