@@ -128,8 +128,27 @@ def test_small_memory_budget_gives_same_numbers():
     model = mlp(d_in=6, hidden=8, d_out=1)
     x = torch.randn(3, 6, dtype=torch.float64)
     big = tk.interactions(model, x, order=3)
-    small = tk.interactions(model, x, order=3, max_memory=50_000)  # a few sets per chunk
+    small = tk.interactions(model, x, order=3, max_memory=200_000)  # a few sets per chunk
     torch.testing.assert_close(small.derivatives, big.derivatives, atol=1e-13, rtol=0)
+
+
+def test_a_budget_below_one_set_of_nested_forwards_raises(monkeypatch):
+    """Nested forward mode holds about NESTED_FORWARD_FACTOR times the saved-activation
+    estimate per set (a CNN's order-3 sets ran at 4x of every budget): a budget below one set
+    raises before any set runs, and chunks shrink with the factor."""
+    from taylor_kernels.attr import interactions as inter
+    model = mlp(d_in=6, hidden=8, d_out=1)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with pytest.raises(MemoryError, match="too small for one set of order 3"):
+        tk.interactions(model, x, order=3, sets=[(0, 1, 2)], max_memory=2_000)
+    sizes = []
+    real = inter._mixed_partials
+    monkeypatch.setattr(inter, "_mixed_partials",
+                        lambda f, x, d, s, chunk: sizes.append(chunk) or real(f, x, d, s, chunk))
+    tk.interactions(model, x, order=3, max_memory=200_000)
+    monkeypatch.setattr(inter, "NESTED_FORWARD_FACTOR", 1.0)
+    tk.interactions(model, x, order=3, max_memory=200_000)
+    assert sizes[0] < sizes[1]
 
 
 def _planted(x):
