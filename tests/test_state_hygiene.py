@@ -345,15 +345,23 @@ def test_a_model_reached_through_a_global_is_refused_with_its_buffers_kept(net):
         for call in (lambda: tk.hessian(_through_global, x, index=[0]),
                      lambda: tk.hvp(_through_global, x, x),
                      lambda: tk.jet(_through_global, x, x, 2),
-                     lambda: tk.third_order(_through_global, x, x, x),
-                     # the path methods' one-row probe too (BatchNorm1d raised torch's error)
-                     lambda: tk.integrated_gradients(_through_global, x, steps=4),
-                     lambda: tk.expected_gradients(_through_global, x, x, samples=2),
-                     lambda: tkc.IntegratedGradients(_through_global).attribute(x, n_steps=4)):
+                     lambda: tk.third_order(_through_global, x, x, x)):
             with pytest.raises(ValueError, match="a module it calls \\(BatchNorm"):
                 call()
             for k, v in _GLOBAL_NET.state_dict().items():
                 assert torch.equal(v, state[k]), k
+        if net == "bn1d":  # the path methods' one-row probe fails: named too (it raised
+            # torch's "Expected more than 1 value per channel"); the running statistics are
+            # kept (the failed probe counted one batch in num_batches_tracked before raising:
+            # the model is found only by running it again, README "Status and known gaps")
+            for call in (lambda: tk.integrated_gradients(_through_global, x, steps=4),
+                         lambda: tk.expected_gradients(_through_global, x, x, samples=2),
+                         lambda: tkc.IntegratedGradients(_through_global).attribute(
+                             x, n_steps=4)):
+                with pytest.raises(ValueError, match="a module it calls \\(BatchNorm1d"):
+                    call()
+                for k, v in _GLOBAL_NET.state_dict().items():
+                    assert k.endswith("num_batches_tracked") or torch.equal(v, state[k]), k
         if net == "bn2d":  # the opt-in still runs it (BatchNorm1d cannot take one-row probes)
             with tk.allow_row_coupling(_GLOBAL_NET):
                 assert torch.isfinite(tk.hvp(_through_global, x, x)).all()
@@ -376,6 +384,14 @@ def test_a_compiled_model_behind_a_global_keeps_working():
         got = tk.hvp(lambda z: _COMPILED(z)[:, 0], x, v)
         torch.testing.assert_close(got, tk.hvp(lambda z: net(z)[:, 0], x, v))
         assert not torch.nn.modules.module._global_forward_pre_hooks
+        # path methods hook nothing global around their probes (a hook per call made dynamo
+        # recompile the model on every call, up to its recompile limit)
+        from torch._dynamo.utils import counters
+        tk.integrated_gradients(lambda z: _COMPILED(z), x, target=0, steps=4)
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(3):
+            tk.integrated_gradients(lambda z: _COMPILED(z), x, target=0, steps=4)
+        assert counters["stats"]["unique_graphs"] == graphs
     finally:
         _COMPILED = None
 

@@ -18,6 +18,7 @@ reproduces the model's outputs (a model with hooks or value-dependent Python is 
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -178,6 +179,12 @@ class ExactPlan:
     passes: int
 
 
+# Bytes of a search row over its (value, slope) pairs: the pairs, the rules' kink distances
+# and masks, and allocator slack (a 784-256-10 ReLU MLP's search held 2-2.8x its budget at
+# twice the pairs; resident peak, fresh process, 2-core Xeon, 2026-12-01).
+SEARCH_ROW_FACTOR = 5.0
+
+
 class _Search:
     """The (value, slope) forward of rows ``(path, t0)``, chunked to a memory budget."""
 
@@ -203,8 +210,9 @@ class _Search:
                 for a in self.problem._rows_args(inp)]
         return [Pair(v, s, True) for v, s in zip(vs, ss)] + args
 
-    def _one(self, path, t0, splits: bool, outputs: bool):
-        self.interp.kinks = Kinks(path.shape[0], path.device, splits, self.terminal)
+    def _one(self, path, t0, splits: bool, outputs: bool, end=None):
+        self.interp.kinks = Kinks(path.shape[0], path.device, splits, self.terminal,
+                                  None if end is None else end - t0)
         self.interp.rows = (path, t0)
         out = self.interp.run(*self._inputs(path, t0))
         if outputs:
@@ -213,14 +221,14 @@ class _Search:
         return self.interp.kinks, out
 
     def run(self, path: torch.Tensor, t0: torch.Tensor, splits: bool = False,
-            outputs: bool = False):
+            outputs: bool = False, end: torch.Tensor | None = None):
         """Distances ``dt [N]`` to each row's next non-terminal kink; the kinks found as
-        ``[(rows, dt)]`` (with ``splits``: the global kinks, else the terminal ones); the
-        selected outputs when ``outputs``."""
+        ``[(rows, dt)]`` (with ``splits``: the global kinks, else the terminal ones, those
+        before the row's ``end`` when given); the selected outputs when ``outputs``."""
         dts, found, outs = [], [], []
         for i in range(0, path.shape[0], self.chunk):
             kinks, out = self._one(path[i:i + self.chunk], t0[i:i + self.chunk], splits,
-                                   outputs)
+                                   outputs, None if end is None else end[i:i + self.chunk])
             dts.append(kinks.dt)
             outs.append(out)
             found += [(r + i, t) for r, t in (kinks.splits if splits else kinks.multi)]
@@ -239,7 +247,11 @@ class _Search:
         t0 = torch.zeros(P, dtype=torch.float64, device=device)
         self.interp.pair_bytes = 0
         self._one(path[:1], t0[:1], False, False)
-        self.chunk = memory.chunk_size_for(self.budget, 2.0 * self.interp.pair_bytes, 2**31)
+        per_row = SEARCH_ROW_FACTOR * self.interp.pair_bytes
+        budget = self.budget  # an explicit CPU budget: a share, as the path engine's chunks
+        if device.type == "cpu" and not isinstance(budget, memory.DefaultBudget):
+            budget = max(int(budget * memory.CPU_CHUNK_SHARE), math.ceil(per_row))
+        self.chunk = memory.chunk_size_for(budget, per_row, 2**31)
         rec = self.interp.record = {}
         _, found, out = self.run(path, t0, splits=True, outputs=True)
         self.interp.record = None
@@ -339,7 +351,7 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
     path, t0, end = path[keep], t0[keep], end[keep]
     new_p, new_t = [sp], [st]
     while path.numel():
-        dt, multi, _ = search.run(path, t0)
+        dt, multi, _ = search.run(path, t0, end=end)
         stop = torch.minimum(t0 + dt, end)
         for r, d in multi:  # terminal kinks before the row's next other kink are breakpoints
             inside = t0[r] + d < stop[r] - ETA

@@ -55,10 +55,13 @@ class Kinks:
     ``[(rows, dt)]``; all other kinks give the per-row minimum ``dt [N]``.
     """
 
-    def __init__(self, n: int, device, splits: bool = False, terminal=frozenset()):
+    def __init__(self, n: int, device, splits: bool = False, terminal=frozenset(),
+                 limit: torch.Tensor | None = None):
         self.dt = torch.full((n,), float("inf"), dtype=torch.float64, device=device)
         self.splits: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if splits else None
         self.terminal = terminal
+        self.limit = limit  # [N] the rows' segment lengths: terminal crossings past them are
+        # not kept (every crossing of the whole line was: 8 MB for a 256-unit MLP's segments)
         self.multi: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.nodes: dict = {}
 
@@ -78,7 +81,8 @@ class Kinks:
                 row, col = ((dt < 1 - ETA) & torch.isfinite(dt)).nonzero(as_tuple=True)
                 self.splits.append((row, dt[row, col]))
         elif node in self.terminal:
-            row, col = torch.isfinite(dt).nonzero(as_tuple=True)
+            within = torch.isfinite(dt) if self.limit is None else dt < self.limit[:, None]
+            row, col = within.nonzero(as_tuple=True)
             self.multi.append((row, dt[row, col]))
             return
         if dt.shape[1]:

@@ -300,11 +300,12 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
 
 @contextlib.contextmanager
 def probing(f: Callable):
-    """The block probes ``f``: the buffers of its modules are put back on exit, also those of
-    modules it reaches where :func:`modules_of` finds none (a model behind a global), whose
-    train-mode batch norm or dropout is then refused by name (:func:`modules_run`; outside
-    :func:`allow_row_coupling`), also when the block failed on them (a one-row probe of
-    BatchNorm1d raised torch's "Expected more than 1 value per channel")."""
+    """The block probes ``f`` (the function APIs' check R): the buffers of its modules are
+    put back on exit, also those of modules it reaches where :func:`modules_of` finds none (a
+    model behind a global), whose train-mode batch norm or dropout is then refused by name
+    (:func:`modules_run`; outside :func:`allow_row_coupling`), also when the block failed on
+    them (a one-row probe of BatchNorm1d raised torch's "Expected more than 1 value per
+    channel")."""
     ran: dict[int, nn.Module] = {}
     failure = None
     hidden = modules_run(ran) if not modules_of(f) else contextlib.nullcontext()  # (only
@@ -320,6 +321,28 @@ def probing(f: Callable):
             raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
     if failure is not None:
         raise failure
+
+
+def explain_probe_failure(run: Callable, f: Callable, failure: BaseException):
+    """Raise ``failure`` of a probe ``run()`` of ``f``, or, when ``f`` reaches its model only
+    through a global (:func:`modules_of` finds none) and that model has train-mode batch norm
+    or dropout, the coupling error naming them (BatchNorm1d's one-row probe raised torch's
+    "Expected more than 1 value per channel"): ``run`` again within :func:`modules_run`, which
+    records the modules and restores their buffers. Only on failure: a global forward hook
+    around every probe made ``torch.compile`` recompile a model behind a global on every
+    call."""
+    if _ALLOWED.get() or modules_of(f):
+        raise failure
+    ran: dict[int, nn.Module] = {}
+    with modules_run(ran):
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - the first failure is what is reported
+            pass
+    bad = [n for m in ran.values() for n in coupling_submodules(m, recurse=False)]
+    if bad:
+        raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
+    raise failure
 
 
 def on_a_copy(run: Callable, points: torch.Tensor):
@@ -445,6 +468,7 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
-           "distinct_row", "check_alone_beside", "check_rows_independent", "coupling_submodules",
+           "distinct_row", "check_alone_beside", "check_rows_independent",
+           "coupling_submodules", "explain_probe_failure",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
            "modules_run", "on_a_copy", "preserved_buffers", "probing", "rows_differing"]
