@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
@@ -157,6 +159,12 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
     fargs = (() if additional_forward_args is None else additional_forward_args
              if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
+    if ig_kwargs.get("rule") == "exact":  # the trace cannot see the layer-replacement hook:
+        # its "exact" numbers were wrong wherever the check of the ends passed (f(x) = f(b))
+        warnings.warn("rule='exact': layer IG replaces the layer's output by a hook, which the "
+                      "traced graph cannot follow; falling back to rule='adaptive'",
+                      RuntimeWarning, stacklevel=2)
+        ig_kwargs = {**ig_kwargs, "rule": "adaptive"}
 
     def capture(args):
         acts, out = layer_activations(model, layer, args[:len(tup)], args[len(tup):],

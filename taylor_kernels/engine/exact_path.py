@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from taylor_kernels.engine import exact_rules as rules
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
-from taylor_kernels.engine.jet import _Tracer
+from taylor_kernels.engine.jet import _has_hooks, _trace_key, _Tracer
 from taylor_kernels.engine.problem import PathProblem, select_target
 
 DEFAULT_MAX_REGIONS = 10_000
@@ -49,7 +49,8 @@ class _Root(nn.Module):
         return self.f(*args)
 
 
-_TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, nn.Module, fx.Graph]]" = OrderedDict()
+_TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, nn.Module, fx.Graph, tuple]]" = \
+    OrderedDict()
 _TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; entries hold the model alive)
 
 
@@ -58,8 +59,9 @@ def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
     (cached per model; the model itself is not modified, weights are read at run time).
     Raises :class:`NotPiecewiseLinear` when it cannot be traced."""
     key = (id(model), n_args)
+    state = _trace_key(model)  # the modules' trees, closure cells and globals a forward reads
     hit = _TRACES.get(key)
-    if hit is not None and hit[0]() is model:
+    if hit is not None and hit[0]() is model and hit[3] == state:
         _TRACES.move_to_end(key)
         return hit[1], hit[2]
     tracer = _Tracer()
@@ -68,13 +70,40 @@ def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: no exact rule
         raise NotPiecewiseLinear(f"torch.fx cannot trace the model ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from exc
+    _refuse_visible_mutation(graph, tracer.root)
     try:
-        _TRACES[key] = (weakref.ref(model), tracer.root, graph)
+        _TRACES[key] = (weakref.ref(model), tracer.root, graph, state)
     except TypeError:  # not weak-referenceable: trace again next time
         return tracer.root, graph
     while len(_TRACES) > _TRACE_CACHE_SIZE:
         _TRACES.popitem(last=False)
     return tracer.root, graph
+
+
+def _global_hooks() -> bool:
+    """Global module forward (pre-)hooks run on every module call, which the graph skips."""
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks)
+
+
+def _refuse_visible_mutation(graph: fx.Graph, root: nn.Module) -> None:
+    """:class:`NotPiecewiseLinear` when an in-place op changes a tensor that a later node
+    still reads (``F.relu(z, inplace=True)`` as a statement, then ``z`` used): the pair rules
+    return new values, so the later read saw the unchanged one (wrong numbers, and the check
+    of the ends passed when the op changed neither end). In-place ops whose input nothing
+    else reads (``x = self.relu(x)`` with ``inplace=True``) are exact as they are."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        inplace = (n.kwargs.get("inplace") is True
+                   or n.op == "call_method" and str(n.target).endswith("_")
+                   and not str(n.target).endswith("__")
+                   or n.op == "call_module" and getattr(root.get_submodule(n.target),
+                                                        "inplace", False) is True)
+        if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        if any(order[u] > order[n] for u in n.args[0].users if u is not n):
+            raise NotPiecewiseLinear(f"in-place {_name(n.target)!s} changes a tensor that "
+                                     "the forward reads again")
 
 
 def _name(target) -> str:
@@ -116,6 +145,13 @@ class _PairInterpreter(fx.Interpreter):
             s = s[path]
             return Pair(v0[path] + t0.view((-1,) + (1,) * (s.dim() - 1)) * s, s, True)
         out = super().run_node(n)
+        if isinstance(out, Pair) and out.s.shape != out.v.shape:  # a constant broadcast the
+            try:  # value (h.unsqueeze(1) + pos): the slope is broadcast with it (it was not:
+                out = Pair(out.v, torch.broadcast_to(out.s, out.v.shape), out.affine)  # wrong
+            except RuntimeError as exc:  # slopes downstream)
+                raise NotPiecewiseLinear(f"{_name(n.target)}: slope of shape "
+                                         f"{tuple(out.s.shape)} for a value of shape "
+                                         f"{tuple(out.v.shape)}") from exc
         if isinstance(out, Pair):
             self.pair_bytes += 2 * out.v.numel() * out.v.element_size()
             if self.record is not None and out.affine:
@@ -149,6 +185,9 @@ class _PairInterpreter(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
+        if rules.has_pair(args, kwargs) and (_has_hooks(mod) or _global_hooks()):
+            raise NotPiecewiseLinear(f"module {type(mod).__name__} has forward hooks, which "
+                                     "the traced graph does not run")
         if not rules.has_pair(args, kwargs):
             try:  # constants along the path, in float64
                 return mod(*args, **kwargs)
@@ -291,6 +330,18 @@ def _sorted(path: torch.Tensor, t: torch.Tensor):
     return path[order], t[order]
 
 
+def _distinct_counts(path: torch.Tensor, t: torch.Tensor, P: int) -> torch.Tensor:
+    """Breakpoints per path ``[P]``, those within ``ETA`` of the one before counted once
+    (units whose kinks coincide, as a uniform image's channels do, counted once each: a
+    62-region path was refused at max_regions=100)."""
+    if path.numel() == 0:
+        return torch.zeros(P, dtype=torch.long, device=path.device)
+    path, t = _sorted(path, t)
+    new = torch.ones_like(path, dtype=torch.bool)
+    new[1:] = (path[1:] != path[:-1]) | (t[1:] - t[:-1] > ETA)
+    return torch.bincount(path[new], minlength=P)
+
+
 def _segments(P: int, split_path, split_t, device):
     """Segments ``(path, start, end)`` between consecutive split points (0 and 1 added)."""
     ar = torch.arange(P, device=device)
@@ -344,7 +395,7 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
                                                                     device=device)
     st = torch.cat([t for _, t in found]) if found else torch.zeros(0, dtype=torch.float64,
                                                                     device=device)
-    counts = torch.bincount(sp, minlength=P)
+    counts = _distinct_counts(sp, st, P)
     over = counts + 1 > max_regions
     path, t0, end = _segments(P, sp, st, device)
     keep = ~over[path]
@@ -360,7 +411,8 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
         more = t0 + dt < end - ETA
         new_p.append(path[more])
         new_t.append(t0[more] + dt[more])
-        counts += torch.bincount(torch.cat(new_p[-len(multi) - 1:]), minlength=P)
+        counts += _distinct_counts(torch.cat(new_p[-len(multi) - 1:]),
+                                   torch.cat(new_t[-len(multi) - 1:]), P)
         over |= counts + 1 > max_regions
         more &= ~over[path]
         path, t0, end = path[more], t0[more] + dt[more], end[more]

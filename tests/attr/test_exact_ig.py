@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 import taylor_kernels as tk
@@ -238,7 +239,7 @@ def test_hooked_model_is_refused():
     model, x = relu_mlp(), torch.randn(2, 6, dtype=torch.float64)
     handle = model[0].register_forward_hook(lambda m, i, o: 2 * o)
     try:
-        with pytest.warns(RuntimeWarning, match="does not reproduce"):
+        with pytest.warns(RuntimeWarning, match="has forward hooks"):
             res = tk.integrated_gradients(model, x, target=0, rule="exact")
     finally:
         handle.remove()
@@ -374,3 +375,87 @@ def test_constants_built_from_the_input():
         res = tk.integrated_gradients(model, x, rule="exact")
     ref = riemann_ig(lambda p: model(p)[:, None], x, torch.zeros_like(x), 0)
     assert (res.attributions.squeeze() - ref.squeeze()).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def _midpoint_ig(model, x, b, target=0, n=20000):
+    """IG by a composite midpoint rule with ``n`` steps (float64), per row."""
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    out = []
+    for i in range(x.shape[0]):
+        p = (b[i] + t[:, None] * (x[i] - b[i])).requires_grad_(True)
+        (g,) = torch.autograd.grad(model(p)[:, target].sum(), p)
+        out.append((x[i] - b[i]) * g.mean(0))
+    return torch.stack(out)
+
+
+class _Broadcast(nn.Module):
+    """A path tensor broadcast by a constant (``h[:, None] + pos``) and summed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 5), nn.Linear(5, 2)
+        self.pos = nn.Parameter(torch.randn(1, 4, 5))
+
+    def forward(self, x):
+        h = F.relu(self.a(x)).unsqueeze(1)
+        return self.o(F.relu((h + self.pos).sum(1)))
+
+
+class _Flagged(nn.Module):
+    """``forward`` reads a plain attribute: the trace must follow it when it changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.final_relu = nn.Linear(2, 2), nn.Linear(4, 1), False
+        with torch.no_grad():
+            self.l1.weight[:] = torch.tensor([[1., 0.], [-1., 0.]])
+            self.l1.bias[:] = torch.tensor([-.5, .5])
+            self.l2.weight[:] = torch.tensor([[1., 1., -1., 1.]])
+            self.l2.bias[:] = -0.2
+
+    def forward(self, x):
+        out = self.l2(torch.cat([F.relu(self.l1(x)), x], 1))
+        return F.relu(out) if self.final_relu else out
+
+
+def test_traces_that_do_not_follow_the_model_are_not_used():
+    """Silently wrong "exact" numbers (QA 2026-12-01), each right or refused now: a slope not
+    broadcast with its value (5-20% off), a trace cached across a change of an attribute the
+    forward reads, and an in-place op whose input is read again (the ends' check passed)."""
+    torch.manual_seed(0)
+    model = _Broadcast().double()
+    x, b = 2 * torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
+    res = tk.integrated_gradients(model, x, b, target=0, rule="exact")
+    assert (res.regions >= 0).all()
+    torch.testing.assert_close(res.attributions, _midpoint_ig(model, x, b), rtol=0, atol=1e-4)
+    flag = _Flagged().double()
+    x, b = torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    tk.integrated_gradients(flag, x, b, target=0, rule="exact")
+    flag.final_relu = True
+    res = tk.integrated_gradients(flag, x, b, target=0, rule="exact")
+    torch.testing.assert_close(res.attributions, _midpoint_ig(flag, x, b), rtol=0, atol=1e-4)
+    a, out = nn.Linear(2, 2).double(), nn.Linear(2, 1).double()
+
+    def inplace(x):  # F.relu(z, inplace=True) as a statement, z read again afterwards
+        z = a(x)
+        F.relu(z, inplace=True)
+        return out(F.relu(z + x - 0.35))
+    with pytest.warns(RuntimeWarning, match="in-place relu changes a tensor"):
+        res = tk.integrated_gradients(inplace, torch.randn(2, 2, dtype=torch.float64),
+                                      target=0, rule="exact")
+    assert res.regions is None
+
+
+def test_coinciding_kinks_count_once_against_max_regions():
+    """Units whose kinks fall at the same t (channels of a uniform input) were counted once
+    each: a path of a few regions was refused at a cap above its count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    with torch.no_grad():  # three pairs of identical units: each kink met twice at one t
+        model[0].weight[3:] = model[0].weight[:3]
+        model[0].bias[3:] = model[0].bias[:3]
+    x = 3 * torch.randn(4, 2, dtype=torch.float64)
+    free = tk.integrated_gradients(model, x, target=0, rule="exact", max_regions=10**6)
+    cap = int(free.regions.max())
+    capped = tk.integrated_gradients(model, x, target=0, rule="exact", max_regions=cap)
+    assert torch.equal(capped.regions, free.regions)
