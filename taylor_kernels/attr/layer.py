@@ -28,7 +28,7 @@ from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.problem import as_tuple
-from taylor_kernels.engine.thread_hooks import WORKER_THREADS, this_thread
+from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 
 
 def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
@@ -45,7 +45,7 @@ def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
             else layer.register_forward_hook(this_thread(grab)))
     try:
         with torch.no_grad(), guards.preserved_buffers(model):
-            out = model(*inputs, *args)
+            out = hookable(model)(*inputs, *args)
     finally:
         hook.remove()
     if not seen:
@@ -119,7 +119,7 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
         hook = (layer.register_forward_pre_hook(this_thread(replace_in)) if of_input
                 else layer.register_forward_hook(this_thread(replace_out)))
         try:
-            return model(*rest)
+            return hookable(model)(*rest)
         finally:
             hook.remove()
 

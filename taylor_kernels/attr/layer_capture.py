@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from taylor_kernels.engine import guards
-from taylor_kernels.engine.thread_hooks import WORKER_THREADS, this_thread
+from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 
 
 class _Stop(Exception):
@@ -87,7 +87,7 @@ class Layers:
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
         with ctx, self.hooked(hook_for), guards.preserved_buffers(model):
             try:
-                out = model(*args)
+                out = hookable(model)(*args)
             except _Stop:
                 pass
         missing = [type(self.modules[i]).__name__ for i in range(len(self.modules))
@@ -148,7 +148,7 @@ class Layers:
         def through_layers(*all_args):
             acts, rest = all_args[:n], all_args[n:]
             with self.edited(lambda k, v: acts[k]) as done:
-                out = model(*rest)
+                out = hookable(model)(*rest)
                 if len(done) != len(self.modules):
                     raise ValueError("not every layer was called by the model's forward")
             return out

@@ -40,6 +40,7 @@ from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
+from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
 
 DIRECTIONS = ("ones", "given", "next")
@@ -159,7 +160,7 @@ class LayerSpace:
             return v + (delta if d is None else delta * d)
 
         with self.spec.edited(edit, last_call=True):  # Captum: the gradient at the last call
-            return self.model(*point(idx), *rest)
+            return hookable(self.model)(*point(idx), *rest)
 
     def _through_inputs(self, es, args, direction):
         """The model's output at ``args``, whose gradient in ``e_k`` is ``dF/dv_k * D_k`` with
@@ -176,7 +177,7 @@ class LayerSpace:
             return v.clone()  # the layer gets a copy (as Captum's): in place, it changes that
 
         with self.spec.edited(take, last_call=True):
-            out = model_output(self.model(*args))
+            out = model_output(hookable(self.model)(*args))
         vs = [taken[k] for k in range(len(es))]
         dirs = [direction(k, v) for k, v in enumerate(vs)]
         return _InputGradient.apply(out, vs, dirs, *es)

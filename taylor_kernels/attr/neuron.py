@@ -21,6 +21,7 @@ from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers, select_neuron
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine.problem import _target_rows, as_tuple, select_target
+from taylor_kernels.engine.thread_hooks import hookable
 
 
 def _run(fn, inputs, baselines, rest: tuple, multiply_by_inputs: bool,
@@ -69,7 +70,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             return v.clone()  # the model goes on with a copy: in place, it changes that one
 
         with torch.enable_grad(), spec.edited(keep, last_call=True):
-            out = model(*points, *rest)
+            out = hookable(model)(*points, *rest)
         with torch.enable_grad():
             f = select_target(out, targets, rows)  # one scalar per row (or a target) required
             acts = [found[k] for k in sorted(found)]

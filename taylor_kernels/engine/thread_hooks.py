@@ -51,3 +51,13 @@ def _engine_thread() -> bool:
     sees them as dummy threads), False in user threads, whose backward passes run in
     themselves on the CPU."""
     return isinstance(threading.current_thread(), threading._DummyThread)
+
+
+def hookable(model):
+    """``model``, or for a ``torch.compile``d module its original module: graphs compiled
+    before a layer's hook was added ignore it (dynamo does not guard on hooks by default), so
+    layer IG after IG on a compiled model found the layer "not called"."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, torch.nn.Module) and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model

@@ -125,3 +125,25 @@ def test_non_tensor_layer_inputs_are_named_in_the_error():
     lig = tkc.LayerIntegratedGradients(model, layer)
     with pytest.raises(ValueError, match=r"got tuple of \(Tensor, object\)"):
         lig.attribute(torch.ones(2, 3, dtype=torch.float64), attribute_to_layer_input=True)
+
+
+@pytest.mark.parametrize("front", [False, True])
+def test_layer_methods_after_other_calls_on_a_compiled_model(front):
+    """Graphs dynamo compiled for IG's forwards ignore a layer hook added later (it does not
+    guard on hooks by default): layer IG then found the layer "not called". Hook-based
+    methods run a compiled module's original module."""
+    import taylor_kernels.captum as tkc
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double().eval()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    if front:
+        tkc.IntegratedGradients(compiled).attribute(x, target=1, n_steps=8)
+        got = tkc.LayerIntegratedGradients(compiled, net[1]).attribute(x, target=1, n_steps=8)
+        want = tkc.LayerIntegratedGradients(net, net[1]).attribute(x, target=1, n_steps=8)
+    else:
+        tk.integrated_gradients(compiled, x, target=1, steps=8)
+        got = tk.layer_integrated_gradients(compiled, net[1], x, target=1, steps=8).attributions
+        want = tk.layer_integrated_gradients(net, net[1], x, target=1, steps=8).attributions
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
