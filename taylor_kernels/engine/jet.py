@@ -33,6 +33,7 @@ import types
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -380,16 +381,38 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         if not fallback:
             _warn_once(_op_name("call_function", f), "could not trace")
         with higher_order_ops():
-            out = nested_jvp_coefficients(f, [arg.c], order)
+            out = nested_jvp_coefficients(lambda z: _plain_output(f(z)), [arg.c], order)
     elif out is None:
-        out = rules.as_jet(f(arg), order).c
+        out = rules.as_jet(_plain_output(f(arg)), order).c
     return _select(out, target, B, M)
 
 
 def _run_traced(gm: fx.GraphModule, arg, order: int, cache: bool) -> torch.Tensor:
-    """The jet coefficients ``[J+1, B*M, ...]`` of a traced model at ``arg``."""
+    """The jet coefficients ``[J+1, B*M, ...]`` of a traced model at ``arg`` (a mapping's,
+    ``ModelOutput``'s or tuple's output by the rule of
+    :func:`~taylor_kernels.models.outputs.model_output`: it raised "Could not infer dtype")."""
     res = _JetInterpreter(gm, order, cache).run(arg)
+    if not isinstance(res, (Jet, torch.Tensor)):
+        res = _output_jet(res)
     return res.c if isinstance(res, Jet) else rules.as_jet(res, order).c
+
+
+def _plain_output(out):
+    """A plain forward's output tensor (structured outputs as :func:`_output_jet`)."""
+    return out if isinstance(out, torch.Tensor) else _output_jet(out)
+
+
+def _output_jet(out):
+    """The jet (or constant tensor) a structured output holds: ``"logits"`` of a mapping,
+    else its first; the first of a tuple or list (as ``model_output`` reads tensors)."""
+    values = (([out["logits"]] if "logits" in out else []) + list(out.values())
+              if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list))
+              else [])
+    for v in values:
+        if isinstance(v, (Jet, torch.Tensor)):
+            return v
+    raise ValueError(f"f must return a tensor [B] or [B, C] (or a mapping or tuple holding "
+                     f"one), got {type(out).__name__}; select one, e.g. lambda z: f(z).logits")
 
 
 def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:

@@ -265,6 +265,27 @@ def test_entries_of_a_fallback_modules_mapping_output():
     torch.testing.assert_close(got, reference_jet(model, x, V, 3), rtol=1e-10, atol=1e-10)
 
 
+class _DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, z):
+        return {"aux": z.sum(-1), "logits": self.net(z)}
+
+
+def test_structured_outputs_read_like_model_output():
+    """A forward returning a mapping (a ModelOutput) raised "Could not infer dtype"; its
+    "logits" are read, as integrated_gradients reads them."""
+    model = _DictModel().double()
+    x, V = torch.randn(2, 3, dtype=DT), torch.randn(2, 2, 3, dtype=DT)
+    got = tk.jet(model, x, V, 3, target=1)
+    want = tk.jet(lambda z: model(z)["logits"], x, V, 3, target=1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="must return a tensor"):
+        tk.jet(lambda z: {"a": 1}, x, V, 2, fallback=True)
+
+
 @pytest.mark.parametrize("p", [-2, -3, -2.0, 3, 1.5])
 def test_power_of_negative_values(p):
     """Integer exponents below -1 went through exp(p log a): NaN for a < 0 at every order."""
