@@ -123,13 +123,16 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
 def _complete(flat: torch.Tensor, dtype: torch.dtype, fx: torch.Tensor,
               fb: torch.Tensor) -> torch.Tensor:
     """``[B]``: the attributions sum to ``f(x) - mean_k f(b_k)`` within ``sqrt(eps)`` of the
-    inputs' dtype times the terms' size (exact sums miss by rounding alone: 1e-15 relative in
-    float64, 1e-7 in float32; the traces that did not follow a model missed by 5-30%)."""
+    inputs' dtype times the terms' size, the outputs' own included (exact sums miss by
+    rounding alone: 1e-15 relative in float64, 1e-7 in float32, and f(x), f(b) round at their
+    own size: a logit of 10 with f(x) - f(b) of 1e-4 flagged correct sums; the traces that did
+    not follow a model missed by 5-30%)."""
     total = flat.detach().sum(dim=-1)
     delta = fx - fb.mean(dim=1)
+    ends = fx.abs() + fb.abs().mean(dim=1)
     if total.dim() > delta.dim():  # [T, B] sums for T outputs per point
-        delta = delta.movedim(-1, 0)
+        delta, ends = delta.movedim(-1, 0), ends.movedim(-1, 0)
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
-    size = flat.detach().abs().sum(dim=-1) + delta.abs()
+    size = flat.detach().abs().sum(dim=-1) + ends
     ok = (total - delta).abs() <= eps ** 0.5 * size.clamp_min(torch.finfo(torch.float64).tiny)
     return ok if ok.dim() == 1 else ok.all(dim=0)

@@ -94,9 +94,10 @@ def _refuse_visible_mutation(graph: fx.Graph, root: nn.Module) -> None:
     else reads (``x = self.relu(x)`` with ``inplace=True``) are exact as they are."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
+        name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
         inplace = (n.kwargs.get("inplace") is True
-                   or n.op == "call_method" and str(n.target).endswith("_")
-                   and not str(n.target).endswith("__")
+                   or n.op in ("call_method", "call_function") and name.endswith("_")
+                   and not name.endswith("__")  # h.relu_(), torch.relu_(h), F.relu_(h)
                    or n.op == "call_module" and getattr(root.get_submodule(n.target),
                                                         "inplace", False) is True)
         if not inplace or not n.args or not isinstance(n.args[0], fx.Node):

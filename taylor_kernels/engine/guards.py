@@ -51,7 +51,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import threading
 import types
+import warnings
 from typing import Callable
 
 import torch
@@ -323,28 +325,6 @@ def probing(f: Callable):
         raise failure
 
 
-def explain_probe_failure(run: Callable, f: Callable, failure: BaseException):
-    """Raise ``failure`` of a probe ``run()`` of ``f``, or, when ``f`` reaches its model only
-    through a global (:func:`modules_of` finds none) and that model has train-mode batch norm
-    or dropout, the coupling error naming them (BatchNorm1d's one-row probe raised torch's
-    "Expected more than 1 value per channel"): ``run`` again within :func:`modules_run`, which
-    records the modules and restores their buffers. Only on failure: a global forward hook
-    around every probe made ``torch.compile`` recompile a model behind a global on every
-    call."""
-    if _ALLOWED.get() or modules_of(f):
-        raise failure
-    ran: dict[int, nn.Module] = {}
-    with modules_run(ran):
-        try:
-            run()
-        except Exception:  # noqa: BLE001 - the first failure is what is reported
-            pass
-    bad = [n for m in ran.values() for n in coupling_submodules(m, recurse=False)]
-    if bad:
-        raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
-    raise failure
-
-
 def on_a_copy(run: Callable, points: torch.Tensor):
     """``run(copy of points)``, raising ``ValueError`` (:data:`IN_PLACE_ERROR`) when it changed
     its input: the probes run a model on rows of the caller's own tensors."""
@@ -355,6 +335,18 @@ def on_a_copy(run: Callable, points: torch.Tensor):
     return out
 
 
+_RECORDING = threading.local()  # this thread's recorder while modules_run's block runs
+
+
+def _record_module(module, args):
+    """The global pre-hook of :func:`modules_run`: one function object, under one key per
+    thread, so a ``torch.compile``d model behind a global sees the same hooks on every probe
+    (a new hook and key per probe made dynamo recompile it on every call)."""
+    record = getattr(_RECORDING, "record", None)
+    if record is not None and not torch.compiler.is_compiling():  # (dynamo traces the hook:
+        record(module)  # it must not mutate there)
+
+
 @contextlib.contextmanager
 def modules_run(into: dict):
     """Within the block, in this thread: every module called is recorded in ``into``
@@ -363,19 +355,25 @@ def modules_run(into: dict):
     moved its running statistics although the call was then refused)."""
     saved: list = []
 
-    def record(module, args):
-        if torch.compiler.is_compiling():  # dynamo traces the hook: it must not mutate here
-            return
+    def record(module):
         if id(module) not in into:
             into[id(module)] = module
             saved.extend((module, name, b, b.detach().clone())
                          for name, b in module._buffers.items() if b is not None)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(this_thread(record))
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    key = -1 - threading.get_ident() % 2**62  # (handles' ids are >= 0: no clash)
+    outer = getattr(_RECORDING, "record", None)
+    _RECORDING.record = record
+    hooks[key] = _record_module
     try:
-        yield into
+        with warnings.catch_warnings():  # torch warns that a compiled module sees global
+            warnings.filterwarnings("ignore", message=".*global hooks on modules")  # hooks
+            yield into
     finally:
-        handle.remove()
+        _RECORDING.record = outer
+        if outer is None:
+            hooks.pop(key, None)
         _restore(saved)
 
 
@@ -469,6 +467,6 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
            "distinct_row", "check_alone_beside", "check_rows_independent",
-           "coupling_submodules", "explain_probe_failure",
+           "coupling_submodules",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
            "modules_run", "on_a_copy", "preserved_buffers", "probing", "rows_differing"]

@@ -364,7 +364,8 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     if checked_output is not None:
         check_target(problem.target, (B,) + tuple(model_output(checked_output).shape[1:]))
         return problem
-    with guards.preserved_buffers(model):  # the probes leave running statistics as they were
+    with guards.probing(model):  # the probes leave running statistics as they were, also a
+        # model's behind a global, whose train-mode modules are then named
         if guards.row_coupling_allowed():  # no check R; batch statistics need two rows
             pair = torch.cat([problem.x[:2], problem.baselines[0, :1]])[:2]
             rows = torch.zeros(2, dtype=torch.long, device=pair.device)
@@ -373,10 +374,7 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
                 shape = model_output(problem.outputs(pair, rows)).shape[1:]
             check_target(problem.target, (B,) + tuple(shape))
             return problem
-        try:
-            alone = problem.row_output(0)  # shape probe, and check R's first call
-        except Exception as exc:  # noqa: BLE001 - a hidden model's train mode is named
-            guards.explain_probe_failure(lambda: problem.row_output(0), model, exc)
+        alone = problem.row_output(0)  # shape probe, and check R's first call
         check_target(problem.target, (B,) + tuple(alone.shape[1:]))
         problem.pending_row_check = alone
         if not defer_row_check:

@@ -459,3 +459,32 @@ def test_coinciding_kinks_count_once_against_max_regions():
     cap = int(free.regions.max())
     capped = tk.integrated_gradients(model, x, target=0, rule="exact", max_regions=cap)
     assert torch.equal(capped.regions, free.regions)
+
+
+def test_completeness_check_allows_the_outputs_rounding():
+    """Exact sums are checked against f(x) - f(b), which rounds at the outputs' own size: a
+    float32 logit of about 10 with a baseline beside the input flagged correct sums as a
+    trace that did not follow the model (7 of 8 rows switched rules)."""
+    torch.manual_seed(0)
+    model = relu_mlp(dtype=torch.float32)
+    with torch.no_grad():
+        model[-1].bias += 10
+    x = torch.randn(8, 6)
+    b = x + 1e-3 * torch.randn(8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tk.integrated_gradients(model, x, b, target=0, rule="exact")
+    assert (res.regions >= 1).all()
+
+
+def test_in_place_functions_whose_input_is_read_again_fall_back():
+    lin, out = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+
+    def model(x):
+        h = lin(x)
+        torch.relu_(h)
+        return out(h) + h.sum(1, keepdim=True)
+    with pytest.warns(RuntimeWarning, match="in-place relu_ changes a tensor"):
+        res = tk.integrated_gradients(model, torch.randn(2, 3, dtype=torch.float64), target=0,
+                                      rule="exact")
+    assert res.regions is None
