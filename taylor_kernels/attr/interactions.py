@@ -108,7 +108,7 @@ def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
 
 # Resident peak of a chunk of sets over the estimate below (``2^order`` tangent copies of the
 # saved activations, the rows and the outputs), measured for order 3 (fresh process, VmHWM,
-# 2-core Xeon, 2026-12-01): a 2-conv tanh CNN 4.3-5.1x, a 784-256-10 MLP about 3x per set
+# 2-core AMD EPYC, 2026-12-01): a 2-conv tanh CNN 4.3-5.1x, a 784-256-10 MLP about 3x per set
 # (nested forward mode also materializes pre-activations and each level's temporaries, which
 # a backward does not save); the estimate was used as it was, and order-3 calls ran at 4x
 # their budgets.

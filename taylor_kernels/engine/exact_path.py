@@ -221,7 +221,7 @@ class ExactPlan:
 
 # Bytes of a search row over its (value, slope) pairs: the pairs, the rules' kink distances
 # and masks, and allocator slack (a 784-256-10 ReLU MLP's search held 2-2.8x its budget at
-# twice the pairs; resident peak, fresh process, 2-core Xeon, 2026-12-01).
+# twice the pairs; resident peak, fresh process, 2-core AMD EPYC, 2026-12-01).
 SEARCH_ROW_FACTOR = 5.0
 
 

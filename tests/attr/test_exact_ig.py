@@ -459,6 +459,9 @@ def test_coinciding_kinks_count_once_against_max_regions():
     cap = int(free.regions.max())
     capped = tk.integrated_gradients(model, x, target=0, rule="exact", max_regions=cap)
     assert torch.equal(capped.regions, free.regions)
+    with pytest.warns(RuntimeWarning, match="more than max_regions"):  # one below: over
+        below = tk.integrated_gradients(model, x, target=0, rule="exact", max_regions=cap - 1)
+    assert torch.equal(below.regions == -1, free.regions == cap)
 
 
 def test_completeness_check_allows_the_outputs_rounding():
@@ -487,4 +490,35 @@ def test_in_place_functions_whose_input_is_read_again_fall_back():
     with pytest.warns(RuntimeWarning, match="in-place relu_ changes a tensor"):
         res = tk.integrated_gradients(model, torch.randn(2, 3, dtype=torch.float64), target=0,
                                       rule="exact")
+    assert res.regions is None
+
+
+def test_exact_sums_that_miss_completeness_take_the_adaptive_rule(monkeypatch):
+    """The net under every trace that does not follow its model: sums 10% off are replaced
+    (not added to) by the adaptive rule's, their regions -1, with a warning."""
+    from taylor_kernels.engine import path_engine
+    model, x = relu_mlp(), torch.randn(3, 6, dtype=torch.float64)
+    real, calls = path_engine.integrate, []
+
+    def off(problem, alphas, *a, **kw):
+        res = real(problem, alphas, *a, **kw)
+        calls.append(1)
+        if len(calls) == 1:  # the exact rule's integral
+            res.sums[0].mul_(1.1)
+        return res
+    monkeypatch.setattr(path_engine, "integrate", off)
+    with pytest.warns(RuntimeWarning, match="miss completeness beyond rounding"):
+        res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    assert (res.regions == -1).all()
+    assert res.gap.abs().max() < 1e-3
+
+
+def test_global_forward_hooks_fall_back():
+    model, x = relu_mlp(), torch.randn(2, 6, dtype=torch.float64)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.warns(RuntimeWarning, match="has forward hooks"):
+            res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    finally:
+        handle.remove()
     assert res.regions is None

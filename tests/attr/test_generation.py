@@ -176,6 +176,11 @@ def test_a_model_without_its_lm_head_is_refused(tok):
         llm = tkc.LLMGradientAttribution(lig, tok)
         with pytest.raises(ValueError, match="without 'logits'"):
             llm.attribute(tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=2)
+    # a forward returning the last position's logits [N, V] only (not [N, L, V])
+    lm = tiny.gpt2(layers=1, d=16, vocab=len(tok))
+    with pytest.raises(ValueError, match="next-token logits \\[N, L, vocab\\]"):
+        generation_attribution(lambda input_ids: lm(input_ids=input_ids).logits[:, -1],
+                               prompt, target, layer=lm.get_input_embeddings(), steps=2)
     # a plain tensor narrower than the vocabulary (hidden states of a custom model)
     with pytest.raises(ValueError, match=r"logits \[N, L, vocab\] over the embedding's"):
         generation_attribution(lambda input_ids: bare(input_ids=input_ids).last_hidden_state,

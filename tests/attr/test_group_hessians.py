@@ -70,3 +70,18 @@ def test_minilm_token_interactions():
     assert res["completeness_gap"] < 1e-2 * res["ig"].abs().sum()
     assert res["completeness_gap"] < coarse["completeness_gap"] / 10
     torch.testing.assert_close(res["interactions"], res["interactions"].T, rtol=1e-9, atol=1e-12)
+
+
+def test_the_separate_ig_runs_before_the_pairs(monkeypatch):
+    """Its chunks fit the budget with no [B, G, G] result beside them."""
+    from taylor_kernels.engine import path_engine
+    order = []
+    real_integrate, real_stream = path_engine.integrate, path_engine.stream_pairs
+    monkeypatch.setattr(path_engine, "integrate", lambda *a, **kw: order.append("ig")
+                        or real_integrate(*a, **kw))
+    monkeypatch.setattr(path_engine, "stream_pairs", lambda *a, **kw: order.append("pairs")
+                        or real_stream(*a, **kw))
+    x = torch.randn(2, 6, dtype=torch.float64)
+    group_integrated_hessians(_mlp(), x, torch.tensor([0, 0, 1, 1, 2, 2]), target=0, steps=4,
+                              max_memory="1MB")
+    assert order == ["ig", "pairs"]

@@ -218,3 +218,26 @@ def test_a_small_call_runs_in_one_chunk_per_pass(monkeypatch):
     assert calls == {"hvp": 1, "ig": 1}
     ref = tk.integrated_hessians(net, x, steps=4, chunk_size=7)  # many chunks: same numbers
     torch.testing.assert_close(res.interactions, ref.interactions, rtol=1e-12, atol=1e-14)
+
+
+def test_the_result_is_held_beside_the_chunks(monkeypatch):
+    """The [B, R, D] result and the diagonal part are reserved before the pair cost is
+    measured and the chunks planned (they were not: 2.7x of a 4 MB budget), and the separate
+    IG runs before the result exists."""
+    from taylor_kernels.engine import derivative, path_engine
+    net = _net(D=6)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    seen, order = [], []
+    real_cost, real_integrate = derivative.pair_cost, path_engine.integrate
+    monkeypatch.setattr(derivative, "pair_cost", lambda *a, **kw: seen.append(kw)
+                        or real_cost(*a, **kw))
+    monkeypatch.setattr(path_engine, "integrate", lambda *a, **kw: order.append("ig")
+                        or real_integrate(*a, **kw))
+    real_stream = path_engine.stream_pairs
+    monkeypatch.setattr(path_engine, "stream_pairs", lambda *a, **kw: order.append("pairs")
+                        or real_stream(*a, **kw))
+    budget = 2**20
+    tk.integrated_hessians(net, x, target=0, steps=4, index=[0, 2], max_memory=budget)
+    held = 3 * (2 + 1) * 6 * 8  # hess [3, 2, 6] and the diagonal part [3, 6], float64
+    assert seen[0]["budget"] == budget - held and seen[0]["held"] == held
+    assert order == ["ig", "pairs"]

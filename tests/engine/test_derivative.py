@@ -291,3 +291,27 @@ def test_diagonal_directions_are_built_per_chunk():
         torch.testing.assert_close(other, one, rtol=1e-12, atol=1e-14)
     many = d.hessian_diagonal(_f(net), x, method="hutchinson", samples=4000, seed=0)
     assert (many - want).abs().max() < 0.15 * want.abs().max()  # unbiased: converges
+
+
+def test_hutchinson_vectors_depend_on_the_seed_and_rows_not_on_the_chunks():
+    """Each row's vectors are its own (row chunks reused row 0's when the chunk cache missed
+    the rows) and each seed draws others (a hash without the drawn key ignored the seed)."""
+    net = _mlp(D=6)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    kw = dict(method="hutchinson", samples=1)
+    whole = d.hessian_diagonal(_f(net), x, seed=3, **kw)
+    torch.testing.assert_close(d.hessian_diagonal(_f(net), x, seed=3, chunk_size=1, **kw),
+                               whole, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(d.hessian_diagonal(_f(net), x, seed=4, **kw), whole)
+    same = torch.zeros(4, 6, dtype=torch.float64) + x[:1]  # every row the same point
+    one = d.hessian_diagonal(_f(net), same, seed=3, **kw)
+    assert not torch.equal(one[0], one[1])  # different rows, different vectors
+
+
+def test_non_finite_hessian_vector_products_raise():
+    """A Hessian that is NaN where the gradient is finite (|z|^1.5 at 0: the second
+    derivative 0.75 |z|^-0.5 times 0) came back silently."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    x[0, 1] = 0.0
+    with pytest.raises(FloatingPointError, match="Hessian-vector"):
+        d.hessian(lambda z: z.abs().pow(1.5).sum(1), x)

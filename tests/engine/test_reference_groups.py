@@ -96,3 +96,11 @@ def test_expected_gradients_checks_each_groups_drawn_rows(monkeypatch):
     with pytest.raises(ValueError, match="background row 4 contains NaN"):
         tk.expected_gradients(model, torch.randn(2, 4, dtype=torch.float64), bg, target=0,
                               samples=40, seed=0)
+
+
+def test_expected_gradients_refuses_an_unknown_rule():
+    model = models.mlp(d_in=4)
+    with pytest.raises(ValueError, match="rule must be None or 'exact'"):
+        tk.expected_gradients(model, torch.randn(2, 4, dtype=torch.float64),
+                              torch.randn(5, 4, dtype=torch.float64), target=0, samples=3,
+                              rule="adaptive")

@@ -63,7 +63,11 @@ def test_registered_triton_ops_check_their_arguments():
             (lambda: ops.jet_unary_triton(torch.randn(3, 4), 99), "out of range"),
             (lambda: ops.jet_unary_triton(torch.randn(17, 4), 0), "J\\+1"),
             (lambda: ops.jet_mul_triton(torch.randn(3, 4), torch.randn(2, 4)), "one shape"),
-            (lambda: ops.polarize_contract_triton(c, torch.ones(2), -1), "outside")]:
+            (lambda: ops.jet_unary_triton(torch.randn(3, 4), 15), "out of range"),  # len(FNS)
+            (lambda: ops.jet_mul_triton(torch.randn(3, 4), torch.randn(3, 4).double()),
+             "one shape/dtype"),
+            (lambda: ops.polarize_contract_triton(c, torch.ones(2), -1), "outside"),
+            (lambda: ops.polarize_contract_triton(c, torch.ones(2), 3), "outside")]:  # J + 1
         with pytest.raises(ValueError, match=match):
             call()
 
