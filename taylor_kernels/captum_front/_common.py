@@ -71,22 +71,25 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
         bound = signature.bind(*args, **kwargs)
     except TypeError:
         return args, kwargs  # the method's own call raises its error
-    if any(isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-           for m in guards.modules_of(getattr(args[0], "forward_func", None))
-           for sub in m.modules()):
-        return args, kwargs
+
+    def integer(value) -> bool:
+        if isinstance(value, tuple):
+            return any(integer(v) for v in value)
+        return isinstance(value, torch.Tensor) and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
 
     def to_float(value):
         if isinstance(value, tuple):
             return tuple(to_float(v) for v in value)
-        if isinstance(value, torch.Tensor) and not (value.is_floating_point()
-                                                    or value.is_complex()
-                                                    or value.dtype == torch.bool):
-            return value.to(torch.get_default_dtype())
-        return value
-    for name in ("inputs", "baselines"):
-        if name in bound.arguments:
-            bound.arguments[name] = to_float(bound.arguments[name])
+        return value.to(torch.get_default_dtype()) if integer(value) else value
+
+    names = [n for n in ("inputs", "baselines") if integer(bound.arguments.get(n))]
+    if not names or any(isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                        for m in guards.modules_of(getattr(args[0], "forward_func", None))
+                        for sub in m.modules()):  # (the walk only when there is an integer)
+        return args, kwargs
+    for name in names:
+        bound.arguments[name] = to_float(bound.arguments[name])
     return bound.args, bound.kwargs
 
 

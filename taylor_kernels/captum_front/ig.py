@@ -24,8 +24,6 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-import torch
-
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients

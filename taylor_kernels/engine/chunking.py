@@ -160,11 +160,11 @@ class ChunkPlan:
             self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
         self.budget = memory.chunk_budget(chunk_size, max_memory, device)
         self.reserved = 0
-        self.cpu_limit = False  # an explicit budget on the CPU (chunks fit a share of it)
+        self.room = None  # under an explicit budget what one chunk may take (memory.chunk_room)
         if self.budget is not None and not isinstance(self.budget, memory.DefaultBudget):
             left = memory.budget_beside(self.budget, reserved, device)  # what chunks may use
             self.budget, self.reserved = left, self.budget - left
-            self.cpu_limit = device.type == "cpu"
+            self.room = memory.chunk_room(left, device)
         self.probes: list[tuple[int, float]] = []
         self.cost = cost if cost is not None else self.slot.get("cost")
         if self.cost is None and self.chunk is None and isinstance(self.budget,
@@ -186,9 +186,8 @@ class ChunkPlan:
         """Items per chunk within the budget; under an explicit CPU budget within
         ``memory.CPU_CHUNK_SHARE`` of it (at least one item)."""
         fit = memory.chunk_size_for(self.budget, per_item, self.total, self.reserved)
-        if self.cpu_limit:
-            room = self.budget * memory.CPU_CHUNK_SHARE
-            fit = max(1, min(fit, int(room // max(per_item, 1.0))))
+        if self.room is not None:
+            fit = max(1, min(fit, int(self.room // max(per_item, 1.0))))
         return fit
 
     def _cap(self, cost: float) -> int:

@@ -222,8 +222,7 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
         check_fits(one)  # before the larger probe
         rows = n
         if explicit and n > 1:  # chunks take a share of a CPU budget: so does the probe
-            room = budget * (memory.CPU_CHUNK_SHARE if x.device.type == "cpu" else 1.0)
-            rows = max(2, min(n, int(room // max(one, 1.0))))
+            rows = max(2, min(n, int(memory.chunk_room(budget, x.device) // max(one, 1.0))))
         many = _probe_bytes(f, x[:rows]) if rows > 1 else one
         per = (many - one) / (rows - 1) if many > one else many / rows
         cached[key] = PairCost(per, max(0.0, one - per))
@@ -262,7 +261,8 @@ def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool
 
 def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: int = 0):
     """Stream ``(rows, directions)`` chunks through :func:`grad_and_hvp`; ``reduce(hv, r0, m0)``
-    maps each chunk's products before they are stored (default: keep them, written into one
+    maps each chunk's products before they are stored, or folds them into the caller's own
+    sums and returns None (the call then returns None; default: keep them, written into one
     ``[B, M, ...]`` result whose bytes an explicit budget holds beside the chunks, with
     ``held`` bytes more the caller allocated for the call, e.g. its directions);
     ``cost_of`` ``(f, x)`` to measure the pair cost with (the caller's own function, so the
@@ -282,11 +282,10 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
     else:
         explicit = not isinstance(budget, memory.DefaultBudget)
         cost = pair_cost(*(cost_of or (f, x)), budget=budget, held=held if explicit else 0)
-        if explicit and x.device.type == "cpu":  # freed chunks stay with glibc: chunks take
-            # a share of the budget, as the path engine's (at least one pair); a CNN's
-            # Hutchinson diagonal peaked at 2x of 8-16 MB
-            budget = max(int(budget * memory.CPU_CHUNK_SHARE),
-                         math.ceil(cost.per_pair) + math.ceil(cost.fixed))
+        # freed chunks stay with glibc: chunks take a share of a CPU budget, as the path
+        # engine's (at least one pair); a CNN's Hutchinson diagonal peaked at 2x of 8-16 MB
+        budget = memory.chunk_room(budget, x.device,
+                                   math.ceil(cost.per_pair) + math.ceil(cost.fixed))
         rows, dirs = plan(B, M, cost, budget)
     out = torch.empty(V.shape[:2] + x.shape[1:], dtype=x.dtype, device=x.device) \
         if reduce is None else None
@@ -295,13 +294,13 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
         row_parts = []
         for m0 in range(0, M, dirs):
             _, hv = grad_and_hvp(f, x[r0:r0 + rows], V[r0:r0 + rows, m0:m0 + dirs])
-            if out is None:
-                row_parts.append(reduce(hv, r0, m0))
-            else:
+            if out is not None:
                 out[r0:r0 + rows, m0:m0 + dirs] = hv
-        if out is None:
+            elif (part := reduce(hv, r0, m0)) is not None:
+                row_parts.append(part)
+        if row_parts:
             parts.append(torch.cat(row_parts, dim=1))
-    return out if out is not None else torch.cat(parts, dim=0)
+    return out if out is not None else torch.cat(parts, dim=0) if parts else None
 
 
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
@@ -403,11 +402,8 @@ def _unit_chunks(B: int, D: int, dtype, device) -> ChunkDirections:
     """``e_m`` for direction ``m`` of every row, per chunk (``D x D`` one-hot directions took
     2.4 MB of a 4 MB budget for a 784-wide MLP's diagonal; 38 MB for a 3x32x32 input)."""
     def build(rows: slice, dirs: slice) -> torch.Tensor:
-        n = len(range(B)[rows])
-        ms = torch.arange(D, device=device)[dirs]
-        eye = torch.zeros(ms.shape[0], D, dtype=dtype, device=device)
-        eye[torch.arange(ms.shape[0], device=device), ms] = 1
-        return eye.unsqueeze(0).expand(n, -1, -1)
+        return unit_directions(torch.arange(D, device=device)[dirs], len(range(B)[rows]), D,
+                               dtype, device)
     return ChunkDirections((B, D, D), build)
 
 
@@ -493,12 +489,11 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     V = _rademacher_chunks(B, int(samples), D, xf.dtype, xf.device, seeded_generator(seed))
     total = torch.zeros(B, D, dtype=accumulation_dtype(xf.dtype), device=xf.device)
 
-    def fold(hv: torch.Tensor, r0: int, m0: int) -> torch.Tensor:
+    def fold(hv: torch.Tensor, r0: int, m0: int) -> None:
         """Adds the chunk's sum of ``v * Hv`` into ``total`` (the chunks' sums kept to the end
         were ``[B, chunks, D]``: 6.3 MB of an 8 MB budget for 64 samples of a CNN input)."""
         total[r0:r0 + hv.shape[0]] += (V[r0:r0 + hv.shape[0], m0:m0 + hv.shape[1]]
                                        * hv).sum(dim=1)
-        return hv.new_empty(hv.shape[0], 0, D)
     _chunked(ff, xf, V, max_memory, chunk_size, reduce=fold, cost_of=(f, x),
              held=total.nbytes)
     return (total / int(samples)).to(xf.dtype)

@@ -18,7 +18,6 @@ reproduces the model's outputs (a model with hooks or value-dependent Python is 
 """
 from __future__ import annotations
 
-import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -288,10 +287,8 @@ class _Search:
         self.interp.pair_bytes = 0
         self._one(path[:1], t0[:1], False, False)
         per_row = SEARCH_ROW_FACTOR * self.interp.pair_bytes
-        budget = self.budget  # an explicit CPU budget: a share, as the path engine's chunks
-        if device.type == "cpu" and not isinstance(budget, memory.DefaultBudget):
-            budget = max(int(budget * memory.CPU_CHUNK_SHARE), math.ceil(per_row))
-        self.chunk = memory.chunk_size_for(budget, per_row, 2**31)
+        self.chunk = memory.chunk_size_for(memory.chunk_room(self.budget, device, per_row),
+                                           per_row, 2**31)  # (a share, as the path engine's)
         rec = self.interp.record = {}
         _, found, out = self.run(path, t0, splits=True, outputs=True)
         self.interp.record = None

@@ -59,8 +59,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from taylor_kernels.engine.thread_hooks import this_thread
-
 _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_row_coupling",
                                                                   default=False)
 

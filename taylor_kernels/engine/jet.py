@@ -33,7 +33,6 @@ import types
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -46,6 +45,7 @@ from taylor_kernels.engine.guards import (_close, cell_values, check_function_ro
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
+from taylor_kernels.models.outputs import default_output
 from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
                                      polarization_rule)
 
@@ -403,16 +403,15 @@ def _plain_output(out):
 
 
 def _output_jet(out):
-    """The jet (or constant tensor) a structured output holds: ``"logits"`` of a mapping,
-    else its first; the first of a tuple or list (as ``model_output`` reads tensors)."""
-    values = (([out["logits"]] if "logits" in out else []) + list(out.values())
-              if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list))
-              else [])
-    for v in values:
-        if isinstance(v, (Jet, torch.Tensor)):
-            return v
-    raise ValueError(f"f must return a tensor [B] or [B, C] (or a mapping or tuple holding "
-                     f"one), got {type(out).__name__}; select one, e.g. lambda z: f(z).logits")
+    """The jet (or constant tensor) a structured output holds, by the rule of
+    :func:`~taylor_kernels.models.outputs.model_output` (a mapping's ``"logits"``, else its
+    first; a tuple's first)."""
+    picked = default_output(out, (Jet, torch.Tensor))
+    if picked is None:
+        raise ValueError(f"f must return a tensor [B] or [B, C] (or a mapping or tuple "
+                         f"holding one), got {type(out).__name__}; select one, e.g. "
+                         "lambda z: f(z).logits")
+    return picked
 
 
 def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:

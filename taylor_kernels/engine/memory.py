@@ -184,6 +184,15 @@ def budget_beside(budget: int, held: int, device: torch.device) -> int:
     return budget - reserved
 
 
+def chunk_room(budget: int, device: torch.device, at_least: float = 0) -> int:
+    """The bytes a chunk may take of ``budget`` (what is left beside the call's holdings):
+    under an explicit CPU budget ``CPU_CHUNK_SHARE`` of it (see there), but not less than
+    ``at_least`` (one item, which then runs alone); a default or device budget whole."""
+    if device.type != "cpu" or isinstance(budget, DefaultBudget):
+        return budget
+    return max(int(budget * CPU_CHUNK_SHARE), math.ceil(at_least))
+
+
 def cpu_point_cost(saved_bytes: int, point_bytes: int, outputs: int = 1,
                    batched: bool = True) -> float:
     """Estimated peak bytes of a probe chunk on the CPU:

@@ -34,7 +34,7 @@ import inspect
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn

@@ -24,11 +24,22 @@ HINT = ("select the tensor to attribute: by default a tensor, a mapping's or Mod
         "name another with output='key' / an index, or pass output=callable(out) -> tensor")
 
 
-def _first_tensor(values, what: str) -> torch.Tensor:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise ValueError(f"the model returned a {what} with no tensor in it; {HINT}")
+def default_output(out: Any, kinds: tuple[type, ...] = (torch.Tensor,)):
+    """What the module's rule picks from ``out`` among values of ``kinds`` (the jet engine
+    passes its jets too): ``out`` itself, a mapping's ``"logits"`` else its first, an
+    object's ``.logits``, a tuple's or list's first; None when the rule finds none."""
+    if isinstance(out, kinds):
+        return out
+    if isinstance(out, Mapping):
+        logits = out.get("logits")
+        return logits if isinstance(logits, kinds) else next(
+            (v for v in out.values() if isinstance(v, kinds)), None)
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, kinds):
+        return logits
+    if isinstance(out, (tuple, list)):
+        return next((v for v in out if isinstance(v, kinds)), None)
+    return None
 
 
 def model_output(out: Any, output: str | int | Callable | None = None) -> torch.Tensor:
@@ -38,16 +49,12 @@ def model_output(out: Any, output: str | int | Callable | None = None) -> torch.
     Returns a tensor ``[N, ...]`` (the engine then selects one scalar per row).
     """
     if output is None:
-        if isinstance(out, torch.Tensor):
-            return out
-        if isinstance(out, Mapping):
-            logits = out.get("logits")
-            return logits if isinstance(logits, torch.Tensor) else _first_tensor(
-                out.values(), type(out).__name__)
-        if isinstance(getattr(out, "logits", None), torch.Tensor):
-            return out.logits
-        if isinstance(out, (tuple, list)):
-            return _first_tensor(out, type(out).__name__)
+        picked = default_output(out)
+        if picked is not None:
+            return picked
+        if isinstance(out, (Mapping, tuple, list)):
+            raise ValueError(f"the model returned a {type(out).__name__} with no tensor in "
+                             f"it; {HINT}")
         raise ValueError(f"the model returned a {type(out).__name__}, which has no .logits "
                          f"tensor; {HINT}")
     if callable(output):
