@@ -29,7 +29,7 @@ from torch.fx._symbolic_trace import PH
 from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import exact_rules as rules
-from taylor_kernels.engine import memory
+from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
 from taylor_kernels.engine.jet import _has_hooks, _trace_key, _Tracer
 from taylor_kernels.engine.problem import PathProblem, select_target
@@ -77,12 +77,6 @@ def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
     while len(_TRACES) > _TRACE_CACHE_SIZE:
         _TRACES.popitem(last=False)
     return tracer.root, graph
-
-
-def _global_hooks() -> bool:
-    """Global module forward (pre-)hooks run on every module call, which the graph skips."""
-    mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks)
 
 
 def _refuse_visible_mutation(graph: fx.Graph, root: nn.Module) -> None:
@@ -185,7 +179,7 @@ class _PairInterpreter(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
-        if rules.has_pair(args, kwargs) and (_has_hooks(mod) or _global_hooks()):
+        if rules.has_pair(args, kwargs) and (_has_hooks(mod) or guards.foreign_global_hooks()):
             raise NotPiecewiseLinear(f"module {type(mod).__name__} has forward hooks, which "
                                      "the traced graph does not run")
         if not rules.has_pair(args, kwargs):

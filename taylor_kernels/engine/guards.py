@@ -345,6 +345,15 @@ def _record_module(module, args):
         record(module)  # it must not mutate there)
 
 
+def foreign_global_hooks() -> bool:
+    """Whether global module forward (pre-)hooks besides :func:`modules_run`'s recorder are
+    registered: they run on every module call and may change what it computes (the recorder
+    of another thread's probe only records)."""
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks) or any(
+        h is not _record_module for h in mod._global_forward_pre_hooks.values())
+
+
 @contextlib.contextmanager
 def modules_run(into: dict):
     """Within the block, in this thread: every module called is recorded in ``into``
@@ -465,6 +474,6 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
            "distinct_row", "check_alone_beside", "check_rows_independent",
-           "coupling_submodules",
+           "coupling_submodules", "foreign_global_hooks",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
            "modules_run", "on_a_copy", "preserved_buffers", "probing", "rows_differing"]

@@ -514,3 +514,14 @@ def test_exact_sums_that_miss_completeness_take_the_adaptive_rule(monkeypatch):
         res = tk.integrated_gradients(model, x, target=0, rule="exact")
     assert (res.regions == -1).all()
     assert res.gap.abs().max() < 1e-3
+
+
+def test_another_threads_probe_recorder_is_not_a_hook_that_changes_outputs():
+    """A probe in progress (its global recorder, which only records the modules it sees, is
+    registered process-wide) made every other thread's exact call fall back."""
+    from taylor_kernels.engine import guards
+    model, x = relu_mlp(), torch.randn(2, 6, dtype=torch.float64)
+    with guards.modules_run({}), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    assert (res.regions >= 0).all()
