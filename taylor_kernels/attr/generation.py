@@ -144,7 +144,8 @@ def _integrate(problem, rule, steps, tol, fx, fb, **kw):
 
 def _one_row(ids, name: str) -> torch.Tensor:
     """Token ids ``[P]`` or ``[1, P]`` (a tensor, list or array) as ``[1, P]``."""
-    ids = torch.as_tensor(ids) if isinstance(ids, (list, tuple)) else ids
+    if isinstance(ids, (list, tuple)) or type(ids).__module__ == "numpy":
+        ids = torch.as_tensor(ids, dtype=torch.long if len(ids) == 0 else None)
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of token ids, got {type(ids).__name__}")
     if ids.dim() == 1:
@@ -233,6 +234,9 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     Returns: :class:`GenerationAttribution`.
     """
     check_rule_args(rule, tol)
+    if rule == "exact":
+        raise ValueError("generation attribution has no exact rule (a causal LM is not "
+                         "piecewise linear): use a fixed rule or rule='adaptive'")
     guards.check_model(model)  # train-mode dropout would make every number random
     hf.check_causal_lm(model)
     emb = hf.input_embeddings(model, layer)

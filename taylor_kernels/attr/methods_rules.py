@@ -30,6 +30,7 @@ from torch import nn
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.methods_common import prepare, result
 from taylor_kernels.engine.problem import select_target
+from taylor_kernels.models.module_kinds import runs_torch_forward
 
 
 class Power(nn.Module):
@@ -73,9 +74,11 @@ def sequential_layers(model) -> list[nn.Module]:
     for m in model:
         layers.extend(sequential_layers(m) if isinstance(m, nn.Sequential) else [m])
     for m in layers:
-        if not isinstance(m, ELEMENTWISE + AFFINE + (nn.Flatten,)):
+        if not isinstance(m, ELEMENTWISE + AFFINE + (nn.Flatten,)) or (
+                not isinstance(m, Power) and not runs_torch_forward(m)):
             raise TypeError(f"layer {type(m).__name__} has no propagation rule; supported: "
-                            "Linear, Conv2d, AvgPool2d, Flatten and elementwise activations")
+                            "Linear, Conv2d, AvgPool2d, Flatten and elementwise activations "
+                            "(torch's own, not a subclass with its own forward)")
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise TypeError("Conv2d layers need padding_mode='zeros' for the rules")
     return layers

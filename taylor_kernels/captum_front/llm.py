@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
-from taylor_kernels.captum_front._common import (CaptumTypeError,
+from taylor_kernels.captum_front._common import (CaptumTypeError, CaptumValueError,
                                                   attribute_future_unsupported, captum_method,
                                                   points_per_chunk)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
@@ -223,6 +223,9 @@ class LLMGradientAttribution:
 
     def _target_ids(self, inp, target, gen_args) -> torch.Tensor:
         if target is None:
+            if not callable(getattr(self.model, "generate", None)):
+                raise CaptumValueError("The model does not have recognizable generate "
+                                       "function. Target must be given")
             ids = inp.to_model_input().to(self.device)
             out = self.model.generate(input_ids=ids, **(gen_args or DEFAULT_GEN_ARGS))
             return out[0, ids.shape[1]:]

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from taylor_kernels.models.module_kinds import runs_torch_forward
+
 ETA = 1e-12  # smallest region length in t; decides pieces at t0 + ETA (see module docstring)
 
 
@@ -386,7 +388,10 @@ SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement")
 
 
 def module_rule(mod: nn.Module, const):
-    """The rule for a leaf module (``const`` casts its parameters to float64), or None."""
+    """The rule for a leaf module (``const`` casts its parameters to float64), or None (also
+    for a subclass of a ``torch.nn`` layer that overrides its ``forward``)."""
+    if not runs_torch_forward(mod):
+        return None
     if isinstance(mod, nn.Linear):
         return lambda ctx, x: weighted(F.linear)(ctx, x, const(mod.weight), const(mod.bias))
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.models.module_kinds import runs_torch_forward
 
 # elementwise by definition (transformers' classes matched by name: transformers is optional)
 TORCH_ELEMENTWISE = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ELU, nn.CELU,
@@ -30,9 +31,10 @@ TRANSFORMERS_ELEMENTWISE = {"NewGELUActivation", "GELUActivation", "FastGELUActi
 
 
 def is_elementwise(module: nn.Module) -> bool:
-    """Whether ``module`` is a known elementwise activation (``y_i = g(x_i)``) without hooks
-    of its own (a hook could make it something else)."""
-    known = isinstance(module, TORCH_ELEMENTWISE) or (
+    """Whether ``module`` is a known elementwise activation (``y_i = g(x_i)``: torch's own
+    forward, or a ``transformers`` activation by name) without hooks of its own (a hook, or a
+    subclass's forward, could make it something else)."""
+    known = (isinstance(module, TORCH_ELEMENTWISE) and runs_torch_forward(module)) or (
         type(module).__name__ in TRANSFORMERS_ELEMENTWISE
         and type(module).__module__.startswith("transformers."))
     return known and not (module._forward_hooks or module._forward_pre_hooks)

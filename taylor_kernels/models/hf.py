@@ -80,6 +80,9 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got {input_ids.dtype}; for "
                         "float inputs use tk.integrated_gradients")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding indexes with
+        raise TypeError(f"{name} must hold int64 (or int32) token ids, got {input_ids.dtype}: "
+                        f"convert them with {name}.long()")
     if input_ids.numel() == 0:
         raise ValueError(f"{name} is empty ({tuple(input_ids.shape)})")
     check_vocab(input_ids, vocab, name)

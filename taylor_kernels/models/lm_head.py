@@ -17,6 +17,7 @@ import contextlib
 import torch
 
 from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.models.module_kinds import runs_torch_forward
 
 
 class HeadLogProb(torch.autograd.Function):
@@ -45,11 +46,15 @@ class HeadLogProb(torch.autograd.Function):
 
 
 def linear_head(model) -> torch.nn.Linear | None:
-    """The model's output embedding when it is an ``nn.Linear`` (``get_output_embeddings()``),
-    else None."""
+    """The model's output embedding (``get_output_embeddings()``) when it computes
+    ``h W^T + b`` (an ``nn.Linear`` running torch's own forward), else None: a subclass with
+    more in its forward (Dory's per-token logit scale, a LoRA or quantized layer) takes
+    autograd's backward, which :class:`HeadLogProb` would get wrong."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Linear) else None
+    if not isinstance(head, torch.nn.Linear) or not runs_torch_forward(head):
+        return None
+    return head
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,9 +110,15 @@ def test_errors(models, tok):
             ((prompt, torch.tensor([5, -1])), {}, ValueError, "target_ids holds the id -1"),
             ((prompt, target), {"baselines": V}, ValueError, "baselines holds the id"),
             ((prompt, target), {"keep": [True] * 3}, ValueError, "keep of shape"),
-            ((prompt, target), {"rule": "adaptive", "tol": 0}, ValueError, "tol must be")]:
+            ((prompt, target), {"rule": "adaptive", "tol": 0}, ValueError, "tol must be"),
+            ((prompt, target), {"rule": "exact"}, ValueError, "no exact rule"),
+            ((prompt.to(torch.uint8), target), {}, TypeError, "int64"),
+            ((prompt, []), {}, ValueError, "target_ids is empty")]:
         with pytest.raises(error, match=match):
             generation_attribution(model, *args, steps=2, **kw)
+    as_numpy = generation_attribution(model, prompt[0].numpy(), target.tolist(), steps=2)
+    torch.testing.assert_close(as_numpy.token_attr,
+                               generation_attribution(model, prompt, target, steps=2).token_attr)
     bert = BertForSequenceClassification(BertConfig(
         num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
         vocab_size=V)).eval()
@@ -257,6 +264,22 @@ def test_captum_front_target_and_mode_errors(models, tok):
         llm.attribute(inp, target=torch.tensor([[3, 4], [5, 6]]))
     with pytest.raises(AssertionError, match="gen_args must be None"):
         llm.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 2})
+    class NoGenerate(torch.nn.Module):  # a causal LM without .generate()
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, **kwargs):
+            return self.lm(input_ids, **kwargs)
+
+        def get_input_embeddings(self):
+            return self.lm.get_input_embeddings()
+
+    wrapped = NoGenerate(model)
+    no_generate = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+        wrapped, wrapped.get_input_embeddings()), tok)
+    with pytest.raises(AssertionError, match="Target must be given"):
+        no_generate.attribute(inp)
     one_row = llm.attribute(inp, target=torch.tensor([[5, 6]]), n_steps=4)
     assert one_row.token_attr.shape[0] == 2
     model.train()  # Captum runs a train-mode model; the front does too, and warns
@@ -398,6 +421,47 @@ def test_head_log_prob_backward_equals_autograd(arch, models, tok, monkeypatch):
     assert 2 not in used
     assert not torch.allclose(halved.log_probs, plain.log_probs)
     assert generation.GenerationProblem  # the class that holds the check
+
+
+def test_a_linear_subclass_head_with_more_in_its_forward_takes_autograd(models, tok,
+                                                                        monkeypatch):
+    """An ``nn.Linear`` subclass as the LM head whose forward does more than ``h W^T + b``
+    (Dory's per-token logit scale, a LoRA layer): HeadLogProb's backward would ignore the rest
+    (attributions 1/3 of Captum's for a head scaling its logits by 3), so autograd runs."""
+    import copy
+
+    from taylor_kernels.models import lm_head
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, h):
+            return super().forward(h) * 3.0
+
+    model = copy.deepcopy(models["gpt2"])
+    old = model.get_output_embeddings()
+    head = ScaledHead(old.in_features, old.out_features, bias=False)
+    head.weight = old.weight
+    model.lm_head = head
+    assert lm_head.linear_head(model) is None
+    assert lm_head.linear_head(models["gpt2"]) is not None
+    used, apply = [], lm_head.HeadLogProb.apply
+    monkeypatch.setattr(lm_head.HeadLogProb, "apply", lambda *a: used.append(1) or apply(*a))
+    prompt, target = _ids(tok)
+    res = generation_attribution(model, prompt, target, steps=8)
+    assert not used
+    ids = torch.cat([prompt[0], target])[None]
+    emb = model.get_input_embeddings()
+    x = emb(prompt).detach()
+    grads = torch.zeros(len(target), *x.shape[1:])
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+    for t, w in zip((nodes + 1) / 2, weights / 2):  # float32 layer IG by hand, per target
+        point = (t * x).requires_grad_(True)
+        full = torch.cat([point, emb(ids[:, prompt.shape[1]:]).detach()], dim=1)
+        logp = torch.log_softmax(model(inputs_embeds=full).logits[0], -1)
+        picked = logp[prompt.shape[1] - 1:-1].gather(1, target[:, None])[:, 0]
+        for i in range(len(target)):
+            g, = torch.autograd.grad(picked[i], point, retain_graph=True)
+            grads[i] += w * g[0]
+    torch.testing.assert_close(res.token_attr, (grads * x[0]).sum(-1), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
