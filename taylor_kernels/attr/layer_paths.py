@@ -26,6 +26,8 @@ in the tensors it saves), mapped to ``e`` by a custom backward (:class:`_InputGr
 """
 from __future__ import annotations
 
+import numbers
+
 
 import warnings
 
@@ -286,8 +288,9 @@ def layer_conductance(model, layer, inputs, baselines=None, target=None, *, step
     ``S + 1 = steps + 1`` nodes of the rule, ``p_s = b + t_s (x - b)`` (Captum's
     discretisation of ``int dF/da_j da_j`` along the path). ``kwargs`` as
     :func:`internal_influence`."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"conductance needs an integer steps >= 1, got {steps!r}")
+    steps = int(steps)  # (numpy integers too, as Captum takes them)
     alphas, _ = _rule_table(rule, steps + 1)
     table = alphas.to(torch.float64).unsqueeze(0)
     return layer_gradient_sums(model, layer, inputs, baselines, target, table,

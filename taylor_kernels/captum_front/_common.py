@@ -35,6 +35,25 @@ class CaptumTypeError(TypeError, AssertionError):
     """As :class:`CaptumValueError`, for inputs of the wrong type (e.g. float targets)."""
 
 
+def customised(inst, cls) -> bool:
+    """Whether ``inst`` changes how ``cls`` (one of its classes) computes: a subclass
+    overriding one of the class's methods (other than ``__init__``) or an instance
+    ``gradient_func`` of its own (Captum's instances). Those run the instance's own code:
+    our replacement (under ``patch()``) or the generation one pass could not honour the
+    change."""
+    if "gradient_func" in inst.__dict__:
+        from captum._utils.gradient import compute_gradients
+        if inst.__dict__["gradient_func"] is not compute_gradients:
+            return True
+    inherited = {n for c in cls.__mro__ for n, v in vars(c).items() if callable(v)}
+    for sub in type(inst).__mro__:
+        if sub is cls:
+            return False
+        if any(n in inherited and n != "__init__" for n in vars(sub)):
+            return True
+    return False
+
+
 def captum_method(fn: Callable) -> Callable:
     """Wrap ``attribute`` so that it carries ``__wrapped__`` like Captum's ``@log_usage``
     methods (Captum's own ``NoiseTunnel`` calls ``attribute.__wrapped__`` on what it wraps),
@@ -64,30 +83,40 @@ def captum_method(fn: Callable) -> Callable:
 def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
     """``(args, kwargs)`` with integer ``inputs`` and ``baselines`` tensors (uint8 images,
     int64 counts) in the default float dtype, as Captum's interpolation ``b + t (x - b)``
-    makes them for the model (it raised here). Not for a model with an embedding: its
-    integer inputs are token ids, which the method's own check refuses by name (floats fail
-    inside the embedding)."""
+    makes them for the model (it raised here). Not int64/int32 tensors for a model with an
+    embedding: those are token ids, which the method's own check refuses by name (floats fail
+    inside the embedding); an embedding indexes with no other integer dtype, so a uint8 image
+    beside an embedded label is interpolated."""
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
         return args, kwargs  # the method's own call raises its error
 
-    def integer(value) -> bool:
-        if isinstance(value, tuple):
-            return any(integer(v) for v in value)
-        return isinstance(value, torch.Tensor) and not (
-            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    def tensors(value) -> list:
+        return [t for v in (value if isinstance(value, tuple) else (value,))
+                for t in ([v] if isinstance(v, torch.Tensor) else [])]
+
+    def integer(t: torch.Tensor) -> bool:
+        return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    names = [n for n in ("inputs", "baselines")
+             if any(integer(t) for t in tensors(bound.arguments.get(n)))]
+    if not names:
+        return args, kwargs
+    keep_ids = any(t.dtype in (torch.int64, torch.int32) for n in names
+                   for t in tensors(bound.arguments[n])) and any(
+        isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+        for m in guards.modules_of(getattr(args[0], "forward_func", None))
+        for sub in m.modules())  # (the walk only when there are int64/int32 tensors)
 
     def to_float(value):
         if isinstance(value, tuple):
             return tuple(to_float(v) for v in value)
-        return value.to(torch.get_default_dtype()) if integer(value) else value
+        if not isinstance(value, torch.Tensor) or not integer(value) or (
+                keep_ids and value.dtype in (torch.int64, torch.int32)):
+            return value
+        return value.to(torch.get_default_dtype())
 
-    names = [n for n in ("inputs", "baselines") if integer(bound.arguments.get(n))]
-    if not names or any(isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-                        for m in guards.modules_of(getattr(args[0], "forward_func", None))
-                        for sub in m.modules()):  # (the walk only when there is an integer)
-        return args, kwargs
     for name in names:
         bound.arguments[name] = to_float(bound.arguments[name])
     return bound.args, bound.kwargs

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
-from taylor_kernels.captum_front._common import (CaptumTypeError, CaptumValueError,
+from taylor_kernels.captum_front._common import (CaptumTypeError, CaptumValueError, customised,
                                                   attribute_future_unsupported, captum_method,
                                                   points_per_chunk)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
@@ -186,22 +186,31 @@ def pretty_tokens(ids: torch.Tensor, tokenizer) -> list[str]:
 SUPPORTED_METHODS = ("LayerIntegratedGradients", "LayerGradientShap", "LayerGradientXActivation")
 
 
+def _method_class(attr_method) -> type | None:
+    """The class of Captum's (or ours) among ``SUPPORTED_METHODS`` that ``attr_method`` is an
+    instance of (a subclass's base, as Captum's ``isinstance`` check takes it), else None."""
+    return next((c for c in type(attr_method).__mro__ if c.__name__ in SUPPORTED_METHODS
+                 and c.__module__.split(".")[0] in ("captum", "taylor_kernels")), None)
+
+
 def _one_pass_layer(attr_method):
-    """The layer of a layer-IG instance (ours or Captum's) that the one pass can run: one
-    layer, ``multiply_by_inputs=True``; None for the per-token loop. ``TypeError`` (also an
-    ``AssertionError``, as Captum raises) for a method Captum's class does not take either."""
-    name = type(attr_method).__name__
-    if name not in SUPPORTED_METHODS or not hasattr(attr_method, "forward_func"):
+    """The layer of a layer-IG instance (ours or Captum's, or a subclass that changes nothing
+    of how it computes) that the one pass can run: one layer, ``multiply_by_inputs=True``;
+    None for the per-token loop. ``TypeError`` (also an ``AssertionError``, as Captum raises)
+    for a method Captum's class does not take either."""
+    base = _method_class(attr_method)
+    if base is None or not hasattr(attr_method, "forward_func"):
         raise CaptumTypeError(f"LLMGradientAttribution supports "
-                              f"{', '.join(SUPPORTED_METHODS)} (ours or Captum's), got {name}")
+                              f"{', '.join(SUPPORTED_METHODS)} (ours or Captum's), got "
+                              f"{type(attr_method).__name__}")
     layer = getattr(attr_method, "layer", None)
     if isinstance(layer, (list, tuple)):
         if len(layer) != 1:
             raise CaptumTypeError(f"LLMGradientAttribution attributes to one layer, got "
                                   f"{len(layer)}")
         layer = layer[0]
-    if name != "LayerIntegratedGradients" or not getattr(attr_method, "multiplies_by_inputs",
-                                                         True):
+    if base.__name__ != "LayerIntegratedGradients" or not getattr(
+            attr_method, "multiplies_by_inputs", True) or customised(attr_method, base):
         return None
     return layer
 

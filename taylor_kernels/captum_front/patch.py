@@ -30,6 +30,7 @@ import warnings
 from typing import Callable
 
 from taylor_kernels import captum_front
+from taylor_kernels.captum_front._common import customised
 from taylor_kernels.captum_front.llm import LLMGradientAttribution
 
 PATCHED_CLASSES = ("IntegratedGradients", "LayerIntegratedGradients",
@@ -58,30 +59,14 @@ def _ours(inst, ours_cls):
         return ours_cls(**kwargs)
 
 
-def _customised(inst, cls) -> bool:
-    """Whether ``inst`` changes how ``cls`` computes: a subclass overriding one of the class's
-    methods (other than ``__init__``) or an instance ``gradient_func`` of its own. Those run
-    Captum's original code: our replacement could not honour the change."""
-    from captum._utils.gradient import compute_gradients
-
-    if inst.__dict__.get("gradient_func", compute_gradients) is not compute_gradients:
-        return True
-    inherited = {n for c in cls.__mro__ for n, v in vars(c).items() if callable(v)}
-    for sub in type(inst).__mro__:
-        if sub is cls:
-            return False
-        if any(n in inherited and n != "__init__" for n in vars(sub)):
-            return True
-    return False
-
-
 def _replacement(cls, original, ours: Callable, like: Callable):
     """A function for a method of ``cls`` that runs ``ours(self, *args, **kwargs)`` (or
-    ``original`` for customised instances, see :func:`_customised`), reporting ``like``'s
+    ``original`` for customised instances, see
+    :func:`~taylor_kernels.captum_front._common.customised`), reporting ``like``'s
     name, docstring and signature."""
 
     def run(self, *args, **kwargs):
-        if _customised(self, cls):
+        if customised(self, cls):
             return original(self, *args, **kwargs)
         return ours(self, *args, **kwargs)
 

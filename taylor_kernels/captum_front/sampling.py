@@ -62,6 +62,11 @@ class NoiseTunnel:
                 "which needs Captum's NoiseTunnel: install captum") from None
         return captum.attr.NoiseTunnel(attribution_method, *args, **kwargs)
 
+    def __getnewargs__(self):
+        """``copy``/``pickle`` rebuild the object by ``__new__`` with these arguments (without
+        them, ``__new__`` got no method to wrap and raised)."""
+        return (self.attribution_method,)
+
     def __init__(self, attribution_method) -> None:
         self.attribution_method = attribution_method
         self.forward_func = attribution_method.forward_func

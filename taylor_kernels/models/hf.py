@@ -90,11 +90,14 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
 
 
 def vocab_size(layer: nn.Module, model=None) -> int | None:
-    """Rows of an embedding layer (``num_embeddings``); for another (attributed) layer those
-    of ``model.get_input_embeddings()``, which the ids index; None when neither has them."""
-    n = getattr(layer, "num_embeddings", None)
-    if not isinstance(n, int) and callable(getattr(model, "get_input_embeddings", None)):
-        n = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    """Rows of the embedding the ids index: ``model.get_input_embeddings()``'s, else (a model
+    without that method) those of ``layer`` when it is an embedding; None when neither has
+    them. (The attributed layer's own rows were taken first: GPT-2's 1024 position embeddings
+    ``wpe`` became the vocabulary.)"""
+    get = getattr(model, "get_input_embeddings", None)
+    n = getattr(get(), "num_embeddings", None) if callable(get) else None
+    if not isinstance(n, int):
+        n = getattr(layer, "num_embeddings", None)
     return n if isinstance(n, int) else None
 
 

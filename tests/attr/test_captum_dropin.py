@@ -388,6 +388,33 @@ def test_integer_inputs_are_interpolated_as_floats_like_captum(name, dtype):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+class LabelConditioned(nn.Module):
+    """A uint8 image and a label embedded through ``nn.Embedding`` (a forward argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.label = nn.Embedding(3, 6)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, image, labels):
+        return self.net(image / 4.0 + self.label(labels))
+
+
+def test_a_uint8_image_beside_an_embedded_label_is_interpolated_like_captum():
+    """An embedding indexes only with int64/int32: a uint8 input of a model with an embedding
+    is an image, interpolated as floats like Captum (it was refused as token ids)."""
+    torch.manual_seed(0)
+    model = LabelConditioned().eval()
+    x = torch.randint(0, 4, (2, 6), dtype=torch.uint8)
+    labels = torch.tensor([0, 2])
+    ref, ours = (lib.IntegratedGradients(model).attribute(
+        x, target=1, n_steps=8, additional_forward_args=(labels,)) for lib in (ca, tc))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="token ids|integer|floating"):  # int64 ids: by name
+        tc.IntegratedGradients(model).attribute(x.long(), target=1, n_steps=8,
+                                                additional_forward_args=(labels,))
+
+
 @pytest.mark.parametrize("method", ["gradient_shap", "layer_gradient_shap", "noise_tunnel"])
 def test_sampling_methods_pass_lists_and_nested_tuples_as_captum(method):
     """A list of ``B`` numbers was repeated per sample (50x off Captum) and a nested tuple's
@@ -523,3 +550,30 @@ def test_adaptive_and_budget_extras():
     out = gs.attribute(x, torch.zeros(2, 2, 8, 8, dtype=F64), n_samples=3, max_memory=120_000,
                        **kw)
     assert out.shape == x.shape and gs.last_result.evaluations == 9
+
+
+def test_noise_tunnel_copies_and_pickles_like_captum():
+    """copy and pickle rebuild an object by ``__new__`` (ours raised without a method)."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 4)
+    nt = tc.NoiseTunnel(tc.IntegratedGradients(model))
+    for twin in (copy.copy(nt), copy.deepcopy(nt), pickle.loads(pickle.dumps(nt))):
+        assert type(twin) is tc.NoiseTunnel
+        torch.manual_seed(1)
+        got = twin.attribute(x, target=0, nt_samples=2, n_steps=4)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, nt.attribute(x, target=0, nt_samples=2, n_steps=4))
+
+
+def test_conductance_takes_numpy_integer_steps_like_captum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = torch.randn(2, 4)
+    for steps in (np.int64(5), np.int32(5)):
+        ref, ours = (lib.LayerConductance(model, model[1]).attribute(x, target=1, n_steps=steps)
+                     for lib in (ca, tc))
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

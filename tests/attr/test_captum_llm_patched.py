@@ -96,6 +96,50 @@ def test_patched_llm_class_runs_the_loop_for_layer_gradient_shap():
     torch.testing.assert_close(got.token_attr, want.token_attr, rtol=1e-5, atol=1e-7)
 
 
+def test_a_subclass_of_layer_ig_is_taken_and_its_own_attribute_runs(monkeypatch):
+    """Captum takes any subclass of its layer IG (``isinstance``): one that changes nothing
+    runs the one pass, one that overrides ``attribute`` runs the per-token loop through its
+    own ``attribute`` (the one pass would bypass it); both equal Captum's numbers."""
+    tok = tiny.word_tokenizer(WORDS)
+    model = tiny.gpt2(layers=1, d=16, vocab=len(tok))
+    calls = []
+
+    class Same(captum_attr.LayerIntegratedGradients):
+        pass
+
+    class Logged(captum_attr.LayerIntegratedGradients):
+        def attribute(self, *args, **kwargs):
+            calls.append(1)
+            return super().attribute(*args, **kwargs)
+
+    class OursLogged(tkc.LayerIntegratedGradients):
+        def attribute(self, *args, **kwargs):
+            calls.append(2)
+            return super().attribute(*args, **kwargs)
+
+    def run(cls, llm_cls=captum_attr.LLMGradientAttribution):
+        inp = captum_attr.TextTokenInput("the cat sat", tok, skip_tokens=["<s>"])
+        return llm_cls(cls(model, model.get_input_embeddings()), tok).attribute(
+            inp, target="on a mat", n_steps=5)
+
+    want = run(captum_attr.LayerIntegratedGradients)
+    passes = []
+    integrate = path_engine.integrate
+    monkeypatch.setattr(path_engine, "integrate",
+                        lambda *a, **k: passes.append(1) or integrate(*a, **k))
+    with tkc.patched():
+        same = run(Same)
+        assert len(passes) == 1 and not calls  # the one pass
+        logged = run(Logged)
+        assert calls == [1, 1, 1]  # its attribute, once per target token (Captum's code)
+    ours = run(OursLogged, tkc.LLMGradientAttribution)
+    assert calls[3:] == [2, 2, 2]
+    for got in (same, logged, ours):
+        torch.testing.assert_close(got.token_attr, want.token_attr, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="supports"):
+        tkc.LLMGradientAttribution(tkc.IntegratedGradients(model), tok)
+
+
 def test_bind_unbatched_args_keeps_positions_and_batched_args():
     seen = []
 

@@ -514,3 +514,21 @@ def test_activation_derivative_cache_keeps_autograd_in_low_precision(monkeypatch
         grads.append((g, plain))
     assert len(used) == 1                           # float32 only
     assert torch.equal(grads[0][0], grads[0][1])    # bf16: autograd's own numbers
+
+
+def test_the_vocabulary_is_the_input_embeddings_whatever_layer_is_attributed(models, tok):
+    """GPT-2's position embeddings as the layer: the ids index the token embeddings (the
+    layer's 64 positions were taken for the vocabulary, refusing ids past them); Captum
+    returns zeros there (the positions do not move with the prompt), as we do."""
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    import taylor_kernels.captum as tkc
+    model = tiny.gpt2(layers=1, d=16, vocab=300, positions=64)
+    wpe = model.transformer.wpe
+    assert wpe.num_embeddings < 300
+    target = torch.tensor([wpe.num_embeddings + 5, 299])
+    got, want = (lib_llm(lib_lig(model, wpe), tok).attribute(
+        TextTokenInput("the cat sat", tok), target=target, n_steps=5)
+        for lib_llm, lib_lig in ((tkc.LLMGradientAttribution, tkc.LayerIntegratedGradients),
+                                 (LLMGradientAttribution, LayerIntegratedGradients)))
+    torch.testing.assert_close(got.token_attr, want.token_attr, rtol=0, atol=1e-6)
