@@ -12,18 +12,24 @@ a step cut short by the budget is recorded as stopped, one that no longer fits a
 2. ``build``     build the extension with CUDA kernels for the local architecture;
 3. ``ops``       every op on cuda / triton / eager vs the copy bandwidth (bench/gpu_ops.py);
                  its checks and timings give the per-op backend table;
-4. ``gpu_tests`` every GPU-marked test (bench/gpu_marked.py selects them);
+4. ``gpu_tests`` every GPU-marked test (bench/gpu_marked.py selects them; the nvcc compile
+                 test skipped: ``build`` just compiled every .cu file);
 5. ``ig_cnn``    IG vs Captum at equal steps (family ``ig_vs_captum``: MLP and CNN);
 6. ``ig_gpt2``   IG vs Captum at equal steps on a GPT-2 ``transformers`` config and a bf16 Llama
                  one (LayerIG on the embeddings, bf16 also token IG; time, peak memory,
                  agreement; from ``cases_llm``);
 7. ``graphs``    the chunk loop with CUDA graphs (``tk.cuda_graphs``) vs eager, CNN and GPT-2
                  (bench/gpu_graphs.py: times, ratio, agreement, chunks served by a graph);
-8. ``memcheck``  ``compute-sanitizer --tool memcheck`` over the ops' short check run;
-9. ``jet``       jets vs nested jvp (family ``jet``; the fused ops are timed in ``ops``);
-10. ``hessian``  Integrated Hessians vs path_explain's torch port (family ``hessian``).
+8. ``jet``       jets vs nested jvp (family ``jet``; the fused ops are timed in ``ops``);
+9. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``);
+10. ``memcheck`` ``compute-sanitizer --tool memcheck`` over the ops' short check run (last: it
+                 gives no figure the issue asks for, so the budget cuts it first).
 
-Writes ``DIR/gpu-<device>-<date>.txt`` (tables) and ``.json`` (everything), and
+The per-step limits add up to more than the budget: each is a step's worst case, and the
+budget cuts whatever comes last, hence this order.
+
+Writes ``DIR/gpu-<device>-<date>.txt`` (tables) and ``.json`` (everything, with the commit:
+``$TK_COMMIT``, else ``git rev-parse HEAD``), and
 ``DIR/backend_table.json`` (this device merged into the packaged table; copy it to
 ``taylor_kernels/backend_table.json`` to make ``auto`` use it). ``--dry-run`` runs the same steps
 on the CPU at tiny sizes, skipping (and saying so) what needs a GPU.
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import glob
 import importlib.util
 import json
 import os
@@ -55,7 +62,7 @@ WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transforme
                  "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml"}
 REQUIRED_MODULES = ("captum", "transformers", "path_explain")
 RESERVE_S = 8  # kept back from the budget for writing the results
-STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "memcheck", "jet", "hessian")
+STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian", "memcheck")
 # benchmark steps -> the bench family whose tables they report (graphs: bench/gpu_graphs.py)
 FAMILY_STEPS = {"ig_cnn": "ig_vs_captum", "ig_gpt2": "llm", "graphs": None, "jet": "jet",
                 "hessian": "hessian"}
@@ -68,6 +75,10 @@ class Check:
                  steps: set[str] | None = None):
         self.dry, self.out, self.parts, self.selected = dry, out, parts, steps
         self.t0 = time.monotonic()
+        label, self.info = device_label(dry)
+        self.info.update(date=datetime.date.today().isoformat(), git_commit=git_commit())
+        # fixed at the start: a run that passes midnight keeps writing the same files
+        self.stem = f"gpu-{label}-{self.info['date']}" + ("" if steps is None else "-rerun")
         self.deadline = self.t0 + budget
         self.steps: list[dict] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -192,14 +203,19 @@ def gpu_test_files() -> list[str]:
 def gpu_tests(c: Check, keyword: str | None = None) -> dict:
     """Step ``gpu_tests``: the GPU-marked tests (dry run: collected and counted only)."""
     report = c.parts / "gpu_tests.json"
-    env = dict(c.env, TK_GPU_TESTS_JSON=str(report), PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "bench")] + ([c.env["PYTHONPATH"]] if c.env.get("PYTHONPATH") else [])))
+    # the nvcc compile test recompiles every .cu file (53-89 s each on the H200's machine,
+    # 2026-11-30), which the build step has just done for this GPU
+    env = dict(c.env, TK_GPU_TESTS_JSON=str(report), TAYLOR_KERNELS_SKIP_CUDA_COMPILE_TEST="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "bench")] + (
+                   [c.env["PYTHONPATH"]] if c.env.get("PYTHONPATH") else [])))
     extra = ["--collect-only"] if c.dry else []
     if not c.dry and importlib.util.find_spec("xdist") is not None:
         # Triton compiles (CPU) dominate: 8 workers of the 16 cores (4 took 132 s on the H200,
         # 2026-11-30); one file per worker keeps the ~60 GB offset tests (one file) from
         # running side by side
         extra = ["-n", "8", "--dist", "loadfile"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        extra += ["--timeout", "120"]  # one hung test fails alone instead of eating the step
     if keyword:
         extra += ["-k", keyword]
     rec = c.run("gpu_tests", [c.py, "-m", "pytest", "-p", "gpu_marked", "-q", "-p",
@@ -224,12 +240,26 @@ def ops_step(c: Check) -> dict | None:
     return c.read_part(path.name)
 
 
+def find_sanitizer(root: str = "/usr/local") -> str | None:
+    """compute-sanitizer: on PATH, else in a CUDA toolkit under ``root``, in its ``bin`` or in
+    its own ``compute-sanitizer`` folder (images without the link in ``bin`` have only that);
+    the default toolkit (``root/cuda``) first, then the highest version. None if absent."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    hits = [p for pattern in ("cuda*/bin/compute-sanitizer",
+                              "cuda*/compute-sanitizer/compute-sanitizer")
+            for p in glob.glob(os.path.join(root, pattern))
+            if os.path.isfile(p) and os.access(p, os.X_OK)]
+    default = [p for p in hits if Path(p).relative_to(root).parts[0] == "cuda"]
+    return (default or sorted(hits, reverse=True) or [None])[0]
+
+
 def memcheck(c: Check) -> None:
     """Step ``memcheck``: compute-sanitizer over the ops' short check run."""
-    tool = shutil.which("compute-sanitizer") or next(
-        (str(p) for p in Path("/usr/local/cuda/bin").glob("compute-sanitizer")), None)
     if not c.wanted("memcheck"):
         return
+    tool = find_sanitizer()
     if c.dry or tool is None:
         c.record("memcheck", "skipped", "needs a GPU and compute-sanitizer" if c.dry
                  else "compute-sanitizer not found")
@@ -250,6 +280,14 @@ def family(c: Check, step: str, timeout: float) -> dict | None:
     return c.read_part(path.name)
 
 
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON through a temporary file and a rename: a process killed mid-write
+    leaves the previous complete file, never a truncated one the driver cannot read."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def gpt2_probe(dry: bool, out: str) -> int:
     """``--step gpt2``: Captum ``LayerIntegratedGradients`` vs ours at equal steps on the GPT-2
     config and the bf16 Llama config (cases ``gpt2 next`` and ``llama bf16 next`` of
@@ -261,50 +299,117 @@ def gpt2_probe(dry: bool, out: str) -> int:
     gpt2, llama = (cases_llm.TINY, {**cases_llm.TINY, "arch": "llama"}) if dry else \
         (cases_llm.GPT2, cases_llm.LLAMA)
     P, steps = (8, 8) if dry else (22, cases_llm.STEPS)
-    cases_llm.CASES["gpu_check"] = [
-        ("gpt2 next", gpt2, "next", P, 0, steps, ["captum_lig", "tk_lig"]),
-        ("llama bf16 next", {**llama, "dtype": "bfloat16"}, "next", P, 0, steps,
-         ["captum_lig", "tk_lig", "tk_token_ig"])]
+    cases = [("gpt2 next", gpt2, "next", P, 0, steps, ["captum_lig", "tk_lig"]),
+             ("llama bf16 next", {**llama, "dtype": "bfloat16"}, "next", P, 0, steps,
+              ["captum_lig", "tk_lig", "tk_token_ig"])]
     cases_llm.REPEATS["gpu_check"] = 1 if dry else 3
     cases_llm.THREADS["gpu_check"] = None  # torch's default thread count
-    result = cases_llm.run("gpu_check", torch.device("cpu" if dry else "cuda"))
-    Path(out).write_text(json.dumps(result, indent=1, default=str))
+    result: dict = {"rows": []}
+    for case in cases:  # one at a time, the file rewritten after each: a cut-off keeps the first
+        cases_llm.CASES["gpu_check"] = [case]
+        part = cases_llm.run("gpu_check", torch.device("cpu" if dry else "cuda"))
+        result = {**part, "rows": result["rows"] + part["rows"]}
+        write_json(Path(out), result)
     for table in cases_llm.tables(result):
         print(table)
     return 1 if any("error" in r for r in result["rows"]) else 0
 
 
-# which ops a GPU test file covers (a failed test there takes the op off its backend)
-FILE_OPS = {"test_path_ops": ("path_points", "path_accumulate"),
-            "test_triton_ops": ("path_points", "path_accumulate", "ih_accumulate"),
-            "test_jet_ops": ("jet_unary", "jet_mul"), "test_polarize_ops": ("polarize_contract",),
-            "test_hessian_ops": ("ih_accumulate",)}
+PATH_OPS = ("path_points", "path_accumulate")
+JET_OPS = ("jet_unary", "jet_mul")
+ALL_OPS = (*PATH_OPS, "ih_accumulate", *JET_OPS, "polarize_contract")
+BOTH = ("cuda", "triton")
+# (ops, backends) the GPU tests of a file cover: a failed test there that names no op itself
+# takes these ops off these backends. A failed test in any other file changes the table only if
+# its name or parameters name an op; otherwise it is recorded (and stays in the results) only.
+FILE_OPS = {
+    "test_path_ops": (PATH_OPS, BOTH),
+    "test_triton_ops": (PATH_OPS, ("triton",)),  # calls the Triton path kernels directly
+    "test_native_ops": (PATH_OPS, ("cuda",)),  # its GPU tests call the CUDA path kernels
+    "test_jet_ops": (JET_OPS, BOTH),
+    "test_polarize_ops": (("polarize_contract",), BOTH),
+    "test_hessian_ops": (("ih_accumulate",), BOTH),
+    # every GPU test of these two names its ops (parameter path/jet/polarize/ih, or the test's
+    # name); the file-wide scope is for a test added later that does not
+    "test_compile_wrappers": (ALL_OPS, BOTH),
+    "test_index_arithmetic": (ALL_OPS, BOTH),
+}
+# tests whose file's scope does not fit them: (ops, backends); no ops = recorded only
+TEST_SCOPE = {
+    # nvcc for sm_80/sm_90 (skipped by the step): nothing about the kernels built and checked here
+    "test_cuda_sources_compile": ((), ()),
+    # in the Triton path-op file, but checks ih_accumulate on both backends
+    "test_ih_bad_index_on_gpu_does_not_sync": (("ih_accumulate",), BOTH),
+}
+# words naming ops: in a test's name (matched between underscores: "_jet_mul_") ...
+NAME_OPS = {"path_points": ("path_points",), "path_accumulate": ("path_accumulate",),
+            "path_ops": PATH_OPS, "ih_accumulate": ("ih_accumulate",),
+            "jet_unary": ("jet_unary",), "jet_mul": ("jet_mul",),
+            "polarize": ("polarize_contract",)}
+# ... and as a whole parameter token, where test_compile_wrappers' case names are ops too
+PARAM_OPS = {**NAME_OPS, "polarize_contract": ("polarize_contract",), "path": PATH_OPS,
+             "jet": JET_OPS, "ih": ("ih_accumulate",)}
+
+
+def parse_nodeid(nodeid: str) -> tuple[str, str, list[str]]:
+    """``(file stem, test name, parameter tokens)`` of a pytest node id:
+    ``tests/ops/test_jet_ops.py::test_x[tanh-cuda]`` gives ``test_jet_ops``, ``test_x``,
+    ``["tanh", "cuda"]`` (tokens lower-cased)."""
+    path, _, test = nodeid.partition("::")
+    name, _, params = test.partition("[")
+    params = params[:-1] if params.endswith("]") else params
+    return Path(path).stem, name.split("::")[-1], params.lower().split("-") if params else []
+
+
+def named_ops(name: str, params: list[str]) -> tuple[str, ...]:
+    """The ops a test's name or parameter tokens name (none: empty)."""
+    words = f"_{name.lower()}_"
+    found = [op for word, ops in NAME_OPS.items() if f"_{word}_" in words for op in ops]
+    found += [op for p in params for op in PARAM_OPS.get(p, ())]
+    return tuple(dict.fromkeys(found))
+
+
+def named_backends(params: list[str]) -> tuple[str, ...] | None:
+    """The backend a parameter token names (``[tanh-cuda]``, ``[cuda]``): ``()`` for
+    ``reference`` (a failure there says nothing of the GPU backends), None when none does.
+    Whole tokens only: "triton" in a file name or "cuda" in a test name is not a backend."""
+    for p in params:
+        if p in BOTH:
+            return (p,)
+        if p == "reference":
+            return ()
+    return None
 
 
 def failed_pairs(nodeid: str, ops: list[str]) -> set[tuple[str, str]]:
-    """``(op, backend)`` pairs a failed GPU test ``nodeid`` speaks against: the ops its name
-    mentions (else its file's ops, else all), on the backend it names (else both)."""
-    words = nodeid.lower()
-    named = [op for op in ops if op in words or op.replace("_", "") in words
-             or (op == "polarize_contract" and "polarize" in words)
-             or (op == "path_points" and "points" in words)]
-    stem = Path(nodeid.split("::")[0]).stem
-    hit = named or list(FILE_OPS.get(stem, ops))
-    names = ["triton"] if "triton" in words else ["cuda"] if stem == "test_native_ops" \
-        else ["cuda", "triton"]
-    return {(op, n) for op in hit for n in names}
+    """``(op, backend)`` pairs of ``ops`` a failed GPU test ``nodeid`` speaks against: its
+    :data:`TEST_SCOPE`, else the ops its name or parameters name, else its file's
+    (:data:`FILE_OPS`), else none; on the backend a parameter names, else its scope's."""
+    stem, name, params = parse_nodeid(nodeid)
+    if name in TEST_SCOPE:
+        hit, on = TEST_SCOPE[name]
+    else:
+        file_ops, on = FILE_OPS.get(stem, ((), BOTH))
+        hit = named_ops(name, params) or file_ops
+    named = named_backends(params)
+    return {(op, n) for op in hit if op in ops for n in (on if named is None else named)}
 
 
-def apply_test_failures(ops: dict, failed: list[str]) -> None:
+def apply_test_failures(ops: dict, failed: list[str]) -> dict[str, list[str]]:
     """Mark ``(op, backend)`` failed for every failed GPU test and redo each op's choice
-    (reference when no GPU backend is left)."""
+    (reference when no GPU backend is left). Returns per failed test the ``op/backend`` pairs it
+    took off (``[]``: recorded only, the table untouched)."""
     from taylor_kernels.backend_table import decide
+    effect = {}
     for nodeid in failed:
-        for op, name in failed_pairs(nodeid, list(ops["ops"])):
-            if name in ops["ops"][op]["tests"]:
-                ops["ops"][op]["tests"][name] = "failed (GPU test)"
+        pairs = sorted(p for p in failed_pairs(nodeid, list(ops["ops"]))
+                       if p[1] in ops["ops"][p[0]]["tests"])
+        for op, name in pairs:
+            ops["ops"][op]["tests"][name] = "failed (GPU test)"
+        effect[nodeid] = [f"{op}/{name}" for op, name in pairs]
     for entry in ops["ops"].values():
         entry["choice"] = decide(entry["ms"], entry["tests"])
+    return effect
 
 
 def ops_from_table(device: str | None) -> dict | None:
@@ -323,6 +428,7 @@ def ops_from_table(device: str | None) -> dict | None:
 
 
 def device_label(dry: bool) -> tuple[str, dict]:
+    """``(label for the file names, machine info)``: the GPU's name, or ``cpu-dryrun``."""
     import torch
     info = {"torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": _version("triton"), "python": sys.version.split()[0],
@@ -341,6 +447,19 @@ def _version(module: str) -> str | None:
         return __import__(module).__version__
     except Exception:  # noqa: BLE001  (absent or broken: recorded as None)
         return None
+
+
+def git_commit() -> str:
+    """The commit measured: ``$TK_COMMIT`` (the device's copy of the tree may have no .git, so
+    the call passes the hash), else ``git rev-parse HEAD``, else ``"unknown"``."""
+    if os.environ.get("TK_COMMIT", "").strip():
+        return os.environ["TK_COMMIT"].strip()
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
 
 
 @functools.lru_cache(maxsize=1)
@@ -362,26 +481,29 @@ def backend_table(ops: dict | None, info: dict, dry: bool) -> dict:
         return table
     table["devices"][info["device"]] = {
         "capability": info.get("capability"), "torch": info["torch"], "triton": info["triton"],
-        "date": datetime.date.today().isoformat(),
+        "date": info["date"],
         "ops": {op: {"choice": e["choice"], "ms": e["ms"], "tests": e["tests"]}
                 for op, e in ops["ops"].items()}}
     return bt.validate(table)
 
 
 def ops_table(ops: dict) -> str:
+    """The op step's table: per op and backend its check, time, GB/s, share of the copy."""
+    # the check column fits its longest entry ("failed (GPU test)" after a failed GPU test)
+    w = max([7] + [len(v) for e in ops["ops"].values() for v in e["tests"].values()])
     lines = [f"copy (dst.copy_(src), float32): {ops['copy']['GBps']:.0f} GB/s" if "copy" in ops
              else "copy: not measured",
-             f"{'op':18s} {'backend':8s} {'check':7s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} "
+             f"{'op':18s} {'backend':8s} {'check':{w}s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} "
              f"{'x eager':>8s}"]
     for op, e in ops["ops"].items():
         for r in e["rows"] or [{"backend": n} for n in e["tests"]]:
             b = r["backend"]
             check = e["tests"].get(b, "-")
             if "median_s" in r:
-                lines.append(f"{op:18s} {b:8s} {check:7s} {r['median_s'] * 1e3:9.3f} "
+                lines.append(f"{op:18s} {b:8s} {check:{w}s} {r['median_s'] * 1e3:9.3f} "
                              f"{r['GBps']:7.0f} {r['frac_copy']:6.0%} {r['speedup_vs_eager']:8.2f}")
             else:
-                lines.append(f"{op:18s} {b:8s} {check:7s}")
+                lines.append(f"{op:18s} {b:8s} {check:{w}s}".rstrip())
         lines.append(f"{op:18s} -> auto uses {e['choice']}")
     return "\n".join(lines)
 
@@ -410,15 +532,14 @@ def family_tables(step: str, result: dict | None) -> str | None:
 def write_results(c: Check, res: dict, dry: bool, budget: float, final: bool = False) -> None:
     """Write ``gpu-<device>-<date>.{txt,json}`` and ``backend_table.json`` from what the steps
     gave so far (called after every step; ``final`` also prints the summary)."""
-    label, info = device_label(dry)
+    info, stem = c.info, c.stem  # a rerun's stem ends in -rerun: it keeps the full run's files
     ops, tests = res["ops"], res["tests"]
     table = backend_table(ops, info, dry)
-    stem = f"gpu-{label}-{datetime.date.today().isoformat()}" + \
-        ("" if c.selected is None else "-rerun")  # a rerun never overwrites the full run's files
     data = {"schema": 1, "dry_run": dry, "finished": final, "steps_selected":
             None if c.selected is None else sorted(c.selected), "machine": info,
             "wall_s": time.monotonic() - c.t0, "budget_s": budget, "steps": c.steps,
-            "gpu_tests": {k: tests.get(k) for k in ("selected", "counts", "failed")},
+            "gpu_tests": {k: tests.get(k) for k in ("selected", "counts", "failed",
+                                                    "table_effect")},
             "ops": ops, "families": res["families"], "backend_table": table}
     (c.out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     (c.out / "backend_table.json").write_text(json.dumps(table, indent=1))
@@ -463,21 +584,22 @@ def main(argv=None) -> int:
     if steps is not None and not steps <= set(STEPS):
         p.error(f"unknown steps {sorted(steps - set(STEPS))}; choose from {','.join(STEPS)}")
     budget = a.budget if a.budget is not None else (55.0 if a.dry_run else 470.0)
+    if not a.dry_run:
+        import torch
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device; use --dry-run on a CPU machine", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="tk-gpu-check-") as tmp:
         c = Check(a.dry_run, out, budget, Path(tmp), steps)
-        if not a.dry_run:
-            import torch
-            if not torch.cuda.is_available():
-                print("gpu_check: no CUDA device; use --dry-run on a CPU machine", file=sys.stderr)
-                return 2
         res: dict = {"ops": None, "tests": {}, "families": {}}
 
         def tests_step():
             res["tests"] = gpu_tests(c, a.tests)
             if res["tests"].get("failed") and res["ops"] is None and not c.dry:
-                res["ops"] = ops_from_table(device_label(False)[1].get("device"))
+                res["ops"] = ops_from_table(c.info.get("device"))
             if res["ops"] and res["tests"].get("failed"):
-                apply_test_failures(res["ops"], res["tests"]["failed"])
+                res["tests"]["table_effect"] = apply_test_failures(res["ops"],
+                                                                   res["tests"]["failed"])
 
         def gpt2_step():
             c.run("ig_gpt2", [c.py, "bench/gpu_check.py", "--step", "gpt2", "--part",
@@ -495,10 +617,11 @@ def main(argv=None) -> int:
                 ("ig_cnn", lambda: res["families"].update(
                     ig_cnn=family(c, "ig_cnn", 90))),
                 ("ig_gpt2", gpt2_step), ("graphs", graphs_step),
-                ("memcheck", lambda: memcheck(c)),  # before the two families the issue ranks last
                 ("jet", lambda: res["families"].update(jet=family(c, "jet", 60))),
                 ("hessian", lambda: res["families"].update(
-                    hessian=family(c, "hessian", 75)))]
+                    hessian=family(c, "hessian", 75))),
+                # last: no target figure, so the one the budget cuts first
+                ("memcheck", lambda: memcheck(c))]
         for name, step in plan:
             try:
                 step()

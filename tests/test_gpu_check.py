@@ -2,26 +2,34 @@
 sizes; GPU-only steps skipped and saying so), so the script cannot rot between GPU runs."""
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "memcheck", "jet",
-         "hessian"]
+# memcheck last: the budget cuts the last steps, and it gives no target figure
+STEPS = ["wheels", "build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian",
+         "memcheck"]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_gpu_check_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out",
                            str(tmp_path), "--budget", "40"], cwd=ROOT, text=True,
                           capture_output=True, timeout=90,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
+                               "TK_COMMIT": COMMIT})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [json_path] = tmp_path.glob("gpu-cpu-dryrun-*.json")
     assert json_path.with_suffix(".txt").is_file()
     data = json.loads(json_path.read_text())
     assert data["dry_run"] and [s["step"] for s in data["steps"]] == STEPS
+    assert data["machine"]["git_commit"] == COMMIT  # passed in: the device's tree has no .git
     by_step = {s["step"]: s for s in data["steps"]}
     for name in ("build", "memcheck"):  # need a GPU: skipped, with the reason
         assert by_step[name]["status"] == "skipped" and by_step[name]["note"]
@@ -86,6 +94,7 @@ def test_a_driver_error_costs_one_step_not_the_results(tmp_path, monkeypatch):
         raise ModuleNotFoundError("No module named 'taylor_kernels.backend_table'")
 
     monkeypatch.setattr(gpu_check, "ops_step", broken)
+    monkeypatch.setenv("TK_COMMIT", COMMIT)
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--steps", "ops,memcheck",
                            "--budget", "30"]) == 0
     [json_path] = tmp_path.glob("gpu-cpu-dryrun-*.json")
@@ -99,3 +108,139 @@ def test_a_driver_error_costs_one_step_not_the_results(tmp_path, monkeypatch):
     assert json_path.name.endswith("-rerun.json")  # a rerun keeps the full run's files
     assert "failed (driver)" in (tmp_path / "steps.log").read_text()
     assert "failed (driver)" in json_path.with_suffix(".txt").read_text()
+
+
+def _check(gpu_check, tmp_path, monkeypatch, steps=None):
+    """A dry-run ``Check`` writing into ``tmp_path`` (the commit passed in: no git call)."""
+    monkeypatch.setenv("TK_COMMIT", COMMIT)
+    (tmp_path / "parts").mkdir(exist_ok=True)
+    return gpu_check.Check(True, tmp_path, 30.0, tmp_path / "parts", steps)
+
+
+def test_the_file_names_keep_the_start_date(tmp_path, monkeypatch):
+    """The date in the result files' names is fixed at the start: a write after midnight goes
+    to the same files, not to a second pair."""
+    gpu_check = _load_gpu_check()
+    c = _check(gpu_check, tmp_path, monkeypatch)
+    start = c.info["date"]
+
+    class Tomorrow(datetime.date):
+        @classmethod
+        def today(cls):
+            return datetime.date(2999, 1, 1)
+
+    monkeypatch.setattr(gpu_check.datetime, "date", Tomorrow)
+    gpu_check.write_results(c, {"ops": None, "tests": {}, "families": {}}, True, 30.0)
+    assert [p.name for p in tmp_path.glob("gpu-*.json")] == [f"gpu-cpu-dryrun-{start}.json"]
+
+
+def test_git_commit_from_the_environment_else_git_else_unknown(monkeypatch):
+    gpu_check = _load_gpu_check()
+    monkeypatch.setenv("TK_COMMIT", f" {COMMIT}\n")
+    assert gpu_check.git_commit() == COMMIT
+    monkeypatch.delenv("TK_COMMIT")
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", no_git)
+    assert gpu_check.git_commit() == "unknown"
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 128, stdout="", stderr="fatal: not a git repository"))
+    assert gpu_check.git_commit() == "unknown"  # a copy of the tree without .git
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout=f"{COMMIT}\n", stderr=""))
+    assert gpu_check.git_commit() == COMMIT
+
+
+def _executable(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_compute_sanitizer_is_found_in_any_cuda_toolkit(tmp_path, monkeypatch):
+    gpu_check = _load_gpu_check()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # not on PATH
+    root = tmp_path / "local"
+    assert gpu_check.find_sanitizer(str(root)) is None
+    old = _executable(root / "cuda-12.4" / "bin" / "compute-sanitizer")
+    assert gpu_check.find_sanitizer(str(root)) == old
+    own_folder = _executable(root / "cuda-12.8" / "compute-sanitizer" / "compute-sanitizer")
+    assert gpu_check.find_sanitizer(str(root)) == own_folder  # the newer toolkit
+    default = _executable(root / "cuda" / "bin" / "compute-sanitizer")
+    assert gpu_check.find_sanitizer(str(root)) == default  # the default toolkit's link wins
+    on_path = _executable(tmp_path / "empty" / "compute-sanitizer")
+    assert gpu_check.find_sanitizer(str(root)) == on_path
+
+
+@pytest.mark.parametrize("have_timeout", [False, True])
+def test_gpu_tests_skip_the_compile_test_and_time_out_tests_when_they_can(
+        tmp_path, monkeypatch, have_timeout):
+    """The step skips the nvcc compile test (the build step compiled every .cu file) and passes
+    ``--timeout 120`` only where pytest-timeout is importable (else pytest rejects the flag)."""
+    gpu_check = _load_gpu_check()
+    c = _check(gpu_check, tmp_path, monkeypatch)
+    calls = []
+    monkeypatch.setattr(c, "run", lambda name, cmd, **kw: calls.append((cmd, kw["env"])) or {})
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: (
+        have_timeout or None) if name == "pytest_timeout" else real(name))
+    gpu_check.gpu_tests(c)
+    [(cmd, env)] = calls
+    assert env["TAYLOR_KERNELS_SKIP_CUDA_COMPILE_TEST"] == "1"
+    assert ("--timeout" in cmd) == have_timeout
+    if have_timeout:
+        assert cmd[cmd.index("--timeout") + 1] == "120"
+
+
+def _load_gpu_marked():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_marked", ROOT / "bench" / "gpu_marked.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_marked_rewrites_its_outcomes_after_every_report(tmp_path, monkeypatch):
+    """A gpu_tests step cut off by its limit keeps every outcome reached: the file is complete
+    JSON after each report (written through a rename), and an xdist worker never writes it."""
+    plugin = _load_gpu_marked()
+    out = tmp_path / "gpu_tests.json"
+    monkeypatch.setenv("TK_GPU_TESTS_JSON", str(out))
+    plugin.pytest_configure(SimpleNamespace())
+    report = lambda nodeid, when, outcome: SimpleNamespace(  # noqa: E731
+        nodeid=nodeid, when=when, outcome=outcome)
+    plugin.pytest_runtest_logreport(report("t.py::a", "call", "passed"))
+    assert json.loads(out.read_text()) == {"selected": 1, "outcomes": {"t.py::a": "passed"}}
+    plugin.pytest_runtest_logreport(report("t.py::b", "setup", "skipped"))
+    plugin.pytest_runtest_logreport(report("t.py::c", "call", "failed"))
+    assert json.loads(out.read_text())["outcomes"] == {
+        "t.py::a": "passed", "t.py::b": "skipped", "t.py::c": "failed"}
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu_tests.json"]  # no temporary left
+    out.unlink()
+    plugin.pytest_configure(SimpleNamespace(workerinput={"workerid": "gw0"}))
+    plugin.pytest_runtest_logreport(report("t.py::d", "call", "passed"))
+    plugin.pytest_sessionfinish(None)
+    assert not out.exists()  # the controller writes the reports of every worker
+
+
+def test_gpt2_probe_writes_its_json_after_each_case(tmp_path, monkeypatch):
+    """Step ``ig_gpt2`` cut off (here: failing) in its second case keeps the first's rows."""
+    gpu_check = _load_gpu_check()
+    from taylor_kernels.benchmarks import cases_llm
+    for name in ("CASES", "REPEATS", "THREADS"):  # the probe registers its tier in these
+        monkeypatch.setattr(cases_llm, name, dict(getattr(cases_llm, name)))
+
+    def run(tier, device):
+        [(case, *_)] = cases_llm.CASES[tier]
+        if case != "gpt2 next":
+            raise TimeoutError("cut off in the second case")
+        return {"rows": [{"case": case, "method": "tk_lig"}], "notes": [], "repeats": 1}
+
+    monkeypatch.setattr(cases_llm, "run", run)
+    out = tmp_path / "gpt2.json"
+    with pytest.raises(TimeoutError):
+        gpu_check.gpt2_probe(True, str(out))
+    assert [r["case"] for r in json.loads(out.read_text())["rows"]] == ["gpt2 next"]

@@ -84,3 +84,105 @@ def test_failed_gpu_test_moves_the_op_off_its_backend():
     assert choice["polarize_contract"] == "reference"  # both GPU backends failed
     assert ops["ops"]["path_accumulate"]["tests"]["triton"].startswith("failed")
     assert choice["path_accumulate"] == "cuda"
+
+
+def _all_passed():
+    return {"ops": {op: {"ms": {"cuda": 1.0, "triton": 2.0},
+                         "tests": {"cuda": "passed", "triton": "passed"}, "choice": "cuda",
+                         "rows": []}
+                    for op in backend_table.OPS}}
+
+
+def _failed(ops):
+    return {(op, n) for op, e in ops["ops"].items() for n, v in e["tests"].items()
+            if v != "passed"}
+
+
+@pytest.mark.parametrize("nodeid", [
+    "tests/engine/test_cuda_graphs.py::test_cuda_graph_equals_eager_ig[cnn]",
+    "tests/test_state_hygiene.py::test_state_is_kept_on_cuda[integrated_hessians]",
+    "tests/engine/test_distributed.py::test_nccl_one_rank_on_gpu",
+    "tests/engine/test_path_engine.py::test_cuda_run_keeps_peak_statistic_and_defers_checks",
+    "tests/ops/test_native_ops.py::test_cuda_sources_compile",
+    "tests/ops/test_compile_wrappers.py::test_wrapper_compiles_fullgraph_cuda[path-reference]"])
+def test_a_failure_about_no_op_is_recorded_and_leaves_the_table_alone(nodeid):
+    """Tests outside the op files that name no op (and the nvcc compile test, and a test of the
+    reference backend) used to send every op to reference; now they only stay in the results."""
+    gc = _gpu_check_module()
+    ops = _all_passed()
+    assert gc.apply_test_failures(ops, [nodeid]) == {nodeid: []}
+    assert not _failed(ops) and {e["choice"] for e in ops["ops"].values()} == {"cuda"}
+
+
+@pytest.mark.parametrize("nodeid, pairs", [
+    # test_native_ops: the CUDA path kernels only
+    ("tests/ops/test_native_ops.py::test_cuda_matches_reference[perpoint-(3, 2, 5, 7, False)-"
+     "torch.bfloat16]", {("path_points", "cuda"), ("path_accumulate", "cuda")}),
+    ("tests/ops/test_native_ops.py::test_cuda_empty_chunk_and_device_mismatch",
+     {("path_points", "cuda"), ("path_accumulate", "cuda")}),
+    # test_triton_ops: the Triton path kernels; its ih test checks both backends
+    ("tests/ops/test_triton_ops.py::test_cuda_strided_and_deterministic",
+     {("path_points", "triton"), ("path_accumulate", "triton")}),
+    ("tests/ops/test_triton_ops.py::test_ih_bad_index_on_gpu_does_not_sync",
+     {("ih_accumulate", "cuda"), ("ih_accumulate", "triton")}),
+    # test_compile_wrappers: the case parameter names the ops, the backend parameter the backend
+    ("tests/ops/test_compile_wrappers.py::test_wrapper_compiles_fullgraph_cuda[jet-triton]",
+     {("jet_unary", "triton"), ("jet_mul", "triton")}),
+    ("tests/ops/test_compile_wrappers.py::test_wrapper_compiles_fullgraph_cuda[path-cuda]",
+     {("path_points", "cuda"), ("path_accumulate", "cuda")}),
+    ("tests/ops/test_compile_wrappers.py::test_wrapper_compiles_fullgraph_cuda[polarize-cuda]",
+     {("polarize_contract", "cuda")}),
+    ("tests/ops/test_compile_wrappers.py::test_wrapper_compiles_fullgraph_cuda[ih-triton]",
+     {("ih_accumulate", "triton")}),
+    # test_index_arithmetic: the test's name names the ops; both backends run in each test
+    ("tests/ops/test_index_arithmetic.py::test_jet_mul_and_polarize_past_2_31",
+     {(op, n) for op in ("jet_mul", "polarize_contract") for n in ("cuda", "triton")}),
+    ("tests/ops/test_index_arithmetic.py::test_jet_unary_past_2_31[gelu_tanh]",
+     {("jet_unary", "cuda"), ("jet_unary", "triton")}),
+    ("tests/ops/test_index_arithmetic.py::test_path_ops_past_2_31",
+     {(op, n) for op in ("path_points", "path_accumulate") for n in ("cuda", "triton")}),
+    ("tests/ops/test_index_arithmetic.py::test_ih_accumulate_past_2_31",
+     {("ih_accumulate", "cuda"), ("ih_accumulate", "triton")}),
+    # the backend from a whole parameter token, never from "triton"/"cuda" elsewhere in the id
+    ("tests/ops/test_jet_ops.py::test_cuda_backends_match_reference[tanh-cuda]",
+     {("jet_unary", "cuda"), ("jet_mul", "cuda")}),
+    ("tests/ops/test_jet_ops.py::test_cuda_backends_match_reference[gelu_tanh-triton]",
+     {("jet_unary", "triton"), ("jet_mul", "triton")}),
+    ("tests/ops/test_hessian_ops.py::test_cuda_backends_match_reference[torch.float64-cuda]",
+     {("ih_accumulate", "cuda")}),
+    ("tests/ops/test_polarize_ops.py::test_cuda_matches_reference[triton]",
+     {("polarize_contract", "triton")}),
+    ("tests/ops/test_jet_ops.py::test_opcheck_cuda",
+     {(op, n) for op in ("jet_unary", "jet_mul") for n in ("cuda", "triton")}),
+])
+def test_a_failed_gpu_test_takes_only_its_ops_off_its_backend(nodeid, pairs):
+    gc = _gpu_check_module()
+    assert gc.failed_pairs(nodeid, list(backend_table.OPS)) == pairs
+    ops = _all_passed()
+    effect = gc.apply_test_failures(ops, [nodeid])
+    assert _failed(ops) == pairs
+    assert effect == {nodeid: sorted(f"{op}/{n}" for op, n in pairs)}
+
+
+def test_parse_nodeid_splits_file_name_and_parameter_tokens():
+    gc = _gpu_check_module()
+    assert gc.parse_nodeid("tests/ops/test_jet_ops.py::test_x[tanh-CUDA]") == (
+        "test_jet_ops", "test_x", ["tanh", "cuda"])
+    assert gc.parse_nodeid("tests/a/test_b.py::TestC::test_d") == ("test_b", "test_d", [])
+    assert gc.parse_nodeid("t.py::test_e[(1, 2)-torch.float32]")[2] == ["(1, 2)", "torch.float32"]
+
+
+def test_ops_table_columns_stay_aligned_after_a_failed_gpu_test():
+    """"failed (GPU test)" is wider than the check column was: every row's figures line up."""
+    gc = _gpu_check_module()
+    ops = _all_passed()
+    for op, e in ops["ops"].items():
+        e["rows"] = [{"backend": b, "median_s": 1e-3, "GBps": 100.0, "frac_copy": 0.5,
+                      "speedup_vs_eager": 2.0} for b in ("cuda", "triton", "eager")]
+    ops["copy"] = {"GBps": 200.0}
+    gc.apply_test_failures(ops, ["tests/ops/test_jet_ops.py::test_cuda_backends_match_reference"
+                                 "[tanh-cuda]"])
+    lines = [ln for ln in gc.ops_table(ops).splitlines()[1:] if "auto uses" not in ln]
+    assert any("failed (GPU test)" in ln for ln in lines)
+    ms_end = {ln.index("1.000") for ln in lines[1:]}
+    assert len(ms_end) == 1 and len({len(ln) for ln in lines}) == 1, "\n".join(lines)
