@@ -22,7 +22,7 @@ import torch
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
-from taylor_kernels.numerics import seeded_generator
+from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
 
 MAX_SETS = 200_000
 AGGREGATES = ("mean", "median", "max")
@@ -103,7 +103,8 @@ def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
     g = f
     for v in directions:
         g = (lambda h, v: lambda y: torch.func.jvp(h, (y,), (v,))[1])(g, v)
-    return g(x)
+    with FORWARD_AD_LOCK:  # (forward-AD levels are per process)
+        return g(x)
 
 
 # Resident peak of a chunk of sets over the estimate below (``2^order`` tangent copies of the

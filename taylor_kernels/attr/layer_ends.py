@@ -32,7 +32,8 @@ import torch
 from taylor_kernels.attr.integrated_gradients import integrate_problem
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine.problem import make_problem, one_row_batch, target_values
+from taylor_kernels.engine.problem import (check_batch, make_problem, one_row_batch,
+                                           target_values)
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import accumulation_dtype
 
@@ -69,6 +70,7 @@ def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ..
     outputs or activations have no batch dimension, the inputs and the baselines run as two
     plain batches (as Captum's) and ``alone`` is None: the caller's probe then runs check R
     (and words any error)."""
+    check_batch(inputs)
     paired = _paired_ends(capture, inputs, baselines, fargs)
     if paired is not None:
         return paired

@@ -36,12 +36,23 @@ def occlusion(model, inputs, baselines=None, target=None) -> AttributionResult:
     return result(problem, v[:, :1] - v[:, 1:], b, v.numel())
 
 
+def window_error(feature_shape: tuple[int, ...], window: int) -> str | None:
+    """Why sliding windows of size ``window`` do not fit features ``[C, H, W]`` (an image) or
+    of any other shape (flattened), else None."""
+    if len(feature_shape) == 3 and window > min(feature_shape[1:]):
+        return f"window {window} larger than the image {feature_shape[1]}x{feature_shape[2]}"
+    if len(feature_shape) != 3 and window > math.prod(feature_shape):
+        return f"window {window} larger than the {math.prod(feature_shape)} features"
+    return None
+
+
 def _window_masks(feature_shape: tuple[int, ...], window: int, device) -> torch.Tensor:
     """Bool ``[P, D]``: the sliding windows (stride 1) as masks over flattened features."""
+    why = window_error(feature_shape, window)
+    if why:
+        raise ValueError(why)
     if len(feature_shape) == 3:
         C, H, W = feature_shape
-        if window > min(H, W):
-            raise ValueError(f"window {window} larger than the image {H}x{W}")
         masks = []
         for r in range(H - window + 1):
             for c in range(W - window + 1):
@@ -50,8 +61,6 @@ def _window_masks(feature_shape: tuple[int, ...], window: int, device) -> torch.
                 masks.append(m.reshape(-1))
         return torch.stack(masks)
     D = math.prod(feature_shape)
-    if window > D:
-        raise ValueError(f"window {window} larger than the {D} features")
     idx = torch.arange(D, device=device)
     starts = torch.arange(D - window + 1, device=device)
     return (idx >= starts[:, None]) & (idx < starts[:, None] + window)

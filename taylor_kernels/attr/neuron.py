@@ -20,8 +20,9 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult, integrat
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers, select_neuron
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.engine.problem import _target_rows, as_tuple, select_target
+from taylor_kernels.engine.problem import _target_rows, as_tuple, check_target, select_target
 from taylor_kernels.engine.thread_hooks import hookable
+from taylor_kernels.models.outputs import model_output
 
 
 def _run(fn, inputs, baselines, rest: tuple, multiply_by_inputs: bool,
@@ -59,6 +60,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
     B, n_in = tup[0].shape[0], len(tup)
     targets = _target_rows(target, B, tup[0].device)
     spec = Layers(layer, attribute_to_neuron_input)
+    checked: list = []
 
     def conductance(*args):
         points, rows, rest = args[:n_in], args[n_in], args[n_in + 1:]
@@ -71,6 +73,9 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
 
         with torch.enable_grad(), spec.edited(keep, last_call=True):
             out = hookable(model)(*points, *rest)
+        if not checked:  # an out-of-range target: TargetIndexError (an IndexError, as Captum)
+            check_target(targets, tuple(model_output(out).shape))
+            checked.append(True)
         with torch.enable_grad():
             f = select_target(out, targets, rows)  # one scalar per row (or a target) required
             acts = [found[k] for k in sorted(found)]

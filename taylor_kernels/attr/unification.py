@@ -43,7 +43,8 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult, integrat
 from taylor_kernels.attr.methods_common import prepare, result
 from taylor_kernels.attr.methods_gradient import grad_cam, gradient_x_input, smoothgrad
 from taylor_kernels.attr.methods_perturbation import (occlusion, occlusion_patch,
-                                                      prediction_difference, shapley_value)
+                                                      prediction_difference, shapley_value,
+                                                      window_error)
 from taylor_kernels.attr.methods_rules import (Power, deep_taylor, deeplift_rescale, deepshap,
                                                lrp_alpha_beta, lrp_epsilon, sequential_layers)
 from taylor_kernels.engine.jet import mixed_partials
@@ -69,16 +70,20 @@ class MethodSettings:
     seed: int = 0
 
 
-def not_applicable(name: str, model, inputs: torch.Tensor) -> str | None:
-    """Why ``name`` cannot run on ``model`` / ``inputs`` (None when it can)."""
+def not_applicable(name: str, model, inputs: torch.Tensor, window: int = 2) -> str | None:
+    """Why ``name`` cannot run on ``model`` / ``inputs`` (None when it can); ``window``: patch
+    occlusion's."""
     if name in RULE_METHODS:
         try:
             sequential_layers(model)
         except TypeError as exc:
             return str(exc)
     if name == "grad_cam":
-        if inputs.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        if inputs.dim() != 4 or not isinstance(model, nn.Module) or not any(
+                isinstance(m, nn.Conv2d) for m in model.modules()):
             return "Grad-CAM needs image inputs [B, C, H, W] and an nn.Conv2d layer"
+    if name == "occlusion_patch":
+        return window_error(tuple(inputs.shape[1:]), window)
     return None
 
 
@@ -87,8 +92,10 @@ def run_method(name: str, model, inputs, baselines, target,
     """One of :data:`METHOD_NAMES` on ``(model, inputs)`` against ``baselines``."""
     s = settings
     bg = s.background
-    if bg is None and name in ("expected_gradients", "prediction_difference", "deepshap"):
+    if bg is None and name in BACKGROUND_METHODS:
         _, b = prepare(model, inputs, baselines, target)
+        if not bool((b == b[:1]).all()):  # a baseline per row: each row's is its background
+            return _row_by_row(name, model, inputs, b.reshape(inputs.shape), target, s)
         bg = b[:1].reshape(1, *inputs.shape[1:])
     calls = {
         "gradient_x_input": lambda: gradient_x_input(model, inputs, baselines, target),
@@ -117,6 +124,29 @@ def run_method(name: str, model, inputs, baselines, target,
     return calls[name]()
 
 
+BACKGROUND_METHODS = ("expected_gradients", "prediction_difference", "deepshap")
+
+
+def _row_by_row(name: str, model, inputs: torch.Tensor, baselines: torch.Tensor, target,
+                s: MethodSettings) -> AttributionResult:
+    """A background method without a background, with a different baseline ``[B, ...]`` per
+    row: row ``i`` against its own baseline as its background (one shared background took
+    row 0's baseline for every row: 40-90% off on the others)."""
+    parts = []
+    for i in range(inputs.shape[0]):
+        if isinstance(target, torch.Tensor) and target.dim() > 0:
+            row_target = target[i:i + 1]
+        elif isinstance(target, (list, tuple)):
+            row_target = [target[i]]
+        else:
+            row_target = target
+        parts.append(run_method(name, model, inputs[i:i + 1], baselines[i:i + 1], row_target,
+                                s))
+    return AttributionResult(torch.cat([p.attributions for p in parts]),
+                             torch.cat([p.gap for p in parts]),
+                             sum(p.evaluations for p in parts))
+
+
 def _eg_with_gap(model, inputs, background, baselines, target, s) -> AttributionResult:
     """Expected gradients with the gap taken against ``f(x) - f(b)`` like every other method."""
     res = expected_gradients(model, inputs, background, target, samples=s.eg_samples,
@@ -141,7 +171,7 @@ def fourteen_methods(model, inputs, baselines=None, target=None, *,
     settings = settings or MethodSettings()
     out = {}
     for name in METHOD_NAMES:
-        why = not_applicable(name, model, inputs)
+        why = not_applicable(name, model, inputs, settings.window)
         out[name] = why if why else run_method(name, model, inputs, baselines, target, settings)
     return out
 

@@ -146,7 +146,7 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
     rows = []
     for name in methods:
         t0 = time.perf_counter()
-        why = not_applicable(name, model, inputs)
+        why = not_applicable(name, model, inputs, settings.window)
         if why:
             rows.append(MethodRow(name, None, None, None, None, None, None, 0.0, why))
             continue

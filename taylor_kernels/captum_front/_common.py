@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import numbers
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,6 +34,27 @@ class CaptumValueError(ValueError, AssertionError):
 
 class CaptumTypeError(TypeError, AssertionError):
     """As :class:`CaptumValueError`, for inputs of the wrong type (e.g. float targets)."""
+
+
+_FOR_CAPTUM = threading.local()
+
+
+def constructing_for_captum() -> bool:
+    """True while ``patch()`` builds our twin of a Captum instance in this thread (whose own
+    constructor has already warned about what it got: ours stays quiet)."""
+    return getattr(_FOR_CAPTUM, "active", False)
+
+
+@contextlib.contextmanager
+def for_captum():
+    """The block builds our twin of a Captum instance (see :func:`constructing_for_captum`):
+    a thread's flag, where a ``warnings`` filter would be the whole process's."""
+    outer = constructing_for_captum()
+    _FOR_CAPTUM.active = True
+    try:
+        yield
+    finally:
+        _FOR_CAPTUM.active = outer
 
 
 def customised(inst, cls) -> bool:

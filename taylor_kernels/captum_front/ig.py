@@ -29,9 +29,10 @@ from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution,
                                                  attribute_future_unsupported, captum_method,
-                                                 check_grad_kwargs, dense_baselines,
-                                                 format_inputs, points_per_chunk,
-                                                 tracks_inputs, with_factor_graph)
+                                                 check_grad_kwargs, constructing_for_captum,
+                                                 dense_baselines, format_inputs,
+                                                 points_per_chunk, tracks_inputs,
+                                                 with_factor_graph)
 
 
 class IntegratedGradients(CaptumAttribution):
@@ -89,7 +90,7 @@ class LayerIntegratedGradients(CaptumAttribution):
 
     def __init__(self, forward_func: Callable, layer, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:
-        if isinstance(layer, list) and len(layer) > 1:
+        if isinstance(layer, list) and len(layer) > 1 and not constructing_for_captum():
             warnings.warn("Multiple layers are attributed jointly: make sure that no layer's "
                           "output depends only on another listed layer's output (its "
                           "replacement would hide the other's)", stacklevel=2)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from tqdm.auto import tqdm
 
 from taylor_kernels.models.outputs import lm_logits
+from taylor_kernels.progress import progress_bar
 
 
 class TokenLogProb(torch.nn.Module):
@@ -58,7 +58,7 @@ def per_token_attributions(attr_method, model: torch.nn.Module, device: torch.de
     kwargs = dict(kwargs)
     progress = kwargs.pop("progress", False)  # one bar over the target tokens
     rows = []
-    for t in tqdm(range(target_ids.shape[0]), disable=not progress, desc="target tokens"):
+    for t in progress_bar(progress, range(target_ids.shape[0]), desc="target tokens"):
         method.forward_func = TokenLogProb(model, device, inp, target_ids[:t + 1])
         attr = method.attribute(features, **kwargs)
         if not isinstance(attr, torch.Tensor):

@@ -26,11 +26,10 @@ import functools
 import importlib
 import inspect
 import threading
-import warnings
 from typing import Callable
 
 from taylor_kernels import captum_front
-from taylor_kernels.captum_front._common import customised
+from taylor_kernels.captum_front._common import customised, for_captum
 from taylor_kernels.captum_front.llm import LLMGradientAttribution
 
 PATCHED_CLASSES = ("IntegratedGradients", "LayerIntegratedGradients",
@@ -54,8 +53,7 @@ def _ours(inst, ours_cls):
             kwargs[name] = inst.multiplies_by_inputs
         else:
             kwargs[name] = getattr(inst, name)
-    with warnings.catch_warnings():  # Captum's constructor already warned about what it got
-        warnings.simplefilter("ignore")
+    with for_captum():  # Captum's constructor already warned about what it got
         return ours_cls(**kwargs)
 
 

@@ -77,9 +77,9 @@ def explain(model, x, background, args, progress: bool = True) -> dict:
     ``delta = f(x) - f(0)`` for the predicted class.
     """
     import torch
-    from tqdm.auto import tqdm
 
     import taylor_kernels as tk
+    from taylor_kernels.progress import progress_bar
 
     with torch.no_grad():
         logits = model(x)
@@ -98,7 +98,7 @@ def explain(model, x, background, args, progress: bool = True) -> dict:
             feature_mask=patch_mask(x.shape[-1]), seed=args.seed, steps=16),
     }
     methods, seconds = {}, {}
-    for name in tqdm(runs, desc="explaining", unit="method", disable=not progress):
+    for name in progress_bar(progress, runs, desc="explaining", unit="method"):
         t0 = time.perf_counter()
         methods[name] = runs[name]()
         seconds[name] = time.perf_counter() - t0

@@ -34,20 +34,39 @@ from torch.func import grad, jvp
 
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.composite_norms import composite_norms
-from taylor_kernels.numerics import accumulation_dtype, all_finite, seeded_generator
+from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
+                                     seeded_generator)
+from taylor_kernels.shared_setting import SharedSetting
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {shape key: bytes}
 
 
-def math_attention():
-    """Context selecting the math backend of scaled dot-product attention (no-op if absent)."""
+def _math_attention_setting() -> SharedSetting | None:
+    """The process's SDPA backend flags set to math only (None without ``sdpa_kernel``)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+        return None
+    block: list = []
+
+    def apply() -> None:
+        block.append(sdpa_kernel(SDPBackend.MATH))
+        block[-1].__enter__()
+
+    return SharedSetting(apply, lambda: block.pop().__exit__(None, None, None))
+
+
+_MATH_ATTENTION = _math_attention_setting()
+
+
+def math_attention():
+    """Context: scaled dot-product attention runs on its math backend. The backend flags are
+    the process's, not the thread's: overlapping blocks of several threads share one setting
+    (:class:`~taylor_kernels.shared_setting.SharedSetting`; nested ``sdpa_kernel`` blocks in two
+    threads restored each other's saved flags and left the fused kernels off for good)."""
+    return contextlib.nullcontext() if _MATH_ATTENTION is None else _MATH_ATTENTION()
 
 
 @contextlib.contextmanager
@@ -136,15 +155,20 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
     """Unchunked core: ``(grad f(x) [B, ...], H(x) V [B, M, ...])``.
 
     Reverse-over-reverse batched over directions; falls back to one backward per direction
-    (warning once) when the batched backward cannot be vmapped.
+    (warning once) when the batched backward fails (cannot be vmapped, or vmap gets it wrong:
+    group norm).
     """
     x = x.detach()
     V = V.to(dtype=x.dtype, device=x.device)
     with math_attention(), _low_precision_norms(x.dtype):
         try:
             g, hv = _batched(f, x, V)
-        except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
-            if not _functorch_unsupported(exc):
+        except Exception as exc:  # noqa: BLE001 - vmap's limitations and bugs are caught
+            # (any RuntimeError but running out of memory: vmap's batching of group norm's
+            # double backward raised a shape mismatch, torch 2.13; an error of the model's own
+            # raises again from the unbatched passes)
+            if not (_functorch_unsupported(exc) or isinstance(exc, RuntimeError)) or \
+                    memory.is_oom(exc):
                 raise
             _warn_once(f"the batched backward cannot be vmapped for this model "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
@@ -511,7 +535,7 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) 
     x, u, v = x.detach(), u.to(x).detach(), v.to(x).detach()
     g_fn = grad(lambda z: _row_scalars(f, z).sum())
     vhu = lambda z: (jvp(g_fn, (z,), (u,))[1] * v).sum()  # noqa: E731
-    with higher_order_ops():
+    with higher_order_ops(), FORWARD_AD_LOCK:  # (forward-AD levels are per process)
         try:
             out = grad(vhu)(x)
         except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught

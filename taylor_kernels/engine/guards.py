@@ -59,6 +59,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from taylor_kernels.shared_setting import SharedSetting
+
 _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_row_coupling",
                                                                   default=False)
 
@@ -334,6 +336,23 @@ def on_a_copy(run: Callable, points: torch.Tensor):
 
 
 _RECORDING = threading.local()  # this thread's recorder while modules_run's block runs
+_HOOK_WARNING = ".*global hooks on modules"
+
+
+def _remove_hook_warning_filter() -> None:
+    for entry in warnings.filters:
+        if entry[0] == "ignore" and entry[1] is not None and entry[1].pattern == _HOOK_WARNING \
+                and entry[3] is None:
+            warnings.filters.remove(entry)
+            return
+
+
+# torch's warning that a compiled module runs with global hooks, ignored while probes record
+# modules: one filter entry that overlapping probes share and the last one removes alone
+# (``warnings.catch_warnings`` restores a snapshot of the whole list: two threads' probes left
+# the filter behind, and undid filters other threads set meanwhile)
+_global_hook_warning_ignored = SharedSetting(
+    lambda: warnings.filterwarnings("ignore", message=_HOOK_WARNING), _remove_hook_warning_filter)
 
 
 def _record_module(module, args):
@@ -374,9 +393,8 @@ def modules_run(into: dict):
     _RECORDING.record = record
     hooks[key] = _record_module
     try:
-        with warnings.catch_warnings():  # torch warns that a compiled module sees global
-            warnings.filterwarnings("ignore", message=".*global hooks on modules")  # hooks
-            yield into
+        with _global_hook_warning_ignored():  # torch warns that a compiled module sees
+            yield into  # global hooks
     finally:
         _RECORDING.record = outer
         if outer is None:

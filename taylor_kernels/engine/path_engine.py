@@ -28,12 +28,12 @@ from typing import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from taylor_kernels import ops
 from taylor_kernels.engine import chunking, cuda_graphs, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.numerics import accumulation_dtype, finite_rows
+from taylor_kernels.progress import progress_bar
 
 @dataclass
 class Integral:
@@ -198,7 +198,7 @@ def run_chunks(plan: chunking.ChunkPlan, start: int, stop: int,
     caller's sums (outside the retry, so a chunk is added once). An out-of-memory error halves
     the chunk and retries the same items, down to one item; a tqdm bar counts the items.
     """
-    with tqdm(total=stop - start, disable=not progress, desc=desc, unit=unit) as bar:
+    with progress_bar(progress, total=stop - start, desc=desc, unit=unit) as bar:
         while start < stop:
             count = plan.next_count(stop - start)
             count = align(start, count) if align else count

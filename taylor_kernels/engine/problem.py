@@ -27,12 +27,20 @@ def as_tuple(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
     raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
 
 
-def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
-    B = inputs[0].shape[0] if inputs[0].dim() else 0
+def check_batch(inputs: tuple[torch.Tensor, ...]) -> int:
+    """The batch size ``B`` of ``inputs``; ``ValueError`` unless every input has the same
+    ``B > 0`` rows."""
+    B = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
     for i, t in enumerate(inputs):
         if t.dim() < 1 or t.shape[0] != B or B == 0:
             raise ValueError(f"input {i} has shape {tuple(t.shape)}; every input needs the same "
                              f"non-empty batch dimension (expected {B})")
+    return B
+
+
+def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
+    B = check_batch(inputs)
+    for i, t in enumerate(inputs):
         if not t.is_floating_point():
             raise ValueError(f"input {i} has dtype {t.dtype}; attribution needs floating inputs "
                              "(for token ids: tk.token_integrated_gradients, or layer_integrated_gradients "

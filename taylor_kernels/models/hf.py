@@ -44,6 +44,7 @@ from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (coupling_submodules, is_row_tensor, modules_of,
                                           row_coupling_allowed)
+from taylor_kernels.engine.derivative import math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 
@@ -445,7 +446,7 @@ def attention_implementation(model) -> str | None:
 def first_order_attention(model, activation: torch.Tensor):
     """Attention for the gradients of a forward the library runs (token IG, generation):
     the model's own, except ``"sdpa"`` with bf16/fp16 activations on the CPU, which runs on
-    the math backend (``sdpa_kernel(SDPBackend.MATH)``, restored on exit). Measured, torch
+    the math backend (:func:`~taylor_kernels.engine.derivative.math_attention`). Measured, torch
     2.13, one thread, ``[32, 4, 22, 64]`` causal bf16: fused forward 1.3 ms, backward 19.5 ms;
     math 2.6 ms and 4.7 ms (float32: fused 1.0 / 3.3 ms, math 1.9 / 3.8 ms, so float32 keeps
     the fused kernel)."""
@@ -453,15 +454,14 @@ def first_order_attention(model, activation: torch.Tensor):
             torch.bfloat16, torch.float16) or attention_implementation(model) != "sdpa":
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         yield
 
 
 @contextlib.contextmanager
 def second_order_attention(model):
     """Run second derivatives through attention: SDPA's fused kernels have no double
-    backward, so ``"sdpa"`` runs on the math backend (``sdpa_kernel(SDPBackend.MATH)``) and
+    backward, so ``"sdpa"`` runs on the math backend (:func:`math_attention`) and
     other fused implementations (flash, flex) on ``"eager"`` (restored on exit). Warns once
     per model class."""
     impl = attention_implementation(model)
@@ -477,8 +477,7 @@ def second_order_attention(model):
                       "first-order methods keep the fused kernels", RuntimeWarning,
                       stacklevel=3)
     if impl == "sdpa":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.MATH):
+        with math_attention():
             yield
         return
     model.set_attn_implementation("eager")

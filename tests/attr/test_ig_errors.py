@@ -304,3 +304,21 @@ def test_layer_ig_on_a_forward_ending_in_squeeze_equals_captum(B):
     want = captum.LayerIntegratedGradients(f, net[0]).attribute(x, target=2, n_steps=16)
     got = tkc.LayerIntegratedGradients(f, net[0]).attribute(x, target=2, n_steps=16)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_layer_methods_refuse_an_empty_batch_by_name():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    import taylor_kernels.captum as tkc
+    with pytest.raises(ValueError, match="non-empty batch"):
+        tk.layer_integrated_gradients(model, model[1], torch.empty(0, 3), target=1, steps=4)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        tkc.LayerIntegratedGradients(model, model[1]).attribute(torch.empty(0, 3), target=1)
+
+
+@pytest.mark.parametrize("target", [2, -3])
+def test_neuron_conductance_target_out_of_range_is_an_index_error_as_in_captum(target):
+    import taylor_kernels.captum as tkc
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    with pytest.raises(IndexError, match="out of range"):
+        tkc.NeuronConductance(model, model[1]).attribute(torch.randn(2, 3), 1, target=target,
+                                                         n_steps=4)

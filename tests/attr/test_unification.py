@@ -187,3 +187,30 @@ def test_fourteen_methods_and_table():
     assert rows["occlusion_1"].p3 > 0.5 and rows["grad_cam"].p2 is None
     assert table.markdown().count("\n|") == 15
     assert table.plot() is not None
+
+
+def test_background_methods_take_each_rows_own_baseline_without_a_background():
+    """Without a background, EG / Prediction Difference / DeepSHAP use the baseline: each
+    row's own (row 0's was used for every row: 40-90% off on the others)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.randn(3, 4, dtype=torch.float64)
+    res = tk.fourteen_methods(model, x, b, target=[0, 1, 0])
+    torch.testing.assert_close(res["deepshap"].attributions,
+                               res["deeplift_rescale"].attributions)
+    torch.testing.assert_close(res["prediction_difference"].attributions,
+                               res["occlusion_1"].attributions)
+    for name in ("deepshap", "prediction_difference"):
+        assert res[name].gap.shape == (3,)
+    assert res["deepshap"].gap.abs().max() < 1e-12
+
+
+def test_inputs_narrower_than_the_occlusion_window_name_the_method_that_cannot_run():
+    f = lambda z: torch.tanh(2 * z[:, 0]) + z[:, 0] ** 3  # noqa: E731
+    res = tk.fourteen_methods(f, torch.tensor([[0.7]], dtype=torch.float64))
+    assert "larger than the 1 features" in res["occlusion_patch"]
+    assert not isinstance(res["occlusion_1"], str)
+    g = lambda z: torch.tanh(z.flatten(1)).sum(1)  # noqa: E731  (a function: no Grad-CAM)
+    image = tk.fourteen_methods(g, torch.randn(2, 1, 1, 5, dtype=torch.float64))
+    assert "1x5" in image["occlusion_patch"] and isinstance(image["grad_cam"], str)

@@ -315,3 +315,17 @@ def test_non_finite_hessian_vector_products_raise():
     x[0, 1] = 0.0
     with pytest.raises(FloatingPointError, match="Hessian-vector"):
         d.hessian(lambda z: z.abs().pow(1.5).sum(1), x)
+
+
+def test_second_order_on_group_norm_falls_back_from_a_wrong_batched_backward():
+    """vmap's batching of group norm's double backward raised a shape mismatch (torch 2.13),
+    which no functorch keyword named: every second-order API crashed on GroupNorm models."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4),
+                                torch.nn.SiLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(64, 3)).double().eval()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    want = torch.stack([func_hessian(lambda v: model(v.view(1, 2, 4, 4))[0, 1])(r.reshape(-1))
+                        for r in x])
+    got = tk.hessian(lambda z: model(z)[:, 1], x)
+    torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-10, atol=1e-12)
