@@ -170,7 +170,7 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
             if not (_functorch_unsupported(exc) or isinstance(exc, RuntimeError)) or \
                     memory.is_oom(exc):
                 raise
-            _warn_once(f"the batched backward cannot be vmapped for this model "
+            _warn_once(f"the batched backward failed for this model "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
                        "autograd double backward, one pass per direction")
             g, hv = _double_backward(f, x, V)
