@@ -109,3 +109,14 @@ def test_a_call_without_progress_builds_no_tqdm_bar(monkeypatch):
     tk.integrated_gradients(model, torch.randn(2, 5, dtype=torch.float64), steps=4)
     assert not built
     assert list(progress.progress_bar(False, [1, 2])) == [1, 2]
+
+
+def test_a_users_equal_warnings_filter_survives_the_probes():
+    warnings.filterwarnings("ignore", message=".*global hooks on modules")
+    users = warnings.filters[0]
+    try:
+        with guards._global_hook_warning_ignored():
+            pass
+        assert warnings.filters[0] is users
+    finally:
+        warnings.filters.remove(users)

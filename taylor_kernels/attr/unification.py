@@ -48,6 +48,7 @@ from taylor_kernels.attr.methods_perturbation import (occlusion, occlusion_patch
 from taylor_kernels.attr.methods_rules import (Power, deep_taylor, deeplift_rescale, deepshap,
                                                lrp_alpha_beta, lrp_epsilon, sequential_layers)
 from taylor_kernels.engine.jet import mixed_partials
+from taylor_kernels.engine.problem import _target_rows
 
 METHOD_NAMES = ("gradient_x_input", "integrated_gradients", "expected_gradients",
                 "deeplift_rescale", "lrp_epsilon", "lrp_alpha_beta", "occlusion_1",
@@ -132,14 +133,15 @@ def _row_by_row(name: str, model, inputs: torch.Tensor, baselines: torch.Tensor,
     """A background method without a background, with a different baseline ``[B, ...]`` per
     row: row ``i`` against its own baseline as its background (one shared background took
     row 0's baseline for every row: 40-90% off on the others)."""
-    parts = []
+    rows = _target_rows(target, inputs.shape[0], inputs.device)  # per row (a tuple is one
+    parts = []  # index for every row, a [1] tensor every row's class)
     for i in range(inputs.shape[0]):
-        if isinstance(target, torch.Tensor) and target.dim() > 0:
-            row_target = target[i:i + 1]
-        elif isinstance(target, (list, tuple)):
-            row_target = [target[i]]
+        if rows is None:
+            row_target = None
+        elif isinstance(rows, torch.Tensor):
+            row_target = rows[i:i + 1]
         else:
-            row_target = target
+            row_target = [rows[i]]
         parts.append(run_method(name, model, inputs[i:i + 1], baselines[i:i + 1], row_target,
                                 s))
     return AttributionResult(torch.cat([p.attributions for p in parts]),

@@ -66,7 +66,12 @@ def math_attention():
     the process's, not the thread's: overlapping blocks of several threads share one setting
     (:class:`~taylor_kernels.shared_setting.SharedSetting`; nested ``sdpa_kernel`` blocks in two
     threads restored each other's saved flags and left the fused kernels off for good)."""
-    return contextlib.nullcontext() if _MATH_ATTENTION is None else _MATH_ATTENTION()
+    if _MATH_ATTENTION is None:
+        return contextlib.nullcontext()
+    if torch.compiler.is_compiling():  # dynamo traces sdpa_kernel itself, not our block
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.MATH)
+    return _MATH_ATTENTION()
 
 
 @contextlib.contextmanager
@@ -132,9 +137,29 @@ def _batched(f: Callable, x: torch.Tensor, V: torch.Tensor):
             (h,) = torch.autograd.grad(g, xg, grad_outputs=V[:, 0], allow_unused=True)
             return g.detach(), (torch.zeros_like(xg) if h is None else h).unsqueeze(1)
         # directions leading and contiguous: the batched cotangents are dense
-        (h,) = torch.autograd.grad(g, xg, grad_outputs=V.transpose(0, 1).contiguous(),
-                                   is_grads_batched=True, allow_unused=True)
+        try:
+            (h,) = torch.autograd.grad(g, xg, grad_outputs=V.transpose(0, 1).contiguous(),
+                                       is_grads_batched=True, allow_unused=True)
+        except Exception as exc:  # noqa: BLE001 - vmap's limitations and bugs, see below
+            if _batching_failed(exc):
+                raise BatchingFailed(exc) from exc
+            raise
     return g.detach(), (torch.zeros_like(V) if h is None else h.transpose(0, 1))
+
+
+class BatchingFailed(Exception):
+    """The backward batched over directions failed where one backward per direction may not:
+    vmap cannot transform it, or transforms it wrongly (group norm's double backward raised a
+    shape mismatch, torch 2.13)."""
+
+
+def _batching_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` from the batched second backward (the forward and first backward ran
+    before it) is vmap's: any ``RuntimeError`` / ``NotImplementedError`` but running out of
+    memory or a device error (a broken CUDA context is not retried)."""
+    device_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and not isinstance(
+        exc, device_error) and not memory.is_oom(exc)
 
 
 def _double_backward(f: Callable, x: torch.Tensor, V: torch.Tensor):
@@ -163,13 +188,8 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
     with math_attention(), _low_precision_norms(x.dtype):
         try:
             g, hv = _batched(f, x, V)
-        except Exception as exc:  # noqa: BLE001 - vmap's limitations and bugs are caught
-            # (any RuntimeError but running out of memory: vmap's batching of group norm's
-            # double backward raised a shape mismatch, torch 2.13; an error of the model's own
-            # raises again from the unbatched passes)
-            if not (_functorch_unsupported(exc) or isinstance(exc, RuntimeError)) or \
-                    memory.is_oom(exc):
-                raise
+        except BatchingFailed as failed:
+            exc = failed.__cause__
             _warn_once(f"the batched backward failed for this model "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
                        "autograd double backward, one pass per direction")

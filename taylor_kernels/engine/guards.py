@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import re
 import threading
 import types
 import warnings
@@ -336,23 +337,32 @@ def on_a_copy(run: Callable, points: torch.Tensor):
 
 
 _RECORDING = threading.local()  # this thread's recorder while modules_run's block runs
-_HOOK_WARNING = ".*global hooks on modules"
+_HOOK_WARNING = ("ignore", re.compile(".*global hooks on modules", re.I), Warning, None, 0)
+_added_filters: list = []  # our entry while probes run, unless the user's equal one was there
+
+
+def _add_hook_warning_filter() -> None:
+    if _HOOK_WARNING not in warnings.filters:  # (compiled patterns compare by pattern)
+        warnings.filters.insert(0, _HOOK_WARNING)
+        _added_filters.append(_HOOK_WARNING)
 
 
 def _remove_hook_warning_filter() -> None:
-    for entry in warnings.filters:
-        if entry[0] == "ignore" and entry[1] is not None and entry[1].pattern == _HOOK_WARNING \
-                and entry[3] is None:
-            warnings.filters.remove(entry)
-            return
+    while _added_filters:
+        entry = _added_filters.pop()
+        for i, f in enumerate(warnings.filters):
+            if f is entry:
+                del warnings.filters[i]
+                break
 
 
 # torch's warning that a compiled module runs with global hooks, ignored while probes record
-# modules: one filter entry that overlapping probes share and the last one removes alone
+# modules: one filter entry that overlapping probes share, added and removed by identity
 # (``warnings.catch_warnings`` restores a snapshot of the whole list: two threads' probes left
-# the filter behind, and undid filters other threads set meanwhile)
-_global_hook_warning_ignored = SharedSetting(
-    lambda: warnings.filterwarnings("ignore", message=_HOOK_WARNING), _remove_hook_warning_filter)
+# the filter behind, and undid filters other threads set meanwhile; ``filterwarnings``
+# replaces a user's equal filter, which the removal then took away)
+_global_hook_warning_ignored = SharedSetting(_add_hook_warning_filter,
+                                             _remove_hook_warning_filter)
 
 
 def _record_module(module, args):

@@ -96,7 +96,10 @@ def vocab_size(layer: nn.Module, model=None) -> int | None:
     them. (The attributed layer's own rows were taken first: GPT-2's 1024 position embeddings
     ``wpe`` became the vocabulary.)"""
     get = getattr(model, "get_input_embeddings", None)
-    n = getattr(get(), "num_embeddings", None) if callable(get) else None
+    try:
+        n = getattr(get(), "num_embeddings", None) if callable(get) else None
+    except (NotImplementedError, AttributeError):  # transformers' base class raises when it
+        n = None  # cannot find the embedding (the caller then names the layer)
     if not isinstance(n, int):
         n = getattr(layer, "num_embeddings", None)
     return n if isinstance(n, int) else None

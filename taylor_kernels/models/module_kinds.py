@@ -9,6 +9,8 @@ from torch import nn
 
 
 def runs_torch_forward(module: nn.Module) -> bool:
-    """Whether ``type(module).forward`` is defined by ``torch.nn`` itself (a subclass that does
-    not override ``forward`` counts)."""
-    return getattr(type(module).forward, "__module__", "").startswith("torch.nn.")
+    """Whether ``module`` runs the ``forward`` that ``torch.nn`` itself defines for its class (a
+    subclass that does not override it counts; a ``forward`` set on the instance, as
+    accelerate's hooks do, does not)."""
+    return "forward" not in module.__dict__ and getattr(
+        type(module).forward, "__module__", "").startswith("torch.nn.")

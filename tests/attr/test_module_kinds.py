@@ -50,3 +50,10 @@ def test_rule_based_methods_refuse_a_subclass_with_its_own_forward():
 
 def test_cached_derivative_skips_a_subclass_with_its_own_forward():
     assert is_elementwise(nn.Tanh()) and not is_elementwise(DoubledTanh())
+
+
+def test_a_forward_set_on_the_instance_is_not_torchs():
+    """accelerate's hooks (and a user's patch) replace ``forward`` on the instance."""
+    head = nn.Linear(2, 2)
+    head.forward = lambda x: 3.0 * nn.Linear.forward(head, x)
+    assert not runs_torch_forward(head)

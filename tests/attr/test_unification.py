@@ -214,3 +214,20 @@ def test_inputs_narrower_than_the_occlusion_window_name_the_method_that_cannot_r
     g = lambda z: torch.tanh(z.flatten(1)).sum(1)  # noqa: E731  (a function: no Grad-CAM)
     image = tk.fourteen_methods(g, torch.randn(2, 1, 1, 5, dtype=torch.float64))
     assert "1x5" in image["occlusion_patch"] and isinstance(image["grad_cam"], str)
+
+
+@pytest.mark.parametrize("target", [(1, 2), torch.tensor([1])])
+def test_row_by_row_backgrounds_keep_a_target_meant_for_every_row(target):
+    """A tuple (one output index for every row) and a ``[1]`` tensor are not split by row:
+    each row's result is the one it gets alone."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 6).double()
+    shape = (-1, 2, 3) if isinstance(target, tuple) else (-1, 6)
+    model = lambda z: torch.tanh(lin(z)).reshape(shape)  # noqa: E731
+    x, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    whole = run_method("prediction_difference", model, x, b, target, MethodSettings())
+    alone = [run_method("prediction_difference", model, x[i:i + 1], b[i:i + 1], target,
+                        MethodSettings()) for i in range(3)]
+    torch.testing.assert_close(whole.attributions, torch.cat([a.attributions for a in alone]))
+    eg = run_method("expected_gradients", model, x, b, target, MethodSettings(eg_samples=4))
+    assert eg.attributions.shape == x.shape

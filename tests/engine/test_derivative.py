@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def test_fallback_to_double_backward_warns_once_and_is_correct(monkeypatch):
 
 
     def unbatchable(*args):  # what autograd raises when a backward op has no batching rule
-        raise RuntimeError("vmap: batching rule not implemented for aten::some_op")
+        error = RuntimeError("vmap: batching rule not implemented for aten::some_op")
+        raise d.BatchingFailed(error) from error
 
     with monkeypatch.context() as mp:
         mp.setattr(d, "_batched", unbatchable)
@@ -329,3 +331,20 @@ def test_second_order_on_group_norm_falls_back_from_a_wrong_batched_backward():
                         for r in x])
     got = tk.hessian(lambda z: model(z)[:, 1], x)
     torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-10, atol=1e-12)
+
+
+def test_an_error_of_the_model_itself_is_not_taken_for_a_batching_failure():
+    """Only the batched second backward's failure falls back: a model's own error (here a
+    shape bug) raises from its one forward, without a second try or a warning."""
+    calls = []
+
+    def broken(z):
+        calls.append(1)
+        return (z @ torch.ones(3, 2, dtype=z.dtype)).sum(1)  # [B, 5] @ [3, 2]: a shape bug
+
+    x, V = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="shapes"):
+            d.grad_and_hvp(broken, x, V)
+    assert len(calls) == 1
