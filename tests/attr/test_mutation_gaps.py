@@ -72,3 +72,64 @@ def test_adaptive_default_tolerance_and_its_warning():
     kinked = lambda z: (z.abs() - 0.3).abs().sum(1) * 1e3  # noqa: E731  (not smooth)
     with pytest.warns(RuntimeWarning):
         tk.integrated_gradients(kinked, torch.randn(2, 4, dtype=F64), rule="adaptive")
+
+
+def test_adaptive_tolerance_is_relative_for_a_model_with_small_outputs():
+    """The rounding floor of the stopping test must stay at rounding: a model whose outputs
+    are ~1e-6 still meets a relative ``tol``."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(),
+                              torch.nn.Linear(32, 1)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3)
+    model = lambda z: 1e-6 * net(z)  # noqa: E731
+    x = 2 * torch.randn(6, 6, dtype=F64)
+    res = tk.integrated_gradients(model, x, rule="adaptive", tol=1e-6)
+    delta = (model(x) - model(torch.zeros_like(x))).squeeze(1).detach()
+    assert (res.gap.abs() <= 1e-6 * delta.abs()).all()
+
+
+def test_shapley_coalition_sizes_past_the_first_block():
+    """Coalition sizes are ``floor(m n / M)`` for every input, also past the first sorted
+    block of rows (a block of 16 rows is not a multiple of M = 12)."""
+    from taylor_kernels.attr import shapley_ig
+    present = shapley_ig.sample_coalitions(50, 1000, 12, torch.Generator().manual_seed(0))
+    assert (present.sum(-1) == shapley_ig.coalition_sizes(1000, 12)).all()
+
+
+def test_principle_departures_and_term_selection():
+    from taylor_kernels.attr.unification import Term, principle_departures, select_terms
+    terms = [Term((0,), 1.0), Term((1,), 0.5), Term((2,), 0.2), Term((0, 1), 0.8),
+             Term((1, 2), 0.3), Term((0, 2), 0.1)]
+    assert len(select_terms(terms, 2)) == 2
+    # an independent term shared half outside its feature (P2: 1.0), an interaction shared half
+    # outside its pair (P3: 1.0): no cancellation between signs, support counted
+    w = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.5]], dtype=F64)
+    assert principle_departures([Term((0,), 1.0), Term((0, 1), 1.0)], w) == \
+        pytest.approx((1.0, 1.0))
+
+
+def test_a_non_finite_gradient_names_its_node():
+    class Kinked(torch.nn.Module):
+        def forward(self, z):  # sqrt at 0: non-finite gradient at t = 1 only
+            return torch.sqrt((z - 1).abs()).sum(1)
+
+    with pytest.raises(FloatingPointError, match="alpha=1 "):
+        tk.integrated_gradients(Kinked(), torch.ones(2, 3, dtype=F64),
+                                torch.zeros(2, 3, dtype=F64), steps=5, rule="riemann_right")
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"):
+        tk.integrated_gradients(torch.nn.Linear(3, 1).double(), torch.randn(2, 3, dtype=F64),
+                                steps=1, rule="trapezoid")
+
+
+def test_out_of_memory_halves_a_two_point_chunk_to_one():
+    lin = torch.nn.Linear(3, 1).double()
+
+    def model(z):
+        if z.shape[0] > 1 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return lin(z).squeeze(1)
+
+    res = tk.integrated_gradients(model, torch.randn(2, 3, dtype=F64), steps=4, chunk_size=2)
+    assert res.gap.abs().max() < 1e-12
