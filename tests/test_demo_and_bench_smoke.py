@@ -127,7 +127,7 @@ def test_bench_ig_family_smoke(tmp_path):
 @pytest.mark.parametrize("script", ["llm_large.py", "quadrature_accuracy.py", "run.py",
                                     "sdpa_bf16.py", "minilm_floor.py",
                                     "generation_floor.py", "max_memory_check.py",
-                                    "growing_prompt.py"])
+                                    "growing_prompt.py", "small_sampled_calls.py"])
 def test_bench_scripts_parse_their_arguments(script):
     """The stand-alone bench scripts import and parse their arguments (``--help``; their runs
     take minutes and are recorded under bench/results)."""

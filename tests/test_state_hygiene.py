@@ -506,14 +506,24 @@ def test_row_check_rides_on_the_endpoint_forward():
     assert model.calls == 3
 
 
-def test_row_check_without_a_distinct_endpoint_row_runs_the_pair():
-    """Baseline equal to the only input: no endpoint row differs from row 0, so the two-row
-    check runs on a perturbed partner and still sees the batch mixing."""
+def test_row_check_waits_for_a_batch_that_can_show_mixing():
+    """Check R runs on the first batch whose rows differ: the baseline equal to the only
+    input makes every batch alike (no mixing can show, and the attributions are zero), a
+    baseline apart from it lets the endpoint batch show it; GradientShap's first path chunk
+    shows it too. A call of one-row batches runs no extra forward at all."""
     torch.manual_seed(0)
     model = MixesRows().double()
     x = torch.randn(1, 4, dtype=torch.float64)
+    assert tk.integrated_gradients(model, x, x, target=0, steps=4).attributions.abs().max() == 0
     with pytest.raises(ValueError, match="mixes rows"):
-        tk.integrated_gradients(model, x, x, target=0, steps=4)
+        tk.integrated_gradients(model, x, torch.zeros_like(x), target=0, steps=4)
+    with pytest.raises(ValueError, match="mixes rows"):
+        tkc.GradientShap(model).attribute(x, torch.zeros(2, 4, dtype=torch.float64), target=0,
+                                          n_samples=3)
+    counting = CountingMLP()
+    tkc.GradientShap(counting).attribute(x, torch.zeros(2, 4, dtype=torch.float64), target=0,
+                                         n_samples=1)
+    assert counting.calls == 1  # as Captum: one forward of the one noisy row
 
 
 def test_row_predicates_shared_by_the_row_checks():

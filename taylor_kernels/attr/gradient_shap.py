@@ -36,7 +36,8 @@ def gradient_shap_rows(model, inputs: tuple[torch.Tensor, ...],
         model = Unscaled(model, len(inputs))
         x, fargs = Unscaled.arguments(inputs, baselines, fargs)
         bl = 0.0
-    problem = make_problem(model, x if was_tuple else x[0], bl, target, fargs)
+    problem = make_problem(model, x if was_tuple else x[0], bl, target, fargs,
+                           defer_row_check=True)  # the path's first batch checks
     nodes = alphas.to(torch.float64).reshape(-1, 1, 1)
     res = path_engine.integrate(problem, nodes, [torch.ones(1, dtype=torch.float64)],
                                 max_memory=max_memory, chunk_size=chunk_size, progress=progress)

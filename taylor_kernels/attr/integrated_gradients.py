@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels import backends
-from taylor_kernels.engine import chunking, path_engine, quadrature
+from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import PathProblem, make_problem
 
@@ -140,7 +140,11 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
     with backends.selected(backend):  # the backend is checked before any forward
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
                                defer_row_check=True)  # endpoint_values completes it
-        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
+        # a chunk_size below the batch: the inputs' and the baselines' forwards apart, as
+        # Captum's delta runs them (a forward may accept only its own batch size)
+        chunk = memory.check_chunk_size(chunk_size)
+        fx, fb = path_engine.endpoint_values(
+            problem, chunk=max(chunk, problem.B) if chunk else 256, max_memory=max_memory)
         return integrate_problem(problem, fx, fb, steps=steps, rule=rule, tol=tol,
                                  max_memory=max_memory, progress=progress,
                                  chunk_size=chunk_size, create_graph=create_graph,

@@ -241,10 +241,11 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector (``[T, B', D]`` when
     ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """
-    if getattr(problem, "pending_row_check", None) is not None:  # no endpoint batch ran
-        problem.finish_row_check()
     if x is None:
         x = problem.attached_x() if create_graph else problem.x
+    if getattr(problem, "row_check_pending", False) and cuda_graphs.requested(x.device,
+                                                                              create_graph):
+        problem.finish_row_check_now()  # (a chunk's check inside a capture would sync)
     bl = problem.baselines if baselines is None else baselines
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     alphas = _to_device(alphas, x.device)
@@ -451,9 +452,8 @@ def _endpoint_row_bytes(problem: PathProblem, n: int) -> float:
     grad one keeps). A deferred check R waits for the no-grad forwards (a model may take
     another path with grad, e.g. ``nn.TransformerEncoder``'s fast path)."""
     pts, rows = _endpoint_rows(problem, 0, n)
-    pending = getattr(problem, "pending_row_check", None)
-    if pending is not None:
-        problem.pending_row_check = None
+    pending = getattr(problem, "row_check_pending", False)
+    problem.row_check_pending = False
     try:
         if pts.is_cuda:
             _, used = guards.cuda_peak_bytes(lambda: problem.forward(pts, rows), pts.device)
@@ -462,6 +462,5 @@ def _endpoint_row_bytes(problem: PathProblem, n: int) -> float:
                 out = problem.forward(pts.requires_grad_(True), rows)
             used = memory.CPU_TRANSIENT_FACTOR * (saved.total + pts.nbytes + out.nbytes)
     finally:
-        if pending is not None:
-            problem.pending_row_check = pending
+        problem.row_check_pending = pending
     return used / n

@@ -168,7 +168,7 @@ class PathProblem:
     baselines: torch.Tensor
     target: Any
     forward_args: tuple
-    pending_row_check: torch.Tensor | None = None  # row 0's output alone, check R deferred
+    row_check_pending: bool = False  # check R left to the first batch that can show mixing
     output_kind: str | None = None  # the type the model returned, when not a tensor
 
     @property
@@ -231,38 +231,58 @@ class PathProblem:
 
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
-        ``rows`` ``[N]`` (which pick the target and the additional forward args). The first
-        batch after a deferred check R completes it (:meth:`finish_row_check`)."""
-        out = self.outputs(flat_points, rows)
-        if self.pending_row_check is not None:
-            self.finish_row_check(flat_points, rows, out)
+        ``rows`` ``[N]`` (which pick the target and the additional forward args). While check R
+        is pending (:func:`make_problem` with ``defer_row_check``) the batch runs as a probe
+        (buffers put back, train-mode modules behind a global named) and completes it
+        (:meth:`finish_row_check`)."""
+        if not self.row_check_pending:
+            out = self.outputs(flat_points, rows)
+        else:
+            with guards.probing(self.model):
+                out = self.outputs(flat_points, rows)
+                self.finish_row_check(flat_points, rows, out)
         return select_target(out, self.target, rows, self.output_kind)
 
-    def finish_row_check(self, points: torch.Tensor | None = None,
-                         rows: torch.Tensor | None = None,
-                         outputs: torch.Tensor | None = None) -> None:
-        """Complete check R when :func:`make_problem` deferred it (no-op otherwise): row 0's
-        output alone against ``outputs[0]``, its whole output computed beside the other
-        points of ``points [N, D]`` (inputs ``rows [N]``), when ``points[0]`` is row 0's input
-        and another point differs from it in value or forward args; else (or without points)
-        the two-row check. Its forwards leave the model's buffers as they were."""
-        alone, self.pending_row_check = self.pending_row_check, None
-        if alone is None:
-            return
-        if outputs is not None and outputs.dim() == 0:
+    def finish_row_check(self, points: torch.Tensor, rows: torch.Tensor,
+                         outputs: torch.Tensor) -> None:
+        """Check R from a batch of real points ``points [N, D]`` (inputs ``rows [N]``) and its
+        whole ``outputs``: the output's shape and the target first; then, when another point
+        differs from the first in value or per-row forward args, the first point's output
+        alone (one more forward of one row, on a copy, in the batch's grad mode: a model may
+        take another path without grad, ``nn.TransformerEncoder``'s fast path) against
+        ``outputs[:1]``. A
+        batch that cannot show mixing (one point, or all alike) leaves the check to the next
+        (a call whose every forward is such a batch needs none: Captum's
+        ``GradientShap(n_samples=1)`` of one input runs one row, and a forward that accepts
+        only its own batch size runs here too). Its forward leaves the buffers as they were."""
+        if outputs.dim() == 0:
             raise ValueError("the model must return a tensor with a batch dimension (one "
                              "output row per input row), got a 0-d output")
-        if outputs is not None and tuple(alone.shape[1:]) != tuple(outputs.shape[1:]):
+        check_target(self.target, (self.B,) + tuple(outputs.shape[1:]))
+        if points.shape[0] < 2 or not self._differs_from_row0(points, rows):
+            return
+        self.row_check_pending = False
+        first, first_row = points[:1].detach(), rows[:1]
+        alone = guards.on_a_copy(lambda p: self.outputs(p, first_row), first).detach()
+        if tuple(alone.shape[1:]) != tuple(outputs.shape[1:]):
             raise ValueError(f"the model's output shape depends on the batch size: one row "
                              f"gives {tuple(alone.shape)}, {outputs.shape[0]} rows give "
                              f"{tuple(outputs.shape)}; it must return one output row per "
                              "input row")
         with guards.preserved_buffers(self.model):
-            if points is not None and int(rows[0]) == 0 and torch.equal(
-                    points[0].detach(), self.x[0]) and self._differs_from_row0(points, rows):
-                guards.check_rows_independent(self.outputs, self.x[0], None, 0, alone=alone,
-                                              beside=outputs[:1])
-                return
+            guards.check_alone_beside(alone, outputs[:1].detach(),
+                                      lambda: self.outputs(first.clone(), first_row).detach(),
+                                      self.x.dtype if self.x.is_floating_point() else None)
+
+    def finish_row_check_now(self) -> None:
+        """Complete a pending check R without a batch of real points: row 0 alone and beside a
+        row that differs from it (two forwards; before a CUDA graph capture, where the check's
+        host syncs would break the capture)."""
+        if not self.row_check_pending:
+            return
+        self.row_check_pending = False
+        with guards.probing(self.model), torch.no_grad():
+            alone = self.row_output(0)
             other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
             guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
 
@@ -349,9 +369,10 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
 
     Probes the model on row 0 alone (output shape, target range) and runs check R
     (:mod:`~taylor_kernels.engine.guards`) with a second forward; with ``defer_row_check``
-    that second forward is left to the caller's first batch of real points
-    (:func:`~taylor_kernels.engine.path_engine.endpoint_values`, else the engine's first
-    chunk runs it), saving one forward per call. ``checked_output``: one row's whole output
+    no probe runs here: the first batch of real points that can show row mixing checks the
+    output and completes check R with one more forward of one row
+    (:meth:`PathProblem.finish_row_check`), saving a forward of one and one of two rows per
+    call (on a small GradientShap call they were a third of its time). ``checked_output``: one row's whole output
     alone ``[1, ...]`` from a forward the caller ran (it gives the output shape), check R
     done by the caller (:func:`~taylor_kernels.attr.layer_ends.layer_ends`): no probe
     forward at all."""
@@ -382,9 +403,13 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
                 shape = model_output(problem.outputs(pair, rows)).shape[1:]
             check_target(problem.target, (B,) + tuple(shape))
             return problem
+        if defer_row_check:
+            problem.row_check_pending = True
+            return problem
         alone = problem.row_output(0)  # shape probe, and check R's first call
         check_target(problem.target, (B,) + tuple(alone.shape[1:]))
-        problem.pending_row_check = alone
-        if not defer_row_check:
-            problem.finish_row_check()
+        other, j = guards.distinct_row(problem.x, problem.baselines[0, 0],
+                                       *problem._row_tensors())
+        with guards.preserved_buffers(model):
+            guards.check_rows_independent(problem.outputs, problem.x[0], other, j, alone=alone)
     return problem

@@ -94,7 +94,7 @@ def test_a_budget_the_baselines_fill_raises_before_any_forward_of_them():
                                     max_memory=baselines.nbytes)
     finally:
         hook.remove()
-    assert max(rows) <= 2  # the probes of row 0, not the 802 endpoint rows
+    assert max(rows, default=0) <= 2  # no forward of the 802 endpoint rows
 
 
 def test_drawn_references_that_would_fill_the_budget_run_in_groups():
