@@ -274,6 +274,78 @@ def layer_norm(x: Jet, normalized_shape, weight=None, bias=None, eps=1e-5) -> Je
     return _add_bias(y, bias)
 
 
+def _reduced_dims(x: Jet, dim) -> tuple[int, ...]:
+    """Dims of ``x.c`` an op reduces over ``dim`` (None or ``()``: every dim of a
+    coefficient)."""
+    if dim is None or (isinstance(dim, (tuple, list)) and not dim):
+        return tuple(range(1, x.c.dim()))
+    return _dims(x, dim)
+
+
+def _sum_over(x: Jet, dims: tuple[int, ...], keepdim: bool) -> Jet:
+    return Jet(x.c.sum(dim=dims, keepdim=keepdim))
+
+
+def vector_norm(x: Jet, ord=2, dim=None, keepdim=False, *, dtype=None, out=None) -> Jet:
+    """The 2-norm ``sqrt(sum x^2)`` over ``dim`` (``torch.linalg.vector_norm``); other orders
+    take the nested-jvp fallback."""
+    if ord not in (2, 2.0, "fro", None) or dtype is not None or out is not None:
+        raise NotImplementedError(f"jet of a vector norm of order {ord!r}")
+    return unary("sqrt", _sum_over(mul(x, x), _reduced_dims(x, dim), keepdim))
+
+
+def norm(x: Jet, p="fro", dim=None, keepdim=False, out=None, dtype=None) -> Jet:
+    """``torch.norm`` / ``Tensor.norm``: :func:`vector_norm` for the 2-norm."""
+    return vector_norm(x, p, dim, keepdim, dtype=dtype, out=out)
+
+
+def normalize(x: Jet, p=2.0, dim=1, eps=1e-12, out=None) -> Jet:
+    """``x / max(||x||_2, eps)`` over ``dim`` (``F.normalize``): where the norm is below
+    ``eps`` the divisor is the constant ``eps``."""
+    if out is not None:
+        raise NotImplementedError("jet of normalize with out=")
+    return div(x, normalize_divisor(vector_norm(x, p, dim, keepdim=True), eps))
+
+
+def var(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> Jet:
+    """Variance over ``dim`` with ``correction`` (default 1; ``unbiased=False`` is 0), as
+    ``torch.var`` / ``Tensor.var``."""
+    if isinstance(dim, bool):  # the legacy var(x, unbiased)
+        dim, unbiased = None, dim
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    dims = _reduced_dims(x, dim)
+    n = math.prod(x.c.shape[d] for d in dims)
+    centered = Jet(x.c - x.c.mean(dim=dims, keepdim=True))
+    return Jet(_sum_over(mul(centered, centered), dims, keepdim).c / max(n - correction, 0))
+
+
+def std(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> Jet:
+    """``sqrt`` of :func:`var`."""
+    return unary("sqrt", var(x, dim, unbiased, keepdim, correction=correction))
+
+
+def cosine_similarity(x1, x2, dim=1, eps=1e-8) -> Jet:
+    """``sum(x1 x2) / (max(||x1||, eps) max(||x2||, eps))`` over ``dim``
+    (``F.cosine_similarity``)."""
+    order = _order_of([x1, x2])
+    a, b = as_jet(x1, order), as_jet(x2, order)
+    dot = _sum_over(mul(a, b), _dims(a, dim), False)
+    na = normalize_divisor(vector_norm(a, 2, dim), eps)
+    nb = normalize_divisor(vector_norm(b, 2, dim), eps)
+    return div(dot, mul(na, nb))
+
+
+def normalize_divisor(n: Jet, eps: float) -> Jet:
+    """``max(n, eps)``: the constant ``eps`` where the value is at most ``eps``."""
+    small = n.c[0] <= eps
+    if not bool(small.any()):
+        return n
+    floor = torch.zeros_like(n.c)
+    floor[0] = eps
+    return Jet(torch.where(small, floor, n.c))
+
+
 def batch_norm_eval(x: Jet, mean, var, weight, bias, eps) -> Jet:
     """Batch norm with running statistics: affine per channel (dim 1 of the activation)."""
     scale = torch.rsqrt(var + eps)
@@ -363,12 +435,14 @@ FUNCTION_RULES = {
     F.max_pool1d: max_pool1d, F.max_pool2d: max_pool2d, F.softmax: softmax,
     torch.softmax: softmax, F.log_softmax: log_softmax, torch.log_softmax: log_softmax,
     F.layer_norm: layer_norm, F.scaled_dot_product_attention: scaled_dot_product_attention,
+    torch.linalg.vector_norm: vector_norm, torch.norm: norm, F.normalize: normalize,
+    torch.var: var, torch.std: std, F.cosine_similarity: cosine_similarity,
 }
 METHOD_RULES = {
     **{name: _activation_fn(name) for name in UNARY_METHODS},
     "add": add, "sub": sub, "mul": mul, "div": div, "neg": neg, "pow": power,
     "matmul": matmul, "bmm": matmul, "softmax": softmax, "log_softmax": log_softmax,
-    "__radd__": add, "__rsub__": rsub,
+    "__radd__": add, "__rsub__": rsub, "norm": norm, "var": var, "std": std,
 }
 
 

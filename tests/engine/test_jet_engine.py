@@ -579,3 +579,34 @@ def test_a_random_model_inside_the_opt_in_keeps_other_traces():
         for _ in range(3):
             tk.jet(drop, x, V, 2, target=0)
     assert id(keep) in jet_engine._TRACES
+
+
+@pytest.mark.parametrize("form", ["normalize", "vector_norm", "tensor_norm", "torch_norm",
+                                  "std_var", "cosine", "normalize_small"])
+def test_vector_norms_have_rules(form):
+    """Sentence-embedding heads end in ``F.normalize`` and similarities: these ran by nested
+    forward AD, whose reverse pass PyTorch cannot take (taylor_decomposition raised)."""
+    lin = nn.Linear(4, 6).double()
+    other = torch.randn(6, dtype=DT)
+    forms = {
+        "normalize": lambda h: F.normalize(h, dim=-1) @ other,
+        "vector_norm": lambda h: torch.linalg.vector_norm(h, dim=-1),
+        "tensor_norm": lambda h: h.norm(dim=1, keepdim=True).squeeze(1) + h.norm(p=2, dim=-1),
+        "torch_norm": lambda h: torch.norm(h, dim=1),
+        "std_var": lambda h: h.std(dim=-1) + torch.var(h, dim=1, unbiased=False)
+        + h.var(-1, correction=0),
+        "cosine": lambda h: F.cosine_similarity(h, torch.tanh(h) + other, dim=1),
+        "normalize_small": lambda h: F.normalize(1e-14 * h, dim=-1, eps=1e-12) @ other,
+    }
+    f = lambda x: forms[form](lin(x))  # noqa: E731
+    check(f, torch.randn(3, 4, dtype=DT), order=4)
+
+
+def test_taylor_decomposition_through_a_normalized_embedding():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 6).double()
+    other = torch.randn(6, dtype=DT)
+    f = lambda x: F.normalize(torch.tanh(lin(x)), dim=-1) @ other  # noqa: E731
+    x = torch.randn(2, 4, dtype=DT)
+    dec = tk.taylor_decomposition(f, x, order=3)
+    assert torch.isfinite(dec.ig_by_order).all()
