@@ -24,7 +24,8 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
-                                                      _warn_if_gap_large, check_rule_args)
+                                                      _levels_agree, _warn_if_gap_large,
+                                                      check_rule_args)
 from taylor_kernels.engine import guards, path_engine, quadrature
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models import elementwise, hf, lm_head
@@ -137,7 +138,10 @@ def _integrate(problem, rule, steps, tol, fx, fb, **kw):
         for j, part in enumerate(res.sums):
             acc[level + j] += part
         gap = acc[level].sum(dim=(1, 2)) - delta
-        if _check_gap_tolerance(gap, delta, tol).all() or level == len(sizes) - 1:
+        met = level > 0 and bool((_check_gap_tolerance(gap, delta, tol) & _levels_agree(
+            acc[level].reshape(problem.T, -1), acc[level - 1].reshape(problem.T, -1),
+            tol)).all())
+        if met or level == len(sizes) - 1:
             return acc[level], evaluations, hi
         lo = hi
 

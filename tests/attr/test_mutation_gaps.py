@@ -133,3 +133,21 @@ def test_out_of_memory_halves_a_two_point_chunk_to_one():
 
     res = tk.integrated_gradients(model, torch.randn(2, 3, dtype=F64), steps=4, chunk_size=2)
     assert res.gap.abs().max() < 1e-12
+
+
+def test_adaptive_rule_does_not_stop_on_errors_that_cancel():
+    """``x0^3 - x1^3`` from 0 to (1, 1): the one-node level's (0.75, -0.75) has a zero gap;
+    the features must agree between nested levels too (IG is (1, -1)). A siamese difference
+    ``s(a) - s(b)`` at ``a == b`` (gap zero at every level) as well."""
+    f = lambda z: z[:, 0] ** 3 - z[:, 1] ** 3  # noqa: E731
+    res = tk.integrated_gradients(f, torch.ones(1, 2, dtype=F64), rule="adaptive", tol=1e-6)
+    torch.testing.assert_close(res.attributions, torch.tensor([[1.0, -1.0]], dtype=F64))
+    torch.manual_seed(0)
+    s = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                            torch.nn.Linear(8, 1)).double()
+    g = lambda z: (s(z[:, :3]) - s(z[:, 3:]))[:, 0]  # noqa: E731
+    u = torch.randn(1, 3, dtype=F64)
+    x = torch.cat([u, u], 1)
+    got = tk.integrated_gradients(g, x, rule="adaptive", tol=1e-6).attributions
+    want = tk.integrated_gradients(g, x, steps=64).attributions
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
