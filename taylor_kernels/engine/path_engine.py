@@ -299,6 +299,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
 
     run_chunks(plan, start, stop, compute, consume, progress=progress)
+    if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
+        problem.finish_row_check_at_end()
     if graph is not None and graph.failed:
         plan.slot["graph_failed"] = True  # later calls on this model and shape stay eager
     if flags and bool(torch.stack([f for _, _, f in flags]).any()):  # the one sync
@@ -449,18 +451,14 @@ def _endpoint_row_bytes(problem: PathProblem, n: int) -> float:
     """Bytes per row of a forward of the first ``n`` endpoint rows, its outputs dropped: on
     CUDA the allocator's peak, on the CPU the bytes a grad-enabled forward saves plus its
     points and outputs, times ``memory.CPU_TRANSIENT_FACTOR`` (a no-grad forward frees what a
-    grad one keeps). A deferred check R waits for the no-grad forwards (a model may take
-    another path with grad, e.g. ``nn.TransformerEncoder``'s fast path)."""
+    grad one keeps). As the first batch it checks the output and the target and may complete a
+    deferred check R (:meth:`~taylor_kernels.engine.problem.PathProblem.forward`: as a probe,
+    its one-row forward in the same grad mode, not counted)."""
     pts, rows = _endpoint_rows(problem, 0, n)
-    pending = getattr(problem, "row_check_pending", False)
-    problem.row_check_pending = False
-    try:
-        if pts.is_cuda:
-            _, used = guards.cuda_peak_bytes(lambda: problem.forward(pts, rows), pts.device)
-        else:
-            with torch.enable_grad(), memory.SavedBytes() as saved:
-                out = problem.forward(pts.requires_grad_(True), rows)
-            used = memory.CPU_TRANSIENT_FACTOR * (saved.total + pts.nbytes + out.nbytes)
-    finally:
-        problem.row_check_pending = pending
+    if pts.is_cuda:
+        _, used = guards.cuda_peak_bytes(lambda: problem.forward(pts, rows), pts.device)
+    else:
+        with torch.enable_grad(), memory.SavedBytes() as saved:
+            out = problem.forward(pts.requires_grad_(True), rows)
+        used = memory.CPU_TRANSIENT_FACTOR * (saved.total + pts.nbytes + out.nbytes)
     return used / n

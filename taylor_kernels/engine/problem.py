@@ -169,6 +169,7 @@ class PathProblem:
     target: Any
     forward_args: tuple
     row_check_pending: bool = False  # check R left to the first batch that can show mixing
+    row_check_sample: tuple | None = None  # a one-row batch's (point, row, output), kept
     output_kind: str | None = None  # the type the model returned, when not a tensor
 
     @property
@@ -233,37 +234,64 @@ class PathProblem:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
         ``rows`` ``[N]`` (which pick the target and the additional forward args). While check R
         is pending (:func:`make_problem` with ``defer_row_check``) the batch runs as a probe
-        (buffers put back, train-mode modules behind a global named) and completes it
-        (:meth:`finish_row_check`)."""
+        (buffers put back, train-mode modules behind a global named), its output and target
+        are checked, and it completes check R (:meth:`finish_row_check`)."""
         if not self.row_check_pending:
             out = self.outputs(flat_points, rows)
-        else:
-            with guards.probing(self.model):
+            return select_target(out, self.target, rows, self.output_kind)
+        first = flat_points[:1].detach().clone()  # before a model changing it in place ran
+        with guards.probing(self.model):
+            try:
                 out = self.outputs(flat_points, rows)
-                self.finish_row_check(flat_points, rows, out)
+            except RuntimeError as exc:  # autograd's error for an in-place change of the
+                self._name_in_place_change(first, rows[:1], exc)  # points: name it
+                raise
+            self.check_output(out)
+            self.finish_row_check(first, flat_points, rows, out)
         return select_target(out, self.target, rows, self.output_kind)
 
-    def finish_row_check(self, points: torch.Tensor, rows: torch.Tensor,
-                         outputs: torch.Tensor) -> None:
-        """Check R from a batch of real points ``points [N, D]`` (inputs ``rows [N]``) and its
-        whole ``outputs``: the output's shape and the target first; then, when another point
-        differs from the first in value or per-row forward args, the first point's output
-        alone (one more forward of one row, on a copy, in the batch's grad mode: a model may
-        take another path without grad, ``nn.TransformerEncoder``'s fast path) against
-        ``outputs[:1]``. A
-        batch that cannot show mixing (one point, or all alike) leaves the check to the next
-        (a call whose every forward is such a batch needs none: Captum's
-        ``GradientShap(n_samples=1)`` of one input runs one row, and a forward that accepts
-        only its own batch size runs here too). Its forward leaves the buffers as they were."""
+    def check_output(self, outputs: torch.Tensor) -> None:
+        """``ValueError`` for a 0-d output, :class:`TargetIndexError` for a target outside the
+        output (before it is gathered: on CUDA an out-of-range gather is a device assert)."""
         if outputs.dim() == 0:
             raise ValueError("the model must return a tensor with a batch dimension (one "
                              "output row per input row), got a 0-d output")
         check_target(self.target, (self.B,) + tuple(outputs.shape[1:]))
+
+    def _name_in_place_change(self, first: torch.Tensor, row: torch.Tensor,
+                              exc: BaseException) -> None:
+        """Raise :data:`~taylor_kernels.engine.guards.IN_PLACE_ERROR` (from ``exc``) when the
+        model changes a copy of the point ``first`` in place (one forward, no grad);
+        anything else it raises is left to ``exc``."""
+        try:
+            with torch.no_grad():
+                guards.on_a_copy(lambda p: self.outputs(p, row), first)
+        except ValueError as named:
+            if str(named) == guards.IN_PLACE_ERROR:
+                raise named from exc
+        except Exception:  # noqa: BLE001 - the batch's own error is the one to report
+            pass
+
+    def finish_row_check(self, first: torch.Tensor, points: torch.Tensor, rows: torch.Tensor,
+                         outputs: torch.Tensor) -> None:
+        """Check R from a batch of real points ``points [N, D]`` (inputs ``rows [N]``; ``first``
+        a copy of ``points[:1]`` from before the batch ran) and its whole ``outputs``: when
+        another point differs from the first in value or per-row forward args, the first
+        point's output alone (one more forward of one row, on a copy, in the batch's grad
+        mode: a model may take another path without grad, ``nn.TransformerEncoder``'s fast
+        path; its saved tensors are not counted by a measuring caller) against
+        ``outputs[:1]``. A batch that cannot show mixing (one point, or all alike) leaves
+        the check to the next, and keeps its first row's output: if no batch can show mixing,
+        :meth:`finish_row_check_at_end` computes that row again (a random model differs).
+        Its forwards leave the buffers as they were."""
         if points.shape[0] < 2 or not self._differs_from_row0(points, rows):
+            if self.row_check_sample is None:
+                self.row_check_sample = (first, rows[:1], outputs[:1].detach())
             return
         self.row_check_pending = False
-        first, first_row = points[:1].detach(), rows[:1]
-        alone = guards.on_a_copy(lambda p: self.outputs(p, first_row), first).detach()
+        first_row = rows[:1]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+            alone = guards.on_a_copy(lambda p: self.outputs(p, first_row), first).detach()
         if tuple(alone.shape[1:]) != tuple(outputs.shape[1:]):
             raise ValueError(f"the model's output shape depends on the batch size: one row "
                              f"gives {tuple(alone.shape)}, {outputs.shape[0]} rows give "
@@ -272,19 +300,38 @@ class PathProblem:
         with guards.preserved_buffers(self.model):
             guards.check_alone_beside(alone, outputs[:1].detach(),
                                       lambda: self.outputs(first.clone(), first_row).detach(),
-                                      self.x.dtype if self.x.is_floating_point() else None)
+                                      self._precision())
+
+    def finish_row_check_at_end(self) -> None:
+        """After a call whose every batch was one row (or alike): the kept row computed again
+        (no grad; one forward): a random model gives another output (dropout written as
+        ``F.dropout(x, training=self.training)``, ``torch.randn`` noise). Rows cannot mix in
+        such a call."""
+        if not self.row_check_pending or self.row_check_sample is None:
+            return
+        self.row_check_pending = False
+        first, row, out = self.row_check_sample
+        self.row_check_sample = None
+        with guards.probing(self.model), torch.no_grad():
+            again = self.outputs(first.clone(), row)
+            guards.check_alone_beside(again, out, lambda: self.outputs(first.clone(), row),
+                                      self._precision())
 
     def finish_row_check_now(self) -> None:
-        """Complete a pending check R without a batch of real points: row 0 alone and beside a
-        row that differs from it (two forwards; before a CUDA graph capture, where the check's
-        host syncs would break the capture)."""
+        """Complete a pending check R without a batch of real points: row 0 alone (its output
+        and target checked) and beside a row that differs from it (two forwards; before a CUDA
+        graph capture, where the check's host syncs would break the capture)."""
         if not self.row_check_pending:
             return
         self.row_check_pending = False
         with guards.probing(self.model), torch.no_grad():
             alone = self.row_output(0)
+            self.check_output(alone)
             other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
             guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
+
+    def _precision(self) -> torch.dtype | None:
+        return self.x.dtype if self.x.is_floating_point() else None
 
     def _row_tensors(self) -> list[torch.Tensor]:
         return [a for a in self.forward_args if guards.is_row_tensor(a, self.B)]

@@ -100,7 +100,7 @@ def _saved_bytes(model, ids, other) -> int:
 def test_memory_budget_splits_steps(loaded):
     """A budget of 8 path points' activations (marginal bytes autograd saves per extra
     sentence, weights excluded): after the endpoint forward's measured first rows (2, with
-    grad) and the engine's two probe chunks (1 and 8 points) the 24 steps run in chunks that
+    grad; check R's one row alone with it) and the engine's two probe chunks (1 and 8 points) the 24 steps run in chunks that
     each fit the budget, with the same attributions as one chunk."""
     model, tok = loaded
     other = _embed(model, tok, B)
@@ -117,8 +117,9 @@ def test_memory_budget_splits_steps(loaded):
         hook.remove()
     _, full, _ = minilm.attribute_tokens(model, tok, "a man plays guitar", other, steps=24,
                                          chunk_size=24)
-    assert sizes[0] == 2, sizes  # the endpoints' measured forward: input and baseline
-    sizes = sizes[1:]
+    # the endpoints' measured forward (input and baseline), then check R's row alone
+    assert sizes[:2] == [2, 1], sizes
+    sizes = sizes[2:]
     assert sum(sizes) == 24 and len(sizes) >= 4, sizes
     assert max(sizes[2:]) * per_point <= budget, (sizes, per_point, budget)
     torch.testing.assert_close(small, full, rtol=1e-5, atol=1e-6)

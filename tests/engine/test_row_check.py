@@ -1,0 +1,91 @@
+"""Check R from the first batch of real points (IG, EG, SIG, GradientShap): the output and the
+target are checked before anything is gathered, on every first forward (also the one that
+measures an endpoint row under ``max_memory``); a model changing its input in place is named;
+a model behind a global keeps its buffers; and a call whose every batch is one row still finds
+a random model (a QA pass of the change found each of these broken)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import taylor_kernels as tk
+import taylor_kernels.captum as tkc
+
+F64 = torch.float64
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+
+
+@pytest.mark.parametrize("budget", [None, "100MB"])
+def test_an_out_of_range_target_is_named_before_it_is_gathered(budget):
+    model, x = _mlp(), torch.randn(2, 4, dtype=F64)
+    with pytest.raises(IndexError, match="out of range"):
+        tk.integrated_gradients(model, x, target=5, steps=4, max_memory=budget)
+    with pytest.raises(IndexError, match="out of range"):
+        tk.expected_gradients(model, x, torch.randn(3, 4, dtype=F64), target=-4, samples=2,
+                              max_memory=budget)
+
+
+NET = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _behind_a_global(z):
+    return NET(z)
+
+
+@pytest.mark.parametrize("budget", [None, "200MB"])
+def test_a_train_mode_model_behind_a_global_is_refused_with_its_buffers_kept(budget):
+    NET.train()
+    bn = NET[1]
+    mean, count = bn.running_mean.clone(), int(bn.num_batches_tracked)
+    with pytest.raises(ValueError, match="couple rows or are random"):
+        tk.integrated_gradients(_behind_a_global, torch.randn(3, 4, dtype=F64), target=0,
+                                steps=4, max_memory=budget)
+    assert torch.equal(bn.running_mean, mean) and int(bn.num_batches_tracked) == count
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3).double()
+
+    def forward(self, z):
+        return F.dropout(self.l(z), 0.5, training=True)
+
+
+@pytest.mark.parametrize("call", ["gradient_shap_one_sample", "ig_chunk_of_one"])
+def test_a_random_model_is_refused_when_every_batch_is_one_row(call):
+    model, x = FunctionalDropout(), torch.randn(1, 4, dtype=F64)
+    with pytest.raises(ValueError, match="different outputs for the same input"):
+        if call == "gradient_shap_one_sample":
+            tkc.GradientShap(model).attribute(x, torch.zeros(2, 4, dtype=F64), target=0,
+                                              n_samples=1)
+        else:
+            tk.integrated_gradients(model, x, target=0, steps=4, chunk_size=1)
+
+
+class ReluInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3).double()
+
+    def forward(self, z):
+        z.relu_()
+        return self.l(z)
+
+
+@pytest.mark.parametrize("call", ["ig", "gradient_shap"])
+def test_a_model_changing_its_input_in_place_is_named(call):
+    model, x = ReluInPlace(), torch.randn(2, 4, dtype=F64)
+    keep = x.clone()
+    with pytest.raises(ValueError, match="changes its input in place"):
+        if call == "ig":
+            tk.integrated_gradients(model, x, target=0, steps=4)
+        else:
+            tkc.GradientShap(model).attribute(x, torch.zeros(2, 4, dtype=F64), target=0)
+    assert torch.equal(x, keep)
