@@ -56,7 +56,8 @@ PAIR_ROWS = 256  # up to this many rows, inputs and baselines share one forward 
 
 
 def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ...],
-               baselines: tuple[torch.Tensor, ...], fargs: tuple) -> LayerEnds:
+               baselines: tuple[torch.Tensor, ...], fargs: tuple,
+               chunk_size: int | None = None) -> LayerEnds:
     """Activations and outputs at the inputs and baselines of ``model(*inputs, *fargs)``.
 
     ``capture(args)`` runs ``model(*args)`` once (no grad, buffers kept) and returns
@@ -65,13 +66,18 @@ def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ..
     :func:`~taylor_kernels.attr.layer.layer_activations`). Two forwards with check R (see the
     module docstring; ``ValueError`` when it fails).
     Forward args whose first dimension is ``B`` are per row (as the engine treats them).
+    ``chunk_size`` (path points per forward, Captum's ``internal_batch_size``) below ``2B``
+    runs the inputs and the baselines apart, as Captum's forwards (a forward may accept only
+    its own batch size); with one input there is then no row to check beside another, and
+    the path's first batch does it.
     Where those forwards could not show row mixing (every row beside the checked one equals
     it, in value and per-row args), inside :func:`~taylor_kernels.allow_row_coupling`, or when the
     outputs or activations have no batch dimension, the inputs and the baselines run as two
     plain batches (as Captum's) and ``alone`` is None: the caller's probe then runs check R
     (and words any error)."""
-    check_batch(inputs)
-    paired = _paired_ends(capture, inputs, baselines, fargs)
+    B = check_batch(inputs)
+    pair_rows = PAIR_ROWS if chunk_size is None else min(PAIR_ROWS, max(chunk_size, B))
+    paired = _paired_ends(capture, inputs, baselines, fargs, pair_rows)
     if paired is not None:
         return paired
     acts_x, out_x = capture(inputs + fargs)
@@ -79,11 +85,11 @@ def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ..
     return LayerEnds(acts_x, acts_b, model_output(out_x), model_output(out_b), None)
 
 
-def _paired_ends(capture, inputs, baselines, fargs) -> LayerEnds | None:
+def _paired_ends(capture, inputs, baselines, fargs, pair_rows: int) -> LayerEnds | None:
     B = inputs[0].shape[0]
     n_in = len(inputs)
     row_args = [i for i, a in enumerate(fargs) if guards.is_row_tensor(a, B)]
-    if 2 * B <= PAIR_ROWS:  # one batch [x; b]; the checked row is the first baseline's
+    if 2 * B <= pair_rows:  # one batch [x; b]; the checked row is the first baseline's
         batches = [tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)) + tuple(
             torch.cat([a, a]) if i in row_args else a for i, a in enumerate(fargs))]
         check = B
@@ -126,7 +132,8 @@ def integrate_from_ends(through: Callable, acts_x, acts_b, ends: LayerEnds, targ
     and ``tol`` checked by the caller with ``check_rule_args``). Returns its
     :class:`~taylor_kernels.attr.integrated_gradients.AttributionResult`, ``gap`` against the
     model's own ``F(x) - F(b)``."""
-    problem = make_problem(through, acts_x, acts_b, target, extra, checked_output=ends.alone)
+    problem = make_problem(through, acts_x, acts_b, target, extra, checked_output=ends.alone,
+                           defer_row_check=ends.alone is None)
     acc = accumulation_dtype(problem.x.dtype)
     fx = target_values(ends.out_x, target).to(acc)
     fb = target_values(ends.out_b, target).to(acc).unsqueeze(1)

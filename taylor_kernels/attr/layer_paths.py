@@ -40,7 +40,7 @@ from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.engine import path_engine, quadrature
+from taylor_kernels.engine import memory, path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
@@ -75,9 +75,9 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     spec = Layers(layers, attribute_to_layer_input)
     bls = _baseline_inputs(baselines, tup)
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
-    if multiply_by_inputs:
+    if multiply_by_inputs:  # two small forwards, as Captum's
         ends = layer_ends(lambda args: spec.capture(model, args, output=True), tup, bls,
-                          fargs)  # two small forwards, as Captum's
+                          fargs, memory.check_chunk_size(ig_kwargs.get("chunk_size")))
         acts_x, acts_b = ends.acts_x, ends.acts_b
         res = integrate_from_ends(spec.replaced_forward(model), acts_x, acts_b, ends,
                                   target, tup + fargs, **ig_kwargs)

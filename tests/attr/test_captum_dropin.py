@@ -577,3 +577,30 @@ def test_conductance_takes_numpy_integer_steps_like_captum():
         ref, ours = (lib.LayerConductance(model, model[1]).attribute(x, target=1, n_steps=steps)
                      for lib in (ca, tc))
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_accepting_only_its_own_batch_runs_as_under_captum():
+    """Inseq's contrastive attribution checks that the forward's rows equal its contrast rows:
+    Captum runs it with one input at ``internal_batch_size=1`` / ``n_samples=1``, and so do
+    we (our probes ran one and two rows: it raised)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    contrast = torch.randn(1, 3)
+
+    def fwd(x):
+        if x.shape[0] != contrast.shape[0]:
+            raise ValueError(f"contrast batch {contrast.shape[0]} != {x.shape[0]}")
+        return net(x) - contrast
+
+    x = torch.randn(1, 4)
+    for lib in (ca, tc):
+        ig = lib.IntegratedGradients(fwd).attribute(x, target=0, n_steps=5,
+                                                    internal_batch_size=1)
+        lig = lib.LayerIntegratedGradients(fwd, net[1]).attribute(x, target=0, n_steps=5,
+                                                                  internal_batch_size=1)
+        if lib is ca:
+            want = ig, lig
+    torch.testing.assert_close(ig, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lig, want[1], rtol=1e-5, atol=1e-6)
+    got = tc.GradientShap(fwd).attribute(x, torch.zeros(3, 4), target=0, n_samples=1)
+    assert got.shape == x.shape
