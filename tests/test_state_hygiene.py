@@ -598,13 +598,18 @@ def test_layer_ig_front_costs_two_small_forwards(pair_rows, forwards, monkeypatc
     assert delta.abs().max() < 1e-2
 
 
-def test_layer_ig_front_with_baseline_equal_to_input_still_sees_mixing():
+def test_layer_ig_front_sees_mixing_when_a_batch_can_show_it():
+    """Baseline equal to the input: every batch's rows are alike (no mixing can show; the
+    attributions are zero); another baseline lets the captures show it."""
     torch.manual_seed(0)
     from taylor_kernels.captum import LayerIntegratedGradients
     model = MixesRows().double()
     x = torch.randn(1, 4, dtype=torch.float64)
+    same = LayerIntegratedGradients(model, model.l).attribute(x, x, target=0, n_steps=4)
+    assert same.abs().max() == 0
     with pytest.raises(ValueError, match="mixes rows"):
-        LayerIntegratedGradients(model, model.l).attribute(x, x, target=0, n_steps=4)
+        LayerIntegratedGradients(model, model.l).attribute(x, torch.zeros_like(x), target=0,
+                                                           n_steps=4)
 
 
 class CountingMLP(nn.Module):

@@ -286,12 +286,25 @@ def _sum_over(x: Jet, dims: tuple[int, ...], keepdim: bool) -> Jet:
     return Jet(x.c.sum(dim=dims, keepdim=keepdim))
 
 
+def _root(s: Jet) -> Jet:
+    """``sqrt(s)`` of a sum of squares; where ``s`` is 0 its series has no square root (torch
+    takes the derivative there as 0; NaN here, also through a ``where`` that drops it, in a
+    reverse pass): the nested-jvp fallback."""
+    if bool((s.c[0] == 0).any()):
+        raise NotImplementedError("jet of a norm at zero")
+    return unary("sqrt", s)
+
+
+def _norm2(x: Jet, dim, keepdim: bool) -> Jet:
+    return _root(_sum_over(mul(x, x), _reduced_dims(x, dim), keepdim))
+
+
 def vector_norm(x: Jet, ord=2, dim=None, keepdim=False, *, dtype=None, out=None) -> Jet:
-    """The 2-norm ``sqrt(sum x^2)`` over ``dim`` (``torch.linalg.vector_norm``); other orders
-    take the nested-jvp fallback."""
+    """The 2-norm ``sqrt(sum x^2)`` over ``dim`` (``torch.linalg.vector_norm``); other orders,
+    and a norm that is 0 somewhere, take the nested-jvp fallback."""
     if ord not in (2, 2.0, "fro", None) or dtype is not None or out is not None:
         raise NotImplementedError(f"jet of a vector norm of order {ord!r}")
-    return unary("sqrt", _sum_over(mul(x, x), _reduced_dims(x, dim), keepdim))
+    return _norm2(x, dim, keepdim)
 
 
 def norm(x: Jet, p="fro", dim=None, keepdim=False, out=None, dtype=None) -> Jet:
@@ -302,9 +315,9 @@ def norm(x: Jet, p="fro", dim=None, keepdim=False, out=None, dtype=None) -> Jet:
 def normalize(x: Jet, p=2.0, dim=1, eps=1e-12, out=None) -> Jet:
     """``x / max(||x||_2, eps)`` over ``dim`` (``F.normalize``): where the norm is below
     ``eps`` the divisor is the constant ``eps``."""
-    if out is not None:
-        raise NotImplementedError("jet of normalize with out=")
-    return div(x, normalize_divisor(vector_norm(x, p, dim, keepdim=True), eps))
+    if out is not None or p not in (2, 2.0):
+        raise NotImplementedError("jet of normalize with out= or another order")
+    return div(x, normalize_divisor(_norm2(x, dim, True), eps))
 
 
 def var(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> Jet:
@@ -321,8 +334,8 @@ def var(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> J
 
 
 def std(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> Jet:
-    """``sqrt`` of :func:`var`."""
-    return unary("sqrt", var(x, dim, unbiased, keepdim, correction=correction))
+    """``sqrt`` of :func:`var` (a zero variance takes the nested-jvp fallback)."""
+    return _root(var(x, dim, unbiased, keepdim, correction=correction))
 
 
 def cosine_similarity(x1, x2, dim=1, eps=1e-8) -> Jet:
@@ -330,9 +343,11 @@ def cosine_similarity(x1, x2, dim=1, eps=1e-8) -> Jet:
     (``F.cosine_similarity``)."""
     order = _order_of([x1, x2])
     a, b = as_jet(x1, order), as_jet(x2, order)
+    if a.c.shape != b.c.shape:  # torch broadcasts before the norms: the fallback does that
+        raise NotImplementedError("jet of cosine_similarity of broadcast inputs")
     dot = _sum_over(mul(a, b), _dims(a, dim), False)
-    na = normalize_divisor(vector_norm(a, 2, dim), eps)
-    nb = normalize_divisor(vector_norm(b, 2, dim), eps)
+    na = normalize_divisor(_norm2(a, dim, False), eps)
+    nb = normalize_divisor(_norm2(b, dim, False), eps)
     return div(dot, mul(na, nb))
 
 

@@ -169,7 +169,8 @@ class PathProblem:
     target: Any
     forward_args: tuple
     row_check_pending: bool = False  # check R left to the first batch that can show mixing
-    row_check_sample: tuple | None = None  # a one-row batch's (point, row, output), kept
+    # a one-row batch's (point, row, output) kept for the randomness check; False once done
+    row_check_sample: tuple | bool | None = None
     output_kind: str | None = None  # the type the model returned, when not a tensor
 
     @property
@@ -288,6 +289,7 @@ class PathProblem:
             if self.row_check_sample is None:
                 self.row_check_sample = (first, rows[:1], outputs[:1].detach())
             return
+        self.row_check_sample = False
         self.row_check_pending = False
         first_row = rows[:1]
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
@@ -303,15 +305,15 @@ class PathProblem:
                                       self._precision())
 
     def finish_row_check_at_end(self) -> None:
-        """After a call whose every batch was one row (or alike): the kept row computed again
+        """After a pass whose every batch was one row (or alike): the kept row computed again
         (no grad; one forward): a random model gives another output (dropout written as
-        ``F.dropout(x, training=self.training)``, ``torch.randn`` noise). Rows cannot mix in
-        such a call."""
-        if not self.row_check_pending or self.row_check_sample is None:
+        ``F.dropout(x, training=self.training)``, ``torch.randn`` noise). Rows could not mix
+        in those batches; the mixing check stays pending for a later batch of several rows
+        (GradientShap's endpoint batch for its delta)."""
+        if not self.row_check_pending or not isinstance(self.row_check_sample, tuple):
             return
-        self.row_check_pending = False
         first, row, out = self.row_check_sample
-        self.row_check_sample = None
+        self.row_check_sample = False  # (randomness checked: no sample kept again)
         with guards.probing(self.model), torch.no_grad():
             again = self.outputs(first.clone(), row)
             guards.check_alone_beside(again, out, lambda: self.outputs(first.clone(), row),

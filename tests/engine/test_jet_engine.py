@@ -610,3 +610,23 @@ def test_taylor_decomposition_through_a_normalized_embedding():
     x = torch.randn(2, 4, dtype=DT)
     dec = tk.taylor_decomposition(f, x, order=3)
     assert torch.isfinite(dec.ig_by_order).all()
+
+
+def test_norm_rules_fall_back_where_they_do_not_hold():
+    """A norm or a standard deviation that is 0 somewhere (sqrt has no series there: NaN;
+    torch takes the derivative as 0), and cosine_similarity of inputs that broadcast (torch
+    broadcasts before the norms) run by the exact fallback."""
+    lin = nn.Linear(4, 6, bias=False).double()
+    q = torch.randn(6, dtype=DT)
+    x = torch.zeros(2, 4, dtype=DT)
+    x[1] = torch.randn(4, dtype=DT)
+    V = torch.randn(2, 1, 4, dtype=DT)
+    for f in (lambda z: torch.linalg.vector_norm(lin(z), dim=-1),
+              lambda z: lin(z).std(dim=-1),
+              lambda z: F.cosine_similarity(q, torch.tanh(lin(z)) + 0.1, dim=-1),
+              lambda z: F.cosine_similarity(lin(z)[:, :1], torch.tanh(lin(z)) + 0.1, dim=1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's note
+            got = tk.jet(f, x, V, 3)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)

@@ -89,3 +89,29 @@ def test_a_model_changing_its_input_in_place_is_named(call):
         else:
             tkc.GradientShap(model).attribute(x, torch.zeros(2, 4, dtype=F64), target=0)
     assert torch.equal(x, keep)
+
+
+def test_one_row_path_batches_leave_the_mixing_check_to_the_delta_batch():
+    """GradientShap's path in one-row chunks checks only randomness; its delta's endpoint
+    batch (inputs and baselines together) still finds a model that mixes rows."""
+    class MixesRows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 2).double()
+
+        def forward(self, z):
+            h = self.l(z)
+            return torch.tanh(h - 0.5 * h.mean(0, keepdim=True))
+
+    with pytest.raises(ValueError, match="mixes rows"):
+        tkc.GradientShap(MixesRows()).attribute(
+            torch.randn(1, 4, dtype=F64), torch.zeros(2, 4, dtype=F64), target=0, n_samples=3,
+            internal_batch_size=1, return_convergence_delta=True)
+
+
+def test_adaptive_rule_warns_when_its_levels_still_disagree():
+    """Errors that cancel in the sum at every level (the gap is 0 throughout): after 63 nodes
+    the rule says so rather than return them silently."""
+    f = lambda z: torch.tanh(400 * (z[:, 0] - 0.5)) - torch.tanh(400 * (z[:, 1] - 0.5))  # noqa
+    with pytest.warns(RuntimeWarning, match="still change"):
+        tk.integrated_gradients(f, torch.ones(1, 2, dtype=F64), rule="adaptive")
