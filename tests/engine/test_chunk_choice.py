@@ -216,3 +216,22 @@ def test_a_nearby_shape_of_the_same_model_skips_the_probe_chunk():
         assert call(16)[0] == 1           # twice as many: probed again
     finally:
         hook.remove()
+
+
+def test_unscaled_calls_reuse_their_chunk_choice(monkeypatch):
+    """The Captum front's IG on inputs that require grad (Inseq) and multiply_by_inputs=False
+    wrap the model anew per call: the choice is kept per wrapped model (every call probed),
+    apart from the model's own (a wrapped point carries more)."""
+    import taylor_kernels.captum as tkc
+    from taylor_kernels.attr.unscaled import Unscaled
+    model, x = models.cnn(), torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    measured = []
+    real = path_engine._measure
+    monkeypatch.setattr(path_engine, "_measure", lambda *a: measured.append(1) or real(*a))
+    ig = tkc.IntegratedGradients(model, multiply_by_inputs=False)
+    ig.attribute(x, target=1, n_steps=40)
+    probes = len(measured)
+    ig.attribute(x, target=1, n_steps=40)
+    assert probes >= 1 and len(measured) == probes
+    owner = Unscaled(model, 1).cost_owner
+    assert owner is Unscaled(model, 1).cost_owner and owner is not model
