@@ -40,7 +40,7 @@ from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.engine import memory, path_engine, quadrature
+from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
@@ -126,6 +126,13 @@ class LayerSpace:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self.model, self.spec, self.n_in, self.direction = model, spec, n_inputs, direction
+
+    @property
+    def cost_owner(self):
+        """One owner of chunk choices per layer and direction (this wrapper is made per
+        call: each call probed again)."""
+        return chunking.owner_for(self.spec.modules[0], ("layer_space", self.direction)) \
+            or self
 
     def __call__(self, *args):
         n_act, n_in = sum(self.spec.counts), self.n_in

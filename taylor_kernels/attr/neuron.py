@@ -20,6 +20,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult, integrat
 from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_capture import Layers, select_neuron
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
+from taylor_kernels.engine import chunking
 from taylor_kernels.engine.problem import _target_rows, as_tuple, check_target, select_target
 from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
@@ -45,6 +46,8 @@ def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines
 
     def neuron(*args):
         return select_neuron(spec.capture(model, args, grad=True), neuron_selector)
+
+    neuron.cost_owner = chunking.owner_for(spec.modules[0], "neuron") or neuron
 
     return _run(neuron, inputs, baselines, forward_args(additional_forward_args),
                 multiply_by_inputs, ig_kwargs)
@@ -84,6 +87,8 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             value = weight * select_neuron(tuple(acts), neuron_selector)
         return value if torch.is_grad_enabled() else value.detach()
 
+    conductance.cost_owner = chunking.owner_for(spec.modules[0], "neuron_conductance") or \
+        conductance  # (the closure is new per call)
     spec.capture(model, tup + forward_args(additional_forward_args))  # counts activations
     rows = torch.arange(B, device=tup[0].device)
     return _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),

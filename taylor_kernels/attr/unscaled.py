@@ -6,20 +6,13 @@
 """
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
+from taylor_kernels.engine import chunking
 from taylor_kernels.numerics import all_finite
-
-
-class _UnscaledOwner:
-    """Stands for an :class:`Unscaled` wrapper of one model in the chunk-choice cache."""
-
-
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Unscaled:
@@ -49,16 +42,11 @@ class Unscaled:
 
     @property
     def cost_owner(self):
-        """The owner of this wrapper's chunk choices and costs: one per wrapped model, living
-        as long as it (a new wrapper per call made every call probe again: an Inseq
-        generation, each step a Captum-front IG call on inputs that require grad, ran a
-        one-point probe chunk per step), apart from the model's own (a point here carries
-        its baseline and difference too)."""
+        """The owner of this wrapper's chunk choices: one per wrapped model
+        (:func:`~taylor_kernels.engine.chunking.owner_for`), apart from the model's own (a
+        point here carries its baseline and difference too)."""
         model = getattr(self.model, "cost_owner", self.model)
-        try:
-            return _OWNERS.setdefault(model, _UnscaledOwner())
-        except TypeError:  # not weakly referenceable: the wrapper itself, as before
-            return self
+        return chunking.owner_for(model, "unscaled") or self
 
     def __call__(self, *args):
         n = self.n

@@ -94,6 +94,25 @@ def _base(cost: float) -> int:
     return max(memory.DEFAULT_MIN_POINTS, int(memory.DEFAULT_TARGET // max(cost, 1.0)))
 
 
+class _Owner:
+    """Stands, in the chunk-choice cache, for the wrappers of one object made anew per call."""
+
+
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # object -> {tag: _Owner}
+
+
+def owner_for(obj, tag) -> object | None:
+    """A stable ``cost_owner`` for wrappers of ``obj`` (a model, a layer) that a method makes
+    anew per call, one per ``tag`` (wrappers whose points cost differently), living as long as
+    ``obj``; None when ``obj`` cannot be weakly referenced. (A wrapper as its own owner made
+    every call probe again: an Inseq generation's Captum-front steps, layer conductance.)"""
+    try:
+        tags = _OWNERS.setdefault(obj, {})
+    except TypeError:
+        return None
+    return tags.setdefault(tag, _Owner())
+
+
 def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | None:
     """The cache dict of ``problem``'s owner and shape (``None`` when the owner cannot be
     weakly referenced); ``kind`` separates gradient work from HVP work."""

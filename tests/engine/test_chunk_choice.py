@@ -218,20 +218,36 @@ def test_a_nearby_shape_of_the_same_model_skips_the_probe_chunk():
         hook.remove()
 
 
-def test_unscaled_calls_reuse_their_chunk_choice(monkeypatch):
-    """The Captum front's IG on inputs that require grad (Inseq) and multiply_by_inputs=False
-    wrap the model anew per call: the choice is kept per wrapped model (every call probed),
-    apart from the model's own (a wrapped point carries more)."""
+FRONT_CALLS = {
+    "ig_unscaled": lambda tkc, m, x: tkc.IntegratedGradients(m, multiply_by_inputs=False)
+    .attribute(x, target=1, n_steps=20),
+    "ig_inputs_with_grad": lambda tkc, m, x: tkc.IntegratedGradients(m).attribute(
+        x.clone().requires_grad_(True), target=1, n_steps=20),
+    "layer_conductance": lambda tkc, m, x: tkc.LayerConductance(m, m.c2).attribute(
+        x, target=1, n_steps=20),
+    "internal_influence": lambda tkc, m, x: tkc.InternalInfluence(m, m.c2).attribute(
+        x, target=1, n_steps=20),
+    "neuron_ig": lambda tkc, m, x: tkc.NeuronIntegratedGradients(m, m.c2).attribute(
+        x, (0, 1, 1), n_steps=20),
+    "neuron_conductance": lambda tkc, m, x: tkc.NeuronConductance(m, m.c2).attribute(
+        x, (0, 1, 1), target=1, n_steps=20),
+}
+
+
+@pytest.mark.parametrize("name", list(FRONT_CALLS))
+def test_calls_that_wrap_the_model_per_call_reuse_their_chunk_choice(name, monkeypatch):
+    """Methods that wrap the model (or a layer) anew per call keep their chunk choice per
+    wrapped object (each call probed a chunk: Inseq's steps under patch(), conductance), apart
+    from the object's own choices (their points cost differently)."""
     import taylor_kernels.captum as tkc
     from taylor_kernels.attr.unscaled import Unscaled
     model, x = models.cnn(), torch.randn(5, 2, 8, 8, dtype=torch.float64)
     measured = []
     real = path_engine._measure
     monkeypatch.setattr(path_engine, "_measure", lambda *a: measured.append(1) or real(*a))
-    ig = tkc.IntegratedGradients(model, multiply_by_inputs=False)
-    ig.attribute(x, target=1, n_steps=40)
+    FRONT_CALLS[name](tkc, model, x)
     probes = len(measured)
-    ig.attribute(x, target=1, n_steps=40)
+    FRONT_CALLS[name](tkc, model, x)
     assert probes >= 1 and len(measured) == probes
     owner = Unscaled(model, 1).cost_owner
     assert owner is Unscaled(model, 1).cost_owner and owner is not model
