@@ -166,7 +166,7 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
                          "call it with grad enabled")
     with backends.selected(backend):  # the backend is checked before any forward
         problem = make_problem(model, inputs, baselines, target, additional_forward_args,
-                               defer_row_check=True)  # endpoint_values completes it
+                               defer_row_check=True)  # its first batch checks
         # a chunk_size below the batch: the inputs' and the baselines' forwards apart, as
         # Captum's delta runs them (a forward may accept only its own batch size)
         chunk = memory.check_chunk_size(chunk_size)

@@ -27,10 +27,12 @@ M (:func:`check_model`, before the first forward) raises ``RuntimeError`` inside
 ``ValueError`` when a module of the model (the model itself, the module of a bound method, or
 modules a function closes over) has batch norm using batch statistics or dropout ``p > 0`` in
 train mode: call ``model.eval()``. R (:func:`check_rows_independent`, in
-:func:`~taylor_kernels.engine.problem.make_problem` on the output-shape probe,
+:func:`~taylor_kernels.engine.problem.make_problem` on the output-shape probe; for IG, EG,
+SIG and GradientShap on their first batch of real points whose rows differ,
+:meth:`~taylor_kernels.engine.problem.PathProblem.finish_row_check`;
 :func:`~taylor_kernels.attr.layer_ends.layer_ends` on layer IG's two capturing forwards, and
 :func:`check_function_rows` for ``jet`` and the derivative engine) runs the
-model on one row alone and on that row beside another in a batch of two, and raises
+model on one row alone and on that row beside others in a batch, and raises
 ``ValueError`` when the two outputs of the row differ beyond ``sqrt(eps)`` of the dtype times
 the output scale; a third call on the row alone then says whether the model mixes rows (the
 same output again) or is random (yet another one).
