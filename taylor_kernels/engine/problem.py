@@ -287,7 +287,8 @@ class PathProblem:
         Its forwards leave the buffers as they were."""
         if points.shape[0] < 2 or not self._differs_from_row0(points, rows):
             if self.row_check_sample is None:
-                self.row_check_sample = (first, rows[:1], outputs[:1].detach())
+                self.row_check_sample = (first, rows[:1], outputs[:1].detach(),
+                                         torch.is_grad_enabled())
             return
         self.row_check_sample = False
         self.row_check_pending = False
@@ -306,18 +307,22 @@ class PathProblem:
 
     def finish_row_check_at_end(self) -> None:
         """After a pass whose every batch was one row (or alike): the kept row computed again
-        (no grad; one forward): a random model gives another output (dropout written as
-        ``F.dropout(x, training=self.training)``, ``torch.randn`` noise). Rows could not mix
+        (one forward, in the grad mode it ran in: a model may take another path without
+        grad, ``nn.TransformerEncoder``'s fast path): a random model gives another output
+        (``F.dropout(x, training=self.training)``, ``torch.randn`` noise). Rows could not mix
         in those batches; the mixing check stays pending for a later batch of several rows
         (GradientShap's endpoint batch for its delta)."""
         if not self.row_check_pending or not isinstance(self.row_check_sample, tuple):
             return
-        first, row, out = self.row_check_sample
+        first, row, out, grad_mode = self.row_check_sample
         self.row_check_sample = False  # (randomness checked: no sample kept again)
-        with guards.probing(self.model), torch.no_grad():
-            again = self.outputs(first.clone(), row)
-            guards.check_alone_beside(again, out, lambda: self.outputs(first.clone(), row),
-                                      self._precision())
+
+        def again():
+            return self.outputs(first.clone(), row).detach()
+
+        with guards.probing(self.model), torch.set_grad_enabled(grad_mode), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+            guards.check_alone_beside(again(), out, again, self._precision())
 
     def finish_row_check_now(self) -> None:
         """Complete a pending check R without a batch of real points: row 0 alone (its output

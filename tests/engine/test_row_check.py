@@ -115,3 +115,20 @@ def test_adaptive_rule_warns_when_its_levels_still_disagree():
     f = lambda z: torch.tanh(400 * (z[:, 0] - 0.5)) - torch.tanh(400 * (z[:, 1] - 0.5))  # noqa
     with pytest.warns(RuntimeWarning, match="still change"):
         tk.integrated_gradients(f, torch.ones(1, 2, dtype=F64), rule="adaptive")
+
+
+def test_a_transformer_encoders_fast_path_is_not_taken_for_randomness():
+    """One-row path chunks run with grad (the encoder's slow path); the kept row is computed
+    again in the same mode (without grad the fast path returns other values at the padded
+    positions)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).double().eval()
+    pad = torch.tensor([[False, False, True]])
+
+    def f(z):
+        return enc(z, src_key_padding_mask=pad.expand(z.shape[0], -1))[:, 0].sum(-1)
+
+    x = torch.randn(1, 3, 8, dtype=F64)
+    res = tk.integrated_gradients(f, x, steps=4, chunk_size=1)
+    assert torch.isfinite(res.attributions).all()
