@@ -127,7 +127,8 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
                          additional_forward_args=None, max_memory=None, backend: str | None = None,
                          progress: bool = False, chunk_size: int | None = None,
                          create_graph: bool = False, distributed=False,
-                         reduce_to="all", max_regions: int | None = None) -> AttributionResult:
+                         reduce_to="all", max_regions: int | None = None,
+                         gap: bool = True) -> AttributionResult:
     """Integrated Gradients ``IG_i = (x_i - b_i) int_0^1 d_i f(b + t (x - b)) dt``.
 
     Args:
@@ -155,6 +156,9 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
             points over its ranks (:mod:`taylor_kernels.engine.distributed`; every rank passes
             the same arguments); ``reduce_to="all"`` gives every rank the result, ``0`` only
             rank 0 (the others get their own shard's partial sums).
+        gap: False skips the forward of the inputs and baselines that the completeness gap
+            needs (``gap`` is then NaN), as Captum's IG without ``return_convergence_delta``;
+            the adaptive and exact rules, and a ``tol``, need it and run it anyway.
     Returns:
         :class:`AttributionResult` with ``attributions`` (shaped like ``inputs``), ``gap [B]``,
         ``evaluations`` and, for ``adaptive`` and ``exact``, ``nodes_per_input [B]``; for
@@ -170,9 +174,11 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         # a chunk_size below the batch: the inputs' and the baselines' forwards apart, as
         # Captum's delta runs them (a forward may accept only its own batch size)
         chunk = memory.check_chunk_size(chunk_size)
-        fx, fb = path_engine.endpoint_values(
-            problem, chunk=max(chunk, min(problem.B, 256)) if chunk else 256,
-            max_memory=max_memory)
+        fx = fb = None
+        if gap or rule in ("adaptive", "exact") or tol is not None:
+            fx, fb = path_engine.endpoint_values(
+                problem, chunk=max(chunk, min(problem.B, 256)) if chunk else 256,
+                max_memory=max_memory)
         return integrate_problem(problem, fx, fb, steps=steps, rule=rule, tol=tol,
                                  max_memory=max_memory, progress=progress,
                                  chunk_size=chunk_size, create_graph=create_graph,
@@ -187,7 +193,8 @@ def check_rule_args(rule: str, tol: float | None) -> None:
         raise ValueError(f"tol must be positive, got {tol}")
 
 
-def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
+def integrate_problem(problem: PathProblem, fx: torch.Tensor | None,
+                      fb: torch.Tensor | None, *,
                       steps: int = 50, rule: str = "gausslegendre", tol: float | None = None,
                       max_memory=None, backend: str | None = None, progress: bool = False,
                       chunk_size: int | None = None, create_graph: bool = False,
@@ -195,9 +202,9 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, 
                       max_regions: int | None = None) -> AttributionResult:
     """The path integral of :func:`integrated_gradients` for a prepared problem whose
     endpoint outputs ``fx [B]`` and ``fb [B, K]`` are known (in the accumulation dtype, as
-    :func:`~taylor_kernels.engine.path_engine.endpoint_values` gives them); arguments as
-    there, ``rule`` and ``tol`` already checked by :func:`check_rule_args` (before any
-    forward)."""
+    :func:`~taylor_kernels.engine.path_engine.endpoint_values` gives them; None for a fixed
+    rule without a gap, which is then NaN); arguments as there, ``rule`` and ``tol``
+    already checked by :func:`check_rule_args` (before any forward)."""
     with backends.selected(backend):
         kw = dict(max_memory=max_memory, chunk_size=chunk_size, progress=progress,
                   create_graph=create_graph, **_distributed_kw(distributed, reduce_to, rule,
@@ -211,8 +218,12 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, 
                                                               max_regions=max_regions, **kw)
         else:
             flat, evaluations, used = _fixed_rule(problem, rule, steps, **kw)
-        gap = _gap(problem, flat.detach(), fx, fb)
-    _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol)
+        if fx is None:
+            gap = torch.full((problem.B,), float("nan"), dtype=flat.dtype, device=flat.device)
+        else:
+            gap = _gap(problem, flat.detach(), fx, fb)
+    if fx is not None:
+        _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol)
     attrs = problem.split(flat)  # float32 for float32/bf16/fp16 inputs, float64 for float64
     return AttributionResult(attrs if problem.was_tuple else attrs[0], gap, evaluations, used,
                              regions)

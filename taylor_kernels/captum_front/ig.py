@@ -12,7 +12,9 @@ memory-budgeted, every backend). Differences a user may notice:
 * Extras: ``method="adaptive"`` (with ``tol=``), ``"trapezoid"`` and ``"exact"`` (exact sum
   over the linear regions of a piecewise-linear model), ``max_memory=``,
   ``backend=``, ``progress=``; ``self.last_result`` holds the last
-  :class:`~taylor_kernels.AttributionResult` (evaluations spent, nodes per input).
+  :class:`~taylor_kernels.AttributionResult` (evaluations spent, nodes per input; its
+  ``gap`` NaN when no delta was asked for: like Captum, a fixed rule then runs no forward of
+  the inputs and baselines).
 * Riemann nodes are exact float64 (Captum rounds them through float32): differences ~1e-7.
 * Inputs that require grad (grad mode on, a fixed rule): the attributions carry Captum's
   graph, ``integral.detach() * (inputs - baselines)``, so ``attr.sum().backward()`` runs as
@@ -61,7 +63,8 @@ class IntegratedGradients(CaptumAttribution):
         """
         tup, was_tuple = format_inputs(inputs)
         kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
-                  progress=progress, chunk_size=points_per_chunk(internal_batch_size, tup))
+                  progress=progress, chunk_size=points_per_chunk(internal_batch_size, tup),
+                  gap=return_convergence_delta)  # (no f(x), f(b) forward without a delta)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         if self._multiply_by_inputs and tracks_inputs(tup, method, tol):
             bls = dense_baselines(baselines, tup)
@@ -118,7 +121,9 @@ class LayerIntegratedGradients(CaptumAttribution):
             additional_forward_args=fargs,
             multiply_by_inputs=self._multiply_by_inputs, steps=n_steps, rule=method, tol=tol,
             max_memory=max_memory, backend=backend, progress=progress,
-            chunk_size=points_per_chunk(internal_batch_size, tup))
+            chunk_size=points_per_chunk(internal_batch_size, tup),
+            # without the factor Captum's delta comes from the model below: no gap forward
+            **({} if self._multiply_by_inputs else {"gap": False}))
         self.last_result = res
         attrs = res.attributions if isinstance(self.layer, list) else res.attributions[0]
         if return_convergence_delta and self._multiply_by_inputs:

@@ -56,3 +56,35 @@ def test_tuple_inputs_and_forward_args_match_captum():
     assert isinstance(ours.attributions, tuple) and len(ours.attributions) == 2
     for o, r in zip(ours.attributions, ref):
         assert o.shape == r.shape and relative_max(o, r) < 1e-5
+
+
+def test_without_a_delta_no_forward_of_the_inputs_and_baselines_runs():
+    """Captum's IG runs only the path when no delta is asked for; so do we (the endpoint
+    forward, 2B rows, went unused), with the same attributions; ``gap=False`` in the library
+    API, except for the rules that need the gap."""
+    import math
+
+    import taylor_kernels as tk
+    import taylor_kernels.captum as tkc
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a: rows.append(a[0].shape[0]) if not torch.is_grad_enabled() else None)
+    try:
+        ig = tkc.IntegratedGradients(model)
+        plain = ig.attribute(x, target=1, n_steps=8)
+        assert 6 not in rows and math.isnan(float(ig.last_result.gap[0]))  # no [x; b] batch
+        rows.clear()
+        with_delta, delta = ig.attribute(x, target=1, n_steps=8, return_convergence_delta=True)
+        assert 6 in rows and delta.abs().max() < 1e-3
+    finally:
+        hook.remove()
+    torch.testing.assert_close(plain, with_delta)
+    fixed = tk.integrated_gradients(model, x, target=1, steps=8, gap=False)
+    assert torch.isnan(fixed.gap).all()
+    torch.testing.assert_close(fixed.attributions, plain)
+    adaptive = tk.integrated_gradients(model, x, target=1, rule="adaptive", gap=False)
+    assert torch.isfinite(adaptive.gap).all()  # the rule needs it
