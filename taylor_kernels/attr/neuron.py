@@ -47,7 +47,8 @@ def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines
     def neuron(*args):
         return select_neuron(spec.capture(model, args, grad=True), neuron_selector)
 
-    neuron.cost_owner = chunking.owner_for(spec.modules[0], "neuron") or neuron
+    neuron.cost_owner = chunking.owner_for(model, "neuron", *map(id, spec.modules),
+                                           spec.of_input) or neuron
 
     return _run(neuron, inputs, baselines, forward_args(additional_forward_args),
                 multiply_by_inputs, ig_kwargs)
@@ -87,8 +88,8 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             value = weight * select_neuron(tuple(acts), neuron_selector)
         return value if torch.is_grad_enabled() else value.detach()
 
-    conductance.cost_owner = chunking.owner_for(spec.modules[0], "neuron_conductance") or \
-        conductance  # (the closure is new per call)
+    conductance.cost_owner = chunking.owner_for(  # (the closure is new per call)
+        model, "neuron_conductance", *map(id, spec.modules), spec.of_input) or conductance
     spec.capture(model, tup + forward_args(additional_forward_args))  # counts activations
     rows = torch.arange(B, device=tup[0].device)
     return _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),

@@ -45,8 +45,7 @@ class Unscaled:
         """The owner of this wrapper's chunk choices: one per wrapped model
         (:func:`~taylor_kernels.engine.chunking.owner_for`), apart from the model's own (a
         point here carries its baseline and difference too)."""
-        model = getattr(self.model, "cost_owner", self.model)
-        return chunking.owner_for(model, "unscaled") or self
+        return chunking.owner_for(self.model, "unscaled") or self
 
     def __call__(self, *args):
         n = self.n

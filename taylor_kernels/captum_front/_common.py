@@ -23,7 +23,7 @@ import torch
 
 from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
-from taylor_kernels.engine import guards
+from taylor_kernels.engine import chunking, guards
 from taylor_kernels.engine.guards import is_row_tensor
 
 
@@ -367,7 +367,11 @@ def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
             rest.insert(i, bound[i])
         return forward_func(*call_args[:n_inputs], *rest)
 
-    with_bound_args.cost_owner = getattr(forward_func, "cost_owner", forward_func)
+    # (the bound tensors' shapes are part of the cost: a context of 1024 rows ran on a
+    # choice made for 16)
+    with_bound_args.cost_owner = chunking.owner_for(
+        forward_func, "bound", *((i, tuple(a.shape)) for i, a in sorted(bound.items()))) or \
+        with_bound_args
     return with_bound_args, tuple(a for i, a in enumerate(args) if i not in bound)
 
 

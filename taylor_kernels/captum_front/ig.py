@@ -131,6 +131,7 @@ class LayerIntegratedGradients(CaptumAttribution):
         if return_convergence_delta:  # Captum's F(inputs) - F(baselines): paths that bypass
             flat = tuple(t for a in res.attributions  # the layers count too
                          for t in (a if isinstance(a, tuple) else (a,)))
-            return attrs, self.compute_convergence_delta(flat, baselines, inputs, target,
-                                                         additional_forward_args)
+            res.gap = self.compute_convergence_delta(flat, baselines, inputs, target,
+                                                     additional_forward_args)
+            return attrs, res.gap
         return attrs

@@ -98,19 +98,22 @@ class _Owner:
     """Stands, in the chunk-choice cache, for the wrappers of one object made anew per call."""
 
 
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # object -> {tag: _Owner}
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # object -> {tags: _Owner}
 
 
-def owner_for(obj, tag) -> object | None:
-    """A stable ``cost_owner`` for wrappers of ``obj`` (a model, a layer) that a method makes
-    anew per call, one per ``tag`` (wrappers whose points cost differently), living as long as
-    ``obj``; None when ``obj`` cannot be weakly referenced. (A wrapper as its own owner made
-    every call probe again: an Inseq generation's Captum-front steps, layer conductance.)"""
+def owner_for(obj, *tags) -> object | None:
+    """A stable ``cost_owner`` for wrappers of ``obj`` (the model, or its forward function)
+    that a method makes anew per call, one per ``tags`` (hashable: the wrapper's kind, the
+    layer it replaces; wrappers whose points cost differently), living as long as ``obj``;
+    None when ``obj`` cannot be weakly referenced. (A wrapper as its own owner made every call
+    probe again: an Inseq generation's Captum-front steps, layer conductance. Owned by a
+    layer alone, two models through one layer shared a cost: 2x a budget.)"""
+    obj = getattr(obj, "cost_owner", obj)
     try:
-        tags = _OWNERS.setdefault(obj, {})
+        owners = _OWNERS.setdefault(obj, {})
     except TypeError:
         return None
-    return tags.setdefault(tag, _Owner())
+    return owners.setdefault(tags, _Owner())
 
 
 def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | None:
@@ -118,7 +121,8 @@ def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | N
     weakly referenced); ``kind`` separates gradient work from HVP work."""
     model = getattr(problem, "model", None)
     owner = getattr(model, "cost_owner", model)
-    key = (kind, tuple(x.shape[1:]), x.dtype, str(x.device), K, getattr(problem, "cache_key", ()))
+    key = (kind, (tuple(x.shape[1:]),) + _argument_shapes(problem), x.dtype, str(x.device), K,
+           getattr(problem, "cache_key", ()))
     try:
         slots = _CHOICES.setdefault(owner, {})
     except TypeError:
@@ -131,6 +135,16 @@ def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | N
     return slots[key]
 
 
+def _argument_shapes(problem) -> tuple:
+    """The shapes of the tensors among ``problem``'s forward args (without a batch dimension
+    of ``B`` rows): a wrapper that runs the model from them (a layer's path from the inputs,
+    the inputs of a layer-replaced forward) costs with their size, not its own input's (a
+    choice made for 8x8 images was reused for 96x96 ones: 21x a budget)."""
+    B = getattr(problem, "B", None)
+    return tuple(tuple(a.shape[1:]) if a.dim() > 0 and a.shape[0] == B else tuple(a.shape)
+                 for a in getattr(problem, "forward_args", ()) if isinstance(a, torch.Tensor))
+
+
 # A cost measured at another shape of the same owner stands in for this shape's (no probe
 # chunk, default budget only) when this one has at most this factor more elements per item.
 NEARBY_GROWTH = 1.25
@@ -138,17 +152,19 @@ NEARBY_GROWTH = 1.25
 
 def _nearby_cost(slots: dict, key: tuple) -> float | None:
     """A bytes-per-item guess for ``key`` from the nearest measured shape of the same kind,
-    dtype, device, K and problem key with at most ``NEARBY_GROWTH`` times fewer elements,
+    dtype, device, K and problem key with at most ``NEARBY_GROWTH`` times fewer elements (the
+    input's and the forward args' together),
     scaled by the square of the growth (attention grows with the square of a length).
     Inseq attributes a generation step by step, one token longer each time: every step was a
     new shape, probed with a one-point chunk (a 2x64 GPT-2's calls took 1.47x Captum's)."""
-    size = math.prod(key[1])
+    size = sum(math.prod(s) for s in key[1])
     best = None
     for other, slot in slots.items():
         cost = slot.get("cost")
-        if cost is None or other[:1] + other[2:] != key[:1] + key[2:]:
+        if cost is None or other[:1] + other[2:] != key[:1] + key[2:] or \
+                len(other[1]) != len(key[1]):
             continue
-        growth = max(size, 1) / max(math.prod(other[1]), 1)
+        growth = max(size, 1) / max(sum(math.prod(s) for s in other[1]), 1)
         distance = abs(math.log(growth))
         if growth <= NEARBY_GROWTH and (best is None or distance < best[0]):
             best = (distance, cost * max(growth, 1.0) ** 2)

@@ -301,6 +301,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     run_chunks(plan, start, stop, compute, consume, progress=progress)
     if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
         problem.finish_row_check_at_end()
+        if problem.B > 1:  # a model that mixes rows is refused as before, though no batch
+            problem.finish_row_check_now()  # here held two (one row and two more)
     if graph is not None and graph.failed:
         plan.slot["graph_failed"] = True  # later calls on this model and shape stay eager
     if flags and bool(torch.stack([f for _, _, f in flags]).any()):  # the one sync

@@ -152,6 +152,9 @@ def test_bind_unbatched_args_keeps_positions_and_batched_args():
     assert len(rest) == 2 and rest[0].shape == (3, 2) and rest[1] == "k"
     forward(torch.ones(2, 4), torch.ones(2, 2), "k")
     assert seen == [((2, 2), (5,), "k")]
-    assert forward.cost_owner is f
+    # one owner per forward and bound shapes (a choice made for another shape is not this one)
+    again, _ = bind_unbatched_args(f, 1, (torch.ones(3, 2), shared, "k"), batch=3)
+    other, _ = bind_unbatched_args(f, 1, (torch.ones(3, 2), torch.ones(7, 5), "k"), batch=3)
+    assert forward.cost_owner is again.cost_owner is not other.cost_owner
     same, args = bind_unbatched_args(f, 1, (torch.ones(3, 2), torch.ones(1, 4)), batch=3)
     assert same is f and len(args) == 2

@@ -251,3 +251,36 @@ def test_calls_that_wrap_the_model_per_call_reuse_their_chunk_choice(name, monke
     assert probes >= 1 and len(measured) == probes
     owner = Unscaled(model, 1).cost_owner
     assert owner is Unscaled(model, 1).cost_owner and owner is not model
+
+
+def test_a_choice_is_not_reused_for_larger_inputs_behind_the_same_layer_shape(monkeypatch):
+    """A layer after global pooling has one shape for 8x8 and 32x32 images: the cost measured
+    on the small ones was reused for the large (21x a budget); the forward args' shapes (the
+    inputs a layer's path runs from) are part of the choice's key."""
+    import taylor_kernels.captum as tkc
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Tanh(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3)).double().eval()
+    measured = []
+    real = path_engine._measure
+    monkeypatch.setattr(path_engine, "_measure", lambda *a: measured.append(1) or real(*a))
+    lc = tkc.LayerConductance(model, model[3])
+    lc.attribute(torch.randn(2, 2, 8, 8, dtype=torch.float64), target=1, n_steps=8)
+    small = len(measured)
+    lc.attribute(torch.randn(2, 2, 32, 32, dtype=torch.float64), target=1, n_steps=8)
+    assert small >= 1 and len(measured) > small
+
+
+def test_two_models_through_one_layer_do_not_share_a_choice():
+    from taylor_kernels.engine.chunking import owner_for
+    layer = torch.nn.Linear(2, 2)
+
+    def light(z):
+        return layer(z)
+
+    def heavy(z):
+        return layer(z) + torch.nn.functional.linear(z.repeat(1, 64), torch.ones(2, 128))
+
+    assert owner_for(light, "neuron", id(layer)) is owner_for(light, "neuron", id(layer))
+    assert owner_for(light, "neuron", id(layer)) is not owner_for(heavy, "neuron", id(layer))

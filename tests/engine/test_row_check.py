@@ -91,18 +91,21 @@ def test_a_model_changing_its_input_in_place_is_named(call):
     assert torch.equal(x, keep)
 
 
+class MixesRows(nn.Module):
+    """Adds half the batch mean: rows couple without batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3).double()
+
+    def forward(self, z):
+        h = self.l(z)
+        return torch.tanh(h - 0.5 * h.mean(0, keepdim=True))
+
+
 def test_one_row_path_batches_leave_the_mixing_check_to_the_delta_batch():
     """GradientShap's path in one-row chunks checks only randomness; its delta's endpoint
     batch (inputs and baselines together) still finds a model that mixes rows."""
-    class MixesRows(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l = nn.Linear(4, 2).double()
-
-        def forward(self, z):
-            h = self.l(z)
-            return torch.tanh(h - 0.5 * h.mean(0, keepdim=True))
-
     with pytest.raises(ValueError, match="mixes rows"):
         tkc.GradientShap(MixesRows()).attribute(
             torch.randn(1, 4, dtype=F64), torch.zeros(2, 4, dtype=F64), target=0, n_samples=3,
@@ -132,3 +135,11 @@ def test_a_transformer_encoders_fast_path_is_not_taken_for_randomness():
     x = torch.randn(1, 3, 8, dtype=F64)
     res = tk.integrated_gradients(f, x, steps=4, chunk_size=1)
     assert torch.isfinite(res.attributions).all()
+
+
+def test_a_mixing_model_is_refused_when_every_batch_held_one_row():
+    """Without a delta the IG front runs no batch of inputs and baselines; with
+    internal_batch_size=1 no batch holds two rows: the mixing check still runs at the end."""
+    with pytest.raises(ValueError, match="mixes rows"):
+        tkc.IntegratedGradients(MixesRows()).attribute(torch.randn(2, 4, dtype=F64), target=0,
+                                                       n_steps=4, internal_batch_size=1)
