@@ -23,9 +23,8 @@ from typing import Sequence
 import torch
 
 from taylor_kernels import backends
-from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _check_gap_tolerance,
-                                                      _levels_agree, _warn_if_gap_large,
-                                                      _warn_levels_disagree, check_rule_args)
+from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _converged,
+                                                      _warn_if_gap_large, check_rule_args)
 from taylor_kernels.engine import guards, path_engine, quadrature
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models import elementwise, hf, lm_head
@@ -138,15 +137,11 @@ def _integrate(problem, rule, steps, tol, fx, fb, **kw):
         for j, part in enumerate(res.sums):
             acc[level + j] += part
         gap = acc[level].sum(dim=(1, 2)) - delta
-        small_gap = _check_gap_tolerance(gap, delta, tol)
-        agree = _levels_agree(acc[level].reshape(problem.T, -1),
-                              acc[level - 1].reshape(problem.T, -1), tol) if level > 0 \
-            else torch.zeros_like(small_gap)
-        if bool((small_gap & agree).all()):
-            return acc[level], evaluations, hi
-        if level == len(sizes) - 1:
-            if bool((small_gap & ~agree).any()):
-                _warn_levels_disagree((small_gap & ~agree).nonzero().squeeze(1), tol)
+        last = level == len(sizes) - 1
+        met = _converged(gap, delta, acc[level].reshape(problem.T, -1),
+                         acc[level - 1].reshape(problem.T, -1) if level > 0 else None, tol,
+                         last, torch.arange(problem.T))
+        if last or bool(met.all()):
             return acc[level], evaluations, hi
         lo = hi
 

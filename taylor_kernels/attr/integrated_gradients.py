@@ -57,13 +57,22 @@ def _levels_agree(fine: torch.Tensor, coarse: torch.Tensor, tol: float) -> torch
     return (fine - coarse).abs().amax(dim=1) <= torch.maximum(tol ** 0.5 * scale, floor)
 
 
-def _warn_levels_disagree(rows, tol: float) -> None:
-    """The gap met ``tol`` but the features of the last two levels (31 and 63 nodes) still
-    disagree: errors that cancel in the sum (the gap warning cannot see them)."""
-    warnings.warn(f"adaptive rule: inputs {rows.tolist()[:8]} meet the completeness gap but "
-                  f"their attributions still change by more than sqrt(tol) = {tol ** 0.5:.1e} "
-                  "of the largest between 31 and 63 nodes (errors that cancel in the sum); "
-                  "use a fixed rule with more steps", RuntimeWarning, stacklevel=4)
+def _converged(gap, delta, fine, coarse, tol: float, last: bool, labels) -> torch.Tensor:
+    """Per input ``[n]``: the adaptive rule's stop, ``|gap| <= tol |delta|`` and (with the
+    previous level's ``coarse [n, D]``; None at the first) ``fine [n, D]`` agreeing with it
+    (:func:`_levels_agree`). At the ``last`` level, inputs whose gap met ``tol`` but whose
+    features still disagree (errors that cancel in the sum: the gap warning cannot see them)
+    are named by their ``labels [n]`` in a warning."""
+    small_gap = _check_gap_tolerance(gap, delta, tol)
+    met = small_gap & _levels_agree(fine, coarse, tol) if coarse is not None else \
+        torch.zeros_like(small_gap)
+    if last and bool((small_gap & ~met).any()):
+        warnings.warn(f"adaptive rule: inputs {labels[small_gap & ~met].tolist()[:8]} meet the "
+                      f"completeness gap but their attributions still change by more than "
+                      f"sqrt(tol) = {tol ** 0.5:.1e} of the largest between 31 and 63 nodes "
+                      "(errors that cancel in the sum); use a fixed rule with more steps",
+                      RuntimeWarning, stacklevel=5)
+    return met
 
 
 def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
@@ -106,11 +115,8 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
         for lev in range(level, top + 1):
             rows = (~done).nonzero().squeeze(1)
             gap = acc[lev][rows].sum(dim=1) - delta[rows]
-            small_gap = _check_gap_tolerance(gap, delta[rows], tol)
-            met = small_gap & (
-                _levels_agree(acc[lev][rows], acc[lev - 1][rows], tol) if lev > 0 else False)
-            if lev == last and bool((small_gap & ~met).any()):
-                _warn_levels_disagree(rows[small_gap & ~met], tol)
+            met = _converged(gap, delta[rows], acc[lev][rows],
+                             acc[lev - 1][rows] if lev > 0 else None, tol, lev == last, rows)
             ok = rows[met | (lev == last)]
             final[ok], done[ok] = acc[lev][ok], True
             used[ok.cpu()] = sizes[lev] * K

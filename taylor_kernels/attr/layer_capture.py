@@ -32,6 +32,12 @@ class Layers:
         self.counts: list[int] = []  # activation tensors per layer
         self.calls: list[int] | None = None  # calls per layer in one forward (first capture)
 
+    @property
+    def key(self) -> tuple:
+        """Which activations these are (the modules, and inputs or outputs): with a model it
+        names a wrapper's chunk choices (:func:`~taylor_kernels.engine.chunking.owner_for`)."""
+        return (*map(id, self.modules), self.of_input)
+
     def _register(self, hook_for: Callable[[int], Callable]) -> list:
         if self.of_input:
             return [m.register_forward_pre_hook(this_thread(hook_for(i)))

@@ -132,7 +132,7 @@ class LayerSpace:
         """One owner of chunk choices per model, layers and direction (this wrapper is made
         per call: each call probed again)."""
         return chunking.owner_for(self.model, "layer_space", self.direction,
-                                  *map(id, self.spec.modules), self.spec.of_input) or self
+                                  *self.spec.key) or self
 
     def __call__(self, *args):
         n_act, n_in = sum(self.spec.counts), self.n_in

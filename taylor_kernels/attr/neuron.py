@@ -47,8 +47,7 @@ def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines
     def neuron(*args):
         return select_neuron(spec.capture(model, args, grad=True), neuron_selector)
 
-    neuron.cost_owner = chunking.owner_for(model, "neuron", *map(id, spec.modules),
-                                           spec.of_input) or neuron
+    neuron.cost_owner = chunking.owner_for(model, "neuron", *spec.key) or neuron
 
     return _run(neuron, inputs, baselines, forward_args(additional_forward_args),
                 multiply_by_inputs, ig_kwargs)
@@ -89,7 +88,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
         return value if torch.is_grad_enabled() else value.detach()
 
     conductance.cost_owner = chunking.owner_for(  # (the closure is new per call)
-        model, "neuron_conductance", *map(id, spec.modules), spec.of_input) or conductance
+        model, "neuron_conductance", *spec.key) or conductance
     spec.capture(model, tup + forward_args(additional_forward_args))  # counts activations
     rows = torch.arange(B, device=tup[0].device)
     return _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),

@@ -25,6 +25,7 @@ from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
 from taylor_kernels.engine import chunking, guards
 from taylor_kernels.engine.guards import is_row_tensor
+from taylor_kernels.models.hf import ID_DTYPES
 
 
 class CaptumValueError(ValueError, AssertionError):
@@ -125,7 +126,7 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
              if any(integer(t) for t in tensors(bound.arguments.get(n)))]
     if not names:
         return args, kwargs
-    keep_ids = any(t.dtype in (torch.int64, torch.int32) for n in names
+    keep_ids = any(t.dtype in ID_DTYPES for n in names
                    for t in tensors(bound.arguments[n])) and any(
         isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
         for m in guards.modules_of(getattr(args[0], "forward_func", None))
@@ -135,7 +136,7 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
         if isinstance(value, tuple):
             return tuple(to_float(v) for v in value)
         if not isinstance(value, torch.Tensor) or not integer(value) or (
-                keep_ids and value.dtype in (torch.int64, torch.int32)):
+                keep_ids and value.dtype in ID_DTYPES):
             return value
         return value.to(torch.get_default_dtype())
 

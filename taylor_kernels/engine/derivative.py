@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 from torch.func import grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.composite_norms import composite_norms
@@ -43,12 +44,8 @@ _warned: set[str] = set()
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # f -> {shape key: bytes}
 
 
-def _math_attention_setting() -> SharedSetting | None:
-    """The process's SDPA backend flags set to math only (None without ``sdpa_kernel``)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return None
+def _math_attention_setting() -> SharedSetting:
+    """The process's SDPA backend flags set to math only."""
     block: list = []
 
     def apply() -> None:
@@ -66,10 +63,7 @@ def math_attention():
     the process's, not the thread's: overlapping blocks of several threads share one setting
     (:class:`~taylor_kernels.shared_setting.SharedSetting`; nested ``sdpa_kernel`` blocks in two
     threads restored each other's saved flags and left the fused kernels off for good)."""
-    if _MATH_ATTENTION is None:
-        return contextlib.nullcontext()
     if torch.compiler.is_compiling():  # dynamo traces sdpa_kernel itself, not our block
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         return sdpa_kernel(SDPBackend.MATH)
     return _MATH_ATTENTION()
 

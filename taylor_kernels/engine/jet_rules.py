@@ -240,8 +240,8 @@ def _dims(x: Jet, dim) -> tuple[int, ...]:
     return tuple((d % nd) + 1 for d in dims)
 
 
-def _jsum(x: Jet, dims) -> Jet:
-    return Jet(x.c.sum(dim=dims, keepdim=True))
+def _jsum(x: Jet, dims, keepdim: bool = True) -> Jet:
+    return Jet(x.c.sum(dim=dims, keepdim=keepdim))
 
 
 def softmax(x: Jet, dim=None, _stacklevel=3, dtype=None, log=False) -> Jet:
@@ -282,10 +282,6 @@ def _reduced_dims(x: Jet, dim) -> tuple[int, ...]:
     return _dims(x, dim)
 
 
-def _sum_over(x: Jet, dims: tuple[int, ...], keepdim: bool) -> Jet:
-    return Jet(x.c.sum(dim=dims, keepdim=keepdim))
-
-
 def _root(s: Jet) -> Jet:
     """``sqrt(s)`` of a sum of squares; where ``s`` is 0 its series has no square root (torch
     takes the derivative there as 0; NaN here, also through a ``where`` that drops it, in a
@@ -296,7 +292,7 @@ def _root(s: Jet) -> Jet:
 
 
 def _norm2(x: Jet, dim, keepdim: bool) -> Jet:
-    return _root(_sum_over(mul(x, x), _reduced_dims(x, dim), keepdim))
+    return _root(_jsum(mul(x, x), _reduced_dims(x, dim), keepdim))
 
 
 def vector_norm(x: Jet, ord=2, dim=None, keepdim=False, *, dtype=None, out=None) -> Jet:
@@ -330,7 +326,7 @@ def var(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> J
     dims = _reduced_dims(x, dim)
     n = math.prod(x.c.shape[d] for d in dims)
     centered = Jet(x.c - x.c.mean(dim=dims, keepdim=True))
-    return Jet(_sum_over(mul(centered, centered), dims, keepdim).c / max(n - correction, 0))
+    return Jet(_jsum(mul(centered, centered), dims, keepdim).c / max(n - correction, 0))
 
 
 def std(x: Jet, dim=None, unbiased=None, keepdim=False, *, correction=None) -> Jet:
@@ -345,7 +341,7 @@ def cosine_similarity(x1, x2, dim=1, eps=1e-8) -> Jet:
     a, b = as_jet(x1, order), as_jet(x2, order)
     if a.c.shape != b.c.shape:  # torch broadcasts before the norms: the fallback does that
         raise NotImplementedError("jet of cosine_similarity of broadcast inputs")
-    dot = _sum_over(mul(a, b), _dims(a, dim), False)
+    dot = _jsum(mul(a, b), _dims(a, dim), False)
     na = normalize_divisor(_norm2(a, dim, False), eps)
     nb = normalize_divisor(_norm2(b, dim, False), eps)
     return div(dot, mul(na, nb))

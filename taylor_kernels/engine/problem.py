@@ -293,7 +293,7 @@ class PathProblem:
         self.row_check_sample = False
         self.row_check_pending = False
         first_row = rows[:1]
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+        with _uncounted():
             alone = guards.on_a_copy(lambda p: self.outputs(p, first_row), first).detach()
         if tuple(alone.shape[1:]) != tuple(outputs.shape[1:]):
             raise ValueError(f"the model's output shape depends on the batch size: one row "
@@ -320,8 +320,7 @@ class PathProblem:
         def again():
             return self.outputs(first.clone(), row).detach()
 
-        with guards.probing(self.model), torch.set_grad_enabled(grad_mode), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+        with guards.probing(self.model), torch.set_grad_enabled(grad_mode), _uncounted():
             guards.check_alone_beside(again(), out, again, self._precision())
 
     def finish_row_check_now(self) -> None:
@@ -332,9 +331,15 @@ class PathProblem:
             return
         self.row_check_pending = False
         with guards.probing(self.model), torch.no_grad():
-            alone = self.row_output(0)
-            self.check_output(alone)
-            other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
+            self._two_row_check()
+
+    def _two_row_check(self) -> None:
+        """Row 0 alone (its output and target checked), then beside a row that differs from
+        it (check R's two forwards; the caller probes)."""
+        alone = self.row_output(0)
+        self.check_output(alone)
+        other, j = guards.distinct_row(self.x, self.baselines[0, 0], *self._row_tensors())
+        with guards.preserved_buffers(self.model):
             guards.check_rows_independent(self.outputs, self.x[0], other, j, alone=alone)
 
     def _precision(self) -> torch.dtype | None:
@@ -346,6 +351,14 @@ class PathProblem:
     def _differs_from_row0(self, points: torch.Tensor, rows: torch.Tensor) -> bool:
         per_row = [a.index_select(0, rows.to(a.device)) for a in self._row_tensors()]
         return bool(guards.rows_differing([points] + per_row).any())
+
+
+def _uncounted():
+    """Context: tensors saved for backward inside it bypass a measuring caller's
+    saved-tensor hooks (:class:`~taylor_kernels.engine.memory.SavedBytes`): check R's own
+    one-row forwards are not the chunk's cost (a detached alias, as there, so a graph never
+    run backward is not kept alive)."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
 
 
 def one_row_batch(out: torch.Tensor, n: int) -> torch.Tensor:
@@ -460,10 +473,5 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
         if defer_row_check:
             problem.row_check_pending = True
             return problem
-        alone = problem.row_output(0)  # shape probe, and check R's first call
-        check_target(problem.target, (B,) + tuple(alone.shape[1:]))
-        other, j = guards.distinct_row(problem.x, problem.baselines[0, 0],
-                                       *problem._row_tensors())
-        with guards.preserved_buffers(model):
-            guards.check_rows_independent(problem.outputs, problem.x[0], other, j, alone=alone)
+        problem._two_row_check()  # its first forward is the shape probe
     return problem

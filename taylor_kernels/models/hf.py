@@ -72,6 +72,9 @@ def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
     return emb
 
 
+ID_DTYPES = (torch.int64, torch.int32)  # what an embedding indexes with
+
+
 def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> torch.Tensor:
     """``input_ids`` must be a non-empty integer tensor ``[B, L]``, its ids in
     ``[0, vocab)`` when ``vocab`` is given."""
@@ -81,7 +84,7 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got {input_ids.dtype}; for "
                         "float inputs use tk.integrated_gradients")
-    if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding indexes with
+    if input_ids.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must hold int64 (or int32) token ids, got {input_ids.dtype}: "
                         f"convert them with {name}.long()")
     if input_ids.numel() == 0:
