@@ -92,8 +92,8 @@ def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
 def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bool,
                            calls: int = 1, later_calls: bool = False) -> Callable:
     """``g(p_1, ..., p_calls, *inputs, *args) = model(*inputs, *args)`` with the output (or
-    first input, when ``of_input``) of ``layer``'s ``k``-th call replaced by ``p_k``; inputs
-    and args are passed through. More calls than ``calls`` raise ``RuntimeError`` unless
+    first input, when ``of_input``) of ``layer``'s ``k``-th call replaced by a copy of ``p_k``;
+    inputs and args are passed through. More calls than ``calls`` raise ``RuntimeError`` unless
     ``later_calls`` (they then run unchanged)."""
     def through_layer(*points_and_rest):
         points, rest = points_and_rest[:calls], points_and_rest[calls:]
@@ -107,7 +107,9 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
                     return None
                 raise RuntimeError(f"layer {type(layer).__name__} was called more than the "
                                    f"{calls} time(s) it was called at the inputs")
-            return points[k]
+            # a copy: the engine's points are leaves, and a model may scale what the layer
+            # gives it in place (CTRL: inputs_embeds *= sqrt(d)); autograd refuses that on a leaf
+            return points[k].clone()
 
         def replace_out(module, inp, out):
             return next_points()

@@ -148,12 +148,14 @@ class Layers:
 
     def replaced_forward(self, model: Callable) -> Callable:
         """``g(*acts, *inputs, *args) = model(*inputs, *args)`` with the layers' activations
-        (flat numbering, ``len(acts) == sum(counts)``) replaced by ``acts``."""
+        (flat numbering, ``len(acts) == sum(counts)``) replaced by copies of ``acts``."""
         n = sum(self.counts)
 
         def through_layers(*all_args):
             acts, rest = all_args[:n], all_args[n:]
-            with self.edited(lambda k, v: acts[k]) as done:
+            # copies: acts are views of the engine's points, and a model may scale what a
+            # layer gives it in place (CTRL: inputs_embeds *= sqrt(d)), which autograd refuses
+            with self.edited(lambda k, v: acts[k].clone()) as done:
                 out = hookable(model)(*rest)
                 if len(done) != len(self.modules):
                     raise ValueError("not every layer was called by the model's forward")

@@ -95,17 +95,24 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
 
 def vocab_size(layer: nn.Module, model=None) -> int | None:
     """Rows of the embedding the ids index: ``model.get_input_embeddings()``'s, else (a model
-    without that method) those of ``layer`` when it is an embedding; None when neither has
-    them. (The attributed layer's own rows were taken first: GPT-2's 1024 position embeddings
+    without that method) those of ``layer`` when it is an embedding; for a custom module
+    without ``num_embeddings``, those of the one ``nn.Embedding`` inside it; None otherwise.
+    (The attributed layer's own rows were taken first: GPT-2's 1024 position embeddings
     ``wpe`` became the vocabulary.)"""
     get = getattr(model, "get_input_embeddings", None)
     try:
-        n = getattr(get(), "num_embeddings", None) if callable(get) else None
+        table = get() if callable(get) else None
     except (NotImplementedError, AttributeError):  # transformers' base class raises when it
-        n = None  # cannot find the embedding (the caller then names the layer)
-    if not isinstance(n, int):
-        n = getattr(layer, "num_embeddings", None)
-    return n if isinstance(n, int) else None
+        table = None  # cannot find the embedding (the caller then names the layer)
+    modules = [m for m in (table, layer) if isinstance(m, nn.Module)]
+    for m in modules:
+        if isinstance(getattr(m, "num_embeddings", None), int):
+            return m.num_embeddings
+    for m in modules:  # e.g. a module scaling an nn.Embedding's output
+        inner = [e for e in m.modules() if isinstance(e, nn.Embedding)]
+        if len(inner) == 1:
+            return inner[0].num_embeddings
+    return None
 
 
 class VocabIndexError(ValueError, IndexError):
@@ -195,13 +202,16 @@ class _Captured(Exception):
     """Raised by :func:`layer_output`'s hook to stop the forward once the layer has run."""
 
 
-def layer_output(call: Callable, layer: nn.Module, *args) -> torch.Tensor:
+def layer_output(call: Callable, layer: nn.Module, *args,
+                 layer_input: list | None = None) -> torch.Tensor:
     """``layer``'s output (detached) when ``call(*args)`` runs; the rest of the forward is
-    skipped (the hook stops it)."""
+    skipped (the hook stops it). ``layer_input``, a list, receives the layer's first input."""
     seen: list = []
 
     def grab(module, inp, out):
         seen.append(out)
+        if layer_input is not None and inp:
+            layer_input.append(inp[0])
         raise _Captured
 
     hook = layer.register_forward_hook(this_thread(grab))
@@ -250,12 +260,26 @@ def accepts(model, name: str) -> bool:
         return False
 
 
+def cuts_logits(model) -> bool:
+    """Whether ``model`` is a language model whose head ``logits_to_keep`` cuts: it takes the
+    keyword and has output embeddings. Others may take it to cut hidden states before their
+    own pooling (``BioGptForSequenceClassification`` indexes past the cut) or ignore it."""
+    if not accepts(model, "logits_to_keep"):
+        return False
+    try:
+        return model.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError, TypeError):
+        return False
+
+
 class PositionScore:
     """Engine model ``(ids, *row_values, positions) -> [N, ...]`` float32 scores.
 
     The output tensor (``output=`` rule) ``[N, L, V]`` is read at ``positions [N]``; with
-    ``logits_to_keep`` (the model accepts it and ``output`` is the default) the head runs only
-    at the distinct positions of the batch. ``score="log_prob"`` applies ``log_softmax``.
+    ``logits_to_keep`` (a language model's head: the model accepts it, has output embeddings,
+    and ``output`` is the default) the head runs only at the distinct positions of the batch.
+    An output that the model did not cut to those positions is read at ``positions`` as it is.
+    ``score="log_prob"`` applies ``log_softmax``.
     """
 
     def __init__(self, call: KeywordModel, output, positions: torch.Tensor | None,
@@ -264,7 +288,7 @@ class PositionScore:
             raise ValueError(f"score must be 'logit' or 'log_prob', got {score!r}")
         self.call, self.output, self.score = call, output, score
         self.keep = None
-        if positions is not None and output is None and accepts(call.model, "logits_to_keep"):
+        if positions is not None and output is None and cuts_logits(call.model):
             self.keep = torch.unique(positions)
 
     def __call__(self, ids, *rest):
@@ -272,8 +296,10 @@ class PositionScore:
         extra = {} if self.keep is None else {"logits_to_keep": self.keep.to(ids.device)}
         out = model_output(self.call(ids, *row_values, **extra), self.output)
         if positions is not None and out.dim() == 3:
-            at = positions if self.keep is None else torch.searchsorted(
-                self.keep.to(positions.device), positions)
+            # a model may take logits_to_keep and still return every position (Gemma4TextModel)
+            cut = self.keep is not None and out.shape[1] == self.keep.numel()
+            at = torch.searchsorted(self.keep.to(positions.device), positions) if cut \
+                else positions
             out = out[torch.arange(out.shape[0], device=out.device), at.to(out.device)]
         out = out.float()
         return torch.log_softmax(out, dim=-1) if self.score == "log_prob" else out
@@ -321,7 +347,7 @@ def check_causal(model, sequence: torch.Tensor, vocab: int | None) -> None:
         return
     other = sequence.clone()
     other[-1] = (other[-1] + 1) % (vocab or int(other[-1]) + 2)
-    extra = {"logits_to_keep": 2} if accepts(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": 2} if cuts_logits(model) else {}
     out = lm_logits(model(input_ids=torch.stack([sequence, other]), **extra), vocab)
     before, after = out[0, -2], out[1, -2]
     allowed = 16 * torch.finfo(out.dtype).eps * before.abs().max()
@@ -360,6 +386,19 @@ class TokenProblem:
     layer: nn.Module
 
 
+def check_token_layout(act: torch.Tensor, ids: torch.Tensor, fed, layer: nn.Module) -> None:
+    """``ValueError`` unless the layer's activation ``act`` is laid out ``[B, L, ...]`` like
+    ``ids [B, L]``: XLNet embeds ``ids`` transposed (``[L, B, E]``), which a square ``ids``
+    hides from the shape alone, so its ``fed`` input (the ids the layer saw) is compared too."""
+    transposed = isinstance(fed, torch.Tensor) and fed.shape == ids.T.shape \
+        and not torch.equal(fed, ids) and torch.equal(fed, ids.T.to(fed.device))
+    if act.dim() < 2 or tuple(act.shape[:2]) != tuple(ids.shape) or transposed:
+        raise ValueError(f"layer {type(layer).__name__}'s output {tuple(act.shape)} is not laid "
+                         f"out [batch, tokens, ...] like input_ids {tuple(ids.shape)} (XLNet "
+                         "embeds the ids transposed); token attribution needs one activation "
+                         "row per input row and token")
+
+
 def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, keep=None,
                   skip_tokens: Sequence[int] = (), layer=None, output=None,
                   position="last", score: str = "logit", model_kwargs: dict | None = None,
@@ -382,7 +421,9 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
                              f"input_ids {tuple(ids.shape)}")
         kwargs["attention_mask"] = attention_mask
     call = KeywordModel(model, kwargs, ids.shape[0])
-    act_x = layer_output(call, emb, ids, *call.row_values)
+    fed: list = []
+    act_x = layer_output(call, emb, ids, *call.row_values, layer_input=fed)
+    check_token_layout(act_x, ids, fed[0] if fed else None, emb)
     base = baseline_ids(baselines, ids, model, tokenizer)
     if base is not None:
         check_vocab(base, vocab_size(emb, model), "baselines")

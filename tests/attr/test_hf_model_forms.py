@@ -1,0 +1,154 @@
+"""Hugging Face model forms beyond the common ones (a QA pass over ~40 architectures found
+each): a forward that takes ``logits_to_keep`` and returns every position anyway
+(``Gemma4TextModel``), one that takes it to cut hidden states before its own pooling
+(``BioGptForSequenceClassification``), a model scaling its embedding's output in place (CTRL),
+one embedding its ids transposed (XLNet) and a custom embedding module around an
+``nn.Embedding``. Wrappers of a tiny GPT-2 reproduce each form."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+import taylor_kernels as tk  # noqa: E402
+import taylor_kernels.captum as tkc  # noqa: E402
+from taylor_kernels.models import hf, tiny  # noqa: E402
+from tests.attr.test_low_precision import one_thread  # noqa: E402,F401  (autouse: 1 thread)
+
+IDS = torch.tensor([[2, 17, 33, 8, 91, 40, 5], [3, 9, 12, 60, 7, 21, 44]])
+TARGETS = torch.tensor([4, 11])
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny.gpt2(layers=2, d=32)
+
+
+class _Wraps(torch.nn.Module):
+    """A model around the causal LM ``lm``, sharing its input embeddings."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+
+class _Keeps(_Wraps):
+    """A causal LM taking ``logits_to_keep``: it ``cuts`` the logits to it, ignores it, or
+    (``classify``) reads its pooled last position and refuses a cut, as a classifier would."""
+
+    def __init__(self, lm, mode: str):
+        super().__init__(lm)
+        self.mode = mode
+
+    def get_output_embeddings(self):
+        return None if self.mode == "classify" else self.lm.get_output_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0):
+        if self.mode == "classify":
+            assert isinstance(logits_to_keep, int) and logits_to_keep == 0, "cut before pooling"
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, :3]
+        keep = logits_to_keep if self.mode == "cuts" else 0
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=keep).logits
+
+
+class _NoKeep(_Wraps):
+    """The same causal LM without ``logits_to_keep``: the reference."""
+
+    def forward(self, input_ids=None, attention_mask=None):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("mode", ["cuts", "ignores"])
+def test_logits_to_keep_read_right_whether_or_not_the_model_cuts(gpt2, mode):
+    """Left-padded rows read at different positions: the kept positions are two, and a model
+    returning all seven must still be read at each row's own one (it read position 0)."""
+    ids = IDS.clone()
+    ids[1, :2] = 0
+    mask = (ids != 0).long()
+    mask[0] = 1
+    ref = tk.token_integrated_gradients(_NoKeep(gpt2), ids, TARGETS, attention_mask=mask,
+                                        steps=8).attributions
+    got = tk.token_integrated_gradients(_Keeps(gpt2, mode), ids, TARGETS, attention_mask=mask,
+                                        steps=8).attributions
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert (ref[1, :2] == 0).all() and ref[0].abs().sum() > 0
+
+
+def test_logits_to_keep_not_passed_to_a_model_without_output_embeddings(gpt2):
+    """A classifier taking ``logits_to_keep`` (it cuts hidden states before pooling) runs
+    without it: its 2-D output needs no position."""
+    res = tk.token_integrated_gradients(_Keeps(gpt2, "classify"), IDS, torch.tensor([0, 2]),
+                                        steps=4)
+    assert torch.isfinite(res.attributions).all() and res.attributions.abs().sum() > 0
+    assert not hf.cuts_logits(_Keeps(gpt2, "classify")) and hf.cuts_logits(gpt2)
+
+
+class _ScalesInPlace(_Wraps):
+    """CTRL's form: the embedding's output scaled in place before the blocks."""
+
+    def __init__(self, lm, in_place: bool):
+        super().__init__(lm)
+        self.in_place = in_place
+
+    def forward(self, input_ids=None, attention_mask=None):
+        h = self.lm.get_input_embeddings()(input_ids)
+        if self.in_place:
+            h *= 3.0
+        else:
+            h = h * 3.0
+        return self.lm(inputs_embeds=h, attention_mask=attention_mask).logits
+
+
+def test_embedding_scaled_in_place_attributed_as_out_of_place(gpt2):
+    ref = tk.token_integrated_gradients(_ScalesInPlace(gpt2, False), IDS, TARGETS, steps=8)
+    got = tk.token_integrated_gradients(_ScalesInPlace(gpt2, True), IDS, TARGETS, steps=8)
+    torch.testing.assert_close(got.attributions, ref.attributions, rtol=1e-5, atol=1e-6)
+    model = _ScalesInPlace(gpt2, True)
+    lig = tkc.LayerIntegratedGradients(lambda i: model(input_ids=i)[:, -1],
+                                       model.get_input_embeddings())
+    front = lig.attribute(IDS, target=TARGETS.tolist(), n_steps=8).sum(-1)
+    model.in_place = False
+    front_ref = lig.attribute(IDS, target=TARGETS.tolist(), n_steps=8).sum(-1)
+    torch.testing.assert_close(front, front_ref, rtol=1e-5, atol=1e-6)
+
+
+class _Transposed(_Wraps):
+    """XLNet's form: the ids embedded as ``[L, B]``, the blocks run sequence-first."""
+
+    def forward(self, input_ids=None, attention_mask=None):
+        h = self.lm.get_input_embeddings()(input_ids.T)
+        return self.lm(inputs_embeds=h.transpose(0, 1)).logits
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (1, 7), (3, 3)])
+def test_ids_embedded_transposed_are_refused_by_name(gpt2, shape):
+    ids = torch.arange(1, 1 + shape[0] * shape[1]).reshape(shape) % 100 + 1
+    with pytest.raises(ValueError, match=r"not laid out \[batch, tokens"):
+        tk.token_integrated_gradients(_Transposed(gpt2), ids, 3, steps=4)
+
+
+class _ScaledEmbedding(torch.nn.Module):
+    def __init__(self, emb):
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, ids):
+        return self.emb(ids) * 2.0
+
+
+def test_out_of_vocabulary_id_named_through_a_custom_embedding_module():
+    model = tiny.gpt2(layers=1, d=32, vocab=64)
+    model.set_input_embeddings(_ScaledEmbedding(model.get_input_embeddings()))
+    assert hf.vocab_size(model.get_input_embeddings(), model) == 64
+    with warnings.catch_warnings(), pytest.raises(hf.VocabIndexError, match="id 70"):
+        warnings.simplefilter("ignore")
+        tk.token_integrated_gradients(model, torch.tensor([[2, 70, 3]]), 4, steps=4)
