@@ -148,7 +148,7 @@ def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor | None,
     B, D = x.shape
     nested = torch.func.vmap(lambda *vs: _nested_jvp(f, x, *vs))
     parts = []
-    with higher_order_ops():  # nested forward mode: math attention, composite norms
+    with higher_order_ops(f):  # nested forward mode: math attention, composite norms
         for part in idx.split(chunk):
             if directions is None:  # unit vectors of the chunk's features (a D x D identity
                 # was built for every call: 38 MB for a 3x32x32 input)

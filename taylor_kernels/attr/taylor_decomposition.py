@@ -29,6 +29,7 @@ import torch
 
 from taylor_kernels.engine.jet import jet, mixed_partials
 from taylor_kernels.engine.problem import PathProblem, make_problem
+from taylor_kernels.numerics import accumulation_dtype
 
 
 def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target,
@@ -50,13 +51,14 @@ def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target,
     """``[B, D, D]`` symmetric, zero diagonal: ``H_ij(b) Delta_i Delta_j`` from mixed partials
     (Griewank-Utke-Walther order-2 jets) for every pair i < j."""
     B, D = delta.shape[0], delta[0].numel()
-    pairs = torch.zeros(B, D, D, dtype=delta.dtype, device=delta.device)
+    acc = accumulation_dtype(delta.dtype)
+    pairs = torch.zeros(B, D, D, dtype=acc, device=delta.device)
     if D < 2:
         return pairs
     iu = torch.triu_indices(D, D, offset=1, device=delta.device)
     sets = list(zip(iu[0].tolist(), iu[1].tolist()))
-    flat = delta.reshape(B, D)
-    hij = mixed_partials(model, b, sets, target=target, cache=cache)               # [B, P]
+    flat = delta.reshape(B, D).to(acc)
+    hij = mixed_partials(model, b, sets, target=target, cache=cache).to(acc)       # [B, P]
     pairs[:, iu[0], iu[1]] = hij * flat[:, iu[0]] * flat[:, iu[1]]
     return pairs + pairs.transpose(1, 2)
 
@@ -70,7 +72,9 @@ class TaylorDecomposition:
     symmetric, zero diagonal, entry (i, j) the order-2 interaction ``H_ij Delta_i Delta_j`` of
     the pair {i, j} (count each pair once); interactions ``[J-1, B]`` aggregated per order
     2..J; order_totals ``[J, B]`` = ``c_k(Delta)``; residual ``[B]``; fx, fb ``[B]``;
-    ig_by_order ``[J, B, ...]`` feature i's IG share of each order's terms.
+    ig_by_order ``[J, B, ...]`` feature i's IG share of each order's terms. Every field is
+    float32 for bf16/fp16 inputs (the coefficients come in the model's precision, the sums and
+    the residual are taken in float32), float64 for float64.
     """
 
     order: int
@@ -142,15 +146,17 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
     feat = tuple(inputs.shape[1:])
     b = problem.baselines[:, 0].expand(B, D).reshape(B, *feat).contiguous()
     delta = problem.x.reshape(B, *feat) - b
+    acc = accumulation_dtype(delta.dtype)  # bf16/fp16 terms summed in float32
     with torch.enable_grad():
         jet_ = functools.partial(jet, target=tgt, cache=cache)
-        along = jet_(model, b, delta.unsqueeze(1), order)[:, :, 0].detach()          # [J+1, B]
+        along = jet_(model, b, delta.unsqueeze(1), order)[:, :, 0].detach().to(acc)  # [J+1, B]
         V = torch.diag_embed(delta.reshape(B, D)).reshape(B, D, *feat)             # Delta_i e_i
-        indep = jet_(model, b, V, order).detach()                                  # [J+1, B, D]
-        ig_split = _ig_by_order(model, b, delta, order, tgt, cache).detach()       # [J, B, ...]
+        indep = jet_(model, b, V, order).detach().to(acc)                          # [J+1, B, D]
+        ig_split = _ig_by_order(model, b, delta, order, tgt, cache).detach().to(acc)
         fx = jet_(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0)[0, :, 0].detach()
-        pairs = (_pair_terms(model, b, delta, tgt, cache).detach() if order >= 2 else
-                 delta.new_zeros(B, D, D))
+        fx = fx.to(acc)
+        pairs = (_pair_terms(model, b, delta, tgt, cache).detach() if order >= 2
+                 else delta.new_zeros(B, D, D, dtype=acc))
     fb = along[0]
     return TaylorDecomposition(
         order=order, first_order=indep[1].reshape(B, *feat),

@@ -58,29 +58,49 @@ def _math_attention_setting() -> SharedSetting:
 _MATH_ATTENTION = _math_attention_setting()
 
 
-def math_attention():
+def math_attention(f: Callable | None = None):
     """Context: scaled dot-product attention runs on its math backend. The backend flags are
     the process's, not the thread's: overlapping blocks of several threads share one setting
     (:class:`~taylor_kernels.shared_setting.SharedSetting`; nested ``sdpa_kernel`` blocks in two
-    threads restored each other's saved flags and left the fused kernels off for good)."""
+    threads restored each other's saved flags and left the fused kernels off for good).
+    ``f``, the function differentiated: a ``transformers`` model with ``"sdpa"`` attention it
+    reaches is named in a warning once per model class (:func:`say_math_attention`)."""
+    if f is not None:
+        sdpa = [m for m in guards.modules_of(f)
+                if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
+        inner = {id(s) for m in sdpa for s in m.modules() if s is not m} if len(sdpa) > 1 \
+            else set()
+        for m in sdpa:
+            if id(m) not in inner:  # the model, not also its base model (LlamaModel)
+                say_math_attention(type(m).__name__, "sdpa")
     if torch.compiler.is_compiling():  # dynamo traces sdpa_kernel itself, not our block
         return sdpa_kernel(SDPBackend.MATH)
     return _MATH_ATTENTION()
 
 
+def say_math_attention(model_class: str, impl: str) -> None:
+    """Warn once per model class and attention implementation that second and higher
+    derivatives run it on the math SDPA backend (``impl == "sdpa"``) or on eager attention."""
+    how = "the math SDPA backend" if impl == "sdpa" else "eager attention"
+    _warn_once(f"second-order attribution: {model_class} attention {impl!r} runs on {how} "
+               "(fused kernels have no second derivative); first-order methods keep the fused "
+               "kernels", stacklevel=5)
+
+
 @contextlib.contextmanager
-def higher_order_ops():
+def higher_order_ops(f: Callable | None = None):
     """For derivatives above second order or by nested forward mode: the math attention
     backend (the fused kernels have no forward-mode AD) and composite layer / instance norms
-    (PyTorch's own formulas are wrong there: :mod:`~taylor_kernels.engine.composite_norms`)."""
-    with math_attention(), composite_norms():
+    (PyTorch's own formulas are wrong there: :mod:`~taylor_kernels.engine.composite_norms`).
+    ``f`` as :func:`math_attention`'s."""
+    with math_attention(f), composite_norms():
         yield
 
 
-def _warn_once(msg: str) -> None:
+def _warn_once(msg: str, stacklevel: int = 3) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
 
 def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +109,9 @@ def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
         raise ValueError(f"f must return one scalar per row ([N] for N rows); for "
                          f"{x.shape[0]} row(s) it returned {shape}: select one output, e.g. "
-                         "lambda z: model(z)[:, k]")
+                         "lambda z: model(z)[:, k] (f is called on fewer rows than the batch: "
+                         "a closure over the batch's own tensors, a padding mask, cannot follow "
+                         "them; attribute one input at a time)")
     return out.reshape(x.shape[0])
 
 
@@ -179,7 +201,7 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
     """
     x = x.detach()
     V = V.to(dtype=x.dtype, device=x.device)
-    with math_attention(), _low_precision_norms(x.dtype):
+    with math_attention(f), _low_precision_norms(x.dtype):
         try:
             g, hv = _batched(f, x, V)
         except BatchingFailed as failed:
@@ -215,9 +237,9 @@ def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
     here include the first backward's graph)."""
     v = torch.ones_like(xs).unsqueeze(1)
     if xs.device.type == "cuda":
-        with math_attention():
+        with math_attention(f):
             return guards.cuda_peak_bytes(lambda: _double_backward(f, xs, v), xs.device)[1]
-    with memory.SavedBytes() as saved, math_attention():
+    with memory.SavedBytes() as saved, math_attention(f):
         _double_backward(f, xs, v)
     return memory.cpu_point_cost(saved.total, xs.numel() * xs.element_size())
 
@@ -549,7 +571,7 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) 
     x, u, v = x.detach(), u.to(x).detach(), v.to(x).detach()
     g_fn = grad(lambda z: _row_scalars(f, z).sum())
     vhu = lambda z: (jvp(g_fn, (z,), (u,))[1] * v).sum()  # noqa: E731
-    with higher_order_ops(), FORWARD_AD_LOCK:  # (forward-AD levels are per process)
+    with higher_order_ops(f), FORWARD_AD_LOCK:  # (forward-AD levels are per process)
         try:
             out = grad(vhu)(x)
         except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught

@@ -87,8 +87,9 @@ def cell_values(f) -> list:
 def modules_of(f, depth: int = 3) -> list[nn.Module]:
     """The modules ``f`` is or reaches: ``f`` itself, the object of a bound method and its
     ``model`` attribute (an Inseq attribution model's ``forward``), what a
-    ``functools.partial`` binds, the modules and functions in a function's closure cells, and
-    the ``model`` of the library's own wrappers, followed ``depth`` levels deep. (One level
+    ``functools.partial`` binds, the modules, functions and library objects in a function's
+    closure cells, and the ``model`` of the library's own objects, followed ``depth`` levels
+    deep. (One level
     missed a model behind the wrapper that Captum's ``multiply_by_inputs=False`` runs
     through, so train-mode dropout there passed unseen; the ``model`` of any object in a
     closure, e.g. a trainer's training model beside the EMA copy a lambda calls, is not
@@ -112,7 +113,8 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
         if isinstance(v, functools.partial):
             reached += [v.func, *v.args, *v.keywords.values()]
         reached += [c for c in cell_values(v)
-                    if isinstance(c, nn.Module) or callable(c) and not isinstance(c, type)]
+                    if isinstance(c, nn.Module) or callable(c) and not isinstance(c, type)
+                    or type(c).__module__.startswith("taylor_kernels.")]  # e.g. a PathProblem
         for r in reached:
             if r is not None:
                 visit(r, left - 1)
@@ -250,7 +252,10 @@ def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor],
     raise ValueError(f"the model {why}; attribution batches rows of different inputs and "
                      "path points together, so its results would be wrong. Make the model "
                      "treat rows independently (model.eval()), or opt in with "
-                     "`with taylor_kernels.allow_row_coupling(model):`")
+                     "`with taylor_kernels.allow_row_coupling(model):`. A function closing over "
+                     "tensors of the whole batch (a padding mask) sees them beside fewer rows "
+                     "here: pass them per row with additional_forward_args (where the API takes "
+                     "it), or attribute one input at a time")
 
 
 def _tensors(value) -> tuple[torch.Tensor, ...] | None:

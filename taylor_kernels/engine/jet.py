@@ -223,7 +223,7 @@ def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet ru
         leaves = pytree.tree_leaves(call(values))
         return tuple(leaves[j] for j in moving)
 
-    with higher_order_ops():
+    with higher_order_ops(call):
         coeffs = nested_jvp_coefficients(fn, [flat[i].c for i in slots], order) if moving \
             else ()
     for j, c in zip(moving, coeffs):
@@ -269,7 +269,9 @@ class _JetInterpreter(fx.Interpreter):
         if target in rules.LINEAR_METHODS and isinstance(args[0], Jet):
             return rules.per_coefficient(lambda s, *a, **kw: getattr(s, target)(*a, **kw),
                                          args, kwargs)
-        rule = rules.METHOD_RULES.get(target) if isinstance(args[0], Jet) else None
+        # a constant's arithmetic with a jet (``W.sub(h)``: FX's ``W - h``) takes the rule too
+        takes = isinstance(args[0], Jet) or target in rules.ARITHMETIC_METHODS
+        rule = rules.METHOD_RULES.get(target) if takes else None
         return self._apply(rule, "call_method", target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
@@ -293,8 +295,8 @@ class _JetInterpreter(fx.Interpreter):
         if rule is not None:
             try:
                 return rule(*args, **kwargs)
-            except NotImplementedError:
-                pass
+            except (NotImplementedError, TypeError, RuntimeError, IndexError):
+                pass  # no rule for this case (or arguments a rule does not know): run it exactly
         return _fallback(kind, target, args, kwargs, self.order)
 
 
@@ -380,7 +382,7 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     if out is None and isinstance(arg, Jet):
         if not fallback:
             _warn_once(_op_name("call_function", f), "could not trace")
-        with higher_order_ops():
+        with higher_order_ops(f):
             out = nested_jvp_coefficients(lambda z: _plain_output(f(z)), [arg.c], order)
     elif out is None:
         out = rules.as_jet(_plain_output(f(arg)), order).c

@@ -71,11 +71,19 @@ def unary(fn: str, x: Jet) -> Jet:
     return Jet(ops.jet_unary(fn, x.c.reshape(J, -1)).view(x.c.shape))
 
 
+def _coefficients_for(c: torch.Tensor, const) -> torch.Tensor:
+    """``c [J+1, *shape]`` with unit dims after the order axis so that a constant of higher
+    rank than one coefficient broadcasts against the coefficients, not against the order
+    axis (``x * W`` with ``W [H, 1, E]`` and ``x [L, E]``)."""
+    extra = const.dim() - (c.dim() - 1) if torch.is_tensor(const) else 0
+    return c.reshape(c.shape[0], *(1,) * extra, *c.shape[1:]) if extra > 0 else c
+
+
 def mul(a, b) -> Jet:
     """Elementwise product; Cauchy product when both are jets, else per coefficient."""
     if not isinstance(a, Jet) or not isinstance(b, Jet):
         jet, const = (a, b) if isinstance(a, Jet) else (b, a)
-        return Jet(jet.c * const)
+        return Jet(_coefficients_for(jet.c, const) * const)
     ca, cb = _broadcast(a, b)
     J = ca.shape[0]
     return Jet(ops.jet_mul(ca.reshape(J, -1), cb.reshape(J, -1)).view(ca.shape))
@@ -89,17 +97,19 @@ def add(a, b, alpha=1) -> Jet:
         ca, cb = _broadcast(a, b)
         return Jet(ca + alpha * cb)
     shape = torch.broadcast_shapes(a.c.shape[1:], torch.as_tensor(b).shape)
-    c = a.c.expand((a.c.shape[0],) + shape).clone()
+    c = _coefficients_for(a.c, b).expand((a.c.shape[0],) + shape).clone()
     c[0] = c[0] + alpha * b
     return Jet(c)
 
 
-def sub(a, b) -> Jet:
-    return add(a, b, alpha=-1)
+def sub(a, b, alpha=1) -> Jet:
+    """``a - alpha b``."""
+    return add(a, b, alpha=-alpha)
 
 
-def rsub(a, b) -> Jet:
-    return add(neg(b) if isinstance(b, Jet) else -b, a)
+def rsub(a, b, alpha=1) -> Jet:
+    """``b - alpha a`` (``torch.rsub``, ``a.__rsub__(b)``)."""
+    return sub(b, a, alpha=alpha)
 
 
 def neg(a: Jet) -> Jet:
@@ -109,7 +119,7 @@ def neg(a: Jet) -> Jet:
 def div(a, b) -> Jet:
     """``a / b``: per coefficient for a constant divisor, else ``a * reciprocal(b)``."""
     if not isinstance(b, Jet):
-        return Jet(a.c / b)
+        return Jet(_coefficients_for(a.c, b) / b)
     return mul(a, unary("reciprocal", b))
 
 
@@ -248,6 +258,8 @@ def softmax(x: Jet, dim=None, _stacklevel=3, dtype=None, log=False) -> Jet:
     """``softmax(x)_i = e_i / sum e``, ``e = exp(x - max x_0)``; ``log``: ``x - m - log sum e``."""
     if dim is None:
         raise ValueError("jet softmax needs an explicit dim")
+    if dtype is not None:  # softmax(w, -1, dtype=torch.float32): HF's eager attention
+        x = Jet(x.c.to(dtype))
     d = _dims(x, dim)
     m = x.c[0].amax(dim=d[0] - 1, keepdim=True)
     shifted = add(x, -m)
@@ -259,7 +271,7 @@ def softmax(x: Jet, dim=None, _stacklevel=3, dtype=None, log=False) -> Jet:
 
 
 def log_softmax(x, dim=None, _stacklevel=3, dtype=None):
-    return softmax(x, dim, log=True)
+    return softmax(x, dim, dtype=dtype, log=True)
 
 
 def layer_norm(x: Jet, normalized_shape, weight=None, bias=None, eps=1e-5) -> Jet:
@@ -387,7 +399,11 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_caus
             s = Jet(c)
         else:
             s = add(s, attn_mask)
-    return matmul(softmax(s, -1), v)
+    # as torch's SDPA: a query row with no allowed key attends to nothing (its output is 0;
+    # a softmax over only -inf is NaN, and the matmul spread it to every row)
+    dead = torch.isneginf(s.c[0]).all(dim=-1, keepdim=True)
+    p = softmax(Jet(torch.where(dead, 0.0, s.c)), -1)
+    return matmul(Jet(torch.where(dead, 0.0, p.c)), v)
 
 
 def _activation_fn(name):
@@ -439,7 +455,8 @@ LINEAR_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contigu
 FUNCTION_RULES = {
     **{fn: _activation_fn(name) for fn, name in UNARY_FUNCTIONS.items()},
     F.gelu: _gelu, F.softplus: _softplus, F.dropout: _dropout,
-    operator.add: add, torch.add: add, operator.sub: sub, torch.sub: sub, operator.mul: mul,
+    operator.add: add, torch.add: add, operator.sub: sub, torch.sub: sub, torch.rsub: rsub,
+    operator.mul: mul,
     torch.mul: mul, operator.truediv: div, torch.div: div, operator.neg: neg, torch.neg: neg,
     operator.pow: power, torch.pow: power, operator.matmul: matmul, torch.matmul: matmul,
     torch.bmm: matmul, F.linear: linear, F.conv1d: conv1d, F.conv2d: conv2d,
@@ -449,6 +466,8 @@ FUNCTION_RULES = {
     torch.linalg.vector_norm: vector_norm, torch.norm: norm, F.normalize: normalize,
     torch.var: var, torch.std: std, F.cosine_similarity: cosine_similarity,
 }
+# method rules that also take a constant as ``self`` (and a jet as the other operand)
+ARITHMETIC_METHODS = frozenset({"add", "sub", "mul", "div", "__radd__", "__rsub__"})
 METHOD_RULES = {
     **{name: _activation_fn(name) for name in UNARY_METHODS},
     "add": add, "sub": sub, "mul": mul, "div": div, "neg": neg, "pow": power,

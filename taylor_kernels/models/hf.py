@@ -44,12 +44,11 @@ from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (coupling_submodules, is_row_tensor, modules_of,
                                           row_coupling_allowed)
-from taylor_kernels.engine.derivative import math_attention
+from taylor_kernels.engine.derivative import math_attention, say_math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 
 SPECIAL_BASELINES = ("pad", "unk", "bos", "eos")
-_warned_attention: set[str] = set()
 
 
 def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
@@ -515,14 +514,7 @@ def second_order_attention(model):
     if impl in (None, "eager"):
         yield
         return
-    key = f"{type(model).__name__}:{impl}"
-    if key not in _warned_attention:
-        _warned_attention.add(key)
-        how = "the math SDPA backend" if impl == "sdpa" else "eager attention"
-        warnings.warn(f"second-order attribution: {type(model).__name__} attention "
-                      f"{impl!r} runs on {how} (fused kernels have no second derivative); "
-                      "first-order methods keep the fused kernels", RuntimeWarning,
-                      stacklevel=3)
+    say_math_attention(type(model).__name__, impl)
     if impl == "sdpa":
         with math_attention():
             yield

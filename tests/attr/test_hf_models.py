@@ -269,7 +269,7 @@ def test_second_order_switches_to_math_attention_once(gpt2):
     as the eager-attention model."""
     eager = tiny.gpt2(layers=2, d=64, attn="eager")
     ids = IDS[:, :4]
-    hf._warned_attention.clear()
+    _forget_attention_warnings()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         a = hf.token_interactions(gpt2, ids, target=9, steps=4, ig_steps=8)
@@ -279,6 +279,35 @@ def test_second_order_switches_to_math_attention_once(gpt2):
     b = hf.token_interactions(eager, ids, target=9, steps=4, ig_steps=8)
     torch.testing.assert_close(a["interactions"], b["interactions"], rtol=1e-4, atol=1e-6)
     assert a["interactions"].shape == (1, 4, 4)
+
+
+def _forget_attention_warnings():
+    from taylor_kernels.engine import derivative
+    for msg in [m for m in derivative._warned if "second-order attribution" in m]:
+        derivative._warned.discard(msg)
+
+
+@pytest.mark.parametrize("api", ["integrated_hessians", "hessian", "interactions", "jet"])
+def test_every_second_order_api_says_once_that_sdpa_runs_its_math_backend(api):
+    """Through ``inputs_embeds`` (a closure over the model): the engine names the model once
+    per class, as token_interactions does (only that one said so)."""
+    model = tiny.llama(layers=1, d=32)
+    x = model.get_input_embeddings()(IDS[:, :3]).detach()
+
+    def f(e):
+        return model(inputs_embeds=e).logits[:, -1, 5]
+
+    calls = {"integrated_hessians": lambda: tk.integrated_hessians(f, x, steps=2),
+             "hessian": lambda: tk.hessian(f, x),
+             "interactions": lambda: tk.interactions(f, x, order=3, sets=[(0, 1, 2)]),
+             "jet": lambda: tk.jet(f, x, torch.randn_like(x), 3)}
+    _forget_attention_warnings()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        calls[api]()
+        calls[api]()
+    msgs = [str(w.message) for w in seen if "second-order attribution" in str(w.message)]
+    assert len(msgs) == 1 and "Llama" in msgs[0] and "math SDPA" in msgs[0], msgs
 
 
 def test_token_interactions_measure_the_pair_cost_once(gpt2, monkeypatch):

@@ -134,3 +134,23 @@ def test_errors():
         tk.taylor_decomposition(model, (x,), order=2)
     with pytest.raises(ValueError, match="one baseline per input"):
         tk.taylor_decomposition(model, x, torch.zeros(2, 4, 3, dtype=torch.float64), order=2)
+
+
+def test_bf16_model_terms_summed_in_float32():
+    """A bf16 model's coefficients come in bf16; every field is float32 and the residual is
+    taken in float32 (it was bf16, adding its rounding to the bookkeeping), within bf16's
+    precision of the float32 model's terms."""
+    torch.manual_seed(0)
+    model32 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1),
+                                  torch.nn.Flatten(0))
+    x, b = torch.randn(2, 4), torch.randn(2, 4)
+    want = tk.taylor_decomposition(model32, x, b, order=3)
+    model16 = torch.nn.Sequential(*[m for m in model32]).to(torch.bfloat16)
+    got = tk.taylor_decomposition(model16, x.bfloat16(), b.bfloat16(), order=3)
+    fields = ("first_order", "independent", "pairwise", "interactions", "order_totals",
+              "residual", "fx", "fb", "ig_by_order")
+    assert all(getattr(got, n).dtype == torch.float32 for n in fields)
+    torch.testing.assert_close(got.residual, got.fx - got.fb - got.order_totals.sum(0),
+                               rtol=0, atol=0)
+    for n in ("fx", "order_totals", "first_order"):
+        torch.testing.assert_close(getattr(got, n), getattr(want, n), rtol=3e-2, atol=3e-2)

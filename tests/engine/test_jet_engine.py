@@ -630,3 +630,49 @@ def test_norm_rules_fall_back_where_they_do_not_hold():
             got = tk.jet(f, x, V, 3)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_attention_with_a_query_row_that_sees_no_key(mask_kind):
+    """Left padding under a causal mask leaves a query row with no allowed key: torch's SDPA
+    gives it 0; the jet's softmax over only -inf made every coefficient of every row NaN."""
+    lin = nn.Linear(4, 12).double()
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril()
+    allowed[:, 0] = False  # the padded first key
+    mask = allowed if mask_kind == "bool" else torch.zeros(5, 5, dtype=DT).masked_fill(
+        ~allowed, float("-inf"))
+
+    def f(x):
+        q, k, v = lin(x).view(x.shape[0], 5, 2, 6).transpose(1, 2).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum((1, 2, 3))
+    check(f, torch.randn(2, 5, 4, dtype=DT), order=4)
+
+
+def test_softmax_in_the_dtype_it_is_asked_for():
+    """HF's eager attention: ``softmax(w, -1, dtype=torch.float32)`` in a float64 model runs in
+    float32 as the model does (the rule ran it in float64, another function)."""
+    lin = nn.Linear(4, 5).double()
+
+    def f(x, dtype=torch.float32):
+        return (F.softmax(lin(x), dim=-1, dtype=dtype).to(DT) * torch.arange(5.0, dtype=DT)
+                ).sum(-1) + torch.log_softmax(lin(x), -1, dtype=dtype).to(DT)[:, 1]
+    x = torch.randn(3, 4, dtype=DT)
+    V = torch.randn(3, 2, 4, dtype=DT)
+    got = tk.jet(f, x, V, 3)
+    torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=2e-5, atol=2e-6)
+    in_float64 = tk.jet(lambda z: f(z, DT), x, V, 3)
+    assert (got - in_float64).abs().max() > 1e-12
+
+
+def test_sub_alpha_rsub_and_constants_of_higher_rank():
+    """``torch.sub(x, y, alpha=)`` raised a TypeError, a constant of higher rank than the
+    activation (``x * W`` with ``W [3, 1, E]``) broadcast against the order axis."""
+    W = torch.rand(3, 1, 4, dtype=DT) + 0.5
+    lin = nn.Linear(4, 4).double()
+
+    def f(x):
+        h = torch.tanh(lin(x))                                     # [B, 4]
+        a = torch.sub(h, h * h, alpha=2) + h.sub(h, alpha=0.5) + torch.rsub(h, 1.0, alpha=3)
+        b = (h * W).sum(0) + (h / W).sum(0) + (h + W).sum(0) + (W - h).sum(0)   # [B, 4]
+        return (a + b).sum(-1)
+    check(f, torch.randn(2, 4, dtype=DT), order=4)
