@@ -319,19 +319,21 @@ def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool
                      f"[{x.shape[0]}, M, *{feat}]")
 
 
-def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: int = 0):
+def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: int = 0,
+             reduced: tuple[int, ...] | None = None):
     """Stream ``(rows, directions)`` chunks through :func:`grad_and_hvp`; ``reduce(hv, r0, m0)``
-    maps each chunk's products before they are stored, or folds them into the caller's own
-    sums and returns None (the call then returns None; default: keep them, written into one
-    ``[B, M, ...]`` result whose bytes an explicit budget holds beside the chunks, with
-    ``held`` bytes more the caller allocated for the call, e.g. its directions);
-    ``cost_of`` ``(f, x)`` to measure the pair cost with (the caller's own function, so the
-    cache hits)."""
+    maps each chunk's products to ``[rows, dirs, *reduced]`` (written into one
+    ``[B, M, *reduced]`` result), or folds them into the caller's own sums and returns None
+    (``reduced`` None: the call then returns None); default: keep the products, written into
+    one ``[B, M, ...]`` result. An explicit budget holds the result beside the chunks, with
+    ``held`` bytes more the caller allocated for the call, e.g. its directions; ``cost_of``
+    ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits)."""
     B, M = V.shape[:2]
     chunk_size = memory.check_chunk_size(chunk_size)
     budget = memory.chunk_budget(chunk_size, max_memory, x.device)
-    if reduce is None:
-        held += B * M * x[0].numel() * x.element_size()
+    shape = (B, M) + (tuple(x.shape[1:]) if reduce is None else reduced or ())
+    if reduce is None or reduced is not None:
+        held += math.prod(shape) * x.element_size()
     if budget is not None and not isinstance(budget, memory.DefaultBudget):
         if held >= budget:
             raise MemoryError(f"max_memory of {budget} bytes cannot hold the call's result and "
@@ -347,20 +349,17 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
         budget = memory.chunk_room(budget, x.device,
                                    math.ceil(cost.per_pair) + math.ceil(cost.fixed))
         rows, dirs = plan(B, M, cost, budget)
-    out = torch.empty(V.shape[:2] + x.shape[1:], dtype=x.dtype, device=x.device) \
-        if reduce is None else None
-    parts = []
+    # one result written chunk by chunk (hessian_block's parts list and two cats held it
+    # three times, uncounted: 7x an 8 MB budget)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) \
+        if reduce is None or reduced is not None else None
     for r0 in range(0, B, rows):
-        row_parts = []
         for m0 in range(0, M, dirs):
             _, hv = grad_and_hvp(f, x[r0:r0 + rows], V[r0:r0 + rows, m0:m0 + dirs])
+            part = hv if reduce is None else reduce(hv, r0, m0)
             if out is not None:
-                out[r0:r0 + rows, m0:m0 + dirs] = hv
-            elif (part := reduce(hv, r0, m0)) is not None:
-                row_parts.append(part)
-        if row_parts:
-            parts.append(torch.cat(row_parts, dim=1))
-    return out if out is not None else torch.cat(parts, dim=0) if parts else None
+                out[r0:r0 + rows, m0:m0 + dirs] = part
+    return out
 
 
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
@@ -415,7 +414,8 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
 
     held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in (V, Wd)}.values())
-    return _chunked(f, x, V, max_memory, chunk_size, reduce=take, held=held)
+    return _chunked(f, x, V, max_memory, chunk_size, reduce=take, held=held,
+                    reduced=(Wf.shape[1],))
 
 
 def index_rows(index, D: int, device) -> torch.Tensor:
@@ -536,12 +536,12 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     ff, xf = _flat_f(f, x), x.reshape(B, D)
     if method == "exact":
         V = _unit_chunks(B, D, x.dtype, x.device)
-        # a copy of each chunk's diagonal: a view kept the chunk's whole [rows, dirs, D]
-        # products alive to the end (a 4 MB budget peaked at 13 MB)
+        # each chunk's diagonal is copied into the result (a view kept the chunk's whole
+        # [rows, dirs, D] products alive to the end: a 4 MB budget peaked at 13 MB)
         take = lambda hv, r0, m0: torch.diagonal(  # noqa: E731
-            hv[:, :, m0:m0 + hv.shape[1]], dim1=1, dim2=2).unsqueeze(-1).clone()
-        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take,
-                        cost_of=(f, x)).squeeze(-1)
+            hv[:, :, m0:m0 + hv.shape[1]], dim1=1, dim2=2).unsqueeze(-1)
+        return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take, cost_of=(f, x),
+                        reduced=(1,)).squeeze(-1)
     if method != "hutchinson":
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     if isinstance(samples, bool) or int(samples) != samples or samples < 1:

@@ -95,6 +95,21 @@ def test_the_result_and_directions_count_against_the_budget(monkeypatch):
         d.hessian(_f(net), x, max_memory=held)
 
 
+def test_hessian_block_holds_its_result_once_within_the_budget():
+    """hessian_block's [B, M, N] result is counted beside the chunks and written in place (a
+    parts list and two cats held it three times, uncounted: 7x an 8 MB budget)."""
+    net = _mlp(D=6)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    U, W = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64)
+    want = torch.einsum("bnd,bde,bme->bmn", W, _true_hessian(net, x), U)
+    result = 3 * 4 * 5 * 8
+    held = U.nbytes + W.nbytes
+    with pytest.raises(MemoryError, match="cannot hold the call's result and directions"):
+        d.hessian_block(_f(net), x, U, W, max_memory=held + result - 1)
+    for kw in ({"chunk_size": 2}, {"max_memory": 1 << 20}, {}):
+        torch.testing.assert_close(d.hessian_block(_f(net), x, U, W, **kw), want)
+
+
 def test_chunk_size_and_max_memory_are_exclusive_and_both_checked():
     """A fixed chunk_size silently dropped max_memory (even a malformed one)."""
     net, x = _mlp(), torch.randn(2, 5, dtype=torch.float64)
