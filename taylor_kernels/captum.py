@@ -41,6 +41,7 @@ from taylor_kernels.captum_front import (GradientShap, IntegratedGradients, Inte
                                          NeuronIntegratedGradients, NoiseTunnel)
 from taylor_kernels.captum_front.llm import (LLMAttributionResult, LLMGradientAttribution,
                                              TextTokenInput)
+from taylor_kernels.captum_front.llm import register_with_captum as _register_with_captum
 from taylor_kernels.captum_front.patch import is_patched, patch, patched, unpatch
 
 __all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",
@@ -60,6 +61,7 @@ def __getattr__(name: str):
     except ImportError:
         raise AttributeError(f"taylor_kernels.captum implements {', '.join(__all__[:12])}...; "
                              f"{name!r} would be Captum's own class: install captum") from None
+    _register_with_captum()  # Captum's LLMAttribution then takes our TextTokenInput
     try:
         return getattr(captum.attr, name)
     except AttributeError:

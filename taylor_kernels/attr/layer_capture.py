@@ -168,10 +168,17 @@ class Layers:
 def select_neuron(acts: tuple[torch.Tensor, ...], selector) -> torch.Tensor:
     """One value per row ``[N]`` from a layer's activations: ``selector`` an int or a tuple
     of ints and slices indexing the activation past the batch dimension (slices are summed
-    over), or a callable ``selector(activation) -> [N]`` (``activation`` a tuple when the
-    layer has several tensors)."""
+    over), or a callable ``selector(activation)`` (``activation`` a tuple when the layer has
+    several tensors) returning ``[N]`` or ``[N, 1]``, or, as Captum allows, one scalar summed
+    over the batch (``lambda x: x[:, 2:].sum()``): it then runs on each row alone."""
     if callable(selector):
         out = selector(acts if len(acts) > 1 else acts[0])
+        N = acts[0].shape[0]
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (N, 1):
+            out = out[:, 0]
+        elif isinstance(out, torch.Tensor) and out.dim() == 0:
+            out = torch.stack([selector(tuple(a[i:i + 1] for a in acts) if len(acts) > 1
+                                        else acts[0][i:i + 1]).reshape(()) for i in range(N)])
     else:
         if len(acts) > 1:
             raise ValueError(f"the layer has {len(acts)} activation tensors; pass a callable "

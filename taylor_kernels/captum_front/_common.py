@@ -87,20 +87,31 @@ def captum_method(fn: Callable) -> Callable:
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
+    @captum_errors
     def attribute(*args, **kwargs):
+        if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
+            args, kwargs = _interpolable(signature, args, kwargs)
+        with train_mode_as_captum(args[0] if args else None):
+            return fn(*args, **kwargs)
+
+    return attribute
+
+
+def captum_errors(fn: Callable) -> Callable:
+    """``fn`` raising our ``ValueError`` / ``TypeError`` for bad input as also the
+    ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`);
+    ``IndexError`` (out-of-range targets) and ``AssertionError`` pass as they are."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
         try:
-            if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
-                args, kwargs = _interpolable(signature, args, kwargs)
-            with train_mode_as_captum(args[0] if args else None):
-                return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
             raise
         except ValueError as exc:
             raise CaptumValueError(str(exc)) from exc
         except TypeError as exc:
             raise CaptumTypeError(str(exc)) from exc
-
-    return attribute
+    return call
 
 
 def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
@@ -475,6 +486,7 @@ class CaptumAttribution:
         return bind_unbatched_args(self.forward_func, len(inputs),
                                    format_args(additional_forward_args), inputs[0].shape[0])
 
+    @captum_errors
     def compute_convergence_delta(self, attributions, start_point, end_point, target=None,
                                   additional_forward_args=None) -> torch.Tensor:
         """``delta [B] = sum(attributions) - (F(end_point) - F(start_point))`` per example

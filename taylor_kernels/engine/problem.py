@@ -412,19 +412,33 @@ class TargetIndexError(ValueError, IndexError):
     indexing (and Captum) raises for it."""
 
 
+class TargetTensorIndexError(TargetIndexError, RuntimeError):
+    """A ``[B]`` tensor target outside the model's outputs: also the ``RuntimeError`` that
+    gathering with it (and Captum) raises."""
+
+
+class TargetShapeError(ValueError):
+    """A tuple target with another number of indices than the per-row output has dims (the
+    Captum front raises it as Captum's ``AssertionError``)."""
+
+
 def check_target(target, out_shape: Sequence[int]) -> None:
     """Raise :class:`TargetIndexError` if a target indexes outside the model's per-row output
-    shape."""
+    shape (:class:`TargetTensorIndexError` for a tensor target), :class:`TargetShapeError` if
+    a tuple target has another number of indices than that shape has dims."""
     if target is None:
         return
     if isinstance(target, torch.Tensor):
         C = out_shape[1] if len(out_shape) == 2 else None
         if C is not None and ((target < -C) | (target >= C)).any():
-            raise TargetIndexError(f"target {target.tolist()} out of range for {C} outputs")
+            raise TargetTensorIndexError(f"target {target.tolist()} out of range for {C} "
+                                         "outputs")
         return
     for t in target:
-        if len(t) != len(out_shape) - 1 or any(
-                not -s <= i < s for i, s in zip(t, out_shape[1:])):
+        if len(t) != len(out_shape) - 1:
+            raise TargetShapeError(f"target {t} has {len(t)} indices; the per-row output shape "
+                                   f"{tuple(out_shape[1:])} needs {len(out_shape) - 1}")
+        if any(not -s <= i < s for i, s in zip(t, out_shape[1:])):
             raise TargetIndexError(f"target {t} out of range for per-row output shape "
                                    f"{tuple(out_shape[1:])}")
 
