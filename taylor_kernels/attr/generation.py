@@ -132,7 +132,7 @@ def _integrate(problem, rule, steps, tol, fx, fb, **kw):
     for level, hi in enumerate(sizes):
         res = path_engine.integrate(problem, nodes[lo:hi],
                                     [w[lo:hi] for w in level_weights[level:]],
-                                    point_cost=cost, **kw)
+                                    point_cost=cost, held=sum(a.nbytes for a in acc), **kw)
         cost, evaluations = res.point_cost, evaluations + res.evaluations
         for j, part in enumerate(res.sums):
             acc[level + j] += part

@@ -106,8 +106,9 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
                                     [w[lo:sizes[top]] for w in level_weights[level:]],
                                     x=(problem.attached_x() if engine_kw.get("create_graph")
                                        else problem.x)[rows],
-                                    baselines=bl, rows=rows,
-                                    point_cost=cost, **engine_kw)
+                                    baselines=bl, rows=rows, point_cost=cost,
+                                    held=sum(a.nbytes for a in acc) + final.nbytes,
+                                    **engine_kw)
         cost = res.point_cost  # later levels chunk from it without probing again
         evaluations += res.evaluations
         for j, part in enumerate(res.sums):

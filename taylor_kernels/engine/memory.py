@@ -112,14 +112,16 @@ def chunk_budget(chunk_size, max_memory, device: torch.device):
         return parse_budget(max_memory, device)
     if max_memory is not None:
         parse_budget(max_memory, device)  # a malformed value raises its own error first
-        raise ValueError(f"give chunk_size ({chunk_size!r}) or max_memory ({max_memory!r}), "
-                         "not both: chunk_size fixes the chunks and would override the limit")
+        raise ValueError(f"give chunk_size ({chunk_size!r}; internal_batch_size in the Captum "
+                         f"front) or max_memory ({max_memory!r}), not both: it fixes the chunks "
+                         "and would override the limit")
     return None
 
 
 def parse_budget(max_memory, device: torch.device) -> int:
-    """Bytes from an int or a string such as ``"512MB"``/``"2GiB"``; ``None`` gives the default
-    limit, ``DEFAULT_FREE_FRACTION`` of :func:`free_memory`."""
+    """Bytes from an int or a string such as ``"512MB"``/``"2GiB"`` (units binary either way:
+    ``"4MB"`` is ``4 * 2**20`` bytes, as ``"4MiB"``; case and spaces ignored); ``None`` gives
+    the default limit, ``DEFAULT_FREE_FRACTION`` of :func:`free_memory`."""
     if max_memory is None:
         return DefaultBudget(free_memory(device) * DEFAULT_FREE_FRACTION)
     value = max_memory

@@ -226,7 +226,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
               progress: bool = False, create_graph: bool = False, process_group=None,
               reduce_to="all", point_cost: float | None = None,
-              max_share: float | None = chunking.MAX_SHARE) -> Integral:
+              max_share: float | None = chunking.MAX_SHARE, held: int = 0) -> Integral:
     """Sum ``w_s * grad f(p) * (x - b_k) / K`` over all path points, for each weight vector.
 
     Args: ``alphas [S]`` or ``[B', K, S]`` nodes; ``weight_sets`` list of ``[S]`` or
@@ -237,7 +237,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     ``max_share``: without ``max_memory``, no chunk holds more than this share of the points
     (None: no cap; :class:`chunking.ChunkPlan`). ``process_group``: shard the points over its
     ranks and sum there (``reduce_to`` ``"all"`` or ``0``; see
-    :mod:`taylor_kernels.engine.distributed`).
+    :mod:`taylor_kernels.engine.distributed`). ``held``: bytes the caller keeps beside the
+    call (the adaptive rule's per-level sums), counted against ``max_memory``.
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector (``[T, B', D]`` when
     ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """
@@ -252,8 +253,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     weight_sets = [_to_device(w, x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
-    held = x.nbytes + bl.nbytes + len(weight_sets) * x.numel() * accumulation_dtype(
-        x.dtype).itemsize  # inputs and sums (T = 1)
+    held += x.nbytes + bl.nbytes + len(weight_sets) * getattr(problem, "T", 1) * x.numel() * \
+        accumulation_dtype(x.dtype).itemsize  # inputs and the T outputs' sums
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
                               # a choice made under another share cap is not this call's

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import taylor_kernels as tk
-from taylor_kernels.engine import chunking, memory, path_engine
+from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from tests import models
 
 CPU = torch.device("cpu")
@@ -284,3 +284,40 @@ def test_two_models_through_one_layer_do_not_share_a_choice():
 
     assert owner_for(light, "neuron", id(layer)) is owner_for(light, "neuron", id(layer))
     assert owner_for(light, "neuron", id(layer)) is not owner_for(heavy, "neuron", id(layer))
+
+
+def _reserved_bytes(monkeypatch) -> list[int]:
+    """The ``reserved`` bytes every ChunkPlan of the calls that follow is given."""
+    seen: list[int] = []
+    real = chunking.ChunkPlan.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("reserved", 0))
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(chunking.ChunkPlan, "__init__", spy)
+    return seen
+
+
+def test_the_adaptive_rules_level_sums_count_against_the_budget(monkeypatch):
+    """The adaptive rule keeps one [B, D] sum per level and the result beside the engine's
+    chunks (uncounted: 2x an 8 MB budget for a 256 x 784 batch)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1),
+                                torch.nn.Flatten(0))
+    x = torch.randn(16, 64)
+    seen = _reserved_bytes(monkeypatch)
+    tk.integrated_gradients(model, x, rule="adaptive", tol=1e-4, max_memory="8MB")
+    levels = len(quadrature.patterson_levels()[1])  # one sum per level, and the result
+    assert seen and min(seen) >= (levels + 1) * x.nbytes
+
+
+def test_generation_reserves_the_sums_of_every_target_token(monkeypatch):
+    """Generation integrates T log-probs at once: its sums are [T, 1, P*H] (reserved as if
+    T = 1, a 2 MB sum counted as 64 KB)."""
+    from taylor_kernels.models import tiny
+    model = tiny.gpt2(layers=1, d=32, vocab=64)
+    prompt, targets = torch.tensor([5, 9, 11, 3, 7, 2]), torch.tensor([4, 8, 12, 6])
+    seen = _reserved_bytes(monkeypatch)
+    tk.generation_attribution(model, prompt, targets, steps=4, max_memory="8MB")
+    one_sum = prompt.numel() * 32 * 4  # [1, P*H] float32
+    assert seen and min(seen) >= len(targets) * one_sum
