@@ -22,6 +22,7 @@ constexpr int64_t kMinParallelWork = 1 << 15;  // elements below which one threa
 constexpr int64_t kPointsBlock = 8192;          // D-block of path_points when rows are few
 constexpr int64_t kAccBlock = 2048;             // largest D-block of a path_accumulate tile
 constexpr int64_t kAccMinBlock = 256;           // smallest, when few rows are touched
+constexpr int64_t kCascadeRows = 32;            // rows summed before a partial joins the total
 
 // at::parallel_for over [0, tasks) when the whole op touches at least kMinParallelWork elements.
 template <typename F>
@@ -59,7 +60,10 @@ void points_tasks(const T* x, const T* bl, const acc_t<T>* nodes, T* out, const 
 }
 
 // Tiles [t0, t1) of path_accumulate: tile t is touched row b_first + t / nblk, D-block
-// t % nblk; it sums the chunk's rows of that b in ascending n (deterministic).
+// t % nblk; it sums the chunk's rows of that b in ascending n (deterministic). A run of rows
+// sharing the baseline k sums w_n g_n, in partial sums of kCascadeRows rows (a two-level
+// cascade), and adds that sum times (x - b_k) to the total: one running float32 sum of
+// w g (x - b) over 500 steps was 2.8e-5 off a float64 sum, 70x Captum's pairwise torch.sum.
 template <typename T, typename G>
 void accumulate_tiles(const G* g, const T* x, const T* bl, const acc_t<T>* w, acc_t<T>* out,
                       const PathShape& p, int64_t b_first, int64_t nblk, int64_t blk_len,
@@ -69,20 +73,30 @@ void accumulate_tiles(const G* g, const T* x, const T* bl, const acc_t<T>* w, ac
   constexpr int64_t W = Vec::size();
   const int64_t D = p.D, K = p.K, S = p.S, KS = K * S, end = p.start + p.count;
   __at_align__ A sum[kAccBlock];  // kAccBlock is a multiple of W: whole vectors fit
-  __at_align__ A delta[kAccBlock];
+  __at_align__ A run[kAccBlock];
+  __at_align__ A total[kAccBlock];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = b_first + t / nblk;
     const int64_t d0 = (t % nblk) * blk_len, len = std::min(D - d0, blk_len);
     const T* xr = x + b * D + d0;
-    for_vectors<W>(len, [&](int64_t d, int64_t) { Vec(0).store(sum + d); });
+    for_vectors<W>(len, [&](int64_t d, int64_t) { Vec(0).store(total + d); });
     int64_t n = std::max(p.start, b * KS);
     const int64_t n_end = std::min(end, (b + 1) * KS);
     while (n < n_end) {  // one run of rows sharing the baseline k
       const int64_t q = n / S, k = q % K, run_end = std::min(n_end, (q + 1) * S);
       const T* br = bl + ((p.Bb > 1 ? b : 0) * K + k) * D + d0;
-      for_vectors<W>(len, [&](int64_t d, int64_t m) {
-        (load(xr + d, m) - load(br + d, m)).store(delta + d);
+      for_vectors<W>(len, [&](int64_t d, int64_t) {
+        Vec(0).store(sum + d);
+        Vec(0).store(run + d);
       });
+      int64_t in_sum = 0;  // rows in the partial sum
+      auto flush = [&]() {  // the partial sum joins the run's
+        for_vectors<W>(len, [&](int64_t d, int64_t) {
+          (Vec::loadu(run + d) + Vec::loadu(sum + d)).store(run + d);
+          Vec(0).store(sum + d);
+        });
+        in_sum = 0;
+      };
       int64_t s = n - q * S;
       // four rows per pass over the block (same additions, same order: fewer sum loads/stores)
       for (; n + 4 <= run_end; n += 4, s += 4) {
@@ -90,26 +104,32 @@ void accumulate_tiles(const G* g, const T* x, const T* bl, const acc_t<T>* w, ac
         const Vec c0(wn[0]), c1(wn[1]), c2(wn[2]), c3(wn[3]);
         const G* g0 = g + (n - p.start) * D + d0;
         for_vectors<W>(len, [&](int64_t d, int64_t m) {
-          const Vec dd = Vec::loadu(delta + d);
           Vec v = Vec::loadu(sum + d);
-          v += c0 * load(g0 + d, m) * dd;
-          v += c1 * load(g0 + D + d, m) * dd;
-          v += c2 * load(g0 + 2 * D + d, m) * dd;
-          v += c3 * load(g0 + 3 * D + d, m) * dd;
+          v += c0 * load(g0 + d, m);
+          v += c1 * load(g0 + D + d, m);
+          v += c2 * load(g0 + 2 * D + d, m);
+          v += c3 * load(g0 + 3 * D + d, m);
           v.store(sum + d);
         });
+        if ((in_sum += 4) >= kCascadeRows) flush();
       }
       for (; n < run_end; ++n, ++s) {
         const Vec c(w[p.per_point ? n - p.start : s]);
         const G* gr = g + (n - p.start) * D + d0;
         for_vectors<W>(len, [&](int64_t d, int64_t m) {
-          (Vec::loadu(sum + d) + c * load(gr + d, m) * Vec::loadu(delta + d)).store(sum + d);
+          (Vec::loadu(sum + d) + c * load(gr + d, m)).store(sum + d);
         });
+        if (++in_sum >= kCascadeRows) flush();
       }
+      flush();
+      for_vectors<W>(len, [&](int64_t d, int64_t m) {  // total += run * (x - b_k)
+        (Vec::loadu(total + d) + Vec::loadu(run + d) * (load(xr + d, m) - load(br + d, m)))
+            .store(total + d);
+      });
     }
     const Vec k_vec(static_cast<A>(K));
     for_vectors<W>(len, [&](int64_t d, int64_t m) {
-      (Vec::loadu(sum + d) / k_vec).store(out + b * D + d0 + d, m);
+      (Vec::loadu(total + d) / k_vec).store(out + b * D + d0 + d, m);
     });
   }
 }
