@@ -406,8 +406,11 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
     total = B * (K + 1)
     if max_memory is not None:
         x = problem.x
+        # beside the inputs and references, the path's sums (T per point): a budget they fill
+        # raises here, before the row probe below runs a forward past it
+        sums = getattr(problem, "T", 1) * x.numel() * accumulation_dtype(x.dtype).itemsize
         left = memory.budget_beside(memory.parse_budget(max_memory, x.device),
-                                    x.nbytes + problem.baselines.nbytes, x.device)
+                                    x.nbytes + problem.baselines.nbytes + sums, x.device)
         per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total))
         chunk = max(1, min(chunk, int(left // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)

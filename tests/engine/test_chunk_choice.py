@@ -321,3 +321,17 @@ def test_generation_reserves_the_sums_of_every_target_token(monkeypatch):
     tk.generation_attribution(model, prompt, targets, steps=4, max_memory="8MB")
     one_sum = prompt.numel() * 32 * 4  # [1, P*H] float32
     assert seen and min(seen) >= len(targets) * one_sum
+
+
+def test_a_budget_the_sums_fill_raises_before_the_row_probe(monkeypatch):
+    """The shape-only verdict comes first: the endpoint row probe (a forward with grad) ran
+    past a budget that the path's sums alone exceed (generation: 2.2x of 2 MB, then raised)."""
+    from taylor_kernels.models import tiny
+    model = tiny.gpt2(layers=1, d=32, vocab=64)
+
+    def probe(*args, **kwargs):
+        raise AssertionError("the row probe ran")
+    monkeypatch.setattr(path_engine, "_endpoint_row_bytes", probe)
+    with pytest.raises(MemoryError, match="leaves nothing for the path"):
+        tk.generation_attribution(model, torch.tensor([5, 9, 11, 3, 7, 2]),
+                                  torch.tensor([4, 8, 12, 6]), steps=4, max_memory=3000)
