@@ -55,7 +55,7 @@ class TextTokenInput:
     """
 
     def __init__(self, text: str, tokenizer, baselines: int | str = 0, skip_tokens=None):
-        register_with_captum()
+        register_with_captum(load=True)
         self.inp_tensor = tokenizer.encode(text, return_tensors="pt")
         self.itp_tensor, self.itp_mask = self.inp_tensor, None
         if skip_tokens:
@@ -90,11 +90,17 @@ class TextTokenInput:
         return itp_attr
 
 
-def register_with_captum() -> None:
-    """Make :class:`TextTokenInput` a virtual subclass of Captum's (its ABC), once Captum is
-    imported, so that Captum's own ``LLMAttribution`` (perturbation methods), which checks
-    its input's class, takes ours after a whole import line switched. Importing Captum here
-    would add ~0.3 s to every import of the front."""
+def register_with_captum(load: bool = False) -> None:
+    """Make :class:`TextTokenInput` a virtual subclass of Captum's (its ABC) so that Captum's
+    own ``LLMAttribution`` (perturbation methods), which checks its input's class, takes ours
+    after a whole import line switched: when Captum is imported already, or (``load``: the
+    first ``TextTokenInput`` made) importing it when installed. (Importing it with the front
+    would add ~0.3 s to every import.)"""
+    if load and "captum.attr" not in sys.modules:
+        try:
+            import captum.attr  # noqa: F401
+        except ImportError:
+            return
     captum_attr = sys.modules.get("captum.attr")
     theirs = getattr(captum_attr, "TextTokenInput", None)
     if isinstance(theirs, type) and hasattr(theirs, "register") and \

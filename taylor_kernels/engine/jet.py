@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
+from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
@@ -295,8 +296,11 @@ class _JetInterpreter(fx.Interpreter):
         if rule is not None:
             try:
                 return rule(*args, **kwargs)
-            except (NotImplementedError, TypeError, RuntimeError, IndexError):
-                pass  # no rule for this case (or arguments a rule does not know): run it exactly
+            except (NotImplementedError, TypeError, RuntimeError, IndexError) as exc:
+                # no rule for this case (or arguments a rule does not know): run it exactly;
+                # running out of memory or a device error is the user's to see
+                if memory.is_oom(exc) or isinstance(exc, getattr(torch, "AcceleratorError", ())):
+                    raise
         return _fallback(kind, target, args, kwargs, self.order)
 
 

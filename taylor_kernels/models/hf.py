@@ -94,23 +94,18 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
 
 def vocab_size(layer: nn.Module, model=None) -> int | None:
     """Rows of the embedding the ids index: ``model.get_input_embeddings()``'s, else (a model
-    without that method) those of ``layer`` when it is an embedding; for a custom module
-    without ``num_embeddings``, those of the one ``nn.Embedding`` inside it; None otherwise.
-    (The attributed layer's own rows were taken first: GPT-2's 1024 position embeddings
-    ``wpe`` became the vocabulary.)"""
+    without that method) those of ``layer`` when it is an embedding; None otherwise (a custom
+    module's own rule decides; its ``IndexError`` is named by :func:`embedded_ids`). (The
+    attributed layer's own rows were taken first: GPT-2's 1024 position embeddings ``wpe``
+    became the vocabulary.)"""
     get = getattr(model, "get_input_embeddings", None)
     try:
         table = get() if callable(get) else None
     except (NotImplementedError, AttributeError):  # transformers' base class raises when it
         table = None  # cannot find the embedding (the caller then names the layer)
-    modules = [m for m in (table, layer) if isinstance(m, nn.Module)]
-    for m in modules:
+    for m in (table, layer):
         if isinstance(getattr(m, "num_embeddings", None), int):
             return m.num_embeddings
-    for m in modules:  # e.g. a module scaling an nn.Embedding's output
-        inner = [e for e in m.modules() if isinstance(e, nn.Embedding)]
-        if len(inner) == 1:
-            return inner[0].num_embeddings
     return None
 
 
@@ -260,15 +255,18 @@ def accepts(model, name: str) -> bool:
 
 
 def cuts_logits(model) -> bool:
-    """Whether ``model`` is a language model whose head ``logits_to_keep`` cuts: it takes the
-    keyword and has output embeddings. Others may take it to cut hidden states before their
-    own pooling (``BioGptForSequenceClassification`` indexes past the cut) or ignore it."""
+    """Whether ``logits_to_keep`` goes to ``model``: it takes the keyword, and its
+    ``get_output_embeddings()`` (where it has one) is not None. A transformers model without
+    an LM head (None) may take it to cut hidden states before its own pooling
+    (``BioGptForSequenceClassification`` indexed past the cut); one that ignores it is read
+    at each row's position (:class:`PositionScore`)."""
     if not accepts(model, "logits_to_keep"):
         return False
-    try:
-        return model.get_output_embeddings() is not None
+    get = getattr(model, "get_output_embeddings", None)
+    try:  # only transformers' "no LM head" (None) says no; a wrapper without it passes it on
+        return not callable(get) or get() is not None
     except (AttributeError, NotImplementedError, TypeError):
-        return False
+        return True
 
 
 class PositionScore:
@@ -385,13 +383,31 @@ class TokenProblem:
     layer: nn.Module
 
 
+def embedded_ids(call: Callable, layer: nn.Module, ids: torch.Tensor, row_values: tuple,
+                 name: str, layer_input: list | None = None) -> torch.Tensor:
+    """:func:`layer_output` of ``ids``, an embedding's ``IndexError`` (an id past a custom
+    embedding module's table, whose size the library cannot read) named as
+    :class:`VocabIndexError` for the argument ``name``."""
+    try:
+        return layer_output(call, layer, ids, *row_values, layer_input=layer_input)
+    except IndexError as exc:
+        if isinstance(exc, VocabIndexError) or "out of range" not in str(exc):
+            raise
+        raise VocabIndexError(f"{name} holds ids up to {int(ids.max())}: the embedding "
+                              f"refused one ({exc}); is an id outside its vocabulary?") from exc
+
+
 def check_token_layout(act: torch.Tensor, ids: torch.Tensor, fed, layer: nn.Module) -> None:
-    """``ValueError`` unless the layer's activation ``act`` is laid out ``[B, L, ...]`` like
-    ``ids [B, L]``: XLNet embeds ``ids`` transposed (``[L, B, E]``), which a square ``ids``
-    hides from the shape alone, so its ``fed`` input (the ids the layer saw) is compared too."""
-    transposed = isinstance(fed, torch.Tensor) and fed.shape == ids.T.shape \
-        and not torch.equal(fed, ids) and torch.equal(fed, ids.T.to(fed.device))
-    if act.dim() < 2 or tuple(act.shape[:2]) != tuple(ids.shape) or transposed:
+    """``ValueError`` unless the layer's activation ``act`` has a row per row of ``ids
+    [B, L]`` and is laid out ``[B, L', ...]`` like the ids ``fed`` to the layer (an
+    encoder-decoder's decoder embedding gets the decoder's ids, of another length): XLNet
+    embeds ``ids`` transposed (``[L, B, E]``), which square ids hide from the shape alone,
+    so ``fed`` is compared with ``ids.T`` too."""
+    fed_ids = isinstance(fed, torch.Tensor) and fed.dim() == 2 and not fed.is_floating_point()
+    transposed = fed_ids and fed.shape == ids.T.shape and not torch.equal(
+        fed, ids.to(fed.device)) and torch.equal(fed, ids.T.to(fed.device))
+    if act.dim() < 2 or act.shape[0] != ids.shape[0] or transposed or (
+            fed_ids and tuple(act.shape[:2]) != tuple(fed.shape)):
         raise ValueError(f"layer {type(layer).__name__}'s output {tuple(act.shape)} is not laid "
                          f"out [batch, tokens, ...] like input_ids {tuple(ids.shape)} (XLNet "
                          "embeds the ids transposed); token attribution needs one activation "
@@ -421,13 +437,13 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
         kwargs["attention_mask"] = attention_mask
     call = KeywordModel(model, kwargs, ids.shape[0])
     fed: list = []
-    act_x = layer_output(call, emb, ids, *call.row_values, layer_input=fed)
+    act_x = embedded_ids(call, emb, ids, call.row_values, "input_ids", layer_input=fed)
     check_token_layout(act_x, ids, fed[0] if fed else None, emb)
     base = baseline_ids(baselines, ids, model, tokenizer)
     if base is not None:
         check_vocab(base, vocab_size(emb, model), "baselines")
-    act_b = torch.zeros_like(act_x) if base is None else layer_output(
-        call, emb, base, *call.row_values)
+    act_b = torch.zeros_like(act_x) if base is None else embedded_ids(
+        call, emb, base, call.row_values, "baselines")
     if act_b.shape != act_x.shape:
         raise ValueError(f"baseline activations {tuple(act_b.shape)} differ from the input's "
                          f"{tuple(act_x.shape)}")

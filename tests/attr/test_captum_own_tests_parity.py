@@ -112,3 +112,17 @@ def test_our_text_token_input_runs_in_captums_llm_attribution():
         runs.append(llm.attribute(mod.TextTokenInput("a b c", tok), "d e",
                                   use_cached_outputs=False).seq_attr)
     torch.testing.assert_close(runs[1], runs[0])
+
+
+def test_an_input_made_before_captum_is_imported_is_captums_too():
+    """The first TextTokenInput imports Captum (when installed) and registers with its ABC: an
+    input made before ``from captum.attr import LLMAttribution`` was refused by it."""
+    import subprocess
+    import sys
+    code = ("import torch, taylor_kernels.captum as tc\n"
+            "from taylor_kernels.models import tiny\n"
+            "tok = tiny.word_tokenizer('a b c d e'.split())\n"
+            "inp = tc.TextTokenInput('a b', tok)\n"
+            "from captum.attr import TextTokenInput\n"
+            "assert isinstance(inp, TextTokenInput)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -145,13 +145,71 @@ class _ScaledEmbedding(torch.nn.Module):
         return self.emb(ids) * 2.0
 
 
-def test_out_of_vocabulary_id_named_through_a_custom_embedding_module():
+class _AddedTokens(torch.nn.Module):
+    """A table and added tokens in a second parameter: ids past the inner table are valid."""
+
+    def __init__(self, emb, added: int):
+        super().__init__()
+        self.emb = emb
+        self.added = torch.nn.Parameter(torch.randn(added, emb.embedding_dim) * 0.02)
+
+    def forward(self, ids):
+        n = self.emb.num_embeddings
+        inner = self.emb(ids.clamp_max(n - 1))
+        extra = self.added[(ids - n).clamp(0, self.added.shape[0] - 1)]
+        return torch.where((ids >= n)[..., None], extra, inner)
+
+
+def test_ids_of_a_custom_embedding_module_judged_by_the_module():
+    """The module's own rule decides: an id past its inner table is refused by name only
+    when the module refuses it (reading the inner table's size refused added tokens)."""
     model = tiny.gpt2(layers=1, d=32, vocab=64)
     model.set_input_embeddings(_ScaledEmbedding(model.get_input_embeddings()))
-    assert hf.vocab_size(model.get_input_embeddings(), model) == 64
-    with warnings.catch_warnings(), pytest.raises(hf.VocabIndexError, match="id 70"):
+    with warnings.catch_warnings(), pytest.raises(hf.VocabIndexError, match="up to 70"):
         warnings.simplefilter("ignore")
         tk.token_integrated_gradients(model, torch.tensor([[2, 70, 3]]), 4, steps=4)
+    model.set_input_embeddings(_AddedTokens(model.get_input_embeddings().emb, added=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = tk.token_integrated_gradients(model, torch.tensor([[2, 70, 3]]), 4, steps=4,
+                                            baselines="pad")
+    assert res.attributions[0, 1].abs().sum() > 0
+
+
+def test_a_decoder_embedding_reads_the_decoders_ids():
+    """Token IG at an encoder-decoder's decoder embedding (``layer=``, decoder ids in
+    ``model_kwargs``): its activation has the decoder's length, not input_ids'."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32)).eval()
+    dec = torch.tensor([[2, 5, 9, 11], [2, 6, 8, 10]])
+    res = tk.token_integrated_gradients(model, IDS, TARGETS, layer="model.decoder.embed_tokens",
+                                        model_kwargs={"decoder_input_ids": dec}, steps=8)
+    assert res.token_scores.shape == (2, 4) and float(res.gap.abs().max()) < 1e-4
+
+
+class _PassesKeep(_Wraps):
+    """A plain wrapper passing logits_to_keep on, without get_output_embeddings."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=logits_to_keep).logits
+
+
+def test_a_wrapper_without_output_embeddings_keeps_the_cut(gpt2):
+    """Only transformers' "no LM head" (get_output_embeddings() is None) stops the cut: a
+    wrapper without the method computed all logits (27x the time at GPT-2's vocabulary)."""
+    assert hf.cuts_logits(_PassesKeep(gpt2))
+    rows = []
+    hook = gpt2.lm_head.register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
+    try:
+        tk.token_integrated_gradients(_PassesKeep(gpt2), IDS, TARGETS, steps=4)
+    finally:
+        hook.remove()
+    assert rows and max(rows) == 1
 
 
 def test_a_fixed_rule_that_has_not_converged_is_named():

@@ -676,3 +676,14 @@ def test_sub_alpha_rsub_and_constants_of_higher_rank():
         b = (h * W).sum(0) + (h / W).sum(0) + (h + W).sum(0) + (W - h).sum(0)   # [B, 4]
         return (a + b).sum(-1)
     check(f, torch.randn(2, 4, dtype=DT), order=4)
+
+
+def test_running_out_of_memory_in_a_rule_is_not_a_missing_rule(monkeypatch):
+    """A rule's own TypeError / RuntimeError falls back to the exact nested jvp, but running
+    out of memory is the caller's to see (it was retried by the costlier fallback)."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+    monkeypatch.setitem(jet_engine.rules.FUNCTION_RULES, torch.tanh, oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        tk.jet(lambda x: torch.tanh(x).sum(-1), torch.randn(2, 3, dtype=DT),
+               torch.randn(2, 3, dtype=DT), 2, cache=False)
