@@ -295,7 +295,11 @@ def layer_conductance(model, layer, inputs, baselines=None, target=None, *, step
     ``S + 1 = steps + 1`` nodes of the rule, ``p_s = b + t_s (x - b)`` (Captum's
     discretisation of ``int dF/da_j da_j`` along the path). ``kwargs`` as
     :func:`internal_influence`."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
+        raise TypeError(f"conductance needs an integer steps >= 1, got {steps!r}")
+    if not isinstance(steps, numbers.Integral):  # 2.5, also 2.0: Captum's TypeError too
+        raise quadrature.NotWholeError(f"conductance needs an integer steps >= 1, got {steps!r}")
+    if steps < 1:
         raise ValueError(f"conductance needs an integer steps >= 1, got {steps!r}")
     steps = int(steps)  # (numpy integers too, as Captum takes them)
     alphas, _ = _rule_table(rule, steps + 1)

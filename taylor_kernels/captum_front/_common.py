@@ -107,10 +107,10 @@ def captum_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
             raise
+        except TypeError as exc:  # (first: a non-whole step count is both, Captum's TypeError)
+            raise CaptumTypeError(str(exc)) from exc
         except ValueError as exc:
             raise CaptumValueError(str(exc)) from exc
-        except TypeError as exc:
-            raise CaptumTypeError(str(exc)) from exc
     return call
 
 

@@ -73,7 +73,9 @@ def _replacement(cls, original, ours: Callable, like: Callable):
 
     functools.update_wrapper(method, like)
     method.__wrapped__ = run  # Captum's NoiseTunnel calls attribute.__wrapped__(instance, ...)
-    method.__signature__ = inspect.signature(like)
+    # with Captum's signature: code reads getfullargspec(attribute.__wrapped__) (Captum's own
+    # tests choose whether to pass baselines by it)
+    method.__signature__ = run.__signature__ = inspect.signature(like)
     method.__taylor_kernels__ = True
     return method
 

@@ -36,15 +36,22 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+class NotWholeError(TypeError, ValueError):
+    """A step count that is a number but not a whole one: the ``TypeError`` Captum's rule
+    builders raise for it, and the ``ValueError`` of a bad value."""
+
+
 def check_steps(steps, minimum: int = 1, name: str = "steps") -> int:
-    """``steps`` as an int; ``TypeError`` for a string or another non-number, ``ValueError``
-    below ``minimum`` or not a whole number."""
+    """``steps`` as an int; ``TypeError`` for a string or another non-number,
+    :class:`NotWholeError` (both) for a number not whole, ``ValueError`` below ``minimum``."""
     if isinstance(steps, str):
         hint = f"; pass {name}={steps.strip()}" if steps.strip().isdigit() else ""
         raise TypeError(f"{name} must be an integer, got the string {steps!r}{hint}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
         raise TypeError(f"{name} must be an integer, got {type(steps).__name__} {steps!r}")
-    if not math.isfinite(steps) or int(steps) != steps or steps < minimum:
+    if math.isfinite(steps) and int(steps) != steps:
+        raise NotWholeError(f"{name} must be an integer >= {minimum}, got {steps!r}")
+    if not math.isfinite(steps) or steps < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {steps!r}")
     return int(steps)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from captum import attr as ca
 
+import taylor_kernels as tk
 import taylor_kernels.captum as tc
 from taylor_kernels.models import tiny
 
@@ -126,3 +127,27 @@ def test_an_input_made_before_captum_is_imported_is_captums_too():
             "from captum.attr import TextTokenInput\n"
             "assert isinstance(inp, TextTokenInput)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["IntegratedGradients", "LayerIntegratedGradients",
+                                  "GradientShap", "LayerGradientShap", "NeuronConductance"])
+def test_patched_attribute_wrapped_keeps_captums_signature(name):
+    """Captum's test_input_layer_wrapper reads ``getfullargspec(attribute.__wrapped__)`` to
+    decide whether to pass baselines: under patch() it showed ``(self, *args, **kwargs)``."""
+    import inspect
+    want = inspect.getfullargspec(getattr(ca, name).attribute.__wrapped__).args
+    with tc.patched():
+        got = inspect.getfullargspec(getattr(ca, name).attribute.__wrapped__).args
+    assert got == want
+
+
+@pytest.mark.parametrize("cls", ["IntegratedGradients", "LayerConductance"])
+def test_a_step_count_that_is_not_whole_is_captums_type_error(cls):
+    model = _ThreeLayers()
+    x = torch.randn(2, 3, dtype=F64)
+    method = tc.IntegratedGradients(model) if cls == "IntegratedGradients" else \
+        tc.LayerConductance(model, model.linear)
+    with pytest.raises(TypeError, match="integer"):
+        method.attribute(x, target=0, n_steps=2.5)
+    with pytest.raises(ValueError, match="integer"):  # ours: also the ValueError of a bad value
+        tk.integrated_gradients(model, x, target=0, steps=2.5)
