@@ -294,7 +294,8 @@ def layer_conductance(model, layer, inputs, baselines=None, target=None, *, step
     """Conductance ``C_j = sum_{s<S} dF/da_j (p_s) (a_j(p_{s+1}) - a_j(p_s))`` over the
     ``S + 1 = steps + 1`` nodes of the rule, ``p_s = b + t_s (x - b)`` (Captum's
     discretisation of ``int dF/da_j da_j`` along the path). ``kwargs`` as
-    :func:`internal_influence`."""
+    :func:`internal_influence`. ``steps`` must be an integer (``2.0`` too is refused, with
+    Captum's ``TypeError``: Captum's conductance takes no float step count)."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
         raise TypeError(f"conductance needs an integer steps >= 1, got {steps!r}")
     if not isinstance(steps, numbers.Integral):  # 2.5, also 2.0: Captum's TypeError too

@@ -99,7 +99,7 @@ def register_with_captum(load: bool = False) -> None:
     if load and "captum.attr" not in sys.modules:
         try:
             import captum.attr  # noqa: F401
-        except ImportError:
+        except Exception:  # noqa: BLE001 - absent, or broken against this torch: not needed
             return
     captum_attr = sys.modules.get("captum.attr")
     theirs = getattr(captum_attr, "TextTokenInput", None)

@@ -384,14 +384,17 @@ class TokenProblem:
 
 
 def embedded_ids(call: Callable, layer: nn.Module, ids: torch.Tensor, row_values: tuple,
-                 name: str, layer_input: list | None = None) -> torch.Tensor:
-    """:func:`layer_output` of ``ids``, an embedding's ``IndexError`` (an id past a custom
-    embedding module's table, whose size the library cannot read) named as
-    :class:`VocabIndexError` for the argument ``name``."""
+                 name: str, vocab: int | None, layer_input: list | None = None) -> torch.Tensor:
+    """:func:`layer_output` of ``ids``; where the vocabulary is unknown (``vocab`` None: a
+    custom embedding module, whose table the library cannot read), an embedding's
+    ``IndexError`` named as :class:`VocabIndexError` for the argument ``name`` (where it is
+    known the ids were checked against it, so the error is another table's, e.g.
+    ``token_type_ids``, and is raised as it is)."""
     try:
         return layer_output(call, layer, ids, *row_values, layer_input=layer_input)
     except IndexError as exc:
-        if isinstance(exc, VocabIndexError) or "out of range" not in str(exc):
+        if vocab is not None or isinstance(exc, VocabIndexError) or \
+                "out of range" not in str(exc):
             raise
         raise VocabIndexError(f"{name} holds ids up to {int(ids.max())}: the embedding "
                               f"refused one ({exc}); is an id outside its vocabulary?") from exc
@@ -420,7 +423,8 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
                   tokenizer=None) -> TokenProblem:
     """Prepare token-id attribution through the embedding layer (see the module docstring)."""
     emb = input_embeddings(model, layer)
-    ids = check_ids(input_ids, vocab=vocab_size(emb, model))
+    vocab = vocab_size(emb, model)
+    ids = check_ids(input_ids, vocab=vocab)
     kwargs = dict(model_kwargs or {})
     if "input_ids" in kwargs or "inputs_embeds" in kwargs:
         raise ValueError("model_kwargs must not hold input_ids or inputs_embeds: the ids are "
@@ -437,13 +441,13 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
         kwargs["attention_mask"] = attention_mask
     call = KeywordModel(model, kwargs, ids.shape[0])
     fed: list = []
-    act_x = embedded_ids(call, emb, ids, call.row_values, "input_ids", layer_input=fed)
+    act_x = embedded_ids(call, emb, ids, call.row_values, "input_ids", vocab, layer_input=fed)
     check_token_layout(act_x, ids, fed[0] if fed else None, emb)
     base = baseline_ids(baselines, ids, model, tokenizer)
     if base is not None:
-        check_vocab(base, vocab_size(emb, model), "baselines")
+        check_vocab(base, vocab, "baselines")
     act_b = torch.zeros_like(act_x) if base is None else embedded_ids(
-        call, emb, base, call.row_values, "baselines")
+        call, emb, base, call.row_values, "baselines", vocab)
     if act_b.shape != act_x.shape:
         raise ValueError(f"baseline activations {tuple(act_b.shape)} differ from the input's "
                          f"{tuple(act_x.shape)}")
@@ -509,6 +513,8 @@ def warn_if_unconverged(gap: torch.Tensor, attrs: torch.Tensor, baselines) -> No
     ``|f(x) - f(b)|`` for some row (``f(x) - f(b) = sum(attrs) - gap``). The zero
     embedding puts an RMSNorm decoder (Llama, Mistral, Qwen) at RMSNorm's singularity, where
     no fixed rule converges: token scores moved 2x between 50 and 800 steps, silently."""
+    if gap.dim() != 1:  # one output per row is what token IG reads
+        return
     delta = attrs.reshape(attrs.shape[0], -1).sum(-1) - gap
     rel = gap.abs() / delta.abs().clamp_min(torch.finfo(delta.dtype).tiny)
     bad = (rel > UNCONVERGED_GAP) & (delta.abs() > 1e-6 * attrs.abs().amax().clamp_min(1))

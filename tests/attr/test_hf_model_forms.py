@@ -223,3 +223,18 @@ def test_a_fixed_rule_that_has_not_converged_is_named():
         res = tk.token_integrated_gradients(tiny.gpt2(layers=2, d=32), IDS[:1], 3, steps=16,
                                             baselines="pad")
     assert float(res.gap.abs().max()) < 1e-3
+
+
+def test_another_tables_index_error_is_not_called_a_vocabulary_error():
+    """BERT's token-type table (2 rows) refusing token_type_ids=5: the ids were checked
+    against the known vocabulary, so the embedding's own IndexError stands (it was relabelled
+    'input_ids holds ids up to ...')."""
+    model = tiny.bert(layers=1, d=32)
+    ids = torch.tensor([[2, 17, 33, 8]])
+    with pytest.raises(IndexError) as err:
+        tk.token_integrated_gradients(model, ids, position=None, layer="embeddings",
+                                      output=lambda out: out.last_hidden_state[:, 0, :3],
+                                      target=0, model_kwargs={"token_type_ids":
+                                                              torch.full_like(ids, 5)},
+                                      steps=4)
+    assert not isinstance(err.value, hf.VocabIndexError)
