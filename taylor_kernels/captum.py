@@ -40,8 +40,8 @@ from taylor_kernels.captum_front import (GradientShap, IntegratedGradients, Inte
                                          LayerIntegratedGradients, NeuronConductance,
                                          NeuronIntegratedGradients, NoiseTunnel)
 from taylor_kernels.captum_front.llm import (LLMAttributionResult, LLMGradientAttribution,
-                                             TextTokenInput)
-from taylor_kernels.captum_front.llm import register_with_captum as _register_with_captum
+                                             TextTokenInput,
+                                             register_with_captum as _register_with_captum)
 from taylor_kernels.captum_front.patch import is_patched, patch, patched, unpatch
 
 __all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",

@@ -296,12 +296,13 @@ def layer_conductance(model, layer, inputs, baselines=None, target=None, *, step
     discretisation of ``int dF/da_j da_j`` along the path). ``kwargs`` as
     :func:`internal_influence`. ``steps`` must be an integer (``2.0`` too is refused, with
     Captum's ``TypeError``: Captum's conductance takes no float step count)."""
+    why = f"conductance needs an integer steps >= 1, got {steps!r}"
     if isinstance(steps, bool) or not isinstance(steps, numbers.Real):
-        raise TypeError(f"conductance needs an integer steps >= 1, got {steps!r}")
+        raise TypeError(why)
     if not isinstance(steps, numbers.Integral):  # 2.5, also 2.0: Captum's TypeError too
-        raise quadrature.NotWholeError(f"conductance needs an integer steps >= 1, got {steps!r}")
+        raise quadrature.NotWholeError(why)
     if steps < 1:
-        raise ValueError(f"conductance needs an integer steps >= 1, got {steps!r}")
+        raise ValueError(why)
     steps = int(steps)  # (numpy integers too, as Captum takes them)
     alphas, _ = _rule_table(rule, steps + 1)
     table = alphas.to(torch.float64).unsqueeze(0)

@@ -221,6 +221,12 @@ def run_chunks(plan: chunking.ChunkPlan, start: int, stop: int,
             bar.update(count)
 
 
+def _sum_bytes(problem: PathProblem, x: torch.Tensor) -> int:
+    """Bytes of one weight vector's sums: ``[T, B', D]`` in the accumulation dtype (``T``
+    outputs per point, 1 unless ``problem.forward`` returns ``[N, T]``)."""
+    return getattr(problem, "T", 1) * x.numel() * accumulation_dtype(x.dtype).itemsize
+
+
 def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torch.Tensor], *,
               x: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
@@ -253,8 +259,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     weight_sets = [_to_device(w, x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
-    held += x.nbytes + bl.nbytes + len(weight_sets) * getattr(problem, "T", 1) * x.numel() * \
-        accumulation_dtype(x.dtype).itemsize  # inputs and the T outputs' sums
+    held += x.nbytes + bl.nbytes + len(weight_sets) * _sum_bytes(problem, x)  # inputs, sums
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory, cost=point_cost,
                               # a choice made under another share cap is not this call's
@@ -408,9 +413,9 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
         x = problem.x
         # beside the inputs and references, the path's sums (T per point): a budget they fill
         # raises here, before the row probe below runs a forward past it
-        sums = getattr(problem, "T", 1) * x.numel() * accumulation_dtype(x.dtype).itemsize
         left = memory.budget_beside(memory.parse_budget(max_memory, x.device),
-                                    x.nbytes + problem.baselines.nbytes + sums, x.device)
+                                    x.nbytes + problem.baselines.nbytes + _sum_bytes(problem, x),
+                                    x.device)
         per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total))
         chunk = max(1, min(chunk, int(left // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)
