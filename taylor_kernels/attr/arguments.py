@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def forward_args(additional_forward_args) -> tuple:
-    """Additional forward args as a tuple: None -> ``()``, a tuple as is, else a 1-tuple."""
-    if additional_forward_args is None:
-        return ()
-    if isinstance(additional_forward_args, tuple):
-        return additional_forward_args
-    return (additional_forward_args,)
+from taylor_kernels.engine.row_args import forward_args  # noqa: F401  (re-exported)
 
 
 def inputs_tuple(inputs) -> tuple[torch.Tensor, ...]:

@@ -22,6 +22,7 @@ import torch
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
+from taylor_kernels.engine.row_args import check_row_args, forward_args, select_rows
 from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
 
 MAX_SETS = 200_000
@@ -160,28 +161,9 @@ def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor | None,
     return torch.cat(parts).transpose(0, 1)
 
 
-def _target_groups(problem: PathProblem):
-    """``(rows, f)`` per distinct target: ``f: [n, D] -> [n]`` evaluates the model at any
-    number of flattened points with that group's target, so the derivative engine may chunk
-    the rows freely."""
-    t = problem.target
-    if t is None:
-        keys = [0] * problem.B
-    elif isinstance(t, torch.Tensor):
-        keys = t.tolist()
-    else:
-        keys = [tuple(k) for k in t]
-    groups: dict = {}
-    for b, k in enumerate(keys):
-        groups.setdefault(k, []).append(b)
-    for members in groups.values():
-        rows = torch.tensor(members, dtype=torch.long, device=problem.x.device)
-        yield rows, (lambda first: lambda flat: problem.forward(
-            flat, first.expand(flat.shape[0])))(rows[:1])
-
-
 def _local(f, x: torch.Tensor, directions, order: int, set_list, max_memory) -> torch.Tensor:
-    """Derivatives of one target group: ``[n, D, D]`` / ``[n, m, m]`` or ``[n, n_sets]``."""
+    """Derivatives at the batch ``x [B, D]``: ``[B, D, D]`` / ``[B, m, m]`` or
+    ``[B, n_sets]``."""
     if set_list is None:
         if directions is None:
             return hessian(f, x, max_memory=max_memory)
@@ -192,7 +174,7 @@ def _local(f, x: torch.Tensor, directions, order: int, set_list, max_memory) -> 
 
 
 def interactions(model, inputs, target=None, *, order: int = 2, sets=None, feature_mask=None,
-                 max_memory=None) -> LocalInteractions:
+                 max_memory=None, additional_forward_args=None) -> LocalInteractions:
     """Local cross-derivative interactions ``d^k f(x) / dx_i1 ... dx_ik`` (signed; take
     ``.strengths`` for ``|.|``).
 
@@ -211,26 +193,21 @@ def interactions(model, inputs, target=None, *, order: int = 2, sets=None, featu
             a tuple for tuple inputs): indices in ``sets`` and the result then refer to groups,
             with the group-indicator definition of the module docstring.
         max_memory: bytes (or ``"512MB"``) for one chunk of HVPs or of vmapped sets.
+        additional_forward_args: more arguments of ``model(*inputs, *args)``, as in Captum: a
+            tensor ``[B, ...]`` goes with its rows (a padding mask), ``[1, ...]`` to every
+            row, anything else as is.
     Returns:
         :class:`LocalInteractions` (``derivatives``, ``sets``, ``strengths``).
     """
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
-    problem = make_problem(model, inputs, None, target)
+    problem = make_problem(model, inputs, None, target, additional_forward_args)
     directions = None if feature_mask is None else _group_directions(feature_mask, problem)
     n = problem.x.shape[1] if directions is None else directions.shape[1]
     set_list = None if sets is None and order == 2 else _normalise_sets(sets, order, n)
-    out = None
-    for rows, f in _target_groups(problem):
-        dirs = directions if directions is None or directions.shape[0] == 1 else directions[rows]
-        part = _local(f, problem.x[rows], dirs, order, set_list, max_memory)
-        if rows.shape[0] == problem.B:  # one target for all rows (in order): no copy, which
-            out = part                  # doubled a Hessian's [B, D, D] beside the budget
-            break
-        if out is None:
-            out = part.new_zeros((problem.B,) + tuple(part.shape[1:]))
-        out[rows] = part
-    return LocalInteractions(out, set_list)
+    # one function of any rows' points: each row's target and forward args go with it
+    return LocalInteractions(_local(problem.row_function(), problem.x, directions, order,
+                                    set_list, max_memory), set_list)
 
 
 def _aggregate(strengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -254,7 +231,8 @@ def _ranking(values: torch.Tensor, sets) -> list[tuple[tuple[int, ...], float]]:
 
 
 def greedy_interaction_sets(model, inputs, target=None, *, max_order: int = 3, beam: int = 5,
-                            aggregate: str = "mean", feature_mask=None, max_memory=None
+                            aggregate: str = "mean", feature_mask=None, max_memory=None,
+                            additional_forward_args=None
                             ) -> dict[int, list[tuple[tuple[int, ...], float]]]:
     """Greedy search for strong higher-order interactions (Lerman et al.): rank all pairs by
     ``aggregate_b |d^2 f(x_b) / dx_i dx_j|``, then for ``k = 3..max_order`` extend each of the
@@ -269,7 +247,8 @@ def greedy_interaction_sets(model, inputs, target=None, *, max_order: int = 3, b
         raise ValueError(f"max_order must be an integer >= 2, got {max_order!r}")
     if not isinstance(beam, int) or beam < 1:
         raise ValueError(f"beam must be a positive integer, got {beam!r}")
-    kw = dict(feature_mask=feature_mask, max_memory=max_memory)
+    kw = dict(feature_mask=feature_mask, max_memory=max_memory,
+              additional_forward_args=additional_forward_args)
     pairs = interactions(model, inputs, target, **kw).strengths
     found = {2: _ranking(_aggregate(pairs, aggregate), None)}
     n = pairs.shape[1]
@@ -331,14 +310,15 @@ def _slice_mask(mask, rows: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
 def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
                         feature_mask=None, aggregate: str = "mean", points: str = "all",
                         n_random: int = 0, seed: int | None = None, batch_size: int = 256,
-                        max_memory=None) -> GlobalInteractions:
+                        max_memory=None, additional_forward_args=None) -> GlobalInteractions:
     """Global ranking: ``aggregate_n |d^k f(x_n) / dx_S|`` over data rows ``x_n``.
 
     Args:
         data: tensor ``[N, ...]`` or tuple of tensors (the points); target as in
             :func:`interactions` (a ``[N]`` tensor or list is sliced with the rows).
-        order, sets, feature_mask, max_memory: as :func:`interactions` (a per-row mask
-            ``[N, ...]`` is sliced with the rows).
+        order, sets, feature_mask, max_memory, additional_forward_args: as
+            :func:`interactions` (a per-row mask ``[N, ...]`` and per-row forward args are
+            sliced with the rows).
         aggregate: ``mean``, ``median`` or ``max`` over the points.
         points: ``"all"`` rows of ``data``, or ``"representative"`` (:func:`representative_rows`
             of the first input, plus ``n_random`` random rows drawn with ``seed``).
@@ -354,13 +334,17 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
         raise ValueError(f"points must be 'all' or 'representative', got {points!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    fargs = forward_args(additional_forward_args)
+    check_row_args(fargs, tup[0].shape[0])
     parts, found_sets = [], None
     for chunk in rows.split(batch_size):
         xs = tuple(t[chunk.to(t.device)] for t in tup)
         res = interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
                            order=order, sets=sets,
                            feature_mask=_slice_mask(feature_mask, chunk, tup),
-                           max_memory=max_memory)
+                           max_memory=max_memory,
+                           additional_forward_args=select_rows(fargs, chunk,
+                                                               tup[0].shape[0]))
         parts.append(res.strengths)
         found_sets = res.sets
     agg = _aggregate(torch.cat(parts), aggregate)

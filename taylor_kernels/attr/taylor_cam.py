@@ -21,6 +21,7 @@ import torch
 from taylor_kernels.attr.layer import _activation, layer_replaced_forward
 from taylor_kernels.engine.derivative import hessian_block
 from taylor_kernels.engine.problem import as_tuple, make_problem
+from taylor_kernels.engine.row_args import forward_args
 
 
 @dataclass
@@ -67,7 +68,8 @@ def _region_ids(regions, spatial: tuple[int, ...], B: int, device) -> torch.Tens
 
 
 def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=None,
-               order: int = 2, max_memory=None) -> TaylorCAMResult:
+               order: int = 2, max_memory=None, additional_forward_args=None
+               ) -> TaylorCAMResult:
     """Second-order Taylor-CAM of ``layer``'s output (a conv feature map ``[B, C, *spatial]``).
 
     Args:
@@ -79,6 +81,9 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
             regions, ``R = max id + 1``; an id with no cell gives zeros).
         order: 2 (the only order the paper defines).
         max_memory: bytes (or ``"512MB"``) per chunk of Hessian-vector products.
+        additional_forward_args: more arguments of ``model(*inputs, *args)``, as in Captum: a
+            tensor ``[B, ...]`` goes with its rows, ``[1, ...]`` to every row, anything else
+            as is.
     Returns:
         :class:`TaylorCAMResult` with ``scores``/``cross`` ``[B, R, R]``.
     """
@@ -88,13 +93,14 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
     if tup[0].dim() == 0 or tup[0].shape[0] == 0:
         raise ValueError(f"input 0 has shape {tuple(tup[0].shape)}; Taylor-CAM needs a "
                          "non-empty batch [B, ...]")
-    act = _activation(model, layer, tup, (), of_input=False)
+    fargs = forward_args(additional_forward_args)
+    act = _activation(model, layer, tup, fargs, of_input=False)
     if act.dim() < 3:
         raise ValueError(f"layer output has shape {tuple(act.shape)}; Taylor-CAM needs a "
                          "feature map [B, C, *spatial]")
     B, C, spatial = act.shape[0], act.shape[1], tuple(act.shape[2:])
     problem = make_problem(layer_replaced_forward(model, layer, of_input=False), act, None,
-                           target, additional_forward_args=tup)
+                           target, additional_forward_args=tup + fargs)
     ids = _region_ids(regions, spatial, B, act.device)
     R = int(ids.max()) + 1
     cross = problem.x.new_zeros(B, R, R)

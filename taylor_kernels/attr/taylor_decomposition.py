@@ -32,13 +32,13 @@ from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 
 
-def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target,
+def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target, args: tuple,
                  cache: bool = True) -> torch.Tensor:
     """``[order, B, ...]``: ``Delta_i (d c_k / d Delta_i) / k`` for k = 1..order (reverse mode
     through the jet along ``Delta``, expansion point ``b`` held fixed)."""
     direction = delta.detach().clone().requires_grad_(True)
     coeffs = jet(model, b, direction.unsqueeze(1), order, target=target,
-                 cache=cache)[1:, :, 0]                                              # [J, B]
+                 additional_forward_args=args, cache=cache)[1:, :, 0]               # [J, B]
     shares = []
     for k in range(1, order + 1):
         (g,) = torch.autograd.grad(coeffs[k - 1].sum(), direction, retain_graph=k < order)
@@ -46,7 +46,7 @@ def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target
     return torch.stack(shares)
 
 
-def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target,
+def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target, args: tuple,
                 cache: bool = True) -> torch.Tensor:
     """``[B, D, D]`` symmetric, zero diagonal: ``H_ij(b) Delta_i Delta_j`` from mixed partials
     (Griewank-Utke-Walther order-2 jets) for every pair i < j."""
@@ -58,7 +58,8 @@ def _pair_terms(model, b: torch.Tensor, delta: torch.Tensor, target,
     iu = torch.triu_indices(D, D, offset=1, device=delta.device)
     sets = list(zip(iu[0].tolist(), iu[1].tolist()))
     flat = delta.reshape(B, D).to(acc)
-    hij = mixed_partials(model, b, sets, target=target, cache=cache).to(acc)       # [B, P]
+    hij = mixed_partials(model, b, sets, target=target, additional_forward_args=args,
+                         cache=cache).to(acc)                                      # [B, P]
     pairs[:, iu[0], iu[1]] = hij * flat[:, iu[0]] * flat[:, iu[1]]
     return pairs + pairs.transpose(1, 2)
 
@@ -117,7 +118,8 @@ def _jet_target(problem: PathProblem):
 
 
 def taylor_decomposition(model, inputs, baselines=None, target=None, *,
-                         order: int = 3, cache: bool = True) -> TaylorDecomposition:
+                         order: int = 3, cache: bool = True,
+                         additional_forward_args=None) -> TaylorDecomposition:
     """Expand ``f(x) - f(b)`` around the baseline into Taylor terms up to ``order``.
 
     Args:
@@ -130,6 +132,9 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
         order: highest order ``J`` expanded, ``1 <= J <= 15``; cost: jets of order ``J``
             along ``B * (D + 1)`` directions, order-2 jets for the ``D (D - 1) / 2`` pairs.
         cache: reuse the jet engine's traced graph (``False``: trace anew; see :func:`tk.jet`).
+        additional_forward_args: more arguments of ``model(inputs, *args)``, as in Captum: a
+            tensor ``[B, ...]`` goes with its rows (a padding mask), ``[1, ...]`` to every
+            row, anything else as is.
     Returns:
         :class:`TaylorDecomposition` (see its fields); ``summary()`` returns it as text.
     """
@@ -137,7 +142,7 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
         raise ValueError(f"order must be an integer in [1, 15], got {order!r}")
     if not isinstance(inputs, torch.Tensor):
         raise TypeError("taylor_decomposition takes one input tensor [B, ...]")
-    problem = make_problem(model, inputs, baselines, target)
+    problem = make_problem(model, inputs, baselines, target, additional_forward_args)
     if problem.K != 1:
         raise ValueError(f"taylor_decomposition expands around one baseline per input; got "
                          f"{problem.K} baselines per input")
@@ -148,14 +153,15 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
     delta = problem.x.reshape(B, *feat) - b
     acc = accumulation_dtype(delta.dtype)  # bf16/fp16 terms summed in float32
     with torch.enable_grad():
-        jet_ = functools.partial(jet, target=tgt, cache=cache)
+        args = problem.forward_args
+        jet_ = functools.partial(jet, target=tgt, additional_forward_args=args, cache=cache)
         along = jet_(model, b, delta.unsqueeze(1), order)[:, :, 0].detach().to(acc)  # [J+1, B]
         V = torch.diag_embed(delta.reshape(B, D)).reshape(B, D, *feat)             # Delta_i e_i
         indep = jet_(model, b, V, order).detach().to(acc)                          # [J+1, B, D]
-        ig_split = _ig_by_order(model, b, delta, order, tgt, cache).detach().to(acc)
+        ig_split = _ig_by_order(model, b, delta, order, tgt, args, cache).detach().to(acc)
         fx = jet_(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0)[0, :, 0].detach()
         fx = fx.to(acc)
-        pairs = (_pair_terms(model, b, delta, tgt, cache).detach() if order >= 2
+        pairs = (_pair_terms(model, b, delta, tgt, args, cache).detach() if order >= 2
                  else delta.new_zeros(B, D, D, dtype=acc))
     fb = along[0]
     return TaylorDecomposition(

@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.composite_norms import composite_norms
+from taylor_kernels.engine.row_args import at_rows, mapped, with_forward_args
 from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
                                      seeded_generator)
 from taylor_kernels.shared_setting import SharedSetting
@@ -111,8 +112,13 @@ def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
                          f"{x.shape[0]} row(s) it returned {shape}: select one output, e.g. "
                          "lambda z: model(z)[:, k] (f is called on fewer rows than the batch: "
                          "a closure over the batch's own tensors, a padding mask, cannot follow "
-                         "them; attribute one input at a time)")
+                         "them; pass such tensors as additional_forward_args)")
     return out.reshape(x.shape[0])
+
+
+def _batch(x) -> int:
+    """``B`` of a tensor ``x [B, ...]`` (0 for anything else: :func:`_check_x` names it)."""
+    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
 
 
 def _check_x(f, x, *directions) -> None:
@@ -265,7 +271,8 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
     n = min(PROBE_ROWS, x.shape[0])
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), n)
     try:
-        cached = _COSTS.setdefault(f if owner is None else owner, {})
+        cached = _COSTS.setdefault(getattr(f, "cost_owner", f) if owner is None else owner,
+                                   {})
     except TypeError:  # not weak-referenceable: measure every time
         cached = {}
     explicit = budget is not None and not isinstance(budget, memory.DefaultBudget)
@@ -278,12 +285,13 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
                               f"product (measured {int(one)} bytes); raise max_memory")
 
     if key not in cached:
-        one = _probe_bytes(f, x[:1])
+        one = _probe_bytes(at_rows(f, slice(0, 1), x.device), x[:1])
         check_fits(one)  # before the larger probe
         rows = n
         if explicit and n > 1:  # chunks take a share of a CPU budget: so does the probe
             rows = max(2, min(n, int(memory.chunk_room(budget, x.device) // max(one, 1.0))))
-        many = _probe_bytes(f, x[:rows]) if rows > 1 else one
+        many = _probe_bytes(at_rows(f, slice(0, rows), x.device), x[:rows]) if rows > 1 \
+            else one
         per = (many - one) / (rows - 1) if many > one else many / rows
         cached[key] = PairCost(per, max(0.0, one - per))
     cost = cached[key]
@@ -355,7 +363,8 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
         if reduce is None or reduced is not None else None
     for r0 in range(0, B, rows):
         for m0 in range(0, M, dirs):
-            _, hv = grad_and_hvp(f, x[r0:r0 + rows], V[r0:r0 + rows, m0:m0 + dirs])
+            _, hv = grad_and_hvp(at_rows(f, slice(r0, r0 + rows), x.device), x[r0:r0 + rows],
+                                 V[r0:r0 + rows, m0:m0 + dirs])
             part = hv if reduce is None else reduce(hv, r0, m0)
             if out is not None:
                 out[r0:r0 + rows, m0:m0 + dirs] = part
@@ -363,7 +372,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
 
 
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
-        chunk_size: int | None = None) -> torch.Tensor:
+        chunk_size: int | None = None, additional_forward_args=None) -> torch.Tensor:
     """Hessian-vector products ``out[b, m] = H(x_b) v[b, m]`` with ``H = d^2 f_b / dx_b^2``.
 
     Args:
@@ -375,12 +384,15 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
             one each.
         max_memory: bytes or e.g. ``"256MB"`` per chunk (default as the path engine);
         chunk_size: fixed (row, direction) pairs per chunk instead.
+        additional_forward_args: more arguments, ``f(x, *args)``; a tensor ``[B, ...]`` goes
+            with its rows (a padding mask), ``[1, ...]`` to every row, anything else as is.
     Returns:
         ``[B, M, ...]`` (or shaped like ``x`` when ``v`` was), dtype of ``x``.
     Raises ``ValueError`` for non-finite ``x``/``v``, zero directions, or a model that couples
     rows or is random; ``RuntimeError`` inside ``torch.inference_mode()`` (also for
     :func:`hessian`, :func:`hessian_diagonal`, :func:`third_order`).
     """
+    f = with_forward_args(f, additional_forward_args, _batch(x))
     _check_x(f, x, v)
     V, single = _as_directions(x, v)
     out = _chunked(f, x, V, max_memory, chunk_size)
@@ -389,7 +401,7 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
 
 def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor | None = None,
                   *, scale: torch.Tensor | None = None, max_memory=None,
-                  chunk_size: int | None = None) -> torch.Tensor:
+                  chunk_size: int | None = None, additional_forward_args=None) -> torch.Tensor:
     """The Hessian contracted on both sides: ``out[b, m, n] = (s_b * W[b, n]) . H(x_b) U[b, m]``.
 
     Args: ``f [B, ...] -> [B]``; ``x [B, ...]``; ``U [B, M, ...]`` and ``W [B, N, ...]``
@@ -397,9 +409,11 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
     weights ``W`` elementwise without a copy. Each chunk's products ``H U`` are contracted as
     they come, so the ``[B, M, D]`` products are never held (group interactions and Taylor-CAM
     held them, and a scaled copy of their directions, beside the budget: Taylor-CAM at
-    1.8-2.7x of 10-16 MB); an explicit ``max_memory`` holds the directions' storage.
+    1.8-2.7x of 10-16 MB); an explicit ``max_memory`` holds the directions' storage;
+    ``additional_forward_args`` as :func:`hvp`.
     Returns ``[B, M, N]`` in ``x.dtype``.
     """
+    f = with_forward_args(f, additional_forward_args, _batch(x))
     _check_x(f, x, U, *(() if W is None else (W,)))
     V, _ = _as_directions(x, U)
     Wd = V if W is None else _as_directions(x, W)[0]
@@ -499,19 +513,21 @@ def _rademacher_chunks(B: int, M: int, D: int, dtype, device,
 
 def _flat_f(f: Callable, x: torch.Tensor) -> Callable:
     feat = tuple(x.shape[1:])
-    return lambda z: f(z.reshape(z.shape[0], *feat))
+    return mapped(f, lambda z: z.reshape(z.shape[0], *feat))
 
 
 def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
-            chunk_size: int | None = None) -> torch.Tensor:
+            chunk_size: int | None = None, additional_forward_args=None) -> torch.Tensor:
     """Hessian rows ``H[b, r, :] = d^2 f_b / dx_{index[r]} dx`` over flattened features.
 
     Args: f ``[B, ...] -> [B]``; x ``[B, ...]`` with ``D = prod(x.shape[1:])``; index: feature
     numbers (flattened, ``R`` of them; a block ``H[I, J]`` is ``out[:, :, J]``), None for all;
     max_memory: a hard limit for the HVP chunks (default: a fraction of the free memory);
-    chunk_size: fixed (row, direction) pairs per chunk instead.
+    chunk_size: fixed (row, direction) pairs per chunk instead; additional_forward_args: as
+    :func:`hvp`.
     Returns: ``[B, D, D]`` or ``[B, R, D]`` in ``x.dtype``.
     """
+    f = with_forward_args(f, additional_forward_args, _batch(x))
     _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
     idx = index_rows(index, D, x.device)
@@ -522,15 +538,17 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
 
 def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
                      samples: int = 64, seed: int | None = None, max_memory=None,
-                     chunk_size: int | None = None) -> torch.Tensor:
+                     chunk_size: int | None = None, additional_forward_args=None
+                     ) -> torch.Tensor:
     """Diagonal ``d^2 f_b / dx_i^2`` over flattened features: ``[B, D]``.
 
     ``method="exact"``: ``e_i^T H e_i`` from ``D`` unit-direction HVPs (only the diagonal of
     each chunk is kept). ``method="hutchinson"``: ``mean_m v_m * (H v_m)`` over ``samples``
     Rademacher vectors ``v_m`` (unbiased; variance ``sum_{j != i} H_ij^2 / samples``), drawn
     from a private generator seeded with ``seed``. ``f [B, ...] -> [B]``, ``x [B, ...]``;
-    ``max_memory`` / ``chunk_size`` as :func:`hessian`.
+    ``max_memory`` / ``chunk_size`` / ``additional_forward_args`` as :func:`hessian`.
     """
+    f = with_forward_args(f, additional_forward_args, _batch(x))
     _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
     ff, xf = _flat_f(f, x), x.reshape(B, D)
@@ -559,11 +577,14 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     return (total / int(samples)).to(xf.dtype)
 
 
-def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
+                additional_forward_args=None) -> torch.Tensor:
     """Third-order contraction ``D^3 f(x_b)[u_b, v_b, .] = grad_x (v_b^T H(x_b) u_b)``: ``[B, D]``.
 
-    Args: f ``[B, ...] -> [B]``; x, u, v ``[B, ...]`` (one pair of directions per row).
+    Args: f ``[B, ...] -> [B]``; x, u, v ``[B, ...]`` (one pair of directions per row);
+    ``additional_forward_args`` as :func:`hvp`.
     """
+    f = with_forward_args(f, additional_forward_args, _batch(x))
     _check_x(f, x, v, u)
     for name, t in (("u", u), ("v", v)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape):

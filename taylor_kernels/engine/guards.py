@@ -62,6 +62,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from taylor_kernels.engine.row_args import RowFunction, at_rows
 from taylor_kernels.shared_setting import SharedSetting
 
 _ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_row_coupling",
@@ -101,6 +102,9 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
         if id(v) in seen:
             return
         seen[id(v)] = v
+        if isinstance(v, RowFunction):  # (a wrapper: no level of its own)
+            visit(v.model, left)
+            return
         if isinstance(v, nn.Module):
             found.setdefault(id(v), v)
             return
@@ -302,10 +306,12 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
     """Check R for ``f`` mapping a batch ``[N, ...] -> [N, ...]`` (``jet``, ``hvp``): row 0 of
     ``x`` beside another (:func:`distinct_row` with ``other [...]``), within :func:`probing`.
     Returns ``f(x[:1])`` (None inside :func:`allow_row_coupling`)."""
+    row_data = f.row_data if isinstance(f, RowFunction) else ()  # (rows may differ in their
+    partner, index = distinct_row(x, other, *row_data)  # arguments; the index picks them)
     with probing(f):  # on copies: the caller's x must not change (a forward changing it
         # was blamed on randomness)
-        return check_rows_independent(lambda points, rows: on_a_copy(f, points), x[0],
-                                      distinct_row(x, other)[0], 0)
+        return check_rows_independent(lambda points, rows: on_a_copy(at_rows(f, rows), points),
+                                      x[0], partner, index)
 
 
 @contextlib.contextmanager

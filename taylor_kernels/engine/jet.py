@@ -36,6 +36,7 @@ from collections import OrderedDict
 
 import torch
 import torch.fx as fx
+from torch.fx._symbolic_trace import PH
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -46,6 +47,7 @@ from taylor_kernels.engine.guards import (_close, cell_values, check_function_ro
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.problem import class_indices
+from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, with_forward_args
 from taylor_kernels.models.outputs import default_output
 from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
                                      polarization_rule)
@@ -129,29 +131,44 @@ def _trace_key(f) -> tuple:
     return tuple(key)
 
 
-def _trace(f, cache: bool = True) -> fx.GraphModule | None:
-    """``x -> f(x)`` as a GraphModule, else with child modules as leaves, else None; cached
-    (``cache=True``) until :func:`_trace_key` of ``f`` changes."""
-    return _trace_cached(f, cache)[0]
+def _trace(f, cache: bool = True, args: tuple = ()) -> fx.GraphModule | None:
+    """``x -> f(x, *args)`` as a GraphModule, else with child modules as leaves, else None;
+    cached (``cache=True``) until :func:`_trace_key` of ``f`` or the form of ``args`` changes.
+    The tensors of ``args`` are inputs of the graph after ``x`` (:func:`_tensor_args`); their
+    values are not traced, the rest of ``args`` is."""
+    return _trace_cached(f, cache, args)[0]
 
 
-def _trace_cached(f, cache: bool = True) -> tuple[fx.GraphModule | None, bool]:
+def _tensor_args(args: tuple) -> tuple[torch.Tensor, ...]:
+    """The tensors of forward ``args``: the graph's inputs after ``x``, in order."""
+    return tuple(a for a in args if isinstance(a, torch.Tensor))
+
+
+def _args_form(args: tuple) -> tuple:
+    """What a trace takes from forward ``args``: where the tensors are and the other values."""
+    return tuple(None if isinstance(a, torch.Tensor) else ("value", _value_key(a))
+                 for a in args)
+
+
+def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[fx.GraphModule | None, bool]:
     """:func:`_trace` and whether the graph came from the cache."""
-    key = _trace_key(f) if cache else None
+    key = (_trace_key(f), _args_form(args)) if cache else None
     with _TRACES_LOCK:
         hit = _TRACES.get(id(f)) if cache else None
         if hit is not None and hit[0]() is f and hit[1] == key:
             _TRACES.move_to_end(id(f))
             return hit[2], True
 
-    def call(x):
-        return f(x)
+    def call(x, *tensors):
+        it = iter(tensors)
+        return f(x, *(next(it) if isinstance(a, torch.Tensor) else a for a in args))
 
+    placeholders = (PH,) * (1 + len(_tensor_args(args)))
     gm = None
     for leaf_children in (False, True):
         tracer = _Tracer(leaf_children)
         try:
-            graph = tracer.trace(call)
+            graph = tracer.trace(call, concrete_args=placeholders)
         except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
             continue
         gm = fx.GraphModule(tracer.root, graph)
@@ -172,10 +189,10 @@ def _trace_cached(f, cache: bool = True) -> tuple[fx.GraphModule | None, bool]:
 
 def _primal_matches(f, x: torch.Tensor, row0, out: torch.Tensor) -> bool:
     """Whether the jet's value ``c_0`` at row 0 equals ``f(x[:1])`` from a real forward
-    (``row0``, check R's, else run here), compared over the whole output row (every target
-    form alike): a cached trace can be stale through state its key cannot see (a module-level
-    constant or helper a ``forward`` reads, a dict attribute changed in place), and then
-    returned the old function's coefficients, ``c_0`` included."""
+    (``row0``, check R's, else run here; ``f`` a function of row 0's points), compared over
+    the whole output row (every target form alike): a cached trace can be stale through state
+    its key cannot see (a module-level constant or helper a ``forward`` reads, a dict attribute
+    changed in place), and then returned the old function's coefficients, ``c_0`` included."""
     if row0 is None:
         with torch.no_grad():
             row0 = f(x[:1])
@@ -345,7 +362,8 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
 
 
 def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None,
-        fallback: bool = False, cache: bool = True) -> torch.Tensor:
+        additional_forward_args=None, fallback: bool = False, cache: bool = True
+        ) -> torch.Tensor:
     """Normalized Taylor coefficients of ``t -> f(x + t v)`` for ``M`` directions per input.
 
     Args:
@@ -354,6 +372,9 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         directions: ``[B, M, ...]`` (or shaped like ``x`` for ``M = 1``).
         order: ``J`` in ``[0, 15]``.
         target: class index (int or ``[B]`` tensor) when ``f`` returns ``[B, C]``.
+        additional_forward_args: more arguments, ``f(x, *args)``: a tensor ``[B, ...]`` goes
+            with its rows (a padding mask; repeated for each direction), ``[1, ...]`` to every
+            row, anything else as is (as in Captum). The tensors carry no direction.
         fallback: skip tracing and use nested forward-mode AD for the whole of ``f``.
         cache: reuse the traced graph while ``f``'s modules, parameters and attributes are
             unchanged (module docstring); ``False`` traces anew (state the key cannot see).
@@ -365,9 +386,12 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     """
     directions = _check_jet_args(x, directions, order)
     check_model(f, (x, directions))
-    row0 = check_function_rows(f, x, x[0] + directions[0, 0].to(x.dtype)) \
-        if x.is_floating_point() else None
     B, M = directions.shape[:2]
+    fa = with_forward_args(f, additional_forward_args, B)
+    row0 = check_function_rows(fa, x, x[0] + directions[0, 0].to(x.dtype)) \
+        if x.is_floating_point() else None
+    args = select_rows(forward_args(additional_forward_args),
+                       torch.arange(B, device=x.device).repeat_interleave(M), B)
     x0 = x.unsqueeze(1).expand(directions.shape).reshape((B * M,) + x.shape[1:])
     if x.is_floating_point():
         parts = [x0.unsqueeze(0), directions.reshape((1,) + x0.shape).to(x.dtype),
@@ -375,29 +399,32 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         arg = Jet(torch.cat(parts[:order + 1] if order < 2 else parts))
     else:
         arg = x0
-    gm, cached = (None, False) if fallback else _trace_cached(f, cache)
-    out = None if gm is None else _run_traced(gm, arg, order, cache)
+    gm, cached = (None, False) if fallback else _trace_cached(f, cache, args)
+    out = None if gm is None else _run_traced(gm, arg, order, cache, args)
+    row0_f = at_rows(fa, torch.zeros(1, dtype=torch.long, device=x.device))
     if out is not None and cached and not row_coupling_allowed() and \
-            not _primal_matches(f, x, row0, out):  # (a random model's c0 differs anyway)
+            not _primal_matches(row0_f, x, row0, out):  # (a random model's c0 differs anyway)
         with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
             _TRACES.clear()
-        gm = _trace(f, cache)
-        out = None if gm is None else _run_traced(gm, arg, order, cache)
+        gm = _trace(f, cache, args)
+        out = None if gm is None else _run_traced(gm, arg, order, cache, args)
     if out is None and isinstance(arg, Jet):
         if not fallback:
             _warn_once(_op_name("call_function", f), "could not trace")
         with higher_order_ops(f):
-            out = nested_jvp_coefficients(lambda z: _plain_output(f(z)), [arg.c], order)
+            out = nested_jvp_coefficients(lambda z: _plain_output(f(z, *args)), [arg.c], order)
     elif out is None:
-        out = rules.as_jet(_plain_output(f(arg)), order).c
+        out = rules.as_jet(_plain_output(f(arg, *args)), order).c
     return _select(out, target, B, M)
 
 
-def _run_traced(gm: fx.GraphModule, arg, order: int, cache: bool) -> torch.Tensor:
-    """The jet coefficients ``[J+1, B*M, ...]`` of a traced model at ``arg`` (a mapping's,
-    ``ModelOutput``'s or tuple's output by the rule of
-    :func:`~taylor_kernels.models.outputs.model_output`: it raised "Could not infer dtype")."""
-    res = _JetInterpreter(gm, order, cache).run(arg)
+def _run_traced(gm: fx.GraphModule, arg, order: int, cache: bool, args: tuple = ()
+                ) -> torch.Tensor:
+    """The jet coefficients ``[J+1, B*M, ...]`` of a traced model at ``arg`` with forward
+    ``args`` (their tensors the graph's later inputs) (a mapping's, ``ModelOutput``'s or
+    tuple's output by the rule of :func:`~taylor_kernels.models.outputs.model_output`: it
+    raised "Could not infer dtype")."""
+    res = _JetInterpreter(gm, order, cache).run(arg, *_tensor_args(args))
     if not isinstance(res, (Jet, torch.Tensor)):
         res = _output_jet(res)
     return res.c if isinstance(res, Jet) else rules.as_jet(res, order).c
@@ -431,11 +458,13 @@ def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:
     return feats, tuple(list(index_set).count(i) for i in feats)
 
 
-def mixed_partials(f, x: torch.Tensor, sets, *, target=None, cache: bool = True) -> torch.Tensor:
+def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_args=None,
+                   cache: bool = True) -> torch.Tensor:
     """Mixed partial derivatives ``d^|S| f / d x_{i_1} ... d x_{i_k}`` for index tuples S.
 
     Args: ``x [B, ...]``; ``sets`` a list of tuples of 1 to 4 flat feature indices (repeats
-    allowed: ``(3, 3)`` is ``d^2 f / d x_3^2``); ``target`` as in :func:`jet`.
+    allowed: ``(3, 3)`` is ``d^2 f / d x_3^2``); ``target`` and ``additional_forward_args`` as
+    in :func:`jet`.
     Returns: ``[B, len(sets)]``. Each set costs one jet of order ``|S|`` along the
     Griewank-Utke-Walther directions ``sum_l j_l e_{i_l}`` (:func:`polarization_rule`), all
     sets batched into one :func:`jet` call per order (``cache`` as in :func:`jet`).
@@ -463,7 +492,8 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, cache: bool = True)
         members = [m for m, p in enumerate(plans) if p[0] == d]
         dirs = torch.cat([plans[m][1] for m in members])
         V = dirs.reshape((1, -1) + x.shape[1:]).expand((x.shape[0], -1) + x.shape[1:])
-        c = jet(f, x, V, d, target=target, cache=cache)[d]  # [B, sum of M]
+        c = jet(f, x, V, d, target=target, additional_forward_args=additional_forward_args,
+                cache=cache)[d]  # [B, sum of M]
         start = 0
         for m in members:
             gamma = plans[m][2].to(device=x.device, dtype=x.dtype)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from taylor_kernels.engine import guards
+from taylor_kernels.engine.row_args import (RowFunction, check_row_args, forward_args,
+                                            select_rows)
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import all_finite
 
@@ -195,18 +197,7 @@ class PathProblem:
         return parts if self.was_tuple else parts[0]
 
     def _rows_args(self, rows: torch.Tensor) -> tuple:
-        args = []
-        for a in self.forward_args:
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                if a.shape[0] == self.B:
-                    a = a.index_select(0, rows.to(a.device))
-                elif a.shape[0] == 1:
-                    a = a.expand(rows.shape[0], *a.shape[1:])
-                else:
-                    raise ValueError(f"additional forward arg of shape {tuple(a.shape)}: its "
-                                     f"first dimension must be the batch ({self.B}) or 1")
-            args.append(a)
-        return tuple(args)
+        return select_rows(self.forward_args, rows, self.B)
 
     def attached_x(self) -> torch.Tensor:
         """The flattened inputs ``[B, D]`` still attached to the caller's inputs (``x`` itself
@@ -345,6 +336,15 @@ class PathProblem:
     def _precision(self) -> torch.dtype | None:
         return self.x.dtype if self.x.is_floating_point() else None
 
+    def row_function(self) -> RowFunction:
+        """The selected outputs ``[N]`` as a function of ``N`` flattened points of any rows of
+        the batch (:class:`~taylor_kernels.engine.row_args.RowFunction`): the derivative and
+        jet engines call it on slices and probes of the rows, which pick each point's target
+        and forward args; measured costs are cached under the model."""
+        return RowFunction(self.forward, self.B, self.model,
+                           getattr(self.model, "cost_owner", self.model),
+                           tuple(self._row_tensors()))
+
     def _row_tensors(self) -> list[torch.Tensor]:
         return [a for a in self.forward_args if guards.is_row_tensor(a, self.B)]
 
@@ -463,12 +463,8 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     B = _check_inputs(tup)
     x = torch.cat([t.detach().reshape(B, -1) for t in tup], dim=1)
     bl = flatten_baselines(baselines, tup)
-    if additional_forward_args is None:
-        fargs = ()
-    elif isinstance(additional_forward_args, tuple):
-        fargs = additional_forward_args
-    else:
-        fargs = (additional_forward_args,)
+    fargs = forward_args(additional_forward_args)
+    check_row_args(fargs, B)
     problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
     guards.check_model(model, tup)
     if checked_output is not None:
