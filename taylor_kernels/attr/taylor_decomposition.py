@@ -95,7 +95,8 @@ class TaylorDecomposition:
         lines = []
         B = self.fx.shape[0]
         first = self.first_order.reshape(B, -1).sum(1)
-        indep = self.independent.reshape(self.order - 1, B, -1).sum(2)
+        indep = self.independent.reshape(self.order - 1, B, -1).sum(2) if self.order > 1 \
+            else None  # (order 1: no terms of higher order)
         for n in range(self.fx.shape[0]):
             delta = float(self.fx[n] - self.fb[n])
             lines.append(f"input {n}: f(x) - f(b) = {delta:.6g}")

@@ -34,7 +34,7 @@ from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taylor_kernels.engine import guards, memory
-from taylor_kernels.engine.composite_norms import composite_norms
+from taylor_kernels.engine.composite_norms import composite_group_norm, composite_norms
 from taylor_kernels.engine.row_args import at_rows, mapped, with_forward_args
 from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
                                      seeded_generator)
@@ -105,7 +105,10 @@ def _warn_once(msg: str, stacklevel: int = 3) -> None:
 
 
 def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
-    out = f(x)
+    """``f(x)`` as ``[B]``, group norms composite (:func:`composite_group_norm`: the batched
+    second backward gets theirs wrong)."""
+    with composite_group_norm():
+        out = f(x)
     if not isinstance(out, torch.Tensor) or out.numel() != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
         raise ValueError(f"f must return one scalar per row ([N] for N rows); for "

@@ -255,9 +255,12 @@ def _jsum(x: Jet, dims, keepdim: bool = True) -> Jet:
 
 
 def softmax(x: Jet, dim=None, _stacklevel=3, dtype=None, log=False) -> Jet:
-    """``softmax(x)_i = e_i / sum e``, ``e = exp(x - max x_0)``; ``log``: ``x - m - log sum e``."""
+    """``softmax(x)_i = e_i / sum e``, ``e = exp(x - max x_0)``; ``log``: ``x - m - log sum e``.
+    ``dim=None`` is torch's implicit choice (``nn.Softmax()``: 0 for 0, 1 or 3 dims, else 1;
+    torch's deprecation warning included)."""
     if dim is None:
-        raise ValueError("jet softmax needs an explicit dim")
+        dim = F._get_softmax_dim("log_softmax" if log else "softmax", x.c.dim() - 1,
+                                 _stacklevel + 2)
     if dtype is not None:  # softmax(w, -1, dtype=torch.float32): HF's eager attention
         x = Jet(x.c.to(dtype))
     d = _dims(x, dim)
@@ -424,6 +427,15 @@ def _softplus(x, beta=1.0, threshold=20.0):
     return Jet(torch.where(x.c[0] * beta > threshold, x.c, out.c))  # no host sync
 
 
+def pad(x: Jet, pad, mode: str = "constant", value=None) -> Jet:
+    """``F.pad``: affine in ``x``; a constant fill ``value`` is the value's (order 0) only,
+    the coefficients of order ``k >= 1`` are padded with 0."""
+    if mode != "constant" or not value:
+        return per_coefficient(F.pad, (x, pad), {"mode": mode, "value": value})
+    zeros = F.pad(x.c[1:], pad, value=0.0)  # (the leading order dim is not padded)
+    return Jet(torch.cat([F.pad(x.c[:1], pad, value=value), zeros]))
+
+
 def _dropout(x, *args, **kwargs):
     return x  # the engine runs models in eval mode: dropout is the identity
 
@@ -448,7 +460,7 @@ CONSTANT_METHODS = ("gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__g
 LINEAR_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
                     torch.squeeze, torch.cat, torch.stack, torch.sum, torch.mean, operator.getitem,
                     torch.chunk, torch.split, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-                    F.adaptive_avg_pool2d, F.pad, torch.movedim, torch.narrow)
+                    F.adaptive_avg_pool2d, torch.movedim, torch.narrow)
 LINEAR_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "unsqueeze",
                   "squeeze", "expand", "repeat", "sum", "mean", "chunk", "split", "narrow",
                   "movedim", "to", "float", "double", "type_as", "view_as", "reshape_as",
@@ -456,7 +468,7 @@ LINEAR_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contigu
 
 FUNCTION_RULES = {
     **{fn: _activation_fn(name) for fn, name in UNARY_FUNCTIONS.items()},
-    F.gelu: _gelu, F.softplus: _softplus, F.dropout: _dropout,
+    F.gelu: _gelu, F.softplus: _softplus, F.dropout: _dropout, F.pad: pad,
     operator.add: add, torch.add: add, operator.sub: sub, torch.sub: sub, torch.rsub: rsub,
     operator.mul: mul,
     torch.mul: mul, operator.truediv: div, torch.div: div, operator.neg: neg, torch.neg: neg,

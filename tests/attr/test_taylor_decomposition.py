@@ -99,6 +99,8 @@ def test_residual_shrinks_with_order_on_mlp():
     r = tk.taylor_decomposition(model, x, b, target=torch.tensor([0, 2]), order=2)
     text = r.summary()
     assert "residual" in text and "input 1" in text
+    first = tk.taylor_decomposition(model, x, b, target=1, order=1).summary()  # (crashed:
+    assert "order 1" in first and "order 2" not in first  # no independent terms to sum)
 
 
 def test_pairs_match_the_hessian_on_mlp():

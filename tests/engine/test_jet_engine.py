@@ -133,6 +133,32 @@ def test_softmax_and_log_softmax():
           torch.randn(3, 4, dtype=DT))
 
 
+def test_implicit_softmax_dim_as_torch_chooses():
+    """``nn.Softmax()`` (no dim: torch picks 1 for a 2-d input, with its deprecation warning)
+    raised "jet softmax needs an explicit dim" and nothing caught it."""
+    lin = nn.Linear(4, 5).double()
+    soft = nn.Softmax()
+    x, V = torch.randn(3, 4, dtype=DT), torch.randn(3, 2, 4, dtype=DT)
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        got = tk.jet(lambda z: soft(lin(z))[:, 1], x, V, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = reference_jet(lambda z: soft(lin(z))[:, 1], x, V, 4)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("call", [
+    lambda z: torch.tanh(F.pad(z, (1, 2), value=0.7)).sum(-1),
+    lambda z: torch.tanh(F.pad(z, (1, 1), "constant", -1.5)).pow(2).sum(-1),
+    lambda z: torch.tanh(F.pad(z.unsqueeze(1), (2, 1), mode="replicate")).sum((1, 2)),
+    lambda z: torch.tanh(F.pad(z, (1, 1))).sum(-1)])
+def test_pad_fills_only_the_value(call):
+    """``F.pad(value=0.7)`` was taken as linear: the fill went into every coefficient (the
+    first-order one of ``tanh(pad(z, value=0.7))`` 2.28 where it is 1.40), silently, through
+    ``taylor_decomposition`` and ``mixed_partials`` too."""
+    check(call, torch.randn(3, 4, dtype=DT))
+
+
 def test_layer_norm():
     ln = nn.LayerNorm(6).double()
     nn.init.normal_(ln.weight)
