@@ -8,12 +8,14 @@ net, expected-gradient penalty weight ``lambda`` picked from ``--lams`` on valid
 accuracy), both with Adam and early stopping on validation accuracy; test accuracy is
 reported, mean and std over repeats.
 
-Usage: python python/dapr_two_moons.py [--small] [--out-dir bench/results/dapr]
+Usage: python python/dapr_two_moons.py [--small] [--out-dir DIR]  (default bench/results/dapr;
+       --small: a temporary directory)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,12 +134,18 @@ def main(argv=None) -> dict:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out-dir", default="bench/results/dapr")
+    p.add_argument("--out-dir", default=None,
+                   help="output directory (default bench/results/dapr; with --small a "
+                        "temporary directory, so a smoke run never replaces the recorded "
+                        "results)")
     args = p.parse_args(argv)
     args.points, args.split = 1000, (200, 400, 400)
     if args.small:
         args.nuisance, args.repeats, args.epochs, args.patience = [20], 1, 3, 2
         args.hidden, args.lams, args.points, args.split = 8, [1.0], 200, (60, 70, 70)
+    if args.out_dir is None:
+        args.out_dir = (tempfile.mkdtemp(prefix="dapr-small-") if args.small
+                        else "bench/results/dapr")
     torch.set_num_threads(1)
     rows = [one_repeat(n, seed, args) for n in args.nuisance for seed in range(args.repeats)]
     summary = summarize(rows)
@@ -150,6 +158,7 @@ def main(argv=None) -> dict:
     (out / "two_moons.json").write_text(json.dumps(result, indent=1))
     plot(summary, out / "two_moons.png")
     print(table)
+    print(f"written to {out}/two_moons.{{md,json,png}}")
     return result
 
 

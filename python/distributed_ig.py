@@ -49,7 +49,7 @@ def attribute(args) -> None:
     elapsed = time.perf_counter() - t0
     # each line in one write, newline included: print() writes the newline separately, and
     # the ranks share stdout, so another rank's line could land in between
-    say(f"rank {rank}/{world}: {res.evaluations} evaluations in {elapsed:.2f} s, "
+    say(f"rank {rank}/{world}: {res.evaluations} evaluations over all ranks, {elapsed:.2f} s, "
         f"checksum {res.attributions.double().sum().item():.10e}, "
         f"max |gap| {res.gap.abs().max().item():.2e}")
     if rank == 0:

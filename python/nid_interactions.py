@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -234,7 +235,10 @@ def table(rows: list[dict], cfg: argparse.Namespace) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="tiny smoke run (2 functions)")
-    p.add_argument("--out", default="bench/results/nid", help="output directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default bench/results/nid; with --small a "
+                        "temporary directory, so a smoke run never replaces the recorded "
+                        "results)")
     p.add_argument("--functions", default=None, help="comma-separated subset, e.g. F1,F5")
     p.add_argument("--samples", type=int, default=10_000, help="per split")
     p.add_argument("--epochs", type=int, default=100)
@@ -245,6 +249,8 @@ def main(argv=None) -> None:
     cfg = p.parse_args(argv)
     if cfg.small:
         cfg.samples, cfg.epochs, cfg.eval_points, cfg.ih_steps = 300, 3, 32, 8
+    if cfg.out is None:
+        cfg.out = tempfile.mkdtemp(prefix="nid-small-") if cfg.small else "bench/results/nid"
     names = (cfg.functions.split(",") if cfg.functions else
              ["F1", "F5"] if cfg.small else list(FUNCTIONS))
     unknown = [n for n in names if n not in FUNCTIONS]
@@ -264,6 +270,7 @@ def main(argv=None) -> None:
     (out / "nid.md").write_text("# Pairwise interaction detection on the NID functions\n\n" + text)
     (out / "nid.json").write_text(json.dumps({"config": vars(cfg), "rows": rows}, indent=1))
     print(text)
+    print(f"written to {out}/nid.{{md,json}}")
 
 
 if __name__ == "__main__":

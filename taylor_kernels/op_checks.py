@@ -19,6 +19,13 @@ def check_operands(**tensors: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be a real floating-point tensor, got {got}")
+    check_same_device(**tensors)
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """``ValueError`` unless the tensors share one device. The ops' fake kernels check this
+    too: an op called directly with one ``meta`` operand runs its fake kernel, which returned
+    uninitialised memory on the other operands' device."""
     if len({t.device for t in tensors.values()}) > 1:
         raise ValueError(f"operands on different devices: "
                          f"{ {n: str(t.device) for n, t in tensors.items()} }")

@@ -28,7 +28,9 @@ std::array<at::Tensor, 2> order0_seeds(const at::Tensor& u0, int fn) {
     case jet::kSilu: return {at::sigmoid(u0), {}};
     case jet::kExp: return {at::exp(u0), {}};
     case jet::kLog: return {at::log(u0), {}};
-    case jet::kSoftplus: return {at::softplus(u0, 1, 20), at::sigmoid(u0)};
+    case jet::kSoftplus:  // log(1 + e^u) without torch's threshold (u above 20: its value
+      // u was 2e-9 off in float64, inconsistent with the sigmoid(u) of order 1)
+      return {at::clamp_min(u0, 0) + at::log1p(at::exp(-at::abs(u0))), at::sigmoid(u0)};
     case jet::kGelu:
       return {at::exp(u0 * u0 * -0.5) * jet::kInvSqrt2Pi, (at::erf(u0 * jet::kInvSqrt2) + 1) * 0.5};
     case jet::kGeluTanh: return {at::tanh((u0 + u0 * u0 * u0 * 0.044715) * jet::kGeluTanhC), {}};

@@ -52,8 +52,8 @@ __device__ __forceinline__ void order0_seeds(int fn, A u0, A& s0, A& s1) {
     case jet::kSilu: s0 = sig; break;
     case jet::kExp: s0 = dexp(u0); break;
     case jet::kLog: s0 = dlog(u0); break;
-    case jet::kSoftplus:  // torch's threshold: softplus(x) = x above 20
-      s0 = u0 > A(20) ? u0 : dlog1p(dexp(u0));
+    case jet::kSoftplus:  // log(1 + e^u) without a threshold: its derivative is sigmoid(u)
+      s0 = (u0 > A(0) ? u0 : A(0)) + dlog1p(dexp(-(u0 < A(0) ? -u0 : u0)));
       s1 = sig;
       break;
     case jet::kGelu:

@@ -10,8 +10,6 @@ with a ``RuntimeWarning``. Used by IG, expected gradients and Shapley IG (straig
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _adaptive,
@@ -19,6 +17,7 @@ from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _ada
 from taylor_kernels.engine import exact_path, path_engine
 from taylor_kernels.engine.exact_rules import NotPiecewiseLinear
 from taylor_kernels.engine.problem import PathProblem
+from taylor_kernels.user_warnings import warn
 
 PADDING_RATIO = 1.25  # inputs integrated together need at most this many times the fewest nodes
 PADDING_SLACK = 16    # ... or at most this many more (small plans: fewer engine calls)
@@ -41,7 +40,7 @@ def groups_by_size(sizes: torch.Tensor, ratio: float = PADDING_RATIO,
 
 
 def _warn(message: str) -> None:
-    warnings.warn(f"rule='exact': {message}", RuntimeWarning, stacklevel=4)
+    warn(f"rule='exact': {message}", RuntimeWarning)
 
 
 def _fallback(problem: PathProblem, tol: float, fx, fb, only, engine_kw: dict):
@@ -50,7 +49,8 @@ def _fallback(problem: PathProblem, tol: float, fx, fb, only, engine_kw: dict):
     flat, evaluations, used = _adaptive(problem, tol, fx, fb, only=only, **engine_kw)
     rows = slice(None) if only is None else only.to(flat.device)
     delta = (fx - fb.mean(dim=1))[rows]
-    _warn_if_gap_large(flat.detach()[rows].sum(dim=1) - delta, delta, tol, "adaptive", tol)
+    _warn_if_gap_large(flat.detach()[rows].sum(dim=1) - delta, delta, tol, "adaptive", tol,
+                       problem.x.dtype)
     return flat, evaluations, used
 
 
@@ -61,10 +61,10 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
     Args: ``problem``; ``fx [B]``, ``fb [B, K]`` endpoint outputs; ``max_regions`` cap per path
     (default :data:`~taylor_kernels.engine.exact_path.DEFAULT_MAX_REGIONS`); ``tol`` the
     fallback's tolerance; ``engine_kw`` for :func:`path_engine.integrate`.
-    Returns: ``(sums [B, D], evaluations, nodes_per_input [B], regions [B, K] or None)``;
-    ``regions`` is ``-1`` for paths over the cap and for inputs whose exact sums missed
-    completeness beyond rounding (both then take the adaptive rule, with a warning), None
-    when the whole call fell back.
+    Returns: ``(sums [B, D], evaluations, nodes_per_input [B], regions [B, K])``;
+    ``regions`` is ``-1`` for paths over the cap, for inputs whose exact sums missed
+    completeness beyond rounding and for every path when the whole call fell back (all then
+    take the adaptive rule, with a warning).
     """
     if engine_kw.get("create_graph"):
         raise ValueError("rule='exact' does not support create_graph=True: its breakpoints "
@@ -78,7 +78,7 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
     except NotPiecewiseLinear as exc:
         _warn(f"{exc.reason}; falling back to rule='adaptive' (tol={tol:g})")
         flat, evaluations, used = _fallback(problem, tol, fx, fb, None, engine_kw)
-        return flat, evaluations, used, None
+        return flat, evaluations, used, torch.full((problem.B, problem.K), -1, dtype=torch.long)
     ok = (plan.regions >= 0).all(dim=1)
     flat, evaluations, cost = None, 0, None
     used = torch.zeros(problem.B, dtype=torch.long)

@@ -272,6 +272,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     full = sums.reshape(T, P, -1)                                       # [T, P, H]
     token_attr = full.sum(-1)
     gap = token_attr.sum(1) - (fx[0] - fb[0, 0])
-    _warn_if_gap_large(gap, fx[0] - fb[0, 0], tol or DEFAULT_ADAPTIVE_TOL, rule, tol)
+    _warn_if_gap_large(gap, fx[0] - fb[0, 0], tol or DEFAULT_ADAPTIVE_TOL, rule, tol,
+                       problem.x.dtype)
     return GenerationAttribution(token_attr, token_attr.sum(0), fx[0], gap, prompt[0], target,
                                  evaluations, full if return_embedding_attr else None, nodes)

@@ -5,7 +5,6 @@ each input. The completeness gap ``sum_i IG_i - mean_k (f(x) - f(b_k))`` is repo
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from taylor_kernels import backends
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import PathProblem, make_problem
+from taylor_kernels.user_warnings import warn
 
 DEFAULT_ADAPTIVE_TOL = 1e-4
 
@@ -67,11 +67,10 @@ def _converged(gap, delta, fine, coarse, tol: float, last: bool, labels) -> torc
     met = small_gap & _levels_agree(fine, coarse, tol) if coarse is not None else \
         torch.zeros_like(small_gap)
     if last and bool((small_gap & ~met).any()):
-        warnings.warn(f"adaptive rule: inputs {labels[small_gap & ~met].tolist()[:8]} meet the "
-                      f"completeness gap but their attributions still change by more than "
-                      f"sqrt(tol) = {tol ** 0.5:.1e} of the largest between 31 and 63 nodes "
-                      "(errors that cancel in the sum); use a fixed rule with more steps",
-                      RuntimeWarning, stacklevel=5)
+        warn(f"adaptive rule: inputs {labels[small_gap & ~met].tolist()[:8]} meet the "
+             f"completeness gap but their attributions still change by more than "
+             f"sqrt(tol) = {tol ** 0.5:.1e} of the largest between 31 and 63 nodes "
+             "(errors that cancel in the sum); use a fixed rule with more steps", RuntimeWarning)
     return met
 
 
@@ -230,7 +229,8 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor | None,
         else:
             gap = _gap(problem, flat.detach(), fx, fb)
     if fx is not None:
-        _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol)
+        _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol,
+                           problem.x.dtype)
     attrs = problem.split(flat)  # float32 for float32/bf16/fp16 inputs, float64 for float64
     return AttributionResult(attrs if problem.was_tuple else attrs[0], gap, evaluations, used,
                              regions)
@@ -252,9 +252,21 @@ def _distributed_kw(distributed, reduce_to, rule: str, create_graph: bool) -> di
             "reduce_to": "all" if rule in ("adaptive", "exact") else reduce_to}
 
 
-def _warn_if_gap_large(gap, delta, tol, rule, user_tol) -> None:
+def low_precision_note(dtype: torch.dtype) -> str:
+    """For a gap warning of a model computing in ``dtype``: in bfloat16 / float16 its own
+    rounding, not the rule, can hold the gap (more nodes did not move it), which the
+    warnings' advice did not say."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return ""
+    return (f" (the model computes in {str(dtype).removeprefix('torch.')}: its rounding can "
+            "hold such a gap whatever the rule; compare with a float32 copy of the model)")
+
+
+def _warn_if_gap_large(gap, delta, tol, rule, user_tol, dtype: torch.dtype | None = None
+                       ) -> None:
     """Say so when the adaptive rule ran out of levels, or a fixed rule missed a given tol
-    (``rule="exact"``: its fallback rows warn in :func:`exact_ig.exact_integral`)."""
+    (``rule="exact"``: its fallback rows warn in :func:`exact_ig.exact_integral`); ``dtype``
+    the model's inputs' (:func:`low_precision_note`)."""
     if rule == "exact" or rule != "adaptive" and user_tol is None:
         return
     bad = ~_check_gap_tolerance(gap, delta, tol)
@@ -262,5 +274,6 @@ def _warn_if_gap_large(gap, delta, tol, rule, user_tol) -> None:
         worst = (gap.abs() / delta.abs().clamp_min(1e-30))[bad].max().item()
         hint = ("after the finest level (63 nodes)" if rule == "adaptive"
                 else f"with rule {rule!r}; use more steps or rule='adaptive'")
-        warnings.warn(f"{int(bad.sum())} input(s) miss the completeness tolerance {tol:g} "
-                      f"{hint}: worst relative gap {worst:.3g}", RuntimeWarning, stacklevel=4)
+        warn(f"{int(bad.sum())} input(s) miss the completeness tolerance {tol:g} "
+             f"{hint}: worst relative gap {worst:.3g}"
+             + low_precision_note(dtype or gap.dtype), RuntimeWarning)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import warnings
-
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
@@ -29,6 +27,7 @@ from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.problem import as_tuple
 from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
+from taylor_kernels.user_warnings import warn
 
 
 def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
@@ -163,9 +162,8 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
     if ig_kwargs.get("rule") == "exact":  # the trace cannot see the layer-replacement hook:
         # its "exact" numbers were wrong wherever the check of the ends passed (f(x) = f(b))
-        warnings.warn("rule='exact': layer IG replaces the layer's output by a hook, which the "
-                      "traced graph cannot follow; falling back to rule='adaptive'",
-                      RuntimeWarning, stacklevel=2)
+        warn("rule='exact': layer IG replaces the layer's output by a hook, which the "
+             "traced graph cannot follow; falling back to rule='adaptive'", RuntimeWarning)
         ig_kwargs = {**ig_kwargs, "rule": "adaptive"}
 
     def capture(args):

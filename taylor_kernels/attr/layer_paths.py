@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import numbers
 
-
-import warnings
-
 import torch
 
 from taylor_kernels import backends
@@ -44,6 +41,7 @@ from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
+from taylor_kernels.user_warnings import warn
 
 DIRECTIONS = ("ones", "given", "next")
 
@@ -103,11 +101,10 @@ def _warn_unreached_layers(spec: Layers, flat: tuple[torch.Tensor, ...], acts_x:
     for i, part in enumerate(spec._slices()):
         moves = any(not torch.equal(a, b) for a, b in zip(acts_x[part], acts_b[part]))
         if moves and all(not bool(t.any()) for t in flat[part]):
-            warnings.warn(f"the attributions of layer {i} ({type(spec.modules[i]).__name__}) "
-                          "are all zero: its output reaches the model's output only through "
-                          "another of the listed layers, whose output the path replaces; "
-                          "attribute the layers in separate calls", RuntimeWarning,
-                          stacklevel=3)
+            warn(f"the attributions of layer {i} ({type(spec.modules[i]).__name__}) "
+                 "are all zero: its output reaches the model's output only through "
+                 "another of the listed layers, whose output the path replaces; "
+                 "attribute the layers in separate calls", RuntimeWarning)
 
 
 class LayerSpace:

@@ -95,7 +95,20 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     noisy = tuple(t.detach().repeat_interleave(nt_samples, 0) + float(s) * torch.randn(
         (B * nt_samples,) + tuple(t.shape[1:]), generator=gen, dtype=t.dtype).to(t.device)
         for t, s in zip(tup, stds))
-    res = method(model, noisy if was_tuple else noisy[0], *args, **kwargs)
+    inputs_n = noisy if was_tuple else noisy[0]
+    if method is layer_integrated_gradients:  # its layer comes before the inputs: the call
+        # form noise_tunnel(method, model, inputs, layer, ...) is the one of ids (noise on
+        # the inputs here, as Captum's NoiseTunnel over LayerIntegratedGradients)
+        if "layer" in kwargs:
+            layer, rest = kwargs.pop("layer"), args
+        elif args:
+            layer, rest = args[0], args[1:]
+        else:
+            raise TypeError("noise_tunnel(layer_integrated_gradients, model, inputs, layer, "
+                            "...): give the layer after the inputs (or layer=)")
+        res = method(model, layer, inputs_n, *rest, **kwargs)
+    else:
+        res = method(model, inputs_n, *args, **kwargs)
     return _aggregate(res, nt_type, B, nt_samples, was_tuple)
 
 

@@ -14,7 +14,6 @@ import functools
 import inspect
 import numbers
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from taylor_kernels.attr.completeness import completeness_gap
 from taylor_kernels.engine import chunking, guards
 from taylor_kernels.engine.guards import is_row_tensor
 from taylor_kernels.models.hf import ID_DTYPES
+from taylor_kernels.user_warnings import warn
 
 
 class CaptumValueError(ValueError, AssertionError):
@@ -174,11 +174,11 @@ def train_mode_as_captum(method):
         return
     if not guards.row_coupling_allowed():  # (an outer call, or the user's block, said so)
         names = [n for m in roots for n in guards.coupling_submodules(m)]
-        warnings.warn(f"the model has modules in train mode ({', '.join(names[:4])}"
-                      f"{' ...' if len(names) > 4 else ''}): attributed as Captum does, with "
-                      "dropout active and batch norm on the batch's statistics, so the result "
-                      "is random or depends on the batch; call model.eval() for the model's "
-                      "deterministic attributions", RuntimeWarning, stacklevel=4)
+        warn(f"the model has modules in train mode ({', '.join(names[:4])}"
+             f"{' ...' if len(names) > 4 else ''}): attributed as Captum does, with "
+             "dropout active and batch norm on the batch's statistics, so the result "
+             "is random or depends on the batch; call model.eval() for the model's "
+             "deterministic attributions", RuntimeWarning)
     with contextlib.ExitStack() as stack:  # its buffers kept, also inside another's opt-in
         for m in roots:
             stack.enter_context(guards.allow_row_coupling(m))
@@ -399,9 +399,9 @@ def points_per_chunk(internal_batch_size, inputs: tuple[torch.Tensor, ...]):
         return internal_batch_size  # None, or what the engine's check refuses with a message
     if internal_batch_size < 1:
         num_examples = inputs[0].shape[0]
-        warnings.warn("Internal batch size cannot be less than the number of input examples. "
-                      f"Defaulting to internal batch size of {num_examples} equal to the number "
-                      "of examples.", stacklevel=3)
+        warn("Internal batch size cannot be less than the number of input examples. "
+             f"Defaulting to internal batch size of {num_examples} equal to the number "
+             "of examples.", UserWarning)
         return num_examples
     return int(internal_batch_size)
 

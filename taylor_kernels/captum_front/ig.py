@@ -23,7 +23,6 @@ memory-budgeted, every backend). Differences a user may notice:
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
@@ -35,6 +34,7 @@ from taylor_kernels.captum_front._common import (CaptumAttribution,
                                                  dense_baselines, format_inputs,
                                                  points_per_chunk, tracks_inputs,
                                                  with_factor_graph)
+from taylor_kernels.user_warnings import warn
 
 
 class IntegratedGradients(CaptumAttribution):
@@ -94,9 +94,9 @@ class LayerIntegratedGradients(CaptumAttribution):
     def __init__(self, forward_func: Callable, layer, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:
         if isinstance(layer, list) and len(layer) > 1 and not constructing_for_captum():
-            warnings.warn("Multiple layers are attributed jointly: make sure that no layer's "
-                          "output depends only on another listed layer's output (its "
-                          "replacement would hide the other's)", stacklevel=2)
+            warn("Multiple layers are attributed jointly: make sure that no layer's "
+                 "output depends only on another listed layer's output (its "
+                 "replacement would hide the other's)", UserWarning)
         self.forward_func = forward_func
         self.layer = layer
         self.device_ids = device_ids

@@ -8,7 +8,6 @@ slices indexing the layer activation past the batch (slices are summed), or a ca
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -18,6 +17,7 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, captum_metho
                                                  check_grad_kwargs, dense_baselines,
                                                  format_inputs, points_per_chunk,
                                                  tracks_inputs, with_factor_graph)
+from taylor_kernels.user_warnings import warn
 
 
 class _NeuronMethod(CaptumAttribution):
@@ -51,9 +51,9 @@ class _NeuronMethod(CaptumAttribution):
 
 def _warn_callable(neuron_selector) -> None:
     if callable(neuron_selector):
-        warnings.warn("neuron_selector is a callable: it should select neurons of the layer, "
-                      "not aggregate them otherwise, or the result is not the neuron's "
-                      "attribution", stacklevel=3)
+        warn("neuron_selector is a callable: it should select neurons of the layer, "
+             "not aggregate them otherwise, or the result is not the neuron's "
+             "attribution", UserWarning)
 
 
 class NeuronIntegratedGradients(_NeuronMethod):

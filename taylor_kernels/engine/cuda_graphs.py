@@ -34,12 +34,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-import warnings
 from typing import Callable
 
 import torch
 
 from taylor_kernels.engine import memory
+from taylor_kernels.user_warnings import warn
 
 MIN_CHUNKS = 3  # chunks left, the last (shorter) one included
 _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("taylor_kernels_cuda_graphs",
@@ -132,9 +132,9 @@ class ChunkGraph:
             if memory.is_oom(exc):  # not the forward's fault: the chunk loop halves the chunk
                 raise                # and a later chunk size is captured afresh
             self.failed = True
-            warnings.warn(f"the chunk's forward and backward cannot be captured in a CUDA "
-                          f"graph ({type(exc).__name__}: {str(exc)[:160]}); this call runs "
-                          "without graphs", RuntimeWarning, stacklevel=5)
+            warn(f"the chunk's forward and backward cannot be captured in a CUDA "
+                 f"graph ({type(exc).__name__}: {str(exc)[:160]}); this call runs "
+                 "without graphs", RuntimeWarning)
             return None
         current.wait_stream(side)
         self.graph, self.out = graph, out

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +38,7 @@ from taylor_kernels.engine.row_args import at_rows, mapped, with_forward_args
 from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
                                      seeded_generator)
 from taylor_kernels.shared_setting import SharedSetting
+from taylor_kernels.user_warnings import warn
 
 PROBE_ROWS = 8
 _warned: set[str] = set()
@@ -85,7 +85,7 @@ def say_math_attention(model_class: str, impl: str) -> None:
     how = "the math SDPA backend" if impl == "sdpa" else "eager attention"
     _warn_once(f"second-order attribution: {model_class} attention {impl!r} runs on {how} "
                "(fused kernels have no second derivative); first-order methods keep the fused "
-               "kernels", stacklevel=5)
+               "kernels")
 
 
 @contextlib.contextmanager
@@ -98,10 +98,10 @@ def higher_order_ops(f: Callable | None = None):
         yield
 
 
-def _warn_once(msg: str, stacklevel: int = 3) -> None:
+def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+        warn(msg, RuntimeWarning)
 
 
 def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import operator
 import threading
 import types
-import warnings
 import weakref
 from collections import OrderedDict
 
@@ -51,6 +50,7 @@ from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, w
 from taylor_kernels.models.outputs import default_output
 from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
                                      polarization_rule)
+from taylor_kernels.user_warnings import warn
 
 _WARNED_OPS: set[str] = set()
 _TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, fx.GraphModule | None]]" = OrderedDict()
@@ -210,8 +210,8 @@ def _op_name(kind: str, target) -> str:
 def _warn_once(name: str, why: str) -> None:
     if name not in _WARNED_OPS:
         _WARNED_OPS.add(name)
-        warnings.warn(f"tk.jet: {why} {name!r}; using nested forward-mode AD for it (exact, "
-                      f"O(2^order) cost)", RuntimeWarning, stacklevel=5)
+        warn(f"tk.jet: {why} {name!r}; using nested forward-mode AD for it (exact, "
+             f"O(2^order) cost)", RuntimeWarning)
 
 
 def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet rule for"):

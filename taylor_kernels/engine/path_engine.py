@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
 from typing import Callable
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from taylor_kernels.engine import chunking, cuda_graphs, distributed, guards, me
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.numerics import accumulation_dtype, finite_rows
 from taylor_kernels.progress import progress_bar
+from taylor_kernels.user_warnings import warn
 
 @dataclass
 class Integral:
@@ -78,9 +78,8 @@ def _backward(problem, out: torch.Tensor, pts: torch.Tensor, create_graph: bool)
             if memory.is_oom(exc) or (out.is_cuda and cuda_graphs.capturing()):
                 raise  # (a failed CUDA graph capture is not vmap's failure)
             problem.serial_backward = True
-            warnings.warn(f"the model's backward cannot run under vmap ({str(exc)[:120]}); "
-                          f"computing its {T} output gradients with {T} backward passes",
-                          RuntimeWarning, stacklevel=4)
+            warn(f"the model's backward cannot run under vmap ({str(exc)[:120]}); "
+                 f"computing its {T} output gradients with {T} backward passes", RuntimeWarning)
     grads = [torch.autograd.grad(out[:, t].sum(), pts, retain_graph=t < T - 1,
                                  create_graph=create_graph, allow_unused=True)[0]
              for t in range(T)]

@@ -33,6 +33,9 @@ def check_batch(inputs: tuple[torch.Tensor, ...]) -> int:
     """The batch size ``B`` of ``inputs``; ``ValueError`` unless every input has the same
     ``B > 0`` rows."""
     B = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    if inputs and inputs[0].dim() and B == 0:
+        raise ValueError(f"input 0 has shape {tuple(inputs[0].shape)}: an empty batch; give at "
+                         "least one row")
     for i, t in enumerate(inputs):
         if t.dim() < 1 or t.shape[0] != B or B == 0:
             raise ValueError(f"input {i} has shape {tuple(t.shape)}; every input needs the same "

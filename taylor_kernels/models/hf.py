@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,13 +39,14 @@ import torch
 from torch import nn
 
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
-from taylor_kernels.attr.integrated_gradients import integrated_gradients
+from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (coupling_submodules, is_row_tensor, modules_of,
                                           row_coupling_allowed)
 from taylor_kernels.engine.derivative import math_attention, say_math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
+from taylor_kernels.user_warnings import warn
 
 SPECIAL_BASELINES = ("pad", "unk", "bos", "eos")
 
@@ -499,7 +499,7 @@ def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero
         res = integrated_gradients(tp.forward, tp.act_x, tp.act_b, target,
                                    additional_forward_args=tp.args, **ig_kwargs)
     if ig_kwargs.get("tol") is None and ig_kwargs.get("rule") not in ("adaptive", "exact"):
-        warn_if_unconverged(res.gap, res.attributions, baselines)
+        warn_if_unconverged(res.gap, res.attributions, baselines, tp.act_x.dtype)
     attrs = res.attributions
     scores = attrs.sum(-1) if attrs.dim() == 3 else attrs.reshape(attrs.shape[0], -1).sum(-1)
     return TokenAttributionResult(attrs, scores, res.gap, res.evaluations)
@@ -508,11 +508,13 @@ def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero
 UNCONVERGED_GAP = 0.02  # |gap| over |f(x) - f(b)| past which a fixed rule's result is named
 
 
-def warn_if_unconverged(gap: torch.Tensor, attrs: torch.Tensor, baselines) -> None:
+def warn_if_unconverged(gap: torch.Tensor, attrs: torch.Tensor, baselines,
+                        dtype: torch.dtype) -> None:
     """Warn when a fixed rule's completeness gap exceeds ``UNCONVERGED_GAP`` of
     ``|f(x) - f(b)|`` for some row (``f(x) - f(b) = sum(attrs) - gap``). The zero
     embedding puts an RMSNorm decoder (Llama, Mistral, Qwen) at RMSNorm's singularity, where
-    no fixed rule converges: token scores moved 2x between 50 and 800 steps, silently."""
+    no fixed rule converges: token scores moved 2x between 50 and 800 steps, silently.
+    ``dtype``: the embeddings' (:func:`low_precision_note`)."""
     if gap.dim() != 1:  # one output per row is what token IG reads
         return
     delta = attrs.reshape(attrs.shape[0], -1).sum(-1) - gap
@@ -522,10 +524,10 @@ def warn_if_unconverged(gap: torch.Tensor, attrs: torch.Tensor, baselines) -> No
         hint = (" (the zero embedding sits at an RMSNorm's singularity: try baselines='pad' "
                 "or another token)") if isinstance(baselines, str) and baselines == "zero" \
             else ""
-        warnings.warn(f"token IG: the completeness gap is {float(rel[bad].max()):.2g} of "
-                      f"|f(x) - f(b)| for {int(bad.sum())} row(s): the fixed rule has not "
-                      f"converged; use more steps, rule='adaptive' or tol={hint}",
-                      RuntimeWarning, stacklevel=3)
+        warn(f"token IG: the completeness gap is {float(rel[bad].max()):.2g} of "
+             f"|f(x) - f(b)| for {int(bad.sum())} row(s): the fixed rule has not "
+             f"converged; use more steps, rule='adaptive' or tol={hint}"
+             + low_precision_note(dtype), RuntimeWarning)
 
 
 def attention_implementation(model) -> str | None:

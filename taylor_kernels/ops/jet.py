@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels import _native, backends
+from taylor_kernels.op_checks import check_same_device
 from taylor_kernels.reference import jet as ref
 from taylor_kernels.reference.jet import (FNS, check_jet, check_jet_pair, check_polarize_args,
                                           fn_code, polarization_rule)
@@ -26,6 +27,7 @@ def _fake_jet_unary(u, fn):
 
 
 def _fake_jet_mul(a, b):
+    check_same_device(a=a, b=b)
     return torch.empty_like(a, memory_format=torch.contiguous_format)
 
 
@@ -58,6 +60,7 @@ def _backward_mul(ctx, grad_out):
 
 
 def _fake_polarize(c, gamma, order):
+    check_same_device(c=c, gamma=gamma)
     return c.new_empty(c.shape[2])
 
 

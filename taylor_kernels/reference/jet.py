@@ -87,7 +87,9 @@ def _exp(u, J):
 
 def _softplus(u, J):
     s = _sigmoid_series(u, J - 1) if J > 0 else []
-    return [torch.nn.functional.softplus(u[0])] + [_integral(u, s, k) for k in range(1, J + 1)]
+    u0 = u[0]  # log(1 + e^u) without torch's threshold (u0 itself above 20: 2e-9 off)
+    value = u0.clamp_min(0) + torch.log1p(torch.exp(-u0.abs()))
+    return [value] + [_integral(u, s, k) for k in range(1, J + 1)]
 
 
 def _gelu(u, J):

@@ -21,7 +21,7 @@ from torch.library import triton_op
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.op_checks import check_ih_args
 from taylor_kernels.ops.hessian import register_ih_meta
-from taylor_kernels.triton.index import off, row_block
+from taylor_kernels.triton.index import grid_cell, off
 from taylor_kernels.triton.launch import launcher
 from taylor_kernels.triton.path import _acc_tl, _block, _flat_nodes
 
@@ -31,20 +31,21 @@ def _ih_accumulate_kernel(h_ptr, x_ptr, bl_ptr, w_ptr, idx_ptr, out_ptr, start, 
                           R, D, K, S, sh_n, sh_r, sh_d, sx_b, sx_d, sbl_b, sbl_k, sbl_d, s_w,
                           per_point_weights: tl.constexpr, shared_baseline: tl.constexpr,
                           ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b = first_row + tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1).to(tl.int64)
-    d = row_block(tl.program_id(2), BLOCK)
+    cell, d = grid_cell(D, BLOCK)  # (a 1-d grid: R or D past 65535 programs per axis)
+    b = first_row + cell // R
+    r = cell % R
     mask = d < D
     i = tl.load(idx_ptr + r)
     valid = (i >= 0) & (i < D)  # out-of-range index: read feature 0, write NaN
     i = tl.where(valid, i, 0)
     lo = tl.maximum(start, b * off(K, S))
-    hi = tl.minimum(start + count, (b + 1) * off(K, S))
+    hi = tl.minimum(off(start, 1) + count, (b + 1) * off(K, S))  # (start + count: int32)
     bb = 0 if shared_baseline else b
     xv = tl.load(x_ptr + off(b, sx_b) + off(d, sx_d), mask=mask).to(ACC)
     xi = tl.load(x_ptr + off(b, sx_b) + off(i, sx_d)).to(ACC)
     acc = tl.zeros([BLOCK], dtype=ACC)
-    for n in range(lo, hi):
+    for n32 in range(lo, hi):
+        n = off(n32, 1)  # (a loop counter is int32 where it fits; n // S, n % S, n - start)
         k = (n // S) % K
         if per_point_weights:
             w = tl.load(w_ptr + off(n, s_w)).to(ACC)
@@ -72,7 +73,7 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     first_row, last_row = start // (K * S), (start + count - 1) // (K * S)
     w, s_w = _flat_nodes(weights.to(device=x.device))
     block = _block(D)
-    grid = (last_row - first_row + 1, R, triton.cdiv(D, block))
+    grid = ((last_row - first_row + 1) * R * triton.cdiv(D, block),)
     launcher(_ih_accumulate_kernel)[grid](
         hrows, x, baselines, w, index.contiguous(), out, start, count, first_row, R, D, K, S,
         hrows.stride(0), hrows.stride(1), hrows.stride(2), x.stride(0), x.stride(1),

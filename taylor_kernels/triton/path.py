@@ -76,8 +76,9 @@ def _path_partial_kernel(g_ptr, x_ptr, bl_ptr, w_ptr, dst_ptr, start, count, fir
     b = first_row + bi
     mask = d < D
     KS = off(K, S)
-    lo, hi = split_bounds(tl.maximum(start, b * KS), tl.minimum(start + count, (b + 1) * KS),
-                          pid // nb, splits)
+    end = off(start, 1) + count  # (start + count in int32 wraps past 2**31)
+    lo, hi = split_bounds(tl.maximum(start, b * KS), tl.minimum(end, (b + 1) * KS), pid // nb,
+                          splits)
     xv = tl.load(x_ptr + off(b, sx_b) + off(d, sx_d), mask=mask).to(ACC)
     bb = 0 if shared_baseline else b
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -85,10 +86,10 @@ def _path_partial_kernel(g_ptr, x_ptr, bl_ptr, w_ptr, dst_ptr, start, count, fir
         k = p % K
         base = tl.load(bl_ptr + off(bb, sbl_b) + off(k, sbl_k) + off(d, sbl_d),
                        mask=mask).to(ACC)
-        p_hi = tl.minimum(hi, (p + 1) * S)
+        p_hi = tl.minimum(hi, off(p + 1, S))
         gsum = tl.zeros([BLOCK], dtype=ACC)
-        for n0 in range(tl.maximum(lo, p * S), p_hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
+        for n0 in range(tl.maximum(lo, off(p, S)), p_hi, BLOCK_N):
+            n = off(n0, 1) + tl.arange(0, BLOCK_N)  # (loop counters: int32 where they fit)
             n_mask = n < p_hi
             if per_point_weights:
                 w = tl.load(w_ptr + off(n, s_w), mask=n_mask, other=0.0).to(ACC)

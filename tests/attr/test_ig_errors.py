@@ -309,10 +309,12 @@ def test_layer_ig_on_a_forward_ending_in_squeeze_equals_captum(B):
 def test_layer_methods_refuse_an_empty_batch_by_name():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     import taylor_kernels.captum as tkc
-    with pytest.raises(ValueError, match="non-empty batch"):
+    with pytest.raises(ValueError, match="empty batch"):
         tk.layer_integrated_gradients(model, model[1], torch.empty(0, 3), target=1, steps=4)
-    with pytest.raises(ValueError, match="non-empty batch"):
+    with pytest.raises(ValueError, match="empty batch"):
         tkc.LayerIntegratedGradients(model, model[1]).attribute(torch.empty(0, 3), target=1)
+    with pytest.raises(ValueError, match=r"shape \(0, 3\): an empty batch"):  # (it said
+        tk.integrated_gradients(model, torch.empty(0, 3), target=1)  # "expected 0")
 
 
 @pytest.mark.parametrize("target", [2, -3])

@@ -65,3 +65,29 @@ def test_ids_with_an_input_space_method_raise(model_and_ids):
     with pytest.raises(ValueError, match="one stdev"):
         tk.noise_tunnel(tk.layer_integrated_gradients, model, (ids, ids), model.emb,
                         stdevs=(0.1, 0.2))
+
+
+def test_float_inputs_take_the_noise_over_layer_ig():
+    """``noise_tunnel(layer_integrated_gradients, model, x, layer, ...)`` on float inputs
+    passed the layer where layer IG takes its inputs ("inputs must be a tensor ..."), and
+    ``layer=`` gave "multiple values for 'layer'". Now the noise goes on the inputs, as
+    Captum's NoiseTunnel over LayerIntegratedGradients does: equal to layer IG of the noised
+    copies (the same draws), averaged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    x = torch.randn(2, 4, dtype=F64)
+    n, std = 3, 0.2
+    for call in (lambda: tk.noise_tunnel(tk.layer_integrated_gradients, model, x, model[1],
+                                         target=1, steps=8, nt_samples=n, stdevs=std, seed=5),
+                 lambda: tk.noise_tunnel(tk.layer_integrated_gradients, model, x,
+                                         layer=model[1], target=1, steps=8, nt_samples=n,
+                                         stdevs=std, seed=5)):
+        res = call()
+        noise = torch.randn((2 * n, 4), generator=torch.Generator().manual_seed(5), dtype=F64)
+        noisy = x.repeat_interleave(n, 0) + std * noise
+        ref = tk.layer_integrated_gradients(model, model[1], noisy, target=1, steps=8)
+        torch.testing.assert_close(res.attributions,
+                                   ref.attributions.reshape(2, n, 5).mean(1), rtol=1e-12,
+                                   atol=1e-14)
+    with pytest.raises(TypeError, match="give the layer"):
+        tk.noise_tunnel(tk.layer_integrated_gradients, model, x, target=1)

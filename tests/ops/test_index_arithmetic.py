@@ -93,6 +93,32 @@ def test_split_bounds_past_2_31(lo, hi, j, splits):
                                                         lo + L * (j + 1) // splits]
 
 
+@interpreted
+def test_chunk_end_past_2_31_in_the_accumulating_ops():
+    """``start + count`` of two int32 arguments wrapped negative once it passed 2**31: the
+    Triton ``path_accumulate`` and ``ih_accumulate`` ran no point and returned zeros, silently
+    (found by a QA pass). The points of a chunk ending past 2**31 are tiny here: only the
+    offsets are large."""
+    from taylor_kernels.ops import ih_accumulate, path_accumulate
+    from taylor_kernels.reference import hessian as ref_h
+    from taylor_kernels.reference import path as ref_p
+    K, S, D = 1, 65536, 2
+    B = 2**31 // S + 1                    # B * K * S = 2**31 + 65536 points
+    start, count = 2**31 - 10, 100        # the chunk crosses 2**31
+    x, bl = torch.ones(B, D), torch.zeros(1, K, D)
+    w = torch.rand(S, dtype=torch.float64)
+    grads = torch.randn(count, D)
+    h, idx = torch.randn(count, 2, D), torch.tensor([1, 0])
+    want_p = ref_p.path_accumulate(grads, x, bl, w, start)
+    want_h = ref_h.ih_accumulate(h, x, bl, w, idx, start)
+    with backends.using("triton"):
+        got_p = path_accumulate(grads, x, bl, w, start)
+        got_h = ih_accumulate(h, x, bl, w, idx, start)
+    assert want_p.abs().sum() > 0 and want_h.abs().sum() > 0
+    torch.testing.assert_close(got_p, want_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+
+
 # ---- GPU: the ops on tensors whose offsets pass 2**31 elements (about 60 GB at the peak) ----
 
 def _backends_on_gpu():

@@ -211,3 +211,26 @@ def test_cuda_split_accumulate_bitwise_stable(shape):
     assert_close_ratio(first, ref.path_accumulate(grads, x, bl, w, 0), torch.float32)
     for _ in range(3):
         assert torch.equal(first, tri().path_accumulate_triton(grads, x, bl, w, 0))
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+def test_registered_ops_refuse_one_meta_operand(suffix):
+    """A registered op called directly with one ``meta`` operand (the rest on the CPU) runs
+    its fake kernel, which returned uninitialised CPU memory (values like 2.3e31, found by a
+    QA pass): the fake kernels now check that the operands share a device."""
+    from taylor_kernels import _native
+    from taylor_kernels.triton import hessian, jet  # noqa: F401  (registers the ops)
+    if not suffix and not _native.has_cpp():
+        pytest.skip("extension not built")
+    ops = torch.ops.taylor_kernels
+    x, bl, alphas, weights = make(2, 2, 3, 5, False, torch.float32, False)
+    idx = torch.tensor([0, 4])
+    meta = torch.device("meta")
+    for name, args in [
+            ("path_points", (x, bl.to(meta), alphas, 0, 3)),
+            ("path_accumulate", (torch.randn(3, 5, device=meta), x, bl, weights, 0)),
+            ("ih_accumulate", (torch.randn(3, 2, 5), x, bl, weights, idx.to(meta), 0)),
+            ("jet_mul", (torch.randn(3, 4), torch.randn(3, 4, device=meta))),
+            ("polarize_contract", (torch.randn(3, 2, 6), torch.ones(2, device=meta), 1))]:
+        with pytest.raises((ValueError, RuntimeError), match="device"):
+            getattr(ops, name + suffix)(*args)
