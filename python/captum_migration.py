@@ -124,13 +124,15 @@ def run(batch: int, size: int, steps: int, repeats: int, dtype: torch.dtype,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="images per batch")
     p.add_argument("--size", type=int, default=32, help="image side (multiple of 4)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--steps", type=int, default=50, help="IG steps (both libraries)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per method (the best is reported)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="model and input dtype")
     p.add_argument("--device", type=device_arg,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+                   default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     a = p.parse_args(argv)

@@ -126,14 +126,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="smoke test: tiny sizes, 1 repeat")
-    p.add_argument("--nuisance", type=int, nargs="+", default=[100, 500, 1000])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--lams", type=float, nargs="+", default=[0.1, 1.0])
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=40)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--nuisance", type=int, nargs="+", default=[100, 500, 1000],
+                   help="numbers of nuisance features to run")
+    p.add_argument("--repeats", type=int, default=5, help="seeds per nuisance count")
+    p.add_argument("--lams", type=float, nargs="+", default=[0.1, 1.0],
+                   help="prior penalty weights tried (best kept on validation)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (at most)")
+    p.add_argument("--patience", type=int, default=40, help="early-stopping patience (epochs)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden width of the MLP")
+    p.add_argument("--batch", type=int, default=32, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--out-dir", default=None,
                    help="output directory (default bench/results/dapr; with --small a "
                         "temporary directory, so a smoke run never replaces the recorded "

@@ -76,12 +76,13 @@ def _spawned(rank: int, world: int, port: int, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
+                   help="torch.distributed backend")
     p.add_argument("--spawn", type=int, default=0, help="start this many local ranks "
                    "(instead of torchrun)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=16, help="inputs attributed")
+    p.add_argument("--dim", type=int, default=64, help="input features of the MLP")
+    p.add_argument("--steps", type=int, default=50, help="IG steps")
     args = p.parse_args()
     if args.spawn < 0 or not args.spawn and "RANK" not in os.environ:
         p.error("run it under torchrun, or pass --spawn N (N >= 1 local ranks)")

@@ -241,11 +241,11 @@ def main(argv=None) -> None:
                         "results)")
     p.add_argument("--functions", default=None, help="comma-separated subset, e.g. F1,F5")
     p.add_argument("--samples", type=int, default=10_000, help="per split")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--eval-points", type=int, default=1000)
-    p.add_argument("--ih-steps", type=int, default=16)
-    p.add_argument("--l1", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs per function")
+    p.add_argument("--eval-points", type=int, default=1000, help="test points scored per function")
+    p.add_argument("--ih-steps", type=int, default=16, help="Integrated Hessians nodes")
+    p.add_argument("--l1", type=float, default=5e-5, help="L1 weight penalty of the trained MLP")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     cfg = p.parse_args(argv)
     if cfg.small:
         cfg.samples, cfg.epochs, cfg.eval_points, cfg.ih_steps = 300, 3, 32, 8

@@ -102,12 +102,13 @@ def run(games: int, n_range: tuple[int, int], coalitions: int, steps: int, seed:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--games", type=int, default=24)
-    p.add_argument("--n-min", type=int, default=4)
-    p.add_argument("--n-max", type=int, default=10)
-    p.add_argument("--coalitions", type=int, default=64)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--games", type=int, default=24, help="random games scored")
+    p.add_argument("--n-min", type=int, default=4, help="fewest players of a game")
+    p.add_argument("--n-max", type=int, default=10, help="most players of a game")
+    p.add_argument("--coalitions", type=int, default=64,
+                   help="SIG coalitions per input (IG and EG get coalitions x steps evaluations)")
+    p.add_argument("--steps", type=int, default=16, help="path nodes per coalition")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--small", action="store_true", help="4 small games (smoke test)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)

@@ -105,19 +105,20 @@ def score(name, model, X, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("unification_out"))
-    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("unification_out"), help="output directory")
+    p.add_argument("--order", type=int, default=3, help="highest Taylor order probed")
     p.add_argument("--terms", type=int, default=24, help="Taylor terms probed per model")
     p.add_argument("--max-sets", type=int, default=20000,
                    help="itemize an order only if it has at most this many index multisets")
     p.add_argument("--steps", type=int, default=32, help="IG quadrature nodes")
     p.add_argument("--samples", type=int, default=64, help="EG samples (SmoothGrad: 1/4)")
     p.add_argument("--permutations", type=int, default=32, help="Shapley orders when D > 12")
-    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-steps", type=int, default=300,
+                   help="training steps of the small models")
     p.add_argument("--lr", type=float, default=0.02,
                    help="step size; larger trains sharper models whose Taylor series at the "
                         "baseline no longer converges at the input (large residual)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (tiny models run fastest on one)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")

@@ -40,10 +40,11 @@ def check_index_ints(**values) -> None:
 
 
 def check_path_args(x: torch.Tensor, baselines: torch.Tensor, nodes: torch.Tensor,
-                    start: int, count: int) -> None:
+                    start: int, count: int, nodes_name: str = "alphas") -> None:
     """Raise ``TypeError`` / ``ValueError`` unless the arguments describe a valid chunk of path
-    points (floating operands on one device, int ``start`` and ``count``)."""
-    check_operands(x=x, baselines=baselines, nodes=nodes)
+    points (floating operands on one device, int ``start`` and ``count``); ``nodes_name``
+    names ``nodes`` in the errors as the op calls them (``alphas`` or ``weights``)."""
+    check_operands(**{"x": x, "baselines": baselines, nodes_name: nodes})
     check_index_ints(start=start, count=count)
     if x.dim() != 2 or baselines.dim() != 3 or nodes.dim() not in (1, 3):
         raise ValueError(f"expected x [B, D], baselines [Bb, K, D], nodes [S] or [B, K, S]; "
@@ -65,7 +66,7 @@ def check_accumulate_args(grads: torch.Tensor, x: torch.Tensor, baselines: torch
     check_operands(grads=grads, x=x)
     if grads.dim() != 2 or grads.shape[1] != x.shape[1]:
         raise ValueError(f"grads {tuple(grads.shape)} do not match x {tuple(x.shape)}")
-    check_path_args(x, baselines, weights, start, grads.shape[0])
+    check_path_args(x, baselines, weights, start, grads.shape[0], "weights")
 
 
 def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
@@ -83,7 +84,7 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     check_operands(hrows=hrows, x=x)
     if index.device != x.device:  # (before its values are read: a meta index has none)
         raise ValueError(f"index on {index.device}, x on {x.device}")
-    check_path_args(x, baselines, weights, start, hrows.shape[0])
+    check_path_args(x, baselines, weights, start, hrows.shape[0], "weights")
     if index_values and index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
         raise ValueError(f"index entries must lie in [0, {x.shape[1]})")
 

@@ -482,7 +482,9 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
             raise ValueError(f"each set holds 1 to 4 indices, got {s!r}")
         feats, pattern = _counts(s)
         if any(not 0 <= i < D for i in feats):
-            raise ValueError(f"index out of range [0, {D}) in {s!r}")
+            raise ValueError(f"index out of range [0, {D}) in {s!r} (x of shape "
+                             f"{tuple(x.shape)}: its first dimension is the batch, the "
+                             "features are the rest, flattened)")
         weights, gamma = polarization_rule(pattern)
         dirs = torch.zeros(weights.shape[0], D, dtype=x.dtype, device=x.device)
         dirs[:, feats] = weights.to(x.dtype).to(x.device)

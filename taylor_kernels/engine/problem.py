@@ -85,9 +85,10 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
         return bl.expand(feat).reshape(1, 1, D)
     if len(shape) == len(feat) + 1 and shape[0] in (1, B) and _broadcasts(shape[1:], feat):
         return bl.expand((shape[0],) + feat).reshape(shape[0], 1, D)   # e.g. [1, C, 1, 1]
+    rows = f"{B} or 1" if B != 1 else "1"
     raise ValueError(f"baseline {i} of shape {shape} does not broadcast to input {i} of shape "
-                     f"{tuple(x.shape)}: use {feat}, ({B} or 1, *{feat}) or "
-                     f"({B} or 1, K, *{feat})")
+                     f"{tuple(x.shape)}: use {feat}, ({rows}, *{feat}) or "
+                     f"({rows}, K, *{feat})")
 
 
 def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
