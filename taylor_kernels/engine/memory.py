@@ -16,6 +16,7 @@ import math
 import numbers
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,14 @@ _CPU_FREE = [float("-inf"), 0]  # [monotonic time of the reading, bytes]
 
 
 def _cpu_available() -> int:
+    """The least of the machine's ``MemAvailable`` (:func:`_machine_available`), the room
+    left under the process's cgroup memory limits (:func:`cgroup_room`: a container's limit
+    is not in ``/proc/meminfo``, which shows the host's) and under ``ulimit -v``
+    (:func:`rlimit_room`)."""
+    return min(_machine_available(), cgroup_room(), rlimit_room())
+
+
+def _machine_available() -> int:
     """``MemAvailable`` from ``/proc/meminfo`` (psutil where that file is missing; 8 GiB when
     neither exists)."""
     try:
@@ -91,6 +100,67 @@ def _cpu_available() -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:
         return 8 * 2**30
+
+
+_UNLIMITED = 2**62  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def _read_int(path: Path) -> int | None:
+    """An integer file of a cgroup (``max``: None), None when unreadable."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_room(root: str = "/") -> int:
+    """Bytes left under the memory limits of the process's cgroup and its ancestors (the
+    least of ``limit - usage``; cgroup v2 ``memory.max`` / ``memory.current``, v1
+    ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``), as many bytes as there are
+    (2**62) without a limit. ``root``: where ``proc`` and ``sys`` are (tests)."""
+    base = Path(root)
+    room = _UNLIMITED
+    try:
+        lines = (base / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return room
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount, files = base / "sys/fs/cgroup", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = base / "sys/fs/cgroup/memory", ("memory.limit_in_bytes",
+                                                           "memory.usage_in_bytes")
+        else:
+            continue
+        here = mount / path.lstrip("/")
+        levels = [here, *here.parents] if here.is_dir() else [mount]  # (a namespaced path
+        for level in levels:                                       # names no directory)
+            limit, used = _read_int(level / files[0]), _read_int(level / files[1])
+            if limit is not None and limit < _UNLIMITED and used is not None:
+                room = min(room, max(0, limit - used))
+            if level == mount:
+                break
+    return room
+
+
+def rlimit_room() -> int:
+    """Bytes left under ``ulimit -v`` (``RLIMIT_AS`` less the process's ``VmSize``), 2**62
+    without one."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        return _UNLIMITED
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return _UNLIMITED
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return _UNLIMITED
+    return max(0, soft - size)
 
 
 def check_chunk_size(chunk_size) -> int | None:

@@ -1,0 +1,64 @@
+"""The default memory limit on the CPU sees a container's cgroup limit and ``ulimit -v``:
+it read ``/proc/meminfo`` only, which shows the host's free memory (a QA pass on `max_memory`
+named it)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from taylor_kernels.engine import memory
+
+MiB = 2**20
+
+
+def _tree(root, cgroup_line: str, files: dict[str, str]) -> None:
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroup_line + "\n")
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def test_cgroup_v2_limit_of_the_process_or_an_ancestor(tmp_path):
+    _tree(tmp_path, "0::/box/job", {
+        "sys/fs/cgroup/box/memory.max": str(600 * MiB),
+        "sys/fs/cgroup/box/memory.current": str(500 * MiB),      # 100 MiB left above
+        "sys/fs/cgroup/box/job/memory.max": "max",
+        "sys/fs/cgroup/box/job/memory.current": str(400 * MiB),
+        "sys/fs/cgroup/memory.max": "max"})
+    assert memory.cgroup_room(str(tmp_path)) == 100 * MiB
+
+
+def test_cgroup_v1_limit_and_no_limit(tmp_path):
+    _tree(tmp_path / "a", "4:memory:/job", {
+        "sys/fs/cgroup/memory/job/memory.limit_in_bytes": str(1024 * MiB),
+        "sys/fs/cgroup/memory/job/memory.usage_in_bytes": str(1000 * MiB),
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712"})
+    assert memory.cgroup_room(str(tmp_path / "a")) == 24 * MiB
+    _tree(tmp_path / "b", "4:memory:/elsewhere", {  # a namespaced path: the mount's own files
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": str(1000 * MiB)})
+    assert memory.cgroup_room(str(tmp_path / "b")) >= 2**62
+
+
+def test_default_budget_takes_the_least_room(monkeypatch):
+    monkeypatch.setattr(memory, "cgroup_room", lambda: 64 * MiB)
+    monkeypatch.setattr(memory, "_CPU_FREE", [float("-inf"), 0])
+    budget = memory.parse_budget(None, torch.device("cpu"))
+    assert isinstance(budget, memory.DefaultBudget)
+    assert budget == int(64 * MiB * memory.DEFAULT_FREE_FRACTION)
+
+
+def test_rlimit_as_is_read_in_a_limited_process():
+    code = ("import resource; from taylor_kernels.engine import memory as m\n"
+            "size = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+            "if l.startswith('VmSize:'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + 256 * 2**20, resource.RLIM_INFINITY))\n"
+            "print(m.rlimit_room())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 200 * MiB < int(out.stdout.strip()) <= 256 * MiB
