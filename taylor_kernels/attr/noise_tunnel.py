@@ -16,6 +16,7 @@ import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.layer import layer_integrated_gradients
+from taylor_kernels.engine import memory
 from taylor_kernels.engine.guards import is_row_tensor
 from taylor_kernels.engine.problem import as_tuple
 from taylor_kernels.engine.thread_hooks import this_thread
@@ -96,6 +97,9 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
         (B * nt_samples,) + tuple(t.shape[1:]), generator=gen, dtype=t.dtype).to(t.device)
         for t, s in zip(tup, stds))
     inputs_n = noisy if was_tuple else noisy[0]
+    if kwargs.get("max_memory") is not None:  # the copies are held beside the method's budget
+        kwargs["max_memory"] = memory.beside(kwargs["max_memory"], (noisy, kwargs.get(
+            "baselines"), kwargs.get("reference")), tup[0].device)
     if method is layer_integrated_gradients:  # its layer comes before the inputs: the call
         # form noise_tunnel(method, model, inputs, layer, ...) is the one of ids (noise on
         # the inputs here, as Captum's NoiseTunnel over LayerIntegratedGradients)

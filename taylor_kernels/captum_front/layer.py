@@ -18,6 +18,7 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, captum_metho
                                                  check_grad_kwargs, dense_baselines,
                                                  draw_gradient_shap, format_inputs,
                                                  points_per_chunk)
+from taylor_kernels.engine import memory
 
 
 class _LayerMethod(CaptumAttribution):
@@ -121,8 +122,10 @@ class LayerGradientShap(_LayerMethod):
                                   d.target, multiply_by_inputs=self._multiply_by_inputs,
                                   attribute_to_layer_input=attribute_to_layer_input,
                                   additional_forward_args=d.forward_args,
-                                  max_memory=max_memory, chunk_size=internal_batch_size,
-                                  backend=backend, progress=progress)
+                                  max_memory=memory.beside(max_memory, (d.noisy, d.drawn),
+                                                           d.noisy[0].device),
+                                  chunk_size=internal_batch_size, backend=backend,
+                                  progress=progress)
         self.last_result = res
         rows = res.attributions if isinstance(res.attributions, tuple) else (res.attributions,)
         attrs = tuple(d.mean(a) for a in rows)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from taylor_kernels import backends
+from taylor_kernels.engine import memory
 from taylor_kernels.attr.gradient_shap import gradient_shap_rows
 from taylor_kernels.captum_front._common import (CaptumAttribution,
                                                  attribute_future_unsupported, captum_method,
@@ -130,6 +131,11 @@ class NoiseTunnel:
                 call_kwargs["baselines"] = self._expand_baselines(bl_tuple, drawn, tup, group,
                                                                   isinstance(bls, tuple))
             batch = tuple(torch.cat([blk[i] for blk in noisy]) for i in range(len(tup)))
+            del noisy  # (the blocks were a second copy of the batch through the call)
+            if call_kwargs.get("max_memory") is not None:  # the batch and its baselines are
+                call_kwargs["max_memory"] = memory.beside(  # held beside the method's budget
+                    call_kwargs["max_memory"], (batch, call_kwargs.get("baselines")),
+                    tup[0].device)
             out = self.attribution_method.attribute(batch if was_tuple else batch[0],
                                                     **call_kwargs)
             if kwargs.get("return_convergence_delta", False):
@@ -221,7 +227,8 @@ class GradientShap(CaptumAttribution):
             res = gradient_shap_rows(
                 self.forward_func, d.noisy, d.drawn, d.alphas, d.target, d.forward_args,
                 multiply_by_inputs=self._multiply_by_inputs, was_tuple=d.was_tuple,
-                with_gap=return_convergence_delta, max_memory=max_memory,
+                with_gap=return_convergence_delta,
+                max_memory=memory.beside(max_memory, (d.noisy, d.drawn), d.noisy[0].device),
                 chunk_size=internal_batch_size, progress=progress)
         self.last_result = res
         attrs = tuple(d.mean(a) for a in (res.attributions if d.was_tuple

@@ -208,6 +208,34 @@ def parse_budget(max_memory, device: torch.device) -> int:
     return int(value)
 
 
+def beside(max_memory, held, device: torch.device):
+    """``max_memory`` less the bytes of ``held`` (tensors, or tuples / lists of them, that a
+    caller keeps through the call: a sampling wrapper's drawn inputs and baselines, which
+    LayerGradientShap held beside a 4 MB budget at 1.9x of it); None (the default limit)
+    stays None. ``MemoryError`` when they leave nothing."""
+    if max_memory is None:
+        return None
+    budget = parse_budget(max_memory, device)
+    nbytes = sum(t.untyped_storage().nbytes() for t in _tensors(held))
+    if nbytes >= budget:
+        raise MemoryError(f"max_memory of {budget} bytes cannot hold the call's drawn samples "
+                          f"({nbytes} bytes); raise max_memory or draw fewer samples")
+    return budget - nbytes
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The distinct tensors (by storage) in a tensor or nested tuples / lists."""
+    found: dict[int, torch.Tensor] = {}
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            found.setdefault(v.untyped_storage().data_ptr(), v)
+        elif isinstance(v, (tuple, list)):
+            stack.extend(v)
+    return list(found.values())
+
+
 def _aliases_a_leaf(t: torch.Tensor, storage_ptr: int, depth: int = 4) -> bool:
     """Whether ``t``'s storage is a leaf's (a weight) that ``t`` derives from through up to
     ``depth`` first-input ops: tensors a double backward saves (``TBackward0`` of a

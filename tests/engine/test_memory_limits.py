@@ -62,3 +62,41 @@ def test_rlimit_as_is_read_in_a_limited_process():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert 200 * MiB < int(out.stdout.strip()) <= 256 * MiB
+
+
+def test_samples_held_beside_a_budget_are_taken_from_it():
+    """Sampling wrappers hold their drawn inputs and baselines through the call, outside the
+    engine's accounting (LayerGradientShap 1.9x of a 4 MB budget): ``memory.beside`` takes
+    them off the budget (each storage once) and refuses a budget they fill."""
+    cpu = torch.device("cpu")
+    a = torch.zeros(64 * 1024)                       # 256 KiB
+    assert memory.beside(None, a, cpu) is None
+    assert memory.beside("1MB", (a, [a[:10], None]), cpu) == MiB - 256 * 1024
+    try:
+        memory.beside(200 * 1024, a, cpu)
+    except MemoryError as exc:
+        assert "drawn samples" in str(exc)
+    else:
+        raise AssertionError("a budget the samples fill must raise")
+
+
+def test_gradient_shap_front_counts_its_draws():
+    import numpy as np
+    from taylor_kernels.captum import GradientShap, NoiseTunnel, IntegratedGradients
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, bl = torch.randn(4, 256), torch.randn(3, 256)
+    np.random.seed(0)
+    try:  # 4 x 64 draws of 1 KiB inputs and baselines: 512 KiB against 300 KiB
+        GradientShap(model).attribute(x, bl, n_samples=64, target=1, max_memory=300 * 1024)
+    except MemoryError as exc:
+        assert "drawn samples" in str(exc)
+    else:
+        raise AssertionError("draws larger than max_memory must raise")
+    try:
+        NoiseTunnel(IntegratedGradients(model)).attribute(x, nt_samples=128, target=1,
+                                                          max_memory=300 * 1024)
+    except MemoryError as exc:
+        assert "drawn samples" in str(exc)
+    else:
+        raise AssertionError("noisy copies larger than max_memory must raise")
