@@ -217,6 +217,14 @@ class ChunkPlan:
         """True while the next chunk is a memory probe."""
         return self.chunk is None and self.cost is None
 
+    def one_point_budget(self, count: int) -> int | None:
+        """The explicit CPU budget a probe of ``count == 1`` item must fit (None otherwise):
+        its forward can stop once it saved more (:func:`memory.saved_limit`)."""
+        if count != 1 or self.device.type != "cpu" or self.budget is None or isinstance(
+                self.budget, memory.DefaultBudget):
+            return None
+        return int(self.budget)
+
     def _fits(self, per_item: float) -> int:
         """Items per chunk within the budget; under an explicit CPU budget within
         ``memory.CPU_CHUNK_SHARE`` of it (at least one item)."""

@@ -240,16 +240,24 @@ def _low_precision_norms(dtype: torch.dtype):
         contextlib.nullcontext()
 
 
-def _probe_bytes(f: Callable, xs: torch.Tensor) -> float:
+def _probe_bytes(f: Callable, xs: torch.Tensor, budget: int | None = None) -> float:
     """Bytes one double backward on rows ``xs`` needs (CUDA: allocator peak; CPU: the
     first-order estimate :func:`memory.cpu_point_cost` of the bytes autograd saves, which
-    here include the first backward's graph)."""
+    here include the first backward's graph). ``budget``: an explicit limit for one row; on
+    the CPU the probe stops with ``MemoryError`` once it saved more than a row within it
+    could (:func:`memory.saved_limit`)."""
     v = torch.ones_like(xs).unsqueeze(1)
     if xs.device.type == "cuda":
         with math_attention(f):
             return guards.cuda_peak_bytes(lambda: _double_backward(f, xs, v), xs.device)[1]
-    with memory.SavedBytes() as saved, math_attention(f):
-        _double_backward(f, xs, v)
+    limit = None if budget is None else memory.saved_limit(budget, xs.shape[0])
+    try:
+        with memory.SavedBytes(limit) as saved, math_attention(f):
+            _double_backward(f, xs, v)
+    except memory.SavedPastLimit as past:
+        raise MemoryError(f"{budget} bytes are too small for one Hessian-vector product (its "
+                          f"probe saved {past.saved} bytes before it was stopped); raise "
+                          "max_memory") from None
     return memory.cpu_point_cost(saved.total, xs.numel() * xs.element_size())
 
 
@@ -288,7 +296,8 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
                               f"product (measured {int(one)} bytes); raise max_memory")
 
     if key not in cached:
-        one = _probe_bytes(at_rows(f, slice(0, 1), x.device), x[:1])
+        one = _probe_bytes(at_rows(f, slice(0, 1), x.device), x[:1],
+                           budget if explicit else None)
         check_fits(one)  # before the larger probe
         rows = n
         if explicit and n > 1:  # chunks take a share of a CPU budget: so does the probe

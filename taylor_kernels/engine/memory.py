@@ -255,9 +255,26 @@ def _aliases_a_leaf(t: torch.Tensor, storage_ptr: int, depth: int = 4) -> bool:
     return False
 
 
+class SavedPastLimit(MemoryError):
+    """A probe's forward saved more than its ``limit`` (:class:`SavedBytes`): stopped there
+    (a budget too small for one point was found by running the whole probe: a CNN on
+    128x128 images reached 12-26x of a 1 MB budget before its ``MemoryError``)."""
+
+    def __init__(self, saved: int):
+        super().__init__(saved)
+        self.saved = saved
+
+
+def saved_limit(budget: int, rows: int = 1) -> float:
+    """The saved bytes past which ``rows`` rows cannot fit ``budget`` as one point each:
+    a point costs at least ``CPU_TRANSIENT_FACTOR * 2 * saved`` (:func:`cpu_point_cost`)."""
+    return rows * budget / (2 * CPU_TRANSIENT_FACTOR)
+
+
 class SavedBytes:
     """Context manager summing the bytes of distinct storages autograd saves for backward that
     the forward allocated (leaf tensors such as weights, and views of them, are not counted).
+    With a ``limit`` it raises :class:`SavedPastLimit` as soon as the sum passes it.
 
     The pack hook keeps a detached alias, not the tensor itself: an op that saves its own
     output (``tanh``, ``sigmoid``, ``exp``) would otherwise hold the output's Python object,
@@ -265,8 +282,8 @@ class SavedBytes:
     cannot see, so a graph never run backward leaked (the endpoint forwards' probe under
     ``max_memory`` kept 3 tensors per call). Unpacking restores the autograd metadata."""
 
-    def __init__(self):
-        self.total = 0
+    def __init__(self, limit: float | None = None):
+        self.total, self.limit = 0, limit
         self._seen: set[int] = set()
 
     def _pack(self, t: torch.Tensor):
@@ -282,6 +299,8 @@ class SavedBytes:
                 self.total += t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without storage (fake, sparse)
             self.total += t.numel() * t.element_size()
+        if self.limit is not None and self.total > self.limit:
+            raise SavedPastLimit(self.total)
         return t.detach()
 
     def __enter__(self):

@@ -47,14 +47,23 @@ class Integral:
     point_cost: float | None = None
 
 
-def _measure(run, device: torch.device, batched: bool = True) -> tuple[torch.Tensor, float]:
+def _measure(run, device: torch.device, batched: bool = True,
+             budget: int | None = None) -> tuple[torch.Tensor, float]:
     """Run ``run()`` (path gradients ``[count, D]`` or ``[T, count, D]``) and return its result
     with the bytes it needed beyond what was live (``batched``: the ``T`` gradients flowed
-    through the graph together, not in ``T`` serial passes)."""
+    through the graph together, not in ``T`` serial passes). ``budget``: an explicit limit for
+    this one-point probe on the CPU, whose forward stops with ``MemoryError`` once it saved
+    more than a point within it could (:func:`memory.saved_limit`)."""
     if device.type == "cuda":  # the caller's peak statistic is kept
         return guards.cuda_peak_bytes(run, device)
-    with memory.SavedBytes() as saved:
-        out = run()
+    limit = None if budget is None else memory.saved_limit(budget)
+    try:
+        with memory.SavedBytes(limit) as saved:
+            out = run()
+    except memory.SavedPastLimit as past:
+        raise MemoryError(f"memory budget of {budget} bytes is too small for one path point "
+                          f"(its forward saved {past.saved} bytes before it was stopped); "
+                          "raise max_memory") from None
     outputs = out.shape[0] if out.dim() == 3 else 1
     point_bytes = out.shape[-2] * out.shape[-1] * out.element_size()
     return out, memory.cpu_point_cost(saved.total, point_bytes, outputs, batched)
@@ -292,7 +301,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
         # measure only while probing (saved-tensor hooks slow autograd down)
         if not measure:
             return run(), None
-        return _measure(run, x.device, not getattr(problem, "serial_backward", False))
+        return _measure(run, x.device, not getattr(problem, "serial_backward", False),
+                        plan.one_point_budget(count))
 
     def consume(first: int, grads: torch.Tensor) -> None:
         if defer:
@@ -415,7 +425,7 @@ def endpoint_values(problem: PathProblem, chunk: int = 256,
         left = memory.budget_beside(memory.parse_budget(max_memory, x.device),
                                     x.nbytes + problem.baselines.nbytes + _sum_bytes(problem, x),
                                     x.device)
-        per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total))
+        per_row = ENDPOINT_MARGIN * _endpoint_row_bytes(problem, min(2, total), left)
         chunk = max(1, min(chunk, int(left // max(per_row, 1.0))))  # (a budget too small
         # for a row is too small for a path point: the path's plan raises on it just after)
     # rows that may couple (allow_row_coupling): the inputs and the references in separate
@@ -457,18 +467,26 @@ def _endpoint_rows(problem: PathProblem, i: int, j: int) -> tuple[torch.Tensor, 
     return torch.cat([p.to(problem.x.dtype) for p in parts]), torch.cat(rows)
 
 
-def _endpoint_row_bytes(problem: PathProblem, n: int) -> float:
+def _endpoint_row_bytes(problem: PathProblem, n: int, left: int) -> float:
     """Bytes per row of a forward of the first ``n`` endpoint rows, its outputs dropped: on
     CUDA the allocator's peak, on the CPU the bytes a grad-enabled forward saves plus its
     points and outputs, times ``memory.CPU_TRANSIENT_FACTOR`` (a no-grad forward frees what a
     grad one keeps). As the first batch it checks the output and the target and may complete a
     deferred check R (:meth:`~taylor_kernels.engine.problem.PathProblem.forward`: as a probe,
-    its one-row forward in the same grad mode, not counted)."""
+    its one-row forward in the same grad mode, not counted). On the CPU the forward stops with
+    ``MemoryError`` once it saved more than rows whose path points fit ``left`` bytes could
+    (:func:`memory.saved_limit`)."""
     pts, rows = _endpoint_rows(problem, 0, n)
     if pts.is_cuda:
         _, used = guards.cuda_peak_bytes(lambda: problem.forward(pts, rows), pts.device)
     else:
-        with torch.enable_grad(), memory.SavedBytes() as saved:
-            out = problem.forward(pts.requires_grad_(True), rows)
+        try:
+            with torch.enable_grad(), memory.SavedBytes(memory.saved_limit(left, n)) as saved:
+                out = problem.forward(pts.requires_grad_(True), rows)
+        except memory.SavedPastLimit as past:
+            raise MemoryError(f"max_memory leaves {left} bytes beside the inputs and "
+                              f"references, too few for one path point: a forward of {n} "
+                              f"row(s) saved {past.saved} bytes before it was stopped; raise "
+                              "max_memory") from None
         used = memory.CPU_TRANSIENT_FACTOR * (saved.total + pts.nbytes + out.nbytes)
     return used / n

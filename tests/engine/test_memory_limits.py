@@ -100,3 +100,26 @@ def test_gradient_shap_front_counts_its_draws():
         assert "drawn samples" in str(exc)
     else:
         raise AssertionError("noisy copies larger than max_memory must raise")
+
+
+def test_a_budget_too_small_for_one_point_stops_the_probe_forward():
+    """A budget too small for one path point was found by running the whole probe forward
+    (a CNN on 128x128 images at 12-26x of a 1 MB budget before its ``MemoryError``): the
+    probes now stop once the forward saved more than a point within the budget could."""
+    import pytest
+
+    import taylor_kernels as tk
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(64, 2**16), torch.nn.Tanh(),  # 256 KiB a row
+                               torch.nn.Linear(2**16, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 2))
+    reached = []
+    wide[4].register_forward_hook(  # forwards that record a graph (check R's run without)
+        lambda m, i, o: reached.append(i[0].shape[0]) if torch.is_grad_enabled() else None)
+    x = torch.randn(2, 64)
+    with pytest.raises(MemoryError, match="stopped"):
+        tk.integrated_gradients(wide, x, target=0, steps=8, max_memory=200 * 1024)
+    assert reached == []  # no probe reached the last layer: the first tanh's save stopped it
+    with pytest.raises(MemoryError, match="stopped"):
+        tk.hessian(lambda z: wide(z)[:, 0], x, max_memory=200 * 1024)
+    assert reached == []

@@ -64,7 +64,7 @@ def test_endpoint_rows_fit_what_the_budget_leaves_beside_the_references(monkeypa
     from taylor_kernels.engine import path_engine, reference_groups
     model, x = models.mlp(), torch.randn(2, 10, dtype=torch.float64)
     background = torch.randn(16, 10, dtype=torch.float64)
-    monkeypatch.setattr(path_engine, "_endpoint_row_bytes", lambda problem, n: 1000.0)
+    monkeypatch.setattr(path_engine, "_endpoint_row_bytes", lambda problem, n, left: 1000.0)
     monkeypatch.setattr(reference_groups, "REFERENCE_SHARE", 1.0)  # all 40 in one group
     held = x.nbytes + 2 * 40 * x[0].nbytes  # inputs and the B x 40 drawn references
     budget = held + 8000
