@@ -119,9 +119,20 @@ def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[0])
 
 
-def _batch(x) -> int:
-    """``B`` of a tensor ``x [B, ...]`` (0 for anything else: :func:`_check_x` names it)."""
-    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+def _check_batch(x) -> None:
+    """``ValueError`` / ``TypeError`` unless ``x`` is a floating ``[B, ...]`` tensor, B >= 1."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be a tensor [B, ...] with B >= 1 and feature dims, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+
+
+def _with_args(f: Callable, x, additional_forward_args) -> Callable:
+    """``f`` with its forward args matched to the rows of ``x`` (:func:`with_forward_args`),
+    after ``x`` itself is checked (a bad ``x`` is named, not the arguments it mismatches)."""
+    _check_batch(x)
+    return with_forward_args(f, additional_forward_args, x.shape[0])
 
 
 def _check_x(f, x, *directions) -> None:
@@ -129,11 +140,7 @@ def _check_x(f, x, *directions) -> None:
     (:func:`guards.check_model`), ``x`` that is not a finite floating ``[B, ...]`` batch, and
     non-finite directions."""
     guards.check_model(f, (x,) + directions)
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"x must be a tensor [B, ...] with B >= 1 and feature dims, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be floating point, got {x.dtype}")
+    _check_batch(x)
     for name, t in zip(("x", "v", "u"), (x,) + directions):
         if isinstance(t, torch.Tensor) and not all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf values")
@@ -276,11 +283,12 @@ def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = Non
     rows gives the slope ``per_pair`` and the rest of the one-row cost, ``fixed`` (a single-row
     batch: all of it per pair). An explicit ``budget`` bounds the probe: ``MemoryError`` if one
     row does not fit, and no more rows than fit. Measured once per ``owner`` (default ``f``;
-    e.g. the model when ``f`` is a fresh closure around it) and feature shape/dtype/device,
-    cached while the owner lives."""
+    e.g. the model when ``f`` is a fresh closure around it), feature shape/dtype/device and the
+    form of ``f``'s forward args (a :class:`RowFunction`'s ``cost_key``), cached while the owner
+    lives."""
     x = x.detach()
     n = min(PROBE_ROWS, x.shape[0])
-    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n)
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n, getattr(f, "cost_key", ()))
     try:
         cached = _COSTS.setdefault(getattr(f, "cost_owner", f) if owner is None else owner,
                                    {})
@@ -404,7 +412,7 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
     rows or is random; ``RuntimeError`` inside ``torch.inference_mode()`` (also for
     :func:`hessian`, :func:`hessian_diagonal`, :func:`third_order`).
     """
-    f = with_forward_args(f, additional_forward_args, _batch(x))
+    f = _with_args(f, x, additional_forward_args)
     _check_x(f, x, v)
     V, single = _as_directions(x, v)
     out = _chunked(f, x, V, max_memory, chunk_size)
@@ -425,7 +433,7 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
     ``additional_forward_args`` as :func:`hvp`.
     Returns ``[B, M, N]`` in ``x.dtype``.
     """
-    f = with_forward_args(f, additional_forward_args, _batch(x))
+    f = _with_args(f, x, additional_forward_args)
     _check_x(f, x, U, *(() if W is None else (W,)))
     V, _ = _as_directions(x, U)
     Wd = V if W is None else _as_directions(x, W)[0]
@@ -539,7 +547,7 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     :func:`hvp`.
     Returns: ``[B, D, D]`` or ``[B, R, D]`` in ``x.dtype``.
     """
-    f = with_forward_args(f, additional_forward_args, _batch(x))
+    f = _with_args(f, x, additional_forward_args)
     _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
     idx = index_rows(index, D, x.device)
@@ -560,7 +568,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     from a private generator seeded with ``seed``. ``f [B, ...] -> [B]``, ``x [B, ...]``;
     ``max_memory`` / ``chunk_size`` / ``additional_forward_args`` as :func:`hessian`.
     """
-    f = with_forward_args(f, additional_forward_args, _batch(x))
+    f = _with_args(f, x, additional_forward_args)
     _check_x(f, x)
     B, D = x.shape[0], x[0].numel()
     ff, xf = _flat_f(f, x), x.reshape(B, D)
@@ -596,7 +604,7 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
     Args: f ``[B, ...] -> [B]``; x, u, v ``[B, ...]`` (one pair of directions per row);
     ``additional_forward_args`` as :func:`hvp`.
     """
-    f = with_forward_args(f, additional_forward_args, _batch(x))
+    f = _with_args(f, x, additional_forward_args)
     _check_x(f, x, v, u)
     for name, t in (("u", u), ("v", v)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape):

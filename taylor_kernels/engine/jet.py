@@ -151,28 +151,23 @@ def _args_form(args: tuple) -> tuple:
 
 
 def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[fx.GraphModule | None, bool]:
-    """:func:`_trace` and whether the graph came from the cache."""
+    """:func:`_trace` and whether the graph came from the cache. A model that inspects a
+    tensor argument (``mask.dim()``, ``.dtype``, a shape) cannot be traced with the tensors as
+    graph inputs (the tracer's proxies have no values): it is traced with this call's tensors
+    as constants instead (still taking, and ignoring, the tensor inputs), and that graph is
+    not cached (the cache remembers only that the model needs it)."""
     key = (_trace_key(f), _args_form(args)) if cache else None
     with _TRACES_LOCK:
         hit = _TRACES.get(id(f)) if cache else None
         if hit is not None and hit[0]() is f and hit[1] == key:
             _TRACES.move_to_end(id(f))
-            return hit[2], True
-
-    def call(x, *tensors):
-        it = iter(tensors)
-        return f(x, *(next(it) if isinstance(a, torch.Tensor) else a for a in args))
-
-    placeholders = (PH,) * (1 + len(_tensor_args(args)))
-    gm = None
-    for leaf_children in (False, True):
-        tracer = _Tracer(leaf_children)
-        try:
-            graph = tracer.trace(call, concrete_args=placeholders)
-        except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
-            continue
-        gm = fx.GraphModule(tracer.root, graph)
-        break
+            if hit[2] is not _BY_VALUE:
+                return hit[2], True
+    by_value = hit is not None and hit[0]() is f and hit[1] == key
+    gm = None if by_value else _trace_graph(f, args, by_value=False)
+    if gm is None and _tensor_args(args):
+        gm = _trace_graph(f, args, by_value=True)
+        by_value = gm is not None
     if not cache:
         return gm, False
     try:
@@ -180,11 +175,35 @@ def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[fx.GraphModu
     except TypeError:  # not weak-referenceable: trace again next time
         return gm, False
     with _TRACES_LOCK:
-        _TRACES[id(f)] = (ref, key, gm)
+        _TRACES[id(f)] = (ref, key, _BY_VALUE if by_value else gm)
         _TRACES.move_to_end(id(f))
         while len(_TRACES) > _TRACE_CACHE_SIZE:
             _TRACES.popitem(last=False)
     return gm, False
+
+
+_BY_VALUE = object()  # a cache entry: the model traces only with its tensor arguments' values
+
+
+def _trace_graph(f, args: tuple, by_value: bool) -> fx.GraphModule | None:
+    """``(x, *tensors) -> f(x, *args)`` traced (whole, else with child modules as leaves; None
+    when neither traces): the tensors of ``args`` are the graph's later inputs, or, when
+    ``by_value``, constants of the graph (the inputs are then unused)."""
+    def call(x, *tensors):
+        if by_value:
+            return f(x, *args)
+        it = iter(tensors)
+        return f(x, *(next(it) if isinstance(a, torch.Tensor) else a for a in args))
+
+    placeholders = (PH,) * (1 + len(_tensor_args(args)))
+    for leaf_children in (False, True):
+        tracer = _Tracer(leaf_children)
+        try:
+            graph = tracer.trace(call, concrete_args=placeholders)
+        except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
+            continue
+        return fx.GraphModule(tracer.root, graph)
+    return None
 
 
 def _primal_matches(f, x: torch.Tensor, row0, out: torch.Tensor) -> bool:

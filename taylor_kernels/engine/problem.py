@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from taylor_kernels.engine import guards
-from taylor_kernels.engine.row_args import (RowFunction, check_row_args, forward_args,
-                                            select_rows)
+from taylor_kernels.engine.row_args import (RowFunction, args_form, check_row_args,
+                                            forward_args, select_rows)
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import all_finite
 
@@ -347,7 +347,8 @@ class PathProblem:
         and forward args; measured costs are cached under the model."""
         return RowFunction(self.forward, self.B, self.model,
                            getattr(self.model, "cost_owner", self.model),
-                           tuple(self._row_tensors()))
+                           tuple(self._row_tensors()),
+                           args_form(self.forward_args, self.B))
 
     def _row_tensors(self) -> list[torch.Tensor]:
         return [a for a in self.forward_args if guards.is_row_tensor(a, self.B)]

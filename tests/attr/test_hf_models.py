@@ -316,7 +316,7 @@ def test_token_interactions_measure_the_pair_cost_once(gpt2, monkeypatch):
     from taylor_kernels.engine import derivative
     probes = []
     real = derivative._probe_bytes
-    monkeypatch.setattr(derivative, "_probe_bytes", lambda f, xs: probes.append(1) or real(f, xs))
+    monkeypatch.setattr(derivative, "_probe_bytes", lambda *a: probes.append(1) or real(*a))
     ids = IDS[:, :5]
     first = hf.token_interactions(gpt2, ids, target=9, steps=4, ig_steps=8, max_memory="256MB")
     n = len(probes)

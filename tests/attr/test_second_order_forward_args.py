@@ -150,6 +150,39 @@ def test_taylor_decomposition_and_taylor_cam_follow_the_rows(case):
         torch.testing.assert_close(cam.cross[b:b + 1], one.cross, atol=1e-11, rtol=0)
 
 
+class Inspects(Gated):
+    """:class:`Gated` that reads its mask's rank and dtype (a tracer proxy has neither)."""
+
+    def forward(self, x, m, c, s=1.0):
+        if m.dim() == 2 and m.dtype == torch.float64:
+            x = x * m
+        return torch.tanh(x @ self.W1 + c) @ self.W2 * s
+
+
+def test_jet_of_a_model_that_inspects_its_arguments_is_traced(case):
+    """The tensors cannot be the trace's inputs (``m.dim()`` of a proxy): the model is traced
+    with each call's tensors as constants, not run by nested forward AD, and a later call with
+    other values gets its own."""
+    _, x, m, c = case
+    model = Inspects()
+    v = torch.randn(B, 2, D, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # traced: no nested-jvp fallback
+        outs = [tk.jet(model, x, v, 3, target=1, additional_forward_args=(k_m, c))
+                for k_m in (m, m.flip(0), m.flip(0))]
+    for k_m, out in zip((m, m.flip(0), m.flip(0)), outs):
+        ref = tk.jet(model, x, v, 3, target=1, additional_forward_args=(k_m, c), fallback=True)
+        torch.testing.assert_close(out, ref, atol=1e-11, rtol=0)
+
+
+def test_a_bad_x_is_named_before_the_arguments(case):
+    """``x`` is checked before the forward args are matched to its rows."""
+    model, x, m, c = case
+    for bad in (x[0], torch.zeros(0, D, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="x must be a tensor"):
+            tk.hessian(_scalar(model), bad, additional_forward_args=(m, c))
+
+
 def test_check_r_pairs_rows_that_differ_only_in_their_arguments():
     """Identical inputs, masks that differ: a model mixing the rows' masks is refused (the
     partner row for the check is one with another mask, with that mask)."""
@@ -194,3 +227,24 @@ def test_padded_transformer_batch_with_its_mask():
                               e[b:b + 1]).derivatives  # (its probes run two rows)
         torch.testing.assert_close(got[b:b + 1], one, atol=1e-10, rtol=0)
     assert got[1].abs().sum() > 0
+
+
+def test_pair_cost_is_measured_per_form_of_the_arguments(monkeypatch):
+    """The measured HVP cost is cached per form of the forward args: a cost measured with a
+    small argument was reused for a large one (an explicit budget exceeded 3.5x)."""
+    from taylor_kernels.engine import derivative
+
+    costs = []
+    real = derivative.pair_cost
+    monkeypatch.setattr(derivative, "pair_cost",
+                        lambda *a, **k: costs.append(real(*a, **k)) or costs[-1])
+
+    def f(z, e):  # saves tensors the size of e per row
+        return torch.tanh(z.sum(1, keepdim=True) * e).sum(1) + (z ** 3).sum(1)
+
+    x = torch.randn(B, D, dtype=torch.float64)
+    for width in (1, 20000, 1):
+        e = torch.rand(B, width, dtype=torch.float64)
+        tk.hessian(f, x, additional_forward_args=e, max_memory="64MB")
+    small, large, again = (c.per_pair + c.fixed for c in costs)
+    assert large > 100 * small and again == small
