@@ -3,7 +3,8 @@
 A fixed ``stacklevel`` points at whatever frame happens to sit that many levels up, which was
 library code for most of the library's warnings (``integrated_gradients.py:189``,
 ``contextlib.py:81``). :func:`warn` walks the stack instead and names the frame that made the
-outermost call into the package (``contextlib`` frames between count as the package's).
+outermost call into the package (``contextlib`` frames right above package frames count as
+the package's; in a thread the package started, the outermost package frame is named).
 """
 from __future__ import annotations
 
@@ -13,22 +14,41 @@ import warnings
 _PACKAGE = __name__.split(".")[0]
 
 
-def _internal(frame) -> bool:
-    name = frame.f_globals.get("__name__", "")
-    return name == _PACKAGE or name.startswith(_PACKAGE + ".") or name == "contextlib"
+def _module(frame) -> str:
+    return frame.f_globals.get("__name__", "")
+
+
+def _ours(frame) -> bool:
+    name = _module(frame)
+    return name == _PACKAGE or name.startswith(_PACKAGE + ".")
+
+
+def _thread_start(frame) -> bool:
+    """A frame of the machinery that starts a thread's work (no user line above it)."""
+    name = _module(frame)
+    return name == "threading" or name.startswith("concurrent.futures")
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that :func:`warn` passes to :func:`warnings.warn`: 1 is ``warn``
-    itself; the result is the level of the frame above the outermost package (or
-    ``contextlib``) frame, or of that outermost frame when nothing is above it (a hook run
-    by the autograd engine's own thread)."""
-    frame, level, outermost = sys._getframe(2), 2, 2  # (2: the caller of warn)
+    itself; the result is the level of the frame above the outermost package frame (with the
+    ``contextlib`` frames right above a package frame: a package context manager's exit), or
+    of that outermost frame when nothing but a thread's start is above it (a hook run by the
+    autograd engine's own thread, a worker of the package's thread pool)."""
+    frames, frame = [], sys._getframe(2)  # frames[i] is at level i + 2 (the caller of warn)
     while frame is not None:
-        if _internal(frame):
-            outermost = level
-        frame, level = frame.f_back, level + 1
-    return outermost + 1 if outermost + 1 < level else outermost
+        frames.append(frame)
+        frame = frame.f_back
+    outermost, below_ours = 0, True
+    for i, frame in enumerate(frames):
+        internal = _ours(frame) or (below_ours and _module(frame) == "contextlib")
+        if internal:
+            outermost = i
+        below_ours = internal
+    above = outermost + 1
+    if above == len(frames) or _thread_start(frames[above]):
+        return outermost + 2
+    return above + 2
 
 
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:

@@ -44,3 +44,47 @@ def test_gap_warnings_name_low_precision():
             tk.integrated_gradients(model.to(dtype), x.to(dtype), target=1, steps=2, tol=1e-9)
         (w,) = _ours(caught)
         assert ("computes in bfloat16" in str(w.message)) is named
+
+
+def _package_function(source: str, name: str):
+    """A function compiled as a module of the package (file ``<pkg>``): what ``warn`` sees."""
+    scope = {"__name__": "taylor_kernels._warning_probe"}
+    exec(compile(source, "<pkg>", "exec"), scope)
+    return scope[name]
+
+
+def test_a_users_own_context_manager_is_not_skipped():
+    """A call into the package inside the user's own ``@contextmanager`` is named at its line
+    in the generator, not at the ``with`` that entered it (contextlib frames counted as the
+    package's wherever they were)."""
+    import contextlib
+
+    emit = _package_function("from taylor_kernels.user_warnings import warn\n"
+                             "def emit():\n    warn('probe')\n", "emit")
+    lines = []
+
+    @contextlib.contextmanager
+    def mine():
+        emit(); lines.append(_line())  # noqa: E702
+        yield
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mine():
+            pass
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, lines[0])]
+
+
+def test_a_warning_in_a_package_thread_names_the_package_frame():
+    """No user line is above a worker thread the package started: the warning names the
+    package's outermost frame, not ``threading.py``."""
+    import threading
+
+    work = _package_function("from taylor_kernels.user_warnings import warn\n"
+                             "def work():\n    warn('probe')\n", "work")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert [(w.filename, w.lineno) for w in caught] == [("<pkg>", 3)]

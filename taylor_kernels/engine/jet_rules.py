@@ -490,6 +490,15 @@ METHOD_RULES = {
 }
 
 
+_PAD_MODULES = {
+    **{cls: "constant" for cls in (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)},
+    **{cls: "reflect" for cls in (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d)},
+    **{cls: "replicate" for cls in (nn.ReplicationPad1d, nn.ReplicationPad2d,
+                                    nn.ReplicationPad3d)},
+    **{cls: "circular" for cls in (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)},
+}
+
+
 def module_rule(m: nn.Module):
     """The rule for a leaf module, or None when it has none (the engine then falls back)."""
     acts = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.SiLU: "silu"}
@@ -514,6 +523,9 @@ def module_rule(m: nn.Module):
                                    ceil_mode=m.ceil_mode)
     if type(m) is nn.Dropout:
         return _dropout
+    for kind, mode in _PAD_MODULES.items():
+        if isinstance(m, kind):  # (ZeroPad*d are ConstantPad*d with value 0)
+            return lambda x: pad(x, m.padding, mode, getattr(m, "value", None))
     if type(m) is nn.Softmax:
         return lambda x: softmax(x, m.dim)
     if type(m) is nn.LayerNorm:
