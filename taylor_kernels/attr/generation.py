@@ -17,6 +17,7 @@ token scores ``A[t, l] = sum_h A[t, l, h]`` ``[T, P]``, and the sequence log-pro
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -208,7 +209,7 @@ def _baseline_activation(model, layer, sequence, act, base_ids, kept, P: int) ->
 
 
 def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens: int = 25,
-                           baselines="zero", skip_tokens: Sequence[int] = (), keep=None,
+                           baselines="zero", skip_tokens: Sequence[int | str] = (), keep=None,
                            layer=None, steps: int = 50, rule: str = "gausslegendre",
                            tol: float | None = None, return_embedding_attr: bool = False,
                            max_memory=None, chunk_size: int | None = None,
@@ -225,8 +226,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
             (``max_new_tokens``, stopping after an end-of-sequence id of
             ``model.generation_config`` or ``model.config``: one id or a list).
         baselines: ``"zero"`` (zero embedding), ``"pad"``, ``"unk"``, a token id, or ids
-            ``[P]``; ``skip_tokens`` (ids) and ``keep`` (bool ``[P]``) hold prompt tokens at
-            their embedding (zero attribution).
+            ``[P]``; ``skip_tokens`` (ids, or token strings with ``tokenizer``) and ``keep``
+            (bool ``[P]``) hold prompt tokens at their embedding (zero attribution).
         layer: the embedding layer (default ``model.get_input_embeddings()``, or a name); a
             later layer only while the continuation's activations there do not depend on
             the prompt (checked: ``ValueError`` otherwise).
@@ -235,6 +236,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
             ``RuntimeWarning`` names the targets that miss it after 63 nodes).
         return_embedding_attr: also return ``[T, P, H]`` per-embedding attributions.
         max_memory, chunk_size, backend, progress: as ``integrated_gradients``.
+        tokenizer: reads the ``"pad"``/``"unk"`` ids the config lacks and converts token
+            strings in ``skip_tokens``.
     Returns: :class:`GenerationAttribution`.
     """
     check_rule_args(rule, tol)
@@ -247,6 +250,9 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     vocab = hf.vocab_size(emb, model)
     prompt = hf.check_ids(_one_row(prompt_ids, "prompt_ids"), "prompt_ids", vocab)
     if target_ids is None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model), vocab)
     else:
         target = hf.check_ids(_one_row(target_ids, "target_ids"), "target_ids",
@@ -261,7 +267,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
     if base_ids is not None:
         hf.check_vocab(base_ids, vocab, "baselines")
-    kept = hf.kept_positions(prompt, None, keep, skip_tokens)
+    kept = hf.kept_positions(prompt, None, keep, skip_tokens, tokenizer, "prompt_ids")
     base = _baseline_activation(model, emb, sequence, act, base_ids, kept, P)
     problem = GenerationProblem(model, emb, sequence, target, act, base, vocab)
     with backends.selected(backend), hf.first_order_attention(model, act):

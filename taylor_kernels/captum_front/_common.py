@@ -89,6 +89,7 @@ def captum_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     @captum_errors
     def attribute(*args, **kwargs):
+        _check_no_list_baselines(signature, args, kwargs)
         if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
             args, kwargs = _interpolable(signature, args, kwargs)
         with train_mode_as_captum(args[0] if args else None):
@@ -112,6 +113,24 @@ def captum_errors(fn: Callable) -> Callable:
         except ValueError as exc:
             raise CaptumValueError(str(exc)) from exc
     return call
+
+
+def _check_no_list_baselines(signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+    """``ValueError`` (Captum's ``AssertionError``) for ``baselines`` given as a list, or a
+    tuple holding one: Captum takes a tuple as one baseline per input and any other value as
+    one baseline, and a list is none of its forms (ours read ``[0.5]`` as a tuple, or failed
+    with an ``AttributeError``)."""
+    if "baselines" not in signature.parameters:
+        return
+    try:
+        value = signature.bind(*args, **kwargs).arguments.get("baselines")
+    except TypeError:
+        return  # the method's own call raises its error
+    for b in value if isinstance(value, tuple) else (value,):
+        if isinstance(b, list):
+            raise ValueError("baseline input argument must be either a torch.Tensor or a "
+                             "number (a tuple of them for tuple inputs), however list "
+                             f"detected: {b!r:.60}")
 
 
 def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
@@ -340,7 +359,8 @@ def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                        additional_forward_args) -> ShapDraws:
     """Captum's GradientSHAP draws, same generators in the same order: baselines by
     ``numpy.random.choice``, input noise by ``torch.normal``, nodes by
-    ``numpy.random.uniform`` (in the inputs' dtype, as Captum)."""
+    ``numpy.random.uniform`` (in the noisy inputs' dtype, as Captum, whose nodes take the
+    dtype of the inputs it interpolates: the noisy ones, floating even for integer inputs)."""
     tup, was_tuple = format_inputs(inputs)
     bls = resolve_baselines(baselines, inputs, len(tup))
     if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
@@ -350,7 +370,7 @@ def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
     with torch.no_grad():
         drawn = draw_baselines(bls, B, n)
         noisy = tuple(captum_noise(x, s, n) for x, s in zip(tup, stds))
-        alphas = torch.tensor(np.random.uniform(0.0, 1.0, B * n), dtype=tup[0].dtype)
+        alphas = torch.tensor(np.random.uniform(0.0, 1.0, B * n), dtype=noisy[0].dtype)
     return ShapDraws(tup, was_tuple, noisy, dense_baselines(drawn, noisy), alphas,
                      expand_target(target, B, [n]), expand_args(additional_forward_args, B, [n]),
                      B, n)
@@ -412,23 +432,34 @@ _NEUTRAL_GRAD_KWARGS = {"retain_graph": None, "allow_unused": None, "materialize
                         "create_graph": False, "is_grads_batched": False}
 
 
+def engine_takes_grad_kwargs(grad_kwargs) -> bool:
+    """Whether the engine can honour Captum's ``grad_kwargs`` (keyword arguments of
+    ``torch.autograd.grad``): none, or only options that cannot change the attributions
+    (``retain_graph``, ``allow_unused``, ``materialize_grads``, ``create_graph=False``,
+    ``is_grads_batched=False``). A non-dict counts as taken (the check names it)."""
+    if not grad_kwargs or not isinstance(grad_kwargs, dict):
+        return True
+    return all(key in _NEUTRAL_GRAD_KWARGS and (
+        _NEUTRAL_GRAD_KWARGS[key] is None or value == _NEUTRAL_GRAD_KWARGS[key])
+        for key, value in grad_kwargs.items())
+
+
 def check_grad_kwargs(grad_kwargs) -> None:
-    """Captum's ``grad_kwargs`` (keyword arguments of ``torch.autograd.grad``): those that
-    cannot change the attributions pass (``retain_graph``, ``allow_unused``,
-    ``materialize_grads``, ``create_graph=False``, ``is_grads_batched=False``); any other
-    raises ``NotImplementedError`` naming it (e.g. ``create_graph=True``, ``grad_outputs``)."""
-    if not grad_kwargs:
-        return
-    if not isinstance(grad_kwargs, dict):
+    """``TypeError`` for ``grad_kwargs`` that is not a dict, ``NotImplementedError`` naming an
+    option the engine cannot honour (e.g. ``create_graph=True``, ``grad_outputs``; see
+    :func:`engine_takes_grad_kwargs`; under ``patch()`` such calls run Captum's own code)."""
+    if grad_kwargs and not isinstance(grad_kwargs, dict):
         raise TypeError(f"grad_kwargs must be a dict, got {type(grad_kwargs).__name__}")
-    for key, value in grad_kwargs.items():
-        if key not in _NEUTRAL_GRAD_KWARGS or (
-                _NEUTRAL_GRAD_KWARGS[key] is not None and value != _NEUTRAL_GRAD_KWARGS[key]):
-            raise NotImplementedError(
-                f"grad_kwargs {key}={value!r} is not supported by the taylor-kernels engine (it "
-                "takes one gradient per path point itself); accepted, as having no effect on "
-                "the attributions: retain_graph, allow_unused, materialize_grads, "
-                "create_graph=False, is_grads_batched=False")
+    if engine_takes_grad_kwargs(grad_kwargs):
+        return
+    key, value = next((k, v) for k, v in grad_kwargs.items()
+                      if not engine_takes_grad_kwargs({k: v}))
+    raise NotImplementedError(
+        f"grad_kwargs {key}={value!r} is not supported by the taylor-kernels engine (it "
+        "takes one gradient per path point itself); accepted, as having no effect on "
+        "the attributions: retain_graph, allow_unused, materialize_grads, "
+        "create_graph=False, is_grads_batched=False (under taylor_kernels.captum.patch() "
+        "such a call runs Captum's own code)")
 
 
 def attribute_future_unsupported(self, *args, **kwargs):

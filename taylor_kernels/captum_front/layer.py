@@ -100,6 +100,7 @@ class LayerGradientShap(_LayerMethod):
     seeds the results equal Captum's; all ``B * n_samples`` draws are one engine pass."""
 
     DRAWS_RANDOM = True
+    INTERPOLATES_INPUTS = True  # (Captum's noise makes integer inputs floats)
 
     def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:
@@ -115,7 +116,7 @@ class LayerGradientShap(_LayerMethod):
         """Layer GradientSHAP (Captum's arguments); ``baselines`` a distribution ``[N, ...]``
         (or a callable returning it); with ``return_convergence_delta`` also the delta of
         every draw, ``[B * n_samples]``."""
-        check_float_inputs(format_inputs(inputs)[0])  # before noise makes ids floats
+        check_float_inputs(format_inputs(inputs)[0])  # ids (kept by name): before the noise
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
         res = layer_gradient_shap(self.forward_func, self.layer, d.noisy, d.drawn, d.alphas,

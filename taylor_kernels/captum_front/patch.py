@@ -12,8 +12,9 @@ our engine otherwise; Captum's result type). Every existing and future
 instance, and every reference to the class, then runs on the path engine. The replacements
 keep Captum's ``attribute.__wrapped__`` protocol (Captum's own ``NoiseTunnel`` over a patched
 class works, batch by batch) and report our signature to ``inspect.signature``. Subclasses
-that override one of the class's methods, and instances with their own ``gradient_func``,
-keep running Captum's code (we could not honour their change).
+that override one of the class's methods, instances with their own ``gradient_func``, and
+calls with ``grad_kwargs`` that change the gradients (``create_graph=True``,
+``grad_outputs``) keep running Captum's code (we could not honour their change).
 
 :func:`unpatch` puts back exactly the objects that were in each class ``__dict__`` (or removes
 what was not there); :func:`patched` is the context-manager form.
@@ -29,7 +30,8 @@ import threading
 from typing import Callable
 
 from taylor_kernels import captum_front
-from taylor_kernels.captum_front._common import customised, for_captum
+from taylor_kernels.captum_front._common import (customised, engine_takes_grad_kwargs,
+                                                 for_captum)
 from taylor_kernels.captum_front.llm import LLMGradientAttribution
 
 PATCHED_CLASSES = ("IntegratedGradients", "LayerIntegratedGradients",
@@ -63,8 +65,10 @@ def _replacement(cls, original, ours: Callable, like: Callable):
     :func:`~taylor_kernels.captum_front._common.customised`), reporting ``like``'s
     name, docstring and signature."""
 
+    signature = inspect.signature(original)
+
     def run(self, *args, **kwargs):
-        if customised(self, cls):
+        if customised(self, cls) or not _engine_takes(signature, self, args, kwargs):
             return original(self, *args, **kwargs)
         return ours(self, *args, **kwargs)
 
@@ -78,6 +82,18 @@ def _replacement(cls, original, ours: Callable, like: Callable):
     method.__signature__ = run.__signature__ = inspect.signature(like)
     method.__taylor_kernels__ = True
     return method
+
+
+def _engine_takes(signature: inspect.Signature, inst, args: tuple, kwargs: dict) -> bool:
+    """Whether the call's ``grad_kwargs`` (if the method has them) are ones the engine
+    honours; a call that does not bind is ours (our method raises Captum's error)."""
+    if "grad_kwargs" not in signature.parameters:
+        return True
+    try:
+        bound = signature.bind(inst, *args, **kwargs)
+    except TypeError:
+        return True
+    return engine_takes_grad_kwargs(bound.arguments.get("grad_kwargs"))
 
 
 def _method_of(ours_cls, name: str) -> Callable:

@@ -60,23 +60,54 @@ _MATH_ATTENTION = _math_attention_setting()
 
 
 def math_attention(f: Callable | None = None):
-    """Context: scaled dot-product attention runs on its math backend. The backend flags are
-    the process's, not the thread's: overlapping blocks of several threads share one setting
+    """Context: attention runs on kernels with a second derivative and forward AD. Scaled
+    dot-product attention runs on its math backend; the backend flags are the process's, not
+    the thread's: overlapping blocks of several threads share one setting
     (:class:`~taylor_kernels.shared_setting.SharedSetting`; nested ``sdpa_kernel`` blocks in two
     threads restored each other's saved flags and left the fused kernels off for good).
-    ``f``, the function differentiated: a ``transformers`` model with ``"sdpa"`` attention it
-    reaches is named in a warning once per model class (:func:`say_math_attention`)."""
-    if f is not None:
-        sdpa = [m for m in guards.modules_of(f)
-                if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
-        inner = {id(s) for m in sdpa for s in m.modules() if s is not m} if len(sdpa) > 1 \
-            else set()
-        for m in sdpa:
-            if id(m) not in inner:  # the model, not also its base model (LlamaModel)
-                say_math_attention(type(m).__name__, "sdpa")
-    if torch.compiler.is_compiling():  # dynamo traces sdpa_kernel itself, not our block
-        return sdpa_kernel(SDPBackend.MATH)
-    return _MATH_ATTENTION()
+    ``f``, the function differentiated: each ``transformers`` model it reaches with
+    ``"sdpa"`` attention is named in a warning once per model class
+    (:func:`say_math_attention`), and one with another fused implementation (flash, flex)
+    runs ``"eager"`` attention in the block (``set_attn_implementation``, restored on exit)."""
+    fused = []
+    for m, impl in _attention_models(f):
+        say_math_attention(type(m).__name__, impl)
+        if impl != "sdpa":
+            fused.append((m, impl))
+    # (dynamo traces sdpa_kernel itself, not our block)
+    sdpa_math = sdpa_kernel(SDPBackend.MATH) if torch.compiler.is_compiling() \
+        else _MATH_ATTENTION()
+    return _eager_attention(fused, sdpa_math) if fused else sdpa_math
+
+
+def _attention_models(f: Callable | None) -> list:
+    """``(model, implementation)`` of the ``transformers`` models ``f`` reaches with a fused
+    attention implementation (not ``"eager"``), outermost only (the model, not also its
+    base model, which shares its config)."""
+    if f is None:
+        return []
+    found = [(m, getattr(getattr(m, "config", None), "_attn_implementation", None))
+             for m in guards.modules_of(f)]
+    found = [(m, impl) for m, impl in found if isinstance(impl, str) and impl != "eager"]
+    inner = {id(s) for m, _ in found for s in m.modules() if s is not m} if len(found) > 1 \
+        else set()
+    return [(m, impl) for m, impl in found if id(m) not in inner]
+
+
+@contextlib.contextmanager
+def _eager_attention(models: list, sdpa_math):
+    """Run ``models`` (``(model, implementation)``) on eager attention and ``sdpa_math``
+    inside; each model's implementation is set back on exit."""
+    switched = []
+    try:
+        for m, impl in models:
+            m.set_attn_implementation("eager")
+            switched.append((m, impl))
+        with sdpa_math:
+            yield
+    finally:
+        for m, impl in reversed(switched):
+            m.set_attn_implementation(impl)
 
 
 def say_math_attention(model_class: str, impl: str) -> None:

@@ -10,10 +10,10 @@ Handled by duck typing, so ``transformers`` is never imported: the embedding lay
   ``attention_mask`` and every other keyword argument whose first dimension is the batch are
   carried per row (the engine picks each path point's row); others are passed as they are.
 * **Padding and kept tokens.** Positions with ``attention_mask == 0`` and those in ``keep``
-  (or whose id is in ``skip_tokens``) keep their input embedding as baseline: their
-  attribution is exactly zero.
+  (or whose id is in ``skip_tokens``: ids, or token strings converted by ``tokenizer``) keep
+  their input embedding as baseline: their attribution is exactly zero.
 * **Baselines.** ``"zero"`` (the zero embedding, default), ``"pad"``/``"unk"``/``"bos"``/
-  ``"eos"`` (the config's token id, or the tokenizer's), a token id, or integer ids
+  ``"eos"`` (the config's token id, or the ``tokenizer``'s), a token id, or integer ids
   ``[B|1, L]``. A floating baseline with integer ids is a ``TypeError``.
 * **Scores.** The output tensor follows :func:`~taylor_kernels.models.outputs.model_output`
   (``.logits``...). A ``[N, L, V]`` output is read at one position per row (default: the last
@@ -23,9 +23,10 @@ Handled by duck typing, so ``transformers`` is never imported: the embedding lay
 * **Attention.** First-order attribution keeps the model's attention (fused SDPA kernels),
   except where the library runs the forward of a bf16/fp16 model on the CPU
   (:func:`first_order_attention`): there PyTorch's fused CPU kernel's backward is about 4x
-  slower than the math path's. Second-order methods (:func:`token_interactions`) run inside
-  :func:`second_order_attention`, which switches to the math path once per call and says so
-  with one warning per model class.
+  slower than the math path's. Second-order methods (:func:`token_interactions`, and every
+  derivative-engine call) run inside :func:`~taylor_kernels.engine.derivative.math_attention`:
+  SDPA on its math backend, flash/flex attention switched to ``"eager"`` for the call, with
+  one warning per model class.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ from torch import nn
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
 from taylor_kernels.attr.layer import layer_replaced_forward
-from taylor_kernels.engine.guards import (coupling_submodules, is_row_tensor, modules_of,
-                                          row_coupling_allowed)
-from taylor_kernels.engine.derivative import math_attention, say_math_attention
+from taylor_kernels.engine.guards import (check_model, coupling_submodules, is_row_tensor,
+                                          modules_of, row_coupling_allowed)
+from taylor_kernels.engine.derivative import math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
@@ -151,8 +152,8 @@ def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
     if isinstance(baselines, bool) or isinstance(baselines, float):
         raise TypeError(f"baselines={baselines!r} with integer input_ids: baselines are token "
                         "ids (an int or an integer tensor) or 'zero'/'pad'/'unk'")
-    if isinstance(baselines, int):
-        return torch.full_like(input_ids, baselines)
+    if isinstance(baselines, numbers.Integral):  # (numpy's too)
+        return torch.full_like(input_ids, int(baselines))
     if not isinstance(baselines, torch.Tensor):
         raise TypeError(f"baselines must be a string, a token id or an id tensor, got "
                         f"{type(baselines).__name__}")
@@ -168,27 +169,61 @@ def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
                          f"input_ids {tuple(input_ids.shape)}") from exc
 
 
-def row_mask(value, input_ids: torch.Tensor, name: str) -> torch.Tensor:
+def row_mask(value, input_ids: torch.Tensor, name: str, ids_name: str = "input_ids"
+             ) -> torch.Tensor:
     """``value`` (a tensor, list or array ``[B, L]``, or ``[L]`` for every row) as a tensor
-    shaped like ``input_ids``; ``ValueError`` when it does not broadcast."""
+    shaped like ``input_ids`` (called ``ids_name`` in the error); ``ValueError`` when it does
+    not broadcast."""
     mask = torch.as_tensor(value, device=input_ids.device)
     try:
         return mask.expand_as(input_ids)
     except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not match input_ids "
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not match {ids_name} "
                          f"{tuple(input_ids.shape)}") from None
 
 
+def skip_token_ids(skip_tokens, tokenizer=None) -> list[int]:
+    """``skip_tokens`` as ids: ints (numpy's too) as they are, token strings through
+    ``tokenizer.convert_tokens_to_ids`` (as Captum's ``LLMAttribution`` takes them);
+    ``TypeError`` for strings without a tokenizer or anything else, ``ValueError`` for a
+    string the tokenizer does not know."""
+    if isinstance(skip_tokens, torch.Tensor):
+        skip_tokens = skip_tokens.reshape(-1).tolist()
+    elif isinstance(skip_tokens, (str, numbers.Integral)):
+        skip_tokens = [skip_tokens]
+    ids = []
+    for tok in skip_tokens:
+        if isinstance(tok, numbers.Integral) and not isinstance(tok, bool):
+            ids.append(int(tok))
+        elif isinstance(tok, str):
+            if tokenizer is None:
+                raise TypeError(f"skip_tokens holds the string {tok!r}: give token ids, or "
+                                "pass tokenizer= to convert token strings")
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if not isinstance(tid, int) or tid == unk and tok != getattr(
+                    tokenizer, "unk_token", None):
+                raise ValueError(f"skip_tokens: the tokenizer has no token {tok!r}")
+            ids.append(tid)
+        else:
+            raise TypeError(f"skip_tokens must hold token ids (ints) or token strings, got "
+                            f"{type(tok).__name__}")
+    return ids
+
+
 def kept_positions(input_ids: torch.Tensor, attention_mask=None, keep=None,
-                   skip_tokens: Sequence[int] = ()) -> torch.Tensor:
-    """Bool ``[B, L]``: padding (``attention_mask == 0``), ``keep`` and ``skip_tokens`` ids."""
+                   skip_tokens=(), tokenizer=None, ids_name: str = "input_ids"
+                   ) -> torch.Tensor:
+    """Bool ``[B, L]``: padding (``attention_mask == 0``), ``keep`` and ``skip_tokens`` (ids,
+    or token strings with ``tokenizer``: :func:`skip_token_ids`)."""
     kept = torch.zeros_like(input_ids, dtype=torch.bool)
     if attention_mask is not None:
         kept |= attention_mask.to(input_ids.device) == 0
     if keep is not None:
-        kept |= row_mask(keep, input_ids, "keep").to(torch.bool)
-    if skip_tokens:
-        kept |= torch.isin(input_ids, torch.tensor(list(skip_tokens), device=input_ids.device))
+        kept |= row_mask(keep, input_ids, "keep", ids_name).to(torch.bool)
+    skip = skip_token_ids(skip_tokens, tokenizer)
+    if skip:
+        kept |= torch.isin(input_ids, torch.tensor(skip, device=input_ids.device))
     return kept
 
 
@@ -422,6 +457,7 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
                   position="last", score: str = "logit", model_kwargs: dict | None = None,
                   tokenizer=None) -> TokenProblem:
     """Prepare token-id attribution through the embedding layer (see the module docstring)."""
+    check_model(model)  # train-mode dropout would make every number random
     emb = input_embeddings(model, layer)
     vocab = vocab_size(emb, model)
     ids = check_ids(input_ids, vocab=vocab)
@@ -429,6 +465,14 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     if "input_ids" in kwargs or "inputs_embeds" in kwargs:
         raise ValueError("model_kwargs must not hold input_ids or inputs_embeds: the ids are "
                          "the input_ids argument")
+    if "logits_to_keep" in kwargs:
+        raise ValueError("model_kwargs must not hold logits_to_keep: the library passes it "
+                         "itself (the head runs only at the positions read; choose them with "
+                         "position=)")
+    if "labels" in kwargs:
+        raise ValueError("model_kwargs must not hold labels: the model would compute a loss "
+                         "over the whole batch of path points (rows of different points "
+                         "mixed); choose the score with target=, score= and output=")
     if "attention_mask" in kwargs:  # the same as attention_mask=: padding is held and skipped
         if attention_mask is not None:
             raise ValueError("attention_mask given twice (argument and model_kwargs)")
@@ -451,7 +495,7 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     if act_b.shape != act_x.shape:
         raise ValueError(f"baseline activations {tuple(act_b.shape)} differ from the input's "
                          f"{tuple(act_x.shape)}")
-    kept = kept_positions(ids, attention_mask, keep, skip_tokens)
+    kept = kept_positions(ids, attention_mask, keep, skip_tokens, tokenizer)
     if act_x.dim() == 3 and kept.any():
         act_b = torch.where(kept[..., None], act_x, act_b)
     positions = read_positions(position, *decoder_sequence(model, ids, attention_mask, kwargs))
@@ -551,28 +595,6 @@ def first_order_attention(model, activation: torch.Tensor):
         yield
 
 
-@contextlib.contextmanager
-def second_order_attention(model):
-    """Run second derivatives through attention: SDPA's fused kernels have no double
-    backward, so ``"sdpa"`` runs on the math backend (:func:`math_attention`) and
-    other fused implementations (flash, flex) on ``"eager"`` (restored on exit). Warns once
-    per model class."""
-    impl = attention_implementation(model)
-    if impl in (None, "eager"):
-        yield
-        return
-    say_math_attention(type(model).__name__, impl)
-    if impl == "sdpa":
-        with math_attention():
-            yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(impl)
-
-
 def token_interactions(model, input_ids, target=None, *, baselines="zero",
                        attention_mask=None, keep=None, skip_tokens=(), layer=None,
                        output=None, position="last", score: str = "logit",
@@ -582,7 +604,8 @@ def token_interactions(model, input_ids, target=None, *, baselines="zero",
 
     ``Gamma_{pq}`` sums the Integrated Hessians of the embedding coordinates of tokens ``p``
     and ``q`` (:func:`~taylor_kernels.group_integrated_hessians`), run inside
-    :func:`second_order_attention`. Arguments as :func:`token_integrated_gradients`.
+    :func:`~taylor_kernels.engine.derivative.math_attention`. Arguments as
+    :func:`token_integrated_gradients`.
     Returns ``{"interactions" [B, L, L], "ig" [B, L], "completeness_gap" [B]}``.
     """
     tp = token_problem(model, input_ids, baselines=baselines, attention_mask=attention_mask,
@@ -591,7 +614,7 @@ def token_interactions(model, input_ids, target=None, *, baselines="zero",
                        tokenizer=tokenizer)
     L = tp.act_x.shape[1]
     token_of = torch.arange(L, device=tp.act_x.device)[:, None].expand(L, tp.act_x.shape[-1])
-    with second_order_attention(model):
+    with math_attention(model):
         res = group_integrated_hessians(tp.forward, tp.act_x, token_of, tp.act_b, target,
                                         steps=steps, additional_forward_args=tp.args,
                                         **gih_kwargs)

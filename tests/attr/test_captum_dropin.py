@@ -498,6 +498,28 @@ def test_gradient_shap_matches_captum(kind, stdevs, multiply):
     assert_same(ours, ref, delta=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("name", ["GradientShap", "LayerGradientShap"])
+def test_gradient_shap_interpolates_integer_inputs_like_captum(name, dtype):
+    """Integer images: Captum's noise makes them floats and its nodes take the noisy inputs'
+    dtype (ours took the integer dtype, so every node was 0: silently wrong; the layer form
+    refused them as token ids)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    x = torch.full((2, 5), 3, dtype=dtype)
+    layer = () if name == "GradientShap" else (model[0],)
+
+    def call(gs):
+        return gs.attribute(x, torch.zeros(4, 5), n_samples=3, stdevs=0.1, target=1,
+                            return_convergence_delta=True)
+
+    ref, ours = run_both(lambda: getattr(ca, name)(model, *layer),
+                         lambda: getattr(tc, name)(model, *layer), call)
+    assert ours[0].dtype == torch.float32 and ours[0].abs().sum() > 0
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_shap_tuple_inputs_callable_baselines():
     model, (a, b), kw = setup("two")
     dist = (torch.randn(5, 5, dtype=F64), torch.randn(3, 2, 3, dtype=F64))
@@ -604,3 +626,16 @@ def test_a_forward_accepting_only_its_own_batch_runs_as_under_captum():
     torch.testing.assert_close(lig, want[1], rtol=1e-5, atol=1e-6)
     got = tc.GradientShap(fwd).attribute(x, torch.zeros(3, 4), target=0, n_samples=1)
     assert got.shape == x.shape
+
+
+@pytest.mark.parametrize("baselines", [[0.5], ([0.5],)])
+@pytest.mark.parametrize("name", ["IntegratedGradients", "LayerIntegratedGradients"])
+def test_list_baselines_raise_captums_assertion_error(name, baselines):
+    """A list is none of Captum's baseline forms: ours read it as a tuple (IG) or raised a
+    bare AttributeError (layer IG)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(2, 4)
+    layer = () if name == "IntegratedGradients" else (model[0],)
+    for lib in (ca, tc):
+        with pytest.raises(AssertionError, match="baseline input argument must be either"):
+            getattr(lib, name)(model, *layer).attribute(x, baselines, target=0, n_steps=4)

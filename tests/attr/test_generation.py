@@ -109,7 +109,12 @@ def test_errors(models, tok):
             ((prompt + V, target), {}, ValueError, "prompt_ids holds the id"),
             ((prompt, torch.tensor([5, -1])), {}, ValueError, "target_ids holds the id -1"),
             ((prompt, target), {"baselines": V}, ValueError, "baselines holds the id"),
-            ((prompt, target), {"keep": [True] * 3}, ValueError, "keep of shape"),
+            ((prompt, target), {"keep": [True] * 3}, ValueError,
+             r"keep of shape \(3,\) does not match prompt_ids"),
+            ((prompt, None), {"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be"),
+            ((prompt, None), {"max_new_tokens": 0}, ValueError, "max_new_tokens must be"),
+            ((prompt, target), {"skip_tokens": ["cat"]}, TypeError, "pass tokenizer="),
+            ((prompt, target), {"skip_tokens": [2.0]}, TypeError, "token ids"),
             ((prompt, target), {"rule": "adaptive", "tol": 0}, ValueError, "tol must be"),
             ((prompt, target), {"rule": "exact"}, ValueError, "no exact rule"),
             ((prompt.to(torch.uint8), target), {}, TypeError, "int64"),
@@ -124,6 +129,23 @@ def test_errors(models, tok):
         vocab_size=V)).eval()
     with pytest.raises(ValueError, match="causal LM"):
         generation_attribution(bert, prompt, target, steps=2)
+
+
+def test_token_strings_to_skip_and_numpy_baseline_ids_are_taken(models, tok):
+    """``skip_tokens`` as token strings (Captum's form) converted by the tokenizer (they
+    failed with "too many dimensions 'str'"), and a numpy integer baseline id."""
+    model = models["gpt2"]
+    prompt, target = _ids(tok)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<s>", "cat")]
+    by_id = generation_attribution(model, prompt, target, steps=4, skip_tokens=ids,
+                                   baselines=1)
+    by_string = generation_attribution(model, prompt, target, steps=4, tokenizer=tok,
+                                       skip_tokens=["<s>", "cat"], baselines=np.int64(1))
+    torch.testing.assert_close(by_string.token_attr, by_id.token_attr)
+    assert float(by_id.token_attr[:, [0, 2]].abs().max()) == 0.0  # <s> the cat ...
+    with pytest.raises(ValueError, match="no token 'zebra'"):
+        generation_attribution(model, prompt, target, steps=2, tokenizer=tok,
+                               skip_tokens=["zebra"])
 
 
 def test_models_that_do_not_continue_causally_are_refused(models, tok):

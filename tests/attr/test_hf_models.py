@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,6 +221,8 @@ def test_input_checks_name_the_argument(gpt2):
                       ({"input_ids": IDS[:, :0]}, "input_ids is empty"),
                       ({"keep": torch.ones(3, 7, dtype=torch.bool)}, "keep of shape"),
                       ({"model_kwargs": {"input_ids": IDS}}, "must not hold input_ids"),
+                      ({"model_kwargs": {"logits_to_keep": 1}}, "must not hold logits_to_keep"),
+                      ({"model_kwargs": {"labels": IDS}}, "must not hold labels"),
                       ({"attention_mask": torch.ones(1, 7), "model_kwargs": {
                           "attention_mask": torch.ones(1, 7)}}, "attention_mask given twice")]:
         kw = {"input_ids": IDS, **kw}
@@ -227,8 +230,33 @@ def test_input_checks_name_the_argument(gpt2):
             hf.token_integrated_gradients(gpt2, kw.pop("input_ids"), target=1, steps=2, **kw)
 
 
+@pytest.mark.parametrize("api", ["token_integrated_gradients", "token_interactions"])
+def test_a_model_in_train_mode_is_refused_before_any_forward(api):
+    """As generation attribution does: dropout would make every number random (token IG ran
+    the model first, then refused it in the engine's check)."""
+    model = tiny.gpt2(layers=1, d=32).train()
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with pytest.raises(ValueError, match="Dropout"):
+        getattr(hf, api)(model, IDS, target=1, steps=2)
+    assert not forwards
+
+
+def test_token_strings_to_skip_and_numpy_baseline_ids(gpt2):
+    words = [f"w{i}" for i in range(124)]
+    tok = tiny.word_tokenizer(words)
+    ids = torch.tensor([[2, 17, 33, 8, 17]])
+    by_id = hf.token_integrated_gradients(gpt2, ids, target=1, steps=4, baselines=1,
+                                          skip_tokens=[tok.convert_tokens_to_ids("w13")])
+    by_string = hf.token_integrated_gradients(gpt2, ids, target=1, steps=4, tokenizer=tok,
+                                              baselines=np.int64(1), skip_tokens=["w13"])
+    torch.testing.assert_close(by_string.attributions, by_id.attributions)
+    assert float(by_id.token_scores[0, [1, 4]].abs().max()) == 0.0
+    with pytest.raises(TypeError, match="pass tokenizer="):
+        hf.token_integrated_gradients(gpt2, ids, target=1, steps=2, skip_tokens=["w13"])
+
+
 def test_mask_in_model_kwargs_lists_and_numpy_positions_are_taken(gpt2):
-    import numpy as np
 
     ids = torch.cat([IDS, IDS.flip(1)])
     mask = torch.ones_like(ids)
@@ -308,6 +336,30 @@ def test_every_second_order_api_says_once_that_sdpa_runs_its_math_backend(api):
         calls[api]()
     msgs = [str(w.message) for w in seen if "second-order attribution" in str(w.message)]
     assert len(msgs) == 1 and "Llama" in msgs[0] and "math SDPA" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("api", ["hessian", "jet"])
+def test_every_second_order_api_runs_flex_attention_as_eager_and_restores_it(api):
+    """Flex attention has no second derivative (on the CPU no backward at all): only
+    token_interactions switched it to eager; the engine's own calls raised."""
+    flex, eager = (tiny.llama(layers=1, d=32, attn=attn) for attn in ("flex_attention", "eager"))
+    x = eager.get_input_embeddings()(IDS[:, :3]).detach()
+
+    def at(model):
+        def f(e):
+            return model(inputs_embeds=e).logits[:, -1, 5]
+        return f
+
+    calls = {"hessian": lambda f: tk.hessian(f, x),
+             "jet": lambda f: tk.jet(f, x, torch.ones_like(x), 3)}
+    _forget_attention_warnings()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = calls[api](at(flex))
+    assert flex.config._attn_implementation == "flex_attention"
+    msgs = [str(w.message) for w in seen if "second-order attribution" in str(w.message)]
+    assert len(msgs) == 1 and "'flex_attention' runs on eager attention" in msgs[0], msgs
+    torch.testing.assert_close(got, calls[api](at(eager)))
 
 
 def test_token_interactions_measure_the_pair_cost_once(gpt2, monkeypatch):

@@ -172,6 +172,33 @@ def test_customised_instances_keep_captums_code(monkeypatch):
         assert calls
 
 
+def test_grad_kwargs_the_engine_cannot_honour_run_captums_code(monkeypatch):
+    """``create_graph=True`` / ``grad_outputs`` raised NotImplementedError under ``patch()``
+    where Captum ran: such calls run Captum's own code; neutral ones stay on the engine."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+                              torch.nn.Linear(3, 2)).double()
+    x = torch.randn(2, 4, dtype=F64)
+    ref = ca.LayerConductance(net, net[0]).attribute(x, target=0, n_steps=4,
+                                                    grad_kwargs={"create_graph": True})
+    calls = []
+    integrate = path_engine.integrate
+    monkeypatch.setattr(path_engine, "integrate", lambda *a, **k: calls.append(1) or
+                        integrate(*a, **k))
+    with tkc.patched():
+        for cls in (ca.LayerConductance, ca.InternalInfluence, ca.LayerIntegratedGradients):
+            cls(net, net[0]).attribute(x, target=0, n_steps=4,
+                                       grad_kwargs={"create_graph": True})
+        got = ca.LayerConductance(net, net[0]).attribute(x, 0.0, 0, None, 4, "gausslegendre",
+                                                         None, False, False,
+                                                         {"create_graph": True})
+        assert not calls
+        torch.testing.assert_close(got, ref)
+        ca.LayerConductance(net, net[0]).attribute(x, target=0, n_steps=4,
+                                                   grad_kwargs={"retain_graph": True})
+        assert calls
+
+
 # ------------------------------------------------------------------------ Inseq
 
 
