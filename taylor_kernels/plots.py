@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 
-def _figure(**kw):
+def new_figure(**kw):
     """A Figure on the Agg canvas, outside pyplot's registry (nothing to close, no GUI)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -47,14 +47,14 @@ def interaction_heatmap(matrix, labels: Sequence[str] | None = None, *, title: s
     (two axes: the map and its colour bar)."""
     m = _numpy(matrix, "matrix", (2,))
     n = m.shape[0]
-    if m.shape[1] != n:
-        raise ValueError(f"matrix must be square, got shape {tuple(m.shape)}")
+    if m.shape[1] != n or n == 0:
+        raise ValueError(f"matrix must be square and non-empty, got shape {tuple(m.shape)}")
     if labels is not None and len(labels) != n:
         raise ValueError(f"{len(labels)} labels for a {n} x {n} matrix")
     if mask_diagonal:
         m = m.clone()
         m.fill_diagonal_(float("nan"))
-    fig = _figure(figsize=(1.2 + 0.45 * n, 0.9 + 0.45 * n))
+    fig = new_figure(figsize=(1.2 + 0.45 * n, 0.9 + 0.45 * n))
     ax = fig.subplots()
     im = ax.imshow(m.numpy(), cmap=cmap)
     names = list(labels) if labels is not None else [str(i) for i in range(n)]
@@ -84,7 +84,7 @@ def taylor_cam_overlay(image, cam, *, title: str = "", alpha: float = 0.5,
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     up = torch.nn.functional.interpolate(c[None, None], size=tuple(img.shape[:2]),
                                          mode="bilinear", align_corners=False)[0, 0]
-    fig = _figure(figsize=(6.4, 3.2))
+    fig = new_figure(figsize=(6.4, 3.2))
     ax0, ax1 = fig.subplots(1, 2)
     gray = "gray" if img.dim() == 2 else None
     ax0.imshow(img.numpy(), cmap=gray)

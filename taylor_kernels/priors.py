@@ -118,6 +118,10 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     if lam > 0 and (prior_net is None or meta is None):
         raise ValueError("lam > 0 needs a prior_net and the features' meta-data")
     xt, yt = train
+    for name, (X, y) in (("train", train), ("val", val)):
+        if X.shape[0] == 0 or X.shape[0] != y.shape[0]:
+            raise ValueError(f"{name} must hold (X [N, D], y [N]) with N >= 1 rows in both, "
+                             f"got {tuple(X.shape)} and {tuple(y.shape)}")
     nets = [model] + ([prior_net] if lam > 0 else [])
     opt = torch.optim.Adam([p for n in nets for p in n.parameters()], lr=lr)
     gen = seeded_generator(seed)

@@ -32,6 +32,7 @@ def test_taylor_cam_overlay_writes_png(tmp_path):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: plots.interaction_heatmap(torch.rand(3, 4)), "square"),
+    (lambda: plots.interaction_heatmap(torch.rand(0, 0)), "non-empty"),
     (lambda: plots.interaction_heatmap(torch.rand(3)), "dimensions"),
     (lambda: plots.interaction_heatmap(torch.rand(3, 3), labels=["a"]), "labels"),
     (lambda: plots.taylor_cam_overlay(torch.rand(2, 8, 8), torch.rand(2, 2)), "C = 1 or 3"),

@@ -54,6 +54,14 @@ def _fallback(problem: PathProblem, tol: float, fx, fb, only, engine_kw: dict):
     return flat, evaluations, used
 
 
+def check_no_graph(create_graph: bool) -> None:
+    """``ValueError`` for ``create_graph=True``: the exact rule's breakpoints move with the
+    weights, so there is no graph to train through."""
+    if create_graph:
+        raise ValueError("rule='exact' does not support create_graph=True: its breakpoints "
+                         "move with the weights; use a fixed rule to train through attributions")
+
+
 def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
                    max_regions: int | None = None, tol: float | None = None, **engine_kw):
     """Exact ``sum_k (x - b_k) / K * int grad f`` per input, with the adaptive fallback.
@@ -66,9 +74,7 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
     completeness beyond rounding and for every path when the whole call fell back (all then
     take the adaptive rule, with a warning).
     """
-    if engine_kw.get("create_graph"):
-        raise ValueError("rule='exact' does not support create_graph=True: its breakpoints "
-                         "move with the weights; use a fixed rule to train through attributions")
+    check_no_graph(engine_kw.get("create_graph"))
     cap = exact_path.DEFAULT_MAX_REGIONS if max_regions is None else max_regions
     tol = tol or DEFAULT_ADAPTIVE_TOL
     try:

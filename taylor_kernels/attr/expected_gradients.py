@@ -11,6 +11,7 @@ import functools
 import torch
 
 from taylor_kernels import backends
+from taylor_kernels.attr.exact_ig import check_no_graph, exact_integral
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.engine import path_engine, reference_groups
 from taylor_kernels.engine.chunking import call_threads
@@ -87,6 +88,8 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
     """
     if rule is not None and rule != "exact":
         raise ValueError(f"expected_gradients rule must be None or 'exact', got {rule!r}")
+    if rule == "exact":  # (before the draws take a seed from the global RNG)
+        check_no_graph(create_graph)
     with backends.selected(backend):
         problem = make_problem(model, inputs, None, target, additional_forward_args,
                                defer_row_check=True)
@@ -117,5 +120,4 @@ def _uniform_group(problem, alphas: torch.Tensor, engine_kw: dict, fx, fb, m0: i
 
 def _exact_group(problem, max_regions, engine_kw: dict, fx, fb, m0: int, m1: int):
     """One group of references, each path integrated by the exact rule."""
-    from taylor_kernels.attr.exact_ig import exact_integral
     return exact_integral(problem, fx, fb, max_regions=max_regions, **engine_kw)

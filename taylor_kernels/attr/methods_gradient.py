@@ -34,10 +34,9 @@ def smoothgrad(model, inputs, baselines=None, target=None, *, samples: int = 16,
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     problem, b = prepare(model, inputs, baselines, target)
     x = problem.x
-    span = float((x.amax(1) - x.amin(1)).max())
+    span = (x.amax(1) - x.amin(1)).clamp_min(1e-12)  # [B]: each row's own range
     res = noise_tunnel(gradient_x_input, model, inputs, baselines=problem.unflatten(b),
-                       target=target, nt_samples=samples, stdevs=sigma * max(span, 1e-12),
-                       seed=seed)
+                       target=target, nt_samples=samples, stdevs=sigma * span, seed=seed)
     return result(problem, res.attributions.reshape(x.shape), b, res.evaluations)
 
 

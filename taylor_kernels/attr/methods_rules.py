@@ -21,6 +21,7 @@ Nested ``nn.Sequential`` blocks are flattened. Each affine layer is ``z = W a + 
 """
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -126,8 +127,19 @@ def _output_seed(problem, out: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _out_of_place(layer: nn.Module) -> nn.Module:
+    """``layer``, or for an in-place activation (``nn.ReLU(inplace=True)``) a shallow copy
+    computing out of place: the rules evaluate layers on stored activations (``z``) that an
+    in-place call would overwrite (and on leaves that require grad, which it refuses)."""
+    if not getattr(layer, "inplace", False):
+        return layer
+    copied = copy.copy(layer)
+    copied.inplace = False
+    return copied
+
+
 def _setup(model, inputs, baselines, target):
-    layers = sequential_layers(model)
+    layers = [_out_of_place(m) for m in sequential_layers(model)]
     problem, b = prepare(model, inputs, baselines, target)
     shape = (problem.B,) + tuple(inputs.shape[1:])
     return layers, problem, b, problem.x.reshape(shape), shape

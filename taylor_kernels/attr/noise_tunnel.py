@@ -12,6 +12,9 @@ layer's activation (the embeddings): ``A_j = LIG`` from ``a(b)`` to ``a(x) + e_j
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
@@ -56,8 +59,8 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     Args:
         method: attribution function ``method(model, inputs, *args, **kwargs)``.
         nt_type: ``smoothgrad`` | ``smoothgrad_sq`` | ``vargrad``; nt_samples: noisy copies
-            per input; stdevs: noise std (one per input tensor, or one for all); seed: seeds
-            the noise. Per-input arguments (baselines/reference ``[B, ...]``, target lists and
+            per input; stdevs: noise std (one per input tensor, or one for all; each a
+            non-negative number, or a ``[B]`` tensor of per-row stds); seed: seeds the noise. Per-input arguments (baselines/reference ``[B, ...]``, target lists and
             tensors, ``additional_forward_args``) are repeated for each copy. Integer inputs
             (token ids) need ``method=layer_integrated_gradients`` and one stdev: the noise
             then goes on the layer's activation (module docstring).
@@ -74,6 +77,8 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     if len(stds) != len(tup):
         raise ValueError(f"{len(stds)} stdevs for {len(tup)} inputs")
     B = tup[0].shape[0]
+    for s in stds:
+        _check_stdev(s, B)
     gen = seeded_generator(seed)
     args = tuple(_repeat_rows(a, B, nt_samples) for a in args)
     kwargs = {k: _repeat_rows(v, B, nt_samples) if k in (
@@ -86,16 +91,18 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
                 f"input {ids[0]} holds integer ids ({tup[ids[0]].dtype}); Gaussian noise cannot "
                 "be added to ids: use noise_tunnel(tk.layer_integrated_gradients, model, ids, "
                 "embedding_layer, ...) to put the noise on the embeddings")
-        if len(set(float(s) for s in stds)) != 1:
+        if any(isinstance(s, torch.Tensor) and s.dim() for s in stds) or \
+                len(set(float(s) for s in stds)) != 1:
             raise ValueError("with integer ids the noise goes on the layer's activation: give "
                              f"one stdev, got {stdevs}")
         repeated = tuple(t.repeat_interleave(nt_samples, 0) for t in tup)
         res = _layer_ig_with_activation_noise(model, repeated, float(stds[0]), gen, args, kwargs)
         was_tuple = isinstance(res.attributions, tuple)
         return _aggregate(res, nt_type, B, nt_samples, was_tuple)
-    noisy = tuple(t.detach().repeat_interleave(nt_samples, 0) + float(s) * torch.randn(
-        (B * nt_samples,) + tuple(t.shape[1:]), generator=gen, dtype=t.dtype).to(t.device)
-        for t, s in zip(tup, stds))
+    noisy = tuple(t.detach().repeat_interleave(nt_samples, 0) + _per_copy(s, nt_samples, t) *
+                  torch.randn((B * nt_samples,) + tuple(t.shape[1:]), generator=gen,
+                              dtype=t.dtype).to(t.device)
+                  for t, s in zip(tup, stds))
     inputs_n = noisy if was_tuple else noisy[0]
     if kwargs.get("max_memory") is not None:  # the copies are held beside the method's budget
         kwargs["max_memory"] = memory.beside(kwargs["max_memory"], (noisy, kwargs.get(
@@ -114,6 +121,28 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     else:
         res = method(model, inputs_n, *args, **kwargs)
     return _aggregate(res, nt_type, B, nt_samples, was_tuple)
+
+
+def _check_stdev(s, B: int) -> None:
+    """``ValueError`` unless ``s`` is a finite real >= 0 or a ``[B]`` tensor of them."""
+    if isinstance(s, torch.Tensor) and s.dim() == 1 and s.shape[0] == B:
+        ok = bool(torch.isfinite(s).all() and (s >= 0).all())
+    elif isinstance(s, torch.Tensor) and s.dim() == 0 or isinstance(s, numbers.Real) and \
+            not isinstance(s, bool):
+        ok = math.isfinite(float(s)) and float(s) >= 0
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"each stdev must be a finite number >= 0 or a [B] = [{B}] tensor of "
+                         f"them, got {s!r}")
+
+
+def _per_copy(s, n: int, t: torch.Tensor):
+    """A stdev as the factor of the ``[B * n, ...]`` noise: a float, or a ``[B]`` tensor
+    repeated per copy and shaped to broadcast over ``t``'s feature dimensions."""
+    if isinstance(s, torch.Tensor) and s.dim() == 1:
+        return s.to(t.device, t.dtype).repeat_interleave(n).reshape(-1, *[1] * (t.dim() - 1))
+    return float(s)
 
 
 def _aggregate(res: AttributionResult, nt_type: str, B: int, n: int,

@@ -106,6 +106,8 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         raise ValueError(f"coalitions must be a positive integer, got {coalitions}")
     if rule == "adaptive":
         raise ValueError("SIG uses a fixed rule; 'adaptive' is available for IG")
+    if rule != "exact":  # (checked before the draws take a seed from the global RNG)
+        alphas, weights = quadrature.nodes_and_weights(rule, steps)
     with backends.selected(backend):
         problem = make_problem(model, inputs, reference, target, additional_forward_args,
                                defer_row_check=True)
@@ -128,8 +130,6 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
             def run(fx, fb, m0, m1):
                 return exact_integral(problem, fx, fb, max_regions=max_regions, **kw)
         else:
-            alphas, weights = quadrature.nodes_and_weights(rule, steps)
-
             def run(fx, fb, m0, m1):
                 res = path_engine.integrate(problem, alphas, [weights], **kw)
                 return res.sums[0], res.evaluations, None, None

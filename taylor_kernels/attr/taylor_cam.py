@@ -89,6 +89,9 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
     """
     if order != 2:
         raise ValueError(f"taylor_cam is defined for order=2 only, got order={order!r}")
+    if not isinstance(layer, torch.nn.Module):
+        raise TypeError(f"layer must be a torch.nn.Module (for a name: "
+                        f"model.get_submodule(name)), got {type(layer).__name__}")
     tup, _ = as_tuple(inputs)
     if tup[0].dim() == 0 or tup[0].shape[0] == 0:
         raise ValueError(f"input 0 has shape {tuple(tup[0].shape)}; Taylor-CAM needs a "

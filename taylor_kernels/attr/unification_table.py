@@ -71,14 +71,12 @@ class UnificationTable:
     def plot(self, path=None):
         """Grouped bars of the three departures (symlog scale) beside a heatmap of departures
         and allocation summaries (methods x columns); saved to ``path`` when given."""
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
+        from taylor_kernels.plots import new_figure
         cols = ["p1", "p2", "p3", "indep_self", "inter_members", "inter_outside"]
         data = torch.tensor([[float("nan") if getattr(r, c) is None else getattr(r, c)
                               for c in cols] for r in self.rows], dtype=torch.float64)
         names = [r.method for r in self.rows]
-        fig = Figure(figsize=(14, 0.4 * len(names) + 2))
+        fig = new_figure(figsize=(14, 0.4 * len(names) + 2))
         bars, heat = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         pos = torch.arange(len(names), dtype=torch.float64)
         for j, label in enumerate(("P1 completeness", "P2 independent", "P3 interaction")):
@@ -135,8 +133,14 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
         max_sets: itemize an order only if it has at most this many multisets;
         settings: :class:`MethodSettings` (background, sample counts, seed).
     """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"unification_table scores one tensor input [1, ...], got "
+                        f"{type(inputs).__name__}")
     if inputs.shape[0] != 1:
         raise ValueError("unification_table scores one input: inputs must be [1, ...]")
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHOD_NAMES}")
     settings = settings or MethodSettings()
     dec = taylor_decomposition(model, inputs, baselines, target, order=order)
     terms, top = itemized_terms(model, inputs, baselines, target, order=order,
@@ -153,9 +157,12 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
         res = run_method(name, model, inputs, baselines, target, settings)
         delta = float(dec.fx[0] - dec.fb[0])
         p1 = abs(float(res.gap[0])) / max(abs(delta), 1e-300)
-        if name == "grad_cam":
+        if name == "grad_cam" or not probed:
             rows.append(MethodRow(name, p1, None, None, None, None, None,
-                                  time.perf_counter() - t0, "no probe: needs a convolution"))
+                                  time.perf_counter() - t0,
+                                  "no probe: needs a convolution" if name == "grad_cam" else
+                                  f"no probe: every Taylor term to order {order} is 0 at the "
+                                  "baseline"))
             continue
         W = torch.stack([allocation(name, t.kappa, inputs, baselines, settings)
                          for t in probed])

@@ -131,6 +131,11 @@ def test_priors_api_and_errors():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="prior_net"):
         priors.fit(model, (x, torch.tensor([0, 1, 0])), (x, torch.tensor([0, 1, 0])), lam=1.0)
+    with pytest.raises(ValueError, match="train must hold"):  # (an UnboundLocalError)
+        priors.fit(model, (x[:0], torch.tensor([], dtype=torch.long)),
+                   (x, torch.tensor([0, 1, 0])), epochs=1)
+    with pytest.raises(ValueError, match="val must hold"):
+        priors.fit(model, (x, torch.tensor([0, 1, 0])), (x, torch.tensor([0, 1])), epochs=1)
 
 
 def test_fit_learns_and_restores_best_state():

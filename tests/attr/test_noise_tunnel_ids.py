@@ -91,3 +91,24 @@ def test_float_inputs_take_the_noise_over_layer_ig():
                                    atol=1e-14)
     with pytest.raises(TypeError, match="give the layer"):
         tk.noise_tunnel(tk.layer_integrated_gradients, model, x, target=1)
+
+
+@pytest.mark.parametrize("stdevs", [-0.1, float("nan"), float("inf"), torch.tensor([0.1, -1.0]),
+                                    torch.ones(3)])
+def test_bad_stdevs_are_refused_before_any_forward(stdevs):
+    """A negative std was taken as it was; NaN was reported as NaN in input 0."""
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    with pytest.raises(ValueError, match="each stdev must be"):
+        tk.noise_tunnel(tk.integrated_gradients, model, torch.randn(2, 3), target=0,
+                        stdevs=stdevs, steps=2)
+
+
+def test_per_row_stdevs_scale_each_rows_noise():
+    model = nn.Sequential(nn.Linear(3, 1, bias=False)).eval()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    model.double()
+    std = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    res = tk.noise_tunnel(tk.integrated_gradients, model, x, target=0, stdevs=std,
+                          nt_samples=4, seed=0, steps=2, nt_type="vargrad")
+    assert float(res.attributions[0].abs().max()) == 0.0  # no noise on row 0
+    assert float(res.attributions[1].abs().min()) > 0.0

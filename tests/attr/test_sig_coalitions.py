@@ -68,3 +68,20 @@ def test_coalition_choice_matters_on_this_game():
     swapped = sum(ig_by_hand(game, x, torch.where(present[:, m], ref.expand_as(x), x), steps)
                   for m in range(M))
     assert (right - swapped).abs().max() > 1e-2
+
+
+def test_argument_errors_come_before_the_global_rng_moves():
+    """With ``seed=None`` a seed is drawn from the global RNG: a bad rule (SIG) or
+    ``create_graph`` with the exact rule (EG) raised only after that draw."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(2, 4)
+    for call, match in [
+            (lambda: tk.shapley_integrated_gradients(model, x, target=1, rule="bogus"),
+             "unknown quadrature rule"),
+            (lambda: tk.expected_gradients(model, x, torch.zeros(1, 4), target=1, samples=2,
+                                           rule="exact", create_graph=True), "create_graph")]:
+        state = torch.get_rng_state()
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert torch.equal(torch.get_rng_state(), state)

@@ -231,3 +231,82 @@ def test_row_by_row_backgrounds_keep_a_target_meant_for_every_row(target):
     torch.testing.assert_close(whole.attributions, torch.cat([a.attributions for a in alone]))
     eg = run_method("expected_gradients", model, x, b, target, MethodSettings(eg_samples=4))
     assert eg.attributions.shape == x.shape
+
+
+def test_smoothgrad_noise_follows_each_rows_own_range():
+    """The noise std was sigma times the widest row's range of the batch: a row's result
+    depended on the rows beside it (silently wrong)."""
+    lin = nn.Linear(50, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(1, 50, generator=g, dtype=torch.float64)
+    big = 100 * torch.rand(1, 50, generator=g, dtype=torch.float64)
+    alone = G.smoothgrad(lin, small, target=0, samples=16, seed=0).attributions
+    batched = G.smoothgrad(lin, torch.cat([small, big]), target=0, samples=16,
+                           seed=0).attributions
+    torch.testing.assert_close(batched[:1], alone)
+    noise = (batched - torch.cat([small, big])).std(dim=1) * 4  # std of a mean of 16
+    ranges = torch.stack([small.max() - small.min(), big.max() - big.min()])
+    torch.testing.assert_close(noise / ranges, torch.full((2,), 0.15, dtype=torch.float64),
+                               rtol=0.35, atol=0)
+
+
+@pytest.mark.parametrize("name", ["deeplift_rescale", "deepshap", "lrp_epsilon",
+                                  "lrp_alpha_beta", "deep_taylor"])
+def test_rules_take_in_place_activations(name):
+    """``nn.ReLU(inplace=True)`` (torchvision style) crashed DeepLIFT and DeepSHAP (and with
+    them fourteen_methods); the rules' numbers equal those of ``nn.ReLU()``."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                          nn.Linear(6, 2)).double()
+    inplace = nn.Sequential(*[nn.ReLU(inplace=True) if isinstance(m, nn.ReLU) else m
+                              for m in plain])
+    x, b = torch.randn(3, 4, dtype=torch.float64), 0.3 * torch.randn(3, 4, dtype=torch.float64)
+    x0 = x.clone()
+    bg = torch.randn(2, 4, dtype=torch.float64)
+    args = (x, bg, b, 1) if name == "deepshap" else (x, b, 1)
+    got = getattr(R, name)(inplace, *args).attributions
+    torch.testing.assert_close(got, getattr(R, name)(plain, *args).attributions)
+    assert torch.equal(x, x0) and all(m.inplace for m in inplace if isinstance(m, nn.ReLU))
+
+
+def test_table_when_no_taylor_term_is_nonzero_at_the_baseline():
+    """Every hidden ReLU off at the zero baseline: no term to probe (torch.stack crashed)."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].bias.fill_(-1.0)
+    x = torch.tensor([[2.0, 1.5, -0.5]], dtype=torch.float64)
+    table = tk.unification_table(m, x, target=1, order=3,
+                                 methods=("gradient_x_input", "integrated_gradients"))
+    assert table.terms_probed == 0
+    for row in table.rows:
+        assert row.p1 is not None and row.p2 is None and "every Taylor term" in row.note
+
+
+def test_table_checks_its_arguments_first(monkeypatch):
+    from taylor_kernels.attr import unification_table as ut
+    monkeypatch.setattr(ut, "taylor_decomposition", lambda *a, **k: pytest.fail("ran"))
+    model = smooth_mlp()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="one tensor input"):
+        tk.unification_table(model, (x,), target=1)
+    with pytest.raises(ValueError, match="unknown methods"):
+        tk.unification_table(model, x, target=1, methods=("integrated_gradient",))
+
+
+def test_table_plot_leaves_the_matplotlib_backend_alone():
+    """plot() called matplotlib.use("Agg"): a notebook's or GUI's backend was switched."""
+    import matplotlib
+    model = smooth_mlp()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    table = tk.unification_table(model, x, None, 1, order=2, max_terms=2,
+                                 methods=("gradient_x_input",))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg", force=True)
+    try:
+        table.plot().savefig(__import__("io").BytesIO(), format="png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before, force=True)
