@@ -46,9 +46,11 @@ class LocalInteractions:
         return self.derivatives.abs()
 
 
-def _group_directions(feature_mask, problem: PathProblem) -> torch.Tensor:
+def _group_directions(feature_mask, problem: PathProblem,
+                      n_groups: int | None = None) -> torch.Tensor:
     """Group indicator directions ``[B|1, m, D]`` from integer masks shaped like the inputs'
-    features ``[...]`` or ``[B|1, ...]`` (a tuple of masks for tuple inputs; ids shared)."""
+    features ``[...]`` or ``[B|1, ...]`` (a tuple of masks for tuple inputs; ids shared);
+    ``m = n_groups``, by default the largest id + 1."""
     if isinstance(feature_mask, torch.Tensor):
         masks = (feature_mask,)
     elif isinstance(feature_mask, (tuple, list)) and all(
@@ -74,7 +76,7 @@ def _group_directions(feature_mask, problem: PathProblem) -> torch.Tensor:
     ids = torch.cat([m.expand(rows, -1) for m in flat], dim=1)
     if ids.min() < 0:
         raise ValueError("feature_mask group ids must be >= 0")
-    m = int(ids.max()) + 1
+    m = int(ids.max()) + 1 if n_groups is None else n_groups
     return torch.nn.functional.one_hot(ids, m).transpose(1, 2).to(problem.x.dtype)
 
 
@@ -82,6 +84,10 @@ def _normalise_sets(sets, order: int, n: int) -> list[tuple[int, ...]]:
     """Validated index tuples; ``None`` gives every ``order``-subset of ``range(n)``."""
     if sets is None:
         count = math.comb(n, order)
+        if count == 0:
+            raise ValueError(f"order {order} over {n} features (or groups) has no {order}-subset "
+                             "of distinct indices: lower the order, or pass sets= with repeats "
+                             "(e.g. (0, 0, 1))")
         if count > MAX_SETS:
             raise ValueError(f"{count} sets of order {order} over {n} features: pass sets= or "
                              "use greedy_interaction_sets, or a feature_mask to group features")
@@ -199,10 +205,19 @@ def interactions(model, inputs, target=None, *, order: int = 2, sets=None, featu
     Returns:
         :class:`LocalInteractions` (``derivatives``, ``sets``, ``strengths``).
     """
+    return _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
+                         additional_forward_args)
+
+
+def _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
+                  additional_forward_args, n_groups: int | None = None) -> LocalInteractions:
+    """:func:`interactions` with the number of feature groups given (``n_groups``: a batch of
+    a global ranking whose per-row masks lack the highest id)."""
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
     problem = make_problem(model, inputs, None, target, additional_forward_args)
-    directions = None if feature_mask is None else _group_directions(feature_mask, problem)
+    directions = None if feature_mask is None else _group_directions(feature_mask, problem,
+                                                                       n_groups)
     n = problem.x.shape[1] if directions is None else directions.shape[1]
     set_list = None if sets is None and order == 2 else _normalise_sets(sets, order, n)
     # one function of any rows' points: each row's target and forward args go with it
@@ -337,14 +352,15 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
     fargs = forward_args(additional_forward_args)
     check_row_args(fargs, tup[0].shape[0])
     parts, found_sets = [], None
+    masks = (feature_mask if isinstance(feature_mask, (tuple, list)) else (feature_mask,)) \
+        if feature_mask is not None else ()
+    n_groups = 1 + max(int(m.max()) for m in masks) if masks and all(
+        isinstance(m, torch.Tensor) and m.numel() for m in masks) else None
     for chunk in rows.split(batch_size):
         xs = tuple(t[chunk.to(t.device)] for t in tup)
-        res = interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
-                           order=order, sets=sets,
-                           feature_mask=_slice_mask(feature_mask, chunk, tup),
-                           max_memory=max_memory,
-                           additional_forward_args=select_rows(fargs, chunk,
-                                                               tup[0].shape[0]))
+        res = _interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
+                            order, sets, _slice_mask(feature_mask, chunk, tup), max_memory,
+                            select_rows(fargs, chunk, tup[0].shape[0]), n_groups)
         parts.append(res.strengths)
         found_sets = res.sets
     agg = _aggregate(torch.cat(parts), aggregate)

@@ -193,7 +193,7 @@ def _batched(f: Callable, x: torch.Tensor, V: torch.Tensor):
     ``torch.func`` jvp-of-grad vmapped over directions for tanh MLPs (D = 16, 64)."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_row_scalars(f, xg).sum(), xg, create_graph=True)
+        g = _first_gradient(f, xg)
         if not g.requires_grad:  # f is linear in x: zero Hessian
             return g.detach(), torch.zeros_like(V)
         if V.shape[1] == 1:
@@ -208,6 +208,18 @@ def _batched(f: Callable, x: torch.Tensor, V: torch.Tensor):
                 raise BatchingFailed(exc) from exc
             raise
     return g.detach(), (torch.zeros_like(V) if h is None else h.transpose(0, 1))
+
+
+def _first_gradient(f: Callable, xg: torch.Tensor) -> torch.Tensor:
+    """``grad_x sum_b f(x)_b`` with ``create_graph`` at ``xg`` (requiring grad); the
+    ``ValueError`` of the path engine when the output does not reach ``x`` (detached, under
+    ``no_grad``, unused): its derivatives would read 0 while its values change."""
+    out = _row_scalars(f, xg).sum()
+    g = torch.autograd.grad(out, xg, create_graph=True, allow_unused=True)[0] \
+        if out.requires_grad else None
+    if g is None:
+        raise ValueError(guards.NO_GRADIENT_PATH)
+    return g
 
 
 class BatchingFailed(Exception):
@@ -230,7 +242,9 @@ def _double_backward(f: Callable, x: torch.Tensor, V: torch.Tensor):
     then one more backward per direction (rows keep their positions: per-row targets hold)."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_row_scalars(f, xg).sum(), xg, create_graph=True)
+        g = _first_gradient(f, xg)
+        if not g.requires_grad:  # f is linear in x: zero Hessian
+            return g.detach(), torch.zeros_like(V)
         hv = []
         for m in range(V.shape[1]):
             (h,) = torch.autograd.grad(g, xg, grad_outputs=V[:, m], allow_unused=True,

@@ -179,6 +179,9 @@ def check_model(f, inputs=()) -> None:
                                                                        else "")))
 
 
+NO_GRADIENT_PATH = ("the model output does not depend on the inputs (no gradient path); "
+                    "check that the model uses its inputs and is not under torch.no_grad "
+                    "(or detaches them)")
 IN_PLACE_ERROR = ("the model changes its input in place (e.g. x.mul_(2) in forward); "
                   "attribution evaluates it at many points built from one tensor: make forward "
                   "compute on a copy (x = x * 2)")

@@ -376,7 +376,9 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
         idx = class_indices(target, B, out.shape[2], out.device).repeat_interleave(M)
         out = out.gather(2, idx.view(1, -1, 1).expand(J1, -1, 1)).squeeze(2)
     elif out.dim() != 2:
-        raise ValueError(f"f must return [B] or [B, C]; got {tuple(out.shape[1:])} per order")
+        raise ValueError(f"f must return [B] or [B, C]; it returned "
+                         f"{(B,) + tuple(out.shape[2:])}: select one output per row or "
+                         "class, e.g. lambda z: model(z)[:, i, j]")
     return out.reshape(J1, B, M)
 
 

@@ -104,15 +104,13 @@ def point_gradients(problem: PathProblem, pts: torch.Tensor, point_rows: torch.T
     with torch.enable_grad():
         out = problem.forward(pts, point_rows)
         if not out.requires_grad:
-            raise ValueError("the model output does not depend on the inputs (no gradient "
-                             "path); check that the model uses its inputs and is not under "
-                             "torch.no_grad")
+            raise ValueError(guards.NO_GRADIENT_PATH)
         if out.dim() not in (1, 2) or out.shape[0] != count:
             raise ValueError(f"problem.forward returned shape {tuple(out.shape)} for {count} "
                              f"points; expected [{count}] or [{count}, T]")
         grad = _backward(problem, out, pts, create_graph)
     if grad is None:
-        raise ValueError("the model output does not depend on the inputs (no gradient path)")
+        raise ValueError(guards.NO_GRADIENT_PATH)
     return grad
 
 

@@ -227,3 +227,24 @@ def test_global_and_greedy_errors():
         greedy_interaction_sets(model, data, max_order=1)
     with pytest.raises(ValueError, match="beam"):
         greedy_interaction_sets(model, data, beam=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"order": 3, "sets": [(0, 1, 2)]}])
+def test_global_per_row_masks_do_not_depend_on_the_batch_size(kw):
+    """The group count was taken per batch: a batch without the highest id failed to
+    concatenate (pairs) or refused a valid set (order 3)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 2, 2], [0, 0, 1, 2], [0, 0, 1, 1], [1, 1, 0, 0]])
+    whole = global_interactions(model, x, target=0, feature_mask=mask, batch_size=4, **kw)
+    split = global_interactions(model, x, target=0, feature_mask=mask, batch_size=2, **kw)
+    torch.testing.assert_close(split.strengths, whole.strengths)
+
+
+@pytest.mark.parametrize("order, mask", [(5, None), (3, torch.tensor([0, 0, 1, 1]))])
+def test_an_order_above_the_feature_count_is_named(order, mask):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=f"order {order} over"):
+        tk.interactions(model, torch.randn(2, 4), order=order, feature_mask=mask)

@@ -388,3 +388,37 @@ def test_an_error_of_the_model_itself_is_not_taken_for_a_batching_failure():
         with pytest.raises(RuntimeError, match="shapes"):
             d.grad_and_hvp(broken, x, V)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("api", ["hessian", "hvp", "integrated_hessians"])
+def test_a_gradient_constant_in_x_gives_a_zero_hessian(api):
+    """The memory probe's double backward crashed where the gradient does not depend on x
+    (a frozen linear model); the chunked path already gave zeros."""
+    lin = torch.nn.Linear(4, 2).requires_grad_(False)
+    x = torch.randn(3, 4)
+    calls = {"hessian": lambda: tk.hessian(lambda z: lin(z)[:, 0], x),
+             "hvp": lambda: tk.hvp(lambda z: z.sum(1), x, torch.randn(3, 2, 4)),
+             "integrated_hessians": lambda: tk.integrated_hessians(lin, x, target=0,
+                                                                   steps=4).interactions}
+    got = calls[api]()
+    if api == "integrated_hessians":  # no interaction: the diagonal holds IG
+        ig = tk.integrated_gradients(lin, x, target=0, steps=4).attributions
+        torch.testing.assert_close(got.diagonal(dim1=1, dim2=2), ig)
+        got = got - torch.diag_embed(got.diagonal(dim1=1, dim2=2))
+    assert float(got.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("api", ["hessian", "hvp", "integrated_hessians"])
+def test_an_output_that_does_not_reach_x_is_refused_as_by_ig(api):
+    """``model(z.detach())``: autograd's "not used in the graph" came out raw, where IG names
+    the cause."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    x = torch.randn(3, 4)
+    calls = {"hessian": lambda: tk.hessian(lambda z: net(z.detach())[:, 0], x),
+             "hvp": lambda: tk.hvp(lambda z: net(z.detach())[:, 0], x, torch.randn(3, 1, 4)),
+             "integrated_hessians": lambda: tk.integrated_hessians(
+                 lambda z: net(z.detach()), x, target=0, steps=4)}
+    with pytest.raises(ValueError, match="no gradient path"):
+        calls[api]()
+    with pytest.raises(ValueError, match="no gradient path"):
+        tk.integrated_gradients(lambda z: net(z.detach()), x, target=0, steps=4)

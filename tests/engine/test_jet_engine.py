@@ -728,3 +728,11 @@ def test_running_out_of_memory_in_a_rule_is_not_a_missing_rule(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         tk.jet(lambda x: torch.tanh(x).sum(-1), torch.randn(2, 3, dtype=DT),
                torch.randn(2, 3, dtype=DT), 2, cache=False)
+
+
+def test_an_output_of_more_dims_is_named_in_the_users_shape():
+    """The message gave the internal B * M rows: (8, 2, 3) for a batch of 2."""
+    net = nn.Linear(4, 6).to(DT)
+    with pytest.raises(ValueError, match=r"returned \(2, 2, 3\).*model\(z\)\[:, i, j\]"):
+        tk.jet(lambda z: net(z).reshape(-1, 2, 3), torch.randn(2, 4, dtype=DT),
+               torch.randn(2, 4, 4, dtype=DT), 2)
