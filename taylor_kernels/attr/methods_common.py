@@ -31,11 +31,22 @@ def values(problem: PathProblem, points: torch.Tensor) -> torch.Tensor:
     without gradients, in chunks of ``EVAL_CHUNK`` rows."""
     B, P, D = points.shape
     flat = points.reshape(B * P, D)
-    rows = torch.arange(B, device=points.device).repeat_interleave(P)
+    return built_values(problem, B, P, lambda k: flat[k])
+
+
+def built_values(problem: PathProblem, B: int, P: int, build) -> torch.Tensor:
+    """Selected outputs ``[B, P]`` at points built ``EVAL_CHUNK`` at a time: ``build(k)``
+    gives the flat points ``[n, D]`` of indices ``k [n]``, ``k = b * P + p`` (row ``b``'s
+    ``p``-th point, read with input ``b``'s target); no gradients. Only one chunk of points
+    exists at a time (Prediction Difference's ``[B, D, R, D]`` points were 4.8 GB for a
+    3x32x32 image and 64 background rows)."""
+    device = problem.x.device
+    out = []
     with torch.no_grad():
-        out = [problem.forward(flat[s:s + EVAL_CHUNK], rows[s:s + EVAL_CHUNK])
-               for s in range(0, B * P, EVAL_CHUNK)]
-    return torch.cat(out).reshape(B, P).to(points.dtype)
+        for s in range(0, B * P, EVAL_CHUNK):
+            k = torch.arange(s, min(s + EVAL_CHUNK, B * P), device=device)
+            out.append(problem.forward(build(k), k // P))
+    return torch.cat(out).reshape(B, P).to(problem.x.dtype)
 
 
 def gradients(problem: PathProblem, points: torch.Tensor,

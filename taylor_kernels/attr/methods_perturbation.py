@@ -20,7 +20,7 @@ import math
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
-from taylor_kernels.attr.methods_common import prepare, result, values
+from taylor_kernels.attr.methods_common import built_values, prepare, result, values
 from taylor_kernels.numerics import seeded_generator
 
 EXACT_SHAPLEY_MAX_D = 12
@@ -30,9 +30,15 @@ def occlusion(model, inputs, baselines=None, target=None) -> AttributionResult:
     """Occlusion-1: ``a_i = f(x) - f(x with feature i set to its baseline)``; ``[B, ...]``."""
     problem, b = prepare(model, inputs, baselines, target)
     x = problem.x
-    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    pts = torch.where(eye, b.unsqueeze(1), x.unsqueeze(1))                  # [B, D, D]
-    v = values(problem, torch.cat([x.unsqueeze(1), pts], dim=1))
+    B, D = x.shape
+
+    def build(k: torch.Tensor) -> torch.Tensor:  # point 0: x; point p: x with x_{p-1} := b
+        r, p = k // (D + 1), k % (D + 1)
+        pts, hit = x[r], p > 0
+        pts[hit, p[hit] - 1] = b[r[hit], p[hit] - 1]
+        return pts
+
+    v = built_values(problem, B, D + 1, build)
     return result(problem, v[:, :1] - v[:, 1:], b, v.numel())
 
 
@@ -75,8 +81,14 @@ def occlusion_patch(model, inputs, baselines=None, target=None, *,
     problem, b = prepare(model, inputs, baselines, target)
     x = problem.x
     masks = _window_masks(tuple(inputs.shape[1:]), window, x.device)       # [P, D]
-    pts = torch.where(masks, b.unsqueeze(1), x.unsqueeze(1))               # [B, P, D]
-    v = values(problem, torch.cat([x.unsqueeze(1), pts], dim=1))
+    P = masks.shape[0] + 1
+
+    def build(k: torch.Tensor) -> torch.Tensor:  # point 0: x; point p: window p-1 at b
+        r, p = k // P, k % P
+        win = masks[(p - 1).clamp_min(0)] & (p > 0).unsqueeze(1)
+        return torch.where(win, b[r], x[r])
+
+    v = built_values(problem, x.shape[0], P, build)
     drops = v[:, :1] - v[:, 1:]                                             # [B, P]
     m = masks.to(x.dtype)
     attr = drops @ m / m.sum(0).clamp_min(1)
@@ -94,9 +106,15 @@ def prediction_difference(model, inputs, background, baselines=None,
         raise ValueError(f"background must be a tensor [R, *{tuple(inputs.shape[1:])}]")
     bg = background.to(x).reshape(background.shape[0], D)                   # [R, D]
     R = bg.shape[0]
-    eye = torch.eye(D, dtype=torch.bool, device=x.device)
-    pts = torch.where(eye[:, None, :], bg[None, :, :], x[:, None, None, :])   # [B, D, R, D]
-    v = values(problem, torch.cat([x.unsqueeze(1), pts.reshape(B, D * R, D)], dim=1))
+
+    def build(k: torch.Tensor) -> torch.Tensor:  # point 0: x; point 1 + i R + j: x_i := r_ji
+        r, p = k // (1 + D * R), k % (1 + D * R)
+        pts, hit = x[r], p > 0
+        i, j = (p[hit] - 1) // R, (p[hit] - 1) % R
+        pts[hit, i] = bg[j, i]
+        return pts
+
+    v = built_values(problem, B, 1 + D * R, build)
     attr = v[:, :1] - v[:, 1:].reshape(B, D, R).mean(2)
     return result(problem, attr, b, v.numel())
 

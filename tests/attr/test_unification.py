@@ -310,3 +310,36 @@ def test_table_plot_leaves_the_matplotlib_backend_alone():
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before, force=True)
+
+
+@pytest.mark.parametrize("chunk", [4096, 5])
+def test_perturbation_points_built_a_chunk_at_a_time_equal_the_definitions(chunk, monkeypatch):
+    """Occlusion, patch occlusion and Prediction Difference build their points per chunk of
+    model rows (Prediction Difference held ``[B, D, R, D]`` at once: 4.8 GB for a 3x32x32 image
+    and 64 background rows); the numbers are the definitions' (brute force here)."""
+    from taylor_kernels.attr import methods_common
+    monkeypatch.setattr(methods_common, "EVAL_CHUNK", chunk)
+    model = small_cnn()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)
+    bg = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    f = lambda z: model(z)[:, 1]  # noqa: E731
+    xf, bf, D = x.reshape(2, -1), b.reshape(2, -1), 32
+
+    def at(flat):
+        return f(flat.reshape(-1, 2, 4, 4))
+
+    occ = torch.stack([at(xf) - at(torch.where(torch.arange(D) == i, bf, xf))
+                       for i in range(D)], 1)
+    torch.testing.assert_close(P.occlusion(model, x, b, 1).attributions.reshape(2, -1), occ)
+    pd = torch.stack([at(xf) - torch.stack([at(torch.where(torch.arange(D) == i,
+                                                           bg.reshape(3, -1)[j], xf))
+                                            for j in range(3)]).mean(0) for i in range(D)], 1)
+    torch.testing.assert_close(
+        P.prediction_difference(model, x, bg, b, 1).attributions.reshape(2, -1), pd)
+    masks = P._window_masks((2, 4, 4), 2, x.device)
+    drops = torch.stack([at(xf) - at(torch.where(m, bf, xf)) for m in masks], 1)
+    m = masks.double()
+    torch.testing.assert_close(P.occlusion_patch(model, x, b, 1).attributions.reshape(2, -1),
+                               drops @ m / m.sum(0).clamp_min(1))
