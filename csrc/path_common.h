@@ -68,7 +68,7 @@ inline PathShape check_path_args(const at::Tensor& x, const at::Tensor& baseline
                     ", S]");
   const int64_t total = p.B * p.K * p.S;
   TORCH_CHECK_VALUE(start >= 0 && count >= 0 && start <= total && count <= total - start, op,
-                    ": chunk [", start, ", ", start + count, ") outside [0, ", total, ")");
+                    ": chunk [", start, ", ", start, " + ", count, ") outside [0, ", total, ")");
   TORCH_CHECK(baselines.device() == x.device() && nodes.device() == x.device(), op,
               ": x, baselines and ", nodes_name, " must be on the same device; got ", x.device(),
               ", ", baselines.device(), ", ", nodes.device());

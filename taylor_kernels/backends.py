@@ -94,7 +94,13 @@ def current() -> str:
     """The backend forced in this thread/task by :func:`using`, else the process default
     (a name, or ``'auto'``)."""
     forced = _override.get()
-    return _check_name(_default["name"] if forced is None else forced)
+    if forced is not None:
+        return _check_name(forced)
+    try:
+        return _check_name(_default["name"])
+    except ValueError as exc:  # (use() checks its names: a bad default came from the variable)
+        raise ValueError(f"{exc} (the process default comes from the environment variable "
+                         f"{ENV_VAR}={os.environ.get(ENV_VAR)!r})") from None
 
 
 @contextlib.contextmanager
@@ -114,8 +120,9 @@ def selected(name: str | None):
     return contextlib.nullcontext() if name is None else using(name)
 
 
-def runs_on(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` can run on tensors of ``device``."""
+def runs_on(name: str, device: torch.device | str) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device`` (a device or its name)."""
+    device = torch.device(device)
     if not available()[name]:
         return False
     if name == "reference":
@@ -135,6 +142,21 @@ def unavailable_reason(name: str, device: torch.device) -> str:
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         return triton_interpreter_problem()
     return f"available: {[k for k, v in available().items() if v]}"
+
+
+def transformed(*tensors: torch.Tensor) -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``jvp``, ``vmap``...) or forward-mode AD
+    (``torch.autograd.forward_ad``) sees one of ``tensors``. The compiled ops carry backward
+    formulas only (a custom op takes no forward-mode rule: its tangent came out zero, silently,
+    and ``torch.func.grad`` refused it), so the ``tk.ops`` wrappers then run the reference
+    composite: the same values, with every transform's derivatives. Not checked while
+    ``torch.compile`` traces (its graph holds the plain op)."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return any(isinstance(t, torch.Tensor) and (
+        (wrapped is not None and wrapped(t)) or
+        torch.autograd.forward_ad.unpack_dual(t).tangent is not None) for t in tensors)
 
 
 @torch.compiler.assume_constant_result

@@ -12,6 +12,14 @@ import torch
 from taylor_kernels.numerics import FN_CODES, FNS, MAX_ORDER
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read now: not while ``torch.compile`` traces, nor for
+    ``meta`` or fake tensors (``FakeTensorMode``, ``make_fx``, ``torch.export``), whose shapes
+    are all there is (a range check's ``.item()`` failed there)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return not torch.compiler.is_compiling() and t.device.type != "meta" and not is_fake(t)
+
+
 def check_operands(**tensors: torch.Tensor) -> None:
     """``TypeError`` unless every operand is a real floating tensor, ``ValueError`` unless
     they share one device (a kernel would read the wrong memory otherwise)."""
@@ -91,12 +99,12 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
 
 def fn_code(fn: str | int) -> int:
     """The integer code of an elementwise function given by name (``FNS``) or code."""
-    if isinstance(fn, bool) or not isinstance(fn, (str, int, torch.SymInt)):
+    if isinstance(fn, bool) or not isinstance(fn, (str, numbers.Integral, torch.SymInt)):
         raise TypeError(f"fn must be a name in {FNS} or its integer code, got {fn!r}")
     if not isinstance(fn, str):  # (a SymInt while torch.compile traces a Triton op)
         if not 0 <= fn < len(FNS):
             raise ValueError(f"fn code {fn} out of range [0, {len(FNS)}); names: {FNS}")
-        return fn
+        return fn if isinstance(fn, torch.SymInt) else int(fn)  # (numpy's integers too)
     if fn not in FN_CODES:
         raise ValueError(f"unknown jet function {fn!r}; choose one of {FNS}")
     return FN_CODES[fn]

@@ -138,3 +138,15 @@ def test_failed_call_restores_the_choice():
         tk.integrated_gradients(_Recorder(), torch.randn(2, 6, dtype=torch.float64),
                                 target=9, backend="reference")
     assert tk.backends.current() == before
+
+
+def test_a_bad_default_from_the_environment_names_the_variable(monkeypatch):
+    """``TAYLOR_KERNELS_BACKEND=gpu`` was taken at import; every op then said "unknown
+    backend 'gpu'" without naming where it came from."""
+    from taylor_kernels import backends
+    monkeypatch.setenv(backends.ENV_VAR, "gpu")
+    monkeypatch.setitem(backends._default, "name", "gpu")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'.*TAYLOR_KERNELS_BACKEND='gpu'"):
+        tk.ops.jet_unary("tanh", torch.randn(3, 4))
+    with tk.backends.using("reference"):  # a forced choice still runs
+        tk.ops.jet_unary(__import__("numpy").int64(0), torch.randn(3, 4))

@@ -462,6 +462,29 @@ def test_allow_row_coupling_with_train_batch_norm_runs_one_batch_as_captum():
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.parametrize("call", ["ig", "ig_adaptive", "eg", "layer_ig"])
+def test_allow_row_coupling_with_a_budget_probes_two_rows(call):
+    """Under an explicit max_memory the memory probe ran one path point, which train-mode
+    batch norm refuses ("Expected more than 1 value per channel"); it probes two now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).train()
+    x = torch.randn(4, 5)
+    calls = {"ig": lambda: tk.integrated_gradients(model, x, target=1, steps=8,
+                                                   max_memory="1MB"),
+             "ig_adaptive": lambda: tk.integrated_gradients(model, x, target=1, rule="adaptive",
+                                                            tol=10.0, max_memory="1MB"),
+             "eg": lambda: tk.expected_gradients(model, x, torch.randn(6, 5), target=1,
+                                                 samples=4, seed=0, max_memory="1MB"),
+             "layer_ig": lambda: tk.layer_integrated_gradients(model, model[0], x, target=1,
+                                                               steps=8, max_memory="1MB")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with tk.allow_row_coupling(model):
+        res = calls[call]()
+    assert torch.isfinite(res.attributions).all()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 class MixesRows(nn.Module):
     """Subtracts a fraction of the batch mean: rows couple without batch norm."""
 

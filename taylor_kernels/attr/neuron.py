@@ -58,7 +58,13 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
                        multiply_by_inputs: bool = True, rule: str = "riemann_trapezoid",
                        **ig_kwargs) -> AttributionResult:
     """Neuron conductance (see the module docstring); ``target`` picks ``F`` from the model
-    output as in :func:`integrated_gradients`. Returns attributions shaped like ``inputs``."""
+    output as in :func:`integrated_gradients`. Returns attributions shaped like ``inputs``,
+    with ``gap`` NaN: conductance has no completeness to measure (the gap of ``g`` stays
+    the same at any number of nodes), so only fixed rules run."""
+    if rule in ("adaptive", "exact") or ig_kwargs.get("tol") is not None:
+        raise ValueError(f"neuron conductance takes a fixed rule (it has no completeness gap "
+                         f"for rule={rule!r} or tol to refine against); use one of "
+                         "'riemann_trapezoid', 'gausslegendre', ...")
     tup, _ = as_tuple(inputs)
     B, n_in = tup[0].shape[0], len(tup)
     targets = _target_rows(target, B, tup[0].device)
@@ -91,5 +97,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
         model, "neuron_conductance", *spec.key) or conductance
     spec.capture(model, tup + forward_args(additional_forward_args))  # counts activations
     rows = torch.arange(B, device=tup[0].device)
-    return _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),
-                multiply_by_inputs, dict(ig_kwargs, rule=rule))
+    res = _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),
+               multiply_by_inputs, dict(ig_kwargs, rule=rule))
+    res.gap = torch.full_like(res.gap, float("nan"))
+    return res

@@ -191,8 +191,11 @@ class ChunkPlan:
         self.total, self.device, self.slot = total, device, {} if slot is None else slot
         self.multi_output, self.max_share = multi_output, max_share
         self.chunk = chunk_size
-        if self.chunk is None and max_memory is None and guards.row_coupling_allowed():
+        coupled = guards.row_coupling_allowed()
+        if self.chunk is None and max_memory is None and coupled:
             self.chunk = max(total, 1)  # rows that couple: one batch, as Captum's
+        # rows that couple probe two items: train-mode batch norm refuses a batch of one
+        self.first_probe = 2 if coupled else 1
         self.budget = memory.chunk_budget(chunk_size, max_memory, device)
         self.reserved = 0
         self.room = None  # under an explicit budget what one chunk may take (memory.chunk_room)
@@ -281,16 +284,17 @@ class ChunkPlan:
         if self.trials:
             return min(left, self.trials[0][0])
         if not self.probes:
-            return min(left, 1)
-        fits = self._fits(self.probes[0][1])
-        largest = min(self._cap(self.probes[0][1]), _base(self.probes[0][1]) * CANDIDATE_FACTORS[-1])
+            return min(left, self.first_probe)
+        first = self.probes[0][1] / self.probes[0][0]  # (an over-estimate per item)
+        fits = self._fits(first)
+        largest = min(self._cap(first), _base(first) * CANDIDATE_FACTORS[-1])
         if isinstance(self.budget, memory.DefaultBudget) and fits >= largest:
-            self._set_cost(self.probes[0][1])  # the limit is far: the one-item cost will do
+            self._set_cost(first)  # the limit is far: the first probe's cost will do
             return self.next_count(left)
-        if fits < 2:  # one item per chunk; the cost stays the one-item measurement
-            self._set_cost(self.probes[0][1])
-            self.chunk = 1
-            return 1
+        if fits <= self.probes[0][0]:  # no room for a larger probe: its cost stays
+            self._set_cost(first)
+            self.chunk = fits
+            return min(left, fits)
         # the one-item cost over-estimates (fixed costs count fully): a second probe within
         # the budget at up to that many items gives the slope
         return min(left, PROBE_POINTS, fits)

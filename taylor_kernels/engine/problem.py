@@ -395,8 +395,10 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
             read = (f" (read from the model's {kind}: a mapping's 'logits' or first tensor, a "
                     "tuple's first tensor; to attribute another, wrap the model, e.g. "
                     "lambda x: model(x)[1])") if kind else ""
-            raise ValueError(f"an integer target needs a [N, C] model output, got "
-                             f"{tuple(out.shape)}{read}")
+            per_row = "one scalar" if out.dim() == 1 else f"{tuple(out.shape[1:])}"
+            raise ValueError(f"an integer target needs a [N, C] model output (C classes per "
+                             f"row); the model returns {per_row} per row"
+                             + (": pass target=None" if out.dim() == 1 else "") + read)
         idx = target.to(out.device)[rows]
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels import _native, backends
-from taylor_kernels.op_checks import check_same_device
+from taylor_kernels.op_checks import check_same_device, values_readable
 from taylor_kernels.ops.path import baseline_grad
 from taylor_kernels.reference import hessian as ref
 from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
@@ -70,8 +70,9 @@ if _native.has_cpp() and hasattr(torch.ops.taylor_kernels, "ih_accumulate"):
     register_ih_meta("taylor_kernels::ih_accumulate")
 
 
-def _backend_fn(device: torch.device):
-    name = backends.resolve(device, "ih_accumulate")
+def _backend_fn(*tensors: torch.Tensor):
+    name = "reference" if backends.transformed(*tensors) else \
+        backends.resolve(tensors[0].device, "ih_accumulate")
     if name == "reference":
         return ref.ih_accumulate
     if name == "triton":
@@ -98,11 +99,13 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     raises it, and the reference backend's compiled range check a ``RuntimeError`` with the
     same message). On a GPU they
     are checked inside the kernel instead (a host-side check would synchronize on every chunk):
-    nothing is read out of bounds and output row ``out[:, r]`` of a bad entry is NaN. A
+    nothing is read out of bounds and output row ``out[:, r]`` of a bad entry is NaN (so
+    also the Triton backend on CPU tensors under ``TRITON_INTERPRET=1`` inside
+    ``torch.compile``, where the host check cannot read the values). A
     device-side assert was not chosen because it leaves the CUDA context unusable for the rest
     of the process (and Triton compiles ``tl.device_assert`` only in debug mode); an error-flag
     tensor would still need a synchronizing read, which is what the check removes.
     """
     ref.check_ih_args(hrows, x, baselines, weights, index, start,
-                      index_values=x.device.type == "cpu" and not torch.compiler.is_compiling())
-    return _backend_fn(x.device)(hrows, x, baselines, weights, index, start)
+                      index_values=x.device.type == "cpu" and values_readable(index))
+    return _backend_fn(x, hrows, baselines, weights)(hrows, x, baselines, weights, index, start)

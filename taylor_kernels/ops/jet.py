@@ -107,8 +107,9 @@ def _reference_unary(u, code):
     return ref.jet_unary(code, u)
 
 
-def _backend_fns(device: torch.device, op: str):
-    name = backends.resolve(device, op)
+def _backend_fns(op: str, *tensors: torch.Tensor):
+    name = "reference" if backends.transformed(*tensors) else \
+        backends.resolve(tensors[0].device, op)
     if name == "reference" or (name in ("cpp", "cuda") and not _native_has_jet()):
         return _reference_unary, ref.jet_mul, ref.polarize_contract
     if name == "triton":
@@ -129,7 +130,7 @@ def jet_unary(fn: str | int, u: torch.Tensor) -> torch.Tensor:
     """
     code = fn_code(fn)
     check_jet(u)
-    return _backend_fns(u.device, "jet_unary")[0](u, code)
+    return _backend_fns("jet_unary", u)[0](u, code)
 
 
 def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ def jet_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Differentiable in both arguments (the backward is a ``jet_mul``).
     """
     check_jet_pair(a, b)
-    return _backend_fns(a.device, "jet_mul")[1](a, b)
+    return _backend_fns("jet_mul", a, b)[1](a, b)
 
 
 def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch.Tensor:
@@ -147,7 +148,7 @@ def polarize_contract(c: torch.Tensor, gamma: torch.Tensor, order: int) -> torch
     polarization weights ``gamma [M]`` (float32 arithmetic, float64 for float64 ``c``).
     Differentiable in ``c`` and ``gamma``."""
     check_polarize_args(c, gamma, order)
-    return _backend_fns(c.device, "polarize_contract")[2](c, gamma.to(c.device), int(order))
+    return _backend_fns("polarize_contract", c, gamma)[2](c, gamma.to(c.device), int(order))
 
 
 def polarize(c: torch.Tensor, pattern) -> torch.Tensor:

@@ -110,8 +110,9 @@ if _native.has_cpp():
     register_path_meta("taylor_kernels::path_points", "taylor_kernels::path_accumulate")
 
 
-def _backend_fns(device: torch.device, op: str):
-    name = backends.resolve(device, op)
+def _backend_fns(op: str, *tensors: torch.Tensor):
+    name = "reference" if backends.transformed(*tensors) else \
+        backends.resolve(tensors[0].device, op)
     if name == "reference":
         return ref.path_points, ref.path_accumulate
     if name == "triton":
@@ -130,7 +131,8 @@ def path_points(x: torch.Tensor, baselines: torch.Tensor, alphas: torch.Tensor,
     Returns: ``[count, D]`` in ``x.dtype`` (computed in float32, float64 for float64).
     """
     ref.check_path_args(x, baselines, alphas, start, count)
-    return _backend_fns(x.device, "path_points")[0](x, baselines, alphas, start, count)
+    return _backend_fns("path_points", x, baselines, alphas)[0](x, baselines, alphas, start,
+                                                                count)
 
 
 def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
@@ -143,4 +145,5 @@ def path_accumulate(grads: torch.Tensor, x: torch.Tensor, baselines: torch.Tenso
     Deterministic for a given chunking. Differentiable in grads, x, baselines and weights.
     """
     ref.check_accumulate_args(grads, x, baselines, weights, start)
-    return _backend_fns(x.device, "path_accumulate")[1](grads, x, baselines, weights, start)
+    return _backend_fns("path_accumulate", x, grads, baselines, weights)[1](
+        grads, x, baselines, weights, start)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from taylor_kernels.op_checks import check_ih_args  # noqa: F401 (re-exported)
+from taylor_kernels.op_checks import check_ih_args, values_readable  # noqa: F401 (re-exported)
 from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
 
 
@@ -28,7 +28,8 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     rows of inputs the chunk does not touch are zero.
     """
     traced = torch.compiler.is_compiling()
-    check_ih_args(hrows, x, baselines, weights, index, start, index_values=not traced)
+    check_ih_args(hrows, x, baselines, weights, index, start,
+                  index_values=values_readable(index))
     if traced and x.device.type == "cpu":  # the range check as a graph op (values unknown)
         torch._assert_async(((index >= 0) & (index < x.shape[1])).all(),
                             f"ih_accumulate: index entries must lie in [0, {x.shape[1]})")
@@ -37,8 +38,12 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     acc = accumulation_dtype(x.dtype)
     b, k, s = path_indices(start, count, K, S, x.device)
     bi = b if baselines.shape[0] > 1 else torch.zeros_like(b)
-    delta = x.to(acc)[b] - baselines.to(acc)[bi, k]                       # [count, D]
+    xa, ba, index = x.to(acc), baselines.to(acc), index.to(x.device)
+    delta = xa[b] - ba[bi, k]                                             # [count, D]
     c = node_values(weights.to(device=x.device, dtype=acc), start, s) / K  # [count]
-    left = c.unsqueeze(1) * delta[:, index.to(x.device)]                  # [count, R]
+    # the index columns taken before the rows, not from delta: inductor (torch 2.13, CPU)
+    # compiled delta[:, index]'s backward wrongly (gradients off by their size, or heap
+    # corruption); the same subtraction of the same entries
+    left = c.unsqueeze(1) * (xa[:, index][b] - ba[:, :, index][bi, k])     # [count, R]
     terms = left.unsqueeze(2) * hrows.to(acc) * delta.unsqueeze(1)
     return torch.zeros(B, R, D, dtype=acc, device=x.device).index_add(0, b, terms)

@@ -324,3 +324,17 @@ def test_neuron_conductance_target_out_of_range_is_an_index_error_as_in_captum(t
     with pytest.raises(IndexError, match="out of range"):
         tkc.NeuronConductance(model, model[1]).attribute(torch.randn(2, 3), 1, target=target,
                                                          n_steps=4)
+
+
+@pytest.mark.parametrize("kw", [{"rule": "adaptive"}, {"rule": "exact"},
+                                {"rule": "gausslegendre", "tol": 1e-2}])
+def test_neuron_conductance_takes_fixed_rules_only_and_has_no_gap(kw):
+    """Its gap (against g(x) - g(b), g = stop(dF/da_n) n) stays the same at any number of
+    nodes: the adaptive rule ran all 63 nodes and warned every input missed its tolerance."""
+    from taylor_kernels.attr.neuron import neuron_conductance
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="fixed rule"):
+        neuron_conductance(model, model[1], x, 3, target=1, **kw)
+    res = neuron_conductance(model, model[1], x, 3, target=1, steps=8)
+    assert res.gap.shape == (4,) and bool(res.gap.isnan().all())
