@@ -59,9 +59,9 @@ def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
     more: :func:`~taylor_kernels.models.outputs.lm_logits`), stopping after an
     end-of-sequence id (``eos_token_id``: one id or several; kept) or ``max_new_tokens``."""
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    seq, out = prompt_ids[None], []
+    seq, out, call = prompt_ids[None], [], hf.ids_caller(model)
     for _ in range(max_new_tokens):
-        logits = lm_logits(model(input_ids=seq), vocab)[:, -1]
+        logits = lm_logits(call(seq), vocab)[:, -1]
         nxt = logits.argmax(-1)
         out.append(int(nxt))
         seq = torch.cat([seq, nxt[:, None]], dim=1)
@@ -81,6 +81,7 @@ class GenerationProblem:
     def __init__(self, model, layer, sequence: torch.Tensor, targets: torch.Tensor,
                  act: torch.Tensor, base: torch.Tensor, vocab: int | None = None):
         self.model, self.layer, self.vocab = model, layer, vocab
+        self.call = hf.ids_caller(model)
         self.T = targets.shape[0]
         self.P = sequence.shape[0] - self.T + 1
         self.sequence = sequence                       # [P + T - 1] ids fed to the model
@@ -111,8 +112,7 @@ class GenerationProblem:
             activations = elementwise.cached_derivatives(self.model) if self.serial_backward \
                 else contextlib.nullcontext()  # T backward passes reuse each g'(x)
             with lm_head.tapped(self.head) as seen, activations:
-                out = lm_logits(self.model(input_ids=self.sequence.expand(N, -1), **extra),
-                                   self.vocab)
+                out = lm_logits(self.call(self.sequence.expand(N, -1), **extra), self.vocab)
         finally:
             hook.remove()
         return lm_head.target_log_probs(out[:, -self.T:], self.targets[0], self.head, seen)
@@ -195,8 +195,8 @@ def _baseline_activation(model, layer, sequence, act, base_ids, kept, P: int) ->
         return torch.where(kept[..., None], act[:, :P], torch.zeros_like(act[:, :P]))
     prompt_b = torch.where(kept, sequence[None, :P], base_ids.to(sequence.device))
     if embeddings:
-        return hf.layer_output(lambda i: model(input_ids=i), layer, prompt_b)
-    at_b = hf.layer_output(lambda i: model(input_ids=i), layer,
+        return hf.layer_output(hf.ids_caller(model), layer, prompt_b)
+    at_b = hf.layer_output(hf.ids_caller(model), layer,
                            torch.cat([prompt_b, sequence[None, P:]], dim=1))
     if not torch.equal(at_b[:, P:], act[:, P:]):
         raise ContinuationMoves(
@@ -218,7 +218,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     """Attribute every token of a causal LM's continuation to the prompt tokens in one pass.
 
     Args:
-        model: a causal LM called as ``model(input_ids=ids [N, L])`` returning logits
+        model: a causal LM called as ``model(input_ids=ids [N, L])`` (or ``model(ids)`` when
+            its forward has no ``input_ids`` argument) returning logits
             ``[N, L, V]`` (or a ``ModelOutput`` with ``.logits``); ``logits_to_keep`` is used
             when its forward takes it.
         prompt_ids: ``[P]`` or ``[1, P]`` token ids.
@@ -253,7 +254,9 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model), vocab)
+        with hf.context_window_named(model, prompt.shape[1] + max_new_tokens - 1):
+            target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model),
+                                         vocab)
     else:
         target = hf.check_ids(_one_row(target_ids, "target_ids"), "target_ids",
                               vocab)[0].to(prompt.device)
@@ -261,9 +264,10 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     if T == 0:
         raise ValueError("the target continuation is empty")
     sequence = torch.cat([prompt[0], target[:-1]])
-    with guards.preserved_buffers(model):
-        hf.check_causal(model, sequence, vocab)
-    act = hf.layer_output(lambda i: model(input_ids=i), emb, sequence[None])
+    with hf.context_window_named(model, sequence.shape[0]):
+        with guards.preserved_buffers(model):
+            hf.check_causal(model, sequence, vocab)
+        act = hf.layer_output(hf.ids_caller(model), emb, sequence[None])
     base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
     if base_ids is not None:
         hf.check_vocab(base_ids, vocab, "baselines")

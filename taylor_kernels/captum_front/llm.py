@@ -27,6 +27,7 @@ positions mix). Output tokens are readable token strings as in Captum
 """
 from __future__ import annotations
 
+import numbers
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,16 +59,21 @@ class TextTokenInput:
         register_with_captum(load=True)
         self.inp_tensor = tokenizer.encode(text, return_tensors="pt")
         self.itp_tensor, self.itp_mask = self.inp_tensor, None
-        if skip_tokens:
-            if isinstance(skip_tokens[0], str):
-                skip_tokens = tokenizer.convert_tokens_to_ids(list(skip_tokens))
-            self.itp_mask = ~torch.isin(self.inp_tensor, torch.tensor(list(skip_tokens)))
+        if skip_tokens is not None and len(skip_tokens):
+            # ids and token strings, mixed too (Captum converts all or none by the first one's
+            # type; ours raised torch's "invalid data type 'str'" on [2, "cat"])
+            skip_tokens = hf.skip_token_ids(skip_tokens, tokenizer)
+            self.itp_mask = ~torch.isin(self.inp_tensor, torch.tensor(skip_tokens,
+                                                                      dtype=torch.long))
             self.itp_tensor = self.inp_tensor[self.itp_mask][None]
         self.skip_tokens = skip_tokens
         self.tokenizer = tokenizer
         self.values = tokenizer.convert_ids_to_tokens(self.itp_tensor[0].tolist())
         self.n_itp_features = len(self.values)
-        self.baselines = baselines if isinstance(baselines, int) else \
+        if isinstance(baselines, bool) or not isinstance(baselines, (numbers.Integral, str)):
+            raise TypeError(f"baselines must be a token id (int) or a token string, got "
+                            f"{baselines!r}")
+        self.baselines = int(baselines) if isinstance(baselines, numbers.Integral) else \
             tokenizer.convert_tokens_to_ids([baselines])[0]
 
     def to_tensor(self) -> torch.Tensor:

@@ -289,6 +289,37 @@ def accepts(model, name: str) -> bool:
         return False
 
 
+CONTEXT_WINDOW_NAMES = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+@contextlib.contextmanager
+def context_window_named(model, length: int):
+    """Re-raise an ``IndexError`` of the block (a position-embedding lookup past its table:
+    "index out of range in self") as a ``ValueError`` naming the model's context window, when
+    its config has one and ``length`` tokens exceed it."""
+    try:
+        yield
+    except IndexError as exc:
+        config = getattr(model, "config", None)
+        window = next(((n, getattr(config, n)) for n in CONTEXT_WINDOW_NAMES
+                       if isinstance(getattr(config, n, None), int)), None)
+        if window is None or length <= window[1]:
+            raise
+        raise ValueError(f"the sequence of {length} tokens (prompt and continuation) exceeds "
+                         f"the model's context window (config.{window[0]} = {window[1]}); "
+                         "shorten the prompt or the target") from exc
+
+
+def ids_caller(model) -> Callable:
+    """``call(ids, **extra)``: ``model(input_ids=ids, **extra)`` when its forward names
+    ``input_ids`` (``transformers`` models), else ``model(ids, **extra)``: a wrapper taking
+    the ids by position under another name, as Captum calls its forward (the keyword call
+    raised "unexpected keyword argument 'input_ids'")."""
+    if accepts(model, "input_ids"):
+        return lambda ids, **extra: model(input_ids=ids, **extra)
+    return lambda ids, **extra: model(ids, **extra)
+
+
 def cuts_logits(model) -> bool:
     """Whether ``logits_to_keep`` goes to ``model``: it takes the keyword, and its
     ``get_output_embeddings()`` (where it has one) is not None. A transformers model without
@@ -380,7 +411,7 @@ def check_causal(model, sequence: torch.Tensor, vocab: int | None) -> None:
     other = sequence.clone()
     other[-1] = (other[-1] + 1) % (vocab or int(other[-1]) + 2)
     extra = {"logits_to_keep": 2} if cuts_logits(model) else {}
-    out = lm_logits(model(input_ids=torch.stack([sequence, other]), **extra), vocab)
+    out = lm_logits(ids_caller(model)(torch.stack([sequence, other]), **extra), vocab)
     before, after = out[0, -2], out[1, -2]
     allowed = 16 * torch.finfo(out.dtype).eps * before.abs().max()
     if (before - after).abs().max() > allowed:

@@ -17,17 +17,19 @@ import contextlib
 import torch
 
 from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.models.module_kinds import runs_torch_forward
 
 
 class HeadLogProb(torch.autograd.Function):
-    """``f = HeadLogProb.apply(h, logits, weight, targets)``: ``[N, T]`` float32 log-probs of
+    """``f = HeadLogProb.apply(h, logits, weight, targets)``: ``[N, T]`` log-probs (float32;
+    float64 for float64 logits) of
     ``targets [T]`` from ``logits [N, T, V]`` (values only: no gradient flows through them),
     differentiable in ``h [N, T, d]`` through the head ``weight [V, d]``."""
 
     @staticmethod
     def forward(ctx, h, logits, weight, targets):
-        logp = torch.log_softmax(logits.detach().float(), dim=-1)
+        logp = torch.log_softmax(logits.detach().to(accumulation_dtype(logits.dtype)), dim=-1)
         ctx.save_for_backward(logp, weight, targets)
         ctx.h_dtype = h.dtype
         index = targets.expand(logp.shape[0], -1)[..., None]
@@ -76,7 +78,8 @@ def tapped(head: torch.nn.Linear | None):
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor,
                      head: torch.nn.Linear | None, seen: list) -> torch.Tensor:
-    """``log_softmax(logits)[..., y_t]`` ``[N, T]`` (float32) for ``logits [N, T, V]``,
+    """``log_softmax(logits)[..., y_t]`` ``[N, T]`` (float32; float64 for float64 logits: a
+    float64 model got float32 accuracy) for ``logits [N, T, V]``,
     ``targets [T]``: through :class:`HeadLogProb` when ``logits`` is exactly the one output
     :func:`tapped` recorded for ``head`` (same storage, unmodified since), else by autograd."""
     if len(seen) == 1:
@@ -84,5 +87,5 @@ def target_log_probs(logits: torch.Tensor, targets: torch.Tensor,
         if out.shape == logits.shape and out.data_ptr() == logits.data_ptr() and \
                 logits._version == version:
             return HeadLogProb.apply(h, logits, head.weight, targets)
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
     return logp.gather(2, targets.expand(logits.shape[0], -1)[..., None]).squeeze(2)

@@ -554,3 +554,73 @@ def test_the_vocabulary_is_the_input_embeddings_whatever_layer_is_attributed(mod
         for lib_llm, lib_lig in ((tkc.LLMGradientAttribution, tkc.LayerIntegratedGradients),
                                  (LLMGradientAttribution, LayerIntegratedGradients)))
     torch.testing.assert_close(got.token_attr, want.token_attr, rtol=0, atol=1e-6)
+
+
+class _IdsByPosition(torch.nn.Module):
+    """A causal-LM wrapper whose forward takes the ids by position under another name."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, tokens):
+        return self.m(tokens)
+
+
+def test_a_forward_taking_the_ids_by_position_runs_as_under_captum(models, tok):
+    """Captum calls its forward by position; the one pass called ``model(input_ids=...)``
+    ("unexpected keyword argument 'input_ids'"), also under ``patch()``."""
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    import taylor_kernels.captum as tkc
+
+    model = models["gpt2"]
+    wrap = _IdsByPosition(model)
+    emb = model.get_input_embeddings()
+    ref = LLMGradientAttribution(LayerIntegratedGradients(wrap, emb), tok).attribute(
+        TextTokenInput(PROMPT, tok), target=TARGET, n_steps=8)
+    ours = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(wrap, emb), tok).attribute(
+        tkc.TextTokenInput(PROMPT, tok), target=TARGET, n_steps=8)
+    torch.testing.assert_close(ours.token_attr, ref.token_attr, rtol=1e-5, atol=1e-7)
+    prompt, target = _ids(tok)
+    torch.testing.assert_close(
+        generation_attribution(wrap, prompt, target, layer=emb, baselines=1, steps=4).token_attr,
+        generation_attribution(model, prompt, target, baselines=1, steps=4).token_attr)
+
+
+def test_a_sequence_past_the_context_window_is_named():
+    """A bare "index out of range in self" came from the position embedding."""
+    model = tiny.gpt2(layers=1, d=32, vocab=64, positions=8)
+    with pytest.raises(ValueError, match=r"9 tokens .* context window \(config.n_positions = 8"):
+        generation_attribution(model, torch.tensor([2, 4, 5, 6, 7, 8]),
+                               torch.tensor([9, 10, 11, 12]), steps=2)
+    with pytest.raises(ValueError, match="context window"):
+        generation_attribution(model, torch.tensor([2, 4, 5, 6, 7, 8]), max_new_tokens=6,
+                               steps=2)
+
+
+def test_float64_models_get_float64_log_probs():
+    """The log-softmax ran in float32 for every model: a float64 model's log-probs were
+    5.6e-8 off, labelled float64."""
+    model = tiny.llama(layers=1, d=32, vocab=64).double()
+    prompt, target = torch.tensor([[2, 4, 5, 6, 7, 8]]), torch.tensor([9, 10])
+    res = generation_attribution(model, prompt, target, baselines=0, steps=8)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.cat([prompt[0], target[:-1]])[None]).logits[0, -2:],
+                                 -1)
+    want = torch.stack([logp[0, 9], logp[1, 10]])
+    assert res.log_probs.dtype == torch.float64
+    assert float((res.log_probs - want).abs().max()) < 1e-13
+
+
+def test_text_token_input_takes_mixed_skip_tokens_and_refuses_bool_baselines(tok):
+    """``skip_tokens=[2, "cat"]`` raised torch's "invalid data type 'str'"; a bool baseline
+    was taken as id 1 (Captum raises TypeError)."""
+    import taylor_kernels.captum as tkc
+
+    mixed = tkc.TextTokenInput(PROMPT, tok, skip_tokens=[2, "cat"])
+    assert "cat" not in mixed.values and "<s>" not in mixed.values
+    assert mixed.values == tkc.TextTokenInput(PROMPT, tok, skip_tokens=["<s>", "cat"]).values
+    with pytest.raises(TypeError, match="baselines must be a token id"):
+        tkc.TextTokenInput(PROMPT, tok, baselines=True)
+    assert tkc.TextTokenInput(PROMPT, tok, baselines=np.int64(1)).baselines == 1
