@@ -351,17 +351,27 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     fargs = forward_args(additional_forward_args)
     check_row_args(fargs, tup[0].shape[0])
-    parts, found_sets = [], None
+    found_sets = None
     masks = (feature_mask if isinstance(feature_mask, (tuple, list)) else (feature_mask,)) \
         if feature_mask is not None else ()
     n_groups = 1 + max(int(m.max()) for m in masks) if masks and all(
         isinstance(m, torch.Tensor) and m.numel() for m in masks) else None
+    strengths, done = None, 0  # [N, ...]: every batch's, held beside the later batches
     for chunk in rows.split(batch_size):
         xs = tuple(t[chunk.to(t.device)] for t in tup)
+        budget = max_memory if strengths is None else memory.beside(
+            max_memory, strengths, tup[0].device, "the strengths of every row",
+            "pass fewer rows (points='representative') or sets")
         res = _interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
-                            order, sets, _slice_mask(feature_mask, chunk, tup), max_memory,
+                            order, sets, _slice_mask(feature_mask, chunk, tup), budget,
                             select_rows(fargs, chunk, tup[0].shape[0]), n_groups)
-        parts.append(res.strengths)
+        if strengths is None:
+            strengths = res.strengths.new_empty((len(rows),) + res.strengths.shape[1:])
+            memory.beside(max_memory, strengths, tup[0].device, "the strengths of every row",
+                          "pass fewer rows (points='representative') or sets")
+        strengths[done:done + len(chunk)] = res.strengths
+        done += len(chunk)
         found_sets = res.sets
-    agg = _aggregate(torch.cat(parts), aggregate)
+        del res
+    agg = _aggregate(strengths, aggregate)
     return GlobalInteractions(agg, found_sets, _ranking(agg, found_sets), rows)

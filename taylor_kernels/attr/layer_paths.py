@@ -39,6 +39,7 @@ from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.problem import make_problem
+from taylor_kernels.engine.row_args import select_rows
 from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.user_warnings import warn
@@ -308,6 +309,45 @@ def layer_conductance(model, layer, inputs, baselines=None, target=None, *, step
                                **kwargs)
 
 
+# bytes of a no-grad forward up to the layer per byte of the layer's activation, assumed
+# when capturing rows in blocks under an explicit budget (the capture of every drawn row at
+# once peaked at 16x of a 32 MB budget before the budget was checked)
+CAPTURE_FACTOR = 8
+
+
+def _activation_differences(model, spec: Layers, tup: tuple, bls: tuple, fargs: tuple,
+                            max_memory) -> tuple:
+    """``a(x_r) - a(b_r)`` for every row ``r`` (one tensor per activation tensor). Under an
+    explicit ``max_memory`` what the call then holds must fit it (``MemoryError`` from one
+    row's capture, before the others run: the differences, and the path's float64
+    coordinates and sums over the activation), and the rows are captured in blocks."""
+    if max_memory is None:
+        return tuple(ax - ab for ax, ab in zip(spec.capture(model, tup + fargs),
+                                               spec.capture(model, bls + fargs)))
+    R = tup[0].shape[0]
+    budget = memory.parse_budget(max_memory, tup[0].device)
+    first = torch.zeros(1, dtype=torch.long, device=tup[0].device)
+    one = spec.capture(model, tuple(t[:1] for t in tup) + select_rows(fargs, first, R))
+    per_row = sum(a.numel() * a.element_size() for a in one)
+    held = R * sum(a.numel() * (a.element_size() + 16) for a in one) + sum(
+        t.numel() * t.element_size() for t in tup + bls)  # (+ the path's inputs' copies)
+    if held >= budget:
+        raise MemoryError(f"max_memory of {budget} bytes cannot hold the layer activations of "
+                          f"the {R} drawn rows: the call holds {held} bytes (their differences, "
+                          "the path's float64 coordinates and sums, its inputs); raise "
+                          "max_memory or draw fewer samples")
+    out = tuple(a.new_empty((R,) + a.shape[1:]) for a in one)
+    block = max(1, int((budget - held) // (2 * CAPTURE_FACTOR * per_row)))
+    for r0 in range(0, R, block):
+        rows = torch.arange(r0, min(R, r0 + block), device=tup[0].device)
+        args = select_rows(fargs, rows, R)
+        ax = spec.capture(model, tuple(t[rows] for t in tup) + args)
+        ab = spec.capture(model, tuple(b[rows] for b in bls) + args)
+        for o, x, b in zip(out, ax, ab):
+            torch.sub(x, b, out=o[r0:r0 + len(rows)])
+    return out
+
+
 def layer_gradient_shap(model, layer, inputs, baselines, alphas: torch.Tensor, target=None, *,
                         multiply_by_inputs: bool = True, attribute_to_layer_input: bool = False,
                         additional_forward_args=None, **kwargs) -> AttributionResult:
@@ -325,8 +365,11 @@ def layer_gradient_shap(model, layer, inputs, baselines, alphas: torch.Tensor, t
     if multiply_by_inputs:
         spec = Layers(layer, attribute_to_layer_input)
         bls = _baseline_inputs(baselines, tup)
-        directions = tuple(ax - ab for ax, ab in zip(spec.capture(model, tup + fargs),
-                                                     spec.capture(model, bls + fargs)))
+        directions = _activation_differences(model, spec, tup, bls, fargs,
+                                             kwargs.get("max_memory"))
+        kwargs["max_memory"] = memory.beside(  # (held through the path)
+            kwargs.get("max_memory"), directions, tup[0].device,
+            "the layer activations' differences", "draw fewer samples")
     return layer_gradient_sums(model, layer, tup, baselines, target, table,
                                torch.ones(1, dtype=torch.float64),
                                direction="given" if multiply_by_inputs else "ones",

@@ -208,18 +208,19 @@ def parse_budget(max_memory, device: torch.device) -> int:
     return int(value)
 
 
-def beside(max_memory, held, device: torch.device):
+def beside(max_memory, held, device: torch.device,
+           what: str = "the call's drawn samples", advice: str = "draw fewer samples"):
     """``max_memory`` less the bytes of ``held`` (tensors, or tuples / lists of them, that a
     caller keeps through the call: a sampling wrapper's drawn inputs and baselines, which
     LayerGradientShap held beside a 4 MB budget at 1.9x of it); None (the default limit)
-    stays None. ``MemoryError`` when they leave nothing."""
+    stays None. ``MemoryError`` naming ``what`` (and ``advice``) when they leave nothing."""
     if max_memory is None:
         return None
     budget = parse_budget(max_memory, device)
     nbytes = sum(t.untyped_storage().nbytes() for t in _tensors(held))
     if nbytes >= budget:
-        raise MemoryError(f"max_memory of {budget} bytes cannot hold the call's drawn samples "
-                          f"({nbytes} bytes); raise max_memory or draw fewer samples")
+        raise MemoryError(f"max_memory of {budget} bytes cannot hold {what} ({nbytes} bytes); "
+                          f"raise max_memory or {advice}")
     return budget - nbytes
 
 

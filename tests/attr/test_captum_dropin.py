@@ -639,3 +639,29 @@ def test_list_baselines_raise_captums_assertion_error(name, baselines):
     for lib in (ca, tc):
         with pytest.raises(AssertionError, match="baseline input argument must be either"):
             getattr(lib, name)(model, *layer).attribute(x, baselines, target=0, n_steps=4)
+
+
+def test_layer_gradient_shap_checks_its_budget_before_capturing_every_drawn_row():
+    """The layer activations of every drawn row were captured at once before any budget
+    check (525 MiB under 32 MB); now one row's capture sizes the call, a budget that cannot
+    hold it raises at once, and one that can is filled block by block (same numbers)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(8 * 16 * 16, 3)).eval()
+    x, bg = torch.randn(4, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    rows = []
+    model[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+
+    def call(**kw):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        return tc.LayerGradientShap(model, model[2]).attribute(x, bg, n_samples=5, stdevs=0.1,
+                                                               target=1, **kw)
+
+    with pytest.raises(MemoryError, match="layer activations of the 20 drawn rows"):
+        call(max_memory="1MB")
+    assert rows == [1]
+    whole = call()
+    rows.clear()
+    torch.testing.assert_close(call(max_memory="2MB"), whole)
+    assert rows[0] == 1 and 1 < rows[1] < 20  # one row, then the first block of rows

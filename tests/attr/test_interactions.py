@@ -248,3 +248,21 @@ def test_an_order_above_the_feature_count_is_named(order, mask):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
     with pytest.raises(ValueError, match=f"order {order} over"):
         tk.interactions(model, torch.randn(2, 4), order=order, feature_mask=mask)
+
+
+def test_global_interactions_holds_every_rows_strengths_within_the_budget(monkeypatch):
+    """Each batch's call got the whole budget while the strengths of the batches before it
+    (and their concatenation) were held beside it: 2.0x of 128 MB for 16 rows of D = 1024."""
+    from taylor_kernels.attr import interactions as mod
+    budgets = []
+    real = mod._interactions
+    monkeypatch.setattr(mod, "_interactions", lambda *a: budgets.append(a[6]) or real(*a))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(6, 16)
+    whole = global_interactions(model, x, batch_size=6)
+    got = global_interactions(model, x, batch_size=2, max_memory="1MB")
+    torch.testing.assert_close(got.strengths, whole.strengths)
+    held = 6 * 16 * 16 * 4  # [N, D, D] float32
+    assert budgets[1] == "1MB" and budgets[2:] == [2**20 - held] * 2
+    with pytest.raises(MemoryError, match="strengths of every row"):
+        global_interactions(model, torch.randn(300, 16), batch_size=100, max_memory=300_000)
