@@ -34,6 +34,7 @@ from taylor_kernels import backends
 from taylor_kernels.attr.arguments import forward_args, inputs_tuple
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
 from taylor_kernels.attr.layer import _baseline_inputs
+from taylor_kernels.attr.layer_budget import check_held, layer_ig_bytes, layer_space_bytes
 from taylor_kernels.attr.layer_capture import Layers
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
@@ -74,6 +75,10 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     spec = Layers(layers, attribute_to_layer_input)
     bls = _baseline_inputs(baselines, tup)
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
+    if ig_kwargs.get("max_memory") is not None and ig_kwargs.get("chunk_size") is None:
+        # the ends' activations, the path's sums (and its copy of the ends)
+        check_held(lambda args: spec.capture(model, args), tup, bls, fargs,
+                   memory.parse_budget(ig_kwargs["max_memory"], tup[0].device), layer_ig_bytes)
     if multiply_by_inputs:  # two small forwards, as Captum's
         ends = layer_ends(lambda args: spec.capture(model, args, output=True), tup, bls,
                           fargs, memory.check_chunk_size(ig_kwargs.get("chunk_size")))
@@ -239,6 +244,9 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
     check_float_inputs(tup)
     bls = tuple(b.to(x.dtype) for b, x in zip(_baseline_inputs(baselines, tup), tup))
     spec = Layers(layer, attribute_to_layer_input)
+    if max_memory is not None and chunk_size is None:
+        check_held(lambda args: spec.capture(model, args), tup, bls, fargs,
+                   memory.parse_budget(max_memory, tup[0].device), layer_space_bytes)
     acts = spec.capture(model, tup + fargs)
     S = weights.shape[0]
     if table.dim() != 2 or table.shape[1] != S + 1 or table.shape[0] not in (1, tup[0].shape[0]):
@@ -326,16 +334,9 @@ def _activation_differences(model, spec: Layers, tup: tuple, bls: tuple, fargs: 
                                                spec.capture(model, bls + fargs)))
     R = tup[0].shape[0]
     budget = memory.parse_budget(max_memory, tup[0].device)
-    first = torch.zeros(1, dtype=torch.long, device=tup[0].device)
-    one = spec.capture(model, tuple(t[:1] for t in tup) + select_rows(fargs, first, R))
+    one, held = check_held(lambda args: spec.capture(model, args), tup, bls, fargs, budget,
+                           layer_space_bytes, "drawn rows", "draw fewer samples")
     per_row = sum(a.numel() * a.element_size() for a in one)
-    held = R * sum(a.numel() * (a.element_size() + 16) for a in one) + sum(
-        t.numel() * t.element_size() for t in tup + bls)  # (+ the path's inputs' copies)
-    if held >= budget:
-        raise MemoryError(f"max_memory of {budget} bytes cannot hold the layer activations of "
-                          f"the {R} drawn rows: the call holds {held} bytes (their differences, "
-                          "the path's float64 coordinates and sums, its inputs); raise "
-                          "max_memory or draw fewer samples")
     out = tuple(a.new_empty((R,) + a.shape[1:]) for a in one)
     block = max(1, int((budget - held) // (2 * CAPTURE_FACTOR * per_row)))
     for r0 in range(0, R, block):

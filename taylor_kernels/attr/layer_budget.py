@@ -1,0 +1,50 @@
+"""What a layer method's path will hold, sized from one row before the whole-batch captures.
+
+Layer methods capture the layer's activations for every row (and baseline) before their path
+runs; under an explicit ``max_memory`` those captures ran first and reached 3.4-4.5x of an
+8 MB budget before the path engine's own check refused the call. :func:`check_held` captures
+the first row only, prices what the call will hold per activation element, and raises
+``MemoryError`` before any whole-batch capture.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from taylor_kernels.engine import guards
+from taylor_kernels.engine.row_args import select_rows
+
+
+def check_held(capture: Callable[[tuple], tuple], tup: tuple, bls: tuple, fargs: tuple,
+               budget: int, per_element: Callable[[torch.Tensor], int], rows_are: str = "rows",
+               advice: str = "attribute fewer rows per call") -> tuple[tuple, int]:
+    """``(one row's activations, bytes held)``: ``capture(args)`` (the layer's activation
+    tensors for ``model(*args)``) run on the first row (two inside ``allow_row_coupling``), and ``R * sum(numel * per_element)``
+    over those tensors plus the inputs' and baselines' bytes (the path's copies).
+    ``MemoryError`` naming ``rows_are`` and ``advice`` when that fills ``budget``."""
+    R = tup[0].shape[0]
+    # rows that couple (train-mode batch norm, opted in) capture two: it refuses a batch of one
+    n = 2 if R >= 2 and guards.row_coupling_allowed() else 1
+    first = torch.arange(n, device=tup[0].device)
+    one = tuple(a[:1] for a in capture(tuple(t[:n] for t in tup) + select_rows(fargs, first, R)))
+    held = R * sum(a.numel() * per_element(a) for a in one) + sum(
+        t.numel() * t.element_size() for t in tup + bls)
+    if held >= budget:
+        raise MemoryError(f"max_memory of {budget} bytes cannot hold the layer activations of "
+                          f"the {R} {rows_are}: the call holds {held} bytes (the activations, "
+                          "the path's coordinates and sums, its inputs); raise max_memory or "
+                          f"{advice}")
+    return one, held
+
+
+def layer_space_bytes(a: torch.Tensor) -> int:
+    """Held per activation element by a layer-space path (conductance, internal influence,
+    layer GradientSHAP): the activation, and the path's float64 coordinates and sums."""
+    return a.element_size() + 16
+
+
+def layer_ig_bytes(a: torch.Tensor) -> int:
+    """Held per activation element by layer IG: the two ends' activations and the path's
+    sums (float64 at most)."""
+    return 2 * a.element_size() + 8
