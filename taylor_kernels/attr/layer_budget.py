@@ -16,6 +16,17 @@ from taylor_kernels.engine import guards
 from taylor_kernels.engine.row_args import select_rows
 
 
+def capture_first_rows(capture: Callable[[tuple], tuple], tup: tuple, fargs: tuple) -> tuple:
+    """``capture(args)`` on the first row of the inputs and their per-row forward args (two
+    rows inside ``allow_row_coupling``: train-mode batch norm refuses a batch of one): what
+    one row's layer activations look like, and how often the layer is called, without a
+    whole-batch forward."""
+    R = tup[0].shape[0]
+    n = 2 if R >= 2 and guards.row_coupling_allowed() else 1
+    rows = torch.arange(n, device=tup[0].device)
+    return capture(tuple(t[:n] for t in tup) + select_rows(fargs, rows, R))
+
+
 def check_held(capture: Callable[[tuple], tuple], tup: tuple, bls: tuple, fargs: tuple,
                budget: int, per_element: Callable[[torch.Tensor], int], rows_are: str = "rows",
                advice: str = "attribute fewer rows per call") -> tuple[tuple, int]:
@@ -24,10 +35,7 @@ def check_held(capture: Callable[[tuple], tuple], tup: tuple, bls: tuple, fargs:
     over those tensors plus the inputs' and baselines' bytes (the path's copies).
     ``MemoryError`` naming ``rows_are`` and ``advice`` when that fills ``budget``."""
     R = tup[0].shape[0]
-    # rows that couple (train-mode batch norm, opted in) capture two: it refuses a batch of one
-    n = 2 if R >= 2 and guards.row_coupling_allowed() else 1
-    first = torch.arange(n, device=tup[0].device)
-    one = tuple(a[:1] for a in capture(tuple(t[:n] for t in tup) + select_rows(fargs, first, R)))
+    one = tuple(a[:1] for a in capture_first_rows(capture, tup, fargs))
     held = R * sum(a.numel() * per_element(a) for a in one) + sum(
         t.numel() * t.element_size() for t in tup + bls)
     if held >= budget:

@@ -18,6 +18,7 @@ import torch
 from taylor_kernels.attr.arguments import forward_args
 from taylor_kernels.attr.integrated_gradients import AttributionResult, integrated_gradients
 from taylor_kernels.attr.layer import _baseline_inputs
+from taylor_kernels.attr.layer_budget import capture_first_rows
 from taylor_kernels.attr.layer_capture import Layers, select_neuron
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import chunking
@@ -95,7 +96,10 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
 
     conductance.cost_owner = chunking.owner_for(  # (the closure is new per call)
         model, "neuron_conductance", *spec.key) or conductance
-    spec.capture(model, tup + forward_args(additional_forward_args))  # counts activations
+    # counts the layer's calls (a whole-batch capture here went past small budgets: 1.8-2.5x
+    # of 8 MB)
+    capture_first_rows(lambda args: spec.capture(model, args), tup,
+                       forward_args(additional_forward_args))
     rows = torch.arange(B, device=tup[0].device)
     res = _run(conductance, inputs, baselines, (rows,) + forward_args(additional_forward_args),
                multiply_by_inputs, dict(ig_kwargs, rule=rule))

@@ -45,3 +45,18 @@ def test_a_budget_that_holds_them_gives_the_same_numbers(name):
     free = CALLS[name](model, x).attributions
     got = CALLS[name](model, x, max_memory="16MB").attributions
     torch.testing.assert_close(got, free, rtol=1e-5, atol=1e-7)
+
+
+def test_neuron_conductance_counts_the_layers_calls_on_one_row():
+    """It captured the whole batch's activations only to count the layer's calls (1.8-2.5x
+    of an 8 MB budget); one row counts them."""
+    from taylor_kernels.attr.neuron import neuron_conductance
+    model, x = _model(), torch.randn(8, 3, 16, 16)
+    rows = []
+    handle = model[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    got = neuron_conductance(model, model[2], x, (1, 2, 3), target=1, steps=4,
+                             max_memory="16MB").attributions
+    assert rows[0] == 1
+    handle.remove()
+    torch.testing.assert_close(got, neuron_conductance(model, model[2], x, (1, 2, 3), target=1,
+                                                       steps=4).attributions)
