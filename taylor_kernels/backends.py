@@ -159,6 +159,14 @@ def transformed(*tensors: torch.Tensor) -> bool:
         torch.autograd.forward_ad.unpack_dual(t).tangent is not None) for t in tensors)
 
 
+def resolve_for(op: str, *tensors: torch.Tensor) -> str:
+    """The backend op ``op`` on ``tensors`` uses now: ``"reference"`` under a transform
+    (:func:`transformed`), else :func:`resolve` on the first tensor's device."""
+    if transformed(*tensors):
+        return "reference"
+    return resolve(tensors[0].device, op)
+
+
 @torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str | None = None) -> str:
     """The backend an op on ``device`` uses now; raises if a forced one cannot run there.

@@ -357,18 +357,20 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
     n_groups = 1 + max(int(m.max()) for m in masks) if masks and all(
         isinstance(m, torch.Tensor) and m.numel() for m in masks) else None
     strengths, done = None, 0  # [N, ...]: every batch's, held beside the later batches
+
+    def beside_strengths():
+        return memory.beside(max_memory, strengths, tup[0].device, "the strengths of every row",
+                             "pass fewer rows (points='representative') or sets")
+
     for chunk in rows.split(batch_size):
         xs = tuple(t[chunk.to(t.device)] for t in tup)
-        budget = max_memory if strengths is None else memory.beside(
-            max_memory, strengths, tup[0].device, "the strengths of every row",
-            "pass fewer rows (points='representative') or sets")
         res = _interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
-                            order, sets, _slice_mask(feature_mask, chunk, tup), budget,
+                            order, sets, _slice_mask(feature_mask, chunk, tup),
+                            max_memory if strengths is None else beside_strengths(),
                             select_rows(fargs, chunk, tup[0].shape[0]), n_groups)
         if strengths is None:
             strengths = res.strengths.new_empty((len(rows),) + res.strengths.shape[1:])
-            memory.beside(max_memory, strengths, tup[0].device, "the strengths of every row",
-                          "pass fewer rows (points='representative') or sets")
+            beside_strengths()  # (MemoryError when they alone fill the budget)
         strengths[done:done + len(chunk)] = res.strengths
         done += len(chunk)
         found_sets = res.sets

@@ -25,7 +25,7 @@ from taylor_kernels.attr.integrated_gradients import AttributionResult, check_ru
 from taylor_kernels.attr.layer_budget import check_held, layer_ig_bytes
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine import guards, memory
+from taylor_kernels.engine import guards
 from taylor_kernels.engine.problem import as_tuple
 from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 from taylor_kernels.user_warnings import warn
@@ -173,9 +173,8 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
         return tuple(acts), out
 
     bls = _baseline_inputs(baselines, tup)
-    if ig_kwargs.get("max_memory") is not None and ig_kwargs.get("chunk_size") is None:
-        check_held(lambda args: capture(args)[0], tup, bls, fargs,
-                   memory.parse_budget(ig_kwargs["max_memory"], tup[0].device), layer_ig_bytes)
+    check_held(lambda args: capture(args)[0], tup, bls, fargs, ig_kwargs.get("max_memory"),
+               layer_ig_bytes, chunk_size=ig_kwargs.get("chunk_size"))
     ends = layer_ends(capture, tup, bls, fargs)
     acts_x, acts_b = ends.acts_x, ends.acts_b
     if len(acts_b) != len(acts_x):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from taylor_kernels.engine import guards
+from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.row_args import select_rows
 
 
@@ -28,12 +28,18 @@ def capture_first_rows(capture: Callable[[tuple], tuple], tup: tuple, fargs: tup
 
 
 def check_held(capture: Callable[[tuple], tuple], tup: tuple, bls: tuple, fargs: tuple,
-               budget: int, per_element: Callable[[torch.Tensor], int], rows_are: str = "rows",
-               advice: str = "attribute fewer rows per call") -> tuple[tuple, int]:
-    """``(one row's activations, bytes held)``: ``capture(args)`` (the layer's activation
-    tensors for ``model(*args)``) run on the first row (two inside ``allow_row_coupling``), and ``R * sum(numel * per_element)``
-    over those tensors plus the inputs' and baselines' bytes (the path's copies).
-    ``MemoryError`` naming ``rows_are`` and ``advice`` when that fills ``budget``."""
+               max_memory, per_element: Callable[[torch.Tensor], int], *,
+               chunk_size: int | None = None, rows_are: str = "rows",
+               advice: str = "attribute fewer rows per call") -> tuple[tuple, int] | None:
+    """``(one row's activations, bytes held)`` under an explicit ``max_memory`` (None when
+    there is none, or when ``chunk_size`` fixes the chunks instead): ``capture(args)`` (the
+    layer's activation tensors for ``model(*args)``) run on the first row (two inside
+    ``allow_row_coupling``), and ``R * sum(numel * per_element)`` over those tensors plus the
+    inputs' and baselines' bytes (the path's copies). ``MemoryError`` naming ``rows_are``
+    and ``advice`` when that fills the budget."""
+    if max_memory is None or chunk_size is not None:
+        return None
+    budget = memory.parse_budget(max_memory, tup[0].device)
     R = tup[0].shape[0]
     one = tuple(a[:1] for a in capture_first_rows(capture, tup, fargs))
     held = R * sum(a.numel() * per_element(a) for a in one) + sum(

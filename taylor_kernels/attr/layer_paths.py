@@ -75,10 +75,8 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     spec = Layers(layers, attribute_to_layer_input)
     bls = _baseline_inputs(baselines, tup)
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
-    if ig_kwargs.get("max_memory") is not None and ig_kwargs.get("chunk_size") is None:
-        # the ends' activations, the path's sums (and its copy of the ends)
-        check_held(lambda args: spec.capture(model, args), tup, bls, fargs,
-                   memory.parse_budget(ig_kwargs["max_memory"], tup[0].device), layer_ig_bytes)
+    check_held(lambda args: spec.capture(model, args), tup, bls, fargs,
+               ig_kwargs.get("max_memory"), layer_ig_bytes, chunk_size=ig_kwargs.get("chunk_size"))
     if multiply_by_inputs:  # two small forwards, as Captum's
         ends = layer_ends(lambda args: spec.capture(model, args, output=True), tup, bls,
                           fargs, memory.check_chunk_size(ig_kwargs.get("chunk_size")))
@@ -244,9 +242,8 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
     check_float_inputs(tup)
     bls = tuple(b.to(x.dtype) for b, x in zip(_baseline_inputs(baselines, tup), tup))
     spec = Layers(layer, attribute_to_layer_input)
-    if max_memory is not None and chunk_size is None:
-        check_held(lambda args: spec.capture(model, args), tup, bls, fargs,
-                   memory.parse_budget(max_memory, tup[0].device), layer_space_bytes)
+    check_held(lambda args: spec.capture(model, args), tup, bls, fargs, max_memory,
+               layer_space_bytes, chunk_size=chunk_size)
     acts = spec.capture(model, tup + fargs)
     S = weights.shape[0]
     if table.dim() != 2 or table.shape[1] != S + 1 or table.shape[0] not in (1, tup[0].shape[0]):
@@ -335,7 +332,8 @@ def _activation_differences(model, spec: Layers, tup: tuple, bls: tuple, fargs: 
     R = tup[0].shape[0]
     budget = memory.parse_budget(max_memory, tup[0].device)
     one, held = check_held(lambda args: spec.capture(model, args), tup, bls, fargs, budget,
-                           layer_space_bytes, "drawn rows", "draw fewer samples")
+                           layer_space_bytes, rows_are="drawn rows",
+                           advice="draw fewer samples")
     per_row = sum(a.numel() * a.element_size() for a in one)
     out = tuple(a.new_empty((R,) + a.shape[1:]) for a in one)
     block = max(1, int((budget - held) // (2 * CAPTURE_FACTOR * per_row)))

@@ -71,8 +71,7 @@ if _native.has_cpp() and hasattr(torch.ops.taylor_kernels, "ih_accumulate"):
 
 
 def _backend_fn(*tensors: torch.Tensor):
-    name = "reference" if backends.transformed(*tensors) else \
-        backends.resolve(tensors[0].device, "ih_accumulate")
+    name = backends.resolve_for("ih_accumulate", *tensors)
     if name == "reference":
         return ref.ih_accumulate
     if name == "triton":

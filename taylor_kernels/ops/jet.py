@@ -108,8 +108,7 @@ def _reference_unary(u, code):
 
 
 def _backend_fns(op: str, *tensors: torch.Tensor):
-    name = "reference" if backends.transformed(*tensors) else \
-        backends.resolve(tensors[0].device, op)
+    name = backends.resolve_for(op, *tensors)
     if name == "reference" or (name in ("cpp", "cuda") and not _native_has_jet()):
         return _reference_unary, ref.jet_mul, ref.polarize_contract
     if name == "triton":

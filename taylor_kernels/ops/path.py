@@ -111,8 +111,7 @@ if _native.has_cpp():
 
 
 def _backend_fns(op: str, *tensors: torch.Tensor):
-    name = "reference" if backends.transformed(*tensors) else \
-        backends.resolve(tensors[0].device, op)
+    name = backends.resolve_for(op, *tensors)
     if name == "reference":
         return ref.path_points, ref.path_accumulate
     if name == "triton":
