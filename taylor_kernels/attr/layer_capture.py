@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from taylor_kernels.engine import guards
+from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 
 
@@ -80,12 +80,16 @@ class Layers:
         def hook_for(i):
             def grab(module, inp, out=None):
                 vals = self._as_tuple(i, inp if self.of_input else out)
-                # a copy: an in-place op later in the forward (ReLU(inplace=True)) would
-                # otherwise change what was read
-                seen[i] = tuple(v.clone() if grad else v.detach().clone() for v in vals)
                 count[i] += 1
-                if stop and self.calls is not None and all(
-                        c >= n for c, n in zip(count, self.calls)):
+                last = stop and self.calls is not None and all(
+                    c >= n for c, n in zip(count, self.calls))
+                # a copy: an in-place op later in the forward (ReLU(inplace=True)) would
+                # otherwise change what was read; none runs after the pass stops here
+                seen[i] = tuple(v if last and grad else v.clone() if grad else
+                                v.detach().clone() for v in vals)
+                if last:
+                    if grad:  # the forward ends on these: not saved, but held
+                        memory.count_unsaved([t for v in seen.values() for t in v])
                     raise _Stop
             return grab
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -287,14 +288,15 @@ class SavedBytes:
         self.total, self.limit = 0, limit
         self._seen: set[int] = set()
 
-    def _pack(self, t: torch.Tensor):
+    def _count(self, t: torch.Tensor) -> bool:
+        """Add ``t``'s storage (once) unless the forward did not allocate it; False then."""
         root = t._base if t._base is not None else t
         if root.is_leaf:  # parameters, inputs, constants (or views of them): not allocated here
-            return t
+            return False
         try:
             key = t.untyped_storage().data_ptr()
             if _aliases_a_leaf(t, key):  # a double backward's W.t(), its view link lost
-                return t
+                return False
             if key not in self._seen:
                 self._seen.add(key)
                 self.total += t.untyped_storage().nbytes()
@@ -302,15 +304,35 @@ class SavedBytes:
             self.total += t.numel() * t.element_size()
         if self.limit is not None and self.total > self.limit:
             raise SavedPastLimit(self.total)
-        return t.detach()
+        return True
+
+    def _pack(self, t: torch.Tensor):
+        return t.detach() if self._count(t) else t
 
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
+        _counting.__dict__.setdefault("stack", []).append(self)
         return self
 
     def __exit__(self, *exc):
+        _counting.stack.pop()
         self._hooks.__exit__(*exc)
+
+
+_counting = threading.local()  # this thread's open SavedBytes, innermost last
+
+
+def count_unsaved(tensors) -> None:
+    """Count ``tensors`` as saved in this thread's innermost :class:`SavedBytes`, if one is
+    open: the activation a forward is cut off at (a neuron's value read from a layer) is
+    allocated, and backward holds the gradient flowing into it, yet autograd saves neither.
+    (A neuron of a 2-conv CNN cut after its 32-channel convolution: 0.6 MB per point resident
+    where the saved bytes priced 0.3 MB; the call ran at 1.4-1.8x of 8-32 MB budgets.)"""
+    stack = getattr(_counting, "stack", None)
+    if stack:
+        for t in tensors:
+            stack[-1]._count(t)
 
 
 def budget_beside(budget: int, held: int, device: torch.device) -> int:

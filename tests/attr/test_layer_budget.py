@@ -60,3 +60,24 @@ def test_neuron_conductance_counts_the_layers_calls_on_one_row():
     handle.remove()
     torch.testing.assert_close(got, neuron_conductance(model, model[2], x, (1, 2, 3), target=1,
                                                        steps=4).attributions)
+
+
+def test_a_neurons_cut_forward_counts_the_activation_it_ends_on():
+    """A neuron's value read from a layer ends the forward there: the layer's activation (and
+    the gradient into it) is held but not saved by autograd, so the per-point price must count
+    it (it priced 0.3 MB per point where a point held 0.6 MB: 1.4-1.8x of 8-32 MB budgets)."""
+    from taylor_kernels.attr.layer_capture import Layers
+    from taylor_kernels.engine import memory
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(4, 32, 3, padding=1), nn.Tanh()).eval()
+    spec = Layers(model[2], False)
+    x = torch.randn(2, 3, 16, 16)
+    spec.capture(model, (x,))  # the first capture counts the calls
+    pts = x.clone().requires_grad_(True) * 1.0  # a point built by the path: not a leaf
+    with memory.SavedBytes() as saved:
+        act, = spec.capture(model, (pts,), grad=True)
+    assert act.requires_grad
+    assert saved.total >= act.numel() * act.element_size()
+    with memory.SavedBytes() as outside:
+        act, = spec.capture(model, (pts,))  # no graph: nothing to hold for a backward
+    assert outside.total == 0
