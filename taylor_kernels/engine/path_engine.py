@@ -21,6 +21,7 @@ passes (see :func:`memory.cpu_point_cost`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Callable
@@ -303,6 +304,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
                         plan.one_point_budget(count))
 
     def consume(first: int, grads: torch.Tensor) -> None:
+        if kept is not None:
+            kept.check(first + grads.shape[-2] - start)
         if defer:
             flags.append((first, grads.shape[-2], _non_finite_points(grads).any()))
         if not sums:
@@ -311,7 +314,10 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
                         for _ in weight_sets)
         _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
 
-    run_chunks(plan, start, stop, compute, consume, progress=progress)
+    kept = memory.KeptGraphs(memory.parse_budget(max_memory, x.device), held, stop - start,
+                             x.device) if create_graph and max_memory is not None else None
+    with kept or contextlib.nullcontext():
+        run_chunks(plan, start, stop, compute, consume, progress=progress)
     if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
         problem.finish_row_check_at_end()
         if problem.B > 1:  # a model that mixes rows is refused as before, though no batch

@@ -186,3 +186,26 @@ def test_fit_trains_a_model_with_dropout_and_batch_norm_and_checks_its_arguments
     for bad in ({"epochs": 0}, {"batch_size": 0}, {"epochs": 2.5}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             priors.fit(model, (X, y), (X, y), **bad)
+
+
+def test_create_graph_under_a_budget_counts_the_graphs_it_keeps():
+    """Every chunk's graph stays alive for the caller's backward, so chunks do not bound the
+    call: a budget that cannot hold the kept graphs raises ``MemoryError`` (a CNN's IG kept
+    240 MB under 8 MB); one that can gives the unbudgeted numbers and gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Tanh(),
+                                torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                torch.nn.Linear(512, 3))
+    x = torch.randn(8, 64)
+
+    def attr(**kw):
+        return tk.integrated_gradients(model, x, target=1, steps=64, create_graph=True,
+                                       **kw).attributions
+
+    with pytest.raises(MemoryError, match="create_graph=True keeps"):
+        attr(max_memory="4MB")  # 512 points keep over 8 KB of activations each
+    free, held = attr(), attr(max_memory="256MB")
+    torch.testing.assert_close(held, free)
+    g_free = torch.autograd.grad(free.square().sum(), model[0].weight)[0]
+    g_held = torch.autograd.grad(held.square().sum(), model[0].weight)[0]
+    torch.testing.assert_close(g_held, g_free)
