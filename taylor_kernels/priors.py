@@ -17,6 +17,7 @@ Public API: :func:`feature_metadata`, :class:`PriorNet`, :func:`attribution_prio
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ def dapr_loss(model: nn.Module, prior_net: nn.Module | None, meta: torch.Tensor 
     running statistics as they were; the cross-entropy forward updates them). ``lam = 0``
     (or no prior net) is plain cross-entropy. Returns ``(loss, {"ce", "penalty"} floats)``.
     """
+    _check_lam(lam)
     ce = nn.functional.cross_entropy(model(x), y)
     if lam == 0 or prior_net is None:
         return ce, {"ce": ce.item(), "penalty": 0.0}
@@ -78,9 +80,18 @@ def dapr_loss(model: nn.Module, prior_net: nn.Module | None, meta: torch.Tensor 
     return ce + lam * penalty, {"ce": ce.item(), "penalty": penalty.item()}
 
 
+def _check_lam(lam) -> None:
+    """``ValueError`` unless ``lam`` is a finite real >= 0 (NaN passed ``lam < 0`` and turned
+    the weights into NaN at the first step)."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) \
+            or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+
+
 @dataclass
 class FitResult:
-    """Training history (per epoch), the best epoch and its validation accuracy."""
+    """Training history (per epoch: the mean cross-entropy and penalty over its batches, the
+    validation accuracy), the best epoch and its validation accuracy."""
 
     best_epoch: int
     best_val_accuracy: float
@@ -110,8 +121,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     meta-data (:func:`feature_metadata`); the EG background is the training set. Stops after
     ``patience`` epochs without a better validation accuracy and restores the best states.
     """
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
+    _check_lam(lam)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -127,21 +137,30 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     gen = seeded_generator(seed)
     best = (-1.0, 0, [copy.deepcopy(n.state_dict()) for n in nets])
     history = []
-    for epoch in range(epochs):
-        order = torch.randperm(xt.shape[0], generator=gen)
-        for i in range(0, xt.shape[0], batch_size):
-            idx = order[i:i + batch_size]
-            loss, parts = dapr_loss(model, prior_net, meta, xt[idx], yt[idx], xt, lam,
-                                    seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        val_acc = accuracy(model, *val)
-        history.append({"epoch": epoch, **parts, "val_accuracy": val_acc})
-        if val_acc > best[0]:
-            best = (val_acc, epoch, [copy.deepcopy(n.state_dict()) for n in nets])
-        elif epoch - best[1] >= patience:
-            break
-    for net, state in zip(nets, best[2]):
-        net.load_state_dict(state)
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(xt.shape[0], generator=gen)
+            totals = {"ce": 0.0, "penalty": 0.0}
+            for i in range(0, xt.shape[0], batch_size):
+                idx = order[i:i + batch_size]
+                loss, parts = dapr_loss(model, prior_net, meta, xt[idx], yt[idx], xt, lam,
+                                        seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+                if not all(math.isfinite(v) for v in parts.values()):
+                    raise FloatingPointError(
+                        f"non-finite loss in epoch {epoch} ({parts}); the best states so far "
+                        "are restored: lower lr or lam")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                for k in totals:
+                    totals[k] += parts[k] * len(idx) / xt.shape[0]
+            val_acc = accuracy(model, *val)
+            history.append({"epoch": epoch, **totals, "val_accuracy": val_acc})
+            if val_acc > best[0]:
+                best = (val_acc, epoch, [copy.deepcopy(n.state_dict()) for n in nets])
+            elif epoch - best[1] >= patience:
+                break
+    finally:  # (on an error too: the best states so far, at first the caller's)
+        for net, state in zip(nets, best[2]):
+            net.load_state_dict(state)
     return FitResult(best[1], best[0], history)

@@ -12,6 +12,7 @@ layer's activation (the embeddings): ``A_j = LIG`` from ``a(b)`` to ``a(x) + e_j
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -37,6 +38,46 @@ def _repeat_rows(value, B: int, n: int):
     if isinstance(value, tuple):
         return tuple(_repeat_rows(v, B, n) for v in value)
     return value
+
+
+def _repeat_ends(value, tup: tuple[torch.Tensor, ...], n: int):
+    """Baselines or references repeated ``n`` times per row where they are per row: a
+    tensor with the batch first and at least its input's dimensions (``[B, ...]`` or
+    ``[B, K, ...]``); one shaped like a single input (``[D]``, even with ``D == B``) or
+    broadcast (``[1, ...]``) is shared by every copy."""
+    if isinstance(value, tuple) and len(value) == len(tup):
+        return tuple(_repeat_ends(v, (t,), n) for v, t in zip(value, tup))
+    B = tup[0].shape[0]
+    if is_row_tensor(value, B) and B > 1 and value.dim() >= tup[0].dim():
+        return value.repeat_interleave(n, dim=0)
+    return value
+
+
+def _per_row_arguments(method, args: tuple, kwargs: dict, tup: tuple, n: int
+                       ) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` of ``method(model, inputs, *args, **kwargs)`` (of
+    ``layer_integrated_gradients``: ``layer`` first in ``args``) with their per-row values
+    repeated for the ``n`` copies of each row, told apart by the parameter they bind to
+    (a positional value whose parameter has no name is taken as per row if it has ``B``
+    rows)."""
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # (no signature to read)
+        params = {}
+    names = [k for k, p in params.items() if p.kind in (p.POSITIONAL_ONLY,
+                                                         p.POSITIONAL_OR_KEYWORD)]
+    names = ["layer"] + names[3:] if method is layer_integrated_gradients else names[2:]
+    B = tup[0].shape[0]
+
+    def repeated(name, value):
+        if name in ("baselines", "reference"):
+            return _repeat_ends(value, tup, n)
+        if name in (None, "target", "additional_forward_args"):
+            return _repeat_rows(value, B, n)
+        return value  # (a background set, settings)
+
+    return (tuple(repeated(names[i] if i < len(names) else None, a) for i, a in enumerate(args)),
+            {k: repeated(k, v) for k, v in kwargs.items()})
 
 
 def _check_first_order(method) -> None:
@@ -80,10 +121,7 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     for s in stds:
         _check_stdev(s, B)
     gen = seeded_generator(seed)
-    args = tuple(_repeat_rows(a, B, nt_samples) for a in args)
-    kwargs = {k: _repeat_rows(v, B, nt_samples) if k in (
-        "baselines", "reference", "target", "additional_forward_args") else v
-        for k, v in kwargs.items()}
+    args, kwargs = _per_row_arguments(method, args, kwargs, tup, nt_samples)
     ids = [i for i, t in enumerate(tup) if not t.is_floating_point()]
     if ids:
         if method is not layer_integrated_gradients:

@@ -2,6 +2,8 @@
 and EG with respect to model parameters, on every CPU backend; the DAPr API."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -136,6 +138,30 @@ def test_priors_api_and_errors():
                    (x, torch.tensor([0, 1, 0])), epochs=1)
     with pytest.raises(ValueError, match="val must hold"):
         priors.fit(model, (x, torch.tensor([0, 1, 0])), (x, torch.tensor([0, 1])), epochs=1)
+    meta, prior = priors.feature_metadata(x), torch.nn.Linear(2, 1)
+    before = copy.deepcopy(model.state_dict())
+    for lam in (float("nan"), float("inf"), -1.0):  # NaN made the weights NaN, then failed
+        with pytest.raises(ValueError, match="lam must be a finite number"):
+            priors.fit(model, (x, torch.tensor([0, 1, 0])), (x, torch.tensor([0, 1, 0])),
+                       prior_net=prior, meta=meta, lam=lam, epochs=1)
+        with pytest.raises(ValueError, match="lam must be a finite number"):  # (-1 ran)
+            priors.dapr_loss(model, prior, meta, x, torch.tensor([0, 1, 0]), x, lam)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_fit_restores_the_best_states_when_training_fails():
+    """A non-finite loss (lr far too high) stops with a clear error and the model keeps its
+    best (here: its starting) weights, not NaN ones."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 2)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Linear(2, 2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        priors.fit(model, (x * 1e30, y), (x, y), lr=1e30, epochs=3, batch_size=4)
+    for v in model.state_dict().values():
+        assert torch.isfinite(v).all()
 
 
 def test_fit_learns_and_restores_best_state():
@@ -209,3 +235,23 @@ def test_create_graph_under_a_budget_counts_the_graphs_it_keeps():
     g_free = torch.autograd.grad(free.square().sum(), model[0].weight)[0]
     g_held = torch.autograd.grad(held.square().sum(), model[0].weight)[0]
     torch.testing.assert_close(g_held, g_free)
+
+
+def test_fit_history_averages_each_epochs_batches(monkeypatch):
+    """``history`` holds each epoch's mean loss terms over its batches (it held the last
+    batch's)."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 2)
+    y = (x[:, 0] > 0).long()
+    seen = []
+    real = priors.dapr_loss
+
+    def recording(model, prior_net, meta, xb, *args, **kwargs):
+        loss, parts = real(model, prior_net, meta, xb, *args, **kwargs)
+        seen.append((xb.shape[0], parts["ce"]))
+        return loss, parts
+
+    monkeypatch.setattr(priors, "dapr_loss", recording)
+    res = priors.fit(torch.nn.Linear(2, 2), (x, y), (x, y), epochs=1, batch_size=4)
+    assert [n for n, _ in seen] == [4, 4, 2]
+    assert res.history[0]["ce"] == pytest.approx(sum(n * ce for n, ce in seen) / 10)

@@ -1,6 +1,7 @@
 """EG, SIG, noise tunnel and layer IG: axioms, chunking invariance, closed forms."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -171,6 +172,31 @@ def test_noise_tunnel_aggregates_per_input_copies():
     still = tk.noise_tunnel(tk.integrated_gradients, net, x3, baselines=bl3, target=t3,
                             nt_samples=4, stdevs=0.0, seed=0, steps=16).attributions
     torch.testing.assert_close(still, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_tunnel_shares_one_input_baselines_and_backgrounds_when_d_equals_b():
+    """A baseline shaped like one input (``[D]``) with ``D == B`` is shared by every copy, not
+    taken for ``B`` per-row baselines (it was repeated and the call failed); nor is a
+    background set of ``B`` rows (it was repeated, moving the references drawn)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    x, b = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    kw = dict(target=1, nt_samples=3, stdevs=0.0, seed=0)
+    got = tk.noise_tunnel(tk.integrated_gradients, net, x, baselines=b, steps=8, **kw)
+    want = tk.integrated_gradients(net, x, b[None], target=1, steps=8)
+    torch.testing.assert_close(got.attributions, want.attributions)
+    got = tk.noise_tunnel(tk.integrated_gradients, net, x, b, steps=8, **kw)  # positional
+    torch.testing.assert_close(got.attributions, want.attributions)
+    rows = []
+
+    @functools.wraps(tk.expected_gradients)  # (its signature: the background is named)
+    def eg(model, inputs, background, *args, **kwargs):
+        rows.append(background.shape[0])
+        return tk.expected_gradients(model, inputs, background, *args, **kwargs)
+
+    tk.noise_tunnel(eg, net, x, torch.randn(4, 4, dtype=torch.float64), samples=6, **kw)
+    assert rows == [4]
 
 
 def test_noise_tunnel_refuses_second_order_methods_before_any_forward():
