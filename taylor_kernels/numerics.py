@@ -151,9 +151,12 @@ def nested_jvp_coefficients(fn, coeffs, order: int):
 
 def seeded_generator(seed, default: int | None = None) -> torch.Generator:
     """A private CPU generator seeded with ``seed`` (an int), else with ``default``, else with
-    a seed drawn from the global RNG; ``TypeError`` for a seed that is not an int."""
+    a seed drawn from the global RNG; ``TypeError`` for a seed that is not an int,
+    ``ValueError`` for one outside ``[0, 2**64)``."""
     if seed is None:
         seed = default if default is not None else int(torch.randint(0, 2**62, (1,)))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**64:  # (torch's range; 2**70 raised a bare overflow)
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return torch.Generator(device="cpu").manual_seed(seed)

@@ -71,6 +71,19 @@ class MethodSettings:
     seed: int = 0
 
 
+def method_settings(settings) -> MethodSettings:
+    """``settings`` as :class:`MethodSettings`: None gives the defaults, a dict its fields
+    (``TypeError`` naming an unknown one); anything else is a ``TypeError``."""
+    if settings is None:
+        return MethodSettings()
+    if isinstance(settings, dict):
+        return MethodSettings(**settings)
+    if not isinstance(settings, MethodSettings):
+        raise TypeError(f"settings must be a MethodSettings, a dict of its fields or None, "
+                        f"got {type(settings).__name__}")
+    return settings
+
+
 def not_applicable(name: str, model, inputs: torch.Tensor, window: int = 2) -> str | None:
     """Why ``name`` cannot run on ``model`` / ``inputs`` (None when it can); ``window``: patch
     occlusion's."""
@@ -167,10 +180,11 @@ def fourteen_methods(model, inputs, baselines=None, target=None, *,
         model: ``[B, ...] -> [B, C]`` (or ``[B]``); inputs: ``[B, ...]`` (a tensor);
         baselines: None (zeros), a number or a tensor shaped like the batch or one input;
         target: class per row as in :func:`~taylor_kernels.integrated_gradients`;
-        settings: :class:`MethodSettings` (background, sample counts, noise, window, seed).
+        settings: :class:`MethodSettings` or a dict of its fields (background, sample
+            counts, noise, window, seed).
     Returns: ``{name: AttributionResult | str}`` in the order of ``METHOD_NAMES``, each
     attribution shaped like ``inputs``."""
-    settings = settings or MethodSettings()
+    settings = method_settings(settings)
     out = {}
     for name in METHOD_NAMES:
         why = not_applicable(name, model, inputs, settings.window)
@@ -216,7 +230,7 @@ def allocation(name: str, kappa: tuple[int, ...], inputs: torch.Tensor, baseline
                settings: MethodSettings | None = None) -> torch.Tensor:
     """Method ``name``'s shares ``w_i(kappa)`` ``[D]`` of the term ``Delta^kappa`` at one input
     ``inputs [1, ...]`` (baseline like one input or the batch, or None for zeros)."""
-    settings = settings or MethodSettings()
+    settings = method_settings(settings)
     if inputs.shape[0] != 1:
         raise ValueError("allocation probes one input at a time: inputs must be [1, ...]")
     b = torch.zeros_like(inputs) if baselines is None else torch.as_tensor(baselines).to(

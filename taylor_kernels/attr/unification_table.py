@@ -17,7 +17,7 @@ import torch
 
 from taylor_kernels.attr.taylor_decomposition import taylor_decomposition
 from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term, allocation,
-                                             itemized_terms, not_applicable,
+                                             itemized_terms, method_settings, not_applicable,
                                              principle_departures, run_method, select_terms)
 
 
@@ -131,7 +131,8 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
         order: Taylor order of the decomposition (residual) and of the itemized terms;
         max_terms: terms probed (half single-feature, half interactions, largest ``|T|``);
         max_sets: itemize an order only if it has at most this many multisets;
-        settings: :class:`MethodSettings` (background, sample counts, seed).
+        settings: :class:`MethodSettings` or a dict of its fields (background, sample
+            counts, seed).
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"unification_table scores one tensor input [1, ...], got "
@@ -141,7 +142,7 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHOD_NAMES}")
-    settings = settings or MethodSettings()
+    settings = method_settings(settings)
     dec = taylor_decomposition(model, inputs, baselines, target, order=order)
     terms, top = itemized_terms(model, inputs, baselines, target, order=order,
                                 max_sets=max_sets)

@@ -126,6 +126,13 @@ def test_seeds_must_be_ints(net, seed):
             call()
 
 
+@pytest.mark.parametrize("seed", [-1, 2**70])
+def test_seeds_outside_torchs_range_are_refused_by_name(net, seed):
+    bg = torch.randn(4, 10, dtype=torch.float64)  # (2**70 raised a bare overflow)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+        tk.expected_gradients(net, bg[:2], bg, target=0, seed=seed)
+
+
 def test_create_graph_under_no_grad_and_a_bad_distributed_value(net):
     with torch.no_grad(), pytest.raises(ValueError, match="inside torch.no_grad"):
         tk.integrated_gradients(net, X, target=0, steps=4, create_graph=True)

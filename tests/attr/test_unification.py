@@ -343,3 +343,19 @@ def test_perturbation_points_built_a_chunk_at_a_time_equal_the_definitions(chunk
     m = masks.double()
     torch.testing.assert_close(P.occlusion_patch(model, x, b, 1).attributions.reshape(2, -1),
                                drops @ m / m.sum(0).clamp_min(1))
+
+
+def test_settings_may_be_a_dict_of_their_fields():
+    """``settings={...}`` raised ``AttributeError: 'dict' object has no attribute 'window'``."""
+    model = smooth_mlp()
+    g = torch.Generator().manual_seed(0)
+    x, b = torch.rand(2, 5, generator=g, dtype=torch.float64).split(1)
+    got = tk.fourteen_methods(model, x, b, target=0, settings={"ig_steps": 8, "seed": 3})
+    want = tk.fourteen_methods(model, x, b, target=0,
+                               settings=MethodSettings(ig_steps=8, seed=3))
+    for name in ("integrated_gradients", "expected_gradients", "smoothgrad"):
+        torch.testing.assert_close(got[name].attributions, want[name].attributions)
+    with pytest.raises(TypeError, match="steps_ig"):
+        tk.fourteen_methods(model, x, b, target=0, settings={"steps_ig": 8})
+    with pytest.raises(TypeError, match="settings must be a MethodSettings"):
+        tk.fourteen_methods(model, x, b, target=0, settings=8)
