@@ -15,7 +15,8 @@ args; layer lists and tuple activations), ``return_convergence_delta``,
 ``attribute_future`` (not implemented, as in Captum) and results as ``captum.attr`` 0.9 (to
 rounding; the sampled methods draw the same random numbers under the same
 ``torch.manual_seed`` / ``numpy.random.seed``). Bad input raises Captum's exception type
-(``AssertionError``, ``IndexError``) as a ``ValueError`` / ``TypeError`` subclass. The work
+(``AssertionError``, ``IndexError``, ``ZeroDivisionError``, ``RuntimeError``) as a
+``ValueError`` / ``TypeError`` subclass. The work
 runs on the chunked, memory-budgeted path engine and the selected kernel backend. Extras on
 every ``attribute``: ``max_memory=``, ``backend=``, ``progress=``; IG also
 ``method="adaptive"`` with ``tol=``. After a call, ``instance.last_result`` holds the

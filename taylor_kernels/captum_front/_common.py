@@ -24,6 +24,7 @@ from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
 from taylor_kernels.engine import chunking, guards
 from taylor_kernels.engine.guards import is_row_tensor
+from taylor_kernels.engine.problem import NoBatchOutputError
 from taylor_kernels.models.hf import ID_DTYPES
 from taylor_kernels.user_warnings import warn
 
@@ -35,6 +36,21 @@ class CaptumValueError(ValueError, AssertionError):
 
 class CaptumTypeError(TypeError, AssertionError):
     """As :class:`CaptumValueError`, for inputs of the wrong type (e.g. float targets)."""
+
+
+class CaptumIndexError(CaptumValueError, IndexError):
+    """As :class:`CaptumValueError`, for input Captum fails on with an ``IndexError`` (an empty
+    batch, a model returning a 0-d output)."""
+
+
+class CaptumZeroDivisionError(CaptumValueError, ZeroDivisionError):
+    """As :class:`CaptumValueError`, for input Captum fails on with a ``ZeroDivisionError``
+    (zero samples)."""
+
+
+class CaptumRuntimeError(CaptumValueError, RuntimeError):
+    """As :class:`CaptumValueError`, for input Captum fails on with a ``RuntimeError``
+    (negative ``stdevs``, a negative sample count)."""
 
 
 _FOR_CAPTUM = threading.local()
@@ -89,7 +105,7 @@ def captum_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     @captum_errors
     def attribute(*args, **kwargs):
-        _check_no_list_baselines(signature, args, kwargs)
+        _check_baseline_forms(args[0] if args else None, signature, args, kwargs)
         if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
             args, kwargs = _interpolable(signature, args, kwargs)
         with train_mode_as_captum(args[0] if args else None):
@@ -100,12 +116,15 @@ def captum_method(fn: Callable) -> Callable:
 
 def captum_errors(fn: Callable) -> Callable:
     """``fn`` raising our ``ValueError`` / ``TypeError`` for bad input as also the
-    ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`);
+    ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`; the
+    engine's for a 0-d model output as Captum's ``IndexError`` too, :class:`CaptumIndexError`);
     ``IndexError`` (out-of-range targets) and ``AssertionError`` pass as they are."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except NoBatchOutputError as exc:  # (an IndexError, as Captum's, but not ours yet)
+            raise CaptumIndexError(str(exc)) from exc
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
             raise
         except TypeError as exc:  # (first: a non-whole step count is both, Captum's TypeError)
@@ -115,11 +134,12 @@ def captum_errors(fn: Callable) -> Callable:
     return call
 
 
-def _check_no_list_baselines(signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
-    """``ValueError`` (Captum's ``AssertionError``) for ``baselines`` given as a list, or a
-    tuple holding one: Captum takes a tuple as one baseline per input and any other value as
-    one baseline, and a list is none of its forms (ours read ``[0.5]`` as a tuple, or failed
-    with an ``AttributeError``)."""
+def _check_baseline_forms(method, signature: inspect.Signature, args: tuple,
+                          kwargs: dict) -> None:
+    """``ValueError`` (Captum's ``AssertionError``) for ``baselines`` (or an entry of a tuple
+    of them) that is none of Captum's forms: None, a number, a tensor, or (GradientSHAP's
+    distributions, ``BASELINE_CALLABLES``) a callable. Ours read a list ``[0.5]`` as a tuple,
+    and layer IG failed on a string or a dict with an ``AttributeError``."""
     if "baselines" not in signature.parameters:
         return
     try:
@@ -127,10 +147,11 @@ def _check_no_list_baselines(signature: inspect.Signature, args: tuple, kwargs: 
     except TypeError:
         return  # the method's own call raises its error
     for b in value if isinstance(value, tuple) else (value,):
-        if isinstance(b, list):
+        if not (b is None or isinstance(b, (int, float, torch.Tensor)) or callable(b) and
+                getattr(method, "BASELINE_CALLABLES", False)):
             raise ValueError("baseline input argument must be either a torch.Tensor or a "
-                             "number (a tuple of them for tuple inputs), however list "
-                             f"detected: {b!r:.60}")
+                             "number (a tuple of them for tuple inputs), however "
+                             f"{type(b).__name__} detected: {b!r:.60}")
 
 
 def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
@@ -207,11 +228,19 @@ def train_mode_as_captum(method):
 def format_inputs(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
     """``(tuple_of_tensors, was_tuple)``; Captum returns a tuple exactly when given one."""
     if isinstance(inputs, torch.Tensor):
-        return (inputs,), False
+        return _non_empty((inputs,)), False
     if isinstance(inputs, tuple) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-        return inputs, True
+        return _non_empty(inputs), True
     raise ValueError("inputs must be a tensor or a non-empty tuple of tensors, got "
                      f"{type(inputs).__name__}")
+
+
+def _non_empty(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``inputs``; :class:`CaptumIndexError` (Captum's ``IndexError``) for an empty batch."""
+    if inputs[0].dim() and not inputs[0].shape[0]:
+        raise CaptumIndexError(f"input 0 has shape {tuple(inputs[0].shape)}: an empty batch; "
+                               "give at least one row")
+    return inputs
 
 
 def per_input(value, n_inputs: int, name: str) -> tuple:
@@ -300,11 +329,14 @@ def captum_noise(x: torch.Tensor, stdev: float, n: int) -> torch.Tensor:
 
 
 def check_stdevs(stdevs, n_inputs: int) -> tuple[float, ...]:
-    """One non-negative float per input (a tuple, or one number for all)."""
+    """One non-negative float per input (a tuple, or one number for all); a negative one is
+    :class:`CaptumRuntimeError` (Captum's ``torch.normal`` raises ``RuntimeError``)."""
     stds = per_input(stdevs, n_inputs, "stdevs")
     for s in stds:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise ValueError(f"stdevs must be non-negative numbers, got {stdevs!r}")
+        if s < 0:
+            raise CaptumRuntimeError(f"stdevs must be non-negative numbers, got {stdevs!r}")
     return tuple(float(s) for s in stds)
 
 
@@ -364,7 +396,8 @@ def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
     tup, was_tuple = format_inputs(inputs)
     bls = resolve_baselines(baselines, inputs, len(tup))
     if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+        error = CaptumZeroDivisionError if n_samples == 0 else ValueError  # (Captum's types)
+        raise error(f"n_samples must be a positive integer, got {n_samples}")
     stds = check_stdevs(stdevs, len(tup))
     B, n = tup[0].shape[0], int(n_samples)
     with torch.no_grad():
@@ -478,6 +511,7 @@ class CaptumAttribution:
     HAS_DELTA = True
     DRAWS_RANDOM = False  # draws random numbers itself (NoiseTunnel then runs it per block)
     INTERPOLATES_INPUTS = False  # runs the model on b + t (x - b): integer inputs made floats
+    BASELINE_CALLABLES = False  # baselines may be callables (GradientSHAP's distributions)
     forward_func: Callable
     _multiply_by_inputs = True
 

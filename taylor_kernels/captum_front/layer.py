@@ -89,8 +89,17 @@ class InternalInfluence(_LayerMethod):
                                  max_memory=max_memory,
                                  chunk_size=points_per_chunk(internal_batch_size, tup),
                                  backend=backend, progress=progress)
+        # Captum scales the gradients by default-dtype step sizes: bf16/fp16 layers give float32
+        res.attributions = _promoted(res.attributions)
         self.last_result = res
         return res.attributions
+
+
+def _promoted(value):
+    """A tensor (or a tuple of them) promoted to at least the default float dtype."""
+    if isinstance(value, tuple):
+        return tuple(_promoted(v) for v in value)
+    return value.to(torch.promote_types(value.dtype, torch.get_default_dtype()))
 
 
 class LayerGradientShap(_LayerMethod):
@@ -100,6 +109,7 @@ class LayerGradientShap(_LayerMethod):
     seeds the results equal Captum's; all ``B * n_samples`` draws are one engine pass."""
 
     DRAWS_RANDOM = True
+    BASELINE_CALLABLES = True
     INTERPOLATES_INPUTS = True  # (Captum's noise makes integer inputs floats)
 
     def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None,

@@ -61,8 +61,9 @@ class TextTokenInput:
         self.itp_tensor, self.itp_mask = self.inp_tensor, None
         if skip_tokens is not None and len(skip_tokens):
             # ids and token strings, mixed too (Captum converts all or none by the first one's
-            # type; ours raised torch's "invalid data type 'str'" on [2, "cat"])
-            skip_tokens = hf.skip_token_ids(skip_tokens, tokenizer)
+            # type; ours raised torch's "invalid data type 'str'" on [2, "cat"]); an unknown
+            # string is the unknown-token id, as in Captum (with a warning)
+            skip_tokens = hf.skip_token_ids(skip_tokens, tokenizer, unknown_as_unk=True)
             self.itp_mask = ~torch.isin(self.inp_tensor, torch.tensor(skip_tokens,
                                                                       dtype=torch.long))
             self.itp_tensor = self.inp_tensor[self.itp_mask][None]
@@ -114,21 +115,72 @@ def register_with_captum(load: bool = False) -> None:
         theirs.register(TextTokenInput)
 
 
-@dataclass
+@dataclass(init=False)
 class LLMAttributionResult:
     """Captum's result fields: ``seq_attr [n_features]``, ``token_attr [T, n_features]``,
     ``input_tokens``, ``output_tokens``, ``output_probs`` and ``inp`` (None here, as in
     Captum's gradient class); plus ``output_log_probs [T]`` and ``gap [T]`` (completeness
-    per target)."""
+    per target). As Captum's, the setters of ``seq_attr``, ``token_attr`` and
+    ``output_probs`` make array-likes tensors and check their shapes against the tokens."""
 
     input_tokens: list[str]
     output_tokens: list[str]
-    seq_attr: torch.Tensor
-    token_attr: torch.Tensor | None = None
-    output_probs: torch.Tensor | None = None
+    _seq_attr: torch.Tensor
+    _token_attr: torch.Tensor | None = None
+    _output_probs: torch.Tensor | None = None
     inp: Any = None
     output_log_probs: torch.Tensor | None = field(default=None, repr=False)
     gap: torch.Tensor | None = field(default=None, repr=False)
+
+    def __init__(self, input_tokens: list[str], output_tokens: list[str], seq_attr,
+                 token_attr=None, output_probs=None, inp: Any = None,
+                 output_log_probs: torch.Tensor | None = None,
+                 gap: torch.Tensor | None = None) -> None:
+        self.input_tokens, self.output_tokens = input_tokens, output_tokens
+        self.seq_attr, self.token_attr, self.output_probs = seq_attr, token_attr, output_probs
+        self.inp, self.output_log_probs, self.gap = inp, output_log_probs, gap
+
+    @staticmethod
+    def _tensor(value, name: str, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
+        """``value`` as a tensor (None kept); :class:`CaptumValueError` (Captum's
+        ``AssertionError``) unless its shape is ``shape``."""
+        if value is None:
+            return None
+        value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        if tuple(value.shape) != shape:
+            raise CaptumValueError(f"{name} must have shape {shape} ({what}), got "
+                                   f"{tuple(value.shape)}")
+        return value
+
+    @property
+    def seq_attr(self) -> torch.Tensor:
+        return self._seq_attr
+
+    @seq_attr.setter
+    def seq_attr(self, value) -> None:
+        if value is None:
+            raise CaptumValueError("seq_attr must be a 1-D tensor, got None")
+        self._seq_attr = self._tensor(value, "seq_attr", (len(self.input_tokens),),
+                                      "one value per input token")
+
+    @property
+    def token_attr(self) -> torch.Tensor | None:
+        return self._token_attr
+
+    @token_attr.setter
+    def token_attr(self, value) -> None:
+        self._token_attr = self._tensor(value, "token_attr", (len(self.output_tokens),
+                                                              len(self.input_tokens)),
+                                        "output tokens x input tokens")
+
+    @property
+    def output_probs(self) -> torch.Tensor | None:
+        return self._output_probs
+
+    @output_probs.setter
+    def output_probs(self, value) -> None:
+        self._output_probs = self._tensor(value, "output_probs", (len(self.output_tokens),),
+                                          "one value per output token")
 
     @property
     def seq_attr_dict(self) -> dict[str, float]:

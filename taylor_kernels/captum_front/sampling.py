@@ -23,7 +23,8 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.engine import memory
 from taylor_kernels.attr.gradient_shap import gradient_shap_rows
-from taylor_kernels.captum_front._common import (CaptumAttribution,
+from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumRuntimeError,
+                                                 CaptumZeroDivisionError,
                                                  attribute_future_unsupported, captum_method,
                                                  captum_noise, check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_args, expand_rows,
@@ -90,10 +91,12 @@ class NoiseTunnel:
         if nt_type not in NT_TYPES:
             raise ValueError(f"unknown nt_type {nt_type!r}; choose one of {NT_TYPES}")
         if isinstance(nt_samples, bool) or int(nt_samples) != nt_samples or nt_samples < 1:
-            raise ValueError(f"nt_samples must be a positive integer, got {nt_samples}")
+            error = CaptumZeroDivisionError if nt_samples == 0 else \
+                CaptumRuntimeError if nt_samples < 0 else ValueError  # (Captum's types)
+            raise error(f"nt_samples must be a positive integer, got {nt_samples}")
         if nt_samples_batch_size is not None and nt_samples_batch_size < 1:
-            raise ValueError(f"nt_samples_batch_size must be positive, got "
-                             f"{nt_samples_batch_size}")
+            error = CaptumZeroDivisionError if nt_samples_batch_size == 0 else ValueError
+            raise error(f"nt_samples_batch_size must be positive, got {nt_samples_batch_size}")
         tup, was_tuple = format_inputs(inputs)
         stds = check_stdevs(stdevs, len(tup))
         B = tup[0].shape[0]
@@ -206,6 +209,7 @@ class GradientShap(CaptumAttribution):
     """
 
     DRAWS_RANDOM = True
+    BASELINE_CALLABLES = True
     attribute_future = attribute_future_unsupported
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:

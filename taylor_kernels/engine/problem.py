@@ -250,8 +250,8 @@ class PathProblem:
         """``ValueError`` for a 0-d output, :class:`TargetIndexError` for a target outside the
         output (before it is gathered: on CUDA an out-of-range gather is a device assert)."""
         if outputs.dim() == 0:
-            raise ValueError("the model must return a tensor with a batch dimension (one "
-                             "output row per input row), got a 0-d output")
+            raise NoBatchOutputError("the model must return a tensor with a batch dimension "
+                                     "(one output row per input row), got a 0-d output")
         check_target(self.target, (self.B,) + tuple(outputs.shape[1:]))
 
     def _name_in_place_change(self, first: torch.Tensor, row: torch.Tensor,
@@ -383,8 +383,9 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
     out = model_output(out)
     N = rows.shape[0]
     if out.dim() == 0 or out.shape[0] != N:
-        raise ValueError(f"model output of shape {tuple(out.shape)} has no batch dimension of "
-                         f"size {N}; it must return one output row per input row")
+        raise (NoBatchOutputError if out.dim() == 0 else ValueError)(
+            f"model output of shape {tuple(out.shape)} has no batch dimension of size {N}; it "
+            "must return one output row per input row")
     if target is None:
         if out[0].numel() != 1:
             raise ValueError(f"model output per row has shape {tuple(out.shape[1:])}: pass a "
@@ -412,6 +413,11 @@ def target_values(out, target) -> torch.Tensor:
     B = model_output(out).shape[0]
     rows = torch.arange(B, device=model_output(out).device)
     return select_target(out, _target_rows(target, B, rows.device), rows)
+
+
+class NoBatchOutputError(ValueError, IndexError):
+    """A model that returns a 0-d output: a ``ValueError``, and the ``IndexError`` Captum's
+    indexing of the missing batch dimension raises."""
 
 
 class TargetIndexError(ValueError, IndexError):

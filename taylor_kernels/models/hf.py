@@ -182,16 +182,18 @@ def row_mask(value, input_ids: torch.Tensor, name: str, ids_name: str = "input_i
                          f"{tuple(input_ids.shape)}") from None
 
 
-def skip_token_ids(skip_tokens, tokenizer=None) -> list[int]:
+def skip_token_ids(skip_tokens, tokenizer=None, unknown_as_unk: bool = False) -> list[int]:
     """``skip_tokens`` as ids: ints (numpy's too) as they are, token strings through
     ``tokenizer.convert_tokens_to_ids`` (as Captum's ``LLMAttribution`` takes them);
     ``TypeError`` for strings without a tokenizer or anything else, ``ValueError`` for a
-    string the tokenizer does not know."""
+    string the tokenizer does not know, unless ``unknown_as_unk`` (Captum's
+    ``TextTokenInput``): such a string then stands for the unknown-token id (for nothing
+    without one), with one warning naming the strings."""
     if isinstance(skip_tokens, torch.Tensor):
         skip_tokens = skip_tokens.reshape(-1).tolist()
     elif isinstance(skip_tokens, (str, numbers.Integral)):
         skip_tokens = [skip_tokens]
-    ids = []
+    ids, unknown = [], []
     for tok in skip_tokens:
         if isinstance(tok, numbers.Integral) and not isinstance(tok, bool):
             ids.append(int(tok))
@@ -203,11 +205,21 @@ def skip_token_ids(skip_tokens, tokenizer=None) -> list[int]:
             unk = getattr(tokenizer, "unk_token_id", None)
             if not isinstance(tid, int) or tid == unk and tok != getattr(
                     tokenizer, "unk_token", None):
-                raise ValueError(f"skip_tokens: the tokenizer has no token {tok!r}")
-            ids.append(tid)
+                if not unknown_as_unk:
+                    raise ValueError(f"skip_tokens: the tokenizer has no token {tok!r}")
+                unknown.append(tok)
+            if isinstance(tid, int):
+                ids.append(tid)
         else:
             raise TypeError(f"skip_tokens must hold token ids (ints) or token strings, got "
                             f"{type(tok).__name__}")
+    if unknown:
+        names = ", ".join(repr(t) for t in dict.fromkeys(unknown))
+        unk = getattr(tokenizer, "unk_token_id", None)
+        effect = "which has no unknown token: skipping nothing" if unk is None else \
+            f"mapped to its unknown token id {unk}: the prompt's unknown tokens are skipped"
+        warn(f"skip_tokens {names}: not in the tokenizer's vocabulary, {effect} (as in "
+             "Captum)", UserWarning)
     return ids
 
 

@@ -628,11 +628,11 @@ def test_a_forward_accepting_only_its_own_batch_runs_as_under_captum():
     assert got.shape == x.shape
 
 
-@pytest.mark.parametrize("baselines", [[0.5], ([0.5],)])
+@pytest.mark.parametrize("baselines", [[0.5], ([0.5],), "zero", ("zero",), {"a": 1}, print])
 @pytest.mark.parametrize("name", ["IntegratedGradients", "LayerIntegratedGradients"])
-def test_list_baselines_raise_captums_assertion_error(name, baselines):
-    """A list is none of Captum's baseline forms: ours read it as a tuple (IG) or raised a
-    bare AttributeError (layer IG)."""
+def test_baselines_of_no_captum_form_raise_captums_assertion_error(name, baselines):
+    """A list, a string, a dict or a callable is none of Captum's baseline forms: ours read a
+    list as a tuple (IG), and layer IG raised a bare AttributeError for all of them."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     x = torch.randn(2, 4)
     layer = () if name == "IntegratedGradients" else (model[0],)

@@ -5,6 +5,7 @@ token by token (float32; LayerGradientShap against Captum's method on the right 
 Captum 0.9's class repeats the target ids per sample and reads the wrong token for t >= 1)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -187,3 +188,66 @@ def test_ids_outside_the_vocabulary_are_caught_for_a_later_layer(model, tok):
     with pytest.raises(IndexError, match="outside the embedding's vocabulary"):
         tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(model, block), tok).attribute(
             tkc.TextTokenInput(PROMPT, tok), target=torch.tensor([len(tok) + 3]), n_steps=4)
+
+
+def test_result_setters_convert_and_check_shapes_as_captum(model, tok):
+    """``seq_attr``, ``token_attr`` and ``output_probs`` took anything: a list stayed a list,
+    wrong shapes were kept. As Captum's: array-likes become tensors, wrong shapes raise
+    AssertionError (also our ValueError)."""
+    llm = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+        model, model.get_input_embeddings()), tok)
+    res = llm.attribute(tkc.TextTokenInput("the cat", tok), target="dog ran", n_steps=4)
+    n_in, n_out = len(res.input_tokens), len(res.output_tokens)
+    assert (n_in, n_out) == (3, 2) and res.token_attr.shape == (2, 3)
+    res.seq_attr, res.token_attr, res.output_probs = [1.0, 2.0, 3.0], np.ones((2, 3)), [.1, .2]
+    assert isinstance(res.seq_attr, torch.Tensor) and res.seq_attr.tolist() == [1.0, 2.0, 3.0]
+    assert isinstance(res.token_attr, torch.Tensor) and res.token_attr.shape == (2, 3)
+    assert isinstance(res.output_probs, torch.Tensor) and res.output_probs.shape == (2,)
+    res.token_attr = res.output_probs = None
+    assert res.token_attr is None and res.output_probs is None
+    bad = [("seq_attr", torch.zeros(5)), ("seq_attr", torch.zeros(3, 1)),
+           ("token_attr", torch.zeros(3, 3)), ("token_attr", [1.0, 2.0, 3.0]),
+           ("output_probs", torch.zeros(3))]
+    for name, value in bad:
+        captums = ca.LLMAttributionResult(input_tokens=res.input_tokens,
+                                          output_tokens=res.output_tokens,
+                                          seq_attr=torch.zeros(n_in))
+        with pytest.raises(AssertionError):
+            setattr(captums, name, value)
+        with pytest.raises(ValueError, match=name):
+            setattr(res, name, value)
+    with pytest.raises(AssertionError, match="seq_attr"):
+        tkc.LLMAttributionResult(input_tokens=["a"], output_tokens=["b"], seq_attr=[1.0, 2.0])
+
+
+def test_unknown_skip_token_strings_map_to_the_unknown_token_as_captum(model, tok):
+    """Captum converts ``skip_tokens`` strings with ``convert_tokens_to_ids``: one the
+    tokenizer does not know is its unknown-token id (the prompt's unknown words are skipped);
+    ours raised ValueError. Now the same features and attributions, with a warning naming the
+    string; a tokenizer without an unknown token skips nothing for it (as Captum's set of ids
+    holding None). The library functions keep their error."""
+    results = []
+    for mod in (ca, tkc):
+        with pytest.warns(UserWarning, match="'zzz'.*unknown token id 1") if mod is tkc \
+                else contextlib.nullcontext():
+            inp = mod.TextTokenInput("the zebra cat", tok, skip_tokens=["<s>", "zzz"])
+        assert inp.values == ["the", "cat"]
+        llm = mod.LLMGradientAttribution(mod.LayerIntegratedGradients(
+            model, model.get_input_embeddings()), tok)
+        results.append(llm.attribute(inp, target="dog", n_steps=8).token_attr)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-6)
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "the", "cat"])}))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    no_unk = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>")
+    assert no_unk.unk_token_id is None
+    with pytest.warns(UserWarning, match="'zzz'.*no unknown token: skipping nothing"):
+        values = tkc.TextTokenInput("the cat", no_unk, skip_tokens=["zzz", "cat"]).values
+    assert values == ca.TextTokenInput("the cat", no_unk, skip_tokens=["zzz", "cat"]).values \
+        == ["the"]
+    from taylor_kernels.attr.generation import generation_attribution
+    with pytest.raises(ValueError, match="no token 'zzz'"):
+        generation_attribution(model, torch.tensor([[2, 4, 1]]), torch.tensor([6]), steps=2,
+                               tokenizer=tok, skip_tokens=["zzz"])

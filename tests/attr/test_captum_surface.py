@@ -568,6 +568,67 @@ def test_bad_input_raises_captums_type(case, branches):
         tc.IntegratedGradients(net).attribute(x, target=4)
 
 
+BAD_INPUTS_OTHER_TYPES = {  # Captum fails on these with another type than AssertionError
+    "empty batch": (IndexError, lambda L, net, x: L.IntegratedGradients(net).attribute(
+        x[:0], target=0)),
+    "empty batch, layer": (IndexError, lambda L, net, x: L.LayerConductance(
+        net, net.left).attribute(x[:0], target=0)),
+    "empty batch, sampled": (IndexError, lambda L, net, x: L.NoiseTunnel(
+        L.IntegratedGradients(net)).attribute(x[:0], target=0)),
+    "0-d output": (IndexError, lambda L, net, x: L.IntegratedGradients(
+        lambda t: net(t)[:, 0].sum()).attribute(x)),
+    "0-d output, layer": (IndexError, lambda L, net, x: L.InternalInfluence(
+        lambda t: net(t)[:, 0].sum(), net.left).attribute(x)),
+    "n_samples=0": (ZeroDivisionError, lambda L, net, x: L.GradientShap(net).attribute(
+        x, x, n_samples=0, target=0)),
+    "nt_samples=0": (ZeroDivisionError, lambda L, net, x: L.NoiseTunnel(
+        L.IntegratedGradients(net)).attribute(x, nt_samples=0, target=0)),
+    "nt_samples_batch_size=0": (ZeroDivisionError, lambda L, net, x: L.NoiseTunnel(
+        L.IntegratedGradients(net)).attribute(x, nt_samples_batch_size=0, target=0)),
+    "nt_samples<0": (RuntimeError, lambda L, net, x: L.NoiseTunnel(
+        L.IntegratedGradients(net)).attribute(x, nt_samples=-1, target=0)),
+    "stdevs<0": (RuntimeError, lambda L, net, x: L.GradientShap(net).attribute(
+        x, x, stdevs=-0.1, target=0)),
+    "stdevs<0, layer": (RuntimeError, lambda L, net, x: L.LayerGradientShap(
+        net, net.left).attribute(x, x, stdevs=(-0.1,), target=0)),
+    "stdevs<0, tunnel": (RuntimeError, lambda L, net, x: L.NoiseTunnel(
+        L.IntegratedGradients(net)).attribute(x, stdevs=-1.0, target=0)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS_OTHER_TYPES))
+def test_bad_input_raises_captums_other_exception_types(case, branches):
+    """Where Captum fails with an IndexError, ZeroDivisionError or RuntimeError ours raised
+    only our ValueError (Captum's AssertionError): now it is also Captum's type."""
+    net, x = branches
+    kind, call = BAD_INPUTS_OTHER_TYPES[case]
+    with pytest.raises(kind):
+        call(ca, net, x)
+    with pytest.raises(kind) as ours:
+        call(tc, net, x)
+    assert isinstance(ours.value, ValueError) and isinstance(ours.value, AssertionError)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_get_captums_attribution_dtypes(dtype):
+    """Captum scales InternalInfluence's gradients by float32 step sizes: float32
+    attributions for a bf16/fp16 model, where ours stayed in the model's dtype. The other
+    classes keep theirs (float32; LayerConductance the model's dtype, as in Captum)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval().to(dtype)
+    x = torch.randn(3, 4).to(dtype)
+    for name, args in [("InternalInfluence", (net[0],)), ("IntegratedGradients", ()),
+                       ("LayerIntegratedGradients", (net[0],)), ("LayerConductance", (net[0],)),
+                       ("NeuronIntegratedGradients", (net[0], 1)),
+                       ("NeuronConductance", (net[0], 1))]:
+        layer, selector = args[:1], args[1:]
+        kw = {} if name == "NeuronIntegratedGradients" else {"target": 1}
+        ref, ours = both(lambda L: getattr(L, name)(net, *layer).attribute(
+            x, *selector, n_steps=4, **kw))
+        assert ours.dtype == ref.dtype, name
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=0.05, atol=2e-3)
+
+
 @pytest.mark.parametrize("name, extra", [("LayerConductance", {"target": [0, 2, 1]}),
                                          ("InternalInfluence", {"target": 1}),
                                          ("NeuronIntegratedGradients", {"neuron_selector": 2}),
