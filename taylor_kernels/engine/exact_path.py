@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from taylor_kernels.engine import exact_rules as rules
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
+from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.jet import _has_hooks, _trace_key, _Tracer
 from taylor_kernels.engine.problem import PathProblem, select_target
 
@@ -81,23 +82,13 @@ def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
 
 def _refuse_visible_mutation(graph: fx.Graph, root: nn.Module) -> None:
     """:class:`NotPiecewiseLinear` when an in-place op changes a tensor that a later node
-    still reads (``F.relu(z, inplace=True)`` as a statement, then ``z`` used): the pair rules
-    return new values, so the later read saw the unchanged one (wrong numbers, and the check
-    of the ends passed when the op changed neither end). In-place ops whose input nothing
-    else reads (``x = self.relu(x)`` with ``inplace=True``) are exact as they are."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for n in graph.nodes:
-        name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
-        inplace = (n.kwargs.get("inplace") is True
-                   or n.op in ("call_method", "call_function") and name.endswith("_")
-                   and not name.endswith("__")  # h.relu_(), torch.relu_(h), F.relu_(h)
-                   or n.op == "call_module" and getattr(root.get_submodule(n.target),
-                                                        "inplace", False) is True)
-        if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
-            continue
-        if any(order[u] > order[n] for u in n.args[0].users if u is not n):
-            raise NotPiecewiseLinear(f"in-place {_name(n.target)!s} changes a tensor that "
-                                     "the forward reads again")
+    still reads (:mod:`~taylor_kernels.engine.graph_mutation`): the pair rules return new
+    values, so the later read saw the unchanged one (wrong numbers, and the check of the ends
+    passed when the op changed neither end)."""
+    node = mutated_then_read(graph, root)
+    if node is not None:
+        raise NotPiecewiseLinear(f"in-place {_name(node.target)!s} changes a tensor that "
+                                 "the forward reads again")
 
 
 def _name(target) -> str:

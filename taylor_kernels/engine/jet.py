@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 from taylor_kernels.engine import jet_rules as rules
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import higher_order_ops
+from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
@@ -202,6 +203,16 @@ def _trace_graph(f, args: tuple, by_value: bool) -> fx.GraphModule | None:
             graph = tracer.trace(call, concrete_args=placeholders)
         except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
             continue
+        changed = mutated_then_read(graph, tracer.root)
+        if changed is not None:  # the rules' new values would hide the change: run f whole
+            name = changed.target if changed.op == "call_module" else \
+                _op_name(changed.op, changed.target)
+            if ("in-place", name) not in _WARNED_OPS:
+                _WARNED_OPS.add(("in-place", name))
+                warn(f"tk.jet: in-place {name!r} changes a tensor the forward reads again; "
+                     "the whole function runs in nested forward-mode AD (exact, O(2^order) "
+                     "cost)", RuntimeWarning)
+            return None
         return fx.GraphModule(tracer.root, graph)
     return None
 
@@ -273,6 +284,10 @@ def _primal(tree):
     return pytree.tree_map(lambda v: v.c[0] if isinstance(v, Jet) else v, tree)
 
 
+# tensor attributes linear in the tensor (each coefficient's is the coefficient of the result)
+LINEAR_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
 class _JetInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, order: int, cache: bool = True):
         super().__init__(gm)
@@ -284,8 +299,15 @@ class _JetInterpreter(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if not self._has_jet(args, kwargs):
             return super().call_function(target, args, kwargs)
-        if target is getattr:  # .shape of a jet's coefficient; .values of a named tuple
-            return getattr(args[0].c[0] if isinstance(args[0], Jet) else args[0], args[1])
+        if target is getattr:
+            if not isinstance(args[0], Jet):  # .values of a named tuple of jets
+                return getattr(args[0], args[1])
+            value = getattr(args[0].c[0], args[1])  # .shape, .dtype: the value's
+            if not isinstance(value, torch.Tensor):
+                return value
+            if args[1] in LINEAR_ATTRIBUTES:  # .T, .mT per coefficient (read off the
+                return rules.per_coefficient(getattr, args, {})  # value, they lost them)
+            return _fallback("call_function", target, args, kwargs, self.order)
         if target is operator.getitem and not isinstance(args[0], Jet):  # an entry of a
             return target(*args, **kwargs)  # container of jets (a ModelOutput's outputs[1])
         if target in rules.CONSTANT_FUNCTIONS:  # comparisons, argmax...: the primal's
@@ -332,9 +354,11 @@ class _JetInterpreter(fx.Interpreter):
         if rule is not None:
             try:
                 return rule(*args, **kwargs)
-            except (NotImplementedError, TypeError, RuntimeError, IndexError) as exc:
-                # no rule for this case (or arguments a rule does not know): run it exactly;
-                # running out of memory or a device error is the user's to see
+            except (NotImplementedError, TypeError, RuntimeError, IndexError,
+                    AttributeError) as exc:
+                # no rule for this case (or arguments a rule does not know, as a constant
+                # where it reads a jet: F.linear(constant, jet)): run it exactly; running out
+                # of memory or a device error is the user's to see
                 if memory.is_oom(exc) or isinstance(exc, getattr(torch, "AcceleratorError", ())):
                     raise
         return _fallback(kind, target, args, kwargs, self.order)
@@ -423,15 +447,20 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     gm, cached = (None, False) if fallback else _trace_cached(f, cache, args)
     out = None if gm is None else _run_traced(gm, arg, order, cache, args)
     row0_f = at_rows(fa, torch.zeros(1, dtype=torch.long, device=x.device))
-    if out is not None and cached and not row_coupling_allowed() and \
-            not _primal_matches(row0_f, x, row0, out):  # (a random model's c0 differs anyway)
+    checks = not row_coupling_allowed()  # (a random model's c0 differs anyway)
+    if out is not None and cached and checks and not _primal_matches(row0_f, x, row0, out):
         with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
             _TRACES.clear()
         gm = _trace(f, cache, args)
         out = None if gm is None else _run_traced(gm, arg, order, cache, args)
+    why = "could not trace"
+    if out is not None and checks and row0 is not None and \
+            not _primal_matches(row0_f, x, row0, out):  # a fresh trace that is not f
+        out, why = None, "the traced forward does not give f(x) (a tensor changed in place " \
+            "through another name, as h += 1 after g = h?) for"
     if out is None and isinstance(arg, Jet):
         if not fallback:
-            _warn_once(_op_name("call_function", f), "could not trace")
+            _warn_once(_op_name("call_function", f), why)
         with higher_order_ops(f):
             out = nested_jvp_coefficients(lambda z: _plain_output(f(z, *args)), [arg.c], order)
     elif out is None:

@@ -517,8 +517,8 @@ def module_rule(m: nn.Module):
     if type(m) in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                    nn.Flatten, nn.Unflatten, nn.Identity):
         return lambda x: batched(m, x) if type(m) is not nn.Identity else x
-    if type(m) in (nn.MaxPool1d, nn.MaxPool2d):
-        fn = F.max_pool1d if type(m) is nn.MaxPool1d else F.max_pool2d
+    if type(m) in (nn.MaxPool1d, nn.MaxPool2d) and not m.return_indices:  # (a pair: the
+        fn = F.max_pool1d if type(m) is nn.MaxPool1d else F.max_pool2d  # fallback's)
         return lambda x: _max_pool(fn, x, m.kernel_size, m.stride, m.padding, m.dilation,
                                    ceil_mode=m.ceil_mode)
     if type(m) is nn.Dropout:

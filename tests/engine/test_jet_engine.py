@@ -736,3 +736,77 @@ def test_an_output_of_more_dims_is_named_in_the_users_shape():
     with pytest.raises(ValueError, match=r"returned \(2, 2, 3\).*model\(z\)\[:, i, j\]"):
         tk.jet(lambda z: net(z).reshape(-1, 2, 3), torch.randn(2, 4, dtype=DT),
                torch.randn(2, 4, 4, dtype=DT), 2)
+
+
+_W = torch.randn(6, 6, dtype=DT, generator=torch.Generator().manual_seed(3))
+
+
+def _transposed_attention(z):  # q @ q.mT: .mT read off the value dropped its derivatives
+    q = torch.tanh(z @ _W).reshape(z.shape[0], 2, 3)
+    return (q @ q.mT).sum((1, 2)) + (z @ _W).T.T.sum(-1)
+
+
+@pytest.mark.parametrize("f", [_transposed_attention])
+def test_tensor_attributes_carry_their_derivatives(f):
+    check(f, torch.randn(3, 6, dtype=DT))
+
+
+def _mul_in_place(z):
+    h = torch.tanh(z @ _W) * 1.0
+    h.mul_(2)
+    return (h ** 3).sum(-1)
+
+
+def _relu_statement(z):
+    h = z @ _W
+    F.relu(h, inplace=True)  # its result unused: h changed
+    return (h ** 3).sum(-1)
+
+
+def _alias_then_add(z):
+    h = torch.tanh(z @ _W) * 1.0
+    g = h
+    h += 1.0  # g changes too (the trace sees h = h + 1)
+    return (g * g * h).sum(-1)
+
+
+@pytest.mark.parametrize("f", [_mul_in_place, _relu_statement, _alias_then_add])
+def test_in_place_changes_read_again_fall_back_exactly(f):
+    """In-place ops on a tensor that is read again: the rules' new values hid the change
+    (c1 half the reference, even c0 wrong); the whole function now runs nested, warned."""
+    x = torch.randn(2, 6, dtype=DT)
+    V = torch.randn(2, 1, 6, dtype=DT)
+    jet_engine._WARNED_OPS.clear()
+    with pytest.warns(RuntimeWarning, match="in-place|does not give f"):
+        got = tk.jet(f, x, V, 3)
+    torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
+def test_an_in_place_activation_nothing_reads_again_keeps_its_rule():
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 1),
+                          nn.Flatten(0)).double()
+    check(model, torch.randn(3, 5, dtype=DT))
+
+
+class _PoolWithIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv1d(1, 2, 3), nn.MaxPool1d(2, return_indices=True)
+
+    def forward(self, z):
+        out, _ = self.pool(torch.tanh(self.conv(z.unsqueeze(1))))  # (the pair was unpacked
+        return out.sum((1, 2))  # along the batch: rows 0 and 1)
+
+
+def _constant_first(z):  # F.linear(constant, jet): the rule read the constant's .c
+    return F.linear(_W[:2], torch.tanh(z @ _W)).sum(0)
+
+
+@pytest.mark.parametrize("f", [_PoolWithIndices().double(), _constant_first])
+def test_forms_without_a_rule_fall_back_exactly(f):
+    x = torch.randn(3, 6, dtype=DT)
+    V = torch.randn(3, 2, 6, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback warns)
+        got = tk.jet(f, x, V, 3)
+    torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)
