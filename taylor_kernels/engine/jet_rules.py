@@ -147,11 +147,14 @@ def power(a: Jet, p) -> Jet:
 
 
 def matmul(a, b) -> Jet:
-    """``a @ b``: ``c_k = sum_j a_j @ b_{k-j}`` for two jets, per coefficient otherwise."""
-    if not isinstance(a, Jet):
-        return Jet(torch.matmul(a, b.c))
-    if not isinstance(b, Jet):
-        return Jet(torch.matmul(a.c, b))
+    """``a @ b``: ``c_k = sum_j a_j @ b_{k-j}`` for two jets, per coefficient otherwise (in
+    one batched product when the order axis can be a batch axis: a matrix constant against a
+    jet of matrices; a constant with batch dimensions broadcast them against the order axis)."""
+    if not isinstance(a, Jet) or not isinstance(b, Jet):
+        jet, const = (a, b) if isinstance(a, Jet) else (b, a)
+        if jet.c.dim() >= 3 and torch.as_tensor(const).dim() <= 2:
+            return Jet(torch.matmul(a.c, b) if jet is a else torch.matmul(a, b.c))
+        return per_coefficient(torch.matmul, (a, b), {})
     J = a.order
     out = [sum(torch.matmul(a.c[j], b.c[k - j]) for j in range(k + 1)) for k in range(J + 1)]
     return Jet(torch.stack(out))
@@ -481,7 +484,7 @@ FUNCTION_RULES = {
     torch.var: var, torch.std: std, F.cosine_similarity: cosine_similarity,
 }
 # method rules that also take a constant as ``self`` (and a jet as the other operand)
-ARITHMETIC_METHODS = frozenset({"add", "sub", "mul", "div", "__radd__", "__rsub__"})
+ARITHMETIC_METHODS = frozenset({"add", "sub", "mul", "div", "matmul", "__radd__", "__rsub__"})
 METHOD_RULES = {
     **{name: _activation_fn(name) for name in UNARY_METHODS},
     "add": add, "sub": sub, "mul": mul, "div": div, "neg": neg, "pow": power,

@@ -810,3 +810,16 @@ def test_forms_without_a_rule_fall_back_exactly(f):
         warnings.simplefilter("ignore")  # (the fallback warns)
         got = tk.jet(f, x, V, 3)
     torch.testing.assert_close(got, reference_jet(f, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
+_HEADS = torch.randn(3, 1, 4, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+
+
+def _per_head_weights(z):  # [B, 2, 4] @ W[H, 1, 4, 2]: H met the order axis when H = J + 1
+    h = torch.tanh(z.reshape(z.shape[0], 2, 4))
+    return (h @ _HEADS).sum(0).flatten(1).pow(3).sum(-1) + (_HEADS[0, 0].T @ h.mT).sum((1, 2))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_matmul_with_constants_of_more_batch_dimensions(order):
+    check(_per_head_weights, torch.randn(2, 8, dtype=DT), order=order)
