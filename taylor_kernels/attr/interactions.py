@@ -21,6 +21,7 @@ import torch
 
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
+from taylor_kernels.engine.jet import feature_index
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 from taylor_kernels.engine.row_args import check_row_args, forward_args, select_rows
 from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
@@ -92,7 +93,7 @@ def _normalise_sets(sets, order: int, n: int) -> list[tuple[int, ...]]:
             raise ValueError(f"{count} sets of order {order} over {n} features: pass sets= or "
                              "use greedy_interaction_sets, or a feature_mask to group features")
         return list(itertools.combinations(range(n), order))
-    out = [tuple(int(i) for i in s) for s in sets]
+    out = [tuple(feature_index(i) for i in s) for s in sets]
     if not out:
         raise ValueError("sets is empty")
     for s in out:

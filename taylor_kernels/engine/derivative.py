@@ -483,7 +483,7 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
     V, _ = _as_directions(x, U)
     Wd = V if W is None else _as_directions(x, W)[0]
     B = x.shape[0]
-    Wf = Wd.reshape(B, Wd.shape[1], -1)
+    Wf = Wd.reshape(B, Wd.shape[1], -1).to(x.dtype)  # (as hvp casts its directions)
     s = torch.ones_like(x).reshape(B, -1) if scale is None else scale.reshape(B, -1).to(x)
 
     def take(hv, r0, m0):

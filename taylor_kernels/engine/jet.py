@@ -497,15 +497,23 @@ def _output_jet(out):
     return picked
 
 
+def feature_index(i) -> int:
+    """A flat feature index as an int: Python's, numpy's or a 0-d integer tensor;
+    ``TypeError`` for anything else (a float index was truncated, ``1.5`` read as 1)."""
+    if isinstance(i, bool) or isinstance(i, torch.Tensor) and (
+            i.dim() != 0 or i.is_floating_point() or i.dtype == torch.bool):
+        raise TypeError(f"index sets hold ints (flat feature indices), got {i!r}")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"index sets hold ints (flat feature indices), got {i!r}") from None
+
+
 def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:
     """Feature indices with repeats -> (distinct features, multiplicities)."""
-    feats: list[int] = []
-    for i in index_set:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"index sets hold ints (flat feature indices), got {i!r}")
-        if i not in feats:
-            feats.append(i)
-    return feats, tuple(list(index_set).count(i) for i in feats)
+    index_set = [feature_index(i) for i in index_set]
+    feats = list(dict.fromkeys(index_set))
+    return feats, tuple(index_set.count(i) for i in feats)
 
 
 def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_args=None,

@@ -266,3 +266,24 @@ def test_global_interactions_holds_every_rows_strengths_within_the_budget(monkey
     assert budgets[1] == "1MB" and budgets[2:] == [2**20 - held] * 2
     with pytest.raises(MemoryError, match="strengths of every row"):
         global_interactions(model, torch.randn(300, 16), batch_size=100, max_memory=300_000)
+
+
+def test_index_sets_take_numpy_and_tensor_ints_and_refuse_floats():
+    """``mixed_partials`` refused numpy / 0-d tensor indices that ``interactions`` took, and
+    ``interactions`` read a float index 1.5 as 1."""
+    import numpy as np
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 1)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    f = lambda z: net(z)[:, 0]  # noqa: E731
+    want = tk.mixed_partials(f, x, [(0, 1, 1)])
+    for s in [(np.int64(0), np.int32(1), 1), (torch.tensor(0), torch.tensor(1), 1)]:
+        torch.testing.assert_close(tk.mixed_partials(f, x, [s]), want)
+        got = tk.interactions(net, x, target=0, order=3, sets=[s]).derivatives
+        torch.testing.assert_close(got, want)
+    for bad in [(0, 1.5, 1), (0, True, 1), (0, torch.tensor(1.0), 1)]:
+        with pytest.raises(TypeError, match="index sets hold ints"):
+            tk.mixed_partials(f, x, [bad])
+        with pytest.raises(TypeError, match="index sets hold ints"):
+            tk.interactions(net, x, target=0, order=3, sets=[bad])

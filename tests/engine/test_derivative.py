@@ -110,6 +110,16 @@ def test_hessian_block_holds_its_result_once_within_the_budget():
         torch.testing.assert_close(d.hessian_block(_f(net), x, U, W, **kw), want)
 
 
+def test_hessian_block_takes_directions_of_another_float_dtype_as_hvp_does():
+    net = _mlp(D=6)  # (float32 U or W for float64 x raised torch's dtype error)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    U, W = torch.randn(3, 4, 6), torch.randn(3, 5, 6)
+    want = torch.einsum("bnd,bde,bme->bmn", W.double(), _true_hessian(net, x), U.double())
+    got = d.hessian_block(_f(net), x, U, W)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+
+
 def test_chunk_size_and_max_memory_are_exclusive_and_both_checked():
     """A fixed chunk_size silently dropped max_memory (even a malformed one)."""
     net, x = _mlp(), torch.randn(2, 5, dtype=torch.float64)
