@@ -77,7 +77,7 @@ def math_attention(f: Callable | None = None):
     # (dynamo traces sdpa_kernel itself, not our block)
     sdpa_math = sdpa_kernel(SDPBackend.MATH) if torch.compiler.is_compiling() \
         else _MATH_ATTENTION()
-    return _eager_attention(fused, sdpa_math) if fused else sdpa_math
+    return eager_attention(fused, sdpa_math) if fused else sdpa_math
 
 
 def _attention_models(f: Callable | None) -> list:
@@ -95,15 +95,15 @@ def _attention_models(f: Callable | None) -> list:
 
 
 @contextlib.contextmanager
-def _eager_attention(models: list, sdpa_math):
+def eager_attention(models: list, sdpa_math=None):
     """Run ``models`` (``(model, implementation)``) on eager attention and ``sdpa_math``
-    inside; each model's implementation is set back on exit."""
+    (a context, or None) inside; each model's implementation is set back on exit."""
     switched = []
     try:
         for m, impl in models:
             m.set_attn_implementation("eager")
             switched.append((m, impl))
-        with sdpa_math:
+        with sdpa_math or contextlib.nullcontext():
             yield
     finally:
         for m, impl in reversed(switched):

@@ -44,7 +44,7 @@ from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_p
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (check_model, coupling_submodules, is_row_tensor,
                                           modules_of, row_coupling_allowed)
-from taylor_kernels.engine.derivative import math_attention
+from taylor_kernels.engine.derivative import eager_attention, math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
@@ -376,7 +376,8 @@ class PositionScore:
             at = torch.searchsorted(self.keep.to(positions.device), positions) if cut \
                 else positions
             out = out[torch.arange(out.shape[0], device=out.device), at.to(out.device)]
-        out = out.float()
+        if out.dtype in (torch.float16, torch.bfloat16):  # float32 scores (float64 kept)
+            out = out.float()
         return torch.log_softmax(out, dim=-1) if self.score == "log_prob" else out
 
 
@@ -478,6 +479,15 @@ def embedded_ids(call: Callable, layer: nn.Module, ids: torch.Tensor, row_values
                               f"refused one ({exc}); is an id outside its vocabulary?") from exc
 
 
+def fed_other_ids(ids: torch.Tensor, fed) -> bool:
+    """Whether the layer was fed ids other than ``ids`` (or XLNet's ``ids.T``): an
+    encoder-decoder's decoder embedding gets the decoder's."""
+    if not isinstance(fed, torch.Tensor) or fed.dim() != 2 or fed.is_floating_point():
+        return False
+    return not any(fed.shape == t.shape and torch.equal(fed, t.to(fed.device))
+                   for t in (ids, ids.T))
+
+
 def check_token_layout(act: torch.Tensor, ids: torch.Tensor, fed, layer: nn.Module) -> None:
     """``ValueError`` unless the layer's activation ``act`` has a row per row of ``ids
     [B, L]`` and is laid out ``[B, L', ...]`` like the ids ``fed`` to the layer (an
@@ -512,6 +522,10 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
         raise ValueError("model_kwargs must not hold logits_to_keep: the library passes it "
                          "itself (the head runs only at the positions read; choose them with "
                          "position=)")
+    if "past_key_values" in kwargs:
+        raise ValueError("model_kwargs must not hold past_key_values: every path point's forward "
+                         "would extend the cache in place (and the cached prefix is not "
+                         "attributed); pass the whole sequence as input_ids")
     if "labels" in kwargs:
         raise ValueError("model_kwargs must not hold labels: the model would compute a loss "
                          "over the whole batch of path points (rows of different points "
@@ -531,6 +545,14 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     act_x = embedded_ids(call, emb, ids, call.row_values, "input_ids", vocab, layer_input=fed)
     check_token_layout(act_x, ids, fed[0] if fed else None, emb)
     base = baseline_ids(baselines, ids, model, tokenizer)
+    other = bool(fed) and fed_other_ids(ids, fed[0])
+    if other and (base is not None or keep is not None or len(skip_tokens)):
+        raise ValueError(  # (the baseline ids went to the encoder: every attribution was 0)
+            f"layer {type(emb).__name__} is fed other ids {tuple(fed[0].shape)} than input_ids "
+            f"{tuple(ids.shape)} (an encoder-decoder's decoder embedding): token baselines, "
+            "keep and skip_tokens are taken on input_ids and do not apply there; use "
+            "baselines='zero' without them, or tk.layer_integrated_gradients on that layer "
+            "with decoder baselines")
     if base is not None:
         check_vocab(base, vocab, "baselines")
     act_b = torch.zeros_like(act_x) if base is None else embedded_ids(
@@ -538,8 +560,9 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
     if act_b.shape != act_x.shape:
         raise ValueError(f"baseline activations {tuple(act_b.shape)} differ from the input's "
                          f"{tuple(act_x.shape)}")
-    kept = kept_positions(ids, attention_mask, keep, skip_tokens, tokenizer)
-    if act_x.dim() == 3 and kept.any():
+    # (the mask of input_ids is the encoder's: a decoder embedding's positions all move)
+    kept = None if other else kept_positions(ids, attention_mask, keep, skip_tokens, tokenizer)
+    if act_x.dim() == 3 and kept is not None and kept.any():
         act_b = torch.where(kept[..., None], act_x, act_b)
     positions = read_positions(position, *decoder_sequence(model, ids, attention_mask, kwargs))
     # the ids' embedding is the layer's first call; later ones (GPT-2 embeds token_type_ids
@@ -622,6 +645,9 @@ def attention_implementation(model) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+_FLEX_SAID: set[str] = set()  # model classes told that flex attention runs eager on the CPU
+
+
 @contextlib.contextmanager
 def first_order_attention(model, activation: torch.Tensor):
     """Attention for the gradients of a forward the library runs (token IG, generation):
@@ -629,7 +655,18 @@ def first_order_attention(model, activation: torch.Tensor):
     the math backend (:func:`~taylor_kernels.engine.derivative.math_attention`). Measured, torch
     2.13, one thread, ``[32, 4, 22, 64]`` causal bf16: fused forward 1.3 ms, backward 19.5 ms;
     math 2.6 ms and 4.7 ms (float32: fused 1.0 / 3.3 ms, math 1.9 / 3.8 ms, so float32 keeps
-    the fused kernel)."""
+    the fused kernel). ``"flex_attention"`` on the CPU, which has no backward there (torch's
+    error told the user to stop requiring grad), runs ``"eager"`` attention, said once."""
+    impl = attention_implementation(model)
+    if activation.device.type == "cpu" and impl == "flex_attention":
+        name = type(model).__name__
+        if name not in _FLEX_SAID:
+            _FLEX_SAID.add(name)
+            warn(f"{name}: flex attention has no backward on the CPU; attribution runs it on "
+                 "eager attention (set back after the call)", RuntimeWarning)
+        with eager_attention([(model, impl)]):
+            yield
+        return
     if activation.device.type != "cpu" or activation.dtype not in (
             torch.bfloat16, torch.float16) or attention_implementation(model) != "sdpa":
         yield

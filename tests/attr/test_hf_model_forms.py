@@ -186,9 +186,20 @@ def test_a_decoder_embedding_reads_the_decoders_ids():
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
         max_position_embeddings=32)).eval()
     dec = torch.tensor([[2, 5, 9, 11], [2, 6, 8, 10]])
-    res = tk.token_integrated_gradients(model, IDS, TARGETS, layer="model.decoder.embed_tokens",
-                                        model_kwargs={"decoder_input_ids": dec}, steps=8)
+    kw = dict(layer="model.decoder.embed_tokens", model_kwargs={"decoder_input_ids": dec},
+              steps=8)
+    res = tk.token_integrated_gradients(model, IDS, TARGETS, **kw)
     assert res.token_scores.shape == (2, 4) and float(res.gap.abs().max()) < 1e-4
+    mask = torch.ones_like(IDS)
+    mask[1, -2:] = 0  # the encoder's padding: passed to the model, every decoder token moves
+    res = tk.token_integrated_gradients(model, IDS, TARGETS, attention_mask=mask, **kw)
+    assert float(res.gap.abs().max()) < 1e-4 and bool((res.token_scores != 0).all())
+    # token baselines, keep and skip_tokens are taken on input_ids (the baseline ids went to
+    # the encoder: every attribution was 0; a mask of kept positions failed on the shapes)
+    for bad in ({"baselines": 7}, {"skip_tokens": [int(IDS[0, 0])]},
+                {"keep": torch.zeros_like(IDS, dtype=torch.bool)}):
+        with pytest.raises(ValueError, match="fed other ids"):
+            tk.token_integrated_gradients(model, IDS, TARGETS, **kw, **bad)
 
 
 class _PassesKeep(_Wraps):

@@ -223,6 +223,7 @@ def test_input_checks_name_the_argument(gpt2):
                       ({"model_kwargs": {"input_ids": IDS}}, "must not hold input_ids"),
                       ({"model_kwargs": {"logits_to_keep": 1}}, "must not hold logits_to_keep"),
                       ({"model_kwargs": {"labels": IDS}}, "must not hold labels"),
+                      ({"model_kwargs": {"past_key_values": ()}}, "must not hold past_key"),
                       ({"attention_mask": torch.ones(1, 7), "model_kwargs": {
                           "attention_mask": torch.ones(1, 7)}}, "attention_mask given twice")]:
         kw = {"input_ids": IDS, **kw}
@@ -433,3 +434,40 @@ def test_encoder_decoder_reads_the_decoders_last_position():
     with pytest.raises(ValueError, match="never called.*encoder.embed_tokens"):
         hf.token_integrated_gradients(model, ids, target=5, attention_mask=mask, steps=4,
                                       model_kwargs={"decoder_input_ids": dec})
+
+
+def test_a_float64_model_keeps_float64_scores():
+    """Scores were cast to float32 for every dtype: a float64 GPT-2's log-prob gap was 1e-7
+    where layer IG's was 3e-16 (and the adaptive rule's tolerance could not be met)."""
+    model = tiny.gpt2(layers=1, d=32).double()
+    res = tk.token_integrated_gradients(model, IDS, target=9, score="log_prob", steps=64)
+    assert res.attributions.dtype == torch.float64
+    assert float(res.gap.abs().max()) < 1e-12
+
+
+def test_a_users_cache_is_refused_before_it_can_grow(gpt2):
+    """past_key_values raised a torch shape error after the probe forward had appended to the
+    caller's cache (4 tokens became 7)."""
+    from transformers import DynamicCache
+    with torch.no_grad():
+        cache = gpt2(IDS[:, :4], use_cache=True, past_key_values=DynamicCache()).past_key_values
+    before = cache.get_seq_length()
+    with pytest.raises(ValueError, match="must not hold past_key_values"):
+        tk.token_integrated_gradients(gpt2, IDS[:, 4:], target=1, steps=2,
+                                      model_kwargs={"past_key_values": cache})
+    assert cache.get_seq_length() == before
+
+
+def test_flex_attention_runs_eager_for_first_order_on_the_cpu():
+    """Flex attention has no backward on the CPU: torch's error told the user to stop
+    requiring grad. The call runs eager attention (said once) and sets flex back."""
+    model = tiny.llama(layers=1, d=32)
+    want = tk.token_integrated_gradients(model, IDS, target=3, baselines="pad", steps=8)
+    model.set_attn_implementation("flex_attention")
+    try:
+        with pytest.warns(RuntimeWarning, match="flex attention has no backward on the CPU"):
+            got = tk.token_integrated_gradients(model, IDS, target=3, baselines="pad", steps=8)
+        assert model.config._attn_implementation == "flex_attention"
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got.attributions, want.attributions, rtol=1e-5, atol=1e-6)
