@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taylor_kernels.engine import memory
+from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.jet import feature_index
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
@@ -124,10 +124,24 @@ def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
 NESTED_FORWARD_FACTOR = 5.0
 
 
+def _weight_copies(f, order: int) -> int:
+    """Bytes of the weight copies nested forward mode makes in one chunk: PyTorch's forward
+    AD copies the matrix a product reads, ``3^k - 2^k`` times in a ``k``-fold nested forward
+    (1, 5, 19, 65 for ``k = 1..4``; torch 2.13), whatever the chunk's size, and keeps most of
+    them alive to the end (order 3 on a 1024-wide MLP, 4 MB weights: 54-60 MB resident under
+    a 4 MB budget). Counted over the parameters of two or more dimensions of the modules ``f``
+    reaches (:func:`~taylor_kernels.engine.guards.modules_of`), but not those only embedding
+    tables hold (a lookup, not a product; a tied LM head's weight counts, once)."""
+    lookups = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    params = {id(p): p for top in guards.modules_of(f) for m in top.modules()
+              if not isinstance(m, lookups) for p in m.parameters(recurse=False) if p.dim() >= 2}
+    return (3 ** order - 2 ** order) * sum(p.numel() * p.element_size() for p in params.values())
+
+
 def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
     """Sets per chunk so that ``2^order`` tangent copies of the forward's activations (measured
     on one forward through the rows), times ``NESTED_FORWARD_FACTOR``, and the chunk's
-    ``order`` directions fit the budget."""
+    ``order`` directions fit the budget beside the weights' copies (:func:`_weight_copies`)."""
     acts = memory.SavedBytes()
     with acts, torch.enable_grad():
         out = f(x.detach().clone().requires_grad_(True))
@@ -136,12 +150,17 @@ def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
                * (acts.total + x.numel() * item + out.numel() * out.element_size())
                + order * x.numel() * item)
     budget = memory.parse_budget(max_memory, x.device)
-    if per_set > budget and not isinstance(budget, memory.DefaultBudget):
+    if isinstance(budget, memory.DefaultBudget):
+        return memory.chunk_size_for(budget, per_set, n_sets)
+    copies = _weight_copies(f, order)
+    if per_set + copies > budget:
         raise MemoryError(f"max_memory of {budget} bytes is too small for one set of order "
                           f"{order} over these {x.shape[0]} rows (estimated {int(per_set)} "
-                          f"bytes: 2^{order} nested forward passes); raise max_memory or "
-                          "attribute fewer rows per call")
-    return memory.chunk_size_for(budget, per_set, n_sets)
+                          f"bytes: 2^{order} nested forward passes, beside {copies} bytes of "
+                          f"the {3 ** order - 2 ** order} weight copies PyTorch's nested "
+                          "forward mode makes); raise max_memory or attribute fewer rows per "
+                          "call")
+    return memory.chunk_size_for(budget - copies, per_set, n_sets)
 
 
 def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor | None,
