@@ -121,8 +121,11 @@ def selected(name: str | None):
 
 
 def runs_on(name: str, device: torch.device | str) -> bool:
-    """Whether backend ``name`` can run on tensors of ``device`` (a device or its name)."""
-    device = torch.device(device)
+    """Whether backend ``name`` (as :func:`use` reads it; ``'auto'`` always finds one) can
+    run on tensors of ``device`` (a device or its name)."""
+    name, device = _check_name(name), torch.device(device)
+    if name == "auto":
+        return True
     if not available()[name]:
         return False
     if name == "reference":
@@ -181,6 +184,11 @@ def resolve(device: torch.device, op: str | None = None) -> str:
         if not runs_on(name, device):
             raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
                                f"({unavailable_reason(name, device)})")
+        if name == "triton" and device.type == "cpu" and torch.compiler.is_compiling():
+            raise RuntimeError("backend 'triton' runs CPU tensors in Triton's interpreter, "
+                               "which cannot run inside torch.compile (it read the tracer's "
+                               "placeholder tensors); compile with backend 'cpp' or "
+                               "'reference' there, or run Triton on a GPU")
         return name
     if op is not None and device.type == "cuda":
         measured = backend_table.choice(op, device)

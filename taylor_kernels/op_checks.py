@@ -12,12 +12,14 @@ import torch
 from taylor_kernels.numerics import FN_CODES, FNS, MAX_ORDER
 
 
-def values_readable(t: torch.Tensor) -> bool:
+def values_readable(t) -> bool:
     """Whether ``t``'s values can be read now: not while ``torch.compile`` traces, nor for
     ``meta`` or fake tensors (``FakeTensorMode``, ``make_fx``, ``torch.export``), whose shapes
-    are all there is (a range check's ``.item()`` failed there)."""
+    are all there is (a range check's ``.item()`` failed there). False for a non-tensor (the
+    argument check names it)."""
     from torch._subclasses.fake_tensor import is_fake
-    return not torch.compiler.is_compiling() and t.device.type != "meta" and not is_fake(t)
+    return isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() and \
+        t.device.type != "meta" and not is_fake(t)
 
 
 def check_operands(**tensors: torch.Tensor) -> None:

@@ -150,3 +150,51 @@ def test_a_bad_default_from_the_environment_names_the_variable(monkeypatch):
         tk.ops.jet_unary("tanh", torch.randn(3, 4))
     with tk.backends.using("reference"):  # a forced choice still runs
         tk.ops.jet_unary(__import__("numpy").int64(0), torch.randn(3, 4))
+
+
+def test_runs_on_reads_names_as_use_does():
+    """``runs_on`` raised a bare KeyError for "CPP", "auto" or an unknown name."""
+    assert tk.backends.runs_on(" CPP ", "cpu") == tk.backends.runs_on("cpp", "cpu")
+    assert tk.backends.runs_on("auto", "cpu")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        tk.backends.runs_on("bogus", "cpu")
+
+
+def test_interpreted_triton_launches_from_two_threads():
+    """Triton's interpreter keeps a launch's state in globals: two threads' launches broke
+    each other (InterpreterError in 1-3 of 40 calls); they are serialized now."""
+    if not tk.backends.runs_on("triton", "cpu"):
+        pytest.skip("Triton's interpreter is not available (TRITON_INTERPRET=1)")
+    u = torch.randn(5, 700)
+    with tk.backends.using("triton"):
+        want = tk.ops.jet_unary("gelu", u)
+    errors = []
+
+    def work():
+        with tk.backends.using("triton"):
+            for _ in range(20):
+                try:
+                    if not torch.equal(tk.ops.jet_unary("gelu", u), want):
+                        errors.append("values differ")
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_interpreted_triton_inside_torch_compile_is_refused_by_name():
+    """The interpreter read the tracer's placeholder tensors ("invalid python storage")."""
+    if not tk.backends.runs_on("triton", "cpu"):
+        pytest.skip("Triton's interpreter is not available (TRITON_INTERPRET=1)")
+    u = torch.randn(3, 8)
+    torch._dynamo.reset()
+    with tk.backends.using("triton"), pytest.raises(Exception, match="cannot run inside "
+                                                                        "torch.compile"):
+        torch.compile(lambda v: tk.ops.jet_unary("tanh", v), fullgraph=True,
+                      backend="aot_eager")(u)
+    torch._dynamo.reset()

@@ -99,8 +99,9 @@ def ih_accumulate(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
     same message). On a GPU they
     are checked inside the kernel instead (a host-side check would synchronize on every chunk):
     nothing is read out of bounds and output row ``out[:, r]`` of a bad entry is NaN (so
-    also the Triton backend on CPU tensors under ``TRITON_INTERPRET=1`` inside
-    ``torch.compile``, where the host check cannot read the values). A
+    also the Triton backend on CPU tensors under ``TRITON_INTERPRET=1`` called directly
+    with values the host check cannot read; Triton's interpreter does not run inside
+    ``torch.compile``, :func:`~taylor_kernels.backends.resolve`). A
     device-side assert was not chosen because it leaves the CUDA context unusable for the rest
     of the process (and Triton compiles ``tl.device_assert`` only in debug mode); an error-flag
     tensor would still need a synchronizing read, which is what the check removes.

@@ -67,6 +67,8 @@ def test_empty_chunk_and_bad_arguments(cpu_backend):
         ih_accumulate(h, x, bl, w, torch.tensor([0, 5]), 0)
     with pytest.raises(TypeError, match="int64"):
         ih_accumulate(h, x, bl, w, idx.int(), 0)
+    with pytest.raises(TypeError, match="int64"):  # (a list: AttributeError '.device')
+        ih_accumulate(h, x, bl, w, idx.tolist(), 0)
     with pytest.raises(ValueError, match="chunk"):
         ih_accumulate(h, x, bl, w, idx, 1)
     with pytest.raises(ValueError, match="count, R, D"):

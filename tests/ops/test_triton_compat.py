@@ -21,13 +21,14 @@ def _plain(x_ptr, n):
 
 def test_launcher_wraps_compiled_kernels_only():
     """A ``JITFunction`` goes through ``wrap_triton`` (traceable); an interpreted kernel, which
-    torch 2.11-2.12's ``wrap_triton`` rejects, is launched as it is."""
+    torch 2.11-2.12's ``wrap_triton`` rejects, is launched as it is, under the interpreter's
+    lock."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     compiled = JITFunction(_plain)
     interpreted = InterpretedFunction(_plain)
-    assert launcher(interpreted) is interpreted
+    assert launcher(interpreted).kernel is interpreted
     wrapped = launcher(compiled)
     assert wrapped is compiled or type(wrapped).__name__ == "TraceableTritonKernelWrapper"
 
