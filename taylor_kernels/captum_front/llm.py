@@ -309,6 +309,17 @@ class LLMGradientAttribution:
             self.model.parameters()).device
         self.last_result = None
 
+    SUPPORTED_INPUTS = (TextTokenInput,)
+
+    def has_convergence_delta(self) -> bool:
+        """False, as Captum's (its ``Attribution`` default)."""
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """False, as Captum's (its ``Attribution`` default)."""
+        return False
+
     def _target_ids(self, inp, target, gen_args) -> torch.Tensor:
         if target is None:
             if not callable(getattr(self.model, "generate", None)):

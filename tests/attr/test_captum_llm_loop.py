@@ -251,3 +251,17 @@ def test_unknown_skip_token_strings_map_to_the_unknown_token_as_captum(model, to
     with pytest.raises(ValueError, match="no token 'zzz'"):
         generation_attribution(model, torch.tensor([[2, 4, 1]]), torch.tensor([6]), steps=2,
                                tokenizer=tok, skip_tokens=["zzz"])
+
+
+def test_the_llm_class_has_captums_attribution_members(model, tok):
+    """Captum's LLMGradientAttribution inherits has_convergence_delta / multiplies_by_inputs
+    (both False) and names its SUPPORTED_INPUTS; ours lacked them."""
+    import captum.attr as ca
+    ours = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+        model, model.get_input_embeddings()), tok)
+    theirs = ca.LLMGradientAttribution(ca.LayerIntegratedGradients(
+        model, model.get_input_embeddings()), tok)
+    assert ours.has_convergence_delta() is theirs.has_convergence_delta() is False
+    assert ours.multiplies_by_inputs is theirs.multiplies_by_inputs is False
+    assert [c.__name__ for c in ours.SUPPORTED_INPUTS] == \
+        [c.__name__ for c in theirs.SUPPORTED_INPUTS]
