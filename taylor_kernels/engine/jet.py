@@ -87,6 +87,16 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname) or _has_hooks(m) or (
             self.leaf_children and qualname.count(".") == 1)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """A node, marked ``meta["no_grad"]`` when the forward made it with grad disabled
+        (inside ``torch.no_grad()``; the trace runs with grad enabled): FX keeps no trace of
+        the block, and the jets propagated through it where reverse mode holds it constant
+        (a Hessian entry 30.8, its mixed partial 141.6)."""
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if not torch.is_grad_enabled():
+            node.meta["no_grad"] = True
+        return node
+
 
 def _has_hooks(m: nn.Module) -> bool:
     """Forward (pre-)hooks change what calling ``m`` computes; tracing would skip them."""
@@ -200,7 +210,8 @@ def _trace_graph(f, args: tuple, by_value: bool) -> fx.GraphModule | None:
     for leaf_children in (False, True):
         tracer = _Tracer(leaf_children)
         try:
-            graph = tracer.trace(call, concrete_args=placeholders)
+            with torch.enable_grad():  # (only the forward's own no_grad blocks mark nodes)
+                graph = tracer.trace(call, concrete_args=placeholders)
         except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
             continue
         changed = mutated_then_read(graph, tracer.root)
@@ -295,6 +306,16 @@ class _JetInterpreter(fx.Interpreter):
 
     def _has_jet(self, args, kwargs) -> bool:
         return any(isinstance(v, Jet) for v in pytree.tree_leaves((args, kwargs)))
+
+    def run_node(self, n: fx.Node):
+        """As traced; a node the forward ran without grad sees its jets' values only (a
+        constant, as reverse mode holds it)."""
+        if not n.meta.get("no_grad") or n.op not in ("call_function", "call_method",
+                                                     "call_module"):
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        with torch.no_grad():
+            return getattr(self, n.op)(n.target, _primal(args), _primal(kwargs))
 
     def call_function(self, target, args, kwargs):
         if not self._has_jet(args, kwargs):

@@ -823,3 +823,23 @@ def _per_head_weights(z):  # [B, 2, 4] @ W[H, 1, 4, 2]: H met the order axis whe
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_matmul_with_constants_of_more_batch_dimensions(order):
     check(_per_head_weights, torch.randn(2, 8, dtype=DT), order=order)
+
+
+def _held_by_no_grad(z):  # a normaliser the author holds constant
+    h = z @ _W
+    with torch.no_grad():
+        s = h.sum(-1, keepdim=True)
+    return (h * s).pow(2).sum(-1)
+
+
+def test_a_no_grad_block_in_the_forward_is_a_constant_as_in_reverse_mode():
+    """FX keeps no trace of the block: jets propagated through it (a mixed partial 141.6
+    where the Hessian entry is 30.8); a call under an outer no_grad still differentiates."""
+    x = torch.randn(2, 6, dtype=DT)
+    hess = tk.hessian(_held_by_no_grad, x)
+    got = tk.mixed_partials(_held_by_no_grad, x, [(0, 1), (2, 2)])
+    torch.testing.assert_close(got, torch.stack([hess[:, 0, 1], hess[:, 2, 2]], 1))
+    cube = lambda z: (z @ _W).pow(3).sum(-1)  # noqa: E731
+    with torch.no_grad():
+        got = tk.mixed_partials(cube, x, [(0, 1)])
+    torch.testing.assert_close(got[:, 0], tk.hessian(cube, x)[:, 0, 1])
