@@ -37,6 +37,8 @@ def _numpy(t, name: str, dims: tuple[int, ...]):
     if t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape "
                          f"{tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
     return t
 
 
@@ -77,8 +79,9 @@ def taylor_cam_overlay(image, cam, *, title: str = "", alpha: float = 0.5,
         if img.shape[0] not in (1, 3):
             raise ValueError(f"image [C, H, W] needs C = 1 or 3, got {tuple(img.shape)}")
         img = img.permute(1, 2, 0).squeeze(-1)
-    lo, hi = img.min(), img.max()
-    img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
+    finite = img[torch.isfinite(img)]  # (one NaN pixel made lo and hi NaN: a black image)
+    lo, hi = (finite.min(), finite.max()) if finite.numel() else (0.0, 0.0)
+    img = ((img - lo) / (hi - lo)).nan_to_num(0.0) if hi > lo else torch.zeros_like(img)
     c = _numpy(cam, "cam", (2,))
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")

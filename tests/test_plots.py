@@ -37,7 +37,17 @@ def test_taylor_cam_overlay_writes_png(tmp_path):
     (lambda: plots.interaction_heatmap(torch.rand(3, 3), labels=["a"]), "labels"),
     (lambda: plots.taylor_cam_overlay(torch.rand(2, 8, 8), torch.rand(2, 2)), "C = 1 or 3"),
     (lambda: plots.taylor_cam_overlay(torch.rand(8, 8), torch.rand(2, 2), alpha=2), "alpha"),
+    (lambda: plots.taylor_cam_overlay(torch.rand(8, 8), torch.rand(0, 2)), "cam must be non-empty"),
+    (lambda: plots.taylor_cam_overlay(torch.rand(0, 8), torch.rand(2, 2)), "image must be non-empty"),
 ])
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_one_nan_pixel_does_not_blank_the_image():
+    """``img.min()`` was NaN: the whole displayed image became zeros."""
+    img = torch.rand(8, 8)
+    img[0, 0] = float("nan")
+    shown = plots.taylor_cam_overlay(img, torch.rand(2, 2)).axes[0].images[0].get_array()
+    assert float(shown.max()) == pytest.approx(1.0) and shown[0, 0] == 0

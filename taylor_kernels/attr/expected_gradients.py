@@ -12,7 +12,7 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.exact_ig import check_no_graph, exact_integral
-from taylor_kernels.attr.integrated_gradients import AttributionResult
+from taylor_kernels.attr.integrated_gradients import AttributionResult, check_max_regions
 from taylor_kernels.engine import path_engine, reference_groups
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
@@ -88,6 +88,7 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
     """
     if rule is not None and rule != "exact":
         raise ValueError(f"expected_gradients rule must be None or 'exact', got {rule!r}")
+    check_max_regions(max_regions, rule)
     if rule == "exact":  # (before the draws take a seed from the global RNG)
         check_no_graph(create_graph)
     with backends.selected(backend):

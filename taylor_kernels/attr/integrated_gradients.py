@@ -5,6 +5,8 @@ each input. The completeness gap ``sum_i IG_i - mean_k (f(x) - f(b_k))`` is repo
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 import torch
@@ -170,7 +172,7 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         ``evaluations`` and, for ``adaptive`` and ``exact``, ``nodes_per_input [B]``; for
         ``exact`` also ``regions [B, K]`` (linear regions crossed per path, -1: fell back).
     """
-    check_rule_args(rule, tol)
+    check_rule_args(rule, tol, max_regions)
     if create_graph and not torch.is_grad_enabled():
         raise ValueError("create_graph=True inside torch.no_grad(): no graph can be kept; "
                          "call it with grad enabled")
@@ -192,11 +194,30 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
                                  max_regions=max_regions)
 
 
-def check_rule_args(rule: str, tol: float | None) -> None:
-    """Refuse an unknown ``rule`` or a non-positive ``tol`` (before any forward)."""
+def check_rule_args(rule: str, tol: float | None, max_regions=None) -> None:
+    """Refuse an unknown ``rule``, a ``tol`` that is not a positive number, or a
+    ``max_regions`` that is not a positive integer or comes without ``rule="exact"`` (it was
+    ignored), before any forward."""
     quadrature.check_rule(rule)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real)):
+        raise TypeError(f"tol must be a number, got {type(tol).__name__} {tol!r}")
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    check_max_regions(max_regions, rule)
+
+
+def check_max_regions(max_regions, rule) -> None:
+    """``ValueError`` unless ``max_regions`` is None, or a positive integer with
+    ``rule="exact"`` (a NaN, a string or True got unclear errors or passed, and another rule
+    ignored it)."""
+    if max_regions is None:
+        return
+    if isinstance(max_regions, bool) or not isinstance(max_regions, numbers.Integral) \
+            or max_regions < 1:
+        raise ValueError(f"max_regions must be a positive integer, got "
+                         f"{type(max_regions).__name__} {max_regions!r}")
+    if rule != "exact":
+        raise ValueError(f"max_regions caps rule='exact'; it has no effect on rule={rule!r}")
 
 
 def integrate_problem(problem: PathProblem, fx: torch.Tensor | None,

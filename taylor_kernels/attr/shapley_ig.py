@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels import backends
-from taylor_kernels.attr.integrated_gradients import AttributionResult
+from taylor_kernels.attr.integrated_gradients import AttributionResult, check_max_regions
 from taylor_kernels.engine import path_engine, quadrature, reference_groups
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import as_tuple, make_problem
@@ -106,6 +106,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
         raise ValueError(f"coalitions must be a positive integer, got {coalitions}")
     if rule == "adaptive":
         raise ValueError("SIG uses a fixed rule; 'adaptive' is available for IG")
+    check_max_regions(max_regions, rule)
     if rule != "exact":  # (checked before the draws take a seed from the global RNG)
         alphas, weights = quadrature.nodes_and_weights(rule, steps)
     with backends.selected(backend):

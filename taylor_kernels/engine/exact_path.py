@@ -149,8 +149,14 @@ class _PairInterpreter(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if not rules.has_pair(args, kwargs):
             return super().call_function(target, args, kwargs)
-        if target is getattr:
-            return getattr(args[0].v, args[1])
+        if target is getattr:  # .T, .mT move value and slope alike (read off the value, the
+            p, name = args[0], args[1]  # slope was lost: a kink downstream went unseen)
+            if isinstance(p, Pair) and name in ("T", "mT", "H", "mH", "real"):
+                return Pair(getattr(p.v, name), getattr(p.s, name), p.affine)
+            value = getattr(p.v if isinstance(p, Pair) else p, name)
+            if isinstance(value, torch.Tensor) and isinstance(p, Pair):
+                raise NotPiecewiseLinear(f"attribute .{name} has no exact rule")
+            return value
         rule = rules.FUNCTIONS.get(target)
         if rule is None:
             raise NotPiecewiseLinear(f"function {_name(target)!r} is not piecewise-linear "
@@ -277,7 +283,8 @@ class _Search:
         rec = self.interp.record = {}
         _, found, out = self.run(path, t0, splits=True, outputs=True)
         self.interp.record = None
-        affine = set(rec)
+        affine = {n for n in rec if n.op != "output"}  # (the output runs always: skipped,
+        # an affine model with no kink at all returned None)
         keep = {n for n in affine if n.op != "placeholder" and any(
             u not in affine for u in n.users)}
         self.interp.skip = {n for n in affine if n.op != "placeholder" and n not in keep}
@@ -372,7 +379,13 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
     B, K = problem.B, problem.K
     P = B * K
     search = _Search(problem, traced, memory.parse_budget(max_memory, device))
-    found, start_out = search.build_cache(P, device)
+    try:
+        found, start_out = search.build_cache(P, device)
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise NotPiecewiseLinear(  # (a TypeError from inside the graph crashed the call)
+            f"the traced graph does not run on these arguments ({type(exc).__name__}: "
+            f"{str(exc)[:160]}; a forward that branches on an argument, as on `mask is not "
+            "None`?)") from exc
     _check_trace(search, start_out, fx_, fb, device)
     sp = torch.cat([r for r, _ in found]) if found else torch.zeros(0, dtype=torch.long,
                                                                     device=device)

@@ -29,13 +29,33 @@ def _in_place(node: fx.Node, root: nn.Module) -> bool:
                                                     "inplace", False) is True)
 
 
+# ops whose result may share its input's memory: an in-place op on the result changes the
+# input too (h[:, :4].clamp_(min=0), then h read)
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "narrow", "select", "transpose", "t",
+                           "permute", "unsqueeze", "squeeze", "expand", "expand_as",
+                           "unflatten", "flatten", "as_strided", "diagonal", "unfold"})
+
+
+def _viewed(node: fx.Node) -> list[fx.Node]:
+    """``node`` and the nodes whose memory it may share (back through views and indexing)."""
+    chain = [node]
+    while (node.op == "call_function" and node.target is operator.getitem
+           or node.op == "call_method" and node.target in _VIEW_METHODS) \
+            and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        chain.append(node)
+    return chain
+
+
 def mutated_then_read(graph: fx.Graph, root: nn.Module) -> fx.Node | None:
-    """The first in-place node of ``graph`` (traced from ``root``) whose changed tensor a
-    later node reads again, else None."""
+    """The first in-place node of ``graph`` (traced from ``root``) whose changed tensor (or a
+    tensor it is a view of) a later node reads again, else None."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         if not _in_place(n, root) or not n.args or not isinstance(n.args[0], fx.Node):
             continue
-        if any(order[u] > order[n] for u in n.args[0].users if u is not n):
+        chain = _viewed(n.args[0])
+        if any(order[u] > order[n] for m in chain for u in m.users
+               if u is not n and u not in chain):
             return n
     return None

@@ -525,3 +525,80 @@ def test_another_threads_probe_recorder_is_not_a_hook_that_changes_outputs():
         warnings.simplefilter("error")
         res = tk.integrated_gradients(model, x, target=0, rule="exact")
     assert (res.regions >= 0).all()
+
+
+def test_a_model_affine_in_its_input_is_one_region():
+    """With no kink at all every node was skipped, the output too: "the model returned a
+    NoneType"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    res = tk.integrated_gradients(model, x, target=1, rule="exact")
+    want = tk.integrated_gradients(model, x, target=1, steps=4)
+    torch.testing.assert_close(res.attributions, want.attributions)
+    assert res.regions.tolist() == [[1]] * 3
+
+
+def test_attribute_transposes_keep_their_slopes():
+    """.T / .mT were read off the value: a kink downstream went unseen and the call fell
+    back to the adaptive rule (regions -1)."""
+    class Net(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            torch.manual_seed(0)
+            self.how, self.a, self.c = how, nn.Linear(5, 6), nn.Linear(4, 2)
+            self.W = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            z = (self.W @ h.mT).mT if self.how == "mT" else (self.W @ h.t()).t()
+            return self.c(F.relu(z - 0.2))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tk.integrated_gradients(Net("mT").double(), x, target=0, rule="exact")
+    want = tk.integrated_gradients(Net("t").double(), x, target=0, rule="exact")
+    torch.testing.assert_close(got.attributions, want.attributions)
+    assert (got.regions >= 1).all()
+
+
+def test_an_in_place_op_on_a_view_read_again_falls_back():
+    lin, out = nn.Linear(3, 6).double(), nn.Linear(6, 1).double()
+
+    def model(x):
+        h = lin(x)
+        h[:, :4].clamp_(min=0)  # changes h, read below
+        return out(h)
+    with pytest.warns(RuntimeWarning, match="in-place clamp_ changes a tensor"):
+        res = tk.integrated_gradients(model, torch.randn(2, 3, dtype=torch.float64), target=0,
+                                      rule="exact")
+    assert res.regions.tolist() == [[-1], [-1]]
+
+
+def test_a_forward_branching_on_a_none_argument_falls_back():
+    """The trace took `mask is not None` as true, and its TypeError crashed the call."""
+    lin, out = nn.Linear(4, 5).double(), nn.Linear(5, 1).double()
+
+    def model(x, mask=None):
+        h = F.relu(lin(x))
+        if mask is not None:
+            h = h * mask
+        return out(h)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="does not run on these arguments"):
+        res = tk.integrated_gradients(model, x, target=0, rule="exact",
+                                      additional_forward_args=(None,))
+    assert res.regions.tolist() == [[-1], [-1]]
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"rule": "adaptive", "tol": "1e-4"}, TypeError, "tol must be a number"),
+    ({"rule": "exact", "max_regions": float("nan")}, ValueError, "positive integer"),
+    ({"rule": "exact", "max_regions": "10"}, ValueError, "str '10'"),
+    ({"rule": "exact", "max_regions": True}, ValueError, "positive integer"),
+    ({"rule": "gausslegendre", "max_regions": 10}, ValueError, "no effect"),
+])
+def test_rule_arguments_are_checked_by_name(kw, error, match):
+    with pytest.raises(error, match=match):
+        tk.integrated_gradients(relu_mlp(), torch.randn(2, 6, dtype=torch.float64), target=0,
+                                **kw)
