@@ -70,9 +70,9 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
     (default :data:`~taylor_kernels.engine.exact_path.DEFAULT_MAX_REGIONS`); ``tol`` the
     fallback's tolerance; ``engine_kw`` for :func:`path_engine.integrate`.
     Returns: ``(sums [B, D], evaluations, nodes_per_input [B], regions [B, K])``;
-    ``regions`` is ``-1`` for paths over the cap, for inputs whose exact sums missed
-    completeness beyond rounding and for every path when the whole call fell back (all then
-    take the adaptive rule, with a warning).
+    ``regions`` is ``-1`` for every path of an input with a path over the cap or whose
+    exact sums missed completeness beyond rounding, and for every path when the whole call
+    fell back (all then take the adaptive rule, with a warning).
     """
     check_no_graph(engine_kw.get("create_graph"))
     cap = exact_path.DEFAULT_MAX_REGIONS if max_regions is None else max_regions
@@ -119,6 +119,8 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
         if over.any():
             _warn(f"{int(over.sum())} input(s) cross more than max_regions={cap} linear "
                   f"regions; using rule='adaptive' (tol={tol:g}) for them")
+        regions = regions.clone()  # every path of an input that falls back reads -1 (its
+        regions[~ok.to(regions.device)] = -1  # paths within the cap read their count)
         part, n, nodes = _fallback(problem, tol, fx, fb, ~ok, engine_kw)
         flat = part if flat is None else flat + part
         evaluations += n

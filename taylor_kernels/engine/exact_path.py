@@ -54,16 +54,16 @@ _TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, nn.Module, fx.Graph, t
 _TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; entries hold the model alive)
 
 
-def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
-    """``model`` traced by ``torch.fx`` with ``n_args`` positional inputs: ``(root, graph)``
-    (cached per model; the model itself is not modified, weights are read at run time).
-    Raises :class:`NotPiecewiseLinear` when it cannot be traced."""
+def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph, bool]:
+    """``model`` traced by ``torch.fx`` with ``n_args`` positional inputs: ``(root, graph,
+    cached)`` (cached per model unless ``fresh``; the model itself is not modified, weights
+    are read at run time). Raises :class:`NotPiecewiseLinear` when it cannot be traced."""
     key = (id(model), n_args)
     state = _trace_key(model)  # the modules' trees, closure cells and globals a forward reads
-    hit = _TRACES.get(key)
+    hit = None if fresh else _TRACES.get(key)
     if hit is not None and hit[0]() is model and hit[3] == state:
         _TRACES.move_to_end(key)
-        return hit[1], hit[2]
+        return hit[1], hit[2], True
     tracer = _Tracer()
     try:
         graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
@@ -74,10 +74,10 @@ def trace(model, n_args: int) -> tuple[nn.Module, fx.Graph]:
     try:
         _TRACES[key] = (weakref.ref(model), tracer.root, graph, state)
     except TypeError:  # not weak-referenceable: trace again next time
-        return tracer.root, graph
+        return tracer.root, graph, False
     while len(_TRACES) > _TRACE_CACHE_SIZE:
         _TRACES.popitem(last=False)
-    return tracer.root, graph
+    return tracer.root, graph, False
 
 
 def _refuse_visible_mutation(graph: fx.Graph, root: nn.Module) -> None:
@@ -343,6 +343,28 @@ def _segments(P: int, split_path, split_t, device):
     return path[:-1][same], t[:-1][same], t[1:][same]
 
 
+def _checked_search(problem, fx_, fb, max_memory, fresh: bool):
+    """``(search, global kinks, outputs at t = 0)`` on the model's (cached unless ``fresh``)
+    trace, checked against its outputs at both ends; :class:`NotPiecewiseLinear` (``cached``
+    set when the trace came from the cache) otherwise."""
+    device = problem.x.device
+    *traced, cached = trace(problem.model, len(problem.inputs) + len(problem.forward_args),
+                            fresh)
+    search = _Search(problem, tuple(traced), memory.parse_budget(max_memory, device))
+    try:
+        found, start_out = search.build_cache(problem.B * problem.K, device)
+        _check_trace(search, start_out, fx_, fb, device)
+    except NotPiecewiseLinear as exc:
+        exc.cached = cached
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise NotPiecewiseLinear(  # (a TypeError from inside the graph crashed the call)
+            f"the traced graph does not run on these arguments ({type(exc).__name__}: "
+            f"{str(exc)[:160]}; a forward that branches on an argument, as on `mask is not "
+            "None`?)", cached) from exc
+    return search, found, start_out
+
+
 def _check_trace(search: _Search, start_out: torch.Tensor, fx_, fb, device) -> None:
     """The traced graph must give the model's outputs at both ends of every path
     (``start_out``: its outputs at the baselines, from pass 0)."""
@@ -375,18 +397,16 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
     if int(max_regions) != max_regions or max_regions < 1:
         raise ValueError(f"max_regions must be a positive integer, got {max_regions}")
     device = problem.x.device
-    traced = trace(problem.model, len(problem.inputs) + len(problem.forward_args))
     B, K = problem.B, problem.K
     P = B * K
-    search = _Search(problem, traced, memory.parse_budget(max_memory, device))
     try:
-        found, start_out = search.build_cache(P, device)
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-        raise NotPiecewiseLinear(  # (a TypeError from inside the graph crashed the call)
-            f"the traced graph does not run on these arguments ({type(exc).__name__}: "
-            f"{str(exc)[:160]}; a forward that branches on an argument, as on `mask is not "
-            "None`?)") from exc
-    _check_trace(search, start_out, fx_, fb, device)
+        search, found, start_out = _checked_search(problem, fx_, fb, max_memory, False)
+    except NotPiecewiseLinear as exc:
+        if not exc.cached:
+            raise
+        # a cached trace stale through state its key cannot see (a module-level constant a
+        # forward reads: every later call fell back): trace once more
+        search, found, start_out = _checked_search(problem, fx_, fb, max_memory, True)
     sp = torch.cat([r for r, _ in found]) if found else torch.zeros(0, dtype=torch.long,
                                                                     device=device)
     st = torch.cat([t for _, t in found]) if found else torch.zeros(0, dtype=torch.float64,

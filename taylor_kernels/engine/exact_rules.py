@@ -31,9 +31,9 @@ class NotPiecewiseLinear(Exception):
     """The model contains an op that is not piecewise-linear (or not supported here);
     ``reason`` says which (``torch.fx`` appends graph details to the message itself)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, cached: bool = False):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.cached = reason, cached  # (cached: found on a cached trace)
 
 
 class Pair:

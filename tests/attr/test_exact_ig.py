@@ -602,3 +602,33 @@ def test_rule_arguments_are_checked_by_name(kw, error, match):
     with pytest.raises(error, match=match):
         tk.integrated_gradients(relu_mlp(), torch.randn(2, 6, dtype=torch.float64), target=0,
                                 **kw)
+
+
+def test_a_forward_reading_a_changed_module_constant_is_traced_again():
+    """A cached trace read the old constant: every later call fell back (warned)."""
+    import types
+    mod = types.ModuleType("with_a_constant")
+    exec("import torch.nn as nn, torch.nn.functional as F\nSLOPE = 0.1\n"
+         "class M(nn.Module):\n"
+         "    def __init__(self):\n"
+         "        super().__init__(); self.a = nn.Linear(5, 8); self.c = nn.Linear(8, 2)\n"
+         "    def forward(self, x):\n"
+         "        return self.c(F.leaky_relu(self.a(x), SLOPE))\n", mod.__dict__)
+    torch.manual_seed(0)
+    model, x = mod.M().double().eval(), torch.randn(3, 5, dtype=torch.float64)
+    tk.integrated_gradients(model, x, target=0, rule="exact")
+    mod.SLOPE = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tk.integrated_gradients(model, x, target=0, rule="exact")
+    assert (res.regions >= 1).all() and float(res.gap.abs().max()) < 1e-12
+
+
+def test_an_input_whose_one_path_passes_the_cap_reads_minus_one_on_every_path():
+    """All K paths of such an input run the adaptive rule: `.regions` read [[1, -1]]."""
+    net = relu_mlp(d_in=4, hidden=16)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    bl = torch.stack([x[0] * 0.999, -3 * x[0]])[None]  # one short path, one long
+    with pytest.warns(RuntimeWarning, match="max_regions"):
+        res = tk.integrated_gradients(net, x, bl, target=1, rule="exact", max_regions=2)
+    assert res.regions.tolist() == [[-1, -1]]
