@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def score(name, model, X, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("unification_out"), help="output directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default ./unification_out; with --small a temporary "
+                        "directory, as the other scripts' smoke runs)")
     p.add_argument("--order", type=int, default=3, help="highest Taylor order probed")
     p.add_argument("--terms", type=int, default=24, help="Taylor terms probed per model")
     p.add_argument("--max-sets", type=int, default=20000,
@@ -128,6 +131,9 @@ def main(argv=None) -> int:
     if a.small:
         d, size, n, a.terms, a.steps, a.samples, a.permutations, a.train_steps, a.max_sets = \
             6, 4, 64, 6, 8, 8, 4, 20, 600
+    if a.out is None:
+        a.out = Path(tempfile.mkdtemp(prefix="unification-small-")) if a.small \
+            else Path("unification_out")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(a.seed)
