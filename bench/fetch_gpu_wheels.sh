@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 mkdir -p wheels
-pkgs=(captum path-explain transformers huggingface-hub tokenizers safetensors regex pyyaml)
+# (captum.attr imports matplotlib and tqdm: their wheels too, installed only where missing)
+pkgs=(captum path-explain transformers huggingface-hub tokenizers safetensors regex pyyaml
+      tqdm matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six)
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --abi cp312 --abi abi3 --abi none \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

@@ -59,7 +59,12 @@ WHEELS = ROOT / "bench" / "wheels"
 # wheel distribution name -> module it provides (installed only when that module is missing)
 WHEEL_MODULES = {"captum": "captum", "path_explain": "path_explain", "transformers": "transformers",
                  "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
-                 "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml"}
+                 "safetensors": "safetensors", "regex": "regex", "pyyaml": "yaml",
+                 # Captum 0.9 imports matplotlib (and tqdm) in captum.attr itself
+                 "tqdm": "tqdm", "matplotlib": "matplotlib", "contourpy": "contourpy",
+                 "cycler": "cycler", "fonttools": "fontTools", "kiwisolver": "kiwisolver",
+                 "pillow": "PIL", "pyparsing": "pyparsing", "python_dateutil": "dateutil",
+                 "six": "six"}
 REQUIRED_MODULES = ("captum", "transformers", "path_explain")
 RESERVE_S = 8  # kept back from the budget for writing the results
 STEPS = ("build", "ops", "gpu_tests", "ig_cnn", "ig_gpt2", "graphs", "jet", "hessian", "memcheck")
@@ -82,6 +87,7 @@ class Check:
         self.deadline = self.t0 + budget
         self.steps: list[dict] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.env.setdefault("MPLBACKEND", "Agg")  # (captum.attr imports pyplot; no display)
         self.env.pop("TRITON_INTERPRET", None) if not dry else None
         self.py = sys.executable
 
@@ -155,6 +161,12 @@ def install_wheels(c: Check) -> None:
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if "captum" not in missing:  # found is not importable: captum.attr imports matplotlib
+        probe = subprocess.run([c.py, "-c", "import captum.attr"], env=c.env, cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode:
+            last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            missing.append(f"captum.attr ({last[:160]})")
     if not wanted:
         hint = (f"missing {missing}; no wheel for them in bench/wheels (run "
                 "bench/fetch_gpu_wheels.sh where pip can reach PyPI)")
@@ -278,6 +290,16 @@ def family(c: Check, step: str, timeout: float) -> dict | None:
     tier = ["--smoke", "--device", "cpu"] if c.dry else ["--quick", "--device", "cuda"]
     c.run(step, [c.py, "bench/run.py", "--only", name, *tier, "--out", str(path)], timeout)
     return c.read_part(path.name)
+
+
+def require_rows(c: Check, result, marker: str, why: str) -> None:
+    """On a GPU run, mark the last step ``incomplete`` when it passed without any row naming
+    ``marker`` (the Integrated Hessians family passed without path_explain's rows, the
+    comparison the issue asks for)."""
+    step = c.steps[-1]
+    if not c.dry and step["status"] == "passed" and marker not in json.dumps(result or {}):
+        step.update(status="incomplete",
+                    note="; ".join(filter(None, [step["note"], f"no {marker} rows: {why}"])))
 
 
 def write_json(path: Path, data) -> None:
@@ -490,7 +512,7 @@ def backend_table(ops: dict | None, info: dict, dry: bool) -> dict:
 def ops_table(ops: dict) -> str:
     """The op step's table: per op and backend its check, time, GB/s, share of the copy."""
     # the check column fits its longest entry ("failed (GPU test)" after a failed GPU test)
-    w = max([7] + [len(v) for e in ops["ops"].values() for v in e["tests"].values()])
+    w = min(40, max([7] + [len(v) for e in ops["ops"].values() for v in e["tests"].values()]))
     lines = [f"copy (dst.copy_(src), float32): {ops['copy']['GBps']:.0f} GB/s" if "copy" in ops
              else "copy: not measured",
              f"{'op':18s} {'backend':8s} {'check':{w}s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} "
@@ -498,12 +520,14 @@ def ops_table(ops: dict) -> str:
     for op, e in ops["ops"].items():
         for r in e["rows"] or [{"backend": n} for n in e["tests"]]:
             b = r["backend"]
-            check = e["tests"].get(b, "-")
+            check = e["tests"].get(b, "-")[:w]  # (an error's text is in the JSON)
             if "median_s" in r:
+                vs = r.get("speedup_vs_eager")  # (none when eager's timing failed)
                 lines.append(f"{op:18s} {b:8s} {check:{w}s} {r['median_s'] * 1e3:9.3f} "
-                             f"{r['GBps']:7.0f} {r['frac_copy']:6.0%} {r['speedup_vs_eager']:8.2f}")
+                             f"{r['GBps']:7.0f} {r['frac_copy']:6.0%} "
+                             f"{'-' if vs is None else f'{vs:.2f}':>8s}")
             else:
-                lines.append(f"{op:18s} {b:8s} {check:{w}s}".rstrip())
+                lines.append(f"{op:18s} {b:8s} {check:{w}s} {r.get('error', '')[:60]}".rstrip())
         lines.append(f"{op:18s} -> auto uses {e['choice']}")
     return "\n".join(lines)
 
@@ -611,6 +635,12 @@ def main(argv=None) -> int:
                   + (["--dry-run", "--rounds", "1"] if c.dry else []), 45)
             res["families"]["graphs"] = c.read_part("graphs.json")
 
+        def hessian_step():
+            res["families"]["hessian"] = family(c, "hessian", 75)
+            require_rows(c, res["families"]["hessian"], "path_explain",
+                         "path_explain not importable (run bench/fetch_gpu_wheels.sh and "
+                         "carry bench/wheels)")
+
         plan = [("wheels", lambda: install_wheels(c)), ("build", lambda: build(c)),
                 # ops first: the backend table, and Triton's cache warm for the tests
                 ("ops", lambda: res.update(ops=ops_step(c))), ("gpu_tests", tests_step),
@@ -618,8 +648,7 @@ def main(argv=None) -> int:
                     ig_cnn=family(c, "ig_cnn", 90))),
                 ("ig_gpt2", gpt2_step), ("graphs", graphs_step),
                 ("jet", lambda: res["families"].update(jet=family(c, "jet", 60))),
-                ("hessian", lambda: res["families"].update(
-                    hessian=family(c, "hessian", 75))),
+                ("hessian", hessian_step),
                 # last: no target figure, so the one the budget cuts first
                 ("memcheck", lambda: memcheck(c))]
         for name, step in plan:

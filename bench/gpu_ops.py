@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -142,7 +143,15 @@ def check(op: str, name: str, device: torch.device, dtype: torch.dtype, s: dict)
     return rel_err(out, ref)
 
 
-def run(device: torch.device, tiny: bool, check_only: bool, log=print) -> dict:
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def run(device: torch.device, tiny: bool, check_only: bool, log=print, save=None) -> dict:
+    """Checks (and timings) of every op on every backend of ``device``; an error costs its
+    (op, backend) pair only, recorded as ``failed (error: ...)`` (a Triton compile error or an
+    out-of-memory lost the whole step: the backend table with it); ``save(result)`` after
+    each op, so that a cut-off keeps the ops done."""
     names = gpu_backends(device)
     result = {"device": str(device), "tiny": tiny, "backends": names, "ops": {}}
     if not check_only:
@@ -153,9 +162,14 @@ def run(device: torch.device, tiny: bool, check_only: bool, log=print) -> dict:
         odd = SIZES[family][1] if tiny else ODD[family]
         entry = {"shape": bench_shape, "rows": [], "tests": {}, "ms": {}}
         for name in names:
-            errs = {f"odd {str(dt)[6:]}": check(op, name, device, dt, odd)
-                    for dt in (torch.float32, torch.bfloat16)}
-            errs["bench float32"] = check(op, name, device, torch.float32, bench_shape)
+            try:
+                errs = {f"odd {str(dt)[6:]}": check(op, name, device, dt, odd)
+                        for dt in (torch.float32, torch.bfloat16)}
+                errs["bench float32"] = check(op, name, device, torch.float32, bench_shape)
+            except Exception as exc:  # noqa: BLE001 - one pair's error, recorded
+                entry["tests"][name] = f"failed (error: {_error(exc)})"
+                log(f"[ops] {op} {name}: check {entry['tests'][name]}")
+                continue
             passed = all(errs[k] <= TOL[torch.bfloat16 if "bfloat16" in k else torch.float32]
                          for k in errs)
             entry["tests"][name] = "passed" if passed else "failed"
@@ -163,13 +177,16 @@ def run(device: torch.device, tiny: bool, check_only: bool, log=print) -> dict:
             log(f"[ops] {op} {name}: check {entry['tests'][name]} "
                 + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
         if not check_only:
-            call_for = {}
             for name in names + ["reference"]:
-                call, nbytes = make_case(op, bench_shape, torch.float32, device)
-                call_for[name] = call
-                with backends.using(name):
-                    t = device_time(call, device, calls=2 if tiny else 10)
                 label = "eager" if name == "reference" else name
+                try:
+                    call, nbytes = make_case(op, bench_shape, torch.float32, device)
+                    with backends.using(name):
+                        t = device_time(call, device, calls=2 if tiny else 10)
+                except Exception as exc:  # noqa: BLE001 - one pair's error, recorded
+                    entry["rows"].append({"op": op, "backend": label, "error": _error(exc)})
+                    log(f"[ops] {op} {label}: timing failed ({_error(exc)})")
+                    continue
                 row = {"op": op, "backend": label, "median_s": t, "bytes": nbytes,
                        "GBps": nbytes / t / 1e9,
                        "frac_copy": nbytes / t / 1e9 / result["copy"]["GBps"]}
@@ -178,11 +195,15 @@ def run(device: torch.device, tiny: bool, check_only: bool, log=print) -> dict:
                     entry["ms"][name] = t * 1e3
                 log(f"[ops] {op} {label}: {t * 1e3:.3f} ms, {row['GBps']:.0f} GB/s "
                     f"({row['frac_copy']:.0%} of copy)")
-            eager = next(r for r in entry["rows"] if r["backend"] == "eager")["median_s"]
+            eager = next((r["median_s"] for r in entry["rows"]
+                          if r["backend"] == "eager" and "median_s" in r), None)
             for r in entry["rows"]:
-                r["speedup_vs_eager"] = eager / r["median_s"]
+                if eager is not None and "median_s" in r:
+                    r["speedup_vs_eager"] = eager / r["median_s"]
         entry["choice"] = backend_table.decide(entry["ms"], entry["tests"])
         result["ops"][op] = entry
+        if save is not None:
+            save(result)
     return result
 
 
@@ -194,8 +215,13 @@ def main(argv=None) -> int:
     p.add_argument("--check-only", action="store_true", help="correctness checks, no timing")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    result = run(device, a.tiny, a.check_only, log=lambda m: print(m, flush=True))
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    def save(result):  # (a rename: a kill mid-write keeps the previous complete file)
+        tmp = Path(a.out + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, a.out)
+
+    result = run(device, a.tiny, a.check_only, log=lambda m: print(m, flush=True), save=save)
+    save(result)
     failed = [f"{op}/{n}" for op, e in result["ops"].items() for n, s in e["tests"].items()
               if s != "passed"]
     print(f"[ops] {'checks failed: ' + ', '.join(failed) if failed else 'all checks passed'}")

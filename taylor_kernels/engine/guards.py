@@ -498,7 +498,17 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
     two (which ``roundup_power2_divisions`` never rounds up) below ``max_split_size`` (blocks
     from there are never split), so every block counts as asked or less than 1 MiB more, and
     the last requests, in the small pool, land exactly on 512-byte multiples (all that the
-    allocator counts). About log2 of the gap rounds. Skipped when that memory is not free."""
+    allocator counts). About log2 of the gap rounds. Skipped when that memory is not free on
+    the device or in the allocator's cache (found by an out-of-memory error, the allocator
+    first freed every cached block, counted an OOM and ran its OOM observers: a user who had
+    freed a large model paid that on every probe). Only the allocated-bytes peak is kept: the
+    reserved, active and per-pool peaks read from the probe on, and the blocks the restore
+    took stay in the cache."""
+    gap = peak - torch.cuda.memory_allocated(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if gap > 0 and gap + 2 * _SMALL_BLOCK > free + cached:
+        return
     stats = torch.cuda.memory_stats(device)
     max_split = stats.get("max_split_size", -1)
     max_split = max_split if max_split and max_split > 0 else None

@@ -123,3 +123,20 @@ def test_a_budget_too_small_for_one_point_stops_the_probe_forward():
     with pytest.raises(MemoryError, match="stopped"):
         tk.hessian(lambda z: wide(z)[:, 0], x, max_memory=200 * 1024)
     assert reached == []
+
+
+def test_the_peak_restore_skips_what_neither_the_device_nor_the_cache_holds(monkeypatch):
+    """Raising the caller's CUDA peak back needs ``peak - allocated`` bytes; when they are not
+    free the restore found out by an out-of-memory error, after the allocator had freed every
+    cached block and counted an OOM (a user who freed a large model paid it on every probe).
+    Simulated allocator: 1 GB live, old peak 60 GB, 2 GB free on the device, 1 GB cached."""
+    from taylor_kernels.engine import guards
+    GB = 2**30
+    asked = []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: GB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: GB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 2 * GB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (2 * GB, 80 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d=None: asked.append("stats") or {})
+    guards._raise_cuda_peak(60 * GB, torch.device("cuda"))
+    assert asked == []  # not even a first allocation
