@@ -403,8 +403,35 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
         idx = target.to(out.device)[rows]
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)
+    idx = _tuple_indices(target, out.device)
+    if idx is not None and idx.shape[1] == out.dim() - 1:  # one gather, no host read of rows
+        idx = idx[rows.to(out.device)]
+        dims = torch.tensor(out.shape[1:], device=out.device)
+        idx = torch.where(idx < 0, idx + dims, idx)  # negatives count from the end
+        return out[(torch.arange(N, device=out.device), *idx.unbind(1))]
     picked = [out[(n,) + tuple(target[int(r)])] for n, r in enumerate(rows.tolist())]
     return torch.stack(picked)
+
+
+_TUPLE_INDICES: dict = {}  # (id(target), device) -> (target, [B, k] indices); small, newest last
+
+
+def _tuple_indices(target: list, device: torch.device) -> torch.Tensor | None:
+    """A list of per-row index tuples of one length as a ``[B, k]`` long tensor on
+    ``device``, made once per target list and device (rows were read on the host in every
+    chunk: a sync per chunk on CUDA, and no CUDA graph for such targets); None when the
+    tuples differ in length."""
+    key = (id(target), str(device))
+    hit = _TUPLE_INDICES.get(key)
+    if hit is not None and hit[0] is target:
+        return hit[1]
+    if len({len(t) for t in target}) != 1:
+        return None
+    idx = torch.tensor(target, dtype=torch.long).to(device)
+    _TUPLE_INDICES[key] = (target, idx)
+    while len(_TUPLE_INDICES) > 8:
+        _TUPLE_INDICES.pop(next(iter(_TUPLE_INDICES)))
+    return idx
 
 
 def target_values(out, target) -> torch.Tensor:

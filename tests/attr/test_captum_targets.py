@@ -93,3 +93,20 @@ def test_jet_validates_targets_like_ig():
         tk.jet(model, x, v, 2, target=1.0)
     with pytest.raises(ValueError, match="out of range"):
         tk.jet(model, x, v, 2, target=4)
+
+
+class _NoHostRead(torch.Tensor):
+    def tolist(self):
+        raise AssertionError("the rows were read on the host")
+
+
+def test_tuple_targets_are_gathered_without_reading_rows_on_the_host():
+    """Each chunk read its rows with ``.tolist()`` (a sync per chunk on CUDA, and no CUDA
+    graph for tuple targets): one gather on the device now, negatives from the end."""
+    from taylor_kernels.engine.problem import select_target
+    out = torch.randn(3, 2, 3)  # the chunk's rows 3, 1, 0 of a batch of 4
+    target = [(0, 1), (1, -1), (-2, 2), (1, 0)]
+    rows = torch.tensor([3, 1, 0]).as_subclass(_NoHostRead)
+    got = select_target(out, target, rows)
+    want = torch.stack([out[0, 1, 0], out[1, 1, 2], out[2, 0, 1]])
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want)
