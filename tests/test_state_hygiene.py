@@ -672,6 +672,8 @@ class FakeAllocator:
         monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: self.allocated)
         monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: self.peak)
         monkeypatch.setattr(cuda, "memory_stats", lambda device=None: {"max_split_size": -1})
+        monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: self.allocated)
+        monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (2**40, 2**40))
         monkeypatch.setattr(cuda, "reset_peak_memory_stats",
                             lambda device=None: setattr(self, "peak", self.allocated))
         real_empty = torch.empty
