@@ -53,13 +53,19 @@ def _repeat_ends(value, tup: tuple[torch.Tensor, ...], n: int):
     return value
 
 
+# the library methods' parameters that never hold per-row values
+_SHARED = frozenset({"layer", "steps", "rule", "tol", "samples", "seed", "coalitions",
+                     "feature_mask", "max_memory", "chunk_size", "backend", "progress"})
+
+
 def _per_row_arguments(method, args: tuple, kwargs: dict, tup: tuple, n: int
                        ) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` of ``method(model, inputs, *args, **kwargs)`` (of
     ``layer_integrated_gradients``: ``layer`` first in ``args``) with their per-row values
-    repeated for the ``n`` copies of each row, told apart by the parameter they bind to
-    (a positional value whose parameter has no name is taken as per row if it has ``B``
-    rows)."""
+    repeated for the ``n`` copies of each row: baselines and references by their shape
+    (:func:`_repeat_ends`), a background set and the library's settings never; any other
+    positional value (a user method's own names too) when it has ``B`` rows, and the
+    keywords ``target`` and ``additional_forward_args`` so."""
     try:
         params = inspect.signature(method).parameters
     except (TypeError, ValueError):  # (no signature to read)
@@ -69,15 +75,22 @@ def _per_row_arguments(method, args: tuple, kwargs: dict, tup: tuple, n: int
     names = ["layer"] + names[3:] if method is layer_integrated_gradients else names[2:]
     B = tup[0].shape[0]
 
-    def repeated(name, value):
+    def positional(name, value):
         if name in ("baselines", "reference"):
             return _repeat_ends(value, tup, n)
-        if name in (None, "target", "additional_forward_args"):
-            return _repeat_rows(value, B, n)
-        return value  # (a background set, settings)
+        if name == "background" or name in _SHARED:
+            return value  # (a set of references, settings: shared by every copy)
+        return _repeat_rows(value, B, n)  # (any other: per row if it has B rows, as before)
 
-    return (tuple(repeated(names[i] if i < len(names) else None, a) for i, a in enumerate(args)),
-            {k: repeated(k, v) for k, v in kwargs.items()})
+    def keyword(name, value):
+        if name in ("baselines", "reference"):
+            return _repeat_ends(value, tup, n)
+        return _repeat_rows(value, B, n) if name in ("target", "additional_forward_args") \
+            else value
+
+    return (tuple(positional(names[i] if i < len(names) else None, a)
+                  for i, a in enumerate(args)),
+            {k: keyword(k, v) for k, v in kwargs.items()})
 
 
 def _check_first_order(method) -> None:

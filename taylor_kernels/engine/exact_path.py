@@ -345,23 +345,26 @@ def _segments(P: int, split_path, split_t, device):
 
 def _checked_search(problem, fx_, fb, max_memory, fresh: bool):
     """``(search, global kinks, outputs at t = 0)`` on the model's (cached unless ``fresh``)
-    trace, checked against its outputs at both ends; :class:`NotPiecewiseLinear` (``cached``
-    set when the trace came from the cache) otherwise."""
+    trace, checked against its outputs at both ends; :class:`NotPiecewiseLinear` otherwise
+    (``cached`` set when a cached trace failed that check of the ends)."""
     device = problem.x.device
     *traced, cached = trace(problem.model, len(problem.inputs) + len(problem.forward_args),
                             fresh)
     search = _Search(problem, tuple(traced), memory.parse_budget(max_memory, device))
     try:
         found, start_out = search.build_cache(problem.B * problem.K, device)
-        _check_trace(search, start_out, fx_, fb, device)
-    except NotPiecewiseLinear as exc:
-        exc.cached = cached
-        raise
     except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        if memory.is_oom(exc) or isinstance(exc, getattr(torch, "AcceleratorError", ())):
+            raise  # (the user's to see, as elsewhere)
         raise NotPiecewiseLinear(  # (a TypeError from inside the graph crashed the call)
             f"the traced graph does not run on these arguments ({type(exc).__name__}: "
             f"{str(exc)[:160]}; a forward that branches on an argument, as on `mask is not "
-            "None`?)", cached) from exc
+            "None`?)") from exc
+    try:
+        _check_trace(search, start_out, fx_, fb, device)
+    except NotPiecewiseLinear as exc:  # only this failure can mean a stale cached trace (a
+        exc.cached = cached  # model without an exact rule was traced twice on every call)
+        raise
     return search, found, start_out
 
 

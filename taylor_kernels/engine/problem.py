@@ -7,6 +7,7 @@ flattened points and pick the target output of each row. Every malformed argumen
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -414,6 +415,7 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
 
 
 _TUPLE_INDICES: dict = {}  # (id(target), device) -> (target, [B, k] indices); small, newest last
+_TUPLE_LOCK = threading.Lock()
 
 
 def _tuple_indices(target: list, device: torch.device) -> torch.Tensor | None:
@@ -422,15 +424,17 @@ def _tuple_indices(target: list, device: torch.device) -> torch.Tensor | None:
     chunk: a sync per chunk on CUDA, and no CUDA graph for such targets); None when the
     tuples differ in length."""
     key = (id(target), str(device))
-    hit = _TUPLE_INDICES.get(key)
+    with _TUPLE_LOCK:  # (threads' calls evict each other's entries)
+        hit = _TUPLE_INDICES.get(key)
     if hit is not None and hit[0] is target:
         return hit[1]
     if len({len(t) for t in target}) != 1:
         return None
     idx = torch.tensor(target, dtype=torch.long).to(device)
-    _TUPLE_INDICES[key] = (target, idx)
-    while len(_TUPLE_INDICES) > 8:
-        _TUPLE_INDICES.pop(next(iter(_TUPLE_INDICES)))
+    with _TUPLE_LOCK:
+        _TUPLE_INDICES[key] = (target, idx)
+        while len(_TUPLE_INDICES) > 8:
+            _TUPLE_INDICES.pop(next(iter(_TUPLE_INDICES)))
     return idx
 
 

@@ -632,3 +632,28 @@ def test_an_input_whose_one_path_passes_the_cap_reads_minus_one_on_every_path():
     with pytest.warns(RuntimeWarning, match="max_regions"):
         res = tk.integrated_gradients(net, x, bl, target=1, rule="exact", max_regions=2)
     assert res.regions.tolist() == [[-1, -1]]
+
+
+def test_out_of_memory_in_the_search_is_raised_not_a_fallback(monkeypatch):
+    """The fallback for graphs that do not run caught RuntimeError, OOM included (a silent
+    adaptive result, and a warning that blamed the forward)."""
+    def oom(self, P, device):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(exact_path._Search, "build_cache", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        tk.integrated_gradients(relu_mlp(), torch.randn(2, 6, dtype=torch.float64), target=0,
+                                rule="exact")
+
+
+def test_a_model_without_an_exact_rule_is_traced_once_per_call(monkeypatch):
+    """Any failure on a cached trace traced it again: a Softplus model paid two traces and
+    two search passes on every call after the first."""
+    model = relu_mlp(act=nn.Softplus)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    traces = []
+    real = exact_path.trace
+    monkeypatch.setattr(exact_path, "trace", lambda *a: traces.append(a) or real(*a))
+    for _ in range(3):
+        with pytest.warns(RuntimeWarning, match="falling back"):
+            tk.integrated_gradients(model, x, target=0, rule="exact", tol=1e-3)
+    assert len(traces) == 3

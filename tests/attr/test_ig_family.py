@@ -240,3 +240,20 @@ def test_layer_ig_rejects_unused_layer():
     with pytest.raises(ValueError, match="not called"):
         tk.layer_integrated_gradients(net, torch.nn.Linear(2, 2), torch.randn(2, 10).double(),
                                       target=0)
+
+
+def test_noise_tunnel_repeats_a_user_methods_per_row_positional_arguments():
+    """Only the library's names were taken as per row: a user method's ``(model, x, base,
+    tgt)`` got its baselines and targets unrepeated and failed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    b, t = torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 2])
+
+    def mine(model, inputs, base, tgt):
+        return tk.integrated_gradients(model, inputs, base, tgt, steps=8)
+
+    got = tk.noise_tunnel(mine, net, x, b, t, nt_samples=3, stdevs=0.0, seed=0)
+    want = tk.integrated_gradients(net, x, b, t, steps=8)
+    torch.testing.assert_close(got.attributions, want.attributions)
