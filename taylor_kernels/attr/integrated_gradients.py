@@ -6,7 +6,6 @@ each input. The completeness gap ``sum_i IG_i - mean_k (f(x) - f(b_k))`` is repo
 from __future__ import annotations
 
 import numbers
-
 from dataclasses import dataclass
 
 import torch

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numbers
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -115,6 +115,25 @@ def register_with_captum(load: bool = False) -> None:
         theirs.register(TextTokenInput)
 
 
+def _checked_tensor(name: str, shape: Callable, what: str, required: bool = False) -> property:
+    """A property stored in ``_<name>`` whose setter makes an array-like a tensor (None kept,
+    unless ``required``) and raises :class:`CaptumValueError` (Captum's ``AssertionError``)
+    unless its shape is ``shape(result)``."""
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def set(self, value):
+        if value is not None:
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            if tuple(value.shape) != shape(self):
+                raise CaptumValueError(f"{name} must have shape {shape(self)} ({what}), got "
+                                       f"{tuple(value.shape)}")
+        elif required:
+            raise CaptumValueError(f"{name} must be a {len(shape(self))}-D tensor, got None")
+        setattr(self, "_" + name, value)
+    return property(get, set)
+
+
 @dataclass(init=False)
 class LLMAttributionResult:
     """Captum's result fields: ``seq_attr [n_features]``, ``token_attr [T, n_features]``,
@@ -140,47 +159,13 @@ class LLMAttributionResult:
         self.seq_attr, self.token_attr, self.output_probs = seq_attr, token_attr, output_probs
         self.inp, self.output_log_probs, self.gap = inp, output_log_probs, gap
 
-    @staticmethod
-    def _tensor(value, name: str, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
-        """``value`` as a tensor (None kept); :class:`CaptumValueError` (Captum's
-        ``AssertionError``) unless its shape is ``shape``."""
-        if value is None:
-            return None
-        value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-        if tuple(value.shape) != shape:
-            raise CaptumValueError(f"{name} must have shape {shape} ({what}), got "
-                                   f"{tuple(value.shape)}")
-        return value
-
-    @property
-    def seq_attr(self) -> torch.Tensor:
-        return self._seq_attr
-
-    @seq_attr.setter
-    def seq_attr(self, value) -> None:
-        if value is None:
-            raise CaptumValueError("seq_attr must be a 1-D tensor, got None")
-        self._seq_attr = self._tensor(value, "seq_attr", (len(self.input_tokens),),
-                                      "one value per input token")
-
-    @property
-    def token_attr(self) -> torch.Tensor | None:
-        return self._token_attr
-
-    @token_attr.setter
-    def token_attr(self, value) -> None:
-        self._token_attr = self._tensor(value, "token_attr", (len(self.output_tokens),
-                                                              len(self.input_tokens)),
-                                        "output tokens x input tokens")
-
-    @property
-    def output_probs(self) -> torch.Tensor | None:
-        return self._output_probs
-
-    @output_probs.setter
-    def output_probs(self, value) -> None:
-        self._output_probs = self._tensor(value, "output_probs", (len(self.output_tokens),),
-                                          "one value per output token")
+    seq_attr = _checked_tensor("seq_attr", lambda r: (len(r.input_tokens),),
+                               "one value per input token", required=True)
+    token_attr = _checked_tensor("token_attr", lambda r: (len(r.output_tokens),
+                                                          len(r.input_tokens)),
+                                 "output tokens x input tokens")
+    output_probs = _checked_tensor("output_probs", lambda r: (len(r.output_tokens),),
+                                   "one value per output token")
 
     @property
     def seq_attr_dict(self) -> dict[str, float]:

@@ -114,7 +114,7 @@ def say_math_attention(model_class: str, impl: str) -> None:
     """Warn once per model class and attention implementation that second and higher
     derivatives run it on the math SDPA backend (``impl == "sdpa"``) or on eager attention."""
     how = "the math SDPA backend" if impl == "sdpa" else "eager attention"
-    _warn_once(f"second-order attribution: {model_class} attention {impl!r} runs on {how} "
+    warn_once(f"second-order attribution: {model_class} attention {impl!r} runs on {how} "
                "(fused kernels have no second derivative); first-order methods keep the fused "
                "kernels")
 
@@ -129,7 +129,8 @@ def higher_order_ops(f: Callable | None = None):
         yield
 
 
-def _warn_once(msg: str) -> None:
+def warn_once(msg: str) -> None:
+    """A ``RuntimeWarning`` of ``msg``, once per process."""
     if msg not in _warned:
         _warned.add(msg)
         warn(msg, RuntimeWarning)
@@ -267,7 +268,7 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
             g, hv = _batched(f, x, V)
         except BatchingFailed as failed:
             exc = failed.__cause__
-            _warn_once(f"the batched backward failed for this model "
+            warn_once(f"the batched backward failed for this model "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
                        "autograd double backward, one pass per direction")
             g, hv = _double_backward(f, x, V)
@@ -663,7 +664,7 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
         except Exception as exc:  # noqa: BLE001 - only functorch limitations are caught
             if not _functorch_unsupported(exc):
                 raise
-            _warn_once(f"torch.func cannot transform this model ({type(exc).__name__}); "
+            warn_once(f"torch.func cannot transform this model ({type(exc).__name__}); "
                        "using autograd triple backward")
             with torch.enable_grad():
                 z = x.clone().requires_grad_(True)

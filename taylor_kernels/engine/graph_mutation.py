@@ -14,6 +14,7 @@ import operator
 
 from torch import fx, nn
 
+
 def _in_place(node: fx.Node, root: nn.Module) -> bool:
     name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
     return (node.kwargs.get("inplace") is True

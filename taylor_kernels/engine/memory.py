@@ -356,11 +356,12 @@ class KeptGraphs:
         """``MemoryError`` if ``done`` points' kept bytes, scaled to all points, overflow."""
         kept = self._saved.total if self._saved is not None else \
             torch.cuda.memory_allocated(self.device) - self._start
-        need = kept / max(done, 1) * self.total + self.held
+        per_point = kept / max(done, 1)
+        need = per_point * self.total + self.held
         if need > self.budget:
             raise MemoryError(
                 f"max_memory of {self.budget} bytes cannot hold the graphs create_graph=True "
-                f"keeps for your backward: {int(kept / max(done, 1))} bytes per path point "
+                f"keeps for your backward: {int(per_point)} bytes per path point "
                 f"over {self.total} points (about {int(need)} bytes with the call's inputs and "
                 "sums); raise max_memory, or attribute fewer rows or steps per call")
 

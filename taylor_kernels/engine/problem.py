@@ -7,7 +7,6 @@ flattened points and pick the target output of each row. Every malformed argumen
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -142,13 +141,13 @@ def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
             return target.to(device=device, dtype=torch.long)
         raise ValueError(f"target tensor of shape {tuple(target.shape)} must be a scalar or [{B}]")
     if isinstance(target, tuple):
-        return [target] * B
+        return IndexTuples([target] * B)
     if isinstance(target, list):
         if len(target) != B:
             raise ValueError(f"target list has {len(target)} entries for {B} inputs")
         if all(isinstance(t, int) for t in target):
             return torch.tensor(target, dtype=torch.long, device=device)
-        return [tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in target]
+        return IndexTuples(tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in target)
     raise ValueError(f"target must be an int, tuple, tensor or list, got {type(target)}")
 
 
@@ -404,7 +403,7 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
         idx = target.to(out.device)[rows]
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)
-    idx = _tuple_indices(target, out.device)
+    idx = target.on(out.device) if isinstance(target, IndexTuples) else None
     if idx is not None and idx.shape[1] == out.dim() - 1:  # one gather, no host read of rows
         idx = idx[rows.to(out.device)]
         dims = torch.tensor(out.shape[1:], device=out.device)
@@ -414,28 +413,20 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
     return torch.stack(picked)
 
 
-_TUPLE_INDICES: dict = {}  # (id(target), device) -> (target, [B, k] indices); small, newest last
-_TUPLE_LOCK = threading.Lock()
+class IndexTuples(list):
+    """Per-row target index tuples (a list, as every caller reads them) that make their
+    ``[B, k]`` long tensor once per device (:meth:`on`): each chunk read its rows on the host
+    to index the list, a sync per chunk on CUDA and no CUDA graph for such targets."""
 
-
-def _tuple_indices(target: list, device: torch.device) -> torch.Tensor | None:
-    """A list of per-row index tuples of one length as a ``[B, k]`` long tensor on
-    ``device``, made once per target list and device (rows were read on the host in every
-    chunk: a sync per chunk on CUDA, and no CUDA graph for such targets); None when the
-    tuples differ in length."""
-    key = (id(target), str(device))
-    with _TUPLE_LOCK:  # (threads' calls evict each other's entries)
-        hit = _TUPLE_INDICES.get(key)
-    if hit is not None and hit[0] is target:
-        return hit[1]
-    if len({len(t) for t in target}) != 1:
-        return None
-    idx = torch.tensor(target, dtype=torch.long).to(device)
-    with _TUPLE_LOCK:
-        _TUPLE_INDICES[key] = (target, idx)
-        while len(_TUPLE_INDICES) > 8:
-            _TUPLE_INDICES.pop(next(iter(_TUPLE_INDICES)))
-    return idx
+    def on(self, device: torch.device) -> torch.Tensor | None:
+        """The tuples as a ``[B, k]`` long tensor on ``device``; None when they differ in
+        length."""
+        made = self.__dict__.setdefault("_on", {})
+        key = str(device)
+        if key not in made:
+            made[key] = torch.tensor(self, dtype=torch.long).to(device) \
+                if len({len(t) for t in self}) == 1 else None
+        return made[key]
 
 
 def target_values(out, target) -> torch.Tensor:

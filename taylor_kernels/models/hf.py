@@ -44,7 +44,7 @@ from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_p
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (check_model, coupling_submodules, is_row_tensor,
                                           modules_of, row_coupling_allowed)
-from taylor_kernels.engine.derivative import eager_attention, math_attention
+from taylor_kernels.engine.derivative import eager_attention, math_attention, warn_once
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
@@ -645,9 +645,6 @@ def attention_implementation(model) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
-_FLEX_SAID: set[str] = set()  # model classes told that flex attention runs eager on the CPU
-
-
 @contextlib.contextmanager
 def first_order_attention(model, activation: torch.Tensor):
     """Attention for the gradients of a forward the library runs (token IG, generation):
@@ -659,11 +656,8 @@ def first_order_attention(model, activation: torch.Tensor):
     error told the user to stop requiring grad), runs ``"eager"`` attention, said once."""
     impl = attention_implementation(model)
     if activation.device.type == "cpu" and impl == "flex_attention":
-        name = type(model).__name__
-        if name not in _FLEX_SAID:
-            _FLEX_SAID.add(name)
-            warn(f"{name}: flex attention has no backward on the CPU; attribution runs it on "
-                 "eager attention (set back after the call)", RuntimeWarning)
+        warn_once(f"{type(model).__name__}: flex attention has no backward on the CPU; "
+                  "attribution runs it on eager attention (set back after the call)")
         with eager_attention([(model, impl)]):
             yield
         return

@@ -103,9 +103,9 @@ class _NoHostRead(torch.Tensor):
 def test_tuple_targets_are_gathered_without_reading_rows_on_the_host():
     """Each chunk read its rows with ``.tolist()`` (a sync per chunk on CUDA, and no CUDA
     graph for tuple targets): one gather on the device now, negatives from the end."""
-    from taylor_kernels.engine.problem import select_target
+    from taylor_kernels.engine.problem import _target_rows, select_target
     out = torch.randn(3, 2, 3)  # the chunk's rows 3, 1, 0 of a batch of 4
-    target = [(0, 1), (1, -1), (-2, 2), (1, 0)]
+    target = _target_rows([(0, 1), (1, -1), (-2, 2), (1, 0)], 4, out.device)  # (as problems)
     rows = torch.tensor([3, 1, 0]).as_subclass(_NoHostRead)
     got = select_target(out, target, rows)
     want = torch.stack([out[0, 1, 0], out[1, 1, 2], out[2, 0, 1]])
