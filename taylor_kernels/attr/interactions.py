@@ -22,6 +22,7 @@ import torch
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.jet import feature_index
+from taylor_kernels.engine.no_grad_blocks import respecting_no_grad
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 from taylor_kernels.engine.row_args import check_row_args, forward_args, select_rows
 from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
@@ -107,8 +108,9 @@ def _normalise_sets(sets, order: int, n: int) -> list[tuple[int, ...]]:
 
 def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
     """``D^k f(x)[v_1, ..., v_k]`` ``[B]`` for row-wise ``f: [B, D] -> [B]`` and ``v_j [B, D]``,
-    by ``k`` nested forward-mode derivatives."""
-    g = f
+    by ``k`` nested forward-mode derivatives (a ``torch.no_grad()`` block of ``f`` a constant,
+    as in reverse mode)."""
+    g = respecting_no_grad(f)
     for v in directions:
         g = (lambda h, v: lambda y: torch.func.jvp(h, (y,), (v,))[1])(g, v)
     with FORWARD_AD_LOCK:  # (forward-AD levels are per process)

@@ -46,6 +46,7 @@ from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
+from taylor_kernels.engine.no_grad_blocks import respecting_no_grad
 from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, with_forward_args
 from taylor_kernels.models.outputs import default_output
@@ -483,7 +484,8 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         if not fallback:
             _warn_once(_op_name("call_function", f), why)
         with higher_order_ops(f):
-            out = nested_jvp_coefficients(lambda z: _plain_output(f(z, *args)), [arg.c], order)
+            out = nested_jvp_coefficients(respecting_no_grad(lambda z: _plain_output(f(z, *args))),
+                                          [arg.c], order)
     elif out is None:
         out = rules.as_jet(_plain_output(f(arg, *args)), order).c
     return _select(out, target, B, M)

@@ -303,3 +303,33 @@ def test_order_three_budgets_count_the_weight_copies_of_nested_forward_mode():
     want = tk.interactions(net, x, target=1, order=3, sets=sets).derivatives
     got = tk.interactions(net, x, target=1, order=3, sets=sets, max_memory="64MB").derivatives
     torch.testing.assert_close(got, want)
+
+
+_HELD_W = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+def _held_by_no_grad(z):  # a normaliser the author holds constant, as reverse mode does
+    h = torch.tanh(z @ _HELD_W)
+    with torch.no_grad():
+        s = h.pow(2).sum(-1, keepdim=True)
+    return (h * s).pow(2).sum(-1) + z[:, 0] * z[:, 1] * z[:, 2]
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_a_no_grad_block_is_a_constant_in_k_way_sets_as_in_reverse_mode(order):
+    """Nested ``torch.func.jvp`` ignores grad mode: tangents flowed through the block
+    (another derivative than reverse mode's, silently). Reference: nested jacrev, which
+    respects the block, and a call under an outer no_grad gives the same."""
+    x = torch.randn(3, 5, dtype=torch.float64)
+    sets = [(0, 1, 2, 3)[:order], (4, 4, 1)[:order], (2, 3, 3)[:order]]
+    res = tk.interactions(_held_by_no_grad, x, order=order, sets=sets)
+    g = lambda y: _held_by_no_grad(y.unsqueeze(0))[0]  # noqa: E731
+    for _ in range(order):
+        g = jacrev(g)
+    for b in range(3):
+        full = g(x[b])
+        torch.testing.assert_close(res.derivatives[b], torch.stack([full[s] for s in sets]),
+                                   atol=TOL, rtol=0)
+    with torch.no_grad():
+        outer = tk.interactions(_held_by_no_grad, x, order=order, sets=sets)
+    torch.testing.assert_close(outer.derivatives, res.derivatives, atol=TOL, rtol=0)

@@ -843,3 +843,24 @@ def test_a_no_grad_block_in_the_forward_is_a_constant_as_in_reverse_mode():
     with torch.no_grad():
         got = tk.mixed_partials(cube, x, [(0, 1)])
     torch.testing.assert_close(got[:, 0], tk.hessian(cube, x)[:, 0, 1])
+
+
+def _held_then_in_place(z):  # _held_by_no_grad, with an in-place op read again: nested fallback
+    h = z @ _W
+    with torch.no_grad():
+        s = h.sum(-1, keepdim=True)
+    g = h * 1.0
+    g.mul_(2)
+    return (h * s).pow(2).sum(-1) + g.pow(3).sum(-1)
+
+
+def test_a_no_grad_block_stays_a_constant_in_the_nested_fallback():
+    """The whole-function fallback (nested ``torch.func.jvp``) let tangents through the
+    block; it matches the traced jet of the same function written out of place."""
+    out_of_place = lambda z: _held_by_no_grad(z) + (2 * (z @ _W)).pow(3).sum(-1)  # noqa: E731
+    x = torch.randn(2, 6, dtype=DT)
+    V = torch.randn(2, 1, 6, dtype=DT)
+    jet_engine._WARNED_OPS.clear()
+    with pytest.warns(RuntimeWarning, match="in-place|does not give f"):
+        got = tk.jet(_held_then_in_place, x, V, 3)
+    torch.testing.assert_close(got, tk.jet(out_of_place, x, V, 3), rtol=1e-10, atol=1e-10)
