@@ -61,6 +61,7 @@ _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType
            types.MethodType, torch.Tensor, nn.Module)
 _SKIP = frozenset(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
 _TRACES_LOCK = threading.Lock()  # the LRU is shared by threads
+_FX_TRACE_LOCK = threading.RLock()  # one torch.fx trace at a time (see _Tracer.trace)
 _TRACE_CACHE_SIZE = 16  # traced functions kept (a small LRU: entries hold the model alive)
 
 
@@ -73,6 +74,32 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_children = leaf_children
         self._extra: dict[int, str] = {}
+        self._thread: int | None = None
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        """The graph of ``root``, traced under one process-wide lock. While it traces, FX
+        replaces ``nn.Module.__call__`` and ``__getattr__`` for the whole process: another
+        thread's module calls went through this tracer (``NameError: module is not installed
+        as a submodule`` in a plain forward), and two interleaved traces could leave one's
+        wrapper installed for good. Calls from other threads now pass through
+        (:meth:`call_module`, :meth:`getattr`)."""
+        with _FX_TRACE_LOCK:
+            self._thread = threading.get_ident()
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                self._thread = None
+
+    def _foreign(self) -> bool:
+        return threading.get_ident() != self._thread
+
+    def call_module(self, m, forward, args, kwargs):
+        return forward(*args, **kwargs) if self._foreign() else \
+            super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self._foreign() else \
+            super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def path_of_module(self, mod: nn.Module) -> str:
         try:
