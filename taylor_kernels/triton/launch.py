@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+import torch
 from triton.runtime.jit import JITFunction
 from torch.library import wrap_triton
 
@@ -32,7 +33,40 @@ class _Serialized:
         return launch
 
 
+class _OnTheTensorsDevice:
+    """A compiled kernel (``wrap_triton``) launched on its first tensor argument's device.
+    Triton launches on the current device and its current stream: with tensors on
+    ``cuda:1`` while ``cuda:0`` is current, the kernel ran on device 0 against device 1's
+    memory. Only real CUDA tensors take the guard (not while ``torch.compile`` traces, nor
+    its fake tensors: Inductor guards the device itself)."""
+
+    def __init__(self, kernel):
+        self.kernel = wrap_triton(kernel)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            device = None if torch.compiler.is_compiling() else launch_device(args)
+            if device is None:
+                return launch(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launch(*args, **kwargs)
+        return run
+
+
+def launch_device(args) -> torch.device | None:
+    """The device to make current for a launch: the first real CUDA tensor's among ``args``
+    when it is not the current device, else None (nothing to change)."""
+    for a in args:
+        if type(a) in (torch.Tensor, torch.nn.Parameter) and a.is_cuda:  # (not fake ones)
+            return a.device if a.device.index != torch.cuda.current_device() else None
+    return None
+
+
 def launcher(kernel):
-    """``kernel`` ready for ``[grid](...)``: ``wrap_triton(kernel)`` for a compiled (GPU)
-    kernel; an interpreted one (CPU tensors, ``TRITON_INTERPRET=1``) launched under a lock."""
-    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else _Serialized(kernel)
+    """``kernel`` ready for ``[grid](...)``: for a compiled (GPU) kernel, ``wrap_triton``
+    launched on its tensors' device; an interpreted one (CPU tensors, ``TRITON_INTERPRET=1``)
+    launched under a lock."""
+    return _OnTheTensorsDevice(kernel) if isinstance(kernel, JITFunction) else \
+        _Serialized(kernel)

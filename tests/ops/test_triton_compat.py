@@ -29,7 +29,7 @@ def test_launcher_wraps_compiled_kernels_only():
     compiled = JITFunction(_plain)
     interpreted = InterpretedFunction(_plain)
     assert launcher(interpreted).kernel is interpreted
-    wrapped = launcher(compiled)
+    wrapped = launcher(compiled).kernel  # (launched on its tensors' device)
     assert wrapped is compiled or type(wrapped).__name__ == "TraceableTritonKernelWrapper"
 
 

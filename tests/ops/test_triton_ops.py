@@ -234,3 +234,33 @@ def test_registered_ops_refuse_one_meta_operand(suffix):
             ("polarize_contract", (torch.randn(3, 2, 6), torch.ones(2, device=meta), 1))]:
         with pytest.raises((ValueError, RuntimeError), match="device"):
             getattr(ops, name + suffix)(*args)
+
+
+def test_launch_device_is_none_for_cpu_and_fake_tensors():
+    """Only a real CUDA tensor on another device than the current one moves a launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from taylor_kernels.triton.launch import launch_device
+    assert launch_device((torch.ones(2), 3, None)) is None
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.ones(2))
+    assert launch_device((fake,)) is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_kernels_run_on_their_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: Triton launched on the current device."""
+    from taylor_kernels.ops.hessian import ih_accumulate
+    from taylor_kernels.ops.path import path_accumulate, path_points
+    x, bl, nodes, w = make(2, 3, 4, 5, False, torch.float32, False, device="cuda:1")
+    h = torch.randn(2 * 3 * 4, 2, 5, device="cuda:1")
+    idx = torch.tensor([1, 3], device="cuda:1")
+    g = torch.randn(24, 5, device="cuda:1")
+    with torch.cuda.device(0), backends.using("triton"):
+        got = (path_points(x, bl, nodes, 0, 24), path_accumulate(g, x, bl, w, 0),
+               ih_accumulate(h, x, bl, w, idx, 0))
+    with backends.using("reference"):
+        want = (path_points(x, bl, nodes, 0, 24), path_accumulate(g, x, bl, w, 0),
+                ih_accumulate(h, x, bl, w, idx, 0))
+    for a, b in zip(got, want):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a, b)
