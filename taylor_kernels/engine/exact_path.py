@@ -32,6 +32,7 @@ from taylor_kernels.engine import exact_rules as rules
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
 from taylor_kernels.engine.graph_mutation import mutated_then_read
+from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.jet import _has_hooks, _trace_key, _Tracer
 from taylor_kernels.engine.problem import PathProblem, select_target
 
@@ -49,21 +50,23 @@ class _Root(nn.Module):
         return self.f(*args)
 
 
-_TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, nn.Module, fx.Graph, tuple]]" = \
+_TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, HeldRoot, fx.Graph, tuple]]" = \
     OrderedDict()
-_TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; entries hold the model alive)
+_TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; the model's modules held weakly)
 
 
 def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph, bool]:
     """``model`` traced by ``torch.fx`` with ``n_args`` positional inputs: ``(root, graph,
-    cached)`` (cached per model unless ``fresh``; the model itself is not modified, weights
-    are read at run time). Raises :class:`NotPiecewiseLinear` when it cannot be traced."""
+    cached)`` (cached per model unless ``fresh``, without keeping the model alive; the model
+    itself is not modified, weights are read at run time). Raises :class:`NotPiecewiseLinear`
+    when it cannot be traced."""
     key = (id(model), n_args)
     state = _trace_key(model)  # the modules' trees, closure cells and globals a forward reads
     hit = None if fresh else _TRACES.get(key)
-    if hit is not None and hit[0]() is model and hit[3] == state:
+    root = hit[1].root() if hit is not None and hit[0]() is model and hit[3] == state else None
+    if root is not None:
         _TRACES.move_to_end(key)
-        return hit[1], hit[2], True
+        return root, hit[2], True
     tracer = _Tracer()
     try:
         graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
@@ -72,7 +75,7 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
                                  f"{str(exc)[:200]})") from exc
     _refuse_visible_mutation(graph, tracer.root)
     try:
-        _TRACES[key] = (weakref.ref(model), tracer.root, graph, state)
+        _TRACES[key] = (weakref.ref(model), HeldRoot(tracer.root), graph, state)
     except TypeError:  # not weak-referenceable: trace again next time
         return tracer.root, graph, False
     while len(_TRACES) > _TRACE_CACHE_SIZE:

@@ -31,6 +31,7 @@ import operator
 import threading
 import types
 import weakref
+from typing import NamedTuple
 from collections import OrderedDict
 
 import torch
@@ -43,6 +44,7 @@ from taylor_kernels.engine import jet_rules as rules
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
+from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
@@ -55,7 +57,7 @@ from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficie
 from taylor_kernels.user_warnings import warn
 
 _WARNED_OPS: set[str] = set()
-_TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, fx.GraphModule | None]]" = OrderedDict()
+_TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, object]]" = OrderedDict()
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
            types.MethodType, torch.Tensor, nn.Module)
@@ -170,8 +172,15 @@ def _trace_key(f) -> tuple:
     return tuple(key)
 
 
-def _trace(f, cache: bool = True, args: tuple = ()) -> fx.GraphModule | None:
-    """``x -> f(x, *args)`` as a GraphModule, else with child modules as leaves, else None;
+class Traced(NamedTuple):
+    """A traced function: the graph and the root its ``get_attr``/``call_module`` nodes
+    name."""
+    root: nn.Module
+    graph: fx.Graph
+
+
+def _trace(f, cache: bool = True, args: tuple = ()) -> Traced | None:
+    """``x -> f(x, *args)`` traced, else with child modules as leaves, else None;
     cached (``cache=True``) until :func:`_trace_key` of ``f`` or the form of ``args`` changes.
     The tensors of ``args`` are inputs of the graph after ``x`` (:func:`_tensor_args`); their
     values are not traced, the rest of ``args`` is."""
@@ -189,42 +198,49 @@ def _args_form(args: tuple) -> tuple:
                  for a in args)
 
 
-def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[fx.GraphModule | None, bool]:
+def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[Traced | None, bool]:
     """:func:`_trace` and whether the graph came from the cache. A model that inspects a
     tensor argument (``mask.dim()``, ``.dtype``, a shape) cannot be traced with the tensors as
     graph inputs (the tracer's proxies have no values): it is traced with this call's tensors
     as constants instead (still taking, and ignoring, the tensor inputs), and that graph is
-    not cached (the cache remembers only that the model needs it)."""
+    not cached (the cache remembers only that the model needs it). Entries hold the
+    modules the graph calls weakly (:class:`~taylor_kernels.engine.held_root.HeldRoot`)."""
     key = (_trace_key(f), _args_form(args)) if cache else None
     with _TRACES_LOCK:
         hit = _TRACES.get(id(f)) if cache else None
         if hit is not None and hit[0]() is f and hit[1] == key:
             _TRACES.move_to_end(id(f))
+            if hit[2] is None:  # (it does not trace)
+                return None, True
             if hit[2] is not _BY_VALUE:
-                return hit[2], True
+                root = hit[2][0].root()
+                if root is not None:
+                    return Traced(root, hit[2][1]), True
+                hit = None  # a module the graph calls is gone: trace again
     by_value = hit is not None and hit[0]() is f and hit[1] == key
-    gm = None if by_value else _trace_graph(f, args, by_value=False)
-    if gm is None and _tensor_args(args):
-        gm = _trace_graph(f, args, by_value=True)
-        by_value = gm is not None
+    traced = None if by_value else _trace_graph(f, args, by_value=False)
+    if traced is None and _tensor_args(args):
+        traced = _trace_graph(f, args, by_value=True)
+        by_value = traced is not None
     if not cache:
-        return gm, False
+        return traced, False
     try:
         ref = weakref.ref(f)
     except TypeError:  # not weak-referenceable: trace again next time
-        return gm, False
+        return traced, False
     with _TRACES_LOCK:
-        _TRACES[id(f)] = (ref, key, _BY_VALUE if by_value else gm)
+        _TRACES[id(f)] = (ref, key, None if traced is None else _BY_VALUE if by_value else
+                          (HeldRoot(traced.root), traced.graph))
         _TRACES.move_to_end(id(f))
         while len(_TRACES) > _TRACE_CACHE_SIZE:
             _TRACES.popitem(last=False)
-    return gm, False
+    return traced, False
 
 
 _BY_VALUE = object()  # a cache entry: the model traces only with its tensor arguments' values
 
 
-def _trace_graph(f, args: tuple, by_value: bool) -> fx.GraphModule | None:
+def _trace_graph(f, args: tuple, by_value: bool) -> Traced | None:
     """``(x, *tensors) -> f(x, *args)`` traced (whole, else with child modules as leaves; None
     when neither traces): the tensors of ``args`` are the graph's later inputs, or, when
     ``by_value``, constants of the graph (the inputs are then unused)."""
@@ -252,7 +268,7 @@ def _trace_graph(f, args: tuple, by_value: bool) -> fx.GraphModule | None:
                      "the whole function runs in nested forward-mode AD (exact, O(2^order) "
                      "cost)", RuntimeWarning)
             return None
-        return fx.GraphModule(tracer.root, graph)
+        return Traced(tracer.root, graph)
     return None
 
 
@@ -328,8 +344,8 @@ LINEAR_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 
 class _JetInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, order: int, cache: bool = True):
-        super().__init__(gm)
+    def __init__(self, traced: Traced, order: int, cache: bool = True):
+        super().__init__(traced.root, graph=traced.graph)
         self.order, self.cache = order, cache
 
     def _has_jet(self, args, kwargs) -> bool:
@@ -493,15 +509,15 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
         arg = Jet(torch.cat(parts[:order + 1] if order < 2 else parts))
     else:
         arg = x0
-    gm, cached = (None, False) if fallback else _trace_cached(f, cache, args)
-    out = None if gm is None else _run_traced(gm, arg, order, cache, args)
+    traced, cached = (None, False) if fallback else _trace_cached(f, cache, args)
+    out = None if traced is None else _run_traced(traced, arg, order, cache, args)
     row0_f = at_rows(fa, torch.zeros(1, dtype=torch.long, device=x.device))
     checks = not row_coupling_allowed()  # (a random model's c0 differs anyway)
     if out is not None and cached and checks and not _primal_matches(row0_f, x, row0, out):
         with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
             _TRACES.clear()
-        gm = _trace(f, cache, args)
-        out = None if gm is None else _run_traced(gm, arg, order, cache, args)
+        traced = _trace(f, cache, args)
+        out = None if traced is None else _run_traced(traced, arg, order, cache, args)
     why = "could not trace"
     if out is not None and checks and row0 is not None and \
             not _primal_matches(row0_f, x, row0, out):  # a fresh trace that is not f
@@ -518,13 +534,13 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     return _select(out, target, B, M)
 
 
-def _run_traced(gm: fx.GraphModule, arg, order: int, cache: bool, args: tuple = ()
+def _run_traced(traced: Traced, arg, order: int, cache: bool, args: tuple = ()
                 ) -> torch.Tensor:
     """The jet coefficients ``[J+1, B*M, ...]`` of a traced model at ``arg`` with forward
     ``args`` (their tensors the graph's later inputs) (a mapping's, ``ModelOutput``'s or
     tuple's output by the rule of :func:`~taylor_kernels.models.outputs.model_output`: it
     raised "Could not infer dtype")."""
-    res = _JetInterpreter(gm, order, cache).run(arg, *_tensor_args(args))
+    res = _JetInterpreter(traced, order, cache).run(arg, *_tensor_args(args))
     if not isinstance(res, (Jet, torch.Tensor)):
         res = _output_jet(res)
     return res.c if isinstance(res, Jet) else rules.as_jet(res, order).c

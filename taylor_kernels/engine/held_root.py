@@ -1,0 +1,44 @@
+"""A cached ``torch.fx`` trace's root, held without keeping the traced model alive.
+
+The jet engine and the exact rule cache one trace per function (small LRUs). A trace's root
+holds the modules its graph calls (the model, or its children) and the tensor constants FX
+made; cached as it was, an entry kept a deleted model's weights alive until the LRU dropped
+it (a notebook that loads one model after another held up to 16 of them through the jet
+engine's cache and 8 through the exact rule's).
+:class:`HeldRoot` keeps the root's modules by weak reference and its tensors as they are,
+and builds a fresh root for each use. (A module the forward makes on every call dies with the
+first root, so such a model is traced again on every call, as before it was cached.)
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+
+class HeldRoot:
+    """``root``'s children (held weakly), parameters, buffers and tensor attributes."""
+
+    def __init__(self, root: nn.Module):
+        self._children = [(name, weakref.ref(m)) for name, m in root.named_children()]
+        self._tensors = [(name, v) for name, v in vars(root).items()
+                         if isinstance(v, torch.Tensor)]
+        self._parameters = dict(root._parameters)
+        self._buffers = dict(root._buffers)
+
+    def root(self) -> nn.Module | None:
+        """A root with the same attributes, or None when a weakly held module is gone."""
+        root = nn.Module()
+        for name, ref in self._children:
+            m = ref()
+            if m is None:
+                return None
+            root.add_module(name, m)
+        for name, p in self._parameters.items():
+            root.register_parameter(name, p)
+        for name, b in self._buffers.items():
+            root.register_buffer(name, b)
+        for name, v in self._tensors:
+            object.__setattr__(root, name, v)
+        return root
