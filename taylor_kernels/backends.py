@@ -170,6 +170,13 @@ def resolve_for(op: str, *tensors: torch.Tensor) -> str:
     return resolve(tensors[0].device, op)
 
 
+def _compiling() -> bool:
+    """Whether ``torch.compile`` is tracing. torch 2.11 runs :func:`resolve` (an
+    ``assume_constant_result`` function) with ``is_compiling()`` still False while Dynamo
+    traces; its tracing context is set then on every supported version."""
+    return torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None
+
+
 @torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str | None = None) -> str:
     """The backend an op on ``device`` uses now; raises if a forced one cannot run there.
@@ -184,7 +191,7 @@ def resolve(device: torch.device, op: str | None = None) -> str:
         if not runs_on(name, device):
             raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
                                f"({unavailable_reason(name, device)})")
-        if name == "triton" and device.type == "cpu" and torch.compiler.is_compiling():
+        if name == "triton" and device.type == "cpu" and _compiling():
             raise RuntimeError("backend 'triton' runs CPU tensors in Triton's interpreter, "
                                "which cannot run inside torch.compile (it read the tracer's "
                                "placeholder tensors); compile with backend 'cpp' or "
