@@ -45,22 +45,31 @@ from taylor_kernels.captum_front.llm import (LLMAttributionResult, LLMGradientAt
                                              register_with_captum as _register_with_captum)
 from taylor_kernels.captum_front.patch import is_patched, patch, patched, unpatch
 
-__all__ = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",
-           "LayerGradientShap", "LayerIntegratedGradients", "LLMAttributionResult",
-           "LLMGradientAttribution", "NeuronConductance", "NeuronIntegratedGradients",
-           "NoiseTunnel", "TextTokenInput", "is_patched", "patch", "patched", "unpatch"]
+_OWN = ["GradientShap", "IntegratedGradients", "InternalInfluence", "LayerConductance",
+        "LayerGradientShap", "LayerIntegratedGradients", "LLMAttributionResult",
+        "LLMGradientAttribution", "NeuronConductance", "NeuronIntegratedGradients",
+        "NoiseTunnel", "TextTokenInput", "is_patched", "patch", "patched", "unpatch"]
 
 
 def __getattr__(name: str):
     """Every other public name of ``captum.attr`` (``Saliency``, ``FeatureAblation``,
     ``TextTemplateInput``, ``visualization``...) is Captum's own, so that switching a whole
-    ``from captum.attr import ...`` line keeps working; those run Captum's code."""
+    ``from captum.attr import ...`` line keeps working; those run Captum's code. ``__all__``
+    is ours and, with Captum installed, ``captum.attr``'s (so ``from taylor_kernels.captum
+    import *`` gives every name ``from captum.attr import *`` does; looked up only then, as
+    importing Captum imports matplotlib)."""
+    if name == "__all__":
+        try:
+            import captum.attr
+        except ImportError:
+            return list(_OWN)
+        return list(_OWN) + [n for n in captum.attr.__all__ if n not in _OWN]
     if name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
         import captum.attr
     except ImportError:
-        raise AttributeError(f"taylor_kernels.captum implements {', '.join(__all__[:12])}...; "
+        raise AttributeError(f"taylor_kernels.captum implements {', '.join(_OWN[:12])}...; "
                              f"{name!r} would be Captum's own class: install captum") from None
     _register_with_captum()  # Captum's LLMAttribution then takes our TextTokenInput
     try:

@@ -28,6 +28,7 @@ positions mix). Output tokens are readable token strings as in Captum
 from __future__ import annotations
 
 import numbers
+import textwrap
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -172,46 +173,62 @@ class LLMAttributionResult:
         return {k: v for v, k in zip(self.seq_attr.cpu().tolist(), self.input_tokens)}
 
     def plot_token_attr(self, show: bool = False):
-        """Heatmap of ``token_attr`` (output tokens x input tokens, red positive, blue
-        negative, one symmetric scale); returns ``(fig, ax)`` unless ``show``."""
+        """Heatmap of ``token_attr`` (output tokens x input tokens) as Captum draws it: red
+        negative, white zero, green positive on one symmetric scale, each cell's value to 4
+        decimals; returns ``(fig, ax)`` unless ``show``."""
         if self.token_attr is None:
-            raise ValueError("token_attr is None: use plot_seq_attr")
+            raise ValueError("token_attr is None (no token-level attribution was performed): "
+                             "use plot_seq_attr")
         import matplotlib.pyplot as plt
         import numpy as np
+        from matplotlib.colors import LinearSegmentedColormap
 
         data = self.token_attr.detach().cpu().float().numpy()
-        vmax = float(abs(data).max()) or 1.0
-        fig, ax = plt.subplots(figsize=(max(data.shape[1] * 0.7, 4), max(data.shape[0] * 0.4,
-                                                                           2.5)))
-        im = ax.imshow(data, vmin=-vmax, vmax=vmax, cmap="RdBu_r", aspect="auto")
-        fig.colorbar(im, ax=ax).ax.set_ylabel("token attribution", rotation=-90, va="bottom")
-        ax.set_xticks(range(data.shape[1]), labels=[repr(t)[1:-1] for t in self.input_tokens])
-        ax.set_yticks(range(data.shape[0]), labels=[repr(t)[1:-1] for t in self.output_tokens])
-        for (i, j), v in np.ndenumerate(data):  # the value in each cell, as Captum's
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(v) > 0.6 * vmax else "black")
+        vmax = float(abs(data).max())
+        fig, ax = plt.subplots()
+        ax.grid(False)
+        fig.set_size_inches(max(data.shape[1] * 1.3, 6.4), max(data.shape[0] / 2.5, 4.8))
+        colours = LinearSegmentedColormap.from_list("RdWhGn", ["red", "white", "green"])
+        im = ax.imshow(data, vmin=-vmax, vmax=vmax, cmap=colours, aspect="auto")
+        fig.set_facecolor("white")
+        fig.colorbar(im, ax=ax).ax.set_ylabel("Token Attribution", rotation=-90, va="bottom")
+        ax.set_xticks(np.arange(data.shape[1]), labels=_tick_labels(self.input_tokens))
+        ax.set_yticks(np.arange(data.shape[0]),
+                      labels=[repr(t)[1:-1] for t in self.output_tokens])
         ax.tick_params(top=True, bottom=False, labeltop=True, labelbottom=False)
         plt.setp(ax.get_xticklabels(), rotation=-30, ha="right", rotation_mode="anchor")
+        for (i, j), v in np.ndenumerate(data):  # dark cells get white text
+            ax.text(j, i, f"{v:.4f}", ha="center", va="center",
+                    color="black" if 0.2 < im.norm(v) < 0.8 else "white")
         if show:
             plt.show()
             return None
         return fig, ax
 
     def plot_seq_attr(self, show: bool = False):
-        """Bar chart of ``seq_attr`` per input token; returns ``(fig, ax)`` unless ``show``."""
+        """Bar chart of ``seq_attr`` per input token as Captum draws it (positive blue,
+        negative red); returns ``(fig, ax)`` unless ``show``."""
         import matplotlib.pyplot as plt
 
         data = self.seq_attr.detach().cpu().float().numpy()
-        fig, ax = plt.subplots(figsize=(max(len(data) * 0.5, 4), 3))
-        ax.bar(range(len(data)), data, color=["#4772b3" if v >= 0 else "#d0365b"
-                                              for v in data])
-        ax.set_xticks(range(len(data)), labels=[repr(t)[1:-1] for t in self.input_tokens])
+        fig, ax = plt.subplots()
+        fig.set_size_inches(max(len(data) / 2, 6.4), max(len(data) / 4, 4.8))
+        ax.set_xticks(range(len(data)), labels=_tick_labels(self.input_tokens))
+        ax.tick_params(top=True, bottom=False, labeltop=True, labelbottom=False)
         plt.setp(ax.get_xticklabels(), rotation=-30, ha="right", rotation_mode="anchor")
-        ax.set_ylabel("sequence attribution")
+        fig.set_facecolor("white")
+        ax.bar(range(len(data)), [max(v, 0) for v in data], align="center", color="#4772b3")
+        ax.bar(range(len(data)), [min(v, 0) for v in data], align="center", color="#d0365b")
+        ax.set_ylabel("Sequence Attribution", rotation=90, va="bottom")
         if show:
             plt.show()
             return None
         return fig, ax
+
+
+def _tick_labels(tokens) -> list[str]:
+    """Input tokens as tick labels: escaped, at most 50 characters (as Captum's)."""
+    return [textwrap.shorten(repr(t)[1:-1], width=50, placeholder="...") for t in tokens]
 
 
 def _readable(text: str) -> str:

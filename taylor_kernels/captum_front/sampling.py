@@ -139,8 +139,10 @@ class NoiseTunnel:
                 call_kwargs["max_memory"] = memory.beside(  # held beside the method's budget
                     call_kwargs["max_memory"], (batch, call_kwargs.get("baselines")),
                     tup[0].device)
-            out = self.attribution_method.attribute(batch if was_tuple else batch[0],
-                                                    **call_kwargs)
+            with torch.no_grad():  # as Captum's whole call: results carry no graph (a
+                # baseline requiring grad left one through x - b; the methods enable grad)
+                out = self.attribution_method.attribute(batch if was_tuple else batch[0],
+                                                        **call_kwargs)
             if kwargs.get("return_convergence_delta", False):
                 out, delta = out
                 deltas.append(delta)
@@ -153,7 +155,8 @@ class NoiseTunnel:
                 return type(value)(smooth(v) for v in value)
             return self._smooth(value, B, sizes, nt_type, nt_samples)
 
-        result = smooth(out)
+        with torch.no_grad():
+            result = smooth(out)
         if delta is not None:
             return result, delta
         return result

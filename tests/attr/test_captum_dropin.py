@@ -458,6 +458,30 @@ def test_noise_tunnel_tuple_inputs_args_and_unscaled():
         assert_same(ours, ref)
 
 
+@pytest.mark.parametrize("method", ["ig", "neuron_ig", "neuron_conductance"])
+def test_noise_tunnel_results_carry_no_graph_as_captum(method):
+    """Captum runs the whole NoiseTunnel call under no_grad; ours ran the wrapped method and
+    the smoothing with grad on, so an input requiring grad (the CIFAR tutorial's) and its
+    baseline ``inp * 0`` left a graph on the result (``.numpy()`` failed)."""
+    model, x, kw = setup("mlp")
+    x = x.clone().requires_grad_(True)
+    make = {"ig": lambda m: m.IntegratedGradients(model),
+            "neuron_ig": lambda m: m.NeuronIntegratedGradients(model, model[2]),
+            "neuron_conductance": lambda m: m.NeuronConductance(model, model[2])}[method]
+    extra = kw if method == "ig" else {"neuron_selector": 1, **kw}
+    if method == "neuron_ig":
+        extra.pop("target")
+
+    def call(nt):
+        return nt.attribute(x, baselines=x * 0, nt_type="smoothgrad_sq", nt_samples=3,
+                            stdevs=0.2, n_steps=5, **extra)
+
+    ref, ours = run_both(lambda: ca.NoiseTunnel(make(ca)), lambda: tc.NoiseTunnel(make(tc)),
+                         call)
+    assert not ref.requires_grad and not ours.requires_grad
+    assert_same(ours, ref)
+
+
 def test_noise_tunnel_over_layer_ig_and_captum_over_ours():
     model, x, kw = setup("mlp")
     layer = model[2]

@@ -265,3 +265,28 @@ def test_the_llm_class_has_captums_attribution_members(model, tok):
     assert ours.multiplies_by_inputs is theirs.multiplies_by_inputs is False
     assert [c.__name__ for c in ours.SUPPORTED_INPUTS] == \
         [c.__name__ for c in theirs.SUPPORTED_INPUTS]
+
+
+def test_result_plots_draw_as_captums():
+    """``plot_token_attr`` used a red-positive, blue-negative map (Captum's: red negative,
+    white, green positive: a reader of Captum's plots saw every sign reversed), 2 decimals
+    and smaller figures; ``plot_seq_attr`` other sizes and labels."""
+    import matplotlib.pyplot as plt
+    token_attr = torch.tensor([[1.0, -1.0, 0.123456], [0.5, 0.0, -0.25]])
+    kw = dict(input_tokens=["a", "b\n", "c" * 80], output_tokens=["x", "y"],
+              seq_attr=token_attr.sum(0), token_attr=token_attr)
+    drawn = []
+    for mod in (ca, tkc):
+        fig, ax = mod.LLMAttributionResult(**kw).plot_token_attr()
+        im = ax.images[0]
+        seq_fig, seq_ax = mod.LLMAttributionResult(**kw).plot_seq_attr()
+        drawn.append((tuple(fig.get_size_inches()), fig.axes[-1].get_ylabel(),
+                      [t.get_text() for t in ax.texts], [t.get_color() for t in ax.texts],
+                      [im.cmap(im.norm(v)) for v in (-1.0, 0.0, 0.3, 1.0)],
+                      [t.get_text() for t in ax.get_xticklabels()],
+                      tuple(seq_fig.get_size_inches()), seq_ax.get_ylabel(),
+                      [p.get_facecolor() for p in seq_ax.patches],
+                      [t.get_text() for t in seq_ax.get_xticklabels()]))
+        plt.close(fig)
+        plt.close(seq_fig)
+    assert drawn[1] == drawn[0]

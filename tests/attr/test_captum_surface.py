@@ -713,6 +713,12 @@ def test_every_captum_attr_name_imports_from_the_front():
     assert tc.IntegratedGradients is not ca.IntegratedGradients
     with pytest.raises(ImportError):
         exec("from taylor_kernels.captum import NoSuchAttribution", {})
+    theirs, ours = {}, {}  # a star import too (it read our 16 names only: NameErrors after)
+    exec("from captum.attr import *", theirs)
+    exec("from taylor_kernels.captum import *", ours)
+    assert set(theirs) - {"__builtins__"} <= set(ours)
+    assert ours["IntegratedGradients"] is tc.IntegratedGradients
+    assert ours["Saliency"] is ca.Saliency
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
     x = torch.randn(2, 4, dtype=torch.float64)
