@@ -136,6 +136,8 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     opt = torch.optim.Adam([p for n in nets for p in n.parameters()], lr=lr)
     gen = seeded_generator(seed)
     best = (-1.0, 0, [copy.deepcopy(n.state_dict()) for n in nets])
+    params = [p for n in nets for p in n.parameters()]
+    grads = [p.grad for p in params]  # the caller's .grad (None, usually), given back
     history = []
     try:
         for epoch in range(epochs):
@@ -163,4 +165,6 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     finally:  # (on an error too: the best states so far, at first the caller's)
         for net, state in zip(nets, best[2]):
             net.load_state_dict(state)
+        for p, g in zip(params, grads):  # (zero_grad set them to None, never wrote them)
+            p.grad = g
     return FitResult(best[1], best[0], history)

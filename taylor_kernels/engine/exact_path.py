@@ -75,7 +75,8 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
                                  f"{str(exc)[:200]})") from exc
     _refuse_visible_mutation(graph, tracer.root)
     try:
-        _TRACES[key] = (weakref.ref(model), HeldRoot(tracer.root), graph, state)
+        held = HeldRoot(tracer.root)
+        _TRACES[key] = (held.released_with(model), held, graph, state)
     except TypeError:  # not weak-referenceable: trace again next time
         return tracer.root, graph, False
     while len(_TRACES) > _TRACE_CACHE_SIZE:

@@ -7,7 +7,10 @@ it (a notebook that loads one model after another held up to 16 of them through 
 engine's cache and 8 through the exact rule's).
 :class:`HeldRoot` keeps the root's modules by weak reference and its tensors as they are,
 and builds a fresh root for each use. (A module the forward makes on every call dies with the
-first root, so such a model is traced again on every call, as before it was cached.)
+first root, so such a model is traced again on every call, as before it was cached.) The
+tensors FX made constants (what a closure captures: a tensor with a graph holds other models'
+weights too) are the root's only reference, so they are held strongly, and released when the
+traced function dies (:meth:`HeldRoot.released_with`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,15 @@ class HeldRoot:
                          if isinstance(v, torch.Tensor)]
         self._parameters = dict(root._parameters)
         self._buffers = dict(root._buffers)
+
+    def released_with(self, owner) -> weakref.ref:
+        """A weak reference to ``owner`` (the traced function or model) that empties this
+        root when ``owner`` dies (its entry then holds nothing until the LRU drops it).
+        Raises ``TypeError`` for an owner that cannot be weakly referenced."""
+        return weakref.ref(owner, lambda _: self._release())
+
+    def _release(self) -> None:  # (a weakref callback: no container of the cache is touched)
+        self._children, self._tensors, self._parameters, self._buffers = [], [], {}, {}
 
     def root(self) -> nn.Module | None:
         """A root with the same attributes, or None when a weakly held module is gone."""

@@ -224,13 +224,14 @@ def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[Traced | Non
         by_value = traced is not None
     if not cache:
         return traced, False
+    held = None if traced is None or by_value else HeldRoot(traced.root)
     try:
-        ref = weakref.ref(f)
+        ref = weakref.ref(f) if held is None else held.released_with(f)
     except TypeError:  # not weak-referenceable: trace again next time
         return traced, False
     with _TRACES_LOCK:
         _TRACES[id(f)] = (ref, key, None if traced is None else _BY_VALUE if by_value else
-                          (HeldRoot(traced.root), traced.graph))
+                          (held, traced.graph))
         _TRACES.move_to_end(id(f))
         while len(_TRACES) > _TRACE_CACHE_SIZE:
             _TRACES.popitem(last=False)

@@ -178,6 +178,8 @@ def test_fit_learns_and_restores_best_state():
     assert res.best_val_accuracy >= 0.9
     assert priors.accuracy(model, x[40:], y[40:]) == pytest.approx(res.best_val_accuracy)
     assert all(h["penalty"] > 0 for h in res.history)
+    # the caller's .grad as before the call (None here; zero_grad had left the last batch's)
+    assert all(p.grad is None for net in (model, prior) for p in net.parameters())
 
 
 def test_accuracy_is_measured_in_eval_mode_and_modes_are_kept():

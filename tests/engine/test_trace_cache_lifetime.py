@@ -72,3 +72,25 @@ def test_a_module_made_in_the_forward_is_traced_again():
     gc.collect()
     torch.testing.assert_close(tk.jet(model, x, V, 3), first)
     torch.testing.assert_close(first, tk.jet(model, x, V, 3, cache=False))
+
+
+def _closure_over(w):
+    return lambda z: torch.relu(z @ w).sum(-1)  # w: a constant of the trace
+
+
+@pytest.mark.parametrize("api", ["jet", "exact"])
+def test_a_tensor_the_function_captured_is_freed_with_it(api):
+    """FX makes a captured tensor a constant of the trace, held by its root only: the cache
+    kept it (and, for a tensor with a graph, other models' weights) until the LRU dropped
+    the entry; it goes when the function does."""
+    w = torch.randn(5, 3, dtype=DT)
+    f = _closure_over(w)
+    x = torch.randn(2, 5, dtype=DT)
+    if api == "jet":
+        tk.jet(f, x, torch.ones(2, 1, 5, dtype=DT), 2)
+    else:
+        tk.integrated_gradients(f, x, rule="exact")
+    captured = weakref.ref(w)
+    del f, w
+    gc.collect()
+    assert captured() is None, "a trace cache keeps the function's captured tensor alive"
