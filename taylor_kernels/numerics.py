@@ -79,6 +79,11 @@ def polarization_rule(pattern) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(dirs, dtype=torch.int64), torch.tensor(gammas, dtype=torch.float64)
 
 
+def polarization_size(pattern) -> int:
+    """``M``, the number of directions of :func:`polarization_rule` for ``pattern``."""
+    return len(_polarization_table(tuple(check_pattern(pattern)))[0])
+
+
 @torch.compiler.assume_constant_result  # plain numbers of the pattern: constants when traced
 def _polarization_table(i: tuple[int, ...]) -> tuple[tuple, tuple]:
     """``(directions, gammas)`` of :func:`polarization_rule` as tuples, for a checked pattern."""

@@ -133,10 +133,10 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
             raise ValueError(f"{name} must hold (X [N, D], y [N]) with N >= 1 rows in both, "
                              f"got {tuple(X.shape)} and {tuple(y.shape)}")
     nets = [model] + ([prior_net] if lam > 0 else [])
-    opt = torch.optim.Adam([p for n in nets for p in n.parameters()], lr=lr)
+    params = [p for n in nets for p in n.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
     gen = seeded_generator(seed)
     best = (-1.0, 0, [copy.deepcopy(n.state_dict()) for n in nets])
-    params = [p for n in nets for p in n.parameters()]
     grads = [p.grad for p in params]  # the caller's .grad (None, usually), given back
     history = []
     try:

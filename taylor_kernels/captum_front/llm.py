@@ -28,8 +28,8 @@ positions mix). Output tokens are readable token strings as in Captum
 from __future__ import annotations
 
 import numbers
-import textwrap
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

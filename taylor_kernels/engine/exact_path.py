@@ -18,6 +18,7 @@ reproduces the model's outputs (a model with hooks or value-dependent Python is 
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class _Root(nn.Module):
 _TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, HeldRoot, fx.Graph, tuple]]" = \
     OrderedDict()
 _TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; the model's modules held weakly)
+_TRACES_LOCK = threading.Lock()  # the LRU is shared by threads
 
 
 def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph, bool]:
@@ -62,11 +64,13 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
     when it cannot be traced."""
     key = (id(model), n_args)
     state = _trace_key(model)  # the modules' trees, closure cells and globals a forward reads
-    hit = None if fresh else _TRACES.get(key)
-    root = hit[1].root() if hit is not None and hit[0]() is model and hit[3] == state else None
-    if root is not None:
-        _TRACES.move_to_end(key)
-        return root, hit[2], True
+    with _TRACES_LOCK:
+        hit = None if fresh else _TRACES.get(key)
+        root = hit[1].root() if hit is not None and hit[0]() is model and hit[3] == state \
+            else None
+        if root is not None:
+            _TRACES.move_to_end(key)
+            return root, hit[2], True
     tracer = _Tracer()
     try:
         graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
@@ -74,13 +78,15 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
         raise NotPiecewiseLinear(f"torch.fx cannot trace the model ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from exc
     _refuse_visible_mutation(graph, tracer.root)
+    held = HeldRoot(tracer.root)
     try:
-        held = HeldRoot(tracer.root)
-        _TRACES[key] = (held.released_with(model), held, graph, state)
+        ref = held.released_with(model)
     except TypeError:  # not weak-referenceable: trace again next time
         return tracer.root, graph, False
-    while len(_TRACES) > _TRACE_CACHE_SIZE:
-        _TRACES.popitem(last=False)
+    with _TRACES_LOCK:
+        _TRACES[key] = (ref, held, graph, state)
+        while len(_TRACES) > _TRACE_CACHE_SIZE:
+            _TRACES.popitem(last=False)
     return tracer.root, graph, False
 
 

@@ -4,9 +4,12 @@ Reverse mode records nothing inside a ``with torch.no_grad():`` block of the for
 the block computes is a constant. PyTorch's forward mode (``torch.func.jvp``, dual tensors)
 ignores grad mode: tangents flow through such a block, so a nested jvp gave another second
 derivative than the Hessian of the same function (141.6 where the entry is 30.8 in a QA
-case). :func:`respecting_no_grad` runs a function under a torch-function mode that turns
-forward gradients off for every op called while grad mode is off, so the block's outputs
-carry no tangent at any nesting level.
+case). :func:`respecting_no_grad` runs a function with grad mode on, under a torch-function
+mode that turns forward gradients off for every op called while grad mode is off (the
+block's), so the block's outputs carry no tangent at any nesting level. A view made in the
+block would still take its base's tangent when read later (forward AD derives a view's
+tangent from its base's lazily, and a detached alias is a view too), so views the block makes
+are copied.
 """
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map_only
+
+
+def _copy_views(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t._is_view() else t
 
 
 class _NoGradCutsTangents(TorchFunctionMode):
@@ -21,19 +29,22 @@ class _NoGradCutsTangents(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() or not torch._C._is_fwd_grad_enabled():
+        if torch.is_grad_enabled() or not torch._C._is_fwd_grad_enabled() or \
+                func is torch._C._set_grad_enabled:  # (the block's own switch)
             return func(*args, **kwargs)
         torch._C._set_fwd_grad_enabled(False)
         try:
-            return func(*args, **kwargs)
+            return tree_map_only(torch.Tensor, _copy_views, func(*args, **kwargs))
         finally:
             torch._C._set_fwd_grad_enabled(True)
 
 
 def respecting_no_grad(fn):
-    """``fn`` run with grad mode on and every op inside a ``torch.no_grad()`` block of it cut
-    from forward-mode AD (its result a constant, as for a backward). For functions that
-    ``torch.func.jvp`` differentiates; reverse-mode transforms already respect the blocks."""
+    """``fn`` for ``torch.func.jvp``: every op inside a ``torch.no_grad()`` block of it cut
+    from forward-mode AD (its result a constant, as for a backward). ``fn`` runs with grad
+    mode on whatever the caller's: the blocks are told by it, and nested forward mode through
+    SiLU needs it (under grad mode off a third-order jvp of a Llama raised "forward AD with
+    aten::silu_backward" before). Reverse-mode transforms respect the blocks already."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         with torch.enable_grad(), _NoGradCutsTangents():

@@ -12,10 +12,13 @@ from __future__ import annotations
 import threading
 
 import torch
-from triton.runtime.jit import JITFunction
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 _INTERPRETER_LOCK = threading.Lock()
+_TRACED = (FakeTensor, FunctionalTensor)  # a tracer's stand-ins: no device to switch to
 
 
 class _Serialized:
@@ -59,7 +62,7 @@ def launch_device(args) -> torch.device | None:
     """The device to make current for a launch: the first real CUDA tensor's among ``args``
     when it is not the current device, else None (nothing to change)."""
     for a in args:
-        if type(a) in (torch.Tensor, torch.nn.Parameter) and a.is_cuda:  # (not fake ones)
+        if isinstance(a, torch.Tensor) and not isinstance(a, _TRACED) and a.is_cuda:
             return a.device if a.device.index != torch.cuda.current_device() else None
     return None
 

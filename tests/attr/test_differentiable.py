@@ -172,14 +172,17 @@ def test_fit_learns_and_restores_best_state():
     y = (x[:, 0] > 0).long()
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     prior = priors.PriorNet(2)
+    held = torch.ones_like(model[0].weight)  # a caller's own .grad comes back as it was
+    model[0].weight.grad = held
     res = priors.fit(model, (x[:40], y[:40]), (x[40:], y[40:]), prior_net=prior,
                      meta=priors.feature_metadata(x[:40]), lam=0.5, epochs=20, lr=1e-2,
                      patience=10, batch_size=20)
     assert res.best_val_accuracy >= 0.9
     assert priors.accuracy(model, x[40:], y[40:]) == pytest.approx(res.best_val_accuracy)
     assert all(h["penalty"] > 0 for h in res.history)
-    # the caller's .grad as before the call (None here; zero_grad had left the last batch's)
-    assert all(p.grad is None for net in (model, prior) for p in net.parameters())
+    # the caller's .grad as before the call (zero_grad had left the last batch's)
+    assert model[0].weight.grad is held and torch.equal(held, torch.ones_like(held))
+    assert all(p.grad is None for net in (model[2], prior) for p in net.parameters())
 
 
 def test_accuracy_is_measured_in_eval_mode_and_modes_are_kept():

@@ -339,6 +339,23 @@ def test_every_second_order_api_says_once_that_sdpa_runs_its_math_backend(api):
     assert len(msgs) == 1 and "Llama" in msgs[0] and "math SDPA" in msgs[0], msgs
 
 
+def test_k_way_sets_of_a_silu_model_under_a_callers_no_grad():
+    """Nested forward mode through SiLU needs grad mode on: under the caller's no_grad a
+    third-order set of a Llama raised "forward AD with aten::silu_backward"."""
+    model = tiny.llama(layers=1, d=32)
+    x = model.get_input_embeddings()(IDS[:, :3]).detach()
+
+    def f(e):
+        return model(inputs_embeds=e).logits[:, -1, 5]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the math-attention note)
+        want = tk.interactions(f, x, order=3, sets=[(0, 1, 2), (4, 4, 7)]).derivatives
+        with torch.no_grad():
+            got = tk.interactions(f, x, order=3, sets=[(0, 1, 2), (4, 4, 7)]).derivatives
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("api", ["hessian", "jet"])
 def test_every_second_order_api_runs_flex_attention_as_eager_and_restores_it(api):
     """Flex attention has no second derivative (on the CPU no backward at all): only

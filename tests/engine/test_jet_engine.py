@@ -849,18 +849,47 @@ def _held_then_in_place(z):  # _held_by_no_grad, with an in-place op read again:
     h = z @ _W
     with torch.no_grad():
         s = h.sum(-1, keepdim=True)
+        first = h[:, :1]  # a view made in the block (its tangent came from h's when read)
     g = h * 1.0
     g.mul_(2)
-    return (h * s).pow(2).sum(-1) + g.pow(3).sum(-1)
+    return (h * s).pow(2).sum(-1) + g.pow(3).sum(-1) + (first * h).pow(2).sum(-1)
 
 
 def test_a_no_grad_block_stays_a_constant_in_the_nested_fallback():
     """The whole-function fallback (nested ``torch.func.jvp``) let tangents through the
     block; it matches the traced jet of the same function written out of place."""
-    out_of_place = lambda z: _held_by_no_grad(z) + (2 * (z @ _W)).pow(3).sum(-1)  # noqa: E731
+    def out_of_place(z):
+        h = z @ _W
+        s, first = h.sum(-1, keepdim=True).detach(), h[:, :1].detach()
+        return (h * s).pow(2).sum(-1) + (2 * h).pow(3).sum(-1) + (first * h).pow(2).sum(-1)
+
     x = torch.randn(2, 6, dtype=DT)
     V = torch.randn(2, 1, 6, dtype=DT)
     jet_engine._WARNED_OPS.clear()
     with pytest.warns(RuntimeWarning, match="in-place|does not give f"):
         got = tk.jet(_held_then_in_place, x, V, 3)
     torch.testing.assert_close(got, tk.jet(out_of_place, x, V, 3), rtol=1e-10, atol=1e-10)
+
+
+def test_max_memory_runs_the_directions_in_passes_with_the_same_numbers(monkeypatch):
+    """``jet`` and ``mixed_partials`` took every direction in one pass (``mixed_partials``
+    over all D(D-1)/2 pairs: gigabytes); under ``max_memory`` they run in passes."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x = torch.randn(3, 8, dtype=DT)
+    V = torch.randn(3, 40, 8, dtype=DT)
+    sets = [(i, j) for i in range(8) for j in range(i + 1, 8)] + [(0, 1, 2), (3, 3, 4, 5), (6,)]
+    whole_jet = tk.jet(model, x, V, 3, target=1)
+    whole_sets = tk.mixed_partials(model, x, sets, target=1)
+    passes = []
+    run = jet_engine._run_traced
+    monkeypatch.setattr(jet_engine, "_run_traced",
+                        lambda *a, **k: passes.append(1) or run(*a, **k))
+    torch.testing.assert_close(tk.jet(model, x, V, 3, target=1, max_memory="40KB"), whole_jet,
+                               rtol=1e-12, atol=1e-12)
+    assert len(passes) > 2
+    passes.clear()
+    torch.testing.assert_close(tk.mixed_partials(model, x, sets, target=1, max_memory="30KB"),
+                               whole_sets, rtol=1e-12, atol=1e-12)
+    assert len(passes) > 3
+    with pytest.raises(MemoryError, match="too small for one direction"):
+        tk.mixed_partials(model, x, sets, target=1, max_memory=100)

@@ -70,6 +70,7 @@ def test_a_module_made_in_the_forward_is_traced_again():
     V = torch.randn(3, 2, 5, dtype=DT)
     first = tk.jet(model, x, V, 3)
     gc.collect()
+    assert jet_engine._trace_cached(model)[1] is False  # (its cached root lost the module)
     torch.testing.assert_close(tk.jet(model, x, V, 3), first)
     torch.testing.assert_close(first, tk.jet(model, x, V, 3, cache=False))
 
