@@ -78,7 +78,7 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
         raise NotPiecewiseLinear(f"torch.fx cannot trace the model ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from exc
     _refuse_visible_mutation(graph, tracer.root)
-    held = HeldRoot(tracer.root)
+    held = HeldRoot(tracer.root, graph)
     try:
         ref = held.released_with(model)
     except TypeError:  # not weak-referenceable: trace again next time

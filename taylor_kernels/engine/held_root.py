@@ -5,30 +5,30 @@ holds the modules its graph calls (the model, or its children) and the tensor co
 made; cached as it was, an entry kept a deleted model's weights alive until the LRU dropped
 it (a notebook that loads one model after another held up to 16 of them through the jet
 engine's cache and 8 through the exact rule's).
-:class:`HeldRoot` keeps the root's modules by weak reference and its tensors as they are,
-and builds a fresh root for each use. (A module the forward makes on every call dies with the
-first root, so such a model is traced again on every call, as before it was cached.) The
+:class:`HeldRoot` keeps the root's modules by weak reference and the constants its graph
+reads as they are, and builds a fresh root for each use. (A module the forward makes on every
+call dies with the first root, so such a model is traced again on every call, as before it
+was cached.) The
 tensors FX made constants (what a closure captures: a tensor with a graph holds other models'
-weights too) are the root's only reference, so they are held strongly, and released when the
-traced function dies (:meth:`HeldRoot.released_with`).
+weights too) have the root as their only reference, so they are held strongly, and released
+when the traced function dies (:meth:`HeldRoot.released_with`).
 """
 from __future__ import annotations
 
 import weakref
 
-import torch
-from torch import nn
+from torch import fx, nn
 
 
 class HeldRoot:
-    """``root``'s children (held weakly), parameters, buffers and tensor attributes."""
+    """``root``'s children (held weakly) and the constants ``graph`` reads off it with
+    ``get_attr`` (plain attributes FX set: ``_tensor_constant*`` tensors, script objects, tree
+    specs; it registers no parameter or buffer on a root it builds)."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, graph: fx.Graph):
         self._children = [(name, weakref.ref(m)) for name, m in root.named_children()]
-        self._tensors = [(name, v) for name, v in vars(root).items()
-                         if isinstance(v, torch.Tensor)]
-        self._parameters = dict(root._parameters)
-        self._buffers = dict(root._buffers)
+        read = {n.target.split(".")[0] for n in graph.nodes if n.op == "get_attr"}
+        self._constants = [(name, v) for name, v in vars(root).items() if name in read]
 
     def released_with(self, owner) -> weakref.ref:
         """A weak reference to ``owner`` (the traced function or model) that empties this
@@ -37,7 +37,7 @@ class HeldRoot:
         return weakref.ref(owner, lambda _: self._release())
 
     def _release(self) -> None:  # (a weakref callback: no container of the cache is touched)
-        self._children, self._tensors, self._parameters, self._buffers = [], [], {}, {}
+        self._children, self._constants = [], []
 
     def root(self) -> nn.Module | None:
         """A root with the same attributes, or None when a weakly held module is gone."""
@@ -47,10 +47,6 @@ class HeldRoot:
             if m is None:
                 return None
             root.add_module(name, m)
-        for name, p in self._parameters.items():
-            root.register_parameter(name, p)
-        for name, b in self._buffers.items():
-            root.register_buffer(name, b)
-        for name, v in self._tensors:
+        for name, v in self._constants:
             object.__setattr__(root, name, v)
         return root

@@ -224,7 +224,7 @@ def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[Traced | Non
         by_value = traced is not None
     if not cache:
         return traced, False
-    held = None if traced is None or by_value else HeldRoot(traced.root)
+    held = None if traced is None or by_value else HeldRoot(*traced)
     try:
         ref = weakref.ref(f) if held is None else held.released_with(f)
     except TypeError:  # not weak-referenceable: trace again next time
@@ -501,18 +501,37 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     ``torch.inference_mode()`` (checks of :mod:`taylor_kernels.engine.guards`).
     """
     directions = _check_jet_args(x, directions, order)
+    fa = with_forward_args(f, additional_forward_args, directions.shape[0])
+    row0 = _model_checks(f, fa, x, directions)
+    per_pass = None if max_memory is None else directions_per_pass(fa, x, order, max_memory)
+    return _jet_in_passes(per_pass, f, fa, row0, x, directions, order, target,
+                          additional_forward_args, fallback, cache)
+
+
+def _model_checks(f, fa, x: torch.Tensor, directions: torch.Tensor):
+    """The checks of a jet call, run once whatever its passes: ``check_model`` and the row
+    check of ``fa`` (``f`` with its forward arguments) at row 0 and ``x_0 + v_0``; returns
+    row 0's output (None for integer ``x``)."""
     check_model(f, (x, directions))
-    B, M = directions.shape[:2]
-    fa = with_forward_args(f, additional_forward_args, B)
-    if max_memory is not None:
-        per_pass = directions_per_pass(fa, x, order, max_memory)
-        if per_pass < M:
-            return torch.cat([jet(f, x, directions[:, i:i + per_pass], order, target=target,
-                                  additional_forward_args=additional_forward_args,
-                                  fallback=fallback, cache=cache)
-                              for i in range(0, M, per_pass)], dim=2)
-    row0 = check_function_rows(fa, x, x[0] + directions[0, 0].to(x.dtype)) \
+    return check_function_rows(fa, x, x[0] + directions[0, 0].to(x.dtype)) \
         if x.is_floating_point() else None
+
+
+def _jet_in_passes(per_pass: int | None, f, fa, row0, x, directions, *rest) -> torch.Tensor:
+    """:func:`_jet_pass` over the directions ``[B, M, ...]``, ``per_pass`` at a time (None:
+    all at once), joined along ``M``."""
+    M = directions.shape[1]
+    if per_pass is None or per_pass >= M:
+        return _jet_pass(f, fa, row0, x, directions, *rest)
+    return torch.cat([_jet_pass(f, fa, row0, x, directions[:, i:i + per_pass], *rest)
+                      for i in range(0, M, per_pass)], dim=2)
+
+
+def _jet_pass(f, fa, row0, x: torch.Tensor, directions: torch.Tensor, order: int, target,
+              additional_forward_args, fallback: bool, cache: bool) -> torch.Tensor:
+    """One pass of :func:`jet` over ``directions [B, M, ...]`` (checked): traced, else nested
+    forward mode. Returns ``[J+1, B, M]``."""
+    B, M = directions.shape[:2]
     args = select_rows(forward_args(additional_forward_args),
                        torch.arange(B, device=x.device).repeat_interleave(M), B)
     x0 = x.unsqueeze(1).expand(directions.shape).reshape((B * M,) + x.shape[1:])
@@ -651,6 +670,7 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
                              "features are the rest, flattened)")
         plans.append((len(s), feats, pattern))
     fa = with_forward_args(f, additional_forward_args, x.shape[0])
+    checked = False  # (the model's checks run on the first pass's directions, once)
     out = x.new_empty(x.shape[0], len(sets))
     for d in sorted({p[0] for p in plans}):
         members = [m for m, p in enumerate(plans) if p[0] == d]
@@ -665,9 +685,12 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
                 dirs[start:start + weights.shape[0], plans[m][1]] = \
                     weights.to(x.dtype).to(x.device)
                 start += weights.shape[0]
-            V = dirs.reshape((1, -1) + x.shape[1:]).expand((x.shape[0], -1) + x.shape[1:])
-            c = jet(f, x, V, d, target=target, additional_forward_args=additional_forward_args,
-                    cache=cache, max_memory=None if len(part) > 1 else max_memory)[d]
+            V = _check_jet_args(x, dirs.reshape((1, -1) + x.shape[1:]).expand(
+                (x.shape[0], -1) + x.shape[1:]), d)
+            if not checked:
+                row0, checked = _model_checks(f, fa, x, V), True
+            c = _jet_in_passes(per_pass if len(part) == 1 else None, f, fa, row0, x, V, d,
+                               target, additional_forward_args, False, cache)[d]
             start = 0
             for m, (_, gamma) in zip(part, rules):
                 gamma = gamma.to(device=x.device, dtype=x.dtype)
