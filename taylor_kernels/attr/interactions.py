@@ -109,8 +109,8 @@ def _normalise_sets(sets, order: int, n: int) -> list[tuple[int, ...]]:
 def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
     """``D^k f(x)[v_1, ..., v_k]`` ``[B]`` for row-wise ``f: [B, D] -> [B]`` and ``v_j [B, D]``,
     by ``k`` nested forward-mode derivatives (a ``torch.no_grad()`` block of ``f`` a constant,
-    as in reverse mode)."""
-    g = respecting_no_grad(f)
+    as in reverse mode; no graph to the parameters: the results are detached)."""
+    g = respecting_no_grad(f, graph_free=True)
     for v in directions:
         g = (lambda h, v: lambda y: torch.func.jvp(h, (y,), (v,))[1])(g, v)
     with FORWARD_AD_LOCK:  # (forward-AD levels are per process)

@@ -334,3 +334,40 @@ def test_a_no_grad_block_is_a_constant_in_k_way_sets_as_in_reverse_mode(order):
     with torch.no_grad():
         outer = tk.interactions(_held_by_no_grad, x, order=order, sets=sets)
     torch.testing.assert_close(outer.derivatives, res.derivatives, atol=TOL, rtol=0)
+
+
+class _CountsSavedTensors(torch.nn.Module):
+    """Counts the tensors autograd saves for a backward in its forward-mode calls (those whose
+    input is a functorch wrapper)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5).double()
+        self.saved = 0
+        self.counting = True
+
+    def _count(self, t):
+        self.saved += 1
+        return t
+
+    def forward(self, z):
+        if not (self.counting and torch._C._functorch.is_functorch_wrapped_tensor(z)):
+            return torch.tanh(self.lin(z)).pow(3).sum(-1)
+        with torch.autograd.graph.saved_tensors_hooks(self._count, lambda t: t):
+            return torch.tanh(self.lin(z)).pow(3).sum(-1)
+
+
+def test_k_way_sets_record_no_graph_to_the_parameters():
+    """The sets' results are detached, but the nested forward recorded a backward graph to
+    the weights beside the tangents (87 saved tensors here; a BERT 4x256's order-3 sets held
+    817 MB of it, 118 MB without). Same derivatives as reverse mode."""
+    net = _CountsSavedTensors()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    res = tk.interactions(net, x, order=3, sets=[(0, 1, 2), (3, 3, 4)])
+    assert net.saved == 0
+    assert net.lin.weight.grad is None and net.lin.weight.requires_grad
+    net.counting = False  # (jacrev refuses saved-tensor hooks)
+    g = lambda y: net(y.unsqueeze(0))[0]  # noqa: E731
+    full = jacrev(jacrev(jacrev(g)))(x[1])
+    torch.testing.assert_close(res.derivatives[1], torch.stack([full[0, 1, 2], full[3, 3, 4]]),
+                               atol=TOL, rtol=0)
