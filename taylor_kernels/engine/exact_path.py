@@ -18,9 +18,6 @@ reproduces the model's outputs (a model with hooks or value-dependent Python is 
 """
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +31,7 @@ from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
+from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.engine.jet import _has_hooks, _trace_key, _Tracer
 from taylor_kernels.engine.problem import PathProblem, select_target
 
@@ -51,10 +49,7 @@ class _Root(nn.Module):
         return self.f(*args)
 
 
-_TRACES: "OrderedDict[tuple[int, int], tuple[weakref.ref, HeldRoot, fx.Graph, tuple]]" = \
-    OrderedDict()
-_TRACE_CACHE_SIZE = 8  # traced models kept (a small LRU; the model's modules held weakly)
-_TRACES_LOCK = threading.Lock()  # the LRU is shared by threads
+_TRACES = TraceCache(8)  # traced models kept (the model's modules held weakly)
 
 
 def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph, bool]:
@@ -64,13 +59,10 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
     when it cannot be traced."""
     key = (id(model), n_args)
     state = _trace_key(model)  # the modules' trees, closure cells and globals a forward reads
-    with _TRACES_LOCK:
-        hit = None if fresh else _TRACES.get(key)
-        root = hit[1].root() if hit is not None and hit[0]() is model and hit[3] == state \
-            else None
-        if root is not None:
-            _TRACES.move_to_end(key)
-            return root, hit[2], True
+    hit = MISS if fresh else _TRACES.lookup(key, model, state)
+    root = None if hit is MISS else hit[0].root()
+    if root is not None:
+        return root, hit[1], True
     tracer = _Tracer()
     try:
         graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
@@ -83,10 +75,7 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
         ref = held.released_with(model)
     except TypeError:  # not weak-referenceable: trace again next time
         return tracer.root, graph, False
-    with _TRACES_LOCK:
-        _TRACES[key] = (ref, held, graph, state)
-        while len(_TRACES) > _TRACE_CACHE_SIZE:
-            _TRACES.popitem(last=False)
+    _TRACES.store(key, ref, state, (held, graph))
     return tracer.root, graph, False
 
 

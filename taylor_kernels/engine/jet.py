@@ -31,7 +31,6 @@ import operator
 import threading
 import types
 import weakref
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -45,6 +44,7 @@ from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
+from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
@@ -57,14 +57,12 @@ from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficie
 from taylor_kernels.user_warnings import warn
 
 _WARNED_OPS: set[str] = set()
-_TRACES: "OrderedDict[int, tuple[weakref.ref, tuple, object]]" = OrderedDict()
+_TRACES = TraceCache(16)  # traced functions kept (modules held weakly: HeldRoot)
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
            types.MethodType, torch.Tensor, nn.Module)
 _SKIP = frozenset(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
-_TRACES_LOCK = threading.Lock()  # the LRU is shared by threads
 _FX_TRACE_LOCK = threading.RLock()  # one torch.fx trace at a time (see _Tracer.trace)
-_TRACE_CACHE_SIZE = 16  # traced functions kept (a small LRU; modules held weakly: HeldRoot)
 
 
 class _Tracer(fx.Tracer):
@@ -206,18 +204,15 @@ def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[Traced | Non
     not cached (the cache remembers only that the model needs it). Entries hold the
     modules the graph calls weakly (:class:`~taylor_kernels.engine.held_root.HeldRoot`)."""
     key = (_trace_key(f), _args_form(args)) if cache else None
-    with _TRACES_LOCK:
-        hit = _TRACES.get(id(f)) if cache else None
-        if hit is not None and hit[0]() is f and hit[1] == key:
-            _TRACES.move_to_end(id(f))
-            if hit[2] is None:  # (it does not trace)
-                return None, True
-            if hit[2] is not _BY_VALUE:
-                root = hit[2][0].root()
-                if root is not None:
-                    return Traced(root, hit[2][1]), True
-                hit = None  # a module the graph calls is gone: trace again
-    by_value = hit is not None and hit[0]() is f and hit[1] == key
+    hit = _TRACES.lookup(id(f), f, key) if cache else MISS
+    if hit is None:  # (it does not trace)
+        return None, True
+    if hit is not MISS and hit is not _BY_VALUE:
+        root = hit[0].root()
+        if root is not None:
+            return Traced(root, hit[1]), True
+        hit = MISS  # a module the graph calls is gone: trace again
+    by_value = hit is _BY_VALUE
     traced = None if by_value else _trace_graph(f, args, by_value=False)
     if traced is None and _tensor_args(args):
         traced = _trace_graph(f, args, by_value=True)
@@ -229,12 +224,8 @@ def _trace_cached(f, cache: bool = True, args: tuple = ()) -> tuple[Traced | Non
         ref = weakref.ref(f) if held is None else held.released_with(f)
     except TypeError:  # not weak-referenceable: trace again next time
         return traced, False
-    with _TRACES_LOCK:
-        _TRACES[id(f)] = (ref, key, None if traced is None else _BY_VALUE if by_value else
-                          (held, traced.graph))
-        _TRACES.move_to_end(id(f))
-        while len(_TRACES) > _TRACE_CACHE_SIZE:
-            _TRACES.popitem(last=False)
+    _TRACES.store(id(f), ref, key, None if traced is None else _BY_VALUE if by_value else
+                  (held, traced.graph))
     return traced, False
 
 
@@ -546,8 +537,7 @@ def _jet_pass(f, fa, row0, x: torch.Tensor, directions: torch.Tensor, order: int
     row0_f = at_rows(fa, torch.zeros(1, dtype=torch.long, device=x.device))
     checks = not row_coupling_allowed()  # (a random model's c0 differs anyway)
     if out is not None and cached and checks and not _primal_matches(row0_f, x, row0, out):
-        with _TRACES_LOCK:  # stale (submodule traces too): trace everything again
-            _TRACES.clear()
+        _TRACES.clear()  # stale (submodule traces too): trace everything again
         traced = _trace(f, cache, args)
         out = None if traced is None else _run_traced(traced, arg, order, cache, args)
     why = "could not trace"
