@@ -117,27 +117,31 @@ def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
         return g(x)
 
 
-# Resident peak of a chunk of sets over the estimate below (``2^order`` tangent copies of the
-# saved activations, the rows and the outputs), measured for order 3 (fresh process, VmHWM,
-# 2-core AMD EPYC, 2026-12-01): a 2-conv tanh CNN 4.3-5.1x, a 784-256-10 MLP about 3x per set
-# (nested forward mode also materializes pre-activations and each level's temporaries, which
-# a backward does not save); the estimate was used as it was, and order-3 calls ran at 4x
-# their budgets.
-NESTED_FORWARD_FACTOR = 5.0
+# Resident growth per set over the estimate below (``2^order`` tangent copies of the saved
+# activations, the rows and the outputs), fresh process, VmHWM over a warmed-up baseline,
+# 2-core Xeon, 2026-12-02, after the nested forward stopped recording a backward graph
+# (``graph_free``): orders 3-4, 1-32 sets per chunk, 0.5-1.1 on 784-, 1024- and 2048-wide tanh
+# MLPs, 1.6 on a SiLU MLP, 1.75 (order 3) and 2.3 (order 4) on a 2-conv tanh CNN with a
+# feature mask, 0.7 on a 2-layer BERT's token groups. (With the graph it was 3-5x; the factor
+# was 5.)
+NESTED_FORWARD_FACTOR = 2.5
 
 
 def _weight_copies(f, order: int) -> int:
-    """Bytes of the weight copies nested forward mode makes in one chunk: PyTorch's forward
-    AD copies the matrix a product reads, ``3^k - 2^k`` times in a ``k``-fold nested forward
-    (1, 5, 19, 65 for ``k = 1..4``; torch 2.13), whatever the chunk's size, and keeps most of
-    them alive to the end (order 3 on a 1024-wide MLP, 4 MB weights: 54-60 MB resident under
-    a 4 MB budget). Counted over the parameters of two or more dimensions of the modules ``f``
-    reaches (:func:`~taylor_kernels.engine.guards.modules_of`), but not those only embedding
-    tables hold (a lookup, not a product; a tied LM head's weight counts, once)."""
+    """Bytes of the weight copies nested forward mode holds in one chunk: PyTorch's forward
+    AD copies the matrix a product reads (``3^k - 2^k`` copies in a ``k``-fold nested
+    forward, counted with the profiler, torch 2.13), and some are alive at once whatever the
+    chunk's size. Resident over the sets, measured as above: up to 1, 5 and 9 times the
+    weights' bytes at orders 2, 3 and 4 (one 1024- or 2048-wide layer; less spread over six
+    512-wide layers); counted as ``2^k`` times, over the parameters of two or more dimensions
+    of the modules ``f`` reaches (:func:`~taylor_kernels.engine.guards.modules_of`), but not
+    those only embedding tables hold (a lookup, not a product; a tied LM head's weight
+    counts, once). (With the backward graph recorded, most of the ``3^k - 2^k`` copies stayed
+    to the end: 54-60 MB for a 1024-wide MLP's 4 MB weights at order 3.)"""
     lookups = (torch.nn.Embedding, torch.nn.EmbeddingBag)
     params = {id(p): p for top in guards.modules_of(f) for m in top.modules()
               if not isinstance(m, lookups) for p in m.parameters(recurse=False) if p.dim() >= 2}
-    return (3 ** order - 2 ** order) * sum(p.numel() * p.element_size() for p in params.values())
+    return 2 ** order * sum(p.numel() * p.element_size() for p in params.values())
 
 
 def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
@@ -159,9 +163,8 @@ def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
         raise MemoryError(f"max_memory of {budget} bytes is too small for one set of order "
                           f"{order} over these {x.shape[0]} rows (estimated {int(per_set)} "
                           f"bytes: 2^{order} nested forward passes, beside {copies} bytes of "
-                          f"the {3 ** order - 2 ** order} weight copies PyTorch's nested "
-                          "forward mode makes); raise max_memory or attribute fewer rows per "
-                          "call")
+                          f"the {2 ** order} weight copies counted for PyTorch's nested "
+                          "forward mode); raise max_memory or attribute fewer rows per call")
     return memory.chunk_size_for(budget - copies, per_set, n_sets)
 
 

@@ -177,11 +177,8 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
              if any(integer(t) for t in tensors(bound.arguments.get(n)))]
     if not names:
         return args, kwargs
-    keep_ids = any(t.dtype in ID_DTYPES for n in names
-                   for t in tensors(bound.arguments[n])) and any(
-        isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-        for m in guards.modules_of(getattr(args[0], "forward_func", None))
-        for sub in m.modules())  # (the walk only when there are int64/int32 tensors)
+    keep_ids = token_ids_of_an_embedding(getattr(args[0], "forward_func", None),
+                                         [t for n in names for t in tensors(bound.arguments[n])])
 
     def to_float(value):
         if isinstance(value, tuple):
@@ -194,6 +191,25 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
     for name in names:
         bound.arguments[name] = to_float(bound.arguments[name])
     return bound.args, bound.kwargs
+
+
+def token_ids_of_an_embedding(forward_func, tensors) -> bool:
+    """Whether some of ``tensors`` are int64/int32 (token ids) and the modules
+    ``forward_func`` reaches hold an embedding (the walk only when there are such tensors)."""
+    return any(isinstance(t, torch.Tensor) and t.dtype in ID_DTYPES for t in tensors) and any(
+        isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+        for m in guards.modules_of(forward_func) for sub in m.modules())
+
+
+def refuse_noise_on_token_ids(method: str, forward_func, inputs, instead: str) -> None:
+    """:class:`CaptumRuntimeError` naming ``instead`` when ``inputs`` (a tensor or tuple) are
+    token ids of a model with an embedding: ``method`` adds Gaussian noise to its inputs, so
+    the ids became floats and the embedding failed inside PyTorch (as in Captum)."""
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    if token_ids_of_an_embedding(forward_func, tensors):
+        raise CaptumRuntimeError(f"{method} adds Gaussian noise to its inputs, and these are "
+                                 "token ids (int64/int32) of a model with an embedding; "
+                                 f"{instead}")
 
 
 @contextlib.contextmanager

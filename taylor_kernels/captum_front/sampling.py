@@ -28,7 +28,8 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumRuntim
                                                  attribute_future_unsupported, captum_method,
                                                  captum_noise, check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_args, expand_rows,
-                                                 expand_target, format_inputs)
+                                                 expand_target, format_inputs,
+                                                 refuse_noise_on_token_ids)
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -98,6 +99,10 @@ class NoiseTunnel:
             error = CaptumZeroDivisionError if nt_samples_batch_size == 0 else ValueError
             raise error(f"nt_samples_batch_size must be positive, got {nt_samples_batch_size}")
         tup, was_tuple = format_inputs(inputs)
+        refuse_noise_on_token_ids(
+            "NoiseTunnel", getattr(self.attribution_method, "forward_func", None), tup,
+            "for noise on the embeddings use tk.noise_tunnel(tk.layer_integrated_gradients, "
+            "model, ids, model.get_input_embeddings(), ...)")
         stds = check_stdevs(stdevs, len(tup))
         B = tup[0].shape[0]
         per_block = nt_samples if nt_samples_batch_size is None else min(nt_samples,
@@ -228,6 +233,10 @@ class GradientShap(CaptumAttribution):
         """GradientShap attributions (Captum's arguments); with
         ``return_convergence_delta=True`` also ``delta [B * n_samples]``: per draw,
         ``sum(attr) - (f(x_noisy) - f(b))``, in Captum's order."""
+        refuse_noise_on_token_ids("GradientShap", self.forward_func, inputs,
+                                  "attribute through the embedding layer with "
+                                  "LayerIntegratedGradients, or pass the embeddings "
+                                  "(inputs_embeds) as the inputs")
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
         with backends.selected(backend):

@@ -601,6 +601,7 @@ def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero
     ``ig_kwargs``: ``steps``, ``rule``, ``tol``, ``max_memory``, ``chunk_size``...
     Returns: :class:`TokenAttributionResult`.
     """
+    _refuse_forward_args("token_integrated_gradients", ig_kwargs)
     tp = token_problem(model, input_ids, baselines=baselines, attention_mask=attention_mask,
                        keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
                        position=position, score=score, model_kwargs=model_kwargs,
@@ -613,6 +614,15 @@ def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero
     attrs = res.attributions
     scores = attrs.sum(-1) if attrs.dim() == 3 else attrs.reshape(attrs.shape[0], -1).sum(-1)
     return TokenAttributionResult(attrs, scores, res.gap, res.evaluations)
+
+
+def _refuse_forward_args(name: str, kwargs: dict) -> None:
+    """``TypeError`` naming ``model_kwargs`` for Captum's ``additional_forward_args`` (the
+    token APIs call the model with keyword arguments; the name clashed inside them)."""
+    if "additional_forward_args" in kwargs:
+        raise TypeError(f"{name} takes the model's other inputs as model_kwargs={{name: "
+                        "value}} (keyword arguments of the model, per row when their first "
+                        "dimension is B), not additional_forward_args")
 
 
 UNCONVERGED_GAP = 0.02  # |gap| over |f(x) - f(b)| past which a fixed rule's result is named
@@ -682,6 +692,7 @@ def token_interactions(model, input_ids, target=None, *, baselines="zero",
     :func:`token_integrated_gradients`.
     Returns ``{"interactions" [B, L, L], "ig" [B, L], "completeness_gap" [B]}``.
     """
+    _refuse_forward_args("token_interactions", gih_kwargs)
     tp = token_problem(model, input_ids, baselines=baselines, attention_mask=attention_mask,
                        keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
                        position=position, score=score, model_kwargs=model_kwargs,

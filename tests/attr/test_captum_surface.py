@@ -538,6 +538,27 @@ def test_input_space_paths_refuse_token_ids(name):
         getattr(tc, name)(net, net[2]).attribute(ids, target=1, **kw)
 
 
+@pytest.mark.parametrize("name", ["GradientShap", "NoiseTunnel"])
+def test_noise_on_token_ids_is_refused_by_name(name):
+    """Both add Gaussian noise to the inputs: ids of an embedding failed inside PyTorch's
+    embedding ("Expected tensor for argument #1 'indices'"), as in Captum. The error stays a
+    RuntimeError, as Captum's; float inputs of the same model's head still run."""
+    emb = nn.Embedding(11, 4)
+    net = nn.Sequential(emb, nn.Flatten(), nn.Linear(12, 2))
+    ids = torch.randint(1, 11, (2, 3))
+    method = tc.GradientShap(net) if name == "GradientShap" else \
+        tc.NoiseTunnel(tc.IntegratedGradients(net))
+    kw = {"baselines": torch.zeros(1, 3, dtype=torch.long)} if name == "GradientShap" else {}
+    with pytest.raises(RuntimeError, match="token ids .* of a model with an embedding"):
+        method.attribute(ids, target=1, **kw)
+    head = net[2]
+    x = torch.randn(2, 12)
+    method = tc.GradientShap(head) if name == "GradientShap" else \
+        tc.NoiseTunnel(tc.IntegratedGradients(head))
+    kw = {"baselines": torch.zeros(1, 12)} if name == "GradientShap" else {}
+    assert method.attribute(x, target=1, **kw).shape == x.shape
+
+
 BAD_INPUTS = {  # Captum raises AssertionError for these; ours also are ValueError/TypeError
     "n_steps": lambda L, net, x: L.IntegratedGradients(net).attribute(x, target=0, n_steps=0),
     "method": lambda L, net, x: L.LayerConductance(net, net.left).attribute(

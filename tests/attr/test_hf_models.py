@@ -232,6 +232,13 @@ def test_input_checks_name_the_argument(gpt2):
 
 
 @pytest.mark.parametrize("api", ["token_integrated_gradients", "token_interactions"])
+def test_captums_additional_forward_args_is_refused_naming_model_kwargs(gpt2, api):
+    """The name clashed inside the token APIs ("got multiple values for keyword argument")."""
+    with pytest.raises(TypeError, match="model_kwargs="):
+        getattr(hf, api)(gpt2, IDS, target=1, steps=2, additional_forward_args=(IDS,))
+
+
+@pytest.mark.parametrize("api", ["token_integrated_gradients", "token_interactions"])
 def test_a_model_in_train_mode_is_refused_before_any_forward(api):
     """As generation attribution does: dropout would make every number random (token IG ran
     the model first, then refused it in the engine's check)."""
