@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taylor_kernels.engine import guards, memory
+from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.jet import feature_index
 from taylor_kernels.engine.no_grad_blocks import respecting_no_grad
@@ -127,30 +127,29 @@ def _nested_jvp(f, x: torch.Tensor, *directions: torch.Tensor) -> torch.Tensor:
 NESTED_FORWARD_FACTOR = 2.5
 
 
-def _weight_copies(f, order: int) -> int:
+def _weight_copies(acts: memory.SavedBytes, probe_input: torch.Tensor, order: int) -> int:
     """Bytes of the weight copies nested forward mode holds in one chunk: PyTorch's forward
     AD copies the matrix a product reads (``3^k - 2^k`` copies in a ``k``-fold nested
     forward, counted with the profiler, torch 2.13), and some are alive at once whatever the
     chunk's size. Resident over the sets, measured as above: up to 1, 5 and 9 times the
     weights' bytes at orders 2, 3 and 4 (one 1024- or 2048-wide layer; less spread over six
-    512-wide layers); counted as ``2^k`` times, over the parameters of two or more dimensions
-    of the modules ``f`` reaches (:func:`~taylor_kernels.engine.guards.modules_of`), but not
-    those only embedding tables hold (a lookup, not a product; a tied LM head's weight
-    counts, once). (With the backward graph recorded, most of the ``3^k - 2^k`` copies stayed
-    to the end: 54-60 MB for a 1024-wide MLP's 4 MB weights at order 3.)"""
-    lookups = (torch.nn.Embedding, torch.nn.EmbeddingBag)
-    params = {id(p): p for top in guards.modules_of(f) for m in top.modules()
-              if not isinstance(m, lookups) for p in m.parameters(recurse=False) if p.dim() >= 2}
-    return 2 ** order * sum(p.numel() * p.element_size() for p in params.values())
+    512-wide layers); counted as ``2^k`` times the matrices the probe forward (``acts``) saved
+    for a backward, but its input: the weights its products read, however ``f`` reaches them
+    (a model behind a global too, which a walk of ``f``'s modules missed), and not embedding
+    tables (a lookup saves its indices; a tied LM head's weight counts, once). (With the
+    backward graph recorded, most of the ``3^k - 2^k`` copies stayed to the end: 54-60 MB for
+    a 1024-wide MLP's 4 MB weights at order 3.)"""
+    own = probe_input.untyped_storage().data_ptr()
+    return 2 ** order * sum(n for ptr, n in acts.leaf_matrices.items() if ptr != own)
 
 
 def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
     """Sets per chunk so that ``2^order`` tangent copies of the forward's activations (measured
     on one forward through the rows), times ``NESTED_FORWARD_FACTOR``, and the chunk's
     ``order`` directions fit the budget beside the weights' copies (:func:`_weight_copies`)."""
-    acts = memory.SavedBytes()
+    acts, probe = memory.SavedBytes(), x.detach().clone().requires_grad_(True)
     with acts, torch.enable_grad():
-        out = f(x.detach().clone().requires_grad_(True))
+        out = f(probe)
     item = x.element_size()
     per_set = (NESTED_FORWARD_FACTOR * (2 ** order)
                * (acts.total + x.numel() * item + out.numel() * out.element_size())
@@ -158,7 +157,7 @@ def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
     budget = memory.parse_budget(max_memory, x.device)
     if isinstance(budget, memory.DefaultBudget):
         return memory.chunk_size_for(budget, per_set, n_sets)
-    copies = _weight_copies(f, order)
+    copies = _weight_copies(acts, probe, order)
     if per_set + copies > budget:
         raise MemoryError(f"max_memory of {budget} bytes is too small for one set of order "
                           f"{order} over these {x.shape[0]} rows (estimated {int(per_set)} "

@@ -282,12 +282,17 @@ class SavedBytes:
     output (``tanh``, ``sigmoid``, ``exp``) would otherwise hold the output's Python object,
     whose ``grad_fn`` holds the saved object back, a cycle through C++ that Python's collector
     cannot see, so a graph never run backward leaked (the endpoint forwards' probe under
-    ``max_memory`` kept 3 tensors per call). Unpacking restores the autograd metadata."""
+    ``max_memory`` kept 3 tensors per call). Unpacking restores the autograd metadata.
+
+    ``leaf_matrices`` maps the storage of each leaf tensor of two or more dimensions that was
+    saved (the weights the forward's products read, however the forward reaches them; the
+    inputs too when they are leaves) to its bytes."""
 
     def __init__(self, limit: float | None = None):
         self.total, self.limit = 0, limit
         self._seen: set[int] = set()
         self._outer: SavedBytes | None = None
+        self.leaf_matrices: dict[int, int] = {}
 
     def _count(self, t: torch.Tensor) -> bool:
         """Add ``t``'s storage (once) unless the forward did not allocate it; False then.
@@ -296,6 +301,12 @@ class SavedBytes:
             self._outer._count(t)
         root = t._base if t._base is not None else t
         if root.is_leaf:  # parameters, inputs, constants (or views of them): not allocated here
+            if root.dim() >= 2:
+                try:
+                    self.leaf_matrices[root.untyped_storage().data_ptr()] = \
+                        root.untyped_storage().nbytes()
+                except (RuntimeError, NotImplementedError):  # (fake, sparse)
+                    pass
             return False
         try:
             key = t.untyped_storage().data_ptr()

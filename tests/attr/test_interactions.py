@@ -306,6 +306,21 @@ def test_order_three_budgets_count_the_weight_copies_of_nested_forward_mode():
     torch.testing.assert_close(got, want)
 
 
+_GLOBAL_NET = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Tanh(),
+                                  torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                                  torch.nn.Linear(256, 2))
+
+
+def test_weight_copies_are_counted_for_a_model_behind_a_global():
+    """A notebook's ``f = lambda z: model(z)[:, 1]`` reaches the model through a global, which
+    the walk of f's modules did not see: its copies went uncounted (the 2 MB budget ran). The
+    weights are now the matrices the probe forward saved."""
+    x = torch.randn(3, 16)
+    f = lambda z: _GLOBAL_NET(z)[:, 1]  # noqa: E731
+    with pytest.raises(MemoryError, match="beside 22[0-9]{5} bytes of the 8 weight copies"):
+        tk.interactions(f, x, order=3, sets=[(0, 1, 2)], max_memory="2MB")
+
+
 _HELD_W = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
 
