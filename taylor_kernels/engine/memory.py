@@ -346,10 +346,15 @@ class KeptGraphs:
     :meth:`check` (after each chunk) extrapolates the bytes kept so far (CPU: the storages
     autograd saved; CUDA: the allocator's growth) to all ``total`` points and raises
     ``MemoryError`` when they and the ``held`` bytes pass the budget (a CNN's IG kept 240 MB
-    of graphs under 8-64 MB budgets, 30x of 8 MB)."""
+    of graphs under 8-64 MB budgets, 30x of 8 MB). ``what`` and ``unit`` word the error for
+    other callers (jet passes with grad on: ``unit="direction"``); :meth:`advance` counts the
+    items done."""
 
-    def __init__(self, budget: int, held: int, total: int, device: torch.device):
+    def __init__(self, budget: int, held: int, total: int, device: torch.device,
+                 what: str = "the graphs create_graph=True keeps for your backward",
+                 unit: str = "path point"):
         self.budget, self.held, self.total, self.device = budget, held, total, device
+        self.what, self.unit, self.done = what, unit, 0
         self._saved = SavedBytes() if device.type != "cuda" else None
 
     def __enter__(self):
@@ -371,10 +376,15 @@ class KeptGraphs:
         need = per_point * self.total + self.held
         if need > self.budget:
             raise MemoryError(
-                f"max_memory of {self.budget} bytes cannot hold the graphs create_graph=True "
-                f"keeps for your backward: {int(per_point)} bytes per path point "
-                f"over {self.total} points (about {int(need)} bytes with the call's inputs and "
-                "sums); raise max_memory, or attribute fewer rows or steps per call")
+                f"max_memory of {self.budget} bytes cannot hold {self.what}: {int(per_point)} "
+                f"bytes per {self.unit} over {self.total} (about {int(need)} bytes with the "
+                "call's inputs and sums); raise max_memory, or attribute fewer rows or steps "
+                "per call")
+
+    def advance(self, n: int) -> None:
+        """:meth:`check` after ``n`` more items."""
+        self.done += n
+        self.check(self.done)
 
 
 def count_unsaved(tensors) -> None:

@@ -873,8 +873,10 @@ def test_a_no_grad_block_stays_a_constant_in_the_nested_fallback():
 
 def test_max_memory_runs_the_directions_in_passes_with_the_same_numbers(monkeypatch):
     """``jet`` and ``mixed_partials`` took every direction in one pass (``mixed_partials``
-    over all D(D-1)/2 pairs: gigabytes); under ``max_memory`` they run in passes."""
+    over all D(D-1)/2 pairs: gigabytes); under ``max_memory`` they run in passes (frozen
+    weights: no graph kept, see the next test)."""
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    model.requires_grad_(False)
     x = torch.randn(3, 8, dtype=DT)
     V = torch.randn(3, 40, 8, dtype=DT)
     sets = [(i, j) for i in range(8) for j in range(i + 1, 8)] + [(0, 1, 2), (3, 3, 4, 5), (6,)]
@@ -893,3 +895,29 @@ def test_max_memory_runs_the_directions_in_passes_with_the_same_numbers(monkeypa
     assert len(passes) > 3
     with pytest.raises(MemoryError, match="too small for one direction"):
         tk.mixed_partials(model, x, sets, target=1, max_memory=100)
+
+
+def test_max_memory_counts_the_graphs_a_differentiable_result_keeps():
+    """With grad on and parameters requiring grad every pass's graph stays for the caller's
+    backward, which passes did not bound (all pairs of 128 features of an MLP kept 2.8 GB
+    under a 16 MB budget). Such a call now raises once the kept graphs would pass the budget;
+    under no_grad, or with room for the graphs, it runs with the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 2)).double()
+    x = torch.randn(3, 16, dtype=DT)
+    V = torch.randn(3, 64, 16, dtype=DT)
+    sets = [(i, j) for i in range(16) for j in range(i + 1, 16)]
+    with torch.no_grad():
+        want_jet = tk.jet(model, x, V, 2, target=1)
+        want_sets = tk.mixed_partials(model, x, sets, target=1)
+        torch.testing.assert_close(tk.jet(model, x, V, 2, target=1, max_memory="64KB"),
+                                   want_jet, rtol=1e-12, atol=1e-12)
+    for call in (lambda mm: tk.jet(model, x, V, 2, target=1, max_memory=mm),
+                 lambda mm: tk.mixed_partials(model, x, sets, target=1, max_memory=mm)):
+        with pytest.raises(MemoryError, match="graphs the jet passes keep"):
+            call("64KB")
+    got = tk.mixed_partials(model, x, sets, target=1, max_memory="64MB")
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want_sets, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tk.jet(model, x, V, 2, target=1, max_memory="64MB").detach(),
+                               want_jet, rtol=1e-12, atol=1e-12)
