@@ -161,8 +161,13 @@ class LayerSpace:
                 return None
             return ds[k] if ds is not None else nxt[k] - v.detach()
 
-        if self.spec.of_input:  # the total derivative in the layer's input tensors (below)
-            return self._through_inputs(es, point(idx) + rest, direction)
+        if self.spec.of_input:  # the total derivative in the layer's input tensors (below):
+            # the points require grad, so that uses of those tensors before the layer's call
+            # are recorded too (with frozen weights or the model's input as the layer's, they
+            # were not: 2.0 off Captum)
+            pts = tuple(p.detach().requires_grad_() if p.is_floating_point() else p
+                        for p in point(idx))
+            return self._through_inputs(es, pts + rest, direction)
 
         def edit(k, v):
             delta = (es[k] - es[k].detach()).to(v.dtype)

@@ -525,6 +525,36 @@ def test_layer_input_gradient_counts_every_use_of_the_input(name):
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
 
 
+class UsedBeforeTheLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.act, self.lin2 = nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.lin1(x)
+        s = (h ** 2).sum(1, keepdim=True)  # a use of the layer's input before the layer
+        return self.lin2(self.act(h)) + s
+
+
+@pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
+def test_layer_input_gradient_counts_uses_before_the_layer_with_frozen_weights(name):
+    """The layer's input became a leaf when the layer ran, so with frozen weights (nothing
+    before it requiring grad) its earlier uses were not recorded: 1.9-2.1 off Captum."""
+    torch.manual_seed(0)
+    net = UsedBeforeTheLayer().to(F64).requires_grad_(False)
+    x = torch.randn(3, 4, dtype=F64)
+    extra = (torch.randn(5, 4, dtype=F64),) if name == "LayerGradientShap" else ()
+    kw = {} if extra else {"n_steps": 8}
+    got = []
+    for mod in (ca, tc):
+        torch.manual_seed(1)
+        np.random.seed(1)
+        got.append(getattr(mod, name)(net, net.act).attribute(
+            x, *extra, target=1, attribute_to_layer_input=True, **kw))
+    torch.testing.assert_close(got[1], got[0], rtol=1e-6, atol=1e-9)
+    assert not any(p.requires_grad for p in net.parameters())
+
+
 @pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
 def test_input_space_paths_refuse_token_ids(name):
     """Their path runs in input space: integer ids cannot be interpolated (Captum fails in its
