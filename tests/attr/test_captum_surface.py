@@ -506,12 +506,8 @@ class SharedInput(nn.Module):
         return self.out(torch.tanh(self.add(torch.tanh(self.l2(a)), a)))
 
 
-@pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
-def test_layer_input_gradient_counts_every_use_of_the_input(name):
-    """Captum differentiates in the tensors the layer receives, so a residual input's other
-    uses count (it was 0.4 off when only the layer's own use counted)."""
-    torch.manual_seed(0)
-    net = SharedInput().to(F64)
+def _layer_input_attributions(name: str, net: nn.Module, layer: nn.Module) -> list:
+    """Captum's and our ``name`` with ``attribute_to_layer_input=True`` on 3 random rows."""
     x = torch.randn(3, 4, dtype=F64)
     extra = (torch.randn(5, 4, dtype=F64),) if name == "LayerGradientShap" else ()
     kw = {} if extra else {"n_steps": 8}
@@ -519,10 +515,20 @@ def test_layer_input_gradient_counts_every_use_of_the_input(name):
     for mod in (ca, tc):
         torch.manual_seed(1)
         np.random.seed(1)
-        got.append(getattr(mod, name)(net, net.add).attribute(
+        got.append(getattr(mod, name)(net, layer).attribute(
             x, *extra, target=1, attribute_to_layer_input=True, **kw))
-    for ours, ref in zip(got[1], got[0]):
-        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
+    return got
+
+
+@pytest.mark.parametrize("name", ["LayerConductance", "InternalInfluence", "LayerGradientShap"])
+def test_layer_input_gradient_counts_every_use_of_the_input(name):
+    """Captum differentiates in the tensors the layer receives, so a residual input's other
+    uses count (it was 0.4 off when only the layer's own use counted)."""
+    torch.manual_seed(0)
+    net = SharedInput().to(F64)
+    ref, ours = _layer_input_attributions(name, net, net.add)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-9)
 
 
 class UsedBeforeTheLayer(nn.Module):
@@ -542,16 +548,8 @@ def test_layer_input_gradient_counts_uses_before_the_layer_with_frozen_weights(n
     before it requiring grad) its earlier uses were not recorded: 1.9-2.1 off Captum."""
     torch.manual_seed(0)
     net = UsedBeforeTheLayer().to(F64).requires_grad_(False)
-    x = torch.randn(3, 4, dtype=F64)
-    extra = (torch.randn(5, 4, dtype=F64),) if name == "LayerGradientShap" else ()
-    kw = {} if extra else {"n_steps": 8}
-    got = []
-    for mod in (ca, tc):
-        torch.manual_seed(1)
-        np.random.seed(1)
-        got.append(getattr(mod, name)(net, net.act).attribute(
-            x, *extra, target=1, attribute_to_layer_input=True, **kw))
-    torch.testing.assert_close(got[1], got[0], rtol=1e-6, atol=1e-9)
+    ref, ours = _layer_input_attributions(name, net, net.act)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
     assert not any(p.requires_grad for p in net.parameters())
 
 
