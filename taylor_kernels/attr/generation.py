@@ -266,7 +266,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
     sequence = torch.cat([prompt[0], target[:-1]])
     with hf.context_window_named(model, sequence.shape[0]):
         with guards.preserved_buffers(model):
-            hf.check_causal(model, sequence, vocab)
+            hf.check_causal(model, sequence, vocab, prompt_len=P)
         act = hf.layer_output(hf.ids_caller(model), emb, sequence[None])
     base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
     if base_ids is not None:

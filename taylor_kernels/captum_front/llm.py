@@ -400,7 +400,7 @@ class LLMGradientAttribution:
                                             (inp.inp_tensor,)),
                 max_memory=kwargs.get("max_memory"), backend=kwargs.get("backend"),
                 progress=kwargs.get("progress", False))
-        except ContinuationMoves:
+        except (ContinuationMoves, hf.LengthDependentLogits):
             return None
 
     attribute_future = attribute_future_unsupported

@@ -410,8 +410,7 @@ def modules_run(into: dict):
     def record(module):
         if id(module) not in into:
             into[id(module)] = module
-            saved.extend((module, name, b, b.detach().clone())
-                         for name, b in module._buffers.items() if b is not None)
+            saved.extend(_module_state(module))
 
     hooks = torch.nn.modules.module._global_forward_pre_hooks
     key = -1 - threading.get_ident() % 2**62  # (handles' ids are >= 0: no clash)
@@ -431,21 +430,50 @@ def modules_run(into: dict):
 @contextlib.contextmanager
 def preserved_buffers(f):
     """Snapshot the buffers of the modules of ``f`` and put them back on exit (success or
-    exception), values and tensor objects (a buffer reassigned in ``forward`` is reattached):
-    probes cannot change running statistics or counters."""
-    saved = [(m, name, b, b.detach().clone()) for root in modules_of(f)
-             for m in root.modules() for name, b in m._buffers.items() if b is not None]
+    exception), values and tensor objects (a buffer reassigned in ``forward`` is reattached),
+    with the plain number and tensor attributes a forward may update beside them
+    (:func:`_module_state`): probes cannot change running statistics, counters or caches."""
+    saved = [entry for root in modules_of(f) for m in root.modules()
+             for entry in _module_state(m)]
     try:
         yield
     finally:
         _restore(saved)
 
 
+def _module_state(m: nn.Module) -> list:
+    """``(module, name, object, value)`` snapshots of ``m``'s buffers and, for a module with
+    buffers, of its public plain attributes holding a number or a tensor (``None`` for a
+    number's value): the state a forward updates with them. Transformers' dynamic RoPE keeps
+    ``max_seq_len_cached`` and ``attention_scaling`` beside its ``inv_freq`` buffer; restoring
+    the buffer alone left them apart (a later forward of the same length used the unscaled
+    frequencies: 0.77 off). A module without buffers keeps its attributes as its forwards
+    leave them (a plain call counter counts the probes)."""
+    state = [(m, name, b, b.detach().clone()) for name, b in m._buffers.items() if b is not None]
+    if not state:
+        return state
+    for name, v in vars(m).items():
+        if name.startswith("_") or isinstance(v, bool):
+            continue
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+            state.append((m, name, v, v.detach().clone()))
+        elif isinstance(v, (int, float)):
+            state.append((m, name, v, None))
+    return state
+
+
 def _restore(saved: list) -> None:
-    """Put ``(module, name, buffer, value)`` snapshots back: the buffer object, and its value."""
+    """Put ``(module, name, object, value)`` snapshots back: a buffer object and its value, a
+    plain tensor attribute likewise, a number attribute as it was."""
     with torch.no_grad():
         for m, name, b, value in saved:
-            m._buffers[name] = b
+            if value is None:
+                setattr(m, name, b)
+                continue
+            if name in m._buffers:
+                m._buffers[name] = b
+            else:
+                object.__setattr__(m, name, b)
             # the values come back without a version bump: eval batch norm saved its running
             # stats for a backward still to come, and they hold the same values (train batch
             # norm updates them in its kernel without a bump either)

@@ -65,7 +65,10 @@ def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
     if layer is not None:
         raise TypeError(f"layer must be a module, a submodule name or None, got {type(layer)}")
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    try:  # (transformers' base raises NotImplementedError where a model has none: CANINE)
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
     if not isinstance(emb, nn.Module):
         raise ValueError(f"{type(model).__name__} has no get_input_embeddings(): name the "
                          "embedding layer with layer=<module or 'submodule.name'>")
@@ -408,29 +411,79 @@ def check_causal_lm(model, what: str = "generation attribution") -> None:
                          "not the prompt's")
 
 
+class LengthDependentLogits(ValueError):
+    """A causal LM whose logits at a position change with the sequence's length (a RoPE
+    scaled by it): one forward of prompt + continuation does not give each target's
+    log-prob on its own prefix."""
+
+
+LENGTH_SCALED_ROPE = ("dynamic", "longrope")  # transformers' rope types chosen by the length
+
+
+def _length_scaled_rope_window(config) -> int | None:
+    """The length past which ``config``'s RoPE changes its frequencies (``rope_type``
+    ``"dynamic"`` or ``"longrope"``: ``original_max_position_embeddings``, else
+    ``max_position_embeddings``; per layer type too), or None for a RoPE that does not."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return None
+    found = [params] + [v for v in params.values() if isinstance(v, dict)]
+    windows = [p.get("original_max_position_embeddings")
+               or getattr(config, "original_max_position_embeddings", None)
+               or getattr(config, "max_position_embeddings", None)
+               for p in found if (p.get("rope_type") or p.get("type")) in LENGTH_SCALED_ROPE]
+    return min((int(w) for w in windows if w), default=None) if windows else None
+
+
 @torch.no_grad()
-def check_causal(model, sequence: torch.Tensor, vocab: int | None) -> None:
+def check_causal(model, sequence: torch.Tensor, vocab: int | None, prompt_len: int = 0) -> None:
     """Raise ``ValueError`` unless the logits at the position before the last stay as they
     were when the last token of ``sequence [L]`` changes (one forward of two rows; the head at
-    two positions where the model takes ``logits_to_keep``): a masked LM (BERT) sees the
+    the positions read where the model takes ``logits_to_keep``): a masked LM (BERT) sees the
     continuation both ways, and its numbers would mean nothing. Rows of one batch may round
     apart: 16 units of the logits' precision of the largest one are allowed (a random tiny
-    BERT moved them by 1e-3 of it, a causal LM by 0). Skipped for a model in train mode
-    attributed inside :func:`~taylor_kernels.allow_row_coupling` (the Captum front's runs):
-    its dropout moves the logits anyway."""
+    BERT moved them by 1e-3 of it, a causal LM by 0). With ``prompt_len`` ``P < L`` also
+    :class:`LengthDependentLogits` unless the logits at ``P - 1`` equal those of a forward of
+    the first ``P`` tokens alone (64 units allowed: lengths round apart by up to 5 in float32
+    on a few 2-layer decoders), or for a ``"dynamic"``/``"longrope"`` RoPE past its window
+    (bf16 rounds such a change away): a Llama with dynamic RoPE or a Phi-3 with longrope
+    past its original window scored early targets with the whole sequence's frequencies
+    (2.7 off Captum, silently). Skipped for a model in train mode attributed inside
+    :func:`~taylor_kernels.allow_row_coupling` (the Captum front's runs): its dropout moves
+    the logits anyway."""
     if sequence.shape[0] < 2 or row_coupling_allowed() and any(
             coupling_submodules(m) for m in modules_of(model)):
         return
+    L = sequence.shape[0]
+    read = L - prompt_len + 1 if 0 < prompt_len < L else 2
     other = sequence.clone()
     other[-1] = (other[-1] + 1) % (vocab or int(other[-1]) + 2)
-    extra = {"logits_to_keep": 2} if cuts_logits(model) else {}
-    out = lm_logits(ids_caller(model)(torch.stack([sequence, other]), **extra), vocab)
+    cuts = cuts_logits(model)
+    out = lm_logits(ids_caller(model)(torch.stack([sequence, other]),
+                                      **({"logits_to_keep": read} if cuts else {})), vocab)
     before, after = out[0, -2], out[1, -2]
     allowed = 16 * torch.finfo(out.dtype).eps * before.abs().max()
     if (before - after).abs().max() > allowed:
         raise ValueError(f"generation attribution needs a causal LM: {type(model).__name__}'s "
                          "logits at earlier positions change with a later token (a masked or "
                          "bidirectional model)")
+    if not 0 < prompt_len < L:
+        return
+    window = _length_scaled_rope_window(getattr(model, "config", None))
+    alone = lm_logits(ids_caller(model)(sequence[None, :prompt_len],
+                                        **({"logits_to_keep": 1} if cuts else {})), vocab)
+    at_p = out[0, -read]
+    moved = (at_p - alone[0, -1]).abs().max() > 64 * torch.finfo(out.dtype).eps * \
+        at_p.abs().max()
+    if moved or window is not None and L > window:
+        why = f"its RoPE is scaled by the length past {window} positions" if window else \
+            "it depends on the length"
+        raise LengthDependentLogits(
+            f"{type(model).__name__}'s logits at the prompt's last position change with the "
+            f"sequence's length ({why}): one forward of prompt + continuation ({L} tokens) "
+            "would score every target with the whole sequence's, not its own prefix's; "
+            "attribute each target on its prefix (taylor_kernels.captum."
+            "LLMGradientAttribution does), or keep prompt + continuation within that window")
 
 
 def decoder_sequence(model, ids: torch.Tensor, attention_mask, kwargs: dict):
@@ -540,12 +593,21 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match "
                              f"input_ids {tuple(ids.shape)}")
         kwargs["attention_mask"] = attention_mask
+    decoder_sequence(model, ids, attention_mask, kwargs)  # (an encoder-decoder without its
+    # decoder ids is named here: the probe forward failed in the decoder with T5's message)
     call = KeywordModel(model, kwargs, ids.shape[0])
     fed: list = []
     act_x = embedded_ids(call, emb, ids, call.row_values, "input_ids", vocab, layer_input=fed)
     check_token_layout(act_x, ids, fed[0] if fed else None, emb)
     base = baseline_ids(baselines, ids, model, tokenizer)
     other = bool(fed) and fed_other_ids(ids, fed[0])
+    if other and fed[0].dim() == 2 and fed[0].shape[1] > ids.shape[1] and \
+            torch.equal(fed[0][:, :ids.shape[1]], ids):
+        raise ValueError(
+            f"{type(model).__name__} pads input_ids {tuple(ids.shape)} inside its forward to "
+            f"{tuple(fed[0].shape)} (Longformer pads to a multiple of its attention window), "
+            "so the embedding's rows are not input_ids' tokens: pad input_ids (and "
+            "attention_mask with 0) to that length yourself")
     if other and (base is not None or keep is not None or len(skip_tokens)):
         raise ValueError(  # (the baseline ids went to the encoder: every attribution was 0)
             f"layer {type(emb).__name__} is fed other ids {tuple(fed[0].shape)} than input_ids "

@@ -2,6 +2,7 @@
 to Captum's LLMGradientAttribution(LayerIntegratedGradients) token by token (float32, 1e-5)."""
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -383,10 +384,9 @@ def test_captum_front_generates_and_checks_arguments(models, tok):
 
 
 def test_head_at_read_positions_and_bf16(models, tok):
-    """The LM head runs at the T read positions only (and at two for the causality check);
-    a bf16 model gives float32 scores close to the float32 model's (bf16 rounding)."""
-    import copy
-
+    """The LM head runs at the T read positions only (in the causality check too, and at one
+    for the prompt alone); a bf16 model gives float32 scores close to the float32 model's
+    (bf16 rounding)."""
     model = models["llama"]
     prompt, target = _ids(tok)
     shapes = []
@@ -395,7 +395,7 @@ def test_head_at_read_positions_and_bf16(models, tok):
         r32 = generation_attribution(model, prompt, target, baselines="pad", steps=8)
     finally:
         hook.remove()
-    assert shapes[0] == 2 and set(shapes[1:]) == {5}, shapes  # (the causality check: 2)
+    assert shapes[:2] == [5, 1] and set(shapes[2:]) == {5}, shapes  # (the checks: 5, 1)
     r16 = generation_attribution(copy.deepcopy(model).to(torch.bfloat16), prompt, target,
                                  baselines="pad", steps=8)
     assert r16.token_attr.dtype == torch.float32 and r16.log_probs.dtype == torch.float32
@@ -624,3 +624,87 @@ def test_text_token_input_takes_mixed_skip_tokens_and_refuses_bool_baselines(tok
     with pytest.raises(TypeError, match="baselines must be a token id"):
         tkc.TextTokenInput(PROMPT, tok, baselines=True)
     assert tkc.TextTokenInput(PROMPT, tok, baselines=np.int64(1)).baselines == 1
+
+
+def _dynamic_rope_llama(vocab: int):
+    """A Llama whose RoPE rescales past 8 positions (``rope_type="dynamic"``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=8,
+                      vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                      rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                       "factor": 4.0})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)  # (logits far enough apart for the frequencies to show)
+    return model
+
+
+def _rope_state(model) -> list:
+    rope = model.model.rotary_emb
+    return [rope.inv_freq.clone(), rope.max_seq_len_cached, rope.attention_scaling]
+
+
+def test_a_rope_scaled_by_the_length_is_refused_and_the_front_runs_each_prefix(tok):
+    """One forward of prompt + continuation past a dynamic RoPE's window scored the early
+    targets with the whole sequence's frequencies: 0.7 off Captum, silently (2.7 for a
+    Phi-3 longrope). generation_attribution now refuses it; the Captum front runs each target
+    on its prefix, as Captum does, and equals it. The model's RoPE state (buffer and the
+    attributes beside it) is as the forwards left it, as under Captum: the probes restored
+    the buffer alone before, and a later forward of the same length was 0.77 off."""
+    import captum.attr as ca
+
+    import taylor_kernels.captum as tkc
+    from taylor_kernels.models.hf import LengthDependentLogits
+
+    fresh = _dynamic_rope_llama(len(tok))
+    model = copy.deepcopy(fresh)
+    prompt, target = _ids(tok)
+    assert prompt.shape[1] + target.shape[0] - 1 > 8
+    before = _rope_state(model)
+    with pytest.raises(LengthDependentLogits, match="scaled by the length past 8"):
+        generation_attribution(model, prompt, target, baselines="unk", steps=4, tokenizer=tok)
+    after = _rope_state(model)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    assert after[1:] == before[1:]
+    results = []
+    for mod in (ca, tkc):  # each from the same state (the RoPE's cache holds the longest
+        model = copy.deepcopy(fresh)  # length seen, and scales shorter ones by it)
+        llm = mod.LLMGradientAttribution(
+            mod.LayerIntegratedGradients(model, model.get_input_embeddings()), tok)
+        inp = mod.TextTokenInput(PROMPT, tok, baselines="<unk>", skip_tokens=[2])
+        results.append(llm.attribute(inp, target=TARGET, n_steps=6))
+        results.append(_rope_state(model))
+    ref, ref_state, res, res_state = results
+    torch.testing.assert_close(res.token_attr, ref.token_attr, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res_state[0], ref_state[0], rtol=0, atol=0)
+    assert res_state[1:] == ref_state[1:]
+
+
+class _LengthScaled(torch.nn.Module):
+    """A causal toy LM whose logits grow with the sequence's length (no RoPE config)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids).cumsum(1) * (1 + 0.01 * input_ids.shape[1])
+        return self.head(torch.tanh(h))
+
+
+def test_logits_that_move_with_the_length_are_refused(tok):
+    torch.manual_seed(0)
+    model = _LengthScaled(len(tok)).double()
+    prompt, target = _ids(tok)
+    from taylor_kernels.models.hf import LengthDependentLogits
+    with pytest.raises(LengthDependentLogits, match="depends on the length"):
+        generation_attribution(model, prompt, target, baselines="unk", steps=4, tokenizer=tok)

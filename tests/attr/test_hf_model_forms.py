@@ -202,6 +202,64 @@ def test_a_decoder_embedding_reads_the_decoders_ids():
             tk.token_integrated_gradients(model, IDS, TARGETS, **kw, **bad)
 
 
+def test_an_encoder_decoder_without_decoder_ids_is_named_before_any_forward():
+    """T5 without ``decoder_input_ids``: the probe forward reached T5's decoder, whose "You must
+    specify exactly one of input_ids or inputs_embeds" came out, not the library's message."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0)).eval()
+    with pytest.raises(ValueError, match="decoder_input_ids"):
+        tk.token_integrated_gradients(model, IDS, TARGETS, steps=2)
+
+
+class _NoEmbeddingsMethod(torch.nn.Module):
+    """transformers' base ``get_input_embeddings`` raises where a model has none (CANINE)."""
+
+    def __init__(self):
+        super().__init__()
+        self.chars = torch.nn.Embedding(128, 8)
+        self.head = torch.nn.Linear(8, 16)
+
+    def get_input_embeddings(self):
+        raise NotImplementedError("`get_input_embeddings` not auto-handled; override it")
+
+    def forward(self, input_ids):
+        return self.head(self.chars(input_ids).mean(1))
+
+
+def test_a_model_without_input_embeddings_is_told_to_name_the_layer():
+    model = _NoEmbeddingsMethod().double()
+    with pytest.raises(ValueError, match="name the embedding layer with layer="):
+        tk.token_integrated_gradients(model, IDS, TARGETS, steps=2)
+    res = tk.token_integrated_gradients(model, IDS, TARGETS, layer="chars", steps=2)
+    assert res.token_scores.shape == IDS.shape
+
+
+class _PadsInside(_NoEmbeddingsMethod):
+    """Pads its ids to a multiple of 4 inside ``forward``, as Longformer does."""
+
+    def get_input_embeddings(self):
+        return self.chars
+
+    def forward(self, input_ids):
+        pad = -input_ids.shape[1] % 4
+        ids = torch.nn.functional.pad(input_ids, (0, pad), value=0)
+        return self.head(self.chars(ids).mean(1))
+
+
+def test_a_model_that_pads_its_ids_inside_is_named():
+    """Longformer's internal padding was taken for an encoder-decoder's decoder ids ("fed
+    other ids ... (an encoder-decoder's decoder embedding)"), and baselines="zero" gave scores
+    for 12 positions of 10 tokens."""
+    ids = IDS[:, :3] if IDS.shape[1] % 4 == 0 else IDS
+    assert ids.shape[1] % 4
+    for kw in ({"baselines": 1}, {}):
+        with pytest.raises(ValueError, match="pads input_ids .* inside its forward"):
+            tk.token_integrated_gradients(_PadsInside().double(), ids, TARGETS, steps=2, **kw)
+
+
 class _PassesKeep(_Wraps):
     """A plain wrapper passing logits_to_keep on, without get_output_embeddings."""
 
