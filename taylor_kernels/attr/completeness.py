@@ -44,4 +44,4 @@ def completeness_gap(model, attributions, start_point, end_point, target=None,
     f_end = _selected(model, ends, args, targets)
     f_start = _selected(model, starts, args, targets)
     total = sum(a.reshape(B, -1).sum(1) for a in attrs)
-    return total - (f_end - f_start).to(total.dtype)
+    return total - (f_end - f_start)  # (type promotion, as Captum's: float64 outputs stay)

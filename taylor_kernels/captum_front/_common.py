@@ -317,11 +317,17 @@ def expand_rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def expand_target(target: Any, B: int, sizes: list[int]) -> Any:
     """``target`` for the expanded rows, as Captum's ``_expand_target``: a list (one entry per
-    row) or a ``[B, ...]`` tensor by :func:`expand_rows`; an int or an index tuple shared."""
+    row) or a ``[B, ...]`` tensor by :func:`expand_rows`; an int or an index tuple shared.
+    A list or a tensor of more than one entry whose length is not ``B`` is
+    :class:`CaptumValueError`, as Captum's check of the target against the output (one of
+    ``B * n`` entries was taken per draw, silently)."""
     if is_row_tensor(target, B):
         return expand_rows(target, sizes)
     if isinstance(target, list) and len(target) == B:
         return [v for n in sizes for v in target for _ in range(n)]
+    if isinstance(target, list) or isinstance(target, torch.Tensor) and target.numel() > 1:
+        raise CaptumValueError(f"target has {len(target)} entries for {B} inputs: give one "
+                               "per input (it is repeated for each sample) or one for all")
     return target
 
 

@@ -397,9 +397,14 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
                     "tuple's first tensor; to attribute another, wrap the model, e.g. "
                     "lambda x: model(x)[1])") if kind else ""
             per_row = "one scalar" if out.dim() == 1 else f"{tuple(out.shape[1:])}"
-            raise ValueError(f"an integer target needs a [N, C] model output (C classes per "
-                             f"row); the model returns {per_row} per row"
-                             + (": pass target=None" if out.dim() == 1 else "") + read)
+            outside = out.dim() > 2 and bool(((target < -out.shape[1]) |
+                                              (target >= out.shape[1])).any())
+            # (out of range, Captum's indexing raises an IndexError first)
+            raise (TargetIndexError if outside else ValueError)(
+                f"an integer target needs a [N, C] model output (C classes per "
+                f"row); the model returns {per_row} per row"
+                + (": pass target=None" if out.dim() == 1 else "") + read
+                + (f", and the target is outside its first {out.shape[1]}" if outside else ""))
         idx = target.to(out.device)[rows]
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -587,6 +587,25 @@ def test_noise_on_token_ids_is_refused_by_name(name):
     assert method.attribute(x, target=1, **kw).shape == x.shape
 
 
+@pytest.mark.parametrize("name", ["GradientShap", "LayerGradientShap", "NoiseTunnel"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_target_per_draw_is_refused_as_captum_does(name, as_tensor):
+    """``B * n`` targets for ``B`` inputs: Captum raises; ours applied one per draw."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    x, dist = torch.randn(2, 5, dtype=F64), torch.randn(4, 5, dtype=F64)
+    target = [0, 1, 2, 0, 1, 2]
+    target = torch.tensor(target) if as_tensor else target
+    for mod in (ca, tc):
+        method = {"GradientShap": lambda: mod.GradientShap(net),
+                  "LayerGradientShap": lambda: mod.LayerGradientShap(net, net[0]),
+                  "NoiseTunnel": lambda: mod.NoiseTunnel(mod.IntegratedGradients(net))}[name]()
+        kw = dict(nt_samples=3, stdevs=0.1, n_steps=4) if name == "NoiseTunnel" else \
+            dict(baselines=dist, n_samples=3)
+        with pytest.raises(AssertionError):
+            method.attribute(x, target=target, **kw)
+
+
 BAD_INPUTS = {  # Captum raises AssertionError for these; ours also are ValueError/TypeError
     "n_steps": lambda L, net, x: L.IntegratedGradients(net).attribute(x, target=0, n_steps=0),
     "method": lambda L, net, x: L.LayerConductance(net, net.left).attribute(
@@ -801,3 +820,31 @@ def test_a_custom_gradient_func_is_refused_not_ignored():
         method.gradient_func = compute_gradients  # the default: accepted
         with pytest.raises(TypeError, match="cannot use a custom gradient_func"):
             method.gradient_func = lambda *a, **k: compute_gradients(*a, **k)
+
+
+class _ThreeDims(nn.Module):
+    def forward(self, x):
+        return x[:, :6].reshape(-1, 3, 2)
+
+
+@pytest.mark.parametrize("target", [99, -99])
+def test_an_int_target_outside_a_3d_output_is_captums_index_error(target):
+    """Captum indexes the output first (IndexError); ours said only that an int target needs
+    a [N, C] output, a ValueError that Captum-based code catching IndexError missed."""
+    x = torch.randn(2, 6, dtype=F64)
+    for mod in (ca, tc):
+        with pytest.raises(IndexError):
+            mod.IntegratedGradients(_ThreeDims()).attribute(x, target=target, n_steps=2)
+
+
+def test_convergence_delta_takes_the_wider_dtype_as_captum():
+    """float32 attributions of a float64 model: Captum's delta is float64 (type promotion);
+    ours was cast to the attributions' float32."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(F64)
+    x = torch.randn(2, 4, dtype=F64)
+    attrs = torch.randn(2, 4, dtype=torch.float32)
+    got = [mod.IntegratedGradients(net).compute_convergence_delta(attrs, 0.0, x, target=1)
+           for mod in (ca, tc)]
+    assert got[1].dtype == got[0].dtype == F64
+    torch.testing.assert_close(got[1], got[0], rtol=1e-12, atol=1e-12)
