@@ -13,6 +13,7 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.user_warnings import warn
 
@@ -128,6 +129,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
     return final, evaluations, used
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: int = 50,
                          rule: str = "gausslegendre", tol: float | None = None,

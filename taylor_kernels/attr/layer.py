@@ -26,6 +26,7 @@ from taylor_kernels.attr.layer_budget import check_held, layer_ig_bytes
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple
 from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 from taylor_kernels.user_warnings import warn
@@ -129,6 +130,7 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
     return through_layer
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=None,
                                target=None, *, attribute_to_layer_input: bool = False,

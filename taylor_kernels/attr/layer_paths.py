@@ -39,6 +39,7 @@ from taylor_kernels.attr.layer_capture import Layers
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.engine.row_args import select_rows
 from taylor_kernels.engine.thread_hooks import hookable
@@ -48,6 +49,7 @@ from taylor_kernels.user_warnings import warn
 DIRECTIONS = ("ones", "given", "next")
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, target=None, *,
                                      attribute_to_layer_input: bool = False,
                                      additional_forward_args=None,
@@ -285,6 +287,7 @@ def _rule_table(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return quadrature.nodes_and_weights(rule, steps)
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 def internal_influence(model, layer, inputs, baselines=None, target=None, *, steps: int = 50,
                        rule: str = "gausslegendre", **kwargs) -> AttributionResult:
     """Internal influence ``II_j = int_0^1 dF/da_j (b + t (x - b)) dt`` (by the rule's
@@ -297,6 +300,7 @@ def internal_influence(model, layer, inputs, baselines=None, target=None, *, ste
                                direction="ones", **kwargs)
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 def layer_conductance(model, layer, inputs, baselines=None, target=None, *, steps: int = 50,
                       rule: str = "gausslegendre", **kwargs) -> AttributionResult:
     """Conductance ``C_j = sum_{s<S} dF/da_j (p_s) (a_j(p_{s+1}) - a_j(p_s))`` over the
@@ -352,6 +356,7 @@ def _activation_differences(model, spec: Layers, tup: tuple, bls: tuple, fargs: 
     return out
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 def layer_gradient_shap(model, layer, inputs, baselines, alphas: torch.Tensor, target=None, *,
                         multiply_by_inputs: bool = True, attribute_to_layer_input: bool = False,
                         additional_forward_args=None, **kwargs) -> AttributionResult:

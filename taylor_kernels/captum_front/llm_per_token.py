@@ -16,6 +16,7 @@ import copy
 
 import torch
 
+from taylor_kernels.engine.derivative import cpu_flex_as_eager
 from taylor_kernels.models.outputs import lm_logits
 from taylor_kernels.progress import progress_bar
 
@@ -60,7 +61,8 @@ def per_token_attributions(attr_method, model: torch.nn.Module, device: torch.de
     rows = []
     for t in progress_bar(progress, range(target_ids.shape[0]), desc="target tokens"):
         method.forward_func = TokenLogProb(model, device, inp, target_ids[:t + 1])
-        attr = method.attribute(features, **kwargs)
+        with cpu_flex_as_eager(model):  # (Captum's own methods too: no flex backward there)
+            attr = method.attribute(features, **kwargs)
         if not isinstance(attr, torch.Tensor):
             raise TypeError(f"{type(attr_method).__name__}.attribute returned "
                             f"{type(attr).__name__}; LLMGradientAttribution needs one tensor "

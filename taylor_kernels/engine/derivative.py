@@ -23,6 +23,7 @@ with forward AD and double backward.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -108,6 +109,28 @@ def eager_attention(models: list, sdpa_math=None):
     finally:
         for m, impl in reversed(switched):
             m.set_attn_implementation(impl)
+
+
+def cpu_flex_as_eager(f: Callable | None):
+    """Context: each ``transformers`` model ``f`` reaches with ``"flex_attention"`` and its
+    weights on the CPU runs ``"eager"`` attention inside (said once per model class; set back
+    on exit). PyTorch's flex attention has no backward on the CPU: every gradient through it
+    raised "FlexAttention does not support backward on CPU"."""
+    flex = [(m, impl) for m, impl in _attention_models(f) if impl == "flex_attention"
+            and next(m.parameters(), torch.empty(0)).device.type == "cpu"]
+    for m, _ in flex:
+        warn_once(f"{type(m).__name__}: flex attention has no backward on the CPU; "
+                  "attribution runs it on eager attention (set back after the call)")
+    return eager_attention(flex) if flex else contextlib.nullcontext()
+
+
+def flex_runs_eager_on_cpu(fn: Callable) -> Callable:
+    """Decorator: ``fn(model, ...)`` inside :func:`cpu_flex_as_eager` of ``model``."""
+    @functools.wraps(fn)
+    def call(model, *args, **kwargs):
+        with cpu_flex_as_eager(model):
+            return fn(model, *args, **kwargs)
+    return call
 
 
 def say_math_attention(model_class: str, impl: str) -> None:

@@ -44,7 +44,7 @@ from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_p
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (check_model, coupling_submodules, is_row_tensor,
                                           modules_of, row_coupling_allowed)
-from taylor_kernels.engine.derivative import eager_attention, math_attention, warn_once
+from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
@@ -728,9 +728,7 @@ def first_order_attention(model, activation: torch.Tensor):
     error told the user to stop requiring grad), runs ``"eager"`` attention, said once."""
     impl = attention_implementation(model)
     if activation.device.type == "cpu" and impl == "flex_attention":
-        warn_once(f"{type(model).__name__}: flex attention has no backward on the CPU; "
-                  "attribution runs it on eager attention (set back after the call)")
-        with eager_attention([(model, impl)]):
+        with cpu_flex_as_eager(model):
             yield
         return
     if activation.device.type != "cpu" or activation.dtype not in (

@@ -317,9 +317,9 @@ def test_second_order_switches_to_math_attention_once(gpt2):
     assert a["interactions"].shape == (1, 4, 4)
 
 
-def _forget_attention_warnings():
+def _forget_attention_warnings(about: str = "second-order attribution"):
     from taylor_kernels.engine import derivative
-    for msg in [m for m in derivative._warned if "second-order attribution" in m]:
+    for msg in [m for m in derivative._warned if about in m]:
         derivative._warned.discard(msg)
 
 
@@ -385,6 +385,40 @@ def test_every_second_order_api_runs_flex_attention_as_eager_and_restores_it(api
     msgs = [str(w.message) for w in seen if "second-order attribution" in str(w.message)]
     assert len(msgs) == 1 and "'flex_attention' runs on eager attention" in msgs[0], msgs
     torch.testing.assert_close(got, calls[api](at(eager)))
+
+
+@pytest.mark.parametrize("api", ["ig", "layer_ig", "front_layer_ig", "front_per_token"])
+def test_first_order_apis_run_flex_attention_as_eager_on_the_cpu(api):
+    """Flex attention has no backward on the CPU: token IG and generation switched it to
+    eager, but IG, layer IG (library and front) and the front's per-token loop raised torch's
+    "FlexAttention does not support backward on CPU"."""
+    import taylor_kernels.captum as tkc
+
+    flex, eager = (tiny.llama(layers=1, d=32, attn=attn) for attn in ("flex_attention", "eager"))
+    ids = IDS[:, :4]
+
+    def run(model):
+        emb = model.get_input_embeddings()
+        if api == "ig":
+            return tk.integrated_gradients(lambda e: model(inputs_embeds=e).logits[:, -1],
+                                           emb(ids).detach(), target=5, steps=4).attributions
+        f = lambda i: model(input_ids=i).logits[:, -1]  # noqa: E731
+        if api == "layer_ig":
+            return tk.layer_integrated_gradients(f, emb, ids, target=5, steps=4).attributions
+        if api == "front_layer_ig":
+            return tkc.LayerIntegratedGradients(f, emb).attribute(ids, target=5, n_steps=4)
+        words = [f"w{i}" for i in range(124)]
+        tok = tiny.word_tokenizer(words)
+        llm = tkc.LLMGradientAttribution(tkc.LayerIntegratedGradients(
+            model, emb, multiply_by_inputs=False), tok)  # (not one pass: the per-token loop)
+        return llm.attribute(tkc.TextTokenInput("w5 w17 w42", tok), target="w9 w11",
+                             n_steps=4).token_attr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = run(flex)
+    assert flex.config._attn_implementation == "flex_attention"
+    torch.testing.assert_close(got, run(eager), rtol=1e-5, atol=1e-6)
 
 
 def test_token_interactions_measure_the_pair_cost_once(gpt2, monkeypatch):
@@ -488,6 +522,7 @@ def test_flex_attention_runs_eager_for_first_order_on_the_cpu():
     model = tiny.llama(layers=1, d=32)
     want = tk.token_integrated_gradients(model, IDS, target=3, baselines="pad", steps=8)
     model.set_attn_implementation("flex_attention")
+    _forget_attention_warnings("flex attention")  # (said once per process)
     try:
         with pytest.warns(RuntimeWarning, match="flex attention has no backward on the CPU"):
             got = tk.token_integrated_gradients(model, IDS, target=3, baselines="pad", steps=8)
