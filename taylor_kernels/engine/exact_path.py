@@ -31,9 +31,9 @@ from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.exact_rules import ETA, Kinks, NotPiecewiseLinear, Pair
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
-from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.engine.jet import _has_hooks, _trace_key, _Tracer
 from taylor_kernels.engine.problem import PathProblem, select_target
+from taylor_kernels.engine.trace_cache import MISS, TraceCache
 
 DEFAULT_MAX_REGIONS = 10_000
 

@@ -45,13 +45,13 @@ from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
-from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.no_grad_blocks import respecting_no_grad
 from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, with_forward_args
+from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.models.outputs import default_output
 from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
                                      polarization_rule, polarization_size)
@@ -531,7 +531,7 @@ def _kept_graphs(max_memory, x: torch.Tensor, directions: int) -> memory.KeptGra
     """With grad on and a ``max_memory``: the count of the graphs a differentiable result
     keeps over all passes (each pass's graph stays for the caller's backward, so passes do not
     bound them), raising ``MemoryError`` once they would pass the budget (all pairs of 128
-    features of an MLP kept 420 MB under 16 MB); None otherwise."""
+    features of a 128-512-512-1 MLP on 4 rows kept 2.8 GB under 16 MB); None otherwise."""
     if max_memory is None or not torch.is_grad_enabled():
         return None
     return memory.KeptGraphs(

@@ -455,7 +455,8 @@ def check_causal(model, sequence: torch.Tensor, vocab: int | None, prompt_len: i
             coupling_submodules(m) for m in modules_of(model)):
         return
     L = sequence.shape[0]
-    read = L - prompt_len + 1 if 0 < prompt_len < L else 2
+    by_prefix = 0 < prompt_len < L
+    read = L - prompt_len + 1 if by_prefix else 2  # (positions P - 1 .. L - 1, or the last two)
     other = sequence.clone()
     other[-1] = (other[-1] + 1) % (vocab or int(other[-1]) + 2)
     cuts = cuts_logits(model)
@@ -467,7 +468,7 @@ def check_causal(model, sequence: torch.Tensor, vocab: int | None, prompt_len: i
         raise ValueError(f"generation attribution needs a causal LM: {type(model).__name__}'s "
                          "logits at earlier positions change with a later token (a masked or "
                          "bidirectional model)")
-    if not 0 < prompt_len < L:
+    if not by_prefix:
         return
     window = _length_scaled_rope_window(getattr(model, "config", None))
     alone = lm_logits(ids_caller(model)(sequence[None, :prompt_len],
@@ -727,12 +728,12 @@ def first_order_attention(model, activation: torch.Tensor):
     the fused kernel). ``"flex_attention"`` on the CPU, which has no backward there (torch's
     error told the user to stop requiring grad), runs ``"eager"`` attention, said once."""
     impl = attention_implementation(model)
-    if activation.device.type == "cpu" and impl == "flex_attention":
+    if impl == "flex_attention":  # (on the CPU: eager; elsewhere as it is)
         with cpu_flex_as_eager(model):
             yield
         return
     if activation.device.type != "cpu" or activation.dtype not in (
-            torch.bfloat16, torch.float16) or attention_implementation(model) != "sdpa":
+            torch.bfloat16, torch.float16) or impl != "sdpa":
         yield
         return
     with math_attention():
