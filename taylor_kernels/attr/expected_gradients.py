@@ -15,6 +15,7 @@ from taylor_kernels.attr.exact_ig import check_no_graph, exact_integral
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_max_regions
 from taylor_kernels.engine import path_engine, reference_groups
 from taylor_kernels.engine.chunking import call_threads
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.numerics import finite_rows, seeded_generator
 
@@ -63,6 +64,7 @@ def draw_references(problem, background, samples: int, seed: int | None):
     return build, gen
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()
 def expected_gradients(model, inputs, background, target=None, *, samples: int = 100,
                        seed: int | None = None, additional_forward_args=None, max_memory=None,

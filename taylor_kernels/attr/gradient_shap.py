@@ -12,10 +12,12 @@ import torch
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.unscaled import Unscaled
 from taylor_kernels.engine import path_engine
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.numerics import all_finite
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 def gradient_shap_rows(model, inputs: tuple[torch.Tensor, ...],
                        baselines: tuple[torch.Tensor, ...], alphas: torch.Tensor, target=None,
                        additional_forward_args: tuple = (), *, multiply_by_inputs: bool = True,

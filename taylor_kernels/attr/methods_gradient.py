@@ -16,9 +16,11 @@ from torch import nn
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.methods_common import gradients, prepare, result
 from taylor_kernels.attr.noise_tunnel import noise_tunnel
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.thread_hooks import this_thread
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 def gradient_x_input(model, inputs, baselines=None, target=None) -> AttributionResult:
     """``a = (x - b) * grad f(x)``, shaped like ``inputs``."""
     problem, b = prepare(model, inputs, baselines, target)

@@ -19,6 +19,7 @@ from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_max_regions
 from taylor_kernels.engine import path_engine, quadrature, reference_groups
 from taylor_kernels.engine.chunking import call_threads
+from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.numerics import seeded_generator
 
@@ -78,6 +79,7 @@ def sample_coalitions(B: int, n: int, coalitions: int, gen: torch.Generator) -> 
     return present.view(B, coalitions, n)
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()
 def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
                                  coalitions: int = 32, feature_mask=None,

@@ -115,13 +115,48 @@ def cpu_flex_as_eager(f: Callable | None):
     """Context: each ``transformers`` model ``f`` reaches with ``"flex_attention"`` and its
     weights on the CPU runs ``"eager"`` attention inside (said once per model class; set back
     on exit). PyTorch's flex attention has no backward on the CPU: every gradient through it
-    raised "FlexAttention does not support backward on CPU"."""
-    flex = [(m, impl) for m, impl in _attention_models(f) if impl == "flex_attention"
-            and next(m.parameters(), torch.empty(0)).device.type == "cpu"]
+    raised "FlexAttention does not support backward on CPU". When :func:`guards.modules_of`
+    finds no module in ``f`` (a model behind a global), such a model is switched when the
+    block first calls it (:func:`guards.on_module_calls`)."""
+    if f is not None and not guards.modules_of(f):
+        return _flex_switched_when_called()
+    flex = [(m, impl) for m, impl in _attention_models(f) if _cpu_flex(m, impl)]
     for m, _ in flex:
-        warn_once(f"{type(m).__name__}: flex attention has no backward on the CPU; "
-                  "attribution runs it on eager attention (set back after the call)")
+        _say_flex_eager(m)
     return eager_attention(flex) if flex else contextlib.nullcontext()
+
+
+def _cpu_flex(model: torch.nn.Module, impl) -> bool:
+    return impl == "flex_attention" and \
+        next(model.parameters(), torch.empty(0)).device.type == "cpu"
+
+
+def _say_flex_eager(model: torch.nn.Module) -> None:
+    warn_once(f"{type(model).__name__}: flex attention has no backward on the CPU; "
+              "attribution runs it on eager attention (set back after the call)")
+
+
+@contextlib.contextmanager
+def _flex_switched_when_called():
+    """:func:`cpu_flex_as_eager` for the models the block calls: a ``transformers`` model
+    with CPU flex attention runs eager from its first call on (its attention layers read the
+    implementation when called, after the model's pre-hook), and is set back on exit."""
+    switched: list = []
+
+    def switch(module: torch.nn.Module) -> None:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if callable(getattr(module, "set_attn_implementation", None)) and \
+                _cpu_flex(module, impl):
+            _say_flex_eager(module)
+            module.set_attn_implementation("eager")
+            switched.append((module, impl))
+
+    try:
+        with guards.on_module_calls(switch):
+            yield
+    finally:
+        for m, impl in reversed(switched):
+            m.set_attn_implementation(impl)
 
 
 def flex_runs_eager_on_cpu(fn: Callable) -> Callable:

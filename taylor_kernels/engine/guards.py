@@ -352,7 +352,7 @@ def on_a_copy(run: Callable, points: torch.Tensor):
     return out
 
 
-_RECORDING = threading.local()  # this thread's recorder while modules_run's block runs
+_RECORDING = threading.local()  # this thread's callback while on_module_calls' block runs
 _HOOK_WARNING = ("ignore", re.compile(".*global hooks on modules", re.I), Warning, None, 0)
 _added_filters: list = []  # our entry while probes run, unless the user's equal one was there
 
@@ -412,19 +412,35 @@ def modules_run(into: dict):
             into[id(module)] = module
             saved.extend(_module_state(module))
 
+    try:
+        with on_module_calls(record):
+            yield into
+    finally:
+        _restore(saved)
+
+
+@contextlib.contextmanager
+def on_module_calls(callback: Callable[[nn.Module], None]):
+    """Within the block, in this thread: ``callback(module)`` before every module call, after
+    the callback of an enclosing block (a probe inside another block of this thread must not
+    turn the outer one off)."""
     hooks = torch.nn.modules.module._global_forward_pre_hooks
     key = -1 - threading.get_ident() % 2**62  # (handles' ids are >= 0: no clash)
     outer = getattr(_RECORDING, "record", None)
-    _RECORDING.record = record
+
+    def chained(module):
+        outer(module)
+        callback(module)
+
+    _RECORDING.record = callback if outer is None else chained
     hooks[key] = _record_module
     try:
         with _global_hook_warning_ignored():  # torch warns that a compiled module sees
-            yield into  # global hooks
+            yield  # global hooks
     finally:
         _RECORDING.record = outer
         if outer is None:
             hooks.pop(key, None)
-        _restore(saved)
 
 
 @contextlib.contextmanager

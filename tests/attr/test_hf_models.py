@@ -387,21 +387,64 @@ def test_every_second_order_api_runs_flex_attention_as_eager_and_restores_it(api
     torch.testing.assert_close(got, calls[api](at(eager)))
 
 
-@pytest.mark.parametrize("api", ["ig", "layer_ig", "front_layer_ig", "front_per_token"])
+_GLOBAL_MODEL = None  # the model a module-level function reaches (no closure to follow)
+
+
+def _through_global(e):
+    return _GLOBAL_MODEL(inputs_embeds=e).logits[:, -1]
+
+
+@pytest.mark.parametrize("api", ["ig", "layer_ig", "front_layer_ig", "front_per_token", "eg",
+                                 "sig", "front_gradient_shap", "front_ig_unscaled",
+                                 "gradient_x_input", "smoothgrad", "neuron_ig",
+                                 "ig_through_a_global"])
 def test_first_order_apis_run_flex_attention_as_eager_on_the_cpu(api):
     """Flex attention has no backward on the CPU: token IG and generation switched it to
     eager, but IG, layer IG (library and front) and the front's per-token loop raised torch's
-    "FlexAttention does not support backward on CPU"."""
+    "FlexAttention does not support backward on CPU"; later EG, SIG, the front's GradientShap
+    (its unscaled IG and neuron IG ran through IG already), gradient x input, SmoothGrad, and
+    any call reaching the model only through a global (found by its first call now)."""
     import taylor_kernels.captum as tkc
 
     flex, eager = (tiny.llama(layers=1, d=32, attn=attn) for attn in ("flex_attention", "eager"))
     ids = IDS[:, :4]
 
     def run(model):
+        global _GLOBAL_MODEL
         emb = model.get_input_embeddings()
+        x = emb(ids).detach()
+        g = lambda e: model(inputs_embeds=e).logits[:, -1]  # noqa: E731
+        refs = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         if api == "ig":
-            return tk.integrated_gradients(lambda e: model(inputs_embeds=e).logits[:, -1],
-                                           emb(ids).detach(), target=5, steps=4).attributions
+            return tk.integrated_gradients(g, x, target=5, steps=4).attributions
+        if api == "ig_through_a_global":
+            _GLOBAL_MODEL = model
+            try:
+                return tk.integrated_gradients(_through_global, x, target=5,
+                                               steps=4).attributions
+            finally:
+                _GLOBAL_MODEL = None
+        if api == "eg":
+            return tk.expected_gradients(g, x, refs, target=5, samples=4, seed=0).attributions
+        if api == "sig":
+            return tk.shapley_integrated_gradients(g, x, target=5, coalitions=2, steps=4,
+                                                   seed=0).attributions
+        if api == "front_gradient_shap":
+            torch.manual_seed(0)
+            np.random.seed(0)
+            return tkc.GradientShap(g).attribute(x, baselines=refs, target=5, n_samples=3)
+        if api == "front_ig_unscaled":
+            return tkc.IntegratedGradients(g, multiply_by_inputs=False).attribute(
+                x, target=5, n_steps=4)
+        if api == "gradient_x_input":
+            from taylor_kernels.attr.methods_gradient import gradient_x_input
+            return gradient_x_input(g, x, target=5).attributions
+        if api == "smoothgrad":
+            from taylor_kernels.attr.methods_gradient import smoothgrad
+            return smoothgrad(g, x, target=5, samples=2, seed=0).attributions
+        if api == "neuron_ig":
+            return tkc.NeuronIntegratedGradients(g, model.model.layers[0].mlp).attribute(
+                x, neuron_selector=(1, 3), n_steps=4)
         f = lambda i: model(input_ids=i).logits[:, -1]  # noqa: E731
         if api == "layer_ig":
             return tk.layer_integrated_gradients(f, emb, ids, target=5, steps=4).attributions
