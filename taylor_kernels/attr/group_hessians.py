@@ -19,7 +19,7 @@ import torch
 
 from taylor_kernels import backends
 from taylor_kernels.attr.integrated_hessians import (engine_kw, ih_rule, path_slice, point_fn,
-                                                     separate_ig)
+                                                     separate_ig, warn_if_rows_miss_ig)
 from taylor_kernels.attr.shapley_ig import feature_groups
 from taylor_kernels.engine import derivative, path_engine
 from taylor_kernels.engine.chunking import call_threads
@@ -76,7 +76,8 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
         max_memory / chunk_size: budget or fixed (point, group) HVP pairs per chunk;
         backend: force a kernel backend; progress: tqdm bar; distributed: as
             :func:`taylor_kernels.integrated_hessians`.
-    Returns: :class:`GroupInteractions`.
+    Returns: :class:`GroupInteractions` (a ``RuntimeWarning`` when a row misses IG, as
+    :func:`~taylor_kernels.integrated_hessians`).
     """
     t, w_grad, w_hess = ih_rule(rule, steps)
     with backends.selected(backend):
@@ -109,4 +110,5 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
         out += torch.diag_embed(diag)
         ig_groups = ig @ onehot.T.to(ig.dtype)                                # [B, G]
     gap = (out.sum(2) - ig_groups).abs().amax(dim=1)
+    warn_if_rows_miss_ig(gap, ig_groups, rule, steps, x.dtype)
     return GroupInteractions(out, ig_groups, gap, n_hvp + n_ig)

@@ -40,12 +40,14 @@ import torch
 
 from taylor_kernels import backends, ops
 from taylor_kernels.attr.expected_gradients import draw_references
+from taylor_kernels.attr.integrated_gradients import low_precision_note
 from taylor_kernels.engine import derivative, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.distributed import resolve_group
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import ih_accumulate
+from taylor_kernels.user_warnings import warn
 
 IH_RULES = ("gausslog", "gausslegendre")
 
@@ -218,6 +220,30 @@ def _integrate(problem: PathProblem, alphas, w_grad, w_hess, index, ig_steps, ma
     return InteractionResult(hess, ig_flat, gap, idx, n_hvp + n_ig)
 
 
+GAP_WARNING = 1e-2  # relative: float32 rounding stays near 1e-6 here, a converged rule far below
+
+
+def warn_if_rows_miss_ig(gap: torch.Tensor, ig: torch.Tensor, rule: str, steps: int,
+                         dtype: torch.dtype) -> None:
+    """A ``RuntimeWarning`` when ``gap [B]`` (``max_i |sum_j Gamma_ij - IG_i|``) passes
+    ``GAP_WARNING`` (50 ulps in bfloat16 / float16) of the row's ``max_i |IG_i|`` (``ig
+    [B, D]``). Rows not summing to IG mean an integral that has not converged, or a
+    piecewise-linear model (ReLU, max pooling, ...): its Hessian is zero between the kinks, so
+    every interaction through a kink is lost (the rows then sum to part of IG, silently)."""
+    limit = max(GAP_WARNING, 50 * torch.finfo(dtype).eps)
+    scale = ig.abs().amax(dim=1).to(gap.dtype).clamp_min(torch.finfo(gap.dtype).tiny)
+    rel = gap / scale
+    bad = rel > limit
+    if bad.any():
+        warn(f"integrated Hessians: for {int(bad.sum())} input(s) the rows of the interaction "
+             f"matrix miss IG by up to {float(rel[bad].max()):.3g} of max|IG| "
+             f"(completeness_gap): with rule {rule!r} and {steps} steps the integral has not "
+             "converged, or the model is piecewise linear (ReLU, max pooling, ...), whose "
+             "Hessian is zero between its kinks, so the interactions through them are lost; "
+             "use more steps, or a smooth activation (softplus), which Integrated Hessians "
+             "assumes" + low_precision_note(dtype), RuntimeWarning)
+
+
 @call_threads()
 def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: int = 16,
                         rule: str = "gausslog", index=None, ig_steps: int = 32,
@@ -244,14 +270,18 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
     Returns:
         :class:`InteractionResult`: ``interactions [B, R, D]``, ``ig [B, D]``,
         ``completeness_gap [B]`` (``max_i |sum_j Gamma_ij - IG_i|``), ``index``,
-        ``evaluations``.
+        ``evaluations``; a ``RuntimeWarning`` when a gap passes 1% of the row's ``max|IG|``
+        (:func:`warn_if_rows_miss_ig`: too few steps, or a piecewise-linear model).
     """
     t, wg, wh = ih_rule(rule, steps)
     with backends.selected(backend):
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         dev = problem.x.device
-        return _integrate(problem, t.to(dev), wg.to(dev), wh.to(dev), index, ig_steps,
-                          max_memory, chunk_size, progress, distributed)
+        res = _integrate(problem, t.to(dev), wg.to(dev), wh.to(dev), index, ig_steps,
+                         max_memory, chunk_size, progress, distributed)
+    warn_if_rows_miss_ig(res.completeness_gap, res.ig[:, res.index], rule, steps,
+                         problem.x.dtype)
+    return res
 
 
 @call_threads()

@@ -255,8 +255,10 @@ def _aggregate(strengths: torch.Tensor, how: str) -> torch.Tensor:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
     if how == "mean":
         return strengths.mean(dim=0)
-    if how == "median":
-        return strengths.median(dim=0).values
+    if how == "median":  # (the mean of the two middle values for an even count: torch's
+        ordered = strengths.sort(dim=0).values  # median takes the lower one)
+        n = ordered.shape[0]
+        return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
     return strengths.amax(dim=0)
 
 

@@ -205,7 +205,8 @@ def _epsilon_rule(eps: float):
     def rule(layer, a, R, _first):
         with torch.no_grad():
             z = layer(a)
-        s = R / (z + eps * torch.where(z >= 0, 1.0, -1.0))
+        s = _safe_div(R, z + eps * torch.where(z >= 0, 1.0, -1.0))  # (eps = 0: a dead unit
+        # passes no relevance; 0 / 0 was NaN)
         return a * _vjp(_weighted(layer, lambda w: w), a, s)
     return rule
 

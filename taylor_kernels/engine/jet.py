@@ -499,8 +499,20 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     per_pass = None if max_memory is None else directions_per_pass(fa, x, order, max_memory)
     kept = _kept_graphs(max_memory, x, directions.shape[1])
     with kept or contextlib.nullcontext():
-        return _jet_in_passes(per_pass, kept, f, fa, row0, x, directions, order, target,
-                              additional_forward_args, fallback, cache)
+        return _finite(_jet_in_passes(per_pass, kept, f, fa, row0, x, directions, order,
+                                      target, additional_forward_args, fallback, cache), x)
+
+
+def _finite(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``coefficients``, or ``FloatingPointError`` when one is NaN or Inf (the inputs and
+    directions are checked finite: the model or its derivatives are not there), as the
+    Hessian and IG calls raise (a NaN result was returned silently)."""
+    if coefficients.is_floating_point() and not all_finite(coefficients.detach()):
+        raise FloatingPointError(
+            f"non-finite Taylor coefficients of the model at finite points ({x.dtype}): the "
+            "model or one of its derivatives is NaN or Inf there (a square root or log of a "
+            "negative number, a pole, an overflow)")
+    return coefficients
 
 
 def _model_checks(f, fa, x: torch.Tensor, directions: torch.Tensor):
@@ -670,6 +682,10 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
             if sets.dim() > 0 else sets
     if not isinstance(sets, (list, tuple)) or not sets:
         raise ValueError("sets must hold at least one tuple of feature indices")
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a batch [B, ...] with at least one row, got "
+                         + (f"shape {tuple(x.shape)}" if torch.is_tensor(x)
+                            else type(x).__name__))
     D = x[0].numel()
     plans = []
     for s in sets:
@@ -690,7 +706,7 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
     with kept or contextlib.nullcontext():
         _mixed_partials_into(out, f, fa, x, plans, target, additional_forward_args, cache,
                              per_pass, kept)
-    return out
+    return _finite(out, x)
 
 
 def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list, target,

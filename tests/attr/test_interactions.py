@@ -190,6 +190,17 @@ def test_global_interactions_aggregates_and_ranks():
     torch.testing.assert_close(per_row.strengths, whole.strengths)
 
 
+def test_global_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    """torch's median takes the lower middle value: median(2, 4, 6, 8) read 4, not 5."""
+    def f(z):
+        return z[:, 0] * z[:, 1] * z[:, 0]  # d2f / dx0 dx1 = 2 x0
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]], dtype=torch.float64)
+    g = global_interactions(f, x, aggregate="median")
+    assert g.strengths[0, 1].item() == pytest.approx(5.0, abs=1e-9)
+    assert global_interactions(f, x[:3], aggregate="median").strengths[0, 1].item() == \
+        pytest.approx(4.0, abs=1e-9)
+
+
 def test_representative_rows():
     data = torch.tensor([[0.0, 0.0], [10.0, 10.0], [3.0, 3.0], [1.0, 2.0], [-1.0, 0.0],
                          [1.5, 1.0]])

@@ -97,6 +97,21 @@ def test_completeness_of_deeplift_shapley_ig():
                           P.occlusion(model, x, b, 1).attributions, atol=1e-14)
 
 
+def test_lrp_zero_passes_no_relevance_through_a_dead_unit():
+    """epsilon=0 (LRP-0) divided a pooled window that ReLU zeroed by its zero sum: 0 / 0 made
+    NaN attributions; a unit with zero output passes no relevance, as gradient x input."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(4, 1, bias=False)).double().eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[4].weight.copy_(torch.rand(1, 4, dtype=torch.float64) + 0.5)
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64) + 0.1
+    x[:, 0, :2, :2] *= -1  # the top-left pool window is all zero after the ReLU
+    lrp = R.lrp_epsilon(net, x, None, 0, epsilon=0.0).attributions
+    assert torch.isfinite(lrp).all()
+    torch.testing.assert_close(lrp, G.gradient_x_input(net, x, None, 0).attributions)
+
+
 def test_lrp_epsilon_is_gradient_x_input_on_bias_free_relu():
     model = smooth_mlp(bias=False, act=nn.ReLU)
     x = torch.randn(4, 5, dtype=torch.float64)

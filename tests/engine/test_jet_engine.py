@@ -921,3 +921,26 @@ def test_max_memory_counts_the_graphs_a_differentiable_result_keeps():
     torch.testing.assert_close(got.detach(), want_sets, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tk.jet(model, x, V, 2, target=1, max_memory="64MB").detach(),
                                want_jet, rtol=1e-12, atol=1e-12)
+
+
+def test_a_model_that_is_not_finite_at_finite_points_raises_as_the_hessian_does():
+    """jet and mixed_partials returned NaN coefficients silently where tk.hessian and IG
+    raise FloatingPointError (sqrt of a negative number)."""
+    def f(z):
+        return torch.sqrt(z[:, 0] - 5.0) * z[:, 1] ** 2
+
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="non-finite Taylor coefficients"):
+        tk.jet(f, x, torch.ones_like(x), 2)
+    with pytest.raises(FloatingPointError, match="non-finite Taylor coefficients"):
+        tk.mixed_partials(f, x, [(0, 1)])
+    with pytest.raises(FloatingPointError):
+        tk.hessian(f, x)
+    ok = x + 6.0  # finite there: the same calls return
+    assert torch.isfinite(tk.mixed_partials(f, ok, [(0, 1), (1, 1)])).all()
+
+
+def test_mixed_partials_of_an_empty_batch_is_a_clear_error():
+    """It raised IndexError: index 0 is out of bounds (tk.jet gives a ValueError)."""
+    with pytest.raises(ValueError, match="at least one row"):
+        tk.mixed_partials(lambda z: z.sum(1), torch.zeros(0, 4), [(0, 1)])
