@@ -105,13 +105,70 @@ def captum_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     @captum_errors
     def attribute(*args, **kwargs):
+        args = tuple(without_inference_tensors(a) for a in args)
+        kwargs = {k: without_inference_tensors(v) for k, v in kwargs.items()}
         _check_baseline_forms(args[0] if args else None, signature, args, kwargs)
         if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
             args, kwargs = _interpolable(signature, args, kwargs)
-        with train_mode_as_captum(args[0] if args else None):
+        with rng_kept_on_error(), train_mode_as_captum(
+                args[0] if args else None, _splits_batches(signature, args, kwargs)):
             return fn(*args, **kwargs)
 
     return attribute
+
+
+def without_inference_tensors(value: Any) -> Any:
+    """``value`` with each tensor made under ``torch.inference_mode()`` (one of an eval
+    loop's) replaced by a normal copy, through tuples, lists and dicts: autograd cannot use
+    an inference tensor, and Captum attributes them (the engine refused them as input 0, or
+    as 'input 1' for a forward argument)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_inference():
+            return value
+        with torch.inference_mode(False):
+            return value.clone()
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(without_inference_tensors(v) for v in value)
+    if type(value) is dict:
+        return {k: without_inference_tensors(v) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def rng_kept_on_error():
+    """The global torch (CPU and initialized CUDA) and numpy generators put back when the
+    block raises: a call that fails leaves the caller's random state as it was (NoiseTunnel
+    drew its noise before the wrapped method refused the baselines; Captum checks first)."""
+    cpu, np_state = torch.get_rng_state(), np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    except BaseException:
+        torch.set_rng_state(cpu)
+        np.random.set_state(np_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        raise
+
+
+def _splits_batches(signature: inspect.Signature, args: tuple, kwargs: dict) -> bool:
+    """Whether Captum would run the call's path points in more than one batch: an
+    ``internal_batch_size`` under ``B * n_steps`` (Captum's batches hold whole steps of all
+    ``B`` examples; ours follow the examples: other rows share a batch)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return False  # (the call itself then says what is wrong)
+    size, inputs = bound.arguments.get("internal_batch_size"), bound.arguments.get("inputs")
+    first = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
+    if size is None or not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return False
+    steps = bound.arguments.get("n_steps", signature.parameters.get("n_steps").default
+                                if "n_steps" in signature.parameters else 1)
+    try:
+        return size < first.shape[0] * steps
+    except TypeError:
+        return False
 
 
 def captum_errors(fn: Callable) -> Callable:
@@ -213,14 +270,17 @@ def refuse_noise_on_token_ids(method: str, forward_func, inputs, instead: str) -
 
 
 @contextlib.contextmanager
-def train_mode_as_captum(method):
+def train_mode_as_captum(method, splits_batches: bool = False):
     """Run ``method``'s model as Captum does when it is in train mode (dropout active, batch
     norm on batch statistics): the engine refuses such a model (its rows would not be
     independent), so the block runs inside :func:`taylor_kernels.allow_row_coupling` for each
-    such model, one batch as Captum's unless ``internal_batch_size`` splits it, with a
-    warning. Inseq's ``mc_dropout_prob_avg`` step score leaves its model in train mode and
-    raised here. Unlike Captum, the model's buffers (batch norm's running statistics) are
-    left as they were."""
+    such model, in one batch as Captum's, with a warning. Inseq's ``mc_dropout_prob_avg``
+    step score leaves its model in train mode and raised here. Unlike Captum, the model's
+    buffers (batch norm's running statistics) are left as they were. Batch statistics make
+    the numbers depend on which rows share a batch: a ``ValueError`` where ours are batched
+    unlike Captum's (``splits_batches``: an ``internal_batch_size``; a class whose
+    ``BATCHES_AS_CAPTUM`` is False: conductance), which gave other numbers silently (0.66
+    and 2.3 off Captum's conductance)."""
     forward = getattr(method, "forward_func", None)
     forward = getattr(method, "model", None) if forward is None else forward
     roots = [] if forward is None else [m for m in guards.modules_of(forward)
@@ -228,6 +288,17 @@ def train_mode_as_captum(method):
     if not roots:
         yield
         return
+    stats = [n for m in roots for n in guards.coupling_submodules(m, dropout=False)]
+    if stats and (splits_batches or not getattr(method, "BATCHES_AS_CAPTUM", True)):
+        how = ("internal_batch_size splits the path points" if splits_batches else
+               f"{type(method).__name__} batches its path points")
+        raise ValueError(
+            f"the model normalizes over the batch ({', '.join(stats[:4])}"
+            f"{' ...' if len(stats) > 4 else ''}), so its numbers depend on which rows share "
+            f"a batch, and {how} unlike Captum: the result would differ from Captum's; call "
+            "model.eval() for the model's deterministic attributions"
+            + ("" if not splits_batches else ", or leave internal_batch_size out (one batch, "
+               "as Captum's)"))
     if not guards.row_coupling_allowed():  # (an outer call, or the user's block, said so)
         names = [n for m in roots for n in guards.coupling_submodules(m)]
         warn(f"the model has modules in train mode ({', '.join(names[:4])}"
@@ -239,6 +310,21 @@ def train_mode_as_captum(method):
         for m in roots:
             stack.enter_context(guards.allow_row_coupling(m))
         yield
+
+
+def promoted(value):
+    """A tensor (or a tuple of them) promoted to at least the default float dtype (Captum
+    scales gradients by default-dtype step sizes in internal influence and neuron
+    conductance: bf16 layers give float32, float64 under a float64 default)."""
+    if isinstance(value, tuple):
+        return tuple(promoted(v) for v in value)
+    return value.to(torch.promote_types(value.dtype, torch.get_default_dtype()))
+
+
+def readable_name(cls: type) -> str:
+    """``cls.__name__`` with a space before each character after the first that is not a
+    lower-case letter (Captum's ``get_name`` rule)."""
+    return "".join(c if i == 0 or c.islower() else " " + c for i, c in enumerate(cls.__name__))
 
 
 def format_inputs(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -526,11 +612,26 @@ def attribute_future_unsupported(self, *args, **kwargs):
                               "returns the result directly")
 
 
+class LayerInterpolation:
+    """Captum's ``LayerAttribution.interpolate`` on the layer classes."""
+
+    @staticmethod
+    def interpolate(layer_attribution: torch.Tensor, interpolate_dims,
+                    interpolate_mode: str = "nearest") -> torch.Tensor:
+        """``layer_attribution [B, C, *S]`` resized to ``interpolate_dims`` (an int or one
+        size per spatial dimension) by ``torch.nn.functional.interpolate`` with
+        ``interpolate_mode`` (a Grad-CAM map brought to the input's size)."""
+        return torch.nn.functional.interpolate(layer_attribution, size=interpolate_dims,
+                                               mode=interpolate_mode)
+
+
 class CaptumAttribution:
     """What every Captum path-integral class offers besides ``attribute``: Captum's
     ``has_convergence_delta``, ``multiplies_by_inputs`` and ``compute_convergence_delta``."""
 
     HAS_DELTA = True
+    BATCHES_AS_CAPTUM = True  # one batch of all path points when Captum's is one (batch norm
+    # on batch statistics then gives Captum's numbers: train_mode_as_captum)
     DRAWS_RANDOM = False  # draws random numbers itself (NoiseTunnel then runs it per block)
     INTERPOLATES_INPUTS = False  # runs the model on b + t (x - b): integer inputs made floats
     BASELINE_CALLABLES = False  # baselines may be callables (GradientSHAP's distributions)
@@ -539,6 +640,11 @@ class CaptumAttribution:
 
     def has_convergence_delta(self) -> bool:
         return self.HAS_DELTA
+
+    @classmethod
+    def get_name(cls) -> str:
+        """Captum's readable name (:func:`readable_name`: ``"Integrated Gradients"``)."""
+        return readable_name(cls)
 
     @property
     def multiplies_by_inputs(self) -> bool:

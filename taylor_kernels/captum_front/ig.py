@@ -28,7 +28,7 @@ from typing import Callable
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.captum_front._common import (CaptumAttribution,
+from taylor_kernels.captum_front._common import (CaptumAttribution, LayerInterpolation,
                                                  attribute_future_unsupported, captum_method,
                                                  check_grad_kwargs, constructing_for_captum,
                                                  dense_baselines, format_inputs,
@@ -82,7 +82,7 @@ class IntegratedGradients(CaptumAttribution):
         return res.attributions
 
 
-class LayerIntegratedGradients(CaptumAttribution):
+class LayerIntegratedGradients(LayerInterpolation, CaptumAttribution):
     """Drop-in for ``captum.attr.LayerIntegratedGradients`` on our engine: one layer or a list
     (attributed jointly, every layer's activation replaced in the same forward), each layer's
     output (or inputs, ``attribute_to_layer_input=True``) a tensor or a tuple of tensors.

@@ -14,14 +14,14 @@ import torch
 
 from taylor_kernels.attr.layer_paths import (check_float_inputs, internal_influence,
                                              layer_conductance, layer_gradient_shap)
-from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
-                                                 check_grad_kwargs, dense_baselines,
-                                                 draw_gradient_shap, format_inputs,
-                                                 points_per_chunk)
+from taylor_kernels.captum_front._common import (CaptumAttribution, LayerInterpolation,
+                                                 captum_method, check_grad_kwargs,
+                                                 dense_baselines, draw_gradient_shap,
+                                                 format_inputs, points_per_chunk, promoted)
 from taylor_kernels.engine import memory
 
 
-class _LayerMethod(CaptumAttribution):
+class _LayerMethod(LayerInterpolation, CaptumAttribution):
     def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None) -> None:
         if not isinstance(layer, torch.nn.Module):
             raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
@@ -34,6 +34,7 @@ class LayerConductance(_LayerMethod):
     each unit of the layer, ``sum_s dF/da (p_s) (a(p_{s+1}) - a(p_s))`` over ``n_steps + 1``
     nodes of ``method`` on ``p = b + t (x - b)``."""
 
+    BATCHES_AS_CAPTUM = False  # (gradients and next-node activations in separate passes)
     INTERPOLATES_INPUTS = True
 
     @captum_method
@@ -90,16 +91,10 @@ class InternalInfluence(_LayerMethod):
                                  chunk_size=points_per_chunk(internal_batch_size, tup),
                                  backend=backend, progress=progress)
         # Captum scales the gradients by default-dtype step sizes: bf16/fp16 layers give float32
-        res.attributions = _promoted(res.attributions)
+        res.attributions = promoted(res.attributions)
         self.last_result = res
         return res.attributions
 
-
-def _promoted(value):
-    """A tensor (or a tuple of them) promoted to at least the default float dtype."""
-    if isinstance(value, tuple):
-        return tuple(_promoted(v) for v in value)
-    return value.to(torch.promote_types(value.dtype, torch.get_default_dtype()))
 
 
 class LayerGradientShap(_LayerMethod):

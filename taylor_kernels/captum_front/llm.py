@@ -38,7 +38,7 @@ import torch
 from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
 from taylor_kernels.captum_front._common import (CaptumTypeError, CaptumValueError, customised,
                                                   attribute_future_unsupported, captum_method,
-                                                  points_per_chunk)
+                                                  points_per_chunk, readable_name)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
 from taylor_kernels.models import hf
 
@@ -312,6 +312,12 @@ class LLMGradientAttribution:
         self.last_result = None
 
     SUPPORTED_INPUTS = (TextTokenInput,)
+
+    @classmethod
+    def get_name(cls) -> str:
+        """Captum's readable name, ``"L L M Gradient Attribution"`` (a space before each
+        capital letter after the first, as Captum spells it)."""
+        return readable_name(cls)
 
     def has_convergence_delta(self) -> bool:
         """False, as Captum's (its ``Attribution`` default)."""

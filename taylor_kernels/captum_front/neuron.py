@@ -15,7 +15,7 @@ import torch
 from taylor_kernels.attr.neuron import neuron_conductance, neuron_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
                                                  check_grad_kwargs, dense_baselines,
-                                                 format_inputs, points_per_chunk,
+                                                 format_inputs, points_per_chunk, promoted,
                                                  tracks_inputs, with_factor_graph)
 from taylor_kernels.user_warnings import warn
 
@@ -77,6 +77,8 @@ class NeuronConductance(_NeuronMethod):
     """Drop-in for ``captum.attr.NeuronConductance``: the part of the target output's IG that
     flows through one neuron."""
 
+    BATCHES_AS_CAPTUM = False  # (its own passes over the path, unlike Captum's one batch)
+
     @captum_method
     def attribute(self, inputs, neuron_selector, baselines=None, target=None,
                   additional_forward_args=None, n_steps: int = 50,
@@ -86,8 +88,9 @@ class NeuronConductance(_NeuronMethod):
         """Attributions shaped like ``inputs`` (a tuple for a tuple)."""
         check_grad_kwargs(grad_kwargs)
         _warn_callable(neuron_selector)
-        return self._run(neuron_conductance, inputs, neuron_selector, baselines, target,
-                         n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
-                         attribute_to_neuron_input=attribute_to_neuron_input,
-                         additional_forward_args=additional_forward_args,
-                         max_memory=max_memory, backend=backend, progress=progress)
+        return promoted(self._run(
+            neuron_conductance, inputs, neuron_selector, baselines, target, n_steps=n_steps,
+            method=method, internal_batch_size=internal_batch_size,
+            attribute_to_neuron_input=attribute_to_neuron_input,
+            additional_forward_args=additional_forward_args, max_memory=max_memory,
+            backend=backend, progress=progress))

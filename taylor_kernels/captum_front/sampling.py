@@ -28,7 +28,7 @@ from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumRuntim
                                                  attribute_future_unsupported, captum_method,
                                                  captum_noise, check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_args, expand_rows,
-                                                 expand_target, format_inputs,
+                                                 expand_target, format_inputs, readable_name,
                                                  refuse_noise_on_token_ids)
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -76,6 +76,11 @@ class NoiseTunnel:
         self.is_delta_supported = attribution_method.has_convergence_delta()
         self._multiply_by_inputs = attribution_method.multiplies_by_inputs
         self.is_gradient_method = True
+
+    @classmethod
+    def get_name(cls) -> str:
+        """Captum's readable name, ``"Noise Tunnel"``."""
+        return readable_name(cls)
 
     @captum_method
     def attribute(self, inputs, nt_type: str = "smoothgrad", nt_samples: int = 5,

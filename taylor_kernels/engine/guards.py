@@ -150,16 +150,18 @@ def _check_autograd_available(inputs) -> None:
                                "x.clone() made outside inference mode")
 
 
-def coupling_submodules(model: nn.Module, recurse: bool = True) -> list[str]:
+def coupling_submodules(model: nn.Module, recurse: bool = True,
+                        dropout: bool = True) -> list[str]:
     """Names of submodules (``recurse=False``: of ``model`` alone) that couple rows or are
     random in their current mode: batch norm using batch statistics (train mode, or no running
-    statistics), dropout with ``p > 0`` in train mode."""
+    statistics), dropout with ``p > 0`` in train mode (``dropout=False``: batch norm only)."""
     bad = []
     for name, m in model.named_modules() if recurse else [("", model)]:
         batch_stats = isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or m.running_mean is None)
-        dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-        if batch_stats or dropout:
+        random = dropout and isinstance(m, nn.modules.dropout._DropoutNd) and m.training and \
+            m.p > 0
+        if batch_stats or random:
             bad.append(f"{name or ('<model>' if recurse else 'a module it calls')} "
                        f"({type(m).__name__}"
                        f"{', train mode' if m.training else ', batch statistics'})")
@@ -338,6 +340,10 @@ def probing(f: Callable):
         bad = [n for m in ran.values() for n in coupling_submodules(m, recurse=False)]
         if bad:
             raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]))) from failure
+    if isinstance(failure, ValueError) and "more than 1 value per channel" in str(failure):
+        raise ValueError(_COUPLING_ERROR.format(  # (torch's words: a one-row probe of batch
+            "it normalizes over the batch (batch statistics, e.g. F.batch_norm(..., "  # norm)
+            "training=True))")) from failure
     if failure is not None:
         raise failure
 

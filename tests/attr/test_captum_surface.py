@@ -848,3 +848,126 @@ def test_convergence_delta_takes_the_wider_dtype_as_captum():
            for mod in (ca, tc)]
     assert got[1].dtype == got[0].dtype == F64
     torch.testing.assert_close(got[1], got[0], rtol=1e-12, atol=1e-12)
+
+
+def _train_bn_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8),
+                         nn.ReLU(), nn.Linear(8, 3)).train()
+
+
+@pytest.mark.parametrize("name", ["IntegratedGradients", "LayerIntegratedGradients",
+                                  "InternalInfluence", "NeuronIntegratedGradients"])
+def test_train_mode_batch_norm_in_one_batch_equals_captum(name):
+    """Batch statistics over Captum's one batch of all path points: the same numbers."""
+    net, x = _train_bn_mlp(), torch.randn(5, 4)
+    kw = {"neuron_selector": 1} if name.startswith("Neuron") else {"target": 1}
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    got = []
+    for mod in (ca, tc):
+        net.load_state_dict(state)  # (Captum moves the running statistics)
+        method = getattr(mod, name)
+        inst = method(net) if name == "IntegratedGradients" else method(net, net[3])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got.append(inst.attribute(x, n_steps=6, **kw).detach())
+    torch.testing.assert_close(got[1], got[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, kw", [("LayerConductance", {"target": 1}),
+                                      ("NeuronConductance", {"target": 1, "neuron_selector": 1}),
+                                      ("IntegratedGradients", {"target": 1,
+                                                               "internal_batch_size": 4})])
+def test_train_mode_batch_norm_batched_unlike_captum_is_refused(name, kw):
+    """Conductance's passes and a splitting internal_batch_size put other rows in a batch
+    than Captum's: with batch statistics that gave other numbers silently (0.66 and 2.3 off
+    Captum's conductance, 0.98 off its IG with internal_batch_size=4)."""
+    net, x = _train_bn_mlp(), torch.randn(5, 4)
+    method = getattr(tc, name)
+    inst = method(net) if name == "IntegratedGradients" else method(net, net[3])
+    with pytest.raises(ValueError, match="normalizes over the batch"):
+        inst.attribute(x, n_steps=6, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the train-mode note)
+        whole = tc.IntegratedGradients(net).attribute(x, target=1, n_steps=6,
+                                                      internal_batch_size=30)
+        net.eval()
+        inst.attribute(x, n_steps=6, **kw)  # eval mode: running statistics, no refusal
+    assert whole.shape == x.shape  # (a batch size holding all 30 points splits nothing)
+
+
+def test_functional_batch_norm_in_train_mode_is_named():
+    """F.batch_norm(training=True) failed in the one-row probe with torch's bare 'Expected
+    more than 1 value per channel when training'."""
+    class FunctionalBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.o(nn.functional.batch_norm(torch.tanh(self.a(x)), None, None,
+                                                   training=True))
+
+    with pytest.raises(ValueError, match="normalizes over the batch.*F.batch_norm"):
+        tc.IntegratedGradients(FunctionalBN()).attribute(torch.randn(4, 4), target=1)
+
+
+@pytest.mark.parametrize("name", ["IntegratedGradients", "LayerConductance",
+                                  "InternalInfluence", "NeuronIntegratedGradients"])
+def test_inference_tensors_are_attributed_as_captum(name):
+    """Inputs and forward args made under torch.inference_mode() (an eval loop's): Captum
+    attributes them, the front raised 'input 0 is an inference tensor'."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+
+    def f(x, w):
+        return net(x) * w
+
+    with torch.inference_mode():
+        x, w = torch.randn(5, 4), torch.rand(5, 1)
+    kw = {"neuron_selector": 1} if name.startswith("Neuron") else {"target": 1}
+    got = []
+    for mod in (ca, tc):
+        method = getattr(mod, name)
+        inst = method(f) if name == "IntegratedGradients" else method(f, net[1])
+        got.append(inst.attribute(x, additional_forward_args=(w,), n_steps=5, **kw))
+    torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_failed_noise_tunnel_leaves_the_random_state_as_it_was():
+    """The front drew its noise before the wrapped method refused the baselines, so the
+    caller's generator had moved (Captum checks first)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, bad = torch.randn(4, 4), torch.randn(2, 4)
+    torch.manual_seed(123)
+    np.random.seed(5)
+    before, np_before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    with pytest.raises(AssertionError):
+        tc.NoiseTunnel(tc.IntegratedGradients(net)).attribute(
+            x, nt_samples=3, stdevs=0.1, target=1, baselines=bad)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(np.random.get_state()[1], np_before)
+
+
+def test_get_name_interpolate_and_neuron_conductance_dtype_as_captum():
+    """get_name() was missing on every class, interpolate on the layer classes, and
+    NeuronConductance under a float64 default returned float32 (Captum: float64)."""
+    for name in ("IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel",
+                 "GradientShap", "LayerConductance", "NeuronConductance", "InternalInfluence",
+                 "LayerGradientShap", "NeuronIntegratedGradients", "LLMGradientAttribution"):
+        assert getattr(tc, name).get_name() == getattr(ca, name).get_name()
+    a = torch.randn(2, 3, 4, 4)
+    for name in ("LayerIntegratedGradients", "LayerConductance", "LayerGradientShap"):
+        torch.testing.assert_close(getattr(tc, name).interpolate(a, (8, 8), "bilinear"),
+                                   ca.LayerAttribution.interpolate(a, (8, 8), "bilinear"))
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randn(3, 4, dtype=torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = [mod.NeuronConductance(net, net[1]).attribute(x, neuron_selector=1, target=1,
+                                                            n_steps=4) for mod in (ca, tc)]
+    finally:
+        torch.set_default_dtype(default)
+    assert got[1].dtype == got[0].dtype == torch.float64
+    torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-7)
