@@ -76,8 +76,9 @@ def for_captum():
 
 def customised(inst, cls) -> bool:
     """Whether ``inst`` changes how ``cls`` (one of its classes) computes: a subclass
-    overriding one of the class's methods (other than ``__init__``) or an instance
-    ``gradient_func`` of its own (Captum's instances). Those run the instance's own code:
+    overriding one of the class's methods (other than ``__init__``), a method replaced on the
+    instance (``inst._attribute = ...``), or an instance ``gradient_func`` of its own
+    (Captum's instances). Those run the instance's own code:
     our replacement (under ``patch()``) or the generation one pass could not honour the
     change."""
     if "gradient_func" in inst.__dict__:
@@ -85,6 +86,9 @@ def customised(inst, cls) -> bool:
         if inst.__dict__["gradient_func"] is not compute_gradients:
             return True
     inherited = {n for c in cls.__mro__ for n, v in vars(c).items() if callable(v)}
+    if any(n in inherited and n not in ("__init__", "gradient_func") and callable(v)
+           for n, v in vars(inst).items()):  # a method replaced on the instance itself
+        return True
     for sub in type(inst).__mro__:
         if sub is cls:
             return False

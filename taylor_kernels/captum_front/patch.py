@@ -76,6 +76,10 @@ def _replacement(cls, original, ours: Callable, like: Callable):
         return run(self, *args, **kwargs)
 
     functools.update_wrapper(method, like)
+    # found where Captum's was by pickle (a plain reference to the method, or a partial of it,
+    # failed: pickle looked it up under our class and found another object)
+    method.__module__ = cls.__module__
+    method.__qualname__ = f"{cls.__qualname__}.{original.__name__}"
     method.__wrapped__ = run  # Captum's NoiseTunnel calls attribute.__wrapped__(instance, ...)
     # with Captum's signature: code reads getfullargspec(attribute.__wrapped__) (Captum's own
     # tests choose whether to pass baselines by it)

@@ -320,18 +320,35 @@ def check_function_rows(f: Callable, x: torch.Tensor, other: torch.Tensor) -> to
 
 
 @contextlib.contextmanager
+def random_state_kept():
+    """Inside :func:`allow_row_coupling`: the global torch generators (the CPU's, and each
+    CUDA device's once CUDA is initialized) put back on exit. A probe forward of a model
+    with dropout in train mode (attributed as Captum does) drew its masks before the path,
+    so the path's draws, and the caller's after the call, were not those of Captum's call
+    under the same seed. (Elsewhere a random model is refused, by outputs that differ
+    between a probe and a later forward: a replayed generator would hide it.)"""
+    if not _ALLOWED.get():
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
 def probing(f: Callable):
     """The block probes ``f`` (the function APIs' check R): the buffers of its modules are
     put back on exit, also those of modules it reaches where :func:`modules_of` finds none (a
     model behind a global), whose train-mode batch norm or dropout is then refused by name
     (:func:`modules_run`; outside :func:`allow_row_coupling`), also when the block failed on
     them (a one-row probe of BatchNorm1d raised torch's "Expected more than 1 value per
-    channel")."""
+    channel"). Rows allowed to couple, the probes draw no random numbers of the caller's
+    (:func:`random_state_kept`)."""
     ran: dict[int, nn.Module] = {}
     failure = None
     hidden = modules_run(ran) if not modules_of(f) else contextlib.nullcontext()  # (only
     # then: torch.compile warns about global hooks, and modules_of's models are kept anyway)
-    with preserved_buffers(f), hidden:
+    with preserved_buffers(f), hidden, random_state_kept():
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - re-raised below unless a module explains it

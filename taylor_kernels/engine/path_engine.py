@@ -135,7 +135,14 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
         grad = graph(pts, point_rows)
         if grad is not None:
             return grad
+    steps_first = guards.row_coupling_allowed() and start == 0 and \
+        count == x.shape[0] * K * S and alphas.dim() == 1 and S > 1
+    if steps_first:  # (rows that couple, the whole path in one batch: in Captum's order)
+        pts, point_rows = _steps_first(pts, x.shape[0] * K, S), \
+            _steps_first(point_rows, x.shape[0] * K, S)
     grad = point_gradients(problem, pts.requires_grad_(True), point_rows, create_graph)
+    if steps_first:
+        grad = _steps_first(grad, S, x.shape[0] * K)
     if check:
         bad = _non_finite_points(grad)
         if bad.any():
@@ -146,6 +153,17 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
                 f"non-finite gradient at path node: input {int(rows[b])}, baseline {k}, "
                 f"alpha={float(alpha):.6g} (flattened point {n})")
     return grad
+
+
+def _steps_first(t: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """Rows ``[outer * inner, ...]`` (along the last dimension but one for ``[T, N, D]``
+    gradients, else the first) reordered from ``outer``-major to ``inner``-major: a whole
+    path's points from the engine's order (input, baseline, step) to Captum's (step, then
+    input), and back with the two swapped. Dropout in train mode (attributed as Captum does)
+    then masks the same (input, step) pairs as Captum's call under the same seed."""
+    dim = t.dim() - 2 if t.dim() == 3 else 0
+    shape = t.shape[:dim] + (outer, inner) + t.shape[dim + 1:]
+    return t.reshape(shape).transpose(dim, dim + 1).reshape(t.shape)
 
 
 def _non_finite_points(grad: torch.Tensor) -> torch.Tensor:

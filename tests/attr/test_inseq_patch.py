@@ -170,6 +170,51 @@ def test_customised_instances_keep_captums_code(monkeypatch):
         assert "grad" in seen and not calls
         Plain(net).attribute(x, target=0, n_steps=4)
         assert calls
+        calls.clear()
+        own = ca.IntegratedGradients(net)  # a method replaced on the instance (was ignored)
+        inner = own._attribute
+        own._attribute = lambda *a, **k: seen.append("instance") or inner(*a, **k)
+        own.attribute(x, target=0, n_steps=4)
+        assert seen[-1] == "instance" and not calls
+
+
+def test_patched_methods_pickle_by_reference():
+    """A plain reference to a patched method (or a partial of it) raised PicklingError: the
+    replacement named our class, where pickle found another object."""
+    import functools
+    import pickle
+    net = torch.nn.Linear(4, 3)
+    with tkc.patched():
+        for fn in (ca.IntegratedGradients.attribute, ca.LayerConductance.compute_convergence_delta,
+                   functools.partial(ca.IntegratedGradients.attribute,
+                                     ca.IntegratedGradients(net))):
+            pickle.dumps(fn)
+
+
+def test_train_mode_dropout_draws_as_captum_under_the_same_seed():
+    """A train-mode model with dropout (attributed as Captum does): the shape probe drew its
+    masks before the path, and the path's points were not in Captum's order (step, then
+    input), so other masks fell on each point: 0.05-0.13 off Captum under the same seed, and
+    the caller's generator ended elsewhere."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.3), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 2)).train()
+    x = torch.randn(3, 5)
+    calls = {"IG": lambda m: m.IntegratedGradients(net).attribute(x, target=1, n_steps=6),
+             "LayerIG": lambda m: m.LayerIntegratedGradients(net, net[0]).attribute(
+                 x, target=1, n_steps=6),
+             "GradientShap": lambda m: m.GradientShap(net).attribute(
+                 x, torch.zeros(2, 5), target=1, n_samples=4)}
+    for name, call in calls.items():
+        got = []
+        for mod in (ca, tkc):
+            torch.manual_seed(1)
+            np.random.seed(1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the train-mode note)
+                got.append((call(mod), torch.rand(1)))
+        torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(got[1][1], got[0][1]), name
 
 
 def test_grad_kwargs_the_engine_cannot_honour_run_captums_code(monkeypatch):
