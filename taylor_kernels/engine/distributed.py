@@ -23,6 +23,8 @@ see ``python/distributed_ig.py``.
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -55,6 +57,52 @@ def check_reduce_to(reduce_to) -> None:
     if isinstance(reduce_to, bool) or reduce_to not in REDUCE_TO:
         raise ValueError(f"reduce_to must be 'all' (every rank gets the result) or 0 (rank 0 "
                          f"only), got {reduce_to!r}")
+
+
+def check_same_call(group, *parts) -> None:
+    """Raise ``ValueError`` on every rank when ``parts`` (the call's tensors and settings:
+    inputs, baselines, nodes, weights, targets, forward args, ``reduce_to``) differ from rank
+    0's, by one ``all_gather`` of a four-number fingerprint (:func:`fingerprint`). Ranks
+    passing other steps or targets summed each other's partial sums silently (0.02-0.12 off);
+    another batch size or rule crashed gloo, another ``reduce_to`` hung until its timeout."""
+    mine = fingerprint(parts)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    other = [r for r, v in enumerate(every)
+             if v[0] != every[0][0] or not torch.allclose(v[1:], every[0][1:], rtol=1e-9,
+                                                         atol=0)]
+    if other:
+        raise ValueError(f"distributed attribution: rank(s) {other} of the group were called "
+                         "with other arguments than rank 0 (inputs, baselines, targets, "
+                         "forward args, rule, steps or reduce_to differ); every rank must pass "
+                         "the same ones")
+
+
+def fingerprint(parts) -> torch.Tensor:
+    """``[4]`` float64 on the tensors' device: a CRC of the parts' shapes, dtypes and plain
+    values (numbers, strings, tuples of them; other objects by type), and three sums over the tensors (plain, absolute, and weighted by
+    position and part), compared with a relative tolerance (the same data summed on
+    different CPUs may round differently)."""
+    tensors, meta = [], []
+    for p in parts:
+        for v in p if isinstance(p, (tuple, list)) else (p,):
+            if isinstance(v, torch.Tensor):
+                tensors.append(v.detach())
+                meta.append((tuple(v.shape), str(v.dtype)))
+            elif isinstance(v, (int, float, str, bool, type(None))) or isinstance(
+                    v, tuple) and all(isinstance(e, (int, float, str, bool)) for e in v):
+                meta.append(repr(v))
+            else:  # (an object's repr may hold its address, which differs between ranks)
+                meta.append(type(v).__name__)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for j, t in enumerate(tensors, start=1):
+        flat = t.reshape(-1).to(device=device, dtype=torch.float64)
+        place = torch.arange(flat.numel(), device=device, dtype=torch.float64) % 7 + j
+        sums += torch.stack([flat.sum(), flat.abs().sum(), (flat * place).sum()]) * j
+    crc = torch.tensor([float(zlib.crc32(repr(meta).encode()))], dtype=torch.float64,
+                       device=device)
+    return torch.cat([crc, sums])
 
 
 def shard(total: int, group) -> tuple[int, int]:

@@ -155,6 +155,13 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
     return grad
 
 
+def _call_of(problem) -> list:
+    """The target and forward args of ``problem`` (what else a rank's call may differ in)."""
+    target = getattr(problem, "target", None)
+    return [target if isinstance(target, torch.Tensor) else repr(target),
+            *getattr(problem, "forward_args", ())]
+
+
 def _steps_first(t: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     """Rows ``[outer * inner, ...]`` (along the last dimension but one for ``[T, N, D]``
     gradients, else the first) reordered from ``outer``-major to ``inner``-major: a whole
@@ -283,6 +290,9 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     alphas = _to_device(alphas, x.device)
     weight_sets = [_to_device(w, x.device) for w in weight_sets]
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
+    if process_group is not None:
+        distributed.check_same_call(process_group, x, bl, rows, alphas, weight_sets,
+                                    _call_of(problem), reduce_to)
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     held += x.nbytes + bl.nbytes + len(weight_sets) * _sum_bytes(problem, x)  # inputs, sums
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
@@ -375,6 +385,8 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
         raise ValueError("stream_pairs needs the measured cost of a pair or a chunk_size")
     x, bl = problem.x, problem.baselines
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1] * R
+    if process_group is not None:
+        distributed.check_same_call(process_group, x, bl, alphas, R, _call_of(problem))
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory,

@@ -46,6 +46,32 @@ IH_CALLS = {"ih_pairs": dict(steps=3, ig_steps=5, chunk_size=5),
 GROUPS = torch.tensor([0, 0, 1, 2, 2, 1])
 
 
+# each rank calls with its own value of one argument (rank 1 differs from rank 0)
+MISMATCHES = {
+    "steps": lambda r, m, x, bl, t: tk.integrated_gradients(m, x, bl, t, steps=7 + r,
+                                                           distributed=True),
+    "target": lambda r, m, x, bl, t: tk.integrated_gradients(m, x, bl, (t + r) % 3, steps=5,
+                                                            distributed=True),
+    "batch": lambda r, m, x, bl, t: tk.integrated_gradients(m, x[:5 - r], bl[:5 - r],
+                                                           t[:5 - r], steps=5,
+                                                           distributed=True),
+    "rule": lambda r, m, x, bl, t: tk.integrated_gradients(
+        m, x, bl, t, steps=5, rule=("gausslegendre", "adaptive")[r], distributed=True),
+    "reduce_to": lambda r, m, x, bl, t: tk.integrated_gradients(
+        m, x, bl, t, steps=5, reduce_to=("all", 0)[r], distributed=True),
+    "ih_inputs": lambda r, m, x, bl, t: tk.integrated_hessians(m, x + r, bl, t, steps=3,
+                                                              ig_steps=5, distributed=True),
+}
+
+
+def _mismatch_error(call, rank, model, x, bl, t) -> str:
+    try:
+        call(rank, model, x, bl, t)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=30))
@@ -67,6 +93,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         g = tk.group_integrated_hessians(model, x, GROUPS, bl, t, steps=3, ig_steps=5,
                                          chunk_size=4, distributed=True)
         res["group_ih"] = (g.interactions, g.ig, g.evaluations)
+        res["mismatch"] = {name: _mismatch_error(call, rank, model, x, bl, t)
+                           for name, call in MISMATCHES.items()}
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -113,6 +141,15 @@ def test_layer_ig_distributed(ranks):
     for rank in ranks:
         assert_close_ratio(rank["layer"][0], single.attributions, torch.float64)
         assert rank["layer"][2] == single.evaluations
+
+
+@pytest.mark.parametrize("name", list(MISMATCHES))
+def test_ranks_called_with_other_arguments_all_raise(ranks, name):
+    """Other steps or targets on one rank summed each other's partial sums silently (0.02-0.12
+    off); another batch size or rule crashed gloo, another reduce_to hung until the timeout."""
+    for r in ranks:
+        assert "rank(s) [1] of the group were called with other arguments" in \
+            r["mismatch"][name], r["mismatch"][name]
 
 
 def test_reduce_to_rank0(ranks):
