@@ -70,6 +70,9 @@ def dapr_loss(model: nn.Module, prior_net: nn.Module | None, meta: torch.Tensor 
     (or no prior net) is plain cross-entropy. Returns ``(loss, {"ce", "penalty"} floats)``.
     """
     _check_lam(lam)
+    if lam > 0 and prior_net is not None and not isinstance(meta, torch.Tensor):
+        raise ValueError("lam > 0 with a prior_net needs the features' meta-data: meta "
+                         f"[D, M] (feature_metadata), got {type(meta).__name__}")
     ce = nn.functional.cross_entropy(model(x), y)
     if lam == 0 or prior_net is None:
         return ce, {"ce": ce.item(), "penalty": 0.0}
@@ -111,6 +114,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
             m.training = mode
 
 
+@torch.enable_grad()
 def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | None = None,
         meta: torch.Tensor | None = None, lam: float = 0.0, epochs: int = 200,
         batch_size: int = 32, lr: float = 1e-3, patience: int = 20,
@@ -120,11 +124,15 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     Args: ``train = (X [N, D], y [N])``, ``val`` likewise; ``meta [D, M]`` the features'
     meta-data (:func:`feature_metadata`); the EG background is the training set. Stops after
     ``patience`` epochs without a better validation accuracy and restores the best states.
+    Runs with grad enabled (also under the caller's ``torch.no_grad()``); a last batch of one
+    row joins the batch before it.
     """
     _check_lam(lam)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                               ("patience", patience, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be a {('non-negative', 'positive')[least]} "
+                             f"integer, got {value!r}")
     if lam > 0 and (prior_net is None or meta is None):
         raise ValueError("lam > 0 needs a prior_net and the features' meta-data")
     xt, yt = train
@@ -139,12 +147,15 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     best = (-1.0, 0, [copy.deepcopy(n.state_dict()) for n in nets])
     grads = [p.grad for p in params]  # the caller's .grad (None, usually), given back
     history = []
+    starts = list(range(0, xt.shape[0], batch_size))
+    if len(starts) > 1 and xt.shape[0] - starts[-1] == 1:
+        starts.pop()  # (a last batch of one row joins the one before: batch norm needs two)
     try:
         for epoch in range(epochs):
             order = torch.randperm(xt.shape[0], generator=gen)
             totals = {"ce": 0.0, "penalty": 0.0}
-            for i in range(0, xt.shape[0], batch_size):
-                idx = order[i:i + batch_size]
+            for i, j in zip(starts, starts[1:] + [xt.shape[0]]):
+                idx = order[i:j]
                 loss, parts = dapr_loss(model, prior_net, meta, xt[idx], yt[idx], xt, lam,
                                         seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
                 if not all(math.isfinite(v) for v in parts.values()):

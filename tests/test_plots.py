@@ -51,3 +51,25 @@ def test_one_nan_pixel_does_not_blank_the_image():
     img[0, 0] = float("nan")
     shown = plots.taylor_cam_overlay(img, torch.rand(2, 2)).axes[0].images[0].get_array()
     assert float(shown.max()) == pytest.approx(1.0) and shown[0, 0] == 0
+
+
+def test_the_demo_figures_leave_the_callers_backend(tmp_path):
+    """The demo's figure helpers called matplotlib.use('Agg'): an importing caller's backend
+    (here svg) was switched for the rest of its process."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from taylor_kernels.demo.minilm import draw_heatmap
+    from taylor_kernels.demo.plots import method_grid_figure
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        draw_heatmap({"tokens_a": ["a", "cat"], "tokens_b": ["b"], "scores_a": [0.3, -0.1],
+                      "scores_b": [-0.2], "similarity": 0.5, "steps": 8}, tmp_path / "m.png")
+        ex = {"image": np.eye(4), "attr": {"ig": np.eye(4)}, "caption": {"ig": "gap 0"},
+              "index": 0, "label": 1, "pred": 1, "prob": 0.9}
+        method_grid_figure([ex], ["ig"], tmp_path / "g.png", "t")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "m.png").stat().st_size > 0 and (tmp_path / "g.png").exists()
+    finally:
+        matplotlib.use(before)

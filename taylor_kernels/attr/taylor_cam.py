@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels.attr.layer import _activation, layer_replaced_forward
+from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian_block
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.engine.row_args import forward_args
@@ -67,6 +68,19 @@ def _region_ids(regions, spatial: tuple[int, ...], B: int, device) -> torch.Tens
     return r.long()
 
 
+def _check_result_fits(B: int, R: int, x: torch.Tensor, max_memory) -> None:
+    """``MemoryError`` before any work when the ``[B, R, R]`` result (twice: cross terms and
+    scores) and the ``[R, C*S]`` indicators pass the budget (an id of 10**6 asked the
+    allocator for 4 TB)."""
+    need = (2 * B * R * R + R * x.shape[1]) * x.element_size()
+    budget = memory.parse_budget(max_memory, x.device)
+    if need > budget:
+        raise MemoryError(f"regions: the largest id, {R - 1}, makes {R} regions, whose "
+                          f"[{B}, {R}, {R}] result and indicators take {need / 2**20:.0f} MiB, "
+                          f"past the memory limit of {budget / 2**20:.0f} MiB; number the "
+                          "regions 0..R-1 without gaps, or merge some")
+
+
 def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=None,
                order: int = 2, max_memory=None, additional_forward_args=None
                ) -> TaylorCAMResult:
@@ -106,6 +120,7 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
                            target, additional_forward_args=tup + fargs)
     ids = _region_ids(regions, spatial, B, act.device)
     R = int(ids.max()) + 1
+    _check_result_fits(B, R, problem.x, max_memory)
     cross = problem.x.new_zeros(B, R, R)
     for b in range(B):  # one input at a time: its own pre-layer inputs and target
         rows = torch.tensor([b], device=act.device)

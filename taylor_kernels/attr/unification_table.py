@@ -120,6 +120,15 @@ def _summaries(terms: list[Term], W: torch.Tensor) -> tuple[float, float, float]
     return tuple(n / d if d > 0 else float("nan") for n, d in acc.values())
 
 
+def _no_terms_note(itemized: int, order: int, max_sets: int) -> str:
+    """Why a table probed no term: none itemized (order 1 alone has more than ``max_sets``
+    features), or every itemized term is 0 at the baseline."""
+    if itemized == 0:
+        return (f"no probe: no order itemized (the features alone are more than max_sets="
+                f"{max_sets}); raise max_sets")
+    return f"no probe: every Taylor term to order {itemized} is 0 at the baseline"
+
+
 def unification_table(model, inputs, baselines=None, target=None, *, order: int = 3,
                       max_terms: int = 24, max_sets: int = 20000,
                       settings: MethodSettings | None = None,
@@ -139,6 +148,12 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
                         f"{type(inputs).__name__}")
     if inputs.shape[0] != 1:
         raise ValueError("unification_table scores one input: inputs must be [1, ...]")
+    if isinstance(methods, str):  # (one name: not its characters)
+        methods = (methods,)
+    if isinstance(max_terms, bool) or not isinstance(max_terms, int) or max_terms < 1:
+        raise ValueError(f"max_terms must be a positive integer, got {max_terms!r}")
+    if not methods:
+        raise ValueError(f"methods must name at least one of {METHOD_NAMES}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHOD_NAMES}")
@@ -162,8 +177,7 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
             rows.append(MethodRow(name, p1, None, None, None, None, None,
                                   time.perf_counter() - t0,
                                   "no probe: needs a convolution" if name == "grad_cam" else
-                                  f"no probe: every Taylor term to order {order} is 0 at the "
-                                  "baseline"))
+                                  _no_terms_note(top, order, max_sets)))
             continue
         W = torch.stack([allocation(name, t.kappa, inputs, baselines, settings)
                          for t in probed])

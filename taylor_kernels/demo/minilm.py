@@ -175,13 +175,14 @@ def explain_similarity(sent_a: str, sent_b: str, out_dir, *, steps: int = 32,
 def draw_heatmap(result: dict, path: Path) -> Path:
     """Two rows of tokens coloured by score (red positive, blue negative, one scale)."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+    from taylor_kernels.plots import new_figure  # (the caller's backend left as it was)
     rows = [(result["tokens_a"], result["scores_a"]), (result["tokens_b"], result["scores_b"])]
     vmax = max(abs(s) for _, sc in rows for s in sc) or 1.0
-    cmap = plt.get_cmap("RdBu_r")
+    cmap = matplotlib.colormaps["RdBu_r"]
     width = max(len(" ".join(t)) for t, _ in rows) * 0.13 + 1
-    fig, ax = plt.subplots(figsize=(max(width, 4), 1.8))
+    fig = new_figure(figsize=(max(width, 4), 1.8))
+    ax = fig.subplots()
     ax.axis("off")
     for r, (tokens, scores) in enumerate(rows):
         x = 0.0
@@ -195,5 +196,4 @@ def draw_heatmap(result: dict, path: Path) -> Path:
     ax.set_title(f"MiniLM cosine similarity {result['similarity']:.3f}: token layer IG "
                  f"({result['steps']} steps; red raises it)", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path

@@ -12,14 +12,14 @@ def method_grid_figure(examples: list[dict], methods: list[str], path: Path,
     ``examples``: dicts with ``image [H, W]``, ``attr`` (``{method: [H, W]}``), ``caption``
     (``{method: str}``) and ``index``, ``label``, ``pred``, ``prob``.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from taylor_kernels.plots import new_figure  # (the Agg canvas: the caller's backend and
+    # pyplot's figures stay as they were; matplotlib.use("Agg") switched the backend)
+
     rows, cols = len(examples), 1 + len(methods)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.3, rows * 2.35 + 0.7),
-                             squeeze=False)
+    fig = new_figure(figsize=(cols * 2.3, rows * 2.35 + 0.7))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for r, ex in enumerate(examples):
@@ -45,5 +45,4 @@ def method_grid_figure(examples: list[dict], methods: list[str], path: Path,
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -260,3 +260,29 @@ def test_fit_history_averages_each_epochs_batches(monkeypatch):
     res = priors.fit(torch.nn.Linear(2, 2), (x, y), (x, y), epochs=1, batch_size=4)
     assert [n for n, _ in seen] == [4, 4, 2]
     assert res.history[0]["ce"] == pytest.approx(sum(n * ce for n, ce in seen) / 10)
+
+
+def test_fit_checks_patience_runs_under_no_grad_and_keeps_two_rows_per_batch():
+    """patience -1, 2.5 and NaN were taken (NaN turned early stopping off); under the
+    caller's no_grad, fit failed with autograd's 'does not require grad'; a last batch of
+    one row made batch norm raise; dapr_loss without meta raised an AttributeError."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)
+    y = (x[:, 0] > 0).long()
+    meta = priors.feature_metadata(x)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    for patience in (-1, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="patience"):
+            priors.fit(net(), (x, y), (x, y), patience=patience, epochs=2)
+    with torch.no_grad():
+        res = priors.fit(net(), (x, y), (x, y), epochs=1)
+        assert not torch.is_grad_enabled()  # (the caller's mode, back after the call)
+    assert len(res.history) == 1
+    priors.fit(net(), (x, y), (x, y), prior_net=priors.PriorNet(), meta=meta, lam=0.5,
+               epochs=1, batch_size=39)  # (40 rows: batches of 39 and 1 before)
+    with pytest.raises(ValueError, match="meta-data"):
+        priors.dapr_loss(net(), priors.PriorNet(), None, x[:4], y[:4], x, 1.0)

@@ -123,3 +123,12 @@ def test_errors():
     res = tk.taylor_cam(model, model.conv, x)
     with pytest.raises(ValueError, match="outside"):
         res.cell_map(12)
+
+
+def test_a_region_id_far_past_the_cells_is_refused_before_any_allocation():
+    """Ids are region numbers (R = max id + 1): one id of 10**6 asked the allocator for a
+    [B, R, R] result of 4 TB, and its error came back."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Flatten(), nn.Linear(18, 2))
+    with pytest.raises(MemoryError, match="number the regions 0..R-1"):
+        tk.taylor_cam(net, net[0], torch.randn(1, 1, 5, 5), target=0,
+                      regions=torch.full((3, 3), 10**6))

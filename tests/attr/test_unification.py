@@ -374,3 +374,22 @@ def test_settings_may_be_a_dict_of_their_fields():
         tk.fourteen_methods(model, x, b, target=0, settings={"steps_ig": 8})
     with pytest.raises(TypeError, match="settings must be a MethodSettings"):
         tk.fourteen_methods(model, x, b, target=0, settings=8)
+
+
+def test_table_arguments_and_a_table_that_itemized_nothing():
+    """With more features than max_sets no order was itemized, and every row said all Taylor
+    terms were 0 (f(x) - f(b) was 1.26); max_terms 0, -5 and 1.5 were taken; one method name
+    as a string was split into letters; methods=() built a table whose plot raised."""
+    from taylor_kernels.attr.unification import polynomial_network
+    b = torch.tensor([[0.2, -0.1, 0.3]], dtype=torch.float64)
+    x = torch.tensor([[1.0, 0.7, -0.8]], dtype=torch.float64)
+    net = polynomial_network([(1.3, (0,)), (0.9, (0, 1)), (0.5, (1, 1, 2))], b)
+    tab = tk.unification_table(net, x, b, max_sets=2, methods=("integrated_gradients",))
+    assert tab.itemized_order == 0 and "no order itemized" in tab.rows[0].note
+    one = tk.unification_table(net, x, b, methods="integrated_gradients")
+    assert [r.method for r in one.rows] == ["integrated_gradients"]
+    for bad in (0, -5, 1.5):
+        with pytest.raises(ValueError, match="max_terms"):
+            tk.unification_table(net, x, b, max_terms=bad, methods=("integrated_gradients",))
+    with pytest.raises(ValueError, match="at least one"):
+        tk.unification_table(net, x, b, methods=())
