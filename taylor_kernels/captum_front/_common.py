@@ -111,11 +111,17 @@ def captum_method(fn: Callable) -> Callable:
     def attribute(*args, **kwargs):
         args = tuple(without_inference_tensors(a) for a in args)
         kwargs = {k: without_inference_tensors(v) for k, v in kwargs.items()}
-        _check_baseline_forms(args[0] if args else None, signature, args, kwargs)
-        if getattr(args[0] if args else None, "INTERPOLATES_INPUTS", False):
-            args, kwargs = _interpolable(signature, args, kwargs)
+        method = args[0] if args else None
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            bound = None  # (the method's own call then raises its error)
+        if bound is not None:
+            _check_baseline_forms(method, signature, bound)
+            if getattr(method, "INTERPOLATES_INPUTS", False) and _interpolable(bound):
+                args, kwargs = bound.args, bound.kwargs
         with rng_kept_on_error(), train_mode_as_captum(
-                args[0] if args else None, _splits_batches(signature, args, kwargs)):
+                method, bound is not None and _splits_batches(signature, bound)):
             return fn(*args, **kwargs)
 
     return attribute
@@ -155,20 +161,16 @@ def rng_kept_on_error():
         raise
 
 
-def _splits_batches(signature: inspect.Signature, args: tuple, kwargs: dict) -> bool:
+def _splits_batches(signature: inspect.Signature, bound: inspect.BoundArguments) -> bool:
     """Whether Captum would run the call's path points in more than one batch: an
     ``internal_batch_size`` under ``B * n_steps`` (Captum's batches hold whole steps of all
     ``B`` examples; ours follow the examples: other rows share a batch)."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return False  # (the call itself then says what is wrong)
     size, inputs = bound.arguments.get("internal_batch_size"), bound.arguments.get("inputs")
     first = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
     if size is None or not isinstance(first, torch.Tensor) or first.dim() == 0:
         return False
-    steps = bound.arguments.get("n_steps", signature.parameters.get("n_steps").default
-                                if "n_steps" in signature.parameters else 1)
+    param = signature.parameters.get("n_steps")
+    steps = bound.arguments.get("n_steps", 1 if param is None else param.default)
     try:
         return size < first.shape[0] * steps
     except TypeError:
@@ -195,18 +197,15 @@ def captum_errors(fn: Callable) -> Callable:
     return call
 
 
-def _check_baseline_forms(method, signature: inspect.Signature, args: tuple,
-                          kwargs: dict) -> None:
+def _check_baseline_forms(method, signature: inspect.Signature,
+                          bound: inspect.BoundArguments) -> None:
     """``ValueError`` (Captum's ``AssertionError``) for ``baselines`` (or an entry of a tuple
     of them) that is none of Captum's forms: None, a number, a tensor, or (GradientSHAP's
     distributions, ``BASELINE_CALLABLES``) a callable. Ours read a list ``[0.5]`` as a tuple,
     and layer IG failed on a string or a dict with an ``AttributeError``."""
     if "baselines" not in signature.parameters:
         return
-    try:
-        value = signature.bind(*args, **kwargs).arguments.get("baselines")
-    except TypeError:
-        return  # the method's own call raises its error
+    value = bound.arguments.get("baselines")
     for b in value if isinstance(value, tuple) else (value,):
         if not (b is None or isinstance(b, (int, float, torch.Tensor)) or callable(b) and
                 getattr(method, "BASELINE_CALLABLES", False)):
@@ -215,18 +214,13 @@ def _check_baseline_forms(method, signature: inspect.Signature, args: tuple,
                              f"{type(b).__name__} detected: {b!r:.60}")
 
 
-def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
-    """``(args, kwargs)`` with integer ``inputs`` and ``baselines`` tensors (uint8 images,
-    int64 counts) in the default float dtype, as Captum's interpolation ``b + t (x - b)``
+def _interpolable(bound: inspect.BoundArguments) -> bool:
+    """Put integer ``inputs`` and ``baselines`` tensors (uint8 images, int64 counts) of the
+    call ``bound`` in the default float dtype (True when it changed one), as Captum's interpolation ``b + t (x - b)``
     makes them for the model (it raised here). Not int64/int32 tensors for a model with an
     embedding: those are token ids, which the method's own check refuses by name (floats fail
     inside the embedding); an embedding indexes with no other integer dtype, so a uint8 image
     beside an embedded label is interpolated."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return args, kwargs  # the method's own call raises its error
-
     def tensors(value) -> list:
         return [t for v in (value if isinstance(value, tuple) else (value,))
                 for t in ([v] if isinstance(v, torch.Tensor) else [])]
@@ -237,8 +231,8 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
     names = [n for n in ("inputs", "baselines")
              if any(integer(t) for t in tensors(bound.arguments.get(n)))]
     if not names:
-        return args, kwargs
-    keep_ids = token_ids_of_an_embedding(getattr(args[0], "forward_func", None),
+        return False
+    keep_ids = token_ids_of_an_embedding(getattr(bound.args[0], "forward_func", None),
                                          [t for n in names for t in tensors(bound.arguments[n])])
 
     def to_float(value):
@@ -251,7 +245,7 @@ def _interpolable(signature: inspect.Signature, args: tuple, kwargs: dict):
 
     for name in names:
         bound.arguments[name] = to_float(bound.arguments[name])
-    return bound.args, bound.kwargs
+    return True
 
 
 def token_ids_of_an_embedding(forward_func, tensors) -> bool:
@@ -325,10 +319,16 @@ def promoted(value):
     return value.to(torch.promote_types(value.dtype, torch.get_default_dtype()))
 
 
-def readable_name(cls: type) -> str:
-    """``cls.__name__`` with a space before each character after the first that is not a
-    lower-case letter (Captum's ``get_name`` rule)."""
-    return "".join(c if i == 0 or c.islower() else " " + c for i, c in enumerate(cls.__name__))
+class CaptumNamed:
+    """Captum's ``Attribution.get_name`` on the front's classes."""
+
+    @classmethod
+    def get_name(cls) -> str:
+        """The class name with a space before each character after the first that is not a
+        lower-case letter (Captum's rule: ``"Integrated Gradients"``,
+        ``"L L M Gradient Attribution"``)."""
+        return "".join(c if i == 0 or c.islower() else " " + c
+                       for i, c in enumerate(cls.__name__))
 
 
 def format_inputs(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -629,7 +629,7 @@ class LayerInterpolation:
                                                mode=interpolate_mode)
 
 
-class CaptumAttribution:
+class CaptumAttribution(CaptumNamed):
     """What every Captum path-integral class offers besides ``attribute``: Captum's
     ``has_convergence_delta``, ``multiplies_by_inputs`` and ``compute_convergence_delta``."""
 
@@ -644,11 +644,6 @@ class CaptumAttribution:
 
     def has_convergence_delta(self) -> bool:
         return self.HAS_DELTA
-
-    @classmethod
-    def get_name(cls) -> str:
-        """Captum's readable name (:func:`readable_name`: ``"Integrated Gradients"``)."""
-        return readable_name(cls)
 
     @property
     def multiplies_by_inputs(self) -> bool:

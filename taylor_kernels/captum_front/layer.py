@@ -96,7 +96,6 @@ class InternalInfluence(_LayerMethod):
         return res.attributions
 
 
-
 class LayerGradientShap(_LayerMethod):
     """Drop-in for ``captum.attr.LayerGradientShap``: GradientSHAP in the layer's activation
     space. Draws its random numbers like Captum (baselines by ``numpy.random.choice``, noise by

@@ -36,9 +36,10 @@ from typing import Any, Callable
 import torch
 
 from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
-from taylor_kernels.captum_front._common import (CaptumTypeError, CaptumValueError, customised,
+from taylor_kernels.captum_front._common import (CaptumNamed, CaptumTypeError,
+                                                  CaptumValueError, customised,
                                                   attribute_future_unsupported, captum_method,
-                                                  points_per_chunk, readable_name)
+                                                  points_per_chunk)
 from taylor_kernels.captum_front.llm_per_token import per_token_attributions
 from taylor_kernels.models import hf
 
@@ -296,7 +297,7 @@ def _one_pass_layer(attr_method):
     return layer
 
 
-class LLMGradientAttribution:
+class LLMGradientAttribution(CaptumNamed):
     """Drop-in for ``captum.attr.LLMGradientAttribution``: layer IG is attributed for the
     whole target sequence in one pass; other methods and arguments run Captum's per-token
     loop (:mod:`.llm_per_token`)."""
@@ -312,12 +313,6 @@ class LLMGradientAttribution:
         self.last_result = None
 
     SUPPORTED_INPUTS = (TextTokenInput,)
-
-    @classmethod
-    def get_name(cls) -> str:
-        """Captum's readable name, ``"L L M Gradient Attribution"`` (a space before each
-        capital letter after the first, as Captum spells it)."""
-        return readable_name(cls)
 
     def has_convergence_delta(self) -> bool:
         """False, as Captum's (its ``Attribution`` default)."""

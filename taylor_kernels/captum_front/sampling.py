@@ -23,12 +23,13 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.engine import memory
 from taylor_kernels.attr.gradient_shap import gradient_shap_rows
-from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumRuntimeError,
+from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumNamed,
+                                                 CaptumRuntimeError,
                                                  CaptumZeroDivisionError,
                                                  attribute_future_unsupported, captum_method,
                                                  captum_noise, check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_args, expand_rows,
-                                                 expand_target, format_inputs, readable_name,
+                                                 expand_target, format_inputs,
                                                  refuse_noise_on_token_ids)
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -43,7 +44,7 @@ def _concat_rows(parts: list):
     return torch.cat(parts)
 
 
-class NoiseTunnel:
+class NoiseTunnel(CaptumNamed):
     """Drop-in for ``captum.attr.NoiseTunnel`` over any :mod:`taylor_kernels.captum` class
     (SmoothGrad, SmoothGrad-squared, VarGrad). Over any other method (Captum's ``Saliency``,
     which ``from taylor_kernels.captum import Saliency`` gives) it is Captum's NoiseTunnel."""
@@ -76,11 +77,6 @@ class NoiseTunnel:
         self.is_delta_supported = attribution_method.has_convergence_delta()
         self._multiply_by_inputs = attribution_method.multiplies_by_inputs
         self.is_gradient_method = True
-
-    @classmethod
-    def get_name(cls) -> str:
-        """Captum's readable name, ``"Noise Tunnel"``."""
-        return readable_name(cls)
 
     @captum_method
     def attribute(self, inputs, nt_type: str = "smoothgrad", nt_samples: int = 5,

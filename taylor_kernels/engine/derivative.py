@@ -85,10 +85,13 @@ def _attention_models(f: Callable | None) -> list:
     """``(model, implementation)`` of the ``transformers`` models ``f`` reaches with a fused
     attention implementation (not ``"eager"``), outermost only (the model, not also its
     base model, which shares its config)."""
-    if f is None:
-        return []
+    return [] if f is None else _fused_attention(guards.modules_of(f))
+
+
+def _fused_attention(modules: list) -> list:
+    """:func:`_attention_models` among ``modules`` (those :func:`guards.modules_of` found)."""
     found = [(m, getattr(getattr(m, "config", None), "_attn_implementation", None))
-             for m in guards.modules_of(f)]
+             for m in modules]
     found = [(m, impl) for m, impl in found if isinstance(impl, str) and impl != "eager"]
     inner = {id(s) for m, _ in found for s in m.modules() if s is not m} if len(found) > 1 \
         else set()
@@ -118,9 +121,10 @@ def cpu_flex_as_eager(f: Callable | None):
     raised "FlexAttention does not support backward on CPU". When :func:`guards.modules_of`
     finds no module in ``f`` (a model behind a global), such a model is switched when the
     block first calls it (:func:`guards.on_module_calls`)."""
-    if f is not None and not guards.modules_of(f):
+    models = [] if f is None else guards.modules_of(f)
+    if f is not None and not models:
         return _flex_switched_when_called()
-    flex = [(m, impl) for m, impl in _attention_models(f) if _cpu_flex(m, impl)]
+    flex = [(m, impl) for m, impl in _fused_attention(models) if _cpu_flex(m, impl)]
     for m, _ in flex:
         _say_flex_eager(m)
     return eager_attention(flex) if flex else contextlib.nullcontext()
