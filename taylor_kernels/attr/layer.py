@@ -39,7 +39,10 @@ def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
     seen: list = []
 
     def grab(module, inp, out=None):
-        seen.append(inp[0] if of_input else out)
+        a = inp[0] if of_input else out
+        # a copy: an in-place op later in the forward (ReLU(inplace=True)), or the layer
+        # itself on its input, would otherwise change the endpoint read here
+        seen.append(a.detach().clone() if isinstance(a, torch.Tensor) else a)
 
     guards.check_model(model, inputs)
     hook = (layer.register_forward_pre_hook(this_thread(grab)) if of_input
@@ -56,7 +59,7 @@ def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
         if not isinstance(a, torch.Tensor):
             raise ValueError(f"layer {type(layer).__name__} {'input' if of_input else 'output'} "
                              f"is a {type(a).__name__}; layer attribution needs a single tensor")
-    return [a.detach() for a in seen], out
+    return seen, out
 
 
 def _activation(model, layer, inputs: tuple, args: tuple, of_input: bool) -> torch.Tensor:

@@ -74,7 +74,8 @@ def sample_coalitions(B: int, n: int, coalitions: int, gen: torch.Generator) -> 
     rows = max(1, SORT_BLOCK // max(n, 1))
     for i in range(0, total, rows):
         j = min(i + rows, total)
-        order = torch.rand(j - i, n, generator=gen).argsort(dim=1)
+        order = torch.rand(j - i, n, generator=gen, dtype=torch.float32).argsort(dim=1)  # (the
+        # same draws whatever the default dtype)
         present[i:j] = order < sizes[torch.arange(i, j) % coalitions].view(-1, 1)
     return present.view(B, coalitions, n)
 

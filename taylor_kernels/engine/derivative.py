@@ -717,7 +717,8 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
     for name, t in (("u", u), ("v", v)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape):
             raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}")
-    x, u, v = x.detach(), u.to(x).detach(), v.to(x).detach()
+    # (contiguous: an expanded x, stride 0, made functorch's grad write one cell twice)
+    x, u, v = (t.detach().contiguous() for t in (x, u.to(x), v.to(x)))
     g_fn = grad(lambda z: _row_scalars(f, z).sum())
     vhu = lambda z: (jvp(g_fn, (z,), (u,))[1] * v).sum()  # noqa: E731
     with higher_order_ops(f), FORWARD_AD_LOCK:  # (forward-AD levels are per process)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import threading
 import types
 import weakref
@@ -37,6 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 from torch.fx._symbolic_trace import PH
+from torch.utils.checkpoint import CheckpointFunction
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -123,8 +125,32 @@ class _Tracer(fx.Tracer):
         (a Hessian entry 30.8, its mixed partial 141.6)."""
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if not torch.is_grad_enabled():
-            node.meta["no_grad"] = True
+            function = _custom_function_running()
+            if function is None:
+                node.meta["no_grad"] = True
+            elif function is not CheckpointFunction:  # (checkpoint: f itself, differentiable)
+                raise _CustomFunctionTraced(function.__name__)
         return node
+
+
+class _CustomFunctionTraced(Exception):
+    """An ``autograd.Function``'s forward was traced: its derivative is its own ``backward``
+    / ``jvp``, not the forward's ops (which run with grad disabled, as a ``no_grad`` block
+    would), so the graph is refused and the module runs by nested forward-mode AD."""
+
+
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+
+
+def _custom_function_running() -> type | None:
+    """The ``autograd.Function`` whose ``apply`` is on the Python stack (the trace is inside
+    its forward), else None."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_APPLY:
+            return frame.f_locals.get("cls")
+        frame = frame.f_back
+    return None
 
 
 def _has_hooks(m: nn.Module) -> bool:

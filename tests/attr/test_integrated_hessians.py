@@ -262,3 +262,21 @@ def test_a_piecewise_linear_model_is_said_to_lose_its_interactions():
         warnings.simplefilter("error")
         tk.integrated_hessians(smooth, x.float(), target=0)
         tk.group_integrated_hessians(smooth, x.float(), torch.tensor([0, 1, 1]), target=0)
+
+
+@pytest.mark.parametrize("dtype,silent,warned", [(torch.bfloat16, 0.03, 0.07),
+                                                 (torch.float16, 0.009, 0.012),
+                                                 (torch.float32, 0.009, 0.012)])
+def test_gap_warning_limit_in_low_precision(dtype, silent, warned):
+    """The rows-miss-IG warning's limit is 1% of max|IG|, or 8 ulps of a bfloat16 model
+    (6.25%): converged bf16 IH on HF models left gaps of 0.6-2.3%, and at 50 ulps (39%) an
+    unconverged 8-step one (gap 8.7%, 3.9% off) passed silently."""
+    import warnings
+    from taylor_kernels.attr.integrated_hessians import warn_if_rows_miss_ig
+    ig = torch.tensor([[2.0, -1.0, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_rows_miss_ig(torch.tensor([silent * 2.0]), ig, "gausslog", 16, dtype)
+    with pytest.warns(RuntimeWarning, match="miss IG") as record:
+        warn_if_rows_miss_ig(torch.tensor([warned * 2.0]), ig, "gausslog", 16, dtype)
+    assert ("rounding" in str(record[0].message)) == (dtype != torch.float32)

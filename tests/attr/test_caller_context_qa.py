@@ -1,0 +1,126 @@
+"""Unusual models and caller contexts found by a QA pass (2026-12-03): in-place ops after the
+attributed layer, activation checkpointing under the jet engine, expanded inputs, the
+default dtype under seeded sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taylor_kernels as tk
+
+F64 = torch.float64
+
+
+def _mlp(inplace: bool) -> torch.nn.Sequential:
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(inplace=inplace),
+                               torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).double().eval()
+
+
+@pytest.mark.parametrize("layer_index,of_input", [(0, False), (1, True)])
+def test_layer_ig_reads_the_layer_before_a_later_in_place_op(layer_index, of_input):
+    """An in-place ReLU after the layer (or the layer itself changing its input in place)
+    must not change the endpoint activations layer IG integrates between: the numbers equal
+    those of the same model without the in-place op."""
+    x = 2 * torch.randn(3, 4, dtype=F64)
+    plain, inplace = _mlp(False), _mlp(True)
+    want = tk.layer_integrated_gradients(plain, plain[layer_index], x, target=1, steps=32,
+                                         attribute_to_layer_input=of_input)
+    got = tk.layer_integrated_gradients(inplace, inplace[layer_index], x, target=1, steps=32,
+                                        attribute_to_layer_input=of_input)
+    torch.testing.assert_close(got.attributions, want.attributions)
+    torch.testing.assert_close(got.gap, want.gap)
+
+
+class _Block(torch.nn.Module):
+    """``tanh(l1(z))``, optionally under ``torch.utils.checkpoint`` (reentrant: its forward
+    runs with grad disabled, as a ``no_grad`` block's would)."""
+
+    def __init__(self, checkpointed: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = torch.nn.Linear(4, 8).double(), torch.nn.Linear(8, 3).double()
+        self.checkpointed = checkpointed
+
+    def block(self, z):
+        return torch.tanh(self.l1(z))
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True) \
+            if self.checkpointed else self.block(x)
+        return self.l2(h)[:, 1]
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_jet_runs_through_reentrant_checkpointing():
+    """Activation checkpointing does not change the function: its jet and mixed partials are
+    those of the same model without it (they were 0 past order 0: the checkpoint's forward,
+    run with grad disabled, was taken for a ``no_grad`` block)."""
+    x = torch.randn(3, 4, dtype=F64)
+    v = torch.randn(3, 2, 4, dtype=F64)
+    plain, checkpointed = _Block(False).eval(), _Block(True).eval()
+    torch.testing.assert_close(tk.jet(checkpointed, x, v, order=3), tk.jet(plain, x, v, order=3))
+    torch.testing.assert_close(tk.mixed_partials(checkpointed, x, sets=[(0, 1), (1, 2, 3)]),
+                               tk.mixed_partials(plain, x, sets=[(0, 1), (1, 2, 3)]))
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    """``tanh`` with its own backward and no ``setup_context``/``jvp``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_jet_does_not_take_a_custom_function_for_a_constant():
+    """A custom ``autograd.Function``'s forward runs with grad disabled; the jet must not
+    treat it as a ``no_grad`` block (silently zero derivatives): its derivative is the
+    Function's own, so forward mode either uses its ``jvp`` or raises torch's error."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(3, 4).double()
+    x, v = torch.randn(2, 3, dtype=F64), torch.randn(2, 1, 3, dtype=F64)
+
+    def through_old_style_function(z):
+        return _OldStyleTanh.apply(lin(z)).sum(1)
+    with pytest.warns(RuntimeWarning, match="could not trace"), \
+            pytest.raises(RuntimeError, match="setup_context"):
+        tk.jet(through_old_style_function, x, v, order=2)
+
+
+def test_third_order_takes_expanded_inputs():
+    """An expanded (stride-0) ``x`` gives the numbers of its contiguous copy (it raised "more
+    than one element of the written-to tensor refers to a single memory location")."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 1), torch.nn.Flatten(0)).double()
+    row, u, v = torch.randn(1, 4, dtype=F64), torch.randn(3, 4, dtype=F64), \
+        torch.randn(3, 4, dtype=F64)
+    x = row.expand(3, 4)
+    torch.testing.assert_close(tk.third_order(model, x, u, v),
+                               tk.third_order(model, x.contiguous(), u, v))
+
+
+def test_shapley_ig_draws_do_not_depend_on_the_default_dtype():
+    """The same seed draws the same coalitions under a float64 default dtype (the uniform
+    draws behind the permutations followed it: 0.045 apart on a float32 model)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    x = torch.randn(2, 5)
+    want = tk.shapley_integrated_gradients(model, x, target=1, coalitions=4, steps=4,
+                                           seed=7).attributions
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = tk.shapley_integrated_gradients(model, x, target=1, coalitions=4, steps=4,
+                                              seed=7).attributions
+    finally:
+        torch.set_default_dtype(before)
+    torch.testing.assert_close(got, want)
