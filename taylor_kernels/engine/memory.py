@@ -322,6 +322,8 @@ class SavedBytes:
         return True
 
     def _pack(self, t: torch.Tensor):
+        if torch.compiler.is_compiling():  # (a compiled model traces the hook: its fake
+            return t  # tensors have no storage to count, and the trace failed on them)
         return t.detach() if self._count(t) else t
 
     def __enter__(self):

@@ -151,8 +151,23 @@ def path_gradients(problem: PathProblem, x: torch.Tensor, bl: torch.Tensor, rows
             alpha = alphas[s] if alphas.dim() == 1 else alphas[b, k, s]
             raise FloatingPointError(
                 f"non-finite gradient at path node: input {int(rows[b])}, baseline {k}, "
-                f"alpha={float(alpha):.6g} (flattened point {n})")
+                f"alpha={float(alpha):.6g} (flattened point {n})"
+                + _non_finite_output_note(problem, pts, point_rows, n - start))
     return grad
+
+
+@torch.no_grad()
+def _non_finite_output_note(problem, pts: torch.Tensor, point_rows: torch.Tensor,
+                            i: int) -> str:
+    """For the non-finite gradient error at point ``i`` of ``pts [N, D]``: whether the
+    model's output is already non-finite there (then the forward, not the attribution, is at
+    fault: a fully masked row under eager attention gives NaN), from one more forward."""
+    out = problem.forward(pts[i:i + 1].detach(), point_rows[i:i + 1])
+    if bool(torch.isfinite(out).all()):
+        return ""
+    return ("; the model's output itself is non-finite at that point (the forward gives "
+            f"{out.flatten()[~torch.isfinite(out.flatten())][0].item()} with no attribution "
+            "involved: check the model on this input, its masks and dtype)")
 
 
 def _call_of(problem) -> list:

@@ -372,7 +372,7 @@ class PositionScore:
     def __call__(self, ids, *rest):
         *row_values, positions = rest
         extra = {} if self.keep is None else {"logits_to_keep": self.keep.to(ids.device)}
-        out = model_output(self.call(ids, *row_values, **extra), self.output)
+        out = self._selected(self.call(ids, *row_values, **extra), ids.shape[0])
         if positions is not None and out.dim() == 3:
             # a model may take logits_to_keep and still return every position (Gemma4TextModel)
             cut = self.keep is not None and out.shape[1] == self.keep.numel()
@@ -382,6 +382,23 @@ class PositionScore:
         if out.dtype in (torch.float16, torch.bfloat16):  # float32 scores (float64 kept)
             out = out.float()
         return torch.log_softmax(out, dim=-1) if self.score == "log_prob" else out
+
+    def _selected(self, raw, n: int) -> torch.Tensor:
+        """The ``output=`` rule on the model's output for ``n`` rows; a callable that fails
+        there is named (it closed over the caller's ``[B, L]`` batch, say a mask for mean
+        pooling: torch's size mismatch came from inside it, with no hint)."""
+        if not callable(self.output):
+            return model_output(raw, self.output)
+        try:
+            return model_output(raw, self.output)
+        except (RuntimeError, IndexError) as exc:
+            raise ValueError(
+                f"output={getattr(self.output, '__name__', self.output)!r} failed on the "
+                f"model's output for a batch of {n} rows ({type(exc).__name__}: {exc}); the "
+                "library calls it on batches of path points, not on your inputs' batch, so it "
+                "must work row by row: read per-row values from the output it is given, "
+                "not from tensors of your batch it closes over (an attention mask: pass "
+                "attention_mask= and pool inside a wrapper model that takes it)") from exc
 
 
 def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.Tensor | None:
@@ -397,8 +414,23 @@ def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.T
         return torch.where(attention_mask.to(input_ids.device) != 0, idx, -1).amax(dim=1)
     if isinstance(position, numbers.Integral) and not isinstance(position, bool) \
             and -L <= position < L:
-        return torch.full((B,), int(position) % L, dtype=torch.long, device=input_ids.device)
+        at = torch.full((B,), int(position) % L, dtype=torch.long, device=input_ids.device)
+        _warn_if_padding_read(position, at, attention_mask)
+        return at
     raise ValueError(f"position must be 'last', None or an int in [-{L}, {L}), got {position!r}")
+
+
+def _warn_if_padding_read(position: int, at: torch.Tensor, attention_mask) -> None:
+    """A ``UserWarning`` when the read position ``at [B]`` (``position`` as given) is padding (mask 0) in some row:
+    a pad position's logit is scored there (all-zero attributions where padding leads)."""
+    if attention_mask is None:
+        return
+    mask = attention_mask.to(at.device)
+    padded = (mask[torch.arange(at.shape[0], device=at.device), at] == 0).nonzero().flatten()
+    if padded.numel():
+        warn(f"position={position} (index {int(at[0])}) is padding (attention_mask 0) in row(s) "
+             f"{padded.tolist()}: a pad position's output is attributed there; "
+             "position='last' reads each row's last attended token", UserWarning)
 
 
 def check_causal_lm(model, what: str = "generation attribution") -> None:

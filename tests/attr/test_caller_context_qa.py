@@ -124,3 +124,36 @@ def test_shapley_ig_draws_do_not_depend_on_the_default_dtype():
     finally:
         torch.set_default_dtype(before)
     torch.testing.assert_close(got, want)
+
+
+def test_integrated_gradients_of_a_compiled_model_after_a_forward_mode_call():
+    """The memory probe's saved-tensor hook is traced when the model is compiled: after a
+    forward-mode call recompiled the model, every IG call on it failed ("'NoneType' object
+    has no attribute 'is_leaf'", inside the hook) for the rest of the process."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 6)
+    compiled = torch.compile(model, backend="aot_eager")
+    want = tk.integrated_gradients(model, x, target=1).attributions
+    torch._dynamo.reset()
+    try:
+        tk.interactions(compiled, x, target=1, order=2, sets=[(0, 1)])
+        got = tk.integrated_gradients(compiled, x, target=1).attributions
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want)
+
+
+def test_a_non_finite_gradient_says_when_the_output_itself_is_non_finite():
+    """A model whose output is NaN at a path point (an eager-attention Llama's fully masked
+    row) is named as the cause; a NaN only in the gradient (``where`` over a NaN branch) is
+    not."""
+    x = torch.tensor([[-2.0, -1.0], [1.0, 2.0]], dtype=F64)
+    with pytest.raises(FloatingPointError, match="output itself is non-finite"):
+        tk.integrated_gradients(lambda z: z.sum(1).sqrt(), x, steps=4)
+    with pytest.raises(FloatingPointError) as info:
+        tk.integrated_gradients(lambda z: torch.where(z > 100, z.sqrt(), z).sum(1), -x,
+                                steps=4)
+    assert "non-finite gradient" in str(info.value)
+    assert "output itself" not in str(info.value)

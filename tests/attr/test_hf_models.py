@@ -573,3 +573,31 @@ def test_flex_attention_runs_eager_for_first_order_on_the_cpu():
     finally:
         model.set_attn_implementation("sdpa")
     torch.testing.assert_close(got.attributions, want.attributions, rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_callable_closing_over_the_batch_is_named():
+    """``output=`` a mean pooling over the caller's ``[B, L]`` mask fails on a batch of path
+    points: the error names the callable and why (torch's size mismatch came bare)."""
+    model = tiny.bert()
+    ids = torch.cat([IDS, IDS.flip(1)])
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+
+    def pool(out):
+        h, m = out.last_hidden_state, mask[..., None].to(out.last_hidden_state.dtype)
+        return (h * m).sum(1) / m.sum(1)
+    with pytest.raises(ValueError, match="output='pool' failed .* row by row"):
+        hf.token_integrated_gradients(model, ids, target=3, attention_mask=mask, output=pool,
+                                      position=None, steps=4)
+
+
+def test_an_int_position_on_padding_warns(gpt2):
+    """An int ``position`` that is padding in some row scores a pad position's logit there
+    (all zeros where padding leads): a warning names the rows; ``"last"`` is silent."""
+    ids = torch.cat([IDS, IDS])
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with pytest.warns(UserWarning, match=r"position=-1 \(index 6\) is padding .* \[1\]"):
+        hf.token_integrated_gradients(gpt2, ids, target=1, attention_mask=mask, position=-1,
+                                      steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        hf.token_integrated_gradients(gpt2, ids, target=1, attention_mask=mask, steps=4)
