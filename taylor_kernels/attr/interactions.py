@@ -22,7 +22,7 @@ import torch
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian, hessian_block, higher_order_ops
 from taylor_kernels.engine.jet import feature_index
-from taylor_kernels.engine.no_grad_blocks import respecting_no_grad
+from taylor_kernels.engine.no_grad_blocks import respecting_no_grad, warn_if_backward_hooks
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 from taylor_kernels.engine.row_args import check_row_args, forward_args, select_rows
 from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
@@ -240,6 +240,7 @@ def _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
     problem = make_problem(model, inputs, None, target, additional_forward_args)
+    warn_if_backward_hooks(model, "interactions")
     directions = None if feature_mask is None else _group_directions(feature_mask, problem,
                                                                        n_groups)
     n = problem.x.shape[1] if directions is None else directions.shape[1]

@@ -50,7 +50,7 @@ from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
                                           check_model, modules_of, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
-from taylor_kernels.engine.no_grad_blocks import respecting_no_grad
+from taylor_kernels.engine.no_grad_blocks import respecting_no_grad, warn_if_backward_hooks
 from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, with_forward_args
 from taylor_kernels.engine.trace_cache import MISS, TraceCache
@@ -546,6 +546,7 @@ def _model_checks(f, fa, x: torch.Tensor, directions: torch.Tensor):
     check of ``fa`` (``f`` with its forward arguments) at row 0 and ``x_0 + v_0``; returns
     row 0's output (None for integer ``x``)."""
     check_model(f, (x, directions))
+    warn_if_backward_hooks(f, "tk.jet")
     return check_function_rows(fa, x, x[0] + directions[0, 0].to(x.dtype)) \
         if x.is_floating_point() else None
 

@@ -157,3 +157,29 @@ def test_a_non_finite_gradient_says_when_the_output_itself_is_non_finite():
                                 steps=4)
     assert "non-finite gradient" in str(info.value)
     assert "output itself" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_forward_mode_calls_say_that_backward_hooks_do_not_run():
+    """A gradient-changing backward hook enters ``tk.hessian`` (reverse mode) but not the
+    jet engine's forward mode: ``jet`` / ``mixed_partials`` / ``interactions`` say so (their
+    mixed partial was half the Hessian's entry, silently); without hooks they are silent."""
+    import warnings
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double().eval()
+    x = torch.randn(2, 4, dtype=F64)
+
+    def calls():
+        tk.mixed_partials(lambda z: model(z)[:, 1], x, sets=[(0, 1)])
+        tk.interactions(model, x, target=1, order=2, sets=[(0, 1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        calls()
+    hook = model[1].register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 2,))
+    try:
+        with pytest.warns(RuntimeWarning, match="backward hooks do not run .*Tanh") as record:
+            calls()
+    finally:
+        hook.remove()
+    assert {str(w.message).split()[0] for w in record} >= {"tk.jet", "interactions"}
