@@ -55,8 +55,8 @@ class GenerationAttribution:
 def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
                         eos_token_id: int | Sequence[int] | None = None,
                         vocab: int | None = None) -> torch.Tensor:
-    """Greedy decoding ``[T]`` (argmax of the last position's logits over ``vocab`` ids or
-    more: :func:`~taylor_kernels.models.outputs.lm_logits`), stopping after an
+    """Greedy decoding ``[T]`` for a model without ``generate`` (argmax of the last position's
+    logits: :func:`~taylor_kernels.models.outputs.lm_logits`), stopping after an
     end-of-sequence id (``eos_token_id``: one id or several; kept) or ``max_new_tokens``."""
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     seq, out, call = prompt_ids[None], [], hf.ids_caller(model)
@@ -68,6 +68,32 @@ def greedy_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
         if out[-1] in eos:
             break
     return torch.tensor(out, dtype=torch.long, device=prompt_ids.device)
+
+
+def generated_continuation(out, prompt_len: int) -> torch.Tensor:
+    """The new ids ``[T]`` of ``model.generate``'s output for one prompt of ``prompt_len``
+    ids: ``out`` is the sequences ``[1, prompt_len + T]``, or a ``GenerateOutput`` holding
+    them (``return_dict_in_generate=True``) as ``.sequences``."""
+    seqs = getattr(out, "sequences", out)
+    if not isinstance(seqs, torch.Tensor) or seqs.dim() != 2:
+        raise TypeError(f"model.generate returned a {type(out).__name__}; expected the "
+                        "sequences [1, prompt + new tokens] or a GenerateOutput with .sequences")
+    return seqs[0, prompt_len:]
+
+
+def default_continuation(model, prompt_ids: torch.Tensor, max_new_tokens: int,
+                         vocab: int | None = None) -> torch.Tensor:
+    """The continuation ``[T]`` of ``prompt_ids [P]`` when none is given: ``model.generate(
+    input_ids, max_new_tokens=..., do_sample=False)`` (as Captum's ``LLMGradientAttribution``
+    generates: greedy or beam search under the rest of ``model.generation_config``, e.g.
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ``suppress_tokens``,
+    ``min_new_tokens``, its end-of-sequence ids); a model without ``generate`` decodes by
+    :func:`greedy_continuation` (stopping at the end-of-sequence ids of its configs)."""
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        return greedy_continuation(model, prompt_ids, max_new_tokens, _eos_ids(model), vocab)
+    out = generate(input_ids=prompt_ids[None], max_new_tokens=max_new_tokens, do_sample=False)
+    return generated_continuation(out, prompt_ids.shape[0]).to(prompt_ids.device)
 
 
 class GenerationProblem:
@@ -100,6 +126,7 @@ class GenerationProblem:
         # (models/elementwise.py: ~97M GPT-2 generation 0.89x, small GPT-2 0.91x, Llama 1.00x)
         self.head = lm_head.linear_head(model) if self.serial_backward else None
         self.cache_key = ("generation", self.T)  # the cost per point grows with T
+        self.head_checked = False
 
     def forward(self, points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Log-probs ``[N, T]`` of the target tokens with the prompt embeddings ``points``."""
@@ -112,9 +139,11 @@ class GenerationProblem:
             activations = elementwise.cached_derivatives(self.model) if self.serial_backward \
                 else contextlib.nullcontext()  # T backward passes reuse each g'(x)
             with lm_head.tapped(self.head) as seen, activations:
-                out = lm_logits(self.call(self.sequence.expand(N, -1), **extra), self.vocab)
+                out = lm_logits(self.call(self.sequence.expand(N, -1), **extra), self.vocab,
+                                targets=None if self.head_checked else self.targets)
         finally:
             hook.remove()
+        self.head_checked = True  # (the targets against the head's size: a host sync, once)
         return lm_head.target_log_probs(out[:, -self.T:], self.targets[0], self.head, seen)
 
 
@@ -223,9 +252,13 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
             ``[N, L, V]`` (or a ``ModelOutput`` with ``.logits``); ``logits_to_keep`` is used
             when its forward takes it.
         prompt_ids: ``[P]`` or ``[1, P]`` token ids.
-        target_ids: the continuation ``[T]`` (or ``[1, T]``); None generates it greedily
-            (``max_new_tokens``, stopping after an end-of-sequence id of
-            ``model.generation_config`` or ``model.config``: one id or a list).
+        target_ids: the continuation ``[T]`` (or ``[1, T]``); None generates it as Captum
+            does: ``model.generate(input_ids, max_new_tokens=max_new_tokens,
+            do_sample=False)``, so under the rest of ``model.generation_config``
+            (``repetition_penalty``, ``no_repeat_ngram_size``, beams, end-of-sequence ids,
+            ...); a model without ``generate`` decodes greedily, stopping after an
+            end-of-sequence id of ``model.generation_config`` or ``model.config`` (one id or
+            a list). A target id must be below the LM head's outputs (``IndexError``).
         baselines: ``"zero"`` (zero embedding), ``"pad"``, ``"unk"``, a token id, or ids
             ``[P]``; ``skip_tokens`` (ids, or token strings with ``tokenizer``) and ``keep``
             (bool ``[P]``) hold prompt tokens at their embedding (zero attribution).
@@ -255,8 +288,8 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         with hf.context_window_named(model, prompt.shape[1] + max_new_tokens - 1):
-            target = greedy_continuation(model, prompt[0], max_new_tokens, _eos_ids(model),
-                                         vocab)
+            target = default_continuation(model, prompt[0], max_new_tokens, vocab)
+        target = hf.check_ids(target[None], "the generated continuation", vocab)[0]
     else:
         target = hf.check_ids(_one_row(target_ids, "target_ids"), "target_ids",
                               vocab)[0].to(prompt.device)

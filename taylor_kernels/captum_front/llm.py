@@ -21,8 +21,12 @@ fixed, attributions summed over the embedding). ``attribute`` takes Captum's ``n
 requires). What the one pass does not cover runs Captum's loop, one ``attribute`` call per
 target token (:mod:`.llm_per_token`): ``LayerGradientShap`` / ``LayerGradientXActivation``,
 layer IG with ``multiply_by_inputs=False`` or other ``attribute`` arguments (``baselines``,
-...), and a layer whose activations at the continuation move with the prompt (after the
-positions mix). Output tokens are readable token strings as in Captum
+...), a layer whose activations at the continuation move with the prompt (after the
+positions mix), and a model in train mode (dropout: the loop draws its masks as Captum's, so
+a seed reproduces Captum's numbers). The one pass reads the prompt and its per-position
+baseline ids from ``inp.to_model_input`` at ``inp.to_tensor()`` and at zeros (Captum's default
+baselines), so a ``TextTokenInput`` subclass with its own ``to_model_input`` (per-position
+baselines, ...) is honoured as in Captum. Output tokens are readable token strings as in Captum
 (:func:`pretty_tokens`). Captum itself is not needed.
 """
 from __future__ import annotations
@@ -35,12 +39,16 @@ from typing import Any, Callable
 
 import torch
 
-from taylor_kernels.attr.generation import ContinuationMoves, generation_attribution
+from taylor_kernels.attr.generation import (ContinuationMoves, generated_continuation,
+                                            generation_attribution)
 from taylor_kernels.captum_front._common import (CaptumNamed, CaptumTypeError,
                                                   CaptumValueError, customised,
                                                   attribute_future_unsupported, captum_method,
                                                   points_per_chunk)
-from taylor_kernels.captum_front.llm_per_token import per_token_attributions
+from taylor_kernels.captum_front.ig import LayerIntegratedGradients
+from taylor_kernels.captum_front.layer import LayerGradientShap
+from taylor_kernels.captum_front.llm_per_token import model_ids, per_token_attributions
+from taylor_kernels.engine import guards
 from taylor_kernels.models import hf
 
 DEFAULT_GEN_ARGS = {"max_new_tokens": 25, "do_sample": False, "temperature": None,
@@ -242,7 +250,7 @@ def pretty_tokens(ids: torch.Tensor, tokenizer) -> list[str]:
     ``Ġ``; newlines as ``\\n``, stripped; a token sharing characters with the previous one,
     as one character split over several ids, gets `` [OVERLAP]``). Re-encoded tokens are
     matched to ``ids`` in order, skipping ones that do not match; when that does not cover
-    every id (or the tokenizer gives no offsets), each id is decoded alone."""
+    every id (or the tokenizer gives no offsets), :func:`_tokens_one_by_one`."""
     ids = [int(i) for i in ids]
     # decode takes a tensor (Captum's tokenizer protocol; Hugging Face's takes lists too)
     text = tokenizer.decode(torch.tensor(ids, dtype=torch.long))
@@ -262,16 +270,60 @@ def pretty_tokens(ids: torch.Tensor, tokenizer) -> list[str]:
         last_end, k = end, k + 1
     if len(out) == len(ids):
         return out
-    return [_readable(tokenizer.decode(torch.tensor([i], dtype=torch.long))) for i in ids]
+    return _tokens_one_by_one(ids, tokenizer)
 
 
-SUPPORTED_METHODS = ("LayerIntegratedGradients", "LayerGradientShap", "LayerGradientXActivation")
+def _decoded(i: int, tokenizer) -> str:
+    """Id ``i`` decoded alone (as a tensor ``[1]``: Captum's tokenizer protocol)."""
+    return tokenizer.decode(torch.tensor([i], dtype=torch.long))
+
+
+def _split_byte(i: int, text: str, tokenizer) -> bool:
+    """Whether id ``i`` (decoded alone: ``text``) is part of a character split over several
+    ids, by Captum's test: it decodes to the replacement character and does not re-encode to
+    itself."""
+    return text.strip() == "\ufffd" and tokenizer.encode(text) != [i]
+
+
+def _tokens_one_by_one(ids: list[int], tokenizer) -> list[str]:
+    """Captum's fallback output tokens for ``ids [T]``: each id decoded alone, except that an
+    id of a split character takes the next id with it: when that one is of a split character
+    too it reads as the first's text plus `` [OVERLAP]``, else as itself. (A split id at the
+    end stays alone; Captum's reads past the end there.)"""
+    out, k = [], 0
+    while k < len(ids):
+        text = _decoded(ids[k], tokenizer)
+        out.append(_readable(text))
+        if _split_byte(ids[k], text, tokenizer) and k + 1 < len(ids):
+            after = _decoded(ids[k + 1], tokenizer)
+            out.append(out[-1] + " [OVERLAP]" if _split_byte(ids[k + 1], after, tokenizer)
+                       else _readable(after))
+            k += 1
+        k += 1
+    return out
+
+
+METHOD_NAMES = ("LayerIntegratedGradients", "LayerGradientShap", "LayerGradientXActivation")
+
+
+class _SupportedMethods:
+    """Captum's ``SUPPORTED_METHODS`` class attribute (read on the class or an instance): the
+    method classes ``attr_method`` may be an instance of: ours and, when Captum is installed,
+    Captum's (imported on first read)."""
+
+    def __get__(self, instance, owner) -> tuple[type, ...]:
+        ours = (LayerGradientShap, LayerIntegratedGradients)
+        try:
+            import captum.attr as theirs
+        except Exception:  # noqa: BLE001 - absent, or broken against this torch
+            return ours
+        return ours + tuple(getattr(theirs, name) for name in METHOD_NAMES)
 
 
 def _method_class(attr_method) -> type | None:
-    """The class of Captum's (or ours) among ``SUPPORTED_METHODS`` that ``attr_method`` is an
+    """The class of Captum's (or ours) among ``METHOD_NAMES`` that ``attr_method`` is an
     instance of (a subclass's base, as Captum's ``isinstance`` check takes it), else None."""
-    return next((c for c in type(attr_method).__mro__ if c.__name__ in SUPPORTED_METHODS
+    return next((c for c in type(attr_method).__mro__ if c.__name__ in METHOD_NAMES
                  and c.__module__.split(".")[0] in ("captum", "taylor_kernels")), None)
 
 
@@ -283,7 +335,7 @@ def _one_pass_layer(attr_method):
     base = _method_class(attr_method)
     if base is None or not hasattr(attr_method, "forward_func"):
         raise CaptumTypeError(f"LLMGradientAttribution supports "
-                              f"{', '.join(SUPPORTED_METHODS)} (ours or Captum's), got "
+                              f"{', '.join(METHOD_NAMES)} (ours or Captum's), got "
                               f"{type(attr_method).__name__}")
     layer = getattr(attr_method, "layer", None)
     if isinstance(layer, (list, tuple)):
@@ -300,12 +352,15 @@ def _one_pass_layer(attr_method):
 class LLMGradientAttribution(CaptumNamed):
     """Drop-in for ``captum.attr.LLMGradientAttribution``: layer IG is attributed for the
     whole target sequence in one pass; other methods and arguments run Captum's per-token
-    loop (:mod:`.llm_per_token`)."""
+    loop (:mod:`.llm_per_token`). ``forward_func`` and its alias ``model`` are the model (the
+    method's ``forward_func``), as in Captum."""
+
+    SUPPORTED_METHODS = _SupportedMethods()
 
     def __init__(self, attr_method, tokenizer) -> None:
         self.attr_method = attr_method
         self.layer = _one_pass_layer(attr_method)
-        self.model = attr_method.forward_func
+        self.forward_func = self.model = attr_method.forward_func
         hf.check_causal_lm(self.model, "LLMGradientAttribution")
         self.tokenizer = tokenizer
         self.device = getattr(self.model, "device", None) or next(
@@ -328,9 +383,9 @@ class LLMGradientAttribution(CaptumNamed):
             if not callable(getattr(self.model, "generate", None)):
                 raise CaptumValueError("The model does not have recognizable generate "
                                        "function. Target must be given")
-            ids = inp.to_model_input().to(self.device)
+            ids = model_ids(inp.to_model_input()).to(self.device)
             out = self.model.generate(input_ids=ids, **(gen_args or DEFAULT_GEN_ARGS))
-            return out[0, ids.shape[1]:]
+            return generated_continuation(out, ids.shape[1])
         if gen_args is not None:
             raise ValueError("gen_args must be None when target is given")
         if isinstance(target, str):
@@ -355,11 +410,13 @@ class LLMGradientAttribution(CaptumNamed):
         """Token attributions of every target token's log-prob to the prompt's tokens.
 
         ``inp``: :class:`TextTokenInput` (ours or Captum's); ``target``: the continuation
-        (text, or ids ``[T]``), or None to generate it with ``model.generate(**gen_args)``.
+        (text, or ids ``[T]``), or None to generate it with ``model.generate(**gen_args)``
+        (its sequences, or a ``GenerateOutput``'s ``.sequences``).
         ``kwargs``: with layer IG (``multiply_by_inputs=True``) ``n_steps`` (50), ``method``
         ("gausslegendre"), ``internal_batch_size``, ``max_memory``, ``tol``, ``backend``,
-        ``progress`` run one pass; any other argument, another method, or a layer after the
-        positions mix runs one ``attr_method.attribute(..., **kwargs)`` per target token as
+        ``progress`` run one pass; any other argument, another method, a layer after the
+        positions mix, or a model in train mode (dropout, batch statistics) runs one
+        ``attr_method.attribute(..., **kwargs)`` per target token as
         Captum does (``last_result`` is then None, as are ``output_log_probs`` and ``gap``).
         Returns: :class:`LLMAttributionResult` (``token_attr [T, n_features]``).
         """
@@ -371,7 +428,8 @@ class LLMGradientAttribution(CaptumNamed):
             else inp.itp_mask[0]
         itp = itp.to(self.device)  # [P]: the prompt positions that are features
         self.last_result = res = None
-        if self.layer is not None and set(kwargs) <= set(_OPTIONS):
+        if self.layer is not None and set(kwargs) <= set(_OPTIONS) and not _random_or_coupled(
+                self.model):
             res = self._one_pass(inp, target_ids, itp, kwargs)
         self.last_result = res
         if res is None:
@@ -388,20 +446,42 @@ class LLMGradientAttribution(CaptumNamed):
             output_log_probs=log_probs, gap=gap)
 
     def _one_pass(self, inp, target_ids: torch.Tensor, itp: torch.Tensor, kwargs: dict):
-        """:func:`generation_attribution` for layer IG (``itp [P]``: the feature positions;
-        the others keep their embedding), or None when the layer comes after the positions
-        mix (the one pass would hold the continuation's activations fixed)."""
+        """:func:`generation_attribution` for layer IG from the prompt and per-position
+        baseline ids of :func:`_prompt_and_baselines` (``itp [P]``: the feature positions),
+        or None when the layer comes after the positions mix (the one pass would hold the
+        continuation's activations fixed)."""
+        prompt, baselines = _prompt_and_baselines(inp, itp, self.device)
         try:
             return generation_attribution(
-                self.model, inp.inp_tensor.to(self.device), target_ids,
-                baselines=int(inp.baselines), keep=~itp,
+                self.model, prompt, target_ids, baselines=baselines,
                 layer=self.layer, steps=kwargs.get("n_steps", 50),
                 rule=kwargs.get("method", "gausslegendre"), tol=kwargs.get("tol"),
-                chunk_size=points_per_chunk(kwargs.get("internal_batch_size"),
-                                            (inp.inp_tensor,)),
+                chunk_size=points_per_chunk(kwargs.get("internal_batch_size"), (prompt,)),
                 max_memory=kwargs.get("max_memory"), backend=kwargs.get("backend"),
                 progress=kwargs.get("progress", False))
         except (ContinuationMoves, hf.LengthDependentLogits):
             return None
 
     attribute_future = attribute_future_unsupported
+
+
+def _random_or_coupled(model) -> bool:
+    """Whether modules of ``model`` are random or couple rows in their mode (train-mode
+    dropout or batch norm): the per-token loop then draws and batches as Captum's."""
+    return any(guards.coupling_submodules(m) for m in guards.modules_of(model))
+
+
+def _prompt_and_baselines(inp, itp: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt ids ``[1, P]`` and per-position baseline ids ``[P]`` Captum's layer IG reads:
+    ``inp.to_model_input`` at the features ``inp.to_tensor()`` and at zeros (its default
+    baselines); positions where the two agree keep their embedding. ``itp [P]``: the feature
+    positions (``ValueError`` if ``to_model_input`` gives another length)."""
+    features = inp.to_tensor().to(device)
+    prompt = model_ids(inp.to_model_input(features)).to(device)
+    baselines = model_ids(inp.to_model_input(torch.zeros_like(features))).to(device)
+    if prompt.shape[0] != 1 or baselines.shape != prompt.shape or \
+            prompt.shape[1] != itp.shape[0]:
+        raise ValueError(f"{type(inp).__name__}.to_model_input must return one row of "
+                         f"{itp.shape[0]} token ids (the prompt's), got {tuple(prompt.shape)} "
+                         f"for its features and {tuple(baselines.shape)} for zeros")
+    return prompt, baselines[0]

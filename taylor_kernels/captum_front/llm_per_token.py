@@ -13,6 +13,7 @@ methods run on the engine (one call per target token); Captum's instances run Ca
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 
@@ -21,12 +22,23 @@ from taylor_kernels.models.outputs import lm_logits
 from taylor_kernels.progress import progress_bar
 
 
+def model_ids(model_input) -> torch.Tensor:
+    """Token ids ``[N, L]`` from what ``inp.to_model_input(...)`` returned, read as Captum's
+    gradient class reads it: a tensor as it is, a mapping's ``"input_ids"``."""
+    ids = model_input.get("input_ids") if isinstance(model_input, Mapping) else model_input
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise TypeError(f"to_model_input must return token ids [N, L] (a tensor, or a mapping "
+                        f"with 'input_ids'), got {type(model_input).__name__}")
+    return ids
+
+
 class TokenLogProb(torch.nn.Module):
     """``forward(features [N, F]) -> [N]``: the log-probability of the last of ``targets``
     after the prompt ``inp.to_model_input(features)`` and the targets before it (the logits
     are the model output's by :func:`~taylor_kernels.models.outputs.lm_logits`: ``.logits``
-    for Hugging Face models, a base model's hidden states refused). Captum passes ``(inp, targets, t)`` as additional
-    forward arguments instead; bound here, no argument can be mistaken for a batch."""
+    for Hugging Face models, a base model's hidden states refused, a target outside the head
+    an ``IndexError``). Captum passes ``(inp, targets, t)`` as additional forward arguments
+    instead; bound here, no argument can be mistaken for a batch."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, inp,
                  targets: torch.Tensor) -> None:
@@ -38,10 +50,11 @@ class TokenLogProb(torch.nn.Module):
         self.vocab = rows if isinstance(rows, int) else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        ids = self.inp.to_model_input(features).to(self.device)
+        ids = model_ids(self.inp.to_model_input(features)).to(self.device)
         before = self.targets[:-1]
         ids = torch.cat([ids, before.expand(ids.shape[0], -1)], 1)
-        logits = lm_logits(self.model(ids), self.vocab, "LLMGradientAttribution")[:, -1]
+        logits = lm_logits(self.model(ids), self.vocab, "LLMGradientAttribution",
+                           targets=self.targets[-1:])[:, -1]
         return torch.log_softmax(logits, dim=1)[:, self.targets[-1]]
 
 
@@ -55,7 +68,7 @@ def per_token_attributions(attr_method, model: torch.nn.Module, device: torch.de
     ``progress`` in ``kwargs``: a bar over the target tokens (not passed on)."""
     method = copy.copy(attr_method)
     features = inp.to_tensor().to(device=device, dtype=torch.get_default_dtype())
-    P = inp.inp_tensor.shape[1]
+    P = model_ids(inp.to_model_input(features)).shape[1]  # Captum's: what the model reads
     kwargs = dict(kwargs)
     progress = kwargs.pop("progress", False)  # one bar over the target tokens
     rows = []

@@ -75,21 +75,37 @@ def model_output(out: Any, output: str | int | Callable | None = None) -> torch.
     return picked
 
 
-def lm_logits(out, vocab: int | None, what: str = "generation attribution") -> torch.Tensor:
+class HeadIndexError(ValueError, IndexError):
+    """A target id outside the LM head's outputs: a ``ValueError``, and the ``IndexError``
+    Captum's ``log_probs[..., target]`` raises for it."""
+
+
+def lm_logits(out, vocab: int | None, what: str = "generation attribution",
+              targets: torch.Tensor | None = None) -> torch.Tensor:
     """The next-token logits ``[N, L, V]`` of a causal LM's output ``out`` (a tensor, or a
     mapping's / ``ModelOutput``'s ``"logits"``), or ``ValueError``: a ``ModelOutput`` without
-    logits is a base model's hidden states (``GPT2Model``: no LM head), and ``V`` below the
-    embedding's vocabulary (a head may pad past it) cannot score every token."""
+    logits is a base model's hidden states (``GPT2Model``: no LM head), the logits must be
+    3-D, and an unnamed tensor (not a ``.logits`` / ``"logits"`` entry) with ``V`` below the
+    embedding's ``vocab`` rows reads as hidden states. Named logits may have fewer outputs
+    than the embedding has rows (a head that never predicts input-only ids, as Captum takes
+    it); :class:`HeadIndexError` when an id of ``targets`` (the ids scored) is not below
+    ``V``."""
     if isinstance(out, Mapping) and not isinstance(out.get("logits"), torch.Tensor):
         raise ValueError(f"{what} needs a causal LM's next-token logits; the model returned a "
                          f"{type(out).__name__} without 'logits' (a model without its LM "
                          "head? load it with AutoModelForCausalLM / a ...ForCausalLM class)")
     logits = model_output(out)
-    if logits.dim() != 3 or vocab is not None and logits.shape[-1] < vocab:
+    named = isinstance(out, Mapping) or isinstance(getattr(out, "logits", None), torch.Tensor)
+    if logits.dim() != 3 or not named and vocab is not None and logits.shape[-1] < vocab:
         over = "" if vocab is None else f" over the embedding's {vocab} ids"
         raise ValueError(f"{what} needs a causal LM's next-token logits [N, L, vocab]{over}; "
                          f"the model returned {tuple(logits.shape)} (a classifier, or the hidden "
-                         "states of a model without its LM head?)")
+                         "states of a model without its LM head? a head predicting fewer ids "
+                         "than the embedding has rows: return its output as .logits)")
+    if targets is not None and targets.numel() and int(targets.max()) >= logits.shape[-1]:
+        rows = "" if vocab is None else f" (the input embedding has {vocab} rows)"
+        raise HeadIndexError(f"{what}: target id {int(targets.max())} is outside the LM head's "
+                             f"{logits.shape[-1]} outputs{rows}; the model cannot predict it")
     return logits
 
 

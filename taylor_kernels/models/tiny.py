@@ -26,6 +26,21 @@ def word_tokenizer(words):
                                    bos_token="<s>", eos_token="</s>")
 
 
+def byte_level_tokenizer(texts):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (vocabulary 280, ``<e>`` its end token)
+    trained on ``texts``: characters outside ASCII split over several byte ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(texts) * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<e>"], initial_alphabet=pre_tokenizers.ByteLevel
+        .alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<e>")
+
+
 def _ids(vocab: int) -> dict:
     return {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 

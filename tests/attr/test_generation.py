@@ -317,20 +317,10 @@ def test_output_tokens_are_captums_readable_tokens():
     """Byte-level BPE: the continuation's tokens read as Captum's (no byte markers, spaces
     stripped, a character split over several ids marked [OVERLAP])."""
     pytest.importorskip("tokenizers")
-    import transformers
     from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from taylor_kernels.captum_front.llm import pretty_tokens
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["A dog ran far away, and then slept.", "Café naïve 東京 😀"] * 20,
-                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<e>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel
-                                                .alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<e>")
+    tok = tiny.byte_level_tokenizer(["A dog ran far away, and then slept.", "Café naïve 東京 😀"])
     for text in [" and then slept", " 東京 😀", "ran\nfar", "Café naïve"]:
         ids = torch.tensor(tok.encode(text, add_special_tokens=False))
         ours = pretty_tokens(ids, tok)
