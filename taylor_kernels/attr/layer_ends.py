@@ -32,8 +32,8 @@ import torch
 from taylor_kernels.attr.integrated_gradients import integrate_problem
 from taylor_kernels.engine import guards
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine.problem import (check_batch, make_problem, one_row_batch,
-                                           target_values)
+from taylor_kernels.engine.problem import (check_batch, check_scalar_row, make_problem,
+                                           one_row_batch, rows_twice, target_values)
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import accumulation_dtype
 
@@ -82,7 +82,10 @@ def layer_ends(capture: Callable[[tuple], tuple], inputs: tuple[torch.Tensor, ..
         return paired
     acts_x, out_x = capture(inputs + fargs)
     acts_b, out_b = capture(baselines + fargs)
-    return LayerEnds(acts_x, acts_b, model_output(out_x), model_output(out_b), None)
+    out_x, out_b = model_output(out_x), model_output(out_b)
+    if B == 1 and out_x.dim() == 0:  # a squeezing forward, or one scalar for the whole batch
+        check_scalar_row(capture(rows_twice(inputs + fargs))[1])
+    return LayerEnds(acts_x, acts_b, one_row_batch(out_x, B), one_row_batch(out_b, B), None)
 
 
 def _paired_ends(capture, inputs, baselines, fargs, pair_rows: int) -> LayerEnds | None:

@@ -21,8 +21,10 @@ from taylor_kernels.attr.layer import _baseline_inputs
 from taylor_kernels.attr.layer_budget import capture_first_rows
 from taylor_kernels.attr.layer_capture import Layers, select_neuron
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
-from taylor_kernels.engine import chunking
-from taylor_kernels.engine.problem import _target_rows, as_tuple, check_target, select_target
+from taylor_kernels.engine import chunking, guards
+from taylor_kernels.engine.problem import (_target_rows, as_tuple, check_scalar_row,
+                                           check_target, one_row_batch, rows_twice,
+                                           select_target)
 from taylor_kernels.engine.thread_hooks import hookable
 from taylor_kernels.models.outputs import model_output
 
@@ -35,6 +37,19 @@ def _run(fn, inputs, baselines, rest: tuple, multiply_by_inputs: bool,
     tup, was_tuple = as_tuple(inputs)
     return unscaled_integrated_gradients(fn, tup, _baseline_inputs(baselines, tup), None,
                                          rest, was_tuple, **ig_kwargs)
+
+
+def _batched_output(model, raw, args: tuple, first: bool) -> torch.Tensor:
+    """``raw``, the output of ``model(*args)`` (the points first: ``[N, ...]``), as a tensor
+    with the batch dimension a forward ending in ``.squeeze()`` drops for one row put back
+    (:func:`~taylor_kernels.engine.problem.one_row_batch`). On the ``first`` call a 0-d output
+    of one row is told from one scalar for the whole batch by a forward of two rows (no grad,
+    buffers kept; later calls follow the first)."""
+    out, n = model_output(raw), args[0].shape[0]
+    if first and out.dim() == 0 and n == 1:
+        with torch.no_grad(), guards.preserved_buffers(model):
+            check_scalar_row(hookable(model)(*rows_twice(args)))
+    return one_row_batch(out, n)
 
 
 def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines=None, *,
@@ -82,12 +97,14 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             return v.clone()  # the model goes on with a copy: in place, it changes that one
 
         with torch.enable_grad(), spec.edited(keep, last_call=True):
-            out = hookable(model)(*points, *rest)
-        if not checked:  # an out-of-range target: TargetIndexError (an IndexError, as Captum)
-            check_target(targets, tuple(model_output(out).shape))
-            checked.append(True)
-        with torch.enable_grad():
-            f = select_target(out, targets, rows)  # one scalar per row (or a target) required
+            raw = hookable(model)(*points, *rest)
+        with torch.enable_grad():  # (the endpoint probes' graph from here on too)
+            out = _batched_output(model, raw, points + rest, first=not checked)
+            if not checked:  # out-of-range: TargetIndexError (an IndexError, as Captum)
+                check_target(targets, tuple(out.shape))
+                checked.append(True)
+            kind = None if isinstance(raw, torch.Tensor) else type(raw).__name__
+            f = select_target(out, targets, rows, kind)  # one scalar per row (or a target)
             acts = [found[k] for k in sorted(found)]
             grads = torch.autograd.grad(f.sum(), acts, retain_graph=True)
             weight = select_neuron(tuple(grads), neuron_selector).detach()

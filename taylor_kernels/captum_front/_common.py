@@ -190,11 +190,21 @@ def captum_errors(fn: Callable) -> Callable:
             raise CaptumIndexError(str(exc)) from exc
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
             raise
-        except TypeError as exc:  # (first: a non-whole step count is both, Captum's TypeError)
-            raise CaptumTypeError(str(exc)) from exc
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
+            if not _ours_to_convert(exc):  # (the model's own: `except ModelInputError` must
+                raise  # still catch it, as under Captum)
+            if isinstance(exc, TypeError):  # (first: a non-whole step count is both)
+                raise CaptumTypeError(str(exc)) from exc
             raise CaptumValueError(str(exc)) from exc
     return call
+
+
+def _ours_to_convert(exc: Exception) -> bool:
+    """Whether :func:`captum_errors` re-raises ``exc`` as Captum's type: a plain
+    ``ValueError`` / ``TypeError`` or one of the library's own subclasses; a subclass defined
+    elsewhere (a model's ``ModelInputError(ValueError)``) passes as it is."""
+    kind = type(exc)
+    return kind in (TypeError, ValueError) or kind.__module__.split(".")[0] == "taylor_kernels"
 
 
 def _check_baseline_forms(method, signature: inspect.Signature,
@@ -407,11 +417,12 @@ def expand_rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def expand_target(target: Any, B: int, sizes: list[int]) -> Any:
     """``target`` for the expanded rows, as Captum's ``_expand_target``: a list (one entry per
-    row) or a ``[B, ...]`` tensor by :func:`expand_rows`; an int or an index tuple shared.
+    row) or a ``[B, ...]`` tensor of more than one element by :func:`expand_rows`; an int, an
+    index tuple or a one-element tensor (``[[c]]`` for one example) shared.
     A list or a tensor of more than one entry whose length is not ``B`` is
     :class:`CaptumValueError`, as Captum's check of the target against the output (one of
     ``B * n`` entries was taken per draw, silently)."""
-    if is_row_tensor(target, B):
+    if is_row_tensor(target, B) and target.numel() > 1:
         return expand_rows(target, sizes)
     if isinstance(target, list) and len(target) == B:
         return [v for n in sizes for v in target for _ in range(n)]
@@ -521,6 +532,34 @@ def draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                      B, n)
 
 
+_UNEXPANDED_WARNED: set[str] = set()  # (the warnings _warn_unexpanded gave in this process)
+
+
+def _warn_unexpanded(index: int, arg: torch.Tensor, batch: int) -> None:
+    """A one-time ``UserWarning`` (per message) that forward arg ``index``, a tensor whose
+    first dimension is not the batch, is passed unchanged to every forward, where Captum
+    repeats every tensor forward arg along dim 0 (one copy per step or sample)."""
+    message = (f"additional_forward_args[{index}] of shape {tuple(arg.shape)} is passed "
+               f"unchanged to every forward (its first dimension is not the batch size "
+               f"{batch}), while Captum repeats every tensor forward argument along dim 0, one "
+               "copy per step or sample: where the model's result depends on that dimension "
+               "(e.g. a softmax over a bank of prototypes), Captum's numbers differ from these")
+    if message not in _UNEXPANDED_WARNED:
+        _UNEXPANDED_WARNED.add(message)
+        warn(message, UserWarning)
+
+
+def _captums_llm_forward(forward_func) -> bool:
+    """Whether ``forward_func`` is the forward of Captum's ``LLMGradientAttribution``, which
+    reads its ``[T]`` target tokens by position: Captum's repetition of them changes nothing
+    (no warning needed)."""
+    try:
+        from captum.attr._core.llm_attr import GradientForwardFunc
+    except ImportError:
+        return False
+    return isinstance(forward_func, GradientForwardFunc)
+
+
 def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
                         batch: int) -> tuple[Callable, tuple]:
     """``(forward, args)`` with the tensor arguments that have no batch dimension bound in.
@@ -537,6 +576,9 @@ def bind_unbatched_args(forward_func: Callable, n_inputs: int, args: tuple,
              and a.shape[0] not in (batch, 1)}
     if not bound:
         return forward_func, args
+    if not _captums_llm_forward(forward_func):
+        for i, a in sorted(bound.items()):
+            _warn_unexpanded(i, a, batch)
 
     def with_bound_args(*call_args):
         rest = list(call_args[n_inputs:])

@@ -7,6 +7,7 @@ flattened points and pick the target output of each row. Every malformed argumen
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -122,6 +123,22 @@ def _no_float_target(target) -> None:
                         "int, a tuple of ints, an integer tensor or a list of these")
 
 
+def _integer_indices(target) -> None:
+    """Index tuples pick one output per row: refuse slices (or ``None``, ``...``) in them
+    with a ``TypeError`` instead of failing on the range check."""
+    tuples = [target] if isinstance(target, tuple) else [
+        t if isinstance(t, (tuple, list)) else (t,) for t in target] \
+        if isinstance(target, list) else []
+    for t in tuples:
+        for i in t:
+            try:
+                operator.index(i)
+            except TypeError:
+                raise TypeError(f"target must hold integer indices, got {i!r} in {target!r}: a "
+                                "target picks one output per row; to attribute several, wrap "
+                                "the model (e.g. lambda x: model(x)[:, 0:2].sum(1))") from None
+
+
 def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
     """Per-input targets: None, a long tensor [B], or a list of index tuples. Negative
     indices count from the end (as in Python and Captum); floats raise ``TypeError``."""
@@ -132,6 +149,7 @@ def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
             target.dtype == torch.bool or isinstance(target, (tuple, list)) and any(
                 isinstance(t, bool) for t in target):
         raise TypeError(f"target must hold integer indices, got booleans: {target!r}")
+    _integer_indices(target)
     if isinstance(target, int):
         return torch.full((B,), target, dtype=torch.long, device=device)
     if isinstance(target, torch.Tensor):
@@ -178,6 +196,7 @@ class PathProblem:
     # a one-row batch's (point, row, output) kept for the randomness check; False once done
     row_check_sample: tuple | bool | None = None
     output_kind: str | None = None  # the type the model returned, when not a tensor
+    scalar_row_checked: bool = False  # a one-row forward's 0-d output checked (two rows)
 
     @property
     def B(self) -> int:
@@ -224,7 +243,18 @@ class PathProblem:
         of inputs ``rows [N]`` (which pick the additional forward args)."""
         raw = self.model(*self.split(flat_points), *self._rows_args(rows))
         self.output_kind = None if isinstance(raw, torch.Tensor) else type(raw).__name__
-        return one_row_batch(model_output(raw), flat_points.shape[0])
+        out = model_output(raw)
+        if out.dim() == 0 and flat_points.shape[0] == 1 and not self.scalar_row_checked:
+            self._check_scalar_row(flat_points, rows)
+        return one_row_batch(out, flat_points.shape[0])
+
+    def _check_scalar_row(self, point: torch.Tensor, row: torch.Tensor) -> None:
+        """:func:`check_scalar_row` on the model's output for ``point [1, D]`` (of input
+        ``row [1]``) twice: one forward of two rows (no grad, buffers kept), once per problem."""
+        with torch.no_grad(), guards.preserved_buffers(self.model):
+            check_scalar_row(self.model(*self.split(torch.cat([point, point])),
+                                        *self._rows_args(row.repeat(2))))
+        self.scalar_row_checked = True
 
     def forward(self, flat_points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Selected model outputs ``[N]`` at ``N`` flattened points that belong to inputs
@@ -250,8 +280,7 @@ class PathProblem:
         """``ValueError`` for a 0-d output, :class:`TargetIndexError` for a target outside the
         output (before it is gathered: on CUDA an out-of-range gather is a device assert)."""
         if outputs.dim() == 0:
-            raise NoBatchOutputError("the model must return a tensor with a batch dimension "
-                                     "(one output row per input row), got a 0-d output")
+            raise NoBatchOutputError(NO_BATCH_OUTPUT)
         check_target(self.target, (self.B,) + tuple(outputs.shape[1:]))
 
     def _name_in_place_change(self, first: torch.Tensor, row: torch.Tensor,
@@ -366,12 +395,36 @@ def _uncounted():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
 
 
+NO_BATCH_OUTPUT = ("the model must return a tensor with a batch dimension (one output row per "
+                   "input row), got a 0-d output")
+
+
 def one_row_batch(out: torch.Tensor, n: int) -> torch.Tensor:
     """``out`` of a forward of ``n`` rows, with the batch dimension a forward ending in
-    ``.squeeze()`` drops when ``n == 1`` put back (Captum never runs one row; our probes do)."""
+    ``.squeeze()`` drops when ``n == 1`` put back (Captum never runs one row; our probes do).
+    A 0-d output of one row may instead be one scalar for the whole batch: callers check it
+    once with :func:`check_scalar_row`."""
     if n == 1 and (out.dim() == 0 or out.shape[0] != 1):
         return out.unsqueeze(0)
     return out
+
+
+def rows_twice(args: tuple) -> tuple:
+    """The arguments of a forward of one row for a batch of that row twice: each tensor with a
+    first dimension (of size 1 there: the points, per-row and shared forward args) doubled."""
+    return tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
+                 for a in args)
+
+
+def check_scalar_row(two_rows_out) -> None:
+    """A forward of one row gave a 0-d output: a forward ending in ``.squeeze()`` (which gives
+    ``[2, ...]`` for two rows), or one scalar for the whole batch, which Captum refuses with
+    an ``IndexError`` (:class:`NoBatchOutputError`). ``two_rows_out``: the same forward's
+    output for that row twice (:func:`rows_twice`)."""
+    two = model_output(two_rows_out)
+    if two.dim() == 0 or two.shape[0] != 2:
+        raise NoBatchOutputError(f"{NO_BATCH_OUTPUT} for one row and {tuple(two.shape)} for "
+                                 "two: one value for the whole batch")
 
 
 def select_target(out: torch.Tensor, target, rows: torch.Tensor,
@@ -382,16 +435,19 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
     kind = kind or (None if isinstance(out, torch.Tensor) else type(out).__name__)
     out = model_output(out)
     N = rows.shape[0]
-    if out.dim() == 0 or out.shape[0] != N:
-        raise (NoBatchOutputError if out.dim() == 0 else ValueError)(
-            f"model output of shape {tuple(out.shape)} has no batch dimension of size {N}; it "
-            "must return one output row per input row")
+    if out.dim() == 0:
+        raise NoBatchOutputError(NO_BATCH_OUTPUT)
+    if out.shape[0] != N:
+        raise ValueError(f"model output of shape {tuple(out.shape)} has no batch dimension of "
+                         f"size {N}; it must return one output row per input row")
     if target is None:
         if out[0].numel() != 1:
             raise ValueError(f"model output per row has shape {tuple(out.shape[1:])}: pass a "
                              "target to select one scalar per input")
         return out.reshape(N)
     if isinstance(target, torch.Tensor):
+        if out.dim() > 2 and singleton_rest(out.shape, 1):  # [N, C, 1, ...] (a pooled map)
+            out = out.reshape(N, out.shape[1])
         if out.dim() != 2:
             read = (f" (read from the model's {kind}: a mapping's 'logits' or first tensor, a "
                     "tuple's first tensor; to attribute another, wrap the model, e.g. "
@@ -402,19 +458,23 @@ def select_target(out: torch.Tensor, target, rows: torch.Tensor,
             # (out of range, Captum's indexing raises an IndexError first)
             raise (TargetIndexError if outside else ValueError)(
                 f"an integer target needs a [N, C] model output (C classes per "
-                f"row); the model returns {per_row} per row"
+                f"row, or [N, C, 1, ...]); the model returns {per_row} per row"
                 + (": pass target=None" if out.dim() == 1 else "") + read
                 + (f", and the target is outside its first {out.shape[1]}" if outside else ""))
         idx = target.to(out.device)[rows]
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # negatives count from the end
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)
     idx = target.on(out.device) if isinstance(target, IndexTuples) else None
+    if idx is not None and idx.shape[1] < out.dim() - 1 and singleton_rest(out.shape,
+                                                                           idx.shape[1]):
+        out = out.reshape(out.shape[:1 + idx.shape[1]])  # the size-1 dims no index names
     if idx is not None and idx.shape[1] == out.dim() - 1:  # one gather, no host read of rows
         idx = idx[rows.to(out.device)]
         dims = torch.tensor(out.shape[1:], device=out.device)
         idx = torch.where(idx < 0, idx + dims, idx)  # negatives count from the end
         return out[(torch.arange(N, device=out.device), *idx.unbind(1))]
-    picked = [out[(n,) + tuple(target[int(r)])] for n, r in enumerate(rows.tolist())]
+    picked = [out[(n,) + tuple(target[int(r)])].reshape(())  # (size-1 dims left: one value)
+              for n, r in enumerate(rows.tolist())]
     return torch.stack(picked)
 
 
@@ -437,9 +497,13 @@ class IndexTuples(list):
 def target_values(out, target) -> torch.Tensor:
     """Each input's target output ``[B]`` from a whole-batch model output ``out [B, ...]``
     (``target`` as :func:`make_problem` takes it)."""
-    B = model_output(out).shape[0]
-    rows = torch.arange(B, device=model_output(out).device)
-    return select_target(out, _target_rows(target, B, rows.device), rows)
+    whole = model_output(out)
+    if whole.dim() == 0:
+        raise NoBatchOutputError(NO_BATCH_OUTPUT)
+    rows = torch.arange(whole.shape[0], device=whole.device)
+    targets = _target_rows(target, whole.shape[0], rows.device)
+    check_target(targets, tuple(whole.shape))  # (before a gather: a device assert on CUDA)
+    return select_target(out, targets, rows)
 
 
 class NoBatchOutputError(ValueError, IndexError):
@@ -462,22 +526,38 @@ class TargetShapeError(ValueError):
     Captum front raises it as Captum's ``AssertionError``)."""
 
 
+def singleton_rest(out_shape: Sequence[int], k: int) -> bool:
+    """Whether every dim of an output ``[N, ...]`` after the batch and the ``k`` dims a target
+    indexes has size 1: such a target picks one value per row (as Captum's
+    ``output[:, target]``, e.g. class ``c`` of a ``[N, C, 1, 1]`` pooled map)."""
+    return all(s == 1 for s in out_shape[1 + k:])
+
+
+def _indices_needed(per_row: Sequence[int]) -> str:
+    """How many indices a tuple target needs for a per-row output shape (fewer may leave only
+    size-1 dims)."""
+    least = max((i + 1 for i, s in enumerate(per_row) if s != 1), default=0)
+    return str(len(per_row)) if least == len(per_row) else f"{least} to {len(per_row)}"
+
+
 def check_target(target, out_shape: Sequence[int]) -> None:
     """Raise :class:`TargetIndexError` if a target indexes outside the model's per-row output
     shape (:class:`TargetTensorIndexError` for a tensor target), :class:`TargetShapeError` if
-    a tuple target has another number of indices than that shape has dims."""
+    a tuple target leaves more than one value per row (or has more indices than that shape
+    has dims). Dims of size 1 after the indexed ones need no index (:func:`singleton_rest`)."""
     if target is None:
         return
     if isinstance(target, torch.Tensor):
-        C = out_shape[1] if len(out_shape) == 2 else None
+        C = out_shape[1] if len(out_shape) >= 2 and singleton_rest(out_shape, 1) else None
         if C is not None and ((target < -C) | (target >= C)).any():
             raise TargetTensorIndexError(f"target {target.tolist()} out of range for {C} "
                                          "outputs")
         return
     for t in target:
-        if len(t) != len(out_shape) - 1:
+        if len(t) > len(out_shape) - 1 or not singleton_rest(out_shape, len(t)):
             raise TargetShapeError(f"target {t} has {len(t)} indices; the per-row output shape "
-                                   f"{tuple(out_shape[1:])} needs {len(out_shape) - 1}")
+                                   f"{tuple(out_shape[1:])} needs "
+                                   f"{_indices_needed(out_shape[1:])}")
         if any(not -s <= i < s for i, s in zip(t, out_shape[1:])):
             raise TargetIndexError(f"target {t} out of range for per-row output shape "
                                    f"{tuple(out_shape[1:])}")
