@@ -15,7 +15,8 @@ import torch
 from taylor_kernels.attr.layer_paths import (check_float_inputs, internal_influence,
                                              layer_conductance, layer_gradient_shap)
 from taylor_kernels.captum_front._common import (CaptumAttribution, LayerInterpolation,
-                                                 captum_method, check_grad_kwargs,
+                                                 bind_unbatched_args, captum_method,
+                                                 check_grad_kwargs,
                                                  dense_baselines, draw_gradient_shap,
                                                  format_inputs, points_per_chunk, promoted)
 from taylor_kernels.engine import memory
@@ -123,10 +124,12 @@ class LayerGradientShap(_LayerMethod):
         check_float_inputs(format_inputs(inputs)[0])  # ids (kept by name): before the noise
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
-        res = layer_gradient_shap(self.forward_func, self.layer, d.noisy, d.drawn, d.alphas,
+        forward, fargs = bind_unbatched_args(self.forward_func, len(d.noisy), d.forward_args,
+                                             d.noisy[0].shape[0])
+        res = layer_gradient_shap(forward, self.layer, d.noisy, d.drawn, d.alphas,
                                   d.target, multiply_by_inputs=self._multiply_by_inputs,
                                   attribute_to_layer_input=attribute_to_layer_input,
-                                  additional_forward_args=d.forward_args,
+                                  additional_forward_args=fargs,
                                   max_memory=memory.beside(max_memory, (d.noisy, d.drawn),
                                                            d.noisy[0].device),
                                   chunk_size=internal_batch_size, backend=backend,

@@ -26,7 +26,8 @@ from taylor_kernels.attr.gradient_shap import gradient_shap_rows
 from taylor_kernels.captum_front._common import (CaptumAttribution, CaptumNamed,
                                                  CaptumRuntimeError,
                                                  CaptumZeroDivisionError,
-                                                 attribute_future_unsupported, captum_method,
+                                                 attribute_future_unsupported,
+                                                 bind_unbatched_args, captum_method,
                                                  captum_noise, check_stdevs, draw_baselines,
                                                  draw_gradient_shap, expand_args, expand_rows,
                                                  expand_target, format_inputs,
@@ -240,9 +241,11 @@ class GradientShap(CaptumAttribution):
                                   "(inputs_embeds) as the inputs")
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
+        forward, fargs = bind_unbatched_args(self.forward_func, len(d.noisy), d.forward_args,
+                                             d.noisy[0].shape[0])
         with backends.selected(backend):
             res = gradient_shap_rows(
-                self.forward_func, d.noisy, d.drawn, d.alphas, d.target, d.forward_args,
+                forward, d.noisy, d.drawn, d.alphas, d.target, fargs,
                 multiply_by_inputs=self._multiply_by_inputs, was_tuple=d.was_tuple,
                 with_gap=return_convergence_delta,
                 max_memory=memory.beside(max_memory, (d.noisy, d.drawn), d.noisy[0].device),

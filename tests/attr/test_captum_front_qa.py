@@ -287,3 +287,24 @@ def test_a_models_own_exception_passes_as_it_is():
             lib.IntegratedGradients(checked).attribute(torch.randn(2, 4), target=0)
     with tc.patched(), pytest.raises(_ModelInputError):
         ca.IntegratedGradients(checked).attribute(torch.randn(2, 4), target=0)
+
+
+@pytest.mark.filterwarnings("ignore:additional_forward_args")
+@pytest.mark.parametrize("layered", [False, True])
+def test_gradient_shap_binds_a_forward_arg_without_the_batch_first(layered):
+    """GradientShap and LayerGradientShap pass a ``[K, D]`` bank unchanged to every forward,
+    as IG does (they raised "first dimension must be the batch or 1" where Captum returns):
+    the numbers under the same seed are those of the model with the bank bound in."""
+    enc, x = _mlp(), torch.randn(3, 5)
+    bank, background = torch.randn(11, 3), torch.randn(4, 5)
+
+    def proto_model(t, protos):
+        return torch.softmax(-torch.cdist(enc(t), protos), dim=1)
+
+    def run(model, **kwargs):
+        torch.manual_seed(1)
+        np.random.seed(1)
+        method = tc.LayerGradientShap(model, enc[0]) if layered else tc.GradientShap(model)
+        return method.attribute(x, background, target=1, n_samples=3, **kwargs)
+    _assert_same(run(proto_model, additional_forward_args=(bank,)),
+                 run(lambda t: proto_model(t, bank)))
