@@ -41,7 +41,7 @@ def completeness_gap(model, attributions, start_point, end_point, target=None,
     args = forward_args(additional_forward_args)
     starts = _baseline_inputs(start_point, ends)
     targets = _target_rows(target, B, ends[0].device)
-    f_end = _selected(model, ends, args, targets)
-    f_start = _selected(model, starts, args, targets)
+    f_start = _selected(model, starts, args, targets)  # (first, as Captum: a train-mode
+    f_end = _selected(model, ends, args, targets)  # model's dropout draws in its order)
     total = sum(a.reshape(B, -1).sum(1) for a in attrs)
     return total - (f_end - f_start)  # (type promotion, as Captum's: float64 outputs stay)

@@ -28,6 +28,7 @@ from typing import Callable
 from taylor_kernels.attr.integrated_gradients import integrated_gradients
 from taylor_kernels.attr.layer_paths import multi_layer_integrated_gradients
 from taylor_kernels.attr.unscaled import unscaled_integrated_gradients
+from taylor_kernels.engine import guards
 from taylor_kernels.captum_front._common import (CaptumAttribution, LayerInterpolation,
                                                  attribute_future_unsupported, captum_method,
                                                  check_grad_kwargs, constructing_for_captum,
@@ -62,9 +63,13 @@ class IntegratedGradients(CaptumAttribution):
         is ``sum(attributions) - (f(inputs) - f(baselines))`` per example.
         """
         tup, was_tuple = format_inputs(inputs)
+        # a train-mode model (rows coupled, as Captum runs it): the delta's two forwards come
+        # after the path, as Captum's, so that dropout draws fall as under Captum's seed
+        delta_after = return_convergence_delta and guards.row_coupling_allowed()
         kw = dict(steps=n_steps, rule=method, tol=tol, max_memory=max_memory, backend=backend,
                   progress=progress, chunk_size=points_per_chunk(internal_batch_size, tup),
-                  gap=return_convergence_delta)  # (no f(x), f(b) forward without a delta)
+                  gap=return_convergence_delta and not delta_after)  # (no f(x), f(b)
+        # forward without a delta)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         if self._multiply_by_inputs and tracks_inputs(tup, method, tol):
             bls = dense_baselines(baselines, tup)
@@ -77,6 +82,9 @@ class IntegratedGradients(CaptumAttribution):
             res = unscaled_integrated_gradients(forward, tup, dense_baselines(baselines, tup),
                                                 target, fargs, was_tuple, **kw)
         self.last_result = res
+        if delta_after:
+            res.gap = self.compute_convergence_delta(res.attributions, baselines, inputs, target,
+                                                     additional_forward_args)
         if return_convergence_delta:
             return res.attributions, res.gap
         return res.attributions
@@ -126,9 +134,11 @@ class LayerIntegratedGradients(LayerInterpolation, CaptumAttribution):
             **({} if self._multiply_by_inputs else {"gap": False}))
         self.last_result = res
         attrs = res.attributions if isinstance(self.layer, list) else res.attributions[0]
-        if return_convergence_delta and self._multiply_by_inputs:
+        if return_convergence_delta and self._multiply_by_inputs and \
+                not guards.row_coupling_allowed():
             return attrs, res.gap  # Captum's delta: F(inputs), F(baselines) from the model
         if return_convergence_delta:  # Captum's F(inputs) - F(baselines): paths that bypass
+            # (and a train-mode model's: Captum's two forwards after the path draw dropout)
             flat = tuple(t for a in res.attributions  # the layers count too
                          for t in (a if isinstance(a, tuple) else (a,)))
             res.gap = self.compute_convergence_delta(flat, baselines, inputs, target,

@@ -746,7 +746,8 @@ def test_forward_args_without_a_batch_dimension_reach_every_row(name):
     unchanged; a forward that reads its first 3 entries (as Captum's LLM forward reads its
     target tokens) gets the same values both ways, on every path-method front. (Captum's
     sampling methods repeat such an arg entry by entry instead, so that its first entries
-    change: our GradientShap fronts refuse it, naming the batch dimension.)"""
+    change: our GradientShap fronts bind it unchanged too, and warn that Captum's numbers
+    differ; they refused it before.)"""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     scale = torch.tensor([0.5, -1.0, 2.0])
@@ -766,8 +767,14 @@ def test_forward_args_without_a_batch_dimension_reach_every_row(name):
     ours = getattr(tc, name)(*args).attribute(x, **call)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     if name == "IntegratedGradients":
-        with pytest.raises(ValueError, match="first dimension must be the batch"):
-            tc.GradientShap(f).attribute(x, torch.zeros(4, 3), target=1, **kw)
+        torch.manual_seed(2)
+        np.random.seed(2)
+        with pytest.warns(UserWarning, match="Captum repeats"):
+            got = tc.GradientShap(f).attribute(x, torch.zeros(4, 3), target=1, **kw)
+        torch.manual_seed(2)
+        np.random.seed(2)
+        want = tc.GradientShap(lambda z: f(z, scale)).attribute(x, torch.zeros(4, 3), target=1)
+        torch.testing.assert_close(got, want)
 
 
 def test_every_captum_attr_name_imports_from_the_front():
