@@ -5,8 +5,8 @@ Each case runs in a fresh interpreter (``--case '<json>'``): a warm-up call on a
 then the peak of a first call on a fresh model (probes included: "cold") and of a second
 call ("warm"), each as ``taylor_kernels.benchmarks.memprobe`` measures it (``malloc_trim``,
 ``VmRSS`` baseline, ``VmHWM`` reset through ``/proc/self/clear_refs``, one call, ``VmHWM`` -
-baseline). Models: a 2-conv tanh CNN on 3x32x32 (B = 8) and a 2x64 GPT-2 config (B = 4,
-16 tokens). ``python bench/max_memory_check.py [--only ig,eg,sig,tokig]``; Linux only.
+baseline). Models: a 2-conv tanh CNN on 3x32x32 (B = 8), a 2x64 GPT-2 config (B = 4,
+16 tokens) and a 784-2048-2048-10 tanh MLP (a jet of order 4, 4 rows x 512 directions). ``python bench/max_memory_check.py [--only ig,eg,sig,tokig,jet]``; Linux only.
 """
 import argparse
 import json
@@ -18,13 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 
 BUDGETS = ("4MB", "8MB", "16MB", "32MB", "64MB")
 CASES = [("ig", "cnn", {"K": 1}), ("ig", "cnn", {"K": 4}), ("eg", "cnn", {}),
-         ("sig", "cnn", {}), ("tokig", "gpt2", {})]
+         ("sig", "cnn", {}), ("tokig", "gpt2", {}), ("jet", "mlp", {})]
 
 
 def _model(name: str):
     import torch
     torch.manual_seed(0)
     nn = torch.nn
+    if name == "mlp":  # (a jet of order 4 over 512 directions of 4 rows: many passes)
+        return nn.Sequential(nn.Linear(784, 2048), nn.Tanh(), nn.Linear(2048, 2048), nn.Tanh(),
+                             nn.Linear(2048, 10)).eval()
     if name == "cnn":
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(),
                              nn.Conv2d(16, 32, 3, padding=1), nn.Tanh(),
@@ -44,6 +47,13 @@ def _call(case: dict, model):
         ids = torch.randint(5, 1000, (4, 16), generator=g)
         return lambda: tk.token_integrated_gradients(model, ids, target=7, steps=50,
                                                      **kw).attributions
+    if case["model"] == "mlp":
+        x, v = torch.randn(4, 784, generator=g), torch.randn(4, 512, 784, generator=g)
+
+        def jet():
+            with torch.no_grad():
+                return tk.jet(lambda z: model(z)[:, 3], x, v, order=4, **kw)
+        return jet
     x = torch.randn(8, 3, 32, 32, generator=g)
     if case["entry"] == "ig":
         bl = 0.1 * torch.randn(1, case["K"], 3, 32, 32, generator=g)
@@ -83,7 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--only", default="ig,eg,sig,tokig")
+    p.add_argument("--only", default="ig,eg,sig,tokig,jet")
     args = p.parse_args()
     if args.case:
         print("RESULT " + json.dumps(measure(json.loads(args.case))), flush=True)

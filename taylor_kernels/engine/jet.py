@@ -525,8 +525,15 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     per_pass = None if max_memory is None else directions_per_pass(fa, x, order, max_memory)
     kept = _kept_graphs(max_memory, x, directions.shape[1])
     with kept or contextlib.nullcontext():
-        return _finite(_jet_in_passes(per_pass, kept, f, fa, row0, x, directions, order,
-                                      target, additional_forward_args, fallback, cache), x)
+        return _finite(_jet_in_passes(per_pass, kept, _trim(max_memory, x), f, fa, row0, x,
+                                      directions, order, target, additional_forward_args,
+                                      fallback, cache), x)
+
+
+def _trim(max_memory, x: torch.Tensor) -> memory.ResidentTrim | None:
+    """The heap trimming between passes under ``max_memory`` (None without one)."""
+    return None if max_memory is None else memory.ResidentTrim(
+        memory.parse_budget(max_memory, x.device), x.device)
 
 
 def _finite(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -551,11 +558,12 @@ def _model_checks(f, fa, x: torch.Tensor, directions: torch.Tensor):
         if x.is_floating_point() else None
 
 
-def _jet_in_passes(per_pass: int | None, kept: memory.KeptGraphs | None, f, fa, row0, x,
-                   directions, *rest) -> torch.Tensor:
+def _jet_in_passes(per_pass: int | None, kept: memory.KeptGraphs | None,
+                   trim: memory.ResidentTrim | None, f, fa, row0, x, directions,
+                   *rest) -> torch.Tensor:
     """:func:`_jet_pass` over the directions ``[B, M, ...]``, ``per_pass`` at a time (None:
     all at once), joined along ``M``; ``kept`` (grad on under a budget) counts each pass's
-    kept graph."""
+    kept graph; ``trim`` (under a budget) trims the heap between passes."""
     M = directions.shape[1]
     step = M if per_pass is None else per_pass
     parts = []
@@ -563,6 +571,8 @@ def _jet_in_passes(per_pass: int | None, kept: memory.KeptGraphs | None, f, fa, 
         parts.append(_jet_pass(f, fa, row0, x, directions[:, i:i + step], *rest))
         if kept is not None:
             kept.advance(parts[-1].shape[2])
+        if trim is not None:
+            trim.after_pass()
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
@@ -641,7 +651,11 @@ def directions_per_pass(fa, x: torch.Tensor, order: int, max_memory) -> int:
         raise MemoryError(f"max_memory of {budget} bytes is too small for one direction of an "
                           f"order-{order} jet over these {x.shape[0]} rows (estimated "
                           f"{int(per_direction)} bytes); raise max_memory or pass fewer rows")
-    return max(1, int(budget // per_direction))
+    # (a CPU pass gets memory.CPU_CHUNK_SHARE of the budget, as a path chunk does: the
+    # allocator's freed blocks of one pass fit the next only in part; with the whole budget
+    # a 32 MB call peaked at 1.4-2.4x it, QA 2026-12-03)
+    room = memory.chunk_room(budget, x.device, per_direction)
+    return max(1, int(room // per_direction))
 
 
 def _run_traced(traced: Traced, arg, order: int, cache: bool, args: tuple = ()
@@ -732,13 +746,14 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
     kept = _kept_graphs(max_memory, x, sum(polarization_size(p[2]) for p in plans))
     with kept or contextlib.nullcontext():
         _mixed_partials_into(out, f, fa, x, plans, target, additional_forward_args, cache,
-                             per_pass, kept)
+                             per_pass, kept, _trim(max_memory, x))
     return _finite(out, x)
 
 
 def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list, target,
                          additional_forward_args, cache: bool, per_pass_of: dict,
-                         kept: memory.KeptGraphs | None) -> None:
+                         kept: memory.KeptGraphs | None,
+                         trim: memory.ResidentTrim | None) -> None:
     """:func:`mixed_partials`' jets, per order and pass, written into ``out [B, n_sets]``
     (``plans``: ``(order, features, multiplicities)`` per set; ``per_pass_of``: directions
     per pass for each order, None for one pass)."""
@@ -760,8 +775,10 @@ def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list,
                 (x.shape[0], -1) + x.shape[1:]), d)
             if not checked:
                 row0, checked = _model_checks(f, fa, x, V), True
-            c = _jet_in_passes(per_pass if len(part) == 1 else None, kept, f, fa, row0, x, V,
-                               d, target, additional_forward_args, False, cache)[d]
+            c = _jet_in_passes(per_pass if len(part) == 1 else None, kept, trim, f, fa, row0,
+                               x, V, d, target, additional_forward_args, False, cache)[d]
+            if trim is not None:
+                trim.after_pass()
             start = 0
             for m, (_, gamma) in zip(part, rules):
                 gamma = gamma.to(device=x.device, dtype=x.dtype)

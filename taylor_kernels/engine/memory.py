@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 import threading
 import time
@@ -340,6 +341,45 @@ class SavedBytes:
 
 
 _counting = threading.local()  # this thread's open SavedBytes, innermost last
+
+
+def _glibc():
+    """glibc's ``malloc_trim`` entry (None off glibc: macOS, musl, Windows)."""
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _glibc()
+_STATM = Path("/proc/self/statm")
+RESIDENT_TRIM_AT = 0.75  # of the budget: the resident growth past which a pass trims the heap
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _resident_bytes() -> int:
+    return int(_STATM.read_text().split()[1]) * PAGE_BYTES
+
+
+class ResidentTrim:
+    """Heap trimming between the passes of a call under an explicit CPU ``budget``: the
+    passes free their blocks, but glibc's heap gives the next pass's sizes only part of them,
+    so resident memory crept up by about 1 MB per pass (a jet of 512 directions in 30 passes
+    of 16 MB peaked at 47 MB under 32 MB; 11 MB with every block mapped on its own). After
+    each pass (:meth:`after_pass`, reading ``/proc/self/statm``: microseconds) the heap is
+    trimmed once the process has grown past ``RESIDENT_TRIM_AT`` of the budget since the call
+    began; a trim costs page faults (17 ms per path chunk, measured), so it runs only then.
+    Inactive off Linux/glibc and on devices."""
+
+    def __init__(self, budget: int, device: torch.device):
+        self.active = device.type == "cpu" and _MALLOC_TRIM is not None and _STATM.exists()
+        self.limit = budget * RESIDENT_TRIM_AT
+        self.start = _resident_bytes() if self.active else 0
+
+    def after_pass(self) -> None:
+        if self.active and _resident_bytes() - self.start > self.limit:
+            _MALLOC_TRIM(0)
 
 
 class KeptGraphs:

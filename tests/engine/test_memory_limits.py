@@ -140,3 +140,32 @@ def test_the_peak_restore_skips_what_neither_the_device_nor_the_cache_holds(monk
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda d=None: asked.append("stats") or {})
     guards._raise_cuda_peak(60 * GB, torch.device("cuda"))
     assert asked == []  # not even a first allocation
+
+
+def test_jet_passes_take_half_the_budget_and_trim_the_heap_past_three_quarters(monkeypatch):
+    """Under ``max_memory`` a CPU jet pass gets ``CPU_CHUNK_SHARE`` of the budget, and the
+    heap is trimmed after a pass once the process has grown past ``RESIDENT_TRIM_AT`` of it
+    (glibc's heap kept about 1 MB per pass: 512 directions under 32 MB peaked at 47 MB)."""
+    import taylor_kernels as tk
+    from taylor_kernels.engine import jet as jet_engine
+    from taylor_kernels.engine.row_args import with_forward_args
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(),
+                                torch.nn.Linear(64, 1), torch.nn.Flatten(0))
+    x, v = torch.randn(2, 16), torch.randn(2, 24, 16)
+    fa = with_forward_args(model, None, 2)
+    whole = jet_engine.directions_per_pass(fa, x, 3, 10**12)  # per pass, huge budget
+    per_direction = 10**12 * memory.CPU_CHUNK_SHARE / whole
+    budget = int(4.5 * per_direction / memory.CPU_CHUNK_SHARE)  # 4 directions per pass
+    assert jet_engine.directions_per_pass(fa, x, 3, budget) == max(
+        1, int(budget * memory.CPU_CHUNK_SHARE // per_direction))
+    if not memory.ResidentTrim(budget, x.device).active:
+        return  # (no glibc or /proc here)
+    grown, trims = iter(range(0, 10**12, budget // 4)), []
+    monkeypatch.setattr(memory, "_resident_bytes", lambda: next(grown))  # a quarter per read
+    monkeypatch.setattr(memory, "_MALLOC_TRIM", lambda pad: trims.append(pad))
+    with torch.no_grad():
+        got = tk.jet(model, x, v, order=3, max_memory=budget)
+    passes = -(-24 // jet_engine.directions_per_pass(fa, x, 3, budget))
+    assert passes == 6 and len(trims) == passes - 3  # (past 3/4 of it: from the 4th pass)
+    torch.testing.assert_close(got, tk.jet(model, x, v, order=3))
