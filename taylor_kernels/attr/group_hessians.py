@@ -84,13 +84,15 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
         problem = make_problem(model, inputs, baselines, target, additional_forward_args)
         x, dev = problem.x, problem.x.device
         groups = feature_groups(feature_mask, problem.inputs)
-        G = int(groups.max()) + 1
-        onehot = torch.nn.functional.one_hot(groups, G).T.to(x.dtype)      # [G, D]
+        G, D = int(groups.max()) + 1, groups.numel()
         t, w_grad, w_hess = t.to(dev), w_grad.to(dev), w_hess.to(dev)
         acc = accumulation_dtype(x.dtype)
-        held = problem.B * (G + 1) * G * acc.itemsize + onehot.nbytes  # out, diag, indicators
-        kw = engine_kw(problem, t, max_memory, chunk_size, progress, distributed,
-                       result_bytes=held)
+        held = problem.B * (G + 1) * G * acc.itemsize + G * D * x.element_size()  # out,
+        kw = engine_kw(problem, t, max_memory, chunk_size, progress, distributed,  # diag,
+                       result_bytes=held)  # indicators: checked before they are made (an
+        # int64 one_hot of them came first: 3.7 MB before a 64 KB budget's MemoryError)
+        onehot = torch.zeros(G, D, dtype=x.dtype, device=dev)                 # [G, D]
+        onehot[groups, torch.arange(D, device=dev)] = 1
         out = torch.zeros(problem.B, G, G, dtype=acc, device=dev)
         diag = torch.zeros(problem.B, G, dtype=acc, device=dev)
 

@@ -85,3 +85,26 @@ def test_the_separate_ig_runs_before_the_pairs(monkeypatch):
     group_integrated_hessians(_mlp(), x, torch.tensor([0, 0, 1, 1, 2, 2]), target=0, steps=4,
                               max_memory="1MB")
     assert order == ["ig", "pairs"]
+
+
+def test_a_too_small_budget_is_refused_before_the_group_indicators_are_made():
+    """``[G, D]`` indicators of 4096 one-feature groups take 64 MB (an int64 one-hot of them
+    128 MB more): a 1 MB budget raises ``MemoryError`` before any of it is allocated."""
+    import pathlib
+    hwm, clear = pathlib.Path("/proc/self/status"), pathlib.Path("/proc/self/clear_refs")
+    if not clear.exists():
+        pytest.skip("needs Linux /proc to read the resident peak")
+
+    def peak_kib():
+        return next(int(line.split()[1]) for line in hwm.read_text().splitlines()
+                    if line.startswith("VmHWM:"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 2), torch.nn.Tanh(),
+                                torch.nn.Linear(2, 1))
+    x = torch.randn(1, 4096)
+    clear.write_text("5")
+    before = peak_kib()
+    with pytest.raises(MemoryError):
+        tk.group_integrated_hessians(model, x, torch.arange(4096), target=0,
+                                     max_memory="1MB")
+    assert peak_kib() - before < 32 * 1024
