@@ -84,6 +84,7 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
                   index_values: bool = True) -> None:
     """Raise ``ValueError``/``TypeError`` unless the arguments describe a valid chunk
     (``index_values=False`` skips the range check of ``index``, a host sync on a GPU)."""
+    check_operands(hrows=hrows, x=x)  # (first: a numpy hrows failed on .dim())
     if hrows.dim() != 3 or x.dim() != 2 or hrows.shape[2] != x.shape[1]:
         raise ValueError(f"hrows must be [count, R, D] matching x [B, D]; got "
                          f"{tuple(hrows.shape)} and {tuple(x.shape)}")
@@ -91,9 +92,8 @@ def check_ih_args(hrows: torch.Tensor, x: torch.Tensor, baselines: torch.Tensor,
         raise TypeError("index must be a 1-d int64 tensor of feature numbers")
     if index.shape[0] != hrows.shape[1]:
         raise ValueError(f"index has {index.shape[0]} entries for {hrows.shape[1]} Hessian rows")
-    check_operands(hrows=hrows, x=x)
     if index.device != x.device:  # (before its values are read: a meta index has none)
-        raise ValueError(f"index on {index.device}, x on {x.device}")
+        raise ValueError(f"index on device {index.device}, x on device {x.device}")
     check_path_args(x, baselines, weights, start, hrows.shape[0], "weights")
     if index_values and index.numel() and (int(index.min()) < 0 or int(index.max()) >= x.shape[1]):
         raise ValueError(f"index entries must lie in [0, {x.shape[1]})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels import _native, backends
-from taylor_kernels.op_checks import check_same_device
+from taylor_kernels.op_checks import check_accumulate_args, check_path_args
 from taylor_kernels.reference import path as ref
 from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
 
@@ -37,12 +37,13 @@ def _node_grad(nodes: torch.Tensor, start: int, s: torch.Tensor, terms: torch.Te
 
 
 def _fake_path_points(x, baselines, alphas, start, count):
-    check_same_device(x=x, baselines=baselines, alphas=alphas)
+    # the real op's checks: shape inference (torch.export, a direct call on meta tensors)
+    check_path_args(x, baselines, alphas, start, count)  # took a chunk past the points
     return x.new_empty(count, x.shape[1])
 
 
 def _fake_path_accumulate(grads, x, baselines, weights, start):
-    check_same_device(grads=grads, x=x, baselines=baselines, weights=weights)
+    check_accumulate_args(grads, x, baselines, weights, start)
     return x.new_empty(x.shape, dtype=accumulation_dtype(x.dtype))
 
 

@@ -236,6 +236,34 @@ def test_registered_ops_refuse_one_meta_operand(suffix):
             getattr(ops, name + suffix)(*args)
 
 
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+def test_fake_kernels_make_the_real_ops_checks(suffix):
+    """Shape inference (every operand ``meta``, as under ``torch.export``) refuses what the
+    real op refuses: the fake kernels checked only devices, so a chunk past the points, 40
+    jet coefficients or a wrong ``gamma`` traced into a program the op would reject."""
+    from taylor_kernels import _native
+    from taylor_kernels.triton import hessian, jet  # noqa: F401  (registers the ops)
+    if not suffix and not _native.has_cpp():
+        pytest.skip("extension not built")
+    ops = torch.ops.taylor_kernels
+    meta = torch.device("meta")
+    x, bl, alphas, weights = (t.to(meta) for t in make(2, 2, 3, 5, False, torch.float32,
+                                                        False))
+    for name, args, match in [
+            ("path_points", (x, bl, alphas, 0, 500), "outside"),
+            ("path_points", (x.long(), bl, alphas, 0, 3), "floating"),
+            ("path_accumulate", (torch.randn(3, 4, device=meta), x, bl, weights, 0), "match"),
+            ("ih_accumulate", (torch.randn(3, 2, 5, device=meta), x, bl, weights,
+                               torch.zeros(3, dtype=torch.long, device=meta), 0), "entries"),
+            ("jet_unary", (torch.randn(40, 2, device=meta), 0), "J\\+1"),
+            ("jet_mul", (torch.randn(3, 5, device=meta), torch.randn(3, 2, device=meta)),
+             "shape"),
+            ("polarize_contract", (torch.randn(3, 2, 6, device=meta),
+                                   torch.ones(1, device=meta), 1), "gamma")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            getattr(ops, name + suffix)(*args)
+
+
 def test_launch_device_is_none_for_cpu_and_fake_tensors():
     """Only a real CUDA tensor on another device than the current one moves a launch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
