@@ -330,7 +330,9 @@ def grad_and_hvp(f: Callable, x: torch.Tensor, V: torch.Tensor):
             g, hv = _batched(f, x, V)
         except BatchingFailed as failed:
             exc = failed.__cause__
-            warn_once(f"the batched backward failed for this model "
+            why = " under torch.autograd.set_detect_anomaly(True), which vmap cannot " \
+                "batch" if torch.is_anomaly_enabled() else " for this model"
+            warn_once(f"the batched backward failed{why} "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); using "
                        "autograd double backward, one pass per direction")
             g, hv = _double_backward(f, x, V)

@@ -382,8 +382,11 @@ def _check_trace(search: _Search, start_out: torch.Tensor, fx_, fb, device) -> N
         ref = ref.to(got.dtype).reshape(got.shape)
         scale = ref.abs().max().clamp_min(1e-30)
         if ((got - ref).abs() > eps ** 0.5 * scale).any():
-            raise NotPiecewiseLinear("the traced graph does not reproduce the model's outputs "
-                                     "(forward hooks, or Python that depends on values?)")
+            raise NotPiecewiseLinear(
+                "the traced graph does not reproduce the model's outputs ("
+                + ("torch.autocast is on: the graph runs without it" if
+                   torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+                   else "forward hooks, or Python that depends on values?") + ")")
 
 
 def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,

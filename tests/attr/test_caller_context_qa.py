@@ -183,3 +183,21 @@ def test_forward_mode_calls_say_that_backward_hooks_do_not_run():
     finally:
         hook.remove()
     assert {str(w.message).split()[0] for w in record} >= {"tk.jet", "interactions"}
+
+
+def test_fallback_warnings_name_the_callers_setting():
+    """Anomaly mode (which vmap cannot batch) and autocast (which the exact rule's traced
+    graph runs without) are named as the cause of the fallbacks they trigger; the warnings
+    blamed the model ("for this model", "forward hooks, or Python that depends on values?")."""
+    from taylor_kernels.engine import derivative
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(2, 6)
+    derivative._warned.clear()  # (once per process: another test may have said it)
+    with torch.autograd.set_detect_anomaly(True), \
+            pytest.warns(RuntimeWarning, match="set_detect_anomaly"):
+        tk.hessian(lambda z: model(z)[:, 1], x)
+    relu = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.warns(RuntimeWarning, match="torch.autocast is on"):
+        tk.integrated_gradients(relu, x, target=1, rule="exact")
