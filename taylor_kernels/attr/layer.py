@@ -23,6 +23,7 @@ import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
 from taylor_kernels.attr.layer_budget import check_held, layer_ig_bytes
+from taylor_kernels.attr.layer_capture import refuse_recomputed_layer
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
@@ -104,6 +105,7 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
         count = [0]
 
         def next_points():
+            refuse_recomputed_layer(layer)
             k = count[0]
             count[0] += 1
             if k >= calls:

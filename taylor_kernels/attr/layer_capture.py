@@ -132,6 +132,7 @@ class Layers:
 
         def hook_for(i):
             def replace(module, inp, out=None):
+                refuse_recomputed_layer(module)
                 done.add(i)
                 count[i] += 1
                 if last_call and self.calls is not None and count[i] != self.calls[i]:
@@ -167,6 +168,23 @@ class Layers:
 
         through_layers.cost_owner = self.modules[0]  # chunk choice cached per layer, not closure
         return through_layers
+
+
+def refuse_recomputed_layer(layer: torch.nn.Module) -> None:
+    """``ValueError`` when ``layer`` runs inside ``torch.utils.checkpoint(...,
+    use_reentrant=False)`` (its saved-tensor hooks are on top): the backward recomputes the
+    block without the replacement this call makes of the layer's activation (its hook is
+    gone by then), so the gradients were another function's, silently (layer IG 12-15% off,
+    as Captum's)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    if hooks and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", ""):
+        raise ValueError(
+            f"layer {type(layer).__name__} runs inside torch.utils.checkpoint "
+            "(use_reentrant=False): the backward recomputes it without the activation this "
+            "method puts in its place, which would give another function's gradients; "
+            "attribute the model without activation checkpointing (it saves memory for "
+            "training only; max_memory bounds this call)")
 
 
 def select_neuron(acts: tuple[torch.Tensor, ...], selector) -> torch.Tensor:

@@ -201,3 +201,31 @@ def test_fallback_warnings_name_the_callers_setting():
     with torch.autocast("cpu", dtype=torch.bfloat16), \
             pytest.warns(RuntimeWarning, match="torch.autocast is on"):
         tk.integrated_gradients(relu, x, target=1, rule="exact")
+
+
+class _NonReentrant(_Block):
+    """``_Block`` under ``checkpoint(use_reentrant=False)``, whose backward recomputes it."""
+
+    def forward(self, x):
+        return self.l2(torch.utils.checkpoint.checkpoint(self.block, x,
+                                                         use_reentrant=False))[:, 1]
+
+
+def test_a_layer_recomputed_by_checkpointing_is_refused():
+    """Layer methods replace the layer's activation in the forward; non-reentrant
+    checkpointing recomputes it in the backward without the replacement, so layer IG was
+    12-15% off (as Captum's), silently: the layer methods raise; input-space IG and a layer
+    outside the checkpointed block are unaffected."""
+    import taylor_kernels.captum as tc
+    x = torch.randn(3, 4, dtype=F64)
+    model, plain = _NonReentrant(False).eval(), _Block(False).eval()
+    with pytest.raises(ValueError, match="checkpoint"):
+        tk.layer_integrated_gradients(model, model.l1, x, steps=8)
+    for cls in (tc.LayerIntegratedGradients, tc.LayerConductance):
+        with pytest.raises(ValueError, match="checkpoint"):
+            cls(model, model.l1).attribute(x, n_steps=8)
+    torch.testing.assert_close(
+        tk.layer_integrated_gradients(model, model.l2, x, steps=8).attributions,
+        tk.layer_integrated_gradients(plain, plain.l2, x, steps=8).attributions)
+    torch.testing.assert_close(tk.integrated_gradients(model, x, steps=8).attributions,
+                               tk.integrated_gradients(plain, x, steps=8).attributions)
