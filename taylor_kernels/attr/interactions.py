@@ -240,11 +240,12 @@ def _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
     problem = make_problem(model, inputs, None, target, additional_forward_args)
-    warn_if_backward_hooks(model, "interactions")
     directions = None if feature_mask is None else _group_directions(feature_mask, problem,
                                                                        n_groups)
     n = problem.x.shape[1] if directions is None else directions.shape[1]
     set_list = None if sets is None and order == 2 else _normalise_sets(sets, order, n)
+    if set_list is not None:  # (forward mode; the Hessian of order 2 runs the hooks)
+        warn_if_backward_hooks(model, "interactions")
     # one function of any rows' points: each row's target and forward args go with it
     return LocalInteractions(_local(problem.row_function(), problem.x, directions, order,
                                     set_list, max_memory), set_list)

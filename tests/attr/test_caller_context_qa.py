@@ -180,6 +180,9 @@ def test_forward_mode_calls_say_that_backward_hooks_do_not_run():
     try:
         with pytest.warns(RuntimeWarning, match="backward hooks do not run .*Tanh") as record:
             calls()
+        with warnings.catch_warnings():  # (order 2 without sets: the Hessian, reverse mode)
+            warnings.simplefilter("error", RuntimeWarning)
+            tk.interactions(model, x, target=1, order=2)
     finally:
         hook.remove()
     assert {str(w.message).split()[0] for w in record} >= {"tk.jet", "interactions"}
