@@ -428,8 +428,9 @@ class LLMGradientAttribution(CaptumNamed):
             else inp.itp_mask[0]
         itp = itp.to(self.device)  # [P]: the prompt positions that are features
         self.last_result = res = None
-        if self.layer is not None and set(kwargs) <= set(_OPTIONS) and not _random_or_coupled(
-                self.model):
+        if self.layer is not None and set(kwargs) <= set(_OPTIONS) and \
+                not guards.coupling_modules_of(self.model):  # (train mode: Captum's loop
+            # draws dropout as Captum's)
             res = self._one_pass(inp, target_ids, itp, kwargs)
         self.last_result = res
         if res is None:
@@ -463,12 +464,6 @@ class LLMGradientAttribution(CaptumNamed):
             return None
 
     attribute_future = attribute_future_unsupported
-
-
-def _random_or_coupled(model) -> bool:
-    """Whether modules of ``model`` are random or couple rows in their mode (train-mode
-    dropout or batch norm): the per-token loop then draws and batches as Captum's."""
-    return any(guards.coupling_submodules(m) for m in guards.modules_of(model))
 
 
 def _prompt_and_baselines(inp, itp: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,6 +168,11 @@ def coupling_submodules(model: nn.Module, recurse: bool = True,
     return bad
 
 
+def coupling_modules_of(f) -> list[str]:
+    """:func:`coupling_submodules` of every module ``f`` reaches (:func:`modules_of`)."""
+    return [n for m in modules_of(f) for n in coupling_submodules(m)]
+
+
 def check_model(f, inputs=()) -> None:
     """Raise before any forward when autograd is off (inference mode, inference tensors in
     ``inputs``) or a module of ``f`` (see :func:`modules_of`) has train-mode batch norm or
@@ -175,7 +180,7 @@ def check_model(f, inputs=()) -> None:
     _check_autograd_available(inputs)
     if _ALLOWED.get():
         return
-    bad = [n for m in modules_of(f) for n in coupling_submodules(m)]
+    bad = coupling_modules_of(f)
     if bad:
         raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]) + (" ..." if len(bad) > 6
                                                                        else "")))
@@ -595,6 +600,6 @@ def _raise_cuda_peak(peak: int, device: torch.device) -> None:
 
 __all__ = ["allow_row_coupling", "cell_values", "check_model", "check_function_rows",
            "distinct_row", "check_alone_beside", "check_rows_independent",
-           "coupling_submodules", "foreign_global_hooks",
+           "coupling_modules_of", "coupling_submodules", "foreign_global_hooks",
            "row_coupling_allowed", "cuda_peak_bytes", "is_row_tensor", "modules_of",
            "modules_run", "on_a_copy", "preserved_buffers", "probing", "rows_differing"]

@@ -42,8 +42,8 @@ from torch import nn
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
 from taylor_kernels.attr.layer import layer_replaced_forward
-from taylor_kernels.engine.guards import (check_model, coupling_submodules, is_row_tensor,
-                                          modules_of, row_coupling_allowed)
+from taylor_kernels.engine.guards import (check_model, coupling_modules_of, is_row_tensor,
+                                          row_coupling_allowed)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
@@ -483,8 +483,7 @@ def check_causal(model, sequence: torch.Tensor, vocab: int | None, prompt_len: i
     (2.7 off Captum, silently). Skipped for a model in train mode attributed inside
     :func:`~taylor_kernels.allow_row_coupling` (the Captum front's runs): its dropout moves
     the logits anyway."""
-    if sequence.shape[0] < 2 or row_coupling_allowed() and any(
-            coupling_submodules(m) for m in modules_of(model)):
+    if sequence.shape[0] < 2 or row_coupling_allowed() and coupling_modules_of(model):
         return
     L = sequence.shape[0]
     by_prefix = 0 < prompt_len < L

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels import _native, backends
-from taylor_kernels.op_checks import check_ih_args, check_same_device, values_readable
+from taylor_kernels.op_checks import check_ih_args, values_readable
 from taylor_kernels.ops.path import baseline_grad
 from taylor_kernels.reference import hessian as ref
 from taylor_kernels.reference.path import accumulation_dtype, node_values, path_indices
@@ -17,7 +17,6 @@ from taylor_kernels.reference.path import accumulation_dtype, node_values, path_
 
 def _fake_ih_accumulate(hrows, x, baselines, weights, index, start):
     check_ih_args(hrows, x, baselines, weights, index, start, index_values=False)
-    check_same_device(hrows=hrows, x=x, baselines=baselines, weights=weights, index=index)
     return x.new_empty(x.shape[0], hrows.shape[1], x.shape[1], dtype=accumulation_dtype(x.dtype))
 
 
