@@ -16,6 +16,7 @@ Public API: :func:`feature_metadata`, :class:`PriorNet`, :func:`attribution_prio
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -26,6 +27,7 @@ from torch import nn
 
 from taylor_kernels.attr.expected_gradients import expected_gradients
 from taylor_kernels.engine.guards import allow_row_coupling
+from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import seeded_generator
 
 
@@ -73,7 +75,7 @@ def dapr_loss(model: nn.Module, prior_net: nn.Module | None, meta: torch.Tensor 
     if lam > 0 and prior_net is not None and not isinstance(meta, torch.Tensor):
         raise ValueError("lam > 0 with a prior_net needs the features' meta-data: meta "
                          f"[D, M] (feature_metadata), got {type(meta).__name__}")
-    ce = nn.functional.cross_entropy(model(x), y)
+    ce = nn.functional.cross_entropy(model_output(model(x)), y)
     if lam == 0 or prior_net is None:
         return ce, {"ce": ce.item(), "penalty": 0.0}
     with allow_row_coupling(model):  # a training model: refused there (dropout) before
@@ -81,6 +83,24 @@ def dapr_loss(model: nn.Module, prior_net: nn.Module | None, meta: torch.Tensor 
                                  chunk_size=x.shape[0], create_graph=True).attributions
     penalty = attribution_prior_penalty(phi, prior_net(meta))
     return ce + lam * penalty, {"ce": ce.item(), "penalty": penalty.item()}
+
+
+def _check_prior(prior_net: nn.Module, meta, x: torch.Tensor) -> None:
+    """``ValueError`` unless ``prior_net(meta)`` gives one prior per feature of ``x [N, D]``
+    (a wrong ``meta`` failed inside the first batch's penalty with a bare shape error)."""
+    if not isinstance(meta, torch.Tensor) or meta.dim() != 2 or meta.shape[0] != x[0].numel():
+        what = tuple(meta.shape) if isinstance(meta, torch.Tensor) else type(meta).__name__
+        raise ValueError(f"meta must be [D, M] with D = {x[0].numel()} features, got {what}")
+    try:
+        with torch.no_grad(), _modes_kept(prior_net):
+            prior = prior_net.eval()(meta)
+    except RuntimeError as exc:
+        raise ValueError(f"prior_net cannot read meta of shape {tuple(meta.shape)}: {exc} "
+                         f"(meta has {meta.shape[1]} columns; PriorNet(meta_dim="
+                         f"{meta.shape[1]}) reads them)") from exc
+    if prior.shape != (meta.shape[0],):
+        raise ValueError(f"prior_net(meta) must give one prior per feature, [{meta.shape[0]}], "
+                         f"got {tuple(prior.shape)}")
 
 
 def _check_lam(lam) -> None:
@@ -103,15 +123,59 @@ class FitResult:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``argmax f(x) == y``, in eval mode (dropout off, batch norm on its running
-    statistics; the model's modes are restored), without grad."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Fraction of ``argmax f(x) == y`` for ``x [N, ...]`` and labels ``y [N]``, in eval mode
+    (dropout off, batch norm on its running statistics; the model's modes are restored),
+    without grad. A ``ModelOutput`` or dict output is read as the library reads it (its
+    ``.logits``)."""
+    _check_labels("y", x, y)
+    with _modes_kept(model):
+        model.eval()
+        return (model_output(model(x)).argmax(1) == y).double().mean().item()
+
+
+def _check_labels(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``ValueError`` unless ``y`` holds one integer class label per row of ``x``: ``[N]``
+    (labels ``[N, 1]`` compared with ``[N]`` predictions broadcast to ``[N, N]``, and a
+    perfect model scored 0.5)."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] \
+            or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{name} must be integer class labels [N] for X of {x.shape[0]} "
+                         f"rows, got {what}" + (f" {y.dtype}" if isinstance(y, torch.Tensor)
+                                                else ""))
+
+
+@contextlib.contextmanager
+def _modes_kept(*nets: nn.Module):
+    """Every submodule's train/eval mode put back on exit."""
+    modes = [(m, m.training) for n in nets for m in n.modules()]
     try:
-        return (model(x).argmax(1) == y).double().mean().item()
+        yield
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _epoch(model, prior_net, meta, train: tuple, lam: float, starts: list[int], opt, gen,
+           epoch: int) -> dict:
+    """One epoch of Adam steps over ``train``'s rows in a random order (batches from
+    ``starts``); returns the mean cross-entropy and penalty, weighted by batch size."""
+    xt, yt = train
+    order = torch.randperm(xt.shape[0], generator=gen)
+    totals = {"ce": 0.0, "penalty": 0.0}
+    for i, j in zip(starts, starts[1:] + [xt.shape[0]]):
+        idx = order[i:j]
+        loss, parts = dapr_loss(model, prior_net, meta, xt[idx], yt[idx], xt, lam,
+                                seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+        if not all(math.isfinite(v) for v in parts.values()):
+            raise FloatingPointError(f"non-finite loss in epoch {epoch} ({parts}); the best "
+                                     "states so far are restored: lower lr or lam")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for k in totals:
+            totals[k] += parts[k] * len(idx) / xt.shape[0]
+    return totals
 
 
 @torch.enable_grad()
@@ -124,8 +188,9 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     Args: ``train = (X [N, D], y [N])``, ``val`` likewise; ``meta [D, M]`` the features'
     meta-data (:func:`feature_metadata`); the EG background is the training set. Stops after
     ``patience`` epochs without a better validation accuracy and restores the best states.
-    Runs with grad enabled (also under the caller's ``torch.no_grad()``); a last batch of one
-    row joins the batch before it.
+    Runs with grad enabled (also under the caller's ``torch.no_grad()``) and the networks in
+    train mode (dropout on, batch norm on batch statistics), their modes restored after; a
+    last batch of one row joins the batch before it.
     """
     _check_lam(lam)
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -140,6 +205,14 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
         if X.shape[0] == 0 or X.shape[0] != y.shape[0]:
             raise ValueError(f"{name} must hold (X [N, D], y [N]) with N >= 1 rows in both, "
                              f"got {tuple(X.shape)} and {tuple(y.shape)}")
+        _check_labels(f"{name} y", X, y)
+        if X.shape[1:] != xt.shape[1:]:
+            raise ValueError(f"val X has rows of shape {tuple(X.shape[1:])}, train X "
+                             f"{tuple(xt.shape[1:])}")
+        if X.is_floating_point() and not torch.isfinite(X).all():
+            raise ValueError(f"{name} X holds NaN or Inf values")
+    if lam > 0:
+        _check_prior(prior_net, meta, xt)
     nets = [model] + ([prior_net] if lam > 0 else [])
     params = [p for n in nets for p in n.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
@@ -150,32 +223,21 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     starts = list(range(0, xt.shape[0], batch_size))
     if len(starts) > 1 and xt.shape[0] - starts[-1] == 1:
         starts.pop()  # (a last batch of one row joins the one before: batch norm needs two)
-    try:
-        for epoch in range(epochs):
-            order = torch.randperm(xt.shape[0], generator=gen)
-            totals = {"ce": 0.0, "penalty": 0.0}
-            for i, j in zip(starts, starts[1:] + [xt.shape[0]]):
-                idx = order[i:j]
-                loss, parts = dapr_loss(model, prior_net, meta, xt[idx], yt[idx], xt, lam,
-                                        seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-                if not all(math.isfinite(v) for v in parts.values()):
-                    raise FloatingPointError(
-                        f"non-finite loss in epoch {epoch} ({parts}); the best states so far "
-                        "are restored: lower lr or lam")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                for k in totals:
-                    totals[k] += parts[k] * len(idx) / xt.shape[0]
-            val_acc = accuracy(model, *val)
-            history.append({"epoch": epoch, **totals, "val_accuracy": val_acc})
-            if val_acc > best[0]:
-                best = (val_acc, epoch, [copy.deepcopy(n.state_dict()) for n in nets])
-            elif epoch - best[1] >= patience:
-                break
-    finally:  # (on an error too: the best states so far, at first the caller's)
-        for net, state in zip(nets, best[2]):
-            net.load_state_dict(state)
-        for p, g in zip(params, grads):  # (zero_grad set them to None, never wrote them)
-            p.grad = g
+    with _modes_kept(*nets):
+        for net in nets:
+            net.train()
+        try:
+            for epoch in range(epochs):
+                totals = _epoch(model, prior_net, meta, train, lam, starts, opt, gen, epoch)
+                val_acc = accuracy(model, *val)
+                history.append({"epoch": epoch, **totals, "val_accuracy": val_acc})
+                if val_acc > best[0]:
+                    best = (val_acc, epoch, [copy.deepcopy(n.state_dict()) for n in nets])
+                elif epoch - best[1] >= patience:
+                    break
+        finally:  # (on an error too: the best states so far, at first the caller's)
+            for net, state in zip(nets, best[2]):
+                net.load_state_dict(state)
+            for p, g in zip(params, grads):  # (zero_grad set them to None, never wrote them)
+                p.grad = g
     return FitResult(best[1], best[0], history)

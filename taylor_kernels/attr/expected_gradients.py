@@ -21,7 +21,8 @@ from taylor_kernels.numerics import finite_rows, seeded_generator
 
 
 def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Background set ``[N, D]`` (flattened, concatenated like the inputs)."""
+    """Background set ``[N, D]`` (flattened, concatenated like the inputs; still attached to
+    the caller's graph: ``create_graph`` attributions are differentiable in it too)."""
     bg, _ = as_tuple(background) if not isinstance(background, torch.Tensor) else ((background,),
                                                                                     False)
     if len(bg) != len(inputs):
@@ -31,7 +32,7 @@ def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
         if r.dim() != x.dim() or tuple(r.shape[1:]) != tuple(x.shape[1:]) or r.shape[0] < 1:
             raise ValueError(f"background {i} of shape {tuple(r.shape)} must be [N, "
                              f"*{tuple(x.shape[1:])}] with N >= 1")
-        parts.append(r.detach().to(device=x.device, dtype=x.dtype).reshape(r.shape[0], -1))
+        parts.append(r.to(device=x.device, dtype=x.dtype).reshape(r.shape[0], -1))
     if len({p.shape[0] for p in parts}) > 1:
         raise ValueError("every background tensor needs the same number of rows")
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

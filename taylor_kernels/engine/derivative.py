@@ -176,7 +176,8 @@ def say_math_attention(model_class: str, impl: str) -> None:
     """Warn once per model class and attention implementation that second and higher
     derivatives run it on the math SDPA backend (``impl == "sdpa"``) or on eager attention."""
     how = "the math SDPA backend" if impl == "sdpa" else "eager attention"
-    warn_once(f"second-order attribution: {model_class} attention {impl!r} runs on {how} "
+    warn_once(f"second-order attribution (or create_graph=True): {model_class} attention "
+              f"{impl!r} runs on {how} "
                "(fused kernels have no second derivative); first-order methods keep the fused "
                "kernels")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from taylor_kernels import ops
-from taylor_kernels.engine import chunking, cuda_graphs, distributed, guards, memory
+from taylor_kernels.engine import chunking, cuda_graphs, derivative, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.numerics import accumulation_dtype, finite_rows
 from taylor_kernels.progress import progress_bar
@@ -301,6 +301,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
                                                                               create_graph):
         problem.finish_row_check_now()  # (a chunk's check inside a capture would sync)
     bl = problem.baselines if baselines is None else baselines
+    if not create_graph:  # (x is detached too: no partial graph through the x - b factor)
+        bl = bl.detach()
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     alphas = _to_device(alphas, x.device)
     weight_sets = [_to_device(w, x.device) for w in weight_sets]
@@ -359,7 +361,10 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
 
     kept = memory.KeptGraphs(memory.parse_budget(max_memory, x.device), held, stop - start,
                              x.device) if create_graph and max_memory is not None else None
-    with kept or contextlib.nullcontext():
+    # (create_graph: the caller differentiates the sums again, so attention records math
+    # kernels, which have a second derivative; the fused SDPA kernels have none)
+    with kept or contextlib.nullcontext(), \
+            derivative.math_attention(problem.model) if create_graph else contextlib.nullcontext():
         run_chunks(plan, start, stop, compute, consume, progress=progress)
     if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
         problem.finish_row_check_at_end()
