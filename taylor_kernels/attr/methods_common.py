@@ -26,6 +26,18 @@ def prepare(model, inputs, baselines=None, target=None) -> tuple[PathProblem, to
     return problem, problem.baselines[:, 0].expand(problem.B, -1).contiguous()
 
 
+def check_background(background, inputs: torch.Tensor) -> torch.Tensor:
+    """``background`` checked to be ``[R >= 1, *features of inputs]`` (an empty one made the
+    reference means NaN, silently)."""
+    if not isinstance(background, torch.Tensor) or background.shape[1:] != inputs.shape[1:] \
+            or background.shape[0] == 0:
+        what = tuple(background.shape) if isinstance(background, torch.Tensor) else \
+            type(background).__name__
+        raise ValueError(f"background must be a tensor [R >= 1, *{tuple(inputs.shape[1:])}], "
+                         f"got {what}")
+    return background
+
+
 def values(problem: PathProblem, points: torch.Tensor) -> torch.Tensor:
     """Selected outputs ``[B, P]`` at ``points [B, P, D]`` (row b's points use input b's target),
     without gradients, in chunks of ``EVAL_CHUNK`` rows."""

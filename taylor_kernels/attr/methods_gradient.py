@@ -36,7 +36,8 @@ def smoothgrad(model, inputs, baselines=None, target=None, *, samples: int = 16,
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     problem, b = prepare(model, inputs, baselines, target)
     x = problem.x
-    span = (x.amax(1) - x.amin(1)).clamp_min(1e-12)  # [B]: each row's own range
+    span = (x.amax(1) - x.amin(1)).clamp_min(1e-12) if x.shape[1] else \
+        x.new_ones(x.shape[0])  # [B]: each row's own range (no features: no noise to scale)
     res = noise_tunnel(gradient_x_input, model, inputs, baselines=problem.unflatten(b),
                        target=target, nt_samples=samples, stdevs=sigma * span, seed=seed)
     return result(problem, res.attributions.reshape(x.shape), b, res.evaluations)

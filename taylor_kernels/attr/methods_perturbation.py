@@ -20,7 +20,8 @@ import math
 import torch
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
-from taylor_kernels.attr.methods_common import built_values, prepare, result, values
+from taylor_kernels.attr.methods_common import (built_values, check_background, prepare, result,
+                                                values)
 from taylor_kernels.numerics import seeded_generator
 
 EXACT_SHAPLEY_MAX_D = 12
@@ -102,9 +103,7 @@ def prediction_difference(model, inputs, background, baselines=None,
     problem, b = prepare(model, inputs, baselines, target)
     x = problem.x
     B, D = x.shape
-    if not isinstance(background, torch.Tensor) or background.shape[1:] != inputs.shape[1:]:
-        raise ValueError(f"background must be a tensor [R, *{tuple(inputs.shape[1:])}]")
-    bg = background.to(x).reshape(background.shape[0], D)                   # [R, D]
+    bg = check_background(background, inputs).to(x).reshape(background.shape[0], D)                   # [R, D]
     R = bg.shape[0]
 
     def build(k: torch.Tensor) -> torch.Tensor:  # point 0: x; point 1 + i R + j: x_i := r_ji

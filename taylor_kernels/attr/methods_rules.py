@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taylor_kernels.attr.integrated_gradients import AttributionResult
-from taylor_kernels.attr.methods_common import prepare, result
+from taylor_kernels.attr.methods_common import check_background, prepare, result
 from taylor_kernels.engine.problem import select_target
 from taylor_kernels.models.module_kinds import runs_torch_forward
 
@@ -175,9 +175,7 @@ def deepshap(model, inputs, background, baselines=None, target=None) -> Attribut
     """DeepSHAP: DeepLIFT Rescale averaged over ``background [R, ...]`` references; the gap is
     against ``baselines`` (default zeros)."""
     layers, problem, b, x, shape = _setup(model, inputs, baselines, target)
-    if not isinstance(background, torch.Tensor) or background.shape[1:] != inputs.shape[1:]:
-        raise ValueError(f"background must be a tensor [R, *{tuple(inputs.shape[1:])}]")
-    bg = background.to(x)
+    bg = check_background(background, inputs).to(x)
     attr = torch.zeros_like(problem.x)
     for r in bg:
         ref = r.unsqueeze(0).expand(shape)
@@ -191,7 +189,10 @@ def _lrp(layers, problem, x: torch.Tensor, affine_rule) -> torch.Tensor:
     R, index)`` at affine layers, reshape through Flatten, pass through activations."""
     acts = _activations(layers, x)
     R = _output_seed(problem, acts[-1]) * acts[-1]
-    first = next(i for i, layer in enumerate(layers) if isinstance(layer, AFFINE))
+    first = next((i for i, layer in enumerate(layers) if isinstance(layer, AFFINE)), None)
+    if first is None:
+        raise ValueError("LRP needs a Linear or Conv layer in the model: its rules redistribute "
+                         "relevance at affine layers, and this model has none")
     for i in range(len(layers) - 1, -1, -1):
         layer, a = layers[i], acts[i]
         if isinstance(layer, nn.Flatten):

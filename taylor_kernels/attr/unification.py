@@ -235,6 +235,9 @@ def allocation(name: str, kappa: tuple[int, ...], inputs: torch.Tensor, baseline
         raise ValueError("allocation probes one input at a time: inputs must be [1, ...]")
     b = torch.zeros_like(inputs) if baselines is None else torch.as_tensor(baselines).to(
         inputs).expand_as(inputs)
+    if not kappa:
+        raise ValueError("kappa must name at least one feature (the term Delta^kappa of the "
+                         "empty multiset is the constant f(b), which no method shares)")
     term = float(torch.prod((inputs - b).reshape(-1)[list(kappa)]))
     if term == 0:
         raise ValueError(f"the term Delta^kappa is 0 for kappa={kappa}: shares are undefined")
@@ -278,12 +281,19 @@ def itemized_terms(model, inputs, baselines=None, target=None, *, order: int = 3
     return terms, top
 
 
-def select_terms(terms: list[Term], max_terms: int) -> list[Term]:
-    """The ``max_terms // 2`` largest single-feature terms and as many largest interactions."""
-    single = sorted((t for t in terms if len(t.support) == 1), key=lambda t: -abs(t.value))
-    inter = sorted((t for t in terms if len(t.support) > 1), key=lambda t: -abs(t.value))
-    half = max(max_terms // 2, 1)
-    return [t for t in single[:half] + inter[:half] if t.value != 0]
+def select_terms(terms: list[Term], max_terms: int, rtol: float = 0.0) -> list[Term]:
+    """At most ``max_terms`` terms: the ``ceil(max_terms / 2)`` largest single-feature terms
+    and the ``floor(max_terms / 2)`` largest interactions (a class with fewer leaves its places
+    to the other), each larger than ``rtol`` times the largest ``|T|``: a term at round-off
+    level (an additive model's interactions, ``|T|`` 3e-15 in float64, 1e-6 in float32,
+    from the polarization of its mixed partials) is no term, and scored interaction shares
+    where the model has none."""
+    floor = rtol * max((abs(t.value) for t in terms), default=0.0)
+    kept = [t for t in terms if abs(t.value) > floor]
+    single = sorted((t for t in kept if len(t.support) == 1), key=lambda t: -abs(t.value))
+    inter = sorted((t for t in kept if len(t.support) > 1), key=lambda t: -abs(t.value))
+    n_single = min(len(single), max(max_terms - len(inter), (max_terms + 1) // 2))
+    return single[:n_single] + inter[:max_terms - n_single]
 
 
 def principle_departures(terms: list[Term], weights: torch.Tensor) -> tuple[float, float]:

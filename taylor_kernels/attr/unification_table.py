@@ -102,6 +102,18 @@ class UnificationTable:
         return fig
 
 
+ROUNDOFF_TERMS = 64  # eps of the input dtype times this, relative to the largest: round-off
+P1_UNDEFINED = "P1 n/a: f(x) - f(b) is 0 to round-off"
+
+
+def _relative_gap(gap: float, delta: float, fx: float, dtype: torch.dtype) -> float:
+    """P1 = ``|gap| / |f(x) - f(b)|``, NaN where ``f(x) - f(b)`` is 0 to round-off (an even
+    model with ``b = -x``, or ``x = b``: a 1e-17 gap of IG, a complete method, read 7.5e283)."""
+    if abs(delta) <= ROUNDOFF_TERMS * torch.finfo(dtype).eps * max(abs(fx), abs(fx - delta)):
+        return float("nan")
+    return abs(gap) / abs(delta)
+
+
 def _summaries(terms: list[Term], W: torch.Tensor) -> tuple[float, float, float]:
     """Magnitude-weighted mean owner share, member total and outside ``sum |w|``."""
     acc = {"self": [0.0, 0.0], "members": [0.0, 0.0], "outside": [0.0, 0.0]}
@@ -138,7 +150,8 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
     Args:
         model, inputs, baselines, target: as :func:`taylor_decomposition` (``B = 1``).
         order: Taylor order of the decomposition (residual) and of the itemized terms;
-        max_terms: terms probed (half single-feature, half interactions, largest ``|T|``);
+        max_terms: terms probed at most (half single-feature, half interactions, largest
+            ``|T|``; terms at round-off level, below ``64 eps`` of the largest, are none);
         max_sets: itemize an order only if it has at most this many multisets;
         settings: :class:`MethodSettings` or a dict of its fields (background, sample
             counts, seed).
@@ -161,7 +174,7 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
     dec = taylor_decomposition(model, inputs, baselines, target, order=order)
     terms, top = itemized_terms(model, inputs, baselines, target, order=order,
                                 max_sets=max_sets)
-    probed = select_terms(terms, max_terms)
+    probed = select_terms(terms, max_terms, ROUNDOFF_TERMS * torch.finfo(inputs.dtype).eps)
     total = sum(abs(t.value) for t in terms)
     rows = []
     for name in methods:
@@ -172,18 +185,19 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
             continue
         res = run_method(name, model, inputs, baselines, target, settings)
         delta = float(dec.fx[0] - dec.fb[0])
-        p1 = abs(float(res.gap[0])) / max(abs(delta), 1e-300)
+        p1 = _relative_gap(float(res.gap[0]), delta, float(dec.fx[0]), inputs.dtype)
+        undefined = [P1_UNDEFINED] if math.isnan(p1) else []
         if name == "grad_cam" or not probed:
             rows.append(MethodRow(name, p1, None, None, None, None, None,
-                                  time.perf_counter() - t0,
-                                  "no probe: needs a convolution" if name == "grad_cam" else
-                                  _no_terms_note(top, order, max_sets)))
+                                  time.perf_counter() - t0, "; ".join(undefined + [
+                                      "no probe: needs a convolution" if name == "grad_cam"
+                                      else _no_terms_note(top, order, max_sets)])))
             continue
         W = torch.stack([allocation(name, t.kappa, inputs, baselines, settings)
                          for t in probed])
         p2, p3 = principle_departures(probed, W)
         rows.append(MethodRow(name, p1, p2, p3, *_summaries(probed, W),
-                              seconds=time.perf_counter() - t0))
+                              seconds=time.perf_counter() - t0, note="; ".join(undefined)))
     return UnificationTable(rows, float(dec.fx[0] - dec.fb[0]), float(dec.residual[0]), order,
                             top, len(probed),
                             sum(abs(t.value) for t in probed) / max(total, 1e-300))
