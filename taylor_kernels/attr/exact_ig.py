@@ -105,9 +105,10 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
         used[rows.cpu()] = S * problem.K
     regions = plan.regions
     over = ~ok
-    if flat is not None and getattr(problem.model, "COMPLETE", True):  # an exact sum is
-        # complete to rounding, or the trace did not follow
-        missed = ok & ~_complete(flat, problem.x.dtype, fx, fb)  # the model along the path
+    if flat is not None:  # an exact sum is complete to rounding, or the trace did not follow
+        factor = getattr(problem.model, "path_factor", None)  # (sums without x - b: times it)
+        scaled = flat if factor is None else flat * factor(problem).to(flat)
+        missed = ok & ~_complete(scaled, problem.x.dtype, fx, fb)  # the model along the path
         if missed.any():  # (a broadcast, a hook, an in-place op: wrong numbers, silently)
             _warn(f"{int(missed.sum())} input(s)' exact sums miss completeness beyond rounding "
                   "(the traced graph does not follow the model along the path); using "

@@ -137,6 +137,18 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
 
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
+def without_exact_rule(ig_kwargs: dict) -> dict:
+    """``ig_kwargs`` with ``rule='exact'`` replaced by ``'adaptive'``, with a warning: layer
+    IG replaces the layer's output by a hook, which the traced graph cannot follow (its
+    "exact" numbers were wrong wherever the check of the ends passed, f(x) = f(b); the
+    multi-layer path fell back blaming torch.fx)."""
+    if ig_kwargs.get("rule") != "exact":
+        return ig_kwargs
+    warn("rule='exact': layer IG replaces the layer's output by a hook, which the traced "
+         "graph cannot follow; falling back to rule='adaptive'", RuntimeWarning)
+    return {**ig_kwargs, "rule": "adaptive"}
+
+
 def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=None,
                                target=None, *, attribute_to_layer_input: bool = False,
                                additional_forward_args=None, **ig_kwargs) -> AttributionResult:
@@ -168,11 +180,7 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
     fargs = (() if additional_forward_args is None else additional_forward_args
              if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
-    if ig_kwargs.get("rule") == "exact":  # the trace cannot see the layer-replacement hook:
-        # its "exact" numbers were wrong wherever the check of the ends passed (f(x) = f(b))
-        warn("rule='exact': layer IG replaces the layer's output by a hook, which the "
-             "traced graph cannot follow; falling back to rule='adaptive'", RuntimeWarning)
-        ig_kwargs = {**ig_kwargs, "rule": "adaptive"}
+    ig_kwargs = without_exact_rule(ig_kwargs)
 
     def capture(args):
         acts, out = layer_activations(model, layer, args[:len(tup)], args[len(tup):],

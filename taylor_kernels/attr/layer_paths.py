@@ -33,7 +33,7 @@ import torch
 from taylor_kernels import backends
 from taylor_kernels.attr.arguments import forward_args, inputs_tuple
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
-from taylor_kernels.attr.layer import _baseline_inputs
+from taylor_kernels.attr.layer import _baseline_inputs, without_exact_rule
 from taylor_kernels.attr.layer_budget import check_held, layer_ig_bytes, layer_space_bytes
 from taylor_kernels.attr.layer_capture import Layers
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
@@ -77,6 +77,7 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
     spec = Layers(layers, attribute_to_layer_input)
     bls = _baseline_inputs(baselines, tup)
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
+    ig_kwargs = without_exact_rule(ig_kwargs)
     check_held(lambda args: spec.capture(model, args), tup, bls, fargs,
                ig_kwargs.get("max_memory"), layer_ig_bytes, chunk_size=ig_kwargs.get("chunk_size"))
     if multiply_by_inputs:  # two small forwards, as Captum's

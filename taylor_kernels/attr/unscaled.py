@@ -33,10 +33,6 @@ class Unscaled:
     model's own additional arguments.
     """
 
-    # its gradients are not those of its values (by construction): the sums of a path do not
-    # add up to f(x) - f(b), so rule="exact" cannot check them by completeness
-    COMPLETE = False
-
     def __init__(self, model: Callable, n: int):
         self.model, self.n = model, n
 
@@ -46,6 +42,14 @@ class Unscaled:
         (:func:`~taylor_kernels.engine.chunking.owner_for`), apart from the model's own (a
         point here carries its baseline and difference too)."""
         return chunking.owner_for(self.model, "unscaled") or self
+
+    def path_factor(self, problem) -> torch.Tensor:
+        """``d = x - b`` flattened like the problem's points, ``[B, D]``: its gradients are
+        not those of its values (by construction), so a path's sums add up to
+        ``f(x) - f(b)`` only times ``d``, which ``rule="exact"`` checks (its sums were not
+        checked at all: an in-place op the trace missed went 4x off silently)."""
+        ds = problem.forward_args[self.n:2 * self.n]
+        return torch.cat([d.reshape(d.shape[0], -1) for d in ds], dim=1)
 
     def __call__(self, *args):
         n = self.n

@@ -18,6 +18,7 @@ reproduces the model's outputs (a model with hooks or value-dependent Python is 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,13 @@ def trace(model, n_args: int, fresh: bool = False) -> tuple[nn.Module, fx.Graph,
     root = None if hit is MISS else hit[0].root()
     if root is not None:
         return root, hit[1], True
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise NotPiecewiseLinear("torch.fx cannot trace a TorchScript model (torch.jit.script "
+                                 "or torch.jit.trace); pass the Python module")
     tracer = _Tracer()
     try:
-        graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
+        with guards.proxy_hook_warning_ignored():
+            graph = tracer.trace(_Root(model), concrete_args=(PH,) * n_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: no exact rule
         raise NotPiecewiseLinear(f"torch.fx cannot trace the model ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from exc
@@ -91,7 +96,10 @@ def _refuse_visible_mutation(graph: fx.Graph, root: nn.Module) -> None:
 
 
 def _name(target) -> str:
-    return getattr(target, "__name__", str(target))
+    """A node's target as the user knows it (a module's path without the ``f.`` of the
+    tracing root :class:`_Root`)."""
+    name = getattr(target, "__name__", str(target))
+    return name.removeprefix("f.") if isinstance(target, str) else name
 
 
 class _PairInterpreter(fx.Interpreter):
@@ -350,21 +358,33 @@ def _checked_search(problem, fx_, fb, max_memory, fresh: bool):
     *traced, cached = trace(problem.model, len(problem.inputs) + len(problem.forward_args),
                             fresh)
     search = _Search(problem, tuple(traced), memory.parse_budget(max_memory, device))
-    try:
+    with graph_errors():
         found, start_out = search.build_cache(problem.B * problem.K, device)
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-        if memory.is_oom(exc) or isinstance(exc, getattr(torch, "AcceleratorError", ())):
-            raise  # (the user's to see, as elsewhere)
-        raise NotPiecewiseLinear(  # (a TypeError from inside the graph crashed the call)
-            f"the traced graph does not run on these arguments ({type(exc).__name__}: "
-            f"{str(exc)[:160]}; a forward that branches on an argument, as on `mask is not "
-            "None`?)") from exc
     try:
-        _check_trace(search, start_out, fx_, fb, device)
+        with graph_errors():
+            _check_trace(search, start_out, fx_, fb, device)
     except NotPiecewiseLinear as exc:  # only this failure can mean a stale cached trace (a
         exc.cached = cached  # model without an exact rule was traced twice on every call)
         raise
     return search, found, start_out
+
+
+@contextlib.contextmanager
+def graph_errors():
+    """Errors of the traced graph run on path pairs as :class:`NotPiecewiseLinear` (the
+    caller falls back): a ``TypeError`` from inside the graph, or a layout the pair rules do
+    not follow (a sequence-first residual stream, ``[T, N, C]`` beside ``[N, T, C]``: a shape
+    error from the cached affine nodes, which read dim 0 as the batch, crashed the call).
+    Out-of-memory and device errors stay the user's to see."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        if memory.is_oom(exc) or isinstance(exc, getattr(torch, "AcceleratorError", ())):
+            raise
+        raise NotPiecewiseLinear(
+            f"the traced graph does not run on these arguments ({type(exc).__name__}: "
+            f"{str(exc)[:160]}; a forward that branches on an argument, as on `mask is not "
+            "None`, or a layout whose first dimension is not the batch?)") from exc
 
 
 def _check_trace(search: _Search, start_out: torch.Tensor, fx_, fb, device) -> None:
@@ -423,7 +443,8 @@ def plan(problem: PathProblem, fx_: torch.Tensor, fb: torch.Tensor, *,
     path, t0, end = path[keep], t0[keep], end[keep]
     new_p, new_t = [sp], [st]
     while path.numel():
-        dt, multi, _ = search.run(path, t0, end=end)
+        with graph_errors():
+            dt, multi, _ = search.run(path, t0, end=end)
         stop = torch.minimum(t0 + dt, end)
         for r, d in multi:  # terminal kinks before the row's next other kink are breakpoints
             inside = t0[r] + d < stop[r] - ETA

@@ -381,32 +381,38 @@ def on_a_copy(run: Callable, points: torch.Tensor):
 
 
 _RECORDING = threading.local()  # this thread's callback while on_module_calls' block runs
-_HOOK_WARNING = ("ignore", re.compile(".*global hooks on modules", re.I), Warning, None, 0)
-_added_filters: list = []  # our entry while probes run, unless the user's equal one was there
+def ignored_warning(pattern: str) -> SharedSetting:
+    """A :class:`SharedSetting` ignoring warnings whose message matches ``pattern`` while any
+    of its blocks runs: one filter entry that overlapping blocks share, added and removed by
+    identity (``warnings.catch_warnings`` restores a snapshot of the whole list: two threads'
+    blocks left the filter behind, and undid filters other threads set meanwhile;
+    ``filterwarnings`` replaces a user's equal filter, which the removal then took away)."""
+    entry = ("ignore", re.compile(pattern, re.I), Warning, None, 0)
+    added: list = []  # our entry while blocks run, unless the user's equal one was there
 
+    def add() -> None:
+        if entry not in warnings.filters:  # (compiled patterns compare by pattern)
+            warnings.filters.insert(0, entry)
+            added.append(entry)
 
-def _add_hook_warning_filter() -> None:
-    if _HOOK_WARNING not in warnings.filters:  # (compiled patterns compare by pattern)
-        warnings.filters.insert(0, _HOOK_WARNING)
-        _added_filters.append(_HOOK_WARNING)
+    def remove() -> None:
+        while added:
+            mine = added.pop()
+            for i, f in enumerate(warnings.filters):
+                if f is mine:
+                    del warnings.filters[i]
+                    break
 
-
-def _remove_hook_warning_filter() -> None:
-    while _added_filters:
-        entry = _added_filters.pop()
-        for i, f in enumerate(warnings.filters):
-            if f is entry:
-                del warnings.filters[i]
-                break
+    return SharedSetting(add, remove)
 
 
 # torch's warning that a compiled module runs with global hooks, ignored while probes record
-# modules: one filter entry that overlapping probes share, added and removed by identity
-# (``warnings.catch_warnings`` restores a snapshot of the whole list: two threads' probes left
-# the filter behind, and undid filters other threads set meanwhile; ``filterwarnings``
-# replaces a user's equal filter, which the removal then took away)
-_global_hook_warning_ignored = SharedSetting(_add_hook_warning_filter,
-                                             _remove_hook_warning_filter)
+# modules
+_global_hook_warning_ignored = ignored_warning(".*global hooks on modules")
+# torch's warning that a module with a full backward hook returned a non-tensor, which every
+# such module does while torch.fx traces it (its output is a Proxy)
+proxy_hook_warning_ignored = ignored_warning(
+    "For backward hooks to be called, module output should be a Tensor")
 
 
 def _record_module(module, args):

@@ -48,7 +48,8 @@ from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
-                                          check_model, modules_of, row_coupling_allowed)
+                                          check_model, modules_of,
+                                          proxy_hook_warning_ignored, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.no_grad_blocks import respecting_no_grad, warn_if_backward_hooks
 from taylor_kernels.engine.problem import class_indices
@@ -273,7 +274,8 @@ def _trace_graph(f, args: tuple, by_value: bool) -> Traced | None:
     for leaf_children in (False, True):
         tracer = _Tracer(leaf_children)
         try:
-            with torch.enable_grad():  # (only the forward's own no_grad blocks mark nodes)
+            # (only the forward's own no_grad blocks mark nodes)
+            with torch.enable_grad(), proxy_hook_warning_ignored():
                 graph = tracer.trace(call, concrete_args=placeholders)
         except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
             continue
