@@ -21,9 +21,13 @@ a step cut short by the budget is recorded as stopped, one that no longer fits a
 7. ``graphs``    the chunk loop with CUDA graphs (``tk.cuda_graphs``) vs eager, CNN and GPT-2
                  (bench/gpu_graphs.py: times, ratio, agreement, chunks served by a graph);
 8. ``jet``       jets vs nested jvp (family ``jet``; the fused ops are timed in ``ops``);
-9. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``);
+9. ``hessian``   Integrated Hessians vs path_explain's torch port (family ``hessian``;
+                 ``incomplete`` without a path_explain row that carries no error);
 10. ``memcheck`` ``compute-sanitizer --tool memcheck`` over the ops' short check run (last: it
                  gives no figure the issue asks for, so the budget cuts it first).
+
+The family steps (5, 8, 9) run bench/run.py, which exits 1 when a row failed: such a step
+is recorded as failed, with its tables.
 
 The per-step limits add up to more than the budget: each is a step's worst case, and the
 budget cuts whatever comes last, hence this order.
@@ -200,7 +204,8 @@ def build(c: Check) -> None:
         env["PATH"] = f"/usr/local/cuda/bin{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("CUDACXX", "/usr/local/cuda/bin/nvcc")
     probe = ("from taylor_kernels import _native; import sys; ok = _native.has_cuda_kernels(); "
-             "print('CUDA kernels loaded:', ok, _native.LOAD_ERROR or ''); sys.exit(0 if ok else 1)")
+             "print('CUDA kernels loaded:', ok, _native.LOAD_ERROR or ''); "
+             "sys.exit(0 if ok else 1)")
     c.run("build", ["bash", "-c", f"{c.py} -m pip install --no-build-isolation --no-deps "
                     f"--no-index -e . && {c.py} -c \"{probe}\""], 240,
           note=f"sm_{env['TAYLOR_KERNELS_CUDA_ARCHS']}", env=env)
@@ -292,14 +297,29 @@ def family(c: Check, step: str, timeout: float) -> dict | None:
     return c.read_part(path.name)
 
 
+def missing_rows(result, marker: str, why: str) -> str | None:
+    """Why ``result`` lacks a usable row whose ``method`` (or ``name``) names ``marker`` (none,
+    or one with an error), else None. The rows themselves, not the JSON's text: the hessian
+    family's notes name path_explain whether its rows are there or not."""
+    from taylor_kernels.benchmarks.report import iter_rows
+    rows = [r for r in iter_rows(result or {})
+            if marker in str(r.get("method", r.get("name", "")))]
+    if not rows:
+        return f"no {marker} rows: {why}"
+    errors = [r["error"] for r in rows if "error" in r]
+    return f"{marker} rows failed: {errors[0]}" if errors else None
+
+
 def require_rows(c: Check, result, marker: str, why: str) -> None:
-    """On a GPU run, mark the last step ``incomplete`` when it passed without any row naming
-    ``marker`` (the Integrated Hessians family passed without path_explain's rows, the
-    comparison the issue asks for)."""
+    """On a GPU run, mark the last step ``incomplete`` when it passed without usable rows
+    naming ``marker`` (the Integrated Hessians family without path_explain's, the comparison
+    the issue asks for)."""
     step = c.steps[-1]
-    if not c.dry and step["status"] == "passed" and marker not in json.dumps(result or {}):
-        step.update(status="incomplete",
-                    note="; ".join(filter(None, [step["note"], f"no {marker} rows: {why}"])))
+    if c.dry or step["status"] != "passed":
+        return
+    missing = missing_rows(result, marker, why)
+    if missing:
+        step.update(status="incomplete", note="; ".join(filter(None, [step["note"], missing])))
 
 
 def write_json(path: Path, data) -> None:

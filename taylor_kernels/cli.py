@@ -1,7 +1,8 @@
 """Command line: ``taylor-kernels info | demo | bench``.
 
 Bad command lines (unknown flags, a ``--device`` that is not a usable device, an ``--out`` that
-cannot be written) end with one line on stderr and exit code 2, before any work starts.
+is empty or cannot be written; for ``bench`` also an invalid ``TAYLOR_KERNELS_BACKEND``) end
+with one line on stderr and exit code 2, before any work starts.
 """
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """The command line rejects bad command lines with one line on stderr and exit code 2, before
-any work starts: unknown flags, bad ``--device`` values, an unwritable ``bench --out``."""
+any work starts: unknown flags, bad ``--device`` values, an unwritable ``bench --out``; and the
+bench runner's exit status and results file (failed rows, Ctrl-C)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,3 +114,81 @@ def test_console_entry_point_prints_no_traceback():
              and not line.startswith("  ")]  # an unbuilt extension's warning is allowed
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("taylor-kernels bench: error: argument --device: 'gpu'")
+
+
+def _family(run):
+    """A benchmark family whose ``run`` is ``run`` and whose table is its name."""
+    return SimpleNamespace(run=run, tables=lambda result: [f"table {sorted(result)}"])
+
+
+def _bench(tmp_path, *argv, prog="taylor-kernels bench"):
+    return benchmarks.main(["--smoke", "--device", "cpu", "--out", str(tmp_path / "b.json"),
+                            *argv], prog=prog)
+
+
+def test_bench_with_an_invalid_backend_variable_exits_2_with_one_line(capsys, monkeypatch,
+                                                                    tmp_path):
+    """It ended in a traceback from the machine info; ``info`` reports it, bench stops."""
+    from taylor_kernels import backends
+    monkeypatch.setattr(benchmarks, "FAMILIES", {"path_ops": _MustNotRun})
+    monkeypatch.setitem(backends._default, "name", "bogus")
+    code, err = _exit_code_and_err(["bench", "--only", "path_ops", "--device", "cpu", "--out",
+                                    str(tmp_path / "b.json")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "'bogus'" in err, err
+    assert err.startswith("taylor-kernels bench: error:"), err
+
+
+def test_bench_runs_a_family_named_twice_once(tmp_path, monkeypatch, capsys):
+    runs = []
+    monkeypatch.setattr(benchmarks, "FAMILIES", {"jet": _family(
+        lambda tier, device, log: runs.append(tier) or {"rows": []})})
+    assert _bench(tmp_path, "--only", "jet,jet", "--only", "jet") == 0
+    assert runs == ["smoke"] and capsys.readouterr().out.count("table ") == 1
+
+
+def test_bench_errors_name_the_runner_they_came_from(tmp_path, capsys):
+    """``python bench/run.py --only nope`` said ``taylor-kernels bench: error``."""
+    with pytest.raises(SystemExit) as info:
+        _bench(tmp_path, "--only", "nope", prog="python bench/run.py")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("python bench/run.py: error:"), err
+
+
+def test_bench_empty_out_is_an_error_not_the_default_path(capsys, monkeypatch):
+    """``--out ""`` silently wrote the default file in the repository."""
+    monkeypatch.setattr(benchmarks, "FAMILIES", {"path_ops": _MustNotRun})
+    code, err = _exit_code_and_err(["bench", "--only", "path_ops", "--device", "cpu", "--out",
+                                    ""], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--out" in err, err
+
+
+def test_bench_interrupted_keeps_the_finished_families_and_exits_130(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C lost every finished family (the JSON was written at the end only)."""
+    out = tmp_path / "b.json"
+
+    def interrupted(tier, device, log):
+        assert list(json.loads(out.read_text())["families"]) == ["path_ops"]  # written already
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmarks, "FAMILIES", {
+        "path_ops": _family(lambda tier, device, log: {"rows": [{"median_s": 1.0}]}),
+        "jet": _family(interrupted)})
+    assert _bench(tmp_path, "--only", "path_ops,jet") == 130
+    data = json.loads(out.read_text())
+    assert list(data["families"]) == ["path_ops"] and data["finished"] is False
+    err = capsys.readouterr().err
+    assert "interrupted" in err and str(out) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_bench_exits_1_when_a_row_failed(skipped, tmp_path, monkeypatch, capsys):
+    """Every comparison row could fail and the runner (and gpu_check's steps) said 0; a case
+    skipped for a missing optional package is no failure."""
+    row = {"case": "mlp", "method": "captum", "error": "ImportError: no captum"}
+    monkeypatch.setattr(benchmarks, "FAMILIES", {"ig_vs_captum": _family(
+        lambda tier, device, log: {"rows": [{**row, "skipped": skipped}]})})
+    assert _bench(tmp_path, "--only", "ig_vs_captum") == (0 if skipped else 1)
+    err = capsys.readouterr().err
+    assert ("FAILED ig_vs_captum mlp captum: ImportError: no captum" in err) != skipped, err
+    assert json.loads((tmp_path / "b.json").read_text())["finished"] is True

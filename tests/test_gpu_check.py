@@ -296,16 +296,30 @@ def test_captum_found_but_not_importable_is_a_missing_module(tmp_path, monkeypat
 
 
 def test_the_hessian_step_without_path_explain_rows_is_incomplete(tmp_path, monkeypatch):
-    """It was recorded "passed" with the comparison the issue asks for missing."""
+    """It was recorded "passed" with the comparison the issue asks for missing: the family's
+    own notes name path_explain, so only its rows can tell (and a failed row does not count)."""
+    import torch
+
+    from taylor_kernels.benchmarks import cases_hessian
     gpu_check = _load_gpu_check()
+    monkeypatch.setattr(cases_hessian, "load_path_explain", lambda: None)  # not importable
+    hessian = cases_hessian.run("smoke", torch.device("cpu"), log=lambda m: None)
+    assert any("path_explain" in note for note in hessian["notes"])
+    ours = list(hessian["ih_rows"])
+    result = {"schema": 1, "families": {"hessian": hessian}}  # what family() reads back
     c = _check(gpu_check, tmp_path, monkeypatch)
     c.dry = False
-    c.record("hessian", "passed")
-    gpu_check.require_rows(c, {"rows": [{"method": "tk.integrated_hessians"}]}, "path_explain",
-                           "not importable")
-    assert c.steps[-1]["status"] == "incomplete"
-    assert c.steps[-1]["note"] == "no path_explain rows: not importable"
-    c.record("hessian", "passed")
-    gpu_check.require_rows(c, {"rows": [{"method": "path_explain interactions"}]},
-                           "path_explain", "not importable")
-    assert c.steps[-1]["status"] == "passed"
+
+    def step_with(extra_rows):
+        c.record("hessian", "passed")
+        hessian["ih_rows"] = ours + extra_rows
+        gpu_check.require_rows(c, result, "path_explain", "not importable")
+        return c.steps[-1]
+
+    missing = step_with([])
+    assert missing["status"] == "incomplete"
+    assert missing["note"] == "no path_explain rows: not importable"
+    theirs = {**ours[0], "method": "path_explain interactions"}
+    assert step_with([theirs])["status"] == "passed"
+    failed = step_with([{**theirs, "error": "RuntimeError: out of memory"}])
+    assert failed["status"] == "incomplete" and "out of memory" in failed["note"]

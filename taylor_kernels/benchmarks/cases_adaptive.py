@@ -23,7 +23,7 @@ import torch
 
 import taylor_kernels as tk
 from taylor_kernels.benchmarks import models
-from taylor_kernels.benchmarks.report import fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_time, format_table
 from taylor_kernels.benchmarks.timing import measure
 
 TOL = 1e-4
@@ -121,8 +121,7 @@ def run(tier: str, device: torch.device, log=print) -> dict:
                 row = run_case(name, spec, train_steps, dtype_name, batch, device,
                                trained=model, log=log)
             except Exception as exc:  # noqa: BLE001
-                row = {"case": name, "dtype": dtype_name,
-                       "error": f"{type(exc).__name__}: {exc}"[:500]}
+                row = {"case": name, "dtype": dtype_name, "error": error_text(exc)}
                 log(f"[adaptive_evals]   {name} {dtype_name}: FAILED {row['error']}")
             row["train_accuracy"] = acc
             rows.append(row)

@@ -23,7 +23,7 @@ import torch
 
 import taylor_kernels as tk
 from taylor_kernels.benchmarks import models
-from taylor_kernels.benchmarks.report import fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_time, format_table
 from taylor_kernels.benchmarks.timing import measure
 
 STEPS = 50
@@ -143,7 +143,8 @@ def run(tier: str, device: torch.device, log=print) -> dict:
     for name, spec, train, dtypes, batch in CASES[tier]:
         built = _build(spec, train, batch, device)
         if built is None:
-            rows.append({"case": name, "error": "needs scikit-learn (digits data set)"})
+            rows.append({"case": name, "skipped": True,
+                         "error": "needs scikit-learn (digits data set)"})
             log(f"[exact] {name}: skipped (needs scikit-learn)")
             continue
         log(f"[exact] {name}: batch {batch}")
@@ -151,8 +152,7 @@ def run(tier: str, device: torch.device, log=print) -> dict:
             try:
                 rows.append(run_case(name, *built, dtype_name, REPEATS[tier], device, log))
             except Exception as exc:  # noqa: BLE001
-                rows.append({"case": name, "dtype": dtype_name,
-                             "error": f"{type(exc).__name__}: {exc}"[:500]})
+                rows.append({"case": name, "dtype": dtype_name, "error": error_text(exc)})
                 log(f"[exact]   {name} {dtype_name}: FAILED {rows[-1]['error']}")
     notes = ["regions = linear regions the path from the zero baseline crosses (per input); "
              "rel gap = max over inputs of |sum(attr) - (f(x) - f(0))| / |f(x) - f(0)|",

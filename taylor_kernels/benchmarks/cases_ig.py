@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from taylor_kernels.benchmarks.report import fmt_bytes, fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_bytes, fmt_time, format_table
 
 STEPS = 50
 MLP = {"model": "mlp", "d_in": 784, "hidden": 256, "classes": 10, "act": "tanh", "seed": 0}
@@ -40,7 +40,8 @@ METHODS = {
 
 def run_probe(spec: dict, timeout: float = 900, worker: str = "memprobe") -> dict:
     """Run a worker (:mod:`memprobe`, or :mod:`interleaved`) in a fresh interpreter and parse
-    its result line."""
+    its result line. A failure raises with the end of its stderr, whose last line is the
+    cause (callers keep that end: :func:`report.error_text`)."""
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     root = str(Path(__file__).resolve().parents[2])  # importable from a checkout, too
@@ -74,7 +75,7 @@ def run(tier: str, device: torch.device, log=print) -> dict:
                 try:
                     row.update(run_probe(spec))
                 except Exception as exc:  # noqa: BLE001
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                    row["error"] = error_text(exc)
                     log(f"[ig_vs_captum]   {method}: FAILED {row['error']}")
                     rows.append(row)
                     continue

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from taylor_kernels.benchmarks.cases_ig import CNN, MLP, TINY, run_probe
-from taylor_kernels.benchmarks.report import fmt_bytes, fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_bytes, fmt_time, format_table
 
 # (case name, model spec, batch, {method: extra spec})
 CASES = {
@@ -47,7 +47,7 @@ def _row(tmp: str, name: str, spec: dict, batch: int, method: str, extra: dict, 
     try:
         row.update(run_probe(probe))
     except Exception as exc:  # noqa: BLE001  (a failed probe is reported, not fatal)
-        row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        row["error"] = error_text(exc, 400)
         return row, None
     row["per_input_s"] = row["median_s"] / batch
     return row, torch.load(path)

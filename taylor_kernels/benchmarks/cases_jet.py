@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import taylor_kernels as tk
-from taylor_kernels.benchmarks.report import fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_time, format_table
 from taylor_kernels.benchmarks.timing import Timing, measure
 from taylor_kernels.reference import jet as ref
 
@@ -229,7 +229,7 @@ def run(tier: str, device: torch.device, log=print) -> dict:
             try:
                 row = directional_row(name, spec, B, M, K, device, repeats)
             except Exception as exc:  # noqa: BLE001
-                row = {"case": name, "K": K, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                row = {"case": name, "K": K, "error": error_text(exc, 300)}
             directional.append(row)
             log(f"[jet] {name} K={K}: " + (f"ours {fmt_time(row['ours_s'])}, nested "
                 f"{fmt_time(row['nested_s'])}, x{row['speedup']:.1f}" if "error" not in row
@@ -271,6 +271,7 @@ def tables(result: dict) -> list[str]:
                  ("speedup", "speedup", ".1f"), ("fused_gbps", "fused GB/s", ".2f"),
                  ("fused_gflops", "fused GFLOP/s", ".2f"), ("eager_gbps", "eager GB/s", ".2f"),
                  ("rel_err", "rel err", ".1e")]
-        out.append(format_table("jet: fused jet_unary / jet_mul / polarize_contract vs eager reference", result["unary"],
-                                ucols, result["notes"][:1] + result["notes"][2:]))
+        out.append(format_table(
+            "jet: fused jet_unary / jet_mul / polarize_contract vs eager reference",
+            result["unary"], ucols, result["notes"][:1] + result["notes"][2:]))
     return out

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from taylor_kernels.benchmarks.cases_ig import run_probe
-from taylor_kernels.benchmarks.report import fmt_bytes, fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_bytes, fmt_time, format_table
 
 STEPS = 64
 BIG_STEPS = 8  # the ~100M config: 32 targets x 8 nodes of ~160 tokens for Captum
@@ -213,7 +213,7 @@ def run(tier: str, device: torch.device, log=print) -> dict:
                                isolated_time_s=probe["median_s"])
                     attrs[method] = torch.load(path).double()
                 except Exception as exc:  # noqa: BLE001
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                    row["error"] = error_text(exc)
                     log(f"[llm]   {method}: FAILED {row['error']}")
                 case_rows.append(row)
             _interleaved_times(case_rows, base, repeats, log)
@@ -241,8 +241,8 @@ def _interleaved_times(rows: list[dict], base: dict, rounds: int, log) -> None:
                           timeout=7200, worker="interleaved")
     except Exception as exc:  # noqa: BLE001
         for r in ok:
-            r["error"] = f"timing: {type(exc).__name__}: {exc}"[:500]
-        log(f"[llm]   timing FAILED {exc}")
+            r["error"] = f"timing: {error_text(exc)}"
+        log(f"[llm]   timing FAILED {error_text(exc)}")
         return
     for r in ok:
         r.update(times[r["method"]])

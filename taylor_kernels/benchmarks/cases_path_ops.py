@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import taylor_kernels as tk
-from taylor_kernels.benchmarks.report import fmt_time, format_table
+from taylor_kernels.benchmarks.report import error_text, fmt_time, format_table
 from taylor_kernels.benchmarks.timing import measure
 from taylor_kernels.reference.path import accumulation_dtype
 
@@ -175,7 +175,7 @@ def run(tier: str, device: torch.device, log=print) -> dict:
                     with tk.backends.using(variant if variant != "eager" else "auto"):
                         t = measure(fn, warmup=1, repeats=repeats, device=device)
                 except Exception as exc:  # noqa: BLE001  (record, keep benchmarking the rest)
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    row["error"] = error_text(exc, 300)
                     rows.append(row)
                     log(f"[path_ops]   {op} {variant}: FAILED {row['error']}")
                     continue

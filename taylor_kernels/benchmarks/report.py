@@ -1,10 +1,11 @@
-"""Aligned text tables and the JSON results file."""
+"""Aligned text tables, row errors and the JSON results file."""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 Column = tuple[str, str, "str | Callable[[object], str]"]  # (row key, header, format)
 
@@ -28,6 +29,22 @@ def fmt_bytes(n) -> str:
     return f"{n:.0f} B"
 
 
+def one_line(text: str) -> str:
+    """``text``'s non-blank lines joined by `` | ``: a multi-line message would break a table."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def error_text(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` of a failed row on one line, at most ``limit`` characters. A longer
+    one loses its middle, not its end: a subprocess's message ends with the exception that
+    says what went wrong."""
+    text = one_line(f"{type(exc).__name__}: {exc}")
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    return f"{text[:head]} ... {text[len(text) - (limit - head - 5):]}"
+
+
 def _cell(value, fmt) -> str:
     if value is None:
         return "-"
@@ -37,7 +54,7 @@ def _cell(value, fmt) -> str:
         return "yes" if value else "no"
     if isinstance(value, (int, float)) and fmt:
         return format(value, fmt)
-    return str(value)
+    return one_line(value)
 
 
 def format_table(title: str, rows: Sequence[dict], columns: Sequence[Column],
@@ -71,6 +88,29 @@ def _jsonable(obj):
     return obj
 
 
+def iter_rows(result) -> Iterator[dict]:
+    """Every row of a family's result (or of a whole results file): the dicts inside lists,
+    at any depth (``path_ops`` nests its rows in cases)."""
+    if isinstance(result, dict):
+        for value in result.values():
+            yield from iter_rows(value)
+    elif isinstance(result, list):
+        for item in result:
+            if isinstance(item, dict):
+                yield item
+            yield from iter_rows(item)
+
+
+def failed_rows(result) -> list[dict]:
+    """The rows whose measurement failed: an ``error`` and no ``skipped`` (a case left out for
+    a missing optional package is not a failure)."""
+    return [r for r in iter_rows(result) if "error" in r and not r.get("skipped")]
+
+
 def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and a rename: an interrupt mid-write leaves the previous
+    complete file, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    os.replace(tmp, path)

@@ -221,7 +221,10 @@ def test_bench_scale_smoke(tmp_path):
     for r in rows:
         assert r.get("median_s", 1) > 0
     assert all(r["loss_diff_vs_ours"] < 1e-5 for r in rows if r["case"] == "dapr_step")
-    assert all(r["rel_diff"] < 1e-4 for r in rows if r["case"] == "minilm" and "error" not in r)
+    minilm = [r for r in rows if r["case"] == "minilm" and "error" not in r and not
+              r.get("skipped")]
+    assert all(r["rel_diff"] < 1e-4 for r in minilm if r["rel_diff"] is not None)
+    assert sum(r["rel_diff"] is None for r in minilm) == (1 if minilm else 0)  # Captum's own
     assert [r["processes"] for r in rows if r["case"] == "distributed"] == [1, 2]
 
 
