@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _adaptive,
-                                                      _warn_if_gap_large)
+                                                      _warn_if_gap_large, completed)
 from taylor_kernels.engine import exact_path, path_engine
 from taylor_kernels.engine.exact_rules import NotPiecewiseLinear
 from taylor_kernels.engine.problem import PathProblem
@@ -49,8 +49,8 @@ def _fallback(problem: PathProblem, tol: float, fx, fb, only, engine_kw: dict):
     flat, evaluations, used = _adaptive(problem, tol, fx, fb, only=only, **engine_kw)
     rows = slice(None) if only is None else only.to(flat.device)
     delta = (fx - fb.mean(dim=1))[rows]
-    _warn_if_gap_large(flat.detach()[rows].sum(dim=1) - delta, delta, tol, "adaptive", tol,
-                       problem.x.dtype)
+    _warn_if_gap_large(completed(problem, flat.detach()[rows], rows).sum(dim=1) - delta,
+                       delta, tol, "adaptive", tol, problem.x.dtype)
     return flat, evaluations, used
 
 
@@ -106,9 +106,8 @@ def exact_integral(problem: PathProblem, fx: torch.Tensor, fb: torch.Tensor, *,
     regions = plan.regions
     over = ~ok
     if flat is not None:  # an exact sum is complete to rounding, or the trace did not follow
-        factor = getattr(problem.model, "path_factor", None)  # (sums without x - b: times it)
-        scaled = flat if factor is None else flat * factor(problem).to(flat)
-        missed = ok & ~_complete(scaled, problem.x.dtype, fx, fb)  # the model along the path
+        missed = ok & ~_complete(completed(problem, flat), problem.x.dtype, fx, fb)  # the model
+        # along the path (sums without the x - b factor: times it)
         if missed.any():  # (a broadcast, a hook, an in-place op: wrong numbers, silently)
             _warn(f"{int(missed.sum())} input(s)' exact sums miss completeness beyond rounding "
                   "(the traced graph does not follow the model along the path); using "

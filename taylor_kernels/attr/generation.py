@@ -27,7 +27,7 @@ from taylor_kernels import backends
 from taylor_kernels.attr.integrated_gradients import (DEFAULT_ADAPTIVE_TOL, _converged,
                                                       _warn_if_gap_large, check_rule_args)
 from taylor_kernels.engine import guards, path_engine, quadrature
-from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.engine.thread_hooks import hookable, this_thread
 from taylor_kernels.models import elementwise, hf, lm_head
 from taylor_kernels.models.outputs import lm_logits
 
@@ -279,6 +279,10 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
         raise ValueError("generation attribution has no exact rule (a causal LM is not "
                          "piecewise linear): use a fixed rule or rule='adaptive'")
     guards.check_model(model)  # train-mode dropout would make every number random
+    # every forward here carries a hook (the embedding's capture or replacement), which a
+    # torch.compile'd model's graphs ignore: its module runs them (as layer IG's do; with two
+    # target tokens the embedding was "never called")
+    model = hookable(model)
     hf.check_causal_lm(model)
     emb = hf.input_embeddings(model, layer)
     vocab = hf.vocab_size(emb, model)

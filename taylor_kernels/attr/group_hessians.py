@@ -81,7 +81,8 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
     """
     t, w_grad, w_hess = ih_rule(rule, steps)
     with backends.selected(backend):
-        problem = make_problem(model, inputs, baselines, target, additional_forward_args)
+        problem = make_problem(model, inputs, baselines, target, additional_forward_args,
+                               higher_order="group integrated Hessians")
         x, dev = problem.x, problem.x.device
         groups = feature_groups(feature_mask, problem.inputs)
         G, D = int(groups.max()) + 1, groups.numel()
@@ -108,7 +109,8 @@ def group_integrated_hessians(model, inputs, feature_mask, baselines=None, targe
                 diag.index_add_(0, b, grad)
 
         ig, n_ig = separate_ig(problem, ig_steps, kw)  # (before the pairs, as in IH)
-        n_hvp = path_engine.stream_pairs(problem, t, G, compute, consume, [out, diag], **kw)
+        n_hvp = path_engine.stream_pairs(problem, t, G, compute, consume, [out, diag],
+                                         same_call=(groups, w_grad, w_hess), **kw)
         out += torch.diag_embed(diag)
         ig_groups = ig @ onehot.T.to(ig.dtype)                                # [B, G]
     gap = (out.sum(2) - ig_groups).abs().amax(dim=1)

@@ -14,6 +14,7 @@ from taylor_kernels import backends
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
+from taylor_kernels.engine.distributed import holds_partial_sums
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.user_warnings import warn
 
@@ -76,6 +77,15 @@ def _converged(gap, delta, fine, coarse, tol: float, last: bool, labels) -> torc
     return met
 
 
+def completed(problem: PathProblem, flat: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+    """The sums whose total is ``f(x) - f(b)``: ``flat [..., n, D]`` of inputs ``rows``, times
+    ``x - b`` for a model whose sums lack that factor (``path_factor``: Captum's
+    ``multiply_by_inputs=False``, whose exact rule fell back to this rule's refinement on a
+    gap without the factor: all 63 nodes for every input, and a false warning)."""
+    factor = getattr(problem.model, "path_factor", None)
+    return flat if factor is None else flat * factor(problem)[rows].to(flat)
+
+
 def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
     """Refine each input through nested Patterson levels until its gap is within ``tol`` and
     its attributions agree with the previous level's feature by feature
@@ -85,7 +95,10 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
     Each input takes the first level that meets ``tol``. The first pass evaluates every level
     up to the one that the previous call on this model, shape and ``tol`` needed for all its
     inputs (kept beside the chunk choice), so a model that needs the fine levels runs them in
-    one pass instead of one pass per level; the attributions are the same either way."""
+    one pass instead of one pass per level; the attributions are the same either way. Under a
+    process group the first pass is level 0 on every rank, without the cache: it is per
+    process, and a rank with another call history passed other nodes (every rank was then
+    told the ranks' arguments differ)."""
     nodes, level_weights = quadrature.patterson_levels()
     sizes = [int((w != 0).sum()) for w in level_weights]
     B, K, last = problem.B, problem.K, len(sizes) - 1
@@ -96,7 +109,8 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
         done |= ~only.to(done.device)
     final = torch.zeros_like(acc[0])
     used = torch.zeros(B, dtype=torch.long)
-    slot = chunking.cache_slot(problem, problem.x, K, kind=f"adaptive{tol}")
+    slot = None if engine_kw.get("process_group") is not None else \
+        chunking.cache_slot(problem, problem.x, K, kind=f"adaptive{tol}")
     slot = {} if slot is None else slot
     evaluations, level, lo, cost, needed = 0, 0, 0, None, []
     while not done.all():
@@ -116,7 +130,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
             acc[level + j][rows] += part
         for lev in range(level, top + 1):
             rows = (~done).nonzero().squeeze(1)
-            gap = acc[lev][rows].sum(dim=1) - delta[rows]
+            gap = completed(problem, acc[lev][rows], rows).sum(dim=1) - delta[rows]
             met = _converged(gap, delta[rows], acc[lev][rows],
                              acc[lev - 1][rows] if lev > 0 else None, tol, lev == last, rows)
             ok = rows[met | (lev == last)]
@@ -164,7 +178,10 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         distributed: ``True`` (default process group) or a ``ProcessGroup``: shard the path
             points over its ranks (:mod:`taylor_kernels.engine.distributed`; every rank passes
             the same arguments); ``reduce_to="all"`` gives every rank the result, ``0`` only
-            rank 0 (the others get their own shard's partial sums).
+            rank 0 (the others get their own shard's partial sums, and no warning about
+            their gap); ``progress`` draws a bar on the group's rank 0 only. Inside
+            :func:`~taylor_kernels.allow_row_coupling` each rank's shard is its own batch
+            (a ``RuntimeWarning`` says so).
         gap: False skips the forward of the inputs and baselines that the completeness gap
             needs (``gap`` is then NaN), as Captum's IG without ``return_convergence_delta``;
             the adaptive and exact rules, and a ``tol``, need it and run it anyway.
@@ -250,7 +267,8 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor | None,
             gap = torch.full((problem.B,), float("nan"), dtype=flat.dtype, device=flat.device)
         else:
             gap = _gap(problem, flat.detach(), fx, fb)
-    if fx is not None:
+    # (reduce_to=0: the other ranks' partial sums miss the gap, as documented, not the tol)
+    if fx is not None and not holds_partial_sums(kw.get("process_group"), kw.get("reduce_to")):
         _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol,
                            problem.x.dtype)
     attrs = problem.split(flat)  # float32 for float32/bf16/fp16 inputs, float64 for float64
@@ -260,7 +278,8 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor | None,
 
 def _distributed_kw(distributed, reduce_to, rule: str, create_graph: bool) -> dict:
     """Engine arguments for the ``distributed`` option (empty for one process)."""
-    from taylor_kernels.engine.distributed import check_reduce_to, resolve_group
+    from taylor_kernels.engine.distributed import (check_reduce_to, resolve_group,
+                                                   warn_if_rows_couple)
     check_reduce_to(reduce_to)
     group = resolve_group(distributed)
     if group is None:
@@ -269,6 +288,7 @@ def _distributed_kw(distributed, reduce_to, rule: str, create_graph: bool) -> di
         raise ValueError("create_graph=True is not supported with distributed=...: the "
                          "all-reduce of partial sums is not differentiable; shard the batch "
                          "across ranks with DistributedDataParallel instead")
+    warn_if_rows_couple(group)
     # the adaptive rule decides refinement from the sums: every rank needs them
     return {"process_group": group,
             "reduce_to": "all" if rule in ("adaptive", "exact") else reduce_to}

@@ -43,7 +43,7 @@ from taylor_kernels.attr.expected_gradients import draw_references
 from taylor_kernels.attr.integrated_gradients import low_precision_note
 from taylor_kernels.engine import derivative, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine.distributed import resolve_group
+from taylor_kernels.engine.distributed import resolve_group, warn_if_rows_couple
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import ih_accumulate
@@ -165,7 +165,7 @@ def _stream(problem: PathProblem, alphas, w_grad, w_hess, idx, kw: dict) -> tupl
             grad_part[r0:r1] += gp
 
     n_hvp = path_engine.stream_pairs(problem, alphas, idx.shape[0], compute, consume,
-                                     [hess, grad_part], **kw)
+                                     [hess, grad_part], same_call=(idx, w_grad, w_hess), **kw)
     return hess, grad_part, n_hvp
 
 
@@ -178,6 +178,7 @@ def engine_kw(problem: PathProblem, alphas, max_memory, chunk_size, progress,
     ``[4, 784, 784]`` result ran at 2.7x of a 4 MB budget)."""
     chunk_size = memory.check_chunk_size(chunk_size)
     group = resolve_group(distributed)
+    warn_if_rows_couple(group)
     budget = memory.chunk_budget(chunk_size, max_memory, problem.x.device)
     cost = None
     if budget is not None:
@@ -269,7 +270,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
             backend; progress: tqdm bar over HVPs.
         distributed: ``True`` (default process group) or a ``ProcessGroup``: shard the
             (point, row) pairs and the IG points over its ranks; every rank passes the same
-            arguments and gets the whole result.
+            arguments (``index`` too: checked) and gets the whole result.
     Returns:
         :class:`InteractionResult`: ``interactions [B, R, D]``, ``ig [B, D]``,
         ``completeness_gap [B]`` (``max_i |sum_j Gamma_ij - IG_i|``), ``index``,
@@ -278,7 +279,8 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
     """
     t, wg, wh = ih_rule(rule, steps)
     with backends.selected(backend):
-        problem = make_problem(model, inputs, baselines, target, additional_forward_args)
+        problem = make_problem(model, inputs, baselines, target, additional_forward_args,
+                               higher_order="integrated/expected Hessians")
         dev = problem.x.device
         res = _integrate(problem, t.to(dev), wg.to(dev), wh.to(dev), index, ig_steps,
                          max_memory, chunk_size, progress, distributed)
@@ -302,7 +304,8 @@ def expected_hessians(model, inputs, background, target=None, *, samples: int = 
     :func:`integrated_hessians`.
     """
     with backends.selected(backend):
-        problem = make_problem(model, inputs, None, target, additional_forward_args)
+        problem = make_problem(model, inputs, None, target, additional_forward_args,
+                               higher_order="integrated/expected Hessians")
         build, gen = draw_references(problem, background, samples, seed)
         problem.baselines = build(0, int(samples))
         t = (torch.rand(problem.B, int(samples), 1, generator=gen, dtype=torch.float64)

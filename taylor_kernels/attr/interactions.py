@@ -239,7 +239,8 @@ def _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
     a global ranking whose per-row masks lack the highest id)."""
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
-    problem = make_problem(model, inputs, None, target, additional_forward_args)
+    problem = make_problem(model, inputs, None, target, additional_forward_args,
+                           higher_order="interactions")
     directions = None if feature_mask is None else _group_directions(feature_mask, problem,
                                                                        n_groups)
     n = problem.x.shape[1] if directions is None else directions.shape[1]

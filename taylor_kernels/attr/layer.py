@@ -135,8 +135,6 @@ def layer_replaced_forward(model: Callable, layer: torch.nn.Module, of_input: bo
     return through_layer
 
 
-@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
-@call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def without_exact_rule(ig_kwargs: dict) -> dict:
     """``ig_kwargs`` with ``rule='exact'`` replaced by ``'adaptive'``, with a warning: layer
     IG replaces the layer's output by a hook, which the traced graph cannot follow (its
@@ -149,6 +147,8 @@ def without_exact_rule(ig_kwargs: dict) -> dict:
     return {**ig_kwargs, "rule": "adaptive"}
 
 
+@flex_runs_eager_on_cpu  # (no backward through it on the CPU)
+@call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=None,
                                target=None, *, attribute_to_layer_input: bool = False,
                                additional_forward_args=None, **ig_kwargs) -> AttributionResult:

@@ -141,7 +141,8 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
         raise ValueError(f"order must be an integer in [1, 15], got {order!r}")
     if not isinstance(inputs, torch.Tensor):
         raise TypeError("taylor_decomposition takes one input tensor [B, ...]")
-    problem = make_problem(model, inputs, baselines, target, additional_forward_args)
+    problem = make_problem(model, inputs, baselines, target, additional_forward_args,
+                           higher_order="taylor_decomposition")
     if problem.K != 1:
         raise ValueError(f"taylor_decomposition expands around one baseline per input; got "
                          f"{problem.K} baselines per input")

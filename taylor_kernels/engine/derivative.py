@@ -234,7 +234,7 @@ def _check_x(f, x, *directions) -> None:
     """Refuse before any forward: inference mode, a model that couples rows
     (:func:`guards.check_model`), ``x`` that is not a finite floating ``[B, ...]`` batch, and
     non-finite directions."""
-    guards.check_model(f, (x,) + directions)
+    guards.check_model(f, (x,) + directions, higher_order="a second-order method")
     _check_batch(x)
     for name, t in zip(("x", "v", "u"), (x,) + directions):
         if isinstance(t, torch.Tensor) and not all_finite(t):

@@ -20,15 +20,29 @@ Run on a cluster with torchrun, the same script on every rank::
 
 Inputs, baselines, targets and model weights must be identical on every rank (same seed);
 see ``python/distributed_ig.py``.
+
+Failures: an error inside a rank's chunk loop (a non-finite gradient in its shard, a memory
+error) is agreed on by one small collective after the loop (:func:`agreed_outcome`): the
+failing rank raises its own error, the others a ``RuntimeError`` naming it, instead of
+waiting in the all-reduce until the process group's timeout. An error in argument checks
+before the call's first collective (a target out of range on one rank) is not agreed on:
+the other ranks then wait in that collective until the timeout.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import numbers
 import zlib
 
 import torch
 import torch.distributed as dist
 
+from taylor_kernels.engine import guards
+from taylor_kernels.user_warnings import warn
+
 REDUCE_TO = ("all", 0)
+MASK32 = 2 ** 32 - 1
 
 
 def resolve_group(distributed):
@@ -36,6 +50,11 @@ def resolve_group(distributed):
     process), ``True`` -> the default (world) group, or a ``ProcessGroup`` as given."""
     if distributed is None or distributed is False:
         return None
+    if _outside_group(distributed):
+        raise ValueError("distributed= got torch.distributed.GroupMember.NON_GROUP_MEMBER, "
+                         "which new_group returns on the ranks it leaves out: this rank is not "
+                         "in that process group and must not call with it (only its member "
+                         "ranks call)")
     if distributed is not True and not (dist.is_available()
                                         and isinstance(distributed, dist.ProcessGroup)):
         raise TypeError(f"distributed must be a bool or a torch.distributed.ProcessGroup, got "
@@ -52,6 +71,28 @@ def resolve_group(distributed):
                     f"{type(distributed).__name__}")
 
 
+def _outside_group(distributed) -> bool:
+    """Whether ``distributed`` is what ``dist.new_group`` returns on a non-member rank (an int,
+    -100: it was refused as "must be a bool or a ProcessGroup, got int -100")."""
+    member = getattr(dist.GroupMember, "NON_GROUP_MEMBER", None) if dist.is_available() \
+        else None
+    return member is not None and not isinstance(distributed, bool) and \
+        isinstance(distributed, type(member)) and distributed == member
+
+
+def is_root(group) -> bool:
+    """Whether this process reports for ``group``: one process (``None``) or the group's rank
+    0. Only it draws a progress bar (one bar per rank overwrote each other's lines)."""
+    return group is None or dist.get_rank(group) == 0
+
+
+def holds_partial_sums(group, reduce_to) -> bool:
+    """Whether this rank's result is its own shard's partial sums (``reduce_to=0`` on a rank
+    other than the group's 0): a completeness gap computed from them means nothing, and
+    warnings about it were false."""
+    return group is not None and reduce_to == 0 and not is_root(group)
+
+
 def check_reduce_to(reduce_to) -> None:
     """Raise ``ValueError`` unless ``reduce_to`` is ``"all"`` or ``0``."""
     if isinstance(reduce_to, bool) or reduce_to not in REDUCE_TO:
@@ -61,10 +102,11 @@ def check_reduce_to(reduce_to) -> None:
 
 def check_same_call(group, *parts) -> None:
     """Raise ``ValueError`` on every rank when ``parts`` (the call's tensors and settings:
-    inputs, baselines, nodes, weights, targets, forward args, ``reduce_to``) differ from rank
-    0's, by one ``all_gather`` of a four-number fingerprint (:func:`fingerprint`). Ranks
-    passing other steps or targets summed each other's partial sums silently (0.02-0.12 off);
-    another batch size or rule crashed gloo, another ``reduce_to`` hung until its timeout."""
+    inputs, baselines, nodes, weights, targets, forward args, ``reduce_to``, a method's own
+    ones such as Integrated Hessians' ``index``) differ from rank 0's, by one ``all_gather``
+    of a four-number fingerprint (:func:`fingerprint`). Ranks passing other steps or targets
+    summed each other's partial sums silently (0.02-0.12 off); another batch size or rule
+    crashed gloo, another ``reduce_to`` hung until its timeout."""
     mine = fingerprint(parts)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
@@ -74,35 +116,117 @@ def check_same_call(group, *parts) -> None:
     if other:
         raise ValueError(f"distributed attribution: rank(s) {other} of the group were called "
                          "with other arguments than rank 0 (inputs, baselines, targets, "
-                         "forward args, rule, steps or reduce_to differ); every rank must pass "
-                         "the same ones")
+                         "forward args, rule, steps, index, feature_mask, score or reduce_to "
+                         "differ); every rank must pass the same ones")
+
+
+def check_same_settings(distributed, *settings) -> None:
+    """:func:`check_same_call` of ``settings`` that a caller builds into the model it hands
+    the engine (token IG's ``score``: the engine sees only a callable), for the
+    ``distributed`` option; nothing for one process."""
+    group = resolve_group(distributed)
+    if group is not None:
+        check_same_call(group, *settings)
 
 
 def fingerprint(parts) -> torch.Tensor:
-    """``[4]`` float64 on the tensors' device: a CRC of the parts' shapes, dtypes and plain
-    values (numbers, strings, tuples of them; other objects by type), and three sums over the tensors (plain, absolute, and weighted by
-    position and part), compared with a relative tolerance (the same data summed on
+    """``[4]`` float64 on the tensors' device: a CRC of the parts' structure, shapes, dtypes
+    and plain values (:func:`_collect`: through tuples, lists, dicts and dataclasses), and
+    three sums over the tensors (plain, absolute, and weighted by position and part:
+    :func:`_position_weights`), compared with a relative tolerance (the same data summed on
     different CPUs may round differently)."""
     tensors, meta = [], []
-    for p in parts:
-        for v in p if isinstance(p, (tuple, list)) else (p,):
-            if isinstance(v, torch.Tensor):
-                tensors.append(v.detach())
-                meta.append((tuple(v.shape), str(v.dtype)))
-            elif isinstance(v, (int, float, str, bool, type(None))) or isinstance(
-                    v, tuple) and all(isinstance(e, (int, float, str, bool)) for e in v):
-                meta.append(repr(v))
-            else:  # (an object's repr may hold its address, which differs between ranks)
-                meta.append(type(v).__name__)
+    _collect(parts, tensors, meta)
     device = tensors[0].device if tensors else torch.device("cpu")
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for j, t in enumerate(tensors, start=1):
         flat = t.reshape(-1).to(device=device, dtype=torch.float64)
-        place = torch.arange(flat.numel(), device=device, dtype=torch.float64) % 7 + j
+        place = _position_weights(flat.numel(), j, device)
         sums += torch.stack([flat.sum(), flat.abs().sum(), (flat * place).sum()]) * j
     crc = torch.tensor([float(zlib.crc32(repr(meta).encode()))], dtype=torch.float64,
                        device=device)
     return torch.cat([crc, sums])
+
+
+def _collect(value, tensors: list, meta: list) -> None:
+    """Append ``value``'s tensors to ``tensors`` and a description of the rest that is the
+    same on every rank to ``meta`` (shapes and dtypes, plain values by ``repr``, containers
+    by type and length, other objects by type: a repr may hold an address), through tuples,
+    lists, dicts and dataclasses: a list of tensors among the forward args was seen as
+    ``list`` alone, and ranks passing other values in it summed wrong partial sums."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value.detach())
+        meta.append((tuple(value.shape), str(value.dtype)))
+    elif isinstance(value, (tuple, list, dict)):
+        meta.append((type(value).__name__, len(value)))
+        for item in value.items() if isinstance(value, dict) else value:
+            _collect(item, tensors, meta)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        meta.append(type(value).__name__)
+        for field in dataclasses.fields(value):
+            _collect((field.name, getattr(value, field.name)), tensors, meta)
+    elif isinstance(value, (numbers.Number, str, type(None))):
+        meta.append(repr(value))
+    else:
+        meta.append(type(value).__name__)
+
+
+def _position_weights(n: int, part: int, device) -> torch.Tensor:
+    """Weights in ``[1, 2)`` (float64) of the flat positions ``0..n-1`` of tensor number
+    ``part``: murmur3's 32-bit finaliser of ``i * 2654435761 + part * 40503``, in int64
+    integer arithmetic (the same bits on every device). The weights ``(i % 7) + part`` were
+    periodic: ranks holding the same rows in another order (rows of a multiple of 7
+    features, or rows ``i`` and ``i + 7`` swapped) passed the check and summed wrong partial
+    sums."""
+    h = (torch.arange(n, device=device, dtype=torch.int64) * 2654435761 + part * 40503) & MASK32
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # (low 32 bits: exact)
+        h = ((h ^ (h >> shift)) * factor) & MASK32
+    h = h ^ (h >> 16)
+    return 1 + h.to(torch.float64) / 2 ** 32
+
+
+@contextlib.contextmanager
+def agreed_outcome(group, device):
+    """Run a rank's local work (its chunk loop) and then agree with the other ranks of
+    ``group`` on whether it failed, by one ``all_gather`` of a flag: a rank whose work
+    raised re-raises its error, the others raise ``RuntimeError`` naming the failing ranks.
+    Without it one rank's error (a non-finite gradient in its shard) left the others waiting
+    in the all-reduce of the sums until the process group's timeout (30 minutes by default).
+    Nothing for one process (``group`` None)."""
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        # (a failed collective here, a peer gone, must not hide this rank's own error)
+        with contextlib.suppress(RuntimeError):
+            _failed_ranks(group, device, True)
+        raise
+    failed = _failed_ranks(group, device, False)
+    if failed:
+        raise RuntimeError(f"distributed attribution: rank(s) {failed} of the group failed "
+                           "in their share of the work (their own error is raised there); "
+                           "this rank's partial sums were not combined")
+
+
+def _failed_ranks(group, device, failed: bool) -> list[int]:
+    """The group ranks whose flag, gathered from all of them, says they failed."""
+    mine = torch.tensor([int(failed)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [r for r, flag in enumerate(every) if int(flag)]
+
+
+def warn_if_rows_couple(group) -> None:
+    """A ``RuntimeWarning`` for ``distributed`` inside :func:`~taylor_kernels.allow_row_coupling`
+    (a train-mode batch norm attributed as one batch): each rank's shard is its own batch,
+    so the statistics, and the numbers, differ from one process's."""
+    if group is not None and guards.row_coupling_allowed():
+        warn("allow_row_coupling with distributed=: each rank runs its own shard of the path "
+             "as its own batch, so batch statistics (train-mode batch norm) and the "
+             "attributions differ from one process's; run coupled rows in one process",
+             RuntimeWarning)
 
 
 def shard(total: int, group) -> tuple[int, int]:

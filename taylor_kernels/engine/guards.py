@@ -173,17 +173,33 @@ def coupling_modules_of(f) -> list[str]:
     return [n for m in modules_of(f) for n in coupling_submodules(m)]
 
 
-def check_model(f, inputs=()) -> None:
+def check_model(f, inputs=(), higher_order: str | None = None) -> None:
     """Raise before any forward when autograd is off (inference mode, inference tensors in
     ``inputs``) or a module of ``f`` (see :func:`modules_of`) has train-mode batch norm or
-    dropout, unless inside :func:`allow_row_coupling`."""
+    dropout, unless inside :func:`allow_row_coupling`, which covers batch statistics for
+    first-order path methods only: a ``higher_order`` method (its name) runs one-row forwards
+    and functorch transforms, where batch norm on batch statistics failed with torch's
+    "Expected more than 1 value per channel" or functorch's "would mutate a captured
+    Tensor"."""
     _check_autograd_available(inputs)
     if _ALLOWED.get():
+        if higher_order is None:
+            return
+        bad = [n for m in modules_of(f) for n in coupling_submodules(m, dropout=False)]
+        if bad:  # (train-mode dropout runs there: the opt-in accepts random models)
+            raise ValueError(f"{higher_order} cannot attribute a model whose batch norm uses "
+                             f"batch statistics ({_listed(bad)}), also inside "
+                             "allow_row_coupling, which covers first-order path methods (IG "
+                             "and its family): it runs forwards of one row and functorch "
+                             "transforms; call model.eval() first")
         return
     bad = coupling_modules_of(f)
     if bad:
-        raise ValueError(_COUPLING_ERROR.format(", ".join(bad[:6]) + (" ..." if len(bad) > 6
-                                                                       else "")))
+        raise ValueError(_COUPLING_ERROR.format(_listed(bad)))
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
 
 
 NO_GRADIENT_PATH = ("the model output does not depend on the inputs (no gradient path); "
@@ -261,7 +277,10 @@ def check_alone_beside(alone, beside, again: Callable[[], torch.Tensor],
     random = again_t is None or not all(_close(a, b, precision)
                                         for a, b in zip(alone_t, again_t))
     why = ("gives different outputs for the same input in two calls (random, e.g. "
-           "dropout in train mode)" if random else "gives an input a different output "
+           "dropout in train mode, or a forward that changes the model's state, e.g. "
+           "torch.nn.utils.spectral_norm's power iteration in train mode, which "
+           "torch.nn.utils.parametrizations.spectral_norm or eval mode avoids)" if random
+           else "gives an input a different output "
            "when another input shares its batch (it mixes rows, e.g. batch statistics)")
     raise ValueError(f"the model {why}; attribution batches rows of different inputs and "
                      "path points together, so its results would be wrong. Make the model "

@@ -554,7 +554,7 @@ def _model_checks(f, fa, x: torch.Tensor, directions: torch.Tensor):
     """The checks of a jet call, run once whatever its passes: ``check_model`` and the row
     check of ``fa`` (``f`` with its forward arguments) at row 0 and ``x_0 + v_0``; returns
     row 0's output (None for integer ``x``)."""
-    check_model(f, (x, directions))
+    check_model(f, (x, directions), higher_order="a forward-mode (jet) method")
     warn_if_backward_hooks(f, "tk.jet")
     return check_function_rows(fa, x, x[0] + directions[0, 0].to(x.dtype)) \
         if x.is_floating_point() else None

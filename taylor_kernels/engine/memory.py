@@ -12,6 +12,7 @@ to one point.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -274,6 +275,30 @@ def saved_limit(budget: int, rows: int = 1) -> float:
     return rows * budget / (2 * CPU_TRANSIENT_FACTOR)
 
 
+_AUTOGRAD = torch._C._autograd
+_HOOKS_DISABLED_MESSAGE = getattr(_AUTOGRAD, "_saved_tensors_hooks_get_disabled_error_message",
+                                  None)
+
+
+@contextlib.contextmanager
+def saved_hooks_enabled():
+    """Context: saved-tensor hooks may be pushed inside it, also under a caller's
+    ``torch.autograd.graph.disable_saved_tensors_hooks(message)`` block, which is restored
+    (with its message) on exit. The library's memory probes and row checks push hooks around
+    its own forwards: inside such a block they raised the caller's message, or ran, by whether
+    a cost for the model was cached (Captum runs there). Torch's own context manager
+    restores the state the same way."""
+    message = _HOOKS_DISABLED_MESSAGE() if _HOOKS_DISABLED_MESSAGE is not None else None
+    if message is None:
+        yield
+        return
+    _AUTOGRAD._saved_tensors_hooks_enable()
+    try:
+        yield
+    finally:
+        _AUTOGRAD._saved_tensors_hooks_disable(message)
+
+
 class SavedBytes:
     """Context manager summing the bytes of distinct storages autograd saves for backward that
     the forward allocated (leaf tensors such as weights, and views of them, are not counted).
@@ -328,6 +353,8 @@ class SavedBytes:
         return t.detach() if self._count(t) else t
 
     def __enter__(self):
+        self._enabled = saved_hooks_enabled()
+        self._enabled.__enter__()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         stack = _counting.__dict__.setdefault("stack", [])
@@ -338,6 +365,7 @@ class SavedBytes:
     def __exit__(self, *exc):
         _counting.stack.pop()
         self._hooks.__exit__(*exc)
+        self._enabled.__exit__(*exc)
 
 
 _counting = threading.local()  # this thread's open SavedBytes, innermost last

@@ -279,7 +279,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
               progress: bool = False, create_graph: bool = False, process_group=None,
               reduce_to="all", point_cost: float | None = None,
-              max_share: float | None = chunking.MAX_SHARE, held: int = 0) -> Integral:
+              max_share: float | None = chunking.MAX_SHARE, held: int = 0,
+              same_call: tuple = ()) -> Integral:
     """Sum ``w_s * grad f(p) * (x - b_k) / K`` over all path points, for each weight vector.
 
     Args: ``alphas [S]`` or ``[B', K, S]`` nodes; ``weight_sets`` list of ``[S]`` or
@@ -292,6 +293,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     ranks and sum there (``reduce_to`` ``"all"`` or ``0``; see
     :mod:`taylor_kernels.engine.distributed`). ``held``: bytes the caller keeps beside the
     call (the adaptive rule's per-level sums), counted against ``max_memory``.
+    ``same_call``: the caller's other arguments that shape the result (checked, with the
+    points and weights, to be the same on every rank of ``process_group``).
     Returns: :class:`Integral` with one ``[B', D]`` sum per weight vector (``[T, B', D]`` when
     ``problem.forward`` returns ``[N, T]``; see the module docstring).
     """
@@ -309,7 +312,7 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1]
     if process_group is not None:
         distributed.check_same_call(process_group, x, bl, rows, alphas, weight_sets,
-                                    _call_of(problem), reduce_to)
+                                    _call_of(problem), reduce_to, same_call)
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     held += x.nbytes + bl.nbytes + len(weight_sets) * _sum_bytes(problem, x)  # inputs, sums
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
@@ -363,25 +366,28 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
                              x.device) if create_graph and max_memory is not None else None
     # (create_graph: the caller differentiates the sums again, so attention records math
     # kernels, which have a second derivative; the fused SDPA kernels have none)
-    with kept or contextlib.nullcontext(), \
-            derivative.math_attention(problem.model) if create_graph else contextlib.nullcontext():
-        run_chunks(plan, start, stop, compute, consume, progress=progress)
-    if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
-        problem.finish_row_check_at_end()
-        if problem.B > 1:  # a model that mixes rows is refused as before, though no batch
-            problem.finish_row_check_now()  # here held two (one row and two more)
-    if graph is not None and graph.failed:
-        plan.slot["graph_failed"] = True  # later calls on this model and shape stay eager
-    if flags and bool(torch.stack([f for _, _, f in flags]).any()):  # the one sync
-        first, count = next((a, c) for a, c, f in flags if bool(f))
-        path_gradients(problem, x, bl, rows, alphas, first, count, create_graph)  # raises
-        raise FloatingPointError(
-            f"non-finite gradients in the chunk of path points [{first}, {first + count}), "
-            "which computed again without a CUDA graph are finite: "
-            + ("a graph replay gave them (run without tk.cuda_graphs())" if graph is not None
-               else "the model's gradients are not reproducible"))
-    if not sums:  # this rank's shard is empty: learn T from one forward
-        sums = _empty_sums(problem, x, rows, len(weight_sets))
+    # (the ranks agree on a failure in their shards before the sums' collective)
+    with distributed.agreed_outcome(process_group, x.device):
+        with kept or contextlib.nullcontext(), derivative.math_attention(problem.model) \
+                if create_graph else contextlib.nullcontext():
+            run_chunks(plan, start, stop, compute, consume,
+                       progress=progress and distributed.is_root(process_group))
+        if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
+            problem.finish_row_check_at_end()
+            if problem.B > 1:  # a model that mixes rows is refused as before, though no batch
+                problem.finish_row_check_now()  # here held two (one row and two more)
+        if graph is not None and graph.failed:
+            plan.slot["graph_failed"] = True  # later calls on this model and shape stay eager
+        if flags and bool(torch.stack([f for _, _, f in flags]).any()):  # the one sync
+            first, count = next((a, c) for a, c, f in flags if bool(f))
+            path_gradients(problem, x, bl, rows, alphas, first, count, create_graph)  # raises
+            raise FloatingPointError(
+                f"non-finite gradients in the chunk of path points [{first}, {first + count}), "
+                "which computed again without a CUDA graph are finite: "
+                + ("a graph replay gave them (run without tk.cuda_graphs())"
+                   if graph is not None else "the model's gradients are not reproducible"))
+        if not sums:  # this rank's shard is empty: learn T from one forward
+            sums = _empty_sums(problem, x, rows, len(weight_sets))
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, reduce_to)
     return Integral(sums, total, plan.chunk or total, plan.cost)
@@ -390,7 +396,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
 def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
                  consume: Callable, sums: list[torch.Tensor], *, cost,
                  max_memory=None, chunk_size: int | None = None, progress: bool = False,
-                 process_group=None, desc: str = "Hessian-vector products") -> int:
+                 process_group=None, desc: str = "Hessian-vector products",
+                 same_call: tuple = ()) -> int:
     """Stream the (path point ``p``, direction ``r``) pairs ``n = p R + r`` of an HVP method
     (``P = B K S`` points of ``problem``'s paths at nodes ``alphas``) through :func:`run_chunks`.
 
@@ -399,14 +406,17 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
     ``consume(p0, p1, r0, r1, result)`` adds it to the caller's ``sums``, which are summed over
     ``process_group``'s ranks at the end (each rank takes a block of pairs). ``cost`` is the
     measured :class:`derivative.PairCost` (per pair, and fixed bytes held beside the pairs).
-    Returns the number of pairs.
+    ``same_call``: the caller's arguments that shape the sums beyond the points and their
+    count of directions (the Hessian rows ``index``, the groups of a feature mask, the
+    weights), checked to be the same on every rank. Returns the number of pairs.
     """
     if cost is None and chunk_size is None:
         raise ValueError("stream_pairs needs the measured cost of a pair or a chunk_size")
     x, bl = problem.x, problem.baselines
     total = x.shape[0] * bl.shape[1] * alphas.shape[-1] * R
     if process_group is not None:
-        distributed.check_same_call(process_group, x, bl, alphas, R, _call_of(problem))
+        distributed.check_same_call(process_group, x, bl, alphas, R, _call_of(problem),
+                                    same_call)
     start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
     plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
                               max_memory=max_memory,
@@ -434,8 +444,10 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
         result, count = done
         consume(*bounds(first, count), result)
 
-    run_chunks(plan, start, stop, chunk, fold, align=align, progress=progress, desc=desc,
-               unit="HVP")
+    with distributed.agreed_outcome(process_group, x.device):
+        run_chunks(plan, start, stop, chunk, fold, align=align,
+                   progress=progress and distributed.is_root(process_group), desc=desc,
+                   unit="HVP")
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, "all")
     return total

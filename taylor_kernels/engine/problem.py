@@ -7,13 +7,14 @@ flattened points and pick the target output of each row. Every malformed argumen
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from taylor_kernels.engine import guards
+from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.row_args import (RowFunction, args_form, check_row_args,
                                             forward_args, select_rows)
 from taylor_kernels.models.outputs import model_output
@@ -387,12 +388,16 @@ class PathProblem:
         return bool(guards.rows_differing([points] + per_row).any())
 
 
+@contextlib.contextmanager
 def _uncounted():
     """Context: tensors saved for backward inside it bypass a measuring caller's
     saved-tensor hooks (:class:`~taylor_kernels.engine.memory.SavedBytes`): check R's own
     one-row forwards are not the chunk's cost (a detached alias, as there, so a graph never
-    run backward is not kept alive)."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
+    run backward is not kept alive). Also inside a caller's ``disable_saved_tensors_hooks``
+    block (:func:`~taylor_kernels.engine.memory.saved_hooks_enabled`)."""
+    with memory.saved_hooks_enabled(), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+        yield
 
 
 NO_BATCH_OUTPUT = ("the model must return a tensor with a batch dimension (one output row per "
@@ -565,7 +570,8 @@ def check_target(target, out_shape: Sequence[int]) -> None:
 
 def make_problem(model: Callable, inputs, baselines=None, target=None,
                  additional_forward_args=None, *, defer_row_check: bool = False,
-                 checked_output: torch.Tensor | None = None) -> PathProblem:
+                 checked_output: torch.Tensor | None = None,
+                 higher_order: str | None = None) -> PathProblem:
     """Validate and flatten a call's arguments into a :class:`PathProblem`.
 
     Probes the model on row 0 alone (output shape, target range) and runs check R
@@ -576,7 +582,9 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     call (on a small GradientShap call they were a third of its time). ``checked_output``: one row's whole output
     alone ``[1, ...]`` from a forward the caller ran (it gives the output shape), check R
     done by the caller (:func:`~taylor_kernels.attr.layer_ends.layer_ends`): no probe
-    forward at all."""
+    forward at all. ``higher_order``: the calling second-order method's name, which
+    :func:`~taylor_kernels.engine.guards.check_model` refuses for a model that couples rows
+    also inside ``allow_row_coupling``."""
     if not callable(model):
         raise ValueError("model must be callable")
     tup, was_tuple = as_tuple(inputs)
@@ -586,7 +594,7 @@ def make_problem(model: Callable, inputs, baselines=None, target=None,
     fargs = forward_args(additional_forward_args)
     check_row_args(fargs, B)
     problem = PathProblem(model, tup, was_tuple, x, bl, _target_rows(target, B, x.device), fargs)
-    guards.check_model(model, tup)
+    guards.check_model(model, tup, higher_order)
     if checked_output is not None:
         check_target(problem.target, (B,) + tuple(model_output(checked_output).shape[1:]))
         return problem

@@ -45,6 +45,8 @@ from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (check_model, coupling_modules_of, is_row_tensor,
                                           row_coupling_allowed)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
+from taylor_kernels.engine.distributed import (check_same_settings, holds_partial_sums,
+                                               resolve_group)
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
@@ -80,7 +82,9 @@ ID_DTYPES = (torch.int64, torch.int32)  # what an embedding indexes with
 
 def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> torch.Tensor:
     """``input_ids`` must be a non-empty integer tensor ``[B, L]``, its ids in
-    ``[0, vocab)`` when ``vocab`` is given."""
+    ``[0, vocab)`` when ``vocab`` is given. Returns them (a normal copy of ids made under
+    ``torch.inference_mode()``: a custom backward that saves them raised torch's "Inference
+    tensors cannot be saved for backward")."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"{name} must be a tensor [B, L] of token ids, got {got}")
@@ -93,6 +97,9 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
     if input_ids.numel() == 0:
         raise ValueError(f"{name} is empty ({tuple(input_ids.shape)})")
     check_vocab(input_ids, vocab, name)
+    if input_ids.is_inference():
+        with torch.inference_mode(False):
+            return input_ids.clone()
     return input_ids
 
 
@@ -700,14 +707,24 @@ def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero
                        keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
                        position=position, score=score, model_kwargs=model_kwargs,
                        tokenizer=tokenizer)
+    # (the score is inside the model the engine gets: its rank check cannot see it)
+    check_same_settings(ig_kwargs.get("distributed", False), score, output)
     with first_order_attention(model, tp.act_x):
         res = integrated_gradients(tp.forward, tp.act_x, tp.act_b, target,
                                    additional_forward_args=tp.args, **ig_kwargs)
-    if ig_kwargs.get("tol") is None and ig_kwargs.get("rule") not in ("adaptive", "exact"):
+    if ig_kwargs.get("tol") is None and ig_kwargs.get("rule") not in ("adaptive", "exact") \
+            and not _partial_result(ig_kwargs):
         warn_if_unconverged(res.gap, res.attributions, baselines, tp.act_x.dtype)
     attrs = res.attributions
     scores = attrs.sum(-1) if attrs.dim() == 3 else attrs.reshape(attrs.shape[0], -1).sum(-1)
     return TokenAttributionResult(attrs, scores, res.gap, res.evaluations)
+
+
+def _partial_result(ig_kwargs: dict) -> bool:
+    """Whether this rank got only its shard's partial sums (``distributed`` with
+    ``reduce_to=0``, off the group's rank 0): their gap says nothing about convergence."""
+    return holds_partial_sums(resolve_group(ig_kwargs.get("distributed", False)),
+                              ig_kwargs.get("reduce_to", "all"))
 
 
 def _refuse_forward_args(name: str, kwargs: dict) -> None:
@@ -789,6 +806,7 @@ def token_interactions(model, input_ids, target=None, *, baselines="zero",
                        keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
                        position=position, score=score, model_kwargs=model_kwargs,
                        tokenizer=tokenizer)
+    check_same_settings(gih_kwargs.get("distributed", False), score, output)
     L = tp.act_x.shape[1]
     token_of = torch.arange(L, device=tp.act_x.device)[:, None].expand(L, tp.act_x.shape[-1])
     with math_attention(model):

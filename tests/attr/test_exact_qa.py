@@ -141,3 +141,21 @@ def test_tracing_a_module_with_a_backward_hook_prints_nothing():
     model[1].register_full_backward_hook(lambda m, gi, go: None)
     x = torch.randn(2, 4)
     assert _messages(lambda: tk.integrated_gradients(model, x, target=1, rule="exact")) == []
+
+
+def test_unscaled_exact_falls_back_on_the_gap_with_its_factor():
+    """multiply_by_inputs=False on a smooth model: the exact rule's fallback refined on a gap
+    without the x - b factor (every input to 63 nodes, a false 'relative gap 2.2' warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 2)).double().eval()
+    x, b = torch.randn(3, 4, dtype=torch.float64) * 2, torch.zeros(3, 4, dtype=torch.float64)
+    ig = IntegratedGradients(model, multiply_by_inputs=False)
+    said = _messages(lambda: ig.attribute(x, b, target=1, method="exact"))
+    assert len(said) == 1 and "GELU is not piecewise-linear" in said[0], said
+    assert int(ig.last_result.nodes_per_input.max()) < 63
+    t = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
+    p = (b[:, None] + t[None, :, None] * (x - b)[:, None]).reshape(-1, 4).requires_grad_(True)
+    (g,) = torch.autograd.grad(model(p)[:, 1].sum(), p)
+    ref = g.reshape(3, -1, 4).mean(1)
+    torch.testing.assert_close(ig.attribute(x, b, target=1, method="exact"), ref, rtol=0,
+                               atol=1e-6)
