@@ -15,6 +15,7 @@ Symmetrically for ``b``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -71,9 +72,24 @@ def load(device="cpu", dtype=torch.float32):
         from transformers import AutoModel, AutoTokenizer
     except ImportError as exc:
         raise ModuleNotFoundError(MISSING) from exc
-    bert = AutoModel.from_pretrained(root, local_files_only=True)
+    with _quiet_loading():
+        bert = AutoModel.from_pretrained(root, local_files_only=True)
     model = SentenceEncoder(bert).eval().to(device=device, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(root, local_files_only=True)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' "Loading weights" bar off while a 23 MB model loads (it printed through
+    the demo's ``--no-progress``), set back as it was."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def tokens(tok, sentence: str) -> list[str]:

@@ -154,3 +154,18 @@ def test_low_precision_minilm_gap_bound(loaded, dtype):
     bound = r32.gap.abs() + 2 * eps * (fx + fb + r_low.attributions.abs().sum())
     assert (r_low.gap.abs() <= bound).all(), (r_low.gap, bound)
     assert (s_low - s32).norm() / s32.norm() < 4 * eps
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loading_prints_no_bar_and_keeps_the_setting(enabled, capfd):
+    """transformers' "Loading weights" bar printed through the demo's ``--no-progress``."""
+    from transformers.utils import logging as hf_logging
+    minilm.load.cache_clear()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        minilm.load()
+        assert hf_logging.is_progress_bar_enabled() is enabled
+    finally:
+        hf_logging.enable_progress_bar()
+        minilm.load.cache_clear()
+    assert "Loading" not in capfd.readouterr().err
