@@ -305,7 +305,7 @@ def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens
         with guards.preserved_buffers(model):
             hf.check_causal(model, sequence, vocab, prompt_len=P)
         act = hf.layer_output(hf.ids_caller(model), emb, sequence[None])
-    base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer)
+    base_ids = hf.baseline_ids(baselines, prompt, model, tokenizer, "prompt_ids")
     if base_ids is not None:
         hf.check_vocab(base_ids, vocab, "baselines")
     kept = hf.kept_positions(prompt, None, keep, skip_tokens, tokenizer, "prompt_ids")

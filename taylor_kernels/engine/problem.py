@@ -145,6 +145,8 @@ def _target_rows(target, B: int, device) -> list | torch.Tensor | None:
     indices count from the end (as in Python and Captum); floats raise ``TypeError``."""
     if target is None:
         return None
+    if type(target).__module__ == "numpy":  # np.int64(3), np.array([3, 3]): as torch's
+        target = torch.as_tensor(target)  # (they were refused, numpy positions taken)
     _no_float_target(target)
     if isinstance(target, bool) or isinstance(target, torch.Tensor) and \
             target.dtype == torch.bool or isinstance(target, (tuple, list)) and any(

@@ -47,7 +47,7 @@ from taylor_kernels.engine.guards import (check_model, coupling_modules_of, is_r
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
 from taylor_kernels.engine.distributed import (check_same_settings, holds_partial_sums,
                                                resolve_group)
-from taylor_kernels.engine.thread_hooks import this_thread
+from taylor_kernels.engine.thread_hooks import hookable, this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
 
@@ -148,10 +148,11 @@ def special_token_id(model, name: str, tokenizer=None) -> int:
                      f"{name}_token_id; pass a token id, integer ids, or baselines='zero'")
 
 
-def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
-                 tokenizer=None) -> torch.Tensor | None:
+def baseline_ids(baselines, input_ids: torch.Tensor, model=None, tokenizer=None,
+                 ids_name: str = "input_ids") -> torch.Tensor | None:
     """Baseline token ids ``[B, L]`` for ``baselines`` (``None`` for ``"zero"``: the zero
-    embedding). Raises ``TypeError`` for floating baselines (ids and floats do not mix)."""
+    embedding). Raises ``TypeError`` for floating baselines (ids and floats do not mix);
+    errors call the ids ``ids_name`` (the caller's argument)."""
     if baselines is None or isinstance(baselines, str) and baselines == "zero":
         return None
     if isinstance(baselines, str):
@@ -160,7 +161,7 @@ def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
                              f"{SPECIAL_BASELINES}, a token id or integer ids")
         baselines = special_token_id(model, baselines, tokenizer)
     if isinstance(baselines, bool) or isinstance(baselines, float):
-        raise TypeError(f"baselines={baselines!r} with integer input_ids: baselines are token "
+        raise TypeError(f"baselines={baselines!r} with integer {ids_name}: baselines are token "
                         "ids (an int or an integer tensor) or 'zero'/'pad'/'unk'")
     if isinstance(baselines, numbers.Integral):  # (numpy's too)
         return torch.full_like(input_ids, int(baselines))
@@ -168,7 +169,7 @@ def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
         raise TypeError(f"baselines must be a string, a token id or an id tensor, got "
                         f"{type(baselines).__name__}")
     if baselines.is_floating_point():
-        raise TypeError(f"floating baselines ({baselines.dtype}) with integer input_ids: "
+        raise TypeError(f"floating baselines ({baselines.dtype}) with integer {ids_name}: "
                         "interpolation runs between embeddings, so baselines must be token ids "
                         "(int, integer tensor [B|1, L], 'pad', 'unk') or 'zero' for the zero "
                         "embedding")
@@ -176,7 +177,7 @@ def baseline_ids(baselines, input_ids: torch.Tensor, model=None,
         return baselines.to(input_ids.device).expand_as(input_ids)
     except RuntimeError as exc:
         raise ValueError(f"baseline ids of shape {tuple(baselines.shape)} do not broadcast to "
-                         f"input_ids {tuple(input_ids.shape)}") from exc
+                         f"{ids_name} {tuple(input_ids.shape)}") from exc
 
 
 def row_mask(value, input_ids: torch.Tensor, name: str, ids_name: str = "input_ids"
@@ -285,7 +286,8 @@ def layer_output(call: Callable, layer: nn.Module, *args,
 
 
 class KeywordModel:
-    """``model(input_ids=ids, **kwargs)`` called positionally as ``(ids, *row_values)``.
+    """``model(input_ids=ids, **kwargs)`` (``model(ids, **kwargs)`` for a forward without an
+    ``input_ids`` keyword: :func:`ids_caller`) called positionally as ``(ids, *row_values)``.
 
     Keyword tensors whose first dimension is the batch ``B`` travel as engine row arguments
     (``row_values``, in ``names`` order); the rest are ``static``. ``extra(ids, *row_values)``
@@ -297,10 +299,10 @@ class KeywordModel:
         self.names = [k for k, v in kwargs.items() if is_row_tensor(v, B)]
         self.static = {k: v for k, v in kwargs.items() if k not in self.names}
         self.row_values = tuple(kwargs[k] for k in self.names)
+        self._call = ids_caller(model)  # (a forward taking the ids by position too)
 
     def __call__(self, ids, *row_values, **extra):
-        return self.model(input_ids=ids, **dict(zip(self.names, row_values)), **self.static,
-                          **extra)
+        return self._call(ids, **dict(zip(self.names, row_values)), **self.static, **extra)
 
 
 def accepts(model, name: str) -> bool:
@@ -603,6 +605,7 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
                   tokenizer=None) -> TokenProblem:
     """Prepare token-id attribution through the embedding layer (see the module docstring)."""
     check_model(model)  # train-mode dropout would make every number random
+    model = hookable(model)  # (a compiled model's graphs ignore the embedding's hooks)
     emb = input_embeddings(model, layer)
     vocab = vocab_size(emb, model)
     ids = check_ids(input_ids, vocab=vocab)
@@ -614,8 +617,9 @@ def token_problem(model, input_ids, *, baselines="zero", attention_mask=None, ke
         raise ValueError("model_kwargs must not hold logits_to_keep: the library passes it "
                          "itself (the head runs only at the positions read; choose them with "
                          "position=)")
-    if "past_key_values" in kwargs:
-        raise ValueError("model_kwargs must not hold past_key_values: every path point's forward "
+    cache = [k for k in ("past_key_values", "cache") if k in kwargs]  # (transformers 5.24
+    if cache:  # names it cache: it grew in place, and the call failed on sizes)
+        raise ValueError(f"model_kwargs must not hold {cache[0]}: every path point's forward "
                          "would extend the cache in place (and the cached prefix is not "
                          "attributed); pass the whole sequence as input_ids")
     if "labels" in kwargs:
