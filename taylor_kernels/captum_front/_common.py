@@ -23,7 +23,7 @@ import torch
 from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
 from taylor_kernels.engine import chunking, guards
-from taylor_kernels.engine.guards import is_row_tensor
+from taylor_kernels.engine.guards import is_row_tensor, without_inference_tensors
 from taylor_kernels.engine.problem import NoBatchOutputError
 from taylor_kernels.models.hf import ID_DTYPES
 from taylor_kernels.user_warnings import warn
@@ -125,23 +125,6 @@ def captum_method(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return attribute
-
-
-def without_inference_tensors(value: Any) -> Any:
-    """``value`` with each tensor made under ``torch.inference_mode()`` (one of an eval
-    loop's) replaced by a normal copy, through tuples, lists and dicts: autograd cannot use
-    an inference tensor, and Captum attributes them (the engine refused them as input 0, or
-    as 'input 1' for a forward argument)."""
-    if isinstance(value, torch.Tensor):
-        if not value.is_inference():
-            return value
-        with torch.inference_mode(False):
-            return value.clone()
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(without_inference_tensors(v) for v in value)
-    if type(value) is dict:
-        return {k: without_inference_tensors(v) for k, v in value.items()}
-    return value
 
 
 @contextlib.contextmanager

@@ -150,6 +150,24 @@ def _check_autograd_available(inputs) -> None:
                                "x.clone() made outside inference mode")
 
 
+def without_inference_tensors(value):
+    """``value`` with each tensor made under ``torch.inference_mode()`` (one of an eval
+    loop's) replaced by a normal copy, through tuples, lists and dicts: autograd cannot use
+    an inference tensor, and Captum attributes them (the engine refused them as input 0, or
+    as 'input 1' for a forward argument). The Captum front's arguments and token ids
+    (``hf.check_ids``: a custom backward saved them) go through it."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_inference():
+            return value
+        with torch.inference_mode(False):
+            return value.clone()
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(without_inference_tensors(v) for v in value)
+    if type(value) is dict:
+        return {k: without_inference_tensors(v) for k, v in value.items()}
+    return value
+
+
 def coupling_submodules(model: nn.Module, recurse: bool = True,
                         dropout: bool = True) -> list[str]:
     """Names of submodules (``recurse=False``: of ``model`` alone) that couple rows or are

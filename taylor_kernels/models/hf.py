@@ -43,7 +43,7 @@ from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
 from taylor_kernels.attr.layer import layer_replaced_forward
 from taylor_kernels.engine.guards import (check_model, coupling_modules_of, is_row_tensor,
-                                          row_coupling_allowed)
+                                          row_coupling_allowed, without_inference_tensors)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
 from taylor_kernels.engine.distributed import (check_same_settings, holds_partial_sums,
                                                resolve_group)
@@ -97,10 +97,7 @@ def check_ids(input_ids, name: str = "input_ids", vocab: int | None = None) -> t
     if input_ids.numel() == 0:
         raise ValueError(f"{name} is empty ({tuple(input_ids.shape)})")
     check_vocab(input_ids, vocab, name)
-    if input_ids.is_inference():
-        with torch.inference_mode(False):
-            return input_ids.clone()
-    return input_ids
+    return without_inference_tensors(input_ids)
 
 
 def vocab_size(layer: nn.Module, model=None) -> int | None:
