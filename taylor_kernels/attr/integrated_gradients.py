@@ -178,8 +178,8 @@ def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: i
         distributed: ``True`` (default process group) or a ``ProcessGroup``: shard the path
             points over its ranks (:mod:`taylor_kernels.engine.distributed`; every rank passes
             the same arguments); ``reduce_to="all"`` gives every rank the result, ``0`` only
-            rank 0 (the others get their own shard's partial sums, and no warning about
-            their gap); ``progress`` draws a bar on the group's rank 0 only. Inside
+            rank 0 (the others get their own shard's partial sums, a NaN ``gap`` and no
+            warning about it); ``progress`` draws a bar on the group's rank 0 only. Inside
             :func:`~taylor_kernels.allow_row_coupling` each rank's shard is its own batch
             (a ``RuntimeWarning`` says so).
         gap: False skips the forward of the inputs and baselines that the completeness gap
@@ -263,12 +263,13 @@ def integrate_problem(problem: PathProblem, fx: torch.Tensor | None,
                                                               max_regions=max_regions, **kw)
         else:
             flat, evaluations, used = _fixed_rule(problem, rule, steps, **kw)
-        if fx is None:
+        # (reduce_to=0: the other ranks' partial sums have no completeness gap)
+        partial = holds_partial_sums(kw.get("process_group"), kw.get("reduce_to"))
+        if fx is None or partial:
             gap = torch.full((problem.B,), float("nan"), dtype=flat.dtype, device=flat.device)
         else:
             gap = _gap(problem, flat.detach(), fx, fb)
-    # (reduce_to=0: the other ranks' partial sums miss the gap, as documented, not the tol)
-    if fx is not None and not holds_partial_sums(kw.get("process_group"), kw.get("reduce_to")):
+    if fx is not None and not partial:
         _warn_if_gap_large(gap, fx - fb.mean(dim=1), tol or DEFAULT_ADAPTIVE_TOL, rule, tol,
                            problem.x.dtype)
     attrs = problem.split(flat)  # float32 for float32/bf16/fp16 inputs, float64 for float64

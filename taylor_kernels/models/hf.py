@@ -17,7 +17,7 @@ Handled by duck typing, so ``transformers`` is never imported: the embedding lay
   ``[B|1, L]``. A floating baseline with integer ids is a ``TypeError``.
 * **Scores.** The output tensor follows :func:`~taylor_kernels.models.outputs.model_output`
   (``.logits``...). A ``[N, L, V]`` output is read at one position per row (default: the last
-  attended one) and, for models that accept ``logits_to_keep``, the head runs only there;
+  attended one; ``position=`` an int, or ``[B]`` ints one per row) and, for models that accept ``logits_to_keep``, the head runs only there;
   ``score="log_prob"`` applies ``log_softmax`` in float32. Low-precision (bf16/fp16) models
   run in their dtype; scores and attributions are float32.
 * **Attention.** First-order attribution keeps the model's attention (fused SDPA kernels),
@@ -409,11 +409,12 @@ class PositionScore:
 
 def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.Tensor | None:
     """Per-row read position ``[B]``: ``"last"`` = last attended token (``L-1`` without a
-    mask), an int (negative counts from the end), or ``None`` (no position: 2-D outputs)."""
+    mask), an int (negative counts from the end), one int per row (a ``[B]`` tensor, list or
+    array; negative counts from the end), or ``None`` (no position: 2-D outputs)."""
     B, L = input_ids.shape
     if position is None:
         return None
-    if position == "last":
+    if isinstance(position, str) and position == "last":
         if attention_mask is None:
             return torch.full((B,), L - 1, dtype=torch.long, device=input_ids.device)
         idx = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -423,20 +424,47 @@ def read_positions(position, input_ids: torch.Tensor, attention_mask) -> torch.T
         at = torch.full((B,), int(position) % L, dtype=torch.long, device=input_ids.device)
         _warn_if_padding_read(position, at, attention_mask)
         return at
-    raise ValueError(f"position must be 'last', None or an int in [-{L}, {L}), got {position!r}")
+    if not isinstance(position, (str, bool, numbers.Number)):
+        at = _row_positions(position, B, L).to(input_ids.device)
+        _warn_if_padding_read("per row", at, attention_mask)
+        return at
+    raise ValueError(f"position must be 'last', None, an int in [-{L}, {L}) or one such int "
+                     f"per row ([{B}]), got {position!r}")
 
 
-def _warn_if_padding_read(position: int, at: torch.Tensor, attention_mask) -> None:
-    """A ``UserWarning`` when the read position ``at [B]`` (``position`` as given) is padding (mask 0) in some row:
-    a pad position's logit is scored there (all-zero attributions where padding leads)."""
+def _row_positions(position, B: int, L: int) -> torch.Tensor:
+    """``position`` (a tensor, list or array of ``B`` integers in ``[-L, L)``, or a 0-d one
+    for every row) as ``[B]`` long indices in ``[0, L)``."""
+    try:
+        at = torch.as_tensor(position)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"position must be 'last', None, an int or {B} ints (one per row), "
+                        f"got {type(position).__name__}") from exc
+    if at.dtype == torch.bool or at.is_floating_point() or at.is_complex():
+        raise TypeError(f"per-row positions must be integers, got {at.dtype}")
+    if at.dim() == 0:  # (a 0-d tensor: one position for all rows)
+        at = at.expand(B)
+    if tuple(at.shape) != (B,):
+        raise ValueError(f"per-row positions must have shape [{B}] (one per row of "
+                         f"input_ids), got {list(at.shape)}")
+    if at.numel() and not bool(((at >= -L) & (at < L)).all()):
+        raise ValueError(f"per-row positions must lie in [-{L}, {L}), got {at.tolist()}")
+    return at.long() % L
+
+
+def _warn_if_padding_read(position, at: torch.Tensor, attention_mask) -> None:
+    """A ``UserWarning`` when the read position ``at [B]`` (``position`` as given) is padding
+    (mask 0) in some row: a pad position's logit is scored there (all-zero attributions where
+    padding leads)."""
     if attention_mask is None:
         return
     mask = attention_mask.to(at.device)
     padded = (mask[torch.arange(at.shape[0], device=at.device), at] == 0).nonzero().flatten()
     if padded.numel():
-        warn(f"position={position} (index {int(at[0])}) is padding (attention_mask 0) in row(s) "
-             f"{padded.tolist()}: a pad position's output is attributed there; "
-             "position='last' reads each row's last attended token", UserWarning)
+        where = ", ".join(f"row {r}: index {int(at[r])}" for r in padded.tolist()[:8])
+        warn(f"position={position} reads padding (attention_mask 0) at {where}: a pad "
+             "position's output is attributed there; position='last' reads each row's last "
+             "attended token", UserWarning)
 
 
 def check_causal_lm(model, what: str = "generation attribution") -> None:

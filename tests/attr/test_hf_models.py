@@ -595,9 +595,45 @@ def test_an_int_position_on_padding_warns(gpt2):
     (all zeros where padding leads): a warning names the rows; ``"last"`` is silent."""
     ids = torch.cat([IDS, IDS])
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
-    with pytest.warns(UserWarning, match=r"position=-1 \(index 6\) is padding .* \[1\]"):
+    with pytest.warns(UserWarning, match=r"position=-1 reads padding \(attention_mask 0\) at row 1: index 6"):
         hf.token_integrated_gradients(gpt2, ids, target=1, attention_mask=mask, position=-1,
                                       steps=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         hf.token_integrated_gradients(gpt2, ids, target=1, attention_mask=mask, steps=4)
+
+
+@pytest.mark.parametrize("form", ["tensor", "list", "numpy"])
+def test_per_row_positions_equal_one_call_per_row(gpt2, form):
+    """``position=`` one int per row reads each row at its own position: the batch equals
+    separate one-row calls at those positions (negative counting from the end), for token IG
+    and token interactions; the head runs only at the distinct positions read."""
+    ids = torch.cat([IDS, IDS.flip(1), IDS.roll(2, 1)])
+    rows = [2, -1, 4]
+    position = {"tensor": torch.tensor(rows), "list": rows, "numpy": np.array(rows)}[form]
+    res = hf.token_integrated_gradients(gpt2, ids, target=[5, 9, 11], position=position,
+                                        steps=8)
+    for r, (p, t) in enumerate(zip(rows, [5, 9, 11])):
+        one = hf.token_integrated_gradients(gpt2, ids[r:r + 1], target=t, position=p, steps=8)
+        torch.testing.assert_close(res.attributions[r], one.attributions[0])
+        assert not torch.equal(one.attributions[0], hf.token_integrated_gradients(
+            gpt2, ids[r:r + 1], target=t, position=(p + 1) % 7, steps=8).attributions[0])
+    pair = hf.token_interactions(gpt2, ids[:2], target=[5, 9], position=position[:2],
+                                 steps=4)
+    one = hf.token_interactions(gpt2, ids[1:2], target=9, position=-1, steps=4)
+    torch.testing.assert_close(pair["interactions"][1], one["interactions"][0])
+
+
+def test_per_row_positions_are_checked(gpt2):
+    ids = torch.cat([IDS, IDS])
+    with pytest.raises(ValueError, match=r"shape \[2\]"):
+        hf.token_integrated_gradients(gpt2, ids, target=1, position=[1, 2, 3], steps=4)
+    with pytest.raises(ValueError, match=r"lie in \[-7, 7\)"):
+        hf.token_integrated_gradients(gpt2, ids, target=1, position=[1, 7], steps=4)
+    with pytest.raises(TypeError, match="must be integers"):
+        hf.token_integrated_gradients(gpt2, ids, target=1, position=torch.tensor([1., 2.]),
+                                      steps=4)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with pytest.warns(UserWarning, match=r"position=per row reads padding .* row 1: index 5"):
+        hf.token_integrated_gradients(gpt2, ids, target=1, attention_mask=mask,
+                                      position=[6, 5], steps=4)

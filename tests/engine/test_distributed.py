@@ -159,6 +159,9 @@ def test_reduce_to_rank0(ranks):
     # rank 1 keeps only its own shard's partial sum: not the answer
     partial = ranks[1]["to0"][0]
     assert (partial - single.attributions).abs().max() > 1e-6
+    # ... whose gap would be f(x) - f(b) minus a part of the sums: NaN there, rank 0's is true
+    assert ranks[1]["to0"][1].isnan().all()
+    torch.testing.assert_close(ranks[0]["to0"][1], single.gap, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("total", [0, 1, 5, 105])
