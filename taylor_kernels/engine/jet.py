@@ -44,6 +44,7 @@ from torch.utils import _pytree as pytree
 
 from taylor_kernels.engine import jet_rules as rules
 from taylor_kernels.engine import memory
+from taylor_kernels.engine.buffer_copies import nested_jvp_writing_copies
 from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
@@ -56,8 +57,8 @@ from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, with_forward_args
 from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.models.outputs import default_output
-from taylor_kernels.numerics import (MAX_ORDER, all_finite, nested_jvp_coefficients,
-                                     polarization_rule, polarization_size)
+from taylor_kernels.numerics import (MAX_ORDER, all_finite, polarization_rule,
+                                     polarization_size)
 from taylor_kernels.user_warnings import warn
 
 _WARNED_OPS: set[str] = set()
@@ -348,8 +349,8 @@ def _fallback(kind: str, target, args, kwargs, order: int, why: str = "no jet ru
         return tuple(leaves[j] for j in moving)
 
     with higher_order_ops(call):
-        coeffs = nested_jvp_coefficients(fn, [flat[i].c for i in slots], order) if moving \
-            else ()
+        coeffs = nested_jvp_writing_copies(fn, target, [flat[i].c for i in slots], order) \
+            if moving else ()
     for j, c in zip(moving, coeffs):
         out_flat[j] = Jet(c)
     return pytree.tree_unflatten(out_flat, out_spec)
@@ -623,8 +624,8 @@ def _jet_pass(f, fa, row0, x: torch.Tensor, directions: torch.Tensor, order: int
         if not fallback:
             _warn_once(_op_name("call_function", f), why)
         with higher_order_ops(f):
-            out = nested_jvp_coefficients(respecting_no_grad(lambda z: _plain_output(f(z, *args))),
-                                          [arg.c], order)
+            out = nested_jvp_writing_copies(
+                respecting_no_grad(lambda z: _plain_output(f(z, *args))), f, [arg.c], order)
     elif out is None:
         out = rules.as_jet(_plain_output(f(arg, *args)), order).c
     return _select(out, target, B, M)
