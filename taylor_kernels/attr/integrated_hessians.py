@@ -119,7 +119,7 @@ def _pair_cost(problem: PathProblem, alphas: torch.Tensor, budget,
     rows0 = torch.arange(probe.shape[0], device=x.device) // per_input
     owner = getattr(problem.model, "cost_owner", problem.model)
     return derivative.pair_cost(point_fn(problem, rows0), probe, owner=owner, budget=budget,
-                                held=held)
+                                held=held, model=problem.model)
 
 
 def path_slice(problem: PathProblem, alphas, p0: int, p1: int):

@@ -118,11 +118,13 @@ def owner_for(obj, *tags) -> object | None:
 
 def cache_slot(problem, x: torch.Tensor, K: int, kind: str = "grad") -> dict | None:
     """The cache dict of ``problem``'s owner and shape (``None`` when the owner cannot be
-    weakly referenced); ``kind`` separates gradient work from HVP work."""
+    weakly referenced), and of the sizes of the modules its model reaches
+    (:func:`~taylor_kernels.engine.guards.module_sizes`); ``kind`` separates gradient work
+    from HVP work."""
     model = getattr(problem, "model", None)
     owner = getattr(model, "cost_owner", model)
     key = (kind, (tuple(x.shape[1:]),) + _argument_shapes(problem), x.dtype, str(x.device), K,
-           getattr(problem, "cache_key", ()))
+           getattr(problem, "cache_key", ()), guards.module_sizes(model))
     try:
         slots = _CHOICES.setdefault(owner, {})
     except TypeError:
@@ -208,7 +210,7 @@ class ChunkPlan:
         if self.cost is None and self.chunk is None and isinstance(self.budget,
                                                                    memory.DefaultBudget):
             self.cost = self.slot.get("guess")  # a nearby shape's (see _nearby_cost)
-        self.threads = torch.get_num_threads()
+        self.threads = self.asked = torch.get_num_threads()  # (asked: the caller's count)
         self.timed: list[tuple[int, int, float]] = []  # (count, threads, seconds per item)
         self.trials: list[tuple[int, int]] = []       # (count, threads) still to time
         self.busy = machine_busy() if device.type == "cpu" else False
@@ -267,7 +269,9 @@ class ChunkPlan:
             return
         cap = self._cap(self.cost)
         cached = self.slot.get("choice")
-        if cached is not None and cached[2] == self.busy:
+        # (a choice made at another thread count is timed again: replayed, it overrode the
+        # caller's torch.set_num_threads for the call's chunks)
+        if cached is not None and cached[2:] == (self.busy, self.asked):
             self.chunk, self.threads = min(cached[0], cap), cached[1]
             return
         sizes = sorted({min(cap, _base(self.cost) * f) for f in CANDIDATE_FACTORS})
@@ -363,4 +367,4 @@ class ChunkPlan:
                 best, best_s = c, sec
         self.chunk = best
         if complete and isinstance(self.budget, memory.DefaultBudget):
-            self.slot["choice"] = (best, self.threads, self.busy)
+            self.slot["choice"] = (best, self.threads, self.busy, self.asked)

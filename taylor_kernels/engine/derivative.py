@@ -389,17 +389,18 @@ class PairCost:
 
 
 def pair_cost(f: Callable, x: torch.Tensor, owner=None, budget: int | None = None,
-              held: int = 0) -> PairCost:
+              held: int = 0, model=None) -> PairCost:
     """Measured cost of HVP pairs: :func:`_probe_bytes` on 1 row and on up to ``PROBE_ROWS``
     rows gives the slope ``per_pair`` and the rest of the one-row cost, ``fixed`` (a single-row
     batch: all of it per pair). An explicit ``budget`` bounds the probe: ``MemoryError`` if one
     row does not fit, and no more rows than fit. Measured once per ``owner`` (default ``f``;
     e.g. the model when ``f`` is a fresh closure around it), feature shape/dtype/device and the
-    form of ``f``'s forward args (a :class:`RowFunction`'s ``cost_key``), cached while the owner
-    lives."""
+    form of ``f``'s forward args (a :class:`RowFunction`'s ``cost_key``) and the sizes of the
+    modules ``model`` (default ``f``) reaches, cached while the owner lives."""
     x = x.detach()
     n = min(PROBE_ROWS, x.shape[0])
-    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n, getattr(f, "cost_key", ()))
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n, getattr(f, "cost_key", ()),
+           guards.module_sizes(f if model is None else model))
     try:
         cached = _COSTS.setdefault(getattr(f, "cost_owner", f) if owner is None else owner,
                                    {})

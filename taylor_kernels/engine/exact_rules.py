@@ -139,6 +139,18 @@ def identity(ctx, x, *args, **kwargs):
     return x
 
 
+def cast(ctx, x, *args, **kwargs):
+    """``.to(...)``/``.type_as(other)``: the pair unchanged to a floating dtype (the path
+    runs in float64); to an integer or bool dtype a step at every integer, which no piece
+    here follows (:class:`NotPiecewiseLinear`)."""
+    dtypes = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.dtype)] + \
+        [a.dtype for a in args if isinstance(a, torch.Tensor)]
+    if dtypes and not (dtypes[0].is_floating_point or dtypes[0].is_complex):
+        raise NotPiecewiseLinear(f"a cast to {dtypes[0]} (piecewise constant, a step at every "
+                                 "integer)")
+    return x
+
+
 def _add(ctx, a, b, alpha=1, sign=1):
     scale = alpha * sign
     if isinstance(a, Pair) and isinstance(b, Pair):
@@ -376,8 +388,9 @@ _STRUCTURAL_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "t"
                        "view_as", "reshape_as", "unflatten")
 METHODS = {m: structural(lambda t, *a, _m=m, **k: getattr(t, _m)(*a, **k))
            for m in _STRUCTURAL_METHODS}
-METHODS.update({m: identity for m in ("detach", "clone", "to", "float", "double", "half",
-                                      "bfloat16", "type_as", "cpu", "cuda")})
+METHODS.update({m: identity for m in ("detach", "clone", "float", "double", "half",
+                                      "bfloat16", "cpu", "cuda")})
+METHODS.update({"to": cast, "type_as": cast})
 METHODS.update({"add": add, "add_": add, "sub": sub, "sub_": sub, "neg": neg, "mul": mul,
                 "mul_": mul, "div": div, "div_": div, "matmul": matmul, "relu": relu,
                 "relu_": relu, "clamp": clamp, "clamp_": clamp, "clip": clamp,

@@ -85,12 +85,23 @@ def cell_values(f) -> list:
     return values
 
 
+def named_globals(f) -> list[tuple[str, object]]:
+    """``(name, value)`` of each global that function ``f``'s code names (empty for other
+    callables)."""
+    code, glb = getattr(f, "__code__", None), getattr(f, "__globals__", None)
+    if code is None or not isinstance(glb, dict):
+        return []
+    return [(n, glb[n]) for n in code.co_names if n in glb]
+
+
 def modules_of(f, depth: int = 3) -> list[nn.Module]:
     """The modules ``f`` is or reaches: ``f`` itself, the object of a bound method and its
     ``model`` attribute (an Inseq attribution model's ``forward``), what a
     ``functools.partial`` binds, the modules, functions and library objects in a function's
-    closure cells, and the ``model`` of the library's own objects, followed ``depth`` levels
-    deep. (One level
+    closure cells and the modules among the globals its code names (a lambda calling a
+    module-level model: its train-mode dropout, batch norm and buffers went unseen by the
+    derivative engine and the jet), and the ``model`` of the library's own objects, followed
+    ``depth`` levels deep. (One level
     missed a model behind the wrapper that Captum's ``multiply_by_inputs=False`` runs
     through, so train-mode dropout there passed unseen; the ``model`` of any object in a
     closure, e.g. a trainer's training model beside the EMA copy a lambda calls, is not
@@ -119,6 +130,7 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
         reached += [c for c in cell_values(v)
                     if isinstance(c, nn.Module) or callable(c) and not isinstance(c, type)
                     or type(c).__module__.startswith("taylor_kernels.")]  # e.g. a PathProblem
+        reached += [g for _, g in named_globals(v) if isinstance(g, nn.Module)]
         for r in reached:
             if r is not None:
                 visit(r, left - 1)
@@ -128,6 +140,15 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
 
     visit(f, depth)
     return list(found.values())
+
+
+def module_sizes(f) -> tuple:
+    """``(id, elements)`` of each module ``f`` reaches (:func:`modules_of`; its parameters'
+    and buffers' elements): part of the key of a cost cached per owner, so that a model whose
+    layers were replaced by wider ones, or another model through a layer both share (the
+    layer owns layer IG's cost), is measured anew (either reused a cost: 12x a budget)."""
+    return tuple((id(m), sum(t.numel() for t in (*m.parameters(), *m.buffers())))
+                 for m in modules_of(f))
 
 
 def _attribute(v, name: str):

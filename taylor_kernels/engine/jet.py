@@ -17,13 +17,15 @@ key holds, for every module ``f`` is, is bound to or closes over and all their s
 module objects and their names (``model.head = nn.Linear(...)`` retraces), the identity of
 every parameter and buffer, the hooks, and the plain attributes ``forward`` may read (numbers,
 strings, flags, the ``training`` mode, one level into config objects); for a plain function
-also its closure cells and the globals its code names. Python branches on the *values* of
+also its closure cells and the globals its code names, for a bound method of another object
+its object's plain attributes. Python branches on the *values* of
 tensors cannot be traced: ``torch.fx`` refuses them (``if x.sum() > 0``, ``.item()``), and such
 a model (or custom submodule) runs by nested forward-mode AD, which executes the real Python
 every call. State the key does not hold (a module-level constant a ``forward`` reads, a dict
 attribute, a file, a random draw) is caught by value: a call on a cached trace compares its
-``c_0`` at row 0 with one real forward of that row and traces again when they differ; a
-change that keeps ``f(x_0)`` but not its derivatives needs ``cache=False``.
+``c_0`` at row 0 with one real forward of that row (to ``sqrt(eps)``) and traces again when
+they differ (not inside ``allow_row_coupling``: a random model has no one value); a change that
+keeps ``f(x_0)`` but not its derivatives needs ``cache=False``.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
-                                          check_model, modules_of,
+                                          check_model, modules_of, named_globals,
                                           proxy_hook_warning_ignored, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.no_grad_blocks import respecting_no_grad, warn_if_backward_hooks
@@ -188,14 +190,19 @@ def _module_key(root: nn.Module) -> tuple:
 
 
 def _trace_key(f) -> tuple:
-    """Invalidation key of ``f``'s trace: its modules' trees, and for a function its closure
-    cells and the globals its code names."""
+    """Invalidation key of ``f``'s trace: its modules' trees, for a function its closure
+    cells and the globals its code names, and for a bound method of another object than a
+    module that object's plain attributes (an explainer's ``temperature``: the trace kept
+    the old value, and inside ``allow_row_coupling``, where the value check is off, the
+    call returned the old function's coefficients)."""
     key = [_module_key(m) for m in modules_of(f)]
+    owner = getattr(f, "__self__", None)
+    if owner is not None and not isinstance(owner, nn.Module):
+        key.append(_value_key(owner))
     code = getattr(f, "__code__", None)
     if code is not None:
         key.append(tuple(_value_key(v) for v in cell_values(f) if not isinstance(v, nn.Module)))
-        glb = getattr(f, "__globals__", {})
-        key.append(tuple((n, _value_key(glb[n])) for n in code.co_names if n in glb))
+        key.append(tuple((n, _value_key(g)) for n, g in named_globals(f)))
     return tuple(key)
 
 
@@ -412,6 +419,10 @@ class _JetInterpreter(fx.Interpreter):
         if target in rules.CONSTANT_METHODS:  # comparisons, argmax...: the primal's
             a = _primal(args)
             return getattr(a[0], target)(*a[1:], **_primal(kwargs))
+        if target in rules.CAST_METHODS and isinstance(args[0], Jet):
+            value = getattr(args[0].c[0], target)(*_primal(args[1:]), **_primal(kwargs))
+            if not (value.is_floating_point() or value.is_complex()):
+                return value  # (to an integer or bool: piecewise constant, no derivatives)
         if target in rules.LINEAR_METHODS and isinstance(args[0], Jet):
             return rules.per_coefficient(lambda s, *a, **kw: getattr(s, target)(*a, **kw),
                                          args, kwargs)

@@ -459,7 +459,8 @@ CONSTANT_FUNCTIONS = (operator.gt, operator.lt, operator.ge, operator.le, operat
                       torch.sign, torch.signbit, torch.argsort)
 CONSTANT_METHODS = ("gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__",
                     "__eq__", "__ne__", "isnan", "isinf", "isfinite", "argmax", "argmin",
-                    "sign", "signbit", "argsort")
+                    "sign", "signbit", "argsort", "long", "int", "short", "byte", "char",
+                    "bool")
 LINEAR_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
                     torch.squeeze, torch.cat, torch.stack, torch.sum, torch.mean, operator.getitem,
                     torch.chunk, torch.split, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
@@ -468,6 +469,8 @@ LINEAR_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contigu
                   "squeeze", "expand", "repeat", "sum", "mean", "chunk", "split", "narrow",
                   "movedim", "to", "float", "double", "type_as", "view_as", "reshape_as",
                   "expand_as", "t", "unflatten")
+# linear to a floating dtype; to an integer or bool dtype a constant (the value's)
+CAST_METHODS = ("to", "type_as")
 
 FUNCTION_RULES = {
     **{fn: _activation_fn(name) for fn, name in UNARY_FUNCTIONS.items()},

@@ -111,3 +111,22 @@ def test_second_order_methods_refuse_row_coupling_inside_allow_row_coupling(call
         tk.integrated_gradients(model, x, target=1, steps=4)  # (first order: runs)
         with pytest.raises(ValueError, match="batch statistics .*also inside allow_row_coupling"):
             call(model, x)
+
+
+GLOBAL_MODEL = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: tk.jet(lambda z: GLOBAL_MODEL(z), x, torch.randn(3, 2, 4), order=2, target=1),
+    lambda x: tk.hessian(lambda z: GLOBAL_MODEL(z)[:, 1], x),
+    lambda x: tk.integrated_hessians(lambda z: GLOBAL_MODEL(z), x, target=1, steps=2,
+                                     ig_steps=4),
+])
+def test_a_model_reached_through_a_global_is_seen_inside_allow_row_coupling(call):
+    """A function calling a module-level model by name: the refusal above looked only at
+    modules, closures and bound methods, so jet ran batch statistics silently and hessian /
+    IH failed with torch's 'Expected more than 1 value per channel'."""
+    GLOBAL_MODEL.train()
+    with tk.allow_row_coupling(GLOBAL_MODEL):
+        with pytest.raises(ValueError, match="batch statistics .*also inside allow_row_coupling"):
+            call(torch.randn(3, 4))

@@ -35,7 +35,7 @@ def test_larger_candidate_must_be_clearly_faster(monkeypatch):
     assert [t[0] for t in plan.trials] == [base, 4 * base, 16 * base]
     _feed(plan, {(base, 2): 1.0, (4 * base, 2): 0.95, (16 * base, 2): 0.5})
     assert plan.chunk == 16 * base and plan.threads == 2
-    assert plan.slot["choice"] == (16 * base, 2, False)
+    assert plan.slot["choice"] == (16 * base, 2, False, 2)
     plan = _plan(monkeypatch, busy=False)
     _feed(plan, {(base, 2): 1.0, (4 * base, 2): 0.95, (16 * base, 2): 0.92})
     assert plan.chunk == base  # within the margin: the smaller chunk keeps memory low
@@ -125,8 +125,91 @@ def test_cache_skips_probes_and_results_do_not_depend_on_choice(monkeypatch):
         torch.testing.assert_close(res.attributions, whole.attributions, rtol=1e-12, atol=1e-13)
 
 
+def test_a_choice_made_at_another_thread_count_is_timed_again(monkeypatch):
+    """A cached choice replayed its thread count: a caller that set one thread after a call
+    at two ran the next call's chunks at two (and the other way round)."""
+    plan = _plan(monkeypatch, busy=False, threads=2)
+    base = memory.DEFAULT_TARGET // 4096
+    _feed(plan, {(base, 2): 1.0, (4 * base, 2): 0.5, (16 * base, 2): 0.5})
+    slot = plan.slot
+    assert slot["choice"] == (4 * base, 2, False, 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    again = chunking.ChunkPlan(10**6, CPU, cost=4096, slot=slot)
+    assert again.threads == 1 and [t[0] for t in again.trials] == [base, 4 * base, 16 * base]
+    _feed(again, {(base, 1): 1.0, (4 * base, 1): 1.0, (16 * base, 1): 1.0})
+    assert again.chunk == base and slot["choice"] == (base, 1, False, 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    cached = chunking.ChunkPlan(10**6, CPU, cost=4096, slot=slot)
+    assert not cached.trials and (cached.chunk, cached.threads) == (base, 1)
+
+
+def _wide(model: torch.nn.Sequential, width: int) -> None:
+    """``model``'s hidden layers replaced in place by ``width``-wide ones."""
+    model[0] = torch.nn.Linear(model[0].in_features, width).double()
+    model[2] = torch.nn.Linear(width, model[2].out_features).double()
+
+
+GROWN_CALLS = {  # (module, probe function, call)
+    "ig": ("path_engine", "_measure",
+           lambda m, x: tk.integrated_gradients(m, x, target=1, steps=16)),
+    "ih": ("derivative", "_probe_bytes",
+           lambda m, x: tk.integrated_hessians(m, x, target=1, steps=2, ig_steps=4)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GROWN_CALLS))
+def test_a_model_whose_layers_grew_is_measured_again(kind, monkeypatch):
+    """The cost cached per model and shape (the path's, and the HVP pairs' of Integrated
+    Hessians) survived replacing its layers by wider ones: the next call under max_memory
+    ran chunks sized for the old model (12x the budget)."""
+    from taylor_kernels.engine import derivative
+    module, name, call = GROWN_CALLS[kind]
+    module = {"path_engine": path_engine, "derivative": derivative}[module]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    measured = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: measured.append(1) or real(*a))
+    call(model, x)
+    first = len(measured)
+    call(model, x)
+    assert first >= 1 and len(measured) == first
+    _wide(model, 512)
+    call(model, x)
+    assert len(measured) > first
+
+
+@pytest.mark.parametrize("api", ["core", "front"])
+def test_two_models_sharing_the_attributed_layer_keep_their_own_costs(api, monkeypatch):
+    """Layer IG's cost was owned by the layer: a backbone layer shared by a light and a heavy
+    model gave the heavy one the light one's cost (12x a budget)."""
+    import taylor_kernels.captum as tkc
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(6, 8).double()
+    light = torch.nn.Sequential(backbone, torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    heavy = torch.nn.Sequential(backbone, torch.nn.Tanh(), torch.nn.Linear(8, 512),
+                                torch.nn.Tanh(), torch.nn.Linear(512, 3)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    measured = []
+    real = path_engine._measure
+    monkeypatch.setattr(path_engine, "_measure", lambda *a: measured.append(1) or real(*a))
+
+    def call(model):
+        if api == "core":
+            return tk.layer_integrated_gradients(model, backbone, x, target=1, steps=16)
+        return tkc.LayerIntegratedGradients(model, backbone).attribute(x, target=1, n_steps=16)
+    call(light)
+    first = len(measured)
+    call(light)
+    assert first >= 1 and len(measured) == first
+    call(heavy)
+    assert len(measured) > first
+
+
 def test_out_of_memory_shrinks_the_cached_choice():
-    slot = {"cost": 100.0, "choice": (64, 1, chunking.machine_busy())}
+    slot = {"cost": 100.0, "choice": (64, 1, chunking.machine_busy(), torch.get_num_threads())}
     plan = chunking.ChunkPlan(10_000, CPU, slot=slot)
     assert plan.chunk == 64
     plan.halve(64)
@@ -335,3 +418,4 @@ def test_a_budget_the_sums_fill_raises_before_the_row_probe(monkeypatch):
     with pytest.raises(MemoryError, match="leaves nothing for the path"):
         tk.generation_attribution(model, torch.tensor([5, 9, 11, 3, 7, 2]),
                                   torch.tensor([4, 8, 12, 6]), steps=4, max_memory=3000)
+

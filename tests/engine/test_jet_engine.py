@@ -944,3 +944,28 @@ def test_mixed_partials_of_an_empty_batch_is_a_clear_error():
     """It raised IndexError: index 0 is out of bounds (tk.jet gives a ValueError)."""
     with pytest.raises(ValueError, match="at least one row"):
         tk.mixed_partials(lambda z: z.sum(1), torch.zeros(0, 4), [(0, 1)])
+
+
+def test_trace_cache_sees_a_bound_methods_object_inside_allow_row_coupling():
+    """A kept bound method of a plain object (an explainer reading ``self.temperature``):
+    the key held the model, not the object's attributes, and inside allow_row_coupling (no
+    value check) jet and mixed_partials returned the old function's coefficients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
+
+    class Explainer:
+        def __init__(self):
+            self.model, self.temperature = model, 1.0
+
+        def forward(self, x):
+            return self.model(x) / self.temperature
+
+    explainer = Explainer()
+    f = explainer.forward
+    x, V = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 2, 6, dtype=torch.float64)
+    with tk.allow_row_coupling(model):
+        first = tk.jet(f, x, V, 2, target=1)
+        mixed = tk.mixed_partials(f, x, [0, 1], target=1)
+        explainer.temperature = 2.0
+        torch.testing.assert_close(tk.jet(f, x, V, 2, target=1), first / 2)
+        torch.testing.assert_close(tk.mixed_partials(f, x, [0, 1], target=1), mixed / 2)
