@@ -11,6 +11,12 @@ whole ``[S, S]`` matrix (``S`` cells) costs ``S`` Hessian-vector products per in
 derivative engine's batched HVPs), never the ``(C S)^2`` Hessian. Regions generalise cells:
 with region indicators ``u_r`` (all channels of every cell in region ``r``),
 ``M_rs = (A * u_r) . (H u_s)`` = the formula summed over the cells of ``r`` and ``s``.
+
+A layer followed by a per-cell normalisation that subtracts the mean over channels
+(ConvNeXt's LayerNorm after the depthwise conv; found on HF ConvNext) gives an all-zero map:
+``y`` does not change when a constant is added to every channel of cell ``j``, so
+``sum_k d y / dA_(j,k) = 0`` everywhere, its derivative ``sum_k H_(i,l),(j,k) = 0`` too, and
+``M = 0`` exactly. Choose the layer after the norm there.
 """
 from __future__ import annotations
 

@@ -372,6 +372,29 @@ def _primal(tree):
 LINEAR_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 
+class _OutputDict(dict):
+    """A traced submodule's dict output read as the ``ModelOutput`` it was: ``torch.fx``
+    records a returned ``ModelOutput`` as a plain dict, and the parent's
+    ``out.last_hidden_state`` / ``out[0]`` failed on it (HF ConvNext's encoder). By attribute
+    (a field not returned is None, as a ``ModelOutput``'s) and by position (the entries that
+    are not None, in order)."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.get(name)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return tuple(v for v in self.values() if v is not None)[key]
+        return super().__getitem__(key)
+
+
+def _as_model_output(out):
+    """``out`` of a traced submodule, a dict of it as :class:`_OutputDict`."""
+    return _OutputDict(out) if isinstance(out, dict) else out
+
+
 class _JetInterpreter(fx.Interpreter):
     def __init__(self, traced: Traced, order: int, cache: bool = True):
         super().__init__(traced.root, graph=traced.graph)
@@ -445,7 +468,7 @@ class _JetInterpreter(fx.Interpreter):
         # a custom module that is a leaf here: propagate through its own graph
         sub = _trace(mod, self.cache) if len(args) == 1 and not kwargs else None
         if sub is not None:
-            return _JetInterpreter(sub, self.order, self.cache).run(args[0])
+            return _as_model_output(_JetInterpreter(sub, self.order, self.cache).run(args[0]))
         return self._apply(None, "call_module", mod, args, kwargs)
 
     def _apply(self, rule, kind, target, args, kwargs):

@@ -307,3 +307,24 @@ def test_another_tables_index_error_is_not_called_a_vocabulary_error():
                                                               torch.full_like(ids, 5)},
                                       steps=4)
     assert not isinstance(err.value, hf.VocabIndexError)
+
+
+def test_jets_through_a_traced_submodule_returning_a_model_output():
+    """HF ConvNext's encoder is traced on its own and returns a ModelOutput, which torch.fx
+    records as a plain dict: the parent's ``.last_hidden_state`` failed (jet, mixed_partials,
+    taylor_decomposition raised AttributeError). Float64 against reverse-over-reverse."""
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        num_channels=3, patch_size=2, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+        num_labels=3, image_size=8)).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    V = torch.randn(2, 1, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        c = tk.jet(model, x, V, order=2, target=1)
+        tk.taylor_decomposition(model, x, target=1, order=2)
+    for b in range(2):
+        H = torch.func.hessian(lambda z: model(z[None]).logits[0, 1])(x[b]).reshape(192, 192)
+        v = V[b, 0].reshape(192)
+        torch.testing.assert_close(c[2, b, 0], v @ H @ v / 2, rtol=1e-10, atol=1e-12)
