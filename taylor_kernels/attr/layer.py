@@ -33,6 +33,25 @@ from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_th
 from taylor_kernels.user_warnings import warn
 
 
+def named_layer(model, layer) -> torch.nn.Module:
+    """``layer`` as a module: itself, or a dotted submodule name of ``model`` (``"0"``,
+    ``"encoder.layer.3"``; a name gave ``'str' object has no attribute
+    'register_forward_hook'``). ``ValueError`` for a name ``model`` lacks, ``TypeError``
+    for anything else or a name with a model that is not a module."""
+    if isinstance(layer, torch.nn.Module):
+        return layer
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a module the model calls, or its submodule name, got "
+                        f"{type(layer).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"layer {layer!r} is a submodule name, which needs the model to be an "
+                        f"nn.Module (got {type(model).__name__}): pass the layer module itself")
+    try:
+        return model.get_submodule(layer)
+    except AttributeError as exc:
+        raise ValueError(f"model has no submodule {layer!r}") from exc
+
+
 def layer_activations(model, layer, inputs: tuple, args: tuple, of_input: bool):
     """Run the model once (no grad, buffers kept) and return ``(activations, output)``: the
     layer's output (or first input) at each of its calls, in call order, and the model's
@@ -149,7 +168,7 @@ def without_exact_rule(ig_kwargs: dict) -> dict:
 
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
-def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=None,
+def layer_integrated_gradients(model, layer: torch.nn.Module | str, inputs, baselines=None,
                                target=None, *, attribute_to_layer_input: bool = False,
                                additional_forward_args=None, **ig_kwargs) -> AttributionResult:
     """IG with respect to ``layer``'s output (default) or input.
@@ -157,8 +176,8 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
     Args:
         model: callable ``model(*inputs, *additional_forward_args)``; inputs may be any dtype
             (e.g. token ids: attribute to the embedding layer).
-        layer: a module the forward calls (once, or ``n`` times: see the module docstring);
-            its output (input) must be one tensor.
+        layer: a module the forward calls (once, or ``n`` times: see the module docstring),
+            or its submodule name in ``model``; its output (input) must be one tensor.
         baselines: input-space baselines (None = zeros, a number, or a tensor broadcastable to
             the inputs; a tuple for tuple inputs), mapped through the network to the layer.
         target: the output per row, as in :func:`integrated_gradients`;
@@ -175,6 +194,7 @@ def layer_integrated_gradients(model, layer: torch.nn.Module, inputs, baselines=
         dropout, batch mixing; opt in with ``tk.allow_row_coupling(model)``), ``RuntimeError``
         inside ``torch.inference_mode()`` (:mod:`taylor_kernels.engine.guards`).
     """
+    layer = named_layer(model, layer)
     tup, _ = as_tuple(inputs) if not isinstance(inputs, torch.Tensor) or inputs.is_floating_point() \
         else ((inputs,), False)
     fargs = (() if additional_forward_args is None else additional_forward_args

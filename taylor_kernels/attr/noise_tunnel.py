@@ -93,9 +93,17 @@ def _per_row_arguments(method, args: tuple, kwargs: dict, tup: tuple, n: int
             {k: keyword(k, v) for k, v in kwargs.items()})
 
 
-def _check_first_order(method) -> None:
-    """Refuse, before any forward, the second-order methods: they return interactions, not
-    attributions (the call ran all of its noisy copies, then failed on ``.attributions``)."""
+def _check_first_order(method, model) -> None:
+    """Refuse, before any forward, a model given as the method (``noise_tunnel(model,
+    tk.integrated_gradients, ...)`` failed inside the model's forward on ``target=``) and the
+    second-order methods: they return interactions, not attributions (the call ran all of
+    its noisy copies, then failed on ``.attributions``)."""
+    import taylor_kernels
+    public = getattr(taylor_kernels, getattr(model, "__name__", ""), None) is model
+    if isinstance(method, torch.nn.Module) or not callable(method) or public:
+        raise TypeError(f"noise_tunnel(method, model, inputs, ...) takes the attribution "
+                        f"method first, e.g. noise_tunnel(tk.integrated_gradients, model, x); "
+                        f"got method={_called(method)} and model={_called(model)}")
     from taylor_kernels.attr.group_hessians import group_integrated_hessians
     from taylor_kernels.attr.integrated_hessians import expected_hessians, integrated_hessians
     if method in (integrated_hessians, expected_hessians, group_integrated_hessians):
@@ -103,6 +111,11 @@ def _check_first_order(method) -> None:
                         "interactions: smooth them by calling it on noisy inputs yourself, or "
                         "use a first-order method (integrated_gradients, expected_gradients, "
                         "layer_integrated_gradients, ...)")
+
+
+def _called(v) -> str:
+    """``v`` named for a message: a function's name, else its type's."""
+    return getattr(v, "__name__", None) or type(v).__name__
 
 
 def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
@@ -123,7 +136,7 @@ def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
     """
     if nt_type not in NT_TYPES:
         raise ValueError(f"unknown nt_type {nt_type!r}; choose one of {NT_TYPES}")
-    _check_first_order(method)
+    _check_first_order(method, model)
     if int(nt_samples) != nt_samples or nt_samples < 1:
         raise ValueError(f"nt_samples must be a positive integer, got {nt_samples}")
     tup, was_tuple = as_tuple(inputs)

@@ -28,7 +28,32 @@ def as_tuple(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
     if isinstance(inputs, (tuple, list)) and inputs and all(
             isinstance(t, torch.Tensor) for t in inputs):
         return tuple(inputs), True
-    raise ValueError("inputs must be a tensor or a non-empty tuple of tensors")
+    raise inputs_error(inputs)
+
+
+def _note_unbatched(exc: Exception, parts: tuple[torch.Tensor, ...]) -> None:
+    """Add to ``exc`` (the model's own error on a batch of points) a note when every input
+    is 1-D: dim 0 is read as the batch, so one example ``x [D]`` reached the model as ``N``
+    scalars (a Linear said "mat1 and mat2 shapes cannot be multiplied (1x10 and 5x8)", the
+    10 being the library's rows, not the user's shape)."""
+    if parts and all(p.dim() == 1 for p in parts) and hasattr(exc, "add_note"):
+        exc.add_note("taylor_kernels: the inputs are 1-D, and attribution reads their first "
+                     "dimension as the batch (each row a scalar); for one example x of D "
+                     "features pass x[None] ([1, D])")
+
+
+def inputs_error(inputs) -> ValueError:
+    """The error for ``inputs`` that are not a tensor or a non-empty tuple of tensors, naming
+    what was given (a numpy array: ``torch.as_tensor``)."""
+    container = isinstance(inputs, (tuple, list))
+    parts = tuple(inputs) if container else (inputs,)
+    wrong = [type(t).__name__ for t in parts if not isinstance(t, torch.Tensor)]
+    got = (f"an empty {type(inputs).__name__}" if container and not parts else
+           f"a {type(inputs).__name__} holding {wrong[0]}" if container else wrong[0])
+    hint = "; convert with torch.as_tensor(x, dtype=torch.float32)" if any(
+        type(t).__module__ == "numpy" for t in parts) else ""
+    return ValueError(f"inputs must be a tensor or a non-empty tuple of tensors, got {got}"
+                      f"{hint}")
 
 
 def check_batch(inputs: tuple[torch.Tensor, ...]) -> int:
@@ -244,7 +269,12 @@ class PathProblem:
         """The model's whole outputs ``[N, ...]`` (what
         :func:`~taylor_kernels.models.outputs.model_output` reads) at ``N`` flattened points
         of inputs ``rows [N]`` (which pick the additional forward args)."""
-        raw = self.model(*self.split(flat_points), *self._rows_args(rows))
+        parts = self.split(flat_points)
+        try:
+            raw = self.model(*parts, *self._rows_args(rows))
+        except Exception as exc:
+            _note_unbatched(exc, parts)
+            raise
         self.output_kind = None if isinstance(raw, torch.Tensor) else type(raw).__name__
         out = model_output(raw)
         if out.dim() == 0 and flat_points.shape[0] == 1 and not self.scalar_row_checked:

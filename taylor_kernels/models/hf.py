@@ -41,7 +41,7 @@ from torch import nn
 
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
-from taylor_kernels.attr.layer import layer_replaced_forward
+from taylor_kernels.attr.layer import layer_replaced_forward, named_layer
 from taylor_kernels.engine.guards import (check_model, coupling_modules_of, is_row_tensor,
                                           row_coupling_allowed, without_inference_tensors)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
@@ -57,15 +57,8 @@ SPECIAL_BASELINES = ("pad", "unk", "bos", "eos")
 def input_embeddings(model, layer: nn.Module | str | None = None) -> nn.Module:
     """The layer whose output is attributed: ``layer`` (a module or a dotted submodule name),
     else ``model.get_input_embeddings()``."""
-    if isinstance(layer, nn.Module):
-        return layer
-    if isinstance(layer, str):
-        try:
-            return model.get_submodule(layer)
-        except AttributeError as exc:
-            raise ValueError(f"model has no submodule {layer!r}") from exc
     if layer is not None:
-        raise TypeError(f"layer must be a module, a submodule name or None, got {type(layer)}")
+        return named_layer(model, layer)
     get = getattr(model, "get_input_embeddings", None)
     try:  # (transformers' base raises NotImplementedError where a model has none: CANINE)
         emb = get() if callable(get) else None

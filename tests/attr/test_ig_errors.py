@@ -345,3 +345,37 @@ def test_neuron_conductance_takes_fixed_rules_only_and_has_no_gap(kw):
         neuron_conductance(model, model[1], x, 3, target=1, **kw)
     res = neuron_conductance(model, model[1], x, 3, target=1, steps=8)
     assert res.gap.shape == (4,) and bool(res.gap.isnan().all())
+
+
+def test_common_mistakes_are_named_with_their_fix(net):
+    """A UX QA pass: a numpy array, swapped noise_tunnel arguments, a layer by name, one
+    unbatched example got messages that did not say what was wrong."""
+    import numpy as np
+    with pytest.raises(ValueError, match="got ndarray; convert with torch.as_tensor"):
+        tk.integrated_gradients(net, X.numpy(), target=0)
+    with pytest.raises(ValueError, match="got a list holding ndarray"):
+        tk.integrated_gradients(net, [X, np.zeros(3)], target=0)
+    with pytest.raises(ValueError, match="got an empty tuple"):
+        tk.integrated_gradients(net, (), target=0)
+    with pytest.raises(TypeError, match="takes the attribution method first"):
+        tk.noise_tunnel(net, tk.integrated_gradients, X, target=0)
+    with pytest.raises(RuntimeError) as info:
+        tk.integrated_gradients(net, X[0], target=0)
+    assert "pass x[None]" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_layer_ig_takes_a_layer_by_name():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    by_name = tk.layer_integrated_gradients(model, "1", x, target=1, steps=8)
+    by_module = tk.layer_integrated_gradients(model, model[1], x, target=1, steps=8)
+    torch.testing.assert_close(by_name.attributions, by_module.attributions, rtol=1e-12,
+                               atol=1e-14)
+    with pytest.raises(ValueError, match="no submodule '7'"):
+        tk.layer_integrated_gradients(model, "7", x, target=1, steps=8)
+    with pytest.raises(TypeError, match="needs the model to be an nn.Module"):
+        tk.layer_integrated_gradients(lambda z: model(z), "1", x, target=1, steps=8)
+    with pytest.raises(TypeError, match="got int"):
+        tk.layer_integrated_gradients(model, 1, x, target=1, steps=8)
