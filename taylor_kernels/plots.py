@@ -15,6 +15,9 @@ from typing import Sequence
 
 import torch
 
+MAX_FIGURE_INCHES = 16.0  # heatmap side at most (1760 px at 110 dpi): n = 200 made 91 in
+MAX_TICK_LABELS = 60  # per axis; more are unreadable at MAX_FIGURE_INCHES
+
 
 def new_figure(**kw):
     """A Figure on the Agg canvas, outside pyplot's registry (nothing to close, no GUI)."""
@@ -25,7 +28,9 @@ def new_figure(**kw):
     return fig
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
+    """Write ``fig`` as a PNG (110 dpi, tight box) to ``path``, creating missing parent
+    folders; nothing when ``path`` is None."""
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,11 +47,26 @@ def _numpy(t, name: str, dims: tuple[int, ...]):
     return t
 
 
+def _heatmap_size(n: int) -> tuple[float, float]:
+    """Figure ``(width, height)`` in inches: 0.45 in per feature, capped at
+    ``MAX_FIGURE_INCHES`` (the cells shrink beyond ~33 features)."""
+    return (min(1.2 + 0.45 * n, MAX_FIGURE_INCHES), min(0.9 + 0.45 * n, MAX_FIGURE_INCHES))
+
+
+def _thinned_ticks(names: list[str]) -> tuple[list[int], list[str]]:
+    """Every ``ceil(n / MAX_TICK_LABELS)``-th position and its name (all when ``n`` is at most
+    ``MAX_TICK_LABELS``)."""
+    step = -(-len(names) // MAX_TICK_LABELS)
+    pos = list(range(0, len(names), step))
+    return pos, [names[i] for i in pos]
+
+
 def interaction_heatmap(matrix, labels: Sequence[str] | None = None, *, title: str = "",
                         cmap: str = "viridis", mask_diagonal: bool = True, path=None):
     """Heatmap of a square interaction matrix ``[n, n]`` (diagonal blanked by default: it holds
-    self-terms, not interactions); ``labels`` name the ``n`` features. Returns the Figure
-    (two axes: the map and its colour bar)."""
+    self-terms, not interactions); ``labels`` name the ``n`` features. The figure is at most
+    ``MAX_FIGURE_INCHES`` a side and labels at most ``MAX_TICK_LABELS`` features per axis
+    (every k-th beyond that). Returns the Figure (two axes: the map and its colour bar)."""
     m = _numpy(matrix, "matrix", (2,))
     n = m.shape[0]
     if m.shape[1] != n or n == 0:
@@ -56,16 +76,16 @@ def interaction_heatmap(matrix, labels: Sequence[str] | None = None, *, title: s
     if mask_diagonal:
         m = m.clone()
         m.fill_diagonal_(float("nan"))
-    fig = new_figure(figsize=(1.2 + 0.45 * n, 0.9 + 0.45 * n))
+    fig = new_figure(figsize=_heatmap_size(n))
     ax = fig.subplots()
     im = ax.imshow(m.numpy(), cmap=cmap)
-    names = list(labels) if labels is not None else [str(i) for i in range(n)]
-    ax.set_xticks(range(n), names, rotation=90 if n > 12 else 0, fontsize=8)
-    ax.set_yticks(range(n), names, fontsize=8)
+    pos, names = _thinned_ticks(list(labels) if labels is not None else [str(i) for i in range(n)])
+    ax.set_xticks(pos, names, rotation=90 if n > 12 else 0, fontsize=8)
+    ax.set_yticks(pos, names, fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -99,5 +119,5 @@ def taylor_cam_overlay(image, cam, *, title: str = "", alpha: float = 0.5,
         ax.set_axis_off()
     fig.colorbar(im, ax=ax1, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig

@@ -69,37 +69,87 @@ class UnificationTable:
         return asdict(self)
 
     def plot(self, path=None):
-        """Grouped bars of the three departures (symlog scale) beside a heatmap of departures
-        and allocation summaries (methods x columns); saved to ``path`` when given."""
-        from taylor_kernels.plots import new_figure
-        cols = ["p1", "p2", "p3", "indep_self", "inter_members", "inter_outside"]
+        """Figure of the table, one row per method; saved as a PNG to ``path`` when given
+        (missing folders are created). Returns the Figure (axes: bars, heatmap, colour bar).
+
+        Left: bars of the departures P1, P2, P3 (0 = satisfied) on a symlog axis whose linear
+        part ends at the decade of the smallest nonzero departure (at most 1e-3), each bar
+        labelled with its value; a principle that does not apply (None or NaN: ``note`` says
+        why) has no bar but a grey "n/a". Right: the six columns, cells coloured by the
+        departure from the ideal ``|v - ideal|`` (ideal 1 for ``indep_self`` and
+        ``inter_members``, 0 for the rest; white = ideal, symlog scale from 0 to at least 1,
+        grey = n/a) and labelled with the signed value.
+        """
+        from taylor_kernels.plots import new_figure, save_figure
         data = torch.tensor([[float("nan") if getattr(r, c) is None else getattr(r, c)
-                              for c in cols] for r in self.rows], dtype=torch.float64)
+                              for c in PLOT_COLUMNS] for r in self.rows], dtype=torch.float64)
         names = [r.method for r in self.rows]
         fig = new_figure(figsize=(14, 0.4 * len(names) + 2))
         bars, heat = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        pos = torch.arange(len(names), dtype=torch.float64)
-        for j, label in enumerate(("P1 completeness", "P2 independent", "P3 interaction")):
-            bars.barh((pos + (j - 1) * 0.27).numpy(), data[:, j].nan_to_num(0).numpy(),
-                      height=0.27, label=label)
-        bars.set_xscale("symlog", linthresh=1e-3)
-        bars.set_yticks(range(len(names)), names)
-        bars.invert_yaxis()
-        bars.set_xlabel("departure from the principle (0 = satisfied)")
-        bars.legend(fontsize=7)
-        im = heat.imshow(data.clamp(-2, 3).numpy(), cmap="coolwarm", aspect="auto")
-        heat.set_xticks(range(len(cols)), cols, rotation=30)
-        heat.set_yticks(range(len(names)), names)
-        for i in range(len(names)):
-            for j in range(len(cols)):
-                v = float(data[i, j])
-                heat.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center",
-                          va="center", fontsize=7)
-        fig.colorbar(im, ax=heat)
+        _departure_bars(bars, names, data[:, :3])
+        _ideal_heatmap(fig, heat, names, data)
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         return fig
+
+
+PLOT_COLUMNS = ("p1", "p2", "p3", "indep_self", "inter_members", "inter_outside")
+IDEAL = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)  # of PLOT_COLUMNS
+PRINCIPLES = ("P1 completeness", "P2 independent", "P3 interaction")
+
+
+def _linthresh(values: torch.Tensor) -> float:
+    """Symlog linear threshold: the power of ten at or below the smallest positive finite
+    value, clipped to [1e-12, 1e-3] (1e-3 when none is positive)."""
+    pos = values[torch.isfinite(values) & (values > 0)]
+    if pos.numel() == 0:
+        return 1e-3
+    return 10.0 ** min(max(math.floor(math.log10(float(pos.min()))), -12), -3)
+
+
+def _departure_bars(ax, names: list[str], dep: torch.Tensor) -> None:
+    """Horizontal bars of ``dep [methods, 3]`` (P1..P3) on a symlog axis, each labelled with
+    its value; a NaN gets no bar and a grey "n/a" label at the axis origin."""
+    linthresh = _linthresh(dep)
+    for j, label in enumerate(PRINCIPLES):
+        ys = [i + (j - 1) * 0.27 for i in range(len(names))]
+        ok = [i for i in range(len(names)) if math.isfinite(float(dep[i, j]))]
+        ax.barh([ys[i] for i in ok], [float(dep[i, j]) for i in ok], height=0.27, label=label)
+        for i, y in enumerate(ys):
+            v = float(dep[i, j])
+            na = not math.isfinite(v)
+            ax.annotate("n/a" if na else f"{v:.2g}", (0 if na else v, y), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=6.5,
+                        color="dimgrey" if na else "black", fontstyle="italic" if na else "normal")
+    top = float(dep.nan_to_num(0.0).max().clamp(min=linthresh))
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.xaxis.get_major_locator().set_params(numticks=9)  # (every k-th decade past 8)
+    ax.set_xlim(0, top * 10)  # (one decade of room for the value labels)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlabel("departure from the principle (0 = satisfied, n/a = does not apply)")
+    ax.legend(fontsize=7, ncol=3, loc="lower left", bbox_to_anchor=(0, 1))  # (above: no overlap)
+
+
+def _ideal_heatmap(fig, ax, names: list[str], data: torch.Tensor) -> None:
+    """Cells of ``data [methods, 6]`` coloured by ``|data - IDEAL|`` (white 0, symlog from 0 to
+    at least 1, grey NaN), labelled with the signed values, with a labelled colour bar."""
+    from matplotlib import colormaps
+    from matplotlib.colors import SymLogNorm
+    off = (data - IDEAL).abs()
+    norm = SymLogNorm(linthresh=1e-3, vmin=0.0, vmax=max(1.0, float(off.nan_to_num(0).max())))
+    cmap = colormaps["Reds"].with_extremes(bad="lightgrey")
+    im = ax.imshow(off.numpy(), cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xticks(range(len(PLOT_COLUMNS)), [f"{c}\n(ideal {i:g})" for c, i in
+                                             zip(PLOT_COLUMNS, IDEAL.tolist())],
+                  fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(names)), names)
+    for i, row in enumerate(data.tolist()):
+        for j, v in enumerate(row):
+            dark = math.isfinite(v) and norm(float(off[i, j])) > 0.6  # (white text on dark red)
+            ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.3g}", ha="center", va="center",
+                    fontsize=7, color="white" if dark else "black")
+    fig.colorbar(im, ax=ax).set_label("|value - ideal| (white = ideal, grey = n/a)", fontsize=8)
 
 
 ROUNDOFF_TERMS = 64  # eps of the input dtype times this, relative to the largest: round-off
