@@ -71,8 +71,8 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
                        seed: int | None = None, additional_forward_args=None, max_memory=None,
                        backend: str | None = None, progress: bool = False,
                        chunk_size: int | None = None, create_graph: bool = False,
-                       rule: str | None = None,
-                       max_regions: int | None = None) -> AttributionResult:
+                       rule: str | None = None, max_regions: int | None = None,
+                       gap: bool = True) -> AttributionResult:
     """Expected gradients with ``samples`` (reference, t) draws per input.
 
     Args:
@@ -85,6 +85,10 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
         rule: None (one uniform ``t`` per sample) or ``"exact"``: each sampled reference's
             path integrated exactly (piecewise-linear models; see
             :mod:`taylor_kernels.attr.exact_ig`, ``max_regions`` its cap).
+        gap: False skips the forwards of the inputs and the ``B M`` references that the gap
+            needs (``gap`` NaN; the exact rule runs them anyway), as Captum's GradientShap
+            without ``return_convergence_delta`` (1.5-2x Captum's time on small vision
+            models with them).
     Returns:
         :class:`AttributionResult`; ``gap [B] = sum(attr) - mean_m (f(x) - f(r_m))`` is the
         Monte-Carlo error of this estimate; ``evaluations = B * M``.
@@ -108,11 +112,11 @@ def expected_gradients(model, inputs, background, target=None, *, samples: int =
                 problem.x.device)
             run = functools.partial(_uniform_group, problem, alphas, engine_kw)
         flat, evaluations, used, regions, fx, fb = reference_groups.integrate_groups(
-            problem, M, build, run, max_memory)
-    gap = flat.detach().sum(1) - (fx - fb.mean(1))
+            problem, M, build, run, max_memory, endpoints=gap or rule == "exact")
+    gaps = reference_groups.mean_gap(flat, fx, fb)
     if rule == "exact":
-        return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)
-    return AttributionResult(problem.unflatten(flat), gap, evaluations)
+        return AttributionResult(problem.unflatten(flat), gaps, evaluations, used, regions)
+    return AttributionResult(problem.unflatten(flat), gaps, evaluations)
 
 
 def _uniform_group(problem, alphas: torch.Tensor, engine_kw: dict, fx, fb, m0: int, m1: int):

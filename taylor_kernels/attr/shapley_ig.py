@@ -89,7 +89,8 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
                                  max_memory=None, backend: str | None = None,
                                  progress: bool = False,
                                  chunk_size: int | None = None,
-                                 max_regions: int | None = None) -> AttributionResult:
+                                 max_regions: int | None = None,
+                                 gap: bool = True) -> AttributionResult:
     """SIG: mean IG from ``coalitions`` coalition baselines ``b_S = x on S, reference off S``.
 
     Args:
@@ -101,6 +102,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
             ``"exact"`` for piecewise-linear models, capped at ``max_regions`` regions per
             path; :mod:`taylor_kernels.attr.exact_ig`).
         max_memory, chunk_size, backend, progress: as :func:`integrated_gradients`.
+        gap: False skips the forwards the gap needs (``gap`` NaN; the exact rule runs them).
     Returns:
         :class:`AttributionResult` (``evaluations = B * M * steps``; ``gap`` is each IG's
         quadrature gap averaged over the coalition baselines).
@@ -138,6 +140,7 @@ def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,
                 res = path_engine.integrate(problem, alphas, [weights], **kw)
                 return res.sums[0], res.evaluations, None, None
         flat, evaluations, used, regions, fx, fb = reference_groups.integrate_groups(
-            problem, int(coalitions), build, run, max_memory)
-    gap = flat.sum(1) - (fx - fb.mean(1))
-    return AttributionResult(problem.unflatten(flat), gap, evaluations, used, regions)
+            problem, int(coalitions), build, run, max_memory,
+            endpoints=gap or rule == "exact")
+    return AttributionResult(problem.unflatten(flat), reference_groups.mean_gap(flat, fx, fb),
+                             evaluations, used, regions)

@@ -34,22 +34,26 @@ def group_size(problem, M: int, max_memory) -> int:
     return -(-M // groups)
 
 
-def integrate_groups(problem, M: int, build: Callable, integrate: Callable, max_memory):
-    """Run ``integrate`` over groups of the ``M`` references ``build`` makes.
+def integrate_groups(problem, M: int, build: Callable, integrate: Callable, max_memory,
+                     endpoints: bool = True):
+    """Run ``integrate`` over groups of the ``M`` references ``build`` makes (``endpoints``
+    False: without the forwards of the inputs and references that a gap needs, ``fx`` and
+    ``fb`` None throughout, as Captum's GradientShap without a delta).
 
     Args: ``build(m0, m1) -> [B, m1 - m0, D]`` references ``m0..m1-1`` of every input (set as
     ``problem.baselines`` while their group runs); ``integrate(fx, fb, m0, m1) -> (sums [B, D],
     evaluations, nodes_per_input [B] or None, regions [B, m] or None)`` for that group, its
     sums being the mean over the group's references (the path engine's ``/ K``).
     Returns: ``(sums [B, D], evaluations, nodes_per_input, regions [B, M] or None, fx [B],
-    fb [B, M])``: sums the mean over all ``M`` references; regions None if any group's is.
+    fb [B, M])`` (``fx``, ``fb`` None without ``endpoints``): sums the mean over all ``M`` references; regions None if any group's is.
     """
     size = group_size(problem, M, max_memory)
     total, evaluations, used, regions, fbs, fx = None, 0, None, [], [], None
     for m0 in range(0, M, size):
         m1 = min(M, m0 + size)
         problem.baselines = build(m0, m1)
-        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory)
+        fx, fb = path_engine.endpoint_values(problem, max_memory=max_memory) if endpoints \
+            else (None, None)
         sums, n, nodes, reg = integrate(fx, fb, m0, m1)
         part = sums * ((m1 - m0) / M) if size < M else sums
         total = part if total is None else total + part
@@ -60,4 +64,14 @@ def integrate_groups(problem, M: int, build: Callable, integrate: Callable, max_
         problem.baselines = None  # the group's references go before the next group's
         del sums, part, fb
     return (total, evaluations, used, None if regions is None else torch.cat(regions, 1), fx,
-            torch.cat(fbs, 1))
+            torch.cat(fbs, 1) if endpoints else None)
+
+
+def mean_gap(sums: torch.Tensor, fx: torch.Tensor | None,
+             fb: torch.Tensor | None) -> torch.Tensor:
+    """``gap [B] = sum(attr) - mean_m (f(x) - f(r_m))`` from the sums ``[B, D]`` and the
+    endpoint outputs ``fx [B]``, ``fb [B, M]``; NaN without them."""
+    if fx is None:
+        return torch.full((sums.shape[0],), float("nan"), dtype=sums.dtype,
+                          device=sums.device)
+    return sums.detach().sum(1) - (fx - fb.mean(1))

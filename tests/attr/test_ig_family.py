@@ -257,3 +257,29 @@ def test_noise_tunnel_repeats_a_user_methods_per_row_positional_arguments():
     got = tk.noise_tunnel(mine, net, x, b, t, nt_samples=3, stdevs=0.0, seed=0)
     want = tk.integrated_gradients(net, x, b, t, steps=8)
     torch.testing.assert_close(got.attributions, want.attributions)
+
+
+@pytest.mark.parametrize("method", ["eg", "sig"])
+def test_gap_false_skips_the_endpoint_forwards(method):
+    """EG and SIG always ran the forwards of the inputs and their B*M references for the gap
+    (EG 1.5-2x Captum's GradientShap on small vision models, which runs them only for a
+    delta): gap=False skips them, with the same attributions and a NaN gap."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    x, bg = torch.randn(3, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    rows = []
+    model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+
+    def call(gap):
+        rows.clear()
+        if method == "eg":
+            res = tk.expected_gradients(model, x, bg, target=1, samples=8, seed=3, gap=gap)
+        else:
+            res = tk.shapley_integrated_gradients(model, x, target=1, coalitions=4, steps=4,
+                                                  seed=3, gap=gap)
+        return res, sum(rows)
+    (full, with_gap), (lean, without) = call(True), call(False)
+    torch.testing.assert_close(lean.attributions, full.attributions, rtol=1e-12, atol=1e-14)
+    assert lean.gap.isnan().all() and full.gap.isfinite().all()
+    assert without <= with_gap - (3 + 3 * (8 if method == "eg" else 4))
