@@ -29,6 +29,7 @@ from taylor_kernels.attr.expected_gradients import expected_gradients
 from taylor_kernels.engine.guards import allow_row_coupling
 from taylor_kernels.models.outputs import model_output
 from taylor_kernels.numerics import seeded_generator
+from taylor_kernels.progress import progress_bar
 
 
 def feature_metadata(x_train: torch.Tensor) -> torch.Tensor:
@@ -178,11 +179,18 @@ def _epoch(model, prior_net, meta, train: tuple, lam: float, starts: list[int], 
     return totals
 
 
+def _stopped_early(bar, epochs_run: int) -> None:
+    """End ``bar`` at the epochs run, named an early stop."""
+    bar.set_description_str("fit (early stop)", refresh=False)
+    bar.total = epochs_run
+    bar.refresh()
+
+
 @torch.enable_grad()
 def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | None = None,
         meta: torch.Tensor | None = None, lam: float = 0.0, epochs: int = 200,
         batch_size: int = 32, lr: float = 1e-3, patience: int = 20,
-        seed: int = 0) -> FitResult:
+        seed: int = 0, progress: bool = False) -> FitResult:
     """Train ``model`` (and ``prior_net`` jointly when ``lam > 0``) with Adam and early stopping.
 
     Args: ``train = (X [N, D], y [N])``, ``val`` likewise; ``meta [D, M]`` the features'
@@ -190,7 +198,9 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     ``patience`` epochs without a better validation accuracy and restores the best states.
     Runs with grad enabled (also under the caller's ``torch.no_grad()``) and the networks in
     train mode (dropout on, batch norm on batch statistics), their modes restored after; a
-    last batch of one row joins the batch before it.
+    last batch of one row joins the batch before it. ``progress``: a tqdm bar over the epochs,
+    the last epoch's losses and validation accuracy in its postfix (an early stop ends it at
+    the epochs run, saying so).
     """
     _check_lam(lam)
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -223,7 +233,8 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     starts = list(range(0, xt.shape[0], batch_size))
     if len(starts) > 1 and xt.shape[0] - starts[-1] == 1:
         starts.pop()  # (a last batch of one row joins the one before: batch norm needs two)
-    with _modes_kept(*nets):
+    with _modes_kept(*nets), progress_bar(progress, total=epochs, desc="fit",
+                                          unit="epoch") as bar:
         for net in nets:
             net.train()
         try:
@@ -231,9 +242,13 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
                 totals = _epoch(model, prior_net, meta, train, lam, starts, opt, gen, epoch)
                 val_acc = accuracy(model, *val)
                 history.append({"epoch": epoch, **totals, "val_accuracy": val_acc})
+                bar.set_postfix(ce=totals["ce"], penalty=totals["penalty"], val_acc=val_acc,
+                                refresh=False)
+                bar.update()
                 if val_acc > best[0]:
                     best = (val_acc, epoch, [copy.deepcopy(n.state_dict()) for n in nets])
                 elif epoch - best[1] >= patience:
+                    _stopped_early(bar, epoch + 1)
                     break
         finally:  # (on an error too: the best states so far, at first the caller's)
             for net, state in zip(nets, best[2]):

@@ -14,8 +14,9 @@ from taylor_kernels import backends
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
-from taylor_kernels.engine.distributed import holds_partial_sums
+from taylor_kernels.engine.distributed import holds_partial_sums, is_root
 from taylor_kernels.engine.problem import PathProblem, make_problem
+from taylor_kernels.progress import progress_bar
 from taylor_kernels.user_warnings import warn
 
 DEFAULT_ADAPTIVE_TOL = 1e-4
@@ -86,7 +87,8 @@ def completed(problem: PathProblem, flat: torch.Tensor, rows=slice(None)) -> tor
     return flat if factor is None else flat * factor(problem)[rows].to(flat)
 
 
-def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
+def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, progress: bool = False,
+              **engine_kw):
     """Refine each input through nested Patterson levels until its gap is within ``tol`` and
     its attributions agree with the previous level's feature by feature
     (:func:`_levels_agree`; so at least the 3-node level) (only the inputs where the mask
@@ -98,7 +100,8 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
     one pass instead of one pass per level; the attributions are the same either way. Under a
     process group the first pass is level 0 on every rank, without the cache: it is per
     process, and a rank with another call history passed other nodes (every rank was then
-    told the ranks' arguments differ)."""
+    told the ranks' arguments differ). ``progress``: one bar over the whole call, its total
+    growing by each pass's points, the finest level so far in its postfix."""
     nodes, level_weights = quadrature.patterson_levels()
     sizes = [int((w != 0).sum()) for w in level_weights]
     B, K, last = problem.B, problem.K, len(sizes) - 1
@@ -113,31 +116,36 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, **engine_kw):
         chunking.cache_slot(problem, problem.x, K, kind=f"adaptive{tol}")
     slot = {} if slot is None else slot
     evaluations, level, lo, cost, needed = 0, 0, 0, None, []
-    while not done.all():
-        top = min(slot.get("level", 0), last) if lo == 0 else level  # this pass: level..top
-        rows = (~done).nonzero().squeeze(1)
-        bl = problem.baselines[rows] if problem.baselines.shape[0] > 1 else problem.baselines
-        res = path_engine.integrate(problem, nodes[lo:sizes[top]],
-                                    [w[lo:sizes[top]] for w in level_weights[level:]],
-                                    x=(problem.attached_x() if engine_kw.get("create_graph")
-                                       else problem.x)[rows],
-                                    baselines=bl, rows=rows, point_cost=cost,
-                                    held=sum(a.nbytes for a in acc) + final.nbytes,
-                                    **engine_kw)
-        cost = res.point_cost  # later levels chunk from it without probing again
-        evaluations += res.evaluations
-        for j, part in enumerate(res.sums):
-            acc[level + j][rows] += part
-        for lev in range(level, top + 1):
+    with progress_bar(is_root(engine_kw.get("process_group")) and progress,
+                      desc="adaptive IG path points", unit="pt") as bar:
+        while not done.all():
+            top = min(slot.get("level", 0), last) if lo == 0 else level  # this pass: level..top
             rows = (~done).nonzero().squeeze(1)
-            gap = completed(problem, acc[lev][rows], rows).sum(dim=1) - delta[rows]
-            met = _converged(gap, delta[rows], acc[lev][rows],
-                             acc[lev - 1][rows] if lev > 0 else None, tol, lev == last, rows)
-            ok = rows[met | (lev == last)]
-            final[ok], done[ok] = acc[lev][ok], True
-            used[ok.cpu()] = sizes[lev] * K
-            needed += [lev] * len(ok)
-        level, lo = top + 1, sizes[top]
+            bl = problem.baselines[rows] if problem.baselines.shape[0] > 1 else \
+                problem.baselines
+            bar.set_postfix_str(f"level {top}/{last}, nodes={sizes[top]}", refresh=False)
+            res = path_engine.integrate(problem, nodes[lo:sizes[top]],
+                                        [w[lo:sizes[top]] for w in level_weights[level:]],
+                                        x=(problem.attached_x() if engine_kw.get("create_graph")
+                                           else problem.x)[rows],
+                                        baselines=bl, rows=rows, point_cost=cost, bar=bar,
+                                        held=sum(a.nbytes for a in acc) + final.nbytes,
+                                        **engine_kw)
+            cost = res.point_cost  # later levels chunk from it without probing again
+            evaluations += res.evaluations
+            for j, part in enumerate(res.sums):
+                acc[level + j][rows] += part
+            for lev in range(level, top + 1):
+                rows = (~done).nonzero().squeeze(1)
+                gap = completed(problem, acc[lev][rows], rows).sum(dim=1) - delta[rows]
+                met = _converged(gap, delta[rows], acc[lev][rows],
+                                 acc[lev - 1][rows] if lev > 0 else None, tol, lev == last,
+                                 rows)
+                ok = rows[met | (lev == last)]
+                final[ok], done[ok] = acc[lev][ok], True
+                used[ok.cpu()] = sizes[lev] * K
+                needed += [lev] * len(ok)
+            level, lo = top + 1, sizes[top]
     if needed:
         slot["level"] = min(needed)
     return final, evaluations, used

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from taylor_kernels.engine.no_grad_blocks import respecting_no_grad, warn_if_bac
 from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 from taylor_kernels.engine.row_args import check_row_args, forward_args, select_rows
 from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
+from taylor_kernels.progress import extend, progress_bar
 
 MAX_SETS = 200_000
 AGGREGATES = ("mean", "median", "max")
@@ -168,12 +170,13 @@ def _set_chunk(f, x: torch.Tensor, order: int, n_sets: int, max_memory) -> int:
 
 
 def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor | None,
-                    sets: list[tuple[int, ...]], chunk: int) -> torch.Tensor:
+                    sets: list[tuple[int, ...]], chunk: int, bar) -> torch.Tensor:
     """``D^k f(x)[d_{s_1}, ..., d_{s_k}]`` for every set ``s``: ``[B, n_sets]``.
 
     ``f: [B, D] -> [B]`` (rows independent), ``x [B, D]``, ``directions [B|1, n_dir, D]``
     (group indicators; None: unit vectors), ``sets`` tuples of ``k`` direction indices, vmapped
-    ``chunk`` sets at a time (their directions are built per chunk).
+    ``chunk`` sets at a time (their directions are built per chunk; ``bar`` counts each
+    chunk's ``B * chunk`` derivatives).
     """
     idx = torch.tensor(sets, dtype=torch.long, device=x.device)  # [n, k]
     B, D = x.shape
@@ -188,23 +191,49 @@ def _mixed_partials(f, x: torch.Tensor, directions: torch.Tensor | None,
             else:
                 dirs = directions.expand(B, -1, -1)[:, part].permute(2, 1, 0, 3)  # [k, n, B, D]
             parts.append(nested(*dirs.unbind(0)).detach())
+            bar.update(B * part.shape[0])
     return torch.cat(parts).transpose(0, 1)
 
 
-def _local(f, x: torch.Tensor, directions, order: int, set_list, max_memory) -> torch.Tensor:
-    """Derivatives at the batch ``x [B, D]``: ``[B, D, D]`` / ``[B, m, m]`` or
-    ``[B, n_sets]``."""
-    if set_list is None:
+@dataclass
+class _Batch:
+    """One batch's interactions to compute: the row function ``f``, its points ``x [B, D]``,
+    group ``directions`` (None: features), the ``order`` and the ``sets`` (None: all pairs,
+    by the Hessian)."""
+
+    f: Callable
+    x: torch.Tensor
+    directions: torch.Tensor | None
+    order: int
+    sets: list[tuple[int, ...]] | None
+
+    @property
+    def per_row(self) -> int:
+        """Derivatives per row, a bar's unit: one per set, or per Hessian row (one HVP)."""
+        if self.sets is not None:
+            return len(self.sets)
+        return self.x.shape[1] if self.directions is None else self.directions.shape[1]
+
+
+def _local(batch: _Batch, max_memory, bar) -> torch.Tensor:
+    """Derivatives at the batch's points ``[B, D]``: ``[B, D, D]`` / ``[B, m, m]`` or
+    ``[B, n_sets]``, counted on ``bar`` (the Hessian's at its end, the sets' per chunk)."""
+    f, x, directions = batch.f, batch.x, batch.directions
+    if batch.sets is None:
         if directions is None:
-            return hessian(f, x, max_memory=max_memory)
-        return hessian_block(f, x, directions.expand(x.shape[0], -1, -1),
-                             max_memory=max_memory)
-    chunk = _set_chunk(f, x, order, len(set_list), max_memory)
-    return _mixed_partials(f, x, directions, set_list, chunk)
+            out = hessian(f, x, max_memory=max_memory)
+        else:
+            out = hessian_block(f, x, directions.expand(x.shape[0], -1, -1),
+                                max_memory=max_memory)
+        bar.update(x.shape[0] * batch.per_row)
+        return out
+    chunk = _set_chunk(f, x, batch.order, len(batch.sets), max_memory)
+    return _mixed_partials(f, x, directions, batch.sets, chunk, bar)
 
 
 def interactions(model, inputs, target=None, *, order: int = 2, sets=None, feature_mask=None,
-                 max_memory=None, additional_forward_args=None) -> LocalInteractions:
+                 max_memory=None, additional_forward_args=None,
+                 progress: bool = False) -> LocalInteractions:
     """Local cross-derivative interactions ``d^k f(x) / dx_i1 ... dx_ik`` (signed; take
     ``.strengths`` for ``|.|``).
 
@@ -226,17 +255,23 @@ def interactions(model, inputs, target=None, *, order: int = 2, sets=None, featu
         additional_forward_args: more arguments of ``model(*inputs, *args)``, as in Captum: a
             tensor ``[B, ...]`` goes with its rows (a padding mask), ``[1, ...]`` to every
             row, anything else as is.
+        progress: a tqdm bar over the ``B * n_sets`` derivatives (``B * D``, one
+            Hessian-vector product per Hessian row, for all pairs), counted per chunk of sets
+            (all pairs: at the end).
     Returns:
         :class:`LocalInteractions` (``derivatives``, ``sets``, ``strengths``).
     """
-    return _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
-                         additional_forward_args)
+    batch = _batch(model, inputs, target, order, sets, feature_mask, additional_forward_args)
+    with progress_bar(progress, total=batch.x.shape[0] * batch.per_row, desc="interactions",
+                      unit="deriv") as bar:
+        return LocalInteractions(_local(batch, max_memory, bar), batch.sets)
 
 
-def _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
-                  additional_forward_args, n_groups: int | None = None) -> LocalInteractions:
-    """:func:`interactions` with the number of feature groups given (``n_groups``: a batch of
-    a global ranking whose per-row masks lack the highest id)."""
+def _batch(model, inputs, target, order, sets, feature_mask, additional_forward_args,
+           n_groups: int | None = None) -> _Batch:
+    """The checked work of :func:`interactions` on ``inputs``, with the number of feature
+    groups given (``n_groups``: a batch of a global ranking whose per-row masks lack the
+    highest id)."""
     if not isinstance(order, int) or order < 2:
         raise ValueError(f"order must be an integer >= 2, got {order!r}")
     problem = make_problem(model, inputs, None, target, additional_forward_args,
@@ -248,8 +283,7 @@ def _interactions(model, inputs, target, order, sets, feature_mask, max_memory,
     if set_list is not None:  # (forward mode; the Hessian of order 2 runs the hooks)
         warn_if_backward_hooks(model, "interactions")
     # one function of any rows' points: each row's target and forward args go with it
-    return LocalInteractions(_local(problem.row_function(), problem.x, directions, order,
-                                    set_list, max_memory), set_list)
+    return _Batch(problem.row_function(), problem.x, directions, order, set_list)
 
 
 def _aggregate(strengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -276,14 +310,16 @@ def _ranking(values: torch.Tensor, sets) -> list[tuple[tuple[int, ...], float]]:
 
 def greedy_interaction_sets(model, inputs, target=None, *, max_order: int = 3, beam: int = 5,
                             aggregate: str = "mean", feature_mask=None, max_memory=None,
-                            additional_forward_args=None
+                            additional_forward_args=None, progress: bool = False
                             ) -> dict[int, list[tuple[tuple[int, ...], float]]]:
     """Greedy search for strong higher-order interactions (Lerman et al.): rank all pairs by
     ``aggregate_b |d^2 f(x_b) / dx_i dx_j|``, then for ``k = 3..max_order`` extend each of the
     ``beam`` strongest ``(k-1)``-sets by one more feature (group) and rank the new sets by
     ``aggregate_b |d^k f(x_b) / dx_S|``.
 
-    Args: as :func:`interactions`; ``inputs`` ``[B, ...]`` are the points aggregated over.
+    Args: as :func:`interactions`; ``inputs`` ``[B, ...]`` are the points aggregated over;
+    ``progress``: one tqdm bar over the derivatives of every order (its total grows by each
+    order's candidates as the beam finds them; the order in its postfix).
     Returns: ``{k: [(set, strength), ...]}`` for ``k = 2..max_order``, strongest first (order 2
     lists every pair; higher orders only the candidates the beam generated).
     """
@@ -291,19 +327,24 @@ def greedy_interaction_sets(model, inputs, target=None, *, max_order: int = 3, b
         raise ValueError(f"max_order must be an integer >= 2, got {max_order!r}")
     if not isinstance(beam, int) or beam < 1:
         raise ValueError(f"beam must be a positive integer, got {beam!r}")
-    kw = dict(feature_mask=feature_mask, max_memory=max_memory,
-              additional_forward_args=additional_forward_args)
-    pairs = interactions(model, inputs, target, **kw).strengths
-    found = {2: _ranking(_aggregate(pairs, aggregate), None)}
-    n = pairs.shape[1]
-    for k in range(3, max_order + 1):
-        grown = {tuple(sorted(s + (j,))) for s, _ in found[k - 1][:beam]
-                 for j in range(n) if j not in s}
-        if not grown:
-            break
-        cand = sorted(grown)
-        res = interactions(model, inputs, target, order=k, sets=cand, **kw)
-        found[k] = _ranking(_aggregate(res.strengths, aggregate), cand)
+    with progress_bar(progress, desc="greedy interaction sets", unit="deriv") as bar:
+        def strengths(order: int, sets) -> torch.Tensor:  # one order's, counted on the bar
+            batch = _batch(model, inputs, target, order, sets, feature_mask,
+                           additional_forward_args)
+            bar.set_postfix_str(f"order {order}/{max_order}", refresh=False)
+            extend(bar, batch.x.shape[0] * batch.per_row)
+            return _local(batch, max_memory, bar).abs()
+
+        pairs = strengths(2, None)
+        found = {2: _ranking(_aggregate(pairs, aggregate), None)}
+        n = pairs.shape[1]
+        for k in range(3, max_order + 1):
+            grown = {tuple(sorted(s + (j,))) for s, _ in found[k - 1][:beam]
+                     for j in range(n) if j not in s}
+            if not grown:
+                break
+            cand = sorted(grown)
+            found[k] = _ranking(_aggregate(strengths(k, cand), aggregate), cand)
     return found
 
 
@@ -354,7 +395,8 @@ def _slice_mask(mask, rows: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
 def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
                         feature_mask=None, aggregate: str = "mean", points: str = "all",
                         n_random: int = 0, seed: int | None = None, batch_size: int = 256,
-                        max_memory=None, additional_forward_args=None) -> GlobalInteractions:
+                        max_memory=None, additional_forward_args=None,
+                        progress: bool = False) -> GlobalInteractions:
     """Global ranking: ``aggregate_n |d^k f(x_n) / dx_S|`` over data rows ``x_n``.
 
     Args:
@@ -367,6 +409,9 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
         points: ``"all"`` rows of ``data``, or ``"representative"`` (:func:`representative_rows`
             of the first input, plus ``n_random`` random rows drawn with ``seed``).
         batch_size: rows per :func:`interactions` call.
+        progress: one tqdm bar over the derivatives of all the points (rows times sets, or
+            times Hessian rows for all pairs), counted per chunk of sets (all pairs: per
+            batch).
     Returns: :class:`GlobalInteractions`.
     """
     tup, was_tuple = as_tuple(data)
@@ -378,6 +423,8 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
         raise ValueError(f"points must be 'all' or 'representative', got {points!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if len(rows) == 0:
+        raise ValueError("data holds no rows: pass at least one point, [N >= 1, ...]")
     fargs = forward_args(additional_forward_args)
     check_row_args(fargs, tup[0].shape[0])
     found_sets = None
@@ -391,18 +438,25 @@ def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
         return memory.beside(max_memory, strengths, tup[0].device, "the strengths of every row",
                              "pass fewer rows (points='representative') or sets")
 
-    for chunk in rows.split(batch_size):
+    def batch_of(chunk: torch.Tensor) -> _Batch:
         xs = tuple(t[chunk.to(t.device)] for t in tup)
-        res = _interactions(model, xs if was_tuple else xs[0], _slice_target(target, chunk),
-                            order, sets, _slice_mask(feature_mask, chunk, tup),
-                            max_memory if strengths is None else beside_strengths(),
-                            select_rows(fargs, chunk, tup[0].shape[0]), n_groups)
-        if strengths is None:
-            strengths = res.strengths.new_empty((len(rows),) + res.strengths.shape[1:])
-            beside_strengths()  # (MemoryError when they alone fill the budget)
-        strengths[done:done + len(chunk)] = res.strengths
-        done += len(chunk)
-        found_sets = res.sets
-        del res
+        return _batch(model, xs if was_tuple else xs[0], _slice_target(target, chunk), order,
+                      sets, _slice_mask(feature_mask, chunk, tup),
+                      select_rows(fargs, chunk, tup[0].shape[0]), n_groups)
+
+    batches = map(batch_of, rows.split(batch_size))
+    first = next(batches)  # (its derivatives per row size the bar)
+    with progress_bar(progress, total=len(rows) * first.per_row, desc="global interactions",
+                      unit="deriv") as bar:
+        for batch in itertools.chain([first], batches):
+            part = _local(batch, max_memory if strengths is None else beside_strengths(),
+                          bar).abs()
+            if strengths is None:
+                strengths = part.new_empty((len(rows),) + part.shape[1:])
+                beside_strengths()  # (MemoryError when they alone fill the budget)
+            strengths[done:done + part.shape[0]] = part
+            done += part.shape[0]
+            found_sets = batch.sets
+            del part
     agg = _aggregate(strengths, aggregate)
     return GlobalInteractions(agg, found_sets, _ranking(agg, found_sets), rows)

@@ -29,6 +29,12 @@ from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian_block
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.engine.row_args import forward_args
+from taylor_kernels.progress import progress_bar
+
+# regions' directions per engine call, a progress bar's step: each call checks all R
+# indicators again (finite), 0.1-0.4 s for R = 2304 on a 32-channel 48x48 map, 2-core Xeon,
+# 2026-12-03: blocks of 1024 took 3-6% longer than one call there, blocks of 256 30%
+REGION_BLOCK = 1024
 
 
 @dataclass
@@ -87,9 +93,27 @@ def _check_result_fits(B: int, R: int, x: torch.Tensor, max_memory) -> None:
                           "regions 0..R-1 without gaps, or merge some")
 
 
+def _input_function(problem, b: int):
+    """``problem.forward`` at points of input ``b`` alone (its pre-layer inputs, target)."""
+    rows = torch.tensor([b], device=problem.x.device)
+    return lambda flat: problem.forward(flat, rows.expand(flat.shape[0]))
+
+
+def _cross_terms(f, xb: torch.Tensor, U: torch.Tensor, out: torch.Tensor, max_memory,
+                 bar) -> None:
+    """``out[i, j] = (a * U_i) . H U_j`` ``[R, R]`` for one input ``xb [1, C*S]`` (the
+    activation ``a``) and region indicators ``U [R, C*S]``: ``REGION_BLOCK`` directions
+    ``U_j`` per engine call, each block counted on ``bar``."""
+    for j0 in range(0, U.shape[0], REGION_BLOCK):
+        block = U[j0:j0 + REGION_BLOCK]
+        out[:, j0:j0 + block.shape[0]] = hessian_block(f, xb, block.unsqueeze(0), U.unsqueeze(0),
+                                                       scale=xb, max_memory=max_memory)[0].T
+        bar.update(block.shape[0])
+
+
 def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=None,
-               order: int = 2, max_memory=None, additional_forward_args=None
-               ) -> TaylorCAMResult:
+               order: int = 2, max_memory=None, additional_forward_args=None,
+               progress: bool = False) -> TaylorCAMResult:
     """Second-order Taylor-CAM of ``layer``'s output (a conv feature map ``[B, C, *spatial]``).
 
     Args:
@@ -104,6 +128,8 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
         additional_forward_args: more arguments of ``model(*inputs, *args)``, as in Captum: a
             tensor ``[B, ...]`` goes with its rows, ``[1, ...]`` to every row, anything else
             as is.
+        progress: a tqdm bar over the ``B * R`` Hessian-vector products (one per input and
+            region), counted a block of ``REGION_BLOCK`` regions at a time.
     Returns:
         :class:`TaylorCAMResult` with ``scores``/``cross`` ``[B, R, R]``.
     """
@@ -128,14 +154,13 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
     R = int(ids.max()) + 1
     _check_result_fits(B, R, problem.x, max_memory)
     cross = problem.x.new_zeros(B, R, R)
-    for b in range(B):  # one input at a time: its own pre-layer inputs and target
-        rows = torch.tensor([b], device=act.device)
-        f = lambda flat, rows=rows: problem.forward(flat, rows.expand(flat.shape[0]))  # noqa: E731
-        # U [R, C*S]: indicator of region r on every channel of its cells
-        U = torch.nn.functional.one_hot(ids[b if ids.shape[0] > 1 else 0].reshape(-1), R).T
-        U = U.to(problem.x.dtype).unsqueeze(1).expand(-1, C, -1).reshape(R, -1)  # (int64 first
-        # took 3x U: its expanded copy and the cast)
-        xb = problem.x[b:b + 1]  # cross[i, j] = (a * U_i) . H U_j
-        cross[b] = hessian_block(f, xb, U.unsqueeze(0), scale=xb, max_memory=max_memory)[0].T
+    with progress_bar(progress, total=B * R, desc="Taylor-CAM", unit="HVP") as bar:
+        for b in range(B):  # one input at a time: its own pre-layer inputs and target
+            # U [R, C*S]: indicator of region r on every channel of its cells
+            U = torch.nn.functional.one_hot(ids[b if ids.shape[0] > 1 else 0].reshape(-1), R).T
+            U = U.to(problem.x.dtype).unsqueeze(1).expand(-1, C, -1).reshape(R, -1)  # (int64
+            # first took 3x U: its expanded copy and the cast)
+            _cross_terms(_input_function(problem, b), problem.x[b:b + 1], U, cross[b],
+                         max_memory, bar)
     scores = cross.pow(2) + cross.transpose(1, 2).pow(2)
     return TaylorCAMResult(scores, cross, ids)

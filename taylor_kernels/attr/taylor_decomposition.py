@@ -22,6 +22,7 @@ gradient is reverse mode through the jet with the expansion point held fixed.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from taylor_kernels.engine.derivative import hessian
 from taylor_kernels.engine.jet import jet
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
+from taylor_kernels.progress import progress_bar
 
 
 def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target, args: tuple,
@@ -115,9 +117,18 @@ def _jet_target(problem: PathProblem):
                      "per input of a [B, C] output); tuple targets are not supported")
 
 
+@contextlib.contextmanager
+def _step(bar, name: str, directions: int):
+    """Name the step in ``bar``'s postfix; count its ``directions`` once it is done."""
+    bar.set_postfix_str(name)
+    yield
+    bar.update(directions)
+
+
 def taylor_decomposition(model, inputs, baselines=None, target=None, *,
                          order: int = 3, cache: bool = True,
-                         additional_forward_args=None) -> TaylorDecomposition:
+                         additional_forward_args=None,
+                         progress: bool = False) -> TaylorDecomposition:
     """Expand ``f(x) - f(b)`` around the baseline into Taylor terms up to ``order``.
 
     Args:
@@ -134,6 +145,9 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
         additional_forward_args: more arguments of ``model(inputs, *args)``, as in Captum: a
             tensor ``[B, ...]`` goes with its rows (a padding mask), ``[1, ...]`` to every
             row, anything else as is.
+        progress: a tqdm bar over the directions of its steps (the step in its postfix):
+            ``B`` each for the jets along ``Delta``, the IG split and ``f(x)``, ``B * D`` for
+            the independent terms and (``order >= 2``) for the Hessian of the pairs.
     Returns:
         :class:`TaylorDecomposition` (see its fields); ``summary()`` returns it as text.
     """
@@ -152,18 +166,24 @@ def taylor_decomposition(model, inputs, baselines=None, target=None, *,
     b = problem.baselines[:, 0].expand(B, D).reshape(B, *feat).contiguous()
     delta = problem.x.reshape(B, *feat) - b
     acc = accumulation_dtype(delta.dtype)  # bf16/fp16 terms summed in float32
-    with torch.enable_grad():
+    with torch.enable_grad(), progress_bar(progress, total=B * (D + 3 + D * (order >= 2)),
+                                           desc="Taylor decomposition", unit="dir") as bar:
         args = problem.forward_args
         jet_ = functools.partial(jet, target=tgt, additional_forward_args=args, cache=cache)
-        along = jet_(model, b, delta.unsqueeze(1), order)[:, :, 0].detach().to(acc)  # [J+1, B]
-        V = torch.diag_embed(delta.reshape(B, D)).reshape(B, D, *feat)             # Delta_i e_i
-        indep = jet_(model, b, V, order).detach().to(acc)                          # [J+1, B, D]
-        ig_split = _ig_by_order(model, b, delta, order, tgt, args, cache).detach().to(acc)
-        fx = jet_(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0)[0, :, 0].detach()
-        fx = fx.to(acc)
-        pairs = (_pair_terms(problem, problem.baselines[:, 0].expand(B, D), delta).detach()
-                 if order >= 2
-                 else delta.new_zeros(B, D, D, dtype=acc))
+        with _step(bar, "jet along Delta", B):
+            along = jet_(model, b, delta.unsqueeze(1), order)[:, :, 0].detach().to(acc)
+        with _step(bar, "independent terms", B * D):
+            V = torch.diag_embed(delta.reshape(B, D)).reshape(B, D, *feat)         # Delta_i e_i
+            indep = jet_(model, b, V, order).detach().to(acc)                      # [J+1, B, D]
+        with _step(bar, "IG by order", B):
+            ig_split = _ig_by_order(model, b, delta, order, tgt, args, cache).detach().to(acc)
+        with _step(bar, "f(x)", B):
+            fx = jet_(model, problem.x.reshape(B, *feat), delta.unsqueeze(1), 0)[0, :, 0]
+            fx = fx.detach().to(acc)
+        with _step(bar, "pair terms", B * D * (order >= 2)):
+            pairs = (_pair_terms(problem, problem.baselines[:, 0].expand(B, D), delta).detach()
+                     if order >= 2
+                     else delta.new_zeros(B, D, D, dtype=acc))
     fb = along[0]
     return TaylorDecomposition(
         order=order, first_order=indep[1].reshape(B, *feat),

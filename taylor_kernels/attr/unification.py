@@ -49,6 +49,7 @@ from taylor_kernels.attr.methods_rules import (Power, deep_taylor, deeplift_resc
                                                lrp_alpha_beta, lrp_epsilon, sequential_layers)
 from taylor_kernels.engine.jet import mixed_partials
 from taylor_kernels.engine.problem import _target_rows
+from taylor_kernels.progress import progress_bar
 
 METHOD_NAMES = ("gradient_x_input", "integrated_gradients", "expected_gradients",
                 "deeplift_rescale", "lrp_epsilon", "lrp_alpha_beta", "occlusion_1",
@@ -172,7 +173,7 @@ def _eg_with_gap(model, inputs, background, baselines, target, s) -> Attribution
 
 
 def fourteen_methods(model, inputs, baselines=None, target=None, *,
-                     settings: MethodSettings | None = None) -> dict:
+                     settings: MethodSettings | None = None, progress: bool = False) -> dict:
     """All fourteen methods on one model and input batch: ``{name: AttributionResult}``, or
     ``{name: str}`` (the reason) where a method does not apply to the model.
 
@@ -181,14 +182,20 @@ def fourteen_methods(model, inputs, baselines=None, target=None, *,
         baselines: None (zeros), a number or a tensor shaped like the batch or one input;
         target: class per row as in :func:`~taylor_kernels.integrated_gradients`;
         settings: :class:`MethodSettings` or a dict of its fields (background, sample
-            counts, noise, window, seed).
+            counts, noise, window, seed);
+        progress: a tqdm bar over the methods, the running one in its postfix.
     Returns: ``{name: AttributionResult | str}`` in the order of ``METHOD_NAMES``, each
     attribution shaped like ``inputs``."""
     settings = method_settings(settings)
     out = {}
-    for name in METHOD_NAMES:
-        why = not_applicable(name, model, inputs, settings.window)
-        out[name] = why if why else run_method(name, model, inputs, baselines, target, settings)
+    with progress_bar(progress, total=len(METHOD_NAMES), desc="fourteen methods",
+                      unit="method") as bar:
+        for name in METHOD_NAMES:
+            bar.set_postfix_str(name)
+            why = not_applicable(name, model, inputs, settings.window)
+            out[name] = why if why else run_method(name, model, inputs, baselines, target,
+                                                   settings)
+            bar.update()
     return out
 
 

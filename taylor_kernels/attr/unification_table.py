@@ -19,6 +19,7 @@ from taylor_kernels.attr.taylor_decomposition import taylor_decomposition
 from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term, allocation,
                                              itemized_terms, method_settings, not_applicable,
                                              principle_departures, run_method, select_terms)
+from taylor_kernels.progress import progress_bar
 
 
 @dataclass
@@ -191,10 +192,33 @@ def _no_terms_note(itemized: int, order: int, max_sets: int) -> str:
     return f"no probe: every Taylor term to order {itemized} is 0 at the baseline"
 
 
+def _method_row(name: str, model, inputs, baselines, target, settings: MethodSettings, dec,
+                probed: list[Term], top: int, order: int, max_sets: int) -> MethodRow:
+    """Method ``name``'s row: P1 against the decomposition ``dec``, P2, P3 and the summaries
+    from its shares of the ``probed`` terms (a note where one does not apply)."""
+    t0 = time.perf_counter()
+    why = not_applicable(name, model, inputs, settings.window)
+    if why:
+        return MethodRow(name, None, None, None, None, None, None, 0.0, why)
+    res = run_method(name, model, inputs, baselines, target, settings)
+    delta = float(dec.fx[0] - dec.fb[0])
+    p1 = _relative_gap(float(res.gap[0]), delta, float(dec.fx[0]), inputs.dtype)
+    undefined = [P1_UNDEFINED] if math.isnan(p1) else []
+    if name == "grad_cam" or not probed:
+        return MethodRow(name, p1, None, None, None, None, None, time.perf_counter() - t0,
+                         "; ".join(undefined + ["no probe: needs a convolution"
+                                                if name == "grad_cam"
+                                                else _no_terms_note(top, order, max_sets)]))
+    W = torch.stack([allocation(name, t.kappa, inputs, baselines, settings) for t in probed])
+    p2, p3 = principle_departures(probed, W)
+    return MethodRow(name, p1, p2, p3, *_summaries(probed, W),
+                     seconds=time.perf_counter() - t0, note="; ".join(undefined))
+
+
 def unification_table(model, inputs, baselines=None, target=None, *, order: int = 3,
                       max_terms: int = 24, max_sets: int = 20000,
                       settings: MethodSettings | None = None,
-                      methods=METHOD_NAMES) -> UnificationTable:
+                      methods=METHOD_NAMES, progress: bool = False) -> UnificationTable:
     """Score ``methods`` on one input ``[1, ...]`` of ``model`` (see module docstring).
 
     Args:
@@ -204,7 +228,9 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
             ``|T|``; terms at round-off level, below ``64 eps`` of the largest, are none);
         max_sets: itemize an order only if it has at most this many multisets;
         settings: :class:`MethodSettings` or a dict of its fields (background, sample
-            counts, seed).
+            counts, seed);
+        progress: a tqdm bar over the steps: the decomposition, the itemized terms, then one
+            per method (its run and its probes), the running one in its postfix.
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"unification_table scores one tensor input [1, ...], got "
@@ -221,33 +247,23 @@ def unification_table(model, inputs, baselines=None, target=None, *, order: int 
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHOD_NAMES}")
     settings = method_settings(settings)
-    dec = taylor_decomposition(model, inputs, baselines, target, order=order)
-    terms, top = itemized_terms(model, inputs, baselines, target, order=order,
-                                max_sets=max_sets)
-    probed = select_terms(terms, max_terms, ROUNDOFF_TERMS * torch.finfo(inputs.dtype).eps)
+    with progress_bar(progress, total=2 + len(methods), desc="unification table",
+                      unit="step") as bar:
+        bar.set_postfix_str("Taylor decomposition")
+        dec = taylor_decomposition(model, inputs, baselines, target, order=order)
+        bar.update()
+        bar.set_postfix_str("itemized terms")
+        terms, top = itemized_terms(model, inputs, baselines, target, order=order,
+                                    max_sets=max_sets)
+        bar.update()
+        probed = select_terms(terms, max_terms, ROUNDOFF_TERMS * torch.finfo(inputs.dtype).eps)
+        rows = []
+        for name in methods:
+            bar.set_postfix_str(name)
+            rows.append(_method_row(name, model, inputs, baselines, target, settings, dec,
+                                    probed, top, order, max_sets))
+            bar.update()
     total = sum(abs(t.value) for t in terms)
-    rows = []
-    for name in methods:
-        t0 = time.perf_counter()
-        why = not_applicable(name, model, inputs, settings.window)
-        if why:
-            rows.append(MethodRow(name, None, None, None, None, None, None, 0.0, why))
-            continue
-        res = run_method(name, model, inputs, baselines, target, settings)
-        delta = float(dec.fx[0] - dec.fb[0])
-        p1 = _relative_gap(float(res.gap[0]), delta, float(dec.fx[0]), inputs.dtype)
-        undefined = [P1_UNDEFINED] if math.isnan(p1) else []
-        if name == "grad_cam" or not probed:
-            rows.append(MethodRow(name, p1, None, None, None, None, None,
-                                  time.perf_counter() - t0, "; ".join(undefined + [
-                                      "no probe: needs a convolution" if name == "grad_cam"
-                                      else _no_terms_note(top, order, max_sets)])))
-            continue
-        W = torch.stack([allocation(name, t.kappa, inputs, baselines, settings)
-                         for t in probed])
-        p2, p3 = principle_departures(probed, W)
-        rows.append(MethodRow(name, p1, p2, p3, *_summaries(probed, W),
-                              seconds=time.perf_counter() - t0, note="; ".join(undefined)))
     return UnificationTable(rows, float(dec.fx[0] - dec.fb[0]), float(dec.residual[0]), order,
                             top, len(probed),
                             sum(abs(t.value) for t in probed) / max(total, 1e-300))

@@ -33,7 +33,7 @@ from taylor_kernels import ops
 from taylor_kernels.engine import chunking, cuda_graphs, derivative, distributed, guards, memory
 from taylor_kernels.engine.problem import PathProblem
 from taylor_kernels.numerics import accumulation_dtype, finite_rows
-from taylor_kernels.progress import progress_bar
+from taylor_kernels.progress import extend, progress_bar
 from taylor_kernels.user_warnings import warn
 
 @dataclass
@@ -234,7 +234,7 @@ def _accumulate(sums: list[torch.Tensor], grads: torch.Tensor, x: torch.Tensor, 
 def run_chunks(plan: chunking.ChunkPlan, start: int, stop: int,
                compute: Callable[[int, int, bool], tuple[object, float | None]],
                consume: Callable[[int, object], None], *, align=None, progress: bool = False,
-               desc: str = "path points", unit: str = "pt") -> None:
+               desc: str = "path points", unit: str = "pt", bar=None) -> None:
     """The engine's one chunk loop over work items ``[start, stop)`` (path points, or
     (point, direction) pairs of an HVP method).
 
@@ -243,9 +243,11 @@ def run_chunks(plan: chunking.ChunkPlan, start: int, stop: int,
     to whole points); ``compute(start, count, measure)`` returns the chunk's result and, when
     ``measure``, its measured bytes; ``consume(start, result)`` folds the result into the
     caller's sums (outside the retry, so a chunk is added once). An out-of-memory error halves
-    the chunk and retries the same items, down to one item; a tqdm bar counts the items.
+    the chunk and retries the same items, down to one item; a tqdm bar counts the items:
+    a new one (``progress``), or the caller's open ``bar``, which they join (its total grows
+    by them; it stays open).
     """
-    with progress_bar(progress, total=stop - start, desc=desc, unit=unit) as bar:
+    with _items_bar(bar, progress, stop - start, desc, unit) as bar:
         while start < stop:
             count = plan.next_count(stop - start)
             count = align(start, count) if align else count
@@ -268,6 +270,15 @@ def run_chunks(plan: chunking.ChunkPlan, start: int, stop: int,
             bar.update(count)
 
 
+def _items_bar(bar, progress: bool, count: int, desc: str, unit: str):
+    """A new bar over ``count`` items, or the caller's open ``bar`` with them added to its
+    total (left open: the caller closes it)."""
+    if bar is None:
+        return progress_bar(progress, total=count, desc=desc, unit=unit)
+    extend(bar, count)
+    return contextlib.nullcontext(bar)
+
+
 def _sum_bytes(problem: PathProblem, x: torch.Tensor) -> int:
     """Bytes of one weight vector's sums: ``[T, B', D]`` in the accumulation dtype (``T``
     outputs per point, 1 unless ``problem.forward`` returns ``[N, T]``)."""
@@ -277,8 +288,8 @@ def _sum_bytes(problem: PathProblem, x: torch.Tensor) -> int:
 def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torch.Tensor], *,
               x: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
               rows: torch.Tensor | None = None, max_memory=None, chunk_size: int | None = None,
-              progress: bool = False, create_graph: bool = False, process_group=None,
-              reduce_to="all", point_cost: float | None = None,
+              progress: bool = False, bar=None, create_graph: bool = False,
+              process_group=None, reduce_to="all", point_cost: float | None = None,
               max_share: float | None = chunking.MAX_SHARE, held: int = 0,
               same_call: tuple = ()) -> Integral:
     """Sum ``w_s * grad f(p) * (x - b_k) / K`` over all path points, for each weight vector.
@@ -288,6 +299,8 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     ``x [B', D]``, ``baselines [Bb', K, D]`` with ``rows [B']`` (defaults: the whole problem);
     ``max_memory`` bytes or ``"512MB"``; ``chunk_size`` fixes the points per chunk;
     ``point_cost`` (bytes per point, from an earlier :class:`Integral`) skips the probes.
+    ``progress``: a bar over the points; ``bar``: the caller's open bar to count them on
+    instead (one bar over several calls: the adaptive rule's levels).
     ``max_share``: without ``max_memory``, no chunk holds more than this share of the points
     (None: no cap; :class:`chunking.ChunkPlan`). ``process_group``: shard the points over its
     ranks and sum there (``reduce_to`` ``"all"`` or ``0``; see
@@ -370,8 +383,10 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     with distributed.agreed_outcome(process_group, x.device):
         with kept or contextlib.nullcontext(), derivative.math_attention(problem.model) \
                 if create_graph else contextlib.nullcontext():
+            # (``progress`` last: the caller's value itself, not a truthy string's True,
+            # reaches progress_bar's type check)
             run_chunks(plan, start, stop, compute, consume,
-                       progress=progress and distributed.is_root(process_group))
+                       progress=distributed.is_root(process_group) and progress, bar=bar)
         if getattr(problem, "row_check_pending", False):  # every batch was one row (or alike)
             problem.finish_row_check_at_end()
             if problem.B > 1:  # a model that mixes rows is refused as before, though no batch
@@ -446,7 +461,7 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
 
     with distributed.agreed_outcome(process_group, x.device):
         run_chunks(plan, start, stop, chunk, fold, align=align,
-                   progress=progress and distributed.is_root(process_group), desc=desc,
+                   progress=distributed.is_root(process_group) and progress, desc=desc,
                    unit="HVP")
     if process_group is not None:
         distributed.reduce_sums(sums, process_group, "all")

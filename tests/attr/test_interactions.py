@@ -144,7 +144,8 @@ def test_a_budget_below_one_set_of_nested_forwards_raises(monkeypatch):
     sizes = []
     real = inter._mixed_partials
     monkeypatch.setattr(inter, "_mixed_partials",
-                        lambda f, x, d, s, chunk: sizes.append(chunk) or real(f, x, d, s, chunk))
+                        lambda f, x, d, s, chunk, bar: sizes.append(chunk)
+                        or real(f, x, d, s, chunk, bar))
     tk.interactions(model, x, order=3, max_memory=200_000)
     monkeypatch.setattr(inter, "NESTED_FORWARD_FACTOR", 1.0)
     tk.interactions(model, x, order=3, max_memory=200_000)
@@ -266,8 +267,8 @@ def test_global_interactions_holds_every_rows_strengths_within_the_budget(monkey
     (and their concatenation) were held beside it: 2.0x of 128 MB for 16 rows of D = 1024."""
     from taylor_kernels.attr import interactions as mod
     budgets = []
-    real = mod._interactions
-    monkeypatch.setattr(mod, "_interactions", lambda *a: budgets.append(a[6]) or real(*a))
+    real = mod._local
+    monkeypatch.setattr(mod, "_local", lambda *a: budgets.append(a[1]) or real(*a))
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     x = torch.randn(6, 16)
     whole = global_interactions(model, x, batch_size=6)
