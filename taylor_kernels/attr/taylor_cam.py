@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taylor_kernels.attr.layer import _activation, layer_replaced_forward
+from taylor_kernels.attr.layer import _activation, layer_replaced_forward, named_layer
 from taylor_kernels.engine import memory
 from taylor_kernels.engine.derivative import hessian_block
 from taylor_kernels.engine.problem import as_tuple, make_problem
@@ -111,13 +111,14 @@ def _cross_terms(f, xb: torch.Tensor, U: torch.Tensor, out: torch.Tensor, max_me
         bar.update(block.shape[0])
 
 
-def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=None,
+def taylor_cam(model, layer: torch.nn.Module | str, inputs, target=None, *, regions=None,
                order: int = 2, max_memory=None, additional_forward_args=None,
                progress: bool = False) -> TaylorCAMResult:
     """Second-order Taylor-CAM of ``layer``'s output (a conv feature map ``[B, C, *spatial]``).
 
     Args:
-        model: callable ``model(*inputs) -> [B, ...]``; ``layer`` a module it calls once.
+        model: callable ``model(*inputs) -> [B, ...]``; ``layer`` a module it calls once (or
+            its submodule name in ``model``).
         inputs: tensor ``[B, ...]`` or tuple of tensors; target: output index per input (int,
             tuple, tensor ``[B]``, list), None for scalar outputs.
         regions: None (pairs of spatial cells: ``R = prod(spatial)``, cell ids in row-major
@@ -135,9 +136,7 @@ def taylor_cam(model, layer: torch.nn.Module, inputs, target=None, *, regions=No
     """
     if order != 2:
         raise ValueError(f"taylor_cam is defined for order=2 only, got order={order!r}")
-    if not isinstance(layer, torch.nn.Module):
-        raise TypeError(f"layer must be a torch.nn.Module (for a name: "
-                        f"model.get_submodule(name)), got {type(layer).__name__}")
+    layer = named_layer(model, layer)
     tup, _ = as_tuple(inputs)
     if tup[0].dim() == 0 or tup[0].shape[0] == 0:
         raise ValueError(f"input 0 has shape {tuple(tup[0].shape)}; Taylor-CAM needs a "
