@@ -18,6 +18,8 @@ import taylor_kernels as tk
 import taylor_kernels.priors as priors
 from taylor_kernels.progress import progress_bar
 
+deriv_mod, jet_mod = (importlib.import_module(f"taylor_kernels.engine.{name}")
+                      for name in ("derivative", "jet"))
 # the modules (``taylor_kernels.attr`` exports some functions under their module's name)
 ig_mod, inter_mod, cam_mod, td_mod, unif_mod, table_mod = (
     importlib.import_module(f"taylor_kernels.attr.{name}") for name in (
@@ -78,6 +80,13 @@ def _cam(progress):
     return tk.taylor_cam(model, model[0], _x(2, 1, 3, 3), target=0, progress=progress)
 
 
+def _no_grad_jet(progress):
+    """A jet in several passes (a small budget; no graph kept under no_grad)."""
+    with torch.no_grad():
+        return tk.jet(_mlp(), _x(3, 4), _x(3, 64, 4), 3, target=0, max_memory="60KB",
+                      progress=progress)
+
+
 CALLS = {  # name: (call(progress), (module, function) whose failure is injected)
     "taylor_cam": (_cam, (cam_mod, "hessian_block")),
     "fourteen_methods": (lambda p: tk.fourteen_methods(_cnn(), _x(1, 1, 3, 3), target=0,
@@ -95,6 +104,18 @@ CALLS = {  # name: (call(progress), (module, function) whose failure is injected
         _mlp(), _x(10, 4), target=0, order=3, batch_size=4, progress=p),
         (inter_mod, "_nested_jvp")),
     "priors.fit": (_fit, (priors, "accuracy")),
+    "hessian": (lambda p: tk.hessian(lambda z: _mlp()(z)[:, 0], _x(3, 4), chunk_size=5,
+                                     progress=p), (deriv_mod, "grad_and_hvp")),
+    "hessian_diagonal": (lambda p: tk.hessian_diagonal(lambda z: _mlp()(z)[:, 0], _x(3, 4),
+                                                       method="hutchinson", samples=6,
+                                                       chunk_size=4, progress=p),
+                         (deriv_mod, "grad_and_hvp")),
+    "hvp": (lambda p: tk.hvp(lambda z: _mlp()(z)[:, 0], _x(3, 4), _x(3, 2, 4), progress=p),
+            (deriv_mod, "grad_and_hvp")),
+    "jet": (lambda p: _no_grad_jet(p), (jet_mod, "_jet_pass")),
+    "mixed_partials": (lambda p: tk.mixed_partials(_mlp(), _x(3, 4), [(0, 1), (1, 2, 3), (2,)],
+                                                   target=0, progress=p),
+                       (jet_mod, "_jet_pass")),
     "unification_table": (lambda p: tk.unification_table(_mlp(), _x(1, 4), target=0,
                                                          progress=p),
                           (table_mod, "run_method")),

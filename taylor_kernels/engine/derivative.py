@@ -38,6 +38,7 @@ from taylor_kernels.engine.composite_norms import composite_group_norm, composit
 from taylor_kernels.engine.row_args import at_rows, mapped, with_forward_args
 from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
                                      seeded_generator)
+from taylor_kernels.progress import progress_bar
 from taylor_kernels.shared_setting import SharedSetting
 from taylor_kernels.user_warnings import warn
 
@@ -460,14 +461,15 @@ def _as_directions(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, bool
 
 
 def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: int = 0,
-             reduced: tuple[int, ...] | None = None):
+             reduced: tuple[int, ...] | None = None, progress: bool = False):
     """Stream ``(rows, directions)`` chunks through :func:`grad_and_hvp`; ``reduce(hv, r0, m0)``
     maps each chunk's products to ``[rows, dirs, *reduced]`` (written into one
     ``[B, M, *reduced]`` result), or folds them into the caller's own sums and returns None
     (``reduced`` None: the call then returns None); default: keep the products, written into
     one ``[B, M, ...]`` result. An explicit budget holds the result beside the chunks, with
     ``held`` bytes more the caller allocated for the call, e.g. its directions; ``cost_of``
-    ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits)."""
+    ``(f, x)`` to measure the pair cost with (the caller's own function, so the cache hits);
+    ``progress``: a tqdm bar over the ``B M`` products."""
     B, M = V.shape[:2]
     chunk_size = memory.check_chunk_size(chunk_size)
     budget = memory.chunk_budget(chunk_size, max_memory, x.device)
@@ -493,18 +495,21 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
     # three times, uncounted: 7x an 8 MB budget)
     out = torch.empty(shape, dtype=x.dtype, device=x.device) \
         if reduce is None or reduced is not None else None
-    for r0 in range(0, B, rows):
-        for m0 in range(0, M, dirs):
-            _, hv = grad_and_hvp(at_rows(f, slice(r0, r0 + rows), x.device), x[r0:r0 + rows],
-                                 V[r0:r0 + rows, m0:m0 + dirs])
-            part = hv if reduce is None else reduce(hv, r0, m0)
-            if out is not None:
-                out[r0:r0 + rows, m0:m0 + dirs] = part
+    with progress_bar(progress, total=B * M, desc="Hessian-vector products", unit="HVP") as bar:
+        for r0 in range(0, B, rows):
+            for m0 in range(0, M, dirs):
+                _, hv = grad_and_hvp(at_rows(f, slice(r0, r0 + rows), x.device),
+                                     x[r0:r0 + rows], V[r0:r0 + rows, m0:m0 + dirs])
+                part = hv if reduce is None else reduce(hv, r0, m0)
+                if out is not None:
+                    out[r0:r0 + rows, m0:m0 + dirs] = part
+                bar.update(hv.shape[0] * hv.shape[1])
     return out
 
 
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
-        chunk_size: int | None = None, additional_forward_args=None) -> torch.Tensor:
+        chunk_size: int | None = None, additional_forward_args=None,
+        progress: bool = False) -> torch.Tensor:
     """Hessian-vector products ``out[b, m] = H(x_b) v[b, m]`` with ``H = d^2 f_b / dx_b^2``.
 
     Args:
@@ -518,6 +523,8 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
         chunk_size: fixed (row, direction) pairs per chunk instead.
         additional_forward_args: more arguments, ``f(x, *args)``; a tensor ``[B, ...]`` goes
             with its rows (a padding mask), ``[1, ...]`` to every row, anything else as is.
+        progress: a tqdm bar over the ``B M`` products (also for :func:`hessian_block`,
+            :func:`hessian`, :func:`hessian_diagonal`).
     Returns:
         ``[B, M, ...]`` (or shaped like ``x`` when ``v`` was), dtype of ``x``.
     Raises ``ValueError`` for non-finite ``x``/``v``, zero directions, or a model that couples
@@ -527,13 +534,14 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
     f = _with_args(f, x, additional_forward_args)
     _check_x(f, x, v)
     V, single = _as_directions(x, v)
-    out = _chunked(f, x, V, max_memory, chunk_size)
+    out = _chunked(f, x, V, max_memory, chunk_size, progress=progress)
     return out[:, 0] if single else out
 
 
 def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor | None = None,
                   *, scale: torch.Tensor | None = None, max_memory=None,
-                  chunk_size: int | None = None, additional_forward_args=None) -> torch.Tensor:
+                  chunk_size: int | None = None, additional_forward_args=None,
+                  progress: bool = False) -> torch.Tensor:
     """The Hessian contracted on both sides: ``out[b, m, n] = (s_b * W[b, n]) . H(x_b) U[b, m]``.
 
     Args: ``f [B, ...] -> [B]``; ``x [B, ...]``; ``U [B, M, ...]`` and ``W [B, N, ...]``
@@ -542,7 +550,7 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
     they come, so the ``[B, M, D]`` products are never held (group interactions and Taylor-CAM
     held them, and a scaled copy of their directions, beside the budget: Taylor-CAM at
     1.8-2.7x of 10-16 MB); an explicit ``max_memory`` holds the directions' storage;
-    ``additional_forward_args`` as :func:`hvp`.
+    ``additional_forward_args``, ``progress`` as :func:`hvp`.
     Returns ``[B, M, N]`` in ``x.dtype``.
     """
     f = _with_args(f, x, additional_forward_args)
@@ -561,7 +569,7 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
     held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in (V, Wd)}.values())
     return _chunked(f, x, V, max_memory, chunk_size, reduce=take, held=held,
-                    reduced=(Wf.shape[1],))
+                    reduced=(Wf.shape[1],), progress=progress)
 
 
 def index_rows(index, D: int, device) -> torch.Tensor:
@@ -649,14 +657,15 @@ def _flat_f(f: Callable, x: torch.Tensor) -> Callable:
 
 
 def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
-            chunk_size: int | None = None, additional_forward_args=None) -> torch.Tensor:
+            chunk_size: int | None = None, additional_forward_args=None,
+            progress: bool = False) -> torch.Tensor:
     """Hessian rows ``H[b, r, :] = d^2 f_b / dx_{index[r]} dx`` over flattened features.
 
     Args: f ``[B, ...] -> [B]``; x ``[B, ...]`` with ``D = prod(x.shape[1:])``; index: feature
     numbers (flattened, ``R`` of them; a block ``H[I, J]`` is ``out[:, :, J]``), None for all;
     max_memory: a hard limit for the HVP chunks (default: a fraction of the free memory);
-    chunk_size: fixed (row, direction) pairs per chunk instead; additional_forward_args: as
-    :func:`hvp`.
+    chunk_size: fixed (row, direction) pairs per chunk instead; additional_forward_args,
+    progress: as :func:`hvp`.
     Returns: ``[B, D, D]`` or ``[B, R, D]`` in ``x.dtype``.
     """
     f = _with_args(f, x, additional_forward_args)
@@ -665,20 +674,22 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
     idx = index_rows(index, D, x.device)
     V = unit_directions(idx, B, D, x.dtype, x.device)
     return _chunked(_flat_f(f, x), x.reshape(B, D), V, max_memory, chunk_size, cost_of=(f, x),
-                    held=idx.shape[0] * D * x.element_size())  # the one-hot directions
+                    held=idx.shape[0] * D * x.element_size(),  # the one-hot directions
+                    progress=progress)
 
 
 def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
                      samples: int = 64, seed: int | None = None, max_memory=None,
-                     chunk_size: int | None = None, additional_forward_args=None
-                     ) -> torch.Tensor:
+                     chunk_size: int | None = None, additional_forward_args=None,
+                     progress: bool = False) -> torch.Tensor:
     """Diagonal ``d^2 f_b / dx_i^2`` over flattened features: ``[B, D]``.
 
     ``method="exact"``: ``e_i^T H e_i`` from ``D`` unit-direction HVPs (only the diagonal of
     each chunk is kept). ``method="hutchinson"``: ``mean_m v_m * (H v_m)`` over ``samples``
     Rademacher vectors ``v_m`` (unbiased; variance ``sum_{j != i} H_ij^2 / samples``), drawn
     from a private generator seeded with ``seed``. ``f [B, ...] -> [B]``, ``x [B, ...]``;
-    ``max_memory`` / ``chunk_size`` / ``additional_forward_args`` as :func:`hessian`.
+    ``max_memory`` / ``chunk_size`` / ``additional_forward_args`` / ``progress`` as
+    :func:`hessian`.
     """
     f = _with_args(f, x, additional_forward_args)
     _check_x(f, x)
@@ -691,7 +702,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
         take = lambda hv, r0, m0: torch.diagonal(  # noqa: E731
             hv[:, :, m0:m0 + hv.shape[1]], dim1=1, dim2=2).unsqueeze(-1)
         return _chunked(ff, xf, V, max_memory, chunk_size, reduce=take, cost_of=(f, x),
-                        reduced=(1,)).squeeze(-1)
+                        reduced=(1,), progress=progress).squeeze(-1)
     if method != "hutchinson":
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     if isinstance(samples, bool) or int(samples) != samples or samples < 1:
@@ -705,7 +716,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
         total[r0:r0 + hv.shape[0]] += (V[r0:r0 + hv.shape[0], m0:m0 + hv.shape[1]]
                                        * hv).sum(dim=1)
     _chunked(ff, xf, V, max_memory, chunk_size, reduce=fold, cost_of=(f, x),
-             held=total.nbytes)
+             held=total.nbytes, progress=progress)
     return (total / int(samples)).to(xf.dtype)
 
 

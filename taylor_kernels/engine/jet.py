@@ -61,6 +61,7 @@ from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.models.outputs import default_output
 from taylor_kernels.numerics import (MAX_ORDER, all_finite, polarization_rule,
                                      polarization_size)
+from taylor_kernels.progress import progress_bar
 from taylor_kernels.user_warnings import warn
 
 _WARNED_OPS: set[str] = set()
@@ -529,7 +530,7 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
 
 def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None,
         additional_forward_args=None, fallback: bool = False, cache: bool = True,
-        max_memory=None) -> torch.Tensor:
+        max_memory=None, progress: bool = False) -> torch.Tensor:
     """Normalized Taylor coefficients of ``t -> f(x + t v)`` for ``M`` directions per input.
 
     Args:
@@ -550,6 +551,7 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
             graph for the caller's backward: they are counted, and ``MemoryError`` raised once
             they would pass the budget (run under ``torch.no_grad()`` for a result without
             them).
+        progress: a tqdm bar over the ``M`` directions, counted per pass.
     Returns:
         ``[J+1, B, M]`` with ``c_k = D^k f(x)[v^k] / k!``, differentiable in ``x`` and
         ``directions`` (reverse mode through the jet gives ``D^{k+1} f[v^k, .]``).
@@ -561,10 +563,11 @@ def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None
     row0 = _model_checks(f, fa, x, directions)
     per_pass = None if max_memory is None else directions_per_pass(fa, x, order, max_memory)
     kept = _kept_graphs(max_memory, x, directions.shape[1])
-    with kept or contextlib.nullcontext():
+    with kept or contextlib.nullcontext(), progress_bar(
+            progress, total=directions.shape[1], desc="jet directions", unit="dir") as bar:
         return _finite(_jet_in_passes(per_pass, kept, _trim(max_memory, x), f, fa, row0, x,
                                       directions, order, target, additional_forward_args,
-                                      fallback, cache), x)
+                                      fallback, cache, bar=bar), x)
 
 
 def _trim(max_memory, x: torch.Tensor) -> memory.ResidentTrim | None:
@@ -597,15 +600,18 @@ def _model_checks(f, fa, x: torch.Tensor, directions: torch.Tensor):
 
 def _jet_in_passes(per_pass: int | None, kept: memory.KeptGraphs | None,
                    trim: memory.ResidentTrim | None, f, fa, row0, x, directions,
-                   *rest) -> torch.Tensor:
+                   *rest, bar=None) -> torch.Tensor:
     """:func:`_jet_pass` over the directions ``[B, M, ...]``, ``per_pass`` at a time (None:
     all at once), joined along ``M``; ``kept`` (grad on under a budget) counts each pass's
-    kept graph; ``trim`` (under a budget) trims the heap between passes."""
+    kept graph; ``trim`` (under a budget) trims the heap between passes; ``bar`` (a progress
+    bar, or None) counts each pass's directions."""
     M = directions.shape[1]
     step = M if per_pass is None else per_pass
     parts = []
     for i in range(0, M, step):
         parts.append(_jet_pass(f, fa, row0, x, directions[:, i:i + step], *rest))
+        if bar is not None:
+            bar.update(parts[-1].shape[2])
         if kept is not None:
             kept.advance(parts[-1].shape[2])
         if trim is not None:
@@ -744,13 +750,14 @@ def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:
 
 
 def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_args=None,
-                   cache: bool = True, max_memory=None) -> torch.Tensor:
+                   cache: bool = True, max_memory=None, progress: bool = False
+                   ) -> torch.Tensor:
     """Mixed partial derivatives ``d^|S| f / d x_{i_1} ... d x_{i_k}`` for index tuples S.
 
     Args: ``x [B, ...]``; ``sets`` a list of tuples of 1 to 4 flat feature indices (repeats
     allowed: ``(3, 3)`` is ``d^2 f / d x_3^2``); ``target``, ``additional_forward_args`` and
     ``max_memory`` (bytes for one jet pass and its directions; None: one pass per order) as
-    in :func:`jet`.
+    in :func:`jet`; ``progress``: a tqdm bar over the sets, counted per pass.
     Returns: ``[B, len(sets)]``. Each set costs one jet of order ``|S|`` along the
     Griewank-Utke-Walther directions ``sum_l j_l e_{i_l}`` (:func:`polarization_rule`), all
     sets batched into one :func:`jet` call per order, or per pass within ``max_memory``.
@@ -781,16 +788,17 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
     per_pass = {d: None if max_memory is None else directions_per_pass(fa, x, d, max_memory)
                 for d in sorted({p[0] for p in plans})}
     kept = _kept_graphs(max_memory, x, sum(polarization_size(p[2]) for p in plans))
-    with kept or contextlib.nullcontext():
+    with kept or contextlib.nullcontext(), progress_bar(
+            progress, total=len(sets), desc="mixed partials", unit="set") as bar:
         _mixed_partials_into(out, f, fa, x, plans, target, additional_forward_args, cache,
-                             per_pass, kept, _trim(max_memory, x))
+                             per_pass, kept, _trim(max_memory, x), bar)
     return _finite(out, x)
 
 
 def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list, target,
                          additional_forward_args, cache: bool, per_pass_of: dict,
                          kept: memory.KeptGraphs | None,
-                         trim: memory.ResidentTrim | None) -> None:
+                         trim: memory.ResidentTrim | None, bar) -> None:
     """:func:`mixed_partials`' jets, per order and pass, written into ``out [B, n_sets]``
     (``plans``: ``(order, features, multiplicities)`` per set; ``per_pass_of``: directions
     per pass for each order, None for one pass)."""
@@ -821,6 +829,7 @@ def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list,
                 gamma = gamma.to(device=x.device, dtype=x.dtype)
                 out[:, m] = c[:, start:start + gamma.numel()] @ gamma
                 start += gamma.numel()
+            bar.update(len(part))
 
 
 def _passes(members: list, sizes: list, per_pass: int | None) -> list[list]:
