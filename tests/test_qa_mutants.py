@@ -188,3 +188,29 @@ def test_global_interactions_of_no_rows_says_so():
     model = _relu_mlp()
     with pytest.raises(ValueError, match="no rows"):
         tk.global_interactions(model, torch.zeros(0, 4, dtype=DT), target=0)
+
+
+def test_a_cost_is_measured_again_when_a_buffer_grows(monkeypatch):
+    """The cost key holds the buffers' elements too, not the parameters' alone."""
+    from taylor_kernels.engine import path_engine
+    torch.manual_seed(0)
+
+    class Buffered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+            self.register_buffer("table", torch.zeros(4, dtype=DT))
+
+        def forward(self, x):
+            return self.lin(x + self.table[:4])
+
+    model, x = Buffered(), torch.randn(3, 4, dtype=DT)
+    measured = []
+    real = path_engine._measure
+    monkeypatch.setattr(path_engine, "_measure", lambda *a: measured.append(1) or real(*a))
+    tk.integrated_gradients(model, x, target=1, steps=8)
+    tk.integrated_gradients(model, x, target=1, steps=8)
+    first = len(measured)
+    model.table = torch.zeros(4096, dtype=DT)
+    tk.integrated_gradients(model, x, target=1, steps=8)
+    assert first >= 1 and len(measured) > first
