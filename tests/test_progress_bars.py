@@ -221,3 +221,18 @@ def test_the_library_imports_and_runs_without_tqdm():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "pip install tqdm" in proc.stdout
+
+
+@pytest.mark.parametrize("call, total", [
+    # grouped pairs: one Hessian row per group (m = 2), not per feature (D = 4)
+    (lambda p: tk.interactions(_mlp(), _x(3, 4), target=0, feature_mask=torch.tensor(
+        [[0, 0, 1, 1]]), progress=p), 3 * 2),
+    # order 1: no pair terms to count
+    (lambda p: tk.taylor_decomposition(_mlp(), _x(2, 4), target=0, order=1, progress=p),
+     None),
+])
+def test_bars_count_the_work_that_runs(call, total, bars):
+    call(True)
+    assert len(bars) == 1 and _finished(bars[0]), (bars[0].n, bars[0].total)
+    if total is not None:
+        assert bars[0].total == total
