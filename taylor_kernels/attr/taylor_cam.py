@@ -31,9 +31,10 @@ from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.engine.row_args import forward_args
 from taylor_kernels.progress import progress_bar
 
-# regions' directions per engine call, a progress bar's step: each call checks all R
-# indicators again (finite), 0.1-0.4 s for R = 2304 on a 32-channel 48x48 map, 2-core Xeon,
-# 2026-12-03: blocks of 1024 took 3-6% longer than one call there, blocks of 256 30%
+# regions' directions per engine call while a progress bar is drawn, its step (without one:
+# all R in one call): each call checks all R indicators again (finite), 0.1-0.4 s for
+# R = 2304 on a 32-channel 48x48 map, 2-core Xeon, 2026-12-03: blocks of 1024 took 3-6%
+# longer than one call there, blocks of 256 30%
 REGION_BLOCK = 1024
 
 
@@ -100,12 +101,12 @@ def _input_function(problem, b: int):
 
 
 def _cross_terms(f, xb: torch.Tensor, U: torch.Tensor, out: torch.Tensor, max_memory,
-                 bar) -> None:
+                 bar, step: int) -> None:
     """``out[i, j] = (a * U_i) . H U_j`` ``[R, R]`` for one input ``xb [1, C*S]`` (the
-    activation ``a``) and region indicators ``U [R, C*S]``: ``REGION_BLOCK`` directions
-    ``U_j`` per engine call, each block counted on ``bar``."""
-    for j0 in range(0, U.shape[0], REGION_BLOCK):
-        block = U[j0:j0 + REGION_BLOCK]
+    activation ``a``) and region indicators ``U [R, C*S]``: ``step`` directions ``U_j`` per
+    engine call, each block counted on ``bar``."""
+    for j0 in range(0, U.shape[0], step):
+        block = U[j0:j0 + step]
         out[:, j0:j0 + block.shape[0]] = hessian_block(f, xb, block.unsqueeze(0), U.unsqueeze(0),
                                                        scale=xb, max_memory=max_memory)[0].T
         bar.update(block.shape[0])
@@ -160,6 +161,6 @@ def taylor_cam(model, layer: torch.nn.Module | str, inputs, target=None, *, regi
             U = U.to(problem.x.dtype).unsqueeze(1).expand(-1, C, -1).reshape(R, -1)  # (int64
             # first took 3x U: its expanded copy and the cast)
             _cross_terms(_input_function(problem, b), problem.x[b:b + 1], U, cross[b],
-                         max_memory, bar)
+                         max_memory, bar, REGION_BLOCK if progress else R)
     scores = cross.pow(2) + cross.transpose(1, 2).pow(2)
     return TaylorCAMResult(scores, cross, ids)
