@@ -18,6 +18,7 @@ from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.numerics import finite_rows, seeded_generator
+from taylor_kernels.engine.guards import copies_inference_tensors
 
 
 def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -65,6 +66,7 @@ def draw_references(problem, background, samples: int, seed: int | None):
     return build, gen
 
 
+@copies_inference_tensors
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()
 def expected_gradients(model, inputs, background, target=None, *, samples: int = 100,

@@ -25,6 +25,7 @@ from taylor_kernels.engine import derivative, path_engine
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.numerics import accumulation_dtype
+from taylor_kernels.engine.guards import copies_inference_tensors
 
 
 @dataclass
@@ -59,6 +60,7 @@ def _chunk_terms(problem, pts, start, onehot, w_grad, w_hess, group_block, f):
     return b, hess, grad
 
 
+@copies_inference_tensors
 @call_threads()
 def group_integrated_hessians(model, inputs, feature_mask, baselines=None, target=None, *,
                               steps: int = 16, rule: str = "gausslog", ig_steps: int = 32,

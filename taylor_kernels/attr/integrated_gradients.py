@@ -18,6 +18,7 @@ from taylor_kernels.engine.distributed import holds_partial_sums, is_root
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.progress import progress_bar
 from taylor_kernels.user_warnings import warn
+from taylor_kernels.engine.guards import copies_inference_tensors
 
 DEFAULT_ADAPTIVE_TOL = 1e-4
 
@@ -151,6 +152,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, progress: boo
     return final, evaluations, used
 
 
+@copies_inference_tensors
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: int = 50,

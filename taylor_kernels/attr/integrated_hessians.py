@@ -48,6 +48,7 @@ from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import ih_accumulate
 from taylor_kernels.user_warnings import warn
+from taylor_kernels.engine.guards import copies_inference_tensors
 
 IH_RULES = ("gausslog", "gausslegendre")
 
@@ -248,6 +249,7 @@ def warn_if_rows_miss_ig(gap: torch.Tensor, ig: torch.Tensor, rule: str, steps: 
              "assumes" + low_precision_note(dtype), RuntimeWarning)
 
 
+@copies_inference_tensors
 @call_threads()
 def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: int = 16,
                         rule: str = "gausslog", index=None, ig_steps: int = 32,
@@ -289,6 +291,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
     return res
 
 
+@copies_inference_tensors
 @call_threads()
 def expected_hessians(model, inputs, background, target=None, *, samples: int = 100,
                       seed: int | None = None, index=None, ig_steps: int = 32,

@@ -166,6 +166,7 @@ def without_exact_rule(ig_kwargs: dict) -> dict:
     return {**ig_kwargs, "rule": "adaptive"}
 
 
+@guards.copies_inference_tensors
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def layer_integrated_gradients(model, layer: torch.nn.Module | str, inputs, baselines=None,

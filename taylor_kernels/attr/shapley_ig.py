@@ -22,6 +22,7 @@ from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.numerics import seeded_generator
+from taylor_kernels.engine.guards import copies_inference_tensors
 
 
 def feature_groups(feature_mask, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -80,6 +81,7 @@ def sample_coalitions(B: int, n: int, coalitions: int, gen: torch.Generator) -> 
     return present.view(B, coalitions, n)
 
 
+@copies_inference_tensors
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()
 def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,

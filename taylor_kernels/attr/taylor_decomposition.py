@@ -33,6 +33,7 @@ from taylor_kernels.engine.jet import jet
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.progress import progress_bar
+from taylor_kernels.engine.guards import copies_inference_tensors
 
 
 def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target, args: tuple,
@@ -125,6 +126,7 @@ def _step(bar, name: str, directions: int):
     bar.update(directions)
 
 
+@copies_inference_tensors
 def taylor_decomposition(model, inputs, baselines=None, target=None, *,
                          order: int = 3, cache: bool = True,
                          additional_forward_args=None,

@@ -507,6 +507,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
     return out
 
 
+@guards.copies_inference_tensors
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
         chunk_size: int | None = None, additional_forward_args=None,
         progress: bool = False) -> torch.Tensor:
@@ -538,6 +539,7 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
     return out[:, 0] if single else out
 
 
+@guards.copies_inference_tensors
 def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor | None = None,
                   *, scale: torch.Tensor | None = None, max_memory=None,
                   chunk_size: int | None = None, additional_forward_args=None,
@@ -656,6 +658,7 @@ def _flat_f(f: Callable, x: torch.Tensor) -> Callable:
     return mapped(f, lambda z: z.reshape(z.shape[0], *feat))
 
 
+@guards.copies_inference_tensors
 def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
             chunk_size: int | None = None, additional_forward_args=None,
             progress: bool = False) -> torch.Tensor:
@@ -678,6 +681,7 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
                     progress=progress)
 
 
+@guards.copies_inference_tensors
 def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
                      samples: int = 64, seed: int | None = None, max_memory=None,
                      chunk_size: int | None = None, additional_forward_args=None,
@@ -720,6 +724,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     return (total / int(samples)).to(xf.dtype)
 
 
+@guards.copies_inference_tensors
 def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
                 additional_forward_args=None) -> torch.Tensor:
     """Third-order contraction ``D^3 f(x_b)[u_b, v_b, .] = grad_x (v_b^T H(x_b) u_b)``: ``[B, D]``.

@@ -23,7 +23,8 @@ hvp, hessian, hessian_diagonal, third_order               inputs (grad of sum_b 
 =======================================================  ==========================  ========
 
 M (:func:`check_model`, before the first forward) raises ``RuntimeError`` inside
-``torch.inference_mode()`` (no autograd there) or for inference tensors as inputs, and
+``torch.inference_mode()`` (no autograd there) or for inference tensors as inputs (the public
+functions copy them first: :func:`copies_inference_tensors`), and
 ``ValueError`` when a module of the model (the model itself, the module of a bound method, or
 modules a function closes over) has batch norm using batch statistics or dropout ``p > 0`` in
 train mode: call ``model.eval()``. R (:func:`check_rows_independent`, in
@@ -174,20 +175,35 @@ def _check_autograd_available(inputs) -> None:
 
 def without_inference_tensors(value):
     """``value`` with each tensor made under ``torch.inference_mode()`` (one of an eval
-    loop's) replaced by a normal copy, through tuples, lists and dicts: autograd cannot use
-    an inference tensor, and Captum attributes them (the engine refused them as input 0, or
-    as 'input 1' for a forward argument). The Captum front's arguments and token ids
-    (``hf.check_ids``: a custom backward saved them) go through it."""
+    loop's) replaced by a normal copy, through tuples, lists and dicts (a container with none
+    is returned as it is): autograd cannot use an inference tensor, and Captum attributes
+    them. The public API (:func:`copies_inference_tensors`), the Captum front's arguments and
+    token ids (``hf.check_ids``: a custom backward saved them) go through it."""
     if isinstance(value, torch.Tensor):
         if not value.is_inference():
             return value
         with torch.inference_mode(False):
             return value.clone()
     if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(without_inference_tensors(v) for v in value)
+        copied = [without_inference_tensors(v) for v in value]
+        same = all(c is v for c, v in zip(copied, value))
+        return value if same else type(value)(copied)
     if type(value) is dict:
-        return {k: without_inference_tensors(v) for k, v in value.items()}
+        copied = {k: without_inference_tensors(v) for k, v in value.items()}
+        return value if all(copied[k] is v for k, v in value.items()) else copied
     return value
+
+
+def copies_inference_tensors(fn: Callable) -> Callable:
+    """Decorator of a public function: its tensor arguments (also inside tuples, lists and
+    dicts) made under ``torch.inference_mode()`` are replaced by normal copies
+    (:func:`without_inference_tensors`) before it runs, as the Captum front's are (the
+    engines refused them with "input 0 is an inference tensor"). A call *inside* inference
+    mode is still refused by :func:`check_model`: autograd is off there."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*without_inference_tensors(args), **without_inference_tensors(kwargs))
+    return call
 
 
 def coupling_submodules(model: nn.Module, recurse: bool = True,

@@ -51,7 +51,8 @@ from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
-                                          check_model, modules_of, named_globals,
+                                          check_model, copies_inference_tensors, modules_of,
+                                          named_globals,
                                           proxy_hook_warning_ignored, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
 from taylor_kernels.engine.no_grad_blocks import respecting_no_grad, warn_if_backward_hooks
@@ -528,6 +529,7 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
     return out.reshape(J1, B, M)
 
 
+@copies_inference_tensors
 def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None,
         additional_forward_args=None, fallback: bool = False, cache: bool = True,
         max_memory=None, progress: bool = False) -> torch.Tensor:
@@ -749,6 +751,7 @@ def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:
     return feats, tuple(index_set.count(i) for i in feats)
 
 
+@copies_inference_tensors
 def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_args=None,
                    cache: bool = True, max_memory=None, progress: bool = False
                    ) -> torch.Tensor:

@@ -42,7 +42,8 @@ from torch import nn
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
 from taylor_kernels.attr.layer import layer_replaced_forward, named_layer
-from taylor_kernels.engine.guards import (check_model, coupling_modules_of, is_row_tensor,
+from taylor_kernels.engine.guards import (check_model, copies_inference_tensors,
+                                          coupling_modules_of, is_row_tensor,
                                           row_coupling_allowed, without_inference_tensors)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
 from taylor_kernels.engine.distributed import (check_same_settings, holds_partial_sums,
@@ -707,6 +708,7 @@ class TokenAttributionResult:
     evaluations: int
 
 
+@copies_inference_tensors
 def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero",
                                attention_mask=None, keep=None, skip_tokens=(), layer=None,
                                output=None, position="last", score: str = "logit",
@@ -810,6 +812,7 @@ def first_order_attention(model, activation: torch.Tensor):
         yield
 
 
+@copies_inference_tensors
 def token_interactions(model, input_ids, target=None, *, baselines="zero",
                        attention_mask=None, keep=None, skip_tokens=(), layer=None,
                        output=None, position="last", score: str = "logit",
