@@ -23,6 +23,7 @@ from taylor_kernels.attr.integrated_hessians import (engine_kw, ih_rule, path_sl
 from taylor_kernels.attr.shapley_ig import feature_groups
 from taylor_kernels.engine import derivative, path_engine
 from taylor_kernels.engine.chunking import call_threads
+from taylor_kernels.engine.distributed import first_collective_agreed
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.engine.guards import copies_inference_tensors
@@ -61,6 +62,7 @@ def _chunk_terms(problem, pts, start, onehot, w_grad, w_hess, group_block, f):
 
 
 @copies_inference_tensors
+@first_collective_agreed
 @call_threads()
 def group_integrated_hessians(model, inputs, feature_mask, baselines=None, target=None, *,
                               steps: int = 16, rule: str = "gausslog", ig_steps: int = 32,

@@ -14,7 +14,8 @@ from taylor_kernels import backends
 from taylor_kernels.engine import chunking, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
-from taylor_kernels.engine.distributed import holds_partial_sums, is_root
+from taylor_kernels.engine.distributed import (first_collective_agreed, holds_partial_sums,
+                                               is_root)
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.progress import progress_bar
 from taylor_kernels.user_warnings import warn
@@ -153,6 +154,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, progress: boo
 
 
 @copies_inference_tensors
+@first_collective_agreed
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def integrated_gradients(model, inputs, baselines=None, target=None, *, steps: int = 50,

@@ -43,7 +43,8 @@ from taylor_kernels.attr.expected_gradients import draw_references
 from taylor_kernels.attr.integrated_gradients import low_precision_note
 from taylor_kernels.engine import derivative, memory, path_engine, quadrature
 from taylor_kernels.engine.chunking import call_threads
-from taylor_kernels.engine.distributed import resolve_group, warn_if_rows_couple
+from taylor_kernels.engine.distributed import (first_collective_agreed, resolve_group,
+                                               warn_if_rows_couple)
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import ih_accumulate
@@ -250,6 +251,7 @@ def warn_if_rows_miss_ig(gap: torch.Tensor, ig: torch.Tensor, rule: str, steps: 
 
 
 @copies_inference_tensors
+@first_collective_agreed
 @call_threads()
 def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: int = 16,
                         rule: str = "gausslog", index=None, ig_steps: int = 32,
@@ -292,6 +294,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
 
 
 @copies_inference_tensors
+@first_collective_agreed
 @call_threads()
 def expected_hessians(model, inputs, background, target=None, *, samples: int = 100,
                       seed: int | None = None, index=None, ig_steps: int = 32,

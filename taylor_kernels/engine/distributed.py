@@ -24,14 +24,20 @@ see ``python/distributed_ig.py``.
 Failures: an error inside a rank's chunk loop (a non-finite gradient in its shard, a memory
 error) is agreed on by one small collective after the loop (:func:`agreed_outcome`): the
 failing rank raises its own error, the others a ``RuntimeError`` naming it, instead of
-waiting in the all-reduce until the process group's timeout. An error in argument checks
-before the call's first collective (a target out of range on one rank) is not agreed on:
-the other ranks then wait in that collective until the timeout.
+waiting in the all-reduce until the process group's timeout. An error before the call's
+first collective (an argument check: a target out of range on one rank) is agreed on in that
+collective, the argument check of :func:`check_same_call`
+(:func:`first_collective_agreed`). An error between two collectives outside the chunk loops
+(after a call's first engine pass, before its next) is not agreed on: the other ranks wait
+in the next collective until the process group's timeout.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import functools
+import math
 import numbers
 import zlib
 
@@ -43,6 +49,10 @@ from taylor_kernels.user_warnings import warn
 
 REDUCE_TO = ("all", 0)
 MASK32 = 2 ** 32 - 1
+# the public call running on this thread/task with a process group: {"met": whether it has
+# reached its first collective, "settings": more parts for check_same_call}
+_CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("distributed_call",
+                                                                   default=None)
 
 
 def resolve_group(distributed):
@@ -106,10 +116,19 @@ def check_same_call(group, *parts) -> None:
     ones such as Integrated Hessians' ``index``) differ from rank 0's, by one ``all_gather``
     of a four-number fingerprint (:func:`fingerprint`). Ranks passing other steps or targets
     summed each other's partial sums silently (0.02-0.12 off); another batch size or rule
-    crashed gloo, another ``reduce_to`` hung until its timeout."""
-    mine = fingerprint(parts)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
+    crashed gloo, another ``reduce_to`` hung until its timeout. A rank whose call failed
+    before this collective sends NaN instead (:func:`first_collective_agreed`): the others
+    raise ``RuntimeError`` naming it."""
+    call = _CALL.get()
+    if call is not None:
+        call["met"] = True
+        parts += tuple(call["settings"])
+    every = _gathered_fingerprints(group, fingerprint(parts))
+    failed = [r for r, v in enumerate(every) if math.isnan(float(v[0]))]
+    if failed:
+        raise RuntimeError(f"distributed attribution: rank(s) {failed} of the group failed "
+                           "before the call's first collective (an argument check; their own "
+                           "error is raised there); this rank's call was not run")
     other = [r for r, v in enumerate(every)
              if v[0] != every[0][0] or not torch.allclose(v[1:], every[0][1:], rtol=1e-9,
                                                          atol=0)]
@@ -120,12 +139,60 @@ def check_same_call(group, *parts) -> None:
                          "differ); every rank must pass the same ones")
 
 
+def _gathered_fingerprints(group, mine: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``[4]`` fingerprint, on the group backend's device (CUDA for NCCL: a rank
+    that failed before knowing the call's device sends from there too)."""
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    mine = mine.to(device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return every
+
+
+def first_collective_agreed(fn):
+    """Decorator of a public function with a ``distributed=`` keyword: when one rank's call
+    raises before its first collective (an argument check, such as a target out of range on
+    that rank alone), that rank still joins the first collective, the fingerprint
+    ``all_gather`` of :func:`check_same_call`, with NaN, so the other ranks raise
+    ``RuntimeError`` naming it instead of waiting there until the process group's timeout;
+    then it raises its own error. Nested calls (IH's IG) are the outer call's."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        distributed = kwargs.get("distributed", False)
+        if _CALL.get() is not None or distributed is None or distributed is False:
+            return fn(*args, **kwargs)
+        group = resolve_group(distributed)
+        state = {"met": False, "settings": []}
+        token = _CALL.set(state)
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if not state["met"]:
+                # (a failed collective here, a peer gone or a group that cannot run one,
+                # must not hide this rank's own error)
+                with contextlib.suppress(Exception):
+                    _gathered_fingerprints(group, torch.full((4,), math.nan,
+                                                             dtype=torch.float64))
+            raise
+        finally:
+            _CALL.reset(token)
+    return call
+
+
 def check_same_settings(distributed, *settings) -> None:
     """:func:`check_same_call` of ``settings`` that a caller builds into the model it hands
     the engine (token IG's ``score``: the engine sees only a callable), for the
-    ``distributed`` option; nothing for one process."""
+    ``distributed`` option; nothing for one process. Inside a :func:`first_collective_agreed`
+    call they join the engine's check (its first collective: a collective of their own came
+    before the argument checks, so one rank's failing check left the others waiting)."""
     group = resolve_group(distributed)
-    if group is not None:
+    if group is None:
+        return
+    call = _CALL.get()
+    if call is not None:
+        call["settings"].extend(settings)
+    else:
         check_same_call(group, *settings)
 
 

@@ -326,61 +326,66 @@ def integrate(problem: PathProblem, alphas: torch.Tensor, weight_sets: list[torc
     if process_group is not None:
         distributed.check_same_call(process_group, x, bl, rows, alphas, weight_sets,
                                     _call_of(problem), reduce_to, same_call)
-    start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
-    held += x.nbytes + bl.nbytes + len(weight_sets) * _sum_bytes(problem, x)  # inputs, sums
-    plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
-                              max_memory=max_memory, cost=point_cost,
-                              # a choice made under another share cap is not this call's
-                              slot=chunking.cache_slot(problem, x, bl.shape[1],
-                                                       kind=f"grad-share{max_share}"),
-                              reserved=held,
-                              multi_output=getattr(problem, "T", 1) > 1, max_share=max_share)
-    sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
-    defer = _defer_checks(x.device)
-    flags: list[tuple[int, int, torch.Tensor]] = []  # deferred: (start, count, any non-finite)
-
-    graph = cuda_graphs.ChunkGraph(functools.partial(point_gradients, problem)) \
-        if cuda_graphs.requested(x.device, create_graph) and \
-        not plan.slot.get("graph_failed") else None
-
-    def graph_for(first: int, count: int) -> cuda_graphs.ChunkGraph | None:
-        """The chunk graph for a full-size chunk once the size is settled (before the
-        capture: while enough chunks are left to repay it; a new size drops the old graph)."""
-        if graph is None or graph.failed or plan.measuring or plan.trials or count != plan.chunk:
-            return None
-        if graph.size not in (None, count):
-            graph.reset()  # the chunk size changed (halved after an out-of-memory error)
-        if graph.size is None and -(-(stop - first) // count) < cuda_graphs.MIN_CHUNKS:
-            return None
-        return graph
-
-    def compute(first: int, count: int, measure: bool):
-        def run():
-            return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph,
-                                  check=not defer, graph=graph_for(first, count))
-        # measure only while probing (saved-tensor hooks slow autograd down)
-        if not measure:
-            return run(), None
-        return _measure(run, x.device, not getattr(problem, "serial_backward", False),
-                        plan.one_point_budget(count))
-
-    def consume(first: int, grads: torch.Tensor) -> None:
-        if kept is not None:
-            kept.check(first + grads.shape[-2] - start)
-        if defer:
-            flags.append((first, grads.shape[-2], _non_finite_points(grads).any()))
-        if not sums:
-            shape = grads.shape[:1] + x.shape if grads.dim() == 3 else x.shape
-            sums.extend(torch.zeros(shape, dtype=accumulation_dtype(x.dtype), device=x.device)
-                        for _ in weight_sets)
-        _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
-
-    kept = memory.KeptGraphs(memory.parse_budget(max_memory, x.device), held, stop - start,
-                             x.device) if create_graph and max_memory is not None else None
-    # (create_graph: the caller differentiates the sums again, so attention records math
-    # kernels, which have a second derivative; the fused SDPA kernels have none)
-    # (the ranks agree on a failure in their shards before the sums' collective)
+    # (the ranks agree on a failure in their shards, from here, before the sums' collective)
     with distributed.agreed_outcome(process_group, x.device):
+        start, stop = (0, total) if process_group is None else \
+            distributed.shard(total, process_group)
+        held += x.nbytes + bl.nbytes + len(weight_sets) * _sum_bytes(problem, x)  # inputs, sums
+        plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
+                                  max_memory=max_memory, cost=point_cost,
+                                  # a choice made under another share cap is not this call's
+                                  slot=chunking.cache_slot(problem, x, bl.shape[1],
+                                                           kind=f"grad-share{max_share}"),
+                                  reserved=held,
+                                  multi_output=getattr(problem, "T", 1) > 1,
+                                  max_share=max_share)
+        sums: list[torch.Tensor] = []  # allocated once the first chunk shows T
+        defer = _defer_checks(x.device)
+        # deferred: (start, count, any non-finite)
+        flags: list[tuple[int, int, torch.Tensor]] = []
+
+        graph = cuda_graphs.ChunkGraph(functools.partial(point_gradients, problem)) \
+            if cuda_graphs.requested(x.device, create_graph) and \
+            not plan.slot.get("graph_failed") else None
+
+        def graph_for(first: int, count: int) -> cuda_graphs.ChunkGraph | None:
+            """The chunk graph for a full-size chunk once the size is settled (before the
+            capture: while enough chunks are left to repay it; a new size drops the old
+            graph)."""
+            if graph is None or graph.failed or plan.measuring or plan.trials or \
+                    count != plan.chunk:
+                return None
+            if graph.size not in (None, count):
+                graph.reset()  # the chunk size changed (halved after an out-of-memory error)
+            if graph.size is None and -(-(stop - first) // count) < cuda_graphs.MIN_CHUNKS:
+                return None
+            return graph
+
+        def compute(first: int, count: int, measure: bool):
+            def run():
+                return path_gradients(problem, x, bl, rows, alphas, first, count, create_graph,
+                                      check=not defer, graph=graph_for(first, count))
+            # measure only while probing (saved-tensor hooks slow autograd down)
+            if not measure:
+                return run(), None
+            return _measure(run, x.device, not getattr(problem, "serial_backward", False),
+                            plan.one_point_budget(count))
+
+        def consume(first: int, grads: torch.Tensor) -> None:
+            if kept is not None:
+                kept.check(first + grads.shape[-2] - start)
+            if defer:
+                flags.append((first, grads.shape[-2], _non_finite_points(grads).any()))
+            if not sums:
+                shape = grads.shape[:1] + x.shape if grads.dim() == 3 else x.shape
+                sums.extend(torch.zeros(shape, dtype=accumulation_dtype(x.dtype),
+                                        device=x.device) for _ in weight_sets)
+            _accumulate(sums, grads, x, bl, weight_sets, alphas.shape[-1], first, create_graph)
+
+        kept = memory.KeptGraphs(memory.parse_budget(max_memory, x.device), held, stop - start,
+                                 x.device) if create_graph and max_memory is not None else None
+        # (create_graph: the caller differentiates the sums again, so attention records math
+        # kernels, which have a second derivative; the fused SDPA kernels have none)
         with kept or contextlib.nullcontext(), derivative.math_attention(problem.model) \
                 if create_graph else contextlib.nullcontext():
             # (``progress`` last: the caller's value itself, not a truthy string's True,
@@ -432,34 +437,35 @@ def stream_pairs(problem, alphas: torch.Tensor, R: int, compute: Callable,
     if process_group is not None:
         distributed.check_same_call(process_group, x, bl, alphas, R, _call_of(problem),
                                     same_call)
-    start, stop = (0, total) if process_group is None else distributed.shard(total, process_group)
-    plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
-                              max_memory=max_memory,
-                              cost=None if cost is None else cost.per_pair,
-                              reserved=0 if cost is None else int(cost.fixed),
-                              slot=chunking.cache_slot(problem, x, bl.shape[1], kind=f"hvp{R}"),
-                              # no share cap: it serves first-order memory against Captum's,
-                              # and split a small IH call (512 pairs) into 5-6 chunks, 2.6-3.9x
-                              # slower than one (measured, 2-core Xeon, 2026-11-30)
-                              max_share=None)
-
-    def align(first: int, count: int) -> int:  # whole points, or directions of one point
-        r = first % R
-        return count - count % R if r == 0 and count >= R else min(count, R - r)
-
-    def bounds(first: int, count: int) -> tuple[int, int, int, int]:
-        p0, r0 = divmod(first, R)
-        return (p0, p0 + count // R, 0, R) if r0 == 0 and count >= R else (p0, p0 + 1, r0,
-                                                                            r0 + count)
-
-    def chunk(first: int, count: int, measure: bool):  # the cost is given: never measured
-        return (compute(*bounds(first, count)), count), None
-
-    def fold(first: int, done) -> None:
-        result, count = done
-        consume(*bounds(first, count), result)
-
     with distributed.agreed_outcome(process_group, x.device):
+        start, stop = (0, total) if process_group is None else \
+            distributed.shard(total, process_group)
+        plan = chunking.ChunkPlan(stop - start, x.device, chunk_size=chunk_size,
+                                  max_memory=max_memory,
+                                  cost=None if cost is None else cost.per_pair,
+                                  reserved=0 if cost is None else int(cost.fixed),
+                                  slot=chunking.cache_slot(problem, x, bl.shape[1], kind=f"hvp{R}"),
+                                  # no share cap: it serves first-order memory against Captum's,
+                                  # and split a small IH call (512 pairs) into 5-6 chunks, 2.6-3.9x
+                                  # slower than one (measured, 2-core Xeon, 2026-11-30)
+                                  max_share=None)
+
+        def align(first: int, count: int) -> int:  # whole points, or directions of one point
+            r = first % R
+            return count - count % R if r == 0 and count >= R else min(count, R - r)
+
+        def bounds(first: int, count: int) -> tuple[int, int, int, int]:
+            p0, r0 = divmod(first, R)
+            return (p0, p0 + count // R, 0, R) if r0 == 0 and count >= R else (p0, p0 + 1, r0,
+                                                                                r0 + count)
+
+        def chunk(first: int, count: int, measure: bool):  # the cost is given: never measured
+            return (compute(*bounds(first, count)), count), None
+
+        def fold(first: int, done) -> None:
+            result, count = done
+            consume(*bounds(first, count), result)
+
         run_chunks(plan, start, stop, chunk, fold, align=align,
                    progress=distributed.is_root(process_group) and progress, desc=desc,
                    unit="HVP")

@@ -46,8 +46,8 @@ from taylor_kernels.engine.guards import (check_model, copies_inference_tensors,
                                           coupling_modules_of, is_row_tensor,
                                           row_coupling_allowed, without_inference_tensors)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
-from taylor_kernels.engine.distributed import (check_same_settings, holds_partial_sums,
-                                               resolve_group)
+from taylor_kernels.engine.distributed import (check_same_settings, first_collective_agreed,
+                                               holds_partial_sums, resolve_group)
 from taylor_kernels.engine.thread_hooks import hookable, this_thread
 from taylor_kernels.models.outputs import lm_logits, model_output
 from taylor_kernels.user_warnings import warn
@@ -709,6 +709,7 @@ class TokenAttributionResult:
 
 
 @copies_inference_tensors
+@first_collective_agreed
 def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero",
                                attention_mask=None, keep=None, skip_tokens=(), layer=None,
                                output=None, position="last", score: str = "logit",
@@ -813,6 +814,7 @@ def first_order_attention(model, activation: torch.Tensor):
 
 
 @copies_inference_tensors
+@first_collective_agreed
 def token_interactions(model, input_ids, target=None, *, baselines="zero",
                        attention_mask=None, keep=None, skip_tokens=(), layer=None,
                        output=None, position="last", score: str = "logit",

@@ -91,6 +91,28 @@ def _adaptive_history(rank):
                                    distributed=True).attributions
 
 
+def _early_failures(rank):
+    """Rank 1's own argument check fails before the call's first collective (a target out
+    of range, IH's steps=0, token IG's target past the vocabulary); then a good call."""
+    model, x, t = _model_and_data()
+    bad = rank == 1
+    calls = {
+        "ig": lambda: tk.integrated_gradients(model, x, None, torch.tensor([0, 2, 7]) if bad
+                                              else t, steps=4, distributed=True),
+        "ih": lambda: tk.integrated_hessians(model, x, None, t, steps=0 if bad else 3,
+                                             ig_steps=4, distributed=True),
+        "token": lambda: tk.token_integrated_gradients(
+            _tiny_gpt2(), torch.tensor([[5, 9, 12, 33]]), target=99 if bad else 3, steps=4,
+            distributed=True)}
+    out = {}
+    for name, call in calls.items():
+        began = time.perf_counter()
+        out[name] = (_error(call), time.perf_counter() - began)
+    out["after"] = tk.integrated_gradients(model, x, None, t, steps=5,
+                                           distributed=True).attributions
+    return out
+
+
 class SqrtNet(torch.nn.Module):
     def forward(self, x):
         return torch.sqrt(x.abs()).sum(1, keepdim=True)
@@ -200,7 +222,8 @@ CASES = {"permuted_rows": _permuted_rows, "ih_index": _ih_index, "group_mask": _
          "list_forward_arg": _list_forward_arg, "token_score": _token_score,
          "adaptive_history": _adaptive_history, "reduce_to0": _reduce_to0_warnings,
          "progress": _progress_bars, "non_member": _non_member, "row_coupling": _row_coupling,
-         "non_finite": _non_finite_in_rank1_shard, "hvp_failure": _hvp_failure}
+         "non_finite": _non_finite_in_rank1_shard, "hvp_failure": _hvp_failure,
+         "early_failures": _early_failures}
 
 
 def _case_result(case, rank):
@@ -269,6 +292,22 @@ def test_one_rank_failure_is_agreed(ranks, name):
     assert error1.startswith("FloatingPointError"), error1
     assert error0.startswith("RuntimeError") and "rank(s) [1]" in error0, error0
     assert max(seconds0, seconds1) < TIMEOUT_S / 2
+
+
+@pytest.mark.parametrize("name", ["ig", "ih", "token"])
+def test_one_rank_failing_its_argument_checks_is_agreed(ranks, name):
+    """Rank 1's argument check failed before the call's first collective and rank 0 waited
+    in that collective until the process group's timeout: now rank 1 raises its own error
+    and rank 0 a RuntimeError naming it, at once."""
+    (error0, seconds0), (error1, seconds1) = (r["early_failures"][name] for r in ranks)
+    assert error1.split(":")[0].endswith("Error") and "rank(s)" not in error1, error1
+    assert error0.startswith("RuntimeError") and "rank(s) [1]" in error0 and \
+        "before the call's first collective" in error0, error0
+    assert max(seconds0, seconds1) < TIMEOUT_S / 2
+    single = tk.integrated_gradients(*_model_and_data()[:2], None, _model_and_data()[2],
+                                     steps=5).attributions
+    for r in ranks:
+        assert_close_ratio(r["early_failures"]["after"], single, torch.float64)
 
 
 def test_ranks_stay_in_step_after_a_failure(ranks):
