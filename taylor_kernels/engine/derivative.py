@@ -34,6 +34,7 @@ from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taylor_kernels.engine import guards, memory
+from taylor_kernels.engine.compiled_code import compiled_runs_eager
 from taylor_kernels.engine.composite_norms import composite_group_norm, composite_norms
 from taylor_kernels.engine.row_args import at_rows, mapped, with_forward_args
 from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
@@ -61,8 +62,11 @@ def _math_attention_setting() -> SharedSetting:
 _MATH_ATTENTION = _math_attention_setting()
 
 
+@contextlib.contextmanager
 def math_attention(f: Callable | None = None):
-    """Context: attention runs on kernels with a second derivative and forward AD. Scaled
+    """Context: attention runs on kernels with a second derivative and forward AD, and
+    compiled code ``f`` reaches runs eagerly
+    (:func:`~taylor_kernels.engine.compiled_code.compiled_runs_eager`). Scaled
     dot-product attention runs on its math backend; the backend flags are the process's, not
     the thread's: overlapping blocks of several threads share one setting
     (:class:`~taylor_kernels.shared_setting.SharedSetting`; nested ``sdpa_kernel`` blocks in two
@@ -79,7 +83,8 @@ def math_attention(f: Callable | None = None):
     # (dynamo traces sdpa_kernel itself, not our block)
     sdpa_math = sdpa_kernel(SDPBackend.MATH) if torch.compiler.is_compiling() \
         else _MATH_ATTENTION()
-    return eager_attention(fused, sdpa_math) if fused else sdpa_math
+    with eager_attention(fused, sdpa_math) if fused else sdpa_math, compiled_runs_eager(f):
+        yield
 
 
 def _attention_models(f: Callable | None) -> list:

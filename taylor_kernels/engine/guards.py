@@ -108,7 +108,12 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
     through, so train-mode dropout there passed unseen; the ``model`` of any object in a
     closure, e.g. a trainer's training model beside the EMA copy a lambda calls, is not
     followed.)"""
-    found: dict[int, nn.Module] = {}
+    return [v for v in reached(f, depth) if isinstance(v, nn.Module)]
+
+
+def reached(f, depth: int = 3) -> list:
+    """Every object :func:`modules_of` visits from ``f`` (the modules, and the functions,
+    partials, bound methods and library objects it goes through), ``f`` first."""
     seen: dict[int, object] = {}  # id -> object, kept alive so that no id is reused
 
     def visit(v, left: int, owner: bool = False) -> None:
@@ -119,21 +124,22 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
             visit(v.model, left)
             return
         if isinstance(v, nn.Module):
-            found.setdefault(id(v), v)
             return
         if left == 0 or isinstance(v, (torch.Tensor, str, bytes, int, float, type,
                                        types.ModuleType)):
             return
-        reached: list = []
+        nxt: list = []
         if owner or type(v).__module__.startswith("taylor_kernels."):
-            reached.append(_attribute(v, "model"))
+            nxt.append(_attribute(v, "model"))
         if isinstance(v, functools.partial):
-            reached += [v.func, *v.args, *v.keywords.values()]
-        reached += [c for c in cell_values(v)
+            nxt += [v.func, *v.args, *v.keywords.values()]
+        nxt += [c for c in cell_values(v)
                     if isinstance(c, nn.Module) or callable(c) and not isinstance(c, type)
                     or type(c).__module__.startswith("taylor_kernels.")]  # e.g. a PathProblem
-        reached += [g for _, g in named_globals(v) if isinstance(g, nn.Module)]
-        for r in reached:
+        # (a global compiled function: the derivative engine runs compiled code eagerly)
+        nxt += [g for _, g in named_globals(v) if isinstance(g, nn.Module)
+                or hasattr(g, "_torchdynamo_orig_callable")]
+        for r in nxt:
             if r is not None:
                 visit(r, left - 1)
         self_ = _attribute(v, "__self__")
@@ -141,7 +147,7 @@ def modules_of(f, depth: int = 3) -> list[nn.Module]:
             visit(self_, left - 1, owner=True)
 
     visit(f, depth)
-    return list(found.values())
+    return list(seen.values())
 
 
 def module_sizes(f) -> tuple:
