@@ -11,7 +11,8 @@ Candidate sizes are ``base * CANDIDATE_FACTORS`` with ``base`` the cache-friendl
 ``memory.DEFAULT_TARGET`` bytes (at least ``memory.DEFAULT_MIN_POINTS`` items), capped by the
 limit and by ``MAX_SHARE`` of the call's items (half of them for problems with several outputs
 per item), so a call holds at most about half the memory of a one-batch run, or ``base``
-items where that is more (a call of a few MB is not split for memory). Each candidate
+items where that is more (a call of a few MB is not split for memory); a call of at most
+``SMALL_CALL_BYTES`` in all runs in one chunk, untimed, on a quiet machine. Each candidate
 runs one real chunk, timed; a larger one wins only when it is more than ``SPEED_MARGIN``
 faster per item. On an oversubscribed CPU (1-minute load average
 above the core count) the smallest size runs first with all and with half the threads, and
@@ -39,6 +40,11 @@ from taylor_kernels.engine import guards, memory
 
 PROBE_POINTS = 8
 CANDIDATE_FACTORS = (1, 4, 16)
+# A call whose points all together hold at most this many bytes runs as one chunk under the
+# default budget, as Captum's one batch: split at the base size (16 MB), a 64-point call of
+# 18-29 MB ran in two chunks (57 + 7, 36 + 28), 2.5-4 ms of a 17-18 ms call on a 32x32
+# ResNet / ViT (helper measurement, 2026-12-03); its memory is Captum's then, at most this.
+SMALL_CALL_BYTES = 2 * memory.DEFAULT_TARGET
 SPEED_MARGIN = 0.1
 # Measured: a CNN's peak per point in a chunk is up to 1.7x a one-batch run's (Captum), plus
 # the call's fixed memory; at a quarter of the points the ig_vs_captum CNN peaked at 0.53x of
@@ -267,6 +273,9 @@ class ChunkPlan:
             else:
                 self.chunk = size
             return
+        if self._small_call():
+            self.chunk = max(1, min(self._fits(self.cost), self.total))
+            return
         cap = self._cap(self.cost)
         cached = self.slot.get("choice")
         # (a choice made at another thread count is timed again: replayed, it overrode the
@@ -280,6 +289,13 @@ class ChunkPlan:
             self.trials[:1] = [(sizes[0], self.threads), (sizes[0], max(1, self.threads // 2))]
         elif len(sizes) == 1:
             self.chunk, self.trials = sizes[0], []
+
+    def _small_call(self) -> bool:
+        """Whether the whole call holds at most ``SMALL_CALL_BYTES`` (one chunk, no timing)
+        on a quiet machine with a share cap (first-order work; a problem with several outputs
+        per item keeps its halving: see :meth:`_cap`)."""
+        return self.max_share is not None and not self.multi_output and not self.busy and \
+            self.total * self.cost <= SMALL_CALL_BYTES
 
     def next_count(self, left: int) -> int:
         """Items in the next chunk, with ``left`` items still to do."""

@@ -371,6 +371,11 @@ class SavedBytes:
 _counting = threading.local()  # this thread's open SavedBytes, innermost last
 
 
+def counting() -> bool:
+    """Whether a :class:`SavedBytes` is open in this thread (its hooks see every forward)."""
+    return bool(getattr(_counting, "stack", None))
+
+
 def _glibc():
     """glibc's ``malloc_trim`` entry (None off glibc: macOS, musl, Windows)."""
     try:

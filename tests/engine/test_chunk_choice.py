@@ -209,7 +209,7 @@ def test_two_models_sharing_the_attributed_layer_keep_their_own_costs(api, monke
 
 
 def test_out_of_memory_shrinks_the_cached_choice():
-    slot = {"cost": 100.0, "choice": (64, 1, chunking.machine_busy(), torch.get_num_threads())}
+    slot = {"cost": 1e5, "choice": (64, 1, chunking.machine_busy(), torch.get_num_threads())}
     plan = chunking.ChunkPlan(10_000, CPU, slot=slot)
     assert plan.chunk == 64
     plan.halve(64)
@@ -419,3 +419,20 @@ def test_a_budget_the_sums_fill_raises_before_the_row_probe(monkeypatch):
         tk.generation_attribution(model, torch.tensor([5, 9, 11, 3, 7, 2]),
                                   torch.tensor([4, 8, 12, 6]), steps=4, max_memory=3000)
 
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_small_call_runs_as_one_chunk(busy, monkeypatch):
+    """A 64-point call of 18-29 MB ran in two chunks (57 + 7, 36 + 28) on 32x32 ResNet/ViT
+    configs, 2.5-4 ms of a 17 ms call: at most SMALL_CALL_BYTES of points is one chunk, as
+    Captum's batch (on a quiet machine: a busy one times its thread counts first)."""
+    monkeypatch.setattr(chunking, "machine_busy", lambda: busy)
+    per_point = chunking.SMALL_CALL_BYTES / 64
+    small = chunking.ChunkPlan(64, CPU, cost=per_point)
+    assert (small.chunk == 64) != busy
+    def first_chunk(plan):
+        return plan.chunk or plan.trials[0][0]
+    assert first_chunk(chunking.ChunkPlan(65, CPU, cost=per_point)) < 65
+    assert first_chunk(chunking.ChunkPlan(64, CPU, cost=per_point, multi_output=True)) < 64
+    assert first_chunk(chunking.ChunkPlan(64, CPU, cost=per_point,
+                                          max_memory=per_point * 16)) < 64
