@@ -2,9 +2,11 @@
 backends, reference): a neutral module that imports nothing from the package, so any layer may
 use it (calls go attr -> engine -> ops -> backends; see tests/test_import_direction.py).
 
-Contents: the accumulation dtype; the elementwise jet functions' names and codes (shared with
-the native kernels) and the highest jet order; the polarization rule of mixed partials and the
-nested-jvp Taylor coefficients (the jet engine's fallback and the jet kernels' oracle).
+Contents: the check of a tensor argument's form (dense, real, with values) and the
+finiteness checks; the accumulation dtype; the elementwise jet functions' names and codes
+(shared with the native kernels) and the highest jet order; the polarization rule of mixed
+partials and the nested-jvp Taylor coefficients (the jet engine's fallback and the jet
+kernels' oracle).
 """
 from __future__ import annotations
 
@@ -19,6 +21,36 @@ FNS = ("tanh", "sigmoid", "exp", "log", "softplus", "gelu", "gelu_tanh", "silu",
        "relu", "square", "reciprocal", "sqrt", "rsqrt")
 FN_CODES = {name: code for code, name in enumerate(FNS)}
 MAX_ORDER = 15  # J; the native kernels keep the J+1 coefficients of a few series in registers
+
+
+class TensorFormError(TypeError, ValueError):
+    """A tensor argument in a form the library cannot compute with (sparse, nested, meta,
+    complex, 8-bit float): a ``TypeError`` by kind, and a ``ValueError`` as every other
+    malformed argument of the attribution calls."""
+
+
+def check_dense_real(t: torch.Tensor, name: str) -> None:
+    """``TensorFormError`` naming ``name`` unless ``t`` is a dense strided tensor with values
+    (not ``meta``) of a real dtype other than an 8-bit float (integer dtypes pass: callers
+    that need floating values check that). Reads attributes only, never the data: it runs
+    before the finiteness checks, whose ``aminmax`` failed inside torch on these forms."""
+    if t.is_nested:
+        why = ("is a nested tensor; pass a dense padded one (.to_padded_tensor(0.0)) and the "
+               "padding mask as an additional forward argument")
+    elif t.layout != torch.strided:
+        why = f"has layout {t.layout}; pass a dense strided tensor (.to_dense())"
+    elif t.is_meta:
+        why = ("is on the meta device (a shape without values); pass a tensor on a real "
+               "device (.to('cpu') or .to('cuda'))")
+    elif t.is_complex():
+        why = (f"has dtype {t.dtype}; only real values are supported (the imaginary part "
+               "would be dropped): pass a real floating tensor (.real or .abs())")
+    elif t.is_floating_point() and t.dtype.itemsize == 1:
+        why = (f"has dtype {t.dtype}, an 8-bit storage float without the arithmetic needed; "
+               "pass a float32 or bfloat16 copy (.float() or .bfloat16())")
+    else:
+        return
+    raise TensorFormError(f"{name} {why}")
 
 
 def finite_rows(t: torch.Tensor) -> torch.Tensor:

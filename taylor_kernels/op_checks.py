@@ -22,13 +22,25 @@ def values_readable(t) -> bool:
         t.device.type != "meta" and not is_fake(t)
 
 
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """``TypeError`` unless the tensor ``t`` is dense and strided (the kernels index its
+    memory by strides; a sparse or nested one failed in the dispatcher, naming no operand).
+    Attributes only: ``meta`` and fake tensors pass (the fake kernels run on them)."""
+    if t.is_nested or t.layout != torch.strided:
+        form = "a nested tensor" if t.is_nested else f"of layout {t.layout}"
+        raise TypeError(f"{name} is {form}; the ops take dense strided tensors: pass "
+                        f"{name}.to_dense() (a nested one: .to_padded_tensor(0.0))")
+
+
 def check_operands(**tensors: torch.Tensor) -> None:
-    """``TypeError`` unless every operand is a real floating tensor, ``ValueError`` unless
-    they share one device (a kernel would read the wrong memory otherwise)."""
+    """``TypeError`` unless every operand is a dense real floating tensor
+    (:func:`check_dense`), ``ValueError`` unless they share one device (a kernel would read
+    the wrong memory otherwise)."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be a real floating-point tensor, got {got}")
+        check_dense(name, t)
     check_same_device(**tensors)
 
 
@@ -118,6 +130,7 @@ def check_jet(u: torch.Tensor, name: str = "u") -> None:
         raise TypeError(f"{name} must be a tensor [J+1, N], got {type(u).__name__}")
     if not u.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {u.dtype}")
+    check_dense(name, u)
     if u.dim() != 2 or not 1 <= u.shape[0] <= MAX_ORDER + 1:
         raise ValueError(f"{name} must be [J+1, N] with 1 <= J+1 <= {MAX_ORDER + 1}; "
                          f"got shape {tuple(u.shape)} (flatten other dims into N)")
@@ -134,7 +147,11 @@ def check_jet_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def check_polarize_args(c: torch.Tensor, gamma: torch.Tensor, order: int) -> None:
-    """Raise unless ``c [J+1, M, N]``, ``gamma [M]`` and ``0 <= order <= J``."""
+    """Raise unless ``c [J+1, M, N]``, ``gamma [M]`` (dense: :func:`check_dense`) and
+    ``0 <= order <= J``."""
+    for name, t in (("c", c), ("gamma", gamma)):
+        if isinstance(t, torch.Tensor):
+            check_dense(name, t)
     if not (isinstance(c, torch.Tensor) and c.dim() == 3 and c.is_floating_point()):
         raise ValueError(f"c must be a floating tensor [J+1, M, N], got "
                          f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c)}")

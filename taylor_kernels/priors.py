@@ -200,7 +200,8 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     train mode (dropout on, batch norm on batch statistics), their modes restored after; a
     last batch of one row joins the batch before it. ``progress``: a tqdm bar over the epochs,
     the last epoch's losses and validation accuracy in its postfix (an early stop ends it at
-    the epochs run, saying so).
+    the epochs run, saying so). ``seed`` fixes the shuffling, the EG references and the
+    dropout masks (drawn inside a fork of the global RNG, which is left as it was).
     """
     _check_lam(lam)
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -233,8 +234,11 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, prior_net: nn.Module | No
     starts = list(range(0, xt.shape[0], batch_size))
     if len(starts) > 1 and xt.shape[0] - starts[-1] == 1:
         starts.pop()  # (a last batch of one row joins the one before: batch norm needs two)
+    cuda = sorted({p.device.index or 0 for p in params if p.is_cuda})
     with _modes_kept(*nets), progress_bar(progress, total=epochs, desc="fit",
-                                          unit="epoch") as bar:
+                                          unit="epoch") as bar, \
+            torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)  # (dropout's masks: reproducible, the caller's RNG kept)
         for net in nets:
             net.train()
         try:

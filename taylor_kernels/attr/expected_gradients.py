@@ -17,19 +17,21 @@ from taylor_kernels.engine import path_engine, reference_groups
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple, make_problem
-from taylor_kernels.numerics import finite_rows, seeded_generator
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.numerics import check_dense_real, finite_rows, seeded_generator
+from taylor_kernels.engine.guards import public_call
 
 
 def _background_flat(background, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Background set ``[N, D]`` (flattened, concatenated like the inputs; still attached to
-    the caller's graph: ``create_graph`` attributions are differentiable in it too)."""
+    the caller's graph: ``create_graph`` attributions are differentiable in it too); each
+    tensor dense and real (:func:`~taylor_kernels.numerics.check_dense_real`)."""
     bg, _ = as_tuple(background) if not isinstance(background, torch.Tensor) else ((background,),
                                                                                     False)
     if len(bg) != len(inputs):
         raise ValueError(f"background has {len(bg)} tensors for {len(inputs)} inputs")
     parts = []
     for i, (r, x) in enumerate(zip(bg, inputs)):
+        check_dense_real(r, f"background {i}")  # (before the cast: it dropped an imaginary part)
         if r.dim() != x.dim() or tuple(r.shape[1:]) != tuple(x.shape[1:]) or r.shape[0] < 1:
             raise ValueError(f"background {i} of shape {tuple(r.shape)} must be [N, "
                              f"*{tuple(x.shape[1:])}] with N >= 1")
@@ -66,7 +68,7 @@ def draw_references(problem, background, samples: int, seed: int | None):
     return build, gen
 
 
-@copies_inference_tensors
+@public_call
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()
 def expected_gradients(model, inputs, background, target=None, *, samples: int = 100,

@@ -237,7 +237,7 @@ def _baseline_activation(model, layer, sequence, act, base_ids, kept, P: int) ->
     return at_b[:, :P]
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 def generation_attribution(model, prompt_ids, target_ids=None, *, max_new_tokens: int = 25,
                            baselines="zero", skip_tokens: Sequence[int | str] = (), keep=None,
                            layer=None, steps: int = 50, rule: str = "gausslegendre",

@@ -26,7 +26,7 @@ from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.distributed import first_collective_agreed
 from taylor_kernels.engine.problem import make_problem
 from taylor_kernels.numerics import accumulation_dtype
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _chunk_terms(problem, pts, start, onehot, w_grad, w_hess, group_block, f):
     return b, hess, grad
 
 
-@copies_inference_tensors
+@public_call
 @first_collective_agreed
 @call_threads()
 def group_integrated_hessians(model, inputs, feature_mask, baselines=None, target=None, *,

@@ -19,7 +19,7 @@ from taylor_kernels.engine.distributed import (first_collective_agreed, holds_pa
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.progress import progress_bar
 from taylor_kernels.user_warnings import warn
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 DEFAULT_ADAPTIVE_TOL = 1e-4
 
@@ -153,7 +153,7 @@ def _adaptive(problem: PathProblem, tol: float, fx, fb, only=None, progress: boo
     return final, evaluations, used
 
 
-@copies_inference_tensors
+@public_call
 @first_collective_agreed
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)

@@ -49,7 +49,7 @@ from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.ops.hessian import ih_accumulate
 from taylor_kernels.user_warnings import warn
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 IH_RULES = ("gausslog", "gausslegendre")
 
@@ -250,7 +250,7 @@ def warn_if_rows_miss_ig(gap: torch.Tensor, ig: torch.Tensor, rule: str, steps: 
              "assumes" + low_precision_note(dtype), RuntimeWarning)
 
 
-@copies_inference_tensors
+@public_call
 @first_collective_agreed
 @call_threads()
 def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: int = 16,
@@ -293,7 +293,7 @@ def integrated_hessians(model, inputs, baselines=None, target=None, *, steps: in
     return res
 
 
-@copies_inference_tensors
+@public_call
 @first_collective_agreed
 @call_threads()
 def expected_hessians(model, inputs, background, target=None, *, samples: int = 100,

@@ -28,7 +28,7 @@ from taylor_kernels.engine.problem import PathProblem, as_tuple, make_problem
 from taylor_kernels.engine.row_args import check_row_args, forward_args, select_rows
 from taylor_kernels.numerics import FORWARD_AD_LOCK, seeded_generator
 from taylor_kernels.progress import extend, progress_bar
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 MAX_SETS = 200_000
 AGGREGATES = ("mean", "median", "max")
@@ -232,7 +232,7 @@ def _local(batch: _Batch, max_memory, bar) -> torch.Tensor:
     return _mixed_partials(f, x, directions, batch.sets, chunk, bar)
 
 
-@copies_inference_tensors
+@public_call
 def interactions(model, inputs, target=None, *, order: int = 2, sets=None, feature_mask=None,
                  max_memory=None, additional_forward_args=None,
                  progress: bool = False) -> LocalInteractions:
@@ -310,7 +310,7 @@ def _ranking(values: torch.Tensor, sets) -> list[tuple[tuple[int, ...], float]]:
     return [(tuple(sets[k]), float(values[k])) for k in order]
 
 
-@copies_inference_tensors
+@public_call
 def greedy_interaction_sets(model, inputs, target=None, *, max_order: int = 3, beam: int = 5,
                             aggregate: str = "mean", feature_mask=None, max_memory=None,
                             additional_forward_args=None, progress: bool = False
@@ -395,7 +395,7 @@ def _slice_mask(mask, rows: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
     return mask
 
 
-@copies_inference_tensors
+@public_call
 def global_interactions(model, data, target=None, *, order: int = 2, sets=None,
                         feature_mask=None, aggregate: str = "mean", points: str = "all",
                         n_random: int = 0, seed: int | None = None, batch_size: int = 256,

@@ -21,9 +21,10 @@ from typing import Callable
 
 import torch
 
+from taylor_kernels.attr.arguments import refuse_create_graph
 from taylor_kernels.attr.integrated_gradients import AttributionResult, check_rule_args
 from taylor_kernels.attr.layer_budget import check_held, layer_ig_bytes
-from taylor_kernels.attr.layer_capture import refuse_recomputed_layer
+from taylor_kernels.attr.layer_capture import layer_reaches_output, refuse_recomputed_layer
 from taylor_kernels.attr.layer_ends import integrate_from_ends, layer_ends
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine import guards
@@ -31,6 +32,7 @@ from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple
 from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 from taylor_kernels.user_warnings import warn
+from taylor_kernels.numerics import check_dense_real
 
 
 def named_layer(model, layer) -> torch.nn.Module:
@@ -105,6 +107,7 @@ def _baseline_inputs(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
         if b is None or isinstance(b, (int, float)):
             out.append(torch.full_like(x, 0 if b is None else b))
             continue
+        check_dense_real(b, f"baseline {i}")  # (before the cast: it dropped an imaginary part)
         try:
             out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x))
         except RuntimeError as exc:
@@ -166,7 +169,7 @@ def without_exact_rule(ig_kwargs: dict) -> dict:
     return {**ig_kwargs, "rule": "adaptive"}
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()  # fewer threads while the machine is oversubscribed (engine/chunking.py)
 def layer_integrated_gradients(model, layer: torch.nn.Module | str, inputs, baselines=None,
@@ -185,11 +188,14 @@ def layer_integrated_gradients(model, layer: torch.nn.Module | str, inputs, base
         attribute_to_layer_input: attribute to the layer's (first) input instead of its
             output; additional_forward_args: passed to ``model`` after the inputs.
         ig_kwargs: ``steps``, ``rule``, ``tol``, ``max_memory``, ``chunk_size``, ``backend``,
-            ``progress``: as :func:`integrated_gradients`.
+            ``progress``, ``gap``: as :func:`integrated_gradients` (``gap=False``: no
+            completeness gap; the forwards at the inputs and baselines still run, for the
+            layer's activations there).
     Returns:
         :class:`AttributionResult` with attributions shaped like the layer activation
         ``[B, ...]`` (a tuple of one per call for a layer called ``n > 1`` times);
-        ``gap = sum(attr) - (f(x) - f(b))`` with ``f`` the model's own outputs.
+        ``gap = sum(attr) - (f(x) - f(b))`` with ``f`` the model's own outputs (NaN with
+        ``gap=False``).
     Raises:
         ``ValueError`` for a model that couples rows or is random (train-mode batch norm or
         dropout, batch mixing; opt in with ``tk.allow_row_coupling(model)``), ``RuntimeError``
@@ -201,6 +207,7 @@ def layer_integrated_gradients(model, layer: torch.nn.Module | str, inputs, base
     fargs = (() if additional_forward_args is None else additional_forward_args
              if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
     check_rule_args(ig_kwargs.get("rule", "gausslegendre"), ig_kwargs.get("tol"))
+    refuse_create_graph("layer_integrated_gradients", ig_kwargs)
     ig_kwargs = without_exact_rule(ig_kwargs)
 
     def capture(args):
@@ -219,6 +226,7 @@ def layer_integrated_gradients(model, layer: torch.nn.Module | str, inputs, base
                          "same calls at both")
     n = len(acts_x)
     through_layer = layer_replaced_forward(model, layer, attribute_to_layer_input, calls=n)
-    return integrate_from_ends(through_layer, acts_x[0] if n == 1 else acts_x,
-                               acts_b[0] if n == 1 else acts_b, ends, target, tup + fargs,
-                               **ig_kwargs)
+    with layer_reaches_output([layer], attribute_to_layer_input):
+        return integrate_from_ends(through_layer, acts_x[0] if n == 1 else acts_x,
+                                   acts_b[0] if n == 1 else acts_b, ends, target, tup + fargs,
+                                   **ig_kwargs)

@@ -16,6 +16,44 @@ from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.thread_hooks import WORKER_THREADS, hookable, this_thread
 
 
+class UnusedLayerOutput(ValueError):
+    """The attributed layer's activation (at the call a method reads) does not reach the
+    model's output: no gradient flows from it, so there is nothing to attribute."""
+
+
+def unused_layer_error(modules: Sequence[torch.nn.Module], of_input: bool = False,
+                       calls: Sequence[int] | None = None,
+                       last_call: bool = False) -> UnusedLayerOutput:
+    """:class:`UnusedLayerOutput` naming ``modules``; ``last_call``: the method reads each
+    layer's last call (``calls`` per forward), said so where one runs more than once."""
+    names = ", ".join(type(m).__name__ for m in modules)
+    what = "input" if of_input else "output"
+    several = last_call and any(c > 1 for c in calls or ())
+    which = f"its last call's {what} (of {max(calls)} calls per forward)" if several else \
+        f"its {what}" if len(modules) == 1 else f"their {what}s"
+    return UnusedLayerOutput(
+        f"layer {names}: {which} does not reach the model output (no gradient flows from "
+        f"it: the layer's output is discarded or feeds nothing the output uses, or is "
+        "detached or computed under torch.no_grad), so there is nothing to attribute; "
+        "attribute a layer on the path to the output"
+        + (" (the gradient is taken at the layer's last call, as Captum's)" if several
+           else ""))
+
+
+@contextlib.contextmanager
+def layer_reaches_output(modules: Sequence[torch.nn.Module], of_input: bool = False,
+                         calls: Sequence[int] | None = None, last_call: bool = False):
+    """The engine's "no gradient path" ``ValueError`` from the block, whose path runs in the
+    layers' activations, as :func:`unused_layer_error` (the model may well depend on its
+    inputs: what does not reach its output is the layers' activation)."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc) != guards.NO_GRADIENT_PATH:
+            raise
+        raise unused_layer_error(modules, of_input, calls, last_call) from exc
+
+
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the activations are captured."""
 
@@ -111,6 +149,15 @@ class Layers:
         flat = tuple(t for i in range(len(self.modules)) for t in seen[i])
         flat = flat if grad else tuple(t.detach() for t in flat)
         return (flat, out) if output else flat
+
+    def reaching_output(self, last_call: bool = False):
+        """:func:`layer_reaches_output` for these layers (``last_call``: the method reads
+        each one's last call)."""
+        return layer_reaches_output(self.modules, self.of_input, self.calls, last_call)
+
+    def unused_error(self, last_call: bool = False) -> UnusedLayerOutput:
+        """:func:`unused_layer_error` for these layers."""
+        return unused_layer_error(self.modules, self.of_input, self.calls, last_call)
 
     def _slices(self) -> list[slice]:
         starts = [sum(self.counts[:i]) for i in range(len(self.counts))]

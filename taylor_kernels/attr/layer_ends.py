@@ -127,18 +127,22 @@ def _paired_ends(capture, inputs, baselines, fargs, pair_rows: int) -> LayerEnds
 
 
 def integrate_from_ends(through: Callable, acts_x, acts_b, ends: LayerEnds, target, extra: tuple,
-                        **ig_kwargs):
+                        gap: bool = True, **ig_kwargs):
     """Layer IG on the path engine from :func:`layer_ends`: ``through(*acts, *extra)`` is the
     model with the layers' activations replaced, ``acts_x``/``acts_b`` its path ends (a tensor
     or a tuple); the endpoint outputs and, when done, check R come from ``ends`` (no probe
     forward then). ``ig_kwargs`` as :func:`~taylor_kernels.integrated_gradients` (``rule``
     and ``tol`` checked by the caller with ``check_rule_args``). Returns its
     :class:`~taylor_kernels.attr.integrated_gradients.AttributionResult`, ``gap`` against the
-    model's own ``F(x) - F(b)``."""
+    model's own ``F(x) - F(b)``; with ``gap=False`` (as IG's) NaN and no gap warning, except
+    for the adaptive rule and a ``tol``, which stop on it. (``ends``' forwards run anyway: the
+    path starts and ends at their activations.)"""
     problem = make_problem(through, acts_x, acts_b, target, extra, checked_output=ends.alone,
                            defer_row_check=ends.alone is None)
-    acc = accumulation_dtype(problem.x.dtype)
-    fx = target_values(ends.out_x, target).to(acc)
-    fb = target_values(ends.out_b, target).to(acc).unsqueeze(1)
+    fx = fb = None
+    if gap or ig_kwargs.get("rule") == "adaptive" or ig_kwargs.get("tol") is not None:
+        acc = accumulation_dtype(problem.x.dtype)
+        fx = target_values(ends.out_x, target).to(acc)
+        fb = target_values(ends.out_b, target).to(acc).unsqueeze(1)
     with call_threads():
         return integrate_problem(problem, fx, fb, **ig_kwargs)

@@ -84,13 +84,15 @@ def multi_layer_integrated_gradients(model, layers, inputs, baselines=None, targ
         ends = layer_ends(lambda args: spec.capture(model, args, output=True), tup, bls,
                           fargs, memory.check_chunk_size(ig_kwargs.get("chunk_size")))
         acts_x, acts_b = ends.acts_x, ends.acts_b
-        res = integrate_from_ends(spec.replaced_forward(model), acts_x, acts_b, ends,
-                                  target, tup + fargs, **ig_kwargs)
+        with spec.reaching_output():
+            res = integrate_from_ends(spec.replaced_forward(model), acts_x, acts_b, ends,
+                                      target, tup + fargs, **ig_kwargs)
     else:
         acts_b = spec.capture(model, bls + fargs)
         acts_x = spec.capture(model, tup + fargs)
-        res = unscaled_integrated_gradients(spec.replaced_forward(model), acts_x, acts_b,
-                                            target, tup + fargs, **ig_kwargs)
+        with spec.reaching_output():
+            res = unscaled_integrated_gradients(spec.replaced_forward(model), acts_x, acts_b,
+                                                target, tup + fargs, **ig_kwargs)
     _warn_unreached_layers(spec, res.attributions, acts_x, acts_b)
     res.attributions = spec.group(res.attributions)
     return res
@@ -258,7 +260,7 @@ def layer_gradient_sums(model, layer, inputs, baselines, target, table: torch.Te
         raise ValueError(f"table must be [R|1, {S + 1}], got {tuple(table.shape)}")
     coords = tuple(torch.ones(a.shape, dtype=torch.float64, device=a.device) for a in acts)
     extra = (table.to(tup[0].device),) + tup + bls + tuple(directions or ()) + fargs
-    with backends.selected(backend):
+    with backends.selected(backend), spec.reaching_output(last_call=True):
         problem = make_problem(LayerSpace(model, spec, len(tup), direction), coords, 0.0,
                                target, extra)
         nodes = torch.arange(S, dtype=torch.float64)

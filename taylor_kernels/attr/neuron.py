@@ -69,6 +69,18 @@ def neuron_integrated_gradients(model, layer, inputs, neuron_selector, baselines
                 multiply_by_inputs, ig_kwargs)
 
 
+def _output_gradients(f: torch.Tensor, acts: list, spec: Layers) -> tuple:
+    """``d sum(f) / d a`` for each activation tensor of ``acts`` (zeros for one ``f`` does not
+    use); :class:`~taylor_kernels.attr.layer_capture.UnusedLayerOutput` when ``f`` uses none
+    of them (the layer's last call feeds nothing the output uses: torch's bare "appears to not
+    have been used in the graph")."""
+    grads = torch.autograd.grad(f.sum(), acts, retain_graph=True, allow_unused=True) \
+        if f.requires_grad else (None,) * len(acts)
+    if all(g is None for g in grads):
+        raise spec.unused_error(last_call=True)
+    return tuple(torch.zeros_like(a) if g is None else g for g, a in zip(grads, acts))
+
+
 def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, target=None, *,
                        attribute_to_neuron_input: bool = False, additional_forward_args=None,
                        multiply_by_inputs: bool = True, rule: str = "riemann_trapezoid",
@@ -106,8 +118,7 @@ def neuron_conductance(model, layer, inputs, neuron_selector, baselines=None, ta
             kind = None if isinstance(raw, torch.Tensor) else type(raw).__name__
             f = select_target(out, targets, rows, kind)  # one scalar per row (or a target)
             acts = [found[k] for k in sorted(found)]
-            grads = torch.autograd.grad(f.sum(), acts, retain_graph=True)
-            weight = select_neuron(tuple(grads), neuron_selector).detach()
+            weight = select_neuron(_output_gradients(f, acts, spec), neuron_selector).detach()
             value = weight * select_neuron(tuple(acts), neuron_selector)
         return value if torch.is_grad_enabled() else value.detach()
 

@@ -21,7 +21,7 @@ import torch
 from taylor_kernels.attr.integrated_gradients import AttributionResult
 from taylor_kernels.attr.layer import layer_integrated_gradients
 from taylor_kernels.engine import memory
-from taylor_kernels.engine.guards import copies_inference_tensors, is_row_tensor
+from taylor_kernels.engine.guards import public_call, is_row_tensor
 from taylor_kernels.engine.problem import as_tuple
 from taylor_kernels.engine.thread_hooks import this_thread
 from taylor_kernels.numerics import seeded_generator
@@ -118,7 +118,7 @@ def _called(v) -> str:
     return getattr(v, "__name__", None) or type(v).__name__
 
 
-@copies_inference_tensors
+@public_call
 def noise_tunnel(method, model, inputs, *args, nt_type: str = "smoothgrad",
                  nt_samples: int = 5, stdevs=1.0, seed: int | None = None,
                  **kwargs) -> AttributionResult:

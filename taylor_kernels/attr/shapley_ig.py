@@ -21,8 +21,8 @@ from taylor_kernels.engine import path_engine, quadrature, reference_groups
 from taylor_kernels.engine.chunking import call_threads
 from taylor_kernels.engine.derivative import flex_runs_eager_on_cpu
 from taylor_kernels.engine.problem import as_tuple, make_problem
-from taylor_kernels.numerics import seeded_generator
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.numerics import check_dense_real, seeded_generator
+from taylor_kernels.engine.guards import public_call
 
 
 def feature_groups(feature_mask, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -40,6 +40,7 @@ def feature_groups(feature_mask, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
         raise ValueError(f"{len(masks)} feature masks for {len(inputs)} inputs")
     parts = []
     for i, (m, x) in enumerate(zip(masks, inputs)):
+        check_dense_real(m, f"feature mask {i}")
         feat = tuple(x.shape[1:])
         if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
             raise TypeError(f"feature mask {i} must hold integer group ids, got {m.dtype}")
@@ -81,7 +82,7 @@ def sample_coalitions(B: int, n: int, coalitions: int, gen: torch.Generator) -> 
     return present.view(B, coalitions, n)
 
 
-@copies_inference_tensors
+@public_call
 @flex_runs_eager_on_cpu  # (no backward through it on the CPU)
 @call_threads()
 def shapley_integrated_gradients(model, inputs, reference=None, target=None, *,

@@ -30,7 +30,7 @@ from taylor_kernels.engine.derivative import hessian_block
 from taylor_kernels.engine.problem import as_tuple, make_problem
 from taylor_kernels.engine.row_args import forward_args
 from taylor_kernels.progress import progress_bar
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 # regions' directions per engine call while a progress bar is drawn, its step (without one:
 # all R in one call): each call checks all R indicators again (finite), 0.1-0.4 s for
@@ -113,7 +113,7 @@ def _cross_terms(f, xb: torch.Tensor, U: torch.Tensor, out: torch.Tensor, max_me
         bar.update(block.shape[0])
 
 
-@copies_inference_tensors
+@public_call
 def taylor_cam(model, layer: torch.nn.Module | str, inputs, target=None, *, regions=None,
                order: int = 2, max_memory=None, additional_forward_args=None,
                progress: bool = False) -> TaylorCAMResult:

@@ -33,7 +33,7 @@ from taylor_kernels.engine.jet import jet
 from taylor_kernels.engine.problem import PathProblem, make_problem
 from taylor_kernels.numerics import accumulation_dtype
 from taylor_kernels.progress import progress_bar
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 
 def _ig_by_order(model, b: torch.Tensor, delta: torch.Tensor, order: int, target, args: tuple,
@@ -126,7 +126,7 @@ def _step(bar, name: str, directions: int):
     bar.update(directions)
 
 
-@copies_inference_tensors
+@public_call
 def taylor_decomposition(model, inputs, baselines=None, target=None, *,
                          order: int = 3, cache: bool = True,
                          additional_forward_args=None,

@@ -50,7 +50,7 @@ from taylor_kernels.attr.methods_rules import (Power, deep_taylor, deeplift_resc
 from taylor_kernels.engine.jet import mixed_partials
 from taylor_kernels.engine.problem import _target_rows
 from taylor_kernels.progress import progress_bar
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 METHOD_NAMES = ("gradient_x_input", "integrated_gradients", "expected_gradients",
                 "deeplift_rescale", "lrp_epsilon", "lrp_alpha_beta", "occlusion_1",
@@ -173,7 +173,7 @@ def _eg_with_gap(model, inputs, background, baselines, target, s) -> Attribution
                   res.evaluations)
 
 
-@copies_inference_tensors
+@public_call
 def fourteen_methods(model, inputs, baselines=None, target=None, *,
                      settings: MethodSettings | None = None, progress: bool = False) -> dict:
     """All fourteen methods on one model and input batch: ``{name: AttributionResult}``, or

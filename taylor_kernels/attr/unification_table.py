@@ -20,7 +20,7 @@ from taylor_kernels.attr.unification import (METHOD_NAMES, MethodSettings, Term,
                                              itemized_terms, method_settings, not_applicable,
                                              principle_departures, run_method, select_terms)
 from taylor_kernels.progress import progress_bar
-from taylor_kernels.engine.guards import copies_inference_tensors
+from taylor_kernels.engine.guards import public_call
 
 
 @dataclass
@@ -216,7 +216,7 @@ def _method_row(name: str, model, inputs, baselines, target, settings: MethodSet
                      seconds=time.perf_counter() - t0, note="; ".join(undefined))
 
 
-@copies_inference_tensors
+@public_call
 def unification_table(model, inputs, baselines=None, target=None, *, order: int = 3,
                       max_terms: int = 24, max_sets: int = 20000,
                       settings: MethodSettings | None = None,

@@ -22,10 +22,12 @@ import torch
 
 from taylor_kernels.attr.arguments import forward_args as format_args
 from taylor_kernels.attr.completeness import completeness_gap
+from taylor_kernels.attr.layer_capture import UnusedLayerOutput
 from taylor_kernels.engine import chunking, guards
 from taylor_kernels.engine.guards import is_row_tensor, without_inference_tensors
 from taylor_kernels.engine.problem import NoBatchOutputError
 from taylor_kernels.models.hf import ID_DTYPES
+from taylor_kernels.numerics import check_dense_real
 from taylor_kernels.user_warnings import warn
 
 
@@ -163,14 +165,20 @@ def _splits_batches(signature: inspect.Signature, bound: inspect.BoundArguments)
 def captum_errors(fn: Callable) -> Callable:
     """``fn`` raising our ``ValueError`` / ``TypeError`` for bad input as also the
     ``AssertionError`` Captum raises (:class:`CaptumValueError`, :class:`CaptumTypeError`; the
-    engine's for a 0-d model output as Captum's ``IndexError`` too, :class:`CaptumIndexError`);
-    ``IndexError`` (out-of-range targets) and ``AssertionError`` pass as they are."""
+    engine's for a 0-d model output as Captum's ``IndexError`` too, :class:`CaptumIndexError`;
+    a layer whose activation does not reach the output as Captum's ``RuntimeError`` too,
+    :class:`CaptumRuntimeError`); ``IndexError`` (out-of-range targets) and
+    ``AssertionError`` pass as they are. Opaque to ``torch.compile``, as the core API's
+    calls (:func:`~taylor_kernels.engine.guards.public_call`): a compiled caller
+    graph-breaks around it (Dynamo traced into the front and failed on fake tensors)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except NoBatchOutputError as exc:  # (an IndexError, as Captum's, but not ours yet)
             raise CaptumIndexError(str(exc)) from exc
+        except UnusedLayerOutput as exc:  # (Captum: autograd's RuntimeError)
+            raise CaptumRuntimeError(str(exc)) from exc
         except (AssertionError, IndexError):  # Captum's types already (out-of-range targets)
             raise
         except (TypeError, ValueError) as exc:
@@ -179,7 +187,7 @@ def captum_errors(fn: Callable) -> Callable:
             if isinstance(exc, TypeError):  # (first: a non-whole step count is both)
                 raise CaptumTypeError(str(exc)) from exc
             raise CaptumValueError(str(exc)) from exc
-    return call
+    return torch.compiler.disable(call)
 
 
 def _ours_to_convert(exc: Exception) -> bool:
@@ -363,13 +371,38 @@ def with_factor_graph(res, tup: tuple[torch.Tensor, ...], bls: tuple[torch.Tenso
     """Captum's graph on path attributions: ``res`` holds the unscaled integrals ``I`` (a
     tuple, ``multiply_by_inputs=False``); returns it with attributions
     ``I.detach() * (x - b)``, autograd tracking the factor, and the gap of those
-    (``sum(I) - gap_I = f(x) - f(b)``)."""
-    attrs = tuple(i.to(x.dtype) * (x - b) for i, x, b in zip(res.attributions, tup, bls))
+    (``sum(I) - gap_I = f(x) - f(b)``). ``I`` keeps its dtype (float32 for bf16/fp16 inputs,
+    as the attributions without a graph): Captum's integral is in at least float32 (its step
+    sizes are), and so are its attributions (cast to the inputs' bf16 they were 2.5e-3 off)."""
+    attrs = tuple(i * (x - b) for i, x, b in zip(res.attributions, tup, bls))
     change = sum(i.reshape(i.shape[0], -1).sum(1) for i in res.attributions) - res.gap
     res.gap = sum(a.detach().reshape(a.shape[0], -1).sum(1).to(change.dtype)
                   for a in attrs) - change
     res.attributions = attrs if was_tuple else attrs[0]
     return res
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def float32_path(forward: Callable, tup: tuple[torch.Tensor, ...]
+                 ) -> tuple[Callable, tuple[torch.Tensor, ...]]:
+    """``(forward, inputs)`` for the unscaled path (``multiply_by_inputs=False``, and the
+    inputs-require-grad graph of :func:`with_factor_graph`): bf16/fp16 inputs ``tup`` as
+    float32, and ``forward`` fed the points ``b + t (x - b)`` rounded once to the inputs'
+    dtypes, as the engine's IG points (and Captum's from zero baselines) are. In bf16 the
+    unscaled path's own coordinates rounded ``t`` first: 4.5e-4 off Captum. Unchanged when
+    no input is bf16/fp16."""
+    dtypes = tuple(x.dtype for x in tup)
+    if not any(d in HALF_DTYPES for d in dtypes):
+        return forward, tup
+    n = len(tup)
+
+    def at_input_dtypes(*args):
+        return forward(*(p.to(d) for p, d in zip(args[:n], dtypes)), *args[n:])
+
+    at_input_dtypes.cost_owner = chunking.owner_for(forward, "float32_path") or at_input_dtypes
+    return at_input_dtypes, tuple(x.float() if x.dtype in HALF_DTYPES else x for x in tup)
 
 
 def dense_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -380,6 +413,7 @@ def dense_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.
         if b is None or isinstance(b, (int, float)):
             out.append(torch.full_like(x, 0 if b is None else b))
         elif isinstance(b, torch.Tensor):
+            check_dense_real(b, f"baseline {i}")  # (before the cast: it dropped an imaginary part)
             try:
                 out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x))
             except RuntimeError as exc:

@@ -32,8 +32,8 @@ from taylor_kernels.engine import guards
 from taylor_kernels.captum_front._common import (CaptumAttribution, LayerInterpolation,
                                                  attribute_future_unsupported, captum_method,
                                                  check_grad_kwargs, constructing_for_captum,
-                                                 dense_baselines, format_inputs,
-                                                 points_per_chunk, tracks_inputs,
+                                                 dense_baselines, float32_path,
+                                                 format_inputs, points_per_chunk, tracks_inputs,
                                                  with_factor_graph)
 from taylor_kernels.user_warnings import warn
 
@@ -72,15 +72,13 @@ class IntegratedGradients(CaptumAttribution):
         # forward without a delta)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         if self._multiply_by_inputs and tracks_inputs(tup, method, tol):
-            bls = dense_baselines(baselines, tup)
-            res = with_factor_graph(unscaled_integrated_gradients(
-                forward, tup, bls, target, fargs, True, **kw), tup, bls, was_tuple)
+            res = with_factor_graph(_unscaled(forward, tup, baselines, target, fargs, True, kw),
+                                    tup, dense_baselines(baselines, tup), was_tuple)
         elif self._multiply_by_inputs:
             res = integrated_gradients(forward, inputs, baselines, target,
                                        additional_forward_args=fargs, **kw)
         else:
-            res = unscaled_integrated_gradients(forward, tup, dense_baselines(baselines, tup),
-                                                target, fargs, was_tuple, **kw)
+            res = _unscaled(forward, tup, baselines, target, fargs, was_tuple, kw)
         self.last_result = res
         if delta_after:
             res.gap = self.compute_convergence_delta(res.attributions, baselines, inputs, target,
@@ -88,6 +86,14 @@ class IntegratedGradients(CaptumAttribution):
         if return_convergence_delta:
             return res.attributions, res.gap
         return res.attributions
+
+
+def _unscaled(forward, tup: tuple, baselines, target, fargs: tuple, was_tuple: bool, kw: dict):
+    """``int_0^1 grad f(b + t (x - b)) dt`` per input (:func:`unscaled_integrated_gradients`)
+    on the points of the scaled path (:func:`float32_path`: bf16/fp16 inputs as Captum's)."""
+    forward, points = float32_path(forward, tup)
+    return unscaled_integrated_gradients(forward, points, dense_baselines(baselines, points),
+                                         target, fargs, was_tuple, **kw)
 
 
 class LayerIntegratedGradients(LayerInterpolation, CaptumAttribution):

@@ -23,11 +23,22 @@ from taylor_kernels.engine import memory
 
 
 class _LayerMethod(LayerInterpolation, CaptumAttribution):
-    def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None) -> None:
-        if not isinstance(layer, torch.nn.Module):
+    def __init__(self, forward_func: Callable, layer: torch.nn.Module | None,
+                 device_ids=None) -> None:
+        """``layer`` may be None and assigned later (``inst.layer = module``), as Captum's
+        ``TCAV`` does with the method it is given."""
+        if layer is not None and not isinstance(layer, torch.nn.Module):
             raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
         self.forward_func, self.layer, self.device_ids = forward_func, layer, device_ids
         self.last_result = None
+
+    def _layer(self) -> torch.nn.Module:
+        """The layer to attribute; ``TypeError`` while it is None (constructed without one)."""
+        if self.layer is None:
+            raise TypeError(f"{type(self).__name__} has no layer (constructed with "
+                            "layer=None): assign the module to attribute, inst.layer = "
+                            "module, before calling attribute")
+        return self.layer
 
 
 class LayerConductance(_LayerMethod):
@@ -52,7 +63,7 @@ class LayerConductance(_LayerMethod):
         tup, _ = format_inputs(inputs)
         bls = dense_baselines(baselines, tup)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
-        res = layer_conductance(forward, self.layer, tup, bls, target, steps=n_steps,
+        res = layer_conductance(forward, self._layer(), tup, bls, target, steps=n_steps,
                                 rule=method, attribute_to_layer_input=attribute_to_layer_input,
                                 additional_forward_args=fargs,
                                 max_memory=max_memory,
@@ -84,7 +95,7 @@ class InternalInfluence(_LayerMethod):
         check_grad_kwargs(grad_kwargs)
         tup, _ = format_inputs(inputs)
         forward, fargs = self.engine_forward(tup, additional_forward_args)
-        res = internal_influence(forward, self.layer, tup,
+        res = internal_influence(forward, self._layer(), tup,
                                  dense_baselines(baselines, tup), target, steps=n_steps,
                                  rule=method, attribute_to_layer_input=attribute_to_layer_input,
                                  additional_forward_args=fargs,
@@ -107,7 +118,7 @@ class LayerGradientShap(_LayerMethod):
     BASELINE_CALLABLES = True
     INTERPOLATES_INPUTS = True  # (Captum's noise makes integer inputs floats)
 
-    def __init__(self, forward_func: Callable, layer: torch.nn.Module, device_ids=None,
+    def __init__(self, forward_func: Callable, layer: torch.nn.Module | None, device_ids=None,
                  multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func, layer, device_ids)
         self._multiply_by_inputs = multiply_by_inputs
@@ -121,12 +132,13 @@ class LayerGradientShap(_LayerMethod):
         """Layer GradientSHAP (Captum's arguments); ``baselines`` a distribution ``[N, ...]``
         (or a callable returning it); with ``return_convergence_delta`` also the delta of
         every draw, ``[B * n_samples]``."""
+        layer = self._layer()  # (before the draws)
         check_float_inputs(format_inputs(inputs)[0])  # ids (kept by name): before the noise
         d = draw_gradient_shap(inputs, baselines, n_samples, stdevs, target,
                                additional_forward_args)
         forward, fargs = bind_unbatched_args(self.forward_func, len(d.noisy), d.forward_args,
                                              d.noisy[0].shape[0])
-        res = layer_gradient_shap(forward, self.layer, d.noisy, d.drawn, d.alphas,
+        res = layer_gradient_shap(forward, layer, d.noisy, d.drawn, d.alphas,
                                   d.target, multiply_by_inputs=self._multiply_by_inputs,
                                   attribute_to_layer_input=attribute_to_layer_input,
                                   additional_forward_args=fargs,

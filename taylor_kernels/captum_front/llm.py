@@ -22,7 +22,8 @@ requires). What the one pass does not cover runs Captum's loop, one ``attribute`
 target token (:mod:`.llm_per_token`): ``LayerGradientShap`` / ``LayerGradientXActivation``,
 layer IG with ``multiply_by_inputs=False`` or other ``attribute`` arguments (``baselines``,
 ...), a layer whose activations at the continuation move with the prompt (after the
-positions mix), and a model in train mode (dropout: the loop draws its masks as Captum's, so
+positions mix), a model that is not causal (bidirectional attention, as Captum's own test
+model: each target is then scored on its own prefix, as by Captum), and a model in train mode (dropout: the loop draws its masks as Captum's, so
 a seed reproduces Captum's numbers). The one pass reads the prompt and its per-position
 baseline ids from ``inp.to_model_input`` at ``inp.to_tensor()`` and at zeros (Captum's default
 baselines), so a ``TextTokenInput`` subclass with its own ``to_model_input`` (per-position
@@ -415,7 +416,8 @@ class LLMGradientAttribution(CaptumNamed):
         ``kwargs``: with layer IG (``multiply_by_inputs=True``) ``n_steps`` (50), ``method``
         ("gausslegendre"), ``internal_batch_size``, ``max_memory``, ``tol``, ``backend``,
         ``progress`` run one pass; any other argument, another method, a layer after the
-        positions mix, or a model in train mode (dropout, batch statistics) runs one
+        positions mix, a model that is not causal, or a model in train mode (dropout, batch
+        statistics) runs one
         ``attr_method.attribute(..., **kwargs)`` per target token as
         Captum does (``last_result`` is then None, as are ``output_log_probs`` and ``gap``).
         Returns: :class:`LLMAttributionResult` (``token_attr [T, n_features]``).
@@ -450,7 +452,8 @@ class LLMGradientAttribution(CaptumNamed):
         """:func:`generation_attribution` for layer IG from the prompt and per-position
         baseline ids of :func:`_prompt_and_baselines` (``itp [P]``: the feature positions),
         or None when the layer comes after the positions mix (the one pass would hold the
-        continuation's activations fixed)."""
+        continuation's activations fixed) or the model is not a causal LM (its logits at a
+        position depend on later tokens, or on the length)."""
         prompt, baselines = _prompt_and_baselines(inp, itp, self.device)
         try:
             return generation_attribution(
@@ -460,7 +463,7 @@ class LLMGradientAttribution(CaptumNamed):
                 chunk_size=points_per_chunk(kwargs.get("internal_batch_size"), (prompt,)),
                 max_memory=kwargs.get("max_memory"), backend=kwargs.get("backend"),
                 progress=kwargs.get("progress", False))
-        except (ContinuationMoves, hf.LengthDependentLogits):
+        except (ContinuationMoves, hf.LengthDependentLogits, hf.NotCausal):
             return None
 
     attribute_future = attribute_future_unsupported

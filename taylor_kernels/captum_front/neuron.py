@@ -15,7 +15,8 @@ import torch
 from taylor_kernels.attr.neuron import neuron_conductance, neuron_integrated_gradients
 from taylor_kernels.captum_front._common import (CaptumAttribution, captum_method,
                                                  check_grad_kwargs, dense_baselines,
-                                                 format_inputs, points_per_chunk, promoted,
+                                                 float32_path, format_inputs,
+                                                 points_per_chunk, promoted,
                                                  tracks_inputs, with_factor_graph)
 from taylor_kernels.user_warnings import warn
 
@@ -38,8 +39,11 @@ class _NeuronMethod(CaptumAttribution):
         forward, fargs = self.engine_forward(tup, additional_forward_args)
         # inputs requiring grad: Captum's graph through the (x - b) factor, as IG's front
         graph = self._multiply_by_inputs and tracks_inputs(tup, method)
-        res = fn(forward, self.layer, tup if graph else inputs, neuron_selector, baselines,
-                 *args, attribute_to_neuron_input=attribute_to_neuron_input,
+        model, points = float32_path(forward, tup) if graph or not self._multiply_by_inputs \
+            else (forward, tup)  # (the unscaled path: bf16/fp16 points as Captum's)
+        res = fn(model, self.layer, points if graph or was_tuple else points[0],
+                 neuron_selector, baselines, *args,
+                 attribute_to_neuron_input=attribute_to_neuron_input,
                  additional_forward_args=fargs,
                  multiply_by_inputs=self._multiply_by_inputs and not graph, steps=n_steps,
                  rule=method, chunk_size=points_per_chunk(internal_batch_size, tup), **extras)

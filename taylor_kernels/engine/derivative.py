@@ -33,12 +33,13 @@ import torch
 from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from taylor_kernels.backends import transformed
 from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.compiled_code import compiled_runs_eager
 from taylor_kernels.engine.composite_norms import composite_group_norm, composite_norms
 from taylor_kernels.engine.row_args import at_rows, mapped, with_forward_args
 from taylor_kernels.numerics import (FORWARD_AD_LOCK, accumulation_dtype, all_finite,
-                                     seeded_generator)
+                                     check_dense_real, seeded_generator)
 from taylor_kernels.progress import progress_bar
 from taylor_kernels.shared_setting import SharedSetting
 from taylor_kernels.user_warnings import warn
@@ -221,7 +222,11 @@ def _row_scalars(f: Callable, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_batch(x) -> None:
-    """``ValueError`` / ``TypeError`` unless ``x`` is a floating ``[B, ...]`` tensor, B >= 1."""
+    """``ValueError`` / ``TypeError`` unless ``x`` is a dense floating ``[B, ...]`` tensor,
+    B >= 1 (:func:`~taylor_kernels.numerics.check_dense_real` first: no shape to read from a
+    nested tensor)."""
+    if isinstance(x, torch.Tensor):
+        check_dense_real(x, "x")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"x must be a tensor [B, ...] with B >= 1 and feature dims, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
@@ -236,13 +241,18 @@ def _with_args(f: Callable, x, additional_forward_args) -> Callable:
     return with_forward_args(f, additional_forward_args, x.shape[0])
 
 
-def _check_x(f, x, *directions) -> None:
+def _check_x(f, x, **directions) -> None:
     """Refuse before any forward: inference mode, a model that couples rows
     (:func:`guards.check_model`), ``x`` that is not a finite floating ``[B, ...]`` batch, and
-    non-finite directions."""
-    guards.check_model(f, (x,) + directions, higher_order="a second-order method")
+    ``directions`` (by their argument names; None skipped) that are not dense and real
+    (complex ones were cast to real) or not finite."""
+    given = {name: t for name, t in directions.items() if t is not None}
+    guards.check_model(f, (x,) + tuple(given.values()), higher_order="a second-order method")
     _check_batch(x)
-    for name, t in zip(("x", "v", "u"), (x,) + directions):
+    for name, t in given.items():
+        if isinstance(t, torch.Tensor):
+            check_dense_real(t, name)
+    for name, t in {"x": x, **given}.items():
         if isinstance(t, torch.Tensor) and not all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf values")
     guards.check_function_rows(f, x, x[0] + 1)
@@ -512,7 +522,7 @@ def _chunked(f, x, V, max_memory, chunk_size, reduce=None, cost_of=None, held: i
     return out
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
         chunk_size: int | None = None, additional_forward_args=None,
         progress: bool = False) -> torch.Tensor:
@@ -538,13 +548,13 @@ def hvp(f: Callable, x: torch.Tensor, v: torch.Tensor, *, max_memory=None,
     :func:`hessian`, :func:`hessian_diagonal`, :func:`third_order`).
     """
     f = _with_args(f, x, additional_forward_args)
-    _check_x(f, x, v)
+    _check_x(f, x, v=v)
     V, single = _as_directions(x, v)
     out = _chunked(f, x, V, max_memory, chunk_size, progress=progress)
     return out[:, 0] if single else out
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor | None = None,
                   *, scale: torch.Tensor | None = None, max_memory=None,
                   chunk_size: int | None = None, additional_forward_args=None,
@@ -561,7 +571,7 @@ def hessian_block(f: Callable, x: torch.Tensor, U: torch.Tensor, W: torch.Tensor
     Returns ``[B, M, N]`` in ``x.dtype``.
     """
     f = _with_args(f, x, additional_forward_args)
-    _check_x(f, x, U, *(() if W is None else (W,)))
+    _check_x(f, x, U=U, W=W)
     V, _ = _as_directions(x, U)
     Wd = V if W is None else _as_directions(x, W)[0]
     B = x.shape[0]
@@ -663,7 +673,7 @@ def _flat_f(f: Callable, x: torch.Tensor) -> Callable:
     return mapped(f, lambda z: z.reshape(z.shape[0], *feat))
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
             chunk_size: int | None = None, additional_forward_args=None,
             progress: bool = False) -> torch.Tensor:
@@ -686,7 +696,7 @@ def hessian(f: Callable, x: torch.Tensor, index=None, *, max_memory=None,
                     progress=progress)
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
                      samples: int = 64, seed: int | None = None, max_memory=None,
                      chunk_size: int | None = None, additional_forward_args=None,
@@ -729,7 +739,7 @@ def hessian_diagonal(f: Callable, x: torch.Tensor, method: str = "exact", *,
     return (total / int(samples)).to(xf.dtype)
 
 
-@guards.copies_inference_tensors
+@guards.public_call
 def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
                 additional_forward_args=None) -> torch.Tensor:
     """Third-order contraction ``D^3 f(x_b)[u_b, v_b, .] = grad_x (v_b^T H(x_b) u_b)``: ``[B, D]``.
@@ -737,8 +747,13 @@ def third_order(f: Callable, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
     Args: f ``[B, ...] -> [B]``; x, u, v ``[B, ...]`` (one pair of directions per row);
     ``additional_forward_args`` as :func:`hvp`.
     """
+    if transformed(x, u, v):
+        raise RuntimeError("third_order cannot run inside a torch.func transform or on dual "
+                           "tensors (it detaches x, u and v for its own nested transforms: "
+                           "their tangents and gradients came out zero); jet and "
+                           "mixed_partials compose with torch.func")
     f = _with_args(f, x, additional_forward_args)
-    _check_x(f, x, v, u)
+    _check_x(f, x, v=v, u=u)
     for name, t in (("u", u), ("v", v)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape):
             raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}")

@@ -24,7 +24,7 @@ hvp, hessian, hessian_diagonal, third_order               inputs (grad of sum_b 
 
 M (:func:`check_model`, before the first forward) raises ``RuntimeError`` inside
 ``torch.inference_mode()`` (no autograd there) or for inference tensors as inputs (the public
-functions copy them first: :func:`copies_inference_tensors`), and
+functions copy them first: :func:`public_call`), and
 ``ValueError`` when a module of the model (the model itself, the module of a bound method, or
 modules a function closes over) has batch norm using batch statistics or dropout ``p > 0`` in
 train mode: call ``model.eval()``. R (:func:`check_rows_independent`, in
@@ -183,7 +183,7 @@ def without_inference_tensors(value):
     """``value`` with each tensor made under ``torch.inference_mode()`` (one of an eval
     loop's) replaced by a normal copy, through tuples, lists and dicts (a container with none
     is returned as it is): autograd cannot use an inference tensor, and Captum attributes
-    them. The public API (:func:`copies_inference_tensors`), the Captum front's arguments and
+    them. The public API (:func:`public_call`), the Captum front's arguments and
     token ids (``hf.check_ids``: a custom backward saved them) go through it."""
     if isinstance(value, torch.Tensor):
         if not value.is_inference():
@@ -200,16 +200,19 @@ def without_inference_tensors(value):
     return value
 
 
-def copies_inference_tensors(fn: Callable) -> Callable:
+def public_call(fn: Callable) -> Callable:
     """Decorator of a public function: its tensor arguments (also inside tuples, lists and
     dicts) made under ``torch.inference_mode()`` are replaced by normal copies
     (:func:`without_inference_tensors`) before it runs, as the Captum front's are (the
-    engines refused them with "input 0 is an inference tensor"). A call *inside* inference
-    mode is still refused by :func:`check_model`: autograd is off there."""
+    engines refused them with "input 0 is an inference tensor"; a call *inside* inference
+    mode is still refused by :func:`check_model`: autograd is off there), and the call is
+    opaque to ``torch.compile``: a compiled caller graph-breaks around it and runs it
+    eagerly, as Captum's (Dynamo traced into the engine and failed on its memory
+    arithmetic over symbolic sizes, or on its closures)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         return fn(*without_inference_tensors(args), **without_inference_tensors(kwargs))
-    return call
+    return torch.compiler.disable(call)
 
 
 def coupling_submodules(model: nn.Module, recurse: bool = True,

@@ -51,7 +51,7 @@ from taylor_kernels.engine.derivative import higher_order_ops
 from taylor_kernels.engine.graph_mutation import mutated_then_read
 from taylor_kernels.engine.held_root import HeldRoot
 from taylor_kernels.engine.guards import (_close, cell_values, check_function_rows,
-                                          check_model, copies_inference_tensors, modules_of,
+                                          check_model, public_call, modules_of,
                                           named_globals,
                                           proxy_hook_warning_ignored, row_coupling_allowed)
 from taylor_kernels.engine.jet_rules import Jet
@@ -60,8 +60,8 @@ from taylor_kernels.engine.problem import class_indices
 from taylor_kernels.engine.row_args import at_rows, forward_args, select_rows, with_forward_args
 from taylor_kernels.engine.trace_cache import MISS, TraceCache
 from taylor_kernels.models.outputs import default_output
-from taylor_kernels.numerics import (MAX_ORDER, all_finite, polarization_rule,
-                                     polarization_size)
+from taylor_kernels.numerics import (MAX_ORDER, all_finite, check_dense_real,
+                                     polarization_rule, polarization_size)
 from taylor_kernels.progress import progress_bar
 from taylor_kernels.user_warnings import warn
 
@@ -72,6 +72,12 @@ _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType
            types.MethodType, torch.Tensor, nn.Module)
 _SKIP = frozenset(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
 _FX_TRACE_LOCK = threading.RLock()  # one torch.fx trace at a time (see _Tracer.trace)
+
+
+def _autocast_state() -> tuple:
+    """This thread's autocast settings (on/off and dtype) for the CPU and CUDA."""
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                 for d in ("cpu", "cuda"))
 
 
 class _Tracer(fx.Tracer):
@@ -94,6 +100,7 @@ class _Tracer(fx.Tracer):
         (:meth:`call_module`, :meth:`getattr`)."""
         with _FX_TRACE_LOCK:
             self._thread = threading.get_ident()
+            self._autocast, self.autocast_changed = _autocast_state(), False
             try:
                 return super().trace(root, concrete_args)
             finally:
@@ -128,7 +135,11 @@ class _Tracer(fx.Tracer):
         """A node, marked ``meta["no_grad"]`` when the forward made it with grad disabled
         (inside ``torch.no_grad()``; the trace runs with grad enabled): FX keeps no trace of
         the block, and the jets propagated through it where reverse mode holds it constant
-        (a Hessian entry 30.8, its mixed partial 141.6)."""
+        (a Hessian entry 30.8, its mixed partial 141.6). FX keeps no ``torch.autocast`` block
+        either: a node made while the forward's autocast is on sets ``autocast_changed`` (the
+        trace computed it in the input's precision: c_1 1.7% off a bf16 block's, silently)."""
+        if _autocast_state() != self._autocast:
+            self.autocast_changed = True
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if not torch.is_grad_enabled():
             function = _custom_function_running()
@@ -289,6 +300,13 @@ def _trace_graph(f, args: tuple, by_value: bool) -> Traced | None:
                 graph = tracer.trace(call, concrete_args=placeholders)
         except Exception:  # noqa: BLE001 - any tracing failure: try coarser, then fall back
             continue
+        if tracer.autocast_changed:  # (FX has no node for the block: run f whole)
+            if ("autocast", "") not in _WARNED_OPS:
+                _WARNED_OPS.add(("autocast", ""))
+                warn("tk.jet: the forward enters torch.autocast, which a trace cannot keep; "
+                     "the whole function runs in nested forward-mode AD (exact, O(2^order) "
+                     "cost)", RuntimeWarning)
+            return None
         changed = mutated_then_read(graph, tracer.root)
         if changed is not None:  # the rules' new values would hide the change: run f whole
             name = changed.target if changed.op == "call_module" else \
@@ -488,10 +506,21 @@ class _JetInterpreter(fx.Interpreter):
 
 
 def _check_jet_args(x, directions, order):
+    """``directions`` as ``[B, M, ...]`` after checking the arguments of :func:`jet`:
+    ``order`` in ``[0, MAX_ORDER]``, dense real tensors
+    (:func:`~taylor_kernels.numerics.check_dense_real`), floating directions only for a
+    floating ``x``, matching shapes, at least one row and direction, finite values."""
     if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= MAX_ORDER:
         raise ValueError(f"order must be an int in [0, {MAX_ORDER}], got {order!r}")
     if not torch.is_tensor(x) or not torch.is_tensor(directions):
         raise TypeError("x and directions must be tensors")
+    check_dense_real(x, "x")
+    check_dense_real(directions, "directions")
+    if directions.is_floating_point() and not x.is_floating_point():
+        raise TypeError(f"x has dtype {x.dtype} and directions {directions.dtype}: integer "
+                        "inputs carry no direction (token ids into an embedding: every "
+                        "coefficient above order 0 is zero, pass integer directions); for a "
+                        f"model of real features pass x.to({directions.dtype})")
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension: [B, ...]")
     if directions.shape == x.shape:
@@ -529,7 +558,7 @@ def _select(out, target, B: int, M: int) -> torch.Tensor:
     return out.reshape(J1, B, M)
 
 
-@copies_inference_tensors
+@public_call
 def jet(f, x: torch.Tensor, directions: torch.Tensor, order: int, *, target=None,
         additional_forward_args=None, fallback: bool = False, cache: bool = True,
         max_memory=None, progress: bool = False) -> torch.Tensor:
@@ -751,7 +780,7 @@ def _counts(index_set) -> tuple[list[int], tuple[int, ...]]:
     return feats, tuple(index_set.count(i) for i in feats)
 
 
-@copies_inference_tensors
+@public_call
 def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_args=None,
                    cache: bool = True, max_memory=None, progress: bool = False
                    ) -> torch.Tensor:
@@ -787,25 +816,26 @@ def mixed_partials(f, x: torch.Tensor, sets, *, target=None, additional_forward_
                              "features are the rest, flattened)")
         plans.append((len(s), feats, pattern))
     fa = with_forward_args(f, additional_forward_args, x.shape[0])
-    out = x.new_empty(x.shape[0], len(sets))
     per_pass = {d: None if max_memory is None else directions_per_pass(fa, x, d, max_memory)
                 for d in sorted({p[0] for p in plans})}
     kept = _kept_graphs(max_memory, x, sum(polarization_size(p[2]) for p in plans))
     with kept or contextlib.nullcontext(), progress_bar(
             progress, total=len(sets), desc="mixed partials", unit="set") as bar:
-        _mixed_partials_into(out, f, fa, x, plans, target, additional_forward_args, cache,
-                             per_pass, kept, _trim(max_memory, x), bar)
+        out = _mixed_partials(f, fa, x, plans, target, additional_forward_args, cache,
+                              per_pass, kept, _trim(max_memory, x), bar)
     return _finite(out, x)
 
 
-def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list, target,
-                         additional_forward_args, cache: bool, per_pass_of: dict,
-                         kept: memory.KeptGraphs | None,
-                         trim: memory.ResidentTrim | None, bar) -> None:
-    """:func:`mixed_partials`' jets, per order and pass, written into ``out [B, n_sets]``
-    (``plans``: ``(order, features, multiplicities)`` per set; ``per_pass_of``: directions
-    per pass for each order, None for one pass)."""
+def _mixed_partials(f, fa, x: torch.Tensor, plans: list, target, additional_forward_args,
+                    cache: bool, per_pass_of: dict, kept: memory.KeptGraphs | None,
+                    trim: memory.ResidentTrim | None, bar) -> torch.Tensor:
+    """:func:`mixed_partials`' jets, per order and pass, contracted into ``[B, n_sets]`` in
+    the jets' dtype (the output's: a float64 output of a float32 ``x`` failed in the
+    contraction with "addmv input tensors must have the same dtype") (``plans``: ``(order,
+    features, multiplicities)`` per set; ``per_pass_of``: directions per pass for each
+    order, None for one pass)."""
     D = x[0].numel()
+    out = None
     checked = False  # (the model's checks run on the first pass's directions, once)
     for d, per_pass in per_pass_of.items():
         members = [m for m, p in enumerate(plans) if p[0] == d]
@@ -827,12 +857,15 @@ def _mixed_partials_into(out: torch.Tensor, f, fa, x: torch.Tensor, plans: list,
                                x, V, d, target, additional_forward_args, False, cache)[d]
             if trim is not None:
                 trim.after_pass()
+            if out is None:
+                out = c.new_empty(x.shape[0], len(plans))
             start = 0
             for m, (_, gamma) in zip(part, rules):
-                gamma = gamma.to(device=x.device, dtype=x.dtype)
+                gamma = gamma.to(device=c.device, dtype=c.dtype)
                 out[:, m] = c[:, start:start + gamma.numel()] @ gamma
                 start += gamma.numel()
             bar.update(len(part))
+    return out
 
 
 def _passes(members: list, sizes: list, per_pass: int | None) -> list[list]:

@@ -18,7 +18,7 @@ from taylor_kernels.engine import guards, memory
 from taylor_kernels.engine.row_args import (RowFunction, args_form, check_row_args,
                                             forward_args, select_rows)
 from taylor_kernels.models.outputs import model_output
-from taylor_kernels.numerics import all_finite
+from taylor_kernels.numerics import all_finite, check_dense_real
 
 
 def as_tuple(inputs) -> tuple[tuple[torch.Tensor, ...], bool]:
@@ -71,6 +71,11 @@ def check_batch(inputs: tuple[torch.Tensor, ...]) -> int:
 
 
 def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> int:
+    """The batch size ``B`` of ``inputs`` (:func:`check_batch`); ``ValueError`` unless each
+    is a dense, finite, real floating tensor (:func:`~taylor_kernels.numerics.check_dense_real`
+    first: the finiteness check cannot read a sparse, meta or 8-bit float tensor)."""
+    for i, t in enumerate(inputs):
+        check_dense_real(t, f"input {i}")
     B = check_batch(inputs)
     for i, t in enumerate(inputs):
         if not t.is_floating_point():
@@ -98,6 +103,7 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
         if isinstance(bl, (int, float)):
             return torch.full((1, 1, D), float(bl), dtype=x.dtype, device=x.device)
         raise ValueError(f"baseline {i} must be None, a number or a tensor, got {type(bl)}")
+    check_dense_real(bl, f"baseline {i}")  # (before the cast: it dropped an imaginary part)
     bl = bl.to(device=x.device, dtype=x.dtype)
     shape = tuple(bl.shape)
     if shape == () or bl.numel() == 1 and shape != feat:
@@ -107,6 +113,7 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
     if len(shape) == len(feat) + 1 and shape[1:] == feat and shape[0] in (1, B):
         return bl.reshape(shape[0], 1, D)
     if len(shape) == len(feat) + 2 and shape[2:] == feat and shape[0] in (1, B):
+        _check_some_baselines(shape, i)
         return bl.reshape(shape[0], shape[1], D)
     if len(shape) == len(feat) and _broadcasts(shape, feat):   # e.g. [C, 1, 1]
         return bl.expand(feat).reshape(1, 1, D)
@@ -116,6 +123,15 @@ def _baseline_to_3d(bl, x: torch.Tensor, i: int) -> torch.Tensor:
     raise ValueError(f"baseline {i} of shape {shape} does not broadcast to input {i} of shape "
                      f"{tuple(x.shape)}: use {feat}, ({rows}, *{feat}) or "
                      f"({rows}, K, *{feat})")
+
+
+def _check_some_baselines(shape: tuple, i: int) -> None:
+    """``ValueError`` for a set of baselines ``[B|1, K, ...]`` with ``K = 0``: a mean over no
+    paths (IG returned zeros with a NaN gap, second-order methods an IndexError)."""
+    if shape[1] == 0:
+        raise ValueError(f"baseline {i} of shape {shape} holds no baselines (K = 0 in "
+                         "[B|1, K, ...]); give at least one, e.g. a [B, 1, ...] tensor, or "
+                         "None for zeros")
 
 
 def flatten_baselines(baselines, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -314,7 +330,27 @@ class PathProblem:
         output (before it is gathered: on CUDA an out-of-range gather is a device assert)."""
         if outputs.dim() == 0:
             raise NoBatchOutputError(NO_BATCH_OUTPUT)
-        check_target(self.target, (self.B,) + tuple(outputs.shape[1:]))
+        try:
+            check_target(self.target, (self.B,) + tuple(outputs.shape[1:]))
+        except TargetIndexError as exc:
+            hint = self._row_args_hint()
+            if not hint:
+                raise
+            raise type(exc)(f"{exc}{hint}") from exc
+
+    def _row_args_hint(self) -> str:
+        """A sentence for an output that is smaller for one row than expected, when forward
+        args were split per row (their first dimension is ``B``): a tensor shared by every
+        row (a bank of class prompts for a batch of images) is split so too, and each row's
+        output then has one entry (a CLIP zero-shot call with as many prompts as images)."""
+        split = [i for i, a in enumerate(self.forward_args) if guards.is_row_tensor(a, self.B)]
+        if not split:
+            return ""
+        return (f"; forward argument(s) {split} have B = {self.B} rows and were split per row "
+                "(one row each beside its input); if one is shared by all rows (a bank of "
+                "prompts), close over it in the model (a lambda or a wrapper module) instead "
+                "(the Captum front passes it whole, as Captum, inside "
+                "tk.allow_row_coupling(model))")
 
     def _name_in_place_change(self, first: torch.Tensor, row: torch.Tensor,
                               exc: BaseException) -> None:
@@ -356,7 +392,7 @@ class PathProblem:
             raise ValueError(f"the model's output shape depends on the batch size: one row "
                              f"gives {tuple(alone.shape)}, {outputs.shape[0]} rows give "
                              f"{tuple(outputs.shape)}; it must return one output row per "
-                             "input row")
+                             f"input row{self._row_args_hint()}")
         with guards.preserved_buffers(self.model):
             guards.check_alone_beside(alone, outputs[:1].detach(),
                                       lambda: self.outputs(first.clone(), first_row).detach(),

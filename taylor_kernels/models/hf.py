@@ -39,10 +39,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from taylor_kernels.attr.arguments import refuse_create_graph
 from taylor_kernels.attr.group_hessians import group_integrated_hessians
 from taylor_kernels.attr.integrated_gradients import integrated_gradients, low_precision_note
 from taylor_kernels.attr.layer import layer_replaced_forward, named_layer
-from taylor_kernels.engine.guards import (check_model, copies_inference_tensors,
+from taylor_kernels.engine.guards import (check_model, public_call,
                                           coupling_modules_of, is_row_tensor,
                                           row_coupling_allowed, without_inference_tensors)
 from taylor_kernels.engine.derivative import cpu_flex_as_eager, math_attention
@@ -128,8 +129,10 @@ def check_vocab(ids: torch.Tensor, vocab: int | None, name: str) -> None:
 
 
 def special_token_id(model, name: str, tokenizer=None) -> int:
-    """``model.config.<name>_token_id`` (else the tokenizer's); ``ValueError`` if neither."""
-    for src in (getattr(model, "config", None), tokenizer):
+    """``model.config.<name>_token_id``, else its ``text_config``'s (a composite model's:
+    CLIP, SigLIP), else the tokenizer's; ``ValueError`` if none."""
+    config = getattr(model, "config", None)
+    for src in (config, getattr(config, "text_config", None), tokenizer):
         tid = getattr(src, f"{name}_token_id", None)
         if isinstance(tid, (list, tuple)):
             tid = tid[0] if tid else None
@@ -471,6 +474,12 @@ def check_causal_lm(model, what: str = "generation attribution") -> None:
                          "not the prompt's")
 
 
+class NotCausal(ValueError):
+    """A model whose logits at earlier positions change with a later token (a masked or
+    bidirectional model): one forward of prompt + continuation does not give each target's
+    log-prob on its own prefix."""
+
+
 class LengthDependentLogits(ValueError):
     """A causal LM whose logits at a position change with the sequence's length (a RoPE
     scaled by it): one forward of prompt + continuation does not give each target's
@@ -524,9 +533,9 @@ def check_causal(model, sequence: torch.Tensor, vocab: int | None, prompt_len: i
     before, after = out[0, -2], out[1, -2]
     allowed = 16 * torch.finfo(out.dtype).eps * before.abs().max()
     if (before - after).abs().max() > allowed:
-        raise ValueError(f"generation attribution needs a causal LM: {type(model).__name__}'s "
-                         "logits at earlier positions change with a later token (a masked or "
-                         "bidirectional model)")
+        raise NotCausal(f"generation attribution needs a causal LM: {type(model).__name__}'s "
+                        "logits at earlier positions change with a later token (a masked or "
+                        "bidirectional model)")
     if not by_prefix:
         return
     window = _length_scaled_rope_window(getattr(model, "config", None))
@@ -708,7 +717,7 @@ class TokenAttributionResult:
     evaluations: int
 
 
-@copies_inference_tensors
+@public_call
 @first_collective_agreed
 def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero",
                                attention_mask=None, keep=None, skip_tokens=(), layer=None,
@@ -728,6 +737,7 @@ def token_integrated_gradients(model, input_ids, target=None, *, baselines="zero
     Returns: :class:`TokenAttributionResult`.
     """
     _refuse_forward_args("token_integrated_gradients", ig_kwargs)
+    refuse_create_graph("token_integrated_gradients", ig_kwargs)
     tp = token_problem(model, input_ids, baselines=baselines, attention_mask=attention_mask,
                        keep=keep, skip_tokens=skip_tokens, layer=layer, output=output,
                        position=position, score=score, model_kwargs=model_kwargs,
@@ -813,7 +823,7 @@ def first_order_attention(model, activation: torch.Tensor):
         yield
 
 
-@copies_inference_tensors
+@public_call
 @first_collective_agreed
 def token_interactions(model, input_ids, target=None, *, baselines="zero",
                        attention_mask=None, keep=None, skip_tokens=(), layer=None,
