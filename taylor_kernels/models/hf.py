@@ -567,7 +567,11 @@ def decoder_sequence(model, ids: torch.Tensor, attention_mask, kwargs: dict):
         raise ValueError("encoder-decoder model: its outputs are the decoder's positions; pass "
                          "the decoder's ids as model_kwargs={'decoder_input_ids': [B, L_dec] "
                          "tensor} (and the encoder's embedding layer, e.g. "
-                         "layer='encoder.embed_tokens')")
+                         "layer='encoder.embed_tokens'); a model whose encoder reads features, "
+                         "not ids (Whisper, Speech2Text), has no encoder ids to attribute: "
+                         "attribute its decoder ids with tk.layer_integrated_gradients through "
+                         "the decoder's embedding, the features as an additional forward "
+                         "argument")
     return dec, kwargs.get("decoder_attention_mask")
 
 
